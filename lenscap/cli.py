@@ -1,0 +1,193 @@
+"""The ``lenscap`` command: a thin Typer layer over the library.
+
+Exit codes: 0 done; 1 some shards failed (the others are kept; rerun to finish); 2 usage error
+(bad flag, missing input, wrong directory); 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from dataclasses import asdict
+from typing import Annotated, Any, Optional
+
+import typer
+
+from lenscap import __version__
+from lenscap.errors import LenscapError
+
+app = typer.Typer(
+    name="lenscap",
+    help="Build captioned, filtered, deduplicated, training-ready image-text datasets from URL lists.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+
+
+def _emit(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(summary, default=str))
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lenscap {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = None,
+) -> None:
+    pass
+
+
+@app.command()
+def download(
+    paths: Annotated[list[str], typer.Argument(help="INPUT OUT_DIR: a URL list (txt/csv/tsv/jsonl/parquet, a directory or glob of them, or - for stdin) and the output dataset directory. With --retry-failed: just OUT_DIR.", show_default=False, metavar="[INPUT] OUT_DIR")],
+    url_col: Annotated[Optional[str], typer.Option(help="URL column (default: url, URL, image_url or img_url, whichever exists).")] = None,
+    caption_col: Annotated[Optional[str], typer.Option(help="Caption (alt-text) column (default: caption, alt_text, alt, text or TEXT, whichever exists).")] = None,
+    extra_cols: Annotated[Optional[str], typer.Option(help="Comma-separated input columns to keep in the output.")] = None,
+    samples_per_shard: Annotated[int, typer.Option(help="Samples per shard.")] = 10_000,
+    processes: Annotated[int, typer.Option(help="Download processes.")] = os.cpu_count() or 1,
+    threads: Annotated[int, typer.Option(help="Download threads per process.")] = 32,
+    image_size: Annotated[int, typer.Option(help="Size in pixels that --resize-mode fits images to.")] = 1024,
+    resize_mode: Annotated[str, typer.Option(help="keep_ratio (longest side <= --image-size), keep_ratio_smallest (shortest side), center_crop, border, or no.")] = "keep_ratio",
+    upscale: Annotated[bool, typer.Option(help="Also enlarge images smaller than --image-size.")] = False,
+    min_image_size: Annotated[int, typer.Option(help="Reject images whose shorter side is smaller (pixels).")] = 0,
+    max_aspect_ratio: Annotated[float, typer.Option(help="Reject images more elongated than this (long/short side).")] = math.inf,
+    max_pixels: Annotated[int, typer.Option(help="Reject images with more pixels than this (decompression bombs).")] = 178_956_970,
+    timeout: Annotated[int, typer.Option(help="Seconds to wait for a server.")] = 10,
+    retries: Annotated[int, typer.Option(help="Extra attempts per failed download.")] = 2,
+    user_agent_token: Annotated[str, typer.Option(help="Token added to the User-Agent and matched against X-Robots-Tag directives.")] = "lenscap",
+    respect_opt_out: Annotated[bool, typer.Option(help="Skip images whose server sends X-Robots-Tag noai/noimageai/noindex/noimageindex.")] = True,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="After downloading, fetch the failed downloads of completed shards again and merge the successes.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Download images from a URL list into a dataset directory (through img2dataset). Rerun to resume."""
+    from lenscap.progress import make_progress
+    from lenscap.stages.download import DownloadOptions, download as run_download, retry_failed as run_retry
+
+    if len(paths) == 2:
+        source, out_dir = paths
+    elif len(paths) == 1 and retry_failed:
+        source, out_dir = None, paths[0]
+    else:
+        raise typer.BadParameter("expected INPUT and OUT_DIR (or just OUT_DIR with --retry-failed)", param_hint="'[INPUT] OUT_DIR'")
+    options = DownloadOptions(
+        url_col=url_col, caption_col=caption_col,
+        extra_cols=[c.strip() for c in extra_cols.split(",") if c.strip()] if extra_cols else [],
+        samples_per_shard=samples_per_shard, processes=processes, threads=threads, image_size=image_size,
+        resize_mode=resize_mode, upscale=upscale, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
+        max_pixels=max_pixels, timeout=timeout, retries=retries, user_agent_token=user_agent_token or None,
+        respect_opt_out=respect_opt_out,
+    )
+    result = None
+    if source is not None:
+        result = run_download(source, out_dir, options, make_progress("download", quiet))
+    if retry_failed and (result is None or result.exit_code == 0):
+        result = run_retry(out_dir, options, make_progress("retry-failed", quiet))
+    assert result is not None
+    summary = {"command": "download", **asdict(result), "exit_code": result.exit_code}
+    _emit(summary, as_json)
+    if not as_json and not quiet:
+        ok = result.status.get("success", 0)
+        print(f"{result.out_dir}: {result.shards_completed}/{result.shards_total} shards, {result.samples} samples, {ok} downloaded", file=sys.stderr)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def inspect(
+    path: Annotated[str, typer.Argument(help="A dataset directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Summarise a dataset directory: shards, samples, statuses, errors, caption lengths, columns, bytes."""
+    from lenscap.inspect import inspect_dataset
+
+    info = inspect_dataset(path)
+    if as_json:
+        _emit(info, True)
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"{info['path']}  (stage: {info['stage'] or 'unknown'})", show_header=False)
+    shards = info["shards"]
+    expected = f" of {shards['expected']}" if shards["expected"] is not None else ""
+    table.add_row("shards", f"{shards['complete']} complete{expected}, {shards['incomplete']} incomplete")
+    table.add_row("samples", str(info["samples"]))
+    for status, n in info["status"].items():
+        table.add_row(f"  {status}", str(n))
+    cw = info["caption_words"]
+    if cw["count"]:
+        table.add_row("caption words", f"mean {cw['mean']}, p50 {cw['p50']}, p95 {cw['p95']} ({cw['count']} captions)")
+    table.add_row("columns", ", ".join(info["columns"]))
+    table.add_row("bytes on disk", f"{info['bytes']['shards']:,} in shards, {info['bytes']['total']:,} in all")
+    if info["history"]:
+        table.add_row("history", " -> ".join(str(h) for h in info["history"]))
+    console.print(table)
+    if info["errors"]:
+        errors = Table("count", "most common errors")
+        for message, n in info["errors"].items():
+            errors.add_row(str(n), message)
+        console.print(errors)
+
+
+@app.command()
+def demo(
+    work_dir: Annotated[str, typer.Argument(help="Where the demo writes its URL list and datasets.")] = "demo-out",
+    images: Annotated[int, typer.Option(help="How many generated images to serve.")] = 100,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run the demo offline: serve generated images on loopback, download them, inspect the result."""
+    from lenscap.demo.run import run_demo
+
+    if images < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--images")
+    out = run_demo(work_dir, images, quiet)
+    inspect(out["download"], as_json=False)
+    print(f"demo dataset: {out['download']}  (try: lenscap inspect {out['download']} --json)")
+    raise typer.Exit(out["result"].exit_code)
+
+
+def main() -> None:
+    """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except LenscapError as e:
+        print(f"lenscap: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        print("lenscap: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        print("lenscap: interrupted; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:  # noqa: BLE001
+        import click
+
+        if isinstance(e, click.exceptions.UsageError):
+            msg = e.format_message()
+            print(f"lenscap: error: {msg}", file=sys.stderr)
+            sys.exit(2)
+        if isinstance(e, click.exceptions.ClickException):
+            print(f"lenscap: error: {e.format_message()}", file=sys.stderr)
+            sys.exit(e.exit_code)
+        if os.environ.get("LENSCAP_DEBUG"):
+            raise
+        print(f"lenscap: internal error: {type(e).__name__}: {e} (set LENSCAP_DEBUG=1 for a traceback)", file=sys.stderr)
+        sys.exit(3)
+
+
+if __name__ == "__main__":
+    main()

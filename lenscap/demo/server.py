@@ -1,0 +1,86 @@
+"""A threaded HTTP server on loopback that serves images and the web's failure modes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+__all__ = ["Route", "ImageServer"]
+
+
+@dataclass
+class Route:
+    body: bytes = b""
+    content_type: str = "image/jpeg"
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    delay_s: float = 0.0
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's hook name
+        self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
+        route = self.server.routes.get(self.path)
+        if route is None:
+            route = Route(b"not found", "text/plain", 404)
+        if route.delay_s:
+            time.sleep(route.delay_s)
+        try:
+            self.send_response(route.status)
+            self.send_header("Content-Type", route.content_type)
+            self.send_header("Content-Length", str(len(route.body)))
+            for k, v in route.headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(route.body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (a timeout test): nothing to do
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    routes: dict[str, Route]
+    hits: dict[str, int]
+
+
+class ImageServer:
+    """``with ImageServer(routes) as s: s.url("/a.jpg")``; routes can be added while it runs."""
+
+    def __init__(self, routes: dict[str, Route] | None = None) -> None:
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.routes = dict(routes or {})
+        self._server.hits = {}
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def routes(self) -> dict[str, Route]:
+        return self._server.routes
+
+    @property
+    def hits(self) -> dict[str, int]:
+        return self._server.hits
+
+    def url(self, path: str) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}{path}"
+
+    def start(self) -> ImageServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> ImageServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,1 @@
+"""Stages: one module per stage. ``base.ShardStage`` owns the per-sample loop."""

@@ -1,0 +1,144 @@
+"""What lenscap adds inside img2dataset's worker processes, and the entry point of its subprocess.
+
+img2dataset (pinned to the version these hooks were written against) spawns its workers and
+sends them its resizer by pickle. Handing it ``GuardedResizer`` instead of its own ``Resizer``
+makes every worker import this module, which:
+
+- installs a URL opener that speaks only http and https (img2dataset's urllib would also read
+  ``file://`` and ``data:`` URLs, a local-file leak for untrusted URL lists);
+- checks each downloaded body before OpenCV decodes it, so HTML served as a JPEG, truncated files
+  and decompression bombs get a status naming the problem instead of OpenCV's generic one or an
+  out-of-memory kill.
+
+Run as ``python -m lenscap.stages._img2dataset_hooks CONFIG.json``: lenscap's download stage
+starts img2dataset this way, in its own process group with its output sent to a log file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+
+from PIL import Image
+
+import importlib
+
+from img2dataset.resizer import Resizer
+
+# The package re-exports a function named ``main`` over its module of that name: fetch the module.
+_i2d_main = importlib.import_module("img2dataset.main")
+
+PINNED_IMG2DATASET = "1.47.0"
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's DecompressionBombError threshold
+
+
+class _OnlyHttpHandler(urllib.request.BaseHandler):
+    """Answers every scheme without a handler (file, ftp, data, ...) with a clear refusal."""
+
+    handler_order = 10_000
+
+    def unknown_open(self, req: urllib.request.Request):  # noqa: D401 - urllib's hook name
+        scheme = req.type or ""
+        if not req.full_url.strip():
+            raise urllib.error.URLError("empty URL")
+        raise urllib.error.URLError(f"unsupported URL scheme {scheme!r}: only http and https are fetched")
+
+
+def build_http_only_opener() -> urllib.request.OpenerDirector:
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        _OnlyHttpHandler,
+        urllib.request.HTTPHandler,
+        urllib.request.HTTPSHandler,
+        urllib.request.HTTPDefaultErrorHandler,
+        urllib.request.HTTPRedirectHandler,  # refuses redirects to non-http schemes itself
+        urllib.request.HTTPErrorProcessor,
+    ):
+        opener.add_handler(handler())
+    return opener
+
+
+urllib.request.install_opener(build_http_only_opener())
+
+
+def check_image_bytes(data: bytes, max_pixels: int) -> str | None:
+    """Why these bytes are not a usable image, or None. Reads headers only: cheap per image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            fmt = im.format
+    except Image.DecompressionBombError as e:
+        return f"decompression bomb: {e}"
+    except Exception:  # noqa: BLE001 - any failure to identify means "not an image"
+        head = data[:24].decode("latin-1").strip()
+        if head.lower().startswith(("<!doctype", "<html", "<?xml", "<head", "<body")):
+            return f"not an image: the server sent HTML or XML ({len(data)} bytes starting {head[:15]!r})"
+        return f"not an image: unrecognised format ({len(data)} bytes)"
+    if width * height > max_pixels:
+        return f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+    tail = data[-4096:]
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        return f"truncated image: JPEG without its end marker ({len(data)} bytes)"
+    if fmt == "PNG" and b"IEND" not in tail:
+        return f"truncated image: PNG without its IEND chunk ({len(data)} bytes)"
+    if fmt == "GIF" and not data.rstrip(b"\x00").endswith(b"\x3b"):
+        return f"truncated image: GIF without its trailer ({len(data)} bytes)"
+    if fmt == "WEBP" and len(data) < int.from_bytes(data[4:8], "little") + 8:
+        return f"truncated image: WebP shorter than its header says ({len(data)} bytes)"
+    return None
+
+
+class GuardedResizer(Resizer):
+    """img2dataset's resizer, after a header-level check of the downloaded bytes."""
+
+    def __init__(self, *args, max_pixels: int = DEFAULT_MAX_PIXELS, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_pixels = max_pixels
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        img_stream.seek(0)
+        problem = check_image_bytes(img_stream.getvalue(), self.max_pixels)
+        if problem is not None:
+            return None, None, None, None, None, problem
+        img_stream.seek(0)
+        return super().__call__(img_stream, blurring_bbox_list)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the lenscap process that started us dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def main(config_path: str) -> int:
+    config = json.loads(open(config_path).read())
+    max_pixels = int(config.pop("max_pixels"))
+    parent = int(config.pop("parent_pid"))
+    _die_with_parent()
+    # We lead our own process group (start_new_session): take img2dataset's workers down with us.
+    signal.signal(signal.SIGTERM, lambda *_: (os.killpg(0, signal.SIGKILL)))
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        return 3
+    # OpenCV refuses to allocate for images beyond this, a second line behind check_image_bytes.
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
+
+    def resizer_factory(*args, **kwargs):
+        return GuardedResizer(*args, max_pixels=max_pixels, **kwargs)
+
+    _i2d_main.Resizer = resizer_factory  # the one name download() constructs its resizer by
+    _i2d_main.download(**config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

@@ -1,0 +1,53 @@
+"""The base class of every per-shard stage: it owns the loop, a stage writes ``process``.
+
+A stage is a pure function (input shard, parameters) -> output shard. Subclasses set ``name`` and
+implement ``process(sample) -> Sample``; an exception inside ``process`` becomes the sample's
+``<name>_status = "error"`` and ``<name>_error`` message, so one bad sample never costs a shard.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lenscap.dataset import Dataset
+from lenscap.record import Sample
+
+__all__ = ["ShardStage"]
+
+
+class ShardStage(ABC):
+    name: ClassVar[str]
+
+    def parameters(self) -> dict[str, Any]:
+        """What the manifest records about this run (never secrets)."""
+        return {}
+
+    def setup(self) -> None:
+        """Once per worker process before its first shard: load models, open clients."""
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema | None:
+        """The output parquet schema, or None to infer it from the rows."""
+        return None
+
+    @abstractmethod
+    def process(self, sample: Sample) -> Sample: ...
+
+    def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
+        input_schema = pq.read_schema(src.parquet_path(shard_id))
+        writer = dst.writer(shard_id, self.output_schema(input_schema))
+        try:
+            for sample in src.iter_samples(shard_id):
+                try:
+                    sample = self.process(sample)
+                except Exception as e:  # noqa: BLE001 - recorded on the sample, never lost
+                    sample.row[f"{self.name}_status"] = "error"
+                    sample.row[f"{self.name}_error"] = f"{type(e).__name__}: {e}"
+                writer.write(sample)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit({"stage": self.name})

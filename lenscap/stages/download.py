@@ -1,0 +1,455 @@
+"""The download stage: URL list -> dataset directory, through img2dataset.
+
+How a download runs (all state under ``OUT/_lenscap/``, so a rerun of the same command resumes):
+
+1. ``job.json`` records the options that shape the output; a rerun with different ones is refused.
+2. The URL list is streamed into one small parquet file per shard (``input/``), written once.
+3. img2dataset downloads into ``img2dataset/`` (a staging directory), in a subprocess whose output
+   goes to ``img2dataset.log``. Its own per-shard ``_stats.json`` lets it skip finished shards.
+4. As each staged shard finishes, lenscap *adopts* it: every input row is accounted for (img2dataset
+   can lose a sample when a worker hits an unexpected error; such a row gets a status), rows are
+   sorted by key, and the shard is committed into ``OUT`` through ``Dataset.commit``.
+
+``retry_failed`` is the second pass img2dataset lacks: the failed downloads of completed shards are
+fetched again and the successes merged into those shards, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lenscap.dataset import Dataset, atomic_write_json, shard_name, shard_stats
+from lenscap.errors import DatasetError, UsageError
+from lenscap.inputs import InputSpec, read_url_batches
+from lenscap.progress import Progress, make_progress
+from lenscap.record import Sample
+
+__all__ = ["DownloadOptions", "DownloadResult", "download", "retry_failed", "RESIZE_MODES"]
+
+# lenscap's name -> img2dataset's. "keep_ratio" bounds the LONGEST side (img2dataset's
+# keep_ratio_largest): text-to-image data keeps whole images; img2dataset's keep_ratio bounds the shortest.
+RESIZE_MODES = {
+    "no": "no",
+    "keep_ratio": "keep_ratio_largest",
+    "keep_ratio_smallest": "keep_ratio",
+    "center_crop": "center_crop",
+    "border": "border",
+}
+LOST_SAMPLE_MESSAGE = "no result recorded by img2dataset for this sample (lost in its worker); retry with --retry-failed"
+# Failures that a second attempt cannot fix: the server said no, or the URL is not fetchable.
+_PERMANENT_ERRORS = ("disallowed by X-Robots-Tag", "unsupported URL scheme", "empty URL")
+
+
+@dataclass
+class DownloadOptions:
+    url_col: str | None = None
+    caption_col: str | None = None
+    extra_cols: list[str] = field(default_factory=list)
+    samples_per_shard: int = 10_000
+    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
+    threads: int = 32
+    image_size: int = 1024
+    resize_mode: str = "keep_ratio"
+    upscale: bool = False
+    min_image_size: int = 0
+    max_aspect_ratio: float = math.inf
+    max_pixels: int = 178_956_970
+    timeout: int = 10
+    retries: int = 2
+    user_agent_token: str | None = "lenscap"
+    respect_opt_out: bool = True
+    encode_quality: int = 95
+
+    def validate(self) -> None:
+        checks = [
+            (self.samples_per_shard >= 1, "--samples-per-shard must be at least 1"),
+            (self.processes >= 1, "--processes must be at least 1"),
+            (self.threads >= 1, "--threads must be at least 1"),
+            (self.image_size >= 1, "--image-size must be at least 1"),
+            (self.resize_mode in RESIZE_MODES, f"--resize-mode must be one of {', '.join(RESIZE_MODES)}"),
+            (self.min_image_size >= 0, "--min-image-size must not be negative"),
+            (self.max_aspect_ratio >= 1, "--max-aspect-ratio must be at least 1"),
+            (self.max_pixels >= 1, "--max-pixels must be at least 1"),
+            (self.timeout >= 1, "--timeout must be at least 1 second"),
+            (self.retries >= 0, "--retries must not be negative"),
+            (0 <= self.encode_quality <= 100, "--encode-quality must be between 0 and 100"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+
+    def output_shaping(self) -> dict[str, Any]:
+        """The options a rerun must repeat for its shards to match the earlier ones."""
+        d = asdict(self)
+        for how_fast in ("processes", "threads", "retries", "timeout"):
+            d.pop(how_fast)
+        d["max_aspect_ratio"] = None if math.isinf(self.max_aspect_ratio) else self.max_aspect_ratio
+        return d
+
+    def img2dataset_kwargs(self, url_dir: Path, staging: Path) -> dict[str, Any]:
+        return {
+            "url_list": str(url_dir),
+            "input_format": "parquet",
+            "url_col": "url",
+            "caption_col": "caption",
+            "save_additional_columns": list(self.extra_cols) or None,
+            "output_folder": str(staging),
+            "output_format": "webdataset",
+            "number_sample_per_shard": self.samples_per_shard,
+            "processes_count": self.processes,
+            "thread_count": self.threads,
+            "image_size": self.image_size,
+            "resize_mode": RESIZE_MODES[self.resize_mode],
+            "resize_only_if_bigger": not self.upscale,
+            "min_image_size": self.min_image_size,
+            "max_aspect_ratio": self.max_aspect_ratio if not math.isinf(self.max_aspect_ratio) else float("inf"),
+            "max_image_area": float(self.max_pixels),
+            "timeout": self.timeout,
+            "retries": self.retries,
+            "user_agent_token": self.user_agent_token,
+            "disallowed_header_directives": None if self.respect_opt_out else [],
+            "encode_quality": self.encode_quality,
+            "enable_wandb": False,
+            "incremental_mode": "incremental",
+            "compute_hash": "sha256",
+            "oom_shard_count": 5,
+        }
+
+
+@dataclass
+class DownloadResult:
+    out_dir: str
+    shards_total: int
+    shards_completed: int
+    samples: int
+    status: dict[str, int]
+    failed_shards: list[int] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.shards_completed == self.shards_total else 1
+
+
+def sample_key(shard_id: int, index: int, samples_per_shard: int) -> str:
+    """img2dataset's key: shard id and index within the shard, zero-padded, dot-free."""
+    oom_sample = math.ceil(math.log10(samples_per_shard)) if samples_per_shard > 1 else 0
+    return f"{shard_id * 10**oom_sample + index:0{oom_sample + 5}d}"
+
+
+class _Job:
+    """The on-disk state of one download directory."""
+
+    def __init__(self, out: Dataset) -> None:
+        self.out = out
+        self.work = out.work_dir
+        self.input_dir = self.work / "input"
+        self.staging = self.work / "img2dataset"
+        self.job_file = self.work / "job.json"
+        self.log_file = self.work / "img2dataset.log"
+
+    def read_job(self) -> dict[str, Any] | None:
+        return json.loads(self.job_file.read_text()) if self.job_file.exists() else None
+
+    def input_ready(self) -> dict[str, Any] | None:
+        marker = self.input_dir / "_done.json"
+        return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def _prepare(out_dir: str | os.PathLike[str], source: str | None,
+             options: DownloadOptions) -> tuple[_Job, DownloadOptions, dict[str, Any]]:
+    options.validate()
+    existing = Path(out_dir)
+    if existing.is_dir() and not (existing / "_lenscap" / "job.json").exists() and any(
+            p.name != "_lenscap" for p in existing.iterdir()):
+        raise DatasetError(f"output directory {existing} is not empty and holds no lenscap download")
+    out = Dataset.create(out_dir)
+    out.recover()
+    job = _Job(out)
+    previous = job.read_job()
+    if previous is not None and source is None:
+        # Resuming without the command line (--retry-failed): the recorded options shape the output.
+        options = DownloadOptions(**{**asdict(options), **previous["options"]})
+        if options.max_aspect_ratio is None:
+            options.max_aspect_ratio = math.inf
+    wanted = {"stage": "download", "input": source, "options": options.output_shaping()}
+    if previous is not None:
+        if source is not None and previous["input"] != source and source != "-":
+            raise DatasetError(f"{out.path} holds a download of {previous['input']!r}, not {source!r}; use a new output directory")
+        diff = [k for k, v in wanted["options"].items() if previous["options"].get(k) != v]
+        if diff:
+            flags = ", ".join("--" + k.replace("_", "-") for k in diff)
+            raise DatasetError(f"{out.path} was downloaded with other values of {flags}; rerun with the same values or use a new directory")
+    elif source is None:
+        raise DatasetError(f"{out.path} holds no download to resume; give the URL list too")
+    else:
+        atomic_write_json(job.job_file, wanted)
+    ready = job.input_ready()
+    if ready is None:
+        spec = InputSpec(previous["input"] if previous else source, options.url_col, options.caption_col, options.extra_cols)
+        ready = _split_input(job, spec, options.samples_per_shard)
+    return job, options, ready
+
+
+def _split_input(job: _Job, spec: InputSpec, samples_per_shard: int) -> dict[str, Any]:
+    """Stream the URL list into one parquet file per shard; the marker is written last."""
+    if spec.source == "-" and sys.stdin.isatty():
+        raise UsageError("'-' reads URLs from standard input, but standard input is a terminal")
+    shutil.rmtree(job.input_dir, ignore_errors=True)
+    job.input_dir.mkdir(parents=True)
+    pending: list[dict[str, Any]] = []
+    shards = samples = 0
+    schema: pa.Schema | None = None
+
+    def flush(rows: list[dict[str, Any]]) -> None:
+        nonlocal shards, schema
+        table = pa.Table.from_pylist(rows)
+        if schema is None:
+            schema = table.schema.set(table.schema.get_field_index("url"), pa.field("url", pa.string())).set(
+                table.schema.get_field_index("caption"), pa.field("caption", pa.string()))
+        pq.write_table(table.cast(schema), job.input_dir / f"{shard_name(shards)}.parquet")
+        shards += 1
+
+    for batch in read_url_batches(spec):
+        pending.extend(batch)
+        samples += len(batch)
+        while len(pending) >= samples_per_shard:
+            flush(pending[:samples_per_shard])
+            del pending[:samples_per_shard]
+    if pending:
+        flush(pending)
+    ready = {"shards": shards, "samples": samples}
+    atomic_write_json(job.input_dir / "_done.json", ready)
+    return ready
+
+
+def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
+    """Move one finished img2dataset shard into the output, every input row accounted for."""
+    name = shard_name(shard_id)
+    staged_parquet = job.staging / f"{name}.parquet"
+    table = pq.read_table(staged_parquet)
+    inputs = pq.read_table(job.input_dir / f"{name}.parquet")
+    rows = {r["key"]: r for r in table.to_pylist()}
+    columns = table.column_names
+    lost = 0
+    for index, row in enumerate(inputs.to_pylist()):
+        key = sample_key(shard_id, index, samples_per_shard)
+        if key not in rows:
+            lost += 1
+            rows[key] = {c: None for c in columns} | row | {
+                "key": key, "status": "failed_to_download", "error_message": LOST_SAMPLE_MESSAGE}
+    ordered = [rows[k] for k in sorted(rows, key=int)]
+    tmp = job.out.tmp_path(shard_id, "parquet")
+    pq.write_table(pa.Table.from_pylist(ordered, schema=table.schema), tmp)
+    stats = shard_stats(shard_id, ordered) | {"lost_by_img2dataset": lost}
+    job.out.commit(shard_id, [(job.staging / f"{name}.tar", job.out.tar_path(shard_id)), (tmp, job.out.parquet_path(shard_id))], stats)
+    staged_parquet.unlink(missing_ok=True)
+    return stats
+
+
+def _staged_done(job: _Job) -> set[int]:
+    if not job.staging.is_dir():
+        return set()
+    return {int(p.name.split("_")[0]) for p in job.staging.glob("*_stats.json")}
+
+
+def _run_img2dataset(job: _Job, options: DownloadOptions, url_dir: Path, staging: Path, on_poll) -> int:
+    """Run img2dataset in its own process group; call ``on_poll()`` while it works. Returns its exit code."""
+    staging.mkdir(parents=True, exist_ok=True)
+    config = options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels, "parent_pid": os.getpid()}
+    config_path = job.work / "img2dataset-config.json"
+    atomic_write_json(config_path, config)
+    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+    with open(job.log_file, "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lenscap.stages._img2dataset_hooks", str(config_path)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        )
+        try:
+            while proc.poll() is None:
+                on_poll()
+                time.sleep(0.2)
+        except BaseException:
+            # Ctrl-C or an error here: take img2dataset and its workers down, keep what is committed.
+            with _suppress():
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+    on_poll()
+    return proc.returncode
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return True
+
+
+def download(
+    source: str | None,
+    out_dir: str | os.PathLike[str],
+    options: DownloadOptions | None = None,
+    progress: Progress | None = None,
+) -> DownloadResult:
+    """Download ``source`` (a URL list, or None to resume) into the dataset directory ``out_dir``."""
+    options = options or DownloadOptions()
+    job, options, ready = _prepare(out_dir, source, options)
+    total = ready["shards"]
+    progress = progress or make_progress("download")
+    done = set(job.out.completed_ids())
+    progress.start(total, len(done))
+
+    def adopt_finished() -> None:
+        for shard_id in sorted(_staged_done(job) - done):
+            if shard_id >= total or job.out.is_complete(shard_id):
+                done.add(shard_id)
+                continue
+            stats = _adopt(job, shard_id, options.samples_per_shard)
+            done.add(shard_id)
+            progress.advance(shards=1, samples=stats["count"])
+
+    adopt_finished()  # shards staged before a crash
+    rc = 0
+    if len(done) < total:
+        rc = _run_img2dataset(job, options, job.input_dir, job.staging, adopt_finished)
+    progress.finish()
+    failed = sorted(set(range(total)) - set(job.out.completed_ids()))
+    if failed:
+        progress.note(f"download: {len(failed)} shard(s) did not complete (img2dataset exit code {rc}, log: {job.log_file}); rerun the same command to finish them")
+    elif job.staging.exists():
+        shutil.rmtree(job.staging)  # everything adopted: the staging copies are no longer needed
+    return _finish(job, options, source, total, failed)
+
+
+def _finish(job: _Job, options: DownloadOptions, source: str | None, total: int, failed: list[int]) -> DownloadResult:
+    recorded = job.read_job() or {}
+    params = {**recorded.get("options", {}), "processes": options.processes, "threads": options.threads,
+              "timeout": options.timeout, "retries": options.retries}
+    manifest = job.out.write_manifest("download", params, recorded.get("input", source), expected_shards=total)
+    return DownloadResult(
+        out_dir=str(job.out.path),
+        shards_total=total,
+        shards_completed=manifest["shards"]["completed"],
+        samples=manifest["counts"]["samples"],
+        status=manifest["counts"]["status"],
+        failed_shards=failed,
+    )
+
+
+def _retryable(row: dict[str, Any]) -> bool:
+    if row.get("status") != "failed_to_download":
+        return False
+    message = row.get("error_message") or ""
+    return not any(p in message for p in _PERMANENT_ERRORS)
+
+
+def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | None = None,
+                 progress: Progress | None = None) -> DownloadResult:
+    """Fetch again the failed downloads of completed shards; merge the successes into those shards."""
+    options = options or DownloadOptions()
+    job, options, ready = _prepare(out_dir, None, options)
+    total = ready["shards"]
+    out = job.out
+    round_dir = job.work / "retry"
+    url_dir, staging = round_dir / "input", round_dir / "img2dataset"
+    progress = progress or make_progress("retry-failed")
+    if not (url_dir / "_done.json").exists():
+        # Gather the retryable rows once, remembering where each belongs.
+        shutil.rmtree(round_dir, ignore_errors=True)
+        url_dir.mkdir(parents=True)
+        rows: list[dict[str, Any]] = []
+        n_files = 0
+        for shard_id in out.completed_ids():
+            table = out.read_table(shard_id)
+            for row in table.to_pylist():
+                if _retryable(row):
+                    rows.append({"url": row["url"], "caption": row.get("caption"),
+                                 **{c: row.get(c) for c in options.extra_cols},
+                                 "lenscap_key": row["key"], "lenscap_shard": shard_id})
+                if len(rows) >= options.samples_per_shard:
+                    pq.write_table(pa.Table.from_pylist(rows), url_dir / f"{shard_name(n_files)}.parquet")
+                    rows, n_files = [], n_files + 1
+        if rows:
+            pq.write_table(pa.Table.from_pylist(rows), url_dir / f"{shard_name(n_files)}.parquet")
+            n_files += 1
+        atomic_write_json(url_dir / "_done.json", {"shards": n_files})
+    n_retry = json.loads((url_dir / "_done.json").read_text())["shards"]
+    progress.start(n_retry)
+    if n_retry:
+        retry_options = DownloadOptions(**{**asdict(options), "extra_cols": [*options.extra_cols, "lenscap_key", "lenscap_shard"]})
+        seen: set[int] = set()
+
+        def count_finished() -> None:
+            new = _staged_done_in(staging) - seen
+            seen.update(new)
+            progress.advance(shards=len(new))
+
+        _run_img2dataset(job, retry_options, url_dir, staging, count_finished)
+        finished = sorted(_staged_done_in(staging))
+        if len(finished) < n_retry:
+            progress.finish()
+            progress.note(f"retry-failed: img2dataset finished {len(finished)} of {n_retry} retry shards; rerun to finish")
+            return _finish(job, options, None, total, [])
+        _merge_retries(out, staging, finished)
+    progress.finish()
+    shutil.rmtree(round_dir, ignore_errors=True)
+    failed = sorted(set(range(total)) - set(out.completed_ids()))
+    return _finish(job, options, None, total, failed)
+
+
+def _staged_done_in(staging: Path) -> set[int]:
+    return {int(p.name.split("_")[0]) for p in staging.glob("*_stats.json")} if staging.is_dir() else set()
+
+
+def _merge_retries(out: Dataset, staging: Path, retry_shards: list[int]) -> None:
+    """Rewrite each original shard whose failed samples now succeeded. Idempotent: safe to rerun."""
+    import tarfile
+
+    by_shard: dict[int, dict[str, tuple[dict[str, Any], bytes | None, int]]] = {}
+    for rid in retry_shards:
+        for row in pq.read_table(staging / f"{shard_name(rid)}.parquet").to_pylist():
+            if row["status"] == "success":
+                by_shard.setdefault(int(row["lenscap_shard"]), {})[row["lenscap_key"]] = (row, None, rid)
+    for shard_id, successes in sorted(by_shard.items()):
+        if not out.is_complete(shard_id):
+            continue
+        # Fetch the new image bytes from the retry tars, one shard's worth in memory at most.
+        wanted_by_tar: dict[int, dict[str, str]] = {}
+        for orig_key, (row, _, rid) in successes.items():
+            wanted_by_tar.setdefault(rid, {})[row["key"]] = orig_key
+        images: dict[str, bytes] = {}
+        for rid, keys in wanted_by_tar.items():
+            with tarfile.open(staging / f"{shard_name(rid)}.tar") as tar:
+                for member in tar:
+                    k, _, ext = member.name.partition(".")
+                    if ext == "jpg" and k in keys:
+                        images[keys[k]] = tar.extractfile(member).read()  # type: ignore[union-attr]
+        schema = pq.read_schema(out.parquet_path(shard_id))
+        writer = out.writer(shard_id, schema)
+        changed = 0
+        for sample in out.iter_samples(shard_id):
+            hit = successes.get(sample.key)
+            if hit is not None and sample.status != "success" and sample.key in images:
+                new_row = {c: hit[0].get(c) for c in schema.names}
+                new_row.update(key=sample.key, url=sample.row["url"], caption=sample.row.get("caption"))
+                sample = Sample(key=sample.key, row=new_row, image=images[sample.key])
+                changed += 1
+            writer.write(sample)
+        if changed:
+            writer.commit({"retried": out.read_stats(shard_id).get("retried", 0) + changed})
+        else:
+            writer.abort()
