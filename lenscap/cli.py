@@ -174,15 +174,10 @@ def main() -> None:
         print("lenscap: interrupted; rerun the same command to resume", file=sys.stderr)
         sys.exit(130)
     except Exception as e:  # noqa: BLE001
-        import click
-
-        if isinstance(e, click.exceptions.UsageError):
-            msg = e.format_message()
-            print(f"lenscap: error: {msg}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(e, click.exceptions.ClickException):
+        # Typer's (vendored click) parse errors: bad flags and values, usage mistakes.
+        if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
             print(f"lenscap: error: {e.format_message()}", file=sys.stderr)
-            sys.exit(e.exit_code)
+            sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
         if os.environ.get("LENSCAP_DEBUG"):
             raise
         print(f"lenscap: internal error: {type(e).__name__}: {e} (set LENSCAP_DEBUG=1 for a traceback)", file=sys.stderr)

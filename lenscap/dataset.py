@@ -77,8 +77,8 @@ def shard_stats(shard_id: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def redact(parameters: dict[str, Any]) -> dict[str, Any]:
-    """Drop parameters that could hold secrets; names only, so nothing depends on a value's shape."""
-    return {k: v for k, v in parameters.items() if not _SECRET_NAME_RE.search(k)}
+    """Drop parameters that could hold secrets, at any depth; by name, so no value's shape matters."""
+    return {k: redact(v) if isinstance(v, dict) else v for k, v in parameters.items() if not _SECRET_NAME_RE.search(k)}
 
 
 class Dataset:
@@ -219,7 +219,9 @@ class Dataset:
         """
         journal = self._journal_path(shard_id)
         journal.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(journal, {"renames": [[str(s), str(d)] for s, d in renames], "stats": stats})
+        # Paths relative to the dataset, so a crashed commit still rolls forward after the directory moves.
+        rel = [[os.path.relpath(s, self.path), os.path.relpath(d, self.path)] for s, d in renames]
+        atomic_write_json(journal, {"renames": rel, "stats": stats})
         self._roll_forward(journal)
 
     def recover(self) -> int:
@@ -242,7 +244,8 @@ class Dataset:
         shard_id = int(journal.stem)
         # The shard stops looking complete before any of its files change.
         self.stats_path(shard_id).unlink(missing_ok=True)
-        for src, dst in plan["renames"]:
+        for rel_src, rel_dst in plan["renames"]:
+            src, dst = self.path / rel_src, self.path / rel_dst
             if os.path.exists(src):
                 os.replace(src, dst)
             elif not os.path.exists(dst):
@@ -290,6 +293,18 @@ class Dataset:
         return manifest
 
 
+def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema | None) -> pa.Table:
+    """Rows to a table: the schema's columns first, with its types; any other column a row has, after."""
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    typed = schema.names if schema is not None else []
+    names = typed + [n for n in names if n not in typed]
+    arrays = [
+        pa.array([r.get(n) for r in rows], type=schema.field(n).type if n in typed else None)  # type: ignore[union-attr]
+        for n in names
+    ]
+    return pa.Table.from_arrays(arrays, names=names)
+
+
 class ShardWriter:
     """Writes one shard under temporary names; ``commit`` makes it visible and complete.
 
@@ -322,8 +337,7 @@ class ShardWriter:
 
     def commit(self, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
         self._tar.close()
-        table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        pq.write_table(table, self._parquet_tmp)
+        pq.write_table(_rows_to_table(self.rows, self.schema), self._parquet_tmp)
         stats = shard_stats(self.shard_id, self.rows) | (extra_stats or {})
         d = self.dataset
         d.commit(

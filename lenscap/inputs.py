@@ -35,6 +35,7 @@ RESERVED_COLUMNS = frozenset(
      "error_message", "exif", "md5", "sha256", "sha512"}
 )
 _BATCH_ROWS = 8192
+_JSONL_SCHEMA_RECORDS = 1000
 
 
 @dataclass
@@ -67,7 +68,7 @@ def resolve_input_files(source: str) -> list[str]:
         if not files:
             raise InputError(f"{source}: directory holds no URL list ({', '.join(SUPPORTED_SUFFIXES)})")
         return files
-    if any(ch in source for ch in "*?["):
+    if not os.path.exists(source) and any(ch in source for ch in "*?["):
         files = sorted(p for p in glob.glob(source) if os.path.isfile(p))
         if not files:
             raise InputError(f"{source}: no file matches this pattern")
@@ -84,8 +85,9 @@ def _open_text(path: str) -> IO[str]:
     if path == "-":
         return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-    return open(path, encoding="utf-8", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+    # utf-8-sig: spreadsheet programs start their csv files with a byte-order mark.
+    return open(path, encoding="utf-8-sig", errors="replace")
 
 
 def _batches_txt(path: str) -> Iterator[tuple[list[str], Iterator[dict[str, Any]]]]:
@@ -122,22 +124,25 @@ def _batches_csv(path: str, delimiter: str) -> Iterator[tuple[list[str], Iterato
 
 
 def _batches_jsonl(path: str) -> Iterator[tuple[list[str], Iterator[dict[str, Any]]]]:
+    # JSON lines have no header: the columns are the keys seen in the first records (writers often
+    # leave out null fields, so one record is not enough).
     f = _open_text(path)
-    first: dict[str, Any] | None = None
+    head: list[dict[str, Any]] = []
     lineno = 0
     for line in f:
         lineno += 1
         if line.strip():
-            first = _parse_json_line(path, lineno, line)
-            break
-    if first is None:
+            head.append(_parse_json_line(path, lineno, line))
+            if len(head) >= _JSONL_SCHEMA_RECORDS:
+                break
+    if not head:
         f.close()
         raise InputError(f"{path}: no records")
 
     def rows() -> Iterator[dict[str, Any]]:
         n = lineno
         try:
-            yield first
+            yield from head
             for line in f:
                 n += 1
                 if line.strip():
@@ -145,7 +150,7 @@ def _batches_jsonl(path: str) -> Iterator[tuple[list[str], Iterator[dict[str, An
         finally:
             f.close()
 
-    yield list(first.keys()), rows()
+    yield list(dict.fromkeys(k for record in head for k in record)), rows()
 
 
 def _parse_json_line(path: str, lineno: int, line: str) -> dict[str, Any]:

@@ -53,9 +53,8 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
             ok = pc.equal(table.column("status"), "success") if "status" in table.column_names else None
             if ok is not None:
                 captions = captions.filter(ok)
-            counts = pc.list_value_length(pc.utf8_split_whitespace(pc.fill_null(captions, "")))
-            for n in counts.to_pylist():
-                n = min(int(n), _MAX_WORDS)
+            for caption in captions.to_pylist():
+                n = min(len(caption.split()) if caption else 0, _MAX_WORDS)
                 hist[n] += 1
                 words_total += n
     n_captions = sum(hist)

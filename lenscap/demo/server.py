@@ -17,18 +17,22 @@ class Route:
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
+    fail_first: int = 0  # answer the first N requests with a 503, as an overloaded server does
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: "_Server"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's hook name
-        self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
+        with self.server.lock:
+            hits = self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
         route = self.server.routes.get(self.path)
         if route is None:
             route = Route(b"not found", "text/plain", 404)
         if route.delay_s:
             time.sleep(route.delay_s)
+        if hits <= route.fail_first:
+            route = Route(b"busy", "text/plain", 503)
         try:
             self.send_response(route.status)
             self.send_header("Content-Type", route.content_type)
@@ -48,6 +52,7 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     routes: dict[str, Route]
     hits: dict[str, int]
+    lock: threading.Lock
 
 
 class ImageServer:
@@ -57,6 +62,7 @@ class ImageServer:
         self._server = _Server(("127.0.0.1", 0), _Handler)
         self._server.routes = dict(routes or {})
         self._server.hits = {}
+        self._server.lock = threading.Lock()
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property

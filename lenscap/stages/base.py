@@ -29,9 +29,17 @@ class ShardStage(ABC):
     def setup(self) -> None:
         """Once per worker process before its first shard: load models, open clients."""
 
-    def output_schema(self, input_schema: pa.Schema) -> pa.Schema | None:
-        """The output parquet schema, or None to infer it from the rows."""
-        return None
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        """The output parquet schema: the input's plus this stage's outcome columns.
+
+        Declared rather than inferred so every shard has the same columns and types, even one
+        where no sample failed. A stage that adds columns extends this.
+        """
+        schema = input_schema
+        for column in (f"{self.name}_status", f"{self.name}_error"):
+            if column not in schema.names:
+                schema = schema.append(pa.field(column, pa.string()))
+        return schema
 
     @abstractmethod
     def process(self, sample: Sample) -> Sample: ...

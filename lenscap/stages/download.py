@@ -170,36 +170,39 @@ class _Job:
 
 def _prepare(out_dir: str | os.PathLike[str], source: str | None,
              options: DownloadOptions) -> tuple[_Job, DownloadOptions, dict[str, Any]]:
+    """Open (or start) the download in ``out_dir``; returns the job, its options and its input shards."""
     options.validate()
     existing = Path(out_dir)
-    if existing.is_dir() and not (existing / "_lenscap" / "job.json").exists() and any(
-            p.name != "_lenscap" for p in existing.iterdir()):
+    recorded = (existing / "_lenscap" / "job.json").exists()
+    if source is None and not recorded:
+        raise DatasetError(f"{existing} holds no download to resume; give the URL list too")
+    if existing.is_dir() and not recorded and any(p.name != "_lenscap" for p in existing.iterdir()):
         raise DatasetError(f"output directory {existing} is not empty and holds no lenscap download")
     out = Dataset.create(out_dir)
     out.recover()
     job = _Job(out)
     previous = job.read_job()
-    if previous is not None and source is None:
+    if previous is None:
+        # job.json is written only once the input has been read whole: a bad first try records nothing.
+        assert source is not None
+        ready = _split_input(job, InputSpec(source, options.url_col, options.caption_col, options.extra_cols),
+                             options.samples_per_shard)
+        atomic_write_json(job.job_file, {"stage": "download", "input": source, "options": options.output_shaping()})
+        return job, options, ready
+    if source is None:
         # Resuming without the command line (--retry-failed): the recorded options shape the output.
         options = DownloadOptions(**{**asdict(options), **previous["options"]})
         if options.max_aspect_ratio is None:
             options.max_aspect_ratio = math.inf
-    wanted = {"stage": "download", "input": source, "options": options.output_shaping()}
-    if previous is not None:
-        if source is not None and previous["input"] != source and source != "-":
-            raise DatasetError(f"{out.path} holds a download of {previous['input']!r}, not {source!r}; use a new output directory")
-        diff = [k for k, v in wanted["options"].items() if previous["options"].get(k) != v]
-        if diff:
-            flags = ", ".join("--" + k.replace("_", "-") for k in diff)
-            raise DatasetError(f"{out.path} was downloaded with other values of {flags}; rerun with the same values or use a new directory")
-    elif source is None:
-        raise DatasetError(f"{out.path} holds no download to resume; give the URL list too")
-    else:
-        atomic_write_json(job.job_file, wanted)
+    elif previous["input"] != source and source != "-":
+        raise DatasetError(f"{out.path} holds a download of {previous['input']!r}, not {source!r}; use a new output directory")
+    diff = [k for k, v in options.output_shaping().items() if previous["options"].get(k) != v]
+    if diff:
+        flags = ", ".join("--" + k.replace("_", "-") for k in diff)
+        raise DatasetError(f"{out.path} was downloaded with other values of {flags}; rerun with the same values or use a new directory")
     ready = job.input_ready()
-    if ready is None:
-        spec = InputSpec(previous["input"] if previous else source, options.url_col, options.caption_col, options.extra_cols)
-        ready = _split_input(job, spec, options.samples_per_shard)
+    if ready is None:  # cannot happen unless _lenscap/input was deleted by hand
+        raise DatasetError(f"{out.path}: the recorded URL list ({job.input_dir}) is missing; start again in a new directory")
     return job, options, ready
 
 
@@ -251,6 +254,9 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
             rows[key] = {c: None for c in columns} | row | {
                 "key": key, "status": "failed_to_download", "error_message": LOST_SAMPLE_MESSAGE}
     ordered = [rows[k] for k in sorted(rows, key=int)]
+    for row in ordered:
+        if not (row.get("url") or "").strip() and row["status"] != "success":
+            row["error_message"] = "empty URL"
     tmp = job.out.tmp_path(shard_id, "parquet")
     pq.write_table(pa.Table.from_pylist(ordered, schema=table.schema), tmp)
     stats = shard_stats(shard_id, ordered) | {"lost_by_img2dataset": lost}

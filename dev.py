@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Set up and run lenscap with nothing but Python 3.11+.
+
+    python3 dev.py demo    create .venv, install lenscap, run the offline demo pipeline
+    python3 dev.py test    create .venv, install lenscap with its test extras, run the whole test suite
+
+Installs only when pyproject.toml changed since the last install, so reruns start at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+# What the whole test suite needs, so nothing is skipped in CI.
+TEST_EXTRAS = "test"
+
+
+def ensure_venv(extras: str) -> None:
+    if sys.version_info < (3, 11):
+        sys.exit(f"lenscap needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    if not PYTHON.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.EnvBuilder(with_pip=True).create(VENV)
+    spec = f".[{extras}]" if extras else "."
+    stamp = VENV / ".lenscap-install"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + spec.encode()).hexdigest()
+    if stamp.exists() and stamp.read_text() == want:
+        return
+    print(f"installing lenscap{'[' + extras + ']' if extras else ''} into {VENV}", flush=True)
+    subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True, cwd=ROOT)
+    subprocess.run([str(PYTHON), "-m", "pip", "install", "--quiet", "-e", spec], check=True, cwd=ROOT)
+    stamp.write_text(want)
+
+
+def main(argv: list[str]) -> int:
+    command = argv[0] if argv else "help"
+    if command == "demo":
+        ensure_venv("")
+        return subprocess.call([str(BIN / "lenscap"), "demo", *argv[1:]], cwd=ROOT)
+    if command == "test":
+        ensure_venv(TEST_EXTRAS)
+        return subprocess.call([str(PYTHON), "-m", "pytest", *argv[1:]], cwd=ROOT)
+    print(__doc__)
+    return 0 if command in ("help", "-h", "--help") else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

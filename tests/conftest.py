@@ -1,0 +1,63 @@
+"""Shared fixtures: a loopback image server with the web's failure modes, and a CLI runner."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+from PIL import Image
+
+from lenscap.demo.images import bomb_png, html_page, jpeg_bytes, png_bytes, scene, truncated_jpeg
+from lenscap.demo.server import ImageServer, Route
+
+# Keep every subprocess offline and quiet about update checks.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+
+def standard_routes() -> dict[str, Route]:
+    routes = {f"/ok/{i}.jpg": Route(jpeg_bytes(scene(i))) for i in range(8)}
+    routes["/big.jpg"] = Route(jpeg_bytes(scene(100, (2000, 1000))))
+    routes["/small.png"] = Route(png_bytes(scene(101, (100, 80))), "image/png")
+    routes["/redirect"] = Route(b"", "text/plain", 302, {"Location": "/ok/0.jpg"})
+    routes["/slow.jpg"] = Route(jpeg_bytes(scene(102)), delay_s=2.5)
+    routes["/html.jpg"] = Route(html_page(), "image/jpeg")
+    routes["/truncated.jpg"] = Route(truncated_jpeg(3))
+    routes["/bomb.png"] = Route(bomb_png(), "image/png")
+    routes["/noai.jpg"] = Route(jpeg_bytes(scene(103)), headers={"X-Robots-Tag": "noai, noimageai"})
+    routes["/corrupt.jpg"] = Route(b"\xff\xd8\xff\xe0" + os.urandom(2000) + b"\xff\xd9")
+    return routes
+
+
+@pytest.fixture(scope="session")
+def image_server():
+    with ImageServer(standard_routes()) as server:
+        yield server
+
+
+@dataclass
+class CliResult:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 180) -> CliResult:
+    proc = subprocess.run(
+        [sys.executable, "-m", "lenscap.cli", *args],
+        input=stdin, capture_output=True, text=True, timeout=timeout,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+    )
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+def solid_jpeg(size=(64, 48), colour=(10, 120, 200)) -> bytes:
+    return jpeg_bytes(Image.new("RGB", size, colour))

@@ -1,0 +1,235 @@
+"""`lenscap download` against a real loopback HTTP server, through img2dataset."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tarfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from lenscap.dataset import Dataset
+from lenscap.demo.images import jpeg_bytes, scene
+from lenscap.demo.server import ImageServer, Route
+from lenscap.stages.download import DownloadOptions, download, retry_failed
+
+from conftest import run_cli
+
+# path (or full URL) -> (status, substring of error_message or None, (width, height) or None)
+EXPECTED = {
+    "/ok/0.jpg": ("success", None, (640, 480)),
+    "/ok/1.jpg": ("success", None, (640, 480)),
+    "/big.jpg": ("success", None, (1024, 512)),
+    "/small.png": ("success", None, (100, 80)),
+    "/redirect": ("success", None, (640, 480)),
+    "/slow.jpg": ("failed_to_download", "timed out", None),
+    "/html.jpg": ("failed_to_resize", "not an image: the server sent HTML", None),
+    "/truncated.jpg": ("failed_to_resize", "truncated image: JPEG without its end marker", None),
+    "/bomb.png": ("failed_to_resize", "decompression bomb: 20000x20000", None),
+    "/noai.jpg": ("failed_to_download", "disallowed by X-Robots-Tag", None),
+    "/missing.jpg": ("failed_to_download", "HTTP Error 404", None),
+    "/corrupt.jpg": ("failed_to_resize", "", None),
+    "file:///etc/passwd": ("failed_to_download", "unsupported URL scheme 'file'", None),
+    "data:image/png;base64,iVBORw0KGgo=": ("failed_to_download", "unsupported URL scheme 'data'", None),
+    "ftp://127.0.0.1/x.jpg": ("failed_to_download", "unsupported URL scheme 'ftp'", None),
+    "": ("failed_to_download", "empty URL", None),
+}
+
+
+def _full(server: ImageServer, path: str) -> str:
+    return server.url(path) if path.startswith("/") else path
+
+
+def _write_csv(path: Path, server: ImageServer, paths) -> dict[str, str]:
+    """A csv with url, caption and an extra column; returns url -> path."""
+    by_url = {}
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["url", "caption", "source_id"])
+        for i, p in enumerate(paths):
+            url = _full(server, p)
+            by_url[url] = p
+            w.writerow([url, f"caption {i}", f"id-{i}"])
+    return by_url
+
+
+def _rows(ds: Dataset) -> list[dict]:
+    rows = []
+    for shard_id in ds.completed_ids():
+        rows.extend(ds.read_table(shard_id).to_pylist())
+    return rows
+
+
+def test_every_sample_gets_an_exact_outcome(tmp_path, image_server):
+    by_url = _write_csv(tmp_path / "urls.csv", image_server, EXPECTED)
+    opts = DownloadOptions(extra_cols=["source_id"], samples_per_shard=6, processes=2, threads=4, timeout=1, retries=0)
+    result = download(str(tmp_path / "urls.csv"), tmp_path / "out", opts)
+    assert result.exit_code == 0
+    ds = Dataset.open(tmp_path / "out")
+    assert ds.completed_ids() == [0, 1, 2]
+    rows = _rows(ds)
+    assert len(rows) == len(EXPECTED), "every input row appears once, failed ones included"
+    for row in rows:
+        path = by_url[row["url"]]
+        status, message, size = EXPECTED[path]
+        assert row["status"] == status, (path, row["error_message"])
+        if message is None:
+            assert row["error_message"] is None
+        else:
+            assert message in (row["error_message"] or "<none>"), (path, row["error_message"])
+        if size:
+            assert (row["width"], row["height"]) == size, path
+        assert row["caption"].startswith("caption ") and row["source_id"].startswith("id-")
+    big = next(r for r in rows if by_url[r["url"]] == "/big.jpg")
+    assert (big["original_width"], big["original_height"]) == (2000, 1000)
+
+    # Keys: dot-free digits, sorted within each shard; the tar holds exactly the successful samples.
+    for shard_id in ds.completed_ids():
+        keys = ds.read_table(shard_id).column("key").to_pylist()
+        assert keys == sorted(keys) and all(k.isdigit() for k in keys)
+        with tarfile.open(ds.tar_path(shard_id)) as tar:
+            names = sorted(tar.getnames())
+            ok = [r for r in ds.read_table(shard_id).to_pylist() if r["status"] == "success"]
+            assert names == sorted(f"{r['key']}.{ext}" for r in ok for ext in ("jpg", "json", "txt"))
+            for r in ok:
+                assert tar.extractfile(f"{r['key']}.txt").read().decode() == r["caption"]
+                assert json.loads(tar.extractfile(f"{r['key']}.json").read())["url"] == r["url"]
+        stats = ds.read_stats(shard_id)
+        assert stats["count"] == ds.read_table(shard_id).num_rows
+
+    manifest = ds.read_manifest()
+    assert manifest["stage"] == "download" and manifest["complete"] is True
+    assert manifest["counts"]["samples"] == len(EXPECTED)
+    assert manifest["counts"]["status"]["success"] == 5
+    assert manifest["parameters"]["image_size"] == 1024 and manifest["parameters"]["resize_mode"] == "keep_ratio"
+    # Staging copies are gone once every shard is adopted.
+    assert not (tmp_path / "out" / "_lenscap" / "img2dataset").exists()
+
+
+def test_rerun_of_a_finished_download_fetches_nothing(tmp_path):
+    routes = {f"/a/{i}.jpg": Route(jpeg_bytes(scene(i, (64, 64)))) for i in range(6)}
+    with ImageServer(routes) as server:
+        (tmp_path / "urls.txt").write_text("\n".join(server.url(p) for p in routes) + "\n")
+        opts = DownloadOptions(samples_per_shard=4, processes=1, threads=2)
+        assert download(str(tmp_path / "urls.txt"), tmp_path / "out", opts).exit_code == 0
+        hits = dict(server.hits)
+        before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("0*")}
+        again = download(str(tmp_path / "urls.txt"), tmp_path / "out", opts)
+        assert again.exit_code == 0 and again.samples == 6
+        assert server.hits == hits
+        assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("0*")} == before
+
+
+def test_retry_failed_merges_later_successes(tmp_path):
+    routes = {f"/ok/{i}.jpg": Route(jpeg_bytes(scene(i, (96, 64)))) for i in range(4)}
+    routes["/flaky1.jpg"] = Route(jpeg_bytes(scene(50, (96, 64))), fail_first=1)
+    routes["/flaky2.jpg"] = Route(jpeg_bytes(scene(51, (96, 64))), fail_first=1)
+    routes["/noai.jpg"] = Route(jpeg_bytes(scene(52)), headers={"X-Robots-Tag": "noai"})
+    with ImageServer(routes) as server:
+        paths = list(routes) + ["/gone.jpg"]
+        _write_csv(tmp_path / "urls.csv", server, paths)
+        opts = DownloadOptions(samples_per_shard=3, processes=1, threads=2, retries=0)
+        first = download(str(tmp_path / "urls.csv"), tmp_path / "out", opts)
+        assert first.status == {"failed_to_download": 4, "success": 4}
+        ds = Dataset.open(tmp_path / "out")
+        keys_before = {r["key"]: r["url"] for r in _rows(ds)}
+
+        # The CLI form: just OUT_DIR; the recorded options apply.
+        res = run_cli("download", "--retry-failed", str(tmp_path / "out"), "--retries", "0", "--json")
+        assert res.returncode == 0, res.stderr
+        summary = json.loads(res.stdout)
+        assert summary["status"] == {"failed_to_download": 2, "success": 6}
+        rows = _rows(ds)
+        assert {r["key"]: r["url"] for r in rows} == keys_before, "keys and urls unchanged"
+        by_path = {r["url"].split(str(server.url("")))[-1]: r for r in rows}
+        for p in ("/flaky1.jpg", "/flaky2.jpg"):
+            r = by_path[p]
+            assert r["status"] == "success" and r["error_message"] is None and r["width"] == 96
+            shard_id = int(r["key"]) // 10
+            with tarfile.open(ds.tar_path(shard_id)) as tar:
+                assert f"{r['key']}.jpg" in tar.getnames()
+                assert json.loads(tar.extractfile(f"{r['key']}.json").read())["key"] == r["key"]
+                assert tar.extractfile(f"{r['key']}.txt").read().decode() == r["caption"]
+            assert ds.read_stats(shard_id)["retried"] == 2  # both flaky URLs are rows 4 and 5: shard 1
+        assert by_path["/gone.jpg"]["status"] == "failed_to_download"
+        assert server.hits["/noai.jpg"] == 1, "an opt-out is final: never asked again"
+        assert server.hits["/gone.jpg"] == 2, "a 404 is tried once more"
+        # Nothing is left to retry: a second pass changes nothing.
+        again = retry_failed(tmp_path / "out", DownloadOptions(retries=0))
+        assert again.status == {"failed_to_download": 2, "success": 6}
+        assert not (tmp_path / "out" / "_lenscap" / "retry").exists()
+
+
+@pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet", "tsv"])
+def test_input_formats_and_stdin(tmp_path, image_server, fmt):
+    import pyarrow as pa
+
+    urls = [image_server.url(f"/ok/{i}.jpg") for i in range(3)]
+    if fmt == "txt":
+        res = run_cli("download", "-", str(tmp_path / "out"), "--processes", "1", "--json", stdin="\n".join(urls) + "\n")
+    else:
+        src = tmp_path / f"urls.{fmt}"
+        if fmt == "jsonl":
+            src.write_text("".join(json.dumps({"url": u, "alt": f"alt {i}"}) + "\n" for i, u in enumerate(urls)))
+        elif fmt == "parquet":
+            pq.write_table(pa.table({"image_url": urls, "alt": [f"alt {i}" for i in range(3)]}), src)
+        else:
+            src.write_text("URL\tTEXT\n" + "".join(f"{u}\talt {i}\n" for i, u in enumerate(urls)))
+        res = run_cli("download", str(src), str(tmp_path / "out"), "--processes", "1", "--json")
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    assert summary["status"] == {"success": 3} and summary["shards_completed"] == 1
+    rows = _rows(Dataset.open(tmp_path / "out"))
+    assert sorted(r["url"] for r in rows) == sorted(urls)
+    if fmt != "txt":
+        assert sorted(r["caption"] for r in rows) == ["alt 0", "alt 1", "alt 2"]
+
+
+def _one_error_line(res) -> str:
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("lenscap: error:")
+    return lines[0]
+
+
+def test_cli_usage_errors_are_one_line_exit_2(tmp_path):
+    (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "cols.csv").write_text("link,alt\nhttp://x/a.jpg,a\n")
+    (tmp_path / "bad.parquet").write_bytes(b"this is not parquet")
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("mine")
+    out = str(tmp_path / "out")
+    cases = [
+        (["download", str(tmp_path / "nope.txt"), out], "does not exist"),
+        (["download", str(tmp_path / "empty.txt"), out], "holds no URLs"),
+        (["download", str(tmp_path / "cols.csv"), out], "no URL column found (columns: link, alt)"),
+        (["download", str(tmp_path / "cols.csv"), out, "--url-col", "link", "--caption-col", "title"], "no caption column 'title'"),
+        (["download", str(tmp_path / "bad.parquet"), out], "not a readable parquet file"),
+        (["download", str(tmp_path / "urls.txt"), str(tmp_path / "a-file")], "exists and is a file"),
+        (["download", str(tmp_path / "urls.txt"), str(tmp_path / "foreign")], "not empty and holds no lenscap download"),
+        (["download", str(tmp_path / "urls.txt"), out, "--samples-per-shard", "0"], "--samples-per-shard must be at least 1"),
+        (["download", str(tmp_path / "urls.txt"), out, "--resize-mode", "stretch"], "--resize-mode must be one of"),
+        (["download", str(tmp_path / "urls.txt"), out, "--timeout", "soon"], "Invalid value for '--timeout'"),
+        (["download", str(tmp_path / "urls.txt"), out, "--no-such-flag"], "No such option"),
+        (["download", str(tmp_path / "urls.txt")], "expected INPUT and OUT_DIR"),
+        (["download", "--retry-failed", str(tmp_path / "fresh")], "holds no download to resume"),
+        (["inspect", str(tmp_path / "nope")], "does not exist"),
+    ]
+    for args, message in cases:
+        res = run_cli(*args)
+        assert res.returncode == 2, (args, res.returncode, res.stderr)
+        assert message in _one_error_line(res), (args, res.stderr)
+
+
+def test_rerun_with_other_output_options_is_refused(tmp_path):
+    (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
+    out = str(tmp_path / "out")
+    assert run_cli("download", str(tmp_path / "urls.txt"), out, "--timeout", "1", "--retries", "0", "--quiet").returncode == 0
+    res = run_cli("download", str(tmp_path / "urls.txt"), out, "--image-size", "512")
+    assert res.returncode == 2
+    assert "other values of --image-size" in _one_error_line(res)

@@ -1,0 +1,83 @@
+"""SIGKILL a running download at an arbitrary point; the rerun finishes it with the same result."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+from lenscap.dataset import Dataset
+from lenscap.demo.images import jpeg_bytes, scene
+from lenscap.demo.server import ImageServer, Route
+from lenscap.stages.download import DownloadOptions, download
+
+ARGS = ["--samples-per-shard", "10", "--processes", "1", "--threads", "2", "--quiet"]
+
+
+def _shard_contents(ds: Dataset) -> dict[int, tuple[list[dict], dict[str, bytes]]]:
+    out = {}
+    for shard_id in ds.completed_ids():
+        with tarfile.open(ds.tar_path(shard_id)) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+        out[shard_id] = (ds.read_table(shard_id).to_pylist(), members)
+    return out
+
+
+def _hooks_processes_for(out: Path) -> list[int]:
+    """PIDs of img2dataset subprocesses still working on ``out``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "_img2dataset_hooks" in cmd and str(out) in cmd:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
+    routes = {f"/i/{i}.jpg": Route(jpeg_bytes(scene(i, (64, 48))), delay_s=0.03) for i in range(200)}
+    routes["/i/404.jpg"] = Route(b"no", "text/plain", 404)
+    with ImageServer(routes) as server:
+        urls = [server.url(p) for p in routes]
+        (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+
+        reference = tmp_path / "reference"
+        opts = DownloadOptions(samples_per_shard=10, processes=1, threads=2)
+        assert download(str(tmp_path / "urls.txt"), reference, opts).exit_code == 0
+        hits_after_reference = dict(server.hits)
+
+        out = tmp_path / "killed"
+        cmd = [sys.executable, "-m", "lenscap.cli", "download", str(tmp_path / "urls.txt"), str(out), *ARGS]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob("*_stats.json"))) < 4:
+            time.sleep(0.02)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        done_at_kill = Dataset(out).completed_ids()
+        assert 4 <= len(done_at_kill) < 21, "killed mid-way"
+
+        # img2dataset and its workers die with lenscap: nothing keeps writing behind a rerun's back.
+        deadline = time.monotonic() + 20
+        while _hooks_processes_for(out) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _hooks_processes_for(out) == []
+
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+
+    assert _shard_contents(Dataset(out)) == _shard_contents(Dataset(reference))
+    # Shards complete before the kill were not downloaded again.
+    for shard_id in done_at_kill:
+        for i in range(10):
+            url_path = list(routes)[shard_id * 10 + i]
+            assert server.hits[url_path] - hits_after_reference[url_path] == 1, url_path
+    manifest = Dataset(out).read_manifest()
+    assert manifest["complete"] and manifest["counts"]["samples"] == 201
