@@ -1,9 +1,29 @@
 """lenscap: captioned, filtered, deduplicated, training-ready image-text datasets from URL lists."""
 
+from __future__ import annotations
+
+from typing import Any
+
 __version__ = "0.1.0"
 
-from lenscap.dataset import Dataset  # noqa: E402
-from lenscap.errors import DatasetError, InputError, LenscapError, ShardError, UsageError  # noqa: E402
-from lenscap.record import Sample  # noqa: E402
+# Resolved on first use: img2dataset's worker processes import lenscap's hooks module, and should
+# not pay for pyarrow and the rest of the library on every spawn.
+_EXPORTS = {
+    "Dataset": "lenscap.dataset",
+    "Sample": "lenscap.record",
+    "LenscapError": "lenscap.errors",
+    "UsageError": "lenscap.errors",
+    "InputError": "lenscap.errors",
+    "DatasetError": "lenscap.errors",
+    "ShardError": "lenscap.errors",
+}
 
-__all__ = ["Dataset", "Sample", "LenscapError", "UsageError", "InputError", "DatasetError", "ShardError", "__version__"]
+__all__ = [*_EXPORTS, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'lenscap' has no attribute {name!r}")
