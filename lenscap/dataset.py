@@ -63,13 +63,14 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False, default=str).encode() + b"\n")
 
 
-def shard_stats(shard_id: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The ``_stats.json`` content for a shard with these rows: counts per status and per error."""
-    status = Counter(str(r.get("status")) for r in rows)
-    errors = Counter(r["error_message"] for r in rows if r.get("error_message"))
+def shard_stats(shard_id: int, table: pa.Table) -> dict[str, Any]:
+    """The ``_stats.json`` content for a shard holding ``table``: counts per status and per error."""
+    names = table.column_names
+    status = Counter(str(s) for s in table.column("status").to_pylist()) if "status" in names else Counter()
+    errors = Counter(e for e in table.column("error_message").to_pylist() if e) if "error_message" in names else Counter()
     return {
         "shard": shard_name(shard_id),
-        "count": len(rows),
+        "count": table.num_rows,
         "successes": status.get("success", 0),
         "status": dict(sorted(status.items())),
         "errors": dict(errors.most_common(20)),
@@ -337,8 +338,9 @@ class ShardWriter:
 
     def commit(self, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
         self._tar.close()
-        pq.write_table(_rows_to_table(self.rows, self.schema), self._parquet_tmp)
-        stats = shard_stats(self.shard_id, self.rows) | (extra_stats or {})
+        table = _rows_to_table(self.rows, self.schema)
+        pq.write_table(table, self._parquet_tmp)
+        stats = shard_stats(self.shard_id, table) | (extra_stats or {})
         d = self.dataset
         d.commit(
             self.shard_id,

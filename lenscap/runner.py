@@ -60,6 +60,13 @@ def run_stage(
     dst.recover()
     shards = src.completed_ids()
     todo = [i for i in shards if not dst.is_complete(i)]
+    history = (src.read_manifest() or {}).get("history", [])
+
+    def write_manifest() -> dict[str, Any]:
+        return dst.write_manifest(stage.name, stage.parameters(), str(src.path), expected_shards=len(shards),
+                                  history=history)
+
+    write_manifest()  # from the start, so the output can be inspected while the stage runs
     progress = progress or make_progress(stage.name)
     progress.start(len(shards), len(shards) - len(todo))
     failed: dict[int, str] = {}
@@ -88,7 +95,6 @@ def run_stage(
     progress.finish()
     for shard_id, message in failed.items():
         progress.note(f"{stage.name}: shard {shard_name(shard_id)} failed: {message}")
-    history = (src.read_manifest() or {}).get("history", [])
-    manifest = dst.write_manifest(stage.name, stage.parameters(), str(src.path), expected_shards=len(shards), history=history)
+    manifest = write_manifest()
     return StageResult(str(dst.path), len(shards), manifest["shards"]["completed"], manifest["counts"]["samples"],
                        manifest["counts"]["status"], failed)

@@ -172,12 +172,17 @@ def test_input_formats_and_stdin(tmp_path, image_server, fmt):
     else:
         src = tmp_path / f"urls.{fmt}"
         if fmt == "jsonl":
-            src.write_text("".join(json.dumps({"url": u, "alt": f"alt {i}"}) + "\n" for i, u in enumerate(urls)))
+            # An extra column whose values disagree on a type, as JSON lines often do: kept, as text.
+            scores = [1, "high", {"k": 2}]
+            src.write_text("".join(json.dumps({"url": u, "alt": f"alt {i}", "score": scores[i]}) + "\n"
+                                   for i, u in enumerate(urls)))
+            extra = ["--extra-cols", "score"]
         elif fmt == "parquet":
             pq.write_table(pa.table({"image_url": urls, "alt": [f"alt {i}" for i in range(3)]}), src)
         else:
             src.write_text("URL\tTEXT\n" + "".join(f"{u}\talt {i}\n" for i, u in enumerate(urls)))
-        res = run_cli("download", str(src), str(tmp_path / "out"), "--processes", "1", "--json")
+        res = run_cli("download", str(src), str(tmp_path / "out"), "--processes", "1", "--json",
+                      *(extra if fmt == "jsonl" else []))
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["status"] == {"success": 3} and summary["shards_completed"] == 1
@@ -185,6 +190,8 @@ def test_input_formats_and_stdin(tmp_path, image_server, fmt):
     assert sorted(r["url"] for r in rows) == sorted(urls)
     if fmt != "txt":
         assert sorted(r["caption"] for r in rows) == ["alt 0", "alt 1", "alt 2"]
+    if fmt == "jsonl":
+        assert sorted(r["score"] for r in rows) == sorted(["1", "high", '{"k": 2}'])
 
 
 def _one_error_line(res) -> str:
@@ -233,3 +240,33 @@ def test_rerun_with_other_output_options_is_refused(tmp_path):
     res = run_cli("download", str(tmp_path / "urls.txt"), out, "--image-size", "512")
     assert res.returncode == 2
     assert "other values of --image-size" in _one_error_line(res)
+
+
+def test_adopt_accounts_for_rows_img2dataset_lost(tmp_path):
+    """img2dataset drops a sample when its worker hits an unexpected error; lenscap gives it a status."""
+    import pyarrow as pa
+
+    from lenscap.stages.download import LOST_SAMPLE_MESSAGE, _adopt, _Job
+
+    out = Dataset.create(tmp_path / "out")
+    job = _Job(out)
+    job.input_dir.mkdir(parents=True)
+    job.staging.mkdir(parents=True)
+    pq.write_table(pa.table({"url": ["http://h/a.jpg", "http://h/b.jpg", " "], "caption": ["a", "b", "c"]}),
+                   job.input_dir / "00001.parquet")
+    # img2dataset's output for shard 1 (keys 1*10+i): row 1 missing, rows out of order, empty URL failed.
+    staged = [
+        {"caption": "c", "url": " ", "key": "000012", "status": "failed_to_download", "error_message": "unknown url type: ' '"},
+        {"caption": "a", "url": "http://h/a.jpg", "key": "000010", "status": "success", "error_message": None},
+    ]
+    pq.write_table(pa.Table.from_pylist(staged), job.staging / "00001.parquet")
+    with tarfile.open(job.staging / "00001.tar", "w"):
+        pass
+    stats = _adopt(job, 1, samples_per_shard=3)
+    rows = out.read_table(1).to_pylist()
+    assert [r["key"] for r in rows] == ["000010", "000011", "000012"]
+    assert rows[1] == {"caption": "b", "url": "http://h/b.jpg", "key": "000011", "status": "failed_to_download",
+                       "error_message": LOST_SAMPLE_MESSAGE}
+    assert rows[2]["error_message"] == "empty URL"
+    assert stats["lost_by_img2dataset"] == 1 and stats["count"] == 3 and out.is_complete(1)
+    assert not (job.staging / "00001.parquet").exists() and out.tar_path(1).exists()

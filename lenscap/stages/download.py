@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lenscap.dataset import Dataset, atomic_write_json, shard_name, shard_stats
@@ -214,15 +215,10 @@ def _split_input(job: _Job, spec: InputSpec, samples_per_shard: int) -> dict[str
     job.input_dir.mkdir(parents=True)
     pending: list[dict[str, Any]] = []
     shards = samples = 0
-    schema: pa.Schema | None = None
 
     def flush(rows: list[dict[str, Any]]) -> None:
-        nonlocal shards, schema
-        table = pa.Table.from_pylist(rows)
-        if schema is None:
-            schema = table.schema.set(table.schema.get_field_index("url"), pa.field("url", pa.string())).set(
-                table.schema.get_field_index("caption"), pa.field("caption", pa.string()))
-        pq.write_table(table.cast(schema), job.input_dir / f"{shard_name(shards)}.parquet")
+        nonlocal shards
+        pq.write_table(_input_table(rows), job.input_dir / f"{shard_name(shards)}.parquet")
         shards += 1
 
     for batch in read_url_batches(spec):
@@ -238,28 +234,50 @@ def _split_input(job: _Job, spec: InputSpec, samples_per_shard: int) -> dict[str
     return ready
 
 
+def _input_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """One shard of input rows as a table: url and caption as text, every column with a usable type.
+
+    A column whose values disagree on a type (JSON lines often do) is kept as text rather than
+    refused; a column with no value at all is text too, so it matches the shards where it has some.
+    """
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    arrays = []
+    for name in names:
+        values = [r.get(name) for r in rows]
+        try:
+            array = pa.array(values, type=pa.string() if name in ("url", "caption") else None)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            array = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v, default=str) for v in values])
+        if pa.types.is_null(array.type):
+            array = array.cast(pa.string())
+        arrays.append(array)
+    return pa.Table.from_arrays(arrays, names=names)
+
+
 def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
     """Move one finished img2dataset shard into the output, every input row accounted for."""
     name = shard_name(shard_id)
     staged_parquet = job.staging / f"{name}.parquet"
+    input_parquet = job.input_dir / f"{name}.parquet"
     table = pq.read_table(staged_parquet)
-    inputs = pq.read_table(job.input_dir / f"{name}.parquet")
-    rows = {r["key"]: r for r in table.to_pylist()}
-    columns = table.column_names
-    lost = 0
-    for index, row in enumerate(inputs.to_pylist()):
-        key = sample_key(shard_id, index, samples_per_shard)
-        if key not in rows:
-            lost += 1
-            rows[key] = {c: None for c in columns} | row | {
-                "key": key, "status": "failed_to_download", "error_message": LOST_SAMPLE_MESSAGE}
-    ordered = [rows[k] for k in sorted(rows, key=int)]
-    for row in ordered:
-        if not (row.get("url") or "").strip() and row["status"] != "success":
-            row["error_message"] = "empty URL"
+    lost = pq.read_metadata(input_parquet).num_rows - table.num_rows
+    if lost:
+        present = set(table.column("key").to_pylist())
+        missing = [
+            {c: None for c in table.column_names} | row | {"key": key, "status": "failed_to_download", "error_message": LOST_SAMPLE_MESSAGE}
+            for index, row in enumerate(pq.read_table(input_parquet).to_pylist())
+            if (key := sample_key(shard_id, index, samples_per_shard)) not in present
+        ]
+        table = pa.concat_tables([table, pa.Table.from_pylist(missing, schema=table.schema)])
+    url_empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(table.column("url"), ""))), 0)
+    if pc.any(url_empty).as_py():
+        failed_empty = pc.and_(url_empty, pc.not_equal(table.column("status"), "success"))
+        i = table.column_names.index("error_message")
+        table = table.set_column(i, "error_message", pc.if_else(failed_empty, "empty URL", table.column(i)))
+    table = table.sort_by("key")  # keys share one width: text order is numeric order
     tmp = job.out.tmp_path(shard_id, "parquet")
-    pq.write_table(pa.Table.from_pylist(ordered, schema=table.schema), tmp)
-    stats = shard_stats(shard_id, ordered) | {"lost_by_img2dataset": lost}
+    pq.write_table(table, tmp)
+    stats = shard_stats(shard_id, table) | {"lost_by_img2dataset": lost}
     job.out.commit(shard_id, [(job.staging / f"{name}.tar", job.out.tar_path(shard_id)), (tmp, job.out.parquet_path(shard_id))], stats)
     staged_parquet.unlink(missing_ok=True)
     return stats
@@ -328,6 +346,7 @@ def download(
             done.add(shard_id)
             progress.advance(shards=1, samples=stats["count"])
 
+    _finish(job, options, source, total, [])  # a manifest from the start: `inspect` works mid-download
     adopt_finished()  # shards staged before a crash
     rc = 0
     if len(done) < total:
@@ -342,6 +361,7 @@ def download(
 
 
 def _finish(job: _Job, options: DownloadOptions, source: str | None, total: int, failed: list[int]) -> DownloadResult:
+    """Write the manifest from the shards on disk and summarise them."""
     recorded = job.read_job() or {}
     params = {**recorded.get("options", {}), "processes": options.processes, "threads": options.threads,
               "timeout": options.timeout, "retries": options.retries}
