@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 from typing import Any
 
 from lenscap.demo.images import html_page, jpeg_bytes, scene, scene_caption, truncated_jpeg
 from lenscap.demo.server import ImageServer, Route
 from lenscap.progress import make_progress
-from lenscap.stages.download import DownloadOptions, DownloadResult, download
+from lenscap.stages.download import DownloadOptions, download
 
 __all__ = ["demo_routes", "run_demo"]
 
@@ -36,18 +37,11 @@ def run_demo(work_dir: str | Path, n_images: int = 100, quiet: bool = False) -> 
                 w.writerow([server.url(f"/img/{i}.jpg"), scene_caption(i)])
             for path in ("/broken/html.jpg", "/broken/truncated.jpg", "/broken/noai.jpg", "/missing.jpg"):
                 w.writerow([server.url(path), "a broken link"])
-        # A fresh URL list each time (the port changes): start the download directory afresh too.
-        result: DownloadResult = download(
+        # The server's port changes from run to run, so the URL list does too: start afresh.
+        shutil.rmtree(work / "download", ignore_errors=True)
+        result = download(
             str(url_list), work / "download",
             DownloadOptions(samples_per_shard=50, processes=2, threads=16, timeout=5),
             make_progress("download", quiet),
-        ) if not (work / "download" / "lenscap.json").exists() else _resume_note(work)
+        )
     return {"work_dir": str(work), "download": str(work / "download"), "result": result}
-
-
-def _resume_note(work: Path) -> DownloadResult:
-    from lenscap.dataset import Dataset
-
-    m = Dataset.open(work / "download").read_manifest() or {}
-    return DownloadResult(str(work / "download"), m["shards"]["expected"], m["shards"]["completed"],
-                          m["counts"]["samples"], m["counts"]["status"])

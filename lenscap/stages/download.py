@@ -16,6 +16,7 @@ fetched again and the successes merged into those shards, atomically.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,10 +24,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -283,14 +285,18 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
     return stats
 
 
-def _staged_done(job: _Job) -> set[int]:
-    if not job.staging.is_dir():
-        return set()
-    return {int(p.name.split("_")[0]) for p in job.staging.glob("*_stats.json")}
+def _staged_done(staging: Path) -> set[int]:
+    """Shards img2dataset has finished in ``staging`` (its own ``_stats.json`` markers)."""
+    return {int(p.name.split("_")[0]) for p in staging.glob("*_stats.json")} if staging.is_dir() else set()
 
 
-def _run_img2dataset(job: _Job, options: DownloadOptions, url_dir: Path, staging: Path, on_poll) -> int:
-    """Run img2dataset in its own process group; call ``on_poll()`` while it works. Returns its exit code."""
+def _run_img2dataset(job: _Job, options: DownloadOptions, url_dir: Path, staging: Path,
+                     on_poll: Callable[[], None], all_done: Callable[[], bool]) -> int:
+    """Run img2dataset in its own process group, calling ``on_poll()`` while it works.
+
+    Returns once ``all_done()``: img2dataset's own wind-down (logger process, temporary files)
+    takes most of a second and produces nothing lenscap keeps, so its process group is ended then.
+    """
     staging.mkdir(parents=True, exist_ok=True)
     config = options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels, "parent_pid": os.getpid()}
     config_path = job.work / "img2dataset-config.json"
@@ -304,23 +310,17 @@ def _run_img2dataset(job: _Job, options: DownloadOptions, url_dir: Path, staging
         try:
             while proc.poll() is None:
                 on_poll()
-                time.sleep(0.2)
-        except BaseException:
-            # Ctrl-C or an error here: take img2dataset and its workers down, keep what is committed.
-            with _suppress():
-                os.killpg(proc.pid, signal.SIGKILL)
+                if all_done():
+                    break
+                time.sleep(0.1)
+        finally:
+            # Done, Ctrl-C or an error here: end img2dataset and its workers; what is committed stays.
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-            raise
     on_poll()
     return proc.returncode
-
-
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return True
 
 
 def download(
@@ -338,7 +338,7 @@ def download(
     progress.start(total, len(done))
 
     def adopt_finished() -> None:
-        for shard_id in sorted(_staged_done(job) - done):
+        for shard_id in sorted(_staged_done(job.staging) - done):
             if shard_id >= total or job.out.is_complete(shard_id):
                 done.add(shard_id)
                 continue
@@ -350,7 +350,7 @@ def download(
     adopt_finished()  # shards staged before a crash
     rc = 0
     if len(done) < total:
-        rc = _run_img2dataset(job, options, job.input_dir, job.staging, adopt_finished)
+        rc = _run_img2dataset(job, options, job.input_dir, job.staging, adopt_finished, lambda: len(done) >= total)
     progress.finish()
     failed = sorted(set(range(total)) - set(job.out.completed_ids()))
     if failed:
@@ -385,7 +385,11 @@ def _retryable(row: dict[str, Any]) -> bool:
 
 def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | None = None,
                  progress: Progress | None = None) -> DownloadResult:
-    """Fetch again the failed downloads of completed shards; merge the successes into those shards."""
+    """Fetch again the failed downloads of completed shards; merge the successes into those shards.
+
+    Each shard with retryable failures becomes one small retry shard, merged back as soon as
+    img2dataset finishes it: memory holds one shard, and a crash loses at most the merge in flight.
+    """
     options = options or DownloadOptions()
     job, options, ready = _prepare(out_dir, None, options)
     total = ready["shards"]
@@ -394,88 +398,65 @@ def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | Non
     url_dir, staging = round_dir / "input", round_dir / "img2dataset"
     progress = progress or make_progress("retry-failed")
     if not (url_dir / "_done.json").exists():
-        # Gather the retryable rows once, remembering where each belongs.
         shutil.rmtree(round_dir, ignore_errors=True)
         url_dir.mkdir(parents=True)
-        rows: list[dict[str, Any]] = []
-        n_files = 0
+        origin: list[int] = []  # retry shard -> the shard its rows came from
         for shard_id in out.completed_ids():
-            table = out.read_table(shard_id)
-            for row in table.to_pylist():
-                if _retryable(row):
-                    rows.append({"url": row["url"], "caption": row.get("caption"),
-                                 **{c: row.get(c) for c in options.extra_cols},
-                                 "lenscap_key": row["key"], "lenscap_shard": shard_id})
-                if len(rows) >= options.samples_per_shard:
-                    pq.write_table(pa.Table.from_pylist(rows), url_dir / f"{shard_name(n_files)}.parquet")
-                    rows, n_files = [], n_files + 1
-        if rows:
-            pq.write_table(pa.Table.from_pylist(rows), url_dir / f"{shard_name(n_files)}.parquet")
-            n_files += 1
-        atomic_write_json(url_dir / "_done.json", {"shards": n_files})
-    n_retry = json.loads((url_dir / "_done.json").read_text())["shards"]
-    progress.start(n_retry)
-    if n_retry:
-        retry_options = DownloadOptions(**{**asdict(options), "extra_cols": [*options.extra_cols, "lenscap_key", "lenscap_shard"]})
-        seen: set[int] = set()
+            rows = [{"url": row["url"], "caption": row.get("caption"), **{c: row.get(c) for c in options.extra_cols},
+                     "lenscap_key": row["key"]}
+                    for row in out.read_table(shard_id).to_pylist() if _retryable(row)]
+            if rows:
+                pq.write_table(_input_table(rows), url_dir / f"{shard_name(len(origin))}.parquet")
+                origin.append(shard_id)
+        atomic_write_json(url_dir / "_done.json", {"shards": len(origin), "origin": origin})
+    origin = json.loads((url_dir / "_done.json").read_text())["origin"]
+    merged: set[int] = set()
+    progress.start(len(origin))
 
-        def count_finished() -> None:
-            new = _staged_done_in(staging) - seen
-            seen.update(new)
-            progress.advance(shards=len(new))
+    def merge_finished() -> None:
+        for rid in sorted(_staged_done(staging) - merged):
+            _merge_retry_shard(out, staging, rid, origin[rid])
+            merged.add(rid)
+            progress.advance(shards=1)
 
-        _run_img2dataset(job, retry_options, url_dir, staging, count_finished)
-        finished = sorted(_staged_done_in(staging))
-        if len(finished) < n_retry:
-            progress.finish()
-            progress.note(f"retry-failed: img2dataset finished {len(finished)} of {n_retry} retry shards; rerun to finish")
-            return _finish(job, options, None, total, [])
-        _merge_retries(out, staging, finished)
+    merge_finished()  # retry shards finished before a crash
+    if len(merged) < len(origin):
+        retry_options = DownloadOptions(**{**asdict(options), "extra_cols": [*options.extra_cols, "lenscap_key"]})
+        _run_img2dataset(job, retry_options, url_dir, staging, merge_finished, lambda: len(merged) >= len(origin))
     progress.finish()
-    shutil.rmtree(round_dir, ignore_errors=True)
+    if len(merged) < len(origin):
+        progress.note(f"retry-failed: {len(origin) - len(merged)} of {len(origin)} retry shards did not finish; rerun to finish them")
+    else:
+        shutil.rmtree(round_dir, ignore_errors=True)
     failed = sorted(set(range(total)) - set(out.completed_ids()))
     return _finish(job, options, None, total, failed)
 
 
-def _staged_done_in(staging: Path) -> set[int]:
-    return {int(p.name.split("_")[0]) for p in staging.glob("*_stats.json")} if staging.is_dir() else set()
-
-
-def _merge_retries(out: Dataset, staging: Path, retry_shards: list[int]) -> None:
-    """Rewrite each original shard whose failed samples now succeeded. Idempotent: safe to rerun."""
-    import tarfile
-
-    by_shard: dict[int, dict[str, tuple[dict[str, Any], bytes | None, int]]] = {}
-    for rid in retry_shards:
-        for row in pq.read_table(staging / f"{shard_name(rid)}.parquet").to_pylist():
-            if row["status"] == "success":
-                by_shard.setdefault(int(row["lenscap_shard"]), {})[row["lenscap_key"]] = (row, None, rid)
-    for shard_id, successes in sorted(by_shard.items()):
-        if not out.is_complete(shard_id):
-            continue
-        # Fetch the new image bytes from the retry tars, one shard's worth in memory at most.
-        wanted_by_tar: dict[int, dict[str, str]] = {}
-        for orig_key, (row, _, rid) in successes.items():
-            wanted_by_tar.setdefault(rid, {})[row["key"]] = orig_key
-        images: dict[str, bytes] = {}
-        for rid, keys in wanted_by_tar.items():
-            with tarfile.open(staging / f"{shard_name(rid)}.tar") as tar:
-                for member in tar:
-                    k, _, ext = member.name.partition(".")
-                    if ext == "jpg" and k in keys:
-                        images[keys[k]] = tar.extractfile(member).read()  # type: ignore[union-attr]
-        schema = pq.read_schema(out.parquet_path(shard_id))
-        writer = out.writer(shard_id, schema)
-        changed = 0
-        for sample in out.iter_samples(shard_id):
-            hit = successes.get(sample.key)
-            if hit is not None and sample.status != "success" and sample.key in images:
-                new_row = {c: hit[0].get(c) for c in schema.names}
-                new_row.update(key=sample.key, url=sample.row["url"], caption=sample.row.get("caption"))
-                sample = Sample(key=sample.key, row=new_row, image=images[sample.key])
-                changed += 1
-            writer.write(sample)
-        if changed:
-            writer.commit({"retried": out.read_stats(shard_id).get("retried", 0) + changed})
-        else:
-            writer.abort()
+def _merge_retry_shard(out: Dataset, staging: Path, retry_id: int, shard_id: int) -> None:
+    """Rewrite shard ``shard_id`` with the successes of retry shard ``retry_id``. Idempotent."""
+    successes = {r["lenscap_key"]: r for r in pq.read_table(staging / f"{shard_name(retry_id)}.parquet").to_pylist()
+                 if r["status"] == "success"}
+    if not successes or not out.is_complete(shard_id):
+        return
+    retry_key_to_key = {r["key"]: key for key, r in successes.items()}
+    images: dict[str, bytes] = {}
+    with tarfile.open(staging / f"{shard_name(retry_id)}.tar") as tar:
+        for member in tar:
+            retry_key, _, ext = member.name.partition(".")
+            if ext == "jpg" and retry_key in retry_key_to_key:
+                images[retry_key_to_key[retry_key]] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    schema = pq.read_schema(out.parquet_path(shard_id))
+    writer = out.writer(shard_id, schema)
+    changed = 0
+    for sample in out.iter_samples(shard_id):
+        retried = successes.get(sample.key)
+        if retried is not None and sample.status != "success" and sample.key in images:
+            row = {c: retried.get(c) for c in schema.names} | {
+                "key": sample.key, "url": sample.row["url"], "caption": sample.row.get("caption")}
+            sample = Sample(key=sample.key, row=row, image=images[sample.key])
+            changed += 1
+        writer.write(sample)
+    if changed:
+        writer.commit({"retried": out.read_stats(shard_id).get("retried", 0) + changed})
+    else:
+        writer.abort()
