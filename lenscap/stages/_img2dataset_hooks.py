@@ -10,8 +10,8 @@ makes every worker import this module, which:
   and decompression bombs get a status naming the problem instead of OpenCV's generic one or an
   out-of-memory kill.
 
-Run as ``python -m lenscap.stages._img2dataset_hooks CONFIG.json``: lenscap's download stage
-starts img2dataset this way, in its own process group with its output sent to a log file.
+Run as ``python -m lenscap.stages._img2dataset_hooks CONFIG.json PARENT_PID``: lenscap's download
+stage starts img2dataset this way, in its own process group with its output sent to a log file.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -120,15 +121,18 @@ def _die_with_parent() -> None:
             pass
 
 
-def main(config_path: str) -> int:
-    config = json.loads(open(config_path).read())
-    max_pixels = int(config.pop("max_pixels"))
-    parent = int(config.pop("parent_pid"))
+def main(config_path: str, parent: int) -> int:
     _die_with_parent()
     # We lead our own process group (start_new_session): take img2dataset's workers down with us.
-    signal.signal(signal.SIGTERM, lambda *_: (os.killpg(0, signal.SIGKILL)))
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        return 3
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    # lenscap starts us before it has split the URL list, so that img2dataset's imports (above,
+    # over a second) overlap that work; the config appears when the input is ready.
+    while not os.path.exists(config_path):
+        if os.getppid() != parent:  # lenscap died before PR_SET_PDEATHSIG took effect
+            return 3
+        time.sleep(0.01)
+    config = json.loads(open(config_path).read())
+    max_pixels = int(config.pop("max_pixels"))
     # OpenCV refuses to allocate for images beyond this, a second line behind check_image_bytes.
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
 
@@ -141,4 +145,4 @@ def main(config_path: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from lenscap.dataset import Dataset, atomic_write_json, shard_name, shard_stats
 from lenscap.errors import DatasetError, UsageError
-from lenscap.inputs import InputSpec, read_url_batches
+from lenscap.inputs import InputSpec, read_url_batches, resolve_input_files
 from lenscap.progress import Progress, make_progress
 from lenscap.record import Sample
 
@@ -171,19 +171,23 @@ class _Job:
         return json.loads(marker.read_text()) if marker.exists() else None
 
 
-def _prepare(out_dir: str | os.PathLike[str], source: str | None,
-             options: DownloadOptions) -> tuple[_Job, DownloadOptions, dict[str, Any]]:
-    """Open (or start) the download in ``out_dir``; returns the job, its options and its input shards."""
-    options.validate()
+def _open_job(out_dir: str | os.PathLike[str], source: str | None) -> _Job:
+    """The download directory ``out_dir``, created if new, after a crash's commits are finished."""
     existing = Path(out_dir)
     recorded = (existing / "_lenscap" / "job.json").exists()
     if source is None and not recorded:
         raise DatasetError(f"{existing} holds no download to resume; give the URL list too")
     if existing.is_dir() and not recorded and any(p.name != "_lenscap" for p in existing.iterdir()):
         raise DatasetError(f"output directory {existing} is not empty and holds no lenscap download")
+    if source is not None and not recorded:
+        resolve_input_files(source)  # a missing input fails before anything is created
     out = Dataset.create(out_dir)
     out.recover()
-    job = _Job(out)
+    return _Job(out)
+
+
+def _prepare(job: _Job, source: str | None, options: DownloadOptions) -> tuple[DownloadOptions, dict[str, Any]]:
+    """Check ``options`` against the recorded job, or record a new one; returns options and input shards."""
     previous = job.read_job()
     if previous is None:
         # job.json is written only once the input has been read whole: a bad first try records nothing.
@@ -191,22 +195,22 @@ def _prepare(out_dir: str | os.PathLike[str], source: str | None,
         ready = _split_input(job, InputSpec(source, options.url_col, options.caption_col, options.extra_cols),
                              options.samples_per_shard)
         atomic_write_json(job.job_file, {"stage": "download", "input": source, "options": options.output_shaping()})
-        return job, options, ready
+        return options, ready
     if source is None:
         # Resuming without the command line (--retry-failed): the recorded options shape the output.
         options = DownloadOptions(**{**asdict(options), **previous["options"]})
         if options.max_aspect_ratio is None:
             options.max_aspect_ratio = math.inf
     elif previous["input"] != source and source != "-":
-        raise DatasetError(f"{out.path} holds a download of {previous['input']!r}, not {source!r}; use a new output directory")
+        raise DatasetError(f"{job.out.path} holds a download of {previous['input']!r}, not {source!r}; use a new output directory")
     diff = [k for k, v in options.output_shaping().items() if previous["options"].get(k) != v]
     if diff:
         flags = ", ".join("--" + k.replace("_", "-") for k in diff)
-        raise DatasetError(f"{out.path} was downloaded with other values of {flags}; rerun with the same values or use a new directory")
+        raise DatasetError(f"{job.out.path} was downloaded with other values of {flags}; rerun with the same values or use a new directory")
     ready = job.input_ready()
     if ready is None:  # cannot happen unless _lenscap/input was deleted by hand
-        raise DatasetError(f"{out.path}: the recorded URL list ({job.input_dir}) is missing; start again in a new directory")
-    return job, options, ready
+        raise DatasetError(f"{job.out.path}: the recorded URL list ({job.input_dir}) is missing; start again in a new directory")
+    return options, ready
 
 
 def _split_input(job: _Job, spec: InputSpec, samples_per_shard: int) -> dict[str, Any]:
@@ -290,37 +294,46 @@ def _staged_done(staging: Path) -> set[int]:
     return {int(p.name.split("_")[0]) for p in staging.glob("*_stats.json")} if staging.is_dir() else set()
 
 
-def _run_img2dataset(job: _Job, options: DownloadOptions, url_dir: Path, staging: Path,
-                     on_poll: Callable[[], None], all_done: Callable[[], bool]) -> int:
-    """Run img2dataset in its own process group, calling ``on_poll()`` while it works.
+class _Img2dataset:
+    """img2dataset in a subprocess of its own process group, tied to this process's life.
 
-    Returns once ``all_done()``: img2dataset's own wind-down (logger process, temporary files)
-    takes most of a second and produces nothing lenscap keeps, so its process group is ended then.
+    Started early, it imports img2dataset (over a second) while lenscap reads the URL list;
+    ``run`` hands it its config and waits, calling ``on_poll()`` meanwhile, until ``all_done()``.
+    img2dataset's own wind-down (logger process, temporary files) takes most of a second and makes
+    nothing lenscap keeps, so its process group is ended then rather than waited for.
     """
-    staging.mkdir(parents=True, exist_ok=True)
-    config = options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels, "parent_pid": os.getpid()}
-    config_path = job.work / "img2dataset-config.json"
-    atomic_write_json(config_path, config)
-    env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-    with open(job.log_file, "ab") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lenscap.stages._img2dataset_hooks", str(config_path)],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-        )
+
+    def __init__(self, job: _Job) -> None:
+        self.config_path = job.work / "img2dataset-config.json"
+        self.config_path.unlink(missing_ok=True)
+        env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+        with open(job.log_file, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lenscap.stages._img2dataset_hooks", str(self.config_path), str(os.getpid())],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            )
+
+    def run(self, options: DownloadOptions, url_dir: Path, staging: Path,
+            on_poll: Callable[[], None], all_done: Callable[[], bool]) -> int:
+        staging.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.config_path, options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels})
         try:
-            while proc.poll() is None:
+            while self.proc.poll() is None:
                 on_poll()
                 if all_done():
                     break
                 time.sleep(0.1)
         finally:
-            # Done, Ctrl-C or an error here: end img2dataset and its workers; what is committed stays.
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    on_poll()
-    return proc.returncode
+            self.stop()
+        on_poll()
+        return self.proc.returncode
+
+    def stop(self) -> None:
+        """End img2dataset and its workers (done, Ctrl-C or an error); what is committed stays."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
 
 
 def download(
@@ -331,26 +344,34 @@ def download(
 ) -> DownloadResult:
     """Download ``source`` (a URL list, or None to resume) into the dataset directory ``out_dir``."""
     options = options or DownloadOptions()
-    job, options, ready = _prepare(out_dir, source, options)
-    total = ready["shards"]
-    progress = progress or make_progress("download")
-    done = set(job.out.completed_ids())
-    progress.start(total, len(done))
+    options.validate()
+    job = _open_job(out_dir, source)
+    unfinished = job.input_ready() is None or len(job.out.completed_ids()) < job.input_ready()["shards"]
+    img2dataset = _Img2dataset(job) if unfinished else None
+    try:
+        options, ready = _prepare(job, source, options)
+        total = ready["shards"]
+        progress = progress or make_progress("download")
+        done = set(job.out.completed_ids())
+        progress.start(total, len(done))
 
-    def adopt_finished() -> None:
-        for shard_id in sorted(_staged_done(job.staging) - done):
-            if shard_id >= total or job.out.is_complete(shard_id):
+        def adopt_finished() -> None:
+            for shard_id in sorted(_staged_done(job.staging) - done):
+                if shard_id >= total or job.out.is_complete(shard_id):
+                    done.add(shard_id)
+                    continue
+                stats = _adopt(job, shard_id, options.samples_per_shard)
                 done.add(shard_id)
-                continue
-            stats = _adopt(job, shard_id, options.samples_per_shard)
-            done.add(shard_id)
-            progress.advance(shards=1, samples=stats["count"])
+                progress.advance(shards=1, samples=stats["count"])
 
-    _finish(job, options, source, total, [])  # a manifest from the start: `inspect` works mid-download
-    adopt_finished()  # shards staged before a crash
-    rc = 0
-    if len(done) < total:
-        rc = _run_img2dataset(job, options, job.input_dir, job.staging, adopt_finished, lambda: len(done) >= total)
+        _finish(job, options, source, total, [])  # a manifest from the start: `inspect` works mid-download
+        adopt_finished()  # shards staged before a crash
+        rc = 0
+        if len(done) < total and img2dataset is not None:
+            rc = img2dataset.run(options, job.input_dir, job.staging, adopt_finished, lambda: len(done) >= total)
+    finally:
+        if img2dataset is not None:
+            img2dataset.stop()
     progress.finish()
     failed = sorted(set(range(total)) - set(job.out.completed_ids()))
     if failed:
@@ -391,7 +412,9 @@ def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | Non
     img2dataset finishes it: memory holds one shard, and a crash loses at most the merge in flight.
     """
     options = options or DownloadOptions()
-    job, options, ready = _prepare(out_dir, None, options)
+    options.validate()
+    job = _open_job(out_dir, None)
+    options, ready = _prepare(job, None, options)
     total = ready["shards"]
     out = job.out
     round_dir = job.work / "retry"
@@ -422,7 +445,7 @@ def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | Non
     merge_finished()  # retry shards finished before a crash
     if len(merged) < len(origin):
         retry_options = DownloadOptions(**{**asdict(options), "extra_cols": [*options.extra_cols, "lenscap_key"]})
-        _run_img2dataset(job, retry_options, url_dir, staging, merge_finished, lambda: len(merged) >= len(origin))
+        _Img2dataset(job).run(retry_options, url_dir, staging, merge_finished, lambda: len(merged) >= len(origin))
     progress.finish()
     if len(merged) < len(origin):
         progress.note(f"retry-failed: {len(origin) - len(merged)} of {len(origin)} retry shards did not finish; rerun to finish them")
