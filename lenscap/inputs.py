@@ -1,7 +1,8 @@
 """Reading URL lists: txt, csv, tsv, jsonl and parquet files, directories or globs of them, or stdin.
 
-Everything is streamed in record batches and cut into per-shard parquet files, so memory holds one
-shard whatever the size of the list.
+Everything is streamed as Arrow tables of at most ``batch_rows`` rows with the columns ``url``,
+``caption`` and any extra columns asked for. txt, csv, tsv and parquet never become Python objects
+row by row: at 800M rows that alone would cost a quarter of an hour.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from lenscap.errors import InputError
 
-__all__ = ["InputSpec", "resolve_input_files", "read_url_batches", "SUPPORTED_SUFFIXES"]
+__all__ = ["InputSpec", "resolve_input_files", "read_url_tables", "rows_to_table", "SUPPORTED_SUFFIXES"]
 
 SUPPORTED_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 URL_COLUMN_GUESSES = ("url", "URL", "image_url", "img_url")
@@ -36,6 +38,10 @@ RESERVED_COLUMNS = frozenset(
 )
 _BATCH_ROWS = 8192
 _JSONL_SCHEMA_RECORDS = 1000
+# A txt URL list is read as a one-column csv: this separator never occurs in a URL.
+_NO_DELIMITER = "\x1f"
+# Whitespace, plus the byte-order mark some editors put at the start of a file.
+_TRIM = " \t\r\n\ufeff"
 
 
 @dataclass
@@ -81,49 +87,83 @@ def resolve_input_files(source: str) -> list[str]:
     return [source]
 
 
+def rows_to_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Rows to a table whatever their values: url and caption as text, every column with a usable type.
+
+    A column whose values disagree on a type (JSON lines often do) is kept as text rather than
+    refused; a column with no value at all is text too, so it matches the batches where it has some.
+    """
+    names = list(dict.fromkeys(k for r in rows for k in r))
+    arrays = []
+    for name in names:
+        values = [r.get(name) for r in rows]
+        try:
+            array = pa.array(values, type=pa.string() if name in ("url", "caption") else None)
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            array = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v, default=str) for v in values])
+        arrays.append(array)
+    return _text_for_null(pa.Table.from_arrays(arrays, names=names))
+
+
+def _text_for_null(table: pa.Table) -> pa.Table:
+    for i, f in enumerate(table.schema):
+        if pa.types.is_null(f.type):
+            table = table.set_column(i, f.name, table.column(i).cast(pa.string()))
+    return table
+
+
 def _open_text(path: str) -> IO[str]:
-    if path == "-":
-        return io.TextIOWrapper(sys.stdin.buffer, encoding="utf-8", errors="replace")
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
     # utf-8-sig: spreadsheet programs start their csv files with a byte-order mark.
     return open(path, encoding="utf-8-sig", errors="replace")
 
 
-def _batches_txt(path: str) -> Iterator[tuple[list[str], Iterator[dict[str, Any]]]]:
-    def rows() -> Iterator[dict[str, Any]]:
-        with _open_text(path) as f:
-            for line in f:
-                url = line.strip()
-                if url and not url.startswith("#"):
-                    yield {"url": url}
-
-    yield ["url"], rows()
+def _csv_batches(path: str, reader_source: Any, **options: Any) -> Iterator[pa.RecordBatch]:
+    try:
+        yield from pacsv.open_csv(reader_source, **options)
+    except pa.ArrowInvalid as e:
+        if "Empty CSV file" in str(e):
+            return
+        raise InputError(f"{path}: cannot parse: {e}") from None
 
 
-def _batches_csv(path: str, delimiter: str) -> Iterator[tuple[list[str], Iterator[dict[str, Any]]]]:
+def _txt(path: str) -> tuple[list[str], Iterator[pa.Table]]:
+    source = sys.stdin.buffer if path == "-" else path
+
+    def tables() -> Iterator[pa.Table]:
+        for batch in _csv_batches(
+            path, source,
+            read_options=pacsv.ReadOptions(column_names=["url"]),
+            parse_options=pacsv.ParseOptions(delimiter=_NO_DELIMITER, quote_char=False, double_quote=False),
+            convert_options=pacsv.ConvertOptions(column_types={"url": pa.string()}, strings_can_be_null=False),
+        ):
+            url = pc.utf8_trim(batch.column(0), characters=_TRIM)
+            keep = pc.and_(pc.not_equal(url, ""), pc.invert(pc.starts_with(url, "#")))
+            yield pa.table({"url": url}).filter(keep)
+
+    return ["url"], tables()
+
+
+def _delimited(path: str, delimiter: str) -> tuple[list[str], Iterator[pa.Table]]:
     with _open_text(path) as f:
         header = next(csv.reader(f, delimiter=delimiter), None)
     if not header:
-        raise InputError(f"{path}: empty file (a {('tsv' if delimiter == chr(9) else 'csv')} needs a header row)")
+        raise InputError(f"{path}: empty file (a {'tsv' if delimiter == chr(9) else 'csv'} needs a header row)")
 
-    def rows() -> Iterator[dict[str, Any]]:
-        try:
-            # Every column as text: type inference per block would disagree between blocks.
-            reader = pacsv.open_csv(
-                path if path != "-" else sys.stdin.buffer,
-                parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header}),
-            )
-            for batch in reader:
-                yield from batch.to_pylist()
-        except pa.ArrowException as e:
-            raise InputError(f"{path}: cannot parse: {e}") from None
+    def tables() -> Iterator[pa.Table]:
+        # Every column as text: type inference per block would disagree between blocks.
+        for batch in _csv_batches(
+            path, path,
+            parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header}),
+        ):
+            yield pa.Table.from_batches([batch])
 
-    yield header, rows()
+    return header, tables()
 
 
-def _batches_jsonl(path: str) -> Iterator[tuple[list[str], Iterator[dict[str, Any]]]]:
+def _jsonl(path: str) -> tuple[list[str], Iterator[pa.Table]]:
     # JSON lines have no header: the columns are the keys seen in the first records (writers often
     # leave out null fields, so one record is not enough).
     f = _open_text(path)
@@ -139,18 +179,23 @@ def _batches_jsonl(path: str) -> Iterator[tuple[list[str], Iterator[dict[str, An
         f.close()
         raise InputError(f"{path}: no records")
 
-    def rows() -> Iterator[dict[str, Any]]:
+    def tables() -> Iterator[pa.Table]:
         n = lineno
+        batch = head
         try:
-            yield from head
             for line in f:
                 n += 1
                 if line.strip():
-                    yield _parse_json_line(path, n, line)
+                    batch.append(_parse_json_line(path, n, line))
+                    if len(batch) >= _BATCH_ROWS:
+                        yield rows_to_table(batch)
+                        batch = []
+            if batch:
+                yield rows_to_table(batch)
         finally:
             f.close()
 
-    yield list(dict.fromkeys(k for record in head for k in record)), rows()
+    return list(dict.fromkeys(k for record in head for k in record)), tables()
 
 
 def _parse_json_line(path: str, lineno: int, line: str) -> dict[str, Any]:
@@ -163,22 +208,21 @@ def _parse_json_line(path: str, lineno: int, line: str) -> dict[str, Any]:
     return obj
 
 
-def _batches_parquet(path: str, columns: list[str] | None) -> Iterator[tuple[list[str], Iterator[dict[str, Any]]]]:
+def _parquet(path: str) -> tuple[list[str], Iterator[pa.Table]]:
     try:
         pf = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"{path}: not a readable parquet file ({e})") from None
     names = pf.schema_arrow.names
 
-    def rows() -> Iterator[dict[str, Any]]:
-        wanted = [c for c in (columns or names) if c in names]
+    def tables() -> Iterator[pa.Table]:
         try:
-            for batch in pf.iter_batches(batch_size=_BATCH_ROWS, columns=wanted):
-                yield from batch.to_pylist()
+            for batch in pf.iter_batches(batch_size=_BATCH_ROWS):
+                yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
             raise InputError(f"{path}: cannot read ({e})") from None
 
-    yield names, rows()
+    return names, tables()
 
 
 def _pick(columns: list[str], explicit: str | None, guesses: tuple[str, ...], what: str, path: str) -> str | None:
@@ -189,47 +233,60 @@ def _pick(columns: list[str], explicit: str | None, guesses: tuple[str, ...], wh
     return next((c for c in guesses if c in columns), None)
 
 
-def read_url_batches(spec: InputSpec, batch_rows: int = _BATCH_ROWS) -> Iterator[list[dict[str, Any]]]:
-    """Rows ``{"url", "caption", *extra_cols}`` in input order, in lists of at most ``batch_rows``."""
+def _as_text(column: pa.ChunkedArray | pa.Array, name: str, path: str) -> pa.ChunkedArray | pa.Array:
+    if pa.types.is_string(column.type):
+        return column
+    try:
+        return column.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise InputError(f"{path}: column {name!r} is {column.type}, not text") from None
+
+
+def _normalise(table: pa.Table, url_col: str, caption_col: str | None, extras: list[str], path: str) -> pa.Table:
+    def column(name: str | None) -> pa.ChunkedArray | pa.Array:
+        # A JSON-lines batch may lack a key altogether: its values are null.
+        if name is None or name not in table.column_names:
+            return pa.nulls(table.num_rows, pa.string())
+        return table.column(name)
+
+    columns = {
+        "url": pc.utf8_trim(_as_text(column(url_col), url_col, path), characters=_TRIM),
+        "caption": _as_text(column(caption_col), str(caption_col), path),
+    }
+    for extra in extras:
+        columns[extra] = column(extra)
+    return _text_for_null(pa.table(columns))
+
+
+def read_url_tables(spec: InputSpec, batch_rows: int = _BATCH_ROWS) -> Iterator[pa.Table]:
+    """Tables with the columns url, caption and ``spec.extra_cols``, in input order, of at most ``batch_rows`` rows."""
     bad_extras = sorted(set(spec.extra_cols) & RESERVED_COLUMNS)
     if bad_extras:
         raise InputError(f"--extra-cols cannot include {', '.join(bad_extras)}: lenscap writes those columns itself")
     total = 0
-    batch: list[dict[str, Any]] = []
     for path in resolve_input_files(spec.source):
         fmt = "txt" if path == "-" else _format_of(path)
         if fmt == "txt":
             if spec.caption_col or spec.extra_cols or spec.url_col not in (None, "url"):
                 raise InputError(f"{path}: a .txt URL list has no columns; use csv, tsv, jsonl or parquet for captions and extra columns")
-            sources = _batches_txt(path)
+            columns, tables = _txt(path)
         elif fmt in ("csv", "tsv"):
-            sources = _batches_csv(path, "," if fmt == "csv" else "\t")
+            columns, tables = _delimited(path, "," if fmt == "csv" else "\t")
         elif fmt == "jsonl":
-            sources = _batches_jsonl(path)
+            columns, tables = _jsonl(path)
         else:
-            wanted = [c for c in (spec.url_col, spec.caption_col, *spec.extra_cols) if c]
-            sources = _batches_parquet(path, (wanted + list(URL_COLUMN_GUESSES + CAPTION_COLUMN_GUESSES)) if wanted else None)
-        for columns, rows in sources:
-            url_col = _pick(columns, spec.url_col, URL_COLUMN_GUESSES, "URL", path)
-            if url_col is None:
-                raise InputError(f"{path}: no URL column found (columns: {', '.join(columns)}); name it with --url-col")
-            caption_col = _pick(columns, spec.caption_col, CAPTION_COLUMN_GUESSES, "caption", path)
-            for extra in spec.extra_cols:
-                _pick(columns, extra, (), "extra", path)
-            for row in rows:
-                url = row.get(url_col)
-                caption = row.get(caption_col) if caption_col else None
-                out = {"url": None if url is None else str(url).strip(),
-                       "caption": None if caption is None else str(caption)}
-                for extra in spec.extra_cols:
-                    out[extra] = row.get(extra)
-                batch.append(out)
-                if len(batch) >= batch_rows:
-                    total += len(batch)
-                    yield batch
-                    batch = []
-    if batch:
-        total += len(batch)
-        yield batch
+            columns, tables = _parquet(path)
+        url_col = _pick(columns, spec.url_col, URL_COLUMN_GUESSES, "URL", path)
+        if url_col is None:
+            raise InputError(f"{path}: no URL column found (columns: {', '.join(columns)}); name it with --url-col")
+        caption_col = _pick(columns, spec.caption_col, CAPTION_COLUMN_GUESSES, "caption", path)
+        for extra in spec.extra_cols:
+            _pick(columns, extra, (), "extra", path)
+        for table in tables:
+            table = _normalise(table, url_col, caption_col, spec.extra_cols, path)
+            for offset in range(0, table.num_rows, batch_rows):
+                part = table.slice(offset, batch_rows)
+                total += part.num_rows
+                yield part
     if total == 0:
         raise InputError(f"{spec.source}: the input holds no URLs")

@@ -270,3 +270,19 @@ def test_adopt_accounts_for_rows_img2dataset_lost(tmp_path):
     assert rows[2]["error_message"] == "empty URL"
     assert stats["lost_by_img2dataset"] == 1 and stats["count"] == 3 and out.is_complete(1)
     assert not (job.staging / "00001.parquet").exists() and out.tar_path(1).exists()
+
+
+def test_input_is_cut_into_shards_across_files_in_order(tmp_path):
+    from lenscap.inputs import InputSpec
+    from lenscap.stages.download import _Job, _split_input
+
+    d = tmp_path / "lists"
+    d.mkdir()
+    (d / "a.txt").write_text("".join(f"http://a/{i}.jpg\n" for i in range(3)))
+    (d / "b.csv").write_text("url,caption\n" + "".join(f"http://b/{i}.jpg,cap {i}\n" for i in range(6)))
+    job = _Job(Dataset.create(tmp_path / "out"))
+    assert _split_input(job, InputSpec(str(d)), samples_per_shard=4) == {"shards": 3, "samples": 9}
+    shards = [pq.read_table(job.input_dir / f"0000{i}.parquet").to_pylist() for i in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 1]
+    assert [r["url"] for s in shards for r in s] == [f"http://a/{i}.jpg" for i in range(3)] + [f"http://b/{i}.jpg" for i in range(6)]
+    assert shards[0][2]["caption"] is None and shards[0][3]["caption"] == "cap 0"

@@ -12,12 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from lenscap.errors import InputError, UsageError
-from lenscap.inputs import InputSpec, read_url_batches, resolve_input_files
+from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files
 
 
 def rows(source, **kw) -> list[dict]:
     batch_rows = kw.pop("batch_rows", 8192)
-    return [r for batch in read_url_batches(InputSpec(str(source), **kw), batch_rows=batch_rows) for r in batch]
+    return [r for batch in batches(InputSpec(str(source), **kw), batch_rows=batch_rows) for r in batch]
+
+
+def batches(spec: InputSpec, batch_rows: int = 8192) -> list[list[dict]]:
+    return [t.to_pylist() for t in read_url_tables(spec, batch_rows=batch_rows)]
 
 
 def urls(source, **kw) -> list[str]:
@@ -211,26 +215,27 @@ def test_txt_accepts_explicit_url_col_named_url(tmp_path):
 def test_batches_of_batch_rows_in_order(tmp_path):
     p = tmp_path / "urls.txt"
     p.write_text("".join(f"http://a/{i}.jpg\n" for i in range(10)))
-    batches = list(read_url_batches(InputSpec(str(p)), batch_rows=3))
-    assert [len(b) for b in batches] == [3, 3, 3, 1]
-    assert [r["url"] for b in batches for r in b] == [f"http://a/{i}.jpg" for i in range(10)]
+    got = batches(InputSpec(str(p)), batch_rows=3)
+    assert [len(b) for b in got] == [3, 3, 3, 1]
+    assert [r["url"] for b in got for r in b] == [f"http://a/{i}.jpg" for i in range(10)]
 
 
-def test_batches_span_files(tmp_path):
+def test_batches_follow_files_in_order(tmp_path):
+    """A batch never mixes two files (shards do: the download stage cuts shards across files)."""
     d = tmp_path / "in"
     d.mkdir()
     (d / "a.txt").write_text("".join(f"http://a/{i}.jpg\n" for i in range(4)))
     (d / "b.jsonl").write_text("".join(json.dumps({"url": f"http://b/{i}.jpg"}) + "\n" for i in range(6)))
-    batches = list(read_url_batches(InputSpec(str(d)), batch_rows=3))
-    assert [len(b) for b in batches] == [3, 3, 3, 1]
-    assert [r["url"] for b in batches for r in b] == (
+    got = batches(InputSpec(str(d)), batch_rows=3)
+    assert [len(b) for b in got] == [3, 1, 3, 3]
+    assert [r["url"] for b in got for r in b] == (
         [f"http://a/{i}.jpg" for i in range(4)] + [f"http://b/{i}.jpg" for i in range(6)])
 
 
 def test_exact_multiple_of_batch_rows(tmp_path):
     p = tmp_path / "urls.txt"
     p.write_text("".join(f"http://a/{i}.jpg\n" for i in range(6)))
-    assert [len(b) for b in read_url_batches(InputSpec(str(p)), batch_rows=3)] == [3, 3]
+    assert [len(b) for b in batches(InputSpec(str(p)), batch_rows=3)] == [3, 3]
 
 
 # -- errors --------------------------------------------------------------------------------------

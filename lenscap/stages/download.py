@@ -35,8 +35,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lenscap.dataset import Dataset, atomic_write_json, shard_name, shard_stats
-from lenscap.errors import DatasetError, UsageError
-from lenscap.inputs import InputSpec, read_url_batches, resolve_input_files
+from lenscap.errors import DatasetError, InputError, UsageError
+from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.progress import Progress, make_progress
 from lenscap.record import Sample
 
@@ -219,45 +219,32 @@ def _split_input(job: _Job, spec: InputSpec, samples_per_shard: int) -> dict[str
         raise UsageError("'-' reads URLs from standard input, but standard input is a terminal")
     shutil.rmtree(job.input_dir, ignore_errors=True)
     job.input_dir.mkdir(parents=True)
-    pending: list[dict[str, Any]] = []
-    shards = samples = 0
-
-    def flush(rows: list[dict[str, Any]]) -> None:
-        nonlocal shards
-        pq.write_table(_input_table(rows), job.input_dir / f"{shard_name(shards)}.parquet")
+    pending: list[pa.Table] = []
+    pending_rows = shards = samples = 0
+    for table in read_url_tables(spec):
+        pending.append(table)
+        pending_rows += table.num_rows
+        samples += table.num_rows
+        if pending_rows >= samples_per_shard:
+            merged = _concat(pending)
+            while merged.num_rows >= samples_per_shard:
+                pq.write_table(merged.slice(0, samples_per_shard), job.input_dir / f"{shard_name(shards)}.parquet")
+                shards += 1
+                merged = merged.slice(samples_per_shard)
+            pending, pending_rows = [merged], merged.num_rows
+    if pending_rows:
+        pq.write_table(_concat(pending), job.input_dir / f"{shard_name(shards)}.parquet")
         shards += 1
-
-    for batch in read_url_batches(spec):
-        pending.extend(batch)
-        samples += len(batch)
-        while len(pending) >= samples_per_shard:
-            flush(pending[:samples_per_shard])
-            del pending[:samples_per_shard]
-    if pending:
-        flush(pending)
     ready = {"shards": shards, "samples": samples}
     atomic_write_json(job.input_dir / "_done.json", ready)
     return ready
 
 
-def _input_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """One shard of input rows as a table: url and caption as text, every column with a usable type.
-
-    A column whose values disagree on a type (JSON lines often do) is kept as text rather than
-    refused; a column with no value at all is text too, so it matches the shards where it has some.
-    """
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    arrays = []
-    for name in names:
-        values = [r.get(name) for r in rows]
-        try:
-            array = pa.array(values, type=pa.string() if name in ("url", "caption") else None)
-        except (pa.ArrowInvalid, pa.ArrowTypeError):
-            array = pa.array([None if v is None else v if isinstance(v, str) else json.dumps(v, default=str) for v in values])
-        if pa.types.is_null(array.type):
-            array = array.cast(pa.string())
-        arrays.append(array)
-    return pa.Table.from_arrays(arrays, names=names)
+def _concat(tables: list[pa.Table]) -> pa.Table:
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise InputError(f"the input files disagree on a column's type ({e}); make the column the same type everywhere") from None
 
 
 def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
@@ -429,7 +416,7 @@ def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | Non
                      "lenscap_key": row["key"]}
                     for row in out.read_table(shard_id).to_pylist() if _retryable(row)]
             if rows:
-                pq.write_table(_input_table(rows), url_dir / f"{shard_name(len(origin))}.parquet")
+                pq.write_table(rows_to_table(rows), url_dir / f"{shard_name(len(origin))}.parquet")
                 origin.append(shard_id)
         atomic_write_json(url_dir / "_done.json", {"shards": len(origin), "origin": origin})
     origin = json.loads((url_dir / "_done.json").read_text())["origin"]
