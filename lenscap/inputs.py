@@ -139,7 +139,8 @@ def _txt(path: str) -> tuple[list[str], Iterator[pa.Table]]:
             convert_options=pacsv.ConvertOptions(column_types={"url": pa.string()}, strings_can_be_null=False),
         ):
             url = pc.utf8_trim(batch.column(0), characters=_TRIM)
-            keep = pc.and_(pc.not_equal(url, ""), pc.invert(pc.starts_with(url, "#")))
+            # Without Python scalars (converting one imports pandas): non-empty, not a comment.
+            keep = pc.and_(pc.cast(pc.utf8_length(url), pa.bool_()), pc.invert(pc.starts_with(url, "#")))
             yield pa.table({"url": url}).filter(keep)
 
     return ["url"], tables()

@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lenscap.dataset import Dataset, atomic_write_json, shard_name, shard_stats
+from lenscap.dataset import Dataset, atomic_write_json, read_parquet, shard_name, shard_stats
 from lenscap.errors import DatasetError, InputError, UsageError
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.progress import Progress, make_progress
@@ -252,21 +252,25 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
     name = shard_name(shard_id)
     staged_parquet = job.staging / f"{name}.parquet"
     input_parquet = job.input_dir / f"{name}.parquet"
-    table = pq.read_table(staged_parquet)
+    table = read_parquet(staged_parquet)
     lost = pq.read_metadata(input_parquet).num_rows - table.num_rows
     if lost:
         present = set(table.column("key").to_pylist())
         missing = [
             {c: None for c in table.column_names} | row | {"key": key, "status": "failed_to_download", "error_message": LOST_SAMPLE_MESSAGE}
-            for index, row in enumerate(pq.read_table(input_parquet).to_pylist())
+            for index, row in enumerate(read_parquet(input_parquet).to_pylist())
             if (key := sample_key(shard_id, index, samples_per_shard)) not in present
         ]
         table = pa.concat_tables([table, pa.Table.from_pylist(missing, schema=table.schema)])
-    url_empty = pc.equal(pc.utf8_length(pc.utf8_trim_whitespace(pc.fill_null(table.column("url"), ""))), 0)
-    if pc.any(url_empty).as_py():
-        failed_empty = pc.and_(url_empty, pc.not_equal(table.column("status"), "success"))
-        i = table.column_names.index("error_message")
-        table = table.set_column(i, "error_message", pc.if_else(failed_empty, "empty URL", table.column(i)))
+    url = table.column("url")
+    # Written without Python scalars: converting one imports pandas, 0.3 s of CPU for nothing.
+    url_empty = pc.or_kleene(pc.is_null(url), pc.invert(pc.cast(pc.utf8_length(pc.utf8_trim_whitespace(url)), pa.bool_())))
+    if pc.any(url_empty).as_py():  # rare: fix the message row by row
+        rows = table.to_pylist()
+        for row, empty in zip(rows, url_empty.to_pylist()):
+            if empty and row["status"] != "success":
+                row["error_message"] = "empty URL"
+        table = pa.Table.from_pylist(rows, schema=table.schema)
     table = table.sort_by("key")  # keys share one width: text order is numeric order
     tmp = job.out.tmp_path(shard_id, "parquet")
     pq.write_table(table, tmp)
@@ -444,7 +448,7 @@ def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | Non
 
 def _merge_retry_shard(out: Dataset, staging: Path, retry_id: int, shard_id: int) -> None:
     """Rewrite shard ``shard_id`` with the successes of retry shard ``retry_id``. Idempotent."""
-    successes = {r["lenscap_key"]: r for r in pq.read_table(staging / f"{shard_name(retry_id)}.parquet").to_pylist()
+    successes = {r["lenscap_key"]: r for r in read_parquet(staging / f"{shard_name(retry_id)}.parquet").to_pylist()
                  if r["status"] == "success"}
     if not successes or not out.is_complete(shard_id):
         return
