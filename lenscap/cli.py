@@ -72,28 +72,36 @@ def download(
     quiet: QuietOpt = False,
 ) -> None:
     """Download images from a URL list into a dataset directory (through img2dataset). Rerun to resume."""
-    from lenscap.progress import make_progress
-    from lenscap.stages.download import DownloadOptions, download as run_download, retry_failed as run_retry
-
     if len(paths) == 2:
         source, out_dir = paths
     elif len(paths) == 1 and retry_failed:
         source, out_dir = None, paths[0]
     else:
         raise typer.BadParameter("expected INPUT and OUT_DIR (or just OUT_DIR with --retry-failed)", param_hint="'[INPUT] OUT_DIR'")
-    options = DownloadOptions(
-        url_col=url_col, caption_col=caption_col,
-        extra_cols=[c.strip() for c in extra_cols.split(",") if c.strip()] if extra_cols else [],
-        samples_per_shard=samples_per_shard, processes=processes, threads=threads, image_size=image_size,
-        resize_mode=resize_mode, upscale=upscale, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
-        max_pixels=max_pixels, timeout=timeout, retries=retries, user_agent_token=user_agent_token or None,
-        respect_opt_out=respect_opt_out,
-    )
-    result = None
-    if source is not None:
-        result = run_download(source, out_dir, options, make_progress("download", quiet))
-    if retry_failed and (result is None or result.exit_code == 0):
-        result = run_retry(out_dir, options, make_progress("retry-failed", quiet))
+    from lenscap.stages.img2dataset_process import Img2datasetProcess
+
+    # Started before the heavy imports below, so that img2dataset's own imports overlap them.
+    img2dataset = Img2datasetProcess() if source is not None else None
+    try:
+        from lenscap.progress import make_progress
+        from lenscap.stages.download import DownloadOptions, download as run_download, retry_failed as run_retry
+
+        options = DownloadOptions(
+            url_col=url_col, caption_col=caption_col,
+            extra_cols=[c.strip() for c in extra_cols.split(",") if c.strip()] if extra_cols else [],
+            samples_per_shard=samples_per_shard, processes=processes, threads=threads, image_size=image_size,
+            resize_mode=resize_mode, upscale=upscale, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
+            max_pixels=max_pixels, timeout=timeout, retries=retries, user_agent_token=user_agent_token or None,
+            respect_opt_out=respect_opt_out,
+        )
+        result = None
+        if source is not None:
+            result = run_download(source, out_dir, options, make_progress("download", quiet), img2dataset)
+        if retry_failed and (result is None or result.exit_code == 0):
+            result = run_retry(out_dir, options, make_progress("retry-failed", quiet))
+    finally:
+        if img2dataset is not None:
+            img2dataset.stop()
     assert result is not None
     summary = {"command": "download", **asdict(result), "exit_code": result.exit_code}
     _emit(summary, as_json)

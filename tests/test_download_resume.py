@@ -27,18 +27,31 @@ def _shard_contents(ds: Dataset) -> dict[int, tuple[list[dict], dict[str, bytes]
     return out
 
 
-def _hooks_processes_for(out: Path) -> list[int]:
-    """PIDs of img2dataset subprocesses still working on ``out``."""
-    pids = []
+def _img2dataset_session(lenscap_pid: int) -> int | None:
+    """The PID of the img2dataset subprocess that ``lenscap_pid`` started (it leads its own session)."""
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                cmd = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if "_img2dataset_hooks" in cmd and str(out) in cmd:
-                pids.append(int(entry.name))
-    return pids
+            if b"lenscap.stages._img2dataset_hooks" in cmd and str(lenscap_pid).encode() in cmd:
+                return int(entry.name)
+    return None
+
+
+def _session_members(sid: int) -> list[int]:
+    """Live processes of session ``sid``: img2dataset, its logger and its spawned workers."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid and fields[0] != "Z":  # field 6 of stat: the session id
+                members.append(int(entry.name))
+    return members
 
 
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
@@ -59,16 +72,23 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(list(out.glob("*_stats.json"))) < 4:
             time.sleep(0.02)
+        session = _img2dataset_session(proc.pid)
+        assert session is not None and len(_session_members(session)) >= 2, "img2dataset and its workers run"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         done_at_kill = Dataset(out).completed_ids()
         assert 4 <= len(done_at_kill) < 21, "killed mid-way"
 
         # img2dataset and its workers die with lenscap: nothing keeps writing behind a rerun's back.
-        deadline = time.monotonic() + 20
-        while _hooks_processes_for(out) and time.monotonic() < deadline:
+        # The server now answers slowly, so a survivor would still be at work after the deadline.
+        for route in routes.values():
+            route.delay_s = 2.0
+        deadline = time.monotonic() + 3
+        while _session_members(session) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _hooks_processes_for(out) == []
+        assert _session_members(session) == []
+        for route in routes.values():
+            route.delay_s = 0.03
 
         rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert rerun.returncode == 0, rerun.stderr

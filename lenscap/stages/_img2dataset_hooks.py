@@ -10,8 +10,9 @@ makes every worker import this module, which:
   and decompression bombs get a status naming the problem instead of OpenCV's generic one or an
   out-of-memory kill.
 
-Run as ``python -m lenscap.stages._img2dataset_hooks CONFIG.json PARENT_PID``: lenscap's download
-stage starts img2dataset this way, in its own process group with its output sent to a log file.
+Run as ``python -m lenscap.stages._img2dataset_hooks PARENT_PID`` with the config on stdin
+(``img2dataset_process.Img2datasetProcess`` does that): in its own process group, its output sent
+to a log file.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import json
 import os
 import signal
 import sys
-import time
 import urllib.error
 import urllib.request
 
@@ -121,17 +121,22 @@ def _die_with_parent() -> None:
             pass
 
 
-def main(config_path: str, parent: int) -> int:
+def main(parent: int) -> int:
     _die_with_parent()
     # We lead our own process group (start_new_session): take img2dataset's workers down with us.
     signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
-    # lenscap starts us before it has split the URL list, so that img2dataset's imports (above,
-    # over a second) overlap that work; the config appears when the input is ready.
-    while not os.path.exists(config_path):
-        if os.getppid() != parent:  # lenscap died before PR_SET_PDEATHSIG took effect
-            return 3
-        time.sleep(0.01)
-    config = json.loads(open(config_path).read())
+    if os.getppid() != parent:  # lenscap died before PR_SET_PDEATHSIG took effect
+        return 3
+    # lenscap starts us before it has read the URL list, so that img2dataset's imports (above, over
+    # a second) overlap that work. The config arrives on stdin; nothing arrives if it is not needed.
+    message = sys.stdin.buffer.read()
+    if not message:
+        return 0
+    request = json.loads(message)
+    with open(request["log_file"], "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    config = request["download"]
     max_pixels = int(config.pop("max_pixels"))
     # OpenCV refuses to allocate for images beyond this, a second line behind check_image_bytes.
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
@@ -145,4 +150,4 @@ def main(config_path: str, parent: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], int(sys.argv[2])))
+    sys.exit(main(int(sys.argv[1])))

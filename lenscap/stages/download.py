@@ -16,19 +16,15 @@ fetched again and the successes merged into those shards, atomically.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
-import signal
-import subprocess
 import sys
 import tarfile
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -38,6 +34,7 @@ from lenscap.dataset import Dataset, atomic_write_json, read_parquet, shard_name
 from lenscap.errors import DatasetError, InputError, UsageError
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.progress import Progress, make_progress
+from lenscap.stages.img2dataset_process import Img2datasetProcess
 from lenscap.record import Sample
 
 __all__ = ["DownloadOptions", "DownloadResult", "download", "retry_failed", "RESIZE_MODES"]
@@ -285,46 +282,9 @@ def _staged_done(staging: Path) -> set[int]:
     return {int(p.name.split("_")[0]) for p in staging.glob("*_stats.json")} if staging.is_dir() else set()
 
 
-class _Img2dataset:
-    """img2dataset in a subprocess of its own process group, tied to this process's life.
-
-    Started early, it imports img2dataset (over a second) while lenscap reads the URL list;
-    ``run`` hands it its config and waits, calling ``on_poll()`` meanwhile, until ``all_done()``.
-    img2dataset's own wind-down (logger process, temporary files) takes most of a second and makes
-    nothing lenscap keeps, so its process group is ended then rather than waited for.
-    """
-
-    def __init__(self, job: _Job) -> None:
-        self.config_path = job.work / "img2dataset-config.json"
-        self.config_path.unlink(missing_ok=True)
-        env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
-        with open(job.log_file, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "lenscap.stages._img2dataset_hooks", str(self.config_path), str(os.getpid())],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-            )
-
-    def run(self, options: DownloadOptions, url_dir: Path, staging: Path,
-            on_poll: Callable[[], None], all_done: Callable[[], bool]) -> int:
-        staging.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.config_path, options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels})
-        try:
-            while self.proc.poll() is None:
-                on_poll()
-                if all_done():
-                    break
-                time.sleep(0.1)
-        finally:
-            self.stop()
-        on_poll()
-        return self.proc.returncode
-
-    def stop(self) -> None:
-        """End img2dataset and its workers (done, Ctrl-C or an error); what is committed stays."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+def _img2dataset_config(options: DownloadOptions, url_dir: Path, staging: Path) -> dict[str, Any]:
+    staging.mkdir(parents=True, exist_ok=True)
+    return options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels}
 
 
 def download(
@@ -332,14 +292,20 @@ def download(
     out_dir: str | os.PathLike[str],
     options: DownloadOptions | None = None,
     progress: Progress | None = None,
+    img2dataset: Img2datasetProcess | None = None,
 ) -> DownloadResult:
-    """Download ``source`` (a URL list, or None to resume) into the dataset directory ``out_dir``."""
+    """Download ``source`` (a URL list, or None to resume) into the dataset directory ``out_dir``.
+
+    ``img2dataset``: a process started earlier (the CLI starts one before its imports); it is used
+    if there is work, ended if not.
+    """
     options = options or DownloadOptions()
-    options.validate()
-    job = _open_job(out_dir, source)
-    unfinished = job.input_ready() is None or len(job.out.completed_ids()) < job.input_ready()["shards"]
-    img2dataset = _Img2dataset(job) if unfinished else None
     try:
+        options.validate()
+        job = _open_job(out_dir, source)
+        ready_before = job.input_ready()
+        if img2dataset is None and (ready_before is None or len(job.out.completed_ids()) < ready_before["shards"]):
+            img2dataset = Img2datasetProcess()
         options, ready = _prepare(job, source, options)
         total = ready["shards"]
         progress = progress or make_progress("download")
@@ -359,7 +325,8 @@ def download(
         adopt_finished()  # shards staged before a crash
         rc = 0
         if len(done) < total and img2dataset is not None:
-            rc = img2dataset.run(options, job.input_dir, job.staging, adopt_finished, lambda: len(done) >= total)
+            rc = img2dataset.run(_img2dataset_config(options, job.input_dir, job.staging), job.log_file,
+                                 adopt_finished, lambda: len(done) >= total)
     finally:
         if img2dataset is not None:
             img2dataset.stop()
@@ -436,7 +403,8 @@ def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | Non
     merge_finished()  # retry shards finished before a crash
     if len(merged) < len(origin):
         retry_options = DownloadOptions(**{**asdict(options), "extra_cols": [*options.extra_cols, "lenscap_key"]})
-        _Img2dataset(job).run(retry_options, url_dir, staging, merge_finished, lambda: len(merged) >= len(origin))
+        Img2datasetProcess().run(_img2dataset_config(retry_options, url_dir, staging), job.log_file,
+                                 merge_finished, lambda: len(merged) >= len(origin))
     progress.finish()
     if len(merged) < len(origin):
         progress.note(f"retry-failed: {len(origin) - len(merged)} of {len(origin)} retry shards did not finish; rerun to finish them")

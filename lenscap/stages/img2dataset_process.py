@@ -1,0 +1,68 @@
+"""img2dataset in a subprocess: started early, configured later, tied to this process's life.
+
+Only the standard library here: the CLI starts the subprocess before it imports anything heavy, so
+img2dataset's own imports (over a second) overlap lenscap's start-up and its reading of the URL list.
+The config travels over the subprocess's stdin; until it arrives the subprocess only imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Img2datasetProcess"]
+
+
+class Img2datasetProcess:
+    """One img2dataset run in its own process group (so that ending it ends its workers too)."""
+
+    def __init__(self) -> None:
+        env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lenscap.stages._img2dataset_hooks", str(os.getpid())],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            start_new_session=True,
+        )
+
+    def run(self, config: dict[str, Any], log_file: Path, on_poll: Callable[[], None],
+            all_done: Callable[[], bool]) -> int:
+        """Hand img2dataset its config and wait, calling ``on_poll()``, until it exits or ``all_done()``.
+
+        img2dataset's own wind-down (logger process, temporary files) takes most of a second and
+        makes nothing lenscap keeps, so its process group is ended once ``all_done()`` rather than
+        waited for. Returns img2dataset's exit code (negative when ended that way).
+        """
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps({"log_file": str(log_file), "download": config}).encode())
+            self.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # it died at start-up: its exit code says so below
+        try:
+            while self.proc.poll() is None:
+                on_poll()
+                if all_done():
+                    break
+                time.sleep(0.1)
+        finally:
+            self.stop()
+        on_poll()
+        return self.proc.returncode
+
+    def stop(self) -> None:
+        """End img2dataset and its workers (done, not needed, Ctrl-C or an error); what is committed stays."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):
+                self.proc.stdin.close()
