@@ -34,8 +34,8 @@ from lenscap.dataset import Dataset, atomic_write_json, read_parquet, shard_name
 from lenscap.errors import DatasetError, InputError, UsageError
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.progress import Progress, make_progress
-from lenscap.stages.img2dataset_process import Img2datasetProcess
 from lenscap.record import Sample
+from lenscap.stages.img2dataset_process import Img2datasetProcess
 
 __all__ = ["DownloadOptions", "DownloadResult", "download", "retry_failed", "RESIZE_MODES"]
 
@@ -296,16 +296,13 @@ def download(
 ) -> DownloadResult:
     """Download ``source`` (a URL list, or None to resume) into the dataset directory ``out_dir``.
 
-    ``img2dataset``: a process started earlier (the CLI starts one before its imports); it is used
-    if there is work, ended if not.
+    ``img2dataset``: a process started earlier, so that its imports overlap this work (the CLI
+    starts one before its own imports); it is used if there is work to do and ended in any case.
     """
     options = options or DownloadOptions()
     try:
         options.validate()
         job = _open_job(out_dir, source)
-        ready_before = job.input_ready()
-        if img2dataset is None and (ready_before is None or len(job.out.completed_ids()) < ready_before["shards"]):
-            img2dataset = Img2datasetProcess()
         options, ready = _prepare(job, source, options)
         total = ready["shards"]
         progress = progress or make_progress("download")
@@ -324,7 +321,8 @@ def download(
         _finish(job, options, source, total, [])  # a manifest from the start: `inspect` works mid-download
         adopt_finished()  # shards staged before a crash
         rc = 0
-        if len(done) < total and img2dataset is not None:
+        if len(done) < total:
+            img2dataset = img2dataset or Img2datasetProcess()
             rc = img2dataset.run(_img2dataset_config(options, job.input_dir, job.staging), job.log_file,
                                  adopt_finished, lambda: len(done) >= total)
     finally:
