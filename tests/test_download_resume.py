@@ -35,7 +35,7 @@ def _img2dataset_session(lenscap_pid: int) -> int | None:
                 cmd = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"lenscap.stages._img2dataset_hooks" in cmd and str(lenscap_pid).encode() in cmd:
+            if any(b"lenscap.stages._img2dataset_hooks" in part for part in cmd) and str(lenscap_pid).encode() in cmd:
                 return int(entry.name)
     return None
 

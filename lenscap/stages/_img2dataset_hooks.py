@@ -10,8 +10,8 @@ makes every worker import this module, which:
   and decompression bombs get a status naming the problem instead of OpenCV's generic one or an
   out-of-memory kill.
 
-Run as ``python -m lenscap.stages._img2dataset_hooks PARENT_PID`` with the config on stdin
-(``img2dataset_process.Img2datasetProcess`` does that): in its own process group, its output sent
+``main(PARENT_PID)`` is the subprocess's entry point, with the config on stdin
+(``img2dataset_process.Img2datasetProcess`` starts it): in its own process group, its output sent
 to a log file.
 """
 

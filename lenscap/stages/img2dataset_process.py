@@ -20,6 +20,8 @@ from typing import Any
 
 __all__ = ["Img2datasetProcess"]
 
+_ENTRY = "import sys; from lenscap.stages._img2dataset_hooks import main; sys.exit(main(int(sys.argv[1])))"
+
 
 class Img2datasetProcess:
     """One img2dataset run in its own process group (so that ending it ends its workers too)."""
@@ -27,7 +29,9 @@ class Img2datasetProcess:
     def __init__(self) -> None:
         env = os.environ | {"NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled", "WANDB_SILENT": "true"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lenscap.stages._img2dataset_hooks", str(os.getpid())],
+            # -c rather than -m: img2dataset's spawned workers re-run a main *module* in each new
+            # process; with -c there is none to re-run.
+            [sys.executable, "-c", _ENTRY, str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
             start_new_session=True,
         )
