@@ -169,7 +169,9 @@ def demo(
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     try:
-        app(standalone_mode=False)
+        # Outside standalone mode Typer returns a command's typer.Exit code instead of exiting.
+        code = app(standalone_mode=False)
+        sys.exit(code if isinstance(code, int) else 0)
     except LenscapError as e:
         print(f"lenscap: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)

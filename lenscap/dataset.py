@@ -11,7 +11,8 @@ Every shard reaches its final names through ``Dataset.commit``: the finished fil
 written under temporary names, then a small journal naming the renames is written, then the renames
 happen and ``_stats.json`` is written. A crash at any point leaves either no trace of the new shard
 or a journal that ``Dataset.recover`` rolls forward, so no reader ever sees a half-written shard
-that looks complete.
+that looks complete. "Crash" means the process dying (SIGKILL, out of memory, Ctrl-C); shard files
+are not fsynced, so a power loss can still lose what the page cache held, as with img2dataset.
 """
 
 from __future__ import annotations

@@ -77,8 +77,7 @@ class LogProgress(_Rates):
         log(f"{self.label}: {self.done}/{self.total} shards, {self.samples} samples, {self.rate():.1f} samples/s{eta_text}")
 
     def note(self, message: str) -> None:
-        if not self.quiet:
-            log(message)
+        log(message)  # notes say what went wrong and what to do: --quiet silences progress, not these
 
     def finish(self) -> None:
         if not self.quiet:

@@ -101,3 +101,27 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
             assert server.hits[url_path] - hits_after_reference[url_path] == 1, url_path
     manifest = Dataset(out).read_manifest()
     assert manifest["complete"] and manifest["counts"]["samples"] == 201
+
+
+def test_img2dataset_dying_mid_run_exits_1_and_a_rerun_finishes(tmp_path):
+    routes = {f"/j/{i}.jpg": Route(jpeg_bytes(scene(i, (48, 48))), delay_s=0.05) for i in range(120)}
+    with ImageServer(routes) as server:
+        (tmp_path / "urls.txt").write_text("\n".join(server.url(p) for p in routes) + "\n")
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "lenscap.cli", "download", str(tmp_path / "urls.txt"), str(out), *ARGS]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob("*_stats.json"))) < 2:
+            time.sleep(0.02)
+        session = _img2dataset_session(proc.pid)
+        assert session is not None
+        os.killpg(session, signal.SIGKILL)  # img2dataset dies; lenscap lives
+        stdout, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 1, stderr
+        assert "did not complete" in stderr and "rerun the same command" in stderr  # even with --quiet
+        kept = Dataset(out).completed_ids()
+        assert 2 <= len(kept) < 12
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        assert Dataset(out).completed_ids() == list(range(12))
+        assert Dataset(out).read_manifest()["counts"]["status"] == {"success": 120}
