@@ -169,20 +169,16 @@ def demo(
 def main() -> None:
     """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
     try:
-        # Outside standalone mode Typer returns a command's typer.Exit code instead of exiting.
+        # Outside standalone mode Typer returns a command's exit code instead of exiting; it turns
+        # Ctrl-C into 130 the same way.
         code = app(standalone_mode=False)
-        sys.exit(code if isinstance(code, int) else 0)
     except LenscapError as e:
         print(f"lenscap: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
     except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except typer.Abort:
-        print("lenscap: interrupted", file=sys.stderr)
-        sys.exit(130)
-    except KeyboardInterrupt:
-        print("lenscap: interrupted; rerun the same command to resume", file=sys.stderr)
-        sys.exit(130)
+        code = e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
+        code = 130
     except Exception as e:  # noqa: BLE001
         # Typer's (vendored click) parse errors: bad flags and values, usage mistakes.
         if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
@@ -192,6 +188,9 @@ def main() -> None:
             raise
         print(f"lenscap: internal error: {type(e).__name__}: {e} (set LENSCAP_DEBUG=1 for a traceback)", file=sys.stderr)
         sys.exit(3)
+    if code == 130:
+        print("lenscap: interrupted; rerun the same command to resume", file=sys.stderr)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -125,3 +125,24 @@ def test_img2dataset_dying_mid_run_exits_1_and_a_rerun_finishes(tmp_path):
         assert rerun.returncode == 0, rerun.stderr
         assert Dataset(out).completed_ids() == list(range(12))
         assert Dataset(out).read_manifest()["counts"]["status"] == {"success": 120}
+
+
+def test_ctrl_c_exits_130_ends_img2dataset_and_a_rerun_finishes(tmp_path):
+    routes = {f"/k/{i}.jpg": Route(jpeg_bytes(scene(i, (48, 48))), delay_s=0.05) for i in range(120)}
+    with ImageServer(routes) as server:
+        (tmp_path / "urls.txt").write_text("\n".join(server.url(p) for p in routes) + "\n")
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "lenscap.cli", "download", str(tmp_path / "urls.txt"), str(out), *ARGS]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob("*_stats.json"))) < 2:
+            time.sleep(0.02)
+        session = _img2dataset_session(proc.pid)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+        assert proc.returncode == 130, stderr
+        assert "interrupted; rerun the same command to resume" in stderr and "Traceback" not in stderr
+        assert session is not None and _session_members(session) == []
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        assert Dataset(out).read_manifest()["counts"]["status"] == {"success": 120}
