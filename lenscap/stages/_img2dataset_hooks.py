@@ -17,6 +17,7 @@ to a log file.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -25,16 +26,12 @@ import sys
 import urllib.error
 import urllib.request
 
-from PIL import Image
-
-import importlib
-
 from img2dataset.resizer import Resizer
+from PIL import Image
 
 # The package re-exports a function named ``main`` over its module of that name: fetch the module.
 _i2d_main = importlib.import_module("img2dataset.main")
 
-PINNED_IMG2DATASET = "1.47.0"
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's DecompressionBombError threshold
 
 
@@ -44,16 +41,14 @@ class _OnlyHttpHandler(urllib.request.BaseHandler):
     handler_order = 10_000
 
     def unknown_open(self, req: urllib.request.Request):  # noqa: D401 - urllib's hook name
-        scheme = req.type or ""
-        if not req.full_url.strip():
-            raise urllib.error.URLError("empty URL")
-        raise urllib.error.URLError(f"unsupported URL scheme {scheme!r}: only http and https are fetched")
+        raise urllib.error.URLError(f"unsupported URL scheme {req.type!r}: only http and https are fetched")
 
 
 def build_http_only_opener() -> urllib.request.OpenerDirector:
     opener = urllib.request.OpenerDirector()
     for handler in (
         _OnlyHttpHandler,
+        urllib.request.ProxyHandler,  # honours http_proxy / https_proxy / no_proxy, as urllib's default does
         urllib.request.HTTPHandler,
         urllib.request.HTTPSHandler,
         urllib.request.HTTPDefaultErrorHandler,

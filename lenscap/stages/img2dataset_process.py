@@ -32,9 +32,12 @@ class Img2datasetProcess:
             # -c rather than -m: img2dataset's spawned workers re-run a main *module* in each new
             # process; with -c there is none to re-run.
             [sys.executable, "-c", _ENTRY, str(os.getpid())],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            # stderr is a pipe until the config names the log file: a failure at start-up (a broken
+            # install, say) is then copied into the log rather than lost.
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
             start_new_session=True,
         )
+        self.early_output = b""
 
     def run(self, config: dict[str, Any], log_file: Path, on_poll: Callable[[], None],
             all_done: Callable[[], bool]) -> int:
@@ -59,6 +62,9 @@ class Img2datasetProcess:
         finally:
             self.stop()
         on_poll()
+        if self.early_output:
+            with open(log_file, "ab") as log:
+                log.write(self.early_output)
         return self.proc.returncode
 
     def stop(self) -> None:
@@ -67,6 +73,10 @@ class Img2datasetProcess:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
+        assert self.proc.stdin is not None and self.proc.stderr is not None
+        if not self.proc.stdin.closed:
             with contextlib.suppress(BrokenPipeError):
                 self.proc.stdin.close()
+        if not self.proc.stderr.closed:
+            self.early_output = self.proc.stderr.read()  # all it wrote before the log file took over
+            self.proc.stderr.close()
