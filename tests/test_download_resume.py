@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -103,7 +104,9 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     assert manifest["complete"] and manifest["counts"]["samples"] == 201
 
 
-def test_img2dataset_dying_mid_run_exits_1_and_a_rerun_finishes(tmp_path):
+@contextlib.contextmanager
+def _download_under_way(tmp_path: Path):
+    """A CLI download of 120 slow images in 12 shards, yielded once 2 shards are complete."""
     routes = {f"/j/{i}.jpg": Route(jpeg_bytes(scene(i, (48, 48))), delay_s=0.05) for i in range(120)}
     with ImageServer(routes) as server:
         (tmp_path / "urls.txt").write_text("\n".join(server.url(p) for p in routes) + "\n")
@@ -113,36 +116,34 @@ def test_img2dataset_dying_mid_run_exits_1_and_a_rerun_finishes(tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and len(list(out.glob("*_stats.json"))) < 2:
             time.sleep(0.02)
+        yield proc, out, cmd
+
+
+def _rerun_finishes(cmd: list[str], out: Path) -> None:
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert Dataset(out).completed_ids() == list(range(12))
+    assert Dataset(out).read_manifest()["counts"]["status"] == {"success": 120}
+
+
+def test_img2dataset_dying_mid_run_exits_1_and_a_rerun_finishes(tmp_path):
+    with _download_under_way(tmp_path) as (proc, out, cmd):
         session = _img2dataset_session(proc.pid)
         assert session is not None
         os.killpg(session, signal.SIGKILL)  # img2dataset dies; lenscap lives
-        stdout, stderr = proc.communicate(timeout=60)
+        _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 1, stderr
         assert "did not complete" in stderr and "rerun the same command" in stderr  # even with --quiet
-        kept = Dataset(out).completed_ids()
-        assert 2 <= len(kept) < 12
-        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert rerun.returncode == 0, rerun.stderr
-        assert Dataset(out).completed_ids() == list(range(12))
-        assert Dataset(out).read_manifest()["counts"]["status"] == {"success": 120}
+        assert 2 <= len(Dataset(out).completed_ids()) < 12
+        _rerun_finishes(cmd, out)
 
 
 def test_ctrl_c_exits_130_ends_img2dataset_and_a_rerun_finishes(tmp_path):
-    routes = {f"/k/{i}.jpg": Route(jpeg_bytes(scene(i, (48, 48))), delay_s=0.05) for i in range(120)}
-    with ImageServer(routes) as server:
-        (tmp_path / "urls.txt").write_text("\n".join(server.url(p) for p in routes) + "\n")
-        out = tmp_path / "out"
-        cmd = [sys.executable, "-m", "lenscap.cli", "download", str(tmp_path / "urls.txt"), str(out), *ARGS]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and len(list(out.glob("*_stats.json"))) < 2:
-            time.sleep(0.02)
+    with _download_under_way(tmp_path) as (proc, out, cmd):
         session = _img2dataset_session(proc.pid)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
         assert proc.returncode == 130, stderr
         assert "interrupted; rerun the same command to resume" in stderr and "Traceback" not in stderr
         assert session is not None and _session_members(session) == []
-        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        assert rerun.returncode == 0, rerun.stderr
-        assert Dataset(out).read_manifest()["counts"]["status"] == {"success": 120}
+        _rerun_finishes(cmd, out)
