@@ -45,7 +45,7 @@ def run_lenscap(url_list: Path, out: Path) -> float:
 
 def run_img2dataset(url_list: Path, out: Path) -> float:
     kwargs = DownloadOptions(**SETTINGS).img2dataset_kwargs(url_list, out)
-    kwargs.update(input_format="txt", caption_col=None, save_additional_columns=None)
+    kwargs.update(input_format="csv", save_additional_columns=None)
     config = out.with_suffix(".json")
     config.write_text(json.dumps(kwargs))
     code = f"import json, img2dataset; img2dataset.download(**json.load(open({str(config)!r})))"
@@ -59,7 +59,8 @@ def _serve(n_images: int, url_list: Path, ready, stop) -> None:
     """The image server, in a process of its own so that it shares no interpreter lock with the timing."""
     routes = {f"/b/{i}.jpg": Route(jpeg_bytes(scene(i, (320, 240)))) for i in range(n_images)}
     with ImageServer(routes) as server:
-        url_list.write_text("\n".join(server.url(p) for p in routes) + "\n")
+        # URL and alt-text, the usual input: both tools then write KEY.txt captions.
+        url_list.write_text("url,caption\n" + "".join(f"{server.url(p)},caption {i}\n" for i, p in enumerate(routes)))
         ready.set()
         stop.wait()
 
@@ -70,7 +71,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lenscap-bench-"))
-    url_list = work / "urls.txt"
+    url_list = work / "urls.csv"
     ctx = multiprocessing.get_context("spawn")
     ready, stop = ctx.Event(), ctx.Event()
     server = ctx.Process(target=_serve, args=(args.images, url_list, ready, stop), daemon=True)
