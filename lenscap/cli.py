@@ -153,17 +153,24 @@ def inspect(
 def demo(
     work_dir: Annotated[str, typer.Argument(help="Where the demo writes its URL list and datasets.")] = "demo-out",
     images: Annotated[int, typer.Option(help="How many generated images to serve.")] = 100,
+    as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Run the demo offline: serve generated images on loopback, download them, inspect the result."""
     from lenscap.demo.run import run_demo
+    from lenscap.inspect import inspect_dataset
 
     if images < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--images")
     out = run_demo(work_dir, images, quiet)
-    inspect(out["download"], as_json=False)
-    print(f"demo dataset: {out['download']}  (try: lenscap inspect {out['download']} --json)")
-    raise typer.Exit(out["result"].exit_code)
+    exit_code = out["result"].exit_code
+    if as_json:
+        _emit({"command": "demo", "work_dir": out["work_dir"], "download": inspect_dataset(out["download"]),
+               "exit_code": exit_code}, True)
+    else:
+        inspect(out["download"], as_json=False)
+        print(f"demo dataset: {out['download']}  (try: lenscap inspect {out['download']} --json)")
+    raise typer.Exit(exit_code)
 
 
 def main() -> None:
