@@ -15,7 +15,6 @@ _EXPORTS = {
     "UsageError": "lenscap.errors",
     "InputError": "lenscap.errors",
     "DatasetError": "lenscap.errors",
-    "ShardError": "lenscap.errors",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

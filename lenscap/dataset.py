@@ -331,7 +331,7 @@ class ShardWriter:
     def write(self, sample: Sample) -> None:
         row = {**sample.row, "key": sample.key}
         self.rows.append(row)
-        if sample.image is not None and sample.status == "success":
+        if sample.ok:
             self._add(f"{sample.key}.{IMAGE_EXT}", sample.image)
             self._add(f"{sample.key}.txt", (sample.caption or "").encode())
             self._add(f"{sample.key}.json", json.dumps(sample.metadata(), default=str).encode())

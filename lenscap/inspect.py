@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from lenscap.dataset import Dataset
 
@@ -41,9 +42,12 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
     words_total = samples = 0
     columns: list[str] = []
     for shard_id in completed:
-        table = ds.read_table(shard_id)
-        columns = columns or table.column_names
-        samples += table.num_rows
+        meta = pq.read_metadata(ds.parquet_path(shard_id))
+        names = meta.schema.to_arrow_schema().names
+        columns = columns or names
+        samples += meta.num_rows
+        # Only the columns summarised here: later stages add wide ones (exif, OCR text, embeddings).
+        table = ds.read_table(shard_id, columns=[c for c in ("status", "error_message", "caption") if c in names])
         if "status" in table.column_names:
             status.update(str(s) for s in table.column("status").to_pylist())
         if "error_message" in table.column_names:

@@ -262,7 +262,9 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
     url = table.column("url")
     # Written without Python scalars: converting one imports pandas, 0.3 s of CPU for nothing.
     url_empty = pc.or_kleene(pc.is_null(url), pc.invert(pc.cast(pc.utf8_length(pc.utf8_trim_whitespace(url)), pa.bool_())))
-    if pc.any(url_empty).as_py():  # rare: fix the message row by row
+    # urllib's Request() rejects an empty URL itself, with "unknown url type: ''", before lenscap's
+    # opener can name it; rare, so fixed here row by row.
+    if pc.any(url_empty).as_py():
         rows = table.to_pylist()
         for row, empty in zip(rows, url_empty.to_pylist()):
             if empty and row["status"] != "success":
@@ -278,8 +280,8 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
 
 
 def _staged_done(staging: Path) -> set[int]:
-    """Shards img2dataset has finished in ``staging`` (its own ``_stats.json`` markers)."""
-    return {int(p.name.split("_")[0]) for p in staging.glob("*_stats.json")} if staging.is_dir() else set()
+    """Shards img2dataset has finished in ``staging``: its layout is ours, ``_stats.json`` last."""
+    return set(Dataset(staging).completed_ids()) if staging.is_dir() else set()
 
 
 def _img2dataset_config(options: DownloadOptions, url_dir: Path, staging: Path) -> dict[str, Any]:
