@@ -1,7 +1,8 @@
 """The ``lenscap`` command: a thin Typer layer over the library.
 
 Exit codes: 0 done; 1 some shards failed (the others are kept; rerun to finish); 2 usage error
-(bad flag, missing input, wrong directory); 130 interrupted.
+(bad flag, missing input, wrong directory, rejected key, unknown model); 3 internal error;
+4 --max-cost reached; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -108,6 +109,81 @@ def download(
     if not as_json and not quiet:
         ok = result.status.get("success", 0)
         print(f"{result.out_dir}: {result.shards_completed}/{result.shards_total} shards, {result.samples} samples, {ok} downloaded", file=sys.stderr)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def caption(
+    in_dir: Annotated[str, typer.Argument(help="Input dataset directory (e.g. from lenscap download).")],
+    out_dir: Annotated[str, typer.Argument(help="Output dataset directory.")],
+    backend: Annotated[str, typer.Option(help="Caption backend (lenscap.backends entry points).")] = "openai",
+    model: Annotated[str, typer.Option(help="Model name as the server knows it.")] = "gpt-4.1-mini",
+    base_url: Annotated[Optional[list[str]], typer.Option("--base-url", help="API base URL (default: $OPENAI_BASE_URL or OpenAI). Repeat for a pool of deployments, each with its own limits.")] = None,
+    api_key_env: Annotated[str, typer.Option(help="Name of the environment variable holding the API key (not the key).")] = "OPENAI_API_KEY",
+    prompt: Annotated[str, typer.Option(help="Preset (lens, short, alt-aware) or a prompt file ({alt_text} marks where the alt-text goes).")] = "lens",
+    max_tokens: Annotated[int, typer.Option(help="Most output tokens per caption.")] = 300,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (default: the server's).")] = None,
+    detail: Annotated[str, typer.Option(help="Image detail: low, high or auto.")] = "low",
+    max_side: Annotated[int, typer.Option(help="Downscale images so the longer side is at most this many pixels before upload.")] = 512,
+    rpm: Annotated[Optional[float], typer.Option(help="Requests per minute per endpoint (default: from the server's rate-limit headers).")] = None,
+    tpm: Annotated[Optional[float], typer.Option(help="Tokens per minute per endpoint (default: from the server's rate-limit headers).")] = None,
+    concurrency: Annotated[int, typer.Option(help="Requests in flight per process.")] = 32,
+    max_cost: Annotated[Optional[float], typer.Option(help="Stop when this output directory has spent this many USD (all runs together).")] = None,
+    prices: Annotated[Optional[str], typer.Option(help="JSON or TOML price file overriding the built-in table (USD per 1M tokens).")] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for one reply.")] = 60.0,
+    max_retries: Annotated[int, typer.Option(help="Retries per request on 429, 5xx, timeouts, connection errors, malformed replies.")] = 5,
+    processes: Annotated[int, typer.Option(help="Worker processes (each gets an equal part of --rpm/--tpm).")] = 1,
+    cache: Annotated[Optional[str], typer.Option(help="Response cache directory (default: $LENSCAP_CACHE_DIR or ~/.cache/lenscap).")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")] = False,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Recaption a dataset with a vision-language model. Rerun to resume: nothing already paid is asked again."""
+    from pathlib import Path
+
+    from lenscap.backends import backend_class
+    from lenscap.captioning.cache import default_cache_dir
+    from lenscap.captioning.pricing import PriceTable
+    from lenscap.captioning.prompts import load_prompt
+    from lenscap.errors import BudgetReached, UsageError
+    from lenscap.progress import make_progress
+    from lenscap.runner import run_stage
+    from lenscap.stages.caption import CaptionStage
+
+    if processes < 1:
+        raise UsageError(f"--processes must be at least 1, not {processes}")
+    if max_cost is not None and max_cost <= 0:
+        raise UsageError(f"--max-cost must be positive, not {max_cost}")
+    cls = backend_class(backend)
+    price_table = PriceTable.load(prices)
+    from lenscap.backends.openai_chat import OpenAIOptions
+
+    options = OpenAIOptions(
+        model=model, base_urls=list(base_url or []), api_key_env=api_key_env, max_tokens=max_tokens,
+        temperature=temperature, detail=detail, max_side=max_side, rpm=rpm, tpm=tpm, concurrency=concurrency,
+        timeout=timeout, max_retries=max_retries, process_share=1.0 / processes, prices=price_table,
+    )
+    caption_backend = cls(options)  # type: ignore[call-arg]
+    if price_table.price(model) is None:
+        if max_cost is not None:
+            raise UsageError(f"--max-cost needs a price for model {model!r}: give one with --prices FILE")
+        print(f"lenscap: note: no price known for model {model!r}; cost columns stay empty (see --prices)", file=sys.stderr)
+    cache_dir = None if no_cache else Path(cache) if cache else default_cache_dir()
+    stage = CaptionStage(caption_backend, load_prompt(prompt), cache_dir, max_cost)
+    try:
+        result = run_stage(stage, in_dir, out_dir, processes, make_progress("caption", quiet))
+    except BudgetReached as e:
+        spent = stage.budget.spent if stage.budget else 0.0
+        _emit({"command": "caption", "out_dir": out_dir, "spent_usd": spent, "exit_code": e.exit_code, "reason": str(e)}, as_json)
+        raise
+    outcomes = result.counts.get("caption_status", {})
+    summary = {"command": "caption", **asdict(result), "caption_status": outcomes,
+               "spent_usd": stage.budget.spent if stage.budget else 0.0, "exit_code": result.exit_code}
+    _emit(summary, as_json)
+    if not as_json and not quiet:
+        parts = ", ".join(f"{n} {k}" for k, n in outcomes.items())
+        print(f"{result.out_dir}: {result.shards_completed}/{result.shards_total} shards, {result.samples} samples ({parts}); "
+              f"${summary['spent_usd']:.4f} spent", file=sys.stderr)
     raise typer.Exit(result.exit_code)
 
 

@@ -75,11 +75,16 @@ def shard_stats(shard_id: int, table: pa.Table) -> dict[str, Any]:
     names = table.column_names
     status = Counter(str(s) for s in table.column("status").to_pylist()) if "status" in names else Counter()
     errors = Counter(e for e in table.column("error_message").to_pylist() if e) if "error_message" in names else Counter()
+    stage_status = {
+        name: dict(sorted(Counter(str(s) for s in table.column(name).to_pylist()).items()))
+        for name in names if name.endswith("_status") and name != "status"
+    }
     return {
         "shard": shard_name(shard_id),
         "count": table.num_rows,
         "successes": status.get("success", 0),
         "status": dict(sorted(status.items())),
+        "stage_status": stage_status,
         "errors": dict(errors.most_common(20)),
     }
 
@@ -273,11 +278,14 @@ class Dataset:
         """Write ``lenscap.json`` from the shards on disk; ``history`` is the input's history."""
         completed = self.completed_ids()
         counts: Counter[str] = Counter()
+        stage_counts: dict[str, Counter[str]] = {}
         samples = 0
         for shard_id in completed:
             stats = self.read_stats(shard_id)
             samples += int(stats.get("count", 0))
             counts.update(stats.get("status", {}))
+            for column, outcome in stats.get("stage_status", {}).items():
+                stage_counts.setdefault(column, Counter()).update(outcome)
         schema: list[dict[str, str]] = []
         if completed:
             pschema = pq.read_schema(self.parquet_path(completed[0]))
@@ -293,7 +301,8 @@ class Dataset:
             "updated_at": now,
             "complete": expected_shards is not None and len(completed) >= expected_shards,
             "shards": {"expected": expected_shards, "completed": len(completed)},
-            "counts": {"samples": samples, "status": dict(sorted(counts.items()))},
+            "counts": {"samples": samples, "status": dict(sorted(counts.items())),
+                       **{column: dict(sorted(c.items())) for column, c in sorted(stage_counts.items())}},
             "schema": schema,
             "history": [*(history or []), entry],
         }

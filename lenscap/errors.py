@@ -1,9 +1,12 @@
 """The errors lenscap raises on purpose.
 
     LenscapError                 base: anything lenscap reports as a one-line message
-    └── UsageError               the user asked for something impossible (exit code 2):
-        ├── InputError           missing, empty or unreadable input; unknown column
-        └── DatasetError         a directory that is not (or not the right) dataset directory
+    ├── UsageError               the user asked for something impossible (exit code 2):
+    │   ├── InputError           missing, empty or unreadable input; unknown column
+    │   ├── DatasetError         a directory that is not (or not the right) dataset directory
+    │   ├── BackendError         no key, rejected key, unknown model, unreachable server
+    │   └── MissingDependency    an optional extra is not installed
+    └── BudgetReached            --max-cost reached (exit code 4); rerun with a higher cap to go on
 
 The CLI turns a UsageError into ``error: <message>`` and exit code 2, without a traceback.
 Per-sample problems (404s, corrupt images, ...) are never exceptions: they are statuses in the data.
@@ -12,7 +15,7 @@ A shard that fails for any reason is reported by the runner and left for the rer
 
 from __future__ import annotations
 
-__all__ = ["LenscapError", "UsageError", "InputError", "DatasetError"]
+__all__ = ["LenscapError", "UsageError", "InputError", "DatasetError", "BackendError", "MissingDependency", "BudgetReached"]
 
 
 class LenscapError(Exception):
@@ -33,3 +36,18 @@ class InputError(UsageError):
 
 class DatasetError(UsageError):
     """A path that should be a dataset directory is not one, or holds a different job."""
+
+
+class BackendError(UsageError):
+    """The caption backend refuses the job as configured: no key, a rejected key, an unknown model,
+    an unreachable server. Reported once, before or instead of marking every sample failed."""
+
+
+class MissingDependency(UsageError):
+    """An optional feature whose extra is not installed."""
+
+
+class BudgetReached(LenscapError):
+    """``--max-cost`` was reached: finished shards are kept, unfinished ones resume on a rerun."""
+
+    exit_code = 4

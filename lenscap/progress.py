@@ -21,6 +21,7 @@ def log(message: str) -> None:
 class Progress(Protocol):
     def start(self, total_shards: int, done_shards: int = 0) -> None: ...
     def advance(self, shards: int = 0, samples: int = 0) -> None: ...
+    def status(self, text: str) -> None: ...
     def note(self, message: str) -> None: ...
     def finish(self) -> None: ...
 
@@ -33,6 +34,11 @@ class _Rates:
         self.samples = 0
         self.started = time.monotonic()
         self._first_done = 0
+        self.extra = ""
+
+    def status(self, text: str) -> None:
+        """A short live figure shown with the rates (e.g. money spent)."""
+        self.extra = text
 
     def start(self, total_shards: int, done_shards: int = 0) -> None:
         self.total, self.done, self._first_done = total_shards, done_shards, done_shards
@@ -74,7 +80,8 @@ class LogProgress(_Rates):
     def _line(self) -> None:
         eta = self.eta_s()
         eta_text = f", ETA {eta:.0f}s" if eta is not None else ""
-        log(f"{self.label}: {self.done}/{self.total} shards, {self.samples} samples, {self.rate():.1f} samples/s{eta_text}")
+        extra = f", {self.extra}" if self.extra else ""
+        log(f"{self.label}: {self.done}/{self.total} shards, {self.samples} samples, {self.rate():.1f} samples/s{extra}{eta_text}")
 
     def note(self, message: str) -> None:
         log(message)  # notes say what went wrong and what to do: --quiet silences progress, not these
@@ -114,7 +121,8 @@ class RichProgress(_Rates):
         self.done += shards
         self.samples += samples
         if self._task is not None:
-            self._bar.update(self._task, completed=self.done, rate=f"{self.rate():.1f} samples/s")
+            extra = f"  {self.extra}" if self.extra else ""
+            self._bar.update(self._task, completed=self.done, rate=f"{self.rate():.1f} samples/s{extra}")
 
     def note(self, message: str) -> None:
         self._console.print(message)

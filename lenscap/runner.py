@@ -2,18 +2,21 @@
 
 Workers are separate processes (``spawn``: no state inherited by accident, same on every OS). A
 shard that raises is reported and left incomplete; the others are kept, and a rerun does only the
-missing shards.
+missing shards. A ``LenscapError`` from a shard (the budget ran out, the backend rejected the job)
+concerns the whole run: no further shard starts, running ones finish, and the error is raised.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 from lenscap.dataset import Dataset, shard_name
+from lenscap.errors import LenscapError
 from lenscap.progress import Progress, make_progress
 from lenscap.stages.base import ShardStage
 
@@ -28,6 +31,7 @@ class StageResult:
     samples: int
     status: dict[str, int]
     failed_shards: dict[int, str] = field(default_factory=dict)
+    counts: dict[str, Any] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -48,6 +52,38 @@ def _run_one(src: str, dst: str, shard_id: int) -> dict[str, Any]:
     return _worker_stage.run_shard(Dataset(src), Dataset(dst), shard_id)
 
 
+class _LiveCounters:
+    """Polls the samples / USD counters that workers tick, and shows them on the progress."""
+
+    def __init__(self, ctx: Any, progress: Progress, interval_s: float = 0.5) -> None:
+        self.values = ctx.Array("d", 2)
+        self.progress = progress
+        self.interval_s = interval_s
+        self._shown = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="lenscap-progress", daemon=True)
+
+    def __enter__(self) -> _LiveCounters:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.show()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.show()
+
+    def show(self) -> None:
+        samples, cost = self.values[0], self.values[1]
+        self.progress.advance(samples=int(samples - self._shown))
+        self._shown = float(int(samples))
+        if cost:
+            self.progress.status(f"${cost:.4f} spent")
+
+
 def run_stage(
     stage: ShardStage,
     in_dir: str | os.PathLike[str],
@@ -56,8 +92,10 @@ def run_stage(
     progress: Progress | None = None,
 ) -> StageResult:
     src = Dataset.open(in_dir)
+    stage.check()
     dst = Dataset.create(out_dir)
     dst.recover()
+    stage.begin(src, dst)
     shards = src.completed_ids()
     todo = [i for i in shards if not dst.is_complete(i)]
     history = (src.read_manifest() or {}).get("history", [])
@@ -70,31 +108,58 @@ def run_stage(
     progress = progress or make_progress(stage.name)
     progress.start(len(shards), len(shards) - len(todo))
     failed: dict[int, str] = {}
-    if todo and processes <= 1:
-        stage.setup()
-        for shard_id in todo:
-            try:
-                stats = stage.run_shard(src, dst, shard_id)
-                progress.advance(shards=1, samples=stats["count"])
-            except Exception as e:  # noqa: BLE001 - one shard's failure must not cost the others
-                failed[shard_id] = f"{type(e).__name__}: {e}"
-    elif todo:
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=(stage,)) as pool:
-            futures: dict[Future[dict[str, Any]], int] = {
-                pool.submit(_run_one, str(src.path), str(dst.path), i): i for i in todo}
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    shard_id = futures[fut]
+    fatal: LenscapError | None = None
+    ctx = multiprocessing.get_context("spawn")
+    counters = _LiveCounters(ctx, progress)
+    stage._counters = counters.values
+    try:
+        with counters:
+            if todo and processes <= 1:
+                stage.setup()
+                for shard_id in todo:
                     try:
-                        progress.advance(shards=1, samples=fut.result()["count"])
-                    except Exception as e:  # noqa: BLE001
+                        stage.run_shard(src, dst, shard_id)
+                        progress.advance(shards=1)
+                    except LenscapError as e:
+                        fatal = e
+                        break
+                    except Exception as e:  # noqa: BLE001 - one shard's failure must not cost the others
                         failed[shard_id] = f"{type(e).__name__}: {e}"
-    progress.finish()
+            elif todo:
+                fatal = _run_pool(stage, src, dst, todo, processes, ctx, progress, failed)
+    finally:
+        stage._counters = None
+        progress.finish()
     for shard_id, message in failed.items():
         progress.note(f"{stage.name}: shard {shard_name(shard_id)} failed: {message}")
     manifest = write_manifest()
-    return StageResult(str(dst.path), len(shards), manifest["shards"]["completed"], manifest["counts"]["samples"],
-                       manifest["counts"]["status"], failed)
+    if fatal is not None:
+        raise fatal
+    counts = manifest["counts"]
+    return StageResult(str(dst.path), len(shards), manifest["shards"]["completed"], counts["samples"],
+                       counts["status"], failed, counts)
+
+
+def _run_pool(stage: ShardStage, src: Dataset, dst: Dataset, todo: list[int], processes: int, ctx: Any,
+              progress: Progress, failed: dict[int, str]) -> LenscapError | None:
+    fatal: LenscapError | None = None
+    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=(stage,)) as pool:
+        futures: dict[Future[dict[str, Any]], int] = {pool.submit(_run_one, str(src.path), str(dst.path), i): i for i in todo}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                shard_id = futures[fut]
+                if fut.cancelled():
+                    continue
+                try:
+                    fut.result()
+                    progress.advance(shards=1)
+                except LenscapError as e:
+                    if fatal is None:
+                        fatal = e
+                        for other in pending:
+                            other.cancel()  # shards not started yet; running ones finish
+                except Exception as e:  # noqa: BLE001
+                    failed[shard_id] = f"{type(e).__name__}: {e}"
+    return fatal

@@ -1,13 +1,13 @@
 """The base class of every per-shard stage: it owns the loop, a stage writes ``process``.
 
 A stage is a pure function (input shard, parameters) -> output shard. Subclasses set ``name`` and
-implement ``process(sample) -> Sample``; an exception inside ``process`` becomes the sample's
+implement ``process(sample) -> Sample`` (or, to work on a whole shard at once, ``run_shard``); an exception inside ``process`` becomes the sample's
 ``<name>_status = "error"`` and ``<name>_error`` message, so one bad sample never costs a shard.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -26,8 +26,26 @@ class ShardStage(ABC):
         """What the manifest records about this run (never secrets)."""
         return {}
 
+    def check(self) -> None:
+        """Once, in the main process, before the output directory is touched: fail fast on a job
+        that cannot run (a rejected key, an unreachable server)."""
+
+    def begin(self, src: Dataset, dst: Dataset) -> None:
+        """Once, in the main process, before any worker starts: state shared by the whole run."""
+
     def setup(self) -> None:
         """Once per worker process before its first shard: load models, open clients."""
+
+    # Set by the runner: [samples done, USD spent] shared with the main process for live progress.
+    _counters: Any = None
+
+    def tick(self, samples: int = 1, cost_usd: float = 0.0) -> None:
+        """Report progress within a shard (the runner shows it live)."""
+        counters = self._counters
+        if counters is not None:
+            with counters.get_lock():
+                counters[0] += samples
+                counters[1] += cost_usd
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         """The output parquet schema: the input's plus this stage's outcome columns.
@@ -41,8 +59,10 @@ class ShardStage(ABC):
                 schema = schema.append(pa.field(column, pa.string()))
         return schema
 
-    @abstractmethod
-    def process(self, sample: Sample) -> Sample: ...
+    def process(self, sample: Sample) -> Sample:
+        """One sample in, one sample out. Stages that work on a whole shard at once (captioning
+        sends many requests concurrently) override ``run_shard`` instead."""
+        raise NotImplementedError(f"{type(self).__name__} implements neither process() nor run_shard()")
 
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
         input_schema = pq.read_schema(src.parquet_path(shard_id))
@@ -55,6 +75,7 @@ class ShardStage(ABC):
                     sample.row[f"{self.name}_status"] = "error"
                     sample.row[f"{self.name}_error"] = f"{type(e).__name__}: {e}"
                 writer.write(sample)
+                self.tick()
         except BaseException:
             writer.abort()
             raise

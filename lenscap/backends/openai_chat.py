@@ -1,0 +1,369 @@
+"""``--backend openai``: any server that speaks OpenAI's chat-completions API, through the official
+``openai`` client (OpenAI, Azure OpenAI's v1 endpoint, vLLM, Ollama, LM Studio, ...).
+
+One asyncio pool per shard: ``concurrency`` requests in flight, each first admitted by its
+endpoint's rate limiter. The SDK's own retries are off; ours (tenacity) retry 429s, 5xx, timeouts,
+dropped connections and malformed replies with exponential backoff and jitter, and a 429 pauses
+every request to that endpoint for the server's ``retry-after``. After the last attempt the sample
+gets ``caption_status=error`` and the message. Problems with the job itself (key rejected, model
+unknown, server unreachable) stop the run with one message instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlparse
+
+from lenscap.backends.base import ERROR, OK, REFUSED, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult
+from lenscap.captioning.images import UnreadableImage, prepare_image
+from lenscap.captioning.pricing import PriceTable, image_tokens, text_tokens
+from lenscap.captioning.ratelimit import EndpointLimiter
+from lenscap.errors import BackendError, UsageError
+
+__all__ = ["OpenAIChatBackend", "OpenAIOptions"]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DETAILS = ("low", "high", "auto")
+# The model answered, but with a refusal instead of a caption (when the API does not flag it).
+_REFUSAL_RE = re.compile(r"^\s*(I'm sorry|I am sorry|Sorry,|I can(no|')t|I'm unable|I am unable|I won't)\b", re.IGNORECASE)
+# Identical 400s before any success mean the request itself is wrong (an unsupported parameter), not
+# the images: stop instead of marking every sample failed.
+_BREAKER_THRESHOLD = 5
+
+
+@dataclass
+class OpenAIOptions:
+    model: str
+    base_urls: list[str] = field(default_factory=list)
+    api_key_env: str = "OPENAI_API_KEY"
+    max_tokens: int = 300
+    temperature: float | None = None
+    detail: str = "low"
+    max_side: int = 512
+    rpm: float | None = None
+    tpm: float | None = None
+    concurrency: int = 32
+    timeout: float = 60.0
+    max_retries: int = 5
+    process_share: float = 1.0  # this process's part of the limits when several processes share them
+    prices: PriceTable = field(default_factory=PriceTable)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise UsageError("--model is required for the openai backend")
+        if self.detail not in DETAILS:
+            raise UsageError(f"--detail must be one of {', '.join(DETAILS)}, not {self.detail!r}")
+        for name, value, low in (("--max-tokens", self.max_tokens, 1), ("--max-side", self.max_side, 16),
+                                 ("--concurrency", self.concurrency, 1), ("--max-retries", self.max_retries, 0)):
+            if value < low:
+                raise UsageError(f"{name} must be at least {low}, not {value}")
+        for name, value in (("--rpm", self.rpm), ("--tpm", self.tpm), ("--timeout", self.timeout)):
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} must be positive, not {value}")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise UsageError(f"--temperature must be between 0 and 2, not {self.temperature}")
+        for url in self.base_urls:
+            parsed = urlparse(url)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise UsageError(f"--base-url {url!r} is not an http(s) URL")
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_api_key(env_name: str, base_urls: list[str]) -> str:
+    """The key from the named variable. A server on this machine (vLLM, Ollama) needs none."""
+    key = os.environ.get(env_name, "").strip()
+    if key:
+        return key
+    if base_urls and all(_is_loopback(u) for u in base_urls):
+        return "no-key"
+    raise BackendError(f"no API key: set the environment variable {env_name} (or name another with --api-key-env)")
+
+
+class MalformedReply(Exception):
+    """A 200 whose body is not a usable chat completion."""
+
+
+class _Endpoint:
+    def __init__(self, url: str, limiter: EndpointLimiter) -> None:
+        self.url = url
+        self.limiter = limiter
+        self.client: Any = None
+
+
+class OpenAIChatBackend(CaptionBackend):
+    name = "openai"
+
+    def __init__(self, options: OpenAIOptions) -> None:
+        options.validate()
+        self.options = options
+        self.model = options.model
+        urls = options.base_urls or [os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL]
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self._api_key = resolve_api_key(options.api_key_env, self.base_urls)
+        self.endpoints = [_Endpoint(u, EndpointLimiter(options.rpm, options.tpm, options.process_share)) for u in self.base_urls]
+
+    # -- description ----------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        o = self.options
+        return {"backend": self.name, "model": o.model, "max_tokens": o.max_tokens, "temperature": o.temperature,
+                "detail": o.detail, "max_side": o.max_side}
+
+    def parameters(self) -> dict[str, Any]:
+        o = self.options
+        hosts = [urlparse(u)._replace(query="", fragment="").geturl() for u in self.base_urls]
+        return {**self.identity(), "base_urls": hosts, "api_key_env": o.api_key_env, "rpm": o.rpm, "tpm": o.tpm,
+                "concurrency": o.concurrency, "timeout": o.timeout, "max_retries": o.max_retries}
+
+    def scrub(self, text: str) -> str:
+        """Error text as shown to users: never the key, even if a server echoes it."""
+        return text.replace(self._api_key, "***") if self._api_key and self._api_key != "no-key" else text
+
+    # -- costs ----------------------------------------------------------------------------------
+
+    def _fit(self, width: int, height: int) -> tuple[int, int]:
+        s = min(1.0, self.options.max_side / max(width, height, 1))
+        return max(1, round(width * s)), max(1, round(height * s))
+
+    def _input_estimate(self, width: int, height: int, request: CaptionRequest) -> int:
+        text = text_tokens(request.instruction) + (text_tokens(request.system) if request.system else 0)
+        return text + image_tokens(self.model, *self._fit(width, height), self.options.detail)
+
+    def estimate_cost(self, width: int, height: int, request: CaptionRequest) -> float:
+        cost = self.options.prices.cost(self.model, self._input_estimate(width, height, request), self.options.max_tokens)
+        return cost or 0.0
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Reach every endpoint once (``GET /models``): a wrong URL or key fails here, not per sample."""
+        import openai
+
+        for url in self.base_urls:
+            client = openai.OpenAI(base_url=url, api_key=self._api_key, max_retries=1, timeout=min(self.options.timeout, 20.0))
+            try:
+                client.models.list()
+            except openai.AuthenticationError as e:
+                raise BackendError(f"{url} rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}") from None
+            except openai.PermissionDeniedError as e:
+                raise BackendError(f"{url} denied access: {self.scrub(_message(e))}") from None
+            except openai.APIConnectionError as e:
+                cause = e.__cause__ or e
+                raise BackendError(f"cannot reach {url}: {self.scrub(str(cause) or type(cause).__name__)}") from None
+            except openai.APIStatusError:
+                pass  # servers without /models (or a proxy in front) still caption
+            finally:
+                client.close()
+
+    # -- captioning -----------------------------------------------------------------------------
+
+    def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
+        try:
+            asyncio.run(self._run(iter(requests), on_result))
+        except BaseExceptionGroup as group:
+            # A fatal backend error in one task cancels the others; report it, not the group.
+            fatal = [e for e in _leaves(group) if isinstance(e, BackendError)]
+            if fatal:
+                raise fatal[0] from None
+            raise next(iter(_leaves(group))) from None
+
+    async def _run(self, requests: Iterator[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
+        import openai
+
+        for ep in self.endpoints:
+            ep.client = openai.AsyncOpenAI(base_url=ep.url, api_key=self._api_key, max_retries=0, timeout=self.options.timeout)
+        breaker = _BadRequestBreaker(on_result)
+        try:
+            async def worker() -> None:
+                for request in requests:  # pulled lazily, shared by all workers (one thread: no lock needed)
+                    breaker.report(await self._caption_one(request))
+
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(self.options.concurrency):
+                    tg.create_task(worker())
+            breaker.flush()
+        finally:
+            for ep in self.endpoints:
+                await ep.client.close()
+
+    def _pick(self, tokens: float) -> _Endpoint:
+        if len(self.endpoints) == 1:
+            return self.endpoints[0]
+        return min(self.endpoints, key=lambda ep: ep.limiter.expected_wait(tokens))
+
+    async def _caption_one(self, request: CaptionRequest) -> CaptionResult:
+        try:
+            image = prepare_image(request.image, self.options.max_side)
+        except UnreadableImage as e:
+            return CaptionResult(request.key, ERROR, error=str(e))
+        content: list[dict[str, Any]] = [
+            {"type": "text", "text": request.instruction},
+            {"type": "image_url", "image_url": {"url": image.data_url(), "detail": self.options.detail}},
+        ]
+        messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        if request.system:
+            messages.insert(0, {"role": "system", "content": request.system})
+        estimate = self._input_estimate(image.width, image.height, request)
+        try:
+            completion = await self._call(messages, estimate + self.options.max_tokens)
+        except _SampleError as e:
+            return CaptionResult(request.key, ERROR, error=self.scrub(str(e)), input_tokens=None)
+        return self._interpret(request.key, completion, estimate)
+
+    async def _call(self, messages: list[dict[str, Any]], tokens: float) -> Any:
+        import openai
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+        backoff = wait_exponential_jitter(initial=0.5, max=30.0)
+
+        def wait(state: Any) -> float:
+            # After a 429 the endpoint's limiter already holds every request for retry-after.
+            exc = state.outcome.exception() if state.outcome else None
+            return 0.0 if isinstance(exc, openai.RateLimitError) else backoff(state)
+
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.options.max_tokens}
+        if self.options.temperature is not None:
+            kwargs["temperature"] = self.options.temperature
+        try:
+            async for attempt in AsyncRetrying(stop=stop_after_attempt(self.options.max_retries + 1),
+                                               retry=retry_if_exception(_retryable), wait=wait, reraise=True):
+                with attempt:
+                    ep = self._pick(tokens)
+                    await ep.limiter.acquire(tokens)
+                    try:
+                        raw = await ep.client.chat.completions.with_raw_response.create(**kwargs)
+                    except openai.RateLimitError as e:
+                        ep.limiter.on_rate_limited(e.response.headers, fallback_s=backoff(attempt.retry_state))
+                        raise
+                    except openai.APIStatusError as e:
+                        ep.limiter.observe(e.response.headers)
+                        raise
+                    finally:
+                        ep.limiter.learned()  # a failed probe must not hold the others forever
+                    ep.limiter.observe(raw.headers)
+                    try:
+                        completion = raw.parse()
+                    except (ValueError, openai.APIResponseValidationError) as e:
+                        raise MalformedReply(f"malformed reply: {e}") from None
+                    if not getattr(completion, "choices", None) or completion.choices[0].message is None:
+                        raise MalformedReply("malformed reply: no choices")
+                    return completion
+        except openai.AuthenticationError as e:
+            raise BackendError(f"the server rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}") from None
+        except openai.PermissionDeniedError as e:
+            raise BackendError(f"permission denied: {self.scrub(_message(e))}") from None
+        except openai.NotFoundError as e:
+            raise BackendError(f"model {self.model!r}: {self.scrub(_message(e))}") from None
+        except openai.APIStatusError as e:
+            raise _SampleError(f"HTTP {e.status_code}: {_message(e)}", bad_request=e.status_code in (400, 422)) from None
+        except openai.APITimeoutError:
+            raise _SampleError(f"timed out after {self.options.timeout:g}s ({self.options.max_retries + 1} attempts)") from None
+        except openai.APIConnectionError as e:
+            raise _SampleError(f"connection failed ({self.options.max_retries + 1} attempts): {e.__cause__ or e}") from None
+        except MalformedReply as e:
+            raise _SampleError(f"{e} ({self.options.max_retries + 1} attempts)") from None
+        raise AssertionError("unreachable")
+
+    def _interpret(self, key: str, completion: Any, estimate: int) -> CaptionResult:
+        choice = completion.choices[0]
+        message = choice.message
+        usage = getattr(completion, "usage", None)
+        in_tok = getattr(usage, "prompt_tokens", None) if usage else None
+        out_tok = getattr(usage, "completion_tokens", None) if usage else None
+        text = (message.content or "").strip()
+        if in_tok is None:
+            in_tok = estimate
+        if out_tok is None:
+            out_tok = text_tokens(text)
+        cost = self.options.prices.cost(self.model, in_tok, out_tok)
+        result = CaptionResult(key, OK, input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
+        refusal = getattr(message, "refusal", None)
+        if refusal:
+            result.status, result.error = REFUSED, f"refused: {refusal}"
+        elif choice.finish_reason == "content_filter":
+            result.status, result.error = REFUSED, "refused: the server's content filter stopped the reply"
+        elif choice.finish_reason == "length":
+            result.status = TRUNCATED
+            result.error = f"reply cut at --max-tokens {self.options.max_tokens}: {text}"
+        elif not text:
+            result.status, result.error = ERROR, "empty reply"
+        elif _REFUSAL_RE.match(text) and len(text.split()) < 40:
+            result.status, result.error = REFUSED, f"refused: {text}"
+        else:
+            result.caption = " ".join(text.split())
+        return result
+
+
+class _SampleError(Exception):
+    def __init__(self, message: str, bad_request: bool = False) -> None:
+        super().__init__(message)
+        self.bad_request = bad_request
+
+
+class _BadRequestBreaker:
+    """Holds 400 errors until the first success; the same 400 five times before any success is a
+    problem with the request (an unsupported parameter), not with five images."""
+
+    def __init__(self, on_result: Callable[[CaptionResult], None]) -> None:
+        self.on_result = on_result
+        self.held: list[CaptionResult] = []
+        self.seen_success = False
+
+    def report(self, result: CaptionResult) -> None:
+        error = result.error or ""
+        if not self.seen_success and result.status == ERROR and error.startswith("HTTP 400") and "image" not in error.lower():
+            self.held.append(result)
+            if len(self.held) >= _BREAKER_THRESHOLD and len({r.error for r in self.held}) == 1:
+                raise BackendError(f"the server rejected the first {len(self.held)} requests with: {error}")
+            return
+        if result.status != ERROR:
+            self.seen_success = True
+            self.flush()
+        self.on_result(result)
+
+    def flush(self) -> None:
+        held, self.held = self.held, []
+        for r in held:
+            self.on_result(r)
+
+
+def _message(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if body.get("message"):
+            return str(body["message"])
+    return str(getattr(e, "message", None) or e)
+
+
+def _retryable(e: BaseException) -> bool:
+    import openai
+
+    if isinstance(e, (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError, MalformedReply)):
+        return True
+    return isinstance(e, openai.APIStatusError) and (e.status_code in (408, 409) or e.status_code >= 500)
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e

@@ -1,0 +1,47 @@
+"""``--max-cost``: a budget shared by every worker process of a run.
+
+Before a request is sent its worst case (estimated input plus ``max_tokens`` of output) is reserved;
+when the answer arrives the reservation is replaced by what the server says it used. A request is
+only sent if the reservations fit, so the budget is never overrun by more than estimation error.
+The budget covers everything the output directory has paid for across runs (spend recorded in
+finished shards and in journals), so rerunning the same command never spends it twice.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from typing import Any
+
+__all__ = ["Budget"]
+
+
+class Budget:
+    def __init__(self, max_usd: float | None, spent_before: float = 0.0, ctx: Any = None) -> None:
+        ctx = ctx or multiprocessing.get_context("spawn")
+        self.max_usd = max_usd
+        self.spent_before = spent_before
+        self._values = ctx.Array("d", 2)  # [spent this run, reserved]; picklable to spawned workers
+        self.exhausted = False
+
+    @property
+    def spent(self) -> float:
+        return self.spent_before + self._values[0]
+
+    @property
+    def spent_this_run(self) -> float:
+        return self._values[0]
+
+    def reserve(self, usd: float) -> bool:
+        if self.max_usd is None:
+            return True
+        with self._values.get_lock():
+            if self.spent_before + self._values[0] + self._values[1] + usd > self.max_usd:
+                self.exhausted = True
+                return False
+            self._values[1] += usd
+            return True
+
+    def settle(self, reserved: float, actual: float) -> None:
+        with self._values.get_lock():
+            self._values[1] = max(0.0, self._values[1] - (reserved if self.max_usd is not None else 0.0))
+            self._values[0] += actual

@@ -1,0 +1,45 @@
+"""Small dataset directories written directly (no download): fixtures for tests and benchmarks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pyarrow as pa
+
+from lenscap.dataset import Dataset
+from lenscap.demo.images import jpeg_bytes, scene, scene_caption
+from lenscap.record import SUCCESS, Sample
+
+__all__ = ["write_image_dataset", "DOWNLOAD_SCHEMA"]
+
+DOWNLOAD_SCHEMA = pa.schema([
+    ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
+    ("error_message", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
+])
+
+
+def write_image_dataset(
+    path: str | Path,
+    n: int,
+    per_shard: int = 100,
+    size: tuple[int, int] = (320, 240),
+    caption: Callable[[int], str] = scene_caption,
+    image: Callable[[int], bytes] | None = None,
+    failed: Callable[[int], bool] = lambda i: False,
+) -> Dataset:
+    """``n`` samples as a download stage would write them; ``failed(i)`` marks failed downloads."""
+    ds = Dataset.create(path)
+    make = image or (lambda i: jpeg_bytes(scene(i, size)))
+    for shard_id, start in enumerate(range(0, n, per_shard)):
+        writer = ds.writer(shard_id, DOWNLOAD_SCHEMA)
+        for i in range(start, min(n, start + per_shard)):
+            ok = not failed(i)
+            row = {"url": f"http://example.invalid/{i}.jpg", "caption": caption(i),
+                   "status": SUCCESS if ok else "failed_to_download",
+                   "error_message": None if ok else "HTTP Error 404: Not Found",
+                   "width": size[0] if ok else None, "height": size[1] if ok else None}
+            writer.write(Sample(f"{i:09d}", row, make(i) if ok else None))
+        writer.commit({"stage": "download"})
+    ds.write_manifest("download", {"generated": True}, None, expected_shards=(n + per_shard - 1) // per_shard)
+    return ds

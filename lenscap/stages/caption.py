@@ -1,0 +1,199 @@
+"""``lenscap caption``: replace each sample's caption with one written by a backend.
+
+Per shard: samples already in the shard's journal (a killed run) or in the response cache are not
+asked for again; the rest stream to the backend, and every result is appended to the journal the
+moment it arrives. When all are answered the output shard is written: ``caption`` is the new caption
+where ``caption_status`` is ``ok`` (the replaced text is kept in ``alt_text``, or in
+``previous_caption`` when the input already has an ``alt_text``), with provenance columns for
+every caption. The journal goes once the shard is committed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lenscap.backends.base import OK, REFUSED, SKIPPED, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult
+from lenscap.captioning.budget import Budget
+from lenscap.captioning.cache import ResponseCache, cache_key
+from lenscap.captioning.images import UnreadableImage, image_size
+from lenscap.captioning.journal import Journal
+from lenscap.captioning.prompts import Prompt
+from lenscap.dataset import Dataset, shard_name
+from lenscap.errors import BudgetReached
+from lenscap.record import Sample
+from lenscap.stages.base import ShardStage
+
+__all__ = ["CaptionStage", "PROVENANCE_FIELDS"]
+
+PROVENANCE_FIELDS = [
+    pa.field("caption_backend", pa.string()),
+    pa.field("caption_model", pa.string()),
+    pa.field("caption_prompt", pa.string()),
+    pa.field("caption_prompt_sha", pa.string()),
+    pa.field("caption_input_tokens", pa.int64()),
+    pa.field("caption_output_tokens", pa.int64()),
+    pa.field("caption_cost_usd", pa.float64()),
+    pa.field("caption_cached", pa.bool_()),
+]
+_CACHEABLE = (OK, TRUNCATED, REFUSED)  # answers that were paid for; errors are asked again
+
+
+class CaptionStage(ShardStage):
+    name = "caption"
+
+    def __init__(self, backend: CaptionBackend, prompt: Prompt, cache_dir: Path | None = None, max_cost: float | None = None) -> None:
+        self.backend = backend
+        self.prompt = prompt
+        self.cache_dir = cache_dir
+        self.max_cost = max_cost
+        self.budget: Budget | None = None
+        self._cache: ResponseCache | None = None
+
+    def parameters(self) -> dict[str, Any]:
+        return {**self.backend.parameters(), "prompt": self.prompt.id, "prompt_sha": self.prompt.sha,
+                "cache": self.cache_dir is not None, "max_cost": self.max_cost}
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.backend.identity(), "prompt_sha": self.prompt.sha}
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        schema = super().output_schema(input_schema)
+        kept = "previous_caption" if "alt_text" in input_schema.names else "alt_text"
+        for f in [pa.field(kept, pa.string()), *PROVENANCE_FIELDS]:
+            if f.name not in schema.names:
+                schema = schema.append(f)
+        return schema
+
+    # -- run lifecycle --------------------------------------------------------------------------
+
+    def check(self) -> None:
+        self.backend.check()
+
+    def begin(self, src: Dataset, dst: Dataset) -> None:
+        spent = 0.0
+        journals = self._journal_dir(dst)
+        for shard_id in dst.completed_ids():
+            spent += float(dst.read_stats(shard_id).get("caption_spent_usd", 0.0))
+            (journals / f"{shard_name(shard_id)}.jsonl").unlink(missing_ok=True)  # committed, then killed
+        if journals.is_dir():
+            for path in journals.glob("*.jsonl"):
+                spent += sum(e.get("cost_usd") or 0.0 for e in Journal(path).load().values() if not e.get("cached"))
+        self.budget = Budget(self.max_cost, spent)
+
+    def setup(self) -> None:
+        self.backend.setup()
+        if self.cache_dir is not None:
+            self._cache = ResponseCache(self.cache_dir)
+
+    @staticmethod
+    def _journal_dir(dst: Dataset) -> Path:
+        return dst.work_dir / "caption"
+
+    # -- one shard ------------------------------------------------------------------------------
+
+    def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
+        budget = self.budget or Budget(self.max_cost)
+        journal = Journal(self._journal_dir(dst) / f"{shard_name(shard_id)}.jsonl")
+        done = journal.load()
+        pending: dict[str, tuple[float, str]] = {}  # key -> (reserved USD, cache key)
+        identity = self.identity()
+        out_of_budget = False
+
+        def requests():  # noqa: ANN202 - a generator the backend pulls lazily
+            nonlocal out_of_budget
+            for sample in src.iter_samples(shard_id):
+                if sample.key in done or not sample.ok:
+                    continue
+                assert sample.image is not None
+                alt = sample.caption
+                key = cache_key(hashlib.sha256(sample.image).hexdigest(), identity, alt if self.prompt.uses_alt_text else None)
+                hit = self._cache.get(key) if self._cache is not None else None
+                if hit is not None:
+                    self._record(journal, done, {**hit, "key": sample.key, "cached": True})
+                    continue
+                request = CaptionRequest(sample.key, sample.image, self.prompt.system, self.prompt.render(alt))
+                try:
+                    width, height = image_size(sample.image)
+                except UnreadableImage:
+                    width = height = 1  # preparation reports it; costs nothing
+                reserve = self.backend.estimate_cost(width, height, request)
+                if not budget.reserve(reserve):
+                    out_of_budget = True
+                    return
+                pending[sample.key] = (reserve, key)
+                yield request
+
+        def on_result(result: CaptionResult) -> None:
+            reserved, key = pending.pop(result.key, (0.0, None))
+            entry = {**result.to_dict(), "cached": False}
+            self._record(journal, done, entry)
+            budget.settle(reserved, result.cost_usd or 0.0)
+            self.tick(0, result.cost_usd or 0.0)
+            if self._cache is not None and key is not None and result.status in _CACHEABLE:
+                self._cache.put(key, result.to_dict())
+
+        try:
+            self.backend.caption_all(requests(), on_result)
+        finally:
+            journal.close()
+        if out_of_budget:
+            raise BudgetReached(
+                f"--max-cost ${budget.max_usd:g} reached (${budget.spent:.4f} spent by this output directory); "
+                "finished shards are kept: rerun with a higher --max-cost to go on")
+        stats = self._write_shard(src, dst, shard_id, done)
+        journal.remove()
+        return stats
+
+    def _record(self, journal: Journal, done: dict[str, dict[str, Any]], entry: dict[str, Any]) -> None:
+        journal.append(entry)
+        done[str(entry["key"])] = entry
+        self.tick(1)
+
+    def _write_shard(self, src: Dataset, dst: Dataset, shard_id: int, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        input_schema = pq.read_schema(src.parquet_path(shard_id))
+        kept = "previous_caption" if "alt_text" in input_schema.names else "alt_text"
+        writer = dst.writer(shard_id, self.output_schema(input_schema))
+        outcomes: Counter[str] = Counter()
+        spent = 0.0
+        try:
+            for sample in src.iter_samples(shard_id):
+                entry = done.get(sample.key)
+                self._apply(sample, entry, kept)
+                outcomes[sample.row["caption_status"]] += 1
+                if entry is not None and not entry.get("cached"):
+                    spent += entry.get("cost_usd") or 0.0
+                if entry is None:
+                    self.tick(1)
+                writer.write(sample)
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit({"stage": self.name, "caption_spent_usd": round(spent, 8)})
+
+    def _apply(self, sample: Sample, entry: dict[str, Any] | None, kept: str) -> None:
+        row = sample.row
+        row[kept] = row.get("caption")
+        if entry is None:  # no image: nothing was asked
+            row["caption_status"] = SKIPPED
+            row["caption_error"] = f"no image (download status: {sample.status})"
+            for f in PROVENANCE_FIELDS:
+                row[f.name] = None
+            return
+        row["caption_status"] = entry["status"]
+        row["caption_error"] = entry.get("error")
+        if entry["status"] == OK:
+            row["caption"] = entry["caption"]
+        row["caption_backend"] = self.backend.name
+        row["caption_model"] = self.backend.model
+        row["caption_prompt"] = self.prompt.id
+        row["caption_prompt_sha"] = self.prompt.sha
+        row["caption_input_tokens"] = entry.get("input_tokens")
+        row["caption_output_tokens"] = entry.get("output_tokens")
+        row["caption_cost_usd"] = entry.get("cost_usd")
+        row["caption_cached"] = bool(entry.get("cached"))
