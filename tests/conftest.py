@@ -45,11 +45,18 @@ class CliResult:
     stderr: str
 
 
-def run_cli(*args: str, stdin: str | None = None, timeout: float = 180) -> CliResult:
+def run_cli(*args: str, stdin: str | None = None, timeout: float = 180, env: dict[str, str] | None = None) -> CliResult:
+    """``lenscap ARGS`` in a subprocess; ``env`` entries are added to (None values removed from) ours."""
+    full_env = dict(os.environ)
+    for k, v in (env or {}).items():
+        if v is None:
+            full_env.pop(k, None)
+        else:
+            full_env[k] = v
     proc = subprocess.run(
         [sys.executable, "-m", "lenscap.cli", *args],
         input=stdin, capture_output=True, text=True, timeout=timeout,
-        stdin=None if stdin is not None else subprocess.DEVNULL,
+        stdin=None if stdin is not None else subprocess.DEVNULL, env=full_env,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 

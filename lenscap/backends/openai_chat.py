@@ -127,7 +127,7 @@ class OpenAIChatBackend(CaptionBackend):
     def parameters(self) -> dict[str, Any]:
         o = self.options
         hosts = [urlparse(u)._replace(query="", fragment="").geturl() for u in self.base_urls]
-        return {**self.identity(), "base_urls": hosts, "api_key_env": o.api_key_env, "rpm": o.rpm, "tpm": o.tpm,
+        return {**self.identity(), "base_urls": hosts, "key_variable": o.api_key_env, "rpm": o.rpm, "tpm": o.tpm,
                 "concurrency": o.concurrency, "timeout": o.timeout, "max_retries": o.max_retries}
 
     def scrub(self, text: str) -> str:

@@ -60,10 +60,12 @@ class Prompt:
         return h.hexdigest()[:16]
 
     def render(self, alt_text: str | None) -> str:
-        """The user instruction for one image; the alt-text is inserted as a JSON string literal."""
+        """The user instruction for one image; the alt-text is inserted as a JSON string literal with
+        ``<`` and ``>`` escaped, so it can close neither its quotes nor the block around it."""
         if not self.uses_alt_text:
             return self.template
-        return self.template.replace(ALT_TEXT_PLACEHOLDER, json.dumps(alt_text or "", ensure_ascii=False))
+        quoted = json.dumps(alt_text or "", ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
+        return self.template.replace(ALT_TEXT_PLACEHOLDER, quoted)
 
 
 PRESETS: dict[str, Prompt] = {

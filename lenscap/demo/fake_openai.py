@@ -251,8 +251,8 @@ class FakeOpenAI:
                 await writer.drain()
                 if not keep_alive:
                     return
-        except (ConnectionError, asyncio.CancelledError):
-            return
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            return  # the client went away (a timeout, a killed process)
         finally:
             writer.close()
 

@@ -1,0 +1,234 @@
+"""``lenscap caption`` against the fake OpenAI-compatible server: outcomes, faults, bad input, secrets."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from lenscap.dataset import Dataset
+from lenscap.demo.datasets import write_image_dataset
+from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
+from lenscap.demo.images import scene_caption, truncated_jpeg
+
+KEY = "sk-test-LEAKCHECK-0123456789"
+
+
+@pytest.fixture
+def fake():
+    with FakeOpenAI(FakeSettings(api_key=KEY)) as server:
+        yield server
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {"OPENAI_API_KEY": KEY, "LENSCAP_CACHE_DIR": str(tmp_path / "cache"), "OPENAI_BASE_URL": None}
+
+
+def caption(src, out, server, env, *extra: str, timeout: float = 180):
+    return run_cli("caption", str(src), str(out), "--base-url", server.base_url, "--quiet", *extra, env=env, timeout=timeout)
+
+
+def rows(path) -> dict[str, dict]:
+    ds = Dataset(path)
+    return {r["key"]: r for i in ds.completed_ids() for r in ds.read_table(i).to_pylist()}
+
+
+def tar_members(path) -> dict[str, bytes]:
+    out = {}
+    for tar_path in sorted(Path(path).glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            out.update({m.name: tar.extractfile(m).read() for m in tar if m.isfile()})
+    return out
+
+
+def assert_no_key_anywhere(*places) -> None:
+    for place in places:
+        if isinstance(place, Path):
+            for f in Path(place).rglob("*"):
+                if f.is_file():
+                    assert KEY.encode() not in f.read_bytes(), f"API key leaked into {f}"
+        else:
+            assert KEY not in str(place)
+
+
+def test_captions_replace_alt_text_with_provenance(tmp_path, fake, env):
+    src = write_image_dataset(tmp_path / "in", 30, per_shard=12, failed=lambda i: i == 4).path
+    r = caption(src, tmp_path / "out", fake, env, "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["caption_status"] == {"ok": 29, "skipped": 1}
+    got = rows(tmp_path / "out")
+    assert len(got) == 30
+    ok = got["000000000"]
+    assert ok["caption_status"] == "ok" and ok["caption"].startswith("A wide 320x240 picture")
+    assert ok["alt_text"] == scene_caption(0)
+    assert (ok["caption_backend"], ok["caption_model"], ok["caption_prompt"]) == ("openai", "gpt-4.1-mini", "lens")
+    assert ok["caption_input_tokens"] > 85 and ok["caption_output_tokens"] > 0 and ok["caption_cost_usd"] > 0
+    assert ok["caption_cached"] is False
+    skipped = got["000000004"]
+    assert skipped["caption_status"] == "skipped" and "failed_to_download" in skipped["caption_error"]
+    assert skipped["caption"] == skipped["alt_text"] == scene_caption(4)
+    members = tar_members(tmp_path / "out")
+    assert members["000000000.txt"].decode() == ok["caption"]
+    assert json.loads(members["000000000.json"])["alt_text"] == scene_caption(0)
+    spent = sum(r["caption_cost_usd"] or 0 for r in got.values())
+    assert summary["spent_usd"] == pytest.approx(spent)
+    assert fake.stats()["responses"] == {"200": 29}
+    manifest = json.loads((tmp_path / "out" / "lenscap.json").read_text())
+    assert manifest["parameters"]["key_variable"] == "OPENAI_API_KEY"
+    assert manifest["counts"]["caption_status"] == {"ok": 29, "skipped": 1}
+    assert [h["stage"] for h in manifest["history"]] == ["download", "caption"]
+    assert_no_key_anywhere(tmp_path / "out", r.stdout, r.stderr)
+
+
+def test_response_cache_never_pays_twice(tmp_path, fake, env):
+    src = write_image_dataset(tmp_path / "in", 10, per_shard=10).path
+    assert caption(src, tmp_path / "a", fake, env).returncode == 0
+    assert fake.stats()["requests"] == 10
+    r = caption(src, tmp_path / "b", fake, env, "--json")
+    assert r.returncode == 0, r.stderr
+    assert fake.stats()["requests"] == 10  # all from the cache
+    assert json.loads(r.stdout)["spent_usd"] == 0
+    b = rows(tmp_path / "b")
+    assert all(row["caption_cached"] for row in b.values())
+    assert {k: v["caption"] for k, v in b.items()} == {k: v["caption"] for k, v in rows(tmp_path / "a").items()}
+    # Another prompt is another request; --no-cache asks again.
+    assert caption(src, tmp_path / "c", fake, env, "--prompt", "short").returncode == 0
+    assert fake.stats()["requests"] == 20
+    assert caption(src, tmp_path / "d", fake, env, "--no-cache").returncode == 0
+    assert fake.stats()["requests"] == 30
+
+
+FAULTS = {
+    # index: (marker in the alt-text, expected caption_status)
+    0: ("[[fault:500x2]]", "ok"),
+    1: ("[[fault:503x1]]", "ok"),
+    2: ("[[fault:429x2]]", "ok"),
+    3: ("[[fault:429-barex1]]", "ok"),
+    4: ("[[fault:malformedx2]]", "ok"),
+    5: ("[[fault:timeoutx1]]", "ok"),
+    6: ("[[fault:refusal]]", "refused"),
+    7: ("[[fault:length]]", "truncated"),
+    8: ("[[fault:badimage]]", "error"),
+    9: ("[[fault:500]]", "error"),
+}
+
+
+def test_each_injected_fault_becomes_the_right_outcome(tmp_path, fake, env):
+    fake.configure(timeout_sleep_s=4.0)
+    marker = lambda i: FAULTS[i][0] if i in FAULTS else ""  # noqa: E731
+    src = write_image_dataset(tmp_path / "in", 14, per_shard=14, caption=lambda i: f"photo {i} {marker(i)}").path
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Caption this image. Its alt-text, as data: {alt_text}")
+    r = caption(src, tmp_path / "out", fake, env, "--prompt", str(prompt), "--timeout", "1.5", "--max-retries", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    got = rows(tmp_path / "out")
+    for i, (mark, expected) in FAULTS.items():
+        row = got[f"{i:09d}"]
+        assert row["caption_status"] == expected, (mark, row["caption_error"])
+        if expected == "ok":
+            assert row["caption"].startswith("A wide") and row["caption_error"] is None
+        else:
+            assert row["caption"] == row["alt_text"], "a failed caption keeps the previous text"
+    for i in range(10, 14):
+        assert got[f"{i:09d}"]["caption_status"] == "ok"
+    assert got["000000006"]["caption_error"].startswith("refused: I'm sorry")
+    assert got["000000007"]["caption_error"].startswith("reply cut at --max-tokens 300: A wide")
+    assert "unsupported image" in got["000000008"]["caption_error"]
+    assert got["000000009"]["caption_error"] == "HTTP 500: The server had an error while processing your request."
+    assert got["000000006"]["caption_cost_usd"] > 0, "a refusal is billed, so it is costed"
+    assert json.loads(r.stdout)["caption_status"] == {"error": 2, "ok": 10, "refused": 1, "truncated": 1}
+    assert_no_key_anywhere(tmp_path / "out", r.stdout, r.stderr)
+
+
+def test_a_429_and_503_storm_is_ridden_out(tmp_path, fake, env):
+    fake.configure(fail_next=["429"] * 8 + ["503"] * 4)
+    src = write_image_dataset(tmp_path / "in", 12, per_shard=12).path
+    r = caption(src, tmp_path / "out", fake, env, "--concurrency", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["caption_status"] == {"ok": 12}
+    assert fake.stats()["responses"]["429"] == 8
+
+
+def test_corrupt_image_and_empty_shard(tmp_path, fake, env):
+    src = write_image_dataset(tmp_path / "in", 6, per_shard=3, image=lambda i: truncated_jpeg(i) if i == 1 else None or _jpeg(i))
+    empty = src.writer(2)
+    empty.commit({"stage": "download"})  # a shard with no samples at all
+    r = caption(src.path, tmp_path / "out", fake, env, "--json")
+    assert r.returncode == 0, r.stderr
+    got = rows(tmp_path / "out")
+    assert got["000000001"]["caption_status"] == "error"
+    assert "cannot decode image" in got["000000001"]["caption_error"]
+    assert {k: v["caption_status"] for k, v in got.items() if k != "000000001"} == {f"{i:09d}": "ok" for i in (0, 2, 3, 4, 5)}
+    assert Dataset(tmp_path / "out").completed_ids() == [0, 1, 2]
+    assert fake.stats()["requests"] == 5  # the corrupt image was never sent
+
+
+def _jpeg(i: int) -> bytes:
+    from lenscap.demo.images import jpeg_bytes, scene
+
+    return jpeg_bytes(scene(i, (320, 240)))
+
+
+def test_no_key_is_one_clear_line_before_any_work(tmp_path, env):
+    src = write_image_dataset(tmp_path / "in", 2).path
+    r = run_cli("caption", str(src), str(tmp_path / "out"), env={**env, "OPENAI_API_KEY": None})
+    assert r.returncode == 2
+    assert r.stderr.strip() == "lenscap: error: no API key: set the environment variable OPENAI_API_KEY (or name another with --api-key-env)"
+    assert not (tmp_path / "out").exists()
+    r = run_cli("caption", str(src), str(tmp_path / "out"), "--api-key-env", "MY_KEY", env={**env, "MY_KEY": None})
+    assert "MY_KEY" in r.stderr and r.returncode == 2
+
+
+def test_rejected_key_unknown_model_and_unreachable_server_fail_once(tmp_path, fake, env):
+    src = write_image_dataset(tmp_path / "in", 20, per_shard=10).path
+    r = caption(src, tmp_path / "o1", fake, {**env, "OPENAI_API_KEY": "sk-wrong-SECRET-987"})
+    assert r.returncode == 2
+    assert "rejected the API key in $OPENAI_API_KEY" in r.stderr and "sk-wrong-SECRET-987" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    fake.reset_counters()
+    r = caption(src, tmp_path / "o2", fake, env, "--model", "gpt-9-imaginary")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "lenscap: error: model 'gpt-9-imaginary': The model `gpt-9-imaginary` does not exist or you do not have access to it."
+    assert fake.stats()["requests"] == 1, "one probe request, not one per sample"
+    assert Dataset(tmp_path / "o2").completed_ids() == []
+    r = run_cli("caption", str(src), str(tmp_path / "o3"), "--base-url", "http://127.0.0.1:9/v1", env=env)
+    assert r.returncode == 2 and "cannot reach http://127.0.0.1:9/v1" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--detail", "huge"], "--detail must be one of low, high, auto"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--rpm", "-5"], "--rpm must be positive"),
+    (["--prompt", "nonexistent-preset"], "is neither a preset (lens, short, alt-aware) nor a file"),
+    (["--backend", "nope"], "unknown backend 'nope'; installed backends: openai"),
+    (["--max-cost", "1", "--model", "my-local-model"], "--max-cost needs a price for model 'my-local-model'"),
+    (["--base-url", "ftp://x"], "is not an http(s) URL"),
+])
+def test_bad_flags(tmp_path, env, args, message):
+    src = write_image_dataset(tmp_path / "in", 1).path
+    r = run_cli("caption", str(src), str(tmp_path / "out"), *args, env=env)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_missing_input_directory(tmp_path, env):
+    r = run_cli("caption", str(tmp_path / "nope"), str(tmp_path / "out"), env=env)
+    assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_pool_of_endpoints_spreads_load_within_each_limit(tmp_path, env):
+    src = write_image_dataset(tmp_path / "in", 40, per_shard=40).path
+    with FakeOpenAI(rpm=900, latency_s=0.05) as a, FakeOpenAI(rpm=900, latency_s=0.05) as b:
+        r = run_cli("caption", str(src), str(tmp_path / "out"), "--base-url", a.base_url, "--base-url", b.base_url,
+                    "--rpm", "900", "--quiet", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["caption_status"] == {"ok": 40}
+        sa, sb = a.stats(), b.stats()
+        assert sa["responses"].get("200", 0) + sb["responses"].get("200", 0) == 40
+        assert sa["requests"] >= 10 and sb["requests"] >= 10, (sa["requests"], sb["requests"])
+        assert "429" not in sa["responses"] and "429" not in sb["responses"]
