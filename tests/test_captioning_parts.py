@@ -61,7 +61,7 @@ def test_parse_duration_reads_openai_reset_headers():
 
 def test_bucket_holds_half_a_second_and_admits_an_oversized_request_when_full():
     b = TokenBucket(600)  # 10/s, minus the safety margin
-    assert b.capacity == pytest.approx(600 * 0.985 / 60 * 0.5)
+    assert b.capacity == pytest.approx(600 * 0.99 / 60 * 0.5)
     now = b.updated
     assert b.wait_time(1, now) == 0
     b.take(b.capacity, now)  # the bucket is empty now
@@ -85,13 +85,17 @@ def test_limits_from_headers_429_pauses_everyone_and_flags_win_when_lower():
     assert lim.on_rate_limited({"x-ratelimit-reset-requests": "4s"}, fallback_s=9) == 4.0
     assert lim.on_rate_limited({}, fallback_s=7) == 7
     shared = EndpointLimiter(rpm=600, share=0.5)
-    assert shared.requests.rate == pytest.approx(5 * 0.985)
+    assert shared.requests.rate == pytest.approx(5 * 0.99)
 
 
-def test_remaining_zero_pauses_until_reset():
+def test_remaining_zero_empties_the_bucket_or_pauses_when_the_limit_is_unknown():
     lim = EndpointLimiter(rpm=600)
     lim.observe({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "3s"})
-    assert lim.expected_wait(1) == pytest.approx(3.0, abs=0.1)
+    assert lim.requests.level == 0 and lim.paused_until == 0  # refills at 10/s: next request in 0.1 s
+    assert lim.expected_wait(1) == pytest.approx(1 / lim.requests.rate, abs=0.02)
+    unknown = EndpointLimiter()
+    unknown.observe({"x-ratelimit-remaining-tokens": "0", "x-ratelimit-reset-tokens": "3s"})
+    assert unknown.expected_wait(1) == pytest.approx(3.0, abs=0.1)
 
 
 def test_one_probe_goes_first_when_limits_are_unknown():

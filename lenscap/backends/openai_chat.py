@@ -15,6 +15,7 @@ import asyncio
 import ipaddress
 import os
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -245,17 +246,18 @@ class OpenAIChatBackend(CaptionBackend):
                 with attempt:
                     ep = self._pick(tokens)
                     await ep.limiter.acquire(tokens)
+                    sent = time.monotonic()
                     try:
                         raw = await ep.client.chat.completions.with_raw_response.create(**kwargs)
                     except openai.RateLimitError as e:
-                        ep.limiter.on_rate_limited(e.response.headers, fallback_s=backoff(attempt.retry_state))
+                        ep.limiter.on_rate_limited(e.response.headers, backoff(attempt.retry_state), time.monotonic() - sent)
                         raise
                     except openai.APIStatusError as e:
-                        ep.limiter.observe(e.response.headers)
+                        ep.limiter.observe(e.response.headers, time.monotonic() - sent)
                         raise
                     finally:
                         ep.limiter.learned()  # a failed probe must not hold the others forever
-                    ep.limiter.observe(raw.headers)
+                    ep.limiter.observe(raw.headers, time.monotonic() - sent)
                     try:
                         completion = raw.parse()
                     except (ValueError, openai.APIResponseValidationError) as e:

@@ -2,7 +2,7 @@
 
 Why these numbers. Servers may enforce a per-minute limit over shorter windows (OpenAI: "60,000 RPM
 may be enforced as 1,000 requests per second"), so a client that bursts a minute's worth gets 429s
-even under the limit. Each bucket therefore refills continuously at ``margin`` x the limit and holds
+even under the limit. Each bucket therefore refills continuously at 99% of the limit and holds
 at most half a second's worth: a server that allows a second's burst always has slack left for
 timing jitter. A request is admitted once the bucket holds its cost, or is full for a cost larger
 than the bucket (it then runs into debt), so no request is too big to ever pass.
@@ -24,7 +24,7 @@ from collections.abc import Mapping
 __all__ = ["TokenBucket", "EndpointLimiter", "parse_duration"]
 
 BURST_S = 0.5
-MARGIN = 0.985
+MARGIN = 0.99
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 
 
@@ -173,25 +173,30 @@ class EndpointLimiter:
             self.requests.lower_to(0.0)
             self.tokens.lower_to(0.0)
 
-    def observe(self, headers: Mapping[str, str]) -> None:
-        """Learn from a response's rate-limit headers."""
+    def observe(self, headers: Mapping[str, str], age_s: float = 0.0) -> None:
+        """Learn from a response's rate-limit headers. ``age_s``: seconds since the request was sent;
+        the server counted ``remaining`` then, and has refilled since."""
         self.learned()
         for bucket, flag, kind in ((self.requests, self.flag_rpm, "requests"), (self.tokens, self.flag_tpm, "tokens")):
             limit = _header_float(headers, f"x-ratelimit-limit-{kind}")
             if limit and (flag is None or limit < flag) and limit != bucket.per_minute:
                 bucket.set_limit(limit)
             remaining = _header_float(headers, f"x-ratelimit-remaining-{kind}")
-            if remaining is not None and bucket.per_minute is not None:
-                bucket.lower_to(remaining * bucket.share)
-                if remaining < 1:
-                    reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
-                    if reset:
-                        self.pause(reset)
+            if remaining is None:
+                continue
+            if bucket.per_minute is not None:
+                # An emptied bucket refills at the known rate: no pause needed. ("reset" is the time
+                # until the server's window is full again, far longer than until the next request.)
+                bucket.lower_to(remaining * bucket.share + age_s * bucket.rate)
+            elif remaining < 1:
+                reset = parse_duration(headers.get(f"x-ratelimit-reset-{kind}"))
+                if reset:
+                    self.pause(reset)
 
-    def on_rate_limited(self, headers: Mapping[str, str], fallback_s: float) -> float:
+    def on_rate_limited(self, headers: Mapping[str, str], fallback_s: float, age_s: float = 0.0) -> float:
         """A 429: pause the endpoint for the server's retry-after (or ``fallback_s``); returns the pause."""
         self.rate_limited += 1
-        self.observe(headers)
+        self.observe(headers, age_s)
         delay = None
         ms = _header_float(headers, "retry-after-ms")
         if ms is not None:

@@ -20,6 +20,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
+import urllib.request
 import base64
 import binascii
 import hashlib
@@ -36,7 +39,7 @@ from PIL import Image
 
 from lenscap.captioning.pricing import image_tokens, text_tokens
 
-__all__ = ["FakeOpenAI", "FakeSettings", "fake_caption"]
+__all__ = ["FakeOpenAI", "FakeOpenAIProcess", "FakeSettings", "fake_caption"]
 
 _FAULT_RE = re.compile(r"\[\[fault:([a-z0-9-]+?)(?:x(\d+))?\]\]")
 _DEFAULT_MODELS = ("gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-4o", "gpt-4o-mini")
@@ -146,6 +149,8 @@ class FakeOpenAI:
             self.marker_counts: Counter[str] = Counter()
             self.input_tokens = 0
             self.output_tokens = 0
+            self.first_success: float | None = None  # monotonic times: throughput as the server saw it
+            self.last_success: float | None = None
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -156,6 +161,7 @@ class FakeOpenAI:
                 "image_successes": dict(self.image_successes),
                 "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens,
+                "success_span_s": (self.last_success - self.first_success) if self.first_success is not None and self.last_success is not None else None,
             }
 
     def _apply_limits(self) -> None:
@@ -319,6 +325,9 @@ class FakeOpenAI:
             finish, content = "length", " ".join(words[: max(1, max_tokens * 3 // 4)])
         out_tokens = min(max_tokens, max(1, len((content or refusal or "").split()) * 4 // 3))
         with self._lock:
+            now = time.monotonic()
+            self.first_success = now if self.first_success is None else self.first_success
+            self.last_success = now
             self.image_successes[sha] += 1
             self.input_tokens += est
             self.output_tokens += out_tokens
@@ -440,6 +449,41 @@ def _decode_image(url: str, decode: bool) -> tuple[bytes, Image.Image | None, tu
     except Exception:  # noqa: BLE001
         raise _BadRequest(400, "You uploaded an unsupported image. Please make sure your image is valid.", "invalid_image") from None
     return raw, (im if decode else None), size
+
+
+class FakeOpenAIProcess:
+    """The server in a process of its own (benchmarks: its CPU is not the client's GIL), driven over HTTP."""
+
+    def __init__(self, *args: str) -> None:
+        self.args = args
+        self.proc: subprocess.Popen[str] | None = None
+        self.base_url = ""
+
+    def __enter__(self) -> FakeOpenAIProcess:
+        self.proc = subprocess.Popen([sys.executable, "-m", "lenscap.demo.fake_openai", *self.args],
+                                     stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        self.base_url = json.loads(self.proc.stdout.readline())["base_url"]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+    def _call(self, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        root = self.base_url.rsplit("/v1", 1)[0]
+        data = json.dumps(body).encode() if body is not None else None
+        with urllib.request.urlopen(urllib.request.Request(root + path, data=data), timeout=30) as r:
+            return json.loads(r.read())
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("/_fake/stats")
+
+    def reset(self, **settings: Any) -> None:
+        """Zero the counters; refill the rate limits (re-applied by any configure call)."""
+        self._call("/_fake/reset", {})
+        self._call("/_fake/config", settings)
 
 
 def main() -> None:
