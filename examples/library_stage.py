@@ -33,7 +33,6 @@ class CountCaptionWords(ShardStage):
 
     def process(self, sample: Sample) -> Sample:
         sample.row["caption_words"] = len((sample.caption or "").split())
-        sample.row["count_words_status"] = "ok"
         return sample
 
 

@@ -126,6 +126,7 @@ def test_stats_written_only_on_commit_with_right_counts(tmp_path):
         "count": 9,
         "successes": 6,
         "status": {"failed_to_download": 3, "success": 6},
+        "stage_status": {},
         "errors": {"404 Not Found": 2, "timeout": 1},
         "stage": "test",
     }

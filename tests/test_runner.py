@@ -164,7 +164,7 @@ def test_per_sample_errors_become_columns(src, tmp_path):
                 assert row.get("upper_error") == f"ValueError: cannot upper-case {row['key']}"
                 assert row["caption"] == f"a small picture {int(row['key'])}"  # left as it was
             else:
-                assert row.get("upper_status") != "error"
+                assert row.get("upper_status") == "ok"
                 assert row.get("upper_error") is None
                 assert row["caption"] == f"A SMALL PICTURE {int(row['key'])}"
     assert seen_errors == 2  # keys 00003 and 00013
@@ -238,7 +238,8 @@ def test_output_manifest_history_extends_input_history(src, tmp_path):
     assert [h["stage"] for h in out_manifest["history"]] == ["download", "upper"]
     assert out_manifest["stage"] == "upper"
     assert out_manifest["input"] == str(src.path)
-    assert out_manifest["counts"] == {"samples": 15, "status": {"failed_to_download": 3, "success": 12}}
+    assert out_manifest["counts"] == {"samples": 15, "status": {"failed_to_download": 3, "success": 12},
+                                      "upper_status": {"ok": 15}}
     assert out_manifest["complete"] is True
     assert "sk-RUNNER-SECRET" not in (tmp_path / "out" / "lenscap.json").read_text()
 

@@ -1,8 +1,10 @@
 """The base class of every per-shard stage: it owns the loop, a stage writes ``process``.
 
 A stage is a pure function (input shard, parameters) -> output shard. Subclasses set ``name`` and
-implement ``process(sample) -> Sample`` (or, to work on a whole shard at once, ``run_shard``); an exception inside ``process`` becomes the sample's
-``<name>_status = "error"`` and ``<name>_error`` message, so one bad sample never costs a shard.
+implement ``process(sample) -> Sample`` (or, to work on a whole shard at once, ``run_shard``). An
+exception inside ``process`` becomes the sample's ``<name>_status = "error"`` and ``<name>_error``
+message, so one bad sample never costs a shard; a sample that ``process`` returns without a status
+gets ``<name>_status = "ok"``.
 """
 
 from __future__ import annotations
@@ -68,12 +70,16 @@ class ShardStage(ABC):
         input_schema = pq.read_schema(src.parquet_path(shard_id))
         writer = dst.writer(shard_id, self.output_schema(input_schema))
         try:
+            status, error = f"{self.name}_status", f"{self.name}_error"
             for sample in src.iter_samples(shard_id):
+                sample.row[status] = sample.row[error] = None  # never a stale outcome from an earlier run
                 try:
                     sample = self.process(sample)
+                    if sample.row.get(status) is None:
+                        sample.row[status] = "ok"
                 except Exception as e:  # noqa: BLE001 - recorded on the sample, never lost
-                    sample.row[f"{self.name}_status"] = "error"
-                    sample.row[f"{self.name}_error"] = f"{type(e).__name__}: {e}"
+                    sample.row[status] = "error"
+                    sample.row[error] = f"{type(e).__name__}: {e}"
                 writer.write(sample)
                 self.tick()
         except BaseException:
