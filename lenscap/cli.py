@@ -210,6 +210,11 @@ def inspect(
     table.add_row("samples", str(info["samples"]))
     for status, n in info["status"].items():
         table.add_row(f"  {status}", str(n))
+    for column, outcomes in info["stage_status"].items():
+        table.add_row(column, ", ".join(f"{n} {k}" for k, n in outcomes.items()))
+    if info["caption_cost"]:
+        c = info["caption_cost"]
+        table.add_row("caption cost", f"${c['usd']:.4f} ({c['input_tokens']:,} input + {c['output_tokens']:,} output tokens)")
     cw = info["caption_words"]
     if cw["count"]:
         table.add_row("caption words", f"mean {cw['mean']}, p50 {cw['p50']}, p95 {cw['p95']} ({cw['count']} captions)")

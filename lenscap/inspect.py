@@ -6,6 +6,7 @@ import os
 from collections import Counter
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -13,6 +14,7 @@ from lenscap.dataset import Dataset
 
 __all__ = ["inspect_dataset"]
 
+_SPEND_COLUMNS = ("caption_cost_usd", "caption_input_tokens", "caption_output_tokens")
 _MAX_WORDS = 2048  # caption length histogram bins; longer captions share the last bin
 
 
@@ -40,6 +42,8 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
     errors: Counter[str] = Counter()
     hist = [0] * (_MAX_WORDS + 1)
     words_total = samples = 0
+    stage_status: dict[str, Counter[str]] = {}
+    spend = {"usd": 0.0, "input_tokens": 0, "output_tokens": 0}
     columns: list[str] = []
     for shard_id in completed:
         meta = pq.read_metadata(ds.parquet_path(shard_id))
@@ -47,16 +51,29 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
         columns = columns or names
         samples += meta.num_rows
         # Only the columns summarised here: later stages add wide ones (exif, OCR text, embeddings).
-        table = ds.read_table(shard_id, columns=[c for c in ("status", "error_message", "caption") if c in names])
+        for column, outcome in ds.read_stats(shard_id).get("stage_status", {}).items():
+            stage_status.setdefault(column, Counter()).update(outcome)
+        stage_errors = [c for c in names if c.endswith("_error")]
+        wanted = ("status", "error_message", "caption", "caption_status", *_SPEND_COLUMNS, *stage_errors)
+        table = ds.read_table(shard_id, columns=[c for c in wanted if c in names])
+        for column in stage_errors:  # caption_error, filter_error, ...: "caption: <message>"
+            prefix = column.removesuffix("_error")
+            errors.update(f"{prefix}: {e[:200]}" for e in table.column(column).to_pylist() if e)
+        for key, column in zip(spend, _SPEND_COLUMNS, strict=True):
+            if column in table.column_names:
+                spend[key] += pc.sum(table.column(column)).as_py() or 0
         if "status" in table.column_names:
             status.update(str(s) for s in table.column("status").to_pylist())
         if "error_message" in table.column_names:
             errors.update(e for e in table.column("error_message").to_pylist() if e)
         if "caption" in table.column_names:
             captions = table.column("caption")
-            ok = pc.equal(table.column("status"), "success") if "status" in table.column_names else None
-            if ok is not None:
-                captions = captions.filter(ok)
+            # Captions to train on: downloaded samples, and where a caption stage ran, its successes.
+            for column, value in (("status", "success"), ("caption_status", "ok")):
+                if column in table.column_names:
+                    keep = pc.fill_null(pc.equal(table.column(column), pa.scalar(value)), False)
+                    captions = captions.filter(keep)
+                    table = table.filter(keep)
             for caption in captions.to_pylist():
                 n = min(len(caption.split()) if caption else 0, _MAX_WORDS)
                 hist[n] += 1
@@ -76,6 +93,8 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
         "incomplete_shards": incomplete[:50],
         "samples": samples,
         "status": dict(status.most_common()),
+        "stage_status": {column: dict(c.most_common()) for column, c in sorted(stage_status.items())},
+        "caption_cost": {**spend, "usd": round(spend["usd"], 6)} if "caption_cost_usd" in columns else None,
         "errors": dict(errors.most_common(10)),
         "caption_words": {
             "count": n_captions,

@@ -82,6 +82,11 @@ def test_captions_replace_alt_text_with_provenance(tmp_path, fake, env):
     assert manifest["parameters"]["key_variable"] == "OPENAI_API_KEY"
     assert manifest["counts"]["caption_status"] == {"ok": 29, "skipped": 1}
     assert [h["stage"] for h in manifest["history"]] == ["download", "caption"]
+    info = json.loads(run_cli("inspect", str(tmp_path / "out"), "--json").stdout)
+    assert info["stage_status"] == {"caption_status": {"ok": 29, "skipped": 1}}
+    assert info["caption_cost"]["usd"] == pytest.approx(spent, abs=1e-6)
+    assert info["caption_words"]["count"] == 29  # new captions only, not the kept alt-text
+    assert info["errors"]["caption: no image (download status: failed_to_download)"] == 1
     assert_no_key_anywhere(tmp_path / "out", r.stdout, r.stderr)
 
 
