@@ -90,6 +90,15 @@ def test_captions_replace_alt_text_with_provenance(tmp_path, fake, env):
     assert_no_key_anywhere(tmp_path / "out", r.stdout, r.stderr)
 
 
+def test_resuming_with_other_caption_settings_is_refused(tmp_path, fake, env):
+    src = write_image_dataset(tmp_path / "in", 3).path
+    assert caption(src, tmp_path / "out", fake, env).returncode == 0
+    r = caption(src, tmp_path / "out", fake, env, "--model", "gpt-4.1", "--max-tokens", "200")
+    assert r.returncode == 2
+    assert "holds captions written with other settings (max_tokens: 300 -> 200, model: 'gpt-4.1-mini' -> 'gpt-4.1')" in r.stderr
+    assert caption(src, tmp_path / "out", fake, env, "--concurrency", "3", "--rpm", "1000").returncode == 0  # speed may change
+
+
 def test_response_cache_never_pays_twice(tmp_path, fake, env):
     src = write_image_dataset(tmp_path / "in", 10, per_shard=10).path
     assert caption(src, tmp_path / "a", fake, env).returncode == 0

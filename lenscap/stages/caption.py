@@ -11,6 +11,7 @@ every caption. The journal goes once the shard is committed.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -24,8 +25,8 @@ from lenscap.captioning.cache import ResponseCache, cache_key
 from lenscap.captioning.images import UnreadableImage, image_size
 from lenscap.captioning.journal import Journal
 from lenscap.captioning.prompts import Prompt
-from lenscap.dataset import Dataset, shard_name
-from lenscap.errors import BudgetReached
+from lenscap.dataset import Dataset, atomic_write_json, shard_name
+from lenscap.errors import BudgetReached, DatasetError
 from lenscap.record import Sample
 from lenscap.stages.base import ShardStage
 
@@ -76,8 +77,9 @@ class CaptionStage(ShardStage):
         self.backend.check()
 
     def begin(self, src: Dataset, dst: Dataset) -> None:
-        spent = 0.0
         journals = self._journal_dir(dst)
+        self._claim(journals / "job.json")
+        spent = 0.0
         for shard_id in dst.completed_ids():
             spent += float(dst.read_stats(shard_id).get("caption_spent_usd", 0.0))
             (journals / f"{shard_name(shard_id)}.jsonl").unlink(missing_ok=True)  # committed, then killed
@@ -85,6 +87,21 @@ class CaptionStage(ShardStage):
             for path in journals.glob("*.jsonl"):
                 spent += sum(e.get("cost_usd") or 0.0 for e in Journal(path).load().values() if not e.get("cached"))
         self.budget = Budget(self.max_cost, spent)
+
+    def _claim(self, job_file: Path) -> None:
+        """One output directory, one way of captioning: journalled and committed captions were
+        written with these settings, and their provenance columns say so."""
+        identity = json.loads(json.dumps(self.identity()))
+        if job_file.exists():
+            before = json.loads(job_file.read_text())
+            if before != identity:
+                changed = ", ".join(f"{k}: {before.get(k)!r} -> {identity.get(k)!r}"
+                                    for k in sorted(set(before) | set(identity)) if before.get(k) != identity.get(k))
+                raise DatasetError(f"{job_file.parent.parent.parent} holds captions written with other settings ({changed}); "
+                                   "use a new output directory, or the same settings to resume")
+        else:
+            job_file.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(job_file, identity)
 
     def setup(self) -> None:
         self.backend.setup()
