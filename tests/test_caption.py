@@ -246,3 +246,21 @@ def test_pool_of_endpoints_spreads_load_within_each_limit(tmp_path, env):
         assert sa["responses"].get("200", 0) + sb["responses"].get("200", 0) == 40
         assert sa["requests"] >= 10 and sb["requests"] >= 10, (sa["requests"], sb["requests"])
         assert "429" not in sa["responses"] and "429" not in sb["responses"]
+
+
+def test_recaptioning_the_output_retries_only_the_errors(tmp_path, fake, env):
+    marker = lambda i: "[[fault:500x2]]" if i == 1 else ""  # noqa: E731
+    src = write_image_dataset(tmp_path / "in", 4, caption=lambda i: f"web text {i} {marker(i)}").path
+    r = caption(src, tmp_path / "out", fake, env, "--prompt", "alt-aware", "--max-retries", "1")
+    assert r.returncode == 0, r.stderr
+    first = rows(tmp_path / "out")
+    assert [first[f"{i:09d}"]["caption_status"] for i in range(4)] == ["ok", "error", "ok", "ok"]
+    assert fake.stats()["requests"] == 5
+    r = caption(tmp_path / "out", tmp_path / "out2", fake, env, "--prompt", "alt-aware", "--max-retries", "1")
+    assert r.returncode == 0, r.stderr
+    assert fake.stats()["requests"] == 6, "the successes came from the cache: they ground on the same alt-text"
+    second = rows(tmp_path / "out2")
+    assert all(row["caption_status"] == "ok" for row in second.values())
+    assert second["000000001"]["alt_text"] == "web text 1 [[fault:500x2]]"
+    assert second["000000000"]["previous_caption"] == first["000000000"]["caption"]
+    assert second["000000000"]["caption_cached"] is True

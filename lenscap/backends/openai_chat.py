@@ -33,6 +33,7 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DETAILS = ("low", "high", "auto")
 # The model answered, but with a refusal instead of a caption (when the API does not flag it).
 _REFUSAL_RE = re.compile(r"^\s*(I'm sorry|I am sorry|Sorry,|I can(no|')t|I'm unable|I am unable|I won't)\b", re.IGNORECASE)
+_REASONING_RE = re.compile(r"^(o\d|gpt-5)")
 # Identical 400s before any success mean the request itself is wrong (an unsupported parameter), not
 # the images: stop instead of marking every sample failed.
 _BREAKER_THRESHOLD = 5
@@ -237,7 +238,9 @@ class OpenAIChatBackend(CaptionBackend):
             exc = state.outcome.exception() if state.outcome else None
             return 0.0 if isinstance(exc, openai.RateLimitError) else backoff(state)
 
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, "max_tokens": self.options.max_tokens}
+        # Reasoning models take only max_completion_tokens; other servers (vLLM, Ollama) know max_tokens.
+        limit_name = "max_completion_tokens" if _REASONING_RE.match(self.model) else "max_tokens"
+        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, limit_name: self.options.max_tokens}
         if self.options.temperature is not None:
             kwargs["temperature"] = self.options.temperature
         try:

@@ -128,7 +128,8 @@ class CaptionStage(ShardStage):
                 if sample.key in done or not sample.ok:
                     continue
                 assert sample.image is not None
-                alt = sample.caption
+                # The web's alt-text, also when the input was captioned before and kept it aside.
+                alt = sample.row.get("alt_text") or sample.caption
                 key = cache_key(hashlib.sha256(sample.image).hexdigest(), identity, alt if self.prompt.uses_alt_text else None)
                 hit = self._cache.get(key) if self._cache is not None else None
                 if hit is not None:
