@@ -210,6 +210,7 @@ def test_rejected_key_unknown_model_and_unreachable_server_fail_once(tmp_path, f
     assert r.stderr.strip().splitlines()[-1] == "lenscap: error: model 'gpt-9-imaginary': The model `gpt-9-imaginary` does not exist or you do not have access to it."
     assert fake.stats()["requests"] == 1, "one probe request, not one per sample"
     assert Dataset(tmp_path / "o2").completed_ids() == []
+    assert caption(src, tmp_path / "o2", fake, env).returncode == 0, "the corrected model may use the directory"
     r = run_cli("caption", str(src), str(tmp_path / "o3"), "--base-url", "http://127.0.0.1:9/v1", env=env)
     assert r.returncode == 2 and "cannot reach http://127.0.0.1:9/v1" in r.stderr
 

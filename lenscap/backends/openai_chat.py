@@ -86,6 +86,15 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
+def _public_url(url: str) -> str:
+    """The URL without credentials or query (some gateways put keys there): safe for manifests."""
+    p = urlparse(url)
+    netloc = p.hostname or ""
+    if p.port:
+        netloc += f":{p.port}"
+    return p._replace(netloc=netloc, query="", fragment="").geturl()
+
+
 def resolve_api_key(env_name: str, base_urls: list[str]) -> str:
     """The key from the named variable. A server on this machine (vLLM, Ollama) needs none."""
     key = os.environ.get(env_name, "").strip()
@@ -128,7 +137,7 @@ class OpenAIChatBackend(CaptionBackend):
 
     def parameters(self) -> dict[str, Any]:
         o = self.options
-        hosts = [urlparse(u)._replace(query="", fragment="").geturl() for u in self.base_urls]
+        hosts = [_public_url(u) for u in self.base_urls]
         return {**self.identity(), "base_urls": hosts, "key_variable": o.api_key_env, "rpm": o.rpm, "tpm": o.tpm,
                 "concurrency": o.concurrency, "timeout": o.timeout, "max_retries": o.max_retries}
 

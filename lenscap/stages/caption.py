@@ -78,7 +78,7 @@ class CaptionStage(ShardStage):
 
     def begin(self, src: Dataset, dst: Dataset) -> None:
         journals = self._journal_dir(dst)
-        self._claim(journals / "job.json")
+        self._claim(dst)
         spent = 0.0
         for shard_id in dst.completed_ids():
             spent += float(dst.read_stats(shard_id).get("caption_spent_usd", 0.0))
@@ -88,16 +88,18 @@ class CaptionStage(ShardStage):
                 spent += sum(e.get("cost_usd") or 0.0 for e in Journal(path).load().values() if not e.get("cached"))
         self.budget = Budget(self.max_cost, spent)
 
-    def _claim(self, job_file: Path) -> None:
+    def _claim(self, dst: Dataset) -> None:
         """One output directory, one way of captioning: journalled and committed captions were
         written with these settings, and their provenance columns say so."""
+        job_file = self._journal_dir(dst) / "job.json"
         identity = json.loads(json.dumps(self.identity()))
-        if job_file.exists():
+        recorded = dst.completed_ids() or any(p.stat().st_size for p in self._journal_dir(dst).glob("*.jsonl"))
+        if job_file.exists() and recorded:  # settings bind once a caption exists (not after a typo'd model)
             before = json.loads(job_file.read_text())
             if before != identity:
                 changed = ", ".join(f"{k}: {before.get(k)!r} -> {identity.get(k)!r}"
                                     for k in sorted(set(before) | set(identity)) if before.get(k) != identity.get(k))
-                raise DatasetError(f"{job_file.parent.parent.parent} holds captions written with other settings ({changed}); "
+                raise DatasetError(f"{dst.path} holds captions written with other settings ({changed}); "
                                    "use a new output directory, or the same settings to resume")
         else:
             job_file.parent.mkdir(parents=True, exist_ok=True)
