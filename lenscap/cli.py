@@ -142,6 +142,7 @@ def caption(
     from pathlib import Path
 
     from lenscap.backends import backend_class
+    from lenscap.backends.openai_chat import OpenAIOptions
     from lenscap.captioning.cache import default_cache_dir
     from lenscap.captioning.pricing import PriceTable
     from lenscap.captioning.prompts import load_prompt
@@ -156,8 +157,7 @@ def caption(
         raise UsageError(f"--max-cost must be positive, not {max_cost}")
     cls = backend_class(backend)
     price_table = PriceTable.load(prices)
-    from lenscap.backends.openai_chat import OpenAIOptions
-
+    # The flags are the openai backend's options; a backend with other options declares its own.
     options = OpenAIOptions(
         model=model, base_urls=list(base_url or []), api_key_env=api_key_env, max_tokens=max_tokens,
         temperature=temperature, detail=detail, max_side=max_side, rpm=rpm, tpm=tpm, concurrency=concurrency,

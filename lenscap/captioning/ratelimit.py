@@ -114,7 +114,6 @@ class EndpointLimiter:
         self.flag_rpm, self.flag_tpm = rpm, tpm
         self.paused_until = 0.0
         self.waiting = 0
-        self.rate_limited = 0  # 429s seen: reported in the summary
         self.known = rpm is not None or tpm is not None  # limits known: no probe needed
         self._probing = False
         self._lock: asyncio.Lock | None = None
@@ -195,7 +194,6 @@ class EndpointLimiter:
 
     def on_rate_limited(self, headers: Mapping[str, str], fallback_s: float, age_s: float = 0.0) -> float:
         """A 429: pause the endpoint for the server's retry-after (or ``fallback_s``); returns the pause."""
-        self.rate_limited += 1
         self.observe(headers, age_s)
         delay = None
         ms = _header_float(headers, "retry-after-ms")
