@@ -237,20 +237,23 @@ def demo(
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the demo offline: serve generated images on loopback, download them, inspect the result."""
+    """Run the demo offline: serve generated images on loopback, download and caption them, inspect the result."""
     from lenscap.demo.run import run_demo
     from lenscap.inspect import inspect_dataset
 
     if images < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--images")
     out = run_demo(work_dir, images, quiet)
-    exit_code = out["result"].exit_code
+    exit_code = out["exit_code"]
     if as_json:
         _emit({"command": "demo", "work_dir": out["work_dir"], "download": inspect_dataset(out["download"]),
-               "exit_code": exit_code}, True)
+               "captioned": inspect_dataset(out["captioned"]), "exit_code": exit_code}, True)
     else:
-        inspect(out["download"], as_json=False)
-        print(f"demo dataset: {out['download']}  (try: lenscap inspect {out['download']} --json)")
+        inspect(out["captioned"], as_json=False)
+        print(f"downloaded: {out['download']}\ncaptioned:  {out['captioned']}  (try: lenscap inspect {out['captioned']} --json)")
+        print("The captions come from a fake OpenAI-compatible server on loopback (placeholders: size and colour);\n"
+              "the cost is what gpt-4.1-mini would have charged. With a key, run: lenscap caption "
+              f"{out['download']} OUT --model gpt-4.1-mini")
     raise typer.Exit(exit_code)
 
 

@@ -1,4 +1,9 @@
-"""The demo pipeline: generated images served on loopback, downloaded, inspected. Offline, no key."""
+"""The demo pipeline: generated images served on loopback, downloaded, captioned, inspected.
+
+Offline and without a key: captions come from the fake OpenAI-compatible server on loopback, through
+the real client, limiter, journal and shard writing. Its captions are placeholders (size and
+dominant colour), and the cost shown is what gpt-4.1-mini would have charged; nothing is paid.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,14 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lenscap.backends.openai_chat import OpenAIChatBackend, OpenAIOptions
+from lenscap.captioning.prompts import load_prompt
+from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
 from lenscap.demo.images import html_page, jpeg_bytes, scene, scene_caption, truncated_jpeg
 from lenscap.demo.server import ImageServer, Route
 from lenscap.progress import make_progress
+from lenscap.runner import run_stage
+from lenscap.stages.caption import CaptionStage
 from lenscap.stages.download import DownloadOptions, download
 
 __all__ = ["demo_routes", "run_demo"]
@@ -44,4 +54,11 @@ def run_demo(work_dir: str | Path, n_images: int = 100, quiet: bool = False) -> 
             DownloadOptions(samples_per_shard=50, processes=2, threads=16, timeout=5),
             make_progress("download", quiet),
         )
-    return {"work_dir": str(work), "download": str(work / "download"), "result": result}
+    shutil.rmtree(work / "captioned", ignore_errors=True)
+    with FakeOpenAI(FakeSettings(rpm=1200, latency_s=0.05)) as api:
+        backend = OpenAIChatBackend(OpenAIOptions(model="gpt-4.1-mini", base_urls=[api.base_url], concurrency=16))
+        captioned = run_stage(CaptionStage(backend, load_prompt("lens")), work / "download", work / "captioned",
+                              progress=make_progress("caption", quiet))
+    exit_code = max(result.exit_code, captioned.exit_code)
+    return {"work_dir": str(work), "download": str(work / "download"), "captioned": str(work / "captioned"),
+            "exit_code": exit_code}

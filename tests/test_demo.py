@@ -1,0 +1,20 @@
+"""The quickstart's demo: offline, no key, download then caption, one JSON summary."""
+
+from __future__ import annotations
+
+import json
+
+from conftest import run_cli
+
+
+def test_demo_downloads_and_captions_offline(tmp_path):
+    r = run_cli("demo", str(tmp_path / "demo"), "--images", "12", "--json", "--quiet",
+                env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None, "LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["download"]["status"] == {"success": 12, "failed_to_download": 2, "failed_to_resize": 2}
+    captioned = summary["captioned"]
+    assert captioned["stage_status"]["caption_status"] == {"ok": 12, "skipped": 4}
+    assert captioned["history"] == ["download", "caption"]
+    assert captioned["caption_cost"]["usd"] > 0
+    assert not (tmp_path / "cache").exists(), "the demo leaves the user's response cache alone"
