@@ -118,6 +118,7 @@ class _Endpoint:
 
 class OpenAIChatBackend(CaptionBackend):
     name = "openai"
+    batch_priced = False  # the Batch API bills half
 
     def __init__(self, options: OpenAIOptions) -> None:
         options.validate()
@@ -156,7 +157,8 @@ class OpenAIChatBackend(CaptionBackend):
         return text + image_tokens(self.model, *self._fit(width, height), self.options.detail)
 
     def estimate_cost(self, width: int, height: int, request: CaptionRequest) -> float:
-        cost = self.options.prices.cost(self.model, self._input_estimate(width, height, request), self.options.max_tokens)
+        cost = self.options.prices.cost(self.model, self._input_estimate(width, height, request), self.options.max_tokens,
+                                        batch=self.batch_priced)
         return cost or 0.0
 
     # -- checks ---------------------------------------------------------------------------------
@@ -217,11 +219,10 @@ class OpenAIChatBackend(CaptionBackend):
             return self.endpoints[0]
         return min(self.endpoints, key=lambda ep: ep.limiter.expected_wait(tokens))
 
-    async def _caption_one(self, request: CaptionRequest) -> CaptionResult:
-        try:
-            image = prepare_image(request.image, self.options.max_side)
-        except UnreadableImage as e:
-            return CaptionResult(request.key, ERROR, error=str(e))
+    def build_body(self, request: CaptionRequest) -> tuple[dict[str, Any], int]:
+        """The chat-completions request body for one image, and its estimated input tokens.
+        Raises ``UnreadableImage``. Shared with the batch backends, which write it to a file."""
+        image = prepare_image(request.image, self.options.max_side)
         content: list[dict[str, Any]] = [
             {"type": "text", "text": request.instruction},
             {"type": "image_url", "image_url": {"url": image.data_url(), "detail": self.options.detail}},
@@ -229,14 +230,25 @@ class OpenAIChatBackend(CaptionBackend):
         messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
         if request.system:
             messages.insert(0, {"role": "system", "content": request.system})
-        estimate = self._input_estimate(image.width, image.height, request)
-        try:
-            completion = await self._call(messages, estimate + self.options.max_tokens)
-        except _SampleError as e:
-            return CaptionResult(request.key, ERROR, error=self.scrub(str(e)), input_tokens=None)
-        return self._interpret(request.key, completion, estimate)
+        # Reasoning models take only max_completion_tokens; other servers (vLLM, Ollama) know max_tokens.
+        limit_name = "max_completion_tokens" if _REASONING_RE.match(self.model) else "max_tokens"
+        body: dict[str, Any] = {"model": self.model, "messages": messages, limit_name: self.options.max_tokens}
+        if self.options.temperature is not None:
+            body["temperature"] = self.options.temperature
+        return body, self._input_estimate(image.width, image.height, request)
 
-    async def _call(self, messages: list[dict[str, Any]], tokens: float) -> Any:
+    async def _caption_one(self, request: CaptionRequest) -> CaptionResult:
+        try:
+            body, estimate = self.build_body(request)
+        except UnreadableImage as e:
+            return CaptionResult(request.key, ERROR, error=str(e))
+        try:
+            completion = await self._call(body, estimate + self.options.max_tokens)
+        except _SampleError as e:
+            return CaptionResult(request.key, ERROR, error=self.scrub(str(e)))
+        return self.interpret(request.key, completion, estimate)
+
+    async def _call(self, kwargs: dict[str, Any], tokens: float) -> Any:
         import openai
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
@@ -247,11 +259,6 @@ class OpenAIChatBackend(CaptionBackend):
             exc = state.outcome.exception() if state.outcome else None
             return 0.0 if isinstance(exc, openai.RateLimitError) else backoff(state)
 
-        # Reasoning models take only max_completion_tokens; other servers (vLLM, Ollama) know max_tokens.
-        limit_name = "max_completion_tokens" if _REASONING_RE.match(self.model) else "max_tokens"
-        kwargs: dict[str, Any] = {"model": self.model, "messages": messages, limit_name: self.options.max_tokens}
-        if self.options.temperature is not None:
-            kwargs["temperature"] = self.options.temperature
         try:
             async for attempt in AsyncRetrying(stop=stop_after_attempt(self.options.max_retries + 1),
                                                retry=retry_if_exception(_retryable), wait=wait, reraise=True):
@@ -293,7 +300,8 @@ class OpenAIChatBackend(CaptionBackend):
             raise _SampleError(f"{e} ({self.options.max_retries + 1} attempts)") from None
         raise AssertionError("unreachable")
 
-    def _interpret(self, key: str, completion: Any, estimate: int) -> CaptionResult:
+    def interpret(self, key: str, completion: Any, estimate: int) -> CaptionResult:
+        """A chat completion (the SDK's object) as a caption outcome, priced."""
         choice = completion.choices[0]
         message = choice.message
         usage = getattr(completion, "usage", None)
@@ -304,7 +312,7 @@ class OpenAIChatBackend(CaptionBackend):
             in_tok = estimate
         if out_tok is None:
             out_tok = text_tokens(text)
-        cost = self.options.prices.cost(self.model, in_tok, out_tok)
+        cost = self.options.prices.cost(self.model, in_tok, out_tok, batch=self.batch_priced)
         result = CaptionResult(key, OK, input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
         refusal = getattr(message, "refusal", None)
         if refusal:
