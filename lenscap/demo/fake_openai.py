@@ -38,6 +38,7 @@ from typing import Any
 from PIL import Image
 
 from lenscap.captioning.pricing import image_tokens, text_tokens
+from lenscap.demo.fake_batches import BatchEndpoints
 
 __all__ = ["FakeOpenAI", "FakeOpenAIProcess", "FakeSettings", "fake_caption"]
 
@@ -63,6 +64,12 @@ class FakeSettings:
     timeout_sleep_s: float = 30.0
     decode_images: bool = True
     fail_next: list[str] = field(default_factory=list)
+    # Batches (see fake_batches.py)
+    batch_delay_s: float = 0.3
+    batch_expire_after: int | None = None
+    fail_uploads: int = 0
+    upload_delay_s: float = 0.0
+    create_delay_s: float = 0.0
 
 
 def _colour_name(rgb: tuple[int, ...]) -> str:
@@ -127,7 +134,7 @@ class _BadRequest(Exception):
         self.status, self.code, self.type = status, code, type_
 
 
-class FakeOpenAI:
+class FakeOpenAI(BatchEndpoints):
     def __init__(self, settings: FakeSettings | None = None, host: str = "127.0.0.1", port: int = 0, **kw: Any) -> None:
         self.settings = settings or FakeSettings(**kw)
         self.host, self.port = host, port
@@ -135,6 +142,7 @@ class FakeOpenAI:
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
         self._lock = threading.Lock()
+        self._init_batches()
         self.reset_counters()
         self._apply_limits()
 
@@ -244,13 +252,14 @@ class FakeOpenAI:
                         k, v = line.split(":", 1)
                         headers[k.strip().lower()] = v.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
-                reply = await self._route(method, path.split("?", 1)[0], headers, body)
+                path, _, query = path.partition("?")
+                reply = await self._route(method, path, query, headers, body)
                 if reply is None:  # a simulated hang: drop the connection
                     return
                 status, extra_headers, payload = reply
                 keep_alive = headers.get("connection", "").lower() != "close"
-                head_lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
-                              "content-type: application/json", f"content-length: {len(payload)}",
+                extra_headers = {"content-type": "application/json", **extra_headers}
+                head_lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"content-length: {len(payload)}",
                               "connection: " + ("keep-alive" if keep_alive else "close")]
                 head_lines += [f"{k}: {v}" for k, v in extra_headers.items()]
                 writer.write(("\r\n".join(head_lines) + "\r\n\r\n").encode("latin-1") + payload)
@@ -262,7 +271,7 @@ class FakeOpenAI:
         finally:
             writer.close()
 
-    async def _route(self, method: str, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes] | None:
+    async def _route(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes] | None:
         if path == "/_fake/stats":
             return 200, {}, json.dumps(self.stats()).encode()
         if path == "/_fake/config" and method == "POST":
@@ -278,6 +287,8 @@ class FakeOpenAI:
             return 200, {}, json.dumps({"object": "list", "data": data}).encode()
         if path == "/v1/chat/completions" and method == "POST":
             return await self._chat(body)
+        if path.startswith(("/v1/files", "/v1/batches")):
+            return await self._batch_route(method, path, query, headers, body)
         return _error(404, f"Unknown request URL: {method} {path}.", "unknown_url")
 
     # -- chat completions -----------------------------------------------------------------------
@@ -316,7 +327,12 @@ class FakeOpenAI:
             return self._count((200, limit_headers, b'{"id": "chatcmpl-broken", "choices": [{"index": 0, "mess'))
         if fault == "badimage":
             return self._count(_error(400, "You uploaded an unsupported image. Please make sure your image is valid.", "invalid_image"))
-        caption = fake_caption(images[0][1] if images else None, images[0][2] if images else None, sha, s.caption_words)
+        reply = self._completion(model, images, sha, est, max_tokens, fault)
+        return self._count((200, limit_headers, json.dumps(reply).encode()))
+
+    def _completion(self, model: str, images: list[Any], sha: str, est: int, max_tokens: int, fault: str | None) -> dict[str, Any]:
+        """A successful (billed) chat completion: a caption, a refusal, or a reply cut at max tokens."""
+        caption = fake_caption(images[0][1] if images else None, images[0][2] if images else None, sha, self.settings.caption_words)
         words = caption.split()
         finish, content, refusal = "stop", caption, None
         if fault == "refusal":
@@ -331,13 +347,12 @@ class FakeOpenAI:
             self.image_successes[sha] += 1
             self.input_tokens += est
             self.output_tokens += out_tokens
-        reply = {
+        return {
             "id": f"chatcmpl-{sha[:12]}", "object": "chat.completion", "created": int(time.time()), "model": model,
             "choices": [{"index": 0, "finish_reason": finish,
                          "message": {"role": "assistant", "content": content, "refusal": refusal}}],
             "usage": {"prompt_tokens": est, "completion_tokens": out_tokens, "total_tokens": est + out_tokens},
         }
-        return self._count((200, limit_headers, json.dumps(reply).encode()))
 
     def _count(self, reply: tuple[int, dict[str, str], bytes]) -> tuple[int, dict[str, str], bytes]:
         with self._lock:
