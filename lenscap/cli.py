@@ -135,10 +135,19 @@ def caption(
     processes: Annotated[int, typer.Option(help="Worker processes (each gets an equal part of --rpm/--tpm).")] = 1,
     cache: Annotated[Optional[str], typer.Option(help="Response cache directory (default: $LENSCAP_CACHE_DIR or ~/.cache/lenscap).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="Batch backends: poll until every batch is done (default: submit, collect what is ready, exit).")] = False,
+    poll_interval: Annotated[float, typer.Option(help="Batch backends: seconds between polls with --wait.")] = 60.0,
+    max_requests_per_file: Annotated[int, typer.Option(help="Batch backends: requests per batch file (the API allows 50,000).")] = 50_000,
+    max_file_mb: Annotated[float, typer.Option(help="Batch backends: MB per batch file (the API allows 200).")] = 200.0,
+    max_enqueued_tokens: Annotated[Optional[int], typer.Option(help="Batch backends: hold submissions so batches in flight stay within the account's batch queue limit.")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Recaption a dataset with a vision-language model. Rerun to resume: nothing already paid is asked again."""
+    """Recaption a dataset with a vision-language model. Rerun to resume: nothing already paid is asked again.
+
+    Backends: openai (any chat-completions server), openai-batch (OpenAI's Batch API, half price;
+    rerun or use --wait to collect), batch-files (batch files for vllm run-batch; rerun to merge).
+    """
     from pathlib import Path
 
     from lenscap.backends import backend_class
@@ -164,12 +173,29 @@ def caption(
         timeout=timeout, max_retries=max_retries, process_share=1.0 / processes, prices=price_table,
     )
     caption_backend = cls(options)  # type: ignore[call-arg]
-    if price_table.price(model) is None:
+    if caption_backend.priced and price_table.price(model) is None:
         if max_cost is not None:
             raise UsageError(f"--max-cost needs a price for model {model!r}: give one with --prices FILE")
         print(f"lenscap: note: no price known for model {model!r}; cost columns stay empty (see --prices)", file=sys.stderr)
     cache_dir = None if no_cache else Path(cache) if cache else default_cache_dir()
     stage = CaptionStage(caption_backend, load_prompt(prompt), cache_dir, max_cost)
+    if getattr(cls, "runs_as_batch", False):
+        from lenscap.stages.caption_batch import BatchOptions, run_batch_caption
+
+        batch_options = BatchOptions(max_requests_per_file=max_requests_per_file, max_file_bytes=int(max_file_mb * 1024 * 1024),
+                                     max_enqueued_tokens=max_enqueued_tokens, max_rounds=max_retries, wait=wait,
+                                     poll_interval_s=poll_interval)
+        try:
+            batch = run_batch_caption(stage, in_dir, out_dir, batch_options, make_progress("caption", quiet))
+        except BudgetReached as e:
+            spent = stage.budget.spent if stage.budget else 0.0
+            _emit({"command": "caption", "out_dir": out_dir, "spent_usd": spent, "exit_code": e.exit_code, "reason": str(e)}, as_json)
+            raise
+        _emit({"command": "caption", "backend": backend, **asdict(batch), "caption_status": batch.counts.get("caption_status", {}),
+               "exit_code": 0}, as_json)
+        if not as_json and not quiet:
+            _say_batch(batch, caption_backend, out_dir)
+        raise typer.Exit(0)
     try:
         result = run_stage(stage, in_dir, out_dir, processes, make_progress("caption", quiet))
     except BudgetReached as e:
@@ -185,6 +211,74 @@ def caption(
         print(f"{result.out_dir}: {result.shards_completed}/{result.shards_total} shards, {result.samples} samples ({parts}); "
               f"${summary['spent_usd']:.4f} spent", file=sys.stderr)
     raise typer.Exit(result.exit_code)
+
+
+def _say_batch(batch: Any, backend: Any, out_dir: str) -> None:
+    outcomes = ", ".join(f"{n} {k}" for k, n in batch.counts.get("caption_status", {}).items())
+    files = ", ".join(f"{n} {k}" for k, n in batch.files.items()) or "none"
+    print(f"{batch.out_dir}: {batch.shards_completed}/{batch.shards_total} shards ({outcomes or 'none yet'}); "
+          f"batch files: {files}; ${batch.spent_usd:.4f} spent", file=sys.stderr)
+    if batch.complete:
+        return
+    from pathlib import Path
+
+    commands = getattr(backend.transport(Path(out_dir) / "_lenscap" / "batch"), "commands", None)
+    if commands is not None:
+        print("run these, then rerun this command to merge the results:", file=sys.stderr)
+        for line in commands(backend.model):
+            print(f"  {line}", file=sys.stderr)
+    else:
+        print("not finished: rerun this command (or from cron, or with --wait) to collect", file=sys.stderr)
+
+
+batch_app = typer.Typer(help="Look after a caption batch job (openai-batch, batch-files).", no_args_is_help=True)
+app.add_typer(batch_app, name="batch")
+
+
+@batch_app.command("status")
+def batch_status_command(
+    out_dir: Annotated[str, typer.Argument(help="The output directory of a batch caption job.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Batches, their states and request counts, rounds, and money spent (as of the last run; no network)."""
+    from lenscap.stages.caption_batch import batch_status
+
+    info = batch_status(out_dir)
+    if as_json:
+        _emit(info, True)
+        return
+    shards = info["shards"]
+    print(f"{info['out_dir']}: {info['backend']} {info['model']}, job {info['job_id'][:12]}")
+    print(f"shards {shards['completed']}/{shards['expected']}, {info['requests']} requests in {len(info['batches'])} batch files "
+          f"over {info['rounds']} round(s), ${info['spent_usd']:.4f} spent")
+    for b in info["batches"]:
+        print(f"  {b['name']}  {b['state']:<9} {b['status'] or '':<11} {b['requests']:>6} requests  {b['batch_id'] or ''}")
+
+
+@batch_app.command("cancel")
+def batch_cancel_command(
+    out_dir: Annotated[str, typer.Argument(help="The output directory of a batch caption job.")],
+) -> None:
+    """Cancel the job's running batches. The next caption run merges what they finished (and submits the rest)."""
+    import json as _json
+    from pathlib import Path
+
+    from lenscap.backends import backend_class
+    from lenscap.backends.openai_chat import OpenAIOptions
+    from lenscap.dataset import Dataset
+    from lenscap.errors import UsageError
+    from lenscap.stages.caption_batch import cancel_batches
+
+    job_file = Path(out_dir) / "_lenscap" / "batch" / "job.json"
+    Dataset.open(out_dir)
+    if not job_file.exists():
+        raise UsageError(f"{out_dir} holds no batch job")
+    job = _json.loads(job_file.read_text())
+    cls = backend_class(job["backend"])
+    backend = cls(OpenAIOptions(model=job["model"], base_urls=[job["base_url"]] if job.get("base_url") else [],  # type: ignore[call-arg]
+                                api_key_env=job["key_variable"]))
+    cancelled = cancel_batches(out_dir, backend)
+    print(f"cancelled {len(cancelled)} batch(es): {', '.join(cancelled) or 'none running'}", file=sys.stderr)
 
 
 @app.command()

@@ -13,7 +13,11 @@ from lenscap.errors import UsageError
 
 __all__ = ["available_backends", "backend_class"]
 
-_BUILTIN = {"openai": "lenscap.backends.openai_chat:OpenAIChatBackend"}
+_BUILTIN = {
+    "openai": "lenscap.backends.openai_chat:OpenAIChatBackend",
+    "openai-batch": "lenscap.backends.openai_batch:OpenAIBatchBackend",
+    "batch-files": "lenscap.backends.openai_batch:BatchFilesBackend",
+}
 
 
 def available_backends() -> dict[str, str]:

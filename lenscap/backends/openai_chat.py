@@ -119,6 +119,9 @@ class _Endpoint:
 class OpenAIChatBackend(CaptionBackend):
     name = "openai"
     batch_priced = False  # the Batch API bills half
+    needs_key = True
+    priced = True  # False: a backend whose captions cost nothing anyone can price
+    runs_as_batch = False
 
     def __init__(self, options: OpenAIOptions) -> None:
         options.validate()
@@ -126,7 +129,7 @@ class OpenAIChatBackend(CaptionBackend):
         self.model = options.model
         urls = options.base_urls or [os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL]
         self.base_urls = [u.rstrip("/") for u in urls]
-        self._api_key = resolve_api_key(options.api_key_env, self.base_urls)
+        self._api_key = resolve_api_key(options.api_key_env, self.base_urls) if self.needs_key else "no-key"
         self.endpoints = [_Endpoint(u, EndpointLimiter(options.rpm, options.tpm, options.process_share)) for u in self.base_urls]
 
     # -- description ----------------------------------------------------------------------------
@@ -157,9 +160,11 @@ class OpenAIChatBackend(CaptionBackend):
         return text + image_tokens(self.model, *self._fit(width, height), self.options.detail)
 
     def estimate_cost(self, width: int, height: int, request: CaptionRequest) -> float:
-        cost = self.options.prices.cost(self.model, self._input_estimate(width, height, request), self.options.max_tokens,
-                                        batch=self.batch_priced)
-        return cost or 0.0
+        return self.price(self._input_estimate(width, height, request), self.options.max_tokens) or 0.0
+
+    def price(self, input_tokens: int, output_tokens: int) -> float | None:
+        """USD for this usage, or None when the model's price is unknown."""
+        return self.options.prices.cost(self.model, input_tokens, output_tokens, batch=self.batch_priced)
 
     # -- checks ---------------------------------------------------------------------------------
 
@@ -312,7 +317,7 @@ class OpenAIChatBackend(CaptionBackend):
             in_tok = estimate
         if out_tok is None:
             out_tok = text_tokens(text)
-        cost = self.options.prices.cost(self.model, in_tok, out_tok, batch=self.batch_priced)
+        cost = self.price(in_tok, out_tok)
         result = CaptionResult(key, OK, input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
         refusal = getattr(message, "refusal", None)
         if refusal:

@@ -41,6 +41,12 @@ class Budget:
             self._values[1] += usd
             return True
 
+    def reserve_forced(self, usd: float) -> None:
+        """Reserve money already committed to (batches submitted by an earlier run)."""
+        if self.max_usd is not None:
+            with self._values.get_lock():
+                self._values[1] += usd
+
     def settle(self, reserved: float, actual: float) -> None:
         with self._values.get_lock():
             self._values[1] = max(0.0, self._values[1] - (reserved if self.max_usd is not None else 0.0))

@@ -1,0 +1,176 @@
+"""Batch backends: the same requests as ``--backend openai``, written to files instead of sent one by one.
+
+``openai-batch`` uploads the files to OpenAI's Batch API (half price, results within 24 hours);
+``batch-files`` leaves them in a directory for ``vllm run-batch`` or any runner of the OpenAI batch
+format, and collects the output files that appear next to them. Both are driven by
+``lenscap.stages.caption_batch``; these classes only know how to move one file.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from lenscap.backends.base import CaptionRequest, CaptionResult
+from lenscap.backends.openai_chat import OpenAIChatBackend
+from lenscap.errors import BackendError, UsageError
+
+__all__ = ["OpenAIBatchBackend", "BatchFilesBackend", "ApiTransport", "FilesTransport", "TERMINAL"]
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+
+class _BatchBackend(OpenAIChatBackend):
+    runs_as_batch = True
+
+    def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
+        raise UsageError(f"the {self.name} backend runs as a batch job, not request by request")
+
+    def transport(self, work_dir: Path) -> Any:
+        raise NotImplementedError
+
+
+class OpenAIBatchBackend(_BatchBackend):
+    name = "openai-batch"
+    batch_priced = True
+
+    def transport(self, work_dir: Path) -> ApiTransport:
+        return ApiTransport(self)
+
+
+class BatchFilesBackend(_BatchBackend):
+    """Batch input files for a GPU cluster: no server, no key, no cost."""
+
+    name = "batch-files"
+    needs_key = False
+    priced = False
+
+    def price(self, input_tokens: int, output_tokens: int) -> float | None:
+        return None  # a local model costs nothing anyone can price
+
+    def check(self) -> None:
+        pass
+
+    def transport(self, work_dir: Path) -> FilesTransport:
+        return FilesTransport(work_dir / "files")
+
+
+class ApiTransport:
+    """One file's trip through OpenAI's Files and Batches endpoints (synchronous client: a few calls
+    per 50,000 requests)."""
+
+    def __init__(self, backend: OpenAIChatBackend) -> None:
+        import openai
+
+        self.backend = backend
+        self._openai = openai
+        # The SDK retries these rare calls itself (connection errors, 429, 5xx), with backoff.
+        self.client = openai.OpenAI(base_url=backend.base_urls[0], api_key=backend._api_key, max_retries=5,
+                                    timeout=max(backend.options.timeout, 600.0))
+
+    def _fail(self, what: str, e: Exception) -> BackendError:
+        return BackendError(f"{what}: {self.backend.scrub(str(e))}")
+
+    @staticmethod
+    def remote_name(job_id: str, name: str) -> str:
+        """Uploads carry the job id, so a crashed run can tell its own file among the account's."""
+        return f"lenscap-{job_id[:12]}-{name}.jsonl"
+
+    def find_upload(self, filename: str) -> str | None:
+        """A file uploaded by an earlier run that died before recording it."""
+        for f in self.client.files.list(purpose="batch"):
+            if f.filename == filename:
+                return f.id
+        return None
+
+    def upload(self, path: Path, filename: str) -> str:
+        try:
+            with open(path, "rb") as fh:
+                return self.client.files.create(file=(filename, fh), purpose="batch").id
+        except self._openai.APIError as e:
+            raise self._fail(f"uploading {filename} failed", e) from None
+
+    def find_batch(self, metadata: dict[str, str]) -> str | None:
+        """A batch created by an earlier run that died before recording it, found by its metadata."""
+        for b in self.client.batches.list(limit=100):
+            if b.metadata and all(b.metadata.get(k) == v for k, v in metadata.items()):
+                return b.id
+        return None
+
+    def create(self, file_id: str, metadata: dict[str, str]) -> str:
+        try:
+            return self.client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
+                                              completion_window="24h", metadata=metadata).id
+        except self._openai.APIError as e:
+            raise self._fail("creating a batch failed", e) from None
+
+    def poll(self, batch_id: str, expected: int | None = None) -> dict[str, Any]:
+        b = self.client.batches.retrieve(batch_id)
+        errors = [e.message for e in (b.errors.data or [])] if b.errors and b.errors.data else []
+        return {"status": b.status, "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
+                "counts": b.request_counts.model_dump() if b.request_counts else None, "errors": errors}
+
+    def fetch(self, file_id: str | None) -> bytes:
+        return self.client.files.content(file_id).content if file_id else b""
+
+    def cancel(self, batch_id: str) -> None:
+        self.client.batches.cancel(batch_id)
+
+    def release(self, input_path: Path) -> None:
+        input_path.unlink(missing_ok=True)  # uploaded: keep the disk flat at any scale
+
+
+class FilesTransport:
+    """Batch files in a directory: ``input/NAME.jsonl`` written by lenscap, ``output/NAME.jsonl``
+    written by the runner (``vllm run-batch -i ... -o ...``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "input").mkdir(parents=True, exist_ok=True)
+        (root / "output").mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def remote_name(job_id: str, name: str) -> str:
+        return f"{name}.jsonl"
+
+    def find_upload(self, filename: str) -> str | None:
+        return filename if (self.root / "input" / filename).exists() else None
+
+    def upload(self, path: Path, filename: str) -> str:
+        tmp = self.root / "input" / f".{filename}.tmp"
+        shutil.copyfile(path, tmp)
+        tmp.replace(self.root / "input" / filename)
+        return filename
+
+    def find_batch(self, metadata: dict[str, str]) -> str | None:
+        return None
+
+    def create(self, file_id: str, metadata: dict[str, str]) -> str:
+        return file_id
+
+    def poll(self, batch_id: str, expected: int | None = None) -> dict[str, Any]:
+        out = self.root / "output" / batch_id
+        if not out.exists():
+            return {"status": "in_progress", "output_file_id": None, "error_file_id": None, "counts": None, "errors": []}
+        with open(out, "rb") as f:
+            lines = sum(1 for line in f if line.strip())
+        # A runner writing the file is not done until every request has its line.
+        done = expected is None or lines >= expected
+        return {"status": "completed" if done else "in_progress", "output_file_id": batch_id if done else None,
+                "error_file_id": None, "counts": {"completed": lines}, "errors": []}
+
+    def fetch(self, file_id: str | None) -> bytes:
+        return (self.root / "output" / file_id).read_bytes() if file_id else b""
+
+    def cancel(self, batch_id: str) -> None:
+        pass
+
+    def release(self, input_path: Path) -> None:
+        input_path.unlink(missing_ok=True)  # the copy under input/ is the one the runner reads
+
+    def commands(self, model: str) -> list[str]:
+        return [f"vllm run-batch -i {p} -o {self.root / 'output' / p.name} --model {model}"
+                for p in sorted((self.root / "input").glob("*.jsonl"))
+                if not (self.root / "output" / p.name).exists()]
