@@ -17,7 +17,6 @@ import pytest
 
 from conftest import run_cli
 from lenscap.captioning.pricing import PriceTable
-from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.fake_openai import FakeOpenAI
 from test_caption import rows
