@@ -220,7 +220,7 @@ def test_rejected_key_unknown_model_and_unreachable_server_fail_once(tmp_path, f
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["--rpm", "-5"], "--rpm must be positive"),
     (["--prompt", "nonexistent-preset"], "is neither a preset (lens, short, alt-aware) nor a file"),
-    (["--backend", "nope"], "unknown backend 'nope'; installed backends: openai"),
+    (["--backend", "nope"], "unknown backend 'nope'; installed backends: batch-files, openai, openai-batch"),
     (["--max-cost", "1", "--model", "my-local-model"], "--max-cost needs a price for model 'my-local-model'"),
     (["--base-url", "ftp://x"], "is not an http(s) URL"),
 ])
