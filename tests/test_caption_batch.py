@@ -240,3 +240,21 @@ def _run_batch_files(files_dir: Path, base_url: str, tear_first: bool) -> None:
             lines.append(line[:50] if tear_first and i == 0 else line)
         out.write_text("\n".join(lines) + "\n")
         tear_first = False  # one torn line in all
+
+
+def test_upload_failures_are_retried_then_reported_once(tmp_path, env):
+    src = write_image_dataset(tmp_path / "in", 6, per_shard=6).path
+    with FakeOpenAI(batch_delay_s=0.05, fail_uploads=2) as fake:
+        args = batch_args(src, tmp_path / "out", fake, "--wait", "--poll-interval", "0.1", "--json")
+        r = run_cli(*args, env=env)
+        assert r.returncode == 0, r.stderr  # two 500s on upload: the client's retries ride them out
+        assert json.loads(r.stdout)["caption_status"] == {"ok": 6}
+        fake.configure(fail_uploads=100)
+        r = run_cli(*batch_args(src, tmp_path / "o2", fake, "--json"), env=env)
+        assert r.returncode == 2
+        assert r.stderr.strip().splitlines()[-1].startswith("lenscap: error: uploading lenscap-")
+        assert KEY not in r.stderr
+        fake.configure(fail_uploads=0)
+        r = run_cli(*batch_args(src, tmp_path / "o2", fake, "--wait", "--poll-interval", "0.1", "--json"), env=env)
+        assert r.returncode == 0 and json.loads(r.stdout)["caption_status"] == {"ok": 6}
+        assert len(fake.batches) == 2
