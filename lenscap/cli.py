@@ -112,48 +112,57 @@ def download(
     raise typer.Exit(result.exit_code)
 
 
+_BACKEND_HELP = "Backend option (see lenscap backends)."
+
+
 @app.command()
 def caption(
     in_dir: Annotated[str, typer.Argument(help="Input dataset directory (e.g. from lenscap download).")],
     out_dir: Annotated[str, typer.Argument(help="Output dataset directory.")],
-    backend: Annotated[str, typer.Option(help="Caption backend (lenscap.backends entry points).")] = "openai",
-    model: Annotated[str, typer.Option(help="Model name as the server knows it.")] = "gpt-4.1-mini",
-    base_url: Annotated[Optional[list[str]], typer.Option("--base-url", help="API base URL (default: $OPENAI_BASE_URL or OpenAI). Repeat for a pool of deployments, each with its own limits.")] = None,
-    api_key_env: Annotated[str, typer.Option(help="Name of the environment variable holding the API key (not the key).")] = "OPENAI_API_KEY",
+    backend: Annotated[str, typer.Option(help="Caption backend: openai, openai-batch, batch-files, transformers, vllm, describe, or a plugin (lenscap backends lists them).")] = "openai",
     prompt: Annotated[str, typer.Option(help="Preset (lens, short, alt-aware) or a prompt file ({alt_text} marks where the alt-text goes).")] = "lens",
-    max_tokens: Annotated[int, typer.Option(help="Most output tokens per caption.")] = 300,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (default: the server's).")] = None,
-    detail: Annotated[str, typer.Option(help="Image detail: low, high or auto.")] = "low",
-    max_side: Annotated[int, typer.Option(help="Downscale images so the longer side is at most this many pixels before upload.")] = 512,
-    rpm: Annotated[Optional[float], typer.Option(help="Requests per minute per endpoint (default: from the server's rate-limit headers).")] = None,
-    tpm: Annotated[Optional[float], typer.Option(help="Tokens per minute per endpoint (default: from the server's rate-limit headers).")] = None,
-    concurrency: Annotated[int, typer.Option(help="Requests in flight per process.")] = 32,
+    hints: Annotated[Optional[str], typer.Option(help="Grounding hints added to the prompt: ocr (text read from the image; needs the ocr extra).")] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="Stop when this output directory has spent this many USD (all runs together).")] = None,
-    prices: Annotated[Optional[str], typer.Option(help="JSON or TOML price file overriding the built-in table (USD per 1M tokens).")] = None,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for one reply.")] = 60.0,
-    max_retries: Annotated[int, typer.Option(help="Retries per request on 429, 5xx, timeouts, connection errors, malformed replies.")] = 5,
     processes: Annotated[int, typer.Option(help="Worker processes (each gets an equal part of --rpm/--tpm).")] = 1,
     cache: Annotated[Optional[str], typer.Option(help="Response cache directory (default: $LENSCAP_CACHE_DIR or ~/.cache/lenscap).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")] = False,
-    wait: Annotated[bool, typer.Option("--wait", help="Batch backends: poll until every batch is done (default: submit, collect what is ready, exit).")] = False,
-    poll_interval: Annotated[float, typer.Option(help="Batch backends: seconds between polls with --wait.")] = 60.0,
-    max_requests_per_file: Annotated[int, typer.Option(help="Batch backends: requests per batch file (the API allows 50,000).")] = 50_000,
-    max_file_mb: Annotated[float, typer.Option(help="Batch backends: MB per batch file (the API allows 200).")] = 200.0,
-    max_enqueued_tokens: Annotated[Optional[int], typer.Option(help="Batch backends: hold submissions so batches in flight stay within the account's batch queue limit.")] = None,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-O", help="Any backend option as NAME=VALUE (plugins' options too).")] = None,
+    # Backend options: None means "not given", so the backend's own default applies.
+    model: Annotated[Optional[str], typer.Option(help="Model: name on the server, hub id or local directory. " + _BACKEND_HELP)] = None,
+    base_url: Annotated[Optional[list[str]], typer.Option("--base-url", help="API base URL; repeat for a pool. " + _BACKEND_HELP)] = None,
+    api_key_env: Annotated[Optional[str], typer.Option(help="Variable holding the API key (default OPENAI_API_KEY). " + _BACKEND_HELP)] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Most output tokens per caption. " + _BACKEND_HELP)] = None,
+    temperature: Annotated[Optional[float], typer.Option(help=_BACKEND_HELP)] = None,
+    detail: Annotated[Optional[str], typer.Option(help="Image detail: low, high, auto. " + _BACKEND_HELP)] = None,
+    max_side: Annotated[Optional[int], typer.Option(help="Longest image side before upload. " + _BACKEND_HELP)] = None,
+    rpm: Annotated[Optional[float], typer.Option(help="Requests per minute per endpoint. " + _BACKEND_HELP)] = None,
+    tpm: Annotated[Optional[float], typer.Option(help="Tokens per minute per endpoint. " + _BACKEND_HELP)] = None,
+    concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight per process. " + _BACKEND_HELP)] = None,
+    prices: Annotated[Optional[str], typer.Option(help="Price file (USD per 1M tokens). " + _BACKEND_HELP)] = None,
+    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait for one reply. " + _BACKEND_HELP)] = None,
+    max_retries: Annotated[Optional[int], typer.Option(help="Retries per request (batch backends: rounds). " + _BACKEND_HELP)] = None,
+    wait: Annotated[Optional[bool], typer.Option("--wait", help="Batch backends: poll until every batch is done.")] = None,
+    poll_interval: Annotated[Optional[float], typer.Option(help="Batch backends: seconds between polls with --wait.")] = None,
+    max_requests_per_file: Annotated[Optional[int], typer.Option(help="Batch backends: requests per batch file.")] = None,
+    max_file_mb: Annotated[Optional[float], typer.Option(help="Batch backends: MB per batch file.")] = None,
+    max_enqueued_tokens: Annotated[Optional[int], typer.Option(help="Batch backends: batch queue limit to stay within.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Local models: auto, cpu, cuda, cuda:N or mps. " + _BACKEND_HELP)] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="Local models: auto, float32, float16 or bfloat16. " + _BACKEND_HELP)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Local models: images per generation batch. " + _BACKEND_HELP)] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option(help="Local models: most new tokens per caption. " + _BACKEND_HELP)] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Recaption a dataset with a vision-language model. Rerun to resume: nothing already paid is asked again.
 
-    Backends: openai (any chat-completions server), openai-batch (OpenAI's Batch API, half price;
-    rerun or use --wait to collect), batch-files (batch files for vllm run-batch; rerun to merge).
+    openai: any chat-completions server. openai-batch: OpenAI's Batch API at half price (rerun, or --wait,
+    to collect). batch-files: files for vllm run-batch (rerun to merge). transformers, vllm: local models.
+    describe: an offline description computed from the pixels (no model).
     """
     from pathlib import Path
 
     from lenscap.backends import backend_class
-    from lenscap.backends.openai_chat import OpenAIOptions
     from lenscap.captioning.cache import default_cache_dir
-    from lenscap.captioning.pricing import PriceTable
     from lenscap.captioning.prompts import load_prompt
     from lenscap.errors import BudgetReached, UsageError
     from lenscap.progress import make_progress
@@ -164,44 +173,45 @@ def caption(
         raise UsageError(f"--processes must be at least 1, not {processes}")
     if max_cost is not None and max_cost <= 0:
         raise UsageError(f"--max-cost must be positive, not {max_cost}")
+    flags = {"model": model, "base_url": base_url, "api_key_env": api_key_env, "max_tokens": max_tokens,
+             "temperature": temperature, "detail": detail, "max_side": max_side, "rpm": rpm, "tpm": tpm,
+             "concurrency": concurrency, "prices": prices, "timeout": timeout, "max_retries": max_retries, "wait": wait,
+             "poll_interval": poll_interval, "max_requests_per_file": max_requests_per_file, "max_file_mb": max_file_mb,
+             "max_enqueued_tokens": max_enqueued_tokens, "device": device, "dtype": dtype, "batch_size": batch_size,
+             "max_new_tokens": max_new_tokens}
+    values: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    for item in option or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise UsageError(f"-O/--option takes NAME=VALUE, not {item!r}")
+        values[name.strip().replace("-", "_")] = value
     cls = backend_class(backend)
-    price_table = PriceTable.load(prices)
-    # The flags are the openai backend's options; a backend with other options declares its own.
-    options = OpenAIOptions(
-        model=model, base_urls=list(base_url or []), api_key_env=api_key_env, max_tokens=max_tokens,
-        temperature=temperature, detail=detail, max_side=max_side, rpm=rpm, tpm=tpm, concurrency=concurrency,
-        timeout=timeout, max_retries=max_retries, process_share=1.0 / processes, prices=price_table,
-    )
-    caption_backend = cls(options)  # type: ignore[call-arg]
-    if caption_backend.priced and price_table.price(model) is None:
+    caption_backend = cls.from_options(values)
+    caption_backend.set_processes(processes)
+    if caption_backend.priced and not caption_backend.has_price():
         if max_cost is not None:
-            raise UsageError(f"--max-cost needs a price for model {model!r}: give one with --prices FILE")
-        print(f"lenscap: note: no price known for model {model!r}; cost columns stay empty (see --prices)", file=sys.stderr)
+            raise UsageError(f"--max-cost needs a price for model {caption_backend.model!r}: give one with --prices FILE")
+        print(f"lenscap: note: no price known for model {caption_backend.model!r}; cost columns stay empty (see --prices)", file=sys.stderr)
     cache_dir = None if no_cache else Path(cache) if cache else default_cache_dir()
-    stage = CaptionStage(caption_backend, load_prompt(prompt), cache_dir, max_cost)
-    if getattr(cls, "runs_as_batch", False):
-        from lenscap.stages.caption_batch import BatchOptions, run_batch_caption
+    stage = CaptionStage(caption_backend, load_prompt(prompt), cache_dir, max_cost, hints=_parse_hints(hints))
+    progress = make_progress("caption", quiet)
+    try:
+        if caption_backend.runs_as_batch:
+            from lenscap.stages.caption_batch import run_batch_caption
 
-        batch_options = BatchOptions(max_requests_per_file=max_requests_per_file, max_file_bytes=int(max_file_mb * 1024 * 1024),
-                                     max_enqueued_tokens=max_enqueued_tokens, max_rounds=max_retries, wait=wait,
-                                     poll_interval_s=poll_interval)
-        try:
-            batch = run_batch_caption(stage, in_dir, out_dir, batch_options, make_progress("caption", quiet))
-        except BudgetReached as e:
-            spent = stage.budget.spent if stage.budget else 0.0
-            _emit({"command": "caption", "out_dir": out_dir, "spent_usd": spent, "exit_code": e.exit_code, "reason": str(e)}, as_json)
-            raise
+            batch = run_batch_caption(stage, in_dir, out_dir, progress)
+        else:
+            result = run_stage(stage, in_dir, out_dir, processes, progress)
+    except BudgetReached as e:
+        spent = stage.budget.spent if stage.budget else 0.0
+        _emit({"command": "caption", "out_dir": out_dir, "spent_usd": spent, "exit_code": e.exit_code, "reason": str(e)}, as_json)
+        raise
+    if caption_backend.runs_as_batch:
         _emit({"command": "caption", "backend": backend, **asdict(batch), "caption_status": batch.counts.get("caption_status", {}),
                "exit_code": 0}, as_json)
         if not as_json and not quiet:
             _say_batch(batch, caption_backend, out_dir)
         raise typer.Exit(0)
-    try:
-        result = run_stage(stage, in_dir, out_dir, processes, make_progress("caption", quiet))
-    except BudgetReached as e:
-        spent = stage.budget.spent if stage.budget else 0.0
-        _emit({"command": "caption", "out_dir": out_dir, "spent_usd": spent, "exit_code": e.exit_code, "reason": str(e)}, as_json)
-        raise
     outcomes = result.counts.get("caption_status", {})
     summary = {"command": "caption", **asdict(result), "caption_status": outcomes,
                "spent_usd": stage.budget.spent if stage.budget else 0.0, "exit_code": result.exit_code}
@@ -211,6 +221,16 @@ def caption(
         print(f"{result.out_dir}: {result.shards_completed}/{result.shards_total} shards, {result.samples} samples ({parts}); "
               f"${summary['spent_usd']:.4f} spent", file=sys.stderr)
     raise typer.Exit(result.exit_code)
+
+
+def _parse_hints(hints: str | None) -> tuple[str, ...]:
+    from lenscap.errors import UsageError
+
+    names = tuple(h.strip() for h in (hints or "").split(",") if h.strip())
+    for h in names:
+        if h != "ocr":
+            raise UsageError(f"--hints knows only ocr, not {h!r}")
+    return names
 
 
 def _say_batch(batch: Any, backend: Any, out_dir: str) -> None:
@@ -264,7 +284,6 @@ def batch_cancel_command(
     from pathlib import Path
 
     from lenscap.backends import backend_class
-    from lenscap.backends.openai_chat import OpenAIOptions
     from lenscap.dataset import Dataset
     from lenscap.errors import UsageError
     from lenscap.stages.caption_batch import cancel_batches
@@ -275,8 +294,10 @@ def batch_cancel_command(
         raise UsageError(f"{out_dir} holds no batch job")
     job = _json.loads(job_file.read_text())
     cls = backend_class(job["backend"])
-    backend = cls(OpenAIOptions(model=job["model"], base_urls=[job["base_url"]] if job.get("base_url") else [],  # type: ignore[call-arg]
-                                api_key_env=job["key_variable"]))
+    settings: dict[str, Any] = {"model": job["model"]}
+    if {o.name for o in cls.options} >= {"base_url", "api_key_env"}:
+        settings |= {"base_url": [job["base_url"]] if job.get("base_url") else [], "api_key_env": job["key_variable"]}
+    backend = cls.from_options(settings)
     cancelled = cancel_batches(out_dir, backend)
     print(f"cancelled {len(cancelled)} batch(es): {', '.join(cancelled) or 'none running'}", file=sys.stderr)
 

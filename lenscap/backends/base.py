@@ -13,10 +13,57 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
-__all__ = ["CaptionBackend", "CaptionRequest", "CaptionResult", "OK", "ERROR", "REFUSED", "TRUNCATED", "SKIPPED", "OUTCOMES"]
+from lenscap.errors import UsageError
+
+__all__ = ["CaptionBackend", "CaptionRequest", "CaptionResult", "Option", "OK", "ERROR", "REFUSED", "TRUNCATED", "SKIPPED",
+           "OUTCOMES"]
 
 OK, ERROR, REFUSED, TRUNCATED, SKIPPED = "ok", "error", "refused", "truncated", "skipped"
 OUTCOMES = (OK, ERROR, REFUSED, TRUNCATED, SKIPPED)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option a backend accepts: ``--name-with-dashes`` on the command line, ``name`` in recipes
+    and ``-O name=value``. Values from the command line arrive as strings and are parsed here."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+    repeated: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def parse(self, value: Any) -> Any:
+        if self.repeated:
+            values = value if isinstance(value, (list, tuple)) else [value]
+            return [self._one(v) for v in values]
+        return self._one(value)
+
+    def _one(self, value: Any) -> Any:
+        if value is None or isinstance(value, self.type) and not (self.type is int and isinstance(value, bool)):
+            parsed = value
+        elif self.type is bool:
+            text = str(value).strip().lower()
+            if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise UsageError(f"{self.flag} takes true or false, not {value!r}")
+            parsed = text in ("1", "true", "yes", "on")
+        else:
+            try:
+                parsed = self.type(value)
+            except (TypeError, ValueError):
+                raise UsageError(f"{self.flag} takes a{'n' if self.type is int else ''} {self.type.__name__}, not {value!r}") from None
+        if self.choices is not None and parsed is not None and parsed not in self.choices:
+            raise UsageError(f"{self.flag} must be one of {', '.join(self.choices)}, not {parsed!r}")
+        return parsed
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "flag": self.flag, "type": self.type.__name__ + ("[]" if self.repeated else ""),
+                "default": self.default, "choices": list(self.choices) if self.choices else None, "help": self.help}
 
 
 @dataclass
@@ -47,7 +94,31 @@ class CaptionResult:
 
 class CaptionBackend(ABC):
     name: ClassVar[str]
+    needs_key: ClassVar[bool] = False
+    priced: ClassVar[bool] = False  # True: captions cost money, and --max-cost needs the model's price
+    runs_as_batch: ClassVar[bool] = False  # True: driven as a batch job (caption_batch), not per shard
+    options: ClassVar[tuple[Option, ...]] = ()
     model: str = ""
+
+    @classmethod
+    def from_options(cls, values: dict[str, Any]) -> CaptionBackend:
+        """Build the backend from option values (unknown options refused, every value parsed)."""
+        return cls(**cls.parse_options(values))
+
+    @classmethod
+    def parse_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        known = {o.name: o for o in cls.options}
+        for name in values:
+            if name not in known:
+                flags = ", ".join(o.flag for o in cls.options) or "none"
+                raise UsageError(f"backend {cls.name!r} has no option --{name.replace('_', '-')} (its options: {flags})")
+        return {o.name: o.parse(values[o.name]) if o.name in values else o.default for o in cls.options}
+
+    def set_processes(self, processes: int) -> None:
+        """The run uses this many worker processes (a rate-limited backend splits its limits)."""
+
+    def has_price(self) -> bool:
+        return not self.priced
 
     def identity(self) -> dict[str, Any]:
         """Everything that changes what the backend writes for an image (model, generation

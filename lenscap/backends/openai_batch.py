@@ -13,17 +13,64 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from lenscap.backends.base import CaptionRequest, CaptionResult
-from lenscap.backends.openai_chat import OpenAIChatBackend
+from dataclasses import dataclass
+
+from lenscap.backends.base import CaptionRequest, CaptionResult, Option
+from lenscap.backends.openai_chat import COMMON_OPTIONS, OpenAIChatBackend
 from lenscap.errors import BackendError, UsageError
 
-__all__ = ["OpenAIBatchBackend", "BatchFilesBackend", "ApiTransport", "FilesTransport", "TERMINAL"]
+__all__ = ["OpenAIBatchBackend", "BatchFilesBackend", "BatchOptions", "ApiTransport", "FilesTransport", "TERMINAL"]
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+BATCH_OPTIONS = (
+    Option("wait", bool, False, "Poll until every batch is done (default: submit, collect what is ready, exit)."),
+    Option("poll_interval", float, 60.0, "Seconds between polls with --wait."),
+    Option("max_requests_per_file", int, 50_000, "Requests per batch file (the API allows 50,000)."),
+    Option("max_file_mb", float, 200.0, "MB per batch file (the API allows 200)."),
+    Option("max_enqueued_tokens", int, None, "Hold submissions so batches in flight stay within the account's batch queue limit."),
+    Option("max_retries", int, 3, "Rounds of new batches for requests that got no answer (expired, 5xx, ...)."),
+)
+
+
+@dataclass
+class BatchOptions:
+    max_requests_per_file: int = 50_000
+    max_file_bytes: int = 200 * 1024 * 1024
+    max_enqueued_tokens: int | None = None
+    max_rounds: int = 3
+    wait: bool = False
+    poll_interval_s: float = 60.0
+
+    def validate(self) -> None:
+        if not 1 <= self.max_requests_per_file <= 50_000:
+            raise UsageError(f"--max-requests-per-file must be between 1 and 50000, not {self.max_requests_per_file}")
+        if not 1 <= self.max_file_bytes <= 200 * 1024 * 1024:
+            raise UsageError("--max-file-mb must be more than 0 and at most 200")
+        if self.max_enqueued_tokens is not None and self.max_enqueued_tokens < 1:
+            raise UsageError("--max-enqueued-tokens must be positive")
+        if self.max_rounds < 0:
+            raise UsageError("--max-retries must be at least 0")
+        if self.poll_interval_s <= 0:
+            raise UsageError("--poll-interval must be positive")
 
 
 class _BatchBackend(OpenAIChatBackend):
     runs_as_batch = True
+    options = COMMON_OPTIONS + BATCH_OPTIONS
+    batch: BatchOptions
+
+    @classmethod
+    def from_options(cls, values: dict[str, Any]) -> _BatchBackend:
+        v = cls.parse_options(values)
+        online = {k: v[k] for k in values if k not in {o.name for o in BATCH_OPTIONS}}
+        backend = super().from_options(online)
+        assert isinstance(backend, _BatchBackend)
+        backend.batch = BatchOptions(max_requests_per_file=v["max_requests_per_file"], max_file_bytes=int(v["max_file_mb"] * 1024 * 1024),
+                                     max_enqueued_tokens=v["max_enqueued_tokens"], max_rounds=v["max_retries"], wait=v["wait"],
+                                     poll_interval_s=v["poll_interval"])
+        backend.batch.validate()
+        return backend
 
     def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
         raise UsageError(f"the {self.name} backend runs as a batch job, not request by request")
@@ -46,6 +93,7 @@ class BatchFilesBackend(_BatchBackend):
     name = "batch-files"
     needs_key = False
     priced = False
+    options = tuple(o for o in COMMON_OPTIONS if o.name not in ("base_url", "api_key_env", "timeout", "prices")) + BATCH_OPTIONS
 
     def price(self, input_tokens: int, output_tokens: int) -> float | None:
         return None  # a local model costs nothing anyone can price

@@ -21,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
-from lenscap.backends.base import ERROR, OK, REFUSED, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult
+from lenscap.backends.base import ERROR, OK, REFUSED, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult, Option
 from lenscap.captioning.images import UnreadableImage, prepare_image
 from lenscap.captioning.pricing import PriceTable, image_tokens, text_tokens
 from lenscap.captioning.ratelimit import EndpointLimiter
 from lenscap.errors import BackendError, UsageError
 
-__all__ = ["OpenAIChatBackend", "OpenAIOptions"]
+__all__ = ["OpenAIChatBackend", "OpenAIOptions", "COMMON_OPTIONS"]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DETAILS = ("low", "high", "auto")
@@ -37,6 +37,25 @@ _REASONING_RE = re.compile(r"^(o\d|gpt-5)")
 # Identical 400s before any success mean the request itself is wrong (an unsupported parameter), not
 # the images: stop instead of marking every sample failed.
 _BREAKER_THRESHOLD = 5
+
+
+COMMON_OPTIONS = (
+    Option("model", str, "gpt-4.1-mini", "Model name as the server knows it."),
+    Option("base_url", str, [], "API base URL (default: $OPENAI_BASE_URL or OpenAI); repeat for a pool of deployments.", repeated=True),
+    Option("api_key_env", str, "OPENAI_API_KEY", "Name of the environment variable holding the API key (not the key)."),
+    Option("max_tokens", int, 300, "Most output tokens per caption."),
+    Option("temperature", float, None, "Sampling temperature (default: the server's)."),
+    Option("detail", str, "low", "Image detail.", choices=("low", "high", "auto")),
+    Option("max_side", int, 512, "Longest image side in pixels after downscaling, before upload."),
+    Option("timeout", float, 60.0, "Seconds to wait for one reply."),
+    Option("prices", str, None, "JSON or TOML price file overriding the built-in table (USD per 1M tokens)."),
+)
+ONLINE_OPTIONS = (
+    Option("rpm", float, None, "Requests per minute per endpoint (default: from the server's rate-limit headers)."),
+    Option("tpm", float, None, "Tokens per minute per endpoint (default: from the server's rate-limit headers)."),
+    Option("concurrency", int, 32, "Requests in flight per process."),
+    Option("max_retries", int, 5, "Retries per request on 429, 5xx, timeouts, connection errors, malformed replies."),
+)
 
 
 @dataclass
@@ -118,10 +137,26 @@ class _Endpoint:
 
 class OpenAIChatBackend(CaptionBackend):
     name = "openai"
-    batch_priced = False  # the Batch API bills half
     needs_key = True
-    priced = True  # False: a backend whose captions cost nothing anyone can price
-    runs_as_batch = False
+    priced = True
+    options = COMMON_OPTIONS + ONLINE_OPTIONS
+    batch_priced = False  # the Batch API bills half
+
+    @classmethod
+    def from_options(cls, values: dict[str, Any]) -> OpenAIChatBackend:
+        v = cls.parse_options(values)
+        fields = OpenAIOptions.__dataclass_fields__
+        kwargs = {k: v[k] for k in v if k in fields and k not in ("prices", "base_urls")}
+        return cls(OpenAIOptions(**kwargs, base_urls=list(v.get("base_url") or []), prices=PriceTable.load(v.get("prices"))))
+
+    def set_processes(self, processes: int) -> None:
+        self.options.process_share = 1.0 / max(1, processes)
+        for ep in self.endpoints:
+            for bucket in (ep.limiter.requests, ep.limiter.tokens):
+                bucket.share = self.options.process_share
+
+    def has_price(self) -> bool:
+        return self.options.prices.price(self.model) is not None
 
     def __init__(self, options: OpenAIOptions) -> None:
         options.validate()

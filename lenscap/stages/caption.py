@@ -48,9 +48,11 @@ _CACHEABLE = (OK, TRUNCATED, REFUSED)  # answers that were paid for; errors are 
 class CaptionStage(ShardStage):
     name = "caption"
 
-    def __init__(self, backend: CaptionBackend, prompt: Prompt, cache_dir: Path | None = None, max_cost: float | None = None) -> None:
+    def __init__(self, backend: CaptionBackend, prompt: Prompt, cache_dir: Path | None = None, max_cost: float | None = None,
+                 hints: tuple[str, ...] = ()) -> None:
         self.backend = backend
         self.prompt = prompt
+        self.hints = hints
         self.cache_dir = cache_dir
         self.max_cost = max_cost
         self.budget: Budget | None = None

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lenscap.backends.base import ERROR, CaptionRequest, CaptionResult
-from lenscap.backends.openai_batch import TERMINAL
+from lenscap.backends.openai_batch import TERMINAL, BatchOptions
 from lenscap.captioning.cache import cache_key
 from lenscap.captioning.images import UnreadableImage
 from lenscap.captioning.journal import Journal
@@ -40,26 +40,6 @@ __all__ = ["BatchOptions", "BatchResult", "run_batch_caption", "batch_status", "
 
 _FINAL_HTTP = (400, 401, 403, 404, 413, 422)  # the request itself is wrong: asking again will not help
 _IN_FLIGHT = ("uploading", "uploaded", "creating", "submitted")
-
-
-@dataclass
-class BatchOptions:
-    max_requests_per_file: int = 50_000
-    max_file_bytes: int = 200 * 1024 * 1024
-    max_enqueued_tokens: int | None = None
-    max_rounds: int = 3
-    wait: bool = False
-    poll_interval_s: float = 60.0
-
-    def validate(self) -> None:
-        if not 1 <= self.max_requests_per_file <= 50_000:
-            raise UsageError(f"--max-requests-per-file must be between 1 and 50000, not {self.max_requests_per_file}")
-        if not 1 <= self.max_file_bytes <= 200 * 1024 * 1024:
-            raise UsageError("--max-file-mb must be more than 0 and at most 200")
-        if self.max_enqueued_tokens is not None and self.max_enqueued_tokens < 1:
-            raise UsageError("--max-enqueued-tokens must be positive")
-        if self.poll_interval_s <= 0:
-            raise UsageError("--poll-interval must be positive")
 
 
 @dataclass
@@ -422,9 +402,8 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def run_batch_caption(stage: CaptionStage, in_dir: str | Path, out_dir: str | Path, options: BatchOptions,
-                      progress: Progress) -> BatchResult:
-    options.validate()
+def run_batch_caption(stage: CaptionStage, in_dir: str | Path, out_dir: str | Path, progress: Progress) -> BatchResult:
+    options: BatchOptions = stage.backend.batch  # type: ignore[attr-defined]
     src = Dataset.open(in_dir)
     stage.check()
     dst = Dataset.create(out_dir)
