@@ -113,6 +113,10 @@ def download(
 
 
 _BACKEND_HELP = "Backend option (see lenscap backends)."
+# Backend options that have a flag of their own on `caption`; any other goes through -O NAME=VALUE.
+CAPTION_FLAGS = {"model", "base_url", "api_key_env", "max_tokens", "temperature", "detail", "max_side", "rpm", "tpm",
+                 "concurrency", "prices", "timeout", "max_retries", "wait", "poll_interval", "max_requests_per_file",
+                 "max_file_mb", "max_enqueued_tokens", "device", "dtype", "batch_size", "max_new_tokens"}
 
 
 @app.command()
@@ -179,6 +183,7 @@ def caption(
              "poll_interval": poll_interval, "max_requests_per_file": max_requests_per_file, "max_file_mb": max_file_mb,
              "max_enqueued_tokens": max_enqueued_tokens, "device": device, "dtype": dtype, "batch_size": batch_size,
              "max_new_tokens": max_new_tokens}
+    assert set(flags) == CAPTION_FLAGS
     values: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     for item in option or []:
         name, eq, value = item.partition("=")
@@ -249,6 +254,30 @@ def _say_batch(batch: Any, backend: Any, out_dir: str) -> None:
             print(f"  {line}", file=sys.stderr)
     else:
         print("not finished: rerun this command (or from cron, or with --wait) to collect", file=sys.stderr)
+
+
+@app.command()
+def backends(as_json: JsonOpt = False) -> None:
+    """List the installed caption backends: where each comes from, whether it needs a key, its options."""
+    from lenscap.backends import describe_backends
+
+    found = describe_backends()
+    if as_json:
+        _emit({"backends": found}, True)
+        return
+    for b in found:
+        if "error" in b:
+            print(f"{b['name']}  ({b['source']})  cannot be loaded: {b['error']}")
+            continue
+        traits = ", ".join(t for t, on in (("needs a key", b["needs_key"]), ("priced", b["priced"]), ("batch job", b["batch"])) if on)
+        print(f"{b['name']}  ({b['source']}{'; ' + traits if traits else ''})")
+        if b["summary"]:
+            print(f"    {b['summary']}")
+        for o in b["options"]:
+            default = "" if o["default"] in (None, []) else f" [default: {o['default']}]"
+            choices = f" ({'|'.join(o['choices'])})" if o["choices"] else ""
+            flag = o["flag"] if o["name"] in CAPTION_FLAGS else f"-O {o['name']}=..."
+            print(f"    {flag:<26} {o['type']:<6} {o['help']}{choices}{default}")
 
 
 batch_app = typer.Typer(help="Look after a caption batch job (openai-batch, batch-files).", no_args_is_help=True)

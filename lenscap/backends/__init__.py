@@ -6,17 +6,20 @@ The built-in backends register through the same entry points as third-party ones
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import entry_points
+from typing import Any
 
 from lenscap.backends.base import CaptionBackend
 from lenscap.errors import UsageError
 
-__all__ = ["available_backends", "backend_class"]
+__all__ = ["available_backends", "backend_class", "describe_backends"]
 
 _BUILTIN = {
     "openai": "lenscap.backends.openai_chat:OpenAIChatBackend",
     "openai-batch": "lenscap.backends.openai_batch:OpenAIBatchBackend",
     "batch-files": "lenscap.backends.openai_batch:BatchFilesBackend",
+    "describe": "lenscap.backends.describe:DescribeBackend",
 }
 
 
@@ -39,3 +42,25 @@ def backend_class(name: str) -> type[CaptionBackend]:
     if not (isinstance(cls, type) and issubclass(cls, CaptionBackend)):
         raise UsageError(f"backend {name!r} ({known[name]}) is not a CaptionBackend")
     return cls
+
+
+def describe_backends() -> list[dict[str, Any]]:
+    """Every installed backend: where it comes from, whether it needs a key, its options."""
+    sources: dict[str, str] = {name: "lenscap (built-in)" for name in _BUILTIN}
+    for ep in entry_points(group="lenscap.backends"):
+        dist = getattr(ep, "dist", None)
+        if dist is not None and dist.metadata["Name"] != "lenscap":
+            sources[ep.name] = f"{dist.metadata['Name']} {dist.version}"
+    out = []
+    for name, target in sorted(available_backends().items()):
+        info: dict[str, Any] = {"name": name, "entry_point": target, "source": sources.get(name, "lenscap (built-in)")}
+        try:
+            cls = backend_class(name)
+        except Exception as e:  # noqa: BLE001 - a broken plugin is listed with its error, not fatal
+            info["error"] = f"{type(e).__name__}: {e}"
+        else:
+            info |= {"needs_key": cls.needs_key, "priced": cls.priced, "batch": cls.runs_as_batch,
+                     "summary": (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
+                     "options": [o.describe() for o in cls.options]}
+        out.append(info)
+    return out

@@ -110,8 +110,8 @@ class CaptionBackend(ABC):
         known = {o.name: o for o in cls.options}
         for name in values:
             if name not in known:
-                flags = ", ".join(o.flag for o in cls.options) or "none"
-                raise UsageError(f"backend {cls.name!r} has no option --{name.replace('_', '-')} (its options: {flags})")
+                names = ", ".join(o.name for o in cls.options) or "none"
+                raise UsageError(f"backend {cls.name!r} has no option {name.replace('_', '-')!r} (its options: {names})")
         return {o.name: o.parse(values[o.name]) if o.name in values else o.default for o in cls.options}
 
     def set_processes(self, processes: int) -> None:

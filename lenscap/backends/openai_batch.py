@@ -80,6 +80,8 @@ class _BatchBackend(OpenAIChatBackend):
 
 
 class OpenAIBatchBackend(_BatchBackend):
+    """OpenAI's Batch API: half price, results within 24 hours; rerun (or --wait) to collect."""
+
     name = "openai-batch"
     batch_priced = True
 
@@ -88,7 +90,7 @@ class OpenAIBatchBackend(_BatchBackend):
 
 
 class BatchFilesBackend(_BatchBackend):
-    """Batch input files for a GPU cluster: no server, no key, no cost."""
+    """Batch files for vllm run-batch (or any OpenAI-batch-format runner): no server, no key, no cost."""
 
     name = "batch-files"
     needs_key = False

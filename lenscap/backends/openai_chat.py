@@ -136,6 +136,8 @@ class _Endpoint:
 
 
 class OpenAIChatBackend(CaptionBackend):
+    """Any OpenAI-compatible chat-completions server (OpenAI, Azure, vLLM serve, Ollama), request by request."""
+
     name = "openai"
     needs_key = True
     priced = True
