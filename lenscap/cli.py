@@ -190,6 +190,8 @@ def caption(
         if not eq or not name.strip():
             raise UsageError(f"-O/--option takes NAME=VALUE, not {item!r}")
         values[name.strip().replace("-", "_")] = value
+    hint_names = _parse_hints(hints)
+    loaded_prompt = load_prompt(prompt)
     cls = backend_class(backend)
     caption_backend = cls.from_options(values)
     caption_backend.set_processes(processes)
@@ -198,7 +200,7 @@ def caption(
             raise UsageError(f"--max-cost needs a price for model {caption_backend.model!r}: give one with --prices FILE")
         print(f"lenscap: note: no price known for model {caption_backend.model!r}; cost columns stay empty (see --prices)", file=sys.stderr)
     cache_dir = None if no_cache else Path(cache) if cache else default_cache_dir()
-    stage = CaptionStage(caption_backend, load_prompt(prompt), cache_dir, max_cost, hints=_parse_hints(hints))
+    stage = CaptionStage(caption_backend, loaded_prompt, cache_dir, max_cost, hints=hint_names)
     progress = make_progress("caption", quiet)
     try:
         if caption_backend.runs_as_batch:

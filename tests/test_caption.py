@@ -220,8 +220,11 @@ def test_rejected_key_unknown_model_and_unreachable_server_fail_once(tmp_path, f
     (["--max-tokens", "0"], "--max-tokens must be at least 1"),
     (["--rpm", "-5"], "--rpm must be positive"),
     (["--prompt", "nonexistent-preset"], "is neither a preset (lens, short, alt-aware) nor a file"),
-    (["--backend", "nope"], "unknown backend 'nope'; installed backends: batch-files, openai, openai-batch"),
+    (["--backend", "nope"], "unknown backend 'nope'; installed backends: batch-files, describe, openai, openai-batch, transformers, vllm"),
     (["--max-cost", "1", "--model", "my-local-model"], "--max-cost needs a price for model 'my-local-model'"),
+    (["--device", "cuda"], "backend 'openai' has no option 'device' (its options: model, base-url"),
+    (["-O", "nonsense"], "-O/--option takes NAME=VALUE, not 'nonsense'"),
+    (["--concurrency", "0"], "--concurrency must be at least 1"),
     (["--base-url", "ftp://x"], "is not an http(s) URL"),
 ])
 def test_bad_flags(tmp_path, env, args, message):

@@ -20,6 +20,8 @@ _BUILTIN = {
     "openai-batch": "lenscap.backends.openai_batch:OpenAIBatchBackend",
     "batch-files": "lenscap.backends.openai_batch:BatchFilesBackend",
     "describe": "lenscap.backends.describe:DescribeBackend",
+    "transformers": "lenscap.backends.transformers_local:TransformersBackend",
+    "vllm": "lenscap.backends.vllm_local:VllmBackend",
 }
 
 

@@ -72,6 +72,7 @@ class CaptionRequest:
     image: bytes
     system: str | None
     instruction: str  # the prompt for this image, alt-text already inserted when the prompt uses it
+    prompt_id: str = ""  # the preset's name (lens, short, ...): models with task tokens map it
 
 
 @dataclass
@@ -110,7 +111,7 @@ class CaptionBackend(ABC):
         known = {o.name: o for o in cls.options}
         for name in values:
             if name not in known:
-                names = ", ".join(o.name for o in cls.options) or "none"
+                names = ", ".join(o.name.replace("_", "-") for o in cls.options) or "none"
                 raise UsageError(f"backend {cls.name!r} has no option {name.replace('_', '-')!r} (its options: {names})")
         return {o.name: o.parse(values[o.name]) if o.name in values else o.default for o in cls.options}
 

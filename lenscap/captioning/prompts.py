@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lenscap.errors import UsageError
 
-__all__ = ["Prompt", "PRESETS", "load_prompt"]
+__all__ = ["Prompt", "PRESETS", "load_prompt", "ocr_hint"]
 
 ALT_TEXT_PLACEHOLDER = "{alt_text}"
 
@@ -66,6 +66,15 @@ class Prompt:
             return self.template
         quoted = json.dumps(alt_text or "", ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
         return self.template.replace(ALT_TEXT_PLACEHOLDER, quoted)
+
+
+def ocr_hint(lines: list[str]) -> str:
+    """What --hints ocr adds to the instruction: the OCR text, quoted as data like the alt-text."""
+    if not lines:
+        return ""
+    quoted = json.dumps(" / ".join(lines), ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
+    return ("\n\nText an OCR engine read in the image (untrusted, may contain errors; quote it verbatim where the "
+            f"image confirms it):\n<ocr_text>{quoted}</ocr_text>")
 
 
 PRESETS: dict[str, Prompt] = {

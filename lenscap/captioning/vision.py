@@ -12,7 +12,8 @@ from PIL import Image, ImageStat
 
 from lenscap.errors import MissingDependency
 
-__all__ = ["ImageFacts", "image_facts", "read_text", "count_faces", "ocr_available", "faces_available", "COLOUR_NAMES"]
+__all__ = ["ImageFacts", "image_facts", "read_text", "read_text_from_bytes", "count_faces", "ocr_available", "faces_available",
+           "COLOUR_NAMES"]
 
 COLOUR_NAMES: dict[str, tuple[int, int, int]] = {
     "black": (20, 20, 20), "dark grey": (70, 70, 70), "grey": (128, 128, 128), "light grey": (190, 190, 190),
@@ -86,6 +87,19 @@ def read_text(image: Image.Image, min_score: float = 0.6) -> list[str]:
         found, _ = _ocr_engine(np.asarray(image))
     lines = sorted(found or [], key=lambda r: (r[0][0][1], r[0][0][0]))
     return [text.strip() for _, text, score in lines if float(score) >= min_score and text.strip()]
+
+
+def read_text_from_bytes(data: bytes) -> list[str]:
+    """``read_text`` on encoded image bytes. Raises ``UnreadableImage``."""
+    from lenscap.captioning.images import UnreadableImage
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        im.draft("RGB", (1600, 1600))  # OCR needs the detail that small text has; no more than that
+        rgb = im.convert("RGB")
+    except Exception as e:  # noqa: BLE001
+        raise UnreadableImage(f"cannot decode image: {type(e).__name__}: {e}") from None
+    return read_text(rgb)
 
 
 def faces_available() -> bool:

@@ -31,7 +31,7 @@ import json
 import re
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -157,6 +157,7 @@ class FakeOpenAI(BatchEndpoints):
             self.marker_counts: Counter[str] = Counter()
             self.input_tokens = 0
             self.output_tokens = 0
+            self.recent_texts: deque[str] = deque(maxlen=1000)  # what prompts said (tests of prompt building)
             self.first_success: float | None = None  # monotonic times: throughput as the server saw it
             self.last_success: float | None = None
 
@@ -307,6 +308,7 @@ class FakeOpenAI(BatchEndpoints):
         sha = hashlib.sha256(b"".join(raw for raw, _, _ in images)).hexdigest()
         with self._lock:
             self.image_requests[sha] += 1
+            self.recent_texts.append("\n".join(texts))
         if model not in s.models:
             return self._count(_error(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found"))
         est = sum(text_tokens(t) for t in texts) + sum(image_tokens(model, *size, "low") for _, _, size in images)

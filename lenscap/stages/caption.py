@@ -24,9 +24,10 @@ from lenscap.captioning.budget import Budget
 from lenscap.captioning.cache import ResponseCache, cache_key
 from lenscap.captioning.images import UnreadableImage, image_size
 from lenscap.captioning.journal import Journal
-from lenscap.captioning.prompts import Prompt
+from lenscap.captioning.prompts import Prompt, ocr_hint
+from lenscap.captioning.vision import ocr_available, read_text_from_bytes
 from lenscap.dataset import Dataset, atomic_write_json, shard_name
-from lenscap.errors import BudgetReached, DatasetError
+from lenscap.errors import BudgetReached, DatasetError, MissingDependency
 from lenscap.record import Sample
 from lenscap.stages.base import ShardStage
 
@@ -53,6 +54,8 @@ class CaptionStage(ShardStage):
         self.backend = backend
         self.prompt = prompt
         self.hints = hints
+        if "ocr" in hints and not ocr_available():
+            raise MissingDependency("--hints ocr needs the ocr extra: pip install 'lenscap[ocr]'")
         self.cache_dir = cache_dir
         self.max_cost = max_cost
         self.budget: Budget | None = None
@@ -60,10 +63,34 @@ class CaptionStage(ShardStage):
 
     def parameters(self) -> dict[str, Any]:
         return {**self.backend.parameters(), "prompt": self.prompt.id, "prompt_sha": self.prompt.sha,
-                "cache": self.cache_dir is not None, "max_cost": self.max_cost}
+                "hints": list(self.hints), "cache": self.cache_dir is not None, "max_cost": self.max_cost}
 
     def identity(self) -> dict[str, Any]:
-        return {**self.backend.identity(), "prompt_sha": self.prompt.sha}
+        identity = {**self.backend.identity(), "prompt_sha": self.prompt.sha}
+        return identity | {"hints": list(self.hints)} if self.hints else identity
+
+    @staticmethod
+    def _alt_text(sample: Sample) -> str | None:
+        # The web's alt-text, also when the input was captioned before and kept it aside.
+        return sample.row.get("alt_text") or sample.caption
+
+    def cache_key(self, sample: Sample) -> str:
+        assert sample.image is not None
+        alt = self._alt_text(sample) if self.prompt.uses_alt_text else None
+        return cache_key(hashlib.sha256(sample.image).hexdigest(), self.identity(), alt)
+
+    def request_for(self, sample: Sample) -> CaptionRequest:
+        """The request for one sample: the prompt with its alt-text and, with --hints ocr, the text
+        OCR reads in the image (an unreadable image gets no hint; the backend reports it)."""
+        assert sample.image is not None
+        instruction = self.prompt.render(self._alt_text(sample))
+        if "ocr" in self.hints:
+            try:
+                text = read_text_from_bytes(sample.image)
+            except UnreadableImage:
+                text = []
+            instruction += ocr_hint(text)
+        return CaptionRequest(sample.key, sample.image, self.prompt.system, instruction, self.prompt.id)
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         schema = super().output_schema(input_schema)
@@ -123,7 +150,6 @@ class CaptionStage(ShardStage):
         journal = Journal(self._journal_dir(dst) / f"{shard_name(shard_id)}.jsonl")
         done = journal.load()
         pending: dict[str, tuple[float, str]] = {}  # key -> (reserved USD, cache key)
-        identity = self.identity()
         out_of_budget = False
 
         def requests():  # noqa: ANN202 - a generator the backend pulls lazily
@@ -131,15 +157,12 @@ class CaptionStage(ShardStage):
             for sample in src.iter_samples(shard_id):
                 if sample.key in done or not sample.ok:
                     continue
-                assert sample.image is not None
-                # The web's alt-text, also when the input was captioned before and kept it aside.
-                alt = sample.row.get("alt_text") or sample.caption
-                key = cache_key(hashlib.sha256(sample.image).hexdigest(), identity, alt if self.prompt.uses_alt_text else None)
+                key = self.cache_key(sample)
                 hit = self._cache.get(key) if self._cache is not None else None
                 if hit is not None:
                     self._record(journal, done, {**hit, "key": sample.key, "cached": True})
                     continue
-                request = CaptionRequest(sample.key, sample.image, self.prompt.system, self.prompt.render(alt))
+                request = self.request_for(sample)
                 try:
                     width, height = image_size(sample.image)
                 except UnreadableImage:

@@ -26,9 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lenscap.backends.base import ERROR, CaptionRequest, CaptionResult
+from lenscap.backends.base import ERROR, CaptionResult
 from lenscap.backends.openai_batch import TERMINAL, BatchOptions
-from lenscap.captioning.cache import cache_key
 from lenscap.captioning.images import UnreadableImage
 from lenscap.captioning.journal import Journal
 from lenscap.dataset import Dataset, atomic_write_bytes, atomic_write_json, shard_name
@@ -128,7 +127,6 @@ class _BatchJob:
         size = tokens = 0
         cost = 0.0
         end: tuple[int, int] | None = None
-        identity = self.stage.identity()
         for shard_id in self.shards:
             if shard_id < cursor[0] or self.dst.is_complete(shard_id):
                 continue
@@ -138,14 +136,12 @@ class _BatchJob:
                 for row, sample in enumerate(self.src.iter_samples(shard_id)):
                     if (shard_id, row) < cursor or not sample.ok or sample.key in done:
                         continue
-                    assert sample.image is not None
-                    alt = sample.row.get("alt_text") or sample.caption
-                    request = CaptionRequest(sample.key, sample.image, self.stage.prompt.system, self.stage.prompt.render(alt))
-                    key = cache_key(_sha256(sample.image), identity, alt if self.stage.prompt.uses_alt_text else None)
+                    key = self.stage.cache_key(sample)
                     hit = self.stage._cache.get(key) if self.stage._cache is not None else None
                     if hit is not None:
                         journal.append({**hit, "key": sample.key, "cached": True})
                         continue
+                    request = self.stage.request_for(sample)
                     try:
                         body, estimate = self.backend.build_body(request)
                     except UnreadableImage as e:
@@ -394,12 +390,6 @@ class _BatchJob:
         if blocked == "budget" and not any(r["state"] in _IN_FLIGHT for r in records):
             return "budget"
         return "waiting"
-
-
-def _sha256(data: bytes) -> str:
-    import hashlib
-
-    return hashlib.sha256(data).hexdigest()
 
 
 def run_batch_caption(stage: CaptionStage, in_dir: str | Path, out_dir: str | Path, progress: Progress) -> BatchResult:
