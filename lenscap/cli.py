@@ -380,26 +380,33 @@ def inspect(
 def demo(
     work_dir: Annotated[str, typer.Argument(help="Where the demo writes its URL list and datasets.")] = "demo-out",
     images: Annotated[int, typer.Option(help="How many generated images to serve.")] = 100,
+    captioner: Annotated[str, typer.Option(help="auto (openai when OPENAI_API_KEY is set, else describe), describe, openai (gpt-4.1-mini, at most $0.10), or fake (a fake API server on loopback).")] = "auto",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the demo offline: serve generated images on loopback, download and caption them, inspect the result."""
-    from lenscap.demo.run import run_demo
+    """Run the demo: serve generated images on loopback, download and caption them, inspect the result."""
+    from lenscap.demo.run import CAPTIONERS, run_demo
     from lenscap.inspect import inspect_dataset
 
     if images < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--images")
-    out = run_demo(work_dir, images, quiet)
+    if captioner not in CAPTIONERS:
+        raise typer.BadParameter(f"must be one of {', '.join(CAPTIONERS)}", param_hint="--captioner")
+    out = run_demo(work_dir, images, quiet, captioner)
     exit_code = out["exit_code"]
     if as_json:
-        _emit({"command": "demo", "work_dir": out["work_dir"], "download": inspect_dataset(out["download"]),
-               "captioned": inspect_dataset(out["captioned"]), "exit_code": exit_code}, True)
+        _emit({"command": "demo", "work_dir": out["work_dir"], "captioner": out["captioner"],
+               "download": inspect_dataset(out["download"]), "captioned": inspect_dataset(out["captioned"]),
+               "exit_code": exit_code}, True)
     else:
         inspect(out["captioned"], as_json=False)
         print(f"downloaded: {out['download']}\ncaptioned:  {out['captioned']}  (try: lenscap inspect {out['captioned']} --json)")
-        print("The captions come from a fake OpenAI-compatible server on loopback (placeholders: size and colour);\n"
-              "the cost is what gpt-4.1-mini would have charged. With a key, run: lenscap caption "
-              f"{out['download']} OUT --model gpt-4.1-mini")
+        print({
+            "describe": "Captions by --backend describe: what the pixels say (size, colours, light, text), not what the image shows.\n"
+                        "With OPENAI_API_KEY set, the demo captions with gpt-4.1-mini instead (at most $0.10).",
+            "fake": "Captions from a fake OpenAI-compatible server on loopback: placeholders; the cost is hypothetical.",
+            "openai": "Captions by gpt-4.1-mini through the OpenAI API.",
+        }[out["captioner"]])
     raise typer.Exit(exit_code)
 
 

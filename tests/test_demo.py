@@ -7,8 +7,20 @@ import json
 from conftest import run_cli
 
 
-def test_demo_downloads_and_captions_offline(tmp_path):
+def test_demo_without_a_key_captions_with_describe(tmp_path):
     r = run_cli("demo", str(tmp_path / "demo"), "--images", "12", "--json", "--quiet",
+                env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None, "LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["captioner"] == "describe"
+    assert summary["download"]["status"] == {"success": 12, "failed_to_download": 2, "failed_to_resize": 2}
+    captioned = summary["captioned"]
+    assert captioned["stage_status"]["caption_status"] == {"ok": 12, "skipped": 4}
+    assert captioned["caption_cost"]["usd"] == 0
+
+
+def test_demo_with_the_fake_api(tmp_path):
+    r = run_cli("demo", str(tmp_path / "demo"), "--images", "12", "--captioner", "fake", "--json", "--quiet",
                 env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None, "LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)

@@ -1,8 +1,8 @@
 """The demo pipeline: generated images served on loopback, downloaded, captioned, inspected.
 
-Offline and without a key: captions come from the fake OpenAI-compatible server on loopback, through
-the real client, limiter, journal and shard writing. Its captions are placeholders (size and
-dominant colour), and the cost shown is what gpt-4.1-mini would have charged; nothing is paid.
+Captioners: ``describe`` (offline, from the pixels: the default without an API key), ``openai``
+(gpt-4.1-mini, capped at $0.10: the default when OPENAI_API_KEY is set), or ``fake`` (lenscap's fake
+OpenAI-compatible server on loopback: the real client, limiter and journal, placeholder captions).
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import os
+
+from lenscap.backends.describe import DescribeBackend
 from lenscap.backends.openai_chat import OpenAIChatBackend, OpenAIOptions
 from lenscap.captioning.prompts import load_prompt
 from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
@@ -22,7 +25,10 @@ from lenscap.runner import run_stage
 from lenscap.stages.caption import CaptionStage
 from lenscap.stages.download import DownloadOptions, download
 
-__all__ = ["demo_routes", "run_demo"]
+__all__ = ["demo_routes", "run_demo", "CAPTIONERS", "DEMO_MAX_COST"]
+
+CAPTIONERS = ("auto", "describe", "openai", "fake")
+DEMO_MAX_COST = 0.10
 
 
 def demo_routes(n_images: int) -> dict[str, Route]:
@@ -34,7 +40,7 @@ def demo_routes(n_images: int) -> dict[str, Route]:
     return routes
 
 
-def run_demo(work_dir: str | Path, n_images: int = 100, quiet: bool = False) -> dict[str, Any]:
+def run_demo(work_dir: str | Path, n_images: int = 100, quiet: bool = False, captioner: str = "auto") -> dict[str, Any]:
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     routes = demo_routes(n_images)
@@ -54,11 +60,20 @@ def run_demo(work_dir: str | Path, n_images: int = 100, quiet: bool = False) -> 
             DownloadOptions(samples_per_shard=50, processes=2, threads=16, timeout=5),
             make_progress("download", quiet),
         )
+    if captioner == "auto":
+        captioner = "openai" if os.environ.get("OPENAI_API_KEY") else "describe"
     shutil.rmtree(work / "captioned", ignore_errors=True)
-    with FakeOpenAI(FakeSettings(rpm=1200, latency_s=0.05)) as api:
-        backend = OpenAIChatBackend(OpenAIOptions(model="gpt-4.1-mini", base_urls=[api.base_url], concurrency=16))
-        captioned = run_stage(CaptionStage(backend, load_prompt("lens")), work / "download", work / "captioned",
-                              progress=make_progress("caption", quiet))
+    caption = work / "download", work / "captioned"
+    progress = make_progress("caption", quiet)
+    if captioner == "fake":
+        with FakeOpenAI(FakeSettings(rpm=1200, latency_s=0.05)) as api:
+            backend = OpenAIChatBackend(OpenAIOptions(model="gpt-4.1-mini", base_urls=[api.base_url], concurrency=16))
+            captioned = run_stage(CaptionStage(backend, load_prompt("lens")), *caption, progress=progress)
+    elif captioner == "openai":
+        backend = OpenAIChatBackend(OpenAIOptions(model="gpt-4.1-mini", concurrency=16))
+        captioned = run_stage(CaptionStage(backend, load_prompt("lens"), max_cost=DEMO_MAX_COST), *caption, progress=progress)
+    else:
+        captioned = run_stage(CaptionStage(DescribeBackend(), load_prompt("lens")), *caption, progress=progress)
     exit_code = max(result.exit_code, captioned.exit_code)
     return {"work_dir": str(work), "download": str(work / "download"), "captioned": str(work / "captioned"),
-            "exit_code": exit_code}
+            "captioner": captioner, "exit_code": exit_code}
