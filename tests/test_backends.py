@@ -4,7 +4,6 @@ config), vllm (request building and its errors where it cannot run), --hints ocr
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path

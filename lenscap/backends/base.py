@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from lenscap.errors import UsageError
 
-__all__ = ["CaptionBackend", "CaptionRequest", "CaptionResult", "Option", "OK", "ERROR", "REFUSED", "TRUNCATED", "SKIPPED",
+__all__ = ["CaptionBackend", "CaptionRequest", "CaptionResult", "Option", "generated", "OK", "ERROR", "REFUSED", "TRUNCATED", "SKIPPED",
            "OUTCOMES"]
 
 OK, ERROR, REFUSED, TRUNCATED, SKIPPED = "ok", "error", "refused", "truncated", "skipped"
@@ -91,6 +91,20 @@ class CaptionResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> CaptionResult:
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
+
+
+def generated(key: str, text: str, cut: bool, limit_flag: str, input_tokens: int | None, output_tokens: int | None) -> CaptionResult:
+    """A local model's reply as an outcome: cut at the token limit is ``truncated`` (the text is kept
+    in the error), nothing at all is an ``error``, anything else is the caption. Cost 0."""
+    text = " ".join(text.split())
+    result = CaptionResult(key, OK, input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=0.0)
+    if cut:
+        result.status, result.error = TRUNCATED, f"reply cut at {limit_flag}: {text}"
+    elif not text:
+        result.status, result.error = ERROR, "empty reply"
+    else:
+        result.caption = text
+    return result
 
 
 class CaptionBackend(ABC):

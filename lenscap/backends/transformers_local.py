@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lenscap.backends.base import ERROR, OK, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult, Option
+from lenscap.backends.base import ERROR, CaptionBackend, CaptionRequest, CaptionResult, Option, generated
 from lenscap.errors import BackendError, MissingDependency, UsageError
 
 __all__ = ["TransformersBackend", "FLORENCE_TASKS"]
@@ -197,12 +197,5 @@ class TransformersBackend(CaptionBackend):
         """Generated token ids as an outcome: ended by EOS is ``ok``, cut at the limit is ``truncated``."""
         end = next((i for i, t in enumerate(ids) if t in eos_ids), None)
         kept = ids if end is None else ids[:end]  # after EOS come only the batch's padding
-        text = " ".join(self._processor.batch_decode([kept], skip_special_tokens=True)[0].split())
-        result = CaptionResult(key, OK, input_tokens=input_tokens, output_tokens=len(kept) + (end is not None), cost_usd=0.0)
-        if end is None:
-            result.status, result.error = TRUNCATED, f"reply cut at --max-new-tokens {self.max_new_tokens}: {text}"
-        elif not text:
-            result.status, result.error = ERROR, "empty reply"
-        else:
-            result.caption = text
-        return result
+        text = self._processor.batch_decode([kept], skip_special_tokens=True)[0]
+        return generated(key, text, end is None, f"--max-new-tokens {self.max_new_tokens}", input_tokens, len(kept) + (end is not None))

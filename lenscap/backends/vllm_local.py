@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lenscap.backends.base import ERROR, OK, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult, Option
+from lenscap.backends.base import ERROR, CaptionBackend, CaptionRequest, CaptionResult, Option, generated
 from lenscap.captioning.images import UnreadableImage, prepare_image
 from lenscap.errors import BackendError, MissingDependency, UsageError
 
@@ -110,13 +110,5 @@ class VllmBackend(CaptionBackend):
 def interpret_output(key: str, output: Any, max_new_tokens: int) -> CaptionResult:
     """A vLLM RequestOutput as an outcome: finish_reason "length" is ``truncated``."""
     completion = output.outputs[0]
-    text = " ".join((completion.text or "").split())
-    result = CaptionResult(key, OK, input_tokens=len(output.prompt_token_ids or []), output_tokens=len(completion.token_ids),
-                           cost_usd=0.0)
-    if completion.finish_reason == "length":
-        result.status, result.error = TRUNCATED, f"reply cut at --max-new-tokens {max_new_tokens}: {text}"
-    elif not text:
-        result.status, result.error = ERROR, "empty reply"
-    else:
-        result.caption = text
-    return result
+    return generated(key, completion.text or "", completion.finish_reason == "length", f"--max-new-tokens {max_new_tokens}",
+                     len(output.prompt_token_ids or []), len(completion.token_ids))

@@ -4,6 +4,7 @@ with optional extras, text (OCR) and faces. Shared by the ``describe`` backend a
 from __future__ import annotations
 
 import io
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -103,11 +104,14 @@ def read_text_from_bytes(data: bytes) -> list[str]:
 
 
 def faces_available() -> bool:
+    """OpenCV 4.x with its bundled cascades. OpenCV 5 (pulled in by the ocr extra) has no
+    CascadeClassifier, so faces are then not counted."""
     try:
         import cv2
     except ImportError:
         return False
-    return hasattr(cv2, "data") and hasattr(cv2, "CascadeClassifier")
+    cascades = getattr(getattr(cv2, "data", None), "haarcascades", None)
+    return bool(cascades) and hasattr(cv2, "CascadeClassifier") and os.path.exists(cascades + "haarcascade_frontalface_default.xml")
 
 
 _cascade: Any = None
