@@ -240,6 +240,98 @@ def _parse_hints(hints: str | None) -> tuple[str, ...]:
     return names
 
 
+@app.command("filter")
+def filter_command(
+    in_dir: Annotated[str, typer.Argument(help="Input dataset directory.")],
+    out_dir: Annotated[str, typer.Argument(help="Output dataset directory (not written with --dry-run).")],
+    min_side: Annotated[Optional[int], typer.Option(help="Drop images whose shorter side is below this (pixels).")] = None,
+    max_aspect: Annotated[Optional[float], typer.Option(help="Drop images more elongated than this (long side / short side).")] = None,
+    min_bytes: Annotated[Optional[int], typer.Option(help="Drop images smaller than this many bytes.")] = None,
+    caption_min_words: Annotated[Optional[int], typer.Option(help="Drop samples whose caption has fewer words.")] = None,
+    caption_max_words: Annotated[Optional[int], typer.Option(help="Drop samples whose caption has more words.")] = None,
+    status: Annotated[str, typer.Option(help="Keep only this download status (success), or any.")] = "success",
+    where: Annotated[Optional[str], typer.Option(help="Keep only rows where this SQL expression over the columns is true (DuckDB), e.g. \"width >= 512 AND caption NOT ILIKE '%stock%'\".")] = None,
+    blocklist: Annotated[Optional[str], typer.Option(help="File of MD5 or SHA-256 hex digests of images to drop.")] = None,
+    annotate: Annotated[Optional[str], typer.Option(help="Comma-separated annotators whose scores to add: blur, uniform, ocr, faces, nsfw, clip, or a plugin.")] = None,
+    min_sharpness: Annotated[Optional[float], typer.Option(help="blur: drop images whose Laplacian variance is below.")] = None,
+    max_uniformity: Annotated[Optional[float], typer.Option(help="uniform: drop images whose most common colour covers more than this share.")] = None,
+    max_text_area: Annotated[Optional[float], typer.Option(help="ocr: drop images whose text covers more than this share.")] = None,
+    max_faces: Annotated[Optional[int], typer.Option(help="faces: drop images with more faces.")] = None,
+    max_nsfw: Annotated[Optional[float], typer.Option(help="nsfw: drop images scoring above (NudeNet, the nsfw extra).")] = None,
+    min_clip_score: Annotated[Optional[float], typer.Option(help="clip: drop samples whose image-caption similarity (x100) is below.")] = None,
+    clip_model: Annotated[Optional[str], typer.Option(help="clip: weights to use, a hub id or a local directory (default openai/clip-vit-base-patch32).")] = None,
+    threshold: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE: the drop threshold of any annotator (plugins too).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be dropped, per reason; write nothing.")] = False,
+    processes: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Keep the samples that pass cheap rules, then content annotators; every drop is recorded with its reason."""
+    from collections import Counter
+
+    from lenscap.dataset import Dataset
+    from lenscap.errors import UsageError
+    from lenscap.filters import annotator_class
+    from lenscap.progress import make_progress
+    from lenscap.runner import run_stage
+    from lenscap.stages.filter import FilterRules, FilterStage, load_blocklist
+
+    if status not in ("success", "any"):
+        raise UsageError(f"--status must be success or any, not {status!r}")
+    if processes < 1:
+        raise UsageError(f"--processes must be at least 1, not {processes}")
+    thresholds: dict[str, float | None] = {}
+    for name in (annotate or "").split(","):
+        if name.strip():
+            thresholds[name.strip()] = None
+    for name, value in (("blur", min_sharpness), ("uniform", max_uniformity), ("ocr", max_text_area), ("faces", max_faces),
+                        ("nsfw", max_nsfw), ("clip", min_clip_score)):
+        if value is not None:
+            thresholds[name] = float(value)
+    for item in threshold or []:
+        name, eq, value = item.partition("=")
+        try:
+            thresholds[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--threshold takes NAME=NUMBER, not {item!r}") from None
+    if clip_model is not None:
+        thresholds.setdefault("clip", None)
+    annotators = []
+    for name, value in thresholds.items():
+        cls = annotator_class(name)
+        annotators.append(cls(value, model=clip_model) if name == "clip" else cls(value))  # type: ignore[call-arg]
+    rules = FilterRules(min_side, max_aspect, min_bytes, caption_min_words, caption_max_words, status, where)
+    stage = FilterStage(rules, annotators, load_blocklist(blocklist) if blocklist else frozenset(), dry_run)
+    src = Dataset.open(in_dir)
+    stage.check_where(src)
+    if dry_run:
+        stage.setup()
+        counts: Counter[str] = Counter()
+        for shard_id in src.completed_ids():
+            counts.update(stage.count_shard(src, shard_id))
+        summary = {"command": "filter", "dry_run": True, "in_dir": str(src.path), "samples": sum(counts.values()),
+                   "kept": counts.get("kept", 0), "reasons": dict(counts.most_common()), "exit_code": 0}
+        _emit(summary, as_json)
+        if not as_json:
+            print(f"{src.path}: {summary['samples']} samples, {summary['kept']} would be kept")
+            for reason, n in counts.most_common():
+                if reason != "kept":
+                    print(f"  {n:>8}  dropped: {reason}" if reason != "error" else f"  {n:>8}  unreadable")
+        return
+    result = run_stage(stage, src.path, out_dir, processes, make_progress("filter", quiet))
+    reasons: Counter[str] = Counter()
+    out = Dataset(result.out_dir)
+    for shard_id in out.completed_ids():
+        reasons.update(out.read_stats(shard_id).get("filter_reasons", {}))
+    summary = {"command": "filter", **asdict(result), "kept": reasons.get("kept", 0), "reasons": dict(reasons.most_common()),
+               "exit_code": result.exit_code}
+    _emit(summary, as_json)
+    if not as_json and not quiet:
+        dropped = ", ".join(f"{n} {r}" for r, n in reasons.most_common() if r != "kept") or "none"
+        print(f"{result.out_dir}: {result.samples} samples, {reasons.get('kept', 0)} kept; dropped: {dropped}", file=sys.stderr)
+    raise typer.Exit(result.exit_code)
+
+
 def _say_batch(batch: Any, backend: Any, out_dir: str) -> None:
     outcomes = ", ".join(f"{n} {k}" for k, n in batch.counts.get("caption_status", {}).items())
     files = ", ".join(f"{n} {k}" for k, n in batch.files.items()) or "none"

@@ -76,6 +76,11 @@ def ocr_available() -> bool:
 
 def read_text(image: Image.Image, min_score: float = 0.6) -> list[str]:
     """Legible text, top to bottom, as the OCR engine read it."""
+    return [text for _, text in read_text_boxes(image, min_score)]
+
+
+def read_text_boxes(image: Image.Image, min_score: float = 0.6) -> list[tuple[list[list[float]], str]]:
+    """(box corners, text) for each legible line, top to bottom."""
     global _ocr_engine
     try:
         import numpy as np
@@ -87,7 +92,7 @@ def read_text(image: Image.Image, min_score: float = 0.6) -> list[str]:
             _ocr_engine = RapidOCR()
         found, _ = _ocr_engine(np.asarray(image))
     lines = sorted(found or [], key=lambda r: (r[0][0][1], r[0][0][0]))
-    return [text.strip() for _, text, score in lines if float(score) >= min_score and text.strip()]
+    return [(box, text.strip()) for box, text, score in lines if float(score) >= min_score and text.strip()]
 
 
 def read_text_from_bytes(data: bytes) -> list[str]:

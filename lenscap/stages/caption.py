@@ -226,7 +226,10 @@ class CaptionStage(ShardStage):
         row[kept] = row.get("caption")
         if entry is None:  # no image: nothing was asked
             row["caption_status"] = SKIPPED
-            row["caption_error"] = f"no image (download status: {sample.status})"
+            if row.get("filter_status") in ("dropped", "error"):
+                row["caption_error"] = f"no image (filter: {row.get('filter_reason') or row.get('filter_error')})"
+            else:
+                row["caption_error"] = f"no image (download status: {sample.status})"
             for f in PROVENANCE_FIELDS:
                 row[f.name] = None
             return

@@ -1,0 +1,237 @@
+"""``lenscap filter``: cheap rules first, content annotators second, every drop explained.
+
+Per shard, the cheap rules (download status, sizes, bytes, caption length, ``--where``) run as one
+DuckDB query over the shard's parquet, with the image sizes read from the tar's headers, not its
+images. Only samples that pass them are decoded, once, for the blocklist and the annotators,
+cheapest first; the first drop stops the rest. Every row stays in the parquet with
+``filter_status`` (kept, dropped, error), ``filter_reason`` (the rule) and ``filter_detail`` (the
+values); the tar keeps only the kept samples' images, so later stages skip the dropped ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import tarfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from lenscap.dataset import Dataset
+from lenscap.errors import UsageError
+from lenscap.filters.base import Annotator
+from lenscap.record import SUCCESS, Sample
+from lenscap.stages.base import ShardStage
+
+__all__ = ["FilterRules", "FilterStage", "load_blocklist"]
+
+KEPT, DROPPED, ERROR = "kept", "dropped", "error"
+_HEX_RE = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-f]{64})$")
+_WORDS = "(CASE WHEN caption IS NULL OR trim(caption) = '' THEN 0 ELSE len(regexp_split_to_array(trim(caption), '\\s+')) END)"
+
+
+@dataclass
+class FilterRules:
+    min_side: int | None = None
+    max_aspect: float | None = None
+    min_bytes: int | None = None
+    caption_min_words: int | None = None
+    caption_max_words: int | None = None
+    status: str = SUCCESS  # "success": drop failed downloads; "any": keep them
+    where: str | None = None
+
+    def checks(self) -> list[tuple[str, str, str]]:
+        """(rule, SQL that is true when the sample fails it, SQL for the detail), in order."""
+        out: list[tuple[str, str, str]] = []
+        if self.status != "any":
+            out.append(("status", f"status IS DISTINCT FROM '{self.status}'", "'status ' || coalesce(status, 'null')"))
+        if self.min_side is not None:
+            out.append(("min-side", f"coalesce(least(width, height), 0) < {int(self.min_side)}",
+                        f"printf('shorter side %s < %d', coalesce(least(width, height)::VARCHAR, 'unknown'), {int(self.min_side)})"))
+        if self.max_aspect is not None:
+            ratio = "(greatest(width, height)::DOUBLE / nullif(least(width, height), 0))"
+            out.append(("max-aspect", f"coalesce({ratio} > {float(self.max_aspect)}, true)",
+                        f"printf('aspect ratio %s > %s', coalesce(round({ratio}, 2)::VARCHAR, 'unknown'), '{self.max_aspect:g}')"))
+        if self.min_bytes is not None:
+            out.append(("min-bytes", f"coalesce(image_bytes, 0) < {int(self.min_bytes)}",
+                        f"printf('%d bytes < %d', coalesce(image_bytes, 0), {int(self.min_bytes)})"))
+        if self.caption_min_words is not None:
+            out.append(("caption-min-words", f"{_WORDS} < {int(self.caption_min_words)}",
+                        f"printf('%d words < %d', {_WORDS}, {int(self.caption_min_words)})"))
+        if self.caption_max_words is not None:
+            out.append(("caption-max-words", f"{_WORDS} > {int(self.caption_max_words)}",
+                        f"printf('%d words > %d', {_WORDS}, {int(self.caption_max_words)})"))
+        if self.where:
+            literal = self.where.replace("'", "''")
+            out.append(("where", f"NOT coalesce(({self.where}), false)", f"'not ({literal})'"))
+        return out
+
+    def query(self) -> str:
+        checks = self.checks()
+        if not checks:
+            return "SELECT key, NULL::VARCHAR AS reason, NULL::VARCHAR AS detail FROM t"
+        reason = " ".join(f"WHEN {cond} THEN '{name}'" for name, cond, _ in checks)
+        detail = " ".join(f"WHEN {cond} THEN {d}" for _, cond, d in checks)
+        return f"SELECT key, CASE {reason} END AS reason, CASE {detail} END AS detail FROM t"
+
+
+def load_blocklist(path: str | Path) -> frozenset[str]:
+    """MD5 or SHA-256 hex digests, one a line; ``#`` starts a comment."""
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"cannot read blocklist {p}: {e.strerror}") from None
+    hashes = set()
+    for n, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip().lower()
+        if not text:
+            continue
+        if not _HEX_RE.match(text):
+            raise UsageError(f"blocklist {p}, line {n}: expected an MD5 or SHA-256 hex digest, not {text[:80]!r}")
+        hashes.add(text)
+    return frozenset(hashes)
+
+
+def _image_sizes(tar_path: Path) -> dict[str, int]:
+    """Image bytes per key from the tar's headers alone."""
+    if not tar_path.exists():
+        return {}
+    with tarfile.open(tar_path) as tar:
+        return {m.name.partition(".")[0]: m.size for m in tar if m.name.endswith(".jpg")}
+
+
+@dataclass
+class FilterStage(ShardStage):
+    name = "filter"
+    rules: FilterRules = field(default_factory=FilterRules)
+    annotators: list[Annotator] = field(default_factory=list)
+    blocklist: frozenset[str] = frozenset()
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        self.annotators = sorted(self.annotators, key=lambda a: a.cost_rank)
+
+    def parameters(self) -> dict[str, Any]:
+        return {"rules": {k: v for k, v in vars(self.rules).items() if v is not None},
+                "annotators": {a.name: a.parameters() for a in self.annotators}, "blocklist_size": len(self.blocklist)}
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        schema = super().output_schema(input_schema)
+        for f in (pa.field("filter_reason", pa.string()), pa.field("filter_detail", pa.string()),
+                  *(c for a in self.annotators for c in a.columns)):
+            if f.name not in schema.names:
+                schema = schema.append(f)
+        return schema
+
+    def check_where(self, src: Dataset) -> None:
+        """Run the rules on no rows of the first shard: a bad --where or a missing column fails here,
+        with DuckDB's message, before any work."""
+        import duckdb
+
+        shards = src.completed_ids()
+        if not shards:
+            return
+        empty = pq.read_schema(src.parquet_path(shards[0])).empty_table().append_column("image_bytes", pa.array([], pa.int64()))
+        con = duckdb.connect()
+        con.register("t", empty)
+        try:
+            con.execute(self.rules.query()).fetchall()
+        except duckdb.Error as e:
+            raise UsageError(f"filter rules cannot run on {src.path}: {str(e).splitlines()[0]}") from None
+        finally:
+            con.close()
+
+    def check(self) -> None:
+        pass
+
+    def setup(self) -> None:
+        for a in self.annotators:
+            a.setup()
+
+    # -- one shard ------------------------------------------------------------------------------
+
+    def cheap_verdicts(self, src: Dataset, shard_id: int) -> dict[str, tuple[str, str]]:
+        import duckdb
+
+        table = src.read_table(shard_id)
+        sizes = _image_sizes(src.tar_path(shard_id))
+        keys = [str(k) for k in table.column("key").to_pylist()]
+        table = table.append_column("image_bytes", pa.array([sizes.get(k) for k in keys], pa.int64()))
+        con = duckdb.connect()
+        try:
+            con.register("t", table)
+            rows = con.execute(self.rules.query()).fetchall()
+        finally:
+            con.close()
+        return {str(key): (reason, detail) for key, reason, detail in rows if reason is not None}
+
+    def judge(self, sample: Sample, cheap: tuple[str, str] | None) -> None:
+        """Set the sample's filter columns; a dropped sample loses its image (it leaves the tar)."""
+        row = sample.row
+        row.update(filter_status=KEPT, filter_error=None, filter_reason=None, filter_detail=None)
+        for a in self.annotators:
+            for c in a.columns:
+                row[c.name] = None
+        if cheap is not None:
+            row.update(filter_status=DROPPED, filter_reason=cheap[0], filter_detail=cheap[1])
+            sample.image = None
+            return
+        if sample.image is None:
+            return  # kept without an image: only with --status any
+        if self.blocklist:
+            digests = (hashlib.md5(sample.image).hexdigest(), hashlib.sha256(sample.image).hexdigest())  # noqa: S324 - a lookup key
+            hit = next((d for d in digests if d in self.blocklist), None)
+            if hit:
+                row.update(filter_status=DROPPED, filter_reason="blocklist", filter_detail=f"{'md5' if len(hit) == 32 else 'sha256'} {hit}")
+                sample.image = None
+                return
+        if not self.annotators:
+            return
+        try:
+            image = Image.open(io.BytesIO(sample.image))
+            image.draft("RGB", (1024, 1024))
+            image = image.convert("RGB")
+            image.thumbnail((1024, 1024))
+        except Exception as e:  # noqa: BLE001 - an unreadable image is this sample's outcome
+            row.update(filter_status=ERROR, filter_error=f"cannot decode image: {type(e).__name__}: {e}")
+            sample.image = None
+            return
+        for a in self.annotators:
+            scores = a.annotate(image, sample)
+            row.update(scores)
+            why = a.verdict(scores)
+            if why is not None:
+                row.update(filter_status=DROPPED, filter_reason=a.name, filter_detail=why)
+                sample.image = None
+                return
+
+    def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
+        verdicts = self.cheap_verdicts(src, shard_id)
+        writer = dst.writer(shard_id, self.output_schema(pq.read_schema(src.parquet_path(shard_id))))
+        reasons: Counter[str] = Counter()
+        try:
+            for sample in src.iter_samples(shard_id):
+                self.judge(sample, verdicts.get(sample.key))
+                reasons[sample.row["filter_reason"] or sample.row["filter_status"]] += 1
+                writer.write(sample)
+                self.tick()
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit({"stage": self.name, "filter_reasons": dict(sorted(reasons.items()))})
+
+    def count_shard(self, src: Dataset, shard_id: int) -> Counter[str]:
+        """--dry-run: what ``run_shard`` would decide, counted, nothing written."""
+        verdicts = self.cheap_verdicts(src, shard_id)
+        reasons: Counter[str] = Counter()
+        for sample in src.iter_samples(shard_id):
+            self.judge(sample, verdicts.get(sample.key))
+            reasons[sample.row["filter_reason"] or sample.row["filter_status"]] += 1
+        return reasons
