@@ -73,12 +73,14 @@ class FilterRules:
         return out
 
     def query(self) -> str:
+        """The dropped rows of table ``t``: key, rule, detail (kept rows never leave DuckDB)."""
         checks = self.checks()
         if not checks:
-            return "SELECT key, NULL::VARCHAR AS reason, NULL::VARCHAR AS detail FROM t"
+            return "SELECT key, NULL::VARCHAR AS reason, NULL::VARCHAR AS detail FROM t WHERE false"
         reason = " ".join(f"WHEN {cond} THEN '{name}'" for name, cond, _ in checks)
         detail = " ".join(f"WHEN {cond} THEN {d}" for _, cond, d in checks)
-        return f"SELECT key, CASE {reason} END AS reason, CASE {detail} END AS detail FROM t"
+        fails = " OR ".join(f"({cond})" for _, cond, _ in checks)
+        return f"SELECT key, CASE {reason} END AS reason, CASE {detail} END AS detail FROM t WHERE {fails}"
 
 
 def load_blocklist(path: str | Path) -> frozenset[str]:
@@ -158,19 +160,32 @@ class FilterStage(ShardStage):
     # -- one shard ------------------------------------------------------------------------------
 
     def cheap_verdicts(self, src: Dataset, shard_id: int) -> dict[str, tuple[str, str]]:
-        import duckdb
-
         table = src.read_table(shard_id)
-        sizes = _image_sizes(src.tar_path(shard_id))
-        keys = [str(k) for k in table.column("key").to_pylist()]
-        table = table.append_column("image_bytes", pa.array([sizes.get(k) for k in keys], pa.int64()))
-        con = duckdb.connect()
+        if self.rules.min_bytes is not None:  # the tar's headers only when a rule needs image sizes
+            sizes = _image_sizes(src.tar_path(shard_id))
+            sizes_column = pa.array([sizes.get(str(k)) for k in table.column("key").to_pylist()], pa.int64())
+        else:
+            sizes_column = pa.nulls(table.num_rows, pa.int64())
+        table = table.append_column("image_bytes", sizes_column)
+        con = self._duckdb()
+        con.register("t", table)
         try:
-            con.register("t", table)
             rows = con.execute(self.rules.query()).fetchall()
         finally:
-            con.close()
-        return {str(key): (reason, detail) for key, reason, detail in rows if reason is not None}
+            con.unregister("t")
+        return {str(key): (reason, detail) for key, reason, detail in rows}
+
+    def _duckdb(self) -> Any:
+        """One in-memory DuckDB connection per worker process (not pickled with the stage)."""
+        import duckdb
+
+        con = self.__dict__.get("_con")
+        if con is None:
+            con = self.__dict__["_con"] = duckdb.connect()
+        return con
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_con"}
 
     def judge(self, sample: Sample, cheap: tuple[str, str] | None) -> None:
         """Set the sample's filter columns; a dropped sample loses its image (it leaves the tar)."""
