@@ -15,7 +15,7 @@ from conftest import run_cli
 from lenscap.backends.base import CaptionRequest
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.fake_openai import FakeOpenAI
-from lenscap.demo.images import jpeg_bytes, png_bytes, scene
+from lenscap.demo.images import cartoon_face, jpeg_bytes, png_bytes, scene
 from test_caption import rows
 from tiny_models import build_text_only_model, build_tiny_llava
 
@@ -82,14 +82,16 @@ def test_describe_says_what_the_pixels_say(tmp_path, env):
         0: jpeg_bytes(Image.new("RGB", (800, 400), (200, 30, 30))),  # red, wide
         1: jpeg_bytes(Image.new("RGB", (300, 600), (15, 15, 15))),  # black, tall, dark
         2: text_image("SALE 50%"),  # white with black text
+        3: jpeg_bytes(cartoon_face(300)),
     }
-    src = write_image_dataset(tmp_path / "in", 3, image=lambda i: images[i]).path
+    src = write_image_dataset(tmp_path / "in", 4, image=lambda i: images[i]).path
     r = run_cli("caption", str(src), str(tmp_path / "out"), "--backend", "describe", "-O", "ocr=on", "--json", "--quiet", env=env)
     assert r.returncode == 0, r.stderr
     got = {k: v["caption"] for k, v in rows(tmp_path / "out").items()}
     assert got["000000000"] == "A medium-sized landscape image (800x400 pixels), mostly red. It is dim, with low contrast."  # luma 81
     assert got["000000001"].startswith("A medium-sized portrait image (300x600 pixels), mostly black. It is dark")
     assert 'Visible text reads "SALE 50%".' in got["000000002"]
+    assert got["000000003"].endswith("1 face is visible.") and "face" not in got["000000000"]
     row = rows(tmp_path / "out")["000000000"]
     assert row["caption_model"].startswith("describe-1+ocr") and row["caption_cost_usd"] == 0
 

@@ -18,7 +18,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from conftest import run_cli
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.images import jpeg_bytes, png_bytes, scene, truncated_jpeg
+from lenscap.demo.images import cartoon_face, jpeg_bytes, png_bytes, scene, truncated_jpeg
 from test_caption import rows, tar_members
 from tiny_models import build_tiny_clip
 
@@ -83,8 +83,8 @@ def test_annotators_blur_uniform_ocr_faces_on_known_images(tmp_path):
     text = Image.new("RGB", (480, 160), "white")
     ImageDraw.Draw(text).text((20, 50), "SALE 50%", fill="black", font=ImageFont.load_default(size=56))
     images = {0: jpeg_bytes(sharp), 1: jpeg_bytes(sharp.filter(ImageFilter.GaussianBlur(6))),
-              2: png_bytes(Image.new("RGB", (300, 200), (40, 90, 200))), 3: png_bytes(text)}
-    src = write_image_dataset(tmp_path / "in", 4, image=lambda i: images[i]).path
+              2: png_bytes(Image.new("RGB", (300, 200), (40, 90, 200))), 3: png_bytes(text), 4: jpeg_bytes(cartoon_face(300))}
+    src = write_image_dataset(tmp_path / "in", 5, image=lambda i: images[i]).path
     r = run_cli("filter", str(src), str(tmp_path / "out"), "--annotate", "blur,uniform,ocr,faces", "--status", "any", "--json", "--quiet")
     assert r.returncode == 0, r.stderr
     got = rows(tmp_path / "out")
@@ -93,12 +93,12 @@ def test_annotators_blur_uniform_ocr_faces_on_known_images(tmp_path):
     assert got["000000002"]["uniform_dominant_share"] == 1.0 and got["000000000"]["uniform_dominant_share"] < 0.9
     assert got["000000003"]["ocr_text"] == "SALE 50%" and 0.05 < got["000000003"]["ocr_text_area"] < 0.6
     assert got["000000000"]["ocr_text"] is None and got["000000000"]["ocr_text_area"] == 0
-    assert all(v["faces_count"] == 0 for v in got.values())
+    assert {k: v["faces_count"] for k, v in got.items()} == {f"{i:09d}": int(i == 4) for i in range(5)}
     assert all(v["filter_status"] == "kept" for v in got.values()), "scores only: no threshold given"
     r = run_cli("filter", str(src), str(tmp_path / "cut"), "--min-sharpness", str(blur["000000001"] * 2), "--max-uniformity", "0.95",
-                "--max-text-area", "0.05", "--json", "--quiet")
+                "--max-text-area", "0.05", "--max-faces", "0", "--json", "--quiet")
     summary = json.loads(r.stdout)
-    assert reasons(summary) == {"uniform": 1, "blur": 1, "ocr": 1} and summary["kept"] == 1
+    assert reasons(summary) == {"uniform": 1, "blur": 1, "ocr": 1, "faces": 1} and summary["kept"] == 1
     cut = rows(tmp_path / "cut")
     assert cut["000000002"]["filter_detail"] == "uniform_dominant_share 1 > 0.95"
     assert cut["000000002"]["blur_laplacian_var"] is None, "uniform runs first and its drop skips the rest"

@@ -77,3 +77,17 @@ def html_page() -> bytes:
 def bomb_png(side: int = 20_000) -> bytes:
     """A small file that decodes to side*side pixels (400 million by default)."""
     return png_bytes(Image.new("1", (side, side)))
+
+
+def cartoon_face(size: int = 300) -> Image.Image:
+    """A drawn face (head, eyes, brows, nose, mouth) that OpenCV's frontal-face cascade finds."""
+    im = Image.new("RGB", (size, size), (90, 90, 90))
+    d = ImageDraw.Draw(im)
+    s = size
+    d.ellipse((s * 0.2, s * 0.1, s * 0.8, s * 0.9), fill=(225, 190, 160))
+    for x in (0.32, 0.56):
+        d.ellipse((s * x, s * 0.35, s * (x + 0.12), s * 0.43), fill=(30, 30, 30))
+        d.rectangle((s * (x - 0.02), s * 0.3, s * (x + 0.14), s * 0.32), fill=(60, 40, 30))
+    d.polygon([(s * 0.5, s * 0.45), (s * 0.45, s * 0.6), (s * 0.55, s * 0.6)], fill=(200, 160, 130))
+    d.ellipse((s * 0.4, s * 0.66, s * 0.6, s * 0.74), fill=(150, 60, 60))
+    return im.filter(ImageFilter.GaussianBlur(2))
