@@ -301,7 +301,7 @@ def filter_command(
         cls = annotator_class(name)
         annotators.append(cls(value, model=clip_model) if name == "clip" else cls(value))  # type: ignore[call-arg]
     rules = FilterRules(min_side, max_aspect, min_bytes, caption_min_words, caption_max_words, status, where)
-    stage = FilterStage(rules, annotators, load_blocklist(blocklist) if blocklist else frozenset(), dry_run)
+    stage = FilterStage(rules, annotators, load_blocklist(blocklist) if blocklist else frozenset())
     src = Dataset.open(in_dir)
     stage.check_where(src)
     if dry_run:

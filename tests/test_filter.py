@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from conftest import run_cli
@@ -159,7 +158,7 @@ def test_bad_input(tmp_path):
     r = run_cli("filter", str(src), str(tmp_path / "o1"), "--where", "width > AND 3")
     assert r.returncode == 2 and "Parser Error" in r.stderr
     r = run_cli("filter", str(src), str(tmp_path / "o1"), "--annotate", "sparkle")
-    assert r.returncode == 2 and "unknown annotator 'sparkle'; installed: blur, clip, faces, nsfw, ocr, uniform" in r.stderr
+    assert r.returncode == 2 and "unknown annotator 'sparkle'; installed annotators: blur, clip, faces, nsfw, ocr, uniform" in r.stderr
     r = run_cli("filter", str(src), str(tmp_path / "o2"), "--annotate", "blur", "--json", "--quiet")
     assert r.returncode == 0, r.stderr
     got = rows(tmp_path / "o2")

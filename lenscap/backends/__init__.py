@@ -7,52 +7,35 @@ The built-in backends register through the same entry points as third-party ones
 from __future__ import annotations
 
 import sys
-from importlib.metadata import entry_points
 from typing import Any
 
 from lenscap.backends.base import CaptionBackend
-from lenscap.errors import UsageError
+from lenscap.plugins import Registry
 
-__all__ = ["available_backends", "backend_class", "describe_backends"]
+__all__ = ["available_backends", "backend_class", "describe_backends", "REGISTRY"]
 
-_BUILTIN = {
+REGISTRY = Registry("lenscap.backends", "backend", CaptionBackend, {
     "openai": "lenscap.backends.openai_chat:OpenAIChatBackend",
     "openai-batch": "lenscap.backends.openai_batch:OpenAIBatchBackend",
     "batch-files": "lenscap.backends.openai_batch:BatchFilesBackend",
     "describe": "lenscap.backends.describe:DescribeBackend",
     "transformers": "lenscap.backends.transformers_local:TransformersBackend",
     "vllm": "lenscap.backends.vllm_local:VllmBackend",
-}
+})
 
 
 def available_backends() -> dict[str, str]:
     """Backend name -> ``module:Class``, built-ins included even when running from a source tree."""
-    found = dict(_BUILTIN)
-    for ep in entry_points(group="lenscap.backends"):
-        found[ep.name] = ep.value
-    return found
+    return REGISTRY.available()
 
 
 def backend_class(name: str) -> type[CaptionBackend]:
-    import importlib
-
-    known = available_backends()
-    if name not in known:
-        raise UsageError(f"unknown backend {name!r}; installed backends: {', '.join(sorted(known))}")
-    module_name, _, attr = known[name].partition(":")
-    cls = getattr(importlib.import_module(module_name), attr)
-    if not (isinstance(cls, type) and issubclass(cls, CaptionBackend)):
-        raise UsageError(f"backend {name!r} ({known[name]}) is not a CaptionBackend")
-    return cls
+    return REGISTRY.load(name)  # type: ignore[no-any-return]
 
 
 def describe_backends() -> list[dict[str, Any]]:
     """Every installed backend: where it comes from, whether it needs a key, its options."""
-    sources: dict[str, str] = {name: "lenscap (built-in)" for name in _BUILTIN}
-    for ep in entry_points(group="lenscap.backends"):
-        dist = getattr(ep, "dist", None)
-        if dist is not None and dist.metadata["Name"] != "lenscap":
-            sources[ep.name] = f"{dist.metadata['Name']} {dist.version}"
+    sources = REGISTRY.sources()
     out = []
     for name, target in sorted(available_backends().items()):
         info: dict[str, Any] = {"name": name, "entry_point": target, "source": sources.get(name, "lenscap (built-in)")}

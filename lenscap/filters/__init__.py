@@ -4,37 +4,24 @@ built-ins included, like caption backends."""
 
 from __future__ import annotations
 
-import importlib
-from importlib.metadata import entry_points
-
-from lenscap.errors import UsageError
 from lenscap.filters.base import Annotator
+from lenscap.plugins import Registry
 
-__all__ = ["annotator_class", "available_annotators"]
+__all__ = ["annotator_class", "available_annotators", "REGISTRY"]
 
-_BUILTIN = {
+REGISTRY = Registry("lenscap.filters", "annotator", Annotator, {
     "blur": "lenscap.filters.builtin:Blur",
     "uniform": "lenscap.filters.builtin:Uniform",
     "ocr": "lenscap.filters.builtin:TextArea",
     "faces": "lenscap.filters.builtin:Faces",
     "nsfw": "lenscap.filters.builtin:Nsfw",
     "clip": "lenscap.filters.clip:ClipScore",
-}
+})
 
 
 def available_annotators() -> dict[str, str]:
-    found = dict(_BUILTIN)
-    for ep in entry_points(group="lenscap.filters"):
-        found[ep.name] = ep.value
-    return found
+    return REGISTRY.available()
 
 
 def annotator_class(name: str) -> type[Annotator]:
-    known = available_annotators()
-    if name not in known:
-        raise UsageError(f"unknown annotator {name!r}; installed: {', '.join(sorted(known))}")
-    module, _, attr = known[name].partition(":")
-    cls = getattr(importlib.import_module(module), attr)
-    if not (isinstance(cls, type) and issubclass(cls, Annotator)):
-        raise UsageError(f"annotator {name!r} ({known[name]}) is not an Annotator")
-    return cls
+    return REGISTRY.load(name)  # type: ignore[no-any-return]

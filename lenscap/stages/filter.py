@@ -115,7 +115,6 @@ class FilterStage(ShardStage):
     rules: FilterRules = field(default_factory=FilterRules)
     annotators: list[Annotator] = field(default_factory=list)
     blocklist: frozenset[str] = frozenset()
-    dry_run: bool = False
 
     def __post_init__(self) -> None:
         self.annotators = sorted(self.annotators, key=lambda a: a.cost_rank)
@@ -149,9 +148,6 @@ class FilterStage(ShardStage):
             raise UsageError(f"filter rules cannot run on {src.path}: {str(e).splitlines()[0]}") from None
         finally:
             con.close()
-
-    def check(self) -> None:
-        pass
 
     def setup(self) -> None:
         for a in self.annotators:
