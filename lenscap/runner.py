@@ -18,7 +18,7 @@ from typing import Any
 from lenscap.dataset import Dataset, shard_name
 from lenscap.errors import LenscapError
 from lenscap.progress import Progress, make_progress
-from lenscap.stages.base import ShardStage
+from lenscap.stages.base import Stage
 
 __all__ = ["StageResult", "run_stage"]
 
@@ -38,10 +38,10 @@ class StageResult:
         return 0 if self.shards_completed == self.shards_total else 1
 
 
-_worker_stage: ShardStage | None = None
+_worker_stage: Stage | None = None
 
 
-def _init_worker(stage: ShardStage) -> None:
+def _init_worker(stage: Stage) -> None:
     global _worker_stage
     _worker_stage = stage
     stage.setup()
@@ -85,7 +85,7 @@ class _LiveCounters:
 
 
 def run_stage(
-    stage: ShardStage,
+    stage: Stage,
     in_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     processes: int = 1,
@@ -140,7 +140,7 @@ def run_stage(
                        counts["status"], failed, counts)
 
 
-def _run_pool(stage: ShardStage, src: Dataset, dst: Dataset, todo: list[int], processes: int, ctx: Any,
+def _run_pool(stage: Stage, src: Dataset, dst: Dataset, todo: list[int], processes: int, ctx: Any,
               progress: Progress, failed: dict[int, str]) -> LenscapError | None:
     fatal: LenscapError | None = None
     with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=(stage,)) as pool:

@@ -9,6 +9,7 @@ format, and collects the output files that appear next to them. Both are driven 
 from __future__ import annotations
 
 import shutil
+from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,9 @@ class _BatchBackend(OpenAIChatBackend):
     def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
         raise UsageError(f"the {self.name} backend runs as a batch job, not request by request")
 
+    @abstractmethod
     def transport(self, work_dir: Path) -> Any:
-        raise NotImplementedError
+        """How this backend moves one batch file (upload, create, poll, fetch, cancel)."""
 
 
 class OpenAIBatchBackend(_BatchBackend):

@@ -1,1 +1,2 @@
-"""Stages: one module per stage. ``base.ShardStage`` owns the per-sample loop."""
+"""Stages: one module per stage. ``base.Stage`` is what the runner runs; ``base.ShardStage`` adds the
+per-sample loop."""

@@ -1,15 +1,17 @@
-"""The base class of every per-shard stage: it owns the loop, a stage writes ``process``.
+"""The base classes of the per-shard stages.
 
-A stage is a pure function (input shard, parameters) -> output shard. Subclasses set ``name`` and
-implement ``process(sample) -> Sample`` (or, to work on a whole shard at once, ``run_shard``). An
-exception inside ``process`` becomes the sample's ``<name>_status = "error"`` and ``<name>_error``
-message, so one bad sample never costs a shard; a sample that ``process`` returns without a status
-gets ``<name>_status = "ok"``.
+A stage is a pure function (input shard, parameters) -> output shard. ``Stage`` holds what the
+runner needs (hooks, progress, the outcome columns) and leaves ``run_shard`` to the subclass: a
+stage that works on a whole shard at once (captioning sends many requests concurrently) writes it.
+``ShardStage`` owns the per-sample loop, so most stages only set ``name`` and write
+``process(sample) -> Sample``. An exception inside ``process`` becomes the sample's
+``<name>_status = "error"`` and ``<name>_error`` message, so one bad sample never costs a shard; a
+sample that ``process`` returns without a status gets ``<name>_status = "ok"``.
 """
 
 from __future__ import annotations
 
-from abc import ABC
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import pyarrow as pa
@@ -18,10 +20,10 @@ import pyarrow.parquet as pq
 from lenscap.dataset import Dataset
 from lenscap.record import Sample
 
-__all__ = ["ShardStage"]
+__all__ = ["Stage", "ShardStage"]
 
 
-class ShardStage(ABC):
+class Stage(ABC):
     name: ClassVar[str]
 
     def parameters(self) -> dict[str, Any]:
@@ -61,10 +63,16 @@ class ShardStage(ABC):
                 schema = schema.append(pa.field(column, pa.string()))
         return schema
 
-    def process(self, sample: Sample) -> Sample:
-        """One sample in, one sample out. Stages that work on a whole shard at once (captioning
-        sends many requests concurrently) override ``run_shard`` instead."""
-        raise NotImplementedError(f"{type(self).__name__} implements neither process() nor run_shard()")
+    @abstractmethod
+    def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
+        """Write shard ``shard_id`` of ``dst`` from the same shard of ``src``; return its stats."""
+
+
+class ShardStage(Stage):
+    """A stage that transforms one sample at a time; the loop, errors and commit are here."""
+
+    @abstractmethod
+    def process(self, sample: Sample) -> Sample: ...
 
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
         input_schema = pq.read_schema(src.parquet_path(shard_id))

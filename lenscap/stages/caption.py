@@ -29,7 +29,7 @@ from lenscap.captioning.vision import ocr_available, read_text_from_bytes
 from lenscap.dataset import Dataset, atomic_write_json, shard_name
 from lenscap.errors import BudgetReached, DatasetError, MissingDependency
 from lenscap.record import Sample
-from lenscap.stages.base import ShardStage
+from lenscap.stages.base import Stage
 
 __all__ = ["CaptionStage", "PROVENANCE_FIELDS"]
 
@@ -46,7 +46,7 @@ PROVENANCE_FIELDS = [
 _CACHEABLE = (OK, TRUNCATED, REFUSED)  # answers that were paid for; errors are asked again
 
 
-class CaptionStage(ShardStage):
+class CaptionStage(Stage):
     name = "caption"
 
     def __init__(self, backend: CaptionBackend, prompt: Prompt, cache_dir: Path | None = None, max_cost: float | None = None,

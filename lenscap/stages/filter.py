@@ -27,7 +27,7 @@ from lenscap.dataset import Dataset
 from lenscap.errors import UsageError
 from lenscap.filters.base import Annotator
 from lenscap.record import SUCCESS, Sample
-from lenscap.stages.base import ShardStage
+from lenscap.stages.base import Stage
 
 __all__ = ["FilterRules", "FilterStage", "load_blocklist"]
 
@@ -110,7 +110,7 @@ def _image_sizes(tar_path: Path) -> dict[str, int]:
 
 
 @dataclass
-class FilterStage(ShardStage):
+class FilterStage(Stage):
     name = "filter"
     rules: FilterRules = field(default_factory=FilterRules)
     annotators: list[Annotator] = field(default_factory=list)
