@@ -21,7 +21,6 @@ class Budget:
         self.max_usd = max_usd
         self.spent_before = spent_before
         self._values = ctx.Array("d", 2)  # [spent this run, reserved]; picklable to spawned workers
-        self.exhausted = False
 
     @property
     def spent(self) -> float:
@@ -36,7 +35,6 @@ class Budget:
             return True
         with self._values.get_lock():
             if self.spent_before + self._values[0] + self._values[1] + usd > self.max_usd:
-                self.exhausted = True
                 return False
             self._values[1] += usd
             return True

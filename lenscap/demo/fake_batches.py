@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import email.parser
+import hashlib
 import email.policy
 import json
 import time
@@ -196,7 +197,7 @@ class BatchEndpoints:
 
     def _batch_answer(self, body: Any) -> tuple[int, dict[str, Any], bool]:
         """(status, response body, torn?) for one batch request, as the online endpoint would answer."""
-        from lenscap.demo.fake_openai import _BadRequest, _validate, image_tokens, text_tokens  # the same rules
+        from lenscap.demo.fake_openai import _BadRequest, _validate, image_tokens, text_tokens  # the same rules (a cycle at import time)
 
         with self._lock:
             self.requests += 1
@@ -204,8 +205,6 @@ class BatchEndpoints:
             model, texts, images, max_tokens = _validate(body, self.settings.decode_images)
         except _BadRequest as e:
             return e.status, {"error": {"message": str(e), "type": e.type_, "code": e.code}}, False
-        import hashlib
-
         sha = hashlib.sha256(b"".join(raw for raw, _, _ in images)).hexdigest()
         with self._lock:
             self.image_requests[sha] += 1

@@ -56,6 +56,7 @@ class CaptionStage(Stage):
         self.hints = hints
         if "ocr" in hints and not ocr_available():
             raise MissingDependency("--hints ocr needs the ocr extra: pip install 'lenscap[ocr]'")
+        self._identity = self.identity()  # fixed once built; part of every sample's cache key
         self.cache_dir = cache_dir
         self.max_cost = max_cost
         self.budget: Budget | None = None
@@ -77,7 +78,7 @@ class CaptionStage(Stage):
     def cache_key(self, sample: Sample) -> str:
         assert sample.image is not None
         alt = self._alt_text(sample) if self.prompt.uses_alt_text else None
-        return cache_key(hashlib.sha256(sample.image).hexdigest(), self.identity(), alt)
+        return cache_key(hashlib.sha256(sample.image).hexdigest(), self._identity, alt)
 
     def request_for(self, sample: Sample) -> CaptionRequest:
         """The request for one sample: the prompt with its alt-text and, with --hints ocr, the text

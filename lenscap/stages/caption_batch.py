@@ -51,10 +51,6 @@ class BatchResult:
     spent_usd: float = 0.0
     counts: dict[str, Any] = field(default_factory=dict)
 
-    @property
-    def exit_code(self) -> int:
-        return 0
-
 
 def _custom_id(shard_id: int, key: str) -> str:
     return f"{shard_name(shard_id)}/{key}"
@@ -335,25 +331,19 @@ class _BatchJob:
                     journal.append({**CaptionResult(key, ERROR, error=f"{message} (after {rounds} batch rounds)").to_dict(), "cached": False})
             journal.close()
 
-    def missing(self) -> bool:
-        for shard_id in self.shards:
-            if self.dst.is_complete(shard_id):
-                continue
-            done = self.journal(shard_id).load()
-            if any(k not in done for k in self._ok_keys(shard_id)):
-                return True
-        return False
-
     # -- the loop -------------------------------------------------------------------------------
 
     def step(self) -> str:
         """One pass: merge, commit, poll, submit, pack. Returns done, waiting or budget."""
+        merged = False
         for r in self.records():
             if r["state"] == "submitted":
                 self.poll(r)
             if r["state"] == "done":
                 self.merge(r)
-        self.commit_ready_shards()
+                merged = True
+        if merged:  # finished shards leave the packing below (each scan reads every open shard's keys)
+            self.commit_ready_shards()
         blocked = None
         records = self.records()
         for r in records:  # packed earlier, or interrupted mid-submit

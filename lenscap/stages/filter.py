@@ -15,6 +15,7 @@ import io
 import re
 import tarfile
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -223,14 +224,19 @@ class FilterStage(Stage):
                 sample.image = None
                 return
 
-    def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
+    def judged(self, src: Dataset, shard_id: int, reasons: Counter[str]) -> Iterator[Sample]:
+        """The shard's samples with their verdicts, counted into ``reasons`` (a rule, or kept/error)."""
         verdicts = self.cheap_verdicts(src, shard_id)
+        for sample in src.iter_samples(shard_id):
+            self.judge(sample, verdicts.get(sample.key))
+            reasons[sample.row["filter_reason"] or sample.row["filter_status"]] += 1
+            yield sample
+
+    def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
         writer = dst.writer(shard_id, self.output_schema(pq.read_schema(src.parquet_path(shard_id))))
         reasons: Counter[str] = Counter()
         try:
-            for sample in src.iter_samples(shard_id):
-                self.judge(sample, verdicts.get(sample.key))
-                reasons[sample.row["filter_reason"] or sample.row["filter_status"]] += 1
+            for sample in self.judged(src, shard_id, reasons):
                 writer.write(sample)
                 self.tick()
         except BaseException:
@@ -240,9 +246,7 @@ class FilterStage(Stage):
 
     def count_shard(self, src: Dataset, shard_id: int) -> Counter[str]:
         """--dry-run: what ``run_shard`` would decide, counted, nothing written."""
-        verdicts = self.cheap_verdicts(src, shard_id)
         reasons: Counter[str] = Counter()
-        for sample in src.iter_samples(shard_id):
-            self.judge(sample, verdicts.get(sample.key))
-            reasons[sample.row["filter_reason"] or sample.row["filter_status"]] += 1
+        for _ in self.judged(src, shard_id, reasons):
+            pass
         return reasons
