@@ -152,8 +152,6 @@ class TransformersBackend(CaptionBackend):
         return im
 
     def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
-        if self._model is None:
-            self.setup()
         for batch in _batches(requests, self.batch_size):
             ready: list[tuple[CaptionRequest, Any]] = []
             for request in batch:

@@ -85,8 +85,6 @@ class VllmBackend(CaptionBackend):
     def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
         from vllm import SamplingParams
 
-        if self._llm is None:
-            self.setup()
         params = SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature)
         batch: list[tuple[str, list[dict[str, Any]]]] = []
 
