@@ -426,6 +426,56 @@ def batch_cancel_command(
 
 
 @app.command()
+def dedup(
+    in_dir: Annotated[str, typer.Argument(help="Input dataset directory.")],
+    out_dir: Annotated[str, typer.Argument(help="Output dataset directory.")],
+    exact: Annotated[bool, typer.Option("--exact", help="Find byte-identical images (SHA-256).")] = False,
+    phash: Annotated[bool, typer.Option("--phash", help="Find perceptual duplicates (resized, recompressed): 64-bit pHash within --max-distance bits.")] = False,
+    captions: Annotated[bool, typer.Option("--captions", help="Find samples whose captions are equal after normalising case, punctuation and spacing.")] = False,
+    max_distance: Annotated[Optional[int], typer.Option(help="--phash: largest Hamming distance (bits of 64) between duplicates. [default: 4]")] = None,
+    against: Annotated[Optional[list[str]], typer.Option(help="An earlier dataset directory (repeatable): drop input samples that duplicate it, never the reverse.")] = None,
+    keep: Annotated[str, typer.Option(help="Which sample of a cluster to keep: first (input order) or largest (most pixels).")] = "first",
+    mark_only: Annotated[bool, typer.Option("--mark-only", help="Remove nothing: only fill dedup_status, dup_of and dup_reason.")] = False,
+    bucket_cap: Annotated[int, typer.Option(help="--phash: hash buckets larger than this are not expanded (reported instead).")] = 2000,
+    memory_limit: Annotated[str, typer.Option(help="Memory for the global search (DuckDB); beyond it, it spills to OUT_DIR/_lenscap.")] = "2GB",
+    processes: Annotated[int, typer.Option(help="Worker processes for hashing and writing shards.")] = os.cpu_count() or 1,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Find duplicate images across the whole dataset and keep one of each. Default: --exact --phash. Rerun to resume."""
+    from lenscap.dedup.search import DedupOptions
+    from lenscap.errors import UsageError
+    from lenscap.stages.dedup import DedupStage, run_dedup
+
+    if processes < 1:
+        raise UsageError(f"--processes must be at least 1, not {processes}")
+    if not (exact or phash or captions):
+        exact = phash = True
+    if max_distance is not None and not phash:
+        raise UsageError("--max-distance applies to --phash, which is not selected")
+    options = DedupOptions(exact=exact, phash=phash, captions=captions, max_distance=4 if max_distance is None else max_distance,
+                           keep=keep, mark_only=mark_only, bucket_cap=bucket_cap, memory_limit=memory_limit, threads=processes)
+    result = run_dedup(DedupStage(options, list(against or [])), in_dir, out_dir, processes, quiet)
+    report = result.report
+    summary = {"command": "dedup", **asdict(result.stage), "duplicates": report.get("duplicates"),
+               "duplicates_by_reason": report.get("duplicates_by_reason"), "clusters": report.get("clusters"),
+               "report": os.path.join(result.stage.out_dir, "dedup", "report.json") if report else None,
+               "hashing_failed": {k: {str(i): m for i, m in v.items()} for k, v in result.hashing_failed.items()},
+               "exit_code": result.exit_code}
+    _emit(summary, as_json)
+    if result.hashing_failed:
+        for label, shards in result.hashing_failed.items():
+            print(f"lenscap: dedup: {len(shards)} shard(s) of {label} could not be hashed; nothing written yet; rerun to resume",
+                  file=sys.stderr)
+    elif not as_json and not quiet:
+        reasons = ", ".join(f"{n} {r}" for r, n in (report.get("duplicates_by_reason") or {}).items()) or "none"
+        print(f"{result.stage.out_dir}: {result.stage.samples} samples, {report['duplicates']} duplicates "
+              f"{'marked' if mark_only else 'removed'} ({reasons}) in {report['clusters']} clusters; "
+              f"report: {summary['report']}", file=sys.stderr)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
 def inspect(
     path: Annotated[str, typer.Argument(help="A dataset directory.")],
     as_json: JsonOpt = False,

@@ -7,7 +7,7 @@ import random
 
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["scene", "scene_caption", "jpeg_bytes", "png_bytes", "truncated_jpeg", "html_page", "bomb_png"]
+__all__ = ["scene", "photo", "scene_caption", "jpeg_bytes", "png_bytes", "truncated_jpeg", "html_page", "bomb_png"]
 
 _COLOURS = {
     "red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 210, 50),
@@ -43,6 +43,15 @@ def scene(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_COLOURS[colour])
     return img.filter(ImageFilter.SMOOTH)
+
+
+def photo(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
+    """``scene(seed)`` over a smooth random colour field: as distinct from other seeds as photos are
+    from each other (perceptual hashes of unrelated photos differ in 14 or more bits of 64)."""
+    rng = random.Random(seed * 104729 + 7)
+    field = Image.new("RGB", (8, 6))
+    field.putdata([tuple(rng.randrange(256) for _ in range(3)) for _ in range(48)])
+    return Image.blend(field.resize(size, Image.Resampling.BICUBIC), scene(seed, size), 0.5)
 
 
 def scene_caption(seed: int) -> str:

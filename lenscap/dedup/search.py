@@ -1,0 +1,246 @@
+"""Pass 2 of dedup, global: from every shard's signatures to one decision per duplicated sample.
+
+Everything runs in one DuckDB connection under a memory limit, spilling to a temporary directory,
+so the number of samples is bounded by disk, not memory:
+
+1. the signatures of the input (source 0) and of each ``--against`` dataset become one table;
+2. edges: samples with equal SHA-256 (exact), equal perceptual hash, perceptual hashes within the
+   distance (``pigeonhole.near_pairs`` over the distinct hashes), equal normalised captions; with
+   ``--against``, only edges that touch an input sample;
+3. clusters: union-find over the edges (``unionfind.UnionFind``, memory per duplicated sample only);
+4. a keeper per cluster: a sample of an earlier release if the cluster has one (new samples never
+   replace released ones), else the first in input order or, with ``--keep largest``, the most
+   pixels (then the first);
+5. ``decisions.parquet`` (one row per input sample in a cluster, sorted by shard for pass 3), and the
+   report: ``clusters.parquet`` and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lenscap.dataset import Dataset, atomic_write_json
+from lenscap.dedup.phash import ALGORITHM
+from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
+from lenscap.dedup.unionfind import UnionFind
+from lenscap.errors import UsageError
+
+__all__ = ["DedupOptions", "Source", "find_duplicates", "REASONS"]
+
+REASONS = ("exact", "phash", "caption")
+_EDGE_BATCH = 1_000_000
+
+
+@dataclass(frozen=True)
+class DedupOptions:
+    exact: bool = True
+    phash: bool = True
+    captions: bool = False
+    max_distance: int = 4
+    keep: str = "first"  # first | largest
+    mark_only: bool = False
+    bucket_cap: int = 2000
+    memory_limit: str = "2GB"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.exact or self.phash or self.captions):
+            raise UsageError("nothing to compare: choose at least one of --exact, --phash, --captions")
+        if not 0 <= self.max_distance <= 16:
+            raise UsageError(f"--max-distance must be between 0 and 16, not {self.max_distance}")
+        if self.keep not in ("first", "largest"):
+            raise UsageError(f"--keep must be first or largest, not {self.keep!r}")
+        if self.bucket_cap < 2:
+            raise UsageError(f"--bucket-cap must be at least 2, not {self.bucket_cap}")
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the result (memory and threads only decide the speed)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("memory_limit", "threads")} | {"phash_algorithm": ALGORITHM}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One dataset's signatures: the input (index 0) or an ``--against`` release."""
+
+    index: int
+    label: str  # the dataset directory, as the user named it
+    signatures: Dataset
+
+    def files(self) -> list[str]:
+        return [str(self.signatures.parquet_path(i)) for i in self.signatures.completed_ids()]
+
+
+def _connect(options: DedupOptions, spill_dir: Path) -> Any:
+    import duckdb
+
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET memory_limit = '{options.memory_limit}'")
+    except duckdb.Error as e:
+        raise UsageError(f"--memory-limit {options.memory_limit!r}: {str(e).splitlines()[0]}") from None
+    con.execute(f"SET temp_directory = '{spill_dir.as_posix()}'")
+    con.execute("SET preserve_insertion_order = false")
+    if options.threads:
+        con.execute(f"SET threads = {int(options.threads)}")
+    return con
+
+
+def _load(con: Any, sources: list[Source]) -> None:
+    parts = []
+    for s in sources:
+        files = s.files()
+        if files:
+            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            parts.append(f"""SELECT ({s.index}::BIGINT << 48) | (shard::BIGINT << 24) | "row" AS id, {s.index} AS src, shard, key,
+                sha256, phash AS h, phash_degenerate AS degenerate, caption_hash, pixels, error
+                FROM read_parquet([{listing}])""")
+    if not parts:
+        parts.append("SELECT NULL::BIGINT id, 0 src, 0 shard, ''::VARCHAR key, NULL::BLOB sha256, NULL::UBIGINT h, "
+                     "NULL::BOOLEAN degenerate, NULL::BLOB caption_hash, NULL::BIGINT pixels, NULL::VARCHAR error WHERE false")
+    con.execute("CREATE TEMP TABLE sig AS " + " UNION ALL ".join(parts))
+
+
+def _group_edges(con: Any, column: str, why: int, where: str, against: bool) -> None:
+    """Edges from each member of a group of equal ``column`` values to the group's first sample."""
+    new_only = " AND bool_or(src = 0)" if against else ""
+    con.execute(f"""INSERT INTO edges
+        WITH g AS (SELECT {column} AS v, min(id) AS rep FROM sig WHERE {column} IS NOT NULL AND {where}
+                   GROUP BY {column} HAVING count(*) > 1{new_only})
+        SELECT s.id, g.rep, {why}, 0 FROM sig s JOIN g ON s.{column} = g.v WHERE s.id <> g.rep AND {where}""")
+
+
+def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path, report_dir: Path,
+                    status: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
+    """Write ``work_dir/decisions.parquet`` and the report; return the report's summary."""
+    started = time.monotonic()
+    con = _connect(options, work_dir / "spill")
+    try:
+        status("loading signatures")
+        _load(con, sources)
+        against = len(sources) > 1
+        con.execute("CREATE TEMP TABLE edges (a BIGINT, b BIGINT, why UTINYINT, d UTINYINT)")
+        plan = None
+        if options.exact:
+            status("exact duplicates")
+            _group_edges(con, "sha256", 0, "true", against)
+        if options.phash:
+            status("equal perceptual hashes")
+            usable = "h IS NOT NULL AND NOT degenerate"
+            _group_edges(con, "h", 1, usable, against)
+            if options.max_distance > 0:
+                con.execute(f"CREATE TEMP TABLE uh AS SELECT min(id) AS uid, h, bool_or(src = 0) AS has_new FROM sig "
+                            f"WHERE {usable} GROUP BY h")
+                n = con.execute("SELECT count(*) FROM uh").fetchone()[0]
+                plan = PigeonholePlan.for_size(max(n, 1), options.max_distance)
+                near_pairs(con, "uh", plan, options.bucket_cap, restrict="a.has_new OR b.has_new" if against else None,
+                           on_table=lambda done, total: status(f"near duplicates: table {done}/{total}"))
+                con.execute("INSERT INTO edges SELECT a, b, 1, d FROM near")
+        if options.captions:
+            status("caption duplicates")
+            _group_edges(con, "caption_hash", 2, "true", against)
+        status("clusters")
+        _cluster(con)
+        _decide(con, options)
+        return _write(con, sources, options, plan, work_dir, report_dir, started)
+    finally:
+        con.close()
+        shutil.rmtree(work_dir / "spill", ignore_errors=True)
+
+
+def _cluster(con: Any) -> None:
+    nodes = con.execute("SELECT DISTINCT x FROM (SELECT a AS x FROM edges UNION ALL SELECT b FROM edges) ORDER BY x").fetchnumpy()["x"]
+    uf = UnionFind(np.asarray(nodes, dtype=np.int64))
+    reader = con.sql("SELECT a, b FROM edges").to_arrow_reader(_EDGE_BATCH)
+    for batch in reader:
+        uf.union(batch.column(0).to_numpy(), batch.column(1).to_numpy())
+    import pyarrow as pa
+
+    members = pa.table({"id": uf.ids, "cluster": uf.components()})
+    con.register("members_arrow", members)
+    con.execute("CREATE TEMP TABLE members AS SELECT * FROM members_arrow")
+    con.unregister("members_arrow")
+
+
+def _decide(con: Any, options: DedupOptions) -> None:
+    size_order = "s.pixels DESC NULLS LAST, " if options.keep == "largest" else ""
+    con.execute(f"""CREATE TEMP TABLE ranked AS
+        WITH best AS (SELECT x, min(why::INTEGER * 256 + d) AS code FROM
+                        (SELECT a AS x, why, d FROM edges UNION ALL SELECT b, why, d FROM edges) GROUP BY x)
+        SELECT m.cluster, s.id, s.src, s.shard, s.key, s.pixels, best.code // 256 AS why, best.code % 256 AS d,
+               count(*) OVER (PARTITION BY m.cluster) AS size,
+               row_number() OVER (PARTITION BY m.cluster ORDER BY (s.src <> 0) DESC, {size_order}s.id) AS rank
+        FROM members m JOIN sig s USING (id) JOIN best ON best.x = m.id""")
+    con.execute("""CREATE TEMP TABLE keepers AS SELECT cluster, id AS keeper_id, src AS keeper_src, key AS keeper_key,
+                   pixels AS keeper_pixels FROM ranked WHERE rank = 1""")
+
+
+def _sql_list(values: list[str]) -> str:
+    return "[" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + "]"
+
+
+def _write(con: Any, sources: list[Source], options: DedupOptions, plan: PigeonholePlan | None,
+           work_dir: Path, report_dir: Path, started: float) -> dict[str, Any]:
+    labels = _sql_list([s.label for s in sources])
+    reasons = _sql_list(list(REASONS))
+    keep_why = "'largest (' || k.keeper_pixels || ' pixels)'" if options.keep == "largest" else "'first in input order'"
+    con.execute(f"""CREATE TEMP TABLE decided AS
+        SELECT r.cluster, r.id, r.src, {labels}[r.src + 1] AS source, r.shard, r.key, r.size, r.rank = 1 AS kept,
+               CASE WHEN r.rank = 1 THEN NULL ELSE k.keeper_key END AS dup_of,
+               CASE WHEN r.rank = 1 OR k.keeper_src = 0 THEN NULL ELSE {labels}[k.keeper_src + 1] END AS dup_in,
+               CASE WHEN r.rank = 1 THEN NULL ELSE {reasons}[r.why + 1] END AS dup_reason,
+               CASE WHEN r.rank = 1 OR r.why <> 1 THEN NULL ELSE r.d END::INTEGER AS dup_distance,
+               CASE WHEN r.rank > 1 THEN CASE r.why WHEN 0 THEN 'exact copy' WHEN 1 THEN 'pHash distance ' || r.d ELSE 'same caption' END
+                    WHEN r.src <> 0 THEN 'in an earlier release' ELSE {keep_why} END AS why
+        FROM ranked r JOIN keepers k USING (cluster)""")
+    decisions = work_dir / "decisions.parquet"
+    tmp = work_dir / ".decisions.parquet.tmp"
+    con.execute(f"""COPY (SELECT shard, key, CASE WHEN kept THEN 'kept' ELSE 'duplicate' END AS status, dup_of, dup_in,
+                    dup_reason, dup_distance, cluster AS dup_cluster FROM decided WHERE src = 0 ORDER BY shard, key)
+                    TO '{tmp.as_posix()}' (FORMAT parquet)""")
+    report_dir.mkdir(parents=True, exist_ok=True)
+    clusters_tmp = report_dir / ".clusters.parquet.tmp"
+    con.execute(f"""COPY (SELECT cluster, size, source, shard, key, kept, why FROM decided ORDER BY cluster, NOT kept, id)
+                    TO '{clusters_tmp.as_posix()}' (FORMAT parquet)""")
+
+    def one(sql: str) -> Any:
+        return con.execute(sql).fetchone()[0]
+
+    per_source = dict(con.execute("SELECT src, count(*) FROM sig GROUP BY src").fetchall())
+    by_reason = {REASONS[w]: n for w, n in con.execute(
+        "SELECT why, count(*) FROM ranked WHERE src = 0 AND rank > 1 GROUP BY why ORDER BY why").fetchall()}
+    sizes = con.execute("""SELECT CASE WHEN size = 2 THEN '2' WHEN size <= 5 THEN '3-5' WHEN size <= 10 THEN '6-10'
+                           WHEN size <= 100 THEN '11-100' ELSE '>100' END AS bucket, count(*)
+                           FROM (SELECT DISTINCT cluster, size FROM ranked) GROUP BY bucket""").fetchall()
+    largest = con.execute("""SELECT source, key, size FROM decided WHERE kept ORDER BY size DESC, id LIMIT 10""").fetchall()
+    capped = con.execute("SELECT count(*), max(n) FROM capped").fetchone() if plan is not None else (0, None)
+    summary: dict[str, Any] = {
+        "options": options.identity(),
+        "sources": [{"dataset": s.label, "role": "input" if s.index == 0 else "against", "samples_with_images": per_source.get(s.index, 0)}
+                    for s in sources],
+        "duplicates": one("SELECT count(*) FROM decided WHERE src = 0 AND NOT kept"),
+        "duplicates_of_earlier_releases": one("SELECT count(*) FROM decided WHERE src = 0 AND NOT kept AND dup_in IS NOT NULL"),
+        "duplicates_by_reason": by_reason,
+        "clusters": one("SELECT count(*) FROM keepers"),
+        "cluster_sizes": {b: n for b, n in sorted(sizes, key=lambda x: ["2", "3-5", "6-10", "11-100", ">100"].index(x[0]))},
+        "largest_clusters": [{"kept": {"dataset": src, "key": key}, "size": size} for src, key, size in largest],
+        "degenerate_images": one("SELECT count(*) FROM sig WHERE src = 0 AND degenerate"),
+        "unhashable_images": one("SELECT count(*) FROM sig WHERE src = 0 AND error IS NOT NULL"),
+        "capped_buckets": {"count": capped[0], "largest": capped[1], "cap": options.bucket_cap},
+        "plan": None if plan is None else {"blocks": len(plan.blocks), "tables": len(plan.tables),
+                                           "partitions": 1 << plan.partition_bits},
+        "seconds": round(time.monotonic() - started, 2),
+    }
+    os.replace(tmp, decisions)
+    os.replace(clusters_tmp, report_dir / "clusters.parquet")
+    atomic_write_json(report_dir / "report.json", summary)
+    return summary
+

@@ -1,0 +1,83 @@
+"""Pass 1 of dedup, per shard: what each sample is compared by.
+
+A signatures directory is itself a dataset directory (parquet rows, empty tars, ``_stats.json`` as
+the done marker), so the runner's processes, progress and resume apply unchanged. It holds one row
+per sample that has an image: where the sample is (shard, row), its SHA-256, its perceptual hash
+with the algorithm that made it, its normalised-caption hash, and its pixel size for ``--keep
+largest``. A sample whose image cannot be decoded keeps its SHA-256 and gets ``error`` instead of a
+perceptual hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from typing import Any
+
+import pyarrow as pa
+
+from lenscap.dataset import Dataset
+from lenscap.dedup.phash import ALGORITHM, phash
+from lenscap.record import Sample
+from lenscap.stages.base import Stage
+
+__all__ = ["SignatureStage", "SIGNATURE_SCHEMA", "caption_digest"]
+
+SIGNATURE_SCHEMA = pa.schema([
+    pa.field("key", pa.string()),
+    pa.field("shard", pa.int32()),
+    pa.field("row", pa.int32()),
+    pa.field("sha256", pa.binary(32)),
+    pa.field("phash", pa.uint64()),
+    pa.field("phash_degenerate", pa.bool_()),
+    pa.field("caption_hash", pa.binary(16)),
+    pa.field("pixels", pa.int64()),
+    pa.field("image_bytes", pa.int64()),
+    pa.field("error", pa.string()),
+])
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def caption_digest(caption: str | None) -> bytes | None:
+    """128-bit hash of the caption after NFKC, case folding, and punctuation and spacing removed;
+    None for an empty caption (empty captions are not duplicates of each other)."""
+    if not caption:
+        return None
+    text = _NOT_WORD.sub(" ", unicodedata.normalize("NFKC", caption).casefold()).strip()
+    return hashlib.blake2b(text.encode(), digest_size=16).digest() if text else None
+
+
+class SignatureStage(Stage):
+    name = "signatures"
+
+    def parameters(self) -> dict[str, Any]:
+        return {"phash_algorithm": ALGORITHM}
+
+    def signature(self, sample: Sample, shard_id: int, row: int) -> dict[str, Any]:
+        assert sample.image is not None
+        # img2dataset's sha256 is of the downloaded bytes, so equal downloads still have equal digests.
+        known = sample.row.get("sha256")
+        digest = bytes.fromhex(known) if isinstance(known, str) and _HEX64.match(known) else hashlib.sha256(sample.image).digest()
+        out: dict[str, Any] = {"shard": shard_id, "row": row, "sha256": digest, "caption_hash": caption_digest(sample.caption),
+                               "image_bytes": len(sample.image), "phash": None, "phash_degenerate": None, "pixels": None, "error": None}
+        try:
+            h = phash(sample.image)
+            out.update(phash=h.phash, phash_degenerate=h.degenerate, pixels=h.width * h.height)
+        except Exception as e:  # noqa: BLE001 - an undecodable image is still compared by its bytes
+            out["error"] = f"cannot compute a perceptual hash: {type(e).__name__}: {e}"
+        return out
+
+    def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
+        writer = dst.writer(shard_id, SIGNATURE_SCHEMA)
+        try:
+            for row, sample in enumerate(src.iter_samples(shard_id)):
+                if sample.image is not None:
+                    writer.write(Sample(sample.key, self.signature(sample, shard_id, row)))
+                self.tick()
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit({"stage": self.name})

@@ -1,0 +1,208 @@
+"""``lenscap dedup``: exact, perceptual and caption duplicates across the whole dataset.
+
+Three passes, each resumable on its own (kill it anywhere and rerun the same command):
+
+1. per shard, in parallel: signatures (``dedup.signatures``) of the input and of every ``--against``
+   dataset, under ``OUT/_lenscap/dedup/``; complete shards are never hashed again;
+2. global: ``dedup.search.find_duplicates`` in DuckDB; its decisions are written atomically with a
+   marker naming what they were computed from, so a finished pass 2 is not redone;
+3. per shard, in parallel: ``DedupStage`` writes the output shards from the decisions.
+
+Every input row stays in the output parquet with ``dedup_status``: ``unique``, ``kept`` (the keeper
+of a cluster), ``duplicate``, ``skipped`` (no image to compare: a failed download or a sample an
+earlier stage dropped), or ``error`` (the image could not be decoded for a perceptual hash; it was
+still compared by its bytes and caption, and is kept). A duplicate's image leaves the tar unless
+``--mark-only``; ``dup_of`` names its cluster's keeper (``dup_in`` the earlier release holding it),
+``dup_reason`` / ``dup_distance`` the closest match that put it in the cluster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lenscap.dataset import Dataset, atomic_write_json, read_parquet
+from lenscap.dedup.search import DedupOptions, Source, find_duplicates
+from lenscap.dedup.signatures import SignatureStage
+from lenscap.errors import UsageError
+from lenscap.progress import make_progress
+from lenscap.runner import StageResult, run_stage
+from lenscap.stages.base import Stage
+
+__all__ = ["DedupStage", "DedupResult", "run_dedup"]
+
+UNIQUE, KEPT, DUPLICATE, SKIPPED, ERROR = "unique", "kept", "duplicate", "skipped", "error"
+_DUP_COLUMNS = (pa.field("dup_of", pa.string()), pa.field("dup_in", pa.string()), pa.field("dup_reason", pa.string()),
+                pa.field("dup_distance", pa.int32()), pa.field("dup_cluster", pa.int64()))
+
+
+def work_dir(out: Dataset) -> Path:
+    return out.work_dir / "dedup"
+
+
+def report_dir(out: Dataset) -> Path:
+    return out.path / "dedup"
+
+
+@dataclass
+class DedupStage(Stage):
+    """Pass 3: one output shard from the input shard and the decisions of pass 2."""
+
+    name = "dedup"
+    options: DedupOptions = field(default_factory=DedupOptions)
+    against: list[str] = field(default_factory=list)
+
+    def parameters(self) -> dict[str, Any]:
+        return self.options.identity() | {"against": self.against}
+
+    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
+        schema = super().output_schema(input_schema)
+        for f in _DUP_COLUMNS:
+            if f.name not in schema.names:
+                schema = schema.append(f)
+        return schema
+
+    def _decisions(self, dst: Dataset, shard_id: int) -> dict[str, dict[str, Any]]:
+        import duckdb
+
+        path = work_dir(dst) / "decisions.parquet"
+        con = duckdb.connect()
+        try:  # the file is sorted by shard, so DuckDB reads only this shard's row groups
+            rel = con.execute("SELECT * EXCLUDE (shard) FROM read_parquet(?) WHERE shard = ?", [str(path), shard_id])
+            names = [d[0] for d in rel.description]
+            return {row[0]: dict(zip(names, row)) for row in rel.fetchall()}
+        finally:
+            con.close()
+
+    def _hash_errors(self, dst: Dataset, shard_id: int) -> dict[str, str]:
+        path = Dataset(work_dir(dst) / "signatures").parquet_path(shard_id)
+        table = read_parquet(path, columns=["key", "error"])
+        return {k: e for k, e in zip(table.column("key").to_pylist(), table.column("error").to_pylist()) if e}
+
+    def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
+        decisions = self._decisions(dst, shard_id)
+        errors = self._hash_errors(dst, shard_id)
+        writer = dst.writer(shard_id, self.output_schema(pq.read_schema(src.parquet_path(shard_id))))
+        duplicates = 0
+        try:
+            for sample in src.iter_samples(shard_id):
+                row = sample.row
+                row.update({"dedup_status": None, "dedup_error": None, **{f.name: None for f in _DUP_COLUMNS}})
+                decision = decisions.get(sample.key)
+                if sample.image is None:
+                    row["dedup_status"] = SKIPPED
+                elif decision is not None:
+                    row.update(dedup_status=decision["status"], dup_of=decision["dup_of"], dup_in=decision["dup_in"],
+                               dup_reason=decision["dup_reason"], dup_distance=decision["dup_distance"],
+                               dup_cluster=decision["dup_cluster"])
+                    if decision["status"] == DUPLICATE:
+                        duplicates += 1
+                        if not self.options.mark_only:
+                            sample.image = None
+                else:
+                    row["dedup_status"] = ERROR if sample.key in errors else UNIQUE
+                row["dedup_error"] = errors.get(sample.key)  # a keeper or duplicate may have no pHash too
+                writer.write(sample)
+                self.tick()
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit({"stage": self.name, "duplicates": duplicates})
+
+
+@dataclass
+class DedupResult:
+    stage: StageResult
+    report: dict[str, Any]
+    hashing_failed: dict[str, dict[int, str]]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.hashing_failed else self.stage.exit_code
+
+
+def _claim(dst: Dataset, job: dict[str, Any]) -> None:
+    """One output directory, one dedup job: changed settings are refused once output shards exist."""
+    path = work_dir(dst) / "job.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous == job:
+            return
+        if dst.completed_ids():
+            changed = sorted(k for k in job if previous.get(k) != job[k]) or ["settings"]
+            raise UsageError(f"{dst.path} was deduplicated with other {', '.join(changed)}; use a new output directory "
+                             "(or delete this one)")
+        (work_dir(dst) / "decisions.json").unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, job)
+
+
+def _against_dir(dst: Dataset, resolved: Path) -> Path:
+    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
+    return work_dir(dst) / "against" / f"{resolved.name}-{digest}"
+
+
+def _fingerprint(sources: list[Source]) -> list[dict[str, Any]]:
+    out = []
+    for s in sources:
+        ids = s.signatures.completed_ids()
+        out.append({"dataset": s.label, "shards": len(ids), "rows": sum(s.signatures.read_stats(i)["count"] for i in ids)})
+    return out
+
+
+def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, processes: int = 1, quiet: bool = False) -> DedupResult:
+    src = Dataset.open(in_dir)
+    inputs = [Dataset.open(p) for p in stage.against]
+    out_resolved = Path(out_dir).resolve()
+    for label, ds in zip(stage.against, inputs):
+        if ds.path.resolve() in (src.path.resolve(), out_resolved):
+            raise UsageError(f"--against {label} is the {'input' if ds.path.resolve() == src.path.resolve() else 'output'} itself")
+    if out_resolved == src.path.resolve():
+        raise UsageError("the output directory must differ from the input")
+    dst = Dataset.create(out_dir)
+    dst.recover()
+    _claim(dst, {"options": stage.options.identity(), "input": str(src.path.resolve()),
+                 "against": [str(d.path.resolve()) for d in inputs]})
+
+    # Pass 1: signatures.
+    failed: dict[str, dict[int, str]] = {}
+    sources = []
+    targets = [(src, work_dir(dst) / "signatures")] + [(d, _against_dir(dst, d.path.resolve())) for d in inputs]
+    for index, (dataset, target) in enumerate(targets):
+        label = str(in_dir) if index == 0 else stage.against[index - 1]
+        result = run_stage(SignatureStage(), dataset.path, target, processes, make_progress(f"dedup: hashing {label}", quiet))
+        if result.failed_shards:
+            failed[label] = result.failed_shards
+        sources.append(Source(index, label, Dataset(target)))
+    if failed:
+        return DedupResult(StageResult(str(dst.path), 0, 0, 0, {}), {}, failed)
+
+    # Pass 2: decisions, unless already made from these same signatures.
+    marker = work_dir(dst) / "decisions.json"
+    fingerprint = {"options": stage.options.identity(), "sources": _fingerprint(sources)}
+    done = json.loads(marker.read_text()) if marker.exists() else None
+    if done is not None and done["fingerprint"] != fingerprint:
+        if dst.completed_ids():
+            raise UsageError(f"the input of {dst.path} changed since it was deduplicated; use a new output directory")
+        done = None
+    if done is None:
+        p = make_progress("dedup: searching", quiet)
+        p.start(1)
+        try:
+            report = find_duplicates(sources, stage.options, work_dir(dst), report_dir(dst), status=p.status)
+            p.advance(shards=1)
+        finally:
+            p.finish()
+        atomic_write_json(marker, {"fingerprint": fingerprint, "report": report})
+    else:
+        report = done["report"]
+
+    # Pass 3: the output shards.
+    result = run_stage(stage, src.path, dst.path, processes, make_progress("dedup: writing", quiet))
+    return DedupResult(result, report, {})
