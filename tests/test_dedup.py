@@ -3,7 +3,6 @@ broken images; --mark-only, --keep largest, --captions, --against; determinism; 
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -151,7 +150,7 @@ def test_report_names_every_cluster_and_its_keeper(deduped):
     assert len(clusters) - len(keepers) == report["duplicates"]
     assert sum(report["duplicates_by_reason"].values()) == report["duplicates"]
     got = rows(base / "out")
-    for cluster, size, key, kept, why in clusters:
+    for cluster, _size, key, kept, _why in clusters:
         assert got[key]["dup_cluster"] == cluster
         assert got[key]["dedup_status"] == ("kept" if kept else "duplicate")
 

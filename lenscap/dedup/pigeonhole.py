@@ -117,20 +117,20 @@ def near_pairs(con: Any, source: str, plan: PigeonholePlan, bucket_cap: int, res
         con.execute(f"CREATE OR REPLACE TEMP TABLE ph_sorted_{i} AS SELECT {cols}, {plan.partition_sql(i)} AS p "
                     f"FROM {source} ORDER BY p")
     pair_filter = f" AND ({restrict})" if restrict else ""
-    for n, table in enumerate(plan.tables):
+    for number, table in enumerate(plan.tables):
         key = plan.key_sql(table)
         for p in range(partitions):
             where = f"WHERE p = {p}" if partitions > 1 else ""
             con.execute(f"CREATE OR REPLACE TEMP TABLE ph_slice AS SELECT *, ({key}) AS k FROM {sorted_copies[table[0]]} {where}")
-            con.execute(f"""CREATE OR REPLACE TEMP TABLE ph_keys AS
+            con.execute("""CREATE OR REPLACE TEMP TABLE ph_keys AS
                 SELECT k, count(*) AS n FROM ph_slice GROUP BY k HAVING count(*) > 1""")
-            con.execute(f"INSERT INTO capped SELECT {n}, k, n FROM ph_keys WHERE n > {int(bucket_cap)}")
+            con.execute(f"INSERT INTO capped SELECT {number}, k, n FROM ph_keys WHERE n > {int(bucket_cap)}")
             con.execute(f"""INSERT INTO near
                 WITH c AS (SELECT s.* FROM ph_slice s SEMI JOIN (SELECT k FROM ph_keys WHERE n <= {int(bucket_cap)}) USING (k))
                 SELECT a.uid, b.uid, bit_count(xor(a.h, b.h)) FROM c a JOIN c b ON a.k = b.k AND a.uid < b.uid
                 WHERE bit_count(xor(a.h, b.h)) <= {r} AND {plan.first_table_sql(table, 'xor(a.h, b.h)')}{pair_filter}""")
         if on_table is not None:
-            on_table(n + 1, len(plan.tables))
+            on_table(number + 1, len(plan.tables))
     for i in firsts:
         if sorted_copies[i] != source:
             con.execute(f"DROP TABLE {sorted_copies[i]}")

@@ -139,7 +139,7 @@ def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path
             if options.max_distance > 0:
                 con.execute(f"CREATE TEMP TABLE uh AS SELECT min(id) AS uid, h, bool_or(src = 0) AS has_new FROM sig "
                             f"WHERE {usable} GROUP BY h")
-                n = con.execute("SELECT count(*) FROM uh").fetchone()[0]
+                n = con.execute("SELECT count(*) FROM uh").fetchall()[0][0]
                 plan = PigeonholePlan.for_size(max(n, 1), options.max_distance)
                 near_pairs(con, "uh", plan, options.bucket_cap, restrict="a.has_new OR b.has_new" if against else None,
                            on_table=lambda done, total: status(f"near duplicates: table {done}/{total}"))
@@ -212,7 +212,7 @@ def _write(con: Any, sources: list[Source], options: DedupOptions, plan: Pigeonh
                     TO '{clusters_tmp.as_posix()}' (FORMAT parquet)""")
 
     def one(sql: str) -> Any:
-        return con.execute(sql).fetchone()[0]
+        return con.execute(sql).fetchall()[0][0]
 
     per_source = dict(con.execute("SELECT src, count(*) FROM sig GROUP BY src").fetchall())
     by_reason = {REASONS[w]: n for w, n in con.execute(
@@ -221,7 +221,7 @@ def _write(con: Any, sources: list[Source], options: DedupOptions, plan: Pigeonh
                            WHEN size <= 100 THEN '11-100' ELSE '>100' END AS bucket, count(*)
                            FROM (SELECT DISTINCT cluster, size FROM ranked) GROUP BY bucket""").fetchall()
     largest = con.execute("""SELECT source, key, size FROM decided WHERE kept ORDER BY size DESC, id LIMIT 10""").fetchall()
-    capped = con.execute("SELECT count(*), max(n) FROM capped").fetchone() if plan is not None else (0, None)
+    capped = con.execute("SELECT count(*), max(n) FROM capped").fetchall()[0] if plan is not None else (0, None)
     summary: dict[str, Any] = {
         "options": options.identity(),
         "sources": [{"dataset": s.label, "role": "input" if s.index == 0 else "against", "samples_with_images": per_source.get(s.index, 0)}
