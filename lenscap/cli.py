@@ -503,6 +503,10 @@ def inspect(
     if info["caption_cost"]:
         c = info["caption_cost"]
         table.add_row("caption cost", f"${c['usd']:.4f} ({c['input_tokens']:,} input + {c['output_tokens']:,} output tokens)")
+    if info["dedup"]:
+        d = info["dedup"]
+        reasons = ", ".join(f"{n} {r}" for r, n in (d["by_reason"] or {}).items()) or "none"
+        table.add_row("duplicates", f"{d['duplicates']} ({reasons}) in {d['clusters']} clusters; {d['report']}")
     cw = info["caption_words"]
     if cw["count"]:
         table.add_row("caption words", f"mean {cw['mean']}, p50 {cw['p50']}, p95 {cw['p95']} ({cw['count']} captions)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from typing import Any
@@ -86,6 +87,7 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
             total_bytes += size
             if root == str(ds.path) and name.endswith((".tar", ".parquet", "_stats.json")):
                 shard_bytes += size
+    dedup = _dedup_report(ds)
     return {
         "path": str(ds.path),
         "stage": manifest.get("stage"),
@@ -105,4 +107,18 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
         "columns": columns,
         "bytes": {"shards": shard_bytes, "total": total_bytes},
         "history": [h.get("stage") for h in manifest.get("history", [])],
+        "dedup": dedup,
     }
+
+
+def _dedup_report(ds: Dataset) -> dict[str, Any] | None:
+    """The headline of a dedup output's report (``DIR/dedup/report.json``), if there is one."""
+    path = ds.path / "dedup" / "report.json"
+    if not path.exists():
+        return None
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return {"report": str(path), "duplicates": report.get("duplicates"), "by_reason": report.get("duplicates_by_reason"),
+            "clusters": report.get("clusters"), "of_earlier_releases": report.get("duplicates_of_earlier_releases")}

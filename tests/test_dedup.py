@@ -149,6 +149,9 @@ def test_report_names_every_cluster_and_its_keeper(deduped):
     assert all(why == "first in input order" for *_, why in keepers)
     assert len(clusters) - len(keepers) == report["duplicates"]
     assert sum(report["duplicates_by_reason"].values()) == report["duplicates"]
+    info = json.loads(run_cli("inspect", str(base / "out"), "--json").stdout)
+    assert info["dedup"]["duplicates"] == report["duplicates"] and info["dedup"]["clusters"] == report["clusters"]
+    assert info["stage_status"]["dedup_status"]["duplicate"] == report["duplicates"]
     got = rows(base / "out")
     for cluster, _size, key, kept, _why in clusters:
         assert got[key]["dup_cluster"] == cluster
@@ -243,7 +246,8 @@ def test_against_an_earlier_release(tmp_path):
     (["--max-distance", "3", "--exact"], "--max-distance applies to --phash"),
     (["--keep", "biggest"], "--keep must be first or largest"),
     (["--max-distance", "40"], "--max-distance must be between 0 and 16"),
-    (["--memory-limit", "lots"], "--memory-limit"),
+    (["--memory-limit", "lots"], "--memory-limit takes a size"),
+    (["--memory-limit", "1GB'; DROP TABLE x"], "--memory-limit takes a size"),
     (["--against", "/nonexistent/prev"], "does not exist"),
     (["--processes", "0"], "--processes must be at least 1"),
 ])

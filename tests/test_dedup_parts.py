@@ -115,3 +115,38 @@ def test_union_find_matches_a_plain_implementation():
             ra, rb = find(int(a)), find(int(b))
             parent[max(ra, rb)] = min(ra, rb)
         assert uf.components().tolist() == [find(int(i)) for i in ids]
+
+
+def synthetic_signatures(path, n: int):
+    """A signatures directory of ``n`` samples; every tenth hash has a copy 2 bits away, further on."""
+    from lenscap.dataset import Dataset
+    from lenscap.dedup.signatures import SIGNATURE_SCHEMA
+    from lenscap.record import Sample
+
+    rng = np.random.default_rng(0)
+    h = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
+    h[n // 2: n // 2 + n // 10] = h[: n // 10] ^ np.uint64(0b101)
+    sig = Dataset.create(path)
+    per = 25_000
+    for shard, start in enumerate(range(0, n, per)):
+        writer = sig.writer(shard, SIGNATURE_SCHEMA)
+        for row, i in enumerate(range(start, min(n, start + per))):
+            writer.write(Sample(f"{i:09d}", {"shard": shard, "row": row, "sha256": i.to_bytes(32, "big"), "phash": int(h[i]),
+                                             "phash_degenerate": False, "caption_hash": None, "pixels": 100,
+                                             "image_bytes": 10, "error": None}))
+        writer.commit()
+    return sig
+
+
+def test_global_pass_under_a_small_memory_limit_decides_the_same(tmp_path):
+    from lenscap.dedup.search import DedupOptions, Source, find_duplicates
+
+    sig = synthetic_signatures(tmp_path / "sig", 200_000)
+    decisions = {}
+    for limit in ("1GB", "24MB"):
+        report = find_duplicates([Source(0, "in", sig)], DedupOptions(memory_limit=limit, threads=1),
+                                 tmp_path / f"work-{limit}", tmp_path / f"report-{limit}")
+        assert report["duplicates"] == 20_000 and report["duplicates_by_reason"] == {"phash": 20_000}
+        decisions[limit] = duckdb.sql(f"SELECT * FROM '{tmp_path / f'work-{limit}' / 'decisions.parquet'}' ORDER BY shard, key").fetchall()
+        assert not (tmp_path / f"work-{limit}" / "spill").exists()
+    assert decisions["1GB"] == decisions["24MB"]

@@ -18,6 +18,7 @@ so the number of samples is bounded by disk, not memory:
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from lenscap.errors import UsageError
 __all__ = ["DedupOptions", "Source", "find_duplicates", "REASONS"]
 
 REASONS = ("exact", "phash", "caption")
+_MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)$", re.IGNORECASE)
 _EDGE_BATCH = 1_000_000
 
 
@@ -58,6 +60,8 @@ class DedupOptions:
             raise UsageError(f"--max-distance must be between 0 and 16, not {self.max_distance}")
         if self.keep not in ("first", "largest"):
             raise UsageError(f"--keep must be first or largest, not {self.keep!r}")
+        if not _MEMORY_RE.match(self.memory_limit):
+            raise UsageError(f"--memory-limit takes a size such as 2GB or 512MiB, not {self.memory_limit!r}")
         if self.bucket_cap < 2:
             raise UsageError(f"--bucket-cap must be at least 2, not {self.bucket_cap}")
 
@@ -83,15 +87,18 @@ def _connect(options: DedupOptions, spill_dir: Path) -> Any:
 
     spill_dir.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
-    try:
-        con.execute(f"SET memory_limit = '{options.memory_limit}'")
-    except duckdb.Error as e:
-        raise UsageError(f"--memory-limit {options.memory_limit!r}: {str(e).splitlines()[0]}") from None
-    con.execute(f"SET temp_directory = '{spill_dir.as_posix()}'")
+    con.execute(f"SET memory_limit = {_literal(options.memory_limit)}")
+    con.execute(f"SET temp_directory = {_literal(spill_dir)}")
     con.execute("SET preserve_insertion_order = false")
     if options.threads:
         con.execute(f"SET threads = {int(options.threads)}")
     return con
+
+
+def _literal(value: str | Path) -> str:
+    """An SQL string literal (paths and sizes go into statements that take no parameters)."""
+    text = value.as_posix() if isinstance(value, Path) else value
+    return "'" + text.replace("'", "''") + "'"
 
 
 def _load(con: Any, sources: list[Source]) -> None:
@@ -99,7 +106,7 @@ def _load(con: Any, sources: list[Source]) -> None:
     for s in sources:
         files = s.files()
         if files:
-            listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+            listing = ", ".join(_literal(f) for f in files)
             parts.append(f"""SELECT ({s.index}::BIGINT << 48) | (shard::BIGINT << 24) | "row" AS id, {s.index} AS src, shard, key,
                 sha256, phash AS h, phash_degenerate AS degenerate, caption_hash, pixels, error
                 FROM read_parquet([{listing}])""")
@@ -184,7 +191,7 @@ def _decide(con: Any, options: DedupOptions) -> None:
 
 
 def _sql_list(values: list[str]) -> str:
-    return "[" + ", ".join("'" + v.replace("'", "''") + "'" for v in values) + "]"
+    return "[" + ", ".join(_literal(v) for v in values) + "]"
 
 
 def _write(con: Any, sources: list[Source], options: DedupOptions, plan: PigeonholePlan | None,
@@ -205,11 +212,11 @@ def _write(con: Any, sources: list[Source], options: DedupOptions, plan: Pigeonh
     tmp = work_dir / ".decisions.parquet.tmp"
     con.execute(f"""COPY (SELECT shard, key, CASE WHEN kept THEN 'kept' ELSE 'duplicate' END AS status, dup_of, dup_in,
                     dup_reason, dup_distance, cluster AS dup_cluster FROM decided WHERE src = 0 ORDER BY shard, key)
-                    TO '{tmp.as_posix()}' (FORMAT parquet)""")
+                    TO {_literal(tmp)} (FORMAT parquet)""")
     report_dir.mkdir(parents=True, exist_ok=True)
     clusters_tmp = report_dir / ".clusters.parquet.tmp"
     con.execute(f"""COPY (SELECT cluster, size, source, shard, key, kept, why FROM decided ORDER BY cluster, NOT kept, id)
-                    TO '{clusters_tmp.as_posix()}' (FORMAT parquet)""")
+                    TO {_literal(clusters_tmp)} (FORMAT parquet)""")
 
     def one(sql: str) -> Any:
         return con.execute(sql).fetchall()[0][0]
