@@ -117,7 +117,7 @@ def test_union_find_matches_a_plain_implementation():
         assert uf.components().tolist() == [find(int(i)) for i in ids]
 
 
-def synthetic_signatures(path, n: int):
+def synthetic_signatures(path, n: int, algorithm: str = "lenscap-phash-v1"):
     """A signatures directory of ``n`` samples; every tenth hash has a copy 2 bits away, further on."""
     from lenscap.dataset import Dataset
     from lenscap.dedup.signatures import SIGNATURE_SCHEMA
@@ -132,6 +132,7 @@ def synthetic_signatures(path, n: int):
         writer = sig.writer(shard, SIGNATURE_SCHEMA)
         for row, i in enumerate(range(start, min(n, start + per))):
             writer.write(Sample(f"{i:09d}", {"shard": shard, "row": row, "sha256": i.to_bytes(32, "big"), "phash": int(h[i]),
+                                             "phash_algorithm": algorithm,
                                              "phash_degenerate": False, "caption_hash": None, "pixels": 100,
                                              "image_bytes": 10, "error": None}))
         writer.commit()
@@ -150,3 +151,12 @@ def test_global_pass_under_a_small_memory_limit_decides_the_same(tmp_path):
         decisions[limit] = duckdb.sql(f"SELECT * FROM '{tmp_path / f'work-{limit}' / 'decisions.parquet'}' ORDER BY shard, key").fetchall()
         assert not (tmp_path / f"work-{limit}" / "spill").exists()
     assert decisions["1GB"] == decisions["24MB"]
+
+
+def test_hashes_of_another_algorithm_are_refused(tmp_path):
+    from lenscap.dedup.search import DedupOptions, Source, find_duplicates
+    from lenscap.errors import UsageError
+
+    sig = synthetic_signatures(tmp_path / "sig", 100, algorithm="imagehash-phash-4.3")
+    with pytest.raises(UsageError, match="made with imagehash-phash-4.3, not lenscap-phash-v1"):
+        find_duplicates([Source(0, "in", sig)], DedupOptions(), tmp_path / "work", tmp_path / "report")

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from lenscap.dataset import Dataset, atomic_write_json
 from lenscap.dedup.phash import ALGORITHM
@@ -105,11 +106,16 @@ def _load(con: Any, sources: list[Source]) -> None:
     parts = []
     for s in sources:
         files = s.files()
-        if files:
-            listing = ", ".join(_literal(f) for f in files)
-            parts.append(f"""SELECT ({s.index}::BIGINT << 48) | (shard::BIGINT << 24) | "row" AS id, {s.index} AS src, shard, key,
-                sha256, phash AS h, phash_degenerate AS degenerate, caption_hash, pixels, error
-                FROM read_parquet([{listing}])""")
+        if not files:
+            continue
+        listing = "read_parquet([" + ", ".join(_literal(f) for f in files) + "])"
+        # A signatures directory written by another lenscap version (a job resumed after an upgrade).
+        found = {a for (a,) in con.execute(f"SELECT DISTINCT phash_algorithm FROM {listing} WHERE phash_algorithm IS NOT NULL").fetchall()}
+        if found - {ALGORITHM}:
+            raise UsageError(f"the signatures of {s.label} in {s.signatures.path} were made with {sorted(found - {ALGORITHM})[0]}, "
+                             f"not {ALGORITHM}; delete that directory to hash again")
+        parts.append(f"""SELECT ({s.index}::BIGINT << 48) | (shard::BIGINT << 24) | "row" AS id, {s.index} AS src, shard, key,
+            sha256, phash AS h, phash_degenerate AS degenerate, caption_hash, pixels, error FROM {listing}""")
     if not parts:
         parts.append("SELECT NULL::BIGINT id, 0 src, 0 shard, ''::VARCHAR key, NULL::BLOB sha256, NULL::UBIGINT h, "
                      "NULL::BOOLEAN degenerate, NULL::BLOB caption_hash, NULL::BIGINT pixels, NULL::VARCHAR error WHERE false")
@@ -169,8 +175,6 @@ def _cluster(con: Any) -> None:
     reader = con.sql("SELECT a, b FROM edges").to_arrow_reader(_EDGE_BATCH)
     for batch in reader:
         uf.union(batch.column(0).to_numpy(), batch.column(1).to_numpy())
-    import pyarrow as pa
-
     members = pa.table({"id": uf.ids, "cluster": uf.components()})
     con.register("members_arrow", members)
     con.execute("CREATE TEMP TABLE members AS SELECT * FROM members_arrow")
@@ -186,7 +190,7 @@ def _decide(con: Any, options: DedupOptions) -> None:
                count(*) OVER (PARTITION BY m.cluster) AS size,
                row_number() OVER (PARTITION BY m.cluster ORDER BY (s.src <> 0) DESC, {size_order}s.id) AS rank
         FROM members m JOIN sig s USING (id) JOIN best ON best.x = m.id""")
-    con.execute("""CREATE TEMP TABLE keepers AS SELECT cluster, id AS keeper_id, src AS keeper_src, key AS keeper_key,
+    con.execute("""CREATE TEMP TABLE keepers AS SELECT cluster, src AS keeper_src, key AS keeper_key,
                    pixels AS keeper_pixels FROM ranked WHERE rank = 1""")
 
 

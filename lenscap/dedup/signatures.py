@@ -3,7 +3,7 @@
 A signatures directory is itself a dataset directory (parquet rows, empty tars, ``_stats.json`` as
 the done marker), so the runner's processes, progress and resume apply unchanged. It holds one row
 per sample that has an image: where the sample is (shard, row), its SHA-256, its perceptual hash
-with the algorithm that made it, its normalised-caption hash, and its pixel size for ``--keep
+and the name of the algorithm that made it, its normalised-caption hash, and its pixel size for ``--keep
 largest``. A sample whose image cannot be decoded keeps its SHA-256 and gets ``error`` instead of a
 perceptual hash.
 """
@@ -30,6 +30,7 @@ SIGNATURE_SCHEMA = pa.schema([
     pa.field("row", pa.int32()),
     pa.field("sha256", pa.binary(32)),
     pa.field("phash", pa.uint64()),
+    pa.field("phash_algorithm", pa.string()),  # hashes of different algorithms are never compared
     pa.field("phash_degenerate", pa.bool_()),
     pa.field("caption_hash", pa.binary(16)),
     pa.field("pixels", pa.int64()),
@@ -62,10 +63,10 @@ class SignatureStage(Stage):
         known = sample.row.get("sha256")
         digest = bytes.fromhex(known) if isinstance(known, str) and _HEX64.match(known) else hashlib.sha256(sample.image).digest()
         out: dict[str, Any] = {"shard": shard_id, "row": row, "sha256": digest, "caption_hash": caption_digest(sample.caption),
-                               "image_bytes": len(sample.image), "phash": None, "phash_degenerate": None, "pixels": None, "error": None}
+                               "image_bytes": len(sample.image), "phash": None, "phash_algorithm": None, "phash_degenerate": None, "pixels": None, "error": None}
         try:
             h = phash(sample.image)
-            out.update(phash=h.phash, phash_degenerate=h.degenerate, pixels=h.width * h.height)
+            out.update(phash=h.phash, phash_algorithm=ALGORITHM, phash_degenerate=h.degenerate, pixels=h.width * h.height)
         except Exception as e:  # noqa: BLE001 - an undecodable image is still compared by its bytes
             out["error"] = f"cannot compute a perceptual hash: {type(e).__name__}: {e}"
         return out
