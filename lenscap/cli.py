@@ -476,6 +476,42 @@ def dedup(
 
 
 @app.command()
+def shard(
+    in_dir: Annotated[str, typer.Argument(help="Input dataset directory.")],
+    out_dir: Annotated[str, typer.Argument(help="Output directory for the training-ready shards.")],
+    format: Annotated[str, typer.Option("--format", help="webdataset (NNNNN.tar) or parquet (data/train-*.parquet, the Hugging Face Image feature).")] = "webdataset",
+    target_size: Annotated[str, typer.Option(help="Size each shard is filled to, e.g. 500MB or 1GiB (the last takes the rest).")] = "500MB",
+    samples_per_shard: Annotated[Optional[int], typer.Option(help="Cut shards by sample count instead of size.")] = None,
+    shuffle: Annotated[bool, typer.Option("--shuffle", help="Shuffle samples across the whole dataset (deterministic for a --seed).")] = False,
+    seed: Annotated[int, typer.Option(help="--shuffle: the seed; the same seed gives the same order.")] = 0,
+    caption_status: Annotated[str, typer.Option(help="ok: where captioning ran, export only its successes; any: export every sample with a caption.")] = "ok",
+    processes: Annotated[int, typer.Option(help="Worker processes.")] = os.cpu_count() or 1,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Export the kept, successful samples to evenly sized WebDataset or Parquet shards, with a dataset card."""
+    from lenscap.errors import UsageError
+    from lenscap.export.job import ExportOptions, parse_size, run_export
+
+    if processes < 1:
+        raise UsageError(f"--processes must be at least 1, not {processes}")
+    options = ExportOptions(format=format, target_bytes=None if samples_per_shard is not None else parse_size(target_size),
+                            samples_per_shard=samples_per_shard, shuffle=shuffle, seed=seed, caption_status=caption_status)
+    result = run_export(options, in_dir, out_dir, processes, quiet)
+    summary = {"command": "shard", **asdict(result), "index_failed": {str(k): v for k, v in result.index_failed.items()},
+               "exit_code": result.exit_code}
+    _emit(summary, as_json)
+    if result.index_failed:
+        print(f"lenscap: shard: {len(result.index_failed)} input shard(s) could not be indexed; nothing exported yet; "
+              "rerun to resume", file=sys.stderr)
+    elif not as_json and not quiet:
+        left = ", ".join(f"{n} {r}" for r, n in result.left_out.items()) or "none"
+        print(f"{result.out_dir}: {result.samples} samples in {result.shards} {result.format} shards "
+              f"({result.bytes:,} bytes); left out: {left}", file=sys.stderr)
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
 def inspect(
     path: Annotated[str, typer.Argument(help="A dataset directory.")],
     as_json: JsonOpt = False,

@@ -1,0 +1,1 @@
+"""``lenscap shard``: export a dataset directory to training-ready WebDataset or Parquet shards."""

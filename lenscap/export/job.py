@@ -1,0 +1,257 @@
+"""``lenscap shard``: three passes, each resumable (SIGKILL anywhere, rerun the same command).
+
+1. index (``export.index``), per input shard in parallel: the exported rows, where their images lie,
+   their order and planned size, into ``OUT/.lenscap/index/``;
+2. plan, in DuckDB: every exported sample in output order, cut into shards at the target size (each
+   shard is filled to the target, the last takes the rest) or every ``--samples-per-shard``, written
+   to ``plan.parquet`` sorted by output shard;
+3. write, per output shard in parallel: images read straight from the input tars at their offsets,
+   so no input shard is decoded or rewritten; each shard is renamed into place, then marked done.
+
+Then ``shards.json`` (the index of files and sample counts), ``lenscap.json`` (provenance) and the
+dataset card ``README.md`` are written. The working state is under ``OUT/.lenscap/``: a dot
+directory, which ``datasets`` and the Hub ignore.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lenscap import __version__
+from lenscap.dataset import Dataset, atomic_write_json
+from lenscap.errors import UsageError
+from lenscap.export.card import write_card
+from lenscap.export.formats import FORMATS
+from lenscap.export.index import INTERNAL, IndexStage
+from lenscap.progress import make_progress
+from lenscap.runner import run_stage
+
+__all__ = ["ExportOptions", "ExportResult", "run_export", "parse_size"]
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """``500MB`` (decimal), ``512MiB`` (binary) or a number of bytes."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UsageError(f"expected a size such as 500MB or 1GiB, not {text!r}")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    format: str = "webdataset"
+    target_bytes: int | None = 500 * 10**6  # the Hub's default shard size
+    samples_per_shard: int | None = None
+    shuffle: bool = False
+    seed: int = 0
+    caption_status: str = "ok"
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise UsageError(f"--format must be {' or '.join(FORMATS)}, not {self.format!r}")
+        if self.caption_status not in ("ok", "any"):
+            raise UsageError(f"--caption-status must be ok or any, not {self.caption_status!r}")
+        if self.samples_per_shard is not None and self.samples_per_shard < 1:
+            raise UsageError(f"--samples-per-shard must be at least 1, not {self.samples_per_shard}")
+        if self.samples_per_shard is None and (self.target_bytes or 0) < 1:
+            raise UsageError("--target-size must be more than 0 bytes")
+
+    def index_stage(self) -> IndexStage:
+        return IndexStage(self.format, self.seed if self.shuffle else None, self.caption_status)
+
+
+@dataclass
+class ExportResult:
+    out_dir: str
+    format: str
+    samples: int
+    shards: int
+    bytes: int
+    left_out: dict[str, int]
+    index_failed: dict[int, str]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.index_failed else 0
+
+
+def _state(out: Path) -> Path:
+    return out / ".lenscap"
+
+
+def _claim(out: Path, job: dict[str, Any]) -> None:
+    path = _state(out) / "job.json"
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous == job:
+            return
+        if any((_state(out) / "done").glob("*.json")):
+            changed = sorted(k for k in job if previous.get(k) != job.get(k))
+            raise UsageError(f"{out} was exported with other {', '.join(changed) or 'settings'}; use a new output directory "
+                             "(or delete this one)")
+        for stale in ("plan.json", "plan.parquet"):
+            (_state(out) / stale).unlink(missing_ok=True)
+    atomic_write_json(path, job)
+
+
+def _plan(index: Dataset, options: ExportOptions, state: Path) -> dict[str, Any]:
+    """Assign every indexed sample an output shard; write ``plan.parquet`` and return the plan."""
+    import duckdb
+
+    files = [str(index.parquet_path(i)) for i in index.completed_ids()]
+    con = duckdb.connect()
+    try:
+        con.execute(f"SET temp_directory = '{(state / 'spill').as_posix()}'")
+        con.execute("SET preserve_insertion_order = false")
+        source = "read_parquet(?)" if files else "(SELECT NULL::INTEGER AS _shard WHERE false)"
+        if options.samples_per_shard is not None:
+            cut = f"(row_number() OVER (ORDER BY _order) - 1) // {int(options.samples_per_shard)}"
+        else:  # a sample goes to the shard its middle byte falls in: shards miss the target by half a sample at most
+            cut = (f"(sum(_bytes) OVER (ORDER BY _order ROWS UNBOUNDED PRECEDING) - _bytes / 2)::BIGINT "
+                   f"// {int(options.target_bytes or 1)}")
+        con.execute(f"CREATE TABLE planned AS SELECT *, ({cut})::INTEGER AS _out FROM {source}", [files] if files else [])
+        shards = con.execute("SELECT _out, count(*), sum(_bytes) FROM planned GROUP BY _out ORDER BY _out").fetchall()
+        tmp = state / ".plan.parquet.tmp"
+        con.execute(f"COPY (SELECT * FROM planned ORDER BY _out, _order) TO '{tmp.as_posix()}' (FORMAT parquet)")
+        os.replace(tmp, state / "plan.parquet")
+    finally:
+        con.close()
+        shutil.rmtree(state / "spill", ignore_errors=True)
+    return {"shards": [{"samples": n, "planned_bytes": int(b)} for _, n, b in shards]}
+
+
+def _write_shard(in_dir: str, out_dir: str, shard_id: int, shards: int, format_name: str) -> dict[str, Any]:
+    """Pass 3 for one output shard (runs in a worker process)."""
+    import duckdb
+
+    out, state = Path(out_dir), _state(Path(out_dir))
+    src = Dataset(in_dir)
+    con = duckdb.connect()
+    try:  # plan.parquet is sorted by _out, so only this shard's row groups are read
+        table = con.sql("SELECT * EXCLUDE (_out) FROM read_parquet($plan) WHERE _out = $shard ORDER BY _order",
+                        params={"plan": str(state / "plan.parquet"), "shard": shard_id}).to_arrow_table()
+    finally:
+        con.close()
+    internal = {f.name for f in INTERNAL}
+    columns = pa.schema([f for f in table.schema if f.name != "key" and f.name not in internal])
+    shard_cls = FORMATS[format_name]
+    name = shard_cls.file_name(shard_id, shards)
+    final = out / name
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp")
+    writer = shard_cls(tmp, columns)
+    tars: dict[int, Any] = {}
+    try:
+        for row in table.to_pylist():
+            f = tars.get(row["_shard"])
+            if f is None:
+                f = tars[row["_shard"]] = open(src.tar_path(row["_shard"]), "rb")  # noqa: SIM115 - closed below
+            f.seek(row["_offset"])
+            image = f.read(row["_size"])
+            writer.write(row["key"], image, {k: v for k, v in row.items() if k not in internal and k != "key"})
+        size = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        for f in tars.values():
+            f.close()
+    os.replace(tmp, final)
+    record = {"file": name, "samples": table.num_rows, "bytes": size}
+    atomic_write_json(state / "done" / f"{shard_id:05d}.json", record)
+    return record
+
+
+def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, processes: int = 1,
+               quiet: bool = False) -> ExportResult:
+    src = Dataset.open(in_dir)
+    out = Path(out_dir)
+    if out.resolve() == src.path.resolve():
+        raise UsageError("the output directory must differ from the input")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output directory {out} exists and is a file")
+    state = _state(out)
+    (state / "done").mkdir(parents=True, exist_ok=True)
+    _claim(out, {"options": asdict(options), "input": str(src.path.resolve())})
+
+    # Pass 1: the index.
+    index_dir = state / "index"
+    indexed = run_stage(options.index_stage(), src.path, index_dir, processes, make_progress("shard: indexing", quiet))
+    if indexed.failed_shards:
+        return ExportResult(str(out), options.format, 0, 0, 0, {}, indexed.failed_shards)
+    index = Dataset(index_dir)
+    left_out: dict[str, int] = {}
+    for shard_id in index.completed_ids():
+        for reason, n in index.read_stats(shard_id).get("left_out", {}).items():
+            left_out[reason] = left_out.get(reason, 0) + n
+
+    # Pass 2: the plan, once per index.
+    fingerprint = {"options": asdict(options), "index_shards": index.completed_ids(), "indexed": indexed.samples}
+    marker = state / "plan.json"
+    plan = json.loads(marker.read_text()) if marker.exists() else None
+    if plan is not None and plan["fingerprint"] != fingerprint:
+        if any((state / "done").glob("*.json")):
+            raise UsageError(f"the input of {out} changed since it was exported; use a new output directory")
+        plan = None
+    if plan is None:
+        plan = _plan(index, options, state) | {"fingerprint": fingerprint}
+        atomic_write_json(marker, plan)
+
+    # Pass 3: the output shards.
+    shards = len(plan["shards"])
+    todo = [i for i in range(shards) if not (state / "done" / f"{i:05d}.json").exists()]
+    for stray in list(out.glob(".*.tmp")) + list(out.glob("data/.*.tmp")):
+        stray.unlink(missing_ok=True)
+    progress = make_progress("shard: writing", quiet)
+    progress.start(shards, shards - len(todo))
+    try:
+        if processes <= 1 or len(todo) <= 1:
+            for i in todo:
+                record = _write_shard(str(src.path), str(out), i, shards, options.format)
+                progress.advance(shards=1, samples=record["samples"])
+        else:
+            import multiprocessing
+
+            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for record in pool.map(_write_shard, [str(src.path)] * len(todo), [str(out)] * len(todo), todo,
+                                       [shards] * len(todo), [options.format] * len(todo)):
+                    progress.advance(shards=1, samples=record["samples"])
+    finally:
+        progress.finish()
+
+    records = [json.loads((state / "done" / f"{i:05d}.json").read_text()) for i in range(shards)]
+    summary = {"format": options.format, "samples": sum(r["samples"] for r in records),
+               "bytes": sum(r["bytes"] for r in records), "shards": records, "left_out": dict(sorted(left_out.items()))}
+    atomic_write_json(out / "shards.json", summary)
+    manifest = src.read_manifest() or {}
+    history = [*manifest.get("history", []), {"stage": "shard", "parameters": asdict(options), "input": str(src.path),
+                                              "lenscap_version": __version__,
+                                              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
+    atomic_write_json(out / "lenscap.json", {"lenscap_version": __version__, "stage": "shard", "parameters": asdict(options),
+                                             "input": str(src.path), "history": history,
+                                             "counts": {"samples": summary["samples"], "left_out": summary["left_out"]}})
+    write_card(out, options.format, summary, history, Path(index_dir), _columns(index))
+    return ExportResult(str(out), options.format, summary["samples"], shards, summary["bytes"], summary["left_out"], {})
+
+
+def _columns(index: Dataset) -> pa.Schema:
+    ids = index.completed_ids()
+    if not ids:
+        return pa.schema([pa.field("caption", pa.string())])
+    internal = {f.name for f in INTERNAL} | {"key"}
+    schema = pq.read_schema(index.parquet_path(ids[0]))
+    return pa.schema([f for f in schema if f.name not in internal])
