@@ -224,3 +224,29 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, source):
     assert names == sorted(n for n in os.listdir(tmp_path / "out") if n.endswith((".tar", ".tmp")))
     assert all((tmp_path / "out" / n).read_bytes() == (tmp_path / "clean" / n).read_bytes() for n in names)
     assert json.loads((tmp_path / "out" / "shards.json").read_text()) == json.loads((tmp_path / "clean" / "shards.json").read_text())
+
+
+def test_tar_headers_match_tarfile_and_scanning_reads_pax(tmp_path):
+    import io
+
+    from lenscap.export.tario import TarOut, _header, scan_members
+
+    for name, size in (("000000001.jpg", 12345), ("a" * 100, 0), ("k.json", 8**11 - 1)):
+        info = tarfile.TarInfo(name)
+        info.size, info.mode, info.mtime = size, 0o644, 0
+        assert _header(name, size) == info.tobuf(tarfile.USTAR_FORMAT)
+    out = TarOut(tmp_path / "ours.tar")
+    out.add("000000001.txt", b"caption")
+    out.close()
+    with tarfile.open(tmp_path / "ours.tar") as tar:
+        assert [(m.name, tar.extractfile(m).read()) for m in tar] == [("000000001.txt", b"caption")]
+    # tarfile's PAX format, long and non-ASCII names included
+    with tarfile.open(tmp_path / "pax.tar", "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (("000000001.jpg", b"x" * 700), ("é" * 120 + ".jpg", b"y" * 10), ("000000002.txt", b"t")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    found = scan_members(tmp_path / "pax.tar", "jpg")
+    with tarfile.open(tmp_path / "pax.tar") as tar:
+        expected = {m.name.partition(".")[0]: (m.offset_data, m.size) for m in tar if m.name.endswith(".jpg")}
+    assert found == expected and len(found) == 2

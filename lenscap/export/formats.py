@@ -9,15 +9,15 @@ at most ``ROW_GROUP_BYTES``, so a reader never holds more than that of one file.
 
 from __future__ import annotations
 
-import io
 import json
-import tarfile
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from lenscap.export.tario import TarOut
 
 __all__ = ["FORMATS", "ShardFile", "WebDatasetShard", "ParquetShard", "metadata_json"]
 
@@ -56,7 +56,8 @@ class ShardFile(ABC):
         """What one sample adds to a shard: used to cut shards to the target size before writing."""
 
     @abstractmethod
-    def write(self, key: str, image: bytes, row: dict[str, Any]) -> None: ...
+    def write(self, key: str, row: dict[str, Any], src: BinaryIO, offset: int, size: int) -> None:
+        """Add a sample whose image is ``size`` bytes of ``src`` (an input tar) at ``offset``."""
 
     @abstractmethod
     def close(self) -> int: ...
@@ -70,7 +71,7 @@ class WebDatasetShard(ShardFile):
 
     def __init__(self, path: Path, columns: pa.Schema) -> None:
         super().__init__(path, columns)
-        self._tar = tarfile.open(path, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = TarOut(path)
 
     @staticmethod
     def file_name(shard_id: int, shards: int) -> str:
@@ -80,12 +81,10 @@ class WebDatasetShard(ShardFile):
     def planned_bytes(image: int, caption: int, metadata: int) -> int:
         return 3 * _BLOCK + _padded(image) + _padded(caption) + _padded(metadata)
 
-    def write(self, key: str, image: bytes, row: dict[str, Any]) -> None:
-        for name, data in ((f"{key}.jpg", image), (f"{key}.txt", (row.get("caption") or "").encode()),
-                           (f"{key}.json", metadata_json(key, row))):
-            info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime = len(data), 0o644, 0  # same input, same bytes
-            self._tar.addfile(info, io.BytesIO(data))
+    def write(self, key: str, row: dict[str, Any], src: BinaryIO, offset: int, size: int) -> None:
+        self._tar.add_from(f"{key}.jpg", src, offset, size)
+        self._tar.add(f"{key}.txt", (row.get("caption") or "").encode())
+        self._tar.add(f"{key}.json", metadata_json(key, row))
 
     def close(self) -> int:
         self._tar.close()
@@ -102,7 +101,9 @@ class ParquetShard(ShardFile):
     def __init__(self, path: Path, columns: pa.Schema) -> None:
         super().__init__(path, columns)
         self.schema = pa.schema([pa.field("key", pa.string()), pa.field("image", IMAGE_TYPE), *columns], metadata=_HF_METADATA)
-        self._writer = pq.ParquetWriter(path, self.schema, compression="zstd")
+        # JPEG bytes do not compress: spend zstd on the text columns only.
+        compression = {f.name: "zstd" for f in columns} | {"key": "zstd", "image.bytes": "none", "image.path": "zstd"}
+        self._writer = pq.ParquetWriter(path, self.schema, compression=compression)
         self._rows: list[dict[str, Any]] = []
         self._pending = 0
 
@@ -114,7 +115,9 @@ class ParquetShard(ShardFile):
     def planned_bytes(image: int, caption: int, metadata: int) -> int:
         return image + caption + metadata // 4  # images do not compress; text does, by about 4
 
-    def write(self, key: str, image: bytes, row: dict[str, Any]) -> None:
+    def write(self, key: str, row: dict[str, Any], src: BinaryIO, offset: int, size: int) -> None:
+        src.seek(offset)
+        image = src.read(size)
         self._rows.append({**row, "key": key, "image": {"bytes": image, "path": f"{key}.jpg"}})
         self._pending += len(image) + len(row.get("caption") or "")
         if self._pending >= ROW_GROUP_BYTES:

@@ -10,7 +10,6 @@ are not exported are counted by reason in each shard's stats (``left_out``), nev
 from __future__ import annotations
 
 import hashlib
-import tarfile
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,8 @@ import pyarrow.parquet as pq
 
 from lenscap.dataset import IMAGE_EXT, Dataset
 from lenscap.export.formats import FORMATS, metadata_json
-from lenscap.record import SUCCESS, Sample
+from lenscap.export.tario import scan_members
+from lenscap.record import SUCCESS
 from lenscap.stages.base import Stage
 
 __all__ = ["IndexStage", "exported_schema", "INTERNAL"]
@@ -74,36 +74,37 @@ class IndexStage(Stage):
         return {"format": self.format, "seed": self.seed, "caption_status": self.caption_status}
 
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
-        input_schema = pq.read_schema(src.parquet_path(shard_id))
-        columns = exported_schema(input_schema)
-        writer = dst.writer(shard_id, pa.schema([pa.field("key", pa.string()), *columns, *INTERNAL]))
-        images: dict[str, tuple[int, int]] = {}
-        if src.tar_path(shard_id).exists():
-            with tarfile.open(src.tar_path(shard_id)) as tar:  # headers only: no image is read here
-                for m in tar:
-                    key, _, ext = m.name.partition(".")
-                    if ext == IMAGE_EXT:
-                        images[key] = (m.offset_data, m.size)
+        table = src.read_table(shard_id)
+        columns = exported_schema(table.schema)
+        tar_path = src.tar_path(shard_id)  # its headers only: no image is read here
+        images = scan_members(tar_path, IMAGE_EXT) if tar_path.exists() else {}
+        # The verdict needs a few columns per row; the exported columns move as Arrow columns.
+        wanted = [c for c in ("status", "dedup_status", "filter_status", "filter_reason", "caption_status", "caption")
+                  if c in table.column_names]
+        keys = [str(k) for k in table.column("key").to_pylist()]
+        keep, left_out, where = [], Counter(), {c: table.column(c).to_pylist() for c in wanted}
+        for i, key in enumerate(keys):
+            reason = left_out_reason({c: where[c][i] for c in wanted}, key in images, self.caption_status)
+            keep.append(reason is None)
+            if reason is not None:
+                left_out[reason] += 1
+        rows = [i for i, k in enumerate(keep) if k]
+        exported = pa.table({f.name: table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+                             for f in columns}).take(pa.array(rows, pa.int64()))
         planned = FORMATS[self.format].planned_bytes
-        left_out: Counter[str] = Counter()
-        try:
-            row_number = 0
-            for batch in src.read_table(shard_id).to_batches(max_chunksize=4096):
-                for row in batch.to_pylist():
-                    key = str(row["key"])
-                    reason = left_out_reason(row, key in images, self.caption_status)
-                    if reason is None:
-                        out = {f.name: row.get(f.name) for f in columns}
-                        offset, size = images[key]
-                        cost = planned(size, len((out.get("caption") or "").encode()), len(metadata_json(key, out)))
-                        out.update(_shard=shard_id, _offset=offset, _size=size, _bytes=cost,
-                                   _order=order_of(self.seed, shard_id, row_number, key))
-                        writer.write(Sample(key, out))
-                    else:
-                        left_out[reason] += 1
-                    row_number += 1
-                self.tick(batch.num_rows)
-        except BaseException:
-            writer.abort()
-            raise
-        return writer.commit({"stage": self.name, "left_out": dict(sorted(left_out.items()))})
+        offsets, sizes, costs, orders = [], [], [], []
+        for i, row in zip(rows, exported.to_pylist(), strict=True):
+            offset, size = images[keys[i]]
+            offsets.append(offset)
+            sizes.append(size)
+            costs.append(planned(size, len((row.get("caption") or "").encode()), len(metadata_json(keys[i], row))))
+            orders.append(order_of(self.seed, shard_id, i, keys[i]))
+        index = pa.table({"key": pa.array([keys[i] for i in rows], pa.string()), **{c: exported.column(c) for c in exported.column_names},
+                          "_shard": pa.array([shard_id] * len(rows), pa.int32()), "_offset": pa.array(offsets, pa.int64()),
+                          "_size": pa.array(sizes, pa.int64()), "_order": pa.array(orders, pa.uint64()), "_bytes": pa.array(costs, pa.int64())})
+        self.tick(table.num_rows)
+        tmp = dst.tmp_path(shard_id, "parquet")
+        pq.write_table(index, tmp)
+        stats = {"shard": f"{shard_id:05d}", "count": index.num_rows, "stage": self.name, "left_out": dict(sorted(left_out.items()))}
+        dst.commit(shard_id, [(tmp, dst.parquet_path(shard_id))], stats)
+        return stats

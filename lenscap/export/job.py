@@ -160,9 +160,7 @@ def _write_shard(in_dir: str, out_dir: str, shard_id: int, shards: int, format_n
             f = tars.get(row["_shard"])
             if f is None:
                 f = tars[row["_shard"]] = open(src.tar_path(row["_shard"]), "rb")  # noqa: SIM115 - closed below
-            f.seek(row["_offset"])
-            image = f.read(row["_size"])
-            writer.write(row["key"], image, {k: v for k, v in row.items() if k not in internal and k != "key"})
+            writer.write(row["key"], {k: v for k, v in row.items() if k not in internal and k != "key"}, f, row["_offset"], row["_size"])
         size = writer.close()
     except BaseException:
         writer.abort()
