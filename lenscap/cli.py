@@ -512,6 +512,31 @@ def shard(
 
 
 @app.command()
+def report(
+    path: Annotated[str, typer.Argument(help="Dataset directory.")],
+    out: Annotated[Optional[str], typer.Option("--out", help="HTML file to write. [default: DIR/report.html]")] = None,
+    sample: Annotated[int, typer.Option("--sample", help="How many sampled images to show.")] = 24,
+    seed: Annotated[int, typer.Option(help="Which samples: the same seed shows the same ones.")] = 0,
+    png: Annotated[Optional[str], typer.Option("--png", help="Also write a PNG contact sheet of the sampled images here.")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a self-contained HTML page about a dataset: counts, outcomes, caption lengths, sampled images with their captions."""
+    from lenscap.errors import UsageError
+    from lenscap.report import write_report
+
+    if sample < 0:
+        raise UsageError(f"--sample must be 0 or more, not {sample}")
+    for target in (out, png):
+        if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+            raise UsageError(f"cannot write {target}: its directory does not exist")
+    written = write_report(path, out, sample, seed, png)
+    _emit({"command": "report", **written, "exit_code": 0}, as_json)
+    if not as_json and not quiet:
+        print(f"report: {written['html']}" + (f", contact sheet: {written['png']}" if "png" in written else ""), file=sys.stderr)
+
+
+@app.command()
 def inspect(
     path: Annotated[str, typer.Argument(help="A dataset directory.")],
     as_json: JsonOpt = False,

@@ -44,6 +44,7 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
     hist = [0] * (_MAX_WORDS + 1)
     words_total = samples = 0
     stage_status: dict[str, Counter[str]] = {}
+    filter_reasons: Counter[str] = Counter()
     spend = {"usd": 0.0, "input_tokens": 0, "output_tokens": 0}
     columns: list[str] = []
     for shard_id in completed:
@@ -52,8 +53,10 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
         columns = columns or names
         samples += meta.num_rows
         # Only the columns summarised here: later stages add wide ones (exif, OCR text, embeddings).
-        for column, outcome in ds.read_stats(shard_id).get("stage_status", {}).items():
+        stats = ds.read_stats(shard_id)
+        for column, outcome in stats.get("stage_status", {}).items():
             stage_status.setdefault(column, Counter()).update(outcome)
+        filter_reasons.update(stats.get("filter_reasons", {}))
         stage_errors = [c for c in names if c.endswith("_error")]
         wanted = ("status", "error_message", "caption", "caption_status", *_SPEND_COLUMNS, *stage_errors)
         table = ds.read_table(shard_id, columns=[c for c in wanted if c in names])
@@ -103,7 +106,9 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
             "mean": round(words_total / n_captions, 2) if n_captions else None,
             "p50": _percentile(hist, 0.50),
             "p95": _percentile(hist, 0.95),
+            "histogram": [[words, n] for words, n in enumerate(hist) if n],  # [words, captions], JSON-stable
         },
+        "filter_reasons": dict(filter_reasons.most_common()),
         "columns": columns,
         "bytes": {"shards": shard_bytes, "total": total_bytes},
         "history": [h.get("stage") for h in manifest.get("history", [])],

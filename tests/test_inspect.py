@@ -83,6 +83,7 @@ def test_inspect_numbers(tmp_path):
         "mean": 10.5,
         "p50": lower_percentile(lengths, 0.50),
         "p95": lower_percentile(lengths, 0.95),
+        "histogram": [[n, 1] for n in lengths],
     }
     assert info["caption_words"]["p50"] == 10 and info["caption_words"]["p95"] == 19
     assert info["columns"] == ["url", "caption", "status", "error_message", "key"]
@@ -107,14 +108,14 @@ def test_inspect_without_manifest_counts_half_written_shards(tmp_path):
     assert info["samples"] == 2
     assert info["status"] == {"success": 2}
     assert info["errors"] == {}
-    assert info["caption_words"] == {"count": 2, "mean": 1.5, "p50": 1, "p95": 1}
+    assert info["caption_words"] == {"count": 2, "mean": 1.5, "p50": 1, "p95": 1, "histogram": [[1, 1], [2, 1]]}
 
 
 def test_inspect_caption_words_ignore_surrounding_whitespace(tmp_path):
     ds = Dataset.create(tmp_path / "ds")
     write(ds, 0, [success(0, "  padded   caption  "), success(1, "\tone two three\n")])
     cw = inspect_dataset(ds.path)["caption_words"]
-    assert cw == {"count": 2, "mean": 2.5, "p50": 2, "p95": 2}
+    assert cw == {"count": 2, "mean": 2.5, "p50": 2, "p95": 2, "histogram": [[2, 1], [3, 1]]}
 
 
 def test_inspect_missing_and_empty_captions_have_no_words(tmp_path):
@@ -131,7 +132,7 @@ def test_inspect_dataset_without_successes(tmp_path):
     write(ds, 0, [failure(0, "a b c", "404 Not Found")])
     info = inspect_dataset(ds.path)
     assert info["samples"] == 1
-    assert info["caption_words"] == {"count": 0, "mean": None, "p50": None, "p95": None}
+    assert info["caption_words"] == {"count": 0, "mean": None, "p50": None, "p95": None, "histogram": []}
 
 
 def test_inspect_missing_directory_raises(tmp_path):

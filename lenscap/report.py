@@ -1,0 +1,251 @@
+"""``lenscap report``: one self-contained HTML page about a dataset directory, and a PNG contact sheet.
+
+The page needs nothing but itself: styles inline, images inlined as JPEG thumbnails, charts as inline
+SVG, no script. It shows the counts and every stage's outcomes (from ``inspect``), the caption length
+histogram, filter reasons and the dedup report when present, the most common errors, the pipeline
+from the manifest, and a grid of sampled images, each with its caption beside its original alt-text.
+
+The sample is the ``n`` samples with images whose ``hash(seed, key)`` is smallest: the same seed
+picks the same samples whatever the shard order, and memory holds ``n`` candidates, not the dataset.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import heapq
+import html
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw, ImageFont
+
+from lenscap import __version__
+from lenscap.dataset import IMAGE_EXT, Dataset, atomic_write_bytes
+from lenscap.export.tario import scan_members
+from lenscap.inspect import inspect_dataset
+
+__all__ = ["ReportSample", "pick_samples", "render_html", "render_contact_sheet", "write_report"]
+
+THUMB = 256
+_ROW_COLUMNS = ("caption", "alt_text", "previous_caption", "caption_status", "caption_model", "filter_status",
+                "dedup_status", "width", "height")
+
+
+@dataclass
+class ReportSample:
+    key: str
+    row: dict[str, Any]
+    thumbnail: bytes  # JPEG, at most THUMB pixels a side
+
+    @property
+    def caption(self) -> str:
+        return self.row.get("caption") or ""
+
+    @property
+    def original(self) -> str | None:
+        """The text the caption replaced, if a caption stage ran."""
+        return self.row.get("previous_caption") or (self.row.get("alt_text") if self.row.get("caption_status") else None)
+
+
+def _thumbnail(data: bytes) -> bytes:
+    with Image.open(io.BytesIO(data)) as im:
+        im.draft("RGB", (THUMB, THUMB))
+        im = im.convert("RGB")
+        im.thumbnail((THUMB, THUMB))
+        out = io.BytesIO()
+        im.save(out, "JPEG", quality=80)
+    return out.getvalue()
+
+
+def pick_samples(ds: Dataset, n: int, seed: int = 0) -> list[ReportSample]:
+    """The ``n`` samples with images whose ``blake2b(seed:key)`` is smallest, in that order."""
+    heap: list[tuple[int, str, int, tuple[int, int], dict[str, Any]]] = []  # max-heap on the hash
+    for shard_id in ds.completed_ids():
+        tar = ds.tar_path(shard_id)
+        images = scan_members(tar, IMAGE_EXT) if tar.exists() else {}
+        if not images:
+            continue
+        table = ds.read_table(shard_id)
+        present = [c for c in _ROW_COLUMNS if c in table.column_names]
+        for row in table.select(["key", *present]).to_pylist():
+            key = str(row["key"])
+            if key not in images:
+                continue
+            h = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
+            entry = (-h, key, shard_id, images[key], row)
+            if len(heap) < n:
+                heapq.heappush(heap, entry)
+            elif -heap[0][0] > h:
+                heapq.heapreplace(heap, entry)
+    chosen = sorted(heap, key=lambda e: -e[0])
+    out = []
+    for _, key, shard_id, (offset, size), row in chosen:
+        with open(ds.tar_path(shard_id), "rb") as f:
+            f.seek(offset)
+            data = f.read(size)
+        try:
+            thumb = _thumbnail(data)
+        except Exception:  # noqa: BLE001 - an undecodable image is shown as missing, not fatal
+            thumb = b""
+        out.append(ReportSample(key, row, thumb))
+    return out
+
+
+# -- HTML -------------------------------------------------------------------------------------------
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#1d2430;background:#f6f7f9}
+header{background:#1d2430;color:#fff;padding:18px 28px}header h1{margin:0;font-size:22px}header p{margin:4px 0 0;color:#c5ccd8}
+main{padding:20px 28px;max-width:1400px}section{background:#fff;border:1px solid #e1e5eb;border-radius:8px;padding:14px 18px;margin:0 0 18px}
+h2{font-size:16px;margin:0 0 10px}.cards{display:flex;flex-wrap:wrap;gap:12px}.card{background:#f0f3f7;border-radius:6px;padding:10px 14px;min-width:140px}
+.card b{display:block;font-size:20px}table{border-collapse:collapse}td,th{padding:3px 10px 3px 0;text-align:left;vertical-align:top}
+.bar{display:inline-block;height:10px;background:#4a7bd0;border-radius:2px;vertical-align:middle}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:14px}
+figure{margin:0;background:#fff;border:1px solid #e1e5eb;border-radius:8px;overflow:hidden}
+figure img{display:block;width:100%;height:200px;object-fit:contain;background:#eef0f3}figcaption{padding:8px 10px;font-size:13px}
+.label{font-size:11px;text-transform:uppercase;color:#6b7686;letter-spacing:.04em}.alt{color:#6b7686}.key{font-family:monospace;color:#6b7686}
+.missing{height:200px;display:flex;align-items:center;justify-content:center;color:#9aa3af;background:#eef0f3}
+"""
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _bars(counts: dict[str, int]) -> str:
+    total = max(sum(counts.values()), 1)
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{n:,}</td><td><span class='bar' style='width:{round(300 * n / total)}px'></span> "
+                   f"{100 * n / total:.1f}%</td></tr>" for k, n in counts.items())
+    return f"<table>{rows}</table>"
+
+
+def _histogram_svg(pairs: list[list[int]], bin_words: int = 5, bins: int = 40) -> str:
+    counts = [0] * (bins + 1)
+    for words, n in pairs:
+        counts[min(words // bin_words, bins)] += n
+    while len(counts) > 1 and counts[-1] == 0:
+        counts.pop()
+    width, height, pad = 720, 180, 24
+    step = (width - pad) / len(counts)
+    peak = max(counts) or 1
+    parts = [f"<svg width='{width}' height='{height + 30}' role='img' "
+             f"aria-label='caption length histogram'>"]
+    for i, n in enumerate(counts):
+        h = round((height - 10) * n / peak)
+        label = f"{i * bin_words}+" if i == bins else f"{i * bin_words}-{i * bin_words + bin_words - 1}"
+        parts.append(f"<rect x='{pad + i * step:.1f}' y='{height - h}' width='{max(step - 2, 1):.1f}' height='{h}' fill='#4a7bd0'>"
+                     f"<title>{label} words: {n:,} captions</title></rect>")
+        if i % max(1, len(counts) // 8) == 0:
+            parts.append(f"<text x='{pad + i * step:.1f}' y='{height + 16}' font-size='11' fill='#6b7686'>{i * bin_words}</text>")
+    parts.append(f"<text x='0' y='12' font-size='11' fill='#6b7686'>{peak:,}</text></svg>")
+    return "".join(parts)
+
+
+def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[str, Any] | None) -> str:
+    name = Path(info["path"]).resolve().name
+    shards = info["shards"]
+    cw = info["caption_words"]
+    cards = [("samples", f"{info['samples']:,}"), ("shards", f"{shards['complete']:,} complete"
+                                                       + (f", {shards['incomplete']} incomplete" if shards["incomplete"] else "")),
+             ("downloaded", f"{info['status'].get('success', 0):,}")]
+    if cw["count"]:
+        cards.append(("caption words", f"{cw['mean']} mean, {cw['p95']} p95"))
+    if info.get("caption_cost"):
+        cards.append(("caption cost", f"${info['caption_cost']['usd']:.4f}"))
+    if dedup:
+        cards.append(("duplicates", f"{dedup.get('duplicates') or 0:,}"))
+    body = ["<section><h2>Summary</h2><div class='cards'>"
+            + "".join(f"<div class='card'><span class='label'>{_e(k)}</span><b>{_e(v)}</b></div>" for k, v in cards) + "</div></section>"]
+    outcomes = [f"<h3>download status</h3>{_bars(info['status'])}"] if info["status"] else []
+    outcomes += [f"<h3>{_e(column)}</h3>{_bars(counts)}" for column, counts in info["stage_status"].items()]
+    if outcomes:
+        body.append("<section><h2>Outcomes</h2>" + "".join(outcomes) + "</section>")
+    if cw["count"]:
+        body.append(f"<section><h2>Caption length</h2><p>{cw['count']:,} captions, {cw['mean']} words on average, "
+                    f"median {cw['p50']}, 95th percentile {cw['p95']}.</p>{_histogram_svg(cw['histogram'])}</section>")
+    if info.get("filter_reasons"):
+        body.append(f"<section><h2>Filter</h2>{_bars(info['filter_reasons'])}</section>")
+    if dedup:
+        reasons = dedup.get("by_reason") or {}
+        earlier = f", {dedup['of_earlier_releases']:,} of them of earlier releases" if dedup.get("of_earlier_releases") else ""
+        body.append(f"<section><h2>Dedup</h2><p>{dedup.get('duplicates') or 0:,} duplicates in {dedup.get('clusters') or 0:,} "
+                    f"clusters{earlier}.</p>{_bars(reasons) if reasons else ''}</section>")
+    if info["errors"]:
+        rows = "".join(f"<tr><td>{n:,}</td><td>{_e(m)}</td></tr>" for m, n in info["errors"].items())
+        body.append(f"<section><h2>Most common errors</h2><table>{rows}</table></section>")
+    if info["history"]:
+        body.append("<section><h2>Pipeline</h2><p>" + " &rarr; ".join(_e(h) for h in info["history"]) + "</p></section>")
+    figures = []
+    for s in samples:
+        img = (f"<img src='data:image/jpeg;base64,{base64.b64encode(s.thumbnail).decode()}' alt='sample {_e(s.key)}'>"
+               if s.thumbnail else "<div class='missing'>image could not be decoded</div>")
+        text = f"<div class='label'>caption</div><div>{_e(s.caption) or '<i>none</i>'}</div>"
+        if s.original is not None:
+            text += f"<div class='label'>original alt-text</div><div class='alt'>{_e(s.original) or '<i>none</i>'}</div>"
+        meta = " ".join(f"{k.removesuffix('_status')}: {_e(s.row[k])}" for k in ("caption_status", "dedup_status") if s.row.get(k))
+        figures.append(f"<figure>{img}<figcaption>{text}<div class='key'>{_e(s.key)} {meta}</div></figcaption></figure>")
+    if figures:
+        body.append(f"<section><h2>{len(figures)} sampled images</h2><div class='grid'>{''.join(figures)}</div></section>")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+            f"<title>lenscap report: {_e(name)}</title><style>{_CSS}</style></head><body><header><h1>lenscap report: {_e(name)}</h1>"
+            f"<p>{_e(info['path'])} &middot; stage {_e(info['stage'] or 'unknown')} &middot; lenscap {__version__} &middot; {when}</p>"
+            f"</header><main>{''.join(body)}</main></body></html>")
+
+
+# -- PNG contact sheet ------------------------------------------------------------------------------
+
+def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, lines: int) -> list[str]:
+    out, line = [], ""
+    for word in text.split():
+        trial = f"{line} {word}".strip()
+        if draw.textlength(trial, font=font) <= width:
+            line = trial
+            continue
+        out.append(line)
+        line = word
+        if len(out) == lines:
+            break
+    if len(out) < lines and line:
+        out.append(line)
+    if len(out) == lines and " ".join(out) != " ".join(text.split()):
+        out[-1] = out[-1].rstrip(".,;: ") + "..."
+    return out
+
+
+def render_contact_sheet(samples: list[ReportSample], columns: int = 6) -> Image.Image:
+    font = ImageFont.load_default()
+    cell_w, text_h, gap = THUMB, 64, 8
+    rows = max(1, -(-len(samples) // columns))
+    sheet = Image.new("RGB", (columns * (cell_w + gap) + gap, rows * (THUMB + text_h + gap) + gap), (246, 247, 249))
+    draw = ImageDraw.Draw(sheet)
+    for i, s in enumerate(samples):
+        x = gap + (i % columns) * (cell_w + gap)
+        y = gap + (i // columns) * (THUMB + text_h + gap)
+        if s.thumbnail:
+            with Image.open(io.BytesIO(s.thumbnail)) as thumb:
+                sheet.paste(thumb, (x + (cell_w - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
+        for n, line in enumerate(_wrap(draw, s.caption, font, cell_w, 4)):
+            draw.text((x, y + THUMB + 4 + 14 * n), line, fill=(29, 36, 48), font=font)
+    return sheet
+
+
+def write_report(path: str | Path, out: str | Path | None = None, n: int = 24, seed: int = 0,
+                 png: str | Path | None = None) -> dict[str, Any]:
+    """Write the HTML report (and the contact sheet); return what was written."""
+    ds = Dataset.open(path)
+    info = inspect_dataset(ds.path)
+    samples = pick_samples(ds, n, seed)
+    target = Path(out) if out is not None else ds.path / "report.html"
+    atomic_write_bytes(target, render_html(info, samples, info.get("dedup")).encode())
+    written = {"html": str(target), "samples_shown": len(samples)}
+    if png is not None:
+        buf = io.BytesIO()
+        render_contact_sheet(samples).save(buf, "PNG")
+        atomic_write_bytes(Path(png), buf.getvalue())
+        written["png"] = str(png)
+    return written
