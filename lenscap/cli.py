@@ -2,7 +2,7 @@
 
 Exit codes: 0 done; 1 some shards failed (the others are kept; rerun to finish); 2 usage error
 (bad flag, missing input, wrong directory, rejected key, unknown model); 3 internal error;
-4 --max-cost reached; 130 interrupted.
+4 --max-cost reached; 5 locked (another live lenscap process is writing the same output); 130 interrupted.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@
     │   ├── DatasetError         a directory that is not (or not the right) dataset directory
     │   ├── BackendError         no key, rejected key, unknown model, unreachable server
     │   └── MissingDependency    an optional extra is not installed
-    └── BudgetReached            --max-cost reached (exit code 4); rerun with a higher cap to go on
+    ├── BudgetReached            --max-cost reached (exit code 4); rerun with a higher cap to go on
+    └── Locked                   another live lenscap process is writing the same output (exit code 5)
 
 The CLI turns a UsageError into ``error: <message>`` and exit code 2, without a traceback.
 Per-sample problems (404s, corrupt images, ...) are never exceptions: they are statuses in the data.
@@ -15,7 +16,8 @@ A shard that fails for any reason is reported by the runner and left for the rer
 
 from __future__ import annotations
 
-__all__ = ["LenscapError", "UsageError", "InputError", "DatasetError", "BackendError", "MissingDependency", "BudgetReached"]
+__all__ = ["LenscapError", "UsageError", "InputError", "DatasetError", "BackendError", "MissingDependency", "BudgetReached",
+           "Locked"]
 
 
 class LenscapError(Exception):
@@ -51,3 +53,9 @@ class BudgetReached(LenscapError):
     """``--max-cost`` was reached: finished shards are kept, unfinished ones resume on a rerun."""
 
     exit_code = 4
+
+
+class Locked(LenscapError):
+    """Another lenscap process that is still alive holds the output's lock (two cron firings)."""
+
+    exit_code = 5

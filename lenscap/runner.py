@@ -17,6 +17,7 @@ from typing import Any
 
 from lenscap.dataset import Dataset, shard_name
 from lenscap.errors import LenscapError
+from lenscap.lock import output_lock
 from lenscap.progress import Progress, make_progress
 from lenscap.stages.base import Stage
 
@@ -94,6 +95,11 @@ def run_stage(
     src = Dataset.open(in_dir)
     stage.check()
     dst = Dataset.create(out_dir)
+    with output_lock(dst.path):
+        return _run_locked(stage, src, dst, processes, progress)
+
+
+def _run_locked(stage: Stage, src: Dataset, dst: Dataset, processes: int, progress: Progress | None) -> StageResult:
     dst.recover()
     stage.begin(src, dst)
     shards = src.completed_ids()

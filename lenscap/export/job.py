@@ -34,6 +34,7 @@ from lenscap.errors import UsageError
 from lenscap.export.card import write_card
 from lenscap.export.formats import FORMATS
 from lenscap.export.index import INTERNAL, IndexStage
+from lenscap.lock import output_lock
 from lenscap.progress import make_progress
 from lenscap.runner import run_stage
 
@@ -182,6 +183,11 @@ def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, 
         raise UsageError("the output directory must differ from the input")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output directory {out} exists and is a file")
+    with output_lock(out, ".lenscap"):
+        return _run_locked(options, src, out, processes, quiet)
+
+
+def _run_locked(options: ExportOptions, src: Dataset, out: Path, processes: int, quiet: bool) -> ExportResult:
     state = _state(out)
     (state / "done").mkdir(parents=True, exist_ok=True)
     _claim(out, {"options": asdict(options), "input": str(src.path.resolve())})

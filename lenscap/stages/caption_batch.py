@@ -32,6 +32,7 @@ from lenscap.captioning.images import UnreadableImage
 from lenscap.captioning.journal import Journal
 from lenscap.dataset import Dataset, atomic_write_bytes, atomic_write_json, shard_name
 from lenscap.errors import BudgetReached, UsageError
+from lenscap.lock import output_lock
 from lenscap.progress import Progress
 from lenscap.stages.caption import CaptionStage
 
@@ -387,6 +388,11 @@ def run_batch_caption(stage: CaptionStage, in_dir: str | Path, out_dir: str | Pa
     src = Dataset.open(in_dir)
     stage.check()
     dst = Dataset.create(out_dir)
+    with output_lock(dst.path):
+        return _run_locked(stage, src, dst, options, progress)
+
+
+def _run_locked(stage: CaptionStage, src: Dataset, dst: Dataset, options: BatchOptions, progress: Progress) -> BatchResult:
     dst.recover()
     stage.begin(src, dst)
     stage.setup()

@@ -31,6 +31,7 @@ from lenscap.dataset import Dataset, atomic_write_json, read_parquet
 from lenscap.dedup.search import DedupOptions, Source, find_duplicates
 from lenscap.dedup.signatures import SignatureStage
 from lenscap.errors import UsageError
+from lenscap.lock import output_lock
 from lenscap.progress import make_progress
 from lenscap.runner import StageResult, run_stage
 from lenscap.stages.base import Stage
@@ -152,7 +153,7 @@ def _fingerprint(sources: list[Source]) -> list[dict[str, Any]]:
     out = []
     for s in sources:
         ids = s.signatures.completed_ids()
-        out.append({"dataset": s.label, "shards": len(ids), "rows": sum(s.signatures.read_stats(i)["count"] for i in ids)})
+        out.append({"source": s.index, "shards": len(ids), "rows": sum(s.signatures.read_stats(i)["count"] for i in ids)})
     return out
 
 
@@ -166,6 +167,12 @@ def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, proces
     if out_resolved == src.path.resolve():
         raise UsageError("the output directory must differ from the input")
     dst = Dataset.create(out_dir)
+    with output_lock(dst.path):
+        return _run_locked(stage, src, dst, inputs, str(in_dir), processes, quiet)
+
+
+def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Dataset], in_label: str, processes: int,
+                quiet: bool) -> DedupResult:
     dst.recover()
     _claim(dst, {"options": stage.options.identity(), "input": str(src.path.resolve()),
                  "against": [str(d.path.resolve()) for d in inputs]})
@@ -175,7 +182,7 @@ def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, proces
     sources = []
     targets = [(src, work_dir(dst) / "signatures")] + [(d, _against_dir(dst, d.path.resolve())) for d in inputs]
     for index, (dataset, target) in enumerate(targets):
-        label = str(in_dir) if index == 0 else stage.against[index - 1]
+        label = in_label if index == 0 else stage.against[index - 1]
         result = run_stage(SignatureStage(), dataset.path, target, processes, make_progress(f"dedup: hashing {label}", quiet))
         if result.failed_shards:
             failed[label] = result.failed_shards

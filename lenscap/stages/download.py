@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 from lenscap.dataset import Dataset, atomic_write_json, read_parquet, shard_name, shard_stats
 from lenscap.errors import DatasetError, InputError, UsageError
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
+from lenscap.lock import output_lock
 from lenscap.progress import Progress, make_progress
 from lenscap.record import Sample
 from lenscap.stages.img2dataset_process import Img2datasetProcess
@@ -301,6 +302,26 @@ def download(
     ``img2dataset``: a process started earlier, so that its imports overlap this work (the CLI
     starts one before its own imports); it is used if there is work to do and ended in any case.
     """
+    try:
+        lock = output_lock(out_dir)
+        lock.acquire()
+    except BaseException:
+        if img2dataset is not None:
+            img2dataset.stop()
+        raise
+    try:
+        return _download(source, out_dir, options, progress, img2dataset)
+    finally:
+        lock.release()
+
+
+def _download(
+    source: str | None,
+    out_dir: str | os.PathLike[str],
+    options: DownloadOptions | None = None,
+    progress: Progress | None = None,
+    img2dataset: Img2datasetProcess | None = None,
+) -> DownloadResult:
     options = options or DownloadOptions()
     try:
         options.validate()
@@ -364,9 +385,14 @@ def _retryable(row: dict[str, Any]) -> bool:
 
 def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | None = None,
                  progress: Progress | None = None) -> DownloadResult:
-    """Fetch again the failed downloads of completed shards; merge the successes into those shards.
+    """Fetch again the failed downloads of completed shards; merge the successes into those shards."""
+    with output_lock(out_dir):
+        return _retry_failed(out_dir, options, progress)
 
-    Each shard with retryable failures becomes one small retry shard, merged back as soon as
+
+def _retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | None = None,
+                  progress: Progress | None = None) -> DownloadResult:
+    """Each shard with retryable failures becomes one small retry shard, merged back as soon as
     img2dataset finishes it: memory holds one shard, and a crash loses at most the merge in flight.
     """
     options = options or DownloadOptions()

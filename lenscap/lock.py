@@ -1,0 +1,126 @@
+"""One writer per output directory: a lock file that a dead process cannot leave behind for good.
+
+The lock file holds the owner's host, pid and process start time. Taking it is an exclusive create;
+if it exists, the owner is checked: on this host, a pid that is gone, or that now belongs to a
+process started at another time (a reused pid), marks the lock stale, and it is taken over (said
+on stderr). A lock held by a live process, or by another host (a shared filesystem: its liveness
+cannot be checked from here), is refused with ``Locked`` (exit code 5), naming the owner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from lenscap.errors import DatasetError, Locked
+
+__all__ = ["DirLock", "output_lock"]
+
+_HELD: dict[str, int] = {}  # lock files this process holds, with how many times
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    now = _start_time(pid)
+    return started is None or now is None or now == started
+
+
+class DirLock:
+    """``with DirLock(path):`` holds ``path`` (the lock file) for this process."""
+
+    def __init__(self, path: str | os.PathLike[str], what: str) -> None:
+        self.path = Path(path)
+        self.what = what  # the output it protects, for messages
+
+    def _owner(self) -> dict[str, object]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
+                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv[:4])}
+
+    def acquire(self) -> None:
+        key = str(self.path.resolve())
+        if key in _HELD:  # this process holds it already (a command whose passes each lock the output)
+            _HELD[key] += 1
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatasetError(f"cannot write {self.what}: {e.strerror or e}") from None
+        for _ in range(3):  # a stale lock is removed and the create retried; another process may race us
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if not self._stale():
+                    raise Locked(f"{self.what} is being written by another lenscap process ({self._describe()}); "
+                                 "wait for it to finish, or stop it") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(self._owner()).encode())
+            _HELD[key] = 1
+            return
+        raise Locked(f"cannot take the lock on {self.what}: {self.path} keeps reappearing")
+
+    def _read(self) -> dict[str, object] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _describe(self) -> str:
+        owner = self._read() or {}
+        return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}: {owner.get('command')}"
+
+    def _stale(self) -> bool:
+        owner = self._read()
+        if owner is None:  # unreadable or half-written: its writer died between create and write, or is writing now
+            try:
+                return time.time() - self.path.stat().st_mtime > 10
+            except OSError:
+                return True
+        if owner.get("host") != socket.gethostname():
+            return False
+        if _alive(int(owner["pid"]), owner.get("started")):  # type: ignore[arg-type]
+            return False
+        print(f"lenscap: taking over the lock on {self.what} from pid {owner.get('pid')}, which is gone", file=sys.stderr)
+        return True
+
+    def release(self) -> None:
+        key = str(self.path.resolve())
+        if _HELD.get(key, 0) > 1:
+            _HELD[key] -= 1
+            return
+        _HELD.pop(key, None)
+        owner = self._read()
+        if owner is not None and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> DirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+
+def output_lock(out_dir: str | os.PathLike[str], private: str = "_lenscap") -> DirLock:
+    """The lock of an output directory: ``OUT/_lenscap/lock`` (``OUT/.lenscap/lock`` for exports)."""
+    return DirLock(Path(out_dir) / private / "lock", str(out_dir))

@@ -1,0 +1,77 @@
+"""One writer per output: a live holder is refused with exit code 5; a dead one's lock is taken over."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from conftest import run_cli
+from lenscap.demo.datasets import write_image_dataset
+from lenscap.lock import DirLock, output_lock
+
+HOLD = """
+import sys, time
+from lenscap.lock import output_lock
+with output_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_live_writer_blocks_a_second_and_a_killed_one_does_not(tmp_path):
+    src = write_image_dataset(tmp_path / "in", 6, per_shard=3, size=(64, 48)).path
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run_cli("filter", str(src), str(out), "--quiet")
+        assert r.returncode == 5, r.stderr
+        assert f"{out} is being written by another lenscap process (pid {holder.pid}" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        r = run_cli("dedup", str(src), str(out), "--quiet")
+        assert r.returncode == 5 and "being written by another lenscap process" in r.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    # the holder died without releasing: its lock is stale, and the next run takes it over
+    assert (out / "_lenscap" / "lock").exists()
+    r = run_cli("filter", str(src), str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert f"taking over the lock on {out} from pid {holder.pid}, which is gone" in r.stderr
+    assert not (out / "_lenscap" / "lock").exists()  # released at the end
+
+
+def test_a_reused_pid_does_not_hold_a_lock(tmp_path):
+    lock_file = tmp_path / "out" / "_lenscap" / "lock"
+    lock_file.parent.mkdir(parents=True)
+    # a live pid (this one) but another start time: the pid was reused since the lock was written
+    lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "1", "since": "then"}))
+    with output_lock(tmp_path / "out"):
+        assert json.loads(lock_file.read_text())["started"] != "1"
+    assert not lock_file.exists()
+
+
+def test_the_same_process_may_take_a_lock_it_holds(tmp_path):
+    lock = DirLock(tmp_path / "lock", "x")
+    with lock:
+        with DirLock(tmp_path / "lock", "x"):
+            assert (tmp_path / "lock").exists()
+        assert (tmp_path / "lock").exists()
+    assert not (tmp_path / "lock").exists()
+
+
+def test_another_host_is_never_presumed_dead(tmp_path):
+    lock_file = tmp_path / "lock"
+    lock_file.write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "1", "since": "then", "command": "lenscap run"}))
+    start = time.monotonic()
+    try:
+        DirLock(lock_file, "the output").acquire()
+        raise AssertionError("acquired a lock held on another host")
+    except Exception as e:  # noqa: BLE001
+        assert type(e).__name__ == "Locked" and "pid 1 on elsewhere" in str(e)
+    assert time.monotonic() - start < 5
