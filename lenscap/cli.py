@@ -537,6 +537,47 @@ def report(
 
 
 @app.command()
+def estimate(
+    images: Annotated[int, typer.Option(help="How many images to caption.")],
+    model: Annotated[str, typer.Option(help="The model.")] = "gpt-4.1",
+    batch: Annotated[bool, typer.Option("--batch", help="Price as the Batch API (half price; 24 h windows).")] = False,
+    detail: Annotated[str, typer.Option(help="Image detail: low, high or auto.")] = "low",
+    output_words: Annotated[float, typer.Option(help="Caption length in words (Lens: about 109).")] = 109,
+    image_size: Annotated[str, typer.Option(help="Typical image size WxH before downscaling.")] = "1024x768",
+    max_side: Annotated[int, typer.Option(help="Longest side sent to the model (caption's -O max_side).")] = 512,
+    prompt: Annotated[str, typer.Option(help="Prompt preset or file, as for caption.")] = "lens",
+    rpm: Annotated[Optional[float], typer.Option(help="Requests per minute you may send.")] = None,
+    tpm: Annotated[Optional[float], typer.Option(help="Tokens per minute you may send.")] = None,
+    prices: Annotated[Optional[str], typer.Option(help="JSON or TOML price file (USD per 1M tokens).")] = None,
+    from_dir: Annotated[Optional[str], typer.Option("--from", help="A dataset already captioned with this model: use its measured tokens per image.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Tokens, cost and wall time of captioning N images, before spending anything."""
+    from lenscap.errors import UsageError
+    from lenscap.estimate import EstimateRequest
+    from lenscap.estimate import estimate as run_estimate
+
+    width, x, height = image_size.lower().partition("x")
+    if not (x and width.isdigit() and height.isdigit()):
+        raise UsageError(f"--image-size takes WIDTHxHEIGHT, not {image_size!r}")
+    result = run_estimate(EstimateRequest(images, model, batch, detail, output_words, int(width), int(height), max_side, prompt,
+                                          rpm=rpm, tpm=tpm, prices=prices, from_dir=from_dir))
+    if as_json:
+        _emit({"command": "estimate", **result, "exit_code": 0}, True)
+        return
+    per, total = result["per_image"], result["total"]
+    print(f"{images:,} images with {model}, priced {result['priced_as']}")
+    print(f"  per image:  {per['input_tokens']:,} input + {per['output_tokens']:,} output tokens ({result['basis']})")
+    print(f"  total:      {total['input_tokens']:,} input + {total['output_tokens']:,} output tokens")
+    print(f"  cost:       ${total['cost_usd']:,.2f}")
+    wall = result.get("wall_time")
+    if wall and "hours" in wall:
+        print(f"  wall time:  {wall['human']} at {wall['requests_per_minute']:,} requests/min (limited by {wall['limited_by']})")
+    elif wall:
+        print(f"  wall time:  {wall['note']}")
+
+
+@app.command()
 def inspect(
     path: Annotated[str, typer.Argument(help="A dataset directory.")],
     as_json: JsonOpt = False,

@@ -1,0 +1,129 @@
+"""``lenscap estimate``: tokens, cost and wall time of a captioning job, before anyone pays for it.
+
+Per image, the input is the prompt (system and instruction, with an alt-text of ``alt_words`` words
+when the prompt uses one) plus the image at ``max_side`` pixels, counted by the same functions that
+the caption stage's budget and rate limiter use (``captioning.pricing``); the output is
+``output_words`` words at 4/3 tokens a word (OpenAI's rule of thumb for English). With ``from_dir``,
+the per-image means are measured instead: the provider-reported token counts of a dataset already
+captioned with that model. Wall time: online, the requests a minute that both ``rpm`` and ``tpm``
+allow; as batches, OpenAI's 50,000 requests per batch file and 24-hour completion window.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from lenscap.captioning.pricing import PriceTable, image_tokens, text_tokens
+from lenscap.captioning.prompts import load_prompt
+from lenscap.errors import UsageError
+
+__all__ = ["EstimateRequest", "estimate", "TOKENS_PER_WORD", "BATCH_MAX_REQUESTS"]
+
+TOKENS_PER_WORD = 4 / 3
+BATCH_MAX_REQUESTS = 50_000
+BATCH_WINDOW_H = 24
+
+
+@dataclass(frozen=True)
+class EstimateRequest:
+    images: int
+    model: str = "gpt-4.1"
+    batch: bool = False
+    detail: str = "low"
+    output_words: float = 109.0  # Lens's mean caption length
+    width: int = 1024
+    height: int = 768
+    max_side: int = 512
+    prompt: str = "lens"
+    alt_words: int = 12
+    rpm: float | None = None
+    tpm: float | None = None
+    prices: str | None = None
+    from_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.images < 1:
+            raise UsageError(f"--images must be at least 1, not {self.images}")
+        if self.detail not in ("low", "high", "auto"):
+            raise UsageError(f"--detail must be low, high or auto, not {self.detail!r}")
+        for name, value in (("--rpm", self.rpm), ("--tpm", self.tpm)):
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} must be more than 0, not {value:g}")
+        if self.output_words < 0 or min(self.width, self.height, self.max_side) < 1:
+            raise UsageError("--output-words, --image-size and --max-side must be positive")
+
+
+def _measured(path: str, model: str) -> tuple[float, float, int]:
+    """Mean input and output tokens per caption in a captioned dataset (its uncached successes)."""
+    import duckdb
+
+    from lenscap.dataset import Dataset
+
+    ds = Dataset.open(path)
+    files = [str(ds.parquet_path(i)) for i in ds.completed_ids()]
+    if not files:
+        raise UsageError(f"{path} has no complete shards to measure")
+    con = duckdb.connect()
+    try:
+        names = {r[0] for r in con.execute("DESCRIBE SELECT * FROM read_parquet(?)", [files[:1]]).fetchall()}
+        if not {"caption_input_tokens", "caption_output_tokens", "caption_status"} <= names:
+            raise UsageError(f"{path} was not captioned by an API backend (no caption_input_tokens column)")
+        cached = "AND NOT coalesce(caption_cached, false)" if "caption_cached" in names else ""
+        model_filter = "AND caption_model = $model" if "caption_model" in names else ""
+        row = con.execute(f"""SELECT avg(caption_input_tokens), avg(caption_output_tokens), count(*) FROM read_parquet($files)
+                              WHERE caption_status = 'ok' AND caption_input_tokens IS NOT NULL {cached} {model_filter}""",
+                          {"files": files, "model": model} if model_filter else {"files": files}).fetchall()[0]
+    finally:
+        con.close()
+    if not row[2]:
+        raise UsageError(f"{path} has no successful, uncached {model} captions with token counts to measure")
+    return float(row[0]), float(row[1]), int(row[2])
+
+
+def _duration(hours: float) -> str:
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    if hours < 48:
+        return f"{hours:.1f} h"
+    return f"{hours / 24:.1f} days"
+
+
+def estimate(req: EstimateRequest) -> dict[str, Any]:
+    table = PriceTable.load(req.prices)
+    if table.price(req.model) is None:
+        raise UsageError(f"no price known for {req.model!r}: give a --prices file")
+    if req.from_dir:
+        input_per, output_per, measured = _measured(req.from_dir, req.model)
+        basis = f"measured on {measured:,} captions in {req.from_dir}"
+    else:
+        prompt = load_prompt(req.prompt)
+        instruction = prompt.render(" ".join(["word"] * req.alt_words))
+        scale = min(1.0, req.max_side / max(req.width, req.height))
+        fitted = (max(1, round(req.width * scale)), max(1, round(req.height * scale)))
+        image = image_tokens(req.model, *fitted, req.detail)
+        text = text_tokens(instruction) + (text_tokens(prompt.system) if prompt.system else 0)
+        input_per, output_per = float(image + text), float(math.ceil(req.output_words * TOKENS_PER_WORD))
+        basis = (f"assumed: {req.width}x{req.height} images sent at {fitted[0]}x{fitted[1]}, detail {req.detail} "
+                 f"({image} image tokens), prompt {req.prompt!r} ({text} tokens), {req.output_words:g} words out")
+    total_in, total_out = input_per * req.images, output_per * req.images
+    cost = table.cost(req.model, round(total_in), round(total_out), batch=req.batch)
+    out: dict[str, Any] = {
+        "request": {k: v for k, v in asdict(req).items() if v is not None},
+        "basis": basis,
+        "per_image": {"input_tokens": round(input_per, 1), "output_tokens": round(output_per, 1)},
+        "total": {"input_tokens": round(total_in), "output_tokens": round(total_out), "cost_usd": round(cost or 0, 2)},
+        "priced_as": "batch (half price)" if req.batch else "online",
+    }
+    if req.batch:
+        batches = math.ceil(req.images / BATCH_MAX_REQUESTS)
+        out["wall_time"] = {"batches": batches, "window_hours": BATCH_WINDOW_H,
+                            "note": f"{batches:,} batch files of at most {BATCH_MAX_REQUESTS:,} requests; each completes within "
+                                    f"{BATCH_WINDOW_H} h, and your account's enqueued-token limit decides how many run at once"}
+    elif req.rpm or req.tpm:
+        per_minute = min(req.rpm or math.inf, (req.tpm / (input_per + output_per)) if req.tpm else math.inf)
+        hours = req.images / per_minute / 60
+        out["wall_time"] = {"requests_per_minute": round(per_minute, 1), "hours": round(hours, 2), "human": _duration(hours),
+                            "limited_by": "rpm" if req.rpm and per_minute == req.rpm else "tpm"}
+    return out
