@@ -45,8 +45,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = None,
+    log_file: Annotated[Optional[str], typer.Option("--log-file", help="Also append timestamped progress and notes to this file (before the command: lenscap --log-file F run ...).")] = None,
 ) -> None:
-    pass
+    if log_file is not None:
+        from lenscap.progress import set_log_file
+
+        set_log_file(log_file)
 
 
 @app.command()
@@ -624,37 +628,76 @@ def inspect(
         console.print(errors)
 
 
+@app.command("run")
+def run_command(
+    recipe: Annotated[str, typer.Argument(help="A recipe file, or a shipped recipe by name: demo, lens-recaption, refresh.")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="STAGE.OPTION=VALUE: override a stage's option (repeatable); STAGE.OPTION= removes it.")] = None,
+    input: Annotated[Optional[str], typer.Option("--input", help="The recipe's input instead of its own.")] = None,
+    work_dir: Annotated[Optional[str], typer.Option(help="The recipe's work directory instead of its own.")] = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run a whole pipeline from a TOML recipe; rerun to resume (finished stages are skipped)."""
+    from lenscap.recipe import load_recipe, run_recipe
+
+    summary = run_recipe(load_recipe(recipe, set_, work_dir, input), quiet)
+    _emit(summary, as_json)
+    if not as_json and not quiet:
+        for s in summary["stages"]:
+            print(f"{s['stage']}: exit code {s['exit_code']}", file=sys.stderr)
+        if "stopped_at" in summary:
+            print(f"lenscap: run stopped at {summary['stopped_at']}; fix what it says and rerun to go on", file=sys.stderr)
+    raise typer.Exit(summary["exit_code"])
+
+
 @app.command()
 def demo(
-    work_dir: Annotated[str, typer.Argument(help="Where the demo writes its URL list and datasets.")] = "demo-out",
+    work_dir: Annotated[str, typer.Argument(help="Where the demo writes its URL list, datasets, shards and report.")] = "demo-out",
     images: Annotated[int, typer.Option(help="How many generated images to serve.")] = 100,
     captioner: Annotated[str, typer.Option(help="auto (openai when OPENAI_API_KEY is set, else describe), describe, openai (gpt-4.1-mini, at most $0.10), or fake (a fake API server on loopback).")] = "auto",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run the demo: serve generated images on loopback, download and caption them, inspect the result."""
-    from lenscap.demo.run import CAPTIONERS, run_demo
+    """Run the demo recipe: generated images on loopback, download -> filter -> caption -> dedup -> shard -> report."""
+    import contextlib
+
+    from lenscap.demo.run import CAPTIONERS, DEMO_MAX_COST
     from lenscap.inspect import inspect_dataset
+    from lenscap.recipe import load_recipe, run_recipe
 
     if images < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--images")
     if captioner not in CAPTIONERS:
         raise typer.BadParameter(f"must be one of {', '.join(CAPTIONERS)}", param_hint="--captioner")
-    out = run_demo(work_dir, images, quiet, captioner)
-    exit_code = out["exit_code"]
+    if captioner == "auto":
+        captioner = "openai" if os.environ.get("OPENAI_API_KEY") else "describe"
+    overrides = {"describe": [], "openai": ["caption.backend=openai", "caption.model=gpt-4.1-mini", f"caption.max_cost={DEMO_MAX_COST}"],
+                 "fake": ["caption.backend=openai", "caption.model=gpt-4.1-mini", "caption.cache=false"]}[captioner]
+    with contextlib.ExitStack() as stack:
+        if captioner == "fake":
+            from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
+
+            api = stack.enter_context(FakeOpenAI(FakeSettings(rpm=1200, latency_s=0.05)))
+            overrides.append(f"caption.base_url={api.base_url}")
+        summary = run_recipe(load_recipe("demo", overrides, work_dir, f"@demo:{images}"), quiet)
+    exit_code = summary["exit_code"]
+    base = summary["work_dir"]
+    report_path = os.path.join(base, "report.html")
     if as_json:
-        _emit({"command": "demo", "work_dir": out["work_dir"], "captioner": out["captioner"],
-               "download": inspect_dataset(out["download"]), "captioned": inspect_dataset(out["captioned"]),
-               "exit_code": exit_code}, True)
-    else:
-        inspect(out["captioned"], as_json=False)
-        print(f"downloaded: {out['download']}\ncaptioned:  {out['captioned']}  (try: lenscap inspect {out['captioned']} --json)")
+        _emit({"command": "demo", "work_dir": base, "captioner": captioner, "download": inspect_dataset(os.path.join(base, "download")),
+               "captioned": inspect_dataset(os.path.join(base, "caption")) if os.path.isdir(os.path.join(base, "caption")) else None,
+               "deduped": inspect_dataset(os.path.join(base, "dedup")) if os.path.isdir(os.path.join(base, "dedup")) else None,
+               "shards": os.path.join(base, "shard"), "report": report_path, "stages": summary["stages"], "exit_code": exit_code}, True)
+    elif exit_code == 0:
+        inspect(os.path.join(base, "caption"), as_json=False)
+        print(f"pipeline: {base}/{{download,filter,caption,dedup}}, training shards in {base}/shard\n"
+              f"report:   {report_path}  (open it in a browser)")
         print({
             "describe": "Captions by --backend describe: what the pixels say (size, colours, light, text), not what the image shows.\n"
                         "With OPENAI_API_KEY set, the demo captions with gpt-4.1-mini instead (at most $0.10).",
             "fake": "Captions from a fake OpenAI-compatible server on loopback: placeholders; the cost is hypothetical.",
             "openai": "Captions by gpt-4.1-mini through the OpenAI API.",
-        }[out["captioner"]])
+        }[captioner])
     raise typer.Exit(exit_code)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from types import TracebackType
 
 from lenscap.errors import DatasetError, Locked
+from lenscap.progress import log
 
 __all__ = ["DirLock", "output_lock"]
 
@@ -100,7 +101,7 @@ class DirLock:
             return False
         if _alive(int(owner["pid"]), owner.get("started")):  # type: ignore[arg-type]
             return False
-        print(f"lenscap: taking over the lock on {self.what} from pid {owner.get('pid')}, which is gone", file=sys.stderr)
+        log(f"taking over the lock on {self.what} from pid {owner.get('pid')}, which is gone")
         return True
 
     def release(self) -> None:

@@ -9,13 +9,34 @@ import sys
 import time
 from typing import Protocol
 
-__all__ = ["Progress", "make_progress", "log"]
+__all__ = ["Progress", "make_progress", "log", "set_log_file"]
 
 
-def log(message: str) -> None:
-    """A plain timestamped line on stderr: what cron mails and log files keep."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
-    print(f"{stamp} lenscap: {message}", file=sys.stderr, flush=True)
+_log_file: str | None = None
+
+
+def set_log_file(path: str | None) -> None:
+    """Also append every log line (progress, notes) to ``path``: ``--log-file``."""
+    global _log_file
+    if path is not None:
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as e:
+            from lenscap.errors import UsageError
+
+            raise UsageError(f"--log-file {path}: {e.strerror}") from None
+    _log_file = path
+
+
+def log(message: str, to_stderr: bool = True) -> None:
+    """A plain timestamped line on stderr (and in the --log-file): what cron mails and log files keep."""
+    line = f"{time.strftime('%Y-%m-%d %H:%M:%S')} lenscap: {message}"
+    if to_stderr:
+        print(line, file=sys.stderr, flush=True)
+    if _log_file is not None:
+        with open(_log_file, "a") as f:
+            f.write(line + "\n")
 
 
 class Progress(Protocol):
@@ -67,13 +88,12 @@ class LogProgress(_Rates):
     def start(self, total_shards: int, done_shards: int = 0) -> None:
         super().start(total_shards, done_shards)
         self._last = time.monotonic()
-        if not self.quiet:
-            log(f"{self.label}: {total_shards - done_shards} of {total_shards} shards to do")
+        log(f"{self.label}: {total_shards - done_shards} of {total_shards} shards to do", to_stderr=not self.quiet)
 
     def advance(self, shards: int = 0, samples: int = 0) -> None:
         self.done += shards
         self.samples += samples
-        if not self.quiet and time.monotonic() - self._last >= self.interval_s:
+        if (not self.quiet or _log_file) and time.monotonic() - self._last >= self.interval_s:
             self._last = time.monotonic()
             self._line()
 
@@ -81,14 +101,14 @@ class LogProgress(_Rates):
         eta = self.eta_s()
         eta_text = f", ETA {eta:.0f}s" if eta is not None else ""
         extra = f", {self.extra}" if self.extra else ""
-        log(f"{self.label}: {self.done}/{self.total} shards, {self.samples} samples, {self.rate():.1f} samples/s{extra}{eta_text}")
+        log(f"{self.label}: {self.done}/{self.total} shards, {self.samples} samples, {self.rate():.1f} samples/s{extra}{eta_text}",
+            to_stderr=not self.quiet)
 
     def note(self, message: str) -> None:
         log(message)  # notes say what went wrong and what to do: --quiet silences progress, not these
 
     def finish(self) -> None:
-        if not self.quiet:
-            self._line()
+        self._line()
 
 
 class RichProgress(_Rates):
@@ -126,12 +146,13 @@ class RichProgress(_Rates):
 
     def note(self, message: str) -> None:
         self._console.print(message)
+        log(message, to_stderr=False)
 
     def finish(self) -> None:
         self._bar.stop()
 
 
 def make_progress(label: str, quiet: bool = False) -> Progress:
-    if not quiet and sys.stderr.isatty():
+    if not quiet and sys.stderr.isatty() and _log_file is None:
         return RichProgress(label)
     return LogProgress(label, quiet=quiet)

@@ -1,0 +1,187 @@
+"""lenscap run: recipes end to end, resume after SIGKILL, --set, the refresh train, locks, logs, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from lenscap.dataset import Dataset
+
+RECIPE = """
+input = "{urls}"
+work_dir = "{work}"
+
+[[stages]]
+run = "download"
+samples_per_shard = 3
+processes = 1
+threads = 4
+timeout = 3
+
+[[stages]]
+run = "filter"
+min_side = 10
+
+[[stages]]
+run = "dedup"
+processes = 1
+
+[[stages]]
+run = "shard"
+samples_per_shard = 2
+processes = 1
+
+[[stages]]
+run = "report"
+sample = 4
+"""
+
+
+def write_urls(path: Path, server, paths: list[str]) -> Path:
+    path.write_text("url,caption\n" + "".join(f"{server.url(p)},alt text of {p}\n" for p in paths))
+    return path
+
+
+def write_recipe(tmp_path: Path, urls: Path, work: Path, name: str = "recipe.toml") -> Path:
+    recipe = tmp_path / name
+    recipe.write_text(RECIPE.format(urls=urls, work=work))
+    return recipe
+
+
+def rows(path: Path) -> dict[str, dict]:
+    ds = Dataset(path)
+    return {r["key"]: r for i in ds.completed_ids() for r in ds.read_table(i).to_pylist()}
+
+
+def tars(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.glob("*.tar"))}
+
+
+OK_PATHS = [f"/ok/{i}.jpg" for i in range(8)] + ["/redirect", "/html.jpg", "/truncated.jpg", "/nope.jpg"]
+
+
+def test_recipe_runs_every_stage_and_a_rerun_skips_them(tmp_path, image_server):
+    urls = write_urls(tmp_path / "urls.csv", image_server, OK_PATHS)
+    recipe = write_recipe(tmp_path, urls, tmp_path / "work")
+    r = run_cli("run", str(recipe), "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert [s["stage"] for s in summary["stages"]] == ["download", "filter", "dedup", "shard", "report"]
+    assert summary["stages"][0]["summary"]["status"]["success"] == 9
+    dedup = summary["stages"][2]["summary"]
+    assert dedup["duplicates"] == 1  # /redirect serves /ok/0.jpg's bytes
+    shard = summary["stages"][3]["summary"]
+    assert shard["samples"] == 8 and shard["shards"] == 4
+    assert (tmp_path / "work" / "report.html").exists()
+    assert Dataset(tmp_path / "work" / "dedup").read_manifest()["history"][-3:] == [
+        {**h, "stage": s} for h, s in zip(Dataset(tmp_path / "work" / "dedup").read_manifest()["history"][-3:],
+                                         ["download", "filter", "dedup"], strict=True)]
+    before = tars(tmp_path / "work" / "shard")
+    r = run_cli("run", str(recipe), "--json")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("done before, skipped") == 5
+    assert tars(tmp_path / "work" / "shard") == before
+
+
+def test_set_overrides_and_changed_options(tmp_path, image_server):
+    urls = write_urls(tmp_path / "urls.csv", image_server, OK_PATHS[:4])
+    recipe = write_recipe(tmp_path, urls, tmp_path / "work")
+    r = run_cli("run", str(recipe), "--set", "filter.min_side=5000", "--json", "--quiet")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["stages"][1]["summary"]["kept"] == 0 and summary["stages"][3]["summary"]["samples"] == 0
+    r = run_cli("run", str(recipe), "--quiet")  # the recipe's own min_side differs from the finished stage's
+    assert r.returncode == 2 and "stage 'filter' ran with other options" in r.stderr and "delete" in r.stderr
+    for bad, message in ((["--set", "filter.min_side"], "--set takes STAGE.OPTION=VALUE"),
+                         (["--set", "nosuch.x=1"], "the recipe has no stage 'nosuch'"),
+                         (["--set", "filter.bogus=1"], "No such option: --bogus")):
+        r = run_cli("run", str(recipe), "--work-dir", str(tmp_path / "other"), *bad, "--quiet")
+        assert r.returncode == 2 and message in r.stderr, (bad, r.stderr)
+    r = run_cli("run", str(tmp_path / "missing.toml"))
+    assert r.returncode == 2 and "cannot read recipe" in r.stderr and "demo, lens-recaption, refresh" in r.stderr
+
+
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, image_server):
+    urls = write_urls(tmp_path / "urls.csv", image_server, OK_PATHS)
+    clean = write_recipe(tmp_path, urls, tmp_path / "clean", "clean.toml")
+    assert run_cli("run", str(clean), "--quiet").returncode == 0
+    recipe = write_recipe(tmp_path, urls, tmp_path / "work")
+    for wait_for in ("02-filter.json", "04-shard.json"):
+        proc = subprocess.Popen([sys.executable, "-m", "lenscap.cli", "run", str(recipe), "--quiet"], start_new_session=True)
+        marker = tmp_path / "work" / ".lenscap-run" / wait_for
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and time.monotonic() < deadline and not marker.exists():
+            time.sleep(0.005)
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    r = run_cli("run", str(recipe), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert rows(tmp_path / "work" / "dedup") == {k: v for k, v in rows(tmp_path / "clean" / "dedup").items()}
+    assert tars(tmp_path / "work" / "shard") == tars(tmp_path / "clean" / "shard")
+
+
+def test_refresh_twice_adds_only_new_images(tmp_path, image_server):
+    work = tmp_path / "refresh"
+    urls = tmp_path / "urls.csv"
+    common = ["--input", str(urls), "--work-dir", str(work), "--set", "caption.backend=describe", "--set", "caption.model=",
+              "--set", "caption.max_cost=", "--set", "download.threads=4", "--json", "--quiet"]
+    write_urls(urls, image_server, OK_PATHS[:4])
+    r = run_cli("run", "refresh", *common, env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    first = json.loads(r.stdout)
+    assert first["release"] == str(work / "releases" / "00000") and not (work / "current").exists()
+    assert first["stages"][0]["summary"]["new"] == 4
+    # the list grows: four new images, and a new URL whose image is already released (/redirect -> /ok/0.jpg)
+    write_urls(urls, image_server, OK_PATHS[:8] + ["/redirect"])
+    r = run_cli("run", "refresh", *common, env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    second = json.loads(r.stdout)
+    assert second["release"] == str(work / "releases" / "00001")
+    assert second["stages"][0]["summary"] | {"urls": None, "releases": None} == {
+        "urls": None, "releases": None, "input": 9, "new": 5, "in_earlier_releases": 4}
+    release = rows(work / "releases" / "00001")
+    urls_in = {r["url"].rsplit("/", 2)[-2] + "/" + r["url"].rsplit("/", 1)[-1] for r in release.values()}
+    assert urls_in == {"ok/4.jpg", "ok/5.jpg", "ok/6.jpg", "ok/7.jpg", f"{image_server.url('/redirect').rsplit('/', 2)[-2]}/redirect"}
+    dup = [r for r in release.values() if r["url"].endswith("/redirect")][0]
+    assert dup["dedup_status"] == "duplicate" and dup["dup_in"] == str(work / "releases" / "00000")
+    with tarfile.open(next((work / "releases" / "00001").glob("*.tar"))) as tar:
+        assert all(not m.name.startswith(dup["key"]) for m in tar)
+
+
+def test_a_second_run_is_locked_out_and_logs_go_to_a_file(tmp_path, image_server):
+    urls = write_urls(tmp_path / "urls.csv", image_server, OK_PATHS[:3])
+    recipe = write_recipe(tmp_path, urls, tmp_path / "work")
+    hold = ("import sys, time\nfrom lenscap.lock import DirLock\nwith DirLock(sys.argv[1], 'x'):\n"
+            "    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "work" / ".lenscap-run" / "lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        r = run_cli("run", str(recipe), "--quiet")
+        assert r.returncode == 5 and f"pid {holder.pid}" in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    log = tmp_path / "run.log"
+    r = run_cli("--log-file", str(log), "run", str(recipe), "--quiet")
+    assert r.returncode == 0, r.stderr
+    text = log.read_text()
+    assert "run: download: lenscap download" in text and "run: report" in text and "shards to do" in text
+    assert "taking over the lock" in r.stderr and r.stderr.count("\n") == 1  # --quiet: only that note
+
+
+@pytest.mark.parametrize("recipe", ["demo", "lens-recaption", "refresh"])
+def test_shipped_recipes_load(recipe):
+    from lenscap.recipe import load_recipe
+
+    loaded = load_recipe(recipe)
+    assert loaded.stages and loaded.input
