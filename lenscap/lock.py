@@ -61,6 +61,9 @@ class DirLock:
         if key in _HELD:  # this process holds it already (a command whose passes each lock the output)
             _HELD[key] += 1
             return
+        # Directories made only for the lock go again at release if nothing else was put in them,
+        # so a command that fails its checks leaves no trace.
+        self._made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()][::-1]
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -113,6 +116,11 @@ class DirLock:
         owner = self._read()
         if owner is not None and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
             self.path.unlink(missing_ok=True)
+        for made in reversed(getattr(self, "_made", [])):
+            try:
+                made.rmdir()
+            except OSError:
+                break  # not empty: the command wrote something there
 
     def __enter__(self) -> DirLock:
         self.acquire()
@@ -124,4 +132,6 @@ class DirLock:
 
 def output_lock(out_dir: str | os.PathLike[str], private: str = "_lenscap") -> DirLock:
     """The lock of an output directory: ``OUT/_lenscap/lock`` (``OUT/.lenscap/lock`` for exports)."""
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise DatasetError(f"output directory {out_dir} exists and is a file")
     return DirLock(Path(out_dir) / private / "lock", str(out_dir))

@@ -180,8 +180,18 @@ def test_a_second_run_is_locked_out_and_logs_go_to_a_file(tmp_path, image_server
 
 
 @pytest.mark.parametrize("recipe", ["demo", "lens-recaption", "refresh"])
-def test_shipped_recipes_load(recipe):
-    from lenscap.recipe import load_recipe
+def test_shipped_recipes_give_their_commands_valid_flags(recipe):
+    import typer.main
 
+    from lenscap.cli import app
+    from lenscap.recipe import COMMANDS, _flags, load_recipe
+
+    commands = typer.main.get_command(app).commands
     loaded = load_recipe(recipe)
-    assert loaded.stages and loaded.input
+    assert loaded.input and loaded.stages
+    for stage in loaded.stages:
+        if stage.run in COMMANDS:  # parse the stage's command line as the command would, without running it
+            positional = ["IN"] if stage.run == "report" else ["IN", "OUT"]
+            commands[stage.run].make_context(stage.run, positional + _flags(stage.options, [Path("r0")]))
+    with pytest.raises(Exception, match="No such option: --no-such-flag"):  # the check above can fail
+        commands["filter"].make_context("filter", ["IN", "OUT", "--no-such-flag", "1"])
