@@ -234,6 +234,11 @@ def _run(recipe: Recipe, quiet: bool) -> dict[str, Any]:
             summary["stages"].append({"stage": stage.name, "exit_code": 0, "summary": result})
             if stage.run == "new-urls":
                 source = result["urls"]
+                if result["new"] == 0:  # a quiet night for cron: no release, and no error
+                    log("run: no new URLs since the last release; nothing to do", to_stderr=not quiet)
+                    shutil.rmtree(base, ignore_errors=True)
+                    summary.update(release=None, exit_code=0)
+                    return summary
             elif stage.run in ("download", "filter", "caption", "dedup"):
                 dataset = str(out)
             elif stage.run == "release":

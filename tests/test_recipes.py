@@ -155,6 +155,12 @@ def test_refresh_twice_adds_only_new_images(tmp_path, image_server):
     assert dup["dedup_status"] == "duplicate" and dup["dup_in"] == str(work / "releases" / "00000")
     with tarfile.open(next((work / "releases" / "00001").glob("*.tar"))) as tar:
         assert all(not m.name.startswith(dup["key"]) for m in tar)
+    # the same list again: nothing new, no release, no error (cron stays quiet)
+    r = run_cli("run", "refresh", *common, env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    third = json.loads(r.stdout)
+    assert third["release"] is None and third["stages"][0]["summary"]["new"] == 0
+    assert sorted(p.name for p in (work / "releases").iterdir()) == ["00000", "00001"] and not (work / "current").exists()
 
 
 def test_a_second_run_is_locked_out_and_logs_go_to_a_file(tmp_path, image_server):
