@@ -35,7 +35,8 @@ from lenscap import __version__
 from lenscap.errors import DatasetError
 from lenscap.record import Sample
 
-__all__ = ["Dataset", "ShardWriter", "shard_name", "shard_stats", "read_parquet", "atomic_write_bytes", "atomic_write_json"]
+__all__ = ["Dataset", "ShardWriter", "shard_name", "shard_stats", "read_parquet", "atomic_write_bytes", "atomic_write_json",
+           "claim_job"]
 
 MANIFEST_NAME = "lenscap.json"
 WORK_DIR_NAME = "_lenscap"
@@ -62,6 +63,27 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False, default=str).encode() + b"\n")
+
+
+def claim_job(job_file: Path, job: dict[str, Any], output_exists: bool, out_dir: str | os.PathLike[str], what: str) -> bool:
+    """Record the settings of the job writing an output directory, and hold later runs to them.
+
+    Once the output holds results (``output_exists``), a rerun with other settings is refused
+    (``DatasetError``, naming what changed): its results would mix with the earlier ones. Before
+    that, new settings replace the old; returns True then, so the caller can drop state derived
+    from the old ones.
+    """
+    job = json.loads(json.dumps(job, default=str))
+    previous = json.loads(job_file.read_text()) if job_file.exists() else None
+    if previous == job:
+        return False
+    if previous is not None and output_exists:
+        changed = sorted(k for k in set(job) | set(previous) if previous.get(k) != job.get(k))
+        raise DatasetError(f"{out_dir} was {what} with other {', '.join(changed) or 'settings'}; use a new output directory "
+                           "(or delete this one)")
+    job_file.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(job_file, job)
+    return previous is not None
 
 
 def read_parquet(path: str | os.PathLike[str], columns: list[str] | None = None) -> pa.Table:

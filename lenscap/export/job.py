@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lenscap import __version__
-from lenscap.dataset import Dataset, atomic_write_json
+from lenscap.dataset import Dataset, atomic_write_json, claim_job
 from lenscap.errors import UsageError
 from lenscap.export.card import write_card
 from lenscap.export.formats import FORMATS
@@ -92,21 +92,6 @@ class ExportResult:
 
 def _state(out: Path) -> Path:
     return out / ".lenscap"
-
-
-def _claim(out: Path, job: dict[str, Any]) -> None:
-    path = _state(out) / "job.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous == job:
-            return
-        if any((_state(out) / "done").glob("*.json")):
-            changed = sorted(k for k in job if previous.get(k) != job.get(k))
-            raise UsageError(f"{out} was exported with other {', '.join(changed) or 'settings'}; use a new output directory "
-                             "(or delete this one)")
-        for stale in ("plan.json", "plan.parquet"):
-            (_state(out) / stale).unlink(missing_ok=True)
-    atomic_write_json(path, job)
 
 
 def _plan(index: Dataset, options: ExportOptions, state: Path) -> dict[str, Any]:
@@ -190,7 +175,10 @@ def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, 
 def _run_locked(options: ExportOptions, src: Dataset, out: Path, processes: int, quiet: bool) -> ExportResult:
     state = _state(out)
     (state / "done").mkdir(parents=True, exist_ok=True)
-    _claim(out, {"options": asdict(options), "input": str(src.path.resolve())})
+    job = {"options": asdict(options), "input": str(src.path.resolve())}
+    if claim_job(state / "job.json", job, any((state / "done").glob("*.json")), out, "exported"):
+        for stale in ("plan.json", "plan.parquet"):
+            (state / stale).unlink(missing_ok=True)
 
     # Pass 1: the index.
     index_dir = state / "index"

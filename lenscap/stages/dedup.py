@@ -27,7 +27,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lenscap.dataset import Dataset, atomic_write_json, read_parquet
+from lenscap.dataset import Dataset, atomic_write_json, claim_job, read_parquet
 from lenscap.dedup.search import DedupOptions, Source, find_duplicates
 from lenscap.dedup.signatures import SignatureStage
 from lenscap.errors import UsageError
@@ -128,22 +128,6 @@ class DedupResult:
         return 1 if self.hashing_failed else self.stage.exit_code
 
 
-def _claim(dst: Dataset, job: dict[str, Any]) -> None:
-    """One output directory, one dedup job: changed settings are refused once output shards exist."""
-    path = work_dir(dst) / "job.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous == job:
-            return
-        if dst.completed_ids():
-            changed = sorted(k for k in job if previous.get(k) != job[k]) or ["settings"]
-            raise UsageError(f"{dst.path} was deduplicated with other {', '.join(changed)}; use a new output directory "
-                             "(or delete this one)")
-        (work_dir(dst) / "decisions.json").unlink(missing_ok=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, job)
-
-
 def _against_dir(dst: Dataset, resolved: Path) -> Path:
     digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
     return work_dir(dst) / "against" / f"{resolved.name}-{digest}"
@@ -174,8 +158,9 @@ def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, proces
 def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Dataset], in_label: str, processes: int,
                 quiet: bool) -> DedupResult:
     dst.recover()
-    _claim(dst, {"options": stage.options.identity(), "input": str(src.path.resolve()),
-                 "against": [str(d.path.resolve()) for d in inputs]})
+    job = {"options": stage.options.identity(), "input": str(src.path.resolve()), "against": [str(d.path.resolve()) for d in inputs]}
+    if claim_job(work_dir(dst) / "job.json", job, bool(dst.completed_ids()), dst.path, "deduplicated"):
+        (work_dir(dst) / "decisions.json").unlink(missing_ok=True)
 
     # Pass 1: signatures.
     failed: dict[str, dict[int, str]] = {}

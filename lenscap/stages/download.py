@@ -310,19 +310,13 @@ def download(
             img2dataset.stop()
         raise
     try:
-        return _download(source, out_dir, options, progress, img2dataset)
+        return _download(source, out_dir, options or DownloadOptions(), progress, img2dataset)
     finally:
         lock.release()
 
 
-def _download(
-    source: str | None,
-    out_dir: str | os.PathLike[str],
-    options: DownloadOptions | None = None,
-    progress: Progress | None = None,
-    img2dataset: Img2datasetProcess | None = None,
-) -> DownloadResult:
-    options = options or DownloadOptions()
+def _download(source: str | None, out_dir: str | os.PathLike[str], options: DownloadOptions, progress: Progress | None,
+              img2dataset: Img2datasetProcess | None) -> DownloadResult:
     try:
         options.validate()
         job = _open_job(out_dir, source)
