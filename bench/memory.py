@@ -43,12 +43,12 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=1000)
     parser.add_argument("--large", type=int, default=50_000)
     args = parser.parse_args()
-    distinct = [jpeg_bytes(photo(seed, (96, 72))) for seed in range(500)]
     with tempfile.TemporaryDirectory() as tmp, FakeOpenAIProcess("--no-decode") as api:
         work = Path(tmp)
         results: dict[str, dict[int, tuple[float, float]]] = {}
         for n in (args.small, args.large):
-            src = write_image_dataset(work / f"in{n}", n, per_shard=PER_SHARD, image=lambda i: distinct[i % 500] + bytes([i % 251]),
+            # distinct photos, so that dedup keeps them all and shard and report see the whole dataset
+            src = write_image_dataset(work / f"in{n}", n, per_shard=PER_SHARD, image=lambda i: jpeg_bytes(photo(i, (96, 72))),
                                       caption=lambda i: f"alt text number {i} of a small photo").path
             stages = {
                 "filter": ["filter", str(src), str(work / f"filter{n}"), "--min-side", "32", "--annotate", "blur,uniform"],

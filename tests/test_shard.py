@@ -250,3 +250,13 @@ def test_tar_headers_match_tarfile_and_scanning_reads_pax(tmp_path):
     with tarfile.open(tmp_path / "pax.tar") as tar:
         expected = {m.name.partition(".")[0]: (m.offset_data, m.size) for m in tar if m.name.endswith(".jpg")}
     assert found == expected and len(found) == 2
+
+
+@pytest.mark.parametrize("shuffle", [[], ["--shuffle"]])
+def test_samples_larger_than_the_target_get_a_shard_each(tmp_path, source, shuffle):
+    src, images = source
+    summary = export(src, tmp_path / "tiny", "--target-size", "1KB", *shuffle)
+    index = json.loads((tmp_path / "tiny" / "shards.json").read_text())
+    assert summary["shards"] == len(images) == len(index["shards"])  # numbered densely: no empty shard
+    assert [s["file"] for s in index["shards"]] == [f"{i:05d}.tar" for i in range(len(images))]
+    assert all(s["samples"] == 1 for s in index["shards"])

@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lenscap import __version__
-from lenscap.dataset import Dataset, atomic_write_json, claim_job
+from lenscap.dataset import Dataset, atomic_write_json, claim_job, read_parquet
 from lenscap.errors import UsageError
 from lenscap.export.card import write_card
 from lenscap.export.formats import FORMATS
@@ -94,30 +94,79 @@ def _state(out: Path) -> Path:
     return out / ".lenscap"
 
 
+_PLAN_MEMORY = "256MB"  # the shuffled plan's sort spills to disk beyond this
+
+
+def _cut(options: ExportOptions, before: int, size: int, number: int) -> int:
+    """The output shard of a sample, before dense renumbering: by count, or the shard its middle byte
+    falls in (shards then miss the target by half a sample at most). Integer arithmetic, the same in SQL."""
+    if options.samples_per_shard is not None:
+        return number // options.samples_per_shard
+    return (2 * before + size) // (2 * int(options.target_bytes or 1))
+
+
 def _plan(index: Dataset, options: ExportOptions, state: Path) -> dict[str, Any]:
-    """Assign every indexed sample an output shard; write ``plan.parquet`` and return the plan."""
+    """Assign every indexed sample an output shard; write ``plan.parquet`` sorted by output shard."""
+    tmp = state / ".plan.parquet.tmp"
+    shards = _plan_in_order(index, options, tmp) if not options.shuffle else _plan_shuffled(index, options, tmp, state)
+    os.replace(tmp, state / "plan.parquet")
+    return {"shards": [{"samples": n, "planned_bytes": b} for n, b in shards]}
+
+
+def _plan_in_order(index: Dataset, options: ExportOptions, tmp: Path) -> list[tuple[int, int]]:
+    """Input order is index order: one streaming pass, an index shard at a time, in flat memory."""
+    writer, shards, before, number, last_cut = None, [], 0, 0, None
+    try:
+        for shard_id in index.completed_ids():
+            table = read_parquet(index.parquet_path(shard_id))
+            outs = []
+            for size in table.column("_bytes").to_pylist():
+                cut = _cut(options, before, size, number)
+                if cut != last_cut:  # dense shard numbers, even past a sample larger than the target
+                    shards.append((0, 0))
+                    last_cut = cut
+                n, b = shards[-1]
+                shards[-1] = (n + 1, b + size)
+                outs.append(len(shards) - 1)
+                before, number = before + size, number + 1
+            table = table.append_column("_out", pa.array(outs, pa.int32()))
+            if writer is None:
+                writer = pq.ParquetWriter(tmp, table.schema)
+            writer.write_table(table)
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:
+        pq.write_table(pa.table({"_out": pa.array([], pa.int32()), "_order": pa.array([], pa.uint64())}), tmp)
+    return shards
+
+
+def _plan_shuffled(index: Dataset, options: ExportOptions, tmp: Path, state: Path) -> list[tuple[int, int]]:
+    """A global sort on the shuffle order: DuckDB, spilling to disk beyond ``_PLAN_MEMORY``."""
     import duckdb
 
     files = [str(index.parquet_path(i)) for i in index.completed_ids()]
+    if not files:
+        pq.write_table(pa.table({"_out": pa.array([], pa.int32()), "_order": pa.array([], pa.uint64())}), tmp)
+        return []
+    if options.samples_per_shard is not None:
+        cut = f"(row_number() OVER (ORDER BY _order) - 1) // {int(options.samples_per_shard)}"
+    else:
+        before = "(sum(_bytes) OVER (ORDER BY _order ROWS UNBOUNDED PRECEDING) - _bytes)"
+        cut = f"(2 * {before} + _bytes) // {2 * int(options.target_bytes or 1)}"
     con = duckdb.connect()
     try:
+        con.execute(f"SET memory_limit = '{_PLAN_MEMORY}'")
         con.execute(f"SET temp_directory = '{(state / 'spill').as_posix()}'")
         con.execute("SET preserve_insertion_order = false")
-        source = "read_parquet(?)" if files else "(SELECT NULL::INTEGER AS _shard WHERE false)"
-        if options.samples_per_shard is not None:
-            cut = f"(row_number() OVER (ORDER BY _order) - 1) // {int(options.samples_per_shard)}"
-        else:  # a sample goes to the shard its middle byte falls in: shards miss the target by half a sample at most
-            cut = (f"(sum(_bytes) OVER (ORDER BY _order ROWS UNBOUNDED PRECEDING) - _bytes / 2)::BIGINT "
-                   f"// {int(options.target_bytes or 1)}")
-        con.execute(f"CREATE TABLE planned AS SELECT *, ({cut})::INTEGER AS _out FROM {source}", [files] if files else [])
-        shards = con.execute("SELECT _out, count(*), sum(_bytes) FROM planned GROUP BY _out ORDER BY _out").fetchall()
-        tmp = state / ".plan.parquet.tmp"
+        con.execute(f"""CREATE TABLE planned AS SELECT * EXCLUDE (_cut), (dense_rank() OVER (ORDER BY _cut) - 1)::INTEGER AS _out
+                        FROM (SELECT *, {cut} AS _cut FROM read_parquet(?))""", [files])
+        shards = con.execute("SELECT count(*), sum(_bytes) FROM planned GROUP BY _out ORDER BY _out").fetchall()
         con.execute(f"COPY (SELECT * FROM planned ORDER BY _out, _order) TO '{tmp.as_posix()}' (FORMAT parquet)")
-        os.replace(tmp, state / "plan.parquet")
     finally:
         con.close()
         shutil.rmtree(state / "spill", ignore_errors=True)
-    return {"shards": [{"samples": n, "planned_bytes": int(b)} for _, n, b in shards]}
+    return [(int(n), int(b)) for n, b in shards]
 
 
 def _write_shard(in_dir: str, out_dir: str, shard_id: int, shards: int, format_name: str) -> dict[str, Any]:
