@@ -5,7 +5,7 @@
 Baseline: ``shutil.copyfile`` of every input tar to a fresh directory, the least any export must do
 (read and write each image once); on Linux that is ``copy_file_range``, a copy inside the kernel
 from the page cache. lenscap's export, per format, does its three passes (index from the tar
-headers, plan in DuckDB, write shards with images copied from their offsets) and writes the card.
+headers, plan, write shards with images copied from their offsets) and writes the card.
 A second reference: the re-shard a user would write with ``tarfile`` (read every member of every
 input tar, write it to a new tar). MB/s counts the input tars' bytes; ratio = baseline time /
 export time (target >= 0.5 against the plain copy). Each round writes to fresh directories, the

@@ -2,9 +2,10 @@
 
 1. index (``export.index``), per input shard in parallel: the exported rows, where their images lie,
    their order and planned size, into ``OUT/.lenscap/index/``;
-2. plan, in DuckDB: every exported sample in output order, cut into shards at the target size (each
-   shard is filled to the target, the last takes the rest) or every ``--samples-per-shard``, written
-   to ``plan.parquet`` sorted by output shard;
+2. plan: every exported sample in output order, cut into shards at the target size (each shard is
+   filled to the target, the last takes the rest) or every ``--samples-per-shard``, written to
+   ``plan.parquet`` sorted by output shard; streamed in input order, sorted by DuckDB (out of core)
+   when shuffled;
 3. write, per output shard in parallel: images read straight from the input tars at their offsets,
    so no input shard is decoded or rewritten; each shard is renamed into place, then marked done.
 
