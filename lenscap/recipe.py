@@ -294,8 +294,3 @@ def release(dataset: Path, recipe: Recipe, base: Path) -> dict[str, Any]:
         os.replace(dataset, target)
     shutil.rmtree(base)
     return {"release": str(target)}
-
-
-def shipped_recipes() -> list[str]:
-    return [p.stem for p in sorted(SHIPPED.glob("*.toml"))]
-

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from lenscap import __version__
@@ -69,9 +70,8 @@ def pick_samples(ds: Dataset, n: int, seed: int = 0) -> list[ReportSample]:
         images = scan_members(tar, IMAGE_EXT) if tar.exists() else {}
         if not images:
             continue
-        table = ds.read_table(shard_id)
-        present = [c for c in _ROW_COLUMNS if c in table.column_names]
-        for row in table.select(["key", *present]).to_pylist():
+        names = pq.read_schema(ds.parquet_path(shard_id)).names  # only the columns shown: rows may be wide
+        for row in ds.read_table(shard_id, columns=["key", *(c for c in _ROW_COLUMNS if c in names)]).to_pylist():
             key = str(row["key"])
             if key not in images:
                 continue

@@ -34,6 +34,7 @@ from lenscap.dedup.phash import ALGORITHM
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.unionfind import UnionFind
 from lenscap.errors import UsageError
+from lenscap.sql import literal, out_of_core
 
 __all__ = ["DedupOptions", "Source", "find_duplicates", "REASONS"]
 
@@ -83,32 +84,13 @@ class Source:
         return [str(self.signatures.parquet_path(i)) for i in self.signatures.completed_ids()]
 
 
-def _connect(options: DedupOptions, spill_dir: Path) -> Any:
-    import duckdb
-
-    spill_dir.mkdir(parents=True, exist_ok=True)
-    con = duckdb.connect()
-    con.execute(f"SET memory_limit = {_literal(options.memory_limit)}")
-    con.execute(f"SET temp_directory = {_literal(spill_dir)}")
-    con.execute("SET preserve_insertion_order = false")
-    if options.threads:
-        con.execute(f"SET threads = {int(options.threads)}")
-    return con
-
-
-def _literal(value: str | Path) -> str:
-    """An SQL string literal (paths and sizes go into statements that take no parameters)."""
-    text = value.as_posix() if isinstance(value, Path) else value
-    return "'" + text.replace("'", "''") + "'"
-
-
 def _load(con: Any, sources: list[Source]) -> None:
     parts = []
     for s in sources:
         files = s.files()
         if not files:
             continue
-        listing = "read_parquet([" + ", ".join(_literal(f) for f in files) + "])"
+        listing = "read_parquet([" + ", ".join(literal(f) for f in files) + "])"
         # A signatures directory written by another lenscap version (a job resumed after an upgrade).
         found = {a for (a,) in con.execute(f"SELECT DISTINCT phash_algorithm FROM {listing} WHERE phash_algorithm IS NOT NULL").fetchall()}
         if found - {ALGORITHM}:
@@ -135,7 +117,7 @@ def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path
                     status: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
     """Write ``work_dir/decisions.parquet`` and the report; return the report's summary."""
     started = time.monotonic()
-    con = _connect(options, work_dir / "spill")
+    con = out_of_core(options.memory_limit, work_dir / "spill", options.threads)
     try:
         status("loading signatures")
         _load(con, sources)
@@ -195,7 +177,7 @@ def _decide(con: Any, options: DedupOptions) -> None:
 
 
 def _sql_list(values: list[str]) -> str:
-    return "[" + ", ".join(_literal(v) for v in values) + "]"
+    return "[" + ", ".join(literal(v) for v in values) + "]"
 
 
 def _write(con: Any, sources: list[Source], options: DedupOptions, plan: PigeonholePlan | None,
@@ -216,11 +198,11 @@ def _write(con: Any, sources: list[Source], options: DedupOptions, plan: Pigeonh
     tmp = work_dir / ".decisions.parquet.tmp"
     con.execute(f"""COPY (SELECT shard, key, CASE WHEN kept THEN 'kept' ELSE 'duplicate' END AS status, dup_of, dup_in,
                     dup_reason, dup_distance, cluster AS dup_cluster FROM decided WHERE src = 0 ORDER BY shard, key)
-                    TO {_literal(tmp)} (FORMAT parquet)""")
+                    TO {literal(tmp)} (FORMAT parquet)""")
     report_dir.mkdir(parents=True, exist_ok=True)
     clusters_tmp = report_dir / ".clusters.parquet.tmp"
     con.execute(f"""COPY (SELECT cluster, size, source, shard, key, kept, why FROM decided ORDER BY cluster, NOT kept, id)
-                    TO {_literal(clusters_tmp)} (FORMAT parquet)""")
+                    TO {literal(clusters_tmp)} (FORMAT parquet)""")
 
     def one(sql: str) -> Any:
         return con.execute(sql).fetchall()[0][0]

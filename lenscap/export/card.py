@@ -67,7 +67,7 @@ def write_card(out: Path, format_name: str, summary: dict[str, Any], history: li
     n = summary["samples"]
     files = "data/train-*.parquet" if format_name == "parquet" else "*.tar"
     stats = _caption_stats(index_dir, columns)
-    lines = ["---", "# TODO: the licence of these images and captions; lenscap cannot know it.", "license: other",
+    lines = ["---", "# Set the licence of these images and captions here: lenscap cannot know it.", "license: other",
              f"pretty_name: {json.dumps(out.resolve().name)}", "task_categories:", "- text-to-image", "- image-to-text",
              "size_categories:", f"- {_size_category(n)}", "configs:", "- config_name: default", "  data_files:",
              "  - split: train", f"    path: {json.dumps(files)}"]

@@ -38,6 +38,7 @@ from lenscap.export.index import INTERNAL, IndexStage
 from lenscap.lock import output_lock
 from lenscap.progress import make_progress
 from lenscap.runner import run_stage
+from lenscap.sql import literal, out_of_core
 
 __all__ = ["ExportOptions", "ExportResult", "run_export", "parse_size"]
 
@@ -109,7 +110,11 @@ def _cut(options: ExportOptions, before: int, size: int, number: int) -> int:
 def _plan(index: Dataset, options: ExportOptions, state: Path) -> dict[str, Any]:
     """Assign every indexed sample an output shard; write ``plan.parquet`` sorted by output shard."""
     tmp = state / ".plan.parquet.tmp"
-    shards = _plan_in_order(index, options, tmp) if not options.shuffle else _plan_shuffled(index, options, tmp, state)
+    if not index.completed_ids():  # nothing to export: an empty plan, still a readable file
+        pq.write_table(pa.table({"_out": pa.array([], pa.int32()), "_order": pa.array([], pa.uint64())}), tmp)
+        shards = []
+    else:
+        shards = _plan_in_order(index, options, tmp) if not options.shuffle else _plan_shuffled(index, options, tmp, state)
     os.replace(tmp, state / "plan.parquet")
     return {"shards": [{"samples": n, "planned_bytes": b} for n, b in shards]}
 
@@ -137,33 +142,23 @@ def _plan_in_order(index: Dataset, options: ExportOptions, tmp: Path) -> list[tu
     finally:
         if writer is not None:
             writer.close()
-    if writer is None:
-        pq.write_table(pa.table({"_out": pa.array([], pa.int32()), "_order": pa.array([], pa.uint64())}), tmp)
     return shards
 
 
 def _plan_shuffled(index: Dataset, options: ExportOptions, tmp: Path, state: Path) -> list[tuple[int, int]]:
     """A global sort on the shuffle order: DuckDB, spilling to disk beyond ``_PLAN_MEMORY``."""
-    import duckdb
-
     files = [str(index.parquet_path(i)) for i in index.completed_ids()]
-    if not files:
-        pq.write_table(pa.table({"_out": pa.array([], pa.int32()), "_order": pa.array([], pa.uint64())}), tmp)
-        return []
     if options.samples_per_shard is not None:
         cut = f"(row_number() OVER (ORDER BY _order) - 1) // {int(options.samples_per_shard)}"
     else:
         before = "(sum(_bytes) OVER (ORDER BY _order ROWS UNBOUNDED PRECEDING) - _bytes)"
         cut = f"(2 * {before} + _bytes) // {2 * int(options.target_bytes or 1)}"
-    con = duckdb.connect()
+    con = out_of_core(_PLAN_MEMORY, state / "spill")
     try:
-        con.execute(f"SET memory_limit = '{_PLAN_MEMORY}'")
-        con.execute(f"SET temp_directory = '{(state / 'spill').as_posix()}'")
-        con.execute("SET preserve_insertion_order = false")
         con.execute(f"""CREATE TABLE planned AS SELECT * EXCLUDE (_cut), (dense_rank() OVER (ORDER BY _cut) - 1)::INTEGER AS _out
                         FROM (SELECT *, {cut} AS _cut FROM read_parquet(?))""", [files])
         shards = con.execute("SELECT count(*), sum(_bytes) FROM planned GROUP BY _out ORDER BY _out").fetchall()
-        con.execute(f"COPY (SELECT * FROM planned ORDER BY _out, _order) TO '{tmp.as_posix()}' (FORMAT parquet)")
+        con.execute(f"COPY (SELECT * FROM planned ORDER BY _out, _order) TO {literal(tmp)} (FORMAT parquet)")
     finally:
         con.close()
         shutil.rmtree(state / "spill", ignore_errors=True)
