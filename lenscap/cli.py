@@ -29,6 +29,14 @@ app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+ExecutorOpt = Annotated[str, typer.Option("--executor", help="Where shard tasks run: local (--processes on this machine) or ray (one Ray task per shard; needs the ray extra).")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="With --executor ray: the cluster (auto, ray://HOST:10001, HOST:6379; default $RAY_ADDRESS, else a Ray started on this machine).")]
+
+
+def _executor(executor: str, processes: int, ray_address: str | None) -> Any:
+    from lenscap.executors import make_executor
+
+    return make_executor(executor, processes, ray_address)
 
 
 def _emit(summary: dict[str, Any], as_json: bool) -> None:
@@ -158,6 +166,8 @@ def caption(
     dtype: Annotated[Optional[str], typer.Option(help="Local models: auto, float32, float16 or bfloat16. " + _BACKEND_HELP)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Local models: images per generation batch. " + _BACKEND_HELP)] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Local models: most new tokens per caption. " + _BACKEND_HELP)] = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -177,8 +187,7 @@ def caption(
     from lenscap.runner import run_stage
     from lenscap.stages.caption import CaptionStage
 
-    if processes < 1:
-        raise UsageError(f"--processes must be at least 1, not {processes}")
+    runner = _executor(executor, processes, ray_address)
     if max_cost is not None and max_cost <= 0:
         raise UsageError(f"--max-cost must be positive, not {max_cost}")
     flags = {"model": model, "base_url": base_url, "api_key_env": api_key_env, "max_tokens": max_tokens,
@@ -212,7 +221,7 @@ def caption(
 
             batch = run_batch_caption(stage, in_dir, out_dir, progress)
         else:
-            result = run_stage(stage, in_dir, out_dir, processes, progress)
+            result = run_stage(stage, in_dir, out_dir, progress=progress, executor=runner)
     except BudgetReached as e:
         spent = stage.budget.spent if stage.budget else 0.0
         _emit({"command": "caption", "out_dir": out_dir, "spent_usd": spent, "exit_code": e.exit_code, "reason": str(e)}, as_json)
@@ -267,6 +276,8 @@ def filter_command(
     threshold: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE: the drop threshold of any annotator (plugins too).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be dropped, per reason; write nothing.")] = False,
     processes: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -282,8 +293,7 @@ def filter_command(
 
     if status not in ("success", "any"):
         raise UsageError(f"--status must be success or any, not {status!r}")
-    if processes < 1:
-        raise UsageError(f"--processes must be at least 1, not {processes}")
+    runner = _executor(executor, processes, ray_address)
     thresholds: dict[str, float | None] = {}
     for name in (annotate or "").split(","):
         if name.strip():
@@ -322,7 +332,7 @@ def filter_command(
                 if reason != "kept":
                     print(f"  {n:>8}  dropped: {reason}" if reason != "error" else f"  {n:>8}  unreadable")
         return
-    result = run_stage(stage, src.path, out_dir, processes, make_progress("filter", quiet))
+    result = run_stage(stage, src.path, out_dir, progress=make_progress("filter", quiet), executor=runner)
     reasons: Counter[str] = Counter()
     out = Dataset(result.out_dir)
     for shard_id in out.completed_ids():
@@ -443,6 +453,8 @@ def dedup(
     bucket_cap: Annotated[int, typer.Option(help="--phash: hash buckets larger than this are not expanded (reported instead).")] = 2000,
     memory_limit: Annotated[str, typer.Option(help="Memory for the global search (DuckDB); beyond it, it spills to OUT_DIR/_lenscap.")] = "2GB",
     processes: Annotated[int, typer.Option(help="Worker processes for hashing and writing shards.")] = os.cpu_count() or 1,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -451,15 +463,14 @@ def dedup(
     from lenscap.errors import UsageError
     from lenscap.stages.dedup import DedupStage, run_dedup
 
-    if processes < 1:
-        raise UsageError(f"--processes must be at least 1, not {processes}")
+    runner = _executor(executor, processes, ray_address)
     if not (exact or phash or captions):
         exact = phash = True
     if max_distance is not None and not phash:
         raise UsageError("--max-distance applies to --phash, which is not selected")
     options = DedupOptions(exact=exact, phash=phash, captions=captions, max_distance=4 if max_distance is None else max_distance,
                            keep=keep, mark_only=mark_only, bucket_cap=bucket_cap, memory_limit=memory_limit, threads=processes)
-    result = run_dedup(DedupStage(options, list(against or [])), in_dir, out_dir, processes, quiet)
+    result = run_dedup(DedupStage(options, list(against or [])), in_dir, out_dir, quiet=quiet, executor=runner)
     report = result.report
     summary = {"command": "dedup", **asdict(result.stage), "duplicates": report.get("duplicates"),
                "duplicates_by_reason": report.get("duplicates_by_reason"), "clusters": report.get("clusters"),
@@ -490,18 +501,18 @@ def shard(
     seed: Annotated[int, typer.Option(help="--shuffle: the seed; the same seed gives the same order.")] = 0,
     caption_status: Annotated[str, typer.Option(help="ok: where captioning ran, export only its successes; any: export every sample with a caption.")] = "ok",
     processes: Annotated[int, typer.Option(help="Worker processes.")] = os.cpu_count() or 1,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Export the kept, successful samples to evenly sized WebDataset or Parquet shards, with a dataset card."""
-    from lenscap.errors import UsageError
     from lenscap.export.job import ExportOptions, parse_size, run_export
 
-    if processes < 1:
-        raise UsageError(f"--processes must be at least 1, not {processes}")
+    runner = _executor(executor, processes, ray_address)
     options = ExportOptions(format=format, target_bytes=None if samples_per_shard is not None else parse_size(target_size),
                             samples_per_shard=samples_per_shard, shuffle=shuffle, seed=seed, caption_status=caption_status)
-    result = run_export(options, in_dir, out_dir, processes, quiet)
+    result = run_export(options, in_dir, out_dir, quiet=quiet, executor=runner)
     summary = {"command": "shard", **asdict(result), "index_failed": {str(k): v for k, v in result.index_failed.items()},
                "exit_code": result.exit_code}
     _emit(summary, as_json)

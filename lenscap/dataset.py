@@ -271,6 +271,14 @@ class Dataset:
             stray.unlink(missing_ok=True)
         return finished
 
+    def recover_shard(self, shard_id: int) -> bool:
+        """Finish one shard's commit that a crash interrupted; True if there was one."""
+        journal = self._journal_path(shard_id)
+        if not journal.exists():
+            return False
+        self._roll_forward(journal)
+        return True
+
     def _journal_path(self, shard_id: int) -> Path:
         return self.work_dir / "pending" / f"{shard_name(shard_id)}.json"
 

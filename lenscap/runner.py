@@ -1,9 +1,10 @@
 """Runs a per-shard stage over every shard of a dataset that the output does not have yet.
 
-Workers are separate processes (``spawn``: no state inherited by accident, same on every OS). A
-shard that raises is reported and left incomplete; the others are kept, and a rerun does only the
-missing shards. A ``LenscapError`` from a shard (the budget ran out, the backend rejected the job)
-concerns the whole run: no further shard starts, running ones finish, and the error is raised.
+Each shard is one task of an executor (``lenscap.executors``): this process, spawned worker
+processes, or a Ray cluster. A shard that raises is reported and left incomplete; the others are
+kept, and a rerun does only the missing shards, on any executor. A ``LenscapError`` from a shard
+(the budget ran out, the backend rejected the job) concerns the whole run: no further shard
+starts, running ones finish, and the error is raised.
 """
 
 from __future__ import annotations
@@ -11,17 +12,17 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 from lenscap.dataset import Dataset, shard_name
-from lenscap.errors import LenscapError
+from lenscap.executors import Executor, LocalExecutor
 from lenscap.lock import output_lock
 from lenscap.progress import Progress, make_progress
 from lenscap.stages.base import Stage
 
-__all__ = ["StageResult", "run_stage"]
+__all__ = ["StageResult", "ShardJob", "run_stage"]
 
 
 @dataclass
@@ -39,18 +40,21 @@ class StageResult:
         return 0 if self.shards_completed == self.shards_total else 1
 
 
-_worker_stage: Stage | None = None
+class ShardJob:
+    """One stage from one dataset directory into another, as an executor's job: an item is a shard."""
 
+    def __init__(self, stage: Stage, src: str, dst: str) -> None:
+        self.stage, self.src, self.dst = stage, src, dst
 
-def _init_worker(stage: Stage) -> None:
-    global _worker_stage
-    _worker_stage = stage
-    stage.setup()
+    def setup(self) -> None:
+        self.stage.setup()
 
-
-def _run_one(src: str, dst: str, shard_id: int) -> dict[str, Any]:
-    assert _worker_stage is not None
-    return _worker_stage.run_shard(Dataset(src), Dataset(dst), shard_id)
+    def run(self, shard_id: int) -> dict[str, Any]:
+        dst = Dataset(self.dst)
+        # A task run again after its worker died may find the shard finished, or its commit half done.
+        if dst.recover_shard(shard_id) or dst.is_complete(shard_id):
+            return dst.read_stats(shard_id)
+        return self.stage.run_shard(Dataset(self.src), dst, shard_id)
 
 
 class _LiveCounters:
@@ -91,15 +95,17 @@ def run_stage(
     out_dir: str | os.PathLike[str],
     processes: int = 1,
     progress: Progress | None = None,
+    executor: Executor | None = None,
 ) -> StageResult:
+    """Run ``stage`` on ``executor`` (default: ``processes`` local worker processes)."""
     src = Dataset.open(in_dir)
     stage.check()
     dst = Dataset.create(out_dir)
     with output_lock(dst.path):
-        return _run_locked(stage, src, dst, processes, progress)
+        return _run_locked(stage, src, dst, executor or LocalExecutor(processes), progress)
 
 
-def _run_locked(stage: Stage, src: Dataset, dst: Dataset, processes: int, progress: Progress | None) -> StageResult:
+def _run_locked(stage: Stage, src: Dataset, dst: Dataset, executor: Executor, progress: Progress | None) -> StageResult:
     dst.recover()
     stage.begin(src, dst)
     shards = src.completed_ids()
@@ -114,25 +120,18 @@ def _run_locked(stage: Stage, src: Dataset, dst: Dataset, processes: int, progre
     progress = progress or make_progress(stage.name)
     progress.start(len(shards), len(shards) - len(todo))
     failed: dict[int, str] = {}
-    fatal: LenscapError | None = None
-    ctx = multiprocessing.get_context("spawn")
-    counters = _LiveCounters(ctx, progress)
-    stage._counters = counters.values
+    live = not executor.distributed  # workers on other machines cannot tick a counter in this one
+    counters = _LiveCounters(multiprocessing.get_context("spawn"), progress) if live else None
+
+    def on_done(shard_id: int, stats: dict[str, Any]) -> None:
+        progress.advance(shards=1, samples=0 if live else int(stats.get("count", 0)))
+
     try:
-        with counters:
-            if todo and processes <= 1:
-                stage.setup()
-                for shard_id in todo:
-                    try:
-                        stage.run_shard(src, dst, shard_id)
-                        progress.advance(shards=1)
-                    except LenscapError as e:
-                        fatal = e
-                        break
-                    except Exception as e:  # noqa: BLE001 - one shard's failure must not cost the others
-                        failed[shard_id] = f"{type(e).__name__}: {e}"
-            elif todo:
-                fatal = _run_pool(stage, src, dst, todo, processes, ctx, progress, failed)
+        if todo:
+            stage.use_executor(executor)
+        stage._counters = counters.values if counters is not None else None
+        with counters if counters is not None else nullcontext():
+            fatal = executor.run(ShardJob(stage, str(src.path), str(dst.path)), todo, on_done, failed)
     finally:
         stage._counters = None
         progress.finish()
@@ -144,28 +143,3 @@ def _run_locked(stage: Stage, src: Dataset, dst: Dataset, processes: int, progre
     counts = manifest["counts"]
     return StageResult(str(dst.path), len(shards), manifest["shards"]["completed"], counts["samples"],
                        counts["status"], failed, counts)
-
-
-def _run_pool(stage: Stage, src: Dataset, dst: Dataset, todo: list[int], processes: int, ctx: Any,
-              progress: Progress, failed: dict[int, str]) -> LenscapError | None:
-    fatal: LenscapError | None = None
-    with ProcessPoolExecutor(processes, mp_context=ctx, initializer=_init_worker, initargs=(stage,)) as pool:
-        futures: dict[Future[dict[str, Any]], int] = {pool.submit(_run_one, str(src.path), str(dst.path), i): i for i in todo}
-        pending = set(futures)
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in finished:
-                shard_id = futures[fut]
-                if fut.cancelled():
-                    continue
-                try:
-                    fut.result()
-                    progress.advance(shards=1)
-                except LenscapError as e:
-                    if fatal is None:
-                        fatal = e
-                        for other in pending:
-                            other.cancel()  # shards not started yet; running ones finish
-                except Exception as e:  # noqa: BLE001
-                    failed[shard_id] = f"{type(e).__name__}: {e}"
-    return fatal

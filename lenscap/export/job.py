@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +30,8 @@ import pyarrow.parquet as pq
 
 from lenscap import __version__
 from lenscap.dataset import Dataset, atomic_write_json, claim_job, read_parquet
-from lenscap.errors import UsageError
+from lenscap.errors import LenscapError, UsageError
+from lenscap.executors import Executor, LocalExecutor
 from lenscap.export.card import write_card
 from lenscap.export.formats import FORMATS
 from lenscap.export.index import INTERNAL, IndexStage
@@ -206,7 +206,7 @@ def _write_shard(in_dir: str, out_dir: str, shard_id: int, shards: int, format_n
 
 
 def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, processes: int = 1,
-               quiet: bool = False) -> ExportResult:
+               quiet: bool = False, executor: Executor | None = None) -> ExportResult:
     src = Dataset.open(in_dir)
     out = Path(out_dir)
     if out.resolve() == src.path.resolve():
@@ -214,10 +214,26 @@ def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, 
     if out.exists() and not out.is_dir():
         raise UsageError(f"output directory {out} exists and is a file")
     with output_lock(out, ".lenscap"):
-        return _run_locked(options, src, out, processes, quiet)
+        return _run_locked(options, src, out, executor or LocalExecutor(processes), quiet)
 
 
-def _run_locked(options: ExportOptions, src: Dataset, out: Path, processes: int, quiet: bool) -> ExportResult:
+class _WriteJob:
+    """Pass 3 as an executor's job: an item is an output shard."""
+
+    def __init__(self, src: str, out: str, shards: int, fmt: str) -> None:
+        self.src, self.out, self.shards, self.fmt = src, out, shards, fmt
+
+    def setup(self) -> None:
+        pass
+
+    def run(self, shard_id: int) -> dict[str, Any]:
+        done = _state(Path(self.out)) / "done" / f"{shard_id:05d}.json"
+        if done.exists():  # a task run again after its worker died
+            return json.loads(done.read_text())
+        return _write_shard(self.src, self.out, shard_id, self.shards, self.fmt)
+
+
+def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Executor, quiet: bool) -> ExportResult:
     state = _state(out)
     (state / "done").mkdir(parents=True, exist_ok=True)
     job = {"options": asdict(options), "input": str(src.path.resolve())}
@@ -227,7 +243,8 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, processes: int,
 
     # Pass 1: the index.
     index_dir = state / "index"
-    indexed = run_stage(options.index_stage(), src.path, index_dir, processes, make_progress("shard: indexing", quiet))
+    indexed = run_stage(options.index_stage(), src.path, index_dir, progress=make_progress("shard: indexing", quiet),
+                        executor=executor)
     if indexed.failed_shards:
         return ExportResult(str(out), options.format, 0, 0, 0, {}, indexed.failed_shards)
     index = Dataset(index_dir)
@@ -255,20 +272,17 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, processes: int,
         stray.unlink(missing_ok=True)
     progress = make_progress("shard: writing", quiet)
     progress.start(shards, shards - len(todo))
+    failed: dict[int, str] = {}
     try:
-        if processes <= 1 or len(todo) <= 1:
-            for i in todo:
-                record = _write_shard(str(src.path), str(out), i, shards, options.format)
-                progress.advance(shards=1, samples=record["samples"])
-        else:
-            import multiprocessing
-
-            with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-                for record in pool.map(_write_shard, [str(src.path)] * len(todo), [str(out)] * len(todo), todo,
-                                       [shards] * len(todo), [options.format] * len(todo)):
-                    progress.advance(shards=1, samples=record["samples"])
+        fatal = executor.run(_WriteJob(str(src.path), str(out), shards, options.format), todo,
+                             lambda _, record: progress.advance(shards=1, samples=record["samples"]), failed)
     finally:
         progress.finish()
+    if fatal is not None:
+        raise fatal
+    if failed:
+        shard_id, message = min(failed.items())
+        raise LenscapError(f"{len(failed)} output shard(s) could not be written, e.g. {shard_id:05d}: {message}; rerun to resume")
 
     records = [json.loads((state / "done" / f"{i:05d}.json").read_text()) for i in range(shards)]
     summary = {"format": options.format, "samples": sum(r["samples"] for r in records),

@@ -12,13 +12,16 @@ sample that ``process`` returns without a status gets ``<name>_status = "ok"``.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lenscap.dataset import Dataset
 from lenscap.record import Sample
+
+if TYPE_CHECKING:
+    from lenscap.executors import Executor
 
 __all__ = ["Stage", "ShardStage"]
 
@@ -36,6 +39,10 @@ class Stage(ABC):
 
     def begin(self, src: Dataset, dst: Dataset) -> None:
         """Once, in the main process, before any worker starts: state shared by the whole run."""
+
+    def use_executor(self, executor: Executor) -> None:
+        """Once, in the main process, before the shards are handed to ``executor``: a stage whose
+        workers must share something across machines (the account's rate limit) arranges it here."""
 
     def setup(self) -> None:
         """Once per worker process before its first shard: load models, open clients."""

@@ -31,6 +31,7 @@ from lenscap.dataset import Dataset, atomic_write_json, claim_job, read_parquet
 from lenscap.dedup.search import DedupOptions, Source, find_duplicates
 from lenscap.dedup.signatures import SignatureStage
 from lenscap.errors import UsageError
+from lenscap.executors import Executor, LocalExecutor
 from lenscap.lock import output_lock
 from lenscap.progress import make_progress
 from lenscap.runner import StageResult, run_stage
@@ -141,7 +142,8 @@ def _fingerprint(sources: list[Source]) -> list[dict[str, Any]]:
     return out
 
 
-def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, processes: int = 1, quiet: bool = False) -> DedupResult:
+def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, processes: int = 1, quiet: bool = False,
+              executor: Executor | None = None) -> DedupResult:
     src = Dataset.open(in_dir)
     inputs = [Dataset.open(p) for p in stage.against]
     out_resolved = Path(out_dir).resolve()
@@ -152,10 +154,10 @@ def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, proces
         raise UsageError("the output directory must differ from the input")
     dst = Dataset.create(out_dir)
     with output_lock(dst.path):
-        return _run_locked(stage, src, dst, inputs, str(in_dir), processes, quiet)
+        return _run_locked(stage, src, dst, inputs, str(in_dir), executor or LocalExecutor(processes), quiet)
 
 
-def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Dataset], in_label: str, processes: int,
+def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Dataset], in_label: str, executor: Executor,
                 quiet: bool) -> DedupResult:
     dst.recover()
     job = {"options": stage.options.identity(), "input": str(src.path.resolve()), "against": [str(d.path.resolve()) for d in inputs]}
@@ -168,7 +170,8 @@ def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Data
     targets = [(src, work_dir(dst) / "signatures")] + [(d, _against_dir(dst, d.path.resolve())) for d in inputs]
     for index, (dataset, target) in enumerate(targets):
         label = in_label if index == 0 else stage.against[index - 1]
-        result = run_stage(SignatureStage(), dataset.path, target, processes, make_progress(f"dedup: hashing {label}", quiet))
+        result = run_stage(SignatureStage(), dataset.path, target, progress=make_progress(f"dedup: hashing {label}", quiet),
+                           executor=executor)
         if result.failed_shards:
             failed[label] = result.failed_shards
         sources.append(Source(index, label, Dataset(target)))
@@ -196,5 +199,5 @@ def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Data
         report = done["report"]
 
     # Pass 3: the output shards.
-    result = run_stage(stage, src.path, dst.path, processes, make_progress("dedup: writing", quiet))
+    result = run_stage(stage, src.path, dst.path, progress=make_progress("dedup: writing", quiet), executor=executor)
     return DedupResult(result, report, {})

@@ -1,0 +1,241 @@
+"""Where tasks run: this machine's processes, or a Ray cluster.
+
+A *job* is anything with ``setup()`` (once per worker, before its first task: load models, open
+clients) and ``run(item) -> dict`` (one task: a shard, a dedup table). Executors differ only in
+where ``run`` happens; what a task writes, and how it marks itself complete, is the job's business.
+So a job can move between executors and resume either way: a rerun skips what any run completed.
+
+Both executors keep the same failure rules. A task that raises is reported for that item and the
+others go on; a ``LenscapError`` (the budget ran out, the backend rejected the key) concerns the
+whole run: no further task starts, started ones finish, and the error is returned to the caller.
+On Ray, a worker that *dies* (SIGKILL, out of memory, a lost node) is not a failure of the task:
+Ray runs the task again on another worker, ``max_retries`` times.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any, Protocol
+
+from lenscap.errors import LenscapError, MissingDependency, UsageError
+
+__all__ = ["Job", "Executor", "LocalExecutor", "RayExecutor", "make_executor", "EXECUTORS"]
+
+EXECUTORS = ("local", "ray")
+# Called with (item, its result) as each task finishes.
+OnDone = Callable[[int, dict[str, Any]], None]
+
+
+class Job(Protocol):
+    def setup(self) -> None: ...
+
+    def run(self, item: int) -> dict[str, Any]: ...
+
+
+class Executor(ABC):
+    name: str
+
+    @property
+    def distributed(self) -> bool:
+        """Whether tasks may run on other machines (so state shared through memory is not shared)."""
+        return False
+
+    @abstractmethod
+    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str]) -> LenscapError | None:
+        """Run ``job`` for every item; fill ``failed`` with the items that raised; return a fatal error."""
+
+
+# -- this machine ---------------------------------------------------------------------------------
+
+_worker_job: Job | None = None
+
+
+def _init_worker(job: Job) -> None:
+    global _worker_job
+    _worker_job = job
+    job.setup()
+
+
+def _run_in_worker(item: int) -> dict[str, Any]:
+    assert _worker_job is not None
+    return _worker_job.run(item)
+
+
+class LocalExecutor(Executor):
+    """``processes`` spawned worker processes (``spawn``: no state inherited by accident, same on
+    every OS), or this process itself when ``processes`` is 1."""
+
+    name = "local"
+
+    def __init__(self, processes: int = 1) -> None:
+        if processes < 1:
+            raise UsageError(f"--processes must be at least 1, not {processes}")
+        self.processes = processes
+
+    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str]) -> LenscapError | None:
+        if not items:
+            return None
+        if self.processes <= 1:
+            job.setup()
+            for item in items:
+                try:
+                    result = job.run(item)
+                except LenscapError as e:
+                    return e
+                except Exception as e:  # noqa: BLE001 - one task's failure must not cost the others
+                    failed[item] = f"{type(e).__name__}: {e}"
+                    continue
+                on_done(item, result)
+            return None
+        return self._run_pool(job, items, on_done, failed)
+
+    def _run_pool(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str]) -> LenscapError | None:
+        fatal: LenscapError | None = None
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(self.processes, mp_context=ctx, initializer=_init_worker, initargs=(job,)) as pool:
+            futures: dict[Future[dict[str, Any]], int] = {pool.submit(_run_in_worker, i): i for i in items}
+            pending = set(futures)
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    item = futures[fut]
+                    if fut.cancelled():
+                        continue
+                    try:
+                        result = fut.result()
+                    except LenscapError as e:
+                        if fatal is None:
+                            fatal = e
+                            for other in pending:
+                                other.cancel()  # tasks not started yet; running ones finish
+                        continue
+                    except Exception as e:  # noqa: BLE001
+                        failed[item] = f"{type(e).__name__}: {e}"
+                        continue
+                    on_done(item, result)
+        return fatal
+
+
+# -- a Ray cluster ----------------------------------------------------------------------------------
+
+# Per worker process: the job that ran ``setup`` here, by run token, so a worker that runs many
+# tasks of one run sets up once (a model loads once), and a new run never reuses an old job.
+_ray_ready: dict[str, Job] = {}
+
+
+def _ray_task(job: Job, token: str, item: int) -> dict[str, Any]:
+    ready = _ray_ready.get(token)
+    if ready is None:
+        job.setup()
+        _ray_ready.clear()
+        _ray_ready[token] = ready = job
+    return ready.run(item)
+
+
+def import_ray() -> Any:
+    try:
+        import ray
+    except ImportError:
+        raise MissingDependency("--executor ray needs Ray: pip install 'lenscap[ray]'") from None
+    return ray
+
+
+def connect_ray(address: str | None) -> Any:
+    """Ray, connected: to ``address`` (``auto``, ``ray://host:10001``, a GCS ``host:6379``), to
+    ``$RAY_ADDRESS``, or else to a Ray instance started on this machine for this run."""
+    ray = import_ray()
+    if ray.is_initialized():
+        return ray
+    try:
+        # Worker output stays in Ray's logs: lenscap's stdout is for --json summaries and pipes.
+        ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level="WARNING",
+                 configure_logging=True)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
+        raise UsageError(f"cannot start or reach the Ray cluster ({where}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    return ray
+
+
+class RayExecutor(Executor):
+    """One Ray task per item, on the cluster at ``address``.
+
+    At most ``max_in_flight`` tasks are submitted at a time (default: twice the cluster's CPUs), so
+    the driver holds a window of task handles, not one per shard of an 800M-sample job.
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, max_retries: int = 3, num_cpus: float = 1.0,
+                 max_in_flight: int | None = None) -> None:
+        if max_retries < 0:
+            raise UsageError(f"--ray-retries must be 0 or more, not {max_retries}")
+        self.address = address
+        self.max_retries = max_retries
+        self.num_cpus = num_cpus
+        self.max_in_flight = max_in_flight
+
+    @property
+    def distributed(self) -> bool:
+        return True
+
+    def connect(self) -> Any:
+        return connect_ray(self.address)
+
+    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str]) -> LenscapError | None:
+        if not items:
+            return None
+        ray = self.connect()
+        task = ray.remote(_ray_task).options(max_retries=self.max_retries, retry_exceptions=False, num_cpus=self.num_cpus,
+                                             name="lenscap-task")
+        job_ref = ray.put(job)
+        token = uuid.uuid4().hex
+        window = self.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
+        queue = iter(items)
+        running: dict[Any, int] = {}
+        fatal: LenscapError | None = None
+
+        def submit() -> None:
+            while fatal is None and len(running) < window:
+                item = next(queue, None)
+                if item is None:
+                    return
+                running[task.remote(job_ref, token, item)] = item
+
+        submit()
+        while running:
+            finished, _ = ray.wait(list(running), num_returns=1)
+            for ref in finished:
+                item = running.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:
+                    cause = e.cause if getattr(e, "cause", None) is not None else e
+                    if isinstance(cause, LenscapError):
+                        fatal = fatal or cause
+                    else:
+                        failed[item] = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}".rstrip(": ")
+                    continue
+                except ray.exceptions.RayError as e:  # the worker died more than max_retries times
+                    failed[item] = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+                    continue
+                on_done(item, result)
+            submit()
+        return fatal
+
+
+def make_executor(executor: str = "local", processes: int = 1, ray_address: str | None = None) -> Executor:
+    """The executor the CLI's ``--executor`` / ``--processes`` / ``--ray-address`` ask for."""
+    if executor == "local":
+        if ray_address:
+            raise UsageError("--ray-address needs --executor ray")
+        return LocalExecutor(processes)
+    if executor == "ray":
+        import_ray()
+        return RayExecutor(ray_address)
+    raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
+
