@@ -39,6 +39,14 @@ def _executor(executor: str, processes: int, ray_address: str | None) -> Any:
     return make_executor(executor, processes, ray_address)
 
 
+def _ray_cluster(executor: str, processes: int, ray_address: str | None) -> str | None:
+    """For download (img2dataset joins the cluster itself): the GCS address of the cluster, or None."""
+    from lenscap.executors import RayExecutor
+
+    runner = _executor(executor, processes, ray_address)
+    return runner.cluster_address() if isinstance(runner, RayExecutor) else None
+
+
 def _emit(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(summary, default=str))
@@ -81,6 +89,8 @@ def download(
     user_agent_token: Annotated[str, typer.Option(help="Token added to the User-Agent and matched against X-Robots-Tag directives.")] = "lenscap",
     respect_opt_out: Annotated[bool, typer.Option(help="Skip images whose server sends X-Robots-Tag noai/noimageai/noindex/noimageindex.")] = True,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="After downloading, fetch the failed downloads of completed shards again and merge the successes.")] = False,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -105,7 +115,7 @@ def download(
             samples_per_shard=samples_per_shard, processes=processes, threads=threads, image_size=image_size,
             resize_mode=resize_mode, upscale=upscale, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
             max_pixels=max_pixels, timeout=timeout, retries=retries, user_agent_token=user_agent_token or None,
-            respect_opt_out=respect_opt_out,
+            respect_opt_out=respect_opt_out, ray_address=_ray_cluster(executor, processes, ray_address),
         )
         result = None
         if source is not None:
@@ -322,19 +332,20 @@ def filter_command(
         stage.setup()
         counts: Counter[str] = Counter()
         for shard_id in src.completed_ids():
-            counts.update(stage.count_shard(src, shard_id))
-        summary = {"command": "filter", "dry_run": True, "in_dir": str(src.path), "samples": sum(counts.values()),
+            with src.staged(shard_id) as local:  # a remote shard: a temporary local copy
+                counts.update(stage.count_shard(local, shard_id))
+        summary = {"command": "filter", "dry_run": True, "in_dir": src.location, "samples": sum(counts.values()),
                    "kept": counts.get("kept", 0), "reasons": dict(counts.most_common()), "exit_code": 0}
         _emit(summary, as_json)
         if not as_json:
-            print(f"{src.path}: {summary['samples']} samples, {summary['kept']} would be kept")
+            print(f"{src.location}: {summary['samples']} samples, {summary['kept']} would be kept")
             for reason, n in counts.most_common():
                 if reason != "kept":
                     print(f"  {n:>8}  dropped: {reason}" if reason != "error" else f"  {n:>8}  unreadable")
         return
-    result = run_stage(stage, src.path, out_dir, progress=make_progress("filter", quiet), executor=runner)
+    result = run_stage(stage, src, out_dir, progress=make_progress("filter", quiet), executor=runner)
     reasons: Counter[str] = Counter()
-    out = Dataset(result.out_dir)
+    out = Dataset(out_dir)
     for shard_id in out.completed_ids():
         reasons.update(out.read_stats(shard_id).get("filter_reasons", {}))
     summary = {"command": "filter", **asdict(result), "kept": reasons.get("kept", 0), "reasons": dict(reasons.most_common()),
@@ -425,6 +436,9 @@ def batch_cancel_command(
     from lenscap.errors import UsageError
     from lenscap.stages.caption_batch import cancel_batches
 
+    from lenscap.storage import require_local
+
+    require_local(out_dir, "batch cancel's directory")
     job_file = Path(out_dir) / "_lenscap" / "batch" / "job.json"
     Dataset.open(out_dir)
     if not job_file.exists():

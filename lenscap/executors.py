@@ -186,6 +186,10 @@ class RayExecutor(Executor):
     def connect(self) -> Any:
         return connect_ray(self.address)
 
+    def cluster_address(self) -> str:
+        """The GCS address other processes join this cluster by (a local instance started here too)."""
+        return str(self.connect().get_runtime_context().gcs_address)
+
     def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str]) -> LenscapError | None:
         if not items:
             return None

@@ -68,3 +68,15 @@ def cli():
 
 def solid_jpeg(size=(64, 48), colour=(10, 120, 200)) -> bytes:
     return jpeg_bytes(Image.new("RGB", size, colour))
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (2 CPUs) for the whole session; its GCS address, for CLI subprocesses to join."""
+    ray = pytest.importorskip("ray")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()

@@ -5,6 +5,8 @@ when the answer arrives the reservation is replaced by what the server says it u
 only sent if the reservations fit, so the budget is never overrun by more than estimation error.
 The budget covers everything the output directory has paid for across runs (spend recorded in
 finished shards and in journals), so rerunning the same command never spends it twice.
+
+On a Ray cluster the workers share no memory: ``ClusterBudget`` keeps the same ledger in a Ray actor.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import multiprocessing
 from typing import Any
 
-__all__ = ["Budget"]
+__all__ = ["Budget", "ClusterBudget"]
 
 
 class Budget:
@@ -49,3 +51,64 @@ class Budget:
         with self._values.get_lock():
             self._values[1] = max(0.0, self._values[1] - (reserved if self.max_usd is not None else 0.0))
             self._values[0] += actual
+
+    def on_cluster(self) -> Budget:
+        """This budget for workers on other machines."""
+        return ClusterBudget(self.max_usd, self.spent)
+
+
+class _Ledger:
+    """The Ray actor behind ``ClusterBudget``: one process, so its calls need no lock."""
+
+    def __init__(self, max_usd: float | None, spent_before: float) -> None:
+        self.budget = Budget(max_usd, spent_before)
+
+    def reserve(self, usd: float) -> bool:
+        return self.budget.reserve(usd)
+
+    def reserve_forced(self, usd: float) -> None:
+        self.budget.reserve_forced(usd)
+
+    def settle(self, reserved: float, actual: float) -> None:
+        self.budget.settle(reserved, actual)
+
+    def spent_this_run(self) -> float:
+        return self.budget.spent_this_run
+
+
+class ClusterBudget(Budget):
+    """A budget whose ledger is a Ray actor; every call is synchronous, so ``spent`` read after the
+    shards finished counts every caption they paid for. (Without --max-cost, ``reserve`` asks nothing.)"""
+
+    def __init__(self, max_usd: float | None, spent_before: float = 0.0) -> None:
+        from lenscap.executors import import_ray
+
+        self._ray = import_ray()
+        self.max_usd = max_usd
+        self.spent_before = spent_before
+        self._ledger = self._ray.remote(_Ledger).options(num_cpus=0).remote(max_usd, spent_before)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_ray"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        from lenscap.executors import import_ray
+
+        self.__dict__.update(state, _ray=import_ray())
+
+    @property
+    def spent_this_run(self) -> float:
+        return float(self._ray.get(self._ledger.spent_this_run.remote()))
+
+    @property
+    def spent(self) -> float:
+        return self.spent_before + self.spent_this_run
+
+    def reserve(self, usd: float) -> bool:
+        return True if self.max_usd is None else bool(self._ray.get(self._ledger.reserve.remote(usd)))
+
+    def reserve_forced(self, usd: float) -> None:
+        self._ray.get(self._ledger.reserve_forced.remote(usd))
+
+    def settle(self, reserved: float, actual: float) -> None:
+        self._ray.get(self._ledger.settle.remote(reserved, actual))

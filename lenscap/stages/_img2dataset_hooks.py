@@ -97,6 +97,8 @@ class GuardedResizer(Resizer):
         self.max_pixels = max_pixels
 
     def __call__(self, img_stream, blurring_bbox_list=None):
+        # A Ray worker (img2dataset's ray distributor) never ran main() below: the same second line here.
+        os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(self.max_pixels))
         img_stream.seek(0)
         problem = check_image_bytes(img_stream.getvalue(), self.max_pixels)
         if problem is not None:
@@ -133,6 +135,11 @@ def main(parent: int) -> int:
         os.dup2(log.fileno(), 2)
     config = request["download"]
     max_pixels = int(config.pop("max_pixels"))
+    ray_address = config.pop("ray_address", None)
+    if ray_address:  # img2dataset's ray distributor runs its tasks on the cluster we join here
+        import ray
+
+        ray.init(address=ray_address, log_to_driver=False, logging_level="WARNING")
     # OpenCV refuses to allocate for images beyond this, a second line behind check_image_bytes.
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
 

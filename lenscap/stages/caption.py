@@ -14,7 +14,7 @@ import hashlib
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -30,6 +30,9 @@ from lenscap.dataset import Dataset, atomic_write_json, shard_name
 from lenscap.errors import BudgetReached, DatasetError, MissingDependency
 from lenscap.record import Sample
 from lenscap.stages.base import Stage
+
+if TYPE_CHECKING:
+    from lenscap.executors import Executor
 
 __all__ = ["CaptionStage", "PROVENANCE_FIELDS"]
 
@@ -129,11 +132,16 @@ class CaptionStage(Stage):
             if before != identity:
                 changed = ", ".join(f"{k}: {before.get(k)!r} -> {identity.get(k)!r}"
                                     for k in sorted(set(before) | set(identity)) if before.get(k) != identity.get(k))
-                raise DatasetError(f"{dst.path} holds captions written with other settings ({changed}); "
+                raise DatasetError(f"{dst.location} holds captions written with other settings ({changed}); "
                                    "use a new output directory, or the same settings to resume")
         else:
             job_file.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(job_file, identity)
+
+    def use_executor(self, executor: Executor) -> None:
+        self.backend.share_limits(executor)
+        if executor.distributed and self.budget is not None:
+            self.budget = self.budget.on_cluster()  # workers on other machines share no memory
 
     def setup(self) -> None:
         self.backend.setup()

@@ -73,6 +73,9 @@ class DownloadOptions:
     user_agent_token: str | None = "lenscap"
     respect_opt_out: bool = True
     encode_quality: int = 95
+    # A Ray cluster's GCS address: img2dataset then runs one Ray task per shard there (its "ray"
+    # distributor) instead of --processes local processes. Where the work runs shapes nothing.
+    ray_address: str | None = None
 
     def validate(self) -> None:
         checks = [
@@ -95,7 +98,7 @@ class DownloadOptions:
     def output_shaping(self) -> dict[str, Any]:
         """The options a rerun must repeat for its shards to match the earlier ones."""
         d = asdict(self)
-        for how_fast in ("processes", "threads", "retries", "timeout"):
+        for how_fast in ("processes", "threads", "retries", "timeout", "ray_address"):
             d.pop(how_fast)
         d["max_aspect_ratio"] = None if math.isinf(self.max_aspect_ratio) else self.max_aspect_ratio
         return d
@@ -127,6 +130,7 @@ class DownloadOptions:
             "incremental_mode": "incremental",
             "compute_hash": "sha256",
             "oom_shard_count": 5,
+            "distributor": "ray" if self.ray_address else "multiprocessing",
         }
 
 
@@ -287,7 +291,7 @@ def _staged_done(staging: Path) -> set[int]:
 
 def _img2dataset_config(options: DownloadOptions, url_dir: Path, staging: Path) -> dict[str, Any]:
     staging.mkdir(parents=True, exist_ok=True)
-    return options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels}
+    return options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels, "ray_address": options.ray_address}
 
 
 def download(
