@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PigeonholePlan", "near_pairs"]
+__all__ = ["PigeonholePlan", "near_pairs", "table_pairs", "create_outputs"]
 
 # Relative cost of a chance candidate pair (join, popcount) against scanning one hash in one table.
 _CANDIDATE_COST = 4.0
@@ -85,6 +85,12 @@ class PigeonholePlan:
         width = self.blocks[block][1]
         return f"({self.block_sql(block, column)} >> {width - self.partition_bits})::USMALLINT"
 
+    def sorted_sql(self, block: int, source: str, has_new: bool) -> str:
+        """The hashes of ``source`` with their partition ``p`` on ``block``, sorted on it: a table whose
+        first block is ``block`` then reads one partition's slice, not every hash, per GROUP BY."""
+        cols = "uid, h" + (", has_new" if has_new else "")
+        return f"SELECT {cols}, {self.partition_sql(block)} AS p FROM {source} ORDER BY p"
+
     def first_table_sql(self, table: tuple[int, ...], xor: str) -> str:
         """True when ``table`` is the first table on which a pair with this XOR agrees: every block
         before its last that it leaves out differs."""
@@ -100,10 +106,8 @@ def near_pairs(con: Any, source: str, plan: PigeonholePlan, bucket_cap: int, res
     ``restrict`` is an SQL condition over the pair ``a``/``b`` (e.g. at least one is new). ``source``
     must hold distinct hashes; equal hashes are grouped before this.
     """
-    r = plan.max_distance
-    con.execute("CREATE OR REPLACE TEMP TABLE near (a BIGINT, b BIGINT, d UTINYINT)")
-    con.execute("CREATE OR REPLACE TEMP TABLE capped (tbl INTEGER, k UBIGINT, n BIGINT)")
-    if r == 0:
+    create_outputs(con)
+    if plan.max_distance == 0:
         return
     partitions = 1 << plan.partition_bits
     firsts = sorted({t[0] for t in plan.tables})
@@ -113,25 +117,38 @@ def near_pairs(con: Any, source: str, plan: PigeonholePlan, bucket_cap: int, res
             sorted_copies[i] = source
             continue
         sorted_copies[i] = f"ph_sorted_{i}"
-        cols = "uid, h" + (", has_new" if restrict else "")
-        con.execute(f"CREATE OR REPLACE TEMP TABLE ph_sorted_{i} AS SELECT {cols}, {plan.partition_sql(i)} AS p "
-                    f"FROM {source} ORDER BY p")
-    pair_filter = f" AND ({restrict})" if restrict else ""
+        con.execute(f"CREATE OR REPLACE TEMP TABLE ph_sorted_{i} AS {plan.sorted_sql(i, source, restrict is not None)}")
     for number, table in enumerate(plan.tables):
-        key = plan.key_sql(table)
-        for p in range(partitions):
-            where = f"WHERE p = {p}" if partitions > 1 else ""
-            con.execute(f"CREATE OR REPLACE TEMP TABLE ph_slice AS SELECT *, ({key}) AS k FROM {sorted_copies[table[0]]} {where}")
-            con.execute("""CREATE OR REPLACE TEMP TABLE ph_keys AS
-                SELECT k, count(*) AS n FROM ph_slice GROUP BY k HAVING count(*) > 1""")
-            con.execute(f"INSERT INTO capped SELECT {number}, k, n FROM ph_keys WHERE n > {int(bucket_cap)}")
-            con.execute(f"""INSERT INTO near
-                WITH c AS (SELECT s.* FROM ph_slice s SEMI JOIN (SELECT k FROM ph_keys WHERE n <= {int(bucket_cap)}) USING (k))
-                SELECT a.uid, b.uid, bit_count(xor(a.h, b.h)) FROM c a JOIN c b ON a.k = b.k AND a.uid < b.uid
-                WHERE bit_count(xor(a.h, b.h)) <= {r} AND {plan.first_table_sql(table, 'xor(a.h, b.h)')}{pair_filter}""")
+        table_pairs(con, plan, number, sorted_copies[table[0]], bucket_cap, restrict)
         if on_table is not None:
             on_table(number + 1, len(plan.tables))
     for i in firsts:
         if sorted_copies[i] != source:
             con.execute(f"DROP TABLE {sorted_copies[i]}")
+
+
+def create_outputs(con: Any) -> None:
+    con.execute("CREATE OR REPLACE TEMP TABLE near (a BIGINT, b BIGINT, d UTINYINT)")
+    con.execute("CREATE OR REPLACE TEMP TABLE capped (tbl INTEGER, k UBIGINT, n BIGINT)")
+
+
+def table_pairs(con: Any, plan: PigeonholePlan, number: int, rows: str, bucket_cap: int, restrict: str | None = None) -> None:
+    """Add to ``near`` and ``capped`` what table ``number`` finds in ``rows``: the hashes with their
+    partition ``p`` of the table's first block when the plan has partitions (``plan.sorted_sql``), a
+    table or a ``read_parquet``. It finds only the pairs no earlier table finds, so the tables can
+    run in any order, in any process, and their results add up to ``near_pairs``'."""
+    table = plan.tables[number]
+    key = plan.key_sql(table)
+    partitions = 1 << plan.partition_bits
+    pair_filter = f" AND ({restrict})" if restrict else ""
+    for p in range(partitions):
+        where = f"WHERE p = {p}" if partitions > 1 else ""
+        con.execute(f"CREATE OR REPLACE TEMP TABLE ph_slice AS SELECT *, ({key}) AS k FROM {rows} {where}")
+        con.execute("""CREATE OR REPLACE TEMP TABLE ph_keys AS
+            SELECT k, count(*) AS n FROM ph_slice GROUP BY k HAVING count(*) > 1""")
+        con.execute(f"INSERT INTO capped SELECT {number}, k, n FROM ph_keys WHERE n > {int(bucket_cap)}")
+        con.execute(f"""INSERT INTO near
+            WITH c AS (SELECT s.* FROM ph_slice s SEMI JOIN (SELECT k FROM ph_keys WHERE n <= {int(bucket_cap)}) USING (k))
+            SELECT a.uid, b.uid, bit_count(xor(a.h, b.h)) FROM c a JOIN c b ON a.k = b.k AND a.uid < b.uid
+            WHERE bit_count(xor(a.h, b.h)) <= {plan.max_distance} AND {plan.first_table_sql(table, 'xor(a.h, b.h)')}{pair_filter}""")
     con.execute("DROP TABLE IF EXISTS ph_slice; DROP TABLE IF EXISTS ph_keys")

@@ -32,8 +32,10 @@ import pyarrow as pa
 from lenscap.dataset import Dataset, atomic_write_json
 from lenscap.dedup.phash import ALGORITHM
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
+from lenscap.dedup.tables import split_near_pairs
 from lenscap.dedup.unionfind import UnionFind
 from lenscap.errors import UsageError
+from lenscap.executors import Executor
 from lenscap.sql import literal, out_of_core
 
 __all__ = ["DedupOptions", "Source", "find_duplicates", "REASONS"]
@@ -114,8 +116,13 @@ def _group_edges(con: Any, column: str, why: int, where: str, against: bool) -> 
 
 
 def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path, report_dir: Path,
-                    status: Callable[[str], None] = lambda text: None) -> dict[str, Any]:
-    """Write ``work_dir/decisions.parquet`` and the report; return the report's summary."""
+                    status: Callable[[str], None] = lambda text: None, executor: Executor | None = None) -> dict[str, Any]:
+    """Write ``work_dir/decisions.parquet`` and the report; return the report's summary.
+
+    The near-duplicate search runs in this process, or with a distributed ``executor`` (Ray), one
+    task per pigeonhole table (``tables.split_near_pairs``); the pairs, and so the result, are the
+    same. Local processes gain nothing over DuckDB's own threads here (see the README's figures).
+    """
     started = time.monotonic()
     con = out_of_core(options.memory_limit, work_dir / "spill", options.threads)
     try:
@@ -136,8 +143,13 @@ def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path
                             f"WHERE {usable} GROUP BY h")
                 n = con.execute("SELECT count(*) FROM uh").fetchall()[0][0]
                 plan = PigeonholePlan.for_size(max(n, 1), options.max_distance)
-                near_pairs(con, "uh", plan, options.bucket_cap, restrict="a.has_new OR b.has_new" if against else None,
-                           on_table=lambda done, total: status(f"near duplicates: table {done}/{total}"))
+                restrict = "a.has_new OR b.has_new" if against else None
+                on_table = lambda done, total: status(f"near duplicates: table {done}/{total}")  # noqa: E731
+                if executor is not None and executor.distributed:
+                    split_near_pairs(con, "uh", plan, options.bucket_cap, executor, work_dir, options.memory_limit,
+                                     options.threads, restrict, on_table)
+                else:
+                    near_pairs(con, "uh", plan, options.bucket_cap, restrict, on_table)
                 con.execute("INSERT INTO edges SELECT a, b, 1, d FROM near")
         if options.captions:
             status("caption duplicates")
@@ -145,7 +157,9 @@ def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path
         status("clusters")
         _cluster(con)
         _decide(con, options)
-        return _write(con, sources, options, plan, work_dir, report_dir, started)
+        summary = _write(con, sources, options, plan, work_dir, report_dir, started)
+        shutil.rmtree(work_dir / "search", ignore_errors=True)  # kept until now for a rerun after a failure
+        return summary
     finally:
         con.close()
         shutil.rmtree(work_dir / "spill", ignore_errors=True)

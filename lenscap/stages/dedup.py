@@ -190,7 +190,8 @@ def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Data
         p = make_progress("dedup: searching", quiet)
         p.start(1)
         try:
-            report = find_duplicates(sources, stage.options, work_dir(dst), report_dir(dst), status=p.status)
+            report = find_duplicates(sources, stage.options, work_dir(dst), report_dir(dst), status=p.status,
+                                     executor=executor)
             p.advance(shards=1)
         finally:
             p.finish()
