@@ -217,6 +217,8 @@ def caption(
     loaded_prompt = load_prompt(prompt)
     cls = backend_class(backend)
     caption_backend = cls.from_options(values)
+    if caption_backend.runs_as_batch and executor != "local":
+        raise UsageError(f"--backend {backend} runs as batch jobs on the provider's side; --executor ray is for the other backends")
     caption_backend.set_processes(processes)
     if caption_backend.priced and not caption_backend.has_price():
         if max_cost is not None:
@@ -556,7 +558,10 @@ def report(
 
     if sample < 0:
         raise UsageError(f"--sample must be 0 or more, not {sample}")
-    for target in (out, png):
+    from lenscap.storage import require_local
+
+    for target, what in ((out, "report's --out"), (png, "report's --png")):
+        require_local(target, what)
         if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
             raise UsageError(f"cannot write {target}: its directory does not exist")
     written = write_report(path, out, sample, seed, png)
