@@ -11,9 +11,12 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from lenscap.errors import UsageError
+
+if TYPE_CHECKING:
+    from lenscap.executors import Executor
 
 __all__ = ["CaptionBackend", "CaptionRequest", "CaptionResult", "Option", "generated", "OK", "ERROR", "REFUSED", "TRUNCATED", "SKIPPED",
            "OUTCOMES"]
@@ -131,6 +134,10 @@ class CaptionBackend(ABC):
 
     def set_processes(self, processes: int) -> None:
         """The run uses this many worker processes (a rate-limited backend splits its limits)."""
+
+    def share_limits(self, executor: Executor) -> None:
+        """Once, in the main process, before the shards go to ``executor``: a rate-limited backend whose
+        workers may run on other machines arranges to share the account's limits with them."""
 
     def has_price(self) -> bool:
         return not self.priced

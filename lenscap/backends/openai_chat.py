@@ -18,7 +18,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
 from lenscap.backends.base import ERROR, OK, REFUSED, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult, Option
@@ -26,6 +26,9 @@ from lenscap.captioning.images import UnreadableImage, prepare_image
 from lenscap.captioning.pricing import PriceTable, image_tokens, text_tokens
 from lenscap.captioning.ratelimit import EndpointLimiter
 from lenscap.errors import BackendError, UsageError
+
+if TYPE_CHECKING:
+    from lenscap.executors import Executor
 
 __all__ = ["OpenAIChatBackend", "OpenAIOptions", "COMMON_OPTIONS"]
 
@@ -134,6 +137,9 @@ class _Endpoint:
         self.limiter = limiter
         self.client: Any = None
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "client": None}  # opened per shard, in the worker
+
 
 class OpenAIChatBackend(CaptionBackend):
     """Any OpenAI-compatible chat-completions server (OpenAI, Azure, vLLM serve, Ollama), request by request."""
@@ -156,6 +162,22 @@ class OpenAIChatBackend(CaptionBackend):
         for ep in self.endpoints:
             for bucket in (ep.limiter.requests, ep.limiter.tokens):
                 bucket.share = self.options.process_share
+
+    def share_limits(self, executor: Executor) -> None:
+        """On a Ray cluster every worker takes its turns from one actor holding the account's limits,
+        so nothing is split (``--processes`` does not apply) and an idle worker's part goes to the others."""
+        from lenscap.executors import RayExecutor
+
+        if not isinstance(executor, RayExecutor):
+            for ep in self.endpoints:
+                ep.limiter.share(None, "")
+            return
+        from lenscap.captioning.cluster_limits import start_account_limits
+
+        account = start_account_limits(executor.connect(), {ep.url: (self.options.rpm, self.options.tpm) for ep in self.endpoints})
+        self.set_processes(1)
+        for ep in self.endpoints:
+            ep.limiter.share(account, ep.url)
 
     def has_price(self) -> bool:
         return self.options.prices.price(self.model) is not None

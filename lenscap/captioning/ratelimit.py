@@ -12,6 +12,9 @@ wins); ``x-ratelimit-remaining-*`` lowers the level when others share the accoun
 every request to the endpoint until the server's ``retry-after`` has passed. Without flags, one
 probe request goes first and the rest wait for its headers, so a fresh run never bursts
 ``--concurrency`` requests into an unknown limit.
+
+On a Ray cluster the limiter is *shared* (``share``): the buckets live in one actor for the whole
+account (``lenscap.captioning.cluster_limits``), and this process only asks it for turns.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import asyncio
 import re
 import time
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["TokenBucket", "EndpointLimiter", "parse_duration"]
 
@@ -106,6 +110,10 @@ class EndpointLimiter:
     """The limits of one endpoint (one deployment, one API key); shared by its concurrent requests.
 
     ``share`` is this process's part of the account when several processes use it.
+
+    Shared mode (``share``): every request takes its turn from the cluster's account actor instead
+    of these buckets; this process still learns limits here (to pick among endpoints) and passes
+    on what the server says, so all workers obey one account.
     """
 
     def __init__(self, rpm: float | None = None, tpm: float | None = None, share: float = 1.0) -> None:
@@ -119,6 +127,17 @@ class EndpointLimiter:
         self._lock: asyncio.Lock | None = None
         self._known_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.account: Any = None  # shared mode: the cluster's AccountLimits actor
+        self.key = ""
+        self._seen: tuple[dict[str, str], float, float] | None = None  # headers, age, when: for the actor
+
+    def share(self, account: Any, key: str) -> None:
+        """Take turns from ``account`` (a Ray actor handle) for endpoint ``key``; None: local again."""
+        self.account, self.key = account, key
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Travels to Ray workers inside the backend: nothing bound to this process's event loop.
+        return {**self.__dict__, "_lock": None, "_known_event": None, "_loop": None, "_probing": False, "_seen": None}
 
     def _get_lock(self) -> asyncio.Lock:
         loop = asyncio.get_running_loop()
@@ -152,6 +171,9 @@ class EndpointLimiter:
                     self._probing = True  # this request is the probe
                 else:
                     await self._known_event.wait()
+            if self.account is not None:
+                await self._take_turn(tokens)
+                return
             async with lock:
                 while True:
                     now = time.monotonic()
@@ -164,11 +186,38 @@ class EndpointLimiter:
         finally:
             self.waiting -= 1
 
+    async def _take_turn(self, tokens: float) -> None:
+        """Shared mode: one actor call per request, then wait here for the turn it gave."""
+        while True:
+            seen, self._seen = self._seen, None
+            forward = None if seen is None else (seen[0], seen[1] + time.monotonic() - seen[2])
+            wait, paused_s = await self.account.reserve.remote(self.key, tokens, forward)
+            self.paused_until = max(self.paused_until, time.monotonic() + paused_s)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            if time.monotonic() >= self.paused_until:
+                return
+            # A pause began while this request waited (its own worker's 429, or news of another's):
+            # the turn it holds was given before the pause, so it queues again behind the pause.
+
+    def reserve(self, tokens: float) -> float:
+        """Admission by reservation (the account actor's): take one request of ``tokens`` now, the
+        levels going negative, and return the seconds until it may be sent. Callers are served in
+        the order they asked, with one call each, and wait on their own side."""
+        now = time.monotonic()
+        wait = max(0.0, self.paused_until - now, self.requests.wait_time(1, now), self.tokens.wait_time(tokens, now))
+        self.requests.take(1, now)
+        self.tokens.take(tokens, now)
+        return wait
+
     def pause(self, seconds: float) -> None:
         """Stop every request to this endpoint for ``seconds``; afterwards restart smoothly, not in a burst."""
         until = time.monotonic() + seconds
         if until > self.paused_until:
             self.paused_until = until
+            if self.account is not None:
+                self.account.pause.remote(self.key, seconds)  # every worker's next turn comes after it
+                return
             self.requests.lower_to(0.0)
             self.tokens.lower_to(0.0)
 
@@ -176,6 +225,10 @@ class EndpointLimiter:
         """Learn from a response's rate-limit headers. ``age_s``: seconds since the request was sent;
         the server counted ``remaining`` then, and has refilled since."""
         self.learned()
+        if self.account is not None:
+            limits = {k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")}
+            if limits:  # the newest goes to the actor with this process's next reservation: no extra call
+                self._seen = (limits, age_s, time.monotonic())
         for bucket, flag, kind in ((self.requests, self.flag_rpm, "requests"), (self.tokens, self.flag_tpm, "tokens")):
             limit = _header_float(headers, f"x-ratelimit-limit-{kind}")
             if limit and (flag is None or limit < flag) and limit != bucket.per_minute:
