@@ -1,6 +1,6 @@
 """lenscap dedup: perceptual hashing against imagehash, and the near-duplicate search at 1M and 10M.
 
-    .venv/bin/python bench/dedup.py [--images 300] [--small 1000000] [--large 10000000] [--distance 4]
+    .venv/bin/python bench/dedup.py [--images 300] [--small 1000000] [--large 10000000] [--distance 4] [--ray-cpus 2]
 
 1. Hashing: lenscap's pHash (reduced-size JPEG decode) against ``imagehash.phash`` on the same
    1024x768 JPEG bytes, one process, same run; ratio = imagehash time / lenscap time. Recall on a
@@ -9,13 +9,20 @@
    ``pigeonhole.near_pairs`` in DuckDB (2 GB memory limit) as pass 2 runs it. Recall against brute
    force (numpy popcount over every hash) for a sample of query hashes; time at both sizes; the
    ratio large/small with the plan chosen for each size, and with the large size's plan at both.
+3. The search split into one executor task per table (``tables.split_near_pairs``), in the same run
+   and on the same hashes as 2, pairs checked equal: at the small size with the local executor
+   (one process; why local dedup keeps the in-process search), at the large size on a local Ray
+   cluster of ``--ray-cpus`` CPUs (started before the clock starts; 0 skips it). Its time includes
+   writing the sorted hashes for the tasks and reading their pairs back.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import tempfile
 import time
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -24,6 +31,8 @@ from PIL import Image
 
 from lenscap.dedup.phash import phash
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
+from lenscap.dedup.tables import split_near_pairs
+from lenscap.executors import Executor, LocalExecutor, RayExecutor
 from lenscap.demo.images import jpeg_bytes, photo
 
 
@@ -88,7 +97,22 @@ def search(h: np.ndarray, plan: PigeonholePlan) -> tuple[float, duckdb.DuckDBPyC
     return time.perf_counter() - start, con
 
 
-def bench_search(small: int, large: int, r: int) -> None:
+def pair_digest(con: duckdb.DuckDBPyConnection) -> tuple[int, int]:
+    return con.execute("SELECT count(*), sum(hash(a, b, d)) FROM near").fetchall()[0]
+
+
+def split(con: duckdb.DuckDBPyConnection, plan: PigeonholePlan, executor: Executor, in_process: float, label: str) -> None:
+    """The search again on ``con``'s hashes, one ``executor`` task per table; same pairs, and the time."""
+    expected = pair_digest(con)
+    with tempfile.TemporaryDirectory(prefix="lenscap-bench-") as work:
+        start = time.perf_counter()
+        split_near_pairs(con, "uh", plan, 2000, executor, Path(work), "2GB")
+        seconds = time.perf_counter() - start
+    same = "same pairs" if pair_digest(con) == expected else "DIFFERENT PAIRS"
+    print(f"  one task per table, {label}: {seconds:.1f} s, {same}; ratio to one process {seconds / in_process:.2f}")
+
+
+def bench_search(small: int, large: int, r: int, ray_cpus: int) -> None:
     rng = np.random.default_rng(0)
     times = {}
     for n in (small, large):
@@ -108,6 +132,14 @@ def bench_search(small: int, large: int, r: int) -> None:
         found = set(con.execute("SELECT a, b FROM near WHERE a IN (SELECT uid FROM q) OR b IN (SELECT uid FROM q)").fetchall())
         print(f"  brute force over {len(queries)} query hashes: {len(truth)} pairs, recall {len(truth & found) / max(1, len(truth)):.3f}, "
               f"{len(found - truth)} found beyond")
+        if n == small:
+            split(con, plan, LocalExecutor(1), seconds, "local executor, 1 process")
+        elif ray_cpus:
+            import ray
+
+            ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            split(con, plan, RayExecutor(), seconds, f"Ray, local cluster of {ray_cpus} CPUs")
+            ray.shutdown()
         if n == large:
             same_plan = PigeonholePlan.with_blocks(small, r, len(plan.blocks))
             h_small, _ = synthetic(small, r, rng)
@@ -124,9 +156,10 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=1_000_000)
     parser.add_argument("--large", type=int, default=10_000_000)
     parser.add_argument("--distance", type=int, default=4)
+    parser.add_argument("--ray-cpus", type=int, default=2)
     args = parser.parse_args()
     bench_hashing(args.images, args.distance)
-    bench_search(args.small, args.large, args.distance)
+    bench_search(args.small, args.large, args.distance, args.ray_cpus)
 
 
 if __name__ == "__main__":
