@@ -167,3 +167,18 @@ def test_rerun_after_a_failed_table_runs_only_that_table(tmp_path):
     near_pairs(con, "t", plan, 10**6)
     assert split == con.execute("SELECT a, b, d FROM near ORDER BY a, b").fetchall()
     assert {(a, b) for a, b, _ in split} == brute_force(h, 3)
+
+
+def test_split_keeps_the_against_restriction(tmp_path):
+    """With --against, only pairs touching a new hash count; the split tasks apply it the same."""
+    h = planted_hashes(600, 4, seed=4)
+    plan = PigeonholePlan.for_size(len(h), 4)
+    con = duckdb.connect()
+    has_new = np.random.default_rng(1).random(len(h)) < 0.3
+    con.register("t", pa.table({"uid": np.arange(len(h), dtype=np.int64), "h": h, "has_new": has_new}))
+    restrict = "a.has_new OR b.has_new"
+    split_near_pairs(con, "t", plan, 10**6, LocalExecutor(1), tmp_path, "256MB", restrict=restrict)
+    split = con.execute("SELECT a, b, d FROM near ORDER BY a, b").fetchall()
+    near_pairs(con, "t", plan, 10**6, restrict)
+    assert split == con.execute("SELECT a, b, d FROM near ORDER BY a, b").fetchall()
+    assert 0 < len(split) < len(brute_force(h, 4)) and all(has_new[a] or has_new[b] for a, b, _ in split)
