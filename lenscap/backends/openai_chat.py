@@ -170,14 +170,14 @@ class OpenAIChatBackend(CaptionBackend):
 
         if not isinstance(executor, RayExecutor):
             for ep in self.endpoints:
-                ep.limiter.share(None, "")
+                ep.limiter.use_account(None, "")
             return
         from lenscap.captioning.cluster_limits import start_account_limits
 
         account = start_account_limits(executor.connect(), {ep.url: (self.options.rpm, self.options.tpm) for ep in self.endpoints})
         self.set_processes(1)
         for ep in self.endpoints:
-            ep.limiter.share(account, ep.url)
+            ep.limiter.use_account(account, ep.url)
 
     def has_price(self) -> bool:
         return self.options.prices.price(self.model) is not None

@@ -13,7 +13,7 @@ every request to the endpoint until the server's ``retry-after`` has passed. Wit
 probe request goes first and the rest wait for its headers, so a fresh run never bursts
 ``--concurrency`` requests into an unknown limit.
 
-On a Ray cluster the limiter is *shared* (``share``): the buckets live in one actor for the whole
+On a Ray cluster the limiter is shared (``use_account``): the buckets live in one actor for the whole
 account (``lenscap.captioning.cluster_limits``), and this process only asks it for turns.
 """
 
@@ -111,7 +111,7 @@ class EndpointLimiter:
 
     ``share`` is this process's part of the account when several processes use it.
 
-    Shared mode (``share``): every request takes its turn from the cluster's account actor instead
+    Shared mode (``use_account``): every request takes its turn from the cluster's account actor instead
     of these buckets; this process still learns limits here (to pick among endpoints) and passes
     on what the server says, so all workers obey one account.
     """
@@ -131,7 +131,7 @@ class EndpointLimiter:
         self.key = ""
         self._seen: tuple[dict[str, str], float, float] | None = None  # headers, age, when: for the actor
 
-    def share(self, account: Any, key: str) -> None:
+    def use_account(self, account: Any, key: str) -> None:
         """Take turns from ``account`` (a Ray actor handle) for endpoint ``key``; None: local again."""
         self.account, self.key = account, key
 
