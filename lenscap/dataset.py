@@ -13,6 +13,13 @@ happen and ``_stats.json`` is written. A crash at any point leaves either no tra
 or a journal that ``Dataset.recover`` rolls forward, so no reader ever sees a half-written shard
 that looks complete. "Crash" means the process dying (SIGKILL, out of memory, Ctrl-C); shard files
 are not fsynced, so a power loss can still lose what the page cache held, as with img2dataset.
+
+A dataset may also live at a URL on an fsspec filesystem (``s3://bucket/ds``, ``gs://...``,
+``memory://ds``; see ``lenscap.storage``). The remote directory is the source of truth: the driver's
+operations (listing shards, ``is_complete``, stats, manifest, ``read_table``) go to it. Shard files
+are never written there in place: a stage writes a shard into the dataset's local mirror, and
+``upload_shard`` puts the tar and parquet, then ``_stats.json`` last, so a kill mid-upload leaves a
+shard that is incomplete remotely. A remote input shard is read from a local copy (``staged``).
 """
 
 from __future__ import annotations
@@ -21,12 +28,15 @@ import io
 import json
 import os
 import re
+import shutil
 import tarfile
+import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -34,6 +44,7 @@ import pyarrow.parquet as pq
 from lenscap import __version__
 from lenscap.errors import DatasetError
 from lenscap.record import Sample
+from lenscap.storage import is_remote, local_path, mirror_dir, redact_url, url_to_fs
 
 __all__ = ["Dataset", "ShardWriter", "shard_name", "shard_stats", "read_parquet", "atomic_write_bytes", "atomic_write_json",
            "claim_job"]
@@ -117,34 +128,92 @@ def redact(parameters: dict[str, Any]) -> dict[str, Any]:
 
 
 class Dataset:
-    """A dataset directory on the local filesystem."""
+    """A dataset directory: a local path, or a URL on an fsspec filesystem (``remote``).
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
+    ``path`` is the local directory: the dataset itself, or a remote dataset's local mirror, which
+    holds its private work directory ``_lenscap/`` and the shards being written before upload.
+    ``location`` is what to show and record (a URL without credentials); ``storage_options`` are
+    passed to fsspec and never recorded.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+        self._spec = os.fspath(path)
+        self.storage_options = dict(storage_options or {})
+        self.fs: Any = None
+        self.root = ""
+        if is_remote(self._spec):
+            self.fs, self.root = url_to_fs(self._spec, self.storage_options)
+            self.location = redact_url(self._spec).rstrip("/")
+            self.path = mirror_dir(self.resolved)
+        else:
+            self.path = Path(local_path(self._spec))
+            self.location = str(self.path)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled (to worker processes, Ray tasks) as what it was opened from, not as an open filesystem.
+        return (Dataset, (self._spec, self.storage_options))
+
+    @property
+    def remote(self) -> bool:
+        return self.fs is not None
+
+    @property
+    def resolved(self) -> str:
+        """One name per dataset, to tell two apart: the absolute path, or the canonical URL."""
+        if self.fs is None:
+            return str(self.path.resolve())
+        return redact_url(self.fs.unstrip_protocol(self.root))
+
+    def mirror(self) -> Dataset:
+        """The local directory that shards of this dataset are written to: itself when local."""
+        return Dataset(self.path) if self.fs is not None else self
 
     # -- opening --------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, path: str | os.PathLike[str]) -> Dataset:
+    def create(cls, path: str | os.PathLike[str] | Dataset, storage_options: dict[str, Any] | None = None) -> Dataset:
         """Open ``path`` for writing, creating it if needed."""
-        p = Path(path)
+        if isinstance(path, Dataset):
+            path, storage_options = path._spec, path.storage_options
+        ds = cls(path, storage_options)
+        if ds.fs is not None:
+            try:
+                if ds.fs.isfile(ds.root):
+                    raise DatasetError(f"output {ds.location} exists and is a file")
+                ds.fs.makedirs(ds.root, exist_ok=True)
+            except OSError as e:
+                raise DatasetError(f"cannot create output {ds.location}: {e}") from None
+        p = ds.path
         if p.exists() and not p.is_dir():
             raise DatasetError(f"output directory {p} exists and is a file")
         try:
             (p / WORK_DIR_NAME).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DatasetError(f"cannot create output directory {p}: {e.strerror}") from None
-        return cls(p)
+        return ds
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str]) -> Dataset:
+    def open(cls, path: str | os.PathLike[str] | Dataset, storage_options: dict[str, Any] | None = None) -> Dataset:
         """Open an existing dataset directory for reading."""
-        p = Path(path)
+        if isinstance(path, Dataset):
+            path, storage_options = path._spec, path.storage_options
+        ds = cls(path, storage_options)
+        if ds.fs is not None:
+            try:
+                if not ds.fs.exists(ds.root):
+                    raise DatasetError(f"dataset {ds.location} does not exist")
+                if ds.fs.isfile(ds.root):
+                    raise DatasetError(f"{ds.location} is a file, not a dataset directory")
+            except OSError as e:
+                raise DatasetError(f"cannot read {ds.location}: {e}") from None
+            if not ds.fs.exists(ds._rpath(MANIFEST_NAME)) and not ds.shard_ids():
+                raise DatasetError(f"{ds.location} is not a dataset directory (no shards and no {MANIFEST_NAME})")
+            return ds
+        p = ds.path
         if not p.exists():
             raise DatasetError(f"dataset directory {p} does not exist")
         if not p.is_dir():
             raise DatasetError(f"{p} is a file, not a dataset directory")
-        ds = cls(p)
         if not (p / MANIFEST_NAME).exists() and not ds.shard_ids():
             raise DatasetError(f"{p} is not a dataset directory (no shards and no {MANIFEST_NAME})")
         return ds
@@ -155,34 +224,47 @@ class Dataset:
     def work_dir(self) -> Path:
         return self.path / WORK_DIR_NAME
 
+    def _local(self) -> Path:
+        if self.fs is not None:  # a bug in lenscap: remote shard files are read through a local copy
+            raise RuntimeError(f"{self.location} is remote: read its shards through Dataset.staged, write them to Dataset.mirror")
+        return self.path
+
     def tar_path(self, shard_id: int) -> Path:
-        return self.path / f"{shard_name(shard_id)}.tar"
+        return self._local() / f"{shard_name(shard_id)}.tar"
 
     def parquet_path(self, shard_id: int) -> Path:
-        return self.path / f"{shard_name(shard_id)}.parquet"
+        return self._local() / f"{shard_name(shard_id)}.parquet"
 
     def stats_path(self, shard_id: int) -> Path:
-        return self.path / f"{shard_name(shard_id)}_stats.json"
+        return self._local() / f"{shard_name(shard_id)}_stats.json"
 
     def tmp_path(self, shard_id: int, ext: str) -> Path:
-        return self.path / f".{shard_name(shard_id)}.{ext}.tmp"
+        return self._local() / f".{shard_name(shard_id)}.{ext}.tmp"
+
+    def _rpath(self, name: str) -> str:
+        return f"{self.root}/{name}"
 
     # -- listing --------------------------------------------------------------------------------
 
+    def _names(self) -> list[str]:
+        """The names in the dataset directory (not below it)."""
+        if self.fs is None:
+            return [entry.name for entry in os.scandir(self.path)]
+        self.fs.invalidate_cache(self.root)  # other processes write here: never a stale listing
+        try:
+            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+        except FileNotFoundError:
+            return []
+
     def completed_ids(self) -> list[int]:
         """Shards whose ``_stats.json`` exists: complete, never to be redone."""
-        ids = []
-        for entry in os.scandir(self.path):
-            m = _STATS_RE.match(entry.name)
-            if m:
-                ids.append(int(m.group(1)))
-        return sorted(ids)
+        return sorted(int(m.group(1)) for name in self._names() if (m := _STATS_RE.match(name)))
 
     def shard_ids(self) -> list[int]:
         """Every shard with any file present, complete or not."""
-        ids = set(self.completed_ids())
-        for entry in os.scandir(self.path):
-            m = _SHARD_FILE_RE.match(entry.name)
+        ids = set()
+        for name in self._names():
+            m = _STATS_RE.match(name) or _SHARD_FILE_RE.match(name)
             if m:
                 ids.add(int(m.group(1)))
         return sorted(ids)
@@ -194,22 +276,121 @@ class Dataset:
         return sorted(candidates - done)
 
     def is_complete(self, shard_id: int) -> bool:
-        return self.stats_path(shard_id).exists()
+        if self.fs is None:
+            return self.stats_path(shard_id).exists()
+        self.fs.invalidate_cache(self.root)
+        return bool(self.fs.exists(self._rpath(f"{shard_name(shard_id)}_stats.json")))
 
     # -- reading --------------------------------------------------------------------------------
 
     def read_stats(self, shard_id: int) -> dict[str, Any]:
-        return json.loads(self.stats_path(shard_id).read_text())
+        if self.fs is None:
+            return json.loads(self.stats_path(shard_id).read_text())
+        return json.loads(self.fs.cat_file(self._rpath(f"{shard_name(shard_id)}_stats.json")))
+
+    def _read_all_stats(self, ids: list[int]) -> list[dict[str, Any]]:
+        if self.fs is None or not ids:
+            return [self.read_stats(i) for i in ids]
+        paths = [self._rpath(f"{shard_name(i)}_stats.json") for i in ids]
+        blobs = self.fs.cat(paths)  # concurrent on object stores
+        by_name = {p.rstrip("/").rsplit("/", 1)[-1]: b for p, b in blobs.items()}
+        return [json.loads(by_name[p.rsplit("/", 1)[-1]]) for p in paths]
+
+    def open_shard_file(self, name: str) -> IO[bytes]:
+        """One of the dataset's files, for reading (``FileNotFoundError`` if missing)."""
+        if self.fs is None:
+            return open(self.path / name, "rb")  # noqa: SIM115 - the caller closes it
+        return self.fs.open(self._rpath(name), "rb")
+
+    def open_tar(self, shard_id: int) -> IO[bytes]:
+        """The shard's tar, for reading by offset (a remote one is read by ranges, not whole)."""
+        return self.open_shard_file(f"{shard_name(shard_id)}.tar")
 
     def read_table(self, shard_id: int, columns: list[str] | None = None) -> pa.Table:
-        path = self.parquet_path(shard_id)
+        if self.fs is None:
+            path = self.parquet_path(shard_id)
+            try:
+                return read_parquet(path, columns=columns)
+            except (OSError, pa.ArrowException) as e:
+                raise DatasetError(f"cannot read {path}: {e}") from None
+        name = f"{shard_name(shard_id)}.parquet"
         try:
-            return read_parquet(path, columns=columns)
+            with self.open_shard_file(name) as f:
+                return pq.ParquetFile(f).read(columns=columns)
         except (OSError, pa.ArrowException) as e:
-            raise DatasetError(f"cannot read {path}: {e}") from None
+            raise DatasetError(f"cannot read {self.location}/{name}: {e}") from None
+
+    def read_metadata(self, shard_id: int) -> pq.FileMetaData:
+        """The shard's parquet footer: row count and schema, without reading any data."""
+        if self.fs is None:
+            return pq.read_metadata(self.parquet_path(shard_id))
+        with self.open_shard_file(f"{shard_name(shard_id)}.parquet") as f:
+            return pq.read_metadata(f)
+
+    def read_schema(self, shard_id: int) -> pa.Schema:
+        if self.fs is None:
+            return pq.read_schema(self.parquet_path(shard_id))
+        with self.open_shard_file(f"{shard_name(shard_id)}.parquet") as f:
+            return pq.read_schema(f)
+
+    def read_json(self, name: str) -> Any:
+        """A JSON file of the dataset (``name`` relative to it), or None if there is none."""
+        try:
+            if self.fs is None:
+                return json.loads((self.path / name).read_text())
+            return json.loads(self.fs.cat_file(self._rpath(name)))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            raise DatasetError(f"cannot read {self.location}/{name}: {e}") from None
+
+    def disk_usage(self) -> tuple[int, int]:
+        """Bytes in shard files, and in all (a local dataset's private work directory included)."""
+        shard_bytes = total = 0
+        if self.fs is None:
+            for root, _, files in os.walk(self.path):
+                for name in files:
+                    size = os.path.getsize(os.path.join(root, name))
+                    total += size
+                    if root == str(self.path) and name.endswith((".tar", ".parquet", "_stats.json")):
+                        shard_bytes += size
+            return shard_bytes, total
+        self.fs.invalidate_cache(self.root)
+        for path, info in self.fs.find(self.root, detail=True).items():
+            size = int(info.get("size") or 0)
+            total += size
+            rel = path[len(self.root.rstrip("/")) + 1:] if path.startswith(self.root) else path
+            if "/" not in rel and rel.endswith((".tar", ".parquet", "_stats.json")):
+                shard_bytes += size
+        return shard_bytes, total
+
+    @contextmanager
+    def staged(self, shard_id: int) -> Iterator[Dataset]:
+        """A local dataset holding this shard: itself when local; for a remote dataset a temporary
+        copy of the shard's files (in ``$TMPDIR``), deleted on exit, so disk use is bounded by the
+        shards in flight, not the dataset."""
+        if self.fs is None:
+            yield self
+            return
+        name = shard_name(shard_id)
+        tmp = Path(tempfile.mkdtemp(prefix=f"lenscap-{name}-"))
+        try:
+            for file in (f"{name}.parquet", f"{name}.tar", f"{name}_stats.json"):
+                try:
+                    self.fs.get_file(self._rpath(file), str(tmp / file))
+                except FileNotFoundError:
+                    if file.endswith(".parquet"):
+                        raise DatasetError(f"{self.location}: shard {name} has no parquet file") from None
+            yield Dataset(tmp)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     def iter_samples(self, shard_id: int) -> Iterator[Sample]:
         """Samples of one shard in parquet row order, images read one at a time from the tar."""
+        if self.fs is not None:
+            with self.staged(shard_id) as local:
+                yield from local.iter_samples(shard_id)
+            return
         table = self.read_table(shard_id)
         tar_path = self.tar_path(shard_id)
         members: dict[str, tarfile.TarInfo] = {}
@@ -234,6 +415,8 @@ class Dataset:
                 tar.close()
 
     def read_manifest(self) -> dict[str, Any] | None:
+        if self.fs is not None:
+            return self.read_json(MANIFEST_NAME)
         path = self.path / MANIFEST_NAME
         if not path.exists():
             return None
@@ -241,6 +424,44 @@ class Dataset:
             return json.loads(path.read_text())
         except (OSError, ValueError) as e:
             raise DatasetError(f"cannot read {path}: {e}") from None
+
+    # -- a remote dataset's shards ----------------------------------------------------------------
+
+    def upload_shard(self, shard_id: int) -> dict[str, Any]:
+        """Upload a shard committed in the local mirror: tar and parquet, then ``_stats.json`` last
+        (the completion marker); then remove the local copies. Returns the shard's stats."""
+        local = self.mirror()
+        stats_file = local.stats_path(shard_id)
+        stats = stats_file.read_bytes()
+        for path in (local.tar_path(shard_id), local.parquet_path(shard_id)):
+            if path.exists():
+                self.fs.put_file(str(path), self._rpath(path.name))
+        self.fs.pipe_file(self._rpath(stats_file.name), stats)
+        for path in (local.tar_path(shard_id), local.parquet_path(shard_id), stats_file):
+            path.unlink(missing_ok=True)
+        return json.loads(stats)
+
+    def _recover_remote(self) -> int:
+        local = self.mirror()
+        names = self._names()
+        if MANIFEST_NAME not in names and not any(_STATS_RE.match(n) or _SHARD_FILE_RE.match(n) for n in names):
+            # A new remote output (or one deleted since): nothing in the mirror belongs to it, but its lock.
+            for entry in list(local.path.iterdir()) if local.path.is_dir() else []:
+                inner = list(entry.iterdir()) if entry.name == WORK_DIR_NAME and entry.is_dir() else [entry]
+                for item in inner:
+                    if entry.name == WORK_DIR_NAME and item.name == "lock":
+                        continue
+                    if item.is_dir() and not item.is_symlink():
+                        shutil.rmtree(item)
+                    else:
+                        item.unlink(missing_ok=True)
+            return 0
+        finished = local.recover()
+        done = {int(m.group(1)) for n in names if (m := _STATS_RE.match(n))}
+        for shard_id in set(local.shard_ids()) & done:  # uploaded, then killed before the local copies went
+            for path in (local.tar_path(shard_id), local.parquet_path(shard_id), local.stats_path(shard_id)):
+                path.unlink(missing_ok=True)
+        return finished
 
     # -- writing --------------------------------------------------------------------------------
 
@@ -260,7 +481,12 @@ class Dataset:
         self._roll_forward(journal)
 
     def recover(self) -> int:
-        """Finish commits that a crash interrupted; remove stray temporary files. Returns commits finished."""
+        """Finish commits that a crash interrupted; remove stray temporary files. Returns commits finished.
+
+        Remote: the same in the local mirror, whose copies of shards complete remotely go.
+        """
+        if self.fs is not None:
+            return self._recover_remote()
         finished = 0
         pending = self.work_dir / "pending"
         if pending.is_dir():
@@ -310,17 +536,17 @@ class Dataset:
         counts: Counter[str] = Counter()
         stage_counts: dict[str, Counter[str]] = {}
         samples = 0
-        for shard_id in completed:
-            stats = self.read_stats(shard_id)
+        for stats in self._read_all_stats(completed):
             samples += int(stats.get("count", 0))
             counts.update(stats.get("status", {}))
             for column, outcome in stats.get("stage_status", {}).items():
                 stage_counts.setdefault(column, Counter()).update(outcome)
         schema: list[dict[str, str]] = []
         if completed:
-            pschema = pq.read_schema(self.parquet_path(completed[0]))
+            pschema = self.read_schema(completed[0])
             schema = [{"name": f.name, "type": str(f.type)} for f in pschema]
         params = redact(parameters)
+        input_path = redact_url(input_path) if input_path is not None else None  # never credentials in a URL
         now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         entry = {"stage": stage, "parameters": params, "input": input_path, "lenscap_version": __version__, "at": now}
         manifest = {
@@ -336,7 +562,10 @@ class Dataset:
             "schema": schema,
             "history": [*(history or []), entry],
         }
-        atomic_write_json(self.path / MANIFEST_NAME, manifest)
+        if self.fs is not None:
+            self.fs.pipe_file(self._rpath(MANIFEST_NAME), json.dumps(manifest, indent=2, default=str).encode() + b"\n")
+        else:
+            atomic_write_json(self.path / MANIFEST_NAME, manifest)
         return manifest
 
 

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from lenscap.dataset import Dataset
+from lenscap.errors import DatasetError
 
 __all__ = ["inspect_dataset"]
 
@@ -48,7 +47,7 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
     spend = {"usd": 0.0, "input_tokens": 0, "output_tokens": 0}
     columns: list[str] = []
     for shard_id in completed:
-        meta = pq.read_metadata(ds.parquet_path(shard_id))
+        meta = ds.read_metadata(shard_id)
         names = meta.schema.to_arrow_schema().names
         columns = columns or names
         samples += meta.num_rows
@@ -83,16 +82,10 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
                 hist[n] += 1
                 words_total += n
     n_captions = sum(hist)
-    shard_bytes = total_bytes = 0
-    for root, _, files in os.walk(ds.path):
-        for name in files:
-            size = os.path.getsize(os.path.join(root, name))
-            total_bytes += size
-            if root == str(ds.path) and name.endswith((".tar", ".parquet", "_stats.json")):
-                shard_bytes += size
+    shard_bytes, total_bytes = ds.disk_usage()
     dedup = _dedup_report(ds)
     return {
-        "path": str(ds.path),
+        "path": ds.location,
         "stage": manifest.get("stage"),
         "shards": {"complete": len(completed), "incomplete": len(incomplete), "expected": expected},
         "incomplete_shards": incomplete[:50],
@@ -118,12 +111,12 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _dedup_report(ds: Dataset) -> dict[str, Any] | None:
     """The headline of a dedup output's report (``DIR/dedup/report.json``), if there is one."""
-    path = ds.path / "dedup" / "report.json"
-    if not path.exists():
-        return None
     try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
+        report = ds.read_json("dedup/report.json")
+    except DatasetError:
         return None
-    return {"report": str(path), "duplicates": report.get("duplicates"), "by_reason": report.get("duplicates_by_reason"),
+    if report is None:
+        return None
+    path = f"{ds.location}/dedup/report.json" if ds.remote else str(ds.path / "dedup" / "report.json")
+    return {"report": path, "duplicates": report.get("duplicates"), "by_reason": report.get("duplicates_by_reason"),
             "clusters": report.get("clusters"), "of_earlier_releases": report.get("duplicates_of_earlier_releases")}

@@ -19,6 +19,7 @@ from types import TracebackType
 
 from lenscap.errors import DatasetError, Locked
 from lenscap.progress import log
+from lenscap.storage import require_local
 
 __all__ = ["DirLock", "output_lock"]
 
@@ -131,7 +132,12 @@ class DirLock:
 
 
 def output_lock(out_dir: str | os.PathLike[str], private: str = "_lenscap") -> DirLock:
-    """The lock of an output directory: ``OUT/_lenscap/lock`` (``OUT/.lenscap/lock`` for exports)."""
+    """The lock of an output directory: ``OUT/_lenscap/lock`` (``OUT/.lenscap/lock`` for exports).
+
+    Always a local directory: a remote dataset's lock is taken on its local mirror (``Dataset.path``),
+    so a URL here is a command that writes no remote output.
+    """
+    require_local(out_dir, "the output directory of this command")
     if Path(out_dir).exists() and not Path(out_dir).is_dir():
         raise DatasetError(f"output directory {out_dir} exists and is a file")
     return DirLock(Path(out_dir) / private / "lock", str(out_dir))

@@ -41,20 +41,38 @@ class StageResult:
 
 
 class ShardJob:
-    """One stage from one dataset directory into another, as an executor's job: an item is a shard."""
+    """One stage from one dataset directory into another, as an executor's job: an item is a shard.
 
-    def __init__(self, stage: Stage, src: str, dst: str) -> None:
-        self.stage, self.src, self.dst = stage, src, dst
+    A remote input shard is read from a temporary local copy; a remote output shard is written into
+    the output's local mirror, then uploaded, its ``_stats.json`` last (``Dataset.upload_shard``).
+    """
+
+    def __init__(self, stage: Stage, src: str | Dataset, dst: str | Dataset) -> None:
+        self.stage = stage
+        self.src = src if isinstance(src, Dataset) else Dataset(src)
+        self.dst = dst if isinstance(dst, Dataset) else Dataset(dst)
 
     def setup(self) -> None:
         self.stage.setup()
 
     def run(self, shard_id: int) -> dict[str, Any]:
-        dst = Dataset(self.dst)
-        # A task run again after its worker died may find the shard finished, or its commit half done.
-        if dst.recover_shard(shard_id) or dst.is_complete(shard_id):
+        dst = self.dst
+        if not dst.remote:
+            # A task run again after its worker died may find the shard finished, or its commit half done.
+            if dst.recover_shard(shard_id) or dst.is_complete(shard_id):
+                return dst.read_stats(shard_id)
+            return self._run_shard(dst, shard_id)
+        if dst.is_complete(shard_id):
             return dst.read_stats(shard_id)
-        return self.stage.run_shard(Dataset(self.src), dst, shard_id)
+        local = dst.mirror()
+        # Written here before, and killed before its upload finished: upload it, never write it again.
+        if not (local.recover_shard(shard_id) or local.is_complete(shard_id)):
+            self._run_shard(local, shard_id)
+        return dst.upload_shard(shard_id)
+
+    def _run_shard(self, dst: Dataset, shard_id: int) -> dict[str, Any]:
+        with self.src.staged(shard_id) as src:
+            return self.stage.run_shard(src, dst, shard_id)
 
 
 class _LiveCounters:
@@ -91,16 +109,19 @@ class _LiveCounters:
 
 def run_stage(
     stage: Stage,
-    in_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
+    in_dir: str | os.PathLike[str] | Dataset,
+    out_dir: str | os.PathLike[str] | Dataset,
     processes: int = 1,
     progress: Progress | None = None,
     executor: Executor | None = None,
 ) -> StageResult:
-    """Run ``stage`` on ``executor`` (default: ``processes`` local worker processes)."""
+    """Run ``stage`` on ``executor`` (default: ``processes`` local worker processes).
+
+    ``in_dir`` / ``out_dir``: local paths, fsspec URLs, or ``Dataset`` objects (with storage options).
+    """
     src = Dataset.open(in_dir)
     stage.check()
-    dst = Dataset.create(out_dir)
+    dst = Dataset.create(out_dir)  # a remote output's lock and work directory are in its local mirror
     with output_lock(dst.path):
         return _run_locked(stage, src, dst, executor or LocalExecutor(processes), progress)
 
@@ -109,11 +130,12 @@ def _run_locked(stage: Stage, src: Dataset, dst: Dataset, executor: Executor, pr
     dst.recover()
     stage.begin(src, dst)
     shards = src.completed_ids()
-    todo = [i for i in shards if not dst.is_complete(i)]
+    done = set(dst.completed_ids())
+    todo = [i for i in shards if i not in done]
     history = (src.read_manifest() or {}).get("history", [])
 
     def write_manifest() -> dict[str, Any]:
-        return dst.write_manifest(stage.name, stage.parameters(), str(src.path), expected_shards=len(shards),
+        return dst.write_manifest(stage.name, stage.parameters(), src.location, expected_shards=len(shards),
                                   history=history)
 
     write_manifest()  # from the start, so the output can be inspected while the stage runs
@@ -131,7 +153,7 @@ def _run_locked(stage: Stage, src: Dataset, dst: Dataset, executor: Executor, pr
             stage.use_executor(executor)
         stage._counters = counters.values if counters is not None else None
         with counters if counters is not None else nullcontext():
-            fatal = executor.run(ShardJob(stage, str(src.path), str(dst.path)), todo, on_done, failed)
+            fatal = executor.run(ShardJob(stage, src, dst), todo, on_done, failed)
     finally:
         stage._counters = None
         progress.finish()
@@ -141,5 +163,5 @@ def _run_locked(stage: Stage, src: Dataset, dst: Dataset, executor: Executor, pr
     if fatal is not None:
         raise fatal
     counts = manifest["counts"]
-    return StageResult(str(dst.path), len(shards), manifest["shards"]["completed"], counts["samples"],
+    return StageResult(dst.location, len(shards), manifest["shards"]["completed"], counts["samples"],
                        counts["status"], failed, counts)

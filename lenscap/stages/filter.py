@@ -140,13 +140,13 @@ class FilterStage(Stage):
         shards = src.completed_ids()
         if not shards:
             return
-        empty = pq.read_schema(src.parquet_path(shards[0])).empty_table().append_column("image_bytes", pa.array([], pa.int64()))
+        empty = src.read_schema(shards[0]).empty_table().append_column("image_bytes", pa.array([], pa.int64()))
         con = duckdb.connect()
         con.register("t", empty)
         try:
             con.execute(self.rules.query()).fetchall()
         except duckdb.Error as e:
-            raise UsageError(f"filter rules cannot run on {src.path}: {str(e).splitlines()[0]}") from None
+            raise UsageError(f"filter rules cannot run on {src.location}: {str(e).splitlines()[0]}") from None
         finally:
             con.close()
 
