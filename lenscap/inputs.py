@@ -1,5 +1,9 @@
 """Reading URL lists: txt, csv, tsv, jsonl and parquet files, directories or globs of them, or stdin.
 
+A URL list may also be remote: a URL on any fsspec filesystem (``s3://bucket/urls.parquet``,
+``gs://bucket/lists/``, ``memory://urls.txt``), a file, a directory or a glob there too. Messages
+name it without the credentials a URL may carry.
+
 Everything is streamed as Arrow tables of at most ``batch_rows`` rows with the columns ``url``,
 ``caption`` and any extra columns asked for. txt, csv, tsv and parquet never become Python objects
 row by row: at 800M rows that alone would cost a quarter of an hour.
@@ -10,6 +14,7 @@ from __future__ import annotations
 import csv
 import glob
 import gzip
+import io
 import json
 import os
 import sys
@@ -24,6 +29,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from lenscap.errors import InputError
+from lenscap.storage import is_remote, redact_url, url_to_fs
 
 __all__ = ["InputSpec", "resolve_input_files", "read_url_tables", "rows_to_table", "SUPPORTED_SUFFIXES"]
 
@@ -41,6 +47,29 @@ _JSONL_SCHEMA_RECORDS = 1000
 _NO_DELIMITER = "\x1f"
 # Whitespace, plus the byte-order mark some editors put at the start of a file.
 _TRIM = " \t\r\n\ufeff"
+
+
+@dataclass(frozen=True)
+class _File:
+    """One input file: ``name`` to show, ``path`` to open (on ``fs``, or local when ``fs`` is None)."""
+
+    name: str
+    path: str
+    fs: Any = None
+
+    def binary(self) -> Any:
+        """A file object for a remote file (gzip-decompressed for ``.gz``), or the local path: pyarrow
+        opens local paths itself, faster, and decompresses ``.gz`` by the name."""
+        if self.fs is None:
+            return sys.stdin.buffer if self.path == "-" else self.path
+        f = self.fs.open(self.path, "rb")
+        return gzip.GzipFile(fileobj=f) if self.path.endswith(".gz") else f
+
+    def text(self) -> IO[str]:
+        if self.fs is None:
+            return _open_text(self.path)
+        # utf-8-sig: spreadsheet programs start their csv files with a byte-order mark.
+        return io.TextIOWrapper(self.binary(), encoding="utf-8-sig", errors="replace")
 
 
 @dataclass
@@ -63,12 +92,54 @@ def _format_of(path: str) -> str:
 
 def resolve_input_files(source: str) -> list[str]:
     """The files named by ``source``: a file, a directory (its supported files) or a glob; '-' is stdin."""
+    return [f.name for f in _input_files(source)]
+
+
+def _input_files(source: str) -> list[_File]:
+    if is_remote(source):
+        return _remote_files(source)
+    return [_File(p, p) for p in _local_files(source)]
+
+
+def _supported(name: str) -> bool:
+    return any(name.removesuffix(".gz").endswith(s) for s in SUPPORTED_SUFFIXES)
+
+
+def _remote_files(source: str) -> list[_File]:
+    shown = redact_url(source)
+    fs, root = url_to_fs(source)
+
+    def file(path: str) -> _File:
+        return _File(redact_url(fs.unstrip_protocol(path)), path, fs)
+
+    try:
+        if fs.isdir(root):
+            files = sorted(p for p in fs.ls(root, detail=False) if _supported(p.rsplit("/", 1)[-1]) and fs.isfile(p))
+            if not files:
+                raise InputError(f"{shown}: directory holds no URL list ({', '.join(SUPPORTED_SUFFIXES)})")
+            return [file(p) for p in files]
+        if not fs.exists(root) and any(ch in root for ch in "*?["):
+            files = sorted(p for p in fs.glob(root) if fs.isfile(p))
+            if not files:
+                raise InputError(f"{shown}: no file matches this pattern")
+            for p in files:
+                _format_of(p)
+            return [file(p) for p in files]
+        if not fs.exists(root):
+            raise InputError(f"input file {shown} does not exist")
+    except OSError as e:
+        raise InputError(f"cannot read {shown}: {e}") from None
+    _format_of(shown)
+    return [_File(shown, root, fs)]
+
+
+def _local_files(source: str) -> list[str]:
     if source == "-":
         return ["-"]
     if os.path.isdir(source):
         files = sorted(
             str(p) for p in Path(source).iterdir()
-            if p.is_file() and any(p.name.removesuffix(".gz").endswith(s) for s in SUPPORTED_SUFFIXES)
+            if p.is_file() and _supported(p.name)
         )
         if not files:
             raise InputError(f"{source}: directory holds no URL list ({', '.join(SUPPORTED_SUFFIXES)})")
@@ -125,14 +196,17 @@ def _csv_batches(path: str, reader_source: Any, **options: Any) -> Iterator[pa.R
         if "Empty CSV file" in str(e):
             return
         raise InputError(f"{path}: cannot parse: {e}") from None
+    finally:
+        if not isinstance(reader_source, str) and reader_source is not sys.stdin.buffer:
+            reader_source.close()  # a remote file opened for this read
 
 
-def _txt(path: str) -> tuple[list[str], Iterator[pa.Table]]:
-    source = sys.stdin.buffer if path == "-" else path
+def _txt(file: _File) -> tuple[list[str], Iterator[pa.Table]]:
+    path = file.name
 
     def tables() -> Iterator[pa.Table]:
         for batch in _csv_batches(
-            path, source,
+            path, file.binary(),
             read_options=pacsv.ReadOptions(column_names=["url"]),
             parse_options=pacsv.ParseOptions(delimiter=_NO_DELIMITER, quote_char=False, double_quote=False),
             convert_options=pacsv.ConvertOptions(column_types={"url": pa.string()}, strings_can_be_null=False),
@@ -145,8 +219,9 @@ def _txt(path: str) -> tuple[list[str], Iterator[pa.Table]]:
     return ["url"], tables()
 
 
-def _delimited(path: str, delimiter: str) -> tuple[list[str], Iterator[pa.Table]]:
-    with _open_text(path) as f:
+def _delimited(file: _File, delimiter: str) -> tuple[list[str], Iterator[pa.Table]]:
+    path = file.name
+    with file.text() as f:
         header = next(csv.reader(f, delimiter=delimiter), None)
     if not header:
         raise InputError(f"{path}: empty file (a {'tsv' if delimiter == chr(9) else 'csv'} needs a header row)")
@@ -154,7 +229,7 @@ def _delimited(path: str, delimiter: str) -> tuple[list[str], Iterator[pa.Table]
     def tables() -> Iterator[pa.Table]:
         # Every column as text: type inference per block would disagree between blocks.
         for batch in _csv_batches(
-            path, path,
+            path, file.binary(),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header}),
         ):
@@ -163,10 +238,11 @@ def _delimited(path: str, delimiter: str) -> tuple[list[str], Iterator[pa.Table]
     return header, tables()
 
 
-def _jsonl(path: str) -> tuple[list[str], Iterator[pa.Table]]:
+def _jsonl(file: _File) -> tuple[list[str], Iterator[pa.Table]]:
     # JSON lines have no header: the columns are the keys seen in the first records (writers often
     # leave out null fields, so one record is not enough).
-    f = _open_text(path)
+    path = file.name
+    f = file.text()
     head: list[dict[str, Any]] = []
     lineno = 0
     for line in f:
@@ -208,9 +284,10 @@ def _parse_json_line(path: str, lineno: int, line: str) -> dict[str, Any]:
     return obj
 
 
-def _parquet(path: str) -> tuple[list[str], Iterator[pa.Table]]:
+def _parquet(file: _File) -> tuple[list[str], Iterator[pa.Table]]:
+    path = file.name
     try:
-        pf = pq.ParquetFile(path)
+        pf = pq.ParquetFile(file.binary())
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"{path}: not a readable parquet file ({e})") from None
     names = pf.schema_arrow.names
@@ -221,6 +298,9 @@ def _parquet(path: str) -> tuple[list[str], Iterator[pa.Table]]:
                 yield pa.Table.from_batches([batch])
         except (OSError, pa.ArrowException) as e:
             raise InputError(f"{path}: cannot read ({e})") from None
+        finally:
+            if file.fs is not None:
+                pf.close(force=True)  # a remote file opened for this read
 
     return names, tables()
 
@@ -264,18 +344,19 @@ def read_url_tables(spec: InputSpec, batch_rows: int = _BATCH_ROWS) -> Iterator[
     if bad_extras:
         raise InputError(f"--extra-cols cannot include {', '.join(bad_extras)}: lenscap writes those columns itself")
     total = 0
-    for path in resolve_input_files(spec.source):
+    for file in _input_files(spec.source):
+        path = file.name
         fmt = "txt" if path == "-" else _format_of(path)
         if fmt == "txt":
             if spec.caption_col or spec.extra_cols or spec.url_col not in (None, "url"):
                 raise InputError(f"{path}: a .txt URL list has no columns; use csv, tsv, jsonl or parquet for captions and extra columns")
-            columns, tables = _txt(path)
+            columns, tables = _txt(file)
         elif fmt in ("csv", "tsv"):
-            columns, tables = _delimited(path, "," if fmt == "csv" else "\t")
+            columns, tables = _delimited(file, "," if fmt == "csv" else "\t")
         elif fmt == "jsonl":
-            columns, tables = _jsonl(path)
+            columns, tables = _jsonl(file)
         else:
-            columns, tables = _parquet(path)
+            columns, tables = _parquet(file)
         url_col = _pick(columns, spec.url_col, URL_COLUMN_GUESSES, "URL", path)
         if url_col is None:
             raise InputError(f"{path}: no URL column found (columns: {', '.join(columns)}); name it with --url-col")
@@ -289,4 +370,4 @@ def read_url_tables(spec: InputSpec, batch_rows: int = _BATCH_ROWS) -> Iterator[
                 total += part.num_rows
                 yield part
     if total == 0:
-        raise InputError(f"{spec.source}: the input holds no URLs")
+        raise InputError(f"{redact_url(spec.source)}: the input holds no URLs")

@@ -37,6 +37,7 @@ from lenscap.lock import output_lock
 from lenscap.progress import Progress, make_progress
 from lenscap.record import Sample
 from lenscap.stages.img2dataset_process import Img2datasetProcess
+from lenscap.storage import redact_url
 
 __all__ = ["DownloadOptions", "DownloadResult", "download", "retry_failed", "RESIZE_MODES"]
 
@@ -196,15 +197,15 @@ def _prepare(job: _Job, source: str | None, options: DownloadOptions) -> tuple[D
         assert source is not None
         ready = _split_input(job, InputSpec(source, options.url_col, options.caption_col, options.extra_cols),
                              options.samples_per_shard)
-        atomic_write_json(job.job_file, {"stage": "download", "input": source, "options": options.output_shaping()})
+        atomic_write_json(job.job_file, {"stage": "download", "input": redact_url(source), "options": options.output_shaping()})
         return options, ready
     if source is None:
         # Resuming without the command line (--retry-failed): the recorded options shape the output.
         options = DownloadOptions(**{**asdict(options), **previous["options"]})
         if options.max_aspect_ratio is None:
             options.max_aspect_ratio = math.inf
-    elif previous["input"] != source and source != "-":
-        raise DatasetError(f"{job.out.path} holds a download of {previous['input']!r}, not {source!r}; use a new output directory")
+    elif previous["input"] != redact_url(source) and source != "-":
+        raise DatasetError(f"{job.out.path} holds a download of {previous['input']!r}, not {redact_url(source)!r}; use a new output directory")
     diff = [k for k, v in options.output_shaping().items() if previous["options"].get(k) != v]
     if diff:
         flags = ", ".join("--" + k.replace("_", "-") for k in diff)
