@@ -39,6 +39,7 @@ from lenscap.lock import output_lock
 from lenscap.progress import make_progress
 from lenscap.runner import run_stage
 from lenscap.sql import literal, out_of_core
+from lenscap.storage import require_local
 
 __all__ = ["ExportOptions", "ExportResult", "run_export", "parse_size"]
 
@@ -165,12 +166,11 @@ def _plan_shuffled(index: Dataset, options: ExportOptions, tmp: Path, state: Pat
     return [(int(n), int(b)) for n, b in shards]
 
 
-def _write_shard(in_dir: str, out_dir: str, shard_id: int, shards: int, format_name: str) -> dict[str, Any]:
+def _write_shard(src: Dataset, out_dir: str, shard_id: int, shards: int, format_name: str) -> dict[str, Any]:
     """Pass 3 for one output shard (runs in a worker process)."""
     import duckdb
 
     out, state = Path(out_dir), _state(Path(out_dir))
-    src = Dataset(in_dir)
     con = duckdb.connect()
     try:  # plan.parquet is sorted by _out, so only this shard's row groups are read
         table = con.sql("SELECT * EXCLUDE (_out) FROM read_parquet($plan) WHERE _out = $shard ORDER BY _order",
@@ -190,7 +190,7 @@ def _write_shard(in_dir: str, out_dir: str, shard_id: int, shards: int, format_n
         for row in table.to_pylist():
             f = tars.get(row["_shard"])
             if f is None:
-                f = tars[row["_shard"]] = open(src.tar_path(row["_shard"]), "rb")  # noqa: SIM115 - closed below
+                f = tars[row["_shard"]] = src.open_tar(row["_shard"])  # a remote one is read by ranges; closed below
             writer.write(row["key"], {k: v for k, v in row.items() if k not in internal and k != "key"}, f, row["_offset"], row["_size"])
         size = writer.close()
     except BaseException:
@@ -207,9 +207,11 @@ def _write_shard(in_dir: str, out_dir: str, shard_id: int, shards: int, format_n
 
 def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, processes: int = 1,
                quiet: bool = False, executor: Executor | None = None) -> ExportResult:
+    # The input may be remote (its passes read shard by shard, image by image); the export is written locally.
+    require_local(out_dir, "shard's output directory")
     src = Dataset.open(in_dir)
     out = Path(out_dir)
-    if out.resolve() == src.path.resolve():
+    if str(out.resolve()) == src.resolved:
         raise UsageError("the output directory must differ from the input")
     if out.exists() and not out.is_dir():
         raise UsageError(f"output directory {out} exists and is a file")
@@ -220,7 +222,7 @@ def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, 
 class _WriteJob:
     """Pass 3 as an executor's job: an item is an output shard."""
 
-    def __init__(self, src: str, out: str, shards: int, fmt: str) -> None:
+    def __init__(self, src: Dataset, out: str, shards: int, fmt: str) -> None:
         self.src, self.out, self.shards, self.fmt = src, out, shards, fmt
 
     def setup(self) -> None:
@@ -236,14 +238,14 @@ class _WriteJob:
 def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Executor, quiet: bool) -> ExportResult:
     state = _state(out)
     (state / "done").mkdir(parents=True, exist_ok=True)
-    job = {"options": asdict(options), "input": str(src.path.resolve())}
+    job = {"options": asdict(options), "input": src.resolved}
     if claim_job(state / "job.json", job, any((state / "done").glob("*.json")), out, "exported"):
         for stale in ("plan.json", "plan.parquet"):
             (state / stale).unlink(missing_ok=True)
 
     # Pass 1: the index.
     index_dir = state / "index"
-    indexed = run_stage(options.index_stage(), src.path, index_dir, progress=make_progress("shard: indexing", quiet),
+    indexed = run_stage(options.index_stage(), src, index_dir, progress=make_progress("shard: indexing", quiet),
                         executor=executor)
     if indexed.failed_shards:
         return ExportResult(str(out), options.format, 0, 0, 0, {}, indexed.failed_shards)
@@ -274,7 +276,7 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Execu
     progress.start(shards, shards - len(todo))
     failed: dict[int, str] = {}
     try:
-        fatal = executor.run(_WriteJob(str(src.path), str(out), shards, options.format), todo,
+        fatal = executor.run(_WriteJob(src, str(out), shards, options.format), todo,
                              lambda _, record: progress.advance(shards=1, samples=record["samples"]), failed)
     finally:
         progress.finish()
@@ -289,11 +291,11 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Execu
                "bytes": sum(r["bytes"] for r in records), "shards": records, "left_out": dict(sorted(left_out.items()))}
     atomic_write_json(out / "shards.json", summary)
     manifest = src.read_manifest() or {}
-    history = [*manifest.get("history", []), {"stage": "shard", "parameters": asdict(options), "input": str(src.path),
+    history = [*manifest.get("history", []), {"stage": "shard", "parameters": asdict(options), "input": src.location,
                                               "lenscap_version": __version__,
                                               "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
     atomic_write_json(out / "lenscap.json", {"lenscap_version": __version__, "stage": "shard", "parameters": asdict(options),
-                                             "input": str(src.path), "history": history,
+                                             "input": src.location, "history": history,
                                              "counts": {"samples": summary["samples"], "left_out": summary["left_out"]}})
     write_card(out, options.format, summary, history, Path(index_dir), _columns(index))
     return ExportResult(str(out), options.format, summary["samples"], shards, summary["bytes"], summary["left_out"], {})

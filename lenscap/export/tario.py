@@ -105,8 +105,9 @@ class TarOut:
         """A member whose bytes are ``size`` bytes of ``src`` at ``offset``, copied in the kernel."""
         self._f.write(_header(name, size))
         self._f.flush()
-        out_fd, in_fd, copied = self._f.fileno(), src.fileno(), 0
+        out_fd, copied = self._f.fileno(), 0
         try:
+            in_fd = src.fileno()  # a remote input (an fsspec file) has none: copied through memory below
             while copied < size:
                 n = os.copy_file_range(in_fd, out_fd, size - copied, offset + copied)
                 if n == 0:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
@@ -36,6 +36,7 @@ from lenscap.lock import output_lock
 from lenscap.progress import make_progress
 from lenscap.runner import StageResult, run_stage
 from lenscap.stages.base import Stage
+from lenscap.storage import redact_url, require_local
 
 __all__ = ["DedupStage", "DedupResult", "run_dedup"]
 
@@ -61,7 +62,7 @@ class DedupStage(Stage):
     against: list[str] = field(default_factory=list)
 
     def parameters(self) -> dict[str, Any]:
-        return self.options.identity() | {"against": self.against}
+        return self.options.identity() | {"against": [redact_url(a) for a in self.against]}
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
         schema = super().output_schema(input_schema)
@@ -129,9 +130,9 @@ class DedupResult:
         return 1 if self.hashing_failed else self.stage.exit_code
 
 
-def _against_dir(dst: Dataset, resolved: Path) -> Path:
-    digest = hashlib.sha256(str(resolved).encode()).hexdigest()[:12]
-    return work_dir(dst) / "against" / f"{resolved.name}-{digest}"
+def _against_dir(dst: Dataset, resolved: str) -> Path:
+    digest = hashlib.sha256(resolved.encode()).hexdigest()[:12]
+    return work_dir(dst) / "against" / f"{PurePosixPath(resolved).name}-{digest}"
 
 
 def _fingerprint(sources: list[Source]) -> list[dict[str, Any]]:
@@ -144,33 +145,35 @@ def _fingerprint(sources: list[Source]) -> list[dict[str, Any]]:
 
 def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, processes: int = 1, quiet: bool = False,
               executor: Executor | None = None) -> DedupResult:
+    # The input and --against may be remote (their passes read shard by shard); the search and its report are local.
+    require_local(out_dir, "dedup's output directory")
     src = Dataset.open(in_dir)
     inputs = [Dataset.open(p) for p in stage.against]
-    out_resolved = Path(out_dir).resolve()
+    out_resolved = str(Path(out_dir).resolve())
     for label, ds in zip(stage.against, inputs):
-        if ds.path.resolve() in (src.path.resolve(), out_resolved):
-            raise UsageError(f"--against {label} is the {'input' if ds.path.resolve() == src.path.resolve() else 'output'} itself")
-    if out_resolved == src.path.resolve():
+        if ds.resolved in (src.resolved, out_resolved):
+            raise UsageError(f"--against {redact_url(label)} is the {'input' if ds.resolved == src.resolved else 'output'} itself")
+    if out_resolved == src.resolved:
         raise UsageError("the output directory must differ from the input")
     dst = Dataset.create(out_dir)
     with output_lock(dst.path):
-        return _run_locked(stage, src, dst, inputs, str(in_dir), executor or LocalExecutor(processes), quiet)
+        return _run_locked(stage, src, dst, inputs, redact_url(str(in_dir)), executor or LocalExecutor(processes), quiet)
 
 
 def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Dataset], in_label: str, executor: Executor,
                 quiet: bool) -> DedupResult:
     dst.recover()
-    job = {"options": stage.options.identity(), "input": str(src.path.resolve()), "against": [str(d.path.resolve()) for d in inputs]}
+    job = {"options": stage.options.identity(), "input": src.resolved, "against": [d.resolved for d in inputs]}
     if claim_job(work_dir(dst) / "job.json", job, bool(dst.completed_ids()), dst.path, "deduplicated"):
         (work_dir(dst) / "decisions.json").unlink(missing_ok=True)
 
     # Pass 1: signatures.
     failed: dict[str, dict[int, str]] = {}
     sources = []
-    targets = [(src, work_dir(dst) / "signatures")] + [(d, _against_dir(dst, d.path.resolve())) for d in inputs]
+    targets = [(src, work_dir(dst) / "signatures")] + [(d, _against_dir(dst, d.resolved)) for d in inputs]
     for index, (dataset, target) in enumerate(targets):
-        label = in_label if index == 0 else stage.against[index - 1]
-        result = run_stage(SignatureStage(), dataset.path, target, progress=make_progress(f"dedup: hashing {label}", quiet),
+        label = in_label if index == 0 else redact_url(stage.against[index - 1])
+        result = run_stage(SignatureStage(), dataset, target, progress=make_progress(f"dedup: hashing {label}", quiet),
                            executor=executor)
         if result.failed_shards:
             failed[label] = result.failed_shards
@@ -200,5 +203,5 @@ def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Data
         report = done["report"]
 
     # Pass 3: the output shards.
-    result = run_stage(stage, src.path, dst.path, progress=make_progress("dedup: writing", quiet), executor=executor)
+    result = run_stage(stage, src, dst, progress=make_progress("dedup: writing", quiet), executor=executor)
     return DedupResult(result, report, {})
