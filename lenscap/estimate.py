@@ -60,7 +60,9 @@ def _measured(path: str, model: str) -> tuple[float, float, int]:
     import duckdb
 
     from lenscap.dataset import Dataset
+    from lenscap.storage import require_local
 
+    require_local(path, "estimate --from")
     ds = Dataset.open(path)
     files = [str(ds.parquet_path(i)) for i in ds.completed_ids()]
     if not files:

@@ -39,6 +39,7 @@ from lenscap.dataset import atomic_write_json
 from lenscap.errors import UsageError
 from lenscap.lock import DirLock
 from lenscap.progress import log
+from lenscap.storage import require_local
 
 __all__ = ["Recipe", "RecipeStage", "load_recipe", "run_recipe", "SHIPPED"]
 
@@ -117,6 +118,7 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, work_dir:
     if not source:
         raise UsageError(f"recipe {path} names no input (add input = \"...\" or give --input)")
     releases = raw.get("releases")
+    require_local(work_dir if work_dir is not None else raw.get("work_dir"), "a recipe's work directory")
     work = Path(work_dir if work_dir is not None else raw.get("work_dir") or path.stem)
     if any(s.run in BUILTINS for s in stages) and not releases:
         raise UsageError(f"recipe {path}: new-urls and release need releases = \"DIR\"")

@@ -28,6 +28,7 @@ from lenscap import __version__
 from lenscap.dataset import IMAGE_EXT, Dataset, atomic_write_bytes
 from lenscap.export.tario import scan_members
 from lenscap.inspect import inspect_dataset
+from lenscap.storage import require_local
 
 __all__ = ["ReportSample", "pick_samples", "render_html", "render_contact_sheet", "write_report"]
 
@@ -237,6 +238,8 @@ def render_contact_sheet(samples: list[ReportSample], columns: int = 6) -> Image
 def write_report(path: str | Path, out: str | Path | None = None, n: int = 24, seed: int = 0,
                  png: str | Path | None = None) -> dict[str, Any]:
     """Write the HTML report (and the contact sheet); return what was written."""
+    for location, what in ((path, "report's dataset"), (out, "report's --out"), (png, "report's --png")):
+        require_local(location, what)
     ds = Dataset.open(path)
     info = inspect_dataset(ds.path)
     samples = pick_samples(ds, n, seed)

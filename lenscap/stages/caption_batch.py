@@ -35,6 +35,7 @@ from lenscap.errors import BudgetReached, UsageError
 from lenscap.lock import output_lock
 from lenscap.progress import Progress
 from lenscap.stages.caption import CaptionStage
+from lenscap.storage import require_local
 
 __all__ = ["BatchOptions", "BatchResult", "run_batch_caption", "batch_status", "cancel_batches"]
 
@@ -385,6 +386,8 @@ class _BatchJob:
 
 def run_batch_caption(stage: CaptionStage, in_dir: str | Path, out_dir: str | Path, progress: Progress) -> BatchResult:
     options: BatchOptions = stage.backend.batch  # type: ignore[attr-defined]
+    for location, what in ((in_dir, "the input of a batch caption job"), (out_dir, "the output of a batch caption job")):
+        require_local(location, what)
     src = Dataset.open(in_dir)
     stage.check()
     dst = Dataset.create(out_dir)
@@ -433,6 +436,7 @@ def _run_locked(stage: CaptionStage, src: Dataset, dst: Dataset, options: BatchO
 
 def batch_status(out_dir: str | Path) -> dict[str, Any]:
     """What the batch job in ``out_dir`` has done, from its records (no network)."""
+    require_local(out_dir, "batch status's directory")
     dst = Dataset.open(out_dir)
     root = dst.work_dir / "batch"
     if not (root / "job.json").exists():
@@ -459,6 +463,7 @@ def batch_status(out_dir: str | Path) -> dict[str, Any]:
 
 def cancel_batches(out_dir: str | Path, backend: Any) -> list[str]:
     """Cancel every batch of the job still running; their finished answers are merged on the next run."""
+    require_local(out_dir, "batch cancel's directory")
     dst = Dataset.open(out_dir)
     root = dst.work_dir / "batch"
     transport = backend.transport(root)
