@@ -149,7 +149,7 @@ def caption(
     prompt: Annotated[str, typer.Option(help="Preset (lens, short, alt-aware) or a prompt file ({alt_text} marks where the alt-text goes).")] = "lens",
     hints: Annotated[Optional[str], typer.Option(help="Grounding hints added to the prompt: ocr (text read from the image; needs the ocr extra).")] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="Stop when this output directory has spent this many USD (all runs together).")] = None,
-    processes: Annotated[int, typer.Option(help="Worker processes (each gets an equal part of --rpm/--tpm).")] = 1,
+    processes: Annotated[int, typer.Option(help="Worker processes (each gets an equal part of --rpm/--tpm; with --executor ray, the workers share them instead).")] = 1,
     cache: Annotated[Optional[str], typer.Option(help="Response cache directory (default: $LENSCAP_CACHE_DIR or ~/.cache/lenscap).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")] = False,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-O", help="Any backend option as NAME=VALUE (plugins' options too).")] = None,

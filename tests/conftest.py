@@ -71,8 +71,30 @@ def solid_jpeg(size=(64, 48), colour=(10, 120, 200)) -> bytes:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """One local Ray cluster (2 CPUs) for the whole session; its GCS address, for CLI subprocesses to join."""
+def s3_store():
+    """A local object store speaking the S3 API (moto's server on loopback), with bucket ``lenscap``.
+
+    Its address and test credentials go into this process's environment, so every process started
+    later (CLI subprocesses, img2dataset, Ray workers) reaches it through s3fs like a real bucket.
+    Returns an s3fs filesystem on it.
+    """
+    moto_server = pytest.importorskip("moto.server")
+    s3fs = pytest.importorskip("s3fs")
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update(AWS_ACCESS_KEY_ID="lenscap-test", AWS_SECRET_ACCESS_KEY="lenscap-test-secret",
+                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("lenscap")
+    yield fs
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_store):
+    """One local Ray cluster (2 CPUs) for the whole session; its GCS address, for CLI subprocesses to join.
+    Started after the object store, so its workers inherit the store's address."""
     ray = pytest.importorskip("ray")
     started = not ray.is_initialized()
     if started:

@@ -31,13 +31,8 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 @pytest.fixture(scope="module")
-def ray_here():
-    started = not ray.is_initialized()  # another module's cluster is reused, and left to it
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
+def ray_here(ray_cluster):
+    return ray_cluster  # the session's cluster (conftest)
 
 
 class KillOnce:

@@ -25,17 +25,6 @@ from lenscap.stages.caption import CaptionStage
 RPM = 600  # 10 requests/s: slower than the workers could go, a few seconds per run
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    ray = pytest.importorskip("ray")
-    started = not ray.is_initialized()  # another module's cluster is reused, and left to it
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
-
-
 class RecordingFake(FakeOpenAI):
     """The fake server, noting when each chat request arrives and from which shard (its alt-text
     says, through the alt-aware prompt); it can answer one shard's requests with a 429 storm."""
