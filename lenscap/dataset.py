@@ -136,7 +136,8 @@ class Dataset:
     passed to fsspec and never recorded.
     """
 
-    def __init__(self, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
+                 mirror: str | os.PathLike[str] | None = None) -> None:
         self._spec = os.fspath(path)
         self.storage_options = dict(storage_options or {})
         self.fs: Any = None
@@ -144,14 +145,16 @@ class Dataset:
         if is_remote(self._spec):
             self.fs, self.root = url_to_fs(self._spec, self.storage_options)
             self.location = redact_url(self._spec).rstrip("/")
-            self.path = mirror_dir(self.resolved)
+            self.path = Path(mirror) if mirror is not None else mirror_dir(self.resolved)
         else:
             self.path = Path(local_path(self._spec))
             self.location = str(self.path)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        # Pickled (to worker processes, Ray tasks) as what it was opened from, not as an open filesystem.
-        return (Dataset, (self._spec, self.storage_options))
+        # Pickled (to worker processes, Ray tasks) as what it was opened from, not as an open filesystem;
+        # with the mirror the driver chose, so all workers of a run agree on it (LENSCAP_WORK_DIR may
+        # be set only where the command was typed).
+        return (Dataset, (self._spec, self.storage_options, self.path if self.fs is not None else None))
 
     @property
     def remote(self) -> bool:
@@ -165,8 +168,12 @@ class Dataset:
         return redact_url(self.fs.unstrip_protocol(self.root))
 
     def mirror(self) -> Dataset:
-        """The local directory that shards of this dataset are written to: itself when local."""
-        return Dataset(self.path) if self.fs is not None else self
+        """The local directory that shards of this dataset are written to: itself when local. (On a
+        node of a cluster other than the driver's, a remote dataset's mirror is created here.)"""
+        if self.fs is None:
+            return self
+        (self.path / WORK_DIR_NAME).mkdir(parents=True, exist_ok=True)
+        return Dataset(self.path)
 
     # -- opening --------------------------------------------------------------------------------
 

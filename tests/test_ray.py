@@ -242,3 +242,31 @@ def test_max_cost_holds_across_ray_workers(tmp_path, ray_cluster):
         assert json.loads(r.stdout)["caption_status"] == {"ok": 40}
         assert set(fake.stats()["image_successes"].values()) == {1}, "no caption paid twice"
     assert KEY not in r.stdout + r.stderr
+
+
+def test_remote_datasets_on_ray(tmp_path, ray_cluster, s3_store):
+    """Input and output in an S3 bucket (a local object store), shards on Ray workers: same as local."""
+    src = write_image_dataset(tmp_path / "in", 24, per_shard=6, failed=lambda i: i == 2).path
+    ray_flags = ("--quiet", "--executor", "ray", "--ray-address", ray_cluster)
+    env = {"LENSCAP_WORK_DIR": str(tmp_path / "mirrors")}
+    local, remote = tmp_path / "filtered", "s3://lenscap/ray-test/filtered"
+    assert run_cli("filter", str(src), str(local), "--min-side", "10", "--quiet").returncode == 0
+    r = run_cli("filter", str(src), remote, "--min-side", "10", *ray_flags, env=env)
+    assert r.returncode == 0, r.stderr
+    assert rows_of(remote) == rows(local)
+
+    captioned, remote_captioned = tmp_path / "captioned", "s3://lenscap/ray-test/captioned"
+    assert run_cli("caption", str(local), str(captioned), "--backend", "describe", "--quiet").returncode == 0
+    r = run_cli("caption", remote, remote_captioned, "--backend", "describe", *ray_flags, env=env)
+    assert r.returncode == 0, r.stderr
+    assert rows_of(remote_captioned) == rows(captioned)
+    assert sorted(p.rsplit("/", 1)[1] for p in s3_store.ls("lenscap/ray-test/captioned")) == sorted(
+        [f"{i:05d}{ext}" for i in range(4) for ext in (".parquet", ".tar", "_stats.json")] + ["lenscap.json"])
+    for i in range(4):
+        assert s3_store.cat(f"lenscap/ray-test/captioned/{i:05d}.tar") == (captioned / f"{i:05d}.tar").read_bytes()
+    assert "lenscap-test-secret" not in s3_store.cat("lenscap/ray-test/captioned/lenscap.json").decode()
+
+
+def rows_of(location: str) -> list[dict]:
+    ds = Dataset.open(location)
+    return [r for i in ds.completed_ids() for r in ds.read_table(i).to_pylist()]
