@@ -8,6 +8,11 @@ Three passes, each resumable on its own (kill it anywhere and rerun the same com
    marker naming what they were computed from, so a finished pass 2 is not redone;
 3. per shard, in parallel: ``DedupStage`` writes the output shards from the decisions.
 
+A remote output (``s3://...``) works the same way from its local mirror (``Dataset.path``): passes 1
+and 2 write their state into the mirror's ``_lenscap/dedup/``; pass 2's report files are written into
+the mirror's ``dedup/``, then uploaded into the remote ``OUT/dedup/`` (each local copy removed once
+uploaded); pass 3's shards are uploaded as they are committed (``runner.ShardJob``).
+
 Every input row stays in the output parquet with ``dedup_status``: ``unique``, ``kept`` (the keeper
 of a cluster), ``duplicate``, ``skipped`` (no image to compare: a failed download or a sample an
 earlier stage dropped), or ``error`` (the image could not be decoded for a perceptual hash; it was
@@ -36,7 +41,8 @@ from lenscap.lock import output_lock
 from lenscap.progress import make_progress
 from lenscap.runner import StageResult, run_stage
 from lenscap.stages.base import Stage
-from lenscap.storage import redact_url, require_local
+from lenscap.storage import redact_url
+from lenscap.uploads import put_and_remove
 
 __all__ = ["DedupStage", "DedupResult", "run_dedup"]
 
@@ -51,6 +57,10 @@ def work_dir(out: Dataset) -> Path:
 
 def report_dir(out: Dataset) -> Path:
     return out.path / "dedup"
+
+
+# Uploaded in this order: report.json, which inspect reads, describes the clusters already there.
+REPORT_FILES = ("clusters.parquet", "report.json")
 
 
 @dataclass
@@ -145,11 +155,10 @@ def _fingerprint(sources: list[Source]) -> list[dict[str, Any]]:
 
 def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, processes: int = 1, quiet: bool = False,
               executor: Executor | None = None) -> DedupResult:
-    # The input and --against may be remote (their passes read shard by shard); the search and its report are local.
-    require_local(out_dir, "dedup's output directory")
+    # Any of them may be remote; the search runs on local files (a remote output's mirror).
     src = Dataset.open(in_dir)
     inputs = [Dataset.open(p) for p in stage.against]
-    out_resolved = str(Path(out_dir).resolve())
+    out_resolved = Dataset(out_dir).resolved
     for label, ds in zip(stage.against, inputs):
         if ds.resolved in (src.resolved, out_resolved):
             raise UsageError(f"--against {redact_url(label)} is the {'input' if ds.resolved == src.resolved else 'output'} itself")
@@ -163,8 +172,13 @@ def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, proces
 def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Dataset], in_label: str, executor: Executor,
                 quiet: bool) -> DedupResult:
     dst.recover()
+    if dst.remote:
+        # A remote output holding no manifest disowns its mirror at every recover (pass 3's included),
+        # which would lose the signatures and decisions below: the manifest, written now, claims them.
+        dst.write_manifest(stage.name, stage.parameters(), src.location, expected_shards=len(src.completed_ids()),
+                           history=(src.read_manifest() or {}).get("history", []))
     job = {"options": stage.options.identity(), "input": src.resolved, "against": [d.resolved for d in inputs]}
-    if claim_job(work_dir(dst) / "job.json", job, bool(dst.completed_ids()), dst.path, "deduplicated"):
+    if claim_job(work_dir(dst) / "job.json", job, bool(dst.completed_ids()), dst.location, "deduplicated"):
         (work_dir(dst) / "decisions.json").unlink(missing_ok=True)
 
     # Pass 1: signatures.
@@ -179,7 +193,7 @@ def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Data
             failed[label] = result.failed_shards
         sources.append(Source(index, label, Dataset(target)))
     if failed:
-        return DedupResult(StageResult(str(dst.path), 0, 0, 0, {}), {}, failed)
+        return DedupResult(StageResult(dst.location, 0, 0, 0, {}), {}, failed)
 
     # Pass 2: decisions, unless already made from these same signatures.
     marker = work_dir(dst) / "decisions.json"
@@ -187,7 +201,7 @@ def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Data
     done = json.loads(marker.read_text()) if marker.exists() else None
     if done is not None and done["fingerprint"] != fingerprint:
         if dst.completed_ids():
-            raise UsageError(f"the input of {dst.path} changed since it was deduplicated; use a new output directory")
+            raise UsageError(f"the input of {dst.location} changed since it was deduplicated; use a new output directory")
         done = None
     if done is None:
         p = make_progress("dedup: searching", quiet)
@@ -201,6 +215,8 @@ def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Data
         atomic_write_json(marker, {"fingerprint": fingerprint, "report": report})
     else:
         report = done["report"]
+    if dst.remote:  # the report files pass 2 left in the mirror: just written, or not uploaded before a kill
+        put_and_remove(dst, dst.path, [f"dedup/{name}" for name in REPORT_FILES])
 
     # Pass 3: the output shards.
     result = run_stage(stage, src, dst, progress=make_progress("dedup: writing", quiet), executor=executor)
