@@ -63,12 +63,15 @@ def _human(n: float) -> str:
 
 
 def write_card(out: Path, format_name: str, summary: dict[str, Any], history: list[dict[str, Any]], index_dir: Path,
-               columns: pa.Schema) -> None:
+               columns: pa.Schema, location: str | None = None) -> None:
+    """Write ``out/README.md``. ``location``: where the export is read from, when not ``out`` (a remote
+    output's URL, whose files are uploaded from the local ``out``)."""
     n = summary["samples"]
     files = "data/train-*.parquet" if format_name == "parquet" else "*.tar"
     stats = _caption_stats(index_dir, columns)
+    where = location.rstrip("/") if location is not None else str(out.resolve())
     lines = ["---", "# Set the licence of these images and captions here: lenscap cannot know it.", "license: other",
-             f"pretty_name: {json.dumps(out.resolve().name)}", "task_categories:", "- text-to-image", "- image-to-text",
+             f"pretty_name: {json.dumps(where.rsplit('/', 1)[-1])}", "task_categories:", "- text-to-image", "- image-to-text",
              "size_categories:", f"- {_size_category(n)}", "configs:", "- config_name: default", "  data_files:",
              "  - split: train", f"    path: {json.dumps(files)}"]
     if format_name == "parquet":
@@ -79,7 +82,7 @@ def write_card(out: Path, format_name: str, summary: dict[str, Any], history: li
         lines += ["  splits:", "  - name: train", f"    num_bytes: {summary['bytes']}", f"    num_examples: {n}"]
     lines += ["tags:", "- lenscap", "- image-captioning", "---", ""]
 
-    body = [f"# {out.resolve().name}", "",
+    body = [f"# {where.rsplit('/', 1)[-1]}", "",
             f"Image-text pairs exported by lenscap {__version__}: {n:,} samples in "
             f"{len(summary['shards'])} {format_name} shards, {_human(summary['bytes'])}.", "",
             "## Files", ""]
@@ -107,9 +110,14 @@ def write_card(out: Path, format_name: str, summary: dict[str, Any], history: li
     for step, h in enumerate(history, 1):
         params = {k: v for k, v in (h.get("parameters") or {}).items() if v not in (None, {}, [])}
         body.append(f"{step}. `{h.get('stage')}` {json.dumps(params, default=str)[:400]}")
-    body += ["", "## Loading", "", "```python", "from datasets import load_dataset", "",
-             f"ds = load_dataset({json.dumps(str(out.resolve()))}, split=\"train\")", "```", ""]
-    if format_name == "webdataset":
+    body += ["", "## Loading", "", "```python", "from datasets import load_dataset", ""]
+    if location is None:
+        body += [f"ds = load_dataset({json.dumps(where)}, split=\"train\")", "```", ""]
+    else:  # a URL: datasets reads it through fsspec as data files (credentials from the environment)
+        builder = "parquet" if format_name == "parquet" else "webdataset"
+        body += [f"ds = load_dataset({json.dumps(builder)}, data_files={json.dumps(where + '/' + files)}, split=\"train\")",
+                 "```", ""]
+    if format_name == "webdataset" and location is None:  # webdataset opens local paths and http(s), not every fsspec URL
         last = max(len(summary["shards"]) - 1, 0)
         urls = json.dumps(f"{out.resolve()}/{{00000..{last:05d}}}.tar")
         body += ["```python", "import webdataset as wds", "",

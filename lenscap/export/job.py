@@ -12,6 +12,11 @@
 Then ``shards.json`` (the index of files and sample counts), ``lenscap.json`` (provenance) and the
 dataset card ``README.md`` are written. The working state is under ``OUT/.lenscap/``: a dot
 directory, which ``datasets`` and the Hub ignore.
+
+A remote output (``s3://...``, any fsspec URL) is written through its local mirror (``Dataset.path``),
+which holds ``.lenscap/``: each output shard is written there as above, uploaded, then marked done,
+then its local copy is removed, so local disk holds only the shards in flight; the three files above
+are uploaded at the end (``export.remote``).
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ from lenscap.executors import Executor, LocalExecutor
 from lenscap.export.card import write_card
 from lenscap.export.formats import FORMATS
 from lenscap.export.index import INTERNAL, IndexStage
+from lenscap.export.remote import INDEX_FILES, open_remote_output, sync_mirror
 from lenscap.lock import output_lock
 from lenscap.progress import make_progress
 from lenscap.runner import run_stage
 from lenscap.sql import literal, out_of_core
-from lenscap.storage import require_local
+from lenscap.storage import is_remote
+from lenscap.uploads import put_and_remove, put_file
 
 __all__ = ["ExportOptions", "ExportResult", "run_export", "parse_size"]
 
@@ -167,7 +174,7 @@ def _plan_shuffled(index: Dataset, options: ExportOptions, tmp: Path, state: Pat
 
 
 def _write_shard(src: Dataset, out_dir: str, shard_id: int, shards: int, format_name: str) -> dict[str, Any]:
-    """Pass 3 for one output shard (runs in a worker process)."""
+    """Pass 3 for one output shard (runs in a worker process): the file, in place; the caller marks it done."""
     import duckdb
 
     out, state = Path(out_dir), _state(Path(out_dir))
@@ -200,16 +207,17 @@ def _write_shard(src: Dataset, out_dir: str, shard_id: int, shards: int, format_
         for f in tars.values():
             f.close()
     os.replace(tmp, final)
-    record = {"file": name, "samples": table.num_rows, "bytes": size}
-    atomic_write_json(state / "done" / f"{shard_id:05d}.json", record)
-    return record
+    return {"file": name, "samples": table.num_rows, "bytes": size}
 
 
 def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, processes: int = 1,
                quiet: bool = False, executor: Executor | None = None) -> ExportResult:
-    # The input may be remote (its passes read shard by shard, image by image); the export is written locally.
-    require_local(out_dir, "shard's output directory")
+    # The input may be remote (its passes read shard by shard, image by image), and the output too.
     src = Dataset.open(in_dir)
+    if is_remote(out_dir):
+        remote = open_remote_output(out_dir, src)
+        with output_lock(remote.path, ".lenscap"):  # the lock and the state are in the mirror
+            return _run_locked(options, src, remote.path, executor or LocalExecutor(processes), quiet, remote)
     out = Path(out_dir)
     if str(out.resolve()) == src.resolved:
         raise UsageError("the output directory must differ from the input")
@@ -220,10 +228,12 @@ def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, 
 
 
 class _WriteJob:
-    """Pass 3 as an executor's job: an item is an output shard."""
+    """Pass 3 as an executor's job: an item is an output shard. ``out`` is the local directory the
+    shard is written to (a remote output's mirror, as the driver named it, so every worker uses the
+    same), and ``remote`` the output it is then uploaded to, if any."""
 
-    def __init__(self, src: Dataset, out: str, shards: int, fmt: str) -> None:
-        self.src, self.out, self.shards, self.fmt = src, out, shards, fmt
+    def __init__(self, src: Dataset, out: str, shards: int, fmt: str, remote: Dataset | None = None) -> None:
+        self.src, self.out, self.shards, self.fmt, self.remote = src, out, shards, fmt, remote
 
     def setup(self) -> None:
         pass
@@ -232,14 +242,27 @@ class _WriteJob:
         done = _state(Path(self.out)) / "done" / f"{shard_id:05d}.json"
         if done.exists():  # a task run again after its worker died
             return json.loads(done.read_text())
-        return _write_shard(self.src, self.out, shard_id, self.shards, self.fmt)
+        record = _write_shard(self.src, self.out, shard_id, self.shards, self.fmt)
+        if self.remote is None:
+            atomic_write_json(done, record)
+            return record
+        # Done only once uploaded: a kill before that leaves no marker, and the rerun writes the shard again.
+        local = Path(self.out) / record["file"]
+        put_file(self.remote, local, record["file"])
+        atomic_write_json(done, record)
+        local.unlink()
+        return record
 
 
-def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Executor, quiet: bool) -> ExportResult:
+def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Executor, quiet: bool,
+                remote: Dataset | None = None) -> ExportResult:
     state = _state(out)
     (state / "done").mkdir(parents=True, exist_ok=True)
+    if remote is not None:
+        sync_mirror(remote, out, state / "done")
     job = {"options": asdict(options), "input": src.resolved}
-    if claim_job(state / "job.json", job, any((state / "done").glob("*.json")), out, "exported"):
+    where = remote.location if remote is not None else out
+    if claim_job(state / "job.json", job, any((state / "done").glob("*.json")), where, "exported"):
         for stale in ("plan.json", "plan.parquet"):
             (state / stale).unlink(missing_ok=True)
 
@@ -248,7 +271,7 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Execu
     indexed = run_stage(options.index_stage(), src, index_dir, progress=make_progress("shard: indexing", quiet),
                         executor=executor)
     if indexed.failed_shards:
-        return ExportResult(str(out), options.format, 0, 0, 0, {}, indexed.failed_shards)
+        return ExportResult(str(where), options.format, 0, 0, 0, {}, indexed.failed_shards)
     index = Dataset(index_dir)
     left_out: dict[str, int] = {}
     for shard_id in index.completed_ids():
@@ -261,7 +284,7 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Execu
     plan = json.loads(marker.read_text()) if marker.exists() else None
     if plan is not None and plan["fingerprint"] != fingerprint:
         if any((state / "done").glob("*.json")):
-            raise UsageError(f"the input of {out} changed since it was exported; use a new output directory")
+            raise UsageError(f"the input of {where} changed since it was exported; use a new output directory")
         plan = None
     if plan is None:
         plan = _plan(index, options, state) | {"fingerprint": fingerprint}
@@ -272,11 +295,13 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Execu
     todo = [i for i in range(shards) if not (state / "done" / f"{i:05d}.json").exists()]
     for stray in list(out.glob(".*.tmp")) + list(out.glob("data/.*.tmp")):
         stray.unlink(missing_ok=True)
+    if remote is not None and options.format == "parquet" and todo:
+        remote.fs.makedirs(f"{remote.root}/data", exist_ok=True)  # once here, not in every task
     progress = make_progress("shard: writing", quiet)
     progress.start(shards, shards - len(todo))
     failed: dict[int, str] = {}
     try:
-        fatal = executor.run(_WriteJob(src, str(out), shards, options.format), todo,
+        fatal = executor.run(_WriteJob(src, str(out), shards, options.format, remote), todo,
                              lambda _, record: progress.advance(shards=1, samples=record["samples"]), failed)
     finally:
         progress.finish()
@@ -297,8 +322,11 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Execu
     atomic_write_json(out / "lenscap.json", {"lenscap_version": __version__, "stage": "shard", "parameters": asdict(options),
                                              "input": src.location, "history": history,
                                              "counts": {"samples": summary["samples"], "left_out": summary["left_out"]}})
-    write_card(out, options.format, summary, history, Path(index_dir), _columns(index))
-    return ExportResult(str(out), options.format, summary["samples"], shards, summary["bytes"], summary["left_out"], {})
+    write_card(out, options.format, summary, history, Path(index_dir), _columns(index),
+               location=remote.location if remote is not None else None)
+    if remote is not None:
+        put_and_remove(remote, out, list(INDEX_FILES))
+    return ExportResult(str(where), options.format, summary["samples"], shards, summary["bytes"], summary["left_out"], {})
 
 
 def _columns(index: Dataset) -> pa.Schema:

@@ -1,0 +1,54 @@
+"""``shard`` into a remote output (any fsspec URL): what differs from a local one.
+
+The export runs in the output's local mirror (``Dataset.path``) as it would in a local directory,
+state (``.lenscap/``: index, plan, done markers) included. The differences are here and in
+``job._WriteJob``: each output shard is uploaded before its done marker is written and its local copy
+removed, and the index files are uploaded at the end. The remote directory is the truth about which
+shards are there, so before a run the mirror is brought in line with it (``sync_mirror``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from lenscap.dataset import Dataset
+from lenscap.errors import DatasetError, UsageError
+from lenscap.uploads import uploaded_sizes
+
+__all__ = ["INDEX_FILES", "open_remote_output", "sync_mirror"]
+
+# Written locally at the end of a run, then uploaded in this order (as a local run writes them).
+INDEX_FILES = ("shards.json", "lenscap.json", "README.md")
+
+
+def open_remote_output(out_dir: str | os.PathLike[str], src: Dataset) -> Dataset:
+    """The remote output, checked and created (a prefix on an object store needs nothing)."""
+    remote = Dataset(out_dir)
+    if remote.resolved == src.resolved:
+        raise UsageError("the output directory must differ from the input")
+    try:
+        if remote.fs.isfile(remote.root):
+            raise UsageError(f"output {remote.location} exists and is a file")
+        remote.fs.makedirs(remote.root, exist_ok=True)
+    except OSError as e:
+        raise DatasetError(f"cannot create output {remote.location}: {e}") from None
+    return remote
+
+
+def sync_mirror(remote: Dataset, out: Path, done_dir: Path) -> None:
+    """Before a run (the lock held, so no task is writing): keep only the done markers of shards whose
+    remote file has the size the marker records, and remove the shard files a kill left in the mirror.
+
+    A marker is written only after its upload, so a missing or short remote file means the output was
+    changed or deleted since; that shard is then written again, like one never done.
+    """
+    uploaded = uploaded_sizes(remote)
+    for marker in done_dir.glob("*.json"):
+        record = json.loads(marker.read_text())
+        if uploaded.get(record["file"]) != record["bytes"]:
+            marker.unlink()
+    # Killed before its marker (upload or not): written again. After its marker: uploaded already.
+    for leftover in [*out.glob("*.tar"), *out.glob("data/*.parquet")]:
+        leftover.unlink()
