@@ -25,8 +25,8 @@ __all__ = ["is_remote", "redact_url", "local_path", "url_to_fs", "mirror_dir", "
 _PROTOCOL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
 # What works on remote storage, for the error of the commands that do not.
-REMOTE_SUPPORT = ("remote storage (fsspec URLs such as s3://, gs://) works for the input and output of filter and "
-                  "caption, the input of dedup, shard and inspect, and download's URL list")
+REMOTE_SUPPORT = ("remote storage (fsspec URLs such as s3://, gs://) works for the input and output of filter, caption, "
+                  "dedup and shard, the input of inspect, and download's URL list")
 
 
 def is_remote(location: str | os.PathLike[str] | None) -> bool:
