@@ -173,7 +173,7 @@ class RayExecutor(Executor):
     def __init__(self, address: str | None = None, max_retries: int = 3, num_cpus: float = 1.0,
                  max_in_flight: int | None = None) -> None:
         if max_retries < 0:
-            raise UsageError(f"--ray-retries must be 0 or more, not {max_retries}")
+            raise UsageError(f"max_retries must be 0 or more, not {max_retries}")
         self.address = address
         self.max_retries = max_retries
         self.num_cpus = num_cpus
