@@ -34,9 +34,12 @@ RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="Wit
 
 
 def _executor(executor: str, processes: int, ray_address: str | None) -> Any:
-    from lenscap.executors import make_executor
+    from lenscap.executors import RayExecutor, make_executor
 
-    return make_executor(executor, processes, ray_address)
+    runner = make_executor(executor, processes, ray_address)
+    if isinstance(runner, RayExecutor):
+        runner.connect()  # an unreachable cluster is an error before any output is touched
+    return runner
 
 
 def _ray_cluster(executor: str, processes: int, ray_address: str | None) -> str | None:
@@ -71,7 +74,7 @@ def _root(
 
 @app.command()
 def download(
-    paths: Annotated[list[str], typer.Argument(help="INPUT OUT_DIR: a URL list (txt/csv/tsv/jsonl/parquet, a directory or glob of them, or - for stdin) and the output dataset directory. With --retry-failed: just OUT_DIR.", show_default=False, metavar="[INPUT] OUT_DIR")],
+    paths: Annotated[list[str], typer.Argument(help="INPUT OUT_DIR: a URL list (txt/csv/tsv/jsonl/parquet, a directory or glob of them, or - for stdin) and the output dataset directory (a path, or a URL such as s3://bucket/raw). With --retry-failed: just OUT_DIR.", show_default=False, metavar="[INPUT] OUT_DIR")],
     url_col: Annotated[Optional[str], typer.Option(help="URL column (default: url, URL, image_url or img_url, whichever exists).")] = None,
     caption_col: Annotated[Optional[str], typer.Option(help="Caption (alt-text) column (default: caption, alt_text, alt, text or TEXT, whichever exists).")] = None,
     extra_cols: Annotated[Optional[str], typer.Option(help="Comma-separated input columns to keep in the output.")] = None,

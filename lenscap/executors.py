@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import socket
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -151,6 +152,8 @@ def connect_ray(address: str | None) -> Any:
     ray = import_ray()
     if ray.is_initialized():
         return ray
+    if address:
+        _check_reachable(address)
     try:
         # Worker output stays in Ray's logs: lenscap's stdout is for --json summaries and pipes.
         ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level="WARNING",
@@ -159,6 +162,18 @@ def connect_ray(address: str | None) -> Any:
         where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
         raise UsageError(f"cannot start or reach the Ray cluster ({where}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return ray
+
+
+def _check_reachable(address: str) -> None:
+    """Fail in seconds on an address nothing listens at: Ray itself retries for minutes."""
+    hostport = address.removeprefix("ray://")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", "local": Ray finds (or refuses) those itself, quickly
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise UsageError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}") from None
 
 
 class RayExecutor(Executor):

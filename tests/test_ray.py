@@ -209,6 +209,7 @@ def test_download_on_ray_equals_local(tmp_path, ray_cluster, image_server):
 @pytest.mark.parametrize("args, message", [
     (("--ray-address", "auto"), "--ray-address needs --executor ray"),
     (("--executor", "spark"), "--executor must be one of local, ray"),
+    (("--executor", "ray", "--ray-address", "127.0.0.1:9"), "cannot reach the Ray cluster at 127.0.0.1:9"),
 ])
 def test_bad_executor_flags(tmp_path, args, message):
     src = write_image_dataset(tmp_path / "in", 4, per_shard=4).path
