@@ -26,7 +26,7 @@ _PROTOCOL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
 # What works on remote storage, for the error of the commands that do not.
 REMOTE_SUPPORT = ("remote storage (fsspec URLs such as s3://, gs://) works for the input and output of filter, caption, "
-                  "dedup and shard, the input of inspect, and download's URL list")
+                  "dedup and shard, the input of inspect, and download's URL list and output")
 
 
 def is_remote(location: str | os.PathLike[str] | None) -> bool:

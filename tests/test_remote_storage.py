@@ -208,11 +208,9 @@ def test_download_reads_a_remote_url_list(tmp_path, mem, image_server):
     (["estimate", "--images", "10", "--from", "{mem}/in"], "estimate --from"),
     (["batch", "status", "{mem}/in"], "batch status's directory"),
     (["caption", "{local}", "{mem}/c", "--backend", "batch-files"], "the output of a batch caption job"),
-    (["download", "{local}/urls.txt", "{mem}/dl"], "the output directory of this command"),
     (["run", "demo", "--work-dir", "{mem}/w"], "a recipe's work directory"),
 ])
 def test_commands_that_write_local_files_refuse_a_remote_path_in_one_line(tmp_path, mem, local_in, args, what):
-    (local_in / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
     upload(local_in, f"{mem}/in")
     code, _, err = cli(*(a.format(local=local_in, mem=mem) for a in args))
     assert code == 2, err

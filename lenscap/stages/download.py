@@ -12,6 +12,12 @@ How a download runs (all state under ``OUT/_lenscap/``, so a rerun of the same c
 
 ``retry_failed`` is the second pass img2dataset lacks: the failed downloads of completed shards are
 fetched again and the successes merged into those shards, atomically.
+
+A remote ``OUT`` (an fsspec URL) keeps ``_lenscap/`` in its local mirror, as every remote output does.
+Each adopted shard is committed into the mirror, then uploaded (``Dataset.upload_shard``: tar,
+parquet, ``_stats.json`` last) and its local copy removed; the remote stats files say what is done.
+On Ray, img2dataset's tasks may run on other machines, so its staging directory is remote too,
+``OUT/_lenscap/img2dataset/``, and a staged tar reaches its final name by a copy inside the store.
 """
 
 from __future__ import annotations
@@ -30,14 +36,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lenscap.dataset import Dataset, atomic_write_json, read_parquet, shard_name, shard_stats
+from lenscap.dataset import WORK_DIR_NAME, Dataset, atomic_write_json, read_parquet, shard_name, shard_stats
 from lenscap.errors import DatasetError, InputError, UsageError
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
-from lenscap.lock import output_lock
+from lenscap.lock import DirLock, output_lock
 from lenscap.progress import Progress, make_progress
 from lenscap.record import Sample
 from lenscap.stages.img2dataset_process import Img2datasetProcess
-from lenscap.storage import redact_url
+from lenscap.storage import is_remote, redact_url
 
 __all__ = ["DownloadOptions", "DownloadResult", "download", "retry_failed", "RESIZE_MODES"]
 
@@ -104,7 +110,7 @@ class DownloadOptions:
         d["max_aspect_ratio"] = None if math.isinf(self.max_aspect_ratio) else self.max_aspect_ratio
         return d
 
-    def img2dataset_kwargs(self, url_dir: Path, staging: Path) -> dict[str, Any]:
+    def img2dataset_kwargs(self, url_dir: Path, staging: Path | str) -> dict[str, Any]:
         return {
             "url_list": str(url_dir),
             "input_format": "parquet",
@@ -156,15 +162,36 @@ def sample_key(shard_id: int, index: int, samples_per_shard: int) -> str:
 
 
 class _Job:
-    """The on-disk state of one download directory."""
+    """The on-disk state of one download directory (a remote one's, in its local mirror)."""
 
-    def __init__(self, out: Dataset) -> None:
+    def __init__(self, out: Dataset, ray: bool = False) -> None:
         self.out = out
+        self.dst = out.mirror()  # where shards are committed: the output itself, or a remote one's mirror
         self.work = out.work_dir
         self.input_dir = self.work / "input"
-        self.staging = self.work / "img2dataset"
         self.job_file = self.work / "job.json"
         self.log_file = self.work / "img2dataset.log"
+        # img2dataset's Ray tasks may run on any node: with a remote output they stage under it, where
+        # every node can write (a local output on a cluster needs a shared filesystem, as every stage does).
+        self.ray = ray and out.remote
+        self.staging = self.staging_dir("img2dataset")
+
+    def staging_dir(self, name: str) -> Path | str:
+        """Where img2dataset writes: ``_lenscap/NAME`` locally, or ``OUT/_lenscap/NAME`` for a remote
+        output on Ray. That URL carries no credentials: img2dataset's processes, wherever they run,
+        reach the store through its own configuration (environment, config files)."""
+        if self.ray:
+            return f"{self.out.fs.unstrip_protocol(self.out.root)}/{WORK_DIR_NAME}/{name}"
+        return self.work / name
+
+    def remove_staging(self, name: str) -> None:
+        """Remove ``_lenscap/NAME`` (what img2dataset staged there is in the output, or is stale). A
+        remote output's is looked for remotely too, whichever executor this run has: an earlier run's may be there."""
+        shutil.rmtree(self.work / name, ignore_errors=True)
+        if self.out.remote:
+            remote = self.out._rpath(f"{WORK_DIR_NAME}/{name}")
+            if self.out.fs.exists(remote):
+                self.out.fs.rm(remote, recursive=True)
 
     def read_job(self) -> dict[str, Any] | None:
         return json.loads(self.job_file.read_text()) if self.job_file.exists() else None
@@ -174,8 +201,10 @@ class _Job:
         return json.loads(marker.read_text()) if marker.exists() else None
 
 
-def _open_job(out_dir: str | os.PathLike[str], source: str | None) -> _Job:
+def _open_job(out_dir: str | os.PathLike[str], source: str | None, ray: bool = False) -> _Job:
     """The download directory ``out_dir``, created if new, after a crash's commits are finished."""
+    if is_remote(out_dir):
+        return _open_remote_job(Dataset(out_dir), source, ray)
     existing = Path(out_dir)
     recorded = (existing / "_lenscap" / "job.json").exists()
     if source is None and not recorded:
@@ -187,6 +216,32 @@ def _open_job(out_dir: str | os.PathLike[str], source: str | None) -> _Job:
     out = Dataset.create(out_dir)
     out.recover()
     return _Job(out)
+
+
+def _open_remote_job(out: Dataset, source: str | None, ray: bool) -> _Job:
+    """A remote output: the remote directory says what is done; the job's state is in the local mirror."""
+    if out.fs.isfile(out.root):
+        raise DatasetError(f"output {out.location} exists and is a file")
+    names = [n for n in out._names() if n != WORK_DIR_NAME]
+    recorded = bool(names) and (out.work_dir / "job.json").exists()  # a mirror whose output is gone is stale
+    if names and not recorded:
+        if (out.read_manifest() or {}).get("stage") == "download":
+            raise DatasetError(f"{out.location} holds a download whose job state is not on this machine (it would be in "
+                               f"{out.path}); rerun where it started, or copy that machine's mirror there")
+        raise DatasetError(f"output {out.location} is not empty and holds no lenscap download")
+    if source is None and not recorded:
+        raise DatasetError(f"{out.location} holds no download to resume; give the URL list too")
+    if source is not None and not recorded:
+        resolve_input_files(source)  # a missing input fails before anything is created
+    out = Dataset.create(out)
+    out.recover()  # a new output's stale mirror is emptied; copies uploaded before a kill go
+    staging = out._rpath(WORK_DIR_NAME)
+    if not recorded and out.fs.exists(staging):
+        out.fs.rm(staging, recursive=True)  # a Ray run's staging, left by an earlier output of this name
+    job = _Job(out, ray)
+    for shard_id in set(job.dst.completed_ids()) - set(out.completed_ids()):
+        out.upload_shard(shard_id)  # committed here before a kill, its upload unfinished: upload, never redo
+    return job
 
 
 def _prepare(job: _Job, source: str | None, options: DownloadOptions) -> tuple[DownloadOptions, dict[str, Any]]:
@@ -205,14 +260,14 @@ def _prepare(job: _Job, source: str | None, options: DownloadOptions) -> tuple[D
         if options.max_aspect_ratio is None:
             options.max_aspect_ratio = math.inf
     elif previous["input"] != redact_url(source) and source != "-":
-        raise DatasetError(f"{job.out.path} holds a download of {previous['input']!r}, not {redact_url(source)!r}; use a new output directory")
+        raise DatasetError(f"{job.out.location} holds a download of {previous['input']!r}, not {redact_url(source)!r}; use a new output directory")
     diff = [k for k, v in options.output_shaping().items() if previous["options"].get(k) != v]
     if diff:
         flags = ", ".join("--" + k.replace("_", "-") for k in diff)
-        raise DatasetError(f"{job.out.path} was downloaded with other values of {flags}; rerun with the same values or use a new directory")
+        raise DatasetError(f"{job.out.location} was downloaded with other values of {flags}; rerun with the same values or use a new directory")
     ready = job.input_ready()
     if ready is None:  # cannot happen unless _lenscap/input was deleted by hand
-        raise DatasetError(f"{job.out.path}: the recorded URL list ({job.input_dir}) is missing; start again in a new directory")
+        raise DatasetError(f"{job.out.location}: the recorded URL list ({job.input_dir}) is missing; start again in a new directory")
     return options, ready
 
 
@@ -251,11 +306,11 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
 
 
 def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
-    """Move one finished img2dataset shard into the output, every input row accounted for."""
+    """Move one finished img2dataset shard into the output (a remote one's mirror), every input row accounted for."""
     name = shard_name(shard_id)
-    staged_parquet = job.staging / f"{name}.parquet"
+    staged = Dataset(job.staging)
     input_parquet = job.input_dir / f"{name}.parquet"
-    table = read_parquet(staged_parquet)
+    table = staged.read_table(shard_id)
     lost = pq.read_metadata(input_parquet).num_rows - table.num_rows
     if lost:
         present = set(table.column("key").to_pylist())
@@ -277,21 +332,67 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
                 row["error_message"] = "empty URL"
         table = pa.Table.from_pylist(rows, schema=table.schema)
     table = table.sort_by("key")  # keys share one width: text order is numeric order
-    tmp = job.out.tmp_path(shard_id, "parquet")
+    dst = job.dst
+    tmp = dst.tmp_path(shard_id, "parquet")
     pq.write_table(table, tmp)
     stats = shard_stats(shard_id, table) | {"lost_by_img2dataset": lost}
-    job.out.commit(shard_id, [(job.staging / f"{name}.tar", job.out.tar_path(shard_id)), (tmp, job.out.parquet_path(shard_id))], stats)
-    staged_parquet.unlink(missing_ok=True)
+    renames = [(tmp, dst.parquet_path(shard_id))]
+    if staged.remote:
+        # Staged remotely (Ray): the tar is copied inside the store, never through this machine. Before
+        # the commit, so a shard committed in the mirror has its tar in place and needs only its upload.
+        staged.fs.copy(staged._rpath(f"{name}.tar"), job.out._rpath(f"{name}.tar"))
+    else:
+        renames.insert(0, (staged.tar_path(shard_id), dst.tar_path(shard_id)))
+    dst.commit(shard_id, renames, stats)
+    if not staged.remote:
+        staged.parquet_path(shard_id).unlink(missing_ok=True)
     return stats
 
 
-def _staged_done(staging: Path) -> set[int]:
+def _adopt_into(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
+    """Adopt a finished staged shard. A remote output's is committed into the mirror (unless that
+    was done before a kill), then uploaded, stats last, and the local copy goes."""
+    if not job.out.remote:
+        return _adopt(job, shard_id, samples_per_shard)
+    if not job.dst.is_complete(shard_id):
+        _adopt(job, shard_id, samples_per_shard)
+    stats = job.out.upload_shard(shard_id)
+    _unstage(job.staging, shard_id)
+    return stats
+
+
+def _unstage(staging: Path | str, shard_id: int) -> None:
+    """Remove a remote staging's copy of an uploaded shard; its ``_stats.json`` stays, so that
+    img2dataset skips the shard (a local staging's tar was moved, its parquet removed, by the commit)."""
+    staged = Dataset(staging)
+    if staged.remote:
+        name = shard_name(shard_id)
+        staged.fs.rm([staged._rpath(f"{name}.tar"), staged._rpath(f"{name}.parquet")])
+
+
+def _mark_staged(staging: Path | str, shard_ids: set[int]) -> None:
+    """img2dataset skips a shard whose ``_stats.json`` is in its staging directory. Shards complete
+    in a remote output that this staging does not know (an earlier run staged elsewhere: another
+    executor) get one, so nothing already uploaded is downloaded again."""
+    staged = Dataset(staging)
+    for shard_id in sorted(shard_ids - _staged_done(staging)):
+        name = f"{shard_name(shard_id)}_stats.json"
+        if staged.remote:
+            staged.fs.pipe_file(staged._rpath(name), b"{}")
+        else:
+            staged.path.mkdir(parents=True, exist_ok=True)
+            (staged.path / name).write_bytes(b"{}")
+
+
+def _staged_done(staging: Path | str) -> set[int]:
     """Shards img2dataset has finished in ``staging``: its layout is ours, ``_stats.json`` last."""
-    return set(Dataset(staging).completed_ids()) if staging.is_dir() else set()
+    staged = Dataset(staging)
+    return set(staged.completed_ids()) if staged.remote or staged.path.is_dir() else set()
 
 
-def _img2dataset_config(options: DownloadOptions, url_dir: Path, staging: Path) -> dict[str, Any]:
-    staging.mkdir(parents=True, exist_ok=True)
+def _img2dataset_config(options: DownloadOptions, url_dir: Path, staging: Path | str) -> dict[str, Any]:
+    if isinstance(staging, Path):  # img2dataset makes a remote one itself
+        staging.mkdir(parents=True, exist_ok=True)
     return options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels, "ray_address": options.ray_address}
 
 
@@ -308,7 +409,7 @@ def download(
     starts one before its own imports); it is used if there is work to do and ended in any case.
     """
     try:
-        lock = output_lock(out_dir)
+        lock = _output_lock(out_dir)
         lock.acquire()
     except BaseException:
         if img2dataset is not None:
@@ -320,11 +421,16 @@ def download(
         lock.release()
 
 
+def _output_lock(out_dir: str | os.PathLike[str]) -> DirLock:
+    """The output's lock; a remote output's is on its local mirror, as for every remote output."""
+    return output_lock(Dataset(out_dir).path if is_remote(out_dir) else out_dir)
+
+
 def _download(source: str | None, out_dir: str | os.PathLike[str], options: DownloadOptions, progress: Progress | None,
               img2dataset: Img2datasetProcess | None) -> DownloadResult:
     try:
         options.validate()
-        job = _open_job(out_dir, source)
+        job = _open_job(out_dir, source, ray=options.ray_address is not None)
         options, ready = _prepare(job, source, options)
         total = ready["shards"]
         progress = progress or make_progress("download")
@@ -336,7 +442,7 @@ def _download(source: str | None, out_dir: str | os.PathLike[str], options: Down
                 if shard_id >= total or job.out.is_complete(shard_id):
                     done.add(shard_id)
                     continue
-                stats = _adopt(job, shard_id, options.samples_per_shard)
+                stats = _adopt_into(job, shard_id, options.samples_per_shard)
                 done.add(shard_id)
                 progress.advance(shards=1, samples=stats["count"])
 
@@ -344,9 +450,11 @@ def _download(source: str | None, out_dir: str | os.PathLike[str], options: Down
         adopt_finished()  # shards staged before a crash
         rc = 0
         if len(done) < total:
+            if job.out.remote:
+                _mark_staged(job.staging, done)
             img2dataset = img2dataset or Img2datasetProcess()
             rc = img2dataset.run(_img2dataset_config(options, job.input_dir, job.staging), job.log_file,
-                                 adopt_finished, lambda: len(done) >= total)
+                                 adopt_finished, lambda: len(done) >= total, poll_s=_poll_s(job.staging))
     finally:
         if img2dataset is not None:
             img2dataset.stop()
@@ -354,9 +462,14 @@ def _download(source: str | None, out_dir: str | os.PathLike[str], options: Down
     failed = sorted(set(range(total)) - set(job.out.completed_ids()))
     if failed:
         progress.note(f"download: {len(failed)} shard(s) did not complete (img2dataset exit code {rc}, log: {job.log_file}); rerun the same command to finish them")
-    elif job.staging.exists():
-        shutil.rmtree(job.staging)  # everything adopted: the staging copies are no longer needed
+    else:
+        job.remove_staging("img2dataset")  # everything adopted: the staging copies are no longer needed
     return _finish(job, options, source, total, failed)
+
+
+def _poll_s(staging: Path | str) -> float:
+    """How often to look for finished shards: a remote staging is listed once a second, not ten times."""
+    return 0.1 if isinstance(staging, Path) else 1.0
 
 
 def _finish(job: _Job, options: DownloadOptions, source: str | None, total: int, failed: list[int]) -> DownloadResult:
@@ -366,7 +479,7 @@ def _finish(job: _Job, options: DownloadOptions, source: str | None, total: int,
               "timeout": options.timeout, "retries": options.retries}
     manifest = job.out.write_manifest("download", params, recorded.get("input", source), expected_shards=total)
     return DownloadResult(
-        out_dir=str(job.out.path),
+        out_dir=job.out.location,
         shards_total=total,
         shards_completed=manifest["shards"]["completed"],
         samples=manifest["counts"]["samples"],
@@ -385,7 +498,7 @@ def _retryable(row: dict[str, Any]) -> bool:
 def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | None = None,
                  progress: Progress | None = None) -> DownloadResult:
     """Fetch again the failed downloads of completed shards; merge the successes into those shards."""
-    with output_lock(out_dir):
+    with _output_lock(out_dir):
         return _retry_failed(out_dir, options, progress)
 
 
@@ -396,15 +509,14 @@ def _retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | No
     """
     options = options or DownloadOptions()
     options.validate()
-    job = _open_job(out_dir, None)
+    job = _open_job(out_dir, None, ray=options.ray_address is not None)
     options, ready = _prepare(job, None, options)
     total = ready["shards"]
     out = job.out
-    round_dir = job.work / "retry"
-    url_dir, staging = round_dir / "input", round_dir / "img2dataset"
+    url_dir, staging = job.work / "retry" / "input", job.staging_dir("retry/img2dataset")
     progress = progress or make_progress("retry-failed")
     if not (url_dir / "_done.json").exists():
-        shutil.rmtree(round_dir, ignore_errors=True)
+        job.remove_staging("retry")
         url_dir.mkdir(parents=True)
         origin: list[int] = []  # retry shard -> the shard its rows came from
         for shard_id in out.completed_ids():
@@ -421,7 +533,7 @@ def _retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | No
 
     def merge_finished() -> None:
         for rid in sorted(_staged_done(staging) - merged):
-            _merge_retry_shard(out, staging, rid, origin[rid])
+            _merge_retry_shard(job, staging, rid, origin[rid])
             merged.add(rid)
             progress.advance(shards=1)
 
@@ -429,41 +541,50 @@ def _retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | No
     if len(merged) < len(origin):
         retry_options = DownloadOptions(**{**asdict(options), "extra_cols": [*options.extra_cols, "lenscap_key"]})
         Img2datasetProcess().run(_img2dataset_config(retry_options, url_dir, staging), job.log_file,
-                                 merge_finished, lambda: len(merged) >= len(origin))
+                                 merge_finished, lambda: len(merged) >= len(origin), poll_s=_poll_s(staging))
     progress.finish()
     if len(merged) < len(origin):
         progress.note(f"retry-failed: {len(origin) - len(merged)} of {len(origin)} retry shards did not finish; rerun to finish them")
     else:
-        shutil.rmtree(round_dir, ignore_errors=True)
+        job.remove_staging("retry")
     failed = sorted(set(range(total)) - set(out.completed_ids()))
     return _finish(job, options, None, total, failed)
 
 
-def _merge_retry_shard(out: Dataset, staging: Path, retry_id: int, shard_id: int) -> None:
-    """Rewrite shard ``shard_id`` with the successes of retry shard ``retry_id``. Idempotent."""
-    successes = {r["lenscap_key"]: r for r in read_parquet(staging / f"{shard_name(retry_id)}.parquet").to_pylist()
-                 if r["status"] == "success"}
+def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: int) -> None:
+    """Rewrite shard ``shard_id`` with the successes of retry shard ``retry_id``. Idempotent.
+
+    A remote shard is read from a local copy and rewritten into the mirror, then replaced remotely:
+    its stats file goes first, so that it is never complete with a mix of old and new files; a kill
+    before the new one is up leaves the rewritten shard in the mirror, which the next run uploads.
+    """
+    out, staged = job.out, Dataset(staging)
+    successes = {r["lenscap_key"]: r for r in staged.read_table(retry_id).to_pylist() if r["status"] == "success"}
     if not successes or not out.is_complete(shard_id):
         return
     retry_key_to_key = {r["key"]: key for key, r in successes.items()}
     images: dict[str, bytes] = {}
-    with tarfile.open(staging / f"{shard_name(retry_id)}.tar") as tar:
+    with staged.open_tar(retry_id) as f, tarfile.open(fileobj=f) as tar:
         for member in tar:
             retry_key, _, ext = member.name.partition(".")
             if ext == "jpg" and retry_key in retry_key_to_key:
                 images[retry_key_to_key[retry_key]] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    schema = pq.read_schema(out.parquet_path(shard_id))
-    writer = out.writer(shard_id, schema)
-    changed = 0
-    for sample in out.iter_samples(shard_id):
-        retried = successes.get(sample.key)
-        if retried is not None and sample.status != "success" and sample.key in images:
-            row = {c: retried.get(c) for c in schema.names} | {
-                "key": sample.key, "url": sample.row["url"], "caption": sample.row.get("caption")}
-            sample = Sample(key=sample.key, row=row, image=images[sample.key])
-            changed += 1
-        writer.write(sample)
-    if changed:
-        writer.commit({"retried": out.read_stats(shard_id).get("retried", 0) + changed})
-    else:
-        writer.abort()
+    with out.staged(shard_id) as src:  # the output itself when local
+        schema = pq.read_schema(src.parquet_path(shard_id))
+        writer = job.dst.writer(shard_id, schema)
+        changed = 0
+        for sample in src.iter_samples(shard_id):
+            retried = successes.get(sample.key)
+            if retried is not None and sample.status != "success" and sample.key in images:
+                row = {c: retried.get(c) for c in schema.names} | {
+                    "key": sample.key, "url": sample.row["url"], "caption": sample.row.get("caption")}
+                sample = Sample(key=sample.key, row=row, image=images[sample.key])
+                changed += 1
+            writer.write(sample)
+        if changed:
+            writer.commit({"retried": src.read_stats(shard_id).get("retried", 0) + changed})
+        else:
+            writer.abort()
+    if changed and out.remote:
+        out.fs.rm_file(out._rpath(f"{shard_name(shard_id)}_stats.json"))
+        out.upload_shard(shard_id)

@@ -40,8 +40,9 @@ class Img2datasetProcess:
         self.early_output = b""
 
     def run(self, config: dict[str, Any], log_file: Path, on_poll: Callable[[], None],
-            all_done: Callable[[], bool]) -> int:
-        """Hand img2dataset its config and wait, calling ``on_poll()``, until it exits or ``all_done()``.
+            all_done: Callable[[], bool], poll_s: float = 0.1) -> int:
+        """Hand img2dataset its config and wait, calling ``on_poll()`` every ``poll_s`` seconds, until it
+        exits or ``all_done()``.
 
         img2dataset's own wind-down (logger process, temporary files) takes most of a second and
         makes nothing lenscap keeps, so its process group is ended once ``all_done()`` rather than
@@ -58,7 +59,7 @@ class Img2datasetProcess:
                 on_poll()
                 if all_done():
                     break
-                time.sleep(0.1)
+                time.sleep(poll_s)
         finally:
             self.stop()
         on_poll()
