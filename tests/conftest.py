@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import subprocess
@@ -65,6 +67,25 @@ def run_cli(*args: str, stdin: str | None = None, timeout: float = 180, env: dic
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def run_cli_here(*args: str) -> tuple[int, str, str]:
+    """``lenscap ARGS`` in this process (``memory://`` exists only in one process): exit code, stdout, stderr."""
+    from lenscap.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = sys.argv
+    sys.argv = ["lenscap", *args]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                code = 0
+            except SystemExit as e:
+                code = int(e.code or 0)
+    finally:
+        sys.argv = argv
+    return code, out.getvalue(), err.getvalue()
 
 
 def solid_jpeg(size=(64, 48), colour=(10, 120, 200)) -> bytes:

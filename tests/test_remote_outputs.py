@@ -21,31 +21,13 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.memory import MemoryFileSystem
 
-from conftest import CliResult, run_cli
-from lenscap.cli import main
+from conftest import CliResult, run_cli, run_cli_here as cli
 from lenscap.dataset import Dataset
 from lenscap.inspect import inspect_dataset
 from test_dedup import make_planted
 
 DEDUP = ("--processes", "1", "--quiet")
 SHARD = ("--processes", "1", "--quiet", "--samples-per-shard", "16")  # 66 exported samples: 5 shards
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """``lenscap ARGS`` in this process (memory:// is per process): exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["lenscap", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-                code = 0
-            except SystemExit as e:
-                code = int(e.code or 0)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 def ok(result: tuple[int, str, str] | CliResult) -> str:

@@ -5,11 +5,8 @@ that cannot write remotely say so in one line, and credentials are never recorde
 
 from __future__ import annotations
 
-import contextlib
 import gzip
-import io
 import json
-import sys
 import tarfile
 import uuid
 from pathlib import Path
@@ -17,7 +14,7 @@ from pathlib import Path
 import fsspec
 import pytest
 
-from lenscap.cli import main
+from conftest import run_cli_here as cli
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files
@@ -47,23 +44,6 @@ def upload(local: Path, url: str) -> str:
     fs, root = fsspec.core.url_to_fs(url)
     fs.put(str(local) + "/", root, recursive=True)
     return url
-
-
-def cli(*args: str) -> tuple[int, str, str]:
-    """``lenscap ARGS`` in this process (memory:// is per process): exit code, stdout, stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = sys.argv
-    sys.argv = ["lenscap", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-                code = 0
-            except SystemExit as e:
-                code = int(e.code or 0)
-    finally:
-        sys.argv = argv
-    return code, out.getvalue(), err.getvalue()
 
 
 def snapshot(location: str) -> dict[int, tuple[list[dict], dict[str, bytes], dict]]:

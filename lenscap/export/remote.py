@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from lenscap.dataset import Dataset
-from lenscap.errors import DatasetError, UsageError
+from lenscap.errors import UsageError
 from lenscap.uploads import uploaded_sizes
 
 __all__ = ["INDEX_FILES", "open_remote_output", "sync_mirror"]
@@ -25,16 +25,9 @@ INDEX_FILES = ("shards.json", "lenscap.json", "README.md")
 
 def open_remote_output(out_dir: str | os.PathLike[str], src: Dataset) -> Dataset:
     """The remote output, checked and created (a prefix on an object store needs nothing)."""
-    remote = Dataset(out_dir)
-    if remote.resolved == src.resolved:
+    if Dataset(out_dir).resolved == src.resolved:
         raise UsageError("the output directory must differ from the input")
-    try:
-        if remote.fs.isfile(remote.root):
-            raise UsageError(f"output {remote.location} exists and is a file")
-        remote.fs.makedirs(remote.root, exist_ok=True)
-    except OSError as e:
-        raise DatasetError(f"cannot create output {remote.location}: {e}") from None
-    return remote
+    return Dataset.create(out_dir)
 
 
 def sync_mirror(remote: Dataset, out: Path, done_dir: Path) -> None:
