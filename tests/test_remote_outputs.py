@@ -25,6 +25,7 @@ from conftest import CliResult, run_cli, run_cli_here as cli
 from lenscap.dataset import Dataset
 from lenscap.inspect import inspect_dataset
 from test_dedup import make_planted
+from test_remote_storage import snapshot as rows_and_members
 
 DEDUP = ("--processes", "1", "--quiet")
 SHARD = ("--processes", "1", "--quiet", "--samples-per-shard", "16")  # 66 exported samples: 5 shards
@@ -61,19 +62,6 @@ def mem(monkeypatch, tmp_path):
 def read(location: str | Path, name: str) -> bytes:
     with fsspec.open(f"{location}/{name}", "rb") as f:
         return f.read()
-
-
-def rows_and_members(location: str | Path) -> dict[int, tuple[list[dict], dict[str, bytes], dict]]:
-    """Every complete shard of a dataset: its rows, its tar members, its stats."""
-    ds = Dataset.open(location)
-    shards = {}
-    for shard_id in ds.completed_ids():
-        with ds.staged(shard_id) as local:
-            rows = local.read_table(shard_id).to_pylist()
-            with tarfile.open(local.tar_path(shard_id)) as tar:
-                members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
-        shards[shard_id] = (rows, members, ds.read_stats(shard_id))
-    return shards
 
 
 def dedup_report(location: str | Path) -> tuple[dict, list[dict]]:
