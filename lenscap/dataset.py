@@ -213,7 +213,7 @@ class Dataset:
                     raise DatasetError(f"{ds.location} is a file, not a dataset directory")
             except OSError as e:
                 raise DatasetError(f"cannot read {ds.location}: {e}") from None
-            if not ds.fs.exists(ds._rpath(MANIFEST_NAME)) and not ds.shard_ids():
+            if not ds.fs.exists(ds.remote_path(MANIFEST_NAME)) and not ds.shard_ids():
                 raise DatasetError(f"{ds.location} is not a dataset directory (no shards and no {MANIFEST_NAME})")
             return ds
         p = ds.path
@@ -248,12 +248,13 @@ class Dataset:
     def tmp_path(self, shard_id: int, ext: str) -> Path:
         return self._local() / f".{shard_name(shard_id)}.{ext}.tmp"
 
-    def _rpath(self, name: str) -> str:
+    def remote_path(self, name: str) -> str:
+        """A file of a remote dataset (``name`` relative to it, ``/``-separated), as its filesystem names it."""
         return f"{self.root}/{name}"
 
     # -- listing --------------------------------------------------------------------------------
 
-    def _names(self) -> list[str]:
+    def names(self) -> list[str]:
         """The names in the dataset directory (not below it)."""
         if self.fs is None:
             return [entry.name for entry in os.scandir(self.path)]
@@ -265,12 +266,12 @@ class Dataset:
 
     def completed_ids(self) -> list[int]:
         """Shards whose ``_stats.json`` exists: complete, never to be redone."""
-        return sorted(int(m.group(1)) for name in self._names() if (m := _STATS_RE.match(name)))
+        return sorted(int(m.group(1)) for name in self.names() if (m := _STATS_RE.match(name)))
 
     def shard_ids(self) -> list[int]:
         """Every shard with any file present, complete or not."""
         ids = set()
-        for name in self._names():
+        for name in self.names():
             m = _STATS_RE.match(name) or _SHARD_FILE_RE.match(name)
             if m:
                 ids.add(int(m.group(1)))
@@ -286,19 +287,19 @@ class Dataset:
         if self.fs is None:
             return self.stats_path(shard_id).exists()
         self.fs.invalidate_cache(self.root)
-        return bool(self.fs.exists(self._rpath(f"{shard_name(shard_id)}_stats.json")))
+        return bool(self.fs.exists(self.remote_path(f"{shard_name(shard_id)}_stats.json")))
 
     # -- reading --------------------------------------------------------------------------------
 
     def read_stats(self, shard_id: int) -> dict[str, Any]:
         if self.fs is None:
             return json.loads(self.stats_path(shard_id).read_text())
-        return json.loads(self.fs.cat_file(self._rpath(f"{shard_name(shard_id)}_stats.json")))
+        return json.loads(self.fs.cat_file(self.remote_path(f"{shard_name(shard_id)}_stats.json")))
 
     def _read_all_stats(self, ids: list[int]) -> list[dict[str, Any]]:
         if self.fs is None or not ids:
             return [self.read_stats(i) for i in ids]
-        paths = [self._rpath(f"{shard_name(i)}_stats.json") for i in ids]
+        paths = [self.remote_path(f"{shard_name(i)}_stats.json") for i in ids]
         blobs = self.fs.cat(paths)  # concurrent on object stores
         by_name = {p.rstrip("/").rsplit("/", 1)[-1]: b for p, b in blobs.items()}
         return [json.loads(by_name[p.rsplit("/", 1)[-1]]) for p in paths]
@@ -307,7 +308,7 @@ class Dataset:
         """One of the dataset's files, for reading (``FileNotFoundError`` if missing)."""
         if self.fs is None:
             return open(self.path / name, "rb")  # noqa: SIM115 - the caller closes it
-        return self.fs.open(self._rpath(name), "rb")
+        return self.fs.open(self.remote_path(name), "rb")
 
     def open_tar(self, shard_id: int) -> IO[bytes]:
         """The shard's tar, for reading by offset (a remote one is read by ranges, not whole)."""
@@ -345,7 +346,7 @@ class Dataset:
         try:
             if self.fs is None:
                 return json.loads((self.path / name).read_text())
-            return json.loads(self.fs.cat_file(self._rpath(name)))
+            return json.loads(self.fs.cat_file(self.remote_path(name)))
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as e:
@@ -384,7 +385,7 @@ class Dataset:
         try:
             for file in (f"{name}.parquet", f"{name}.tar", f"{name}_stats.json"):
                 try:
-                    self.fs.get_file(self._rpath(file), str(tmp / file))
+                    self.fs.get_file(self.remote_path(file), str(tmp / file))
                 except FileNotFoundError:
                     if file.endswith(".parquet"):
                         raise DatasetError(f"{self.location}: shard {name} has no parquet file") from None
@@ -442,15 +443,15 @@ class Dataset:
         stats = stats_file.read_bytes()
         for path in (local.tar_path(shard_id), local.parquet_path(shard_id)):
             if path.exists():
-                self.fs.put_file(str(path), self._rpath(path.name))
-        self.fs.pipe_file(self._rpath(stats_file.name), stats)
+                self.fs.put_file(str(path), self.remote_path(path.name))
+        self.fs.pipe_file(self.remote_path(stats_file.name), stats)
         for path in (local.tar_path(shard_id), local.parquet_path(shard_id), stats_file):
             path.unlink(missing_ok=True)
         return json.loads(stats)
 
     def _recover_remote(self) -> int:
         local = self.mirror()
-        names = self._names()
+        names = self.names()
         if MANIFEST_NAME not in names and not any(_STATS_RE.match(n) or _SHARD_FILE_RE.match(n) for n in names):
             # A new remote output (or one deleted since): nothing in the mirror belongs to it, but its lock.
             for entry in list(local.path.iterdir()) if local.path.is_dir() else []:
@@ -570,7 +571,7 @@ class Dataset:
             "history": [*(history or []), entry],
         }
         if self.fs is not None:
-            self.fs.pipe_file(self._rpath(MANIFEST_NAME), json.dumps(manifest, indent=2, default=str).encode() + b"\n")
+            self.fs.pipe_file(self.remote_path(MANIFEST_NAME), json.dumps(manifest, indent=2, default=str).encode() + b"\n")
         else:
             atomic_write_json(self.path / MANIFEST_NAME, manifest)
         return manifest

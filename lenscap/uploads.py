@@ -17,7 +17,7 @@ __all__ = ["put_file", "put_and_remove", "uploaded_sizes"]
 
 def put_file(ds: Dataset, local: Path, name: str) -> None:
     """Upload ``local`` as ``name`` (relative, ``/``-separated) in the remote dataset ``ds``."""
-    ds.fs.put_file(str(local), f"{ds.root}/{name}")
+    ds.fs.put_file(str(local), ds.remote_path(name))
 
 
 def put_and_remove(ds: Dataset, local_dir: Path, names: list[str]) -> None:

@@ -81,20 +81,15 @@ class ClusterBudget(Budget):
     shards finished counts every caption they paid for. (Without --max-cost, ``reserve`` asks nothing.)"""
 
     def __init__(self, max_usd: float | None, spent_before: float = 0.0) -> None:
-        from lenscap.executors import import_ray
-
-        self._ray = import_ray()
         self.max_usd = max_usd
         self.spent_before = spent_before
         self._ledger = self._ray.remote(_Ledger).options(num_cpus=0).remote(max_usd, spent_before)
 
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_ray"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
+    @property
+    def _ray(self) -> Any:  # the module, looked up where the budget is, never pickled with it
         from lenscap.executors import import_ray
 
-        self.__dict__.update(state, _ray=import_ray())
+        return import_ray()
 
     @property
     def spent_this_run(self) -> float:

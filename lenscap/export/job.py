@@ -296,7 +296,7 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Execu
     for stray in list(out.glob(".*.tmp")) + list(out.glob("data/.*.tmp")):
         stray.unlink(missing_ok=True)
     if remote is not None and options.format == "parquet" and todo:
-        remote.fs.makedirs(f"{remote.root}/data", exist_ok=True)  # once here, not in every task
+        remote.fs.makedirs(remote.remote_path("data"), exist_ok=True)  # once here, not in every task
     progress = make_progress("shard: writing", quiet)
     progress.start(shards, shards - len(todo))
     failed: dict[int, str] = {}

@@ -189,7 +189,7 @@ class _Job:
         remote output's is looked for remotely too, whichever executor this run has: an earlier run's may be there."""
         shutil.rmtree(self.work / name, ignore_errors=True)
         if self.out.remote:
-            remote = self.out._rpath(f"{WORK_DIR_NAME}/{name}")
+            remote = self.out.remote_path(f"{WORK_DIR_NAME}/{name}")
             if self.out.fs.exists(remote):
                 self.out.fs.rm(remote, recursive=True)
 
@@ -222,7 +222,7 @@ def _open_remote_job(out: Dataset, source: str | None, ray: bool) -> _Job:
     """A remote output: the remote directory says what is done; the job's state is in the local mirror."""
     if out.fs.isfile(out.root):
         raise DatasetError(f"output {out.location} exists and is a file")
-    names = [n for n in out._names() if n != WORK_DIR_NAME]
+    names = [n for n in out.names() if n != WORK_DIR_NAME]
     recorded = bool(names) and (out.work_dir / "job.json").exists()  # a mirror whose output is gone is stale
     if names and not recorded:
         if (out.read_manifest() or {}).get("stage") == "download":
@@ -235,7 +235,7 @@ def _open_remote_job(out: Dataset, source: str | None, ray: bool) -> _Job:
         resolve_input_files(source)  # a missing input fails before anything is created
     out = Dataset.create(out)
     out.recover()  # a new output's stale mirror is emptied; copies uploaded before a kill go
-    staging = out._rpath(WORK_DIR_NAME)
+    staging = out.remote_path(WORK_DIR_NAME)
     if not recorded and out.fs.exists(staging):
         out.fs.rm(staging, recursive=True)  # a Ray run's staging, left by an earlier output of this name
     job = _Job(out, ray)
@@ -340,7 +340,7 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
     if staged.remote:
         # Staged remotely (Ray): the tar is copied inside the store, never through this machine. Before
         # the commit, so a shard committed in the mirror has its tar in place and needs only its upload.
-        staged.fs.copy(staged._rpath(f"{name}.tar"), job.out._rpath(f"{name}.tar"))
+        staged.fs.copy(staged.remote_path(f"{name}.tar"), job.out.remote_path(f"{name}.tar"))
     else:
         renames.insert(0, (staged.tar_path(shard_id), dst.tar_path(shard_id)))
     dst.commit(shard_id, renames, stats)
@@ -367,7 +367,7 @@ def _unstage(staging: Path | str, shard_id: int) -> None:
     staged = Dataset(staging)
     if staged.remote:
         name = shard_name(shard_id)
-        staged.fs.rm([staged._rpath(f"{name}.tar"), staged._rpath(f"{name}.parquet")])
+        staged.fs.rm([staged.remote_path(f"{name}.tar"), staged.remote_path(f"{name}.parquet")])
 
 
 def _mark_staged(staging: Path | str, shard_ids: set[int]) -> None:
@@ -378,7 +378,7 @@ def _mark_staged(staging: Path | str, shard_ids: set[int]) -> None:
     for shard_id in sorted(shard_ids - _staged_done(staging)):
         name = f"{shard_name(shard_id)}_stats.json"
         if staged.remote:
-            staged.fs.pipe_file(staged._rpath(name), b"{}")
+            staged.fs.pipe_file(staged.remote_path(name), b"{}")
         else:
             staged.path.mkdir(parents=True, exist_ok=True)
             (staged.path / name).write_bytes(b"{}")
@@ -586,5 +586,5 @@ def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: 
         else:
             writer.abort()
     if changed and out.remote:
-        out.fs.rm_file(out._rpath(f"{shard_name(shard_id)}_stats.json"))
+        out.fs.rm_file(out.remote_path(f"{shard_name(shard_id)}_stats.json"))
         out.upload_shard(shard_id)
