@@ -30,6 +30,7 @@ app = typer.Typer(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", help="Where shard tasks run: local (--processes on this machine) or ray (one Ray task per shard; needs the ray extra).")]
+CopyImagesOpt = Annotated[bool, typer.Option("--copy-images", help="Write the images into this output too (a self-contained dataset that webdataset reads on its own); by default the output's rows refer to the images where they already are.")]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="With --executor ray: the cluster (auto, ray://HOST:10001, HOST:6379; default $RAY_ADDRESS, else a Ray started on this machine).")]
 
 
@@ -179,6 +180,7 @@ def caption(
     dtype: Annotated[Optional[str], typer.Option(help="Local models: auto, float32, float16 or bfloat16. " + _BACKEND_HELP)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Local models: images per generation batch. " + _BACKEND_HELP)] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Local models: most new tokens per caption. " + _BACKEND_HELP)] = None,
+    copy_images: CopyImagesOpt = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
@@ -229,6 +231,7 @@ def caption(
         print(f"lenscap: note: no price known for model {caption_backend.model!r}; cost columns stay empty (see --prices)", file=sys.stderr)
     cache_dir = None if no_cache else Path(cache) if cache else default_cache_dir()
     stage = CaptionStage(caption_backend, loaded_prompt, cache_dir, max_cost, hints=hint_names)
+    stage.copy_images = copy_images
     progress = make_progress("caption", quiet)
     try:
         if caption_backend.runs_as_batch:
@@ -290,6 +293,7 @@ def filter_command(
     clip_model: Annotated[Optional[str], typer.Option(help="clip: weights to use, a hub id or a local directory (default openai/clip-vit-base-patch32).")] = None,
     threshold: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE: the drop threshold of any annotator (plugins too).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be dropped, per reason; write nothing.")] = False,
+    copy_images: CopyImagesOpt = False,
     processes: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -331,14 +335,14 @@ def filter_command(
         annotators.append(cls(value, model=clip_model) if name == "clip" else cls(value))  # type: ignore[call-arg]
     rules = FilterRules(min_side, max_aspect, min_bytes, caption_min_words, caption_max_words, status, where)
     stage = FilterStage(rules, annotators, load_blocklist(blocklist) if blocklist else frozenset())
+    stage.copy_images = copy_images
     src = Dataset.open(in_dir)
     stage.check_where(src)
     if dry_run:
         stage.setup()
         counts: Counter[str] = Counter()
         for shard_id in src.completed_ids():
-            with src.staged(shard_id) as local:  # a remote shard: a temporary local copy
-                counts.update(stage.count_shard(local, shard_id))
+            counts.update(stage.count_shard(src, shard_id))
         summary = {"command": "filter", "dry_run": True, "in_dir": src.location, "samples": sum(counts.values()),
                    "kept": counts.get("kept", 0), "reasons": dict(counts.most_common()), "exit_code": 0}
         _emit(summary, as_json)
@@ -471,6 +475,7 @@ def dedup(
     mark_only: Annotated[bool, typer.Option("--mark-only", help="Remove nothing: only fill dedup_status, dup_of and dup_reason.")] = False,
     bucket_cap: Annotated[int, typer.Option(help="--phash: hash buckets larger than this are not expanded (reported instead).")] = 2000,
     memory_limit: Annotated[str, typer.Option(help="Memory for the global search (DuckDB); beyond it, it spills to OUT_DIR/_lenscap.")] = "2GB",
+    copy_images: CopyImagesOpt = False,
     processes: Annotated[int, typer.Option(help="Worker processes for hashing and writing shards.")] = os.cpu_count() or 1,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -489,7 +494,9 @@ def dedup(
         raise UsageError("--max-distance applies to --phash, which is not selected")
     options = DedupOptions(exact=exact, phash=phash, captions=captions, max_distance=4 if max_distance is None else max_distance,
                            keep=keep, mark_only=mark_only, bucket_cap=bucket_cap, memory_limit=memory_limit, threads=processes)
-    result = run_dedup(DedupStage(options, list(against or [])), in_dir, out_dir, quiet=quiet, executor=runner)
+    stage = DedupStage(options, list(against or []))
+    stage.copy_images = copy_images
+    result = run_dedup(stage, in_dir, out_dir, quiet=quiet, executor=runner)
     report = result.report
     summary = {"command": "dedup", **asdict(result.stage), "duplicates": report.get("duplicates"),
                "duplicates_by_reason": report.get("duplicates_by_reason"), "clusters": report.get("clusters"),
@@ -651,6 +658,9 @@ def inspect(
         table.add_row("caption words", f"mean {cw['mean']}, p50 {cw['p50']}, p95 {cw['p95']} ({cw['count']} captions)")
     table.add_row("columns", ", ".join(info["columns"]))
     table.add_row("bytes on disk", f"{info['bytes']['shards']:,} in shards, {info['bytes']['total']:,} in all")
+    images = info["images"]
+    table.add_row("images", "in this directory" if images["held"] else
+                  images["problem"] or f"in {images['location']} (this directory holds rows only)")
     if info["history"]:
         table.add_row("history", " -> ".join(str(h) for h in info["history"]))
     console.print(table)

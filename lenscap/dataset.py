@@ -1,11 +1,20 @@
 """The dataset directory: the one place that knows its layout.
 
     out/
-      00000.tar          KEY.jpg, KEY.txt, KEY.json for every successful sample
+      00000.tar          KEY.jpg, KEY.txt, KEY.json for every successful sample (only where images are held)
       00000.parquet      one row per input sample of the shard, failed ones included
       00000_stats.json   written last: its presence means the shard is complete
-      lenscap.json       the manifest: stage, parameters, input, version, schema, counts, history
+      lenscap.json       the manifest: stage, parameters, input, version, schema, counts, history,
+                         and where the images live
       _lenscap/          private working state of the stage that writes this directory
+
+Images are written once. A dataset either holds its images (``download``, an export, a stage run
+with ``--copy-images``: its own tars) or refers to the dataset that does: its manifest's ``images``
+names that dataset (a path relative to this one where both are local) and its ``id``, so a source
+that was deleted or replaced is an error, never garbage. Either way each row's ``image_offset`` and
+``image_size`` say where its image lies in shard ``NNNNN.tar`` of the dataset holding the images
+(null: no image, e.g. a failed download or a sample a stage dropped), and ``iter_samples`` reads one
+image by one ranged read, checking the tar header before it.
 
 Every shard reaches its final names through ``Dataset.commit``: the finished files are first
 written under temporary names, then a small journal naming the renames is written, then the renames
@@ -24,14 +33,13 @@ shard that is incomplete remotely. A remote input shard is read from a local cop
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
 import shutil
-import tarfile
 import tempfile
 import time
+import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -45,13 +53,17 @@ from lenscap import __version__
 from lenscap.errors import DatasetError
 from lenscap.record import Sample
 from lenscap.storage import is_remote, local_path, mirror_dir, redact_url, url_to_fs
+from lenscap.tario import BLOCK, TarOut, member_name, scan_members
 
 __all__ = ["Dataset", "ShardWriter", "shard_name", "shard_stats", "read_parquet", "atomic_write_bytes", "atomic_write_json",
-           "claim_job"]
+           "claim_job", "moved_image", "IMAGE_OFFSET", "IMAGE_SIZE", "IMAGE_COLUMNS"]
 
 MANIFEST_NAME = "lenscap.json"
 WORK_DIR_NAME = "_lenscap"
 IMAGE_EXT = "jpg"
+# Where a row's image lies in its shard's tar, in the dataset holding the images.
+IMAGE_OFFSET, IMAGE_SIZE = "image_offset", "image_size"
+IMAGE_COLUMNS = (pa.field(IMAGE_OFFSET, pa.int64()), pa.field(IMAGE_SIZE, pa.int64()))
 _STATS_RE = re.compile(r"^(\d+)_stats\.json$")
 _SHARD_FILE_RE = re.compile(r"^(\d+)\.(tar|parquet)$")
 # Parameter names whose values are never written anywhere (manifests, logs, summaries).
@@ -393,34 +405,95 @@ class Dataset:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def iter_samples(self, shard_id: int) -> Iterator[Sample]:
-        """Samples of one shard in parquet row order, images read one at a time from the tar."""
-        if self.fs is not None:
-            with self.staged(shard_id) as local:
-                yield from local.iter_samples(shard_id)
-            return
-        table = self.read_table(shard_id)
-        tar_path = self.tar_path(shard_id)
-        members: dict[str, tarfile.TarInfo] = {}
-        tar = tarfile.open(tar_path) if tar_path.exists() else None
+    # -- images ---------------------------------------------------------------------------------
+
+    def image_source(self) -> Dataset:
+        """The dataset whose tars hold this dataset's images: itself, or the one its manifest names.
+
+        A source that is missing, or was replaced since (another ``id``), is a ``DatasetError`` naming
+        it and what to do: reading its tars would give other images than the rows describe.
+        """
+        cached = self.__dict__.get("_image_source")
+        if cached is not None:
+            return cached
+        ref = (self.read_manifest() or {}).get("images")
+        source = self if not ref else self._open_image_source(ref)
+        self.__dict__["_image_source"] = source
+        return source
+
+    def _open_image_source(self, ref: dict[str, Any]) -> Dataset:
+        location = str(ref["location"])
+        if not is_remote(location) and not os.path.isabs(location) and self.fs is None:
+            location = os.path.normpath(self.path / location)
+        source = Dataset(location, self.storage_options if is_remote(location) else None)
+        advice = (f"restore it, or rerun the stage that wrote {self.location} with --copy-images from an input that "
+                  "holds its images")
         try:
-            if tar is not None:
-                for m in tar:
-                    key, _, ext = m.name.partition(".")
-                    if ext == IMAGE_EXT:
-                        members[key] = m
+            manifest = source.read_manifest() if source.fs is not None or source.path.is_dir() else None
+        except DatasetError:
+            manifest = None
+        if manifest is None:
+            raise DatasetError(f"the images of {self.location} live in {source.location}, which is missing; {advice}")
+        if ref.get("id") is not None and manifest.get("id") != ref["id"]:
+            raise DatasetError(f"the images of {self.location} live in {source.location}, which was replaced since "
+                               f"(dataset id {manifest.get('id')}, not {ref['id']}); {advice}")
+        return source
+
+    def images_ref(self, out: Dataset) -> dict[str, Any]:
+        """What ``out``'s manifest records to read its images from this dataset's image source:
+        a relative path where both are local (the two directories may move together), else the URL."""
+        source = self.image_source()
+        if source.fs is None and out.fs is None:
+            location = os.path.relpath(source.path.resolve(), out.path.resolve())
+        else:
+            location = source.location
+        return {"location": location, "id": (source.read_manifest() or {}).get("id")}
+
+    def image_locations(self, shard_id: int, table: pa.Table) -> tuple[list[int | None], list[int | None]]:
+        """(offsets, sizes) of the images of ``table`` (shard ``shard_id``'s rows), in row order, in
+        the image source's tar; None where a row has no image."""
+        tar = _TarReader(self.image_source(), shard_id)
+        try:
+            return self._image_locations(table, tar)
+        finally:
+            tar.close()
+
+    @staticmethod
+    def _image_locations(table: pa.Table, tar: _TarReader) -> tuple[list[int | None], list[int | None]]:
+        if IMAGE_OFFSET in table.column_names:
+            return table.column(IMAGE_OFFSET).to_pylist(), table.column(IMAGE_SIZE).to_pylist()
+        # Written by img2dataset itself, or by lenscap before offsets were recorded: the tar's headers say.
+        members = tar.scan()
+        located = [members.get(str(k), (None, None)) for k in table.column("key").to_pylist()]
+        return [o for o, _ in located], [n for _, n in located]
+
+    def read_image(self, shard_id: int, key: str, offset: int, size: int) -> bytes:
+        """One image, by where its row says it lies."""
+        tar = _TarReader(self.image_source(), shard_id)
+        try:
+            return tar.read(key, offset, size)
+        finally:
+            tar.close()
+
+    def iter_samples(self, shard_id: int) -> Iterator[Sample]:
+        """Samples of one shard in parquet row order; each image is read from the image source's tar
+        only when a stage asks for it, by the offset in its row."""
+        table = self.read_table(shard_id)
+        tar = _TarReader(self.image_source(), shard_id)
+        try:
+            offsets, sizes = self._image_locations(table, tar)
+            if IMAGE_OFFSET not in table.column_names:
+                table = table.append_column(IMAGE_COLUMNS[0], pa.array(offsets, pa.int64())).append_column(
+                    IMAGE_COLUMNS[1], pa.array(sizes, pa.int64()))
+            i = 0
             for batch in table.to_batches(max_chunksize=1024):
                 for row in batch.to_pylist():
-                    key = str(row["key"])
-                    image = None
-                    member = members.get(key)
-                    if member is not None and tar is not None:
-                        f = tar.extractfile(member)
-                        image = f.read() if f is not None else None
-                    yield Sample(key=key, row=row, image=image)
+                    key, offset, size = str(row["key"]), offsets[i], sizes[i]
+                    i += 1
+                    load = None if offset is None else tar.loader(key, offset, size)
+                    yield Sample(key=key, row=row, load=load)
         finally:
-            if tar is not None:
-                tar.close()
+            tar.close()
 
     def read_manifest(self) -> dict[str, Any] | None:
         if self.fs is not None:
@@ -473,8 +546,8 @@ class Dataset:
 
     # -- writing --------------------------------------------------------------------------------
 
-    def writer(self, shard_id: int, schema: pa.Schema | None = None) -> ShardWriter:
-        return ShardWriter(self, shard_id, schema)
+    def writer(self, shard_id: int, schema: pa.Schema | None = None, copy_images: bool = True) -> ShardWriter:
+        return ShardWriter(self, shard_id, schema, copy_images)
 
     def commit(self, shard_id: int, renames: list[tuple[Path, Path]], stats: dict[str, Any]) -> None:
         """Move finished files into place and mark the shard complete, crash-safely.
@@ -538,8 +611,13 @@ class Dataset:
         *,
         expected_shards: int | None = None,
         history: list[dict[str, Any]] | None = None,
+        images: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Write ``lenscap.json`` from the shards on disk; ``history`` is the input's history."""
+        """Write ``lenscap.json`` from the shards on disk; ``history`` is the input's history, ``images``
+        where the images live (``images_ref``; None: in this dataset). The dataset's ``id`` is made
+        at its first manifest and kept after, so a dataset referring to this one's images can tell
+        it from another written in its place."""
+        previous = self.read_manifest() or {}
         completed = self.completed_ids()
         counts: Counter[str] = Counter()
         stage_counts: dict[str, Counter[str]] = {}
@@ -559,6 +637,7 @@ class Dataset:
         entry = {"stage": stage, "parameters": params, "input": input_path, "lenscap_version": __version__, "at": now}
         manifest = {
             "lenscap_version": __version__,
+            "id": previous.get("id") or uuid.uuid4().hex,
             "stage": stage,
             "parameters": params,
             "input": input_path,
@@ -568,8 +647,10 @@ class Dataset:
             "counts": {"samples": samples, "status": dict(sorted(counts.items())),
                        **{column: dict(sorted(c.items())) for column, c in sorted(stage_counts.items())}},
             "schema": schema,
+            "images": images,
             "history": [*(history or []), entry],
         }
+        self.__dict__.pop("_image_source", None)
         if self.fs is not None:
             self.fs.pipe_file(self.remote_path(MANIFEST_NAME), json.dumps(manifest, indent=2, default=str).encode() + b"\n")
         else:
@@ -577,62 +658,113 @@ class Dataset:
         return manifest
 
 
+def moved_image(source: Dataset, shard_id: int, key: str, offset: int) -> DatasetError:
+    """The error for a tar that no longer holds an image where a row says it is."""
+    return DatasetError(f"{source.location}/{shard_name(shard_id)}.tar does not hold the image of {key} at byte {offset}: "
+                        "the dataset holding the images was changed since the rows were written; rerun the stages after it")
+
+
+class _TarReader:
+    """One shard's image tar, opened at the first image asked for; each image checked against the
+    member header just before it, so a tar that was rewritten since is an error, not another image."""
+
+    def __init__(self, source: Dataset, shard_id: int) -> None:
+        self.source = source
+        self.shard_id = shard_id
+        self._f: IO[bytes] | None = None
+
+    def _file(self) -> IO[bytes]:
+        if self._f is None:
+            try:
+                self._f = self.source.open_tar(self.shard_id)
+            except FileNotFoundError:
+                raise DatasetError(f"{self.source.location}: shard {shard_name(self.shard_id)} has no tar; its images "
+                                   "are missing (restore the directory, or download again into a new one)") from None
+        return self._f
+
+    def scan(self) -> dict[str, tuple[int, int]]:
+        try:
+            return scan_members(self._file(), IMAGE_EXT)
+        except DatasetError:
+            return {}  # a shard without images (every download failed)
+
+    def loader(self, key: str, offset: int, size: int) -> Any:
+        return lambda: self.read(key, offset, size)
+
+    def read(self, key: str, offset: int, size: int) -> bytes:
+        f = self._file()
+        f.seek(offset - BLOCK)
+        data = f.read(BLOCK + size)
+        if member_name(data[:BLOCK]) != f"{key}.{IMAGE_EXT}" or len(data) != BLOCK + size:
+            raise moved_image(self.source, self.shard_id, key, offset)
+        return data[BLOCK:]
+
+    def close(self) -> None:
+        if self._f is not None:
+            self._f.close()
+
+
 def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema | None) -> pa.Table:
     """Rows to a table: the schema's columns first, with its types; any other column a row has, after."""
     names = list(dict.fromkeys(k for r in rows for k in r))
     typed = schema.names if schema is not None else []
     names = typed + [n for n in names if n not in typed]
-    arrays = [
-        pa.array([r.get(n) for r in rows], type=schema.field(n).type if n in typed else None)  # type: ignore[union-attr]
-        for n in names
-    ]
+    types = {f.name: f.type for f in IMAGE_COLUMNS} | ({f.name: f.type for f in schema} if schema is not None else {})
+    arrays = [pa.array([r.get(n) for r in rows], type=types.get(n)) for n in names]
     return pa.Table.from_arrays(arrays, names=names)
 
 
 class ShardWriter:
     """Writes one shard under temporary names; ``commit`` makes it visible and complete.
 
-    Memory holds the shard's parquet rows (no image bytes): bounded by the shard size, not the dataset.
+    With ``copy_images`` the shard holds its images (a tar of KEY.jpg, KEY.txt, KEY.json per sample
+    with an image, as img2dataset writes) and each row's offsets point into it; without, no tar is
+    written and a row keeps the offsets it came with (into the dataset holding the images), or
+    loses them where the sample lost its image. Memory holds the shard's parquet rows (no image
+    bytes): bounded by the shard size, not the dataset.
     """
 
-    def __init__(self, dataset: Dataset, shard_id: int, schema: pa.Schema | None = None) -> None:
+    def __init__(self, dataset: Dataset, shard_id: int, schema: pa.Schema | None = None, copy_images: bool = True) -> None:
         self.dataset = dataset
         self.shard_id = shard_id
         self.schema = schema
         self.rows: list[dict[str, Any]] = []
         self._tar_tmp = dataset.tmp_path(shard_id, "tar")
         self._parquet_tmp = dataset.tmp_path(shard_id, "parquet")
-        self._tar = tarfile.open(self._tar_tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = TarOut(self._tar_tmp) if copy_images else None
+        if copy_images and schema is not None and IMAGE_OFFSET not in schema.names:
+            self.schema = pa.schema([*schema, *IMAGE_COLUMNS])
 
     def write(self, sample: Sample) -> None:
         row = {**sample.row, "key": sample.key}
+        if not sample.ok:
+            if self._tar is not None or IMAGE_OFFSET in row:  # rows of samples, not a stage's own records
+                row[IMAGE_OFFSET] = row[IMAGE_SIZE] = None
+        elif self._tar is not None:
+            image = sample.image
+            assert image is not None
+            row[IMAGE_OFFSET], row[IMAGE_SIZE] = self._tar.add(f"{sample.key}.{IMAGE_EXT}", image), len(image)
+            self._tar.add(f"{sample.key}.txt", (sample.caption or "").encode())
+            metadata = {k: v for k, v in sample.metadata().items() if k not in (IMAGE_OFFSET, IMAGE_SIZE)}
+            self._tar.add(f"{sample.key}.json", json.dumps(metadata, default=str).encode())
+        elif row.get(IMAGE_OFFSET) is None:  # a lenscap bug, never a user's: new image bytes need a copy
+            raise RuntimeError(f"sample {sample.key} has an image but no offset; a stage that makes images writes a copy")
         self.rows.append(row)
-        if sample.ok:
-            self._add(f"{sample.key}.{IMAGE_EXT}", sample.image)
-            self._add(f"{sample.key}.txt", (sample.caption or "").encode())
-            self._add(f"{sample.key}.json", json.dumps(sample.metadata(), default=str).encode())
-
-    def _add(self, name: str, data: bytes) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mode = 0o644
-        info.mtime = 0  # identical input gives byte-identical shards
-        self._tar.addfile(info, io.BytesIO(data))
 
     def commit(self, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        self._tar.close()
         table = _rows_to_table(self.rows, self.schema)
         pq.write_table(table, self._parquet_tmp)
         stats = shard_stats(self.shard_id, table) | (extra_stats or {})
         d = self.dataset
-        d.commit(
-            self.shard_id,
-            [(self._tar_tmp, d.tar_path(self.shard_id)), (self._parquet_tmp, d.parquet_path(self.shard_id))],
-            stats,
-        )
+        renames = [(self._parquet_tmp, d.parquet_path(self.shard_id))]
+        if self._tar is not None:
+            self._tar.close()
+            renames.insert(0, (self._tar_tmp, d.tar_path(self.shard_id)))
+        d.commit(self.shard_id, renames, stats)
         return stats
 
     def abort(self) -> None:
-        self._tar.close()
+        if self._tar is not None:
+            self._tar.close()
         self._tar_tmp.unlink(missing_ok=True)
         self._parquet_tmp.unlink(missing_ok=True)

@@ -104,9 +104,23 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
         "filter_reasons": dict(filter_reasons.most_common()),
         "columns": columns,
         "bytes": {"shards": shard_bytes, "total": total_bytes},
+        "images": _images(ds),
         "history": [h.get("stage") for h in manifest.get("history", [])],
         "dedup": dedup,
     }
+
+
+def _images(ds: Dataset) -> dict[str, Any]:
+    """Where the dataset's images live: in its own tars, or in the dataset its manifest names (and
+    whether that one is still there, the same as when this one was written)."""
+    try:
+        source = ds.image_source()
+    except DatasetError as e:
+        ref = (ds.read_manifest() or {}).get("images") or {}
+        return {"held": False, "location": ref.get("location"), "problem": str(e)}
+    if source is ds:
+        return {"held": True, "location": ds.location, "problem": None}
+    return {"held": False, "location": source.location, "problem": None}
 
 
 def _dedup_report(ds: Dataset) -> dict[str, Any] | None:

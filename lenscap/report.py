@@ -21,12 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from lenscap import __version__
-from lenscap.dataset import IMAGE_EXT, Dataset, atomic_write_bytes
-from lenscap.export.tario import scan_members
+from lenscap.dataset import IMAGE_OFFSET, IMAGE_SIZE, Dataset, atomic_write_bytes
 from lenscap.inspect import inspect_dataset
 from lenscap.storage import require_local
 
@@ -67,17 +65,15 @@ def pick_samples(ds: Dataset, n: int, seed: int = 0) -> list[ReportSample]:
     """The ``n`` samples with images whose ``blake2b(seed:key)`` is smallest, in that order."""
     heap: list[tuple[int, str, int, tuple[int, int], dict[str, Any]]] = []  # max-heap on the hash
     for shard_id in ds.completed_ids():
-        tar = ds.tar_path(shard_id)
-        images = scan_members(tar, IMAGE_EXT) if tar.exists() else {}
-        if not images:
-            continue
-        names = pq.read_schema(ds.parquet_path(shard_id)).names  # only the columns shown: rows may be wide
-        for row in ds.read_table(shard_id, columns=["key", *(c for c in _ROW_COLUMNS if c in names)]).to_pylist():
-            key = str(row["key"])
-            if key not in images:
+        names = ds.read_schema(shard_id).names  # only the columns shown: rows may be wide
+        table = ds.read_table(shard_id, columns=["key", *(c for c in (*_ROW_COLUMNS, IMAGE_OFFSET, IMAGE_SIZE) if c in names)])
+        offsets, sizes = ds.image_locations(shard_id, table)
+        for row, offset, size in zip(table.to_pylist(), offsets, sizes, strict=True):
+            if offset is None:
                 continue
+            key = str(row["key"])
             h = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
-            entry = (-h, key, shard_id, images[key], row)
+            entry = (-h, key, shard_id, (offset, size), row)
             if len(heap) < n:
                 heapq.heappush(heap, entry)
             elif -heap[0][0] > h:
@@ -85,9 +81,7 @@ def pick_samples(ds: Dataset, n: int, seed: int = 0) -> list[ReportSample]:
     chosen = sorted(heap, key=lambda e: -e[0])
     out = []
     for _, key, shard_id, (offset, size), row in chosen:
-        with open(ds.tar_path(shard_id), "rb") as f:
-            f.seek(offset)
-            data = f.read(size)
+        data = ds.read_image(shard_id, key, offset, size)
         try:
             thumb = _thumbnail(data)
         except Exception:  # noqa: BLE001 - an undecodable image is shown as missing, not fatal

@@ -43,8 +43,8 @@ class StageResult:
 class ShardJob:
     """One stage from one dataset directory into another, as an executor's job: an item is a shard.
 
-    A remote input shard is read from a temporary local copy; a remote output shard is written into
-    the output's local mirror, then uploaded, its ``_stats.json`` last (``Dataset.upload_shard``).
+    A remote input shard is read where it is (its images by ranged reads); a remote output shard is
+    written into the output's local mirror, then uploaded, its ``_stats.json`` last (``Dataset.upload_shard``).
     """
 
     def __init__(self, stage: Stage, src: str | Dataset, dst: str | Dataset) -> None:
@@ -71,8 +71,7 @@ class ShardJob:
         return dst.upload_shard(shard_id)
 
     def _run_shard(self, dst: Dataset, shard_id: int) -> dict[str, Any]:
-        with self.src.staged(shard_id) as src:
-            return self.stage.run_shard(src, dst, shard_id)
+        return self.stage.run_shard(self.src, dst, shard_id)
 
 
 class _LiveCounters:
@@ -128,6 +127,7 @@ def run_stage(
 
 def _run_locked(stage: Stage, src: Dataset, dst: Dataset, executor: Executor, progress: Progress | None) -> StageResult:
     dst.recover()
+    images = None if stage.holds_images else src.images_ref(dst)  # a missing or replaced image source: refused here
     stage.begin(src, dst)
     shards = src.completed_ids()
     done = set(dst.completed_ids())
@@ -136,7 +136,7 @@ def _run_locked(stage: Stage, src: Dataset, dst: Dataset, executor: Executor, pr
 
     def write_manifest() -> dict[str, Any]:
         return dst.write_manifest(stage.name, stage.parameters(), src.location, expected_shards=len(shards),
-                                  history=history)
+                                  history=history, images=images)
 
     write_manifest()  # from the start, so the output can be inspected while the stage runs
     progress = progress or make_progress(stage.name)

@@ -66,9 +66,21 @@ def test_each_cheap_rule_with_exact_counts(tmp_path):
     assert got["000000002"]["filter_detail"] == "1 words < 3"
     assert got["000000004"]["filter_detail"] == "not (caption NOT ILIKE '%stock%')"
     assert got["000000008"]["filter_reason"] == "min-bytes"
-    members = tar_members(tmp_path / "out")
-    assert sorted(m for m in members if m.endswith(".jpg")) == ["000000000.jpg", "000000005.jpg", "000000009.jpg"]
+    out = Dataset.open(tmp_path / "out")
+    assert not list(out.path.glob("*.tar")), "rows only: the images stay in the input"
+    assert sorted(s.key for i in out.completed_ids() for s in out.iter_samples(i) if s.has_image) == [
+        "000000000", "000000005", "000000009"]
     assert len(got) == 10, "dropped samples stay in the parquet with their reason"
+    copied = run_cli("filter", str(src), str(tmp_path / "copy"), "--min-side", "200", "--max-aspect", "3", "--min-bytes", "5000",
+                     "--caption-min-words", "3", "--caption-max-words", "40", "--where", "caption NOT ILIKE '%stock%'",
+                     "--copy-images", "--quiet")
+    assert copied.returncode == 0, copied.stderr
+    members = tar_members(tmp_path / "copy")
+    assert sorted(m for m in members if m.endswith(".jpg")) == ["000000000.jpg", "000000005.jpg", "000000009.jpg"]
+    def without_offset(table: dict) -> dict:  # offsets point into another tar; every other column is the same
+        return {k: {c: v for c, v in row.items() if c != "image_offset"} for k, row in table.items()}
+
+    assert without_offset(rows(tmp_path / "copy")) == without_offset(got)
     dry = run_cli("filter", str(src), str(tmp_path / "dry"), "--min-side", "200", "--max-aspect", "3", "--min-bytes", "5000",
                   "--caption-min-words", "3", "--caption-max-words", "40", "--where", "caption NOT ILIKE '%stock%'", "--dry-run", "--json")
     assert json.loads(dry.stdout)["reasons"] == summary["reasons"]

@@ -86,7 +86,7 @@ def test_inspect_numbers(tmp_path):
         "histogram": [[n, 1] for n in lengths],
     }
     assert info["caption_words"]["p50"] == 10 and info["caption_words"]["p95"] == 19
-    assert info["columns"] == ["url", "caption", "status", "error_message", "key"]
+    assert info["columns"] == ["url", "caption", "status", "error_message", "key", "image_offset", "image_size"]
     assert info["shards"] == {"complete": 2, "incomplete": 1, "expected": 3}
     assert info["incomplete_shards"] == [2]
 

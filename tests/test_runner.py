@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,7 @@ import pytest
 from PIL import Image
 
 from lenscap.dataset import Dataset, shard_name
+from lenscap.errors import DatasetError
 from lenscap.progress import make_progress
 from lenscap.record import Sample
 from lenscap.runner import run_stage
@@ -95,7 +97,7 @@ def quiet():
 
 
 def shard_files(ds: Dataset, shard: int) -> list[Path]:
-    return [ds.tar_path(shard), ds.parquet_path(shard), ds.stats_path(shard)]
+    return [ds.parquet_path(shard), ds.stats_path(shard)]  # no tar: the images stay in the input
 
 
 def read_marker(path: Path) -> list[int]:
@@ -127,6 +129,34 @@ def test_run_stage_upper_cases_captions(src, tmp_path):
         assert (stats["count"], stats["successes"]) == (5, 4)
 
 
+def test_copy_images_writes_a_self_contained_output_identical_across_processes(src, tmp_path):
+    outs = []
+    for processes in (1, 2):
+        stage = UpperCaption()
+        stage.copy_images = True
+        run_stage(stage, src.path, tmp_path / f"p{processes}", processes=processes, progress=quiet())
+        outs.append(Dataset.open(tmp_path / f"p{processes}"))
+    a, b = outs
+    assert a.read_manifest()["images"] is None and a.image_source() is a
+    for shard in range(SHARDS):
+        assert a.tar_path(shard).read_bytes() == b.tar_path(shard).read_bytes()
+    before = [s.image for shard in range(SHARDS) for s in Dataset.open(src.path).iter_samples(shard)]
+    shutil.rmtree(src.path)  # self-contained: readable without its input
+    after = [s.image for shard in range(SHARDS) for s in a.iter_samples(shard)]
+    assert after == before and sum(x is not None for x in after) == 12
+
+
+def test_rows_only_output_refers_to_the_input_and_says_when_it_is_gone(src, tmp_path):
+    run_stage(UpperCaption(), src.path, tmp_path / "out", progress=quiet())
+    out = Dataset.open(tmp_path / "out")
+    assert out.read_manifest()["images"]["location"] == os.path.relpath(src.path, tmp_path / "out")
+    assert out.image_source().path == src.path
+    assert [s.image for s in out.iter_samples(0)] == [s.image for s in src.iter_samples(0)]
+    shutil.rmtree(src.path)
+    with pytest.raises(DatasetError, match="live in .*which is missing; restore it, or rerun .* --copy-images"):
+        list(Dataset.open(tmp_path / "out").iter_samples(0))
+
+
 def test_one_and_two_processes_give_identical_output(src, tmp_path):
     r1 = run_stage(UpperCaption(), src.path, tmp_path / "p1", processes=1, progress=quiet())
     r2 = run_stage(UpperCaption(), src.path, tmp_path / "p2", processes=2, progress=quiet())
@@ -142,7 +172,7 @@ def test_one_and_two_processes_give_identical_output(src, tmp_path):
         ta, tb = a.read_table(shard), b.read_table(shard)
         assert ta.schema.equals(tb.schema)
         assert ta.equals(tb)
-        assert a.tar_path(shard).read_bytes() == b.tar_path(shard).read_bytes()
+        assert not a.tar_path(shard).exists() and not b.tar_path(shard).exists()  # images stay in the input
         assert a.read_stats(shard) == b.read_stats(shard)
     ma, mb = a.read_manifest(), b.read_manifest()
     for field in ("counts", "schema", "shards", "parameters", "complete"):

@@ -229,7 +229,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, source):
 def test_tar_headers_match_tarfile_and_scanning_reads_pax(tmp_path):
     import io
 
-    from lenscap.export.tario import TarOut, _header, scan_members
+    from lenscap.tario import TarOut, _header, scan_members
 
     for name, size in (("000000001.jpg", 12345), ("a" * 100, 0), ("k.json", 8**11 - 1)):
         info = tarfile.TarInfo(name)

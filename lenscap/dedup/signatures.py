@@ -72,10 +72,10 @@ class SignatureStage(Stage):
         return out
 
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
-        writer = dst.writer(shard_id, SIGNATURE_SCHEMA)
+        writer = dst.writer(shard_id, SIGNATURE_SCHEMA, copy_images=False)
         try:
             for row, sample in enumerate(src.iter_samples(shard_id)):
-                if sample.image is not None:
+                if sample.has_image:
                     writer.write(Sample(sample.key, self.signature(sample, shard_id, row)))
                 self.tick()
         except BaseException:

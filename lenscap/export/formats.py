@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, ClassVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lenscap.export.tario import TarOut
+from lenscap.tario import TarOut
 
 __all__ = ["FORMATS", "ShardFile", "WebDatasetShard", "ParquetShard", "metadata_json"]
 

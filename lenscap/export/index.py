@@ -2,7 +2,8 @@
 what each costs in the output format.
 
 The index is a dataset directory of rows without images (``OUT/.lenscap/index/``): every exported
-column, typed as in the input, plus where the image lies in the input tar (``_offset``, ``_size``),
+column, typed as in the input, plus where the image lies in the tar of the dataset holding the
+input's images (``_offset``, ``_size``, from the input's offset columns),
 the sample's place in the output order (``_order``) and its planned bytes (``_bytes``). Samples that
 are not exported are counted by reason in each shard's stats (``left_out``), never dropped silently.
 """
@@ -17,9 +18,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lenscap.dataset import IMAGE_EXT, Dataset
+from lenscap.dataset import IMAGE_OFFSET, IMAGE_SIZE, Dataset
 from lenscap.export.formats import FORMATS, metadata_json
-from lenscap.export.tario import scan_members
 from lenscap.record import SUCCESS
 from lenscap.stages.base import Stage
 
@@ -28,7 +28,7 @@ __all__ = ["IndexStage", "exported_schema", "INTERNAL"]
 INTERNAL = [pa.field("_shard", pa.int32()), pa.field("_offset", pa.int64()), pa.field("_size", pa.int64()),
             pa.field("_order", pa.uint64()), pa.field("_bytes", pa.int64())]
 # Per-sample outcomes and dedup bookkeeping: constant or empty for the samples that are exported.
-_NOT_EXPORTED = {"status", "error_message", "filter_reason", "filter_detail", "dup_of", "dup_in", "dup_reason",
+_NOT_EXPORTED = {IMAGE_OFFSET, IMAGE_SIZE, "status", "error_message", "filter_reason", "filter_detail", "dup_of", "dup_in", "dup_reason",
                  "dup_distance", "dup_cluster"}
 
 
@@ -76,15 +76,14 @@ class IndexStage(Stage):
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
         table = src.read_table(shard_id)
         columns = exported_schema(table.schema)
-        tar_path = src.tar_path(shard_id)  # its headers only: no image is read here
-        images = scan_members(tar_path, IMAGE_EXT) if tar_path.exists() else {}
+        offsets_in, sizes_in = src.image_locations(shard_id, table)  # no image is read here
         # The verdict needs a few columns per row; the exported columns move as Arrow columns.
         wanted = [c for c in ("status", "dedup_status", "filter_status", "filter_reason", "caption_status", "caption")
                   if c in table.column_names]
         keys = [str(k) for k in table.column("key").to_pylist()]
         keep, left_out, where = [], Counter(), {c: table.column(c).to_pylist() for c in wanted}
         for i, key in enumerate(keys):
-            reason = left_out_reason({c: where[c][i] for c in wanted}, key in images, self.caption_status)
+            reason = left_out_reason({c: where[c][i] for c in wanted}, offsets_in[i] is not None, self.caption_status)
             keep.append(reason is None)
             if reason is not None:
                 left_out[reason] += 1
@@ -94,7 +93,7 @@ class IndexStage(Stage):
         planned = FORMATS[self.format].planned_bytes
         offsets, sizes, costs, orders = [], [], [], []
         for i, row in zip(rows, exported.to_pylist(), strict=True):
-            offset, size = images[keys[i]]
+            offset, size = offsets_in[i], sizes_in[i]
             offsets.append(offset)
             sizes.append(size)
             costs.append(planned(size, len((row.get("caption") or "").encode()), len(metadata_json(keys[i], row))))

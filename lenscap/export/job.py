@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lenscap import __version__
-from lenscap.dataset import Dataset, atomic_write_json, claim_job, read_parquet
+from lenscap.dataset import IMAGE_EXT, Dataset, atomic_write_json, claim_job, moved_image, read_parquet
 from lenscap.errors import LenscapError, UsageError
 from lenscap.executors import Executor, LocalExecutor
 from lenscap.export.card import write_card
@@ -46,6 +46,7 @@ from lenscap.progress import make_progress
 from lenscap.runner import run_stage
 from lenscap.sql import literal, out_of_core
 from lenscap.storage import is_remote
+from lenscap.tario import header_before, member_name
 from lenscap.uploads import put_and_remove, put_file
 
 __all__ = ["ExportOptions", "ExportResult", "run_export", "parse_size"]
@@ -192,12 +193,15 @@ def _write_shard(src: Dataset, out_dir: str, shard_id: int, shards: int, format_
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".{final.name}.tmp")
     writer = shard_cls(tmp, columns)
+    images = src.image_source()  # the input itself, or the dataset whose tars it refers to
     tars: dict[int, Any] = {}
     try:
         for row in table.to_pylist():
             f = tars.get(row["_shard"])
             if f is None:
-                f = tars[row["_shard"]] = src.open_tar(row["_shard"])  # a remote one is read by ranges; closed below
+                f = tars[row["_shard"]] = images.open_tar(row["_shard"])  # a remote one is read by ranges; closed below
+            if member_name(header_before(f, row["_offset"])) != f"{row['key']}.{IMAGE_EXT}":
+                raise moved_image(images, row["_shard"], row["key"], row["_offset"])
             writer.write(row["key"], {k: v for k, v in row.items() if k not in internal and k != "key"}, f, row["_offset"], row["_size"])
         size = writer.close()
     except BaseException:

@@ -7,6 +7,11 @@ stage that works on a whole shard at once (captioning sends many requests concur
 ``process(sample) -> Sample``. An exception inside ``process`` becomes the sample's
 ``<name>_status = "error"`` and ``<name>_error`` message, so one bad sample never costs a shard; a
 sample that ``process`` returns without a status gets ``<name>_status = "ok"``.
+
+A stage writes only its rows: the images stay in the dataset that holds them (the download), and
+the output's manifest names it. ``copy_images`` (``--copy-images``) writes a self-contained output
+instead, tars included; a stage whose ``process`` makes new image bytes sets ``changes_images`` and
+always does.
 """
 
 from __future__ import annotations
@@ -15,9 +20,8 @@ from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from lenscap.dataset import Dataset
+from lenscap.dataset import IMAGE_COLUMNS, Dataset, ShardWriter
 from lenscap.record import Sample
 
 if TYPE_CHECKING:
@@ -28,6 +32,15 @@ __all__ = ["Stage", "ShardStage"]
 
 class Stage(ABC):
     name: ClassVar[str]
+    # True for a stage whose samples leave it with other image bytes than they came with.
+    changes_images: ClassVar[bool] = False
+    # --copy-images: the output holds its images (tars), readable without the dataset they came from.
+    copy_images: bool = False
+
+    @property
+    def holds_images(self) -> bool:
+        """Whether the output's shards hold their images, or refer to the input's image source."""
+        return self.copy_images or self.changes_images
 
     def parameters(self) -> dict[str, Any]:
         """What the manifest records about this run (never secrets)."""
@@ -65,10 +78,14 @@ class Stage(ABC):
         where no sample failed. A stage that adds columns extends this.
         """
         schema = input_schema
-        for column in (f"{self.name}_status", f"{self.name}_error"):
-            if column not in schema.names:
-                schema = schema.append(pa.field(column, pa.string()))
+        for f in (pa.field(f"{self.name}_status", pa.string()), pa.field(f"{self.name}_error", pa.string()), *IMAGE_COLUMNS):
+            if f.name not in schema.names:
+                schema = schema.append(f)
         return schema
+
+    def writer(self, src: Dataset, dst: Dataset, shard_id: int) -> ShardWriter:
+        """The writer of output shard ``shard_id``: this stage's schema, images held or referred to."""
+        return dst.writer(shard_id, self.output_schema(src.read_schema(shard_id)), copy_images=self.holds_images)
 
     @abstractmethod
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
@@ -82,8 +99,7 @@ class ShardStage(Stage):
     def process(self, sample: Sample) -> Sample: ...
 
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
-        input_schema = pq.read_schema(src.parquet_path(shard_id))
-        writer = dst.writer(shard_id, self.output_schema(input_schema))
+        writer = self.writer(src, dst, shard_id)
         try:
             status, error = f"{self.name}_status", f"{self.name}_error"
             for sample in src.iter_samples(shard_id):

@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lenscap.backends.base import OK, REFUSED, SKIPPED, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult
 from lenscap.captioning.budget import Budget
@@ -210,9 +209,8 @@ class CaptionStage(Stage):
         self.tick(1)
 
     def _write_shard(self, src: Dataset, dst: Dataset, shard_id: int, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-        input_schema = pq.read_schema(src.parquet_path(shard_id))
-        kept = "previous_caption" if "alt_text" in input_schema.names else "alt_text"
-        writer = dst.writer(shard_id, self.output_schema(input_schema))
+        kept = "previous_caption" if "alt_text" in src.read_schema(shard_id).names else "alt_text"
+        writer = self.writer(src, dst, shard_id)
         outcomes: Counter[str] = Counter()
         spent = 0.0
         try:

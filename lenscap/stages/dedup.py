@@ -16,8 +16,8 @@ uploaded); pass 3's shards are uploaded as they are committed (``runner.ShardJob
 Every input row stays in the output parquet with ``dedup_status``: ``unique``, ``kept`` (the keeper
 of a cluster), ``duplicate``, ``skipped`` (no image to compare: a failed download or a sample an
 earlier stage dropped), or ``error`` (the image could not be decoded for a perceptual hash; it was
-still compared by its bytes and caption, and is kept). A duplicate's image leaves the tar unless
-``--mark-only``; ``dup_of`` names its cluster's keeper (``dup_in`` the earlier release holding it),
+still compared by its bytes and caption, and is kept). A duplicate loses its image unless
+``--mark-only`` (its offsets become null, so the export leaves it out); ``dup_of`` names its cluster's keeper (``dup_in`` the earlier release holding it),
 ``dup_reason`` / ``dup_distance`` the closest match that put it in the cluster.
 """
 
@@ -101,14 +101,14 @@ class DedupStage(Stage):
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
         decisions = self._decisions(dst, shard_id)
         errors = self._hash_errors(dst, shard_id)
-        writer = dst.writer(shard_id, self.output_schema(pq.read_schema(src.parquet_path(shard_id))))
+        writer = self.writer(src, dst, shard_id)
         duplicates = 0
         try:
             for sample in src.iter_samples(shard_id):
                 row = sample.row
                 row.update({"dedup_status": None, "dedup_error": None, **{f.name: None for f in _DUP_COLUMNS}})
                 decision = decisions.get(sample.key)
-                if sample.image is None:
+                if not sample.has_image:
                     row["dedup_status"] = SKIPPED
                 elif decision is not None:
                     row.update(dedup_status=decision["status"], dup_of=decision["dup_of"], dup_in=decision["dup_in"],

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lenscap.dataset import WORK_DIR_NAME, Dataset, atomic_write_json, read_parquet, shard_name, shard_stats
+from lenscap.dataset import IMAGE_COLUMNS, IMAGE_EXT, WORK_DIR_NAME, Dataset, atomic_write_json, read_parquet, shard_name, shard_stats
 from lenscap.errors import DatasetError, InputError, UsageError
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.lock import DirLock, output_lock
@@ -44,6 +44,7 @@ from lenscap.progress import Progress, make_progress
 from lenscap.record import Sample
 from lenscap.stages.img2dataset_process import Img2datasetProcess
 from lenscap.storage import is_remote, redact_url
+from lenscap.tario import scan_members
 
 __all__ = ["DownloadOptions", "DownloadResult", "download", "retry_failed", "RESIZE_MODES"]
 
@@ -331,7 +332,7 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
             if empty and row["status"] != "success":
                 row["error_message"] = "empty URL"
         table = pa.Table.from_pylist(rows, schema=table.schema)
-    table = table.sort_by("key")  # keys share one width: text order is numeric order
+    table = _with_offsets(table.sort_by("key"), staged, shard_id)  # keys share one width: text order is numeric order
     dst = job.dst
     tmp = dst.tmp_path(shard_id, "parquet")
     pq.write_table(table, tmp)
@@ -347,6 +348,19 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
     if not staged.remote:
         staged.parquet_path(shard_id).unlink(missing_ok=True)
     return stats
+
+
+def _with_offsets(table: pa.Table, staged: Dataset, shard_id: int) -> pa.Table:
+    """The shard's rows with where each image lies in its tar (``image_offset``, ``image_size``), from
+    the tar's headers, so every later reader fetches one image with one ranged read."""
+    try:
+        with staged.open_tar(shard_id) as f:
+            members = scan_members(f, IMAGE_EXT)
+    except FileNotFoundError:
+        members = {}
+    located = [members.get(str(k), (None, None)) for k in table.column("key").to_pylist()]
+    return (table.append_column(IMAGE_COLUMNS[0], pa.array([o for o, _ in located], pa.int64()))
+            .append_column(IMAGE_COLUMNS[1], pa.array([n for _, n in located], pa.int64())))
 
 
 def _adopt_into(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:

@@ -1,11 +1,11 @@
 """``lenscap filter``: cheap rules first, content annotators second, every drop explained.
 
 Per shard, the cheap rules (download status, sizes, bytes, caption length, ``--where``) run as one
-DuckDB query over the shard's parquet, with the image sizes read from the tar's headers, not its
-images. Only samples that pass them are decoded, once, for the blocklist and the annotators,
+DuckDB query over the shard's parquet (image sizes are its ``image_size`` column): no image is read.
+Only samples that pass them are read and decoded, once, for the blocklist and the annotators,
 cheapest first; the first drop stops the rest. Every row stays in the parquet with
 ``filter_status`` (kept, dropped, error), ``filter_reason`` (the rule) and ``filter_detail`` (the
-values); the tar keeps only the kept samples' images, so later stages skip the dropped ones.
+values); a dropped sample loses its image (its offsets become null), so later stages skip it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import re
-import tarfile
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
-from lenscap.dataset import Dataset
+from lenscap.dataset import IMAGE_SIZE, Dataset
 from lenscap.errors import UsageError
 from lenscap.filters.base import Annotator
 from lenscap.record import SUCCESS, Sample
@@ -102,14 +100,6 @@ def load_blocklist(path: str | Path) -> frozenset[str]:
     return frozenset(hashes)
 
 
-def _image_sizes(tar_path: Path) -> dict[str, int]:
-    """Image bytes per key from the tar's headers alone."""
-    if not tar_path.exists():
-        return {}
-    with tarfile.open(tar_path) as tar:
-        return {m.name.partition(".")[0]: m.size for m in tar if m.name.endswith(".jpg")}
-
-
 @dataclass
 class FilterStage(Stage):
     name = "filter"
@@ -158,8 +148,10 @@ class FilterStage(Stage):
 
     def cheap_verdicts(self, src: Dataset, shard_id: int) -> dict[str, tuple[str, str]]:
         table = src.read_table(shard_id)
-        if self.rules.min_bytes is not None:  # the tar's headers only when a rule needs image sizes
-            sizes = _image_sizes(src.tar_path(shard_id))
+        if IMAGE_SIZE in table.column_names:
+            sizes_column = table.column(IMAGE_SIZE)
+        elif self.rules.min_bytes is not None:  # a dataset without offsets: its tar's headers say
+            sizes = {s.key: s.row[IMAGE_SIZE] for s in src.iter_samples(shard_id)}
             sizes_column = pa.array([sizes.get(str(k)) for k in table.column("key").to_pylist()], pa.int64())
         else:
             sizes_column = pa.nulls(table.num_rows, pa.int64())
@@ -195,7 +187,7 @@ class FilterStage(Stage):
             row.update(filter_status=DROPPED, filter_reason=cheap[0], filter_detail=cheap[1])
             sample.image = None
             return
-        if sample.image is None:
+        if not sample.has_image:
             return  # kept without an image: only with --status any
         if self.blocklist:
             digests = (hashlib.md5(sample.image).hexdigest(), hashlib.sha256(sample.image).hexdigest())  # noqa: S324 - a lookup key
@@ -233,7 +225,7 @@ class FilterStage(Stage):
             yield sample
 
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
-        writer = dst.writer(shard_id, self.output_schema(pq.read_schema(src.parquet_path(shard_id))))
+        writer = self.writer(src, dst, shard_id)
         reasons: Counter[str] = Counter()
         try:
             for sample in self.judged(src, shard_id, reasons):

@@ -1,4 +1,4 @@
-"""Tar reading and writing at the speed of the bytes, for the export's image copies.
+"""Tar reading and writing at the speed of the bytes: the image tars of every dataset that holds images.
 
 ``tarfile`` spends about 30 us of Python per member header, which at three members per sample is
 the whole cost of an export. Here a header is parsed or built with a few slices, and image bytes go
@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 import tarfile
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO, BinaryIO
 
-__all__ = ["scan_members", "TarOut"]
+__all__ = ["scan_members", "member_name", "header_before", "TarOut", "BLOCK"]
 
 BLOCK = 512
 _RECORD = 20 * BLOCK  # tarfile pads archives to whole records; so do we, for the same file sizes
@@ -28,35 +28,62 @@ def _octal(field: bytes) -> int:
     return int(text, 8) if text else 0
 
 
-def scan_members(path: Path, suffix: str) -> dict[str, tuple[int, int]]:
+def scan_members(source: Path | IO[bytes], suffix: str) -> dict[str, tuple[int, int]]:
     """``{key: (data offset, size)}`` of the members named ``KEY.<suffix>``, from the headers alone.
+    ``source`` is a path or a seekable binary file (a remote tar, read by ranges).
     Falls back to ``tarfile`` for anything but plain ustar/pax regular files."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return scan_members(f, suffix)
     out: dict[str, tuple[int, int]] = {}
+    f = source
     try:
-        with open(path, "rb") as f:
-            offset, long_name = 0, None
-            while True:
-                f.seek(offset)
-                header = f.read(BLOCK)
-                if len(header) < BLOCK or header == _ZERO:
-                    return out
-                size, kind = _octal(header[124:136]), header[156:157]
-                data = offset + BLOCK
-                if kind in (b"x", b"L"):  # pax extended header or GNU long name: applies to the next member
-                    payload = f.read(size)
-                    long_name = _pax_path(payload) if kind == b"x" else payload.rstrip(b"\0").decode()
-                elif kind in (b"0", b"\0", b"7"):
-                    name = long_name or _ustar_name(header)
-                    long_name = None
-                    key, _, ext = name.partition(".")
-                    if ext == suffix:
-                        out[key] = (data, size)
-                elif kind != b"g":
-                    long_name = None
-                offset = data + -(-size // BLOCK) * BLOCK
+        offset, long_name = 0, None
+        while True:
+            f.seek(offset)
+            header = f.read(BLOCK)
+            if len(header) < BLOCK or header == _ZERO:
+                return out
+            size, kind = _octal(header[124:136]), header[156:157]
+            data = offset + BLOCK
+            if kind in (b"x", b"L"):  # pax extended header or GNU long name: applies to the next member
+                payload = f.read(size)
+                long_name = _pax_path(payload) if kind == b"x" else payload.rstrip(b"\0").decode()
+            elif kind in (b"0", b"\0", b"7"):
+                name = long_name or _ustar_name(header)
+                long_name = None
+                key, _, ext = name.partition(".")
+                if ext == suffix:
+                    out[key] = (data, size)
+            elif kind != b"g":
+                long_name = None
+            offset = data + -(-size // BLOCK) * BLOCK
     except ValueError:
-        with tarfile.open(path) as tar:
+        f.seek(0)
+        with tarfile.open(fileobj=f) as tar:
             return {m.name.partition(".")[0]: (m.offset_data, m.size) for m in tar if m.name.partition(".")[2] == suffix}
+
+
+def member_name(header: bytes) -> str | None:
+    """The name in a member's 512-byte header, or None if ``header`` is not one (a checksum that does not add up)."""
+    if len(header) != BLOCK or header == _ZERO:
+        return None
+    try:
+        checksum = _octal(header[148:156])
+    except ValueError:
+        return None
+    if checksum != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+        return None
+    return _ustar_name(header)
+
+
+def header_before(src: BinaryIO, offset: int) -> bytes:
+    """The 512 bytes before ``offset``: the header of the member whose data starts there."""
+    try:
+        return os.pread(src.fileno(), BLOCK, offset - BLOCK)
+    except (AttributeError, OSError, ValueError):  # not a local file (fsspec's has no fileno): a ranged read
+        src.seek(offset - BLOCK)
+        return src.read(BLOCK)
 
 
 def _ustar_name(header: bytes) -> str:
@@ -96,10 +123,13 @@ class TarOut:
         self._f = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
         self._pos = 0
 
-    def add(self, name: str, data: bytes) -> None:
+    def add(self, name: str, data: bytes) -> int:
+        """Add a member; returns where its data starts in the archive."""
+        start = self._pos + BLOCK
         self._f.write(_header(name, len(data)))
         self._f.write(data)
         self._pad(len(data))
+        return start
 
     def add_from(self, name: str, src: BinaryIO, offset: int, size: int) -> None:
         """A member whose bytes are ``size`` bytes of ``src`` at ``offset``, copied in the kernel."""
