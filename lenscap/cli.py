@@ -30,6 +30,8 @@ app = typer.Typer(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", help="Where shard tasks run: local (--processes on this machine) or ray (one Ray task per shard; needs the ray extra).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="The output holds another job's results (other input or settings): clear it and start again.")]
+AllowIncompleteOpt = Annotated[bool, typer.Option("--allow-incomplete", help="Go on without the input's incomplete shards (a stage still writing it); they are named in the output's manifest.")]
 CopyImagesOpt = Annotated[bool, typer.Option("--copy-images", help="Write the images into this output too (a self-contained dataset that webdataset reads on its own); by default the output's rows refer to the images where they already are.")]
 RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="With --executor ray: the cluster (auto, ray://HOST:10001, HOST:6379; default $RAY_ADDRESS, else a Ray started on this machine).")]
 
@@ -181,6 +183,8 @@ def caption(
     batch_size: Annotated[Optional[int], typer.Option(help="Local models: images per generation batch. " + _BACKEND_HELP)] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option(help="Local models: most new tokens per caption. " + _BACKEND_HELP)] = None,
     copy_images: CopyImagesOpt = False,
+    overwrite: OverwriteOpt = False,
+    allow_incomplete: AllowIncompleteOpt = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
@@ -237,9 +241,10 @@ def caption(
         if caption_backend.runs_as_batch:
             from lenscap.stages.caption_batch import run_batch_caption
 
-            batch = run_batch_caption(stage, in_dir, out_dir, progress)
+            batch = run_batch_caption(stage, in_dir, out_dir, progress, overwrite=overwrite, allow_incomplete=allow_incomplete)
         else:
-            result = run_stage(stage, in_dir, out_dir, progress=progress, executor=runner)
+            result = run_stage(stage, in_dir, out_dir, progress=progress, executor=runner, overwrite=overwrite,
+                               allow_incomplete=allow_incomplete)
     except BudgetReached as e:
         spent = stage.budget.spent if stage.budget else 0.0
         _emit({"command": "caption", "out_dir": out_dir, "spent_usd": spent, "exit_code": e.exit_code, "reason": str(e)}, as_json)
@@ -294,6 +299,8 @@ def filter_command(
     threshold: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE: the drop threshold of any annotator (plugins too).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be dropped, per reason; write nothing.")] = False,
     copy_images: CopyImagesOpt = False,
+    overwrite: OverwriteOpt = False,
+    allow_incomplete: AllowIncompleteOpt = False,
     processes: Annotated[int, typer.Option(help="Worker processes.")] = 1,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -352,7 +359,8 @@ def filter_command(
                 if reason != "kept":
                     print(f"  {n:>8}  dropped: {reason}" if reason != "error" else f"  {n:>8}  unreadable")
         return
-    result = run_stage(stage, src, out_dir, progress=make_progress("filter", quiet), executor=runner)
+    result = run_stage(stage, src, out_dir, progress=make_progress("filter", quiet), executor=runner, overwrite=overwrite,
+                       allow_incomplete=allow_incomplete)
     reasons: Counter[str] = Counter()
     out = Dataset(out_dir)
     for shard_id in out.completed_ids():
@@ -375,7 +383,7 @@ def _say_batch(batch: Any, backend: Any, out_dir: str) -> None:
         return
     from pathlib import Path
 
-    commands = getattr(backend.transport(Path(out_dir) / "_lenscap" / "batch"), "commands", None)
+    commands = getattr(backend.transport(Path(out_dir) / ".lenscap" / "batch"), "commands", None)
     if commands is not None:
         print("run these, then rerun this command to merge the results:", file=sys.stderr)
         for line in commands(backend.model):
@@ -448,7 +456,7 @@ def batch_cancel_command(
     from lenscap.storage import require_local
 
     require_local(out_dir, "batch cancel's directory")
-    job_file = Path(out_dir) / "_lenscap" / "batch" / "job.json"
+    job_file = Path(out_dir) / ".lenscap" / "batch" / "job.json"
     Dataset.open(out_dir)
     if not job_file.exists():
         raise UsageError(f"{out_dir} holds no batch job")
@@ -474,8 +482,10 @@ def dedup(
     keep: Annotated[str, typer.Option(help="Which sample of a cluster to keep: first (input order) or largest (most pixels).")] = "first",
     mark_only: Annotated[bool, typer.Option("--mark-only", help="Remove nothing: only fill dedup_status, dup_of and dup_reason.")] = False,
     bucket_cap: Annotated[int, typer.Option(help="--phash: hash buckets larger than this are not expanded (reported instead).")] = 2000,
-    memory_limit: Annotated[str, typer.Option(help="Memory for the global search (DuckDB); beyond it, it spills to OUT_DIR/_lenscap.")] = "2GB",
+    memory_limit: Annotated[str, typer.Option(help="Memory for the global search (DuckDB); beyond it, it spills to OUT_DIR/.lenscap.")] = "2GB",
     copy_images: CopyImagesOpt = False,
+    overwrite: OverwriteOpt = False,
+    allow_incomplete: AllowIncompleteOpt = False,
     processes: Annotated[int, typer.Option(help="Worker processes for hashing and writing shards.")] = os.cpu_count() or 1,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -496,7 +506,8 @@ def dedup(
                            keep=keep, mark_only=mark_only, bucket_cap=bucket_cap, memory_limit=memory_limit, threads=processes)
     stage = DedupStage(options, list(against or []))
     stage.copy_images = copy_images
-    result = run_dedup(stage, in_dir, out_dir, quiet=quiet, executor=runner)
+    result = run_dedup(stage, in_dir, out_dir, quiet=quiet, executor=runner, overwrite=overwrite,
+                       allow_incomplete=allow_incomplete)
     report = result.report
     summary = {"command": "dedup", **asdict(result.stage), "duplicates": report.get("duplicates"),
                "duplicates_by_reason": report.get("duplicates_by_reason"), "clusters": report.get("clusters"),
@@ -526,6 +537,8 @@ def shard(
     shuffle: Annotated[bool, typer.Option("--shuffle", help="Shuffle samples across the whole dataset (deterministic for a --seed).")] = False,
     seed: Annotated[int, typer.Option(help="--shuffle: the seed; the same seed gives the same order.")] = 0,
     caption_status: Annotated[str, typer.Option(help="ok: where captioning ran, export only its successes; any: export every sample with a caption.")] = "ok",
+    overwrite: OverwriteOpt = False,
+    allow_incomplete: AllowIncompleteOpt = False,
     processes: Annotated[int, typer.Option(help="Worker processes.")] = os.cpu_count() or 1,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -538,7 +551,8 @@ def shard(
     runner = _executor(executor, processes, ray_address)
     options = ExportOptions(format=format, target_bytes=None if samples_per_shard is not None else parse_size(target_size),
                             samples_per_shard=samples_per_shard, shuffle=shuffle, seed=seed, caption_status=caption_status)
-    result = run_export(options, in_dir, out_dir, quiet=quiet, executor=runner)
+    result = run_export(options, in_dir, out_dir, quiet=quiet, executor=runner, overwrite=overwrite,
+                        allow_incomplete=allow_incomplete)
     summary = {"command": "shard", **asdict(result), "index_failed": {str(k): v for k, v in result.index_failed.items()},
                "exit_code": result.exit_code}
     _emit(summary, as_json)
@@ -641,6 +655,8 @@ def inspect(
     shards = info["shards"]
     expected = f" of {shards['expected']}" if shards["expected"] is not None else ""
     table.add_row("shards", f"{shards['complete']} complete{expected}, {shards['incomplete']} incomplete")
+    if info["input_incomplete_shards"]:
+        table.add_row("left out", f"input shards {', '.join(info['input_incomplete_shards'])} were incomplete (--allow-incomplete)")
     table.add_row("samples", str(info["samples"]))
     for status, n in info["status"].items():
         table.add_row(f"  {status}", str(n))

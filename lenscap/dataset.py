@@ -6,7 +6,7 @@
       00000_stats.json   written last: its presence means the shard is complete
       lenscap.json       the manifest: stage, parameters, input, version, schema, counts, history,
                          and where the images live
-      _lenscap/          private working state of the stage that writes this directory
+      .lenscap/          private working state of the stage that writes this directory
 
 Images are written once. A dataset either holds its images (``download``, an export, a stage run
 with ``--copy-images``: its own tars) or refers to the dataset that does: its manifest's ``images``
@@ -56,10 +56,10 @@ from lenscap.storage import is_remote, local_path, mirror_dir, redact_url, url_t
 from lenscap.tario import BLOCK, TarOut, member_name, scan_members
 
 __all__ = ["Dataset", "ShardWriter", "shard_name", "shard_stats", "read_parquet", "atomic_write_bytes", "atomic_write_json",
-           "claim_job", "moved_image", "IMAGE_OFFSET", "IMAGE_SIZE", "IMAGE_COLUMNS"]
+           "moved_image", "IMAGE_OFFSET", "IMAGE_SIZE", "IMAGE_COLUMNS"]
 
 MANIFEST_NAME = "lenscap.json"
-WORK_DIR_NAME = "_lenscap"
+WORK_DIR_NAME = ".lenscap"
 IMAGE_EXT = "jpg"
 # Where a row's image lies in its shard's tar, in the dataset holding the images.
 IMAGE_OFFSET, IMAGE_SIZE = "image_offset", "image_size"
@@ -88,25 +88,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=False, default=str).encode() + b"\n")
 
 
-def claim_job(job_file: Path, job: dict[str, Any], output_exists: bool, out_dir: str | os.PathLike[str], what: str) -> bool:
-    """Record the settings of the job writing an output directory, and hold later runs to them.
-
-    Once the output holds results (``output_exists``), a rerun with other settings is refused
-    (``DatasetError``, naming what changed): its results would mix with the earlier ones. Before
-    that, new settings replace the old; returns True then, so the caller can drop state derived
-    from the old ones.
-    """
-    job = json.loads(json.dumps(job, default=str))
-    previous = json.loads(job_file.read_text()) if job_file.exists() else None
-    if previous == job:
-        return False
-    if previous is not None and output_exists:
-        changed = sorted(k for k in set(job) | set(previous) if previous.get(k) != job.get(k))
-        raise DatasetError(f"{out_dir} was {what} with other {', '.join(changed) or 'settings'}; use a new output directory "
-                           "(or delete this one)")
-    job_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(job_file, job)
-    return previous is not None
+def adopt_old_work_dir(path: Path) -> None:
+    """Rename the private directory of lenscap before 0.2 (``_lenscap/``: journals of paid requests,
+    job state) to today's, so that an upgrade asks nothing again."""
+    old = path / "_lenscap"
+    if old.is_dir() and not (path / WORK_DIR_NAME).exists():
+        os.rename(old, path / WORK_DIR_NAME)
 
 
 def read_parquet(path: str | os.PathLike[str], columns: list[str] | None = None) -> pa.Table:
@@ -143,7 +130,7 @@ class Dataset:
     """A dataset directory: a local path, or a URL on an fsspec filesystem (``remote``).
 
     ``path`` is the local directory: the dataset itself, or a remote dataset's local mirror, which
-    holds its private work directory ``_lenscap/`` and the shards being written before upload.
+    holds its private work directory ``.lenscap/`` and the shards being written before upload.
     ``location`` is what to show and record (a URL without credentials); ``storage_options`` are
     passed to fsspec and never recorded.
     """
@@ -205,6 +192,7 @@ class Dataset:
         p = ds.path
         if p.exists() and not p.is_dir():
             raise DatasetError(f"output directory {p} exists and is a file")
+        adopt_old_work_dir(p)
         try:
             (p / WORK_DIR_NAME).mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -612,9 +600,11 @@ class Dataset:
         expected_shards: int | None = None,
         history: list[dict[str, Any]] | None = None,
         images: dict[str, Any] | None = None,
+        input_incomplete: list[int] | None = None,
     ) -> dict[str, Any]:
         """Write ``lenscap.json`` from the shards on disk; ``history`` is the input's history, ``images``
-        where the images live (``images_ref``; None: in this dataset). The dataset's ``id`` is made
+        where the images live (``images_ref``; None: in this dataset); ``input_incomplete`` the input
+        shards left out (``--allow-incomplete``). The dataset's ``id`` is made
         at its first manifest and kept after, so a dataset referring to this one's images can tell
         it from another written in its place."""
         previous = self.read_manifest() or {}
@@ -648,6 +638,7 @@ class Dataset:
                        **{column: dict(sorted(c.items())) for column, c in sorted(stage_counts.items())}},
             "schema": schema,
             "images": images,
+            "input_incomplete_shards": [shard_name(i) for i in input_incomplete or []],
             "history": [*(history or []), entry],
         }
         self.__dict__.pop("_image_source", None)

@@ -89,6 +89,7 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
         "stage": manifest.get("stage"),
         "shards": {"complete": len(completed), "incomplete": len(incomplete), "expected": expected},
         "incomplete_shards": incomplete[:50],
+        "input_incomplete_shards": manifest.get("input_incomplete_shards", []),
         "samples": samples,
         "status": dict(status.most_common()),
         "stage_status": {column: dict(c.most_common()) for column, c in sorted(stage_status.items())},

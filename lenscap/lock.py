@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from lenscap.dataset import WORK_DIR_NAME, adopt_old_work_dir
 from lenscap.errors import DatasetError, Locked
 from lenscap.progress import log
 from lenscap.storage import require_local
@@ -131,13 +132,16 @@ class DirLock:
         self.release()
 
 
-def output_lock(out_dir: str | os.PathLike[str], private: str = "_lenscap") -> DirLock:
-    """The lock of an output directory: ``OUT/_lenscap/lock`` (``OUT/.lenscap/lock`` for exports).
+def output_lock(out_dir: str | os.PathLike[str]) -> DirLock:
+    """The lock of an output directory: ``OUT/.lenscap/lock``, whatever the command.
 
     Always a local directory: a remote dataset's lock is taken on its local mirror (``Dataset.path``),
-    so a URL here is a command that writes no remote output.
+    so a URL here is a command that writes no remote output. A private directory of lenscap before
+    0.2 (``_lenscap/``: journals of paid requests, job state) is renamed first, so nothing is asked again.
     """
     require_local(out_dir, "the output directory of this command")
-    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
         raise DatasetError(f"output directory {out_dir} exists and is a file")
-    return DirLock(Path(out_dir) / private / "lock", str(out_dir))
+    adopt_old_work_dir(out)
+    return DirLock(out / WORK_DIR_NAME / "lock", str(out_dir))

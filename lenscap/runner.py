@@ -12,17 +12,19 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
+from lenscap.claim import claim_output, input_shards, open_output
 from lenscap.dataset import Dataset, shard_name
 from lenscap.executors import Executor, LocalExecutor
 from lenscap.lock import output_lock
 from lenscap.progress import Progress, make_progress
 from lenscap.stages.base import Stage
 
-__all__ = ["StageResult", "ShardJob", "run_stage"]
+__all__ = ["StageResult", "ShardJob", "OwnedJob", "owned_job", "run_job", "run_stage"]
 
 
 @dataclass
@@ -106,6 +108,43 @@ class _LiveCounters:
             self.progress.status(f"${cost:.4f} spent")
 
 
+@dataclass
+class OwnedJob:
+    """A stage's job on an output it owns: its input, its output (locked, recovered, claimed), the
+    input shards to do, those left out (incomplete, with --allow-incomplete), and where the images live."""
+
+    stage: Stage
+    src: Dataset
+    dst: Dataset
+    shards: list[int]
+    missing: list[int]
+    images: dict[str, Any] | None
+    history: list[dict[str, Any]]
+
+    def write_manifest(self) -> dict[str, Any]:
+        return self.dst.write_manifest(self.stage.name, self.stage.parameters(), self.src.location,
+                                       expected_shards=len(self.shards), history=self.history, images=self.images,
+                                       input_incomplete=self.missing)
+
+
+@contextmanager
+def owned_job(stage: Stage, in_dir: str | os.PathLike[str] | Dataset, out_dir: str | os.PathLike[str] | Dataset, *,
+              overwrite: bool = False, allow_incomplete: bool = False, internal: bool = False) -> Iterator[OwnedJob]:
+    """Open, check, lock, recover and claim ``stage``'s output (``lenscap.claim``). ``internal``: a
+    pass writing into a command's private directory, which the command owns already."""
+    src = Dataset.open(in_dir)
+    shards, missing = input_shards(src, allow_incomplete or internal)
+    stage.check()
+    # A remote output's lock and work directory are in its local mirror.
+    dst = Dataset.create(out_dir) if internal else open_output(out_dir, src, stage.name)
+    with output_lock(dst.path):
+        dst.recover()
+        if not internal:
+            claim_output(dst, src, stage.name, stage.settings(), overwrite=overwrite, input_ids=shards)
+        images = None if stage.holds_images else src.images_ref(dst)  # a missing or replaced image source: refused here
+        yield OwnedJob(stage, src, dst, shards, missing, images, (src.read_manifest() or {}).get("history", []))
+
+
 def run_stage(
     stage: Stage,
     in_dir: str | os.PathLike[str] | Dataset,
@@ -113,31 +152,26 @@ def run_stage(
     processes: int = 1,
     progress: Progress | None = None,
     executor: Executor | None = None,
+    *,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+    internal: bool = False,
 ) -> StageResult:
     """Run ``stage`` on ``executor`` (default: ``processes`` local worker processes).
 
     ``in_dir`` / ``out_dir``: local paths, fsspec URLs, or ``Dataset`` objects (with storage options).
     """
-    src = Dataset.open(in_dir)
-    stage.check()
-    dst = Dataset.create(out_dir)  # a remote output's lock and work directory are in its local mirror
-    with output_lock(dst.path):
-        return _run_locked(stage, src, dst, executor or LocalExecutor(processes), progress)
+    with owned_job(stage, in_dir, out_dir, overwrite=overwrite, allow_incomplete=allow_incomplete, internal=internal) as job:
+        return run_job(job, executor or LocalExecutor(processes), progress)
 
 
-def _run_locked(stage: Stage, src: Dataset, dst: Dataset, executor: Executor, progress: Progress | None) -> StageResult:
-    dst.recover()
-    images = None if stage.holds_images else src.images_ref(dst)  # a missing or replaced image source: refused here
+def run_job(job: OwnedJob, executor: Executor, progress: Progress | None) -> StageResult:
+    """Run a per-shard stage's job (from ``owned_job``) over the input shards its output lacks."""
+    stage, src, dst, shards = job.stage, job.src, job.dst, job.shards
     stage.begin(src, dst)
-    shards = src.completed_ids()
     done = set(dst.completed_ids())
     todo = [i for i in shards if i not in done]
-    history = (src.read_manifest() or {}).get("history", [])
-
-    def write_manifest() -> dict[str, Any]:
-        return dst.write_manifest(stage.name, stage.parameters(), src.location, expected_shards=len(shards),
-                                  history=history, images=images)
-
+    write_manifest = job.write_manifest
     write_manifest()  # from the start, so the output can be inspected while the stage runs
     progress = progress or make_progress(stage.name)
     progress.start(len(shards), len(shards) - len(todo))

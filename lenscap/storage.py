@@ -3,7 +3,7 @@
 A location with a protocol other than ``file`` is *remote*. Local paths never import fsspec and keep
 their own code paths. A remote dataset also has a *local mirror* on this machine
 (``$LENSCAP_WORK_DIR/<sha256(url)[:16]>``, by default under ``~/.cache/lenscap/remote``): its
-private work directory ``_lenscap/`` (journals of paid requests, job settings, the lock) and the
+private work directory ``.lenscap/`` (journals of paid requests, job settings, the lock) and the
 shards being written before they are uploaded.
 
 Credentials never leave the location they were given in: what lenscap shows or records is

@@ -35,7 +35,7 @@ def batch_args(src, out, server, *extra):
 
 
 def records(out) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((Path(out) / "_lenscap" / "batch" / "files").glob("*.json"))]
+    return [json.loads(p.read_text()) for p in sorted((Path(out) / ".lenscap" / "batch" / "files").glob("*.json"))]
 
 
 def faulty(i: int) -> str:
@@ -66,7 +66,7 @@ def test_whole_flow_with_retry_rounds_and_batch_prices(tmp_path, env):
         full = PriceTable().cost("gpt-4.1", ok["caption_input_tokens"], ok["caption_output_tokens"])
         assert ok["caption_cost_usd"] == pytest.approx(full / 2), "batch price: half"
         assert summary["spent_usd"] == pytest.approx(sum(r["caption_cost_usd"] or 0 for r in got.values()))
-        assert not list((tmp_path / "out" / "_lenscap" / "batch" / "inputs").glob("*.jsonl")), "inputs go once uploaded"
+        assert not list((tmp_path / "out" / ".lenscap" / "batch" / "inputs").glob("*.jsonl")), "inputs go once uploaded"
         status = json.loads(run_cli("batch", "status", str(tmp_path / "out"), "--json").stdout)
         assert status["files"] == {"merged": 5} and status["rounds"] == 2 and status["requests"] == 41
         for path in (tmp_path / "out").rglob("*"):
@@ -206,7 +206,7 @@ def test_batch_files_round_trip_in_vllm_format(tmp_path, env):
     r = run_cli(*args, env=no_key)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["complete"] is False
-    files_dir = tmp_path / "out" / "_lenscap" / "batch" / "files"
+    files_dir = tmp_path / "out" / ".lenscap" / "batch" / "files"
     r = run_cli(*args[:-1], env=no_key)
     assert "vllm run-batch -i" in r.stderr and str(files_dir / "input" / "r00-000000.jsonl") in r.stderr
     with FakeOpenAI(models=("llava-hf/llava-1.5-7b-hf",)) as runner:

@@ -36,7 +36,7 @@ def _image_shas(src: Dataset) -> dict[str, str]:
 def _recorded_keys(out: Path) -> set[str]:
     """Captions the output directory holds: committed shards and journal lines."""
     keys = set(rows(out)) if out.exists() else set()
-    for journal in (out / "_lenscap" / "caption").glob("*.jsonl"):
+    for journal in (out / ".lenscap" / "caption").glob("*.jsonl"):
         for line in journal.read_bytes().splitlines():
             with contextlib.suppress(ValueError, KeyError):
                 keys.add(json.loads(line)["key"])
@@ -78,7 +78,7 @@ def test_sigkill_mid_shard_then_rerun(tmp_path, processes):
         assert clean.returncode == 0, clean.stderr
     assert rows(tmp_path / "out") == rows(tmp_path / "clean")
     assert tar_members(tmp_path / "out") == tar_members(tmp_path / "clean")
-    assert not list((tmp_path / "out" / "_lenscap" / "caption").glob("*.jsonl")), "journals go once shards commit"
+    assert not list((tmp_path / "out" / ".lenscap" / "caption").glob("*.jsonl")), "journals go once shards commit"
 
 
 def test_max_cost_stops_cleanly_and_resumes_without_paying_twice(tmp_path):

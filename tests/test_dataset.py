@@ -190,7 +190,7 @@ def test_crash_after_journal_leaves_incomplete_shard_that_recover_finishes(tmp_p
     monkeypatch.undo()
 
     # Call 1 put the journal in place; the crash came at a shard rename.
-    assert calls[0][1].endswith(os.path.join("_lenscap", "pending", "00000.json"))
+    assert calls[0][1].endswith(os.path.join(".lenscap", "pending", "00000.json"))
     assert (ds.work_dir / "pending" / "00000.json").exists()
     assert not ds.stats_path(0).exists()
     assert not ds.is_complete(0)

@@ -167,11 +167,11 @@ def test_rerun_is_deterministic(tmp_path, deduped):
     assert tar_members(tmp_path / "again") == tar_members(base / "out")
     # rerunning a finished job does nothing and changes nothing
     before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "again").iterdir() if p.is_file()}
-    decisions = (tmp_path / "again" / "_lenscap" / "dedup" / "decisions.json").stat().st_mtime_ns
+    decisions = (tmp_path / "again" / ".lenscap" / "dedup" / "decisions.json").stat().st_mtime_ns
     assert run_cli("dedup", str(base / "in"), str(tmp_path / "again"), "--quiet").returncode == 0
     after = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "again").iterdir() if p.is_file()}
     assert {k: v for k, v in after.items() if k != "lenscap.json"} == {k: v for k, v in before.items() if k != "lenscap.json"}
-    assert (tmp_path / "again" / "_lenscap" / "dedup" / "decisions.json").stat().st_mtime_ns == decisions
+    assert (tmp_path / "again" / ".lenscap" / "dedup" / "decisions.json").stat().st_mtime_ns == decisions
 
 
 def test_mark_only_removes_nothing(tmp_path, deduped):
@@ -290,7 +290,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, deduped, frac
     else:
         pytest.fail("the run always finished before the kill")
     assert proc.wait() == -signal.SIGKILL  # killed mid-run, not after
-    work = tmp_path / "out" / "_lenscap" / "dedup"
+    work = tmp_path / "out" / ".lenscap" / "dedup"
     print("killed with", len(list((work / "signatures").glob("*_stats.json"))), "signature shards,",
           "decisions" if (work / "decisions.json").exists() else "no decisions,",
           len(list((tmp_path / "out").glob("*_stats.json"))), "output shards")

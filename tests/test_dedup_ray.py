@@ -86,7 +86,7 @@ def outputs(out: Path) -> dict[str, Any]:
     files = {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.suffix in (".tar", ".parquet")}
     report = json.loads((out / "dedup" / "report.json").read_text())
     report.pop("seconds")
-    decisions = duckdb.sql(f"SELECT * FROM '{out / '_lenscap' / 'dedup' / 'decisions.parquet'}'").fetchall()
+    decisions = duckdb.sql(f"SELECT * FROM '{out / '.lenscap' / 'dedup' / 'decisions.parquet'}'").fetchall()
     clusters = duckdb.sql(f"SELECT * FROM '{out / 'dedup' / 'clusters.parquet'}'").fetchall()
     return {"files": files, "report": report, "decisions": decisions, "clusters": clusters}
 
@@ -117,7 +117,7 @@ def test_ray_writes_what_the_local_executor_writes(planted_runs):
     for n in range(tables):
         assert {f"table-{n}.parquet", f"table-{n}.capped.parquet", f"table-{n}.done"} <= executor.files.keys()
     assert sum(json.loads(executor.files[f"table-{n}.done"])["pairs"] for n in range(tables)) == len(executor.pairs) > 0
-    assert not (base / "ray" / "_lenscap" / "dedup" / "search").exists()  # removed once the decisions are made
+    assert not (base / "ray" / ".lenscap" / "dedup" / "search").exists()  # removed once the decisions are made
 
 
 def test_a_worker_killed_after_writing_its_pairs_is_retried_without_duplicates(planted_runs, tmp_path):

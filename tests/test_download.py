@@ -105,7 +105,7 @@ def test_every_sample_gets_an_exact_outcome(tmp_path, image_server):
     assert manifest["counts"]["status"]["success"] == 5
     assert manifest["parameters"]["image_size"] == 1024 and manifest["parameters"]["resize_mode"] == "keep_ratio"
     # Staging copies are gone once every shard is adopted.
-    assert not (tmp_path / "out" / "_lenscap" / "img2dataset").exists()
+    assert not (tmp_path / "out" / ".lenscap" / "img2dataset").exists()
 
 
 def test_rerun_of_a_finished_download_fetches_nothing(tmp_path):
@@ -159,7 +159,7 @@ def test_retry_failed_merges_later_successes(tmp_path):
         # Nothing is left to retry: a second pass changes nothing.
         again = retry_failed(tmp_path / "out", DownloadOptions(retries=0))
         assert again.status == {"failed_to_download": 2, "success": 6}
-        assert not (tmp_path / "out" / "_lenscap" / "retry").exists()
+        assert not (tmp_path / "out" / ".lenscap" / "retry").exists()
 
 
 @pytest.mark.parametrize("fmt", ["txt", "jsonl", "parquet", "tsv"])

@@ -39,15 +39,15 @@ def test_a_live_writer_blocks_a_second_and_a_killed_one_does_not(tmp_path):
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     # the holder died without releasing: its lock is stale, and the next run takes it over
-    assert (out / "_lenscap" / "lock").exists()
+    assert (out / ".lenscap" / "lock").exists()
     r = run_cli("filter", str(src), str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert f"taking over the lock on {out} from pid {holder.pid}, which is gone" in r.stderr
-    assert not (out / "_lenscap" / "lock").exists()  # released at the end
+    assert not (out / ".lenscap" / "lock").exists()  # released at the end
 
 
 def test_a_reused_pid_does_not_hold_a_lock(tmp_path):
-    lock_file = tmp_path / "out" / "_lenscap" / "lock"
+    lock_file = tmp_path / "out" / ".lenscap" / "lock"
     lock_file.parent.mkdir(parents=True)
     # a live pid (this one) but another start time: the pid was reused since the lock was written
     lock_file.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": "1", "since": "then"}))

@@ -127,8 +127,8 @@ def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(t
     # Only the dataset's files are remote; the job state is in the mirror, which keeps no shard.
     assert remote_names(s3_store, out) == SHARD_FILES | {"lenscap.json"}
     mirror = Dataset(out).path
-    assert mirror.parent == tmp_path / "work" and (mirror / "_lenscap" / "job.json").exists()
-    assert not list(mirror.glob("0*")) and not (mirror / "_lenscap" / "img2dataset").exists()
+    assert mirror.parent == tmp_path / "work" and (mirror / ".lenscap" / "job.json").exists()
+    assert not list(mirror.glob("0*")) and not (mirror / ".lenscap" / "img2dataset").exists()
     manifest = Dataset.open(out).read_manifest()
     assert manifest["input"] == str(url_list.file) and manifest["complete"] and manifest["counts"]["samples"] == 50
 
@@ -138,7 +138,7 @@ def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(t
     assert snapshot(out) == reference.after
     assert [reference.after[i][2]["retried"] for i in range(3)] == [1, 1, None]
     assert remote_names(s3_store, out) == SHARD_FILES | {"lenscap.json"}
-    assert not list(mirror.glob("0*")) and not (mirror / "_lenscap" / "retry").exists()
+    assert not list(mirror.glob("0*")) and not (mirror / ".lenscap" / "retry").exists()
 
     # inspect reads it remotely and counts what it counts locally
     r = run_cli("inspect", out, "--json")
@@ -200,4 +200,4 @@ def test_download_into_s3_on_ray_stages_in_the_bucket(bucket, s3_store, url_list
     assert remote_names(s3_store, out) == SHARD_FILES | {"lenscap.json"}  # the staging in the bucket is gone
     from lenscap.stages.download import _Job
 
-    assert _Job(Dataset(out), ray=True).staging == f"{out}/_lenscap/img2dataset"  # where every node can write
+    assert _Job(Dataset(out), ray=True).staging == f"{out}/.lenscap/img2dataset"  # where every node can write

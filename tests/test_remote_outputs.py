@@ -116,7 +116,7 @@ def test_dedup_into_memory_equals_local(ref, mem, tmp_path):
     assert names_under(fs, root) == sorted(["lenscap.json", "dedup/clusters.parquet", "dedup/report.json",
                                             *(f"0000{i}{ext}" for i in range(6) for ext in (".tar", ".parquet", "_stats.json"))])
     mirror = Dataset(f"{mem}/d").path  # the search ran here; no shard or report copy is left
-    assert (mirror / "_lenscap" / "dedup" / "decisions.parquet").exists()
+    assert (mirror / ".lenscap" / "dedup" / "decisions.parquet").exists()
     assert not list(mirror.glob("0*")) and not list(mirror.glob("dedup/*"))
 
     info, local = inspect_dataset(f"{mem}/d"), inspect_dataset(ref / "d")

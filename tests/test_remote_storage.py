@@ -94,7 +94,7 @@ def test_filter_and_caption_remote_equal_local(tmp_path, mem, local_in):
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(f"/{mem.split('://')[1]}/c", detail=False)} == {
         "lenscap.json", *(f"0000{i}{ext}" for i in range(3) for ext in (".tar", ".parquet", "_stats.json"))}
     mirror = Dataset(f"{mem}/c").path
-    assert mirror.parent == tmp_path / "work" and (mirror / "_lenscap" / "caption" / "job.json").exists()
+    assert mirror.parent == tmp_path / "work" and (mirror / ".lenscap" / "caption" / "job.json").exists()
     assert not list(mirror.glob("0*"))  # uploaded shards leave no local copy
 
     # inspect, as the library and as the command

@@ -34,18 +34,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lenscap import __version__
-from lenscap.dataset import IMAGE_EXT, Dataset, atomic_write_json, claim_job, moved_image, read_parquet
+from lenscap.claim import claim_output, input_shards, open_output
+from lenscap.dataset import IMAGE_EXT, Dataset, atomic_write_json, moved_image, read_parquet
 from lenscap.errors import LenscapError, UsageError
 from lenscap.executors import Executor, LocalExecutor
 from lenscap.export.card import write_card
 from lenscap.export.formats import FORMATS
 from lenscap.export.index import INTERNAL, IndexStage
-from lenscap.export.remote import INDEX_FILES, open_remote_output, sync_mirror
+from lenscap.export.remote import INDEX_FILES, sync_mirror
 from lenscap.lock import output_lock
 from lenscap.progress import make_progress
 from lenscap.runner import run_stage
 from lenscap.sql import literal, out_of_core
-from lenscap.storage import is_remote
 from lenscap.tario import header_before, member_name
 from lenscap.uploads import put_and_remove, put_file
 
@@ -215,20 +215,15 @@ def _write_shard(src: Dataset, out_dir: str, shard_id: int, shards: int, format_
 
 
 def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, processes: int = 1,
-               quiet: bool = False, executor: Executor | None = None) -> ExportResult:
+               quiet: bool = False, executor: Executor | None = None, *, overwrite: bool = False,
+               allow_incomplete: bool = False) -> ExportResult:
     # The input may be remote (its passes read shard by shard, image by image), and the output too.
     src = Dataset.open(in_dir)
-    if is_remote(out_dir):
-        remote = open_remote_output(out_dir, src)
-        with output_lock(remote.path, ".lenscap"):  # the lock and the state are in the mirror
-            return _run_locked(options, src, remote.path, executor or LocalExecutor(processes), quiet, remote)
-    out = Path(out_dir)
-    if str(out.resolve()) == src.resolved:
-        raise UsageError("the output directory must differ from the input")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output directory {out} exists and is a file")
-    with output_lock(out, ".lenscap"):
-        return _run_locked(options, src, out, executor or LocalExecutor(processes), quiet)
+    shards, _ = input_shards(src, allow_incomplete)
+    out = open_output(out_dir, src, "shard")
+    with output_lock(out.path):  # a remote output's lock and state are in its mirror
+        claim_output(out, src, "shard", {"options": asdict(options)}, overwrite=overwrite, input_ids=shards)
+        return _run_locked(options, src, out.path, executor or LocalExecutor(processes), quiet, out if out.remote else None)
 
 
 class _WriteJob:
@@ -264,16 +259,12 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Execu
     (state / "done").mkdir(parents=True, exist_ok=True)
     if remote is not None:
         sync_mirror(remote, out, state / "done")
-    job = {"options": asdict(options), "input": src.resolved}
     where = remote.location if remote is not None else out
-    if claim_job(state / "job.json", job, any((state / "done").glob("*.json")), where, "exported"):
-        for stale in ("plan.json", "plan.parquet"):
-            (state / stale).unlink(missing_ok=True)
 
     # Pass 1: the index.
     index_dir = state / "index"
     indexed = run_stage(options.index_stage(), src, index_dir, progress=make_progress("shard: indexing", quiet),
-                        executor=executor)
+                        executor=executor, internal=True)
     if indexed.failed_shards:
         return ExportResult(str(where), options.format, 0, 0, 0, {}, indexed.failed_shards)
     index = Dataset(index_dir)

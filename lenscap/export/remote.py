@@ -14,20 +14,12 @@ import os
 from pathlib import Path
 
 from lenscap.dataset import Dataset
-from lenscap.errors import UsageError
 from lenscap.uploads import uploaded_sizes
 
-__all__ = ["INDEX_FILES", "open_remote_output", "sync_mirror"]
+__all__ = ["INDEX_FILES", "sync_mirror"]
 
 # Written locally at the end of a run, then uploaded in this order (as a local run writes them).
 INDEX_FILES = ("shards.json", "lenscap.json", "README.md")
-
-
-def open_remote_output(out_dir: str | os.PathLike[str], src: Dataset) -> Dataset:
-    """The remote output, checked and created (a prefix on an object store needs nothing)."""
-    if Dataset(out_dir).resolved == src.resolved:
-        raise UsageError("the output directory must differ from the input")
-    return Dataset.create(out_dir)
 
 
 def sync_mirror(remote: Dataset, out: Path, done_dir: Path) -> None:

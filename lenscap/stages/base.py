@@ -46,6 +46,15 @@ class Stage(ABC):
         """What the manifest records about this run (never secrets)."""
         return {}
 
+    def identity(self) -> dict[str, Any]:
+        """The settings that decide the output's content (not, say, a spending cap): a rerun into
+        the same output must have the same, or it would mix two jobs' results."""
+        return self.parameters()
+
+    def settings(self) -> dict[str, Any]:
+        """What the output's claim holds this stage to (``lenscap.claim``)."""
+        return {**self.identity(), "copy_images": self.holds_images}
+
     def check(self) -> None:
         """Once, in the main process, before the output directory is touched: fail fast on a job
         that cannot run (a rejected key, an unreachable server)."""

@@ -11,7 +11,6 @@ every caption. The journal goes once the shard is committed.
 from __future__ import annotations
 
 import hashlib
-import json
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,8 +24,8 @@ from lenscap.captioning.images import UnreadableImage, image_size
 from lenscap.captioning.journal import Journal
 from lenscap.captioning.prompts import Prompt, ocr_hint
 from lenscap.captioning.vision import ocr_available, read_text_from_bytes
-from lenscap.dataset import Dataset, atomic_write_json, shard_name
-from lenscap.errors import BudgetReached, DatasetError, MissingDependency
+from lenscap.dataset import Dataset, shard_name
+from lenscap.errors import BudgetReached, MissingDependency
 from lenscap.record import Sample
 from lenscap.stages.base import Stage
 
@@ -110,7 +109,6 @@ class CaptionStage(Stage):
 
     def begin(self, src: Dataset, dst: Dataset) -> None:
         journals = self._journal_dir(dst)
-        self._claim(dst)
         spent = 0.0
         for shard_id in dst.completed_ids():
             spent += float(dst.read_stats(shard_id).get("caption_spent_usd", 0.0))
@@ -119,23 +117,6 @@ class CaptionStage(Stage):
             for path in journals.glob("*.jsonl"):
                 spent += sum(e.get("cost_usd") or 0.0 for e in Journal(path).load().values() if not e.get("cached"))
         self.budget = Budget(self.max_cost, spent)
-
-    def _claim(self, dst: Dataset) -> None:
-        """One output directory, one way of captioning: journalled and committed captions were
-        written with these settings, and their provenance columns say so."""
-        job_file = self._journal_dir(dst) / "job.json"
-        identity = json.loads(json.dumps(self.identity()))
-        recorded = dst.completed_ids() or any(p.stat().st_size for p in self._journal_dir(dst).glob("*.jsonl"))
-        if job_file.exists() and recorded:  # settings bind once a caption exists (not after a typo'd model)
-            before = json.loads(job_file.read_text())
-            if before != identity:
-                changed = ", ".join(f"{k}: {before.get(k)!r} -> {identity.get(k)!r}"
-                                    for k in sorted(set(before) | set(identity)) if before.get(k) != identity.get(k))
-                raise DatasetError(f"{dst.location} holds captions written with other settings ({changed}); "
-                                   "use a new output directory, or the same settings to resume")
-        else:
-            job_file.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(job_file, identity)
 
     def use_executor(self, executor: Executor) -> None:
         self.backend.share_limits(executor)

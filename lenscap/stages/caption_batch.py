@@ -1,6 +1,6 @@
 """Captioning as a batch job: pack requests into files, submit them, collect, merge into shards.
 
-Everything lives under ``OUT/_lenscap/batch/``, and every step is recorded before and after it
+Everything lives under ``OUT/.lenscap/batch/``, and every step is recorded before and after it
 happens, so any rerun (the same command, or a cron job) carries on from where the last one stopped:
 
     files/NAME.json      one record per batch file: packed -> uploading -> uploaded -> creating
@@ -32,7 +32,7 @@ from lenscap.captioning.images import UnreadableImage
 from lenscap.captioning.journal import Journal
 from lenscap.dataset import Dataset, atomic_write_bytes, atomic_write_json, shard_name
 from lenscap.errors import BudgetReached, UsageError
-from lenscap.lock import output_lock
+from lenscap.runner import OwnedJob, owned_job
 from lenscap.progress import Progress
 from lenscap.stages.caption import CaptionStage
 from lenscap.storage import require_local
@@ -384,19 +384,18 @@ class _BatchJob:
         return "waiting"
 
 
-def run_batch_caption(stage: CaptionStage, in_dir: str | Path, out_dir: str | Path, progress: Progress) -> BatchResult:
+def run_batch_caption(stage: CaptionStage, in_dir: str | Path, out_dir: str | Path, progress: Progress, *,
+                      overwrite: bool = False, allow_incomplete: bool = False) -> BatchResult:
     options: BatchOptions = stage.backend.batch  # type: ignore[attr-defined]
     for location, what in ((in_dir, "the input of a batch caption job"), (out_dir, "the output of a batch caption job")):
         require_local(location, what)
-    src = Dataset.open(in_dir)
-    stage.check()
-    dst = Dataset.create(out_dir)
-    with output_lock(dst.path):
-        return _run_locked(stage, src, dst, options, progress)
+    with owned_job(stage, in_dir, out_dir, overwrite=overwrite, allow_incomplete=allow_incomplete) as owned:
+        return _run_locked(owned, options, progress)
 
 
-def _run_locked(stage: CaptionStage, src: Dataset, dst: Dataset, options: BatchOptions, progress: Progress) -> BatchResult:
-    dst.recover()
+def _run_locked(owned: OwnedJob, options: BatchOptions, progress: Progress) -> BatchResult:
+    stage, src, dst = owned.stage, owned.src, owned.dst
+    assert isinstance(stage, CaptionStage)
     stage.begin(src, dst)
     stage.setup()
     job = _BatchJob(stage, src, dst, options, progress)
@@ -404,11 +403,7 @@ def _run_locked(stage: CaptionStage, src: Dataset, dst: Dataset, options: BatchO
     in_flight = [r for r in job.records() if r["state"] in ("uploading", "uploaded", "creating", "submitted", "done")]
     for r in in_flight:  # already committed to: reserved until merged
         job.budget.reserve_forced(r["est_cost"])
-    history = (src.read_manifest() or {}).get("history", [])
-
-    def write_manifest() -> dict[str, Any]:
-        return dst.write_manifest(stage.name, stage.parameters(), str(src.path), expected_shards=len(job.shards), history=history)
-
+    write_manifest = owned.write_manifest
     write_manifest()
     progress.start(len(job.shards), sum(1 for i in job.shards if dst.is_complete(i)))
     try:

@@ -3,13 +3,13 @@
 Three passes, each resumable on its own (kill it anywhere and rerun the same command):
 
 1. per shard, in parallel: signatures (``dedup.signatures``) of the input and of every ``--against``
-   dataset, under ``OUT/_lenscap/dedup/``; complete shards are never hashed again;
+   dataset, under ``OUT/.lenscap/dedup/``; complete shards are never hashed again;
 2. global: ``dedup.search.find_duplicates`` in DuckDB; its decisions are written atomically with a
    marker naming what they were computed from, so a finished pass 2 is not redone;
 3. per shard, in parallel: ``DedupStage`` writes the output shards from the decisions.
 
 A remote output (``s3://...``) works the same way from its local mirror (``Dataset.path``): passes 1
-and 2 write their state into the mirror's ``_lenscap/dedup/``; pass 2's report files are written into
+and 2 write their state into the mirror's ``.lenscap/dedup/``; pass 2's report files are written into
 the mirror's ``dedup/``, then uploaded into the remote ``OUT/dedup/`` (each local copy removed once
 uploaded); pass 3's shards are uploaded as they are committed (``runner.ShardJob``).
 
@@ -32,14 +32,13 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lenscap.dataset import Dataset, atomic_write_json, claim_job, read_parquet
+from lenscap.dataset import Dataset, atomic_write_json, read_parquet
 from lenscap.dedup.search import DedupOptions, Source, find_duplicates
 from lenscap.dedup.signatures import SignatureStage
 from lenscap.errors import UsageError
 from lenscap.executors import Executor, LocalExecutor
-from lenscap.lock import output_lock
 from lenscap.progress import make_progress
-from lenscap.runner import StageResult, run_stage
+from lenscap.runner import OwnedJob, StageResult, owned_job, run_job, run_stage
 from lenscap.stages.base import Stage
 from lenscap.storage import redact_url
 from lenscap.uploads import put_and_remove
@@ -154,7 +153,7 @@ def _fingerprint(sources: list[Source]) -> list[dict[str, Any]]:
 
 
 def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, processes: int = 1, quiet: bool = False,
-              executor: Executor | None = None) -> DedupResult:
+              executor: Executor | None = None, *, overwrite: bool = False, allow_incomplete: bool = False) -> DedupResult:
     # Any of them may be remote; the search runs on local files (a remote output's mirror).
     src = Dataset.open(in_dir)
     inputs = [Dataset.open(p) for p in stage.against]
@@ -162,24 +161,17 @@ def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, proces
     for label, ds in zip(stage.against, inputs):
         if ds.resolved in (src.resolved, out_resolved):
             raise UsageError(f"--against {redact_url(label)} is the {'input' if ds.resolved == src.resolved else 'output'} itself")
-    if out_resolved == src.resolved:
-        raise UsageError("the output directory must differ from the input")
-    dst = Dataset.create(out_dir)
-    with output_lock(dst.path):
-        return _run_locked(stage, src, dst, inputs, redact_url(str(in_dir)), executor or LocalExecutor(processes), quiet)
+    with owned_job(stage, src, out_dir, overwrite=overwrite, allow_incomplete=allow_incomplete) as job:
+        return _run_locked(job, inputs, redact_url(str(in_dir)), executor or LocalExecutor(processes), quiet)
 
 
-def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Dataset], in_label: str, executor: Executor,
-                quiet: bool) -> DedupResult:
-    dst.recover()
+def _run_locked(job: OwnedJob, inputs: list[Dataset], in_label: str, executor: Executor, quiet: bool) -> DedupResult:
+    stage, src, dst = job.stage, job.src, job.dst
+    assert isinstance(stage, DedupStage)
     if dst.remote:
         # A remote output holding no manifest disowns its mirror at every recover (pass 3's included),
         # which would lose the signatures and decisions below: the manifest, written now, claims them.
-        dst.write_manifest(stage.name, stage.parameters(), src.location, expected_shards=len(src.completed_ids()),
-                           history=(src.read_manifest() or {}).get("history", []))
-    job = {"options": stage.options.identity(), "input": src.resolved, "against": [d.resolved for d in inputs]}
-    if claim_job(work_dir(dst) / "job.json", job, bool(dst.completed_ids()), dst.location, "deduplicated"):
-        (work_dir(dst) / "decisions.json").unlink(missing_ok=True)
+        job.write_manifest()
 
     # Pass 1: signatures.
     failed: dict[str, dict[int, str]] = {}
@@ -188,7 +180,7 @@ def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Data
     for index, (dataset, target) in enumerate(targets):
         label = in_label if index == 0 else redact_url(stage.against[index - 1])
         result = run_stage(SignatureStage(), dataset, target, progress=make_progress(f"dedup: hashing {label}", quiet),
-                           executor=executor)
+                           executor=executor, internal=True)
         if result.failed_shards:
             failed[label] = result.failed_shards
         sources.append(Source(index, label, Dataset(target)))
@@ -219,5 +211,5 @@ def _run_locked(stage: DedupStage, src: Dataset, dst: Dataset, inputs: list[Data
         put_and_remove(dst, dst.path, [f"dedup/{name}" for name in REPORT_FILES])
 
     # Pass 3: the output shards.
-    result = run_stage(stage, src, dst, progress=make_progress("dedup: writing", quiet), executor=executor)
+    result = run_job(job, executor, make_progress("dedup: writing", quiet))
     return DedupResult(result, report, {})

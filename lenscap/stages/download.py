@@ -1,6 +1,6 @@
 """The download stage: URL list -> dataset directory, through img2dataset.
 
-How a download runs (all state under ``OUT/_lenscap/``, so a rerun of the same command resumes):
+How a download runs (all state under ``OUT/.lenscap/``, so a rerun of the same command resumes):
 
 1. ``job.json`` records the options that shape the output; a rerun with different ones is refused.
 2. The URL list is streamed into one small parquet file per shard (``input/``), written once.
@@ -13,11 +13,11 @@ How a download runs (all state under ``OUT/_lenscap/``, so a rerun of the same c
 ``retry_failed`` is the second pass img2dataset lacks: the failed downloads of completed shards are
 fetched again and the successes merged into those shards, atomically.
 
-A remote ``OUT`` (an fsspec URL) keeps ``_lenscap/`` in its local mirror, as every remote output does.
+A remote ``OUT`` (an fsspec URL) keeps ``.lenscap/`` in its local mirror, as every remote output does.
 Each adopted shard is committed into the mirror, then uploaded (``Dataset.upload_shard``: tar,
 parquet, ``_stats.json`` last) and its local copy removed; the remote stats files say what is done.
 On Ray, img2dataset's tasks may run on other machines, so its staging directory is remote too,
-``OUT/_lenscap/img2dataset/``, and a staged tar reaches its final name by a copy inside the store.
+``OUT/.lenscap/img2dataset/``, and a staged tar reaches its final name by a copy inside the store.
 """
 
 from __future__ import annotations
@@ -178,7 +178,7 @@ class _Job:
         self.staging = self.staging_dir("img2dataset")
 
     def staging_dir(self, name: str) -> Path | str:
-        """Where img2dataset writes: ``_lenscap/NAME`` locally, or ``OUT/_lenscap/NAME`` for a remote
+        """Where img2dataset writes: ``.lenscap/NAME`` locally, or ``OUT/.lenscap/NAME`` for a remote
         output on Ray. That URL carries no credentials: img2dataset's processes, wherever they run,
         reach the store through its own configuration (environment, config files)."""
         if self.ray:
@@ -186,7 +186,7 @@ class _Job:
         return self.work / name
 
     def remove_staging(self, name: str) -> None:
-        """Remove ``_lenscap/NAME`` (what img2dataset staged there is in the output, or is stale). A
+        """Remove ``.lenscap/NAME`` (what img2dataset staged there is in the output, or is stale). A
         remote output's is looked for remotely too, whichever executor this run has: an earlier run's may be there."""
         shutil.rmtree(self.work / name, ignore_errors=True)
         if self.out.remote:
@@ -207,10 +207,10 @@ def _open_job(out_dir: str | os.PathLike[str], source: str | None, ray: bool = F
     if is_remote(out_dir):
         return _open_remote_job(Dataset(out_dir), source, ray)
     existing = Path(out_dir)
-    recorded = (existing / "_lenscap" / "job.json").exists()
+    recorded = (existing / ".lenscap" / "job.json").exists()
     if source is None and not recorded:
         raise DatasetError(f"{existing} holds no download to resume; give the URL list too")
-    if existing.is_dir() and not recorded and any(p.name != "_lenscap" for p in existing.iterdir()):
+    if existing.is_dir() and not recorded and any(p.name != ".lenscap" for p in existing.iterdir()):
         raise DatasetError(f"output directory {existing} is not empty and holds no lenscap download")
     if source is not None and not recorded:
         resolve_input_files(source)  # a missing input fails before anything is created
@@ -267,7 +267,7 @@ def _prepare(job: _Job, source: str | None, options: DownloadOptions) -> tuple[D
         flags = ", ".join("--" + k.replace("_", "-") for k in diff)
         raise DatasetError(f"{job.out.location} was downloaded with other values of {flags}; rerun with the same values or use a new directory")
     ready = job.input_ready()
-    if ready is None:  # cannot happen unless _lenscap/input was deleted by hand
+    if ready is None:  # cannot happen unless .lenscap/input was deleted by hand
         raise DatasetError(f"{job.out.location}: the recorded URL list ({job.input_dir}) is missing; start again in a new directory")
     return options, ready
 

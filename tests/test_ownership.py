@@ -1,0 +1,171 @@
+"""Images written once, and a stage that owns its output.
+
+One pipeline run (download -> filter -> caption -> dedup -> shard on 120 images) is shared by the
+module: the stage directories hold rows only, and the export equals the one a --copy-images chain
+writes. Then the hostile cases: another input or other settings into an output, output = input,
+a directory lenscap did not make, two commands on one output, an input with an incomplete shard,
+and an image source that went missing or was replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, run_cli_here
+from lenscap.dataset import Dataset
+from lenscap.demo.datasets import write_image_dataset
+from lenscap.lock import output_lock
+
+
+def ok(*args: str) -> str:
+    code, out, err = run_cli_here(*args, *([] if args[0] == "inspect" else ["--quiet"]))
+    assert code == 0, err
+    return out
+
+
+def refused(*args: str, code: int = 2) -> str:
+    got, _, err = run_cli_here(*args, "--quiet")
+    assert got == code, err
+    assert "Traceback" not in err
+    return err
+
+
+def tree_bytes(path: Path, suffix: str = "") -> int:
+    return sum(p.stat().st_size for p in path.rglob(f"*{suffix}") if p.is_file())
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    work = tmp_path_factory.mktemp("pipeline")
+    ok("run", "demo", "--input", "@demo:120", "--work-dir", str(work), "--set", "dedup.processes=1", "--set", "caption.no_cache=true")
+    return work
+
+
+def test_stage_directories_hold_rows_only_and_the_export_equals_copy_images(pipeline, tmp_path):
+    download = tree_bytes(pipeline / "download")
+    for stage in ("filter", "caption", "dedup"):
+        assert not list((pipeline / stage).glob("*.tar")), f"{stage} wrote image tars"
+        assert tree_bytes(pipeline / stage) < 0.05 * download, stage
+        manifest = json.loads((pipeline / stage / "lenscap.json").read_text())
+        assert manifest["images"]["location"] == "../download"
+    info = json.loads(ok("inspect", str(pipeline / "caption"), "--json"))
+    assert info["images"] == {"held": False, "location": str(pipeline / "download"), "problem": None}
+
+    # The same stages with --copy-images from the same download: self-contained, and the same export.
+    copy = tmp_path / "copy"
+    ok("filter", str(pipeline / "download"), str(copy / "filter"), "--min-side", "256", "--annotate", "blur,uniform",
+       "--max-uniformity", "0.95", "--copy-images")
+    ok("caption", str(copy / "filter"), str(copy / "caption"), "--backend", "describe", "--copy-images", "--no-cache")
+    ok("dedup", str(copy / "caption"), str(copy / "dedup"), "--processes", "1", "--copy-images")
+    ok("shard", str(copy / "dedup"), str(copy / "shard"), "--format", "webdataset", "--target-size", "2MB", "--processes", "1")
+    assert json.loads((copy / "dedup" / "lenscap.json").read_text())["images"] is None
+    assert sorted(p.name for p in (copy / "dedup").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    exported = sorted((pipeline / "shard").glob("*.tar"))
+    assert exported and [p.name for p in exported] == sorted(p.name for p in (copy / "shard").glob("*.tar"))
+    for tar in exported:
+        assert tar.read_bytes() == (copy / "shard" / tar.name).read_bytes()
+    kept = sum(1 for shard in Dataset.open(pipeline / "dedup").completed_ids()
+               for s in Dataset.open(pipeline / "dedup").iter_samples(shard) if s.has_image and s.row["caption_status"] == "ok")
+    assert json.loads((pipeline / "shard" / "shards.json").read_text())["samples"] == kept > 50
+
+
+def test_a_missing_or_replaced_image_source_is_a_one_line_error(pipeline, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(pipeline / "download", work / "download")
+    shutil.copytree(pipeline / "filter", work / "filter")
+    assert ok("inspect", str(work / "filter"), "--json")
+    shutil.rmtree(work / "download")
+    err = refused("caption", str(work / "filter"), str(work / "caption"), "--backend", "describe", "--no-cache")
+    assert "the images of" in err and "download, which is missing" in err and "--copy-images" in err
+    info = json.loads(run_cli_here("inspect", str(work / "filter"), "--json")[1])
+    assert info["images"]["held"] is False and "missing" in info["images"]["problem"]
+
+    # Another dataset in its place (its id differs): refused, never read as if it were the same.
+    write_image_dataset(work / "download", 10, per_shard=5)
+    err = refused("shard", str(work / "filter"), str(work / "shard"))
+    assert "was replaced since" in err
+
+
+def test_another_input_or_other_settings_into_an_output_are_refused(tmp_path):
+    a, b = write_image_dataset(tmp_path / "a", 12, per_shard=4), write_image_dataset(tmp_path / "b", 12, per_shard=4)
+    out = tmp_path / "out"
+    ok("filter", str(a.path), str(out), "--min-side", "300")
+    before = {p.name: p.read_bytes() for p in out.glob("0*")}
+    err = refused("filter", str(b.path), str(out), "--min-side", "300")
+    assert f"input {b.path}" in err or str(b.path) in err
+    err = refused("filter", str(a.path), str(out), "--min-side", "10")
+    assert "rules.min_side: 300 -> 10" in err
+    assert "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.glob("0*")} == before
+    assert json.loads((out / "lenscap.json").read_text())["parameters"]["rules"]["min_side"] == 300
+    err = refused("caption", str(b.path), str(out), "--backend", "describe", "--no-cache")
+    assert "written by filter, not caption" in err
+    ok("filter", str(a.path), str(out), "--min-side", "300")  # the same job: resumes (nothing to do)
+
+    ok("filter", str(a.path), str(out), "--min-side", "10", "--overwrite")
+    rows = [s.row for i in Dataset.open(out).completed_ids() for s in Dataset.open(out).iter_samples(i)]
+    assert len(rows) == 12 and all(r["filter_status"] == "kept" for r in rows)
+    assert json.loads((out / "lenscap.json").read_text())["parameters"]["rules"]["min_side"] == 10
+
+
+def test_output_equal_to_or_inside_the_input_is_refused(tmp_path):
+    src = write_image_dataset(tmp_path / "ds", 8, per_shard=4)
+    manifest = (src.path / "lenscap.json").read_bytes()
+    for args in (("filter",), ("caption", "--backend", "describe", "--no-cache"), ("dedup",), ("shard",)):
+        for out in (src.path, src.path / "nested"):
+            err = refused(args[0], str(src.path), str(out), *args[1:])
+            assert "the output" in err and "the input" in err
+    assert (src.path / "lenscap.json").read_bytes() == manifest
+    assert not (src.path / "nested").exists()
+    assert src.completed_ids() == [0, 1]
+
+
+def test_a_directory_lenscap_did_not_make_is_refused(tmp_path):
+    src = write_image_dataset(tmp_path / "ds", 8, per_shard=4)
+    for args in (("filter",), ("caption", "--backend", "describe", "--no-cache"), ("dedup",), ("shard",)):
+        mine = tmp_path / f"mine-{args[0]}"
+        mine.mkdir()
+        (mine / "README.md").write_text("my notes")
+        (mine / "00000.tar").write_bytes(b"my archive")
+        err = refused(args[0], str(src.path), str(mine), *args[1:])
+        assert "not empty" in err and "not written by lenscap" in err
+        assert sorted(p.name for p in mine.iterdir()) == ["00000.tar", "README.md"]
+        assert (mine / "README.md").read_text() == "my notes"
+
+
+def test_two_commands_on_one_output_take_the_same_lock(tmp_path):
+    src = write_image_dataset(tmp_path / "ds", 8, per_shard=4)
+    out = tmp_path / "out"
+    with output_lock(out):  # what a running `filter IN OUT` holds (this process: another one is refused)
+        r = run_cli("shard", str(src.path), str(out), "--quiet")
+        assert r.returncode == 5 and "being written by another lenscap process" in r.stderr
+    ok("filter", str(src.path), str(out))
+    err = refused("shard", str(src.path), str(out))
+    assert "written by filter, not shard" in err
+
+
+def test_an_input_with_an_incomplete_shard_is_refused_unless_allowed(tmp_path):
+    src = write_image_dataset(tmp_path / "ds", 12, per_shard=4)
+    stats = src.stats_path(1).read_bytes()
+    src.stats_path(1).unlink()  # a download still writing shard 1
+    out = tmp_path / "out"
+    err = refused("filter", str(src.path), str(out))
+    assert "1 incomplete shard(s) (00001)" in err and "--allow-incomplete" in err
+    assert not out.exists()
+    ok("filter", str(src.path), str(out), "--allow-incomplete")
+    manifest = json.loads((out / "lenscap.json").read_text())
+    assert manifest["input_incomplete_shards"] == ["00001"]
+    assert Dataset.open(out).completed_ids() == [0, 2]
+    info = json.loads(ok("inspect", str(out), "--json"))
+    assert info["input_incomplete_shards"] == ["00001"]
+
+    # The download finishes its shard: the same command goes on with the shard it lacked.
+    src.stats_path(1).write_bytes(stats)
+    ok("filter", str(src.path), str(out))
+    assert Dataset.open(out).completed_ids() == [0, 1, 2]
+    assert json.loads((out / "lenscap.json").read_text())["input_incomplete_shards"] == []
