@@ -14,7 +14,7 @@ import tarfile
 from pathlib import Path
 from typing import IO, BinaryIO
 
-__all__ = ["scan_members", "member_name", "header_before", "TarOut", "BLOCK"]
+__all__ = ["scan_members", "member_name", "header_before", "archive_end", "TarOut", "BLOCK"]
 
 BLOCK = 512
 _RECORD = 20 * BLOCK  # tarfile pads archives to whole records; so do we, for the same file sizes
@@ -62,6 +62,17 @@ def scan_members(source: Path | IO[bytes], suffix: str) -> dict[str, tuple[int, 
         f.seek(0)
         with tarfile.open(fileobj=f) as tar:
             return {m.name.partition(".")[0]: (m.offset_data, m.size) for m in tar if m.name.partition(".")[2] == suffix}
+
+
+def archive_end(f: BinaryIO) -> int:
+    """Where the archive's end-of-archive blocks (or the file) begin: where a member appended goes."""
+    offset = 0
+    while True:
+        f.seek(offset)
+        header = f.read(BLOCK)
+        if len(header) < BLOCK or header == _ZERO:
+            return offset
+        offset += BLOCK + -(-_octal(header[124:136]) // BLOCK) * BLOCK
 
 
 def member_name(header: bytes) -> str | None:
@@ -117,11 +128,15 @@ def _header(name: str, size: int) -> bytes:
 
 
 class TarOut:
-    """An ustar archive written member by member."""
+    """An ustar archive written member by member; ``start``: after that many bytes already in the file
+    (an archive's members, from ``archive_end``), which stay as they are."""
 
-    def __init__(self, path: Path) -> None:
-        self._f = open(path, "wb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
-        self._pos = 0
+    def __init__(self, path: Path, start: int = 0) -> None:
+        self._f = open(path, "r+b" if start else "wb", buffering=1 << 20)  # noqa: SIM115 - closed in close()
+        if start:
+            self._f.seek(start)
+            self._f.truncate()
+        self._pos = start
 
     def add(self, name: str, data: bytes) -> int:
         """Add a member; returns where its data starts in the archive."""

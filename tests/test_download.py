@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import tarfile
 from pathlib import Path
@@ -135,6 +136,11 @@ def test_retry_failed_merges_later_successes(tmp_path):
         assert first.status == {"failed_to_download": 4, "success": 4}
         ds = Dataset.open(tmp_path / "out")
         keys_before = {r["key"]: r["url"] for r in _rows(ds)}
+        # A dataset made from this one before the retry refers to its images by offset...
+        assert run_cli("filter", str(tmp_path / "out"), str(tmp_path / "filtered"), "--quiet").returncode == 0
+        filtered = Dataset.open(tmp_path / "filtered")
+        images_before = {s.key: s.image for i in filtered.completed_ids() for s in filtered.iter_samples(i) if s.has_image}
+        assert len(images_before) == 4
 
         # The CLI form: just OUT_DIR; the recorded options apply.
         res = run_cli("download", "--retry-failed", str(tmp_path / "out"), "--retries", "0", "--json")
@@ -154,6 +160,12 @@ def test_retry_failed_merges_later_successes(tmp_path):
                 assert tar.extractfile(f"{r['key']}.txt").read().decode() == r["caption"]
             assert ds.read_stats(shard_id)["retried"] == 2  # both flaky URLs are rows 4 and 5: shard 1
         assert by_path["/gone.jpg"]["status"] == "failed_to_download"
+        # ...which stay true: the merged images were appended, every earlier byte of the tar kept.
+        assert {s.key: s.image for i in filtered.completed_ids() for s in filtered.iter_samples(i) if s.has_image} == images_before
+        merged = {s.key: s.image for i in ds.completed_ids() for s in ds.iter_samples(i) if s.has_image}
+        from PIL import Image
+
+        assert Image.open(io.BytesIO(merged[by_path["/flaky1.jpg"]["key"]])).size == (96, 64)
         assert server.hits["/noai.jpg"] == 1, "an opt-out is final: never asked again"
         assert server.hits["/gone.jpg"] == 2, "a 404 is tried once more"
         # Nothing is left to retry: a second pass changes nothing.

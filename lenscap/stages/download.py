@@ -36,15 +36,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lenscap.dataset import IMAGE_COLUMNS, IMAGE_EXT, WORK_DIR_NAME, Dataset, atomic_write_json, read_parquet, shard_name, shard_stats
+from lenscap.dataset import IMAGE_COLUMNS, IMAGE_EXT, IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, Dataset, atomic_write_json, read_parquet, shard_name, shard_stats
 from lenscap.errors import DatasetError, InputError, UsageError
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.lock import DirLock, output_lock
 from lenscap.progress import Progress, make_progress
-from lenscap.record import Sample
 from lenscap.stages.img2dataset_process import Img2datasetProcess
 from lenscap.storage import is_remote, redact_url
-from lenscap.tario import scan_members
+from lenscap.tario import TarOut, archive_end, scan_members
 
 __all__ = ["DownloadOptions", "DownloadResult", "download", "retry_failed", "RESIZE_MODES"]
 
@@ -566,11 +565,14 @@ def _retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | No
 
 
 def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: int) -> None:
-    """Rewrite shard ``shard_id`` with the successes of retry shard ``retry_id``. Idempotent.
+    """Merge the successes of retry shard ``retry_id`` into shard ``shard_id``. Idempotent.
 
-    A remote shard is read from a local copy and rewritten into the mirror, then replaced remotely:
-    its stats file goes first, so that it is never complete with a mix of old and new files; a kill
-    before the new one is up leaves the rewritten shard in the mirror, which the next run uploads.
+    The shard's tar keeps every byte it had: the new images are appended after its members, so the
+    offsets that datasets made from this one recorded stay true. The new tar and parquet are written
+    under temporary names and committed together. A remote shard is read from a local copy and
+    rewritten into the mirror, then replaced remotely: its stats file goes first, so that it is never
+    complete with a mix of old and new files; a kill before the new one is up leaves the rewritten
+    shard in the mirror, which the next run uploads.
     """
     out, staged = job.out, Dataset(staging)
     successes = {r["lenscap_key"]: r for r in staged.read_table(retry_id).to_pylist() if r["status"] == "success"}
@@ -583,22 +585,35 @@ def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: 
             retry_key, _, ext = member.name.partition(".")
             if ext == "jpg" and retry_key in retry_key_to_key:
                 images[retry_key_to_key[retry_key]] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    dst = job.dst
     with out.staged(shard_id) as src:  # the output itself when local
-        schema = pq.read_schema(src.parquet_path(shard_id))
-        writer = job.dst.writer(shard_id, schema)
-        changed = 0
-        for sample in src.iter_samples(shard_id):
-            retried = successes.get(sample.key)
-            if retried is not None and sample.status != "success" and sample.key in images:
-                row = {c: retried.get(c) for c in schema.names} | {
-                    "key": sample.key, "url": sample.row["url"], "caption": sample.row.get("caption")}
-                sample = Sample(key=sample.key, row=row, image=images[sample.key])
-                changed += 1
-            writer.write(sample)
-        if changed:
-            writer.commit({"retried": src.read_stats(shard_id).get("retried", 0) + changed})
-        else:
-            writer.abort()
-    if changed and out.remote:
+        table = src.read_table(shard_id)
+        rows = table.to_pylist()
+        retried = [i for i, row in enumerate(rows)
+                   if row["key"] in successes and row["status"] != "success" and row["key"] in images]
+        if not retried:
+            return
+        tar_tmp, parquet_tmp = dst.tmp_path(shard_id, "tar"), dst.tmp_path(shard_id, "parquet")
+        shutil.copyfile(src.tar_path(shard_id), tar_tmp)
+        with open(tar_tmp, "rb") as f:
+            end = archive_end(f)
+        tar_out = TarOut(tar_tmp, start=end)
+        try:
+            for i in retried:
+                key = rows[i]["key"]
+                row = {c: successes[key].get(c) for c in table.column_names} | {
+                    "key": key, "url": rows[i]["url"], "caption": rows[i].get("caption")}
+                row[IMAGE_OFFSET], row[IMAGE_SIZE] = tar_out.add(f"{key}.{IMAGE_EXT}", images[key]), len(images[key])
+                tar_out.add(f"{key}.txt", (row.get("caption") or "").encode())
+                metadata = {k: v for k, v in row.items() if k not in (IMAGE_OFFSET, IMAGE_SIZE)}
+                tar_out.add(f"{key}.json", json.dumps(metadata, default=str).encode())
+                rows[i] = row
+        finally:
+            tar_out.close()
+        merged = pa.Table.from_pylist(rows, schema=table.schema)
+        pq.write_table(merged, parquet_tmp)
+        stats = shard_stats(shard_id, merged) | {"retried": src.read_stats(shard_id).get("retried", 0) + len(retried)}
+        dst.commit(shard_id, [(tar_tmp, dst.tar_path(shard_id)), (parquet_tmp, dst.parquet_path(shard_id))], stats)
+    if out.remote:
         out.fs.rm_file(out.remote_path(f"{shard_name(shard_id)}_stats.json"))
         out.upload_shard(shard_id)
