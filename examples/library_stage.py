@@ -16,13 +16,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+import lenscap.api as lc
+from lenscap.api import Sample, ShardStage
 from lenscap.demo.images import jpeg_bytes, scene, scene_caption
 from lenscap.demo.server import ImageServer, Route
-from lenscap.inspect import inspect_dataset
-from lenscap.record import Sample
-from lenscap.runner import run_stage
-from lenscap.stages.base import ShardStage
-from lenscap.stages.download import DownloadOptions, download
 
 
 class CountCaptionWords(ShardStage):
@@ -43,9 +40,9 @@ def main(work: Path) -> None:
         urls = work / "urls.jsonl"
         urls.write_text("".join(json.dumps({"url": server.url(p), "caption": scene_caption(i)}) + "\n"
                                 for i, p in enumerate(routes)))
-        download(str(urls), work / "raw", DownloadOptions(samples_per_shard=10, processes=1))
-    result = run_stage(CountCaptionWords(), work / "raw", work / "counted", processes=2)
-    info = inspect_dataset(work / "counted")
+        lc.download(urls, work / "raw", lc.DownloadOptions(samples_per_shard=10, processes=1))
+    result = lc.run_stage(CountCaptionWords(), work / "raw", work / "counted", processes=2)
+    info = lc.inspect(work / "counted")
     print(f"{result.samples} samples in {result.shards_completed} shards; columns: {', '.join(info['columns'])}")
     print(f"history: {' -> '.join(info['history'])}")
 

@@ -50,6 +50,13 @@ def open_output(out_dir: str | os.PathLike[str] | Dataset, src: Dataset | None, 
             where = "is the input" if a == b else "lies inside the input" if _inside(a, b) else "holds the input"
             raise UsageError(f"the output {out.location} {where} {src.location}: {command} writes a new dataset; "
                              "name another output directory")
+        try:
+            images = src.image_source()
+        except DatasetError:
+            images = src  # missing or replaced: said when the job starts
+        if images is not src and (_inside(a, images.resolved) or _inside(images.resolved, a)):
+            raise UsageError(f"the output {out.location} holds the images of the input {src.location}; name another "
+                             "output directory")
     foreign = _foreign_entries(out)
     if foreign:
         shown = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -115,6 +122,13 @@ def claim_output(out: Dataset, src: Dataset | None, command: str, settings: dict
     if src is not None:
         ids = src.completed_ids() if input_ids is None else input_ids
         source = {"location": src.resolved, "id": (src.read_manifest() or {}).get("id"), "shards": _shard_digests(src, ids)}
+    if previous is None and not overwrite and _holds_anything(out):
+        # Written before claims existed, or by a command that keeps its own record (download): adopted
+        # only by the command that wrote it.
+        stage = (out.read_manifest() or {}).get("stage") or ("download" if (out.work_dir / "job.json").exists() else None)
+        if stage != command:
+            raise DatasetError(f"{out.location} holds the output of {stage or 'another job'}, not of {command}; name a new "
+                               "output directory, or add --overwrite to replace it")
     if previous is not None and not overwrite:
         differences = _differences(previous, command, source, settings)
         if differences and _holds_anything(out):

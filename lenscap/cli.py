@@ -112,10 +112,9 @@ def download(
     # Started before the heavy imports below, so that img2dataset's own imports overlap them.
     img2dataset = Img2datasetProcess() if source is not None else None
     try:
-        from lenscap.progress import make_progress
-        from lenscap.stages.download import DownloadOptions, download as run_download, retry_failed as run_retry
+        from lenscap import api
 
-        options = DownloadOptions(
+        options = api.DownloadOptions(
             url_col=url_col, caption_col=caption_col,
             extra_cols=[c.strip() for c in extra_cols.split(",") if c.strip()] if extra_cols else [],
             samples_per_shard=samples_per_shard, processes=processes, threads=threads, image_size=image_size,
@@ -123,15 +122,10 @@ def download(
             max_pixels=max_pixels, timeout=timeout, retries=retries, user_agent_token=user_agent_token or None,
             respect_opt_out=respect_opt_out, ray_address=_ray_cluster(executor, processes, ray_address),
         )
-        result = None
-        if source is not None:
-            result = run_download(source, out_dir, options, make_progress("download", quiet), img2dataset)
-        if retry_failed and (result is None or result.exit_code == 0):
-            result = run_retry(out_dir, options, make_progress("retry-failed", quiet))
+        result = api.download(source, out_dir, options, retry_failed=retry_failed, quiet=quiet, img2dataset=img2dataset)
     finally:
         if img2dataset is not None:
             img2dataset.stop()
-    assert result is not None
     summary = {"command": "download", **asdict(result), "exit_code": result.exit_code}
     _emit(summary, as_json)
     if not as_json and not quiet:
@@ -196,15 +190,10 @@ def caption(
     to collect). batch-files: files for vllm run-batch (rerun to merge). transformers, vllm: local models.
     describe: an offline description computed from the pixels (no model).
     """
-    from pathlib import Path
-
-    from lenscap.backends import backend_class
-    from lenscap.captioning.cache import default_cache_dir
+    from lenscap import api
     from lenscap.captioning.prompts import load_prompt
     from lenscap.errors import BudgetReached, UsageError
     from lenscap.progress import make_progress
-    from lenscap.runner import run_stage
-    from lenscap.stages.caption import CaptionStage
 
     runner = _executor(executor, processes, ray_address)
     if max_cost is not None and max_cost <= 0:
@@ -223,41 +212,33 @@ def caption(
             raise UsageError(f"-O/--option takes NAME=VALUE, not {item!r}")
         values[name.strip().replace("-", "_")] = value
     hint_names = _parse_hints(hints)
-    loaded_prompt = load_prompt(prompt)
-    cls = backend_class(backend)
-    caption_backend = cls.from_options(values)
+    load_prompt(prompt)  # a missing prompt file fails before the backend is built
+    caption_backend = api.backend(backend, **values)
     if caption_backend.runs_as_batch and executor != "local":
         raise UsageError(f"--backend {backend} runs as batch jobs on the provider's side; --executor ray is for the other backends")
-    caption_backend.set_processes(processes)
     if caption_backend.priced and not caption_backend.has_price():
         if max_cost is not None:
             raise UsageError(f"--max-cost needs a price for model {caption_backend.model!r}: give one with --prices FILE")
         print(f"lenscap: note: no price known for model {caption_backend.model!r}; cost columns stay empty (see --prices)", file=sys.stderr)
-    cache_dir = None if no_cache else Path(cache) if cache else default_cache_dir()
-    stage = CaptionStage(caption_backend, loaded_prompt, cache_dir, max_cost, hints=hint_names)
-    stage.copy_images = copy_images
-    progress = make_progress("caption", quiet)
+    cache_dir: Any = None if no_cache else cache if cache else api._DEFAULT_CACHE
     try:
-        if caption_backend.runs_as_batch:
-            from lenscap.stages.caption_batch import run_batch_caption
-
-            batch = run_batch_caption(stage, in_dir, out_dir, progress, overwrite=overwrite, allow_incomplete=allow_incomplete)
-        else:
-            result = run_stage(stage, in_dir, out_dir, progress=progress, executor=runner, overwrite=overwrite,
-                               allow_incomplete=allow_incomplete)
+        result = api.caption(in_dir, out_dir, caption_backend, prompt, hints=hint_names, max_cost=max_cost,
+                             cache_dir=cache_dir, copy_images=copy_images, overwrite=overwrite,
+                             allow_incomplete=allow_incomplete, processes=processes, executor=runner,
+                             progress=make_progress("caption", quiet))
     except BudgetReached as e:
-        spent = stage.budget.spent if stage.budget else 0.0
-        _emit({"command": "caption", "out_dir": out_dir, "spent_usd": spent, "exit_code": e.exit_code, "reason": str(e)}, as_json)
+        _emit({"command": "caption", "out_dir": out_dir, "spent_usd": e.spent_usd or 0.0, "exit_code": e.exit_code,
+               "reason": str(e)}, as_json)
         raise
     if caption_backend.runs_as_batch:
+        batch = result
         _emit({"command": "caption", "backend": backend, **asdict(batch), "caption_status": batch.counts.get("caption_status", {}),
                "exit_code": 0}, as_json)
         if not as_json and not quiet:
             _say_batch(batch, caption_backend, out_dir)
         raise typer.Exit(0)
     outcomes = result.counts.get("caption_status", {})
-    summary = {"command": "caption", **asdict(result), "caption_status": outcomes,
-               "spent_usd": stage.budget.spent if stage.budget else 0.0, "exit_code": result.exit_code}
+    summary = {"command": "caption", **asdict(result), "caption_status": outcomes, "exit_code": result.exit_code}
     _emit(summary, as_json)
     if not as_json and not quiet:
         parts = ", ".join(f"{n} {k}" for k, n in outcomes.items())
@@ -308,14 +289,11 @@ def filter_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Keep the samples that pass cheap rules, then content annotators; every drop is recorded with its reason."""
-    from collections import Counter
-
-    from lenscap.dataset import Dataset
+    from lenscap import api
     from lenscap.errors import UsageError
     from lenscap.filters import annotator_class
     from lenscap.progress import make_progress
-    from lenscap.runner import run_stage
-    from lenscap.stages.filter import FilterRules, FilterStage, load_blocklist
+    from lenscap.stages.filter import load_blocklist
 
     if status not in ("success", "any"):
         raise UsageError(f"--status must be success or any, not {status!r}")
@@ -340,37 +318,26 @@ def filter_command(
     for name, value in thresholds.items():
         cls = annotator_class(name)
         annotators.append(cls(value, model=clip_model) if name == "clip" else cls(value))  # type: ignore[call-arg]
-    rules = FilterRules(min_side, max_aspect, min_bytes, caption_min_words, caption_max_words, status, where)
-    stage = FilterStage(rules, annotators, load_blocklist(blocklist) if blocklist else frozenset())
-    stage.copy_images = copy_images
-    src = Dataset.open(in_dir)
-    stage.check_where(src)
+    rules = api.FilterRules(min_side, max_aspect, min_bytes, caption_min_words, caption_max_words, status, where)
+    blocked = load_blocklist(blocklist) if blocklist else frozenset()
     if dry_run:
-        stage.setup()
-        counts: Counter[str] = Counter()
-        for shard_id in src.completed_ids():
-            counts.update(stage.count_shard(src, shard_id))
-        summary = {"command": "filter", "dry_run": True, "in_dir": src.location, "samples": sum(counts.values()),
+        counts = api.filter_counts(in_dir, rules, annotators, blocked)
+        summary = {"command": "filter", "dry_run": True, "in_dir": in_dir, "samples": sum(counts.values()),
                    "kept": counts.get("kept", 0), "reasons": dict(counts.most_common()), "exit_code": 0}
         _emit(summary, as_json)
         if not as_json:
-            print(f"{src.location}: {summary['samples']} samples, {summary['kept']} would be kept")
+            print(f"{in_dir}: {summary['samples']} samples, {summary['kept']} would be kept")
             for reason, n in counts.most_common():
                 if reason != "kept":
                     print(f"  {n:>8}  dropped: {reason}" if reason != "error" else f"  {n:>8}  unreadable")
         return
-    result = run_stage(stage, src, out_dir, progress=make_progress("filter", quiet), executor=runner, overwrite=overwrite,
-                       allow_incomplete=allow_incomplete)
-    reasons: Counter[str] = Counter()
-    out = Dataset(out_dir)
-    for shard_id in out.completed_ids():
-        reasons.update(out.read_stats(shard_id).get("filter_reasons", {}))
-    summary = {"command": "filter", **asdict(result), "kept": reasons.get("kept", 0), "reasons": dict(reasons.most_common()),
-               "exit_code": result.exit_code}
+    result = api.filter(in_dir, out_dir, rules, annotators, blocked, copy_images=copy_images, overwrite=overwrite,
+                        allow_incomplete=allow_incomplete, executor=runner, progress=make_progress("filter", quiet))
+    summary = {"command": "filter", **asdict(result), "exit_code": result.exit_code}
     _emit(summary, as_json)
     if not as_json and not quiet:
-        dropped = ", ".join(f"{n} {r}" for r, n in reasons.most_common() if r != "kept") or "none"
-        print(f"{result.out_dir}: {result.samples} samples, {reasons.get('kept', 0)} kept; dropped: {dropped}", file=sys.stderr)
+        dropped = ", ".join(f"{n} {r}" for r, n in result.reasons.items() if r != "kept") or "none"
+        print(f"{result.out_dir}: {result.samples} samples, {result.kept} kept; dropped: {dropped}", file=sys.stderr)
     raise typer.Exit(result.exit_code)
 
 
@@ -493,9 +460,9 @@ def dedup(
     quiet: QuietOpt = False,
 ) -> None:
     """Find duplicate images across the whole dataset and keep one of each. Default: --exact --phash. Rerun to resume."""
+    from lenscap import api
     from lenscap.dedup.search import DedupOptions
     from lenscap.errors import UsageError
-    from lenscap.stages.dedup import DedupStage, run_dedup
 
     runner = _executor(executor, processes, ray_address)
     if not (exact or phash or captions):
@@ -504,10 +471,8 @@ def dedup(
         raise UsageError("--max-distance applies to --phash, which is not selected")
     options = DedupOptions(exact=exact, phash=phash, captions=captions, max_distance=4 if max_distance is None else max_distance,
                            keep=keep, mark_only=mark_only, bucket_cap=bucket_cap, memory_limit=memory_limit, threads=processes)
-    stage = DedupStage(options, list(against or []))
-    stage.copy_images = copy_images
-    result = run_dedup(stage, in_dir, out_dir, quiet=quiet, executor=runner, overwrite=overwrite,
-                       allow_incomplete=allow_incomplete)
+    result = api.dedup(in_dir, out_dir, options, against or [], copy_images=copy_images, overwrite=overwrite,
+                       allow_incomplete=allow_incomplete, processes=processes, executor=runner, quiet=quiet)
     report = result.report
     summary = {"command": "dedup", **asdict(result.stage), "duplicates": report.get("duplicates"),
                "duplicates_by_reason": report.get("duplicates_by_reason"), "clusters": report.get("clusters"),
@@ -546,13 +511,14 @@ def shard(
     quiet: QuietOpt = False,
 ) -> None:
     """Export the kept, successful samples to evenly sized WebDataset or Parquet shards, with a dataset card."""
-    from lenscap.export.job import ExportOptions, parse_size, run_export
+    from lenscap import api
+    from lenscap.export.job import ExportOptions, parse_size
 
     runner = _executor(executor, processes, ray_address)
     options = ExportOptions(format=format, target_bytes=None if samples_per_shard is not None else parse_size(target_size),
                             samples_per_shard=samples_per_shard, shuffle=shuffle, seed=seed, caption_status=caption_status)
-    result = run_export(options, in_dir, out_dir, quiet=quiet, executor=runner, overwrite=overwrite,
-                        allow_incomplete=allow_incomplete)
+    result = api.shard(in_dir, out_dir, options, overwrite=overwrite, allow_incomplete=allow_incomplete,
+                       processes=processes, executor=runner, quiet=quiet)
     summary = {"command": "shard", **asdict(result), "index_failed": {str(k): v for k, v in result.index_failed.items()},
                "exit_code": result.exit_code}
     _emit(summary, as_json)

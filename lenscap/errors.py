@@ -53,6 +53,7 @@ class BudgetReached(LenscapError):
     """``--max-cost`` was reached: finished shards are kept, unfinished ones resume on a rerun."""
 
     exit_code = 4
+    spent_usd: float | None = None  # set by lenscap.api.caption: what the output directory spent
 
 
 class Locked(LenscapError):

@@ -284,6 +284,13 @@ def new_urls(source: str, releases: list[Path], out: Path) -> dict[str, Any]:
 def release(dataset: Path, recipe: Recipe, base: Path) -> dict[str, Any]:
     """Move ``dataset`` to the next ``releases/NNNNN`` and end this refresh (``WORK/current`` goes)."""
     assert recipe.releases is not None
+    if dataset.exists():
+        from lenscap.dataset import Dataset
+
+        ds = Dataset.open(dataset)
+        if ds.image_source() is not ds:  # its images are in this refresh's directories, which go below
+            raise UsageError(f"release: {dataset} refers to the images of {ds.image_source().location}, which this "
+                             "release removes; set copy_images = true on the stage before release")
     recipe.releases.mkdir(parents=True, exist_ok=True)
     intent = base / ".lenscap-run" / "release.json"
     if intent.exists():  # a release that a crash interrupted after choosing its number

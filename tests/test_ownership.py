@@ -10,7 +10,6 @@ and an image source that went missing or was replaced.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -169,3 +168,16 @@ def test_an_input_with_an_incomplete_shard_is_refused_unless_allowed(tmp_path):
     ok("filter", str(src.path), str(out))
     assert Dataset.open(out).completed_ids() == [0, 1, 2]
     assert json.loads((out / "lenscap.json").read_text())["input_incomplete_shards"] == []
+
+
+def test_another_commands_output_and_the_inputs_image_source_are_refused(tmp_path):
+    raw = write_image_dataset(tmp_path / "raw", 8, per_shard=4)  # a download's output, as lenscap writes it
+    other = write_image_dataset(tmp_path / "other", 8, per_shard=4)
+    before = {p.name: p.read_bytes() for p in raw.path.iterdir() if p.is_file()}
+    err = refused("filter", str(other.path), str(raw.path))
+    assert "holds the output of download, not of filter" in err
+    ok("filter", str(raw.path), str(tmp_path / "filtered"))
+    # The filter output's images live in raw/: even --overwrite never clears them.
+    err = refused("caption", str(tmp_path / "filtered"), str(raw.path), "--backend", "describe", "--no-cache", "--overwrite")
+    assert "holds the images of the input" in err
+    assert {p.name: p.read_bytes() for p in raw.path.iterdir() if p.is_file()} == before

@@ -10,7 +10,6 @@ shards are there, so before a run the mirror is brought in line with it (``sync_
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from lenscap.dataset import Dataset

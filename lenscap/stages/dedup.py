@@ -30,7 +30,6 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lenscap.dataset import Dataset, atomic_write_json, read_parquet
 from lenscap.dedup.search import DedupOptions, Source, find_duplicates

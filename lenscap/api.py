@@ -1,0 +1,226 @@
+"""lenscap as a library: one function per command, typed options in, a typed result out.
+
+    import lenscap.api as lc
+
+    lc.download("urls.csv", "data/raw", lc.DownloadOptions(samples_per_shard=5000))
+    lc.filter("data/raw", "data/filtered", lc.FilterRules(min_side=256))
+    lc.caption("data/filtered", "data/captioned", lc.backend("openai", model="gpt-4.1-mini"), max_cost=20.0)
+    lc.dedup("data/captioned", "data/deduped")
+    lc.shard("data/deduped", "release", lc.ExportOptions(format="parquet"))
+    print(lc.inspect("data/deduped")["caption_words"])
+
+The command line is a thin layer over these functions: what a flag does, the keyword of the same
+name does here. Every function that writes a dataset takes the same ownership keywords:
+``overwrite`` (the output holds another job's results: clear it), ``allow_incomplete`` (go on without
+the input's incomplete shards), and, for the stages that do not change images, ``copy_images``
+(write a self-contained output instead of rows that refer to the input's images). Errors are the
+``lenscap.errors`` hierarchy (``UsageError`` and its kinds for a job that cannot run as asked).
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lenscap.dedup.search import DedupOptions
+from lenscap.export.job import ExportOptions, ExportResult
+from lenscap.record import Sample
+from lenscap.runner import StageResult
+from lenscap.stages.base import ShardStage
+from lenscap.stages.dedup import DedupResult
+from lenscap.stages.download import DownloadOptions, DownloadResult
+from lenscap.stages.filter import FilterRules
+
+if TYPE_CHECKING:
+    from lenscap.backends.base import CaptionBackend
+    from lenscap.executors import Executor
+    from lenscap.filters.base import Annotator
+    from lenscap.progress import Progress
+    from lenscap.stages.base import Stage
+    from lenscap.stages.caption_batch import BatchResult
+
+__all__ = ["download", "filter", "filter_counts", "caption", "dedup", "shard", "inspect", "report", "run", "run_stage",
+           "backend", "ShardStage", "Sample", "DownloadOptions", "DownloadResult", "FilterRules", "FilterResult", "CaptionResult", "DedupOptions",
+           "DedupResult", "ExportOptions", "ExportResult", "StageResult"]
+
+Location = str | os.PathLike[str]
+_DEFAULT_CACHE = object()
+
+
+@dataclass
+class FilterResult(StageResult):
+    kept: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)  # kept, error, or the rule that dropped
+
+
+@dataclass
+class CaptionResult(StageResult):
+    spent_usd: float = 0.0
+
+
+def download(source: Location | None, out_dir: Location, options: DownloadOptions | None = None, *,
+             retry_failed: bool = False, quiet: bool = True, img2dataset: Any = None) -> DownloadResult:
+    """Download ``source`` (a URL list) into ``out_dir``; with ``retry_failed``, then fetch the failed
+    downloads of completed shards again (``source`` None: only that). ``img2dataset``: an
+    ``Img2datasetProcess`` started earlier, to overlap its start-up with the caller's."""
+    from lenscap.progress import make_progress
+    from lenscap.stages.download import download as run_download, retry_failed as run_retry
+
+    options = options or DownloadOptions()
+    result = None
+    if source is not None:
+        result = run_download(os.fspath(source), out_dir, options, make_progress("download", quiet), img2dataset)
+    if retry_failed and (result is None or result.exit_code == 0):
+        result = run_retry(out_dir, options, make_progress("retry-failed", quiet))
+    if result is None:
+        from lenscap.errors import UsageError
+
+        raise UsageError("download needs a URL list, or retry_failed=True on an existing output")
+    return result
+
+
+def filter(in_dir: Location, out_dir: Location, rules: FilterRules | None = None,  # noqa: A001 - the command's name
+           annotators: Iterable[Annotator] = (), blocklist: frozenset[str] = frozenset(), *, copy_images: bool = False,
+           overwrite: bool = False, allow_incomplete: bool = False, processes: int = 1, executor: Executor | None = None,
+           progress: Progress | None = None) -> FilterResult:
+    """Keep the samples that pass ``rules`` (cheap, on columns) and then ``annotators`` (on pixels)."""
+    from dataclasses import asdict
+
+    from lenscap.dataset import Dataset
+    from lenscap.progress import make_progress
+    from lenscap.runner import run_stage
+
+    stage = _filter_stage(in_dir, rules, annotators, blocklist)
+    stage.copy_images = copy_images
+    result = run_stage(stage, in_dir, out_dir, processes, progress or make_progress("filter", True), executor,
+                       overwrite=overwrite, allow_incomplete=allow_incomplete)
+    reasons: Counter[str] = Counter()
+    out = Dataset(out_dir)
+    for shard_id in out.completed_ids():
+        reasons.update(out.read_stats(shard_id).get("filter_reasons", {}))
+    return FilterResult(**asdict(result), kept=reasons.get("kept", 0), reasons=dict(reasons.most_common()))
+
+
+def filter_counts(in_dir: Location, rules: FilterRules | None = None, annotators: Iterable[Annotator] = (),
+                  blocklist: frozenset[str] = frozenset()) -> Counter[str]:
+    """What ``filter`` would decide, counted per reason (``kept``, ``error``, or a rule); writes nothing."""
+    from lenscap.dataset import Dataset
+
+    stage = _filter_stage(in_dir, rules, annotators, blocklist)
+    stage.setup()
+    src = Dataset.open(in_dir)
+    counts: Counter[str] = Counter()
+    for shard_id in src.completed_ids():
+        counts.update(stage.count_shard(src, shard_id))
+    return counts
+
+
+def _filter_stage(in_dir: Location, rules: FilterRules | None, annotators: Iterable[Annotator], blocklist: frozenset[str]) -> Any:
+    from lenscap.dataset import Dataset
+    from lenscap.stages.filter import FilterStage
+
+    stage = FilterStage(rules or FilterRules(), list(annotators), blocklist)
+    stage.check_where(Dataset.open(in_dir))  # a bad --where fails here, with DuckDB's message, before any work
+    return stage
+
+
+def backend(name: str = "openai", **options: Any) -> CaptionBackend:
+    """A caption backend by name (a built-in or a plugin), its options as keywords (``model=...``)."""
+    from lenscap.backends import backend_class
+
+    return backend_class(name).from_options(options)
+
+
+def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prompt: str = "lens", *,
+            hints: tuple[str, ...] = (), max_cost: float | None = None, cache_dir: Location | None | object = _DEFAULT_CACHE,
+            copy_images: bool = False, overwrite: bool = False, allow_incomplete: bool = False, processes: int = 1,
+            executor: Executor | None = None, progress: Progress | None = None) -> CaptionResult | BatchResult:
+    """Recaption with ``captioner`` (``backend(...)``); ``prompt``: a preset or a prompt file. Nothing
+    already paid for is asked again on a rerun. A batch backend returns the batch job's state."""
+    from dataclasses import asdict
+
+    from lenscap.captioning.cache import default_cache_dir
+    from lenscap.captioning.prompts import load_prompt
+    from lenscap.errors import BudgetReached, UsageError
+    from lenscap.progress import make_progress
+    from lenscap.runner import run_stage
+    from lenscap.stages.caption import CaptionStage
+
+    if max_cost is not None and max_cost <= 0:
+        raise UsageError(f"--max-cost must be positive, not {max_cost}")
+    cache = default_cache_dir() if cache_dir is _DEFAULT_CACHE else None if cache_dir is None else Path(cache_dir)  # type: ignore[arg-type]
+    captioner.set_processes(processes)
+    stage = CaptionStage(captioner, load_prompt(prompt), cache, max_cost, hints=hints)
+    stage.copy_images = copy_images
+    progress = progress or make_progress("caption", True)
+    if captioner.runs_as_batch:
+        from lenscap.stages.caption_batch import run_batch_caption
+
+        return run_batch_caption(stage, in_dir, out_dir, progress, overwrite=overwrite, allow_incomplete=allow_incomplete)
+    try:
+        result = run_stage(stage, in_dir, out_dir, processes, progress, executor, overwrite=overwrite,
+                           allow_incomplete=allow_incomplete)
+    except BudgetReached as e:
+        e.spent_usd = stage.budget.spent if stage.budget else 0.0  # what the caller reports
+        raise
+    return CaptionResult(**asdict(result), spent_usd=stage.budget.spent if stage.budget else 0.0)
+
+
+def dedup(in_dir: Location, out_dir: Location, options: DedupOptions | None = None, against: Iterable[Location] = (), *,
+          copy_images: bool = False, overwrite: bool = False, allow_incomplete: bool = False, processes: int = 1,
+          executor: Executor | None = None, quiet: bool = True) -> DedupResult:
+    """Mark (and drop) exact, perceptual and caption duplicates, also against earlier ``against`` datasets."""
+    from lenscap.stages.dedup import DedupStage, run_dedup
+
+    stage = DedupStage(options or DedupOptions(), [os.fspath(a) for a in against])
+    stage.copy_images = copy_images
+    return run_dedup(stage, in_dir, out_dir, processes, quiet, executor, overwrite=overwrite, allow_incomplete=allow_incomplete)
+
+
+def shard(in_dir: Location, out_dir: Location, options: ExportOptions | None = None, *, overwrite: bool = False,
+          allow_incomplete: bool = False, processes: int = 1, executor: Executor | None = None, quiet: bool = True) -> ExportResult:
+    """Export the kept, captioned samples to training-ready shards (their images copied once, here)."""
+    from lenscap.export.job import run_export
+
+    return run_export(options or ExportOptions(), in_dir, out_dir, processes, quiet, executor, overwrite=overwrite,
+                      allow_incomplete=allow_incomplete)
+
+
+def run_stage(stage: Stage, in_dir: Location, out_dir: Location, *, copy_images: bool = False, overwrite: bool = False,
+              allow_incomplete: bool = False, processes: int = 1, executor: Executor | None = None,
+              progress: Progress | None = None) -> StageResult:
+    """Run your own per-shard stage (a ``ShardStage`` subclass) with every guarantee the built-in ones have."""
+    from lenscap.progress import make_progress
+    from lenscap.runner import run_stage as run
+
+    stage.copy_images = copy_images or stage.copy_images
+    return run(stage, in_dir, out_dir, processes, progress or make_progress(stage.name, True), executor,
+               overwrite=overwrite, allow_incomplete=allow_incomplete)
+
+
+def report(path: Location, out: Location | None = None, sample: int = 24, seed: int = 0,
+           png: Location | None = None) -> dict[str, Any]:
+    """Write the HTML report of a dataset (default ``DIR/report.html``), and a PNG contact sheet if asked."""
+    from lenscap.report import write_report
+
+    return write_report(path, out, sample, seed, png)
+
+
+def run(recipe: str, overrides: Iterable[str] = (), *, input: str | None = None,  # noqa: A002 - the recipe's word
+        work_dir: Location | None = None, quiet: bool = True) -> dict[str, Any]:
+    """Run (or resume) a recipe: a file, or a shipped one by name; ``overrides`` as ``STAGE.OPTION=VALUE``."""
+    from lenscap.recipe import load_recipe, run_recipe
+
+    loaded = load_recipe(recipe, list(overrides), os.fspath(work_dir) if work_dir is not None else None, input)
+    return run_recipe(loaded, quiet)
+
+
+def inspect(path: Location) -> dict[str, Any]:
+    """A summary of a dataset: shards, samples, statuses, errors, caption lengths, where its images live."""
+    from lenscap.inspect import inspect_dataset
+
+    return inspect_dataset(path)
