@@ -69,6 +69,8 @@ def _foreign_entries(out: Dataset) -> list[str]:
     """The entries of a non-empty output that lenscap did not make; [] if it made it (or it is empty)."""
     if out.remote:
         names = out.names()
+        if (out.path / WORK_DIR_NAME / CLAIM_FILE).exists():  # claimed from this machine: its state is in the mirror
+            return []
     else:
         if not out.path.is_dir():
             return []
@@ -97,17 +99,23 @@ def _shard_digests(src: Dataset, shard_ids: list[int]) -> dict[str, str]:
 
 
 def _holds_anything(out: Dataset) -> bool:
-    """Whether the output holds results or state of a job: shards, a manifest, private files other
-    than the lock and the claim (journals of paid requests, signatures, a plan, exported files)."""
-    if out.shard_ids() or (out.remote and MANIFEST_NAME in out.names()):
+    """Whether the output holds results or paid-for state of a job: shards, files beside the manifest,
+    non-empty private files other than the lock and the claim (journals of paid requests, signatures,
+    a plan). A manifest alone is not: a run writes one first, and one that failed its first request
+    (a mistyped model) leaves the directory to the corrected command."""
+    if out.shard_ids():
+        return True
+    if out.remote and any(n not in (MANIFEST_NAME, WORK_DIR_NAME) for n in out.names()):
         return True
     for entry in os.scandir(out.path) if out.path.is_dir() else []:
-        if entry.name != WORK_DIR_NAME:
+        if entry.name not in (WORK_DIR_NAME, MANIFEST_NAME):
             return True
     work = out.work_dir
     for root, _, files in os.walk(work):
         for name in files:
-            if not (root == str(work) and name in (_LOCK, CLAIM_FILE)):
+            if root == str(work) and name in (_LOCK, CLAIM_FILE):
+                continue
+            if os.path.getsize(os.path.join(root, name)):
                 return True
     return False
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import re
 import shutil
 import tempfile
@@ -416,8 +417,11 @@ class Dataset:
 
     def _open_image_source(self, ref: dict[str, Any]) -> Dataset:
         location = str(ref["location"])
-        if not is_remote(location) and not os.path.isabs(location) and self.fs is None:
-            location = os.path.normpath(self.path / location)
+        if not is_remote(location) and not os.path.isabs(location):  # relative to this dataset, wherever it is now
+            if self.fs is None:
+                location = os.path.normpath(self.path / location)
+            else:
+                location = self.fs.unstrip_protocol(posixpath.normpath(f"{self.root}/{location}"))
         source = Dataset(location, self.storage_options if is_remote(location) else None)
         advice = (f"restore it, or rerun the stage that wrote {self.location} with --copy-images from an input that "
                   "holds its images")
@@ -455,6 +459,8 @@ class Dataset:
     def _image_locations(table: pa.Table, tar: _TarReader) -> tuple[list[int | None], list[int | None]]:
         if IMAGE_OFFSET in table.column_names:
             return table.column(IMAGE_OFFSET).to_pylist(), table.column(IMAGE_SIZE).to_pylist()
+        if table.num_rows == 0:
+            return [], []
         # Written by img2dataset itself, or by lenscap before offsets were recorded: the tar's headers say.
         members = tar.scan()
         located = [members.get(str(k), (None, None)) for k in table.column("key").to_pylist()]

@@ -72,11 +72,15 @@ def test_captions_replace_alt_text_with_provenance(tmp_path, fake, env):
     skipped = got["000000004"]
     assert skipped["caption_status"] == "skipped" and "failed_to_download" in skipped["caption_error"]
     assert skipped["caption"] == skipped["alt_text"] == scene_caption(4)
-    members = tar_members(tmp_path / "out")
-    assert members["000000000.txt"].decode() == ok["caption"]
-    assert json.loads(members["000000000.json"])["alt_text"] == scene_caption(0)
+    assert not list((tmp_path / "out").glob("*.tar")), "rows only: the images stay in the input"
     spent = sum(r["caption_cost_usd"] or 0 for r in got.values())
     assert summary["spent_usd"] == pytest.approx(spent)
+    assert fake.stats()["responses"] == {"200": 29}
+    copied = caption(src, tmp_path / "copy", fake, env, "--copy-images")  # answered from the cache
+    assert copied.returncode == 0, copied.stderr
+    members = tar_members(tmp_path / "copy")
+    assert members["000000000.txt"].decode() == ok["caption"]
+    assert json.loads(members["000000000.json"])["alt_text"] == scene_caption(0)
     assert fake.stats()["responses"] == {"200": 29}
     manifest = json.loads((tmp_path / "out" / "lenscap.json").read_text())
     assert manifest["parameters"]["key_variable"] == "OPENAI_API_KEY"
@@ -95,7 +99,7 @@ def test_resuming_with_other_caption_settings_is_refused(tmp_path, fake, env):
     assert caption(src, tmp_path / "out", fake, env).returncode == 0
     r = caption(src, tmp_path / "out", fake, env, "--model", "gpt-4.1", "--max-tokens", "200")
     assert r.returncode == 2
-    assert "holds captions written with other settings (max_tokens: 300 -> 200, model: 'gpt-4.1-mini' -> 'gpt-4.1')" in r.stderr
+    assert "other settings (max_tokens: 300 -> 200, model: 'gpt-4.1-mini' -> 'gpt-4.1')" in r.stderr
     assert caption(src, tmp_path / "out", fake, env, "--concurrency", "3", "--rpm", "1000").returncode == 0  # speed may change
 
 

@@ -278,7 +278,7 @@ def test_adopt_accounts_for_rows_img2dataset_lost(tmp_path):
     rows = out.read_table(1).to_pylist()
     assert [r["key"] for r in rows] == ["000010", "000011", "000012"]
     assert rows[1] == {"caption": "b", "url": "http://h/b.jpg", "key": "000011", "status": "failed_to_download",
-                       "error_message": LOST_SAMPLE_MESSAGE}
+                       "error_message": LOST_SAMPLE_MESSAGE, "image_offset": None, "image_size": None}
     assert rows[2]["error_message"] == "empty URL"
     assert stats["lost_by_img2dataset"] == 1 and stats["count"] == 3 and out.is_complete(1)
     assert not (job.staging / "00001.parquet").exists() and out.tar_path(1).exists()

@@ -20,11 +20,16 @@ ARGS = ["--samples-per-shard", "10", "--processes", "1", "--threads", "2", "--qu
 
 
 def _shard_contents(ds: Dataset) -> dict[int, tuple[list[dict], dict[str, bytes]]]:
+    """Rows and tar members; each row's offset checked against its image, then left out (img2dataset
+    writes a tar in the order downloads finish, so two runs place the same images differently)."""
     out = {}
     for shard_id in ds.completed_ids():
         with tarfile.open(ds.tar_path(shard_id)) as tar:
             members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
-        out[shard_id] = (ds.read_table(shard_id).to_pylist(), members)
+        rows = ds.read_table(shard_id).to_pylist()
+        images = {s.key: s.image for s in ds.iter_samples(shard_id) if s.has_image}
+        assert images == {name[:-4]: data for name, data in members.items() if name.endswith(".jpg")}
+        out[shard_id] = ([{k: v for k, v in r.items() if k != "image_offset"} for r in rows], members)
     return out
 
 

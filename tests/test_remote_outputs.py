@@ -114,7 +114,7 @@ def test_dedup_into_memory_equals_local(ref, mem, tmp_path):
     assert dedup_report(f"{mem}/d") == dedup_report(ref / "d")
     fs, root = fsspec.core.url_to_fs(f"{mem}/d")
     assert names_under(fs, root) == sorted(["lenscap.json", "dedup/clusters.parquet", "dedup/report.json",
-                                            *(f"0000{i}{ext}" for i in range(6) for ext in (".tar", ".parquet", "_stats.json"))])
+                                            *(f"0000{i}{ext}" for i in range(6) for ext in (".parquet", "_stats.json"))])
     mirror = Dataset(f"{mem}/d").path  # the search ran here; no shard or report copy is left
     assert (mirror / ".lenscap" / "dedup" / "decisions.parquet").exists()
     assert not list(mirror.glob("0*")) and not list(mirror.glob("dedup/*"))
@@ -154,10 +154,14 @@ def test_shard_into_memory_equals_local(ref, mem, fmt):
     assert manifest["counts"] == local_manifest["counts"] and manifest["input"] == str(ref / "d")  # type: ignore[index]
     info, local = inspect_dataset(f"{mem}/{fmt}"), inspect_dataset(ref / fmt)
     assert info["path"] == f"{mem}/{fmt}"
-    assert {k: v for k, v in info.items() if k not in ("path", "bytes")} == {k: v for k, v in local.items() if k not in ("path", "bytes")}
+    assert info["images"] == {"held": True, "location": f"{mem}/{fmt}", "problem": None}
+    assert {k: v for k, v in info.items() if k not in ("path", "bytes", "images")} == {
+        k: v for k, v in local.items() if k not in ("path", "bytes", "images")}
     # again, from a remote input: the same
     if fmt == "webdataset":
-        fs.put(str(ref / "d") + "/", f"{root.rsplit('/', 1)[0]}/d", recursive=True)
+        # the dedup output and, beside it as locally, the dataset holding its images
+        for name in ("d", "in"):
+            fs.put(str(ref / name) + "/", f"{root.rsplit('/', 1)[0]}/{name}", recursive=True)
         ok(cli("shard", f"{mem}/d", f"{mem}/again", *SHARD))
         assert export(f"{mem}/again") == export(ref / fmt)
 
@@ -193,10 +197,10 @@ def test_dedup_killed_mid_upload_resumes(ref, mem):
     with killed_uploading("/dedup/report.json"):
         assert cli("dedup", str(ref / "in"), out, *DEDUP)[0] == 130
     assert fs.exists(f"{root}/dedup/clusters.parquet") and Dataset.open(out).completed_ids() == []
-    # killed uploading shard 3's tar: shards 0-2 are complete remotely, 3 is not
-    with killed_uploading("/00003.tar"):
+    # killed uploading shard 3's rows: shards 0-2 are complete remotely, 3 is not
+    with killed_uploading("/00003.parquet"):
         assert cli("dedup", str(ref / "in"), out, *DEDUP)[0] == 130
-    assert Dataset.open(out).completed_ids() == [0, 1, 2] and fs.size(f"{root}/00003.tar") == 700
+    assert Dataset.open(out).completed_ids() == [0, 1, 2] and fs.size(f"{root}/00003.parquet") == 700
     assert inspect_dataset(out)["shards"]["incomplete"] == 3
     ok(cli("dedup", str(ref / "in"), out, *DEDUP))
     assert rows_and_members(out) == rows_and_members(ref / "d")
@@ -238,7 +242,7 @@ def test_s3_outputs_through_the_cli(ref, s3_store, tmp_path):
     url = f"s3://{base}"
     env = {"LENSCAP_WORK_DIR": str(tmp_path / "work")}
 
-    run_killed("/d/00001.tar", "dedup", str(ref / "in"), f"{url}/d", *DEDUP, env=env)
+    run_killed("/d/00001.parquet", "dedup", str(ref / "in"), f"{url}/d", *DEDUP, env=env)
     assert s3_store.exists(f"{base}/d/00000_stats.json") and not s3_store.exists(f"{base}/d/00001_stats.json")
     ok(run_cli("dedup", str(ref / "in"), f"{url}/d", *DEDUP, env=env))
     assert rows_and_members(f"{url}/d") == rows_and_members(ref / "d")

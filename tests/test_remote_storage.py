@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import tarfile
 import uuid
 from pathlib import Path
 
@@ -47,15 +46,12 @@ def upload(local: Path, url: str) -> str:
 
 
 def snapshot(location: str) -> dict[int, tuple[list[dict], dict[str, bytes], dict]]:
-    """Every complete shard: its rows, its tar members, its stats."""
+    """Every complete shard: its rows, its images (read where they live, by offset), its stats."""
     ds = Dataset.open(location)
     shards = {}
     for shard_id in ds.completed_ids():
-        with ds.staged(shard_id) as local:
-            rows = local.read_table(shard_id).to_pylist()
-            with tarfile.open(local.tar_path(shard_id)) as tar:
-                members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
-        shards[shard_id] = (rows, members, ds.read_stats(shard_id))
+        images = {s.key: s.image for s in ds.iter_samples(shard_id) if s.has_image}
+        shards[shard_id] = (ds.read_table(shard_id).to_pylist(), images, ds.read_stats(shard_id))
     return shards
 
 
@@ -80,6 +76,14 @@ def test_filter_and_caption_remote_equal_local(tmp_path, mem, local_in):
     upload(local_in, f"{mem}/in")
     assert cli("filter", f"{mem}/in", f"{mem}/f2", *FILTER)[0] == 0
     assert snapshot(f"{mem}/f2") == expected_f
+    # --copy-images: the remote output holds its tars, read by ranges, the same images and rows
+    assert cli("filter", f"{mem}/in", f"{mem}/f3", *FILTER, "--copy-images")[0] == 0
+    copied = snapshot(f"{mem}/f3")
+    assert Dataset.open(f"{mem}/f3").read_manifest()["images"] is None
+    for shard_id, (rows, images, stats) in expected_f.items():
+        assert copied[shard_id][1] == images and copied[shard_id][2] == stats
+        assert [{k: v for k, v in r.items() if k != "image_offset"} for r in copied[shard_id][0]] == [
+            {k: v for k, v in r.items() if k != "image_offset"} for r in rows]
     assert cli("caption", f"{mem}/f", str(tmp_path / "c2"), *CAPTION)[0] == 0
     assert snapshot(str(tmp_path / "c2")) == expected_c
 
@@ -92,9 +96,9 @@ def test_filter_and_caption_remote_equal_local(tmp_path, mem, local_in):
     # nothing but the dataset's own files is written remotely; the work dir is the local mirror
     fs = fsspec.filesystem("memory")
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(f"/{mem.split('://')[1]}/c", detail=False)} == {
-        "lenscap.json", *(f"0000{i}{ext}" for i in range(3) for ext in (".tar", ".parquet", "_stats.json"))}
+        "lenscap.json", *(f"0000{i}{ext}" for i in range(3) for ext in (".parquet", "_stats.json"))}  # rows only
     mirror = Dataset(f"{mem}/c").path
-    assert mirror.parent == tmp_path / "work" and (mirror / ".lenscap" / "caption" / "job.json").exists()
+    assert mirror.parent == tmp_path / "work" and (mirror / ".lenscap" / "claim.json").exists()
     assert not list(mirror.glob("0*"))  # uploaded shards leave no local copy
 
     # inspect, as the library and as the command
@@ -135,7 +139,7 @@ def test_remote_output_resumes_after_a_kill_mid_upload(tmp_path, mem, local_in, 
     monkeypatch.undo()
     monkeypatch.setenv("LENSCAP_WORK_DIR", str(tmp_path / "work"))
     remote = Dataset.open(out)
-    assert remote.completed_ids() == [0, 2] and fs.exists(f"{root}/00001.tar")
+    assert remote.completed_ids() == [0, 2] and fs.exists(f"{root}/00001.parquet")
     assert remote.read_manifest()["complete"] is False  # type: ignore[index]
     assert inspect_dataset(out)["shards"]["incomplete"] == 1
     from lenscap.stages.caption import CaptionStage
@@ -149,9 +153,9 @@ def test_remote_output_resumes_after_a_kill_mid_upload(tmp_path, mem, local_in, 
     assert snapshot(out) == expected
 
     # 2. Killed mid-upload with nothing left locally (another machine, or the copy lost): the stats
-    # file is missing, a partial tar and the parquet are there. The rerun redoes exactly that shard.
+    # file is missing, a partial parquet is there. The rerun redoes exactly that shard.
     fs.rm_file(f"{root}/00001_stats.json")
-    fs.pipe_file(f"{root}/00001.tar", fs.cat_file(f"{root}/00001.tar")[:700])
+    fs.pipe_file(f"{root}/00001.parquet", fs.cat_file(f"{root}/00001.parquet")[:700])
     code, _, err = cli("caption", str(local_in), out, *CAPTION)
     assert code == 0, err
     assert captioned == [1]

@@ -276,6 +276,8 @@ def test_output_manifest_history_extends_input_history(src, tmp_path):
 
 def test_run_stage_only_takes_completed_input_shards(src, tmp_path):
     os.remove(src.stats_path(2))  # input shard 2 no longer complete
-    result = run_stage(UpperCaption(), src.path, tmp_path / "out", processes=1, progress=quiet())
+    with pytest.raises(DatasetError, match=r"1 incomplete shard\(s\) \(00002\)"):
+        run_stage(UpperCaption(), src.path, tmp_path / "out", processes=1, progress=quiet())
+    result = run_stage(UpperCaption(), src.path, tmp_path / "out", processes=1, progress=quiet(), allow_incomplete=True)
     assert (result.shards_total, result.shards_completed, result.exit_code) == (2, 2, 0)
     assert Dataset.open(tmp_path / "out").completed_ids() == [0, 1]

@@ -204,7 +204,7 @@ def test_missing_input_and_changed_settings(tmp_path, source):
     assert r.returncode == 2 and "does not exist" in r.stderr
     export(source[0], tmp_path / "out", "--samples-per-shard", "100")
     r = run_cli("shard", str(source[0]), str(tmp_path / "out"), "--samples-per-shard", "50")
-    assert r.returncode == 2 and "exported with other options" in r.stderr
+    assert r.returncode == 2 and "other settings (options.samples_per_shard: 100 -> 50)" in r.stderr
 
 
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, source):
