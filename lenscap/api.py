@@ -157,11 +157,11 @@ def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prom
     stage = CaptionStage(captioner, load_prompt(prompt), cache, max_cost, hints=hints)
     stage.copy_images = copy_images
     progress = progress or make_progress("caption", True)
-    if captioner.runs_as_batch:
-        from lenscap.stages.caption_batch import run_batch_caption
-
-        return run_batch_caption(stage, in_dir, out_dir, progress, overwrite=overwrite, allow_incomplete=allow_incomplete)
     try:
+        if captioner.runs_as_batch:
+            from lenscap.stages.caption_batch import run_batch_caption
+
+            return run_batch_caption(stage, in_dir, out_dir, progress, overwrite=overwrite, allow_incomplete=allow_incomplete)
         result = run_stage(stage, in_dir, out_dir, processes, progress, executor, overwrite=overwrite,
                            allow_incomplete=allow_incomplete)
     except BudgetReached as e:
