@@ -65,14 +65,13 @@ def main() -> None:
                     for member in tar_in:
                         tar_out.addfile(member, tar_in.extractfile(member))
             times["tarfile"].append(time.perf_counter() - start)
-            for fmt in ("webdataset", "parquet"):
+            runs = [("webdataset", src), ("scan", legacy), ("parquet", src)]
+            for name, source in runs if round_ % 2 == 0 else runs[::-1]:  # alternated: neither always goes first
+                fmt = "parquet" if name == "parquet" else "webdataset"
                 start = time.perf_counter()
-                run_export(ExportOptions(format=fmt, target_bytes=50 * 10**6), src, work / f"{fmt}{round_}", args.processes, quiet=True)
-                times[fmt].append(time.perf_counter() - start)
-            start = time.perf_counter()
-            run_export(ExportOptions(format="webdataset", target_bytes=50 * 10**6), legacy, work / f"scan{round_}",
-                       args.processes, quiet=True)
-            times["scan"].append(time.perf_counter() - start)
+                run_export(ExportOptions(format=fmt, target_bytes=50 * 10**6), source, work / f"{name}{round_}",
+                           args.processes, quiet=True)
+                times[name].append(time.perf_counter() - start)
             for d in work.glob(f"*{round_}"):
                 shutil.rmtree(d)
         copy = statistics.median(times["copy"])
