@@ -40,7 +40,7 @@ def parquet_bytes_per_row(path: Path) -> float:
 def pipeline(download: Path, work: Path, copy_images: bool) -> None:
     annotators = [annotator_class("uniform")(0.95), annotator_class("blur")(None)]
     api.filter(download, work / "filter", api.FilterRules(min_side=256), annotators, copy_images=copy_images)
-    api.caption(work / "filter", work / "caption", api.backend("describe"), cache_dir=None, copy_images=copy_images)
+    api.caption(work / "filter", work / "caption", api.backend("describe"), cache=False, copy_images=copy_images)
     api.dedup(work / "caption", work / "dedup", copy_images=copy_images)
     api.shard(work / "dedup", work / "shard", api.ExportOptions(format="webdataset"))
 

@@ -48,7 +48,6 @@ __all__ = ["download", "filter", "filter_counts", "caption", "dedup", "shard", "
            "DedupResult", "ExportOptions", "ExportResult", "StageResult"]
 
 Location = str | os.PathLike[str]
-_DEFAULT_CACHE = object()
 
 
 @dataclass
@@ -136,11 +135,12 @@ def backend(name: str = "openai", **options: Any) -> CaptionBackend:
 
 
 def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prompt: str = "lens", *,
-            hints: tuple[str, ...] = (), max_cost: float | None = None, cache_dir: Location | None | object = _DEFAULT_CACHE,
+            hints: tuple[str, ...] = (), max_cost: float | None = None, cache: bool = True, cache_dir: Location | None = None,
             copy_images: bool = False, overwrite: bool = False, allow_incomplete: bool = False, processes: int = 1,
             executor: Executor | None = None, progress: Progress | None = None) -> CaptionResult | BatchResult:
     """Recaption with ``captioner`` (``backend(...)``); ``prompt``: a preset or a prompt file. Nothing
-    already paid for is asked again on a rerun. A batch backend returns the batch job's state."""
+    already paid for is asked again on a rerun. ``cache``: the response cache, in ``cache_dir`` (default
+    ``$LENSCAP_CACHE_DIR`` or ``~/.cache/lenscap``). A batch backend returns the batch job's state."""
     from dataclasses import asdict
 
     from lenscap.captioning.cache import default_cache_dir
@@ -152,9 +152,9 @@ def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prom
 
     if max_cost is not None and max_cost <= 0:
         raise UsageError(f"--max-cost must be positive, not {max_cost}")
-    cache = default_cache_dir() if cache_dir is _DEFAULT_CACHE else None if cache_dir is None else Path(cache_dir)  # type: ignore[arg-type]
+    directory = None if not cache else Path(cache_dir) if cache_dir is not None else default_cache_dir()
     captioner.set_processes(processes)
-    stage = CaptionStage(captioner, load_prompt(prompt), cache, max_cost, hints=hints)
+    stage = CaptionStage(captioner, load_prompt(prompt), directory, max_cost, hints=hints)
     stage.copy_images = copy_images
     progress = progress or make_progress("caption", True)
     try:

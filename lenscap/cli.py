@@ -220,10 +220,9 @@ def caption(
         if max_cost is not None:
             raise UsageError(f"--max-cost needs a price for model {caption_backend.model!r}: give one with --prices FILE")
         print(f"lenscap: note: no price known for model {caption_backend.model!r}; cost columns stay empty (see --prices)", file=sys.stderr)
-    cache_dir: Any = None if no_cache else cache if cache else api._DEFAULT_CACHE
     try:
         result = api.caption(in_dir, out_dir, caption_backend, prompt, hints=hint_names, max_cost=max_cost,
-                             cache_dir=cache_dir, copy_images=copy_images, overwrite=overwrite,
+                             cache=not no_cache, cache_dir=cache, copy_images=copy_images, overwrite=overwrite,
                              allow_incomplete=allow_incomplete, processes=processes, executor=runner,
                              progress=make_progress("caption", quiet))
     except BudgetReached as e:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import pyarrow as pa
 
 from lenscap.dataset import IMAGE_COLUMNS, Dataset, ShardWriter
+from lenscap.errors import LenscapError
 from lenscap.record import Sample
 
 if TYPE_CHECKING:
@@ -117,6 +118,8 @@ class ShardStage(Stage):
                     sample = self.process(sample)
                     if sample.row.get(status) is None:
                         sample.row[status] = "ok"
+                except LenscapError:
+                    raise  # about the job, not this sample (the images' dataset changed since): the runner says it once
                 except Exception as e:  # noqa: BLE001 - recorded on the sample, never lost
                     sample.row[status] = "error"
                     sample.row[error] = f"{type(e).__name__}: {e}"

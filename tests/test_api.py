@@ -1,0 +1,48 @@
+"""lenscap.api: the library surface the CLI and the README's "As a library" use, without the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import lenscap.api as lc
+from lenscap.dataset import Dataset
+from lenscap.demo.datasets import write_image_dataset
+from lenscap.errors import DatasetError, UsageError
+
+
+def test_a_pipeline_through_the_api_returns_typed_results(tmp_path):
+    src = write_image_dataset(tmp_path / "raw", 12, per_shard=6, failed=lambda i: i == 5)
+    kept = lc.filter(src.path, tmp_path / "filtered", lc.FilterRules(min_side=100))
+    assert isinstance(kept, lc.FilterResult) and kept.exit_code == 0
+    assert (kept.kept, kept.reasons) == (11, {"kept": 11, "status": 1})
+    assert lc.filter_counts(src.path, lc.FilterRules(min_side=100)) == {"kept": 11, "status": 1}
+
+    captioned = lc.caption(tmp_path / "filtered", tmp_path / "captioned", lc.backend("describe"), cache=False)
+    assert isinstance(captioned, lc.CaptionResult) and captioned.spent_usd == 0.0
+    assert captioned.counts["caption_status"] == {"ok": 11, "skipped": 1}
+
+    deduped = lc.dedup(tmp_path / "captioned", tmp_path / "deduped", lc.DedupOptions(threads=1))
+    assert isinstance(deduped, lc.DedupResult) and deduped.exit_code == 0
+    exported = lc.shard(tmp_path / "deduped", tmp_path / "release", lc.ExportOptions(format="webdataset"))
+    assert isinstance(exported, lc.ExportResult) and exported.samples == 11 - deduped.report["duplicates"]
+    assert json.loads((tmp_path / "release" / "shards.json").read_text())["samples"] == exported.samples
+
+    info = lc.inspect(tmp_path / "deduped")
+    assert info["images"] == {"held": False, "location": str(src.path), "problem": None}
+    assert info["history"] == ["download", "filter", "caption", "dedup"]
+
+
+def test_errors_are_the_lenscap_hierarchy_not_exits(tmp_path):
+    src = write_image_dataset(tmp_path / "raw", 4, per_shard=4)
+    with pytest.raises(UsageError, match="is the input"):
+        lc.filter(src.path, src.path)
+    lc.filter(src.path, tmp_path / "out", lc.FilterRules(min_side=10))
+    with pytest.raises(DatasetError, match=r"rules.min_side: 10 -> 20.*--overwrite"):
+        lc.filter(src.path, tmp_path / "out", lc.FilterRules(min_side=20))
+    result = lc.filter(src.path, tmp_path / "out", lc.FilterRules(min_side=20), overwrite=True)
+    assert result.kept == 4 and Dataset.open(tmp_path / "out").read_manifest()["parameters"]["rules"] == {
+        "min_side": 20, "status": "success"}
+    with pytest.raises(UsageError, match="needs a URL list"):
+        lc.download(None, tmp_path / "dl")
