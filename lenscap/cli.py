@@ -11,7 +11,8 @@ import json
 import math
 import os
 import sys
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Optional
 
 import typer
@@ -58,6 +59,42 @@ def _emit(summary: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(summary, default=str))
 
 
+@dataclass
+class Outcome:
+    """What a command did: its ``--json`` summary (with ``exit_code``), the lines a person reads on
+    stderr (not with ``--quiet`` or ``--json``), ``stdout`` lines (not with ``--json``), and notes said
+    whatever the flags (what went wrong, what to do). Recipes take the summary; the CLI shows the rest."""
+
+    summary: dict[str, Any]
+    lines: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    stdout: list[str] = field(default_factory=list)
+
+    @property
+    def exit_code(self) -> int:
+        return int(self.summary.get("exit_code", 0))
+
+
+def _run(outcome_of: Callable[..., Outcome], flags: dict[str, Any], as_json: bool, quiet: bool) -> None:
+    """Run a command's outcome function on its flags and show the outcome; exits with its code."""
+    try:
+        outcome = outcome_of(**{k: v for k, v in flags.items() if k != "as_json"})
+    except LenscapError as e:
+        if getattr(e, "summary", None) is not None:  # said on stdout too, for scripts reading --json
+            _emit(e.summary, as_json)  # type: ignore[attr-defined]
+        raise
+    _emit(outcome.summary, as_json)
+    for line in outcome.notes:
+        print(line, file=sys.stderr)
+    if not as_json:
+        for line in outcome.stdout:
+            print(line)
+        if not quiet:
+            for line in outcome.lines:
+                print(line, file=sys.stderr)
+    raise typer.Exit(outcome.exit_code)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"lenscap {__version__}")
@@ -101,37 +138,7 @@ def download(
     quiet: QuietOpt = False,
 ) -> None:
     """Download images from a URL list into a dataset directory (through img2dataset). Rerun to resume."""
-    if len(paths) == 2:
-        source, out_dir = paths
-    elif len(paths) == 1 and retry_failed:
-        source, out_dir = None, paths[0]
-    else:
-        raise typer.BadParameter("expected INPUT and OUT_DIR (or just OUT_DIR with --retry-failed)", param_hint="'[INPUT] OUT_DIR'")
-    from lenscap.stages.img2dataset_process import Img2datasetProcess
-
-    # Started before the heavy imports below, so that img2dataset's own imports overlap them.
-    img2dataset = Img2datasetProcess() if source is not None else None
-    try:
-        from lenscap import api
-
-        options = api.DownloadOptions(
-            url_col=url_col, caption_col=caption_col,
-            extra_cols=[c.strip() for c in extra_cols.split(",") if c.strip()] if extra_cols else [],
-            samples_per_shard=samples_per_shard, processes=processes, threads=threads, image_size=image_size,
-            resize_mode=resize_mode, upscale=upscale, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
-            max_pixels=max_pixels, timeout=timeout, retries=retries, user_agent_token=user_agent_token or None,
-            respect_opt_out=respect_opt_out, ray_address=_ray_cluster(executor, processes, ray_address),
-        )
-        result = api.download(source, out_dir, options, retry_failed=retry_failed, quiet=quiet, img2dataset=img2dataset)
-    finally:
-        if img2dataset is not None:
-            img2dataset.stop()
-    summary = {"command": "download", **asdict(result), "exit_code": result.exit_code}
-    _emit(summary, as_json)
-    if not as_json and not quiet:
-        ok = result.status.get("success", 0)
-        print(f"{result.out_dir}: {result.shards_completed}/{result.shards_total} shards, {result.samples} samples, {ok} downloaded", file=sys.stderr)
-    raise typer.Exit(result.exit_code)
+    _run(download_outcome, locals(), as_json, quiet)
 
 
 _BACKEND_HELP = "Backend option (see lenscap backends)."
@@ -190,60 +197,7 @@ def caption(
     to collect). batch-files: files for vllm run-batch (rerun to merge). transformers, vllm: local models.
     describe: an offline description computed from the pixels (no model).
     """
-    from lenscap import api
-    from lenscap.captioning.prompts import load_prompt
-    from lenscap.errors import BudgetReached, UsageError
-    from lenscap.progress import make_progress
-
-    runner = _executor(executor, processes, ray_address)
-    if max_cost is not None and max_cost <= 0:
-        raise UsageError(f"--max-cost must be positive, not {max_cost}")
-    flags = {"model": model, "base_url": base_url, "api_key_env": api_key_env, "max_tokens": max_tokens,
-             "temperature": temperature, "detail": detail, "max_side": max_side, "rpm": rpm, "tpm": tpm,
-             "concurrency": concurrency, "prices": prices, "timeout": timeout, "max_retries": max_retries, "wait": wait,
-             "poll_interval": poll_interval, "max_requests_per_file": max_requests_per_file, "max_file_mb": max_file_mb,
-             "max_enqueued_tokens": max_enqueued_tokens, "device": device, "dtype": dtype, "batch_size": batch_size,
-             "max_new_tokens": max_new_tokens}
-    assert set(flags) == CAPTION_FLAGS
-    values: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
-    for item in option or []:
-        name, eq, value = item.partition("=")
-        if not eq or not name.strip():
-            raise UsageError(f"-O/--option takes NAME=VALUE, not {item!r}")
-        values[name.strip().replace("-", "_")] = value
-    hint_names = _parse_hints(hints)
-    load_prompt(prompt)  # a missing prompt file fails before the backend is built
-    caption_backend = api.backend(backend, **values)
-    if caption_backend.runs_as_batch and executor != "local":
-        raise UsageError(f"--backend {backend} runs as batch jobs on the provider's side; --executor ray is for the other backends")
-    if caption_backend.priced and not caption_backend.has_price():
-        if max_cost is not None:
-            raise UsageError(f"--max-cost needs a price for model {caption_backend.model!r}: give one with --prices FILE")
-        print(f"lenscap: note: no price known for model {caption_backend.model!r}; cost columns stay empty (see --prices)", file=sys.stderr)
-    try:
-        result = api.caption(in_dir, out_dir, caption_backend, prompt, hints=hint_names, max_cost=max_cost,
-                             cache=not no_cache, cache_dir=cache, copy_images=copy_images, overwrite=overwrite,
-                             allow_incomplete=allow_incomplete, processes=processes, executor=runner,
-                             progress=make_progress("caption", quiet))
-    except BudgetReached as e:
-        _emit({"command": "caption", "out_dir": out_dir, "spent_usd": e.spent_usd or 0.0, "exit_code": e.exit_code,
-               "reason": str(e)}, as_json)
-        raise
-    if caption_backend.runs_as_batch:
-        batch = result
-        _emit({"command": "caption", "backend": backend, **asdict(batch), "caption_status": batch.counts.get("caption_status", {}),
-               "exit_code": 0}, as_json)
-        if not as_json and not quiet:
-            _say_batch(batch, caption_backend, out_dir)
-        raise typer.Exit(0)
-    outcomes = result.counts.get("caption_status", {})
-    summary = {"command": "caption", **asdict(result), "caption_status": outcomes, "exit_code": result.exit_code}
-    _emit(summary, as_json)
-    if not as_json and not quiet:
-        parts = ", ".join(f"{n} {k}" for k, n in outcomes.items())
-        print(f"{result.out_dir}: {result.shards_completed}/{result.shards_total} shards, {result.samples} samples ({parts}); "
-              f"${summary['spent_usd']:.4f} spent", file=sys.stderr)
-    raise typer.Exit(result.exit_code)
+    _run(caption_outcome, locals(), as_json, quiet)
 
 
 def _parse_hints(hints: str | None) -> tuple[str, ...]:
@@ -288,74 +242,22 @@ def filter_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Keep the samples that pass cheap rules, then content annotators; every drop is recorded with its reason."""
-    from lenscap import api
-    from lenscap.errors import UsageError
-    from lenscap.filters import annotator_class
-    from lenscap.progress import make_progress
-    from lenscap.stages.filter import load_blocklist
-
-    if status not in ("success", "any"):
-        raise UsageError(f"--status must be success or any, not {status!r}")
-    runner = _executor(executor, processes, ray_address)
-    thresholds: dict[str, float | None] = {}
-    for name in (annotate or "").split(","):
-        if name.strip():
-            thresholds[name.strip()] = None
-    for name, value in (("blur", min_sharpness), ("uniform", max_uniformity), ("ocr", max_text_area), ("faces", max_faces),
-                        ("nsfw", max_nsfw), ("clip", min_clip_score)):
-        if value is not None:
-            thresholds[name] = float(value)
-    for item in threshold or []:
-        name, eq, value = item.partition("=")
-        try:
-            thresholds[name.strip()] = float(value)
-        except ValueError:
-            raise UsageError(f"--threshold takes NAME=NUMBER, not {item!r}") from None
-    if clip_model is not None:
-        thresholds.setdefault("clip", None)
-    annotators = []
-    for name, value in thresholds.items():
-        cls = annotator_class(name)
-        annotators.append(cls(value, model=clip_model) if name == "clip" else cls(value))  # type: ignore[call-arg]
-    rules = api.FilterRules(min_side, max_aspect, min_bytes, caption_min_words, caption_max_words, status, where)
-    blocked = load_blocklist(blocklist) if blocklist else frozenset()
-    if dry_run:
-        counts = api.filter_counts(in_dir, rules, annotators, blocked)
-        summary = {"command": "filter", "dry_run": True, "in_dir": in_dir, "samples": sum(counts.values()),
-                   "kept": counts.get("kept", 0), "reasons": dict(counts.most_common()), "exit_code": 0}
-        _emit(summary, as_json)
-        if not as_json:
-            print(f"{in_dir}: {summary['samples']} samples, {summary['kept']} would be kept")
-            for reason, n in counts.most_common():
-                if reason != "kept":
-                    print(f"  {n:>8}  dropped: {reason}" if reason != "error" else f"  {n:>8}  unreadable")
-        return
-    result = api.filter(in_dir, out_dir, rules, annotators, blocked, copy_images=copy_images, overwrite=overwrite,
-                        allow_incomplete=allow_incomplete, executor=runner, progress=make_progress("filter", quiet))
-    summary = {"command": "filter", **asdict(result), "exit_code": result.exit_code}
-    _emit(summary, as_json)
-    if not as_json and not quiet:
-        dropped = ", ".join(f"{n} {r}" for r, n in result.reasons.items() if r != "kept") or "none"
-        print(f"{result.out_dir}: {result.samples} samples, {result.kept} kept; dropped: {dropped}", file=sys.stderr)
-    raise typer.Exit(result.exit_code)
+    _run(filter_outcome, locals(), as_json, quiet)
 
 
-def _say_batch(batch: Any, backend: Any, out_dir: str) -> None:
+def _say_batch(batch: Any, backend: Any, out_dir: str) -> list[str]:
     outcomes = ", ".join(f"{n} {k}" for k, n in batch.counts.get("caption_status", {}).items())
     files = ", ".join(f"{n} {k}" for k, n in batch.files.items()) or "none"
-    print(f"{batch.out_dir}: {batch.shards_completed}/{batch.shards_total} shards ({outcomes or 'none yet'}); "
-          f"batch files: {files}; ${batch.spent_usd:.4f} spent", file=sys.stderr)
+    lines = [f"{batch.out_dir}: {batch.shards_completed}/{batch.shards_total} shards ({outcomes or 'none yet'}); "
+             f"batch files: {files}; ${batch.spent_usd:.4f} spent"]
     if batch.complete:
-        return
+        return lines
     from pathlib import Path
 
     commands = getattr(backend.transport(Path(out_dir) / ".lenscap" / "batch"), "commands", None)
     if commands is not None:
-        print("run these, then rerun this command to merge the results:", file=sys.stderr)
-        for line in commands(backend.model):
-            print(f"  {line}", file=sys.stderr)
-    else:
-        print("not finished: rerun this command (or from cron, or with --wait) to collect", file=sys.stderr)
+        return [*lines, "run these, then rerun this command to merge the results:", *(f"  {c}" for c in commands(backend.model))]
+    return [*lines, "not finished: rerun this command (or from cron, or with --wait) to collect"]
 
 
 @app.command()
@@ -459,36 +361,7 @@ def dedup(
     quiet: QuietOpt = False,
 ) -> None:
     """Find duplicate images across the whole dataset and keep one of each. Default: --exact --phash. Rerun to resume."""
-    from lenscap import api
-    from lenscap.dedup.search import DedupOptions
-    from lenscap.errors import UsageError
-
-    runner = _executor(executor, processes, ray_address)
-    if not (exact or phash or captions):
-        exact = phash = True
-    if max_distance is not None and not phash:
-        raise UsageError("--max-distance applies to --phash, which is not selected")
-    options = DedupOptions(exact=exact, phash=phash, captions=captions, max_distance=4 if max_distance is None else max_distance,
-                           keep=keep, mark_only=mark_only, bucket_cap=bucket_cap, memory_limit=memory_limit, threads=processes)
-    result = api.dedup(in_dir, out_dir, options, against or [], copy_images=copy_images, overwrite=overwrite,
-                       allow_incomplete=allow_incomplete, processes=processes, executor=runner, quiet=quiet)
-    report = result.report
-    summary = {"command": "dedup", **asdict(result.stage), "duplicates": report.get("duplicates"),
-               "duplicates_by_reason": report.get("duplicates_by_reason"), "clusters": report.get("clusters"),
-               "report": os.path.join(result.stage.out_dir, "dedup", "report.json") if report else None,
-               "hashing_failed": {k: {str(i): m for i, m in v.items()} for k, v in result.hashing_failed.items()},
-               "exit_code": result.exit_code}
-    _emit(summary, as_json)
-    if result.hashing_failed:
-        for label, shards in result.hashing_failed.items():
-            print(f"lenscap: dedup: {len(shards)} shard(s) of {label} could not be hashed; nothing written yet; rerun to resume",
-                  file=sys.stderr)
-    elif not as_json and not quiet:
-        reasons = ", ".join(f"{n} {r}" for r, n in (report.get("duplicates_by_reason") or {}).items()) or "none"
-        print(f"{result.stage.out_dir}: {result.stage.samples} samples, {report['duplicates']} duplicates "
-              f"{'marked' if mark_only else 'removed'} ({reasons}) in {report['clusters']} clusters; "
-              f"report: {summary['report']}", file=sys.stderr)
-    raise typer.Exit(result.exit_code)
+    _run(dedup_outcome, locals(), as_json, quiet)
 
 
 @app.command()
@@ -510,25 +383,7 @@ def shard(
     quiet: QuietOpt = False,
 ) -> None:
     """Export the kept, successful samples to evenly sized WebDataset or Parquet shards, with a dataset card."""
-    from lenscap import api
-    from lenscap.export.job import ExportOptions, parse_size
-
-    runner = _executor(executor, processes, ray_address)
-    options = ExportOptions(format=format, target_bytes=None if samples_per_shard is not None else parse_size(target_size),
-                            samples_per_shard=samples_per_shard, shuffle=shuffle, seed=seed, caption_status=caption_status)
-    result = api.shard(in_dir, out_dir, options, overwrite=overwrite, allow_incomplete=allow_incomplete,
-                       processes=processes, executor=runner, quiet=quiet)
-    summary = {"command": "shard", **asdict(result), "index_failed": {str(k): v for k, v in result.index_failed.items()},
-               "exit_code": result.exit_code}
-    _emit(summary, as_json)
-    if result.index_failed:
-        print(f"lenscap: shard: {len(result.index_failed)} input shard(s) could not be indexed; nothing exported yet; "
-              "rerun to resume", file=sys.stderr)
-    elif not as_json and not quiet:
-        left = ", ".join(f"{n} {r}" for r, n in result.left_out.items()) or "none"
-        print(f"{result.out_dir}: {result.samples} samples in {result.shards} {result.format} shards "
-              f"({result.bytes:,} bytes); left out: {left}", file=sys.stderr)
-    raise typer.Exit(result.exit_code)
+    _run(shard_outcome, locals(), as_json, quiet)
 
 
 @app.command()
@@ -542,21 +397,7 @@ def report(
     quiet: QuietOpt = False,
 ) -> None:
     """Write a self-contained HTML page about a dataset: counts, outcomes, caption lengths, sampled images with their captions."""
-    from lenscap.errors import UsageError
-    from lenscap.report import write_report
-
-    if sample < 0:
-        raise UsageError(f"--sample must be 0 or more, not {sample}")
-    from lenscap.storage import require_local
-
-    for target, what in ((out, "report's --out"), (png, "report's --png")):
-        require_local(target, what)
-        if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
-            raise UsageError(f"cannot write {target}: its directory does not exist")
-    written = write_report(path, out, sample, seed, png)
-    _emit({"command": "report", **written, "exit_code": 0}, as_json)
-    if not as_json and not quiet:
-        print(f"report: {written['html']}" + (f", contact sheet: {written['png']}" if "png" in written else ""), file=sys.stderr)
+    _run(report_outcome, locals(), as_json, quiet)
 
 
 @app.command()
@@ -723,6 +564,222 @@ def demo(
             "openai": "Captions by gpt-4.1-mini through the OpenAI API.",
         }[captioner])
     raise typer.Exit(exit_code)
+
+
+# -- what each command does with its flags (the CLI shows it; recipes take the summary) ------------
+
+
+def download_outcome(*, paths, url_col, caption_col, extra_cols, samples_per_shard, processes, threads,
+        image_size, resize_mode, upscale, min_image_size, max_aspect_ratio, max_pixels, timeout, retries,
+        user_agent_token, respect_opt_out, retry_failed, executor, ray_address, quiet) -> Outcome:
+    if len(paths) == 2:
+        source, out_dir = paths
+    elif len(paths) == 1 and retry_failed:
+        source, out_dir = None, paths[0]
+    else:
+        raise typer.BadParameter("expected INPUT and OUT_DIR (or just OUT_DIR with --retry-failed)", param_hint="'[INPUT] OUT_DIR'")
+    from lenscap.stages.img2dataset_process import Img2datasetProcess
+
+    # Started before the heavy imports below, so that img2dataset's own imports overlap them.
+    img2dataset = Img2datasetProcess() if source is not None else None
+    try:
+        from lenscap import api
+
+        options = api.DownloadOptions(
+            url_col=url_col, caption_col=caption_col,
+            extra_cols=[c.strip() for c in extra_cols.split(",") if c.strip()] if extra_cols else [],
+            samples_per_shard=samples_per_shard, processes=processes, threads=threads, image_size=image_size,
+            resize_mode=resize_mode, upscale=upscale, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
+            max_pixels=max_pixels, timeout=timeout, retries=retries, user_agent_token=user_agent_token or None,
+            respect_opt_out=respect_opt_out, ray_address=_ray_cluster(executor, processes, ray_address),
+        )
+        result = api.download(source, out_dir, options, retry_failed=retry_failed, quiet=quiet, img2dataset=img2dataset)
+    finally:
+        if img2dataset is not None:
+            img2dataset.stop()
+    ok = result.status.get("success", 0)
+    return Outcome({"command": "download", **asdict(result), "exit_code": result.exit_code},
+                   [f"{result.out_dir}: {result.shards_completed}/{result.shards_total} shards, {result.samples} samples, "
+                    f"{ok} downloaded"])
+
+
+def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, processes, cache, no_cache, option, model,
+        base_url, api_key_env, max_tokens, temperature, detail, max_side, rpm, tpm, concurrency, prices, timeout,
+        max_retries, wait, poll_interval, max_requests_per_file, max_file_mb, max_enqueued_tokens, device, dtype,
+        batch_size, max_new_tokens, copy_images, overwrite, allow_incomplete, executor, ray_address, quiet) -> Outcome:
+    from lenscap import api
+    from lenscap.captioning.prompts import load_prompt
+    from lenscap.errors import BudgetReached, UsageError
+    from lenscap.progress import make_progress
+
+    runner = _executor(executor, processes, ray_address)
+    if max_cost is not None and max_cost <= 0:
+        raise UsageError(f"--max-cost must be positive, not {max_cost}")
+    flags = {"model": model, "base_url": base_url, "api_key_env": api_key_env, "max_tokens": max_tokens,
+             "temperature": temperature, "detail": detail, "max_side": max_side, "rpm": rpm, "tpm": tpm,
+             "concurrency": concurrency, "prices": prices, "timeout": timeout, "max_retries": max_retries, "wait": wait,
+             "poll_interval": poll_interval, "max_requests_per_file": max_requests_per_file, "max_file_mb": max_file_mb,
+             "max_enqueued_tokens": max_enqueued_tokens, "device": device, "dtype": dtype, "batch_size": batch_size,
+             "max_new_tokens": max_new_tokens}
+    assert set(flags) == CAPTION_FLAGS
+    values: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
+    for item in option or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name.strip():
+            raise UsageError(f"-O/--option takes NAME=VALUE, not {item!r}")
+        values[name.strip().replace("-", "_")] = value
+    hint_names = _parse_hints(hints)
+    load_prompt(prompt)  # a missing prompt file fails before the backend is built
+    caption_backend = api.backend(backend, **values)
+    if caption_backend.runs_as_batch and executor != "local":
+        raise UsageError(f"--backend {backend} runs as batch jobs on the provider's side; --executor ray is for the other backends")
+    if caption_backend.priced and not caption_backend.has_price():
+        if max_cost is not None:
+            raise UsageError(f"--max-cost needs a price for model {caption_backend.model!r}: give one with --prices FILE")
+        print(f"lenscap: note: no price known for model {caption_backend.model!r}; cost columns stay empty (see --prices)",
+              file=sys.stderr)
+    try:
+        result = api.caption(in_dir, out_dir, caption_backend, prompt, hints=hint_names, max_cost=max_cost,
+                             cache=not no_cache, cache_dir=cache, copy_images=copy_images, overwrite=overwrite,
+                             allow_incomplete=allow_incomplete, processes=processes, executor=runner,
+                             progress=make_progress("caption", quiet))
+    except BudgetReached as e:
+        e.summary = {"command": "caption", "out_dir": out_dir, "spent_usd": e.spent_usd or 0.0, "exit_code": e.exit_code,
+                     "reason": str(e)}
+        raise
+    if caption_backend.runs_as_batch:
+        batch = result
+        return Outcome({"command": "caption", "backend": backend, **asdict(batch),
+                        "caption_status": batch.counts.get("caption_status", {}), "exit_code": 0},
+                       _say_batch(batch, caption_backend, out_dir))
+    outcomes = result.counts.get("caption_status", {})
+    summary = {"command": "caption", **asdict(result), "caption_status": outcomes, "exit_code": result.exit_code}
+    parts = ", ".join(f"{n} {k}" for k, n in outcomes.items())
+    return Outcome(summary, [f"{result.out_dir}: {result.shards_completed}/{result.shards_total} shards, {result.samples} "
+                             f"samples ({parts}); ${result.spent_usd:.4f} spent"])
+
+
+def filter_outcome(*, in_dir, out_dir, min_side, max_aspect, min_bytes, caption_min_words, caption_max_words, status,
+        where, blocklist, annotate, min_sharpness, max_uniformity, max_text_area, max_faces, max_nsfw, min_clip_score,
+        clip_model, threshold, dry_run, copy_images, overwrite, allow_incomplete, processes, executor, ray_address,
+        quiet) -> Outcome:
+    from lenscap import api
+    from lenscap.errors import UsageError
+    from lenscap.filters import annotator_class
+    from lenscap.progress import make_progress
+    from lenscap.stages.filter import load_blocklist
+
+    if status not in ("success", "any"):
+        raise UsageError(f"--status must be success or any, not {status!r}")
+    runner = _executor(executor, processes, ray_address)
+    thresholds: dict[str, float | None] = {}
+    for name in (annotate or "").split(","):
+        if name.strip():
+            thresholds[name.strip()] = None
+    for name, value in (("blur", min_sharpness), ("uniform", max_uniformity), ("ocr", max_text_area), ("faces", max_faces),
+                        ("nsfw", max_nsfw), ("clip", min_clip_score)):
+        if value is not None:
+            thresholds[name] = float(value)
+    for item in threshold or []:
+        name, eq, value = item.partition("=")
+        try:
+            thresholds[name.strip()] = float(value)
+        except ValueError:
+            raise UsageError(f"--threshold takes NAME=NUMBER, not {item!r}") from None
+    if clip_model is not None:
+        thresholds.setdefault("clip", None)
+    annotators = []
+    for name, value in thresholds.items():
+        cls = annotator_class(name)
+        annotators.append(cls(value, model=clip_model) if name == "clip" else cls(value))  # type: ignore[call-arg]
+    rules = api.FilterRules(min_side, max_aspect, min_bytes, caption_min_words, caption_max_words, status, where)
+    blocked = load_blocklist(blocklist) if blocklist else frozenset()
+    if dry_run:
+        counts = api.filter_counts(in_dir, rules, annotators, blocked)
+        summary = {"command": "filter", "dry_run": True, "in_dir": in_dir, "samples": sum(counts.values()),
+                   "kept": counts.get("kept", 0), "reasons": dict(counts.most_common()), "exit_code": 0}
+        stdout = [f"{in_dir}: {summary['samples']} samples, {summary['kept']} would be kept"] + [
+            f"  {n:>8}  dropped: {reason}" if reason != "error" else f"  {n:>8}  unreadable"
+            for reason, n in counts.most_common() if reason != "kept"]
+        return Outcome(summary, stdout=stdout)
+    result = api.filter(in_dir, out_dir, rules, annotators, blocked, copy_images=copy_images, overwrite=overwrite,
+                        allow_incomplete=allow_incomplete, executor=runner, progress=make_progress("filter", quiet))
+    dropped = ", ".join(f"{n} {r}" for r, n in result.reasons.items() if r != "kept") or "none"
+    return Outcome({"command": "filter", **asdict(result), "exit_code": result.exit_code},
+                   [f"{result.out_dir}: {result.samples} samples, {result.kept} kept; dropped: {dropped}"])
+
+
+def dedup_outcome(*, in_dir, out_dir, exact, phash, captions, max_distance, against, keep, mark_only, bucket_cap,
+        memory_limit, copy_images, overwrite, allow_incomplete, processes, executor, ray_address, quiet) -> Outcome:
+    from lenscap import api
+    from lenscap.dedup.search import DedupOptions
+    from lenscap.errors import UsageError
+
+    runner = _executor(executor, processes, ray_address)
+    if not (exact or phash or captions):
+        exact = phash = True
+    if max_distance is not None and not phash:
+        raise UsageError("--max-distance applies to --phash, which is not selected")
+    options = DedupOptions(exact=exact, phash=phash, captions=captions, max_distance=4 if max_distance is None else max_distance,
+                           keep=keep, mark_only=mark_only, bucket_cap=bucket_cap, memory_limit=memory_limit, threads=processes)
+    result = api.dedup(in_dir, out_dir, options, against or [], copy_images=copy_images, overwrite=overwrite,
+                       allow_incomplete=allow_incomplete, processes=processes, executor=runner, quiet=quiet)
+    report = result.report
+    summary = {"command": "dedup", **asdict(result.stage), "duplicates": report.get("duplicates"),
+               "duplicates_by_reason": report.get("duplicates_by_reason"), "clusters": report.get("clusters"),
+               "report": os.path.join(result.stage.out_dir, "dedup", "report.json") if report else None,
+               "hashing_failed": {k: {str(i): m for i, m in v.items()} for k, v in result.hashing_failed.items()},
+               "exit_code": result.exit_code}
+    if result.hashing_failed:
+        return Outcome(summary, notes=[f"lenscap: dedup: {len(shards)} shard(s) of {label} could not be hashed; nothing "
+                                       "written yet; rerun to resume" for label, shards in result.hashing_failed.items()])
+    reasons = ", ".join(f"{n} {r}" for r, n in (report.get("duplicates_by_reason") or {}).items()) or "none"
+    return Outcome(summary, [f"{result.stage.out_dir}: {result.stage.samples} samples, {report['duplicates']} duplicates "
+                             f"{'marked' if mark_only else 'removed'} ({reasons}) in {report['clusters']} clusters; "
+                             f"report: {summary['report']}"])
+
+
+def shard_outcome(*, in_dir, out_dir, format, target_size, samples_per_shard, shuffle, seed, caption_status, overwrite,
+        allow_incomplete, processes, executor, ray_address, quiet) -> Outcome:
+    from lenscap import api
+    from lenscap.export.job import ExportOptions, parse_size
+
+    runner = _executor(executor, processes, ray_address)
+    options = ExportOptions(format=format, target_bytes=None if samples_per_shard is not None else parse_size(target_size),
+                            samples_per_shard=samples_per_shard, shuffle=shuffle, seed=seed, caption_status=caption_status)
+    result = api.shard(in_dir, out_dir, options, overwrite=overwrite, allow_incomplete=allow_incomplete,
+                       processes=processes, executor=runner, quiet=quiet)
+    summary = {"command": "shard", **asdict(result), "index_failed": {str(k): v for k, v in result.index_failed.items()},
+               "exit_code": result.exit_code}
+    if result.index_failed:
+        return Outcome(summary, notes=[f"lenscap: shard: {len(result.index_failed)} input shard(s) could not be indexed; "
+                                       "nothing exported yet; rerun to resume"])
+    left = ", ".join(f"{n} {r}" for r, n in result.left_out.items()) or "none"
+    return Outcome(summary, [f"{result.out_dir}: {result.samples} samples in {result.shards} {result.format} shards "
+                             f"({result.bytes:,} bytes); left out: {left}"])
+
+
+def report_outcome(*, path, out, sample, seed, png, quiet) -> Outcome:
+    from lenscap.errors import UsageError
+    from lenscap.report import write_report
+
+    if sample < 0:
+        raise UsageError(f"--sample must be 0 or more, not {sample}")
+    from lenscap.storage import require_local
+
+    for target, what in ((out, "report's --out"), (png, "report's --png")):
+        require_local(target, what)
+        if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+            raise UsageError(f"cannot write {target}: its directory does not exist")
+    written = write_report(path, out, sample, seed, png)
+    return Outcome({"command": "report", **written, "exit_code": 0},
+                   [f"report: {written['html']}" + (f", contact sheet: {written['png']}" if "png" in written else "")])
+
+
+OUTCOMES: dict[str, Callable[..., Outcome]] = {
+    "download": download_outcome, "filter": filter_outcome, "caption": caption_outcome, "dedup": dedup_outcome,
+    "shard": shard_outcome, "report": report_outcome,
+}
 
 
 def main() -> None:

@@ -25,11 +25,10 @@ names every earlier release. ``input = "@demo"`` serves generated images on loop
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import shutil
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -144,22 +143,28 @@ def _flags(options: dict[str, Any], releases: list[Path]) -> list[str]:
 
 
 def _invoke(argv: list[str]) -> tuple[int, dict[str, Any]]:
-    """Run one lenscap command in this process; its exit code and its --json summary."""
-    from lenscap.cli import app
+    """Run one lenscap command in this process: its flags parsed and checked as the command line
+    does, then the command's own work (``lenscap.cli.OUTCOMES``, which calls ``lenscap.api``).
+    Returns its exit code and its summary; notes for a person go to stderr, as the command says them."""
+    import typer.main
 
-    out = io.StringIO()
-    code: Any = 0
-    with contextlib.redirect_stdout(out):
-        try:
-            code = app(argv + ["--json"], standalone_mode=False)
-        except SystemExit as e:  # click's own exits (bad flags) in this mode
-            code = e.code
-    text = out.getvalue().strip().splitlines()
+    from lenscap.cli import OUTCOMES, app
+
+    name, args = argv[0], argv[1:]
+    command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
     try:
-        summary = json.loads(text[-1]) if text else {}
-    except ValueError:
-        summary = {"output": text[-1]}
-    return (code if isinstance(code, int) else 0), summary
+        with command.make_context(name, list(args)) as ctx:
+            flags = dict(ctx.params)
+    except Exception as e:  # click's parse errors (an unknown option, a bad value): a recipe mistake
+        if hasattr(e, "format_message"):
+            raise UsageError(f"stage {name}: {e.format_message()}") from None
+        raise
+    # click gives a repeated option as a tuple, and () when absent; the command takes a list or None
+    flags = {k: (list(v) or None) if isinstance(v, tuple) else v for k, v in flags.items() if k != "as_json"}
+    outcome = OUTCOMES[name](**flags)
+    for line in outcome.notes:
+        print(line, file=sys.stderr)
+    return outcome.exit_code, outcome.summary
 
 
 def _releases(recipe: Recipe) -> list[Path]:
