@@ -125,7 +125,13 @@ def claim_output(out: Dataset, src: Dataset | None, command: str, settings: dict
     """Hold ``out`` to this input and these settings (see the module's docstring). Under the lock."""
     settings = json.loads(json.dumps(settings, default=str))
     path = out.work_dir / CLAIM_FILE
-    previous = json.loads(path.read_text()) if path.exists() else None
+    try:
+        previous = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError) as e:
+        raise DatasetError(f"cannot read {path} ({e}); delete it to let this command claim {out.location} again, "
+                           "or add --overwrite") from None
+    if previous is not None and not isinstance(previous, dict):
+        previous = {}
     source = None
     if src is not None:
         ids = src.completed_ids() if input_ids is None else input_ids

@@ -411,6 +411,8 @@ class Dataset:
         if cached is not None:
             return cached
         ref = (self.read_manifest() or {}).get("images")
+        if ref and not (isinstance(ref, dict) and isinstance(ref.get("location"), str)):
+            raise DatasetError(f"{self.location}/{MANIFEST_NAME}: its \"images\" entry is not one lenscap wrote ({ref!r})")
         source = self if not ref else self._open_image_source(ref)
         self.__dict__["_image_source"] = source
         return source

@@ -181,3 +181,17 @@ def test_another_commands_output_and_the_inputs_image_source_are_refused(tmp_pat
     err = refused("caption", str(tmp_path / "filtered"), str(raw.path), "--backend", "describe", "--no-cache", "--overwrite")
     assert "holds the images of the input" in err
     assert {p.name: p.read_bytes() for p in raw.path.iterdir() if p.is_file()} == before
+
+
+def test_a_damaged_claim_or_image_reference_is_a_one_line_error(tmp_path):
+    src = write_image_dataset(tmp_path / "ds", 4, per_shard=4)
+    out = tmp_path / "out"
+    ok("filter", str(src.path), str(out))
+    (out / ".lenscap" / "claim.json").write_text("{not json")
+    err = refused("filter", str(src.path), str(out))
+    assert "cannot read" in err and "claim.json" in err
+    (out / ".lenscap" / "claim.json").unlink()
+    manifest = json.loads((out / "lenscap.json").read_text())
+    (out / "lenscap.json").write_text(json.dumps({**manifest, "images": ["../ds"]}))
+    err = refused("shard", str(out), str(tmp_path / "release"))
+    assert '"images" entry is not one lenscap wrote' in err
