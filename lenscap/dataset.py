@@ -439,11 +439,13 @@ class Dataset:
         return source
 
     def images_ref(self, out: Dataset) -> dict[str, Any]:
-        """What ``out``'s manifest records to read its images from this dataset's image source:
-        a relative path where both are local (the two directories may move together), else the URL."""
+        """What ``out``'s manifest records to read its images from this dataset's image source: a
+        relative path where both are local, or in one bucket (the two may move together), else the URL."""
         source = self.image_source()
         if source.fs is None and out.fs is None:
             location = os.path.relpath(source.path.resolve(), out.path.resolve())
+        elif source.fs is not None and out.fs is not None and type(source.fs) is type(out.fs) and _bucket(source) == _bucket(out):
+            location = posixpath.relpath(source.root, out.root)  # one bucket: a prefix moved whole still reads
         else:
             location = source.location
         return {"location": location, "id": (source.read_manifest() or {}).get("id")}
@@ -660,6 +662,10 @@ class Dataset:
         else:
             atomic_write_json(self.path / MANIFEST_NAME, manifest)
         return manifest
+
+
+def _bucket(ds: Dataset) -> str:
+    return ds.root.lstrip("/").split("/", 1)[0]
 
 
 def moved_image(source: Dataset, shard_id: int, key: str, offset: int) -> DatasetError:

@@ -237,3 +237,14 @@ def test_credentials_are_never_recorded(tmp_path, mem, local_in):
     # a URL with credentials is recorded without them
     ds = Dataset.create(tmp_path / "m")
     assert ds.write_manifest("x", {}, "s3://AKIAKEY:s3cr3t@bucket/ds")["input"] == "s3://bucket/ds"
+
+
+def test_a_remote_output_refers_to_images_in_its_bucket_relatively(tmp_path, mem, local_in):
+    upload(local_in, f"{mem}/raw/in")
+    assert cli("filter", f"{mem}/raw/in", f"{mem}/stages/f", *FILTER)[0] == 0
+    assert Dataset.open(f"{mem}/stages/f").read_manifest()["images"]["location"] == "../../raw/in"
+    expected = snapshot(f"{mem}/stages/f")
+    fs, root = fsspec.core.url_to_fs(mem)
+    fs.mv(f"{root}/raw", f"{root}/moved/raw", recursive=True)  # the bucket's prefix moved whole
+    fs.mv(f"{root}/stages", f"{root}/moved/stages", recursive=True)
+    assert snapshot(f"{mem}/moved/stages/f") == expected
