@@ -57,7 +57,7 @@ from lenscap.storage import is_remote, local_path, mirror_dir, redact_url, url_t
 from lenscap.tario import BLOCK, TarOut, member_name, scan_members
 
 __all__ = ["Dataset", "ShardWriter", "shard_name", "shard_stats", "read_parquet", "atomic_write_bytes", "atomic_write_json",
-           "moved_image", "IMAGE_OFFSET", "IMAGE_SIZE", "IMAGE_COLUMNS"]
+           "moved_image", "add_sample", "IMAGE_OFFSET", "IMAGE_SIZE", "IMAGE_COLUMNS"]
 
 MANIFEST_NAME = "lenscap.json"
 WORK_DIR_NAME = ".lenscap"
@@ -470,6 +470,14 @@ class Dataset:
         located = [members.get(str(k), (None, None)) for k in table.column("key").to_pylist()]
         return [o for o, _ in located], [n for _, n in located]
 
+    def with_image_locations(self, shard_id: int, table: pa.Table) -> pa.Table:
+        """``table`` (shard ``shard_id``'s rows) with ``image_offset``/``image_size``, found in the tar's
+        headers where the rows do not have them yet (a shard as img2dataset writes it)."""
+        if IMAGE_OFFSET in table.column_names:
+            return table
+        offsets, sizes = self.image_locations(shard_id, table)
+        return _with_locations(table, offsets, sizes)
+
     def read_image(self, shard_id: int, key: str, offset: int, size: int) -> bytes:
         """One image, by where its row says it lies."""
         tar = _TarReader(self.image_source(), shard_id)
@@ -486,8 +494,7 @@ class Dataset:
         try:
             offsets, sizes = self._image_locations(table, tar)
             if IMAGE_OFFSET not in table.column_names:
-                table = table.append_column(IMAGE_COLUMNS[0], pa.array(offsets, pa.int64())).append_column(
-                    IMAGE_COLUMNS[1], pa.array(sizes, pa.int64()))
+                table = _with_locations(table, offsets, sizes)
             i = 0
             for batch in table.to_batches(max_chunksize=1024):
                 for row in batch.to_pylist():
@@ -664,6 +671,21 @@ class Dataset:
         return manifest
 
 
+def _with_locations(table: pa.Table, offsets: list[int | None], sizes: list[int | None]) -> pa.Table:
+    return table.append_column(IMAGE_COLUMNS[0], pa.array(offsets, pa.int64())).append_column(
+        IMAGE_COLUMNS[1], pa.array(sizes, pa.int64()))
+
+
+def add_sample(tar: TarOut, key: str, image: bytes, row: dict[str, Any]) -> tuple[int, int]:
+    """Add a sample's members as img2dataset writes them (KEY.jpg, KEY.txt with its caption, KEY.json
+    with its row but the row's own offsets); returns where its image lies: (offset, size)."""
+    offset = tar.add(f"{key}.{IMAGE_EXT}", image)
+    tar.add(f"{key}.txt", (row.get("caption") or "").encode())
+    metadata = {"key": key, **{k: v for k, v in row.items() if k not in ("key", IMAGE_OFFSET, IMAGE_SIZE)}}
+    tar.add(f"{key}.json", json.dumps(metadata, default=str).encode())
+    return offset, len(image)
+
+
 def _bucket(ds: Dataset) -> str:
     return ds.root.lstrip("/").split("/", 1)[0]
 
@@ -753,10 +775,7 @@ class ShardWriter:
         elif self._tar is not None:
             image = sample.image
             assert image is not None
-            row[IMAGE_OFFSET], row[IMAGE_SIZE] = self._tar.add(f"{sample.key}.{IMAGE_EXT}", image), len(image)
-            self._tar.add(f"{sample.key}.txt", (sample.caption or "").encode())
-            metadata = {k: v for k, v in sample.metadata().items() if k not in (IMAGE_OFFSET, IMAGE_SIZE)}
-            self._tar.add(f"{sample.key}.json", json.dumps(metadata, default=str).encode())
+            row[IMAGE_OFFSET], row[IMAGE_SIZE] = add_sample(self._tar, sample.key, image, sample.row)
         elif row.get(IMAGE_OFFSET) is None:  # a lenscap bug, never a user's: new image bytes need a copy
             raise RuntimeError(f"sample {sample.key} has an image but no offset; a stage that makes images writes a copy")
         self.rows.append(row)

@@ -59,10 +59,6 @@ class Sample:
         """True for a sample that has an image and no failed stage."""
         return self.status == SUCCESS and self.has_image
 
-    def metadata(self) -> dict[str, Any]:
-        """The row as written to ``KEY.json`` inside the tar."""
-        return {"key": self.key, **{k: v for k, v in self.row.items() if k != "key"}}
-
     def __repr__(self) -> str:
         return f"Sample(key={self.key!r}, has_image={self.has_image}, row={self.row!r})"
 

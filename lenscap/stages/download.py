@@ -36,14 +36,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lenscap.dataset import IMAGE_COLUMNS, IMAGE_EXT, IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, Dataset, atomic_write_json, read_parquet, shard_name, shard_stats
+from lenscap.dataset import (IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, Dataset, add_sample, atomic_write_json, read_parquet,
+                             shard_name, shard_stats)
 from lenscap.errors import DatasetError, InputError, UsageError
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.lock import DirLock, output_lock
 from lenscap.progress import Progress, make_progress
 from lenscap.stages.img2dataset_process import Img2datasetProcess
 from lenscap.storage import is_remote, redact_url
-from lenscap.tario import TarOut, archive_end, scan_members
+from lenscap.tario import TarOut, archive_end
 
 __all__ = ["DownloadOptions", "DownloadResult", "download", "retry_failed", "RESIZE_MODES"]
 
@@ -331,7 +332,8 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
             if empty and row["status"] != "success":
                 row["error_message"] = "empty URL"
         table = pa.Table.from_pylist(rows, schema=table.schema)
-    table = _with_offsets(table.sort_by("key"), staged, shard_id)  # keys share one width: text order is numeric order
+    # Keys share one width: text order is numeric order. Where each image lies in the tar, for every later reader.
+    table = staged.with_image_locations(shard_id, table.sort_by("key"))
     dst = job.dst
     tmp = dst.tmp_path(shard_id, "parquet")
     pq.write_table(table, tmp)
@@ -347,19 +349,6 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
     if not staged.remote:
         staged.parquet_path(shard_id).unlink(missing_ok=True)
     return stats
-
-
-def _with_offsets(table: pa.Table, staged: Dataset, shard_id: int) -> pa.Table:
-    """The shard's rows with where each image lies in its tar (``image_offset``, ``image_size``), from
-    the tar's headers, so every later reader fetches one image with one ranged read."""
-    try:
-        with staged.open_tar(shard_id) as f:
-            members = scan_members(f, IMAGE_EXT)
-    except FileNotFoundError:
-        members = {}
-    located = [members.get(str(k), (None, None)) for k in table.column("key").to_pylist()]
-    return (table.append_column(IMAGE_COLUMNS[0], pa.array([o for o, _ in located], pa.int64()))
-            .append_column(IMAGE_COLUMNS[1], pa.array([n for _, n in located], pa.int64())))
 
 
 def _adopt_into(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
@@ -603,10 +592,7 @@ def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: 
                 key = rows[i]["key"]
                 row = {c: successes[key].get(c) for c in table.column_names} | {
                     "key": key, "url": rows[i]["url"], "caption": rows[i].get("caption")}
-                row[IMAGE_OFFSET], row[IMAGE_SIZE] = tar_out.add(f"{key}.{IMAGE_EXT}", images[key]), len(images[key])
-                tar_out.add(f"{key}.txt", (row.get("caption") or "").encode())
-                metadata = {k: v for k, v in row.items() if k not in (IMAGE_OFFSET, IMAGE_SIZE)}
-                tar_out.add(f"{key}.json", json.dumps(metadata, default=str).encode())
+                row[IMAGE_OFFSET], row[IMAGE_SIZE] = add_sample(tar_out, key, images[key], row)
                 rows[i] = row
         finally:
             tar_out.close()

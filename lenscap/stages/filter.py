@@ -151,8 +151,7 @@ class FilterStage(Stage):
         if IMAGE_SIZE in table.column_names:
             sizes_column = table.column(IMAGE_SIZE)
         elif self.rules.min_bytes is not None:  # a dataset without offsets: its tar's headers say
-            sizes = {s.key: s.row[IMAGE_SIZE] for s in src.iter_samples(shard_id)}
-            sizes_column = pa.array([sizes.get(str(k)) for k in table.column("key").to_pylist()], pa.int64())
+            sizes_column = pa.array(src.image_locations(shard_id, table)[1], pa.int64())
         else:
             sizes_column = pa.nulls(table.num_rows, pa.int64())
         table = table.append_column("image_bytes", sizes_column)
