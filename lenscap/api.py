@@ -29,10 +29,10 @@ from typing import TYPE_CHECKING, Any
 from lenscap.dedup.search import DedupOptions
 from lenscap.export.job import ExportOptions, ExportResult
 from lenscap.record import Sample
-from lenscap.runner import StageResult
+from lenscap.result import JobResult
 from lenscap.stages.base import ShardStage
 from lenscap.stages.dedup import DedupResult
-from lenscap.stages.download import DownloadOptions, DownloadResult
+from lenscap.stages.download import DownloadOptions
 from lenscap.stages.filter import FilterRules
 
 if TYPE_CHECKING:
@@ -44,25 +44,25 @@ if TYPE_CHECKING:
     from lenscap.stages.caption_batch import BatchResult
 
 __all__ = ["download", "filter", "filter_counts", "caption", "dedup", "shard", "inspect", "report", "run", "run_stage",
-           "backend", "ShardStage", "Sample", "DownloadOptions", "DownloadResult", "FilterRules", "FilterResult", "CaptionResult", "DedupOptions",
-           "DedupResult", "ExportOptions", "ExportResult", "StageResult"]
+           "backend", "ShardStage", "Sample", "JobResult", "DownloadOptions", "FilterRules", "FilterResult", "CaptionResult",
+           "DedupOptions", "DedupResult", "ExportOptions", "ExportResult"]
 
 Location = str | os.PathLike[str]
 
 
 @dataclass
-class FilterResult(StageResult):
+class FilterResult(JobResult):
     kept: int = 0
     reasons: dict[str, int] = field(default_factory=dict)  # kept, error, or the rule that dropped
 
 
 @dataclass
-class CaptionResult(StageResult):
+class CaptionResult(JobResult):
     spent_usd: float = 0.0
 
 
 def download(source: Location | None, out_dir: Location, options: DownloadOptions | None = None, *,
-             retry_failed: bool = False, quiet: bool = True, img2dataset: Any = None) -> DownloadResult:
+             retry_failed: bool = False, overwrite: bool = False, quiet: bool = True, img2dataset: Any = None) -> JobResult:
     """Download ``source`` (a URL list) into ``out_dir``; with ``retry_failed``, then fetch the failed
     downloads of completed shards again (``source`` None: only that). ``img2dataset``: an
     ``Img2datasetProcess`` started earlier, to overlap its start-up with the caller's."""
@@ -72,7 +72,8 @@ def download(source: Location | None, out_dir: Location, options: DownloadOption
     options = options or DownloadOptions()
     result = None
     if source is not None:
-        result = run_download(os.fspath(source), out_dir, options, make_progress("download", quiet), img2dataset)
+        result = run_download(os.fspath(source), out_dir, options, make_progress("download", quiet), img2dataset,
+                              overwrite=overwrite)
     if retry_failed and (result is None or result.exit_code == 0):
         result = run_retry(out_dir, options, make_progress("retry-failed", quiet))
     if result is None:
@@ -192,7 +193,7 @@ def shard(in_dir: Location, out_dir: Location, options: ExportOptions | None = N
 
 def run_stage(stage: Stage, in_dir: Location, out_dir: Location, *, copy_images: bool = False, overwrite: bool = False,
               allow_incomplete: bool = False, processes: int = 1, executor: Executor | None = None,
-              progress: Progress | None = None) -> StageResult:
+              progress: Progress | None = None) -> JobResult:
     """Run your own per-shard stage (a ``ShardStage`` subclass) with every guarantee the built-in ones have."""
     from lenscap.progress import make_progress
     from lenscap.runner import run_stage as run

@@ -26,14 +26,15 @@ import os
 import shutil
 from typing import Any
 
-from lenscap.dataset import MANIFEST_NAME, WORK_DIR_NAME, Dataset, atomic_write_json, shard_name
+from lenscap.dataset import Dataset
 from lenscap.errors import DatasetError, UsageError
+from lenscap.journal import atomic_write_json
+from lenscap.layout import MANIFEST_NAME, OLD_WORK_DIR_NAME, WORK_DIR_NAME, shard_name
 
 __all__ = ["open_output", "claim_output", "input_shards", "CLAIM_FILE"]
 
 CLAIM_FILE = "claim.json"
 _LOCK = "lock"
-_OLD_WORK_DIR = "_lenscap"
 
 
 def _inside(inner: str, outer: str) -> bool:
@@ -57,6 +58,8 @@ def open_output(out_dir: str | os.PathLike[str] | Dataset, src: Dataset | None, 
         if images is not src and (_inside(a, images.resolved) or _inside(images.resolved, a)):
             raise UsageError(f"the output {out.location} holds the images of the input {src.location}; name another "
                              "output directory")
+    if out.fs.isfile(out.root):
+        raise DatasetError(f"output directory {out.location} exists and is a file")
     foreign = _foreign_entries(out)
     if foreign:
         shown = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
@@ -67,15 +70,10 @@ def open_output(out_dir: str | os.PathLike[str] | Dataset, src: Dataset | None, 
 
 def _foreign_entries(out: Dataset) -> list[str]:
     """The entries of a non-empty output that lenscap did not make; [] if it made it (or it is empty)."""
-    if out.remote:
-        names = out.names()
-        if (out.path / WORK_DIR_NAME / CLAIM_FILE).exists():  # claimed from this machine: its state is in the mirror
-            return []
-    else:
-        if not out.path.is_dir():
-            return []
-        names = os.listdir(out.path)
-    if not names or MANIFEST_NAME in names or WORK_DIR_NAME in names or _OLD_WORK_DIR in names:
+    if (out.work_dir / CLAIM_FILE).exists():  # claimed from this machine (a remote output: its state is in the mirror)
+        return []
+    names = out.names()
+    if not names or MANIFEST_NAME in names or WORK_DIR_NAME in names or OLD_WORK_DIR_NAME in names:
         return []
     return names
 
@@ -93,7 +91,7 @@ def input_shards(src: Dataset, allow_incomplete: bool) -> tuple[list[int], list[
 
 
 def _shard_digests(src: Dataset, shard_ids: list[int]) -> dict[str, str]:
-    stats = src._read_all_stats(shard_ids)
+    stats = src.read_all_stats(shard_ids)
     return {shard_name(i): hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
             for i, s in zip(shard_ids, stats, strict=True)}
 
@@ -103,13 +101,9 @@ def _holds_anything(out: Dataset) -> bool:
     non-empty private files other than the lock and the claim (journals of paid requests, signatures,
     a plan). A manifest alone is not: a run writes one first, and one that failed its first request
     (a mistyped model) leaves the directory to the corrected command."""
-    if out.shard_ids():
+    names = set(out.names()) | set(os.listdir(out.path) if out.path.is_dir() else ())  # the output, and its mirror
+    if names - {MANIFEST_NAME, WORK_DIR_NAME}:
         return True
-    if out.remote and any(n not in (MANIFEST_NAME, WORK_DIR_NAME) for n in out.names()):
-        return True
-    for entry in os.scandir(out.path) if out.path.is_dir() else []:
-        if entry.name not in (WORK_DIR_NAME, MANIFEST_NAME):
-            return True
     work = out.work_dir
     for root, _, files in os.walk(work):
         for name in files:
@@ -121,8 +115,12 @@ def _holds_anything(out: Dataset) -> bool:
 
 
 def claim_output(out: Dataset, src: Dataset | None, command: str, settings: dict[str, Any], *, overwrite: bool = False,
-                 input_ids: list[int] | None = None) -> None:
-    """Hold ``out`` to this input and these settings (see the module's docstring). Under the lock."""
+                 input_ids: list[int] | None = None, source_label: str | None = None) -> None:
+    """Hold ``out`` to this input and these settings (see the module's docstring). Under the lock.
+
+    ``source_label``: an input that is not a dataset (download's URL list), known by its location
+    only; ``-`` (standard input) cannot be told from another, so it matches any.
+    """
     settings = json.loads(json.dumps(settings, default=str))
     path = out.work_dir / CLAIM_FILE
     try:
@@ -136,10 +134,13 @@ def claim_output(out: Dataset, src: Dataset | None, command: str, settings: dict
     if src is not None:
         ids = src.completed_ids() if input_ids is None else input_ids
         source = {"location": src.resolved, "id": (src.read_manifest() or {}).get("id"), "shards": _shard_digests(src, ids)}
+    elif source_label is not None:
+        source = {"location": source_label}
+        if source_label == "-" and previous:
+            source = previous.get("input") or source
     if previous is None and not overwrite and _holds_anything(out):
-        # Written before claims existed, or by a command that keeps its own record (download): adopted
-        # only by the command that wrote it.
-        stage = (out.read_manifest() or {}).get("stage") or ("download" if (out.work_dir / "job.json").exists() else None)
+        # Written before claims existed: adopted only by the command that wrote it.
+        stage = (out.read_manifest() or {}).get("stage")
         if stage != command:
             raise DatasetError(f"{out.location} holds the output of {stage or 'another job'}, not of {command}; name a new "
                                "output directory, or add --overwrite to replace it")
@@ -151,7 +152,7 @@ def claim_output(out: Dataset, src: Dataset | None, command: str, settings: dict
                                "output directory")
     if overwrite and _holds_anything(out):
         clear_output(out)
-    if source is not None and previous is not None and not overwrite and previous.get("input"):
+    if src is not None and source is not None and previous is not None and not overwrite and previous.get("input"):
         source["shards"] = {**previous["input"].get("shards", {}), **source["shards"]}
     atomic_write_json(path, {"command": command, "input": source, "settings": settings})
 
@@ -162,13 +163,14 @@ def _differences(previous: dict[str, Any], command: str, source: dict[str, Any] 
         out.append(f"written by {previous.get('command')}, not {command}")
     before = previous.get("input") or {}
     if source is not None and before:
-        if before.get("location") != source["location"]:
+        if before.get("location") != source["location"] and "-" not in (before.get("location"), source["location"]):
             out.append(f"input {before.get('location')}, not {source['location']}")
-        elif before.get("id") != source["id"]:
-            out.append(f"input {source['location']} was replaced since (dataset id {before.get('id')}, now {source['id']})")
+        elif before.get("id") != source.get("id"):
+            out.append(f"input {source['location']} was replaced since (dataset id {before.get('id')}, now {source.get('id')})")
         else:
-            changed = sorted(k for k, v in before.get("shards", {}).items() if source["shards"].get(k) not in (None, v))
-            gone = sorted(k for k in before.get("shards", {}) if k not in source["shards"])
+            now = source.get("shards", {})
+            changed = sorted(k for k, v in before.get("shards", {}).items() if now.get(k) not in (None, v))
+            gone = sorted(k for k in before.get("shards", {}) if k not in now)
             if changed or gone:
                 out.append(f"input shard(s) {', '.join((changed + gone)[:5])} changed since")
     old, new = _flat(previous.get("settings") or {}), _flat(settings)
@@ -192,14 +194,11 @@ def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def clear_output(out: Dataset) -> None:
     """Empty an output lenscap wrote, keeping its lock: stats files first (no shard stays complete), then
     everything else, the claim last."""
-    if out.remote:
-        for name in out.names():
-            if name.endswith("_stats.json"):
-                out.fs.rm_file(out.remote_path(name))
-        for name in out.names():
-            out.fs.rm(out.remote_path(name), recursive=True)
-    # The local directory: the output itself, or a remote output's mirror.
-    for entry in sorted(os.scandir(out.path), key=lambda e: not e.name.endswith("_stats.json")):
+    keep = {WORK_DIR_NAME} if not out.remote else set()  # a remote one's: a Ray download's staging; its lock is local
+    for name in sorted(out.names(), key=lambda n: not n.endswith("_stats.json")):
+        if name not in keep:
+            out.fs.rm(out.file(name), recursive=True)
+    for entry in os.scandir(out.path):  # a remote output's mirror
         if entry.name != WORK_DIR_NAME:
             shutil.rmtree(entry.path) if entry.is_dir() and not entry.is_symlink() else os.unlink(entry.path)
     work = out.work_dir

@@ -132,6 +132,7 @@ def download(
     user_agent_token: Annotated[str, typer.Option(help="Token added to the User-Agent and matched against X-Robots-Tag directives.")] = "lenscap",
     respect_opt_out: Annotated[bool, typer.Option(help="Skip images whose server sends X-Robots-Tag noai/noimageai/noindex/noimageindex.")] = True,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="After downloading, fetch the failed downloads of completed shards again and merge the successes.")] = False,
+    overwrite: OverwriteOpt = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
@@ -571,7 +572,7 @@ def demo(
 
 def download_outcome(*, paths, url_col, caption_col, extra_cols, samples_per_shard, processes, threads,
         image_size, resize_mode, upscale, min_image_size, max_aspect_ratio, max_pixels, timeout, retries,
-        user_agent_token, respect_opt_out, retry_failed, executor, ray_address, quiet) -> Outcome:
+        user_agent_token, respect_opt_out, retry_failed, overwrite, executor, ray_address, quiet) -> Outcome:
     if len(paths) == 2:
         source, out_dir = paths
     elif len(paths) == 1 and retry_failed:
@@ -593,7 +594,8 @@ def download_outcome(*, paths, url_col, caption_col, extra_cols, samples_per_sha
             max_pixels=max_pixels, timeout=timeout, retries=retries, user_agent_token=user_agent_token or None,
             respect_opt_out=respect_opt_out, ray_address=_ray_cluster(executor, processes, ray_address),
         )
-        result = api.download(source, out_dir, options, retry_failed=retry_failed, quiet=quiet, img2dataset=img2dataset)
+        result = api.download(source, out_dir, options, retry_failed=retry_failed, overwrite=overwrite, quiet=quiet,
+                              img2dataset=img2dataset)
     finally:
         if img2dataset is not None:
             img2dataset.stop()
@@ -650,7 +652,7 @@ def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, proces
     if caption_backend.runs_as_batch:
         batch = result
         return Outcome({"command": "caption", "backend": backend, **asdict(batch),
-                        "caption_status": batch.counts.get("caption_status", {}), "exit_code": 0},
+                        "caption_status": batch.counts.get("caption_status", {}), "exit_code": batch.exit_code},
                        _say_batch(batch, caption_backend, out_dir))
     outcomes = result.counts.get("caption_status", {})
     summary = {"command": "caption", **asdict(result), "caption_status": outcomes, "exit_code": result.exit_code}
@@ -725,16 +727,16 @@ def dedup_outcome(*, in_dir, out_dir, exact, phash, captions, max_distance, agai
     result = api.dedup(in_dir, out_dir, options, against or [], copy_images=copy_images, overwrite=overwrite,
                        allow_incomplete=allow_incomplete, processes=processes, executor=runner, quiet=quiet)
     report = result.report
-    summary = {"command": "dedup", **asdict(result.stage), "duplicates": report.get("duplicates"),
+    summary = {"command": "dedup", **asdict(result), "duplicates": report.get("duplicates"),
                "duplicates_by_reason": report.get("duplicates_by_reason"), "clusters": report.get("clusters"),
-               "report": os.path.join(result.stage.out_dir, "dedup", "report.json") if report else None,
+               "report": os.path.join(result.out_dir, "dedup", "report.json") if report else None,
                "hashing_failed": {k: {str(i): m for i, m in v.items()} for k, v in result.hashing_failed.items()},
                "exit_code": result.exit_code}
     if result.hashing_failed:
         return Outcome(summary, notes=[f"lenscap: dedup: {len(shards)} shard(s) of {label} could not be hashed; nothing "
                                        "written yet; rerun to resume" for label, shards in result.hashing_failed.items()])
     reasons = ", ".join(f"{n} {r}" for r, n in (report.get("duplicates_by_reason") or {}).items()) or "none"
-    return Outcome(summary, [f"{result.stage.out_dir}: {result.stage.samples} samples, {report['duplicates']} duplicates "
+    return Outcome(summary, [f"{result.out_dir}: {result.samples} samples, {report['duplicates']} duplicates "
                              f"{'marked' if mark_only else 'removed'} ({reasons}) in {report['clusters']} clusters; "
                              f"report: {summary['report']}"])
 
@@ -749,13 +751,12 @@ def shard_outcome(*, in_dir, out_dir, format, target_size, samples_per_shard, sh
                             samples_per_shard=samples_per_shard, shuffle=shuffle, seed=seed, caption_status=caption_status)
     result = api.shard(in_dir, out_dir, options, overwrite=overwrite, allow_incomplete=allow_incomplete,
                        processes=processes, executor=runner, quiet=quiet)
-    summary = {"command": "shard", **asdict(result), "index_failed": {str(k): v for k, v in result.index_failed.items()},
-               "exit_code": result.exit_code}
-    if result.index_failed:
-        return Outcome(summary, notes=[f"lenscap: shard: {len(result.index_failed)} input shard(s) could not be indexed; "
+    summary = {"command": "shard", **asdict(result), "shards": result.shards_total, "exit_code": result.exit_code}
+    if result.failed_shards:
+        return Outcome(summary, notes=[f"lenscap: shard: {len(result.failed_shards)} input shard(s) could not be indexed; "
                                        "nothing exported yet; rerun to resume"])
     left = ", ".join(f"{n} {r}" for r, n in result.left_out.items()) or "none"
-    return Outcome(summary, [f"{result.out_dir}: {result.samples} samples in {result.shards} {result.format} shards "
+    return Outcome(summary, [f"{result.out_dir}: {result.samples} samples in {result.shards_total} {result.format} shards "
                              f"({result.bytes:,} bytes); left out: {left}"])
 
 

@@ -132,6 +132,6 @@ def _dedup_report(ds: Dataset) -> dict[str, Any] | None:
         return None
     if report is None:
         return None
-    path = f"{ds.location}/dedup/report.json" if ds.remote else str(ds.path / "dedup" / "report.json")
-    return {"report": path, "duplicates": report.get("duplicates"), "by_reason": report.get("duplicates_by_reason"),
-            "clusters": report.get("clusters"), "of_earlier_releases": report.get("duplicates_of_earlier_releases")}
+    return {"report": f"{ds.location}/dedup/report.json", "duplicates": report.get("duplicates"),
+            "by_reason": report.get("duplicates_by_reason"), "clusters": report.get("clusters"),
+            "of_earlier_releases": report.get("duplicates_of_earlier_releases")}

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from lenscap.dataset import WORK_DIR_NAME, adopt_old_work_dir
 from lenscap.errors import DatasetError, Locked
+from lenscap.layout import WORK_DIR_NAME, adopt_old_work_dir
 from lenscap.progress import log
 from lenscap.storage import require_local
 

@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lenscap.dataset import atomic_write_json
 from lenscap.errors import UsageError
+from lenscap.journal import atomic_write_json
 from lenscap.lock import DirLock
 from lenscap.progress import log
 from lenscap.storage import require_local

@@ -24,8 +24,10 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from lenscap import __version__
-from lenscap.dataset import IMAGE_OFFSET, IMAGE_SIZE, Dataset, atomic_write_bytes
+from lenscap.dataset import Dataset
 from lenscap.inspect import inspect_dataset
+from lenscap.journal import atomic_write_bytes
+from lenscap.layout import IMAGE_OFFSET, IMAGE_SIZE
 from lenscap.storage import require_local
 
 __all__ = ["ReportSample", "pick_samples", "render_html", "render_contact_sheet", "write_report"]

@@ -14,32 +14,19 @@ import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from lenscap.claim import claim_output, input_shards, open_output
-from lenscap.dataset import Dataset, shard_name
+from lenscap.dataset import Dataset
 from lenscap.executors import Executor, LocalExecutor
+from lenscap.layout import shard_name
 from lenscap.lock import output_lock
 from lenscap.progress import Progress, make_progress
+from lenscap.result import JobResult
 from lenscap.stages.base import Stage
 
-__all__ = ["StageResult", "ShardJob", "OwnedJob", "owned_job", "run_job", "run_stage"]
-
-
-@dataclass
-class StageResult:
-    out_dir: str
-    shards_total: int
-    shards_completed: int
-    samples: int
-    status: dict[str, int]
-    failed_shards: dict[int, str] = field(default_factory=dict)
-    counts: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.shards_completed == self.shards_total else 1
+__all__ = ["ShardJob", "OwnedJob", "owned_job", "run_job", "run_stage"]
 
 
 class ShardJob:
@@ -59,15 +46,11 @@ class ShardJob:
 
     def run(self, shard_id: int) -> dict[str, Any]:
         dst = self.dst
-        if not dst.remote:
-            # A task run again after its worker died may find the shard finished, or its commit half done.
-            if dst.recover_shard(shard_id) or dst.is_complete(shard_id):
-                return dst.read_stats(shard_id)
-            return self._run_shard(dst, shard_id)
-        if dst.is_complete(shard_id):
+        if dst.is_complete(shard_id):  # a task run again after its worker died
             return dst.read_stats(shard_id)
-        local = dst.mirror()
-        # Written here before, and killed before its upload finished: upload it, never write it again.
+        local = dst.mirror()  # itself, when local
+        # Committed before (its commit half done, or its upload not done), then killed: finish it, never
+        # write it again.
         if not (local.recover_shard(shard_id) or local.is_complete(shard_id)):
             self._run_shard(local, shard_id)
         return dst.upload_shard(shard_id)
@@ -128,21 +111,41 @@ class OwnedJob:
 
 
 @contextmanager
+def owned_output(out_dir: str | os.PathLike[str] | Dataset, command: str, settings: dict[str, Any], *,
+                 src: Dataset | None = None, source_label: str | None = None, overwrite: bool = False,
+                 input_ids: list[int] | None = None) -> Iterator[Dataset]:
+    """The one way a command gets its output: opened and checked (``open_output``), locked (one lock,
+    ``.lenscap/lock``; a remote output's in its mirror), its interrupted commits finished, and claimed
+    for this input and these settings (``claim_output``). ``src``: the input dataset; ``source_label``:
+    an input that is not one (download's URL list)."""
+    dst = open_output(out_dir, src, command)
+    with output_lock(dst.path):
+        dst.recover()
+        claim_output(dst, src, command, settings, overwrite=overwrite, input_ids=input_ids, source_label=source_label)
+        yield dst
+
+
+@contextmanager
 def owned_job(stage: Stage, in_dir: str | os.PathLike[str] | Dataset, out_dir: str | os.PathLike[str] | Dataset, *,
               overwrite: bool = False, allow_incomplete: bool = False, internal: bool = False) -> Iterator[OwnedJob]:
-    """Open, check, lock, recover and claim ``stage``'s output (``lenscap.claim``). ``internal``: a
-    pass writing into a command's private directory, which the command owns already."""
+    """A stage's job from ``in_dir`` into ``out_dir`` (``owned_output``). ``internal``: a pass writing
+    into a command's private directory, which the command owns already: locked and recovered, not claimed."""
     src = Dataset.open(in_dir)
     shards, missing = input_shards(src, allow_incomplete or internal)
     stage.check()
-    # A remote output's lock and work directory are in its local mirror.
-    dst = Dataset.create(out_dir) if internal else open_output(out_dir, src, stage.name)
-    with output_lock(dst.path):
-        dst.recover()
-        if not internal:
-            claim_output(dst, src, stage.name, stage.settings(), overwrite=overwrite, input_ids=shards)
-        images = None if stage.holds_images else src.images_ref(dst)  # a missing or replaced image source: refused here
-        yield OwnedJob(stage, src, dst, shards, missing, images, (src.read_manifest() or {}).get("history", []))
+    if internal:
+        dst = Dataset.create(out_dir)
+        with output_lock(dst.path):
+            dst.recover()
+            yield _stage_job(stage, src, dst, shards, missing)
+        return
+    with owned_output(out_dir, stage.name, stage.settings(), src=src, overwrite=overwrite, input_ids=shards) as dst:
+        yield _stage_job(stage, src, dst, shards, missing)
+
+
+def _stage_job(stage: Stage, src: Dataset, dst: Dataset, shards: list[int], missing: list[int]) -> OwnedJob:
+    images = None if stage.holds_images else src.images_ref(dst)  # a missing or replaced image source: refused here
+    return OwnedJob(stage, src, dst, shards, missing, images, (src.read_manifest() or {}).get("history", []))
 
 
 def run_stage(
@@ -156,7 +159,7 @@ def run_stage(
     overwrite: bool = False,
     allow_incomplete: bool = False,
     internal: bool = False,
-) -> StageResult:
+) -> JobResult:
     """Run ``stage`` on ``executor`` (default: ``processes`` local worker processes).
 
     ``in_dir`` / ``out_dir``: local paths, fsspec URLs, or ``Dataset`` objects (with storage options).
@@ -165,7 +168,7 @@ def run_stage(
         return run_job(job, executor or LocalExecutor(processes), progress)
 
 
-def run_job(job: OwnedJob, executor: Executor, progress: Progress | None) -> StageResult:
+def run_job(job: OwnedJob, executor: Executor, progress: Progress | None) -> JobResult:
     """Run a per-shard stage's job (from ``owned_job``) over the input shards its output lacks."""
     stage, src, dst, shards = job.stage, job.src, job.dst, job.shards
     stage.begin(src, dst)
@@ -196,6 +199,4 @@ def run_job(job: OwnedJob, executor: Executor, progress: Progress | None) -> Sta
     manifest = write_manifest()
     if fatal is not None:
         raise fatal
-    counts = manifest["counts"]
-    return StageResult(dst.location, len(shards), manifest["shards"]["completed"], counts["samples"],
-                       counts["status"], failed, counts)
+    return JobResult.from_manifest(dst.location, manifest, failed)

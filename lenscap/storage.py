@@ -1,10 +1,7 @@
 """Where data lives: a local path, or a URL on any fsspec filesystem (``s3://``, ``gs://``, ``memory://``).
 
-A location with a protocol other than ``file`` is *remote*. Local paths never import fsspec and keep
-their own code paths. A remote dataset also has a *local mirror* on this machine
-(``$LENSCAP_WORK_DIR/<sha256(url)[:16]>``, by default under ``~/.cache/lenscap/remote``): its
-private work directory ``.lenscap/`` (journals of paid requests, job settings, the lock) and the
-shards being written before they are uploaded.
+A location with a protocol other than ``file`` is *remote*. A dataset reads both through fsspec
+(``lenscap.dataset``); a remote one's shards are written in a local mirror first (``lenscap.mirror``).
 
 Credentials never leave the location they were given in: what lenscap shows or records is
 ``redact_url(location)``, without user info (``s3://key:secret@bucket``) or query string.
@@ -12,15 +9,13 @@ Credentials never leave the location they were given in: what lenscap shows or r
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 from lenscap.errors import MissingDependency, UsageError
 
-__all__ = ["is_remote", "redact_url", "local_path", "url_to_fs", "mirror_dir", "require_local", "REMOTE_SUPPORT"]
+__all__ = ["is_remote", "redact_url", "local_path", "url_to_fs", "require_local", "REMOTE_SUPPORT"]
 
 _PROTOCOL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
@@ -78,16 +73,6 @@ def url_to_fs(location: str, storage_options: dict[str, Any] | None = None) -> t
     except ValueError as e:
         raise UsageError(f"{redact_url(location)}: {str(e).splitlines()[0] if str(e) else 'not a usable URL'}") from None
     return fs, root.rstrip("/") or root
-
-
-def mirror_dir(canonical_url: str) -> Path:
-    """This machine's local mirror of a remote dataset: ``$LENSCAP_WORK_DIR/<sha256(url)[:16]>``,
-    else under ``$XDG_CACHE_HOME/lenscap/remote`` (``~/.cache/lenscap/remote``)."""
-    base = os.environ.get("LENSCAP_WORK_DIR")
-    if not base:
-        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-        base = os.path.join(cache, "lenscap", "remote")
-    return Path(base) / hashlib.sha256(canonical_url.encode()).hexdigest()[:16]
 
 
 def require_local(location: str | os.PathLike[str] | None, what: str) -> None:

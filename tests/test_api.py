@@ -33,6 +33,11 @@ def test_a_pipeline_through_the_api_returns_typed_results(tmp_path):
     assert info["images"] == {"held": False, "location": str(src.path), "problem": None}
     assert info["history"] == ["download", "filter", "caption", "dedup"]
 
+    # One result type: every command's has the shared fields, and its exit code, from one place.
+    for result, shards, samples in ((kept, 2, 12), (captioned, 2, 12), (deduped, 2, 12), (exported, exported.shards_total, exported.samples)):
+        assert isinstance(result, lc.JobResult) and result.exit_code == 0
+        assert (result.shards_total, result.shards_completed, result.samples, result.failed_shards) == (shards, shards, samples, {})
+
 
 def test_errors_are_the_lenscap_hierarchy_not_exits(tmp_path):
     src = write_image_dataset(tmp_path / "raw", 4, per_shard=4)

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lenscap.dataset import Dataset, shard_name
+from lenscap.dataset import Dataset
 from lenscap.errors import DatasetError
+from lenscap.layout import shard_name
 from lenscap.record import Sample
 
 
@@ -421,3 +422,22 @@ def test_create_makes_directory_and_is_reentrant(tmp_path):
     write_shard(ds, 0, make_samples(2))
     again = Dataset.create(p)
     assert again.completed_ids() == [0]
+
+
+def test_a_local_path_and_a_file_url_read_through_one_filesystem_interface(tmp_path):
+    """A local dataset is fsspec's local filesystem, as a remote one is its own: the same reads, one code path."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    from lenscap.demo.datasets import write_image_dataset
+
+    src = write_image_dataset(tmp_path / "raw", 6, per_shard=3)
+    as_url = Dataset.open(f"file://{tmp_path / 'raw'}")
+    assert isinstance(src.fs, LocalFileSystem) and isinstance(as_url.fs, LocalFileSystem) and not as_url.remote
+    assert as_url.location == src.location and as_url.completed_ids() == [0, 1]
+    for shard_id in (0, 1):
+        assert as_url.read_table(shard_id) == src.read_table(shard_id)
+        assert [s.image for s in as_url.iter_samples(shard_id)] == [s.image for s in src.iter_samples(shard_id)]
+    assert as_url.read_all_stats([0, 1]) == [src.read_stats(0), src.read_stats(1)]
+    shard_bytes, total = src.disk_usage()
+    assert shard_bytes == sum(p.stat().st_size for p in (tmp_path / "raw").iterdir() if p.name[0].isdigit())
+    assert total >= shard_bytes + (tmp_path / "raw" / "lenscap.json").stat().st_size

@@ -230,7 +230,7 @@ def test_cli_usage_errors_are_one_line_exit_2(tmp_path):
         (["download", str(tmp_path / "cols.csv"), out, "--url-col", "link", "--caption-col", "title"], "no caption column 'title'"),
         (["download", str(tmp_path / "bad.parquet"), out], "not a readable parquet file"),
         (["download", str(tmp_path / "urls.txt"), str(tmp_path / "a-file")], "exists and is a file"),
-        (["download", str(tmp_path / "urls.txt"), str(tmp_path / "foreign")], "not empty and holds no lenscap download"),
+        (["download", str(tmp_path / "urls.txt"), str(tmp_path / "foreign")], "not empty (notes.txt) and was not written by lenscap"),
         (["download", str(tmp_path / "urls.txt"), out, "--samples-per-shard", "0"], "--samples-per-shard must be at least 1"),
         (["download", str(tmp_path / "urls.txt"), out, "--resize-mode", "stretch"], "--resize-mode must be one of"),
         (["download", str(tmp_path / "urls.txt"), out, "--timeout", "soon"], "Invalid value for '--timeout'"),
@@ -251,7 +251,7 @@ def test_rerun_with_other_output_options_is_refused(tmp_path):
     assert run_cli("download", str(tmp_path / "urls.txt"), out, "--timeout", "1", "--retries", "0", "--quiet").returncode == 0
     res = run_cli("download", str(tmp_path / "urls.txt"), out, "--image-size", "512")
     assert res.returncode == 2
-    assert "other values of --image-size" in _one_error_line(res)
+    assert "other settings (image_size: 1024 -> 512)" in _one_error_line(res) and "--overwrite" in _one_error_line(res)
 
 
 def test_adopt_accounts_for_rows_img2dataset_lost(tmp_path):

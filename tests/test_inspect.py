@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lenscap.dataset import Dataset, shard_name
+from lenscap.dataset import Dataset
 from lenscap.errors import DatasetError
 from lenscap.inspect import inspect_dataset
+from lenscap.layout import shard_name
 from lenscap.record import Sample
 
 REPO = Path(__file__).resolve().parents[1]

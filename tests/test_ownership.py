@@ -195,3 +195,39 @@ def test_a_damaged_claim_or_image_reference_is_a_one_line_error(tmp_path):
     (out / "lenscap.json").write_text(json.dumps({**manifest, "images": ["../ds"]}))
     err = refused("shard", str(out), str(tmp_path / "release"))
     assert '"images" entry is not one lenscap wrote' in err
+
+
+def test_download_owns_its_output_like_every_command(tmp_path, image_server):
+    """download runs on the same driver: one claim, refusals that say what differs, --overwrite, and an
+    output that lenscap 0.2 recorded in .lenscap/job.json adopted as a claim."""
+    first, second = tmp_path / "first.txt", tmp_path / "second.txt"
+    first.write_text("".join(image_server.url(f"/ok/{i}.jpg") + "\n" for i in range(4)))
+    second.write_text("".join(image_server.url(f"/ok/{i}.jpg") + "\n" for i in range(4, 7)))
+    out = tmp_path / "raw"
+    fast = ["--samples-per-shard", "2", "--processes", "1", "--threads", "2"]
+    ok("download", str(first), str(out), *fast)
+    claim = json.loads((out / ".lenscap" / "claim.json").read_text())
+    assert claim["command"] == "download" and claim["input"] == {"location": str(first)}
+    assert claim["settings"]["image_size"] == 1024 and not (out / ".lenscap" / "job.json").exists()
+
+    err = refused("download", str(first), str(out), *fast, "--image-size", "512")
+    assert "other settings (image_size: 1024 -> 512)" in err and "--overwrite" in err
+    err = refused("download", str(second), str(out), *fast)
+    assert f"input {first}, not {second}" in err
+    assert Dataset(out).read_manifest()["input"] == str(first)  # refused: nothing changed
+
+    ok("download", str(second), str(out), *fast, "--image-size", "512", "--overwrite")
+    manifest = Dataset(out).read_manifest()
+    assert manifest["input"] == str(second) and manifest["counts"]["samples"] == 3
+    assert manifest["shards"] == {"expected": 2, "completed": 2} and manifest["parameters"]["image_size"] == 512
+    assert sorted(p.name for p in out.glob("*.tar")) == ["00000.tar", "00001.tar"]
+
+    # An output written by lenscap 0.2: its record was .lenscap/job.json, and it resumes as it did.
+    (out / ".lenscap" / "claim.json").unlink()
+    options = {**claim["settings"], "image_size": 512}
+    (out / ".lenscap" / "job.json").write_text(json.dumps({"stage": "download", "input": str(second), "options": options}))
+    hits = dict(image_server.hits)
+    ok("download", str(second), str(out), *fast, "--image-size", "512")
+    assert image_server.hits == hits  # every shard was done: nothing fetched again
+    assert json.loads((out / ".lenscap" / "claim.json").read_text())["settings"] == options
+    assert "other settings (image_size: 512 -> 1024)" in refused("download", str(second), str(out), *fast)

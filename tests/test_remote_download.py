@@ -17,6 +17,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from lenscap import mirror
 from lenscap.dataset import Dataset
 from lenscap.demo.images import jpeg_bytes, scene
 from lenscap.demo.server import Route
@@ -82,7 +83,7 @@ def snapshot(location: str) -> dict[int, tuple[dict[str, dict], dict[str, bytes]
     ds = Dataset.open(location)
     shards = {}
     for shard_id in ds.completed_ids():
-        with ds.staged(shard_id) as local:
+        with mirror.staged(ds, shard_id) as local:
             rows = {r["key"]: {c: r.get(c) for c in COLUMNS} for r in local.read_table(shard_id).to_pylist()}
             with tarfile.open(local.tar_path(shard_id)) as tar:
                 members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
@@ -127,7 +128,7 @@ def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(t
     # Only the dataset's files are remote; the job state is in the mirror, which keeps no shard.
     assert remote_names(s3_store, out) == SHARD_FILES | {"lenscap.json"}
     mirror = Dataset(out).path
-    assert mirror.parent == tmp_path / "work" and (mirror / ".lenscap" / "job.json").exists()
+    assert mirror.parent == tmp_path / "work" and (mirror / ".lenscap" / "claim.json").exists()
     assert not list(mirror.glob("0*")) and not (mirror / ".lenscap" / "img2dataset").exists()
     manifest = Dataset.open(out).read_manifest()
     assert manifest["input"] == str(url_list.file) and manifest["complete"] and manifest["counts"]["samples"] == 50

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from lenscap.dataset import Dataset, shard_name
+from lenscap.dataset import Dataset
 from lenscap.errors import DatasetError
+from lenscap.layout import shard_name
 from lenscap.progress import make_progress
 from lenscap.record import Sample
 from lenscap.runner import run_stage

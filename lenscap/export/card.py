@@ -15,7 +15,8 @@ from typing import Any
 import pyarrow as pa
 
 from lenscap import __version__
-from lenscap.dataset import Dataset, atomic_write_bytes
+from lenscap.dataset import Dataset
+from lenscap.journal import atomic_write_bytes
 
 __all__ = ["write_card"]
 

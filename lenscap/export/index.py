@@ -18,8 +18,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lenscap.dataset import IMAGE_OFFSET, IMAGE_SIZE, Dataset
+from lenscap.dataset import Dataset
 from lenscap.export.formats import FORMATS, metadata_json
+from lenscap.layout import IMAGE_OFFSET, IMAGE_SIZE
 from lenscap.record import SUCCESS
 from lenscap.stages.base import Stage
 

@@ -26,7 +26,7 @@ import os
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,20 +34,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lenscap import __version__
-from lenscap.claim import claim_output, input_shards, open_output
-from lenscap.dataset import IMAGE_EXT, Dataset, atomic_write_json, moved_image, read_parquet
+from lenscap.claim import input_shards
+from lenscap.dataset import Dataset, read_parquet
 from lenscap.errors import LenscapError, UsageError
 from lenscap.executors import Executor, LocalExecutor
 from lenscap.export.card import write_card
 from lenscap.export.formats import FORMATS
 from lenscap.export.index import INTERNAL, IndexStage
 from lenscap.export.remote import INDEX_FILES, sync_mirror
-from lenscap.lock import output_lock
+from lenscap.images import moved_image
+from lenscap.journal import atomic_write_json
+from lenscap.layout import IMAGE_EXT
 from lenscap.progress import make_progress
-from lenscap.runner import run_stage
+from lenscap.result import JobResult
+from lenscap.runner import owned_output, run_stage
 from lenscap.sql import literal, out_of_core
 from lenscap.tario import header_before, member_name
-from lenscap.uploads import put_and_remove, put_file
+from lenscap.uploads import put_and_remove
 
 __all__ = ["ExportOptions", "ExportResult", "run_export", "parse_size"]
 
@@ -87,18 +90,13 @@ class ExportOptions:
 
 
 @dataclass
-class ExportResult:
-    out_dir: str
-    format: str
-    samples: int
-    shards: int
-    bytes: int
-    left_out: dict[str, int]
-    index_failed: dict[int, str]
+class ExportResult(JobResult):
+    """An export's result: its shards are the output shards written; ``failed_shards`` the input shards
+    that could not be indexed (then nothing is exported yet)."""
 
-    @property
-    def exit_code(self) -> int:
-        return 1 if self.index_failed else 0
+    format: str = ""
+    bytes: int = 0
+    left_out: dict[str, int] = field(default_factory=dict)
 
 
 def _state(out: Path) -> Path:
@@ -220,53 +218,45 @@ def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, 
     # The input may be remote (its passes read shard by shard, image by image), and the output too.
     src = Dataset.open(in_dir)
     shards, _ = input_shards(src, allow_incomplete)
-    out = open_output(out_dir, src, "shard")
-    with output_lock(out.path):  # a remote output's lock and state are in its mirror
-        claim_output(out, src, "shard", {"options": asdict(options)}, overwrite=overwrite, input_ids=shards)
-        return _run_locked(options, src, out.path, executor or LocalExecutor(processes), quiet, out if out.remote else None)
+    with owned_output(out_dir, "shard", {"options": asdict(options)}, src=src, overwrite=overwrite, input_ids=shards) as out:
+        return _run_locked(options, src, out, executor or LocalExecutor(processes), quiet)
 
 
 class _WriteJob:
-    """Pass 3 as an executor's job: an item is an output shard. ``out`` is the local directory the
-    shard is written to (a remote output's mirror, as the driver named it, so every worker uses the
-    same), and ``remote`` the output it is then uploaded to, if any."""
+    """Pass 3 as an executor's job: an item is an output shard, written into ``out``'s local directory
+    (a remote output's mirror, as the driver named it, so every worker uses the same), then put where
+    it belongs (``lenscap.uploads``: nothing to do for a local output)."""
 
-    def __init__(self, src: Dataset, out: str, shards: int, fmt: str, remote: Dataset | None = None) -> None:
-        self.src, self.out, self.shards, self.fmt, self.remote = src, out, shards, fmt, remote
+    def __init__(self, src: Dataset, out: Dataset, shards: int, fmt: str) -> None:
+        self.src, self.out, self.shards, self.fmt = src, out, shards, fmt
 
     def setup(self) -> None:
         pass
 
     def run(self, shard_id: int) -> dict[str, Any]:
-        done = _state(Path(self.out)) / "done" / f"{shard_id:05d}.json"
+        done = _state(self.out.path) / "done" / f"{shard_id:05d}.json"
         if done.exists():  # a task run again after its worker died
             return json.loads(done.read_text())
-        record = _write_shard(self.src, self.out, shard_id, self.shards, self.fmt)
-        if self.remote is None:
-            atomic_write_json(done, record)
-            return record
+        record = _write_shard(self.src, str(self.out.path), shard_id, self.shards, self.fmt)
         # Done only once uploaded: a kill before that leaves no marker, and the rerun writes the shard again.
-        local = Path(self.out) / record["file"]
-        put_file(self.remote, local, record["file"])
+        put_and_remove(self.out, self.out.path, [record["file"]])
         atomic_write_json(done, record)
-        local.unlink()
         return record
 
 
-def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Executor, quiet: bool,
-                remote: Dataset | None = None) -> ExportResult:
+def _run_locked(options: ExportOptions, src: Dataset, dst: Dataset, executor: Executor, quiet: bool) -> ExportResult:
+    out = dst.path  # where files are written: the output, or a remote one's mirror
     state = _state(out)
     (state / "done").mkdir(parents=True, exist_ok=True)
-    if remote is not None:
-        sync_mirror(remote, out, state / "done")
-    where = remote.location if remote is not None else out
+    sync_mirror(dst, state / "done")
+    where = dst.location
 
     # Pass 1: the index.
     index_dir = state / "index"
     indexed = run_stage(options.index_stage(), src, index_dir, progress=make_progress("shard: indexing", quiet),
                         executor=executor, internal=True)
     if indexed.failed_shards:
-        return ExportResult(str(where), options.format, 0, 0, 0, {}, indexed.failed_shards)
+        return ExportResult(where, failed_shards=indexed.failed_shards, format=options.format)
     index = Dataset(index_dir)
     left_out: dict[str, int] = {}
     for shard_id in index.completed_ids():
@@ -290,13 +280,13 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Execu
     todo = [i for i in range(shards) if not (state / "done" / f"{i:05d}.json").exists()]
     for stray in list(out.glob(".*.tmp")) + list(out.glob("data/.*.tmp")):
         stray.unlink(missing_ok=True)
-    if remote is not None and options.format == "parquet" and todo:
-        remote.fs.makedirs(remote.remote_path("data"), exist_ok=True)  # once here, not in every task
+    if options.format == "parquet" and todo:
+        dst.fs.makedirs(dst.file("data"), exist_ok=True)  # once here, not in every task
     progress = make_progress("shard: writing", quiet)
     progress.start(shards, shards - len(todo))
     failed: dict[int, str] = {}
     try:
-        fatal = executor.run(_WriteJob(src, str(out), shards, options.format, remote), todo,
+        fatal = executor.run(_WriteJob(src, dst, shards, options.format), todo,
                              lambda _, record: progress.advance(shards=1, samples=record["samples"]), failed)
     finally:
         progress.finish()
@@ -318,10 +308,10 @@ def _run_locked(options: ExportOptions, src: Dataset, out: Path, executor: Execu
                                              "input": src.location, "history": history,
                                              "counts": {"samples": summary["samples"], "left_out": summary["left_out"]}})
     write_card(out, options.format, summary, history, Path(index_dir), _columns(index),
-               location=remote.location if remote is not None else None)
-    if remote is not None:
-        put_and_remove(remote, out, list(INDEX_FILES))
-    return ExportResult(str(where), options.format, summary["samples"], shards, summary["bytes"], summary["left_out"], {})
+               location=dst.location if dst.remote else None)
+    put_and_remove(dst, out, list(INDEX_FILES))
+    return ExportResult(where, shards, shards, summary["samples"], format=options.format, bytes=summary["bytes"],
+                        left_out=summary["left_out"])
 
 
 def _columns(index: Dataset) -> pa.Schema:

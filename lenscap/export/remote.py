@@ -21,13 +21,17 @@ __all__ = ["INDEX_FILES", "sync_mirror"]
 INDEX_FILES = ("shards.json", "lenscap.json", "README.md")
 
 
-def sync_mirror(remote: Dataset, out: Path, done_dir: Path) -> None:
+def sync_mirror(remote: Dataset, done_dir: Path) -> None:
     """Before a run (the lock held, so no task is writing): keep only the done markers of shards whose
     remote file has the size the marker records, and remove the shard files a kill left in the mirror.
 
     A marker is written only after its upload, so a missing or short remote file means the output was
-    changed or deleted since; that shard is then written again, like one never done.
+    changed or deleted since; that shard is then written again, like one never done. (A local output
+    is its own mirror: nothing to do.)
     """
+    if not remote.remote:
+        return
+    out = remote.path
     uploaded = uploaded_sizes(remote)
     for marker in done_dir.glob("*.json"):
         record = json.loads(marker.read_text())

@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import pyarrow as pa
 
-from lenscap.dataset import IMAGE_COLUMNS, Dataset, ShardWriter
+from lenscap.dataset import Dataset, ShardWriter
 from lenscap.errors import LenscapError
+from lenscap.layout import IMAGE_COLUMNS
 from lenscap.record import Sample
 
 if TYPE_CHECKING:

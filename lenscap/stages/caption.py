@@ -24,8 +24,9 @@ from lenscap.captioning.images import UnreadableImage, image_size
 from lenscap.captioning.journal import Journal
 from lenscap.captioning.prompts import Prompt, ocr_hint
 from lenscap.captioning.vision import ocr_available, read_text_from_bytes
-from lenscap.dataset import Dataset, shard_name
+from lenscap.dataset import Dataset
 from lenscap.errors import BudgetReached, MissingDependency
+from lenscap.layout import shard_name
 from lenscap.record import Sample
 from lenscap.stages.base import Stage
 

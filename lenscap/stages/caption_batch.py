@@ -30,10 +30,13 @@ from lenscap.backends.base import ERROR, CaptionResult
 from lenscap.backends.openai_batch import TERMINAL, BatchOptions
 from lenscap.captioning.images import UnreadableImage
 from lenscap.captioning.journal import Journal
-from lenscap.dataset import Dataset, atomic_write_bytes, atomic_write_json, shard_name
+from lenscap.dataset import Dataset
 from lenscap.errors import BudgetReached, UsageError
-from lenscap.runner import OwnedJob, owned_job
+from lenscap.journal import atomic_write_bytes, atomic_write_json
+from lenscap.layout import shard_name
 from lenscap.progress import Progress
+from lenscap.result import JobResult
+from lenscap.runner import OwnedJob, owned_job
 from lenscap.stages.caption import CaptionStage
 from lenscap.storage import require_local
 
@@ -44,14 +47,17 @@ _IN_FLIGHT = ("uploading", "uploaded", "creating", "submitted")
 
 
 @dataclass
-class BatchResult:
-    out_dir: str
-    shards_total: int
-    shards_completed: int
-    complete: bool
+class BatchResult(JobResult):
+    """A batch caption job's result: whether every request is answered and merged (``complete``; a run
+    with --no-wait ends before), its batch files by state, and what it spent."""
+
+    complete: bool = False
     files: dict[str, int] = field(default_factory=dict)
     spent_usd: float = 0.0
-    counts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        return 0  # batches still running are not a failure: the next run (or --wait) collects them
 
 
 def _custom_id(shard_id: int, key: str) -> str:
@@ -425,8 +431,8 @@ def _run_locked(owned: OwnedJob, options: BatchOptions, progress: Progress) -> B
     for r in job.records():
         if r["requests"]:
             states[r["state"]] = states.get(r["state"], 0) + 1
-    return BatchResult(str(dst.path), len(job.shards), manifest["shards"]["completed"], state == "done", states,
-                       job.budget.spent, manifest["counts"])
+    return BatchResult.from_manifest(str(dst.path), manifest, complete=state == "done", files=states,
+                                     spent_usd=job.budget.spent)
 
 
 def batch_status(out_dir: str | Path) -> dict[str, Any]:

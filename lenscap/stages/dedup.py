@@ -25,19 +25,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pyarrow as pa
 
-from lenscap.dataset import Dataset, atomic_write_json, read_parquet
+from lenscap.dataset import Dataset, read_parquet
 from lenscap.dedup.search import DedupOptions, Source, find_duplicates
 from lenscap.dedup.signatures import SignatureStage
 from lenscap.errors import UsageError
 from lenscap.executors import Executor, LocalExecutor
+from lenscap.journal import atomic_write_json
 from lenscap.progress import make_progress
-from lenscap.runner import OwnedJob, StageResult, owned_job, run_job, run_stage
+from lenscap.result import JobResult
+from lenscap.runner import OwnedJob, owned_job, run_job, run_stage
 from lenscap.stages.base import Stage
 from lenscap.storage import redact_url
 from lenscap.uploads import put_and_remove
@@ -128,14 +130,16 @@ class DedupStage(Stage):
 
 
 @dataclass
-class DedupResult:
-    stage: StageResult
-    report: dict[str, Any]
-    hashing_failed: dict[str, dict[int, str]]
+class DedupResult(JobResult):
+    """Dedup's result: its report, and the shards of each input that could not be hashed (then nothing
+    is written yet)."""
+
+    report: dict[str, Any] = field(default_factory=dict)
+    hashing_failed: dict[str, dict[int, str]] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
-        return 1 if self.hashing_failed else self.stage.exit_code
+        return 1 if self.hashing_failed else super().exit_code
 
 
 def _against_dir(dst: Dataset, resolved: str) -> Path:
@@ -167,10 +171,9 @@ def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, proces
 def _run_locked(job: OwnedJob, inputs: list[Dataset], in_label: str, executor: Executor, quiet: bool) -> DedupResult:
     stage, src, dst = job.stage, job.src, job.dst
     assert isinstance(stage, DedupStage)
-    if dst.remote:
-        # A remote output holding no manifest disowns its mirror at every recover (pass 3's included),
-        # which would lose the signatures and decisions below: the manifest, written now, claims them.
-        job.write_manifest()
+    # A remote output holding no manifest disowns its mirror at every recover (pass 3's included), which
+    # would lose the signatures and decisions below: the manifest, written now, claims them.
+    job.write_manifest()
 
     # Pass 1: signatures.
     failed: dict[str, dict[int, str]] = {}
@@ -184,7 +187,7 @@ def _run_locked(job: OwnedJob, inputs: list[Dataset], in_label: str, executor: E
             failed[label] = result.failed_shards
         sources.append(Source(index, label, Dataset(target)))
     if failed:
-        return DedupResult(StageResult(dst.location, 0, 0, 0, {}), {}, failed)
+        return DedupResult(dst.location, hashing_failed=failed)
 
     # Pass 2: decisions, unless already made from these same signatures.
     marker = work_dir(dst) / "decisions.json"
@@ -206,9 +209,9 @@ def _run_locked(job: OwnedJob, inputs: list[Dataset], in_label: str, executor: E
         atomic_write_json(marker, {"fingerprint": fingerprint, "report": report})
     else:
         report = done["report"]
-    if dst.remote:  # the report files pass 2 left in the mirror: just written, or not uploaded before a kill
-        put_and_remove(dst, dst.path, [f"dedup/{name}" for name in REPORT_FILES])
+    # The report files pass 2 left in a remote output's mirror: just written, or not uploaded before a kill.
+    put_and_remove(dst, dst.path, [f"dedup/{name}" for name in REPORT_FILES])
 
     # Pass 3: the output shards.
     result = run_job(job, executor, make_progress("dedup: writing", quiet))
-    return DedupResult(result, report, {})
+    return DedupResult(**asdict(result), report=report)

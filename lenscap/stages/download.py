@@ -2,7 +2,9 @@
 
 How a download runs (all state under ``OUT/.lenscap/``, so a rerun of the same command resumes):
 
-1. ``job.json`` records the options that shape the output; a rerun with different ones is refused.
+1. The output is owned like every command's (``runner.owned_output``): one lock, interrupted commits
+   finished, and ``claim.json`` recording the URL list and the options that shape the output; a
+   rerun with others is refused, naming what differs, unless ``--overwrite``.
 2. The URL list is streamed into one small parquet file per shard (``input/``), written once.
 3. img2dataset downloads into ``img2dataset/`` (a staging directory), in a subprocess whose output
    goes to ``img2dataset.log``. Its own per-shard ``_stats.json`` lets it skip finished shards.
@@ -28,6 +30,8 @@ import os
 import shutil
 import sys
 import tarfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,17 +40,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lenscap.dataset import (IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, Dataset, add_sample, atomic_write_json, read_parquet,
-                             shard_name, shard_stats)
+from lenscap import mirror
+from lenscap.claim import CLAIM_FILE
+from lenscap.dataset import Dataset, read_parquet
 from lenscap.errors import DatasetError, InputError, UsageError
+from lenscap.images import add_sample
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
-from lenscap.lock import DirLock, output_lock
+from lenscap.journal import atomic_write_json
+from lenscap.layout import IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, adopt_old_work_dir, shard_name, stats_name
+from lenscap.manifest import shard_stats
 from lenscap.progress import Progress, make_progress
+from lenscap.result import JobResult
+from lenscap.runner import owned_output
 from lenscap.stages.img2dataset_process import Img2datasetProcess
-from lenscap.storage import is_remote, redact_url
+from lenscap.storage import redact_url
 from lenscap.tario import TarOut, archive_end
 
-__all__ = ["DownloadOptions", "DownloadResult", "download", "retry_failed", "RESIZE_MODES"]
+__all__ = ["DownloadOptions", "download", "retry_failed", "RESIZE_MODES"]
 
 # lenscap's name -> img2dataset's. "keep_ratio" bounds the LONGEST side (img2dataset's
 # keep_ratio_largest): text-to-image data keeps whole images; img2dataset's keep_ratio bounds the shortest.
@@ -142,20 +152,6 @@ class DownloadOptions:
         }
 
 
-@dataclass
-class DownloadResult:
-    out_dir: str
-    shards_total: int
-    shards_completed: int
-    samples: int
-    status: dict[str, int]
-    failed_shards: list[int] = field(default_factory=list)
-
-    @property
-    def exit_code(self) -> int:
-        return 0 if self.shards_completed == self.shards_total else 1
-
-
 def sample_key(shard_id: int, index: int, samples_per_shard: int) -> str:
     """img2dataset's key: shard id and index within the shard, zero-padded, dot-free."""
     oom_sample = math.ceil(math.log10(samples_per_shard)) if samples_per_shard > 1 else 0
@@ -170,7 +166,6 @@ class _Job:
         self.dst = out.mirror()  # where shards are committed: the output itself, or a remote one's mirror
         self.work = out.work_dir
         self.input_dir = self.work / "input"
-        self.job_file = self.work / "job.json"
         self.log_file = self.work / "img2dataset.log"
         # img2dataset's Ray tasks may run on any node: with a remote output they stage under it, where
         # every node can write (a local output on a cluster needs a shared filesystem, as every stage does).
@@ -190,86 +185,82 @@ class _Job:
         remote output's is looked for remotely too, whichever executor this run has: an earlier run's may be there."""
         shutil.rmtree(self.work / name, ignore_errors=True)
         if self.out.remote:
-            remote = self.out.remote_path(f"{WORK_DIR_NAME}/{name}")
+            remote = self.out.file(f"{WORK_DIR_NAME}/{name}")
             if self.out.fs.exists(remote):
                 self.out.fs.rm(remote, recursive=True)
-
-    def read_job(self) -> dict[str, Any] | None:
-        return json.loads(self.job_file.read_text()) if self.job_file.exists() else None
 
     def input_ready(self) -> dict[str, Any] | None:
         marker = self.input_dir / "_done.json"
         return json.loads(marker.read_text()) if marker.exists() else None
 
 
-def _open_job(out_dir: str | os.PathLike[str], source: str | None, ray: bool = False) -> _Job:
-    """The download directory ``out_dir``, created if new, after a crash's commits are finished."""
-    if is_remote(out_dir):
-        return _open_remote_job(Dataset(out_dir), source, ray)
-    existing = Path(out_dir)
-    recorded = (existing / ".lenscap" / "job.json").exists()
-    if source is None and not recorded:
-        raise DatasetError(f"{existing} holds no download to resume; give the URL list too")
-    if existing.is_dir() and not recorded and any(p.name != ".lenscap" for p in existing.iterdir()):
-        raise DatasetError(f"output directory {existing} is not empty and holds no lenscap download")
-    if source is not None and not recorded:
-        resolve_input_files(source)  # a missing input fails before anything is created
-    out = Dataset.create(out_dir)
-    out.recover()
-    return _Job(out)
-
-
-def _open_remote_job(out: Dataset, source: str | None, ray: bool) -> _Job:
-    """A remote output: the remote directory says what is done; the job's state is in the local mirror."""
-    if out.fs.isfile(out.root):
-        raise DatasetError(f"output {out.location} exists and is a file")
-    names = [n for n in out.names() if n != WORK_DIR_NAME]
-    recorded = bool(names) and (out.work_dir / "job.json").exists()  # a mirror whose output is gone is stale
-    if names and not recorded:
+@contextmanager
+def _owned_download(out_dir: str | os.PathLike[str], source: str | None, options: DownloadOptions,
+                    overwrite: bool) -> Iterator[tuple[_Job, DownloadOptions]]:
+    """The download directory ``out_dir``, owned (``runner.owned_output``: checked, locked, recovered,
+    claimed for this URL list and these options), and the options that shape it: with no ``source``
+    (resuming, --retry-failed) the recorded ones."""
+    out = Dataset(out_dir)
+    recorded = _recorded_claim(out)
+    if out.remote and recorded is None and not overwrite and any(n != WORK_DIR_NAME for n in out.names()):
         if (out.read_manifest() or {}).get("stage") == "download":
             raise DatasetError(f"{out.location} holds a download whose job state is not on this machine (it would be in "
                                f"{out.path}); rerun where it started, or copy that machine's mirror there")
-        raise DatasetError(f"output {out.location} is not empty and holds no lenscap download")
-    if source is None and not recorded:
-        raise DatasetError(f"{out.location} holds no download to resume; give the URL list too")
-    if source is not None and not recorded:
+    if recorded is None or overwrite:
+        if source is None:
+            raise DatasetError(f"{out.location} holds no download to resume; give the URL list too")
         resolve_input_files(source)  # a missing input fails before anything is created
-    out = Dataset.create(out)
-    out.recover()  # a new output's stale mirror is emptied; copies uploaded before a kill go
-    staging = out.remote_path(WORK_DIR_NAME)
-    if not recorded and out.fs.exists(staging):
-        out.fs.rm(staging, recursive=True)  # a Ray run's staging, left by an earlier output of this name
-    job = _Job(out, ray)
-    for shard_id in set(job.dst.completed_ids()) - set(out.completed_ids()):
-        out.upload_shard(shard_id)  # committed here before a kill, its upload unfinished: upload, never redo
-    return job
-
-
-def _prepare(job: _Job, source: str | None, options: DownloadOptions) -> tuple[DownloadOptions, dict[str, Any]]:
-    """Check ``options`` against the recorded job, or record a new one; returns options and input shards."""
-    previous = job.read_job()
-    if previous is None:
-        # job.json is written only once the input has been read whole: a bad first try records nothing.
-        assert source is not None
-        ready = _split_input(job, InputSpec(source, options.url_col, options.caption_col, options.extra_cols),
-                             options.samples_per_shard)
-        atomic_write_json(job.job_file, {"stage": "download", "input": redact_url(source), "options": options.output_shaping()})
-        return options, ready
     if source is None:
-        # Resuming without the command line (--retry-failed): the recorded options shape the output.
-        options = DownloadOptions(**{**asdict(options), **previous["options"]})
+        assert recorded is not None
+        options = DownloadOptions(**{**asdict(options), **recorded["settings"]})
         if options.max_aspect_ratio is None:
             options.max_aspect_ratio = math.inf
-    elif previous["input"] != redact_url(source) and source != "-":
-        raise DatasetError(f"{job.out.location} holds a download of {previous['input']!r}, not {redact_url(source)!r}; use a new output directory")
-    diff = [k for k, v in options.output_shaping().items() if previous["options"].get(k) != v]
-    if diff:
-        flags = ", ".join("--" + k.replace("_", "-") for k in diff)
-        raise DatasetError(f"{job.out.location} was downloaded with other values of {flags}; rerun with the same values or use a new directory")
+    label = None if source is None else "-" if source == "-" else redact_url(source)
+    with owned_output(out, "download", options.output_shaping(), source_label=label, overwrite=overwrite) as out:
+        job = _Job(out, ray=options.ray_address is not None)
+        if recorded is None or overwrite:
+            for name in ("img2dataset", "retry"):
+                job.remove_staging(name)  # a Ray run's staging, left by an earlier output of this name
+        for shard_id in set(job.dst.completed_ids()) - set(out.completed_ids()):
+            out.upload_shard(shard_id)  # committed in a remote output's mirror before a kill, its upload unfinished
+        yield job, options
+
+
+def _recorded_claim(out: Dataset) -> dict[str, Any] | None:
+    """The claim of an earlier download into ``out`` (its mirror, if remote); one that lenscap before 0.3
+    recorded as ``.lenscap/job.json`` becomes a claim."""
+    adopt_old_work_dir(out.path)
+    old, claim = out.work_dir / "job.json", out.work_dir / CLAIM_FILE
+    if old.exists() and not claim.exists():
+        job = json.loads(old.read_text())
+        atomic_write_json(claim, {"command": "download", "input": {"location": job.get("input")}, "settings": job["options"]})
+        old.unlink()
+    try:
+        recorded = json.loads(claim.read_text()) if claim.exists() else None
+    except (OSError, ValueError):
+        return None  # said by claim_output, in its words
+    if recorded is None or recorded.get("command") != "download" or not isinstance(recorded.get("settings"), dict):
+        return None
+    if out.remote and not any(n != WORK_DIR_NAME for n in out.names()):
+        return None  # a mirror whose remote output is gone is stale
+    return recorded
+
+
+def _split_once(job: _Job, source: str | None, options: DownloadOptions) -> dict[str, Any]:
+    """The URL list, split into one parquet file per shard, once; returns its shard and sample counts."""
     ready = job.input_ready()
-    if ready is None:  # cannot happen unless .lenscap/input was deleted by hand
+    if ready is not None:
+        return ready
+    if source is None:  # cannot happen unless .lenscap/input was deleted by hand
         raise DatasetError(f"{job.out.location}: the recorded URL list ({job.input_dir}) is missing; start again in a new directory")
-    return options, ready
+    try:
+        return _split_input(job, InputSpec(source, options.url_col, options.caption_col, options.extra_cols),
+                            options.samples_per_shard)
+    except BaseException:
+        # Nothing of a URL list that could not be read whole is kept: the claim then holds nothing, and
+        # the corrected command (another --url-col, say) takes the directory over.
+        shutil.rmtree(job.input_dir, ignore_errors=True)
+        raise
 
 
 def _split_input(job: _Job, spec: InputSpec, samples_per_shard: int) -> dict[str, Any]:
@@ -342,7 +333,7 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
     if staged.remote:
         # Staged remotely (Ray): the tar is copied inside the store, never through this machine. Before
         # the commit, so a shard committed in the mirror has its tar in place and needs only its upload.
-        staged.fs.copy(staged.remote_path(f"{name}.tar"), job.out.remote_path(f"{name}.tar"))
+        staged.fs.copy(staged.file(f"{name}.tar"), job.out.file(f"{name}.tar"))
     else:
         renames.insert(0, (staged.tar_path(shard_id), dst.tar_path(shard_id)))
     dst.commit(shard_id, renames, stats)
@@ -352,10 +343,8 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
 
 
 def _adopt_into(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
-    """Adopt a finished staged shard. A remote output's is committed into the mirror (unless that
-    was done before a kill), then uploaded, stats last, and the local copy goes."""
-    if not job.out.remote:
-        return _adopt(job, shard_id, samples_per_shard)
+    """Adopt a finished staged shard: committed into the output's mirror (unless that was done before
+    a kill), then put where it belongs (``Dataset.upload_shard``; nothing to do for a local output)."""
     if not job.dst.is_complete(shard_id):
         _adopt(job, shard_id, samples_per_shard)
     stats = job.out.upload_shard(shard_id)
@@ -369,27 +358,22 @@ def _unstage(staging: Path | str, shard_id: int) -> None:
     staged = Dataset(staging)
     if staged.remote:
         name = shard_name(shard_id)
-        staged.fs.rm([staged.remote_path(f"{name}.tar"), staged.remote_path(f"{name}.parquet")])
+        staged.fs.rm([staged.file(f"{name}.tar"), staged.file(f"{name}.parquet")])
 
 
 def _mark_staged(staging: Path | str, shard_ids: set[int]) -> None:
     """img2dataset skips a shard whose ``_stats.json`` is in its staging directory. Shards complete
-    in a remote output that this staging does not know (an earlier run staged elsewhere: another
-    executor) get one, so nothing already uploaded is downloaded again."""
+    in the output that this staging does not know (an earlier run staged elsewhere: another executor,
+    or a staging directory removed since) get one, so nothing done is downloaded again."""
     staged = Dataset(staging)
+    staged.fs.makedirs(staged.root, exist_ok=True)
     for shard_id in sorted(shard_ids - _staged_done(staging)):
-        name = f"{shard_name(shard_id)}_stats.json"
-        if staged.remote:
-            staged.fs.pipe_file(staged.remote_path(name), b"{}")
-        else:
-            staged.path.mkdir(parents=True, exist_ok=True)
-            (staged.path / name).write_bytes(b"{}")
+        staged.fs.pipe_file(staged.file(stats_name(shard_id)), b"{}")
 
 
 def _staged_done(staging: Path | str) -> set[int]:
     """Shards img2dataset has finished in ``staging``: its layout is ours, ``_stats.json`` last."""
-    staged = Dataset(staging)
-    return set(staged.completed_ids()) if staged.remote or staged.path.is_dir() else set()
+    return set(Dataset(staging).completed_ids())
 
 
 def _img2dataset_config(options: DownloadOptions, url_dir: Path, staging: Path | str) -> dict[str, Any]:
@@ -404,69 +388,55 @@ def download(
     options: DownloadOptions | None = None,
     progress: Progress | None = None,
     img2dataset: Img2datasetProcess | None = None,
-) -> DownloadResult:
+    *,
+    overwrite: bool = False,
+) -> JobResult:
     """Download ``source`` (a URL list, or None to resume) into the dataset directory ``out_dir``.
 
     ``img2dataset``: a process started earlier, so that its imports overlap this work (the CLI
     starts one before its own imports); it is used if there is work to do and ended in any case.
     """
     try:
-        lock = _output_lock(out_dir)
-        lock.acquire()
-    except BaseException:
-        if img2dataset is not None:
-            img2dataset.stop()
-        raise
-    try:
-        return _download(source, out_dir, options or DownloadOptions(), progress, img2dataset)
-    finally:
-        lock.release()
-
-
-def _output_lock(out_dir: str | os.PathLike[str]) -> DirLock:
-    """The output's lock; a remote output's is on its local mirror, as for every remote output."""
-    return output_lock(Dataset(out_dir).path if is_remote(out_dir) else out_dir)
-
-
-def _download(source: str | None, out_dir: str | os.PathLike[str], options: DownloadOptions, progress: Progress | None,
-              img2dataset: Img2datasetProcess | None) -> DownloadResult:
-    try:
+        options = options or DownloadOptions()
         options.validate()
-        job = _open_job(out_dir, source, ray=options.ray_address is not None)
-        options, ready = _prepare(job, source, options)
-        total = ready["shards"]
-        progress = progress or make_progress("download")
-        done = set(job.out.completed_ids())
-        progress.start(total, len(done))
-
-        def adopt_finished() -> None:
-            for shard_id in sorted(_staged_done(job.staging) - done):
-                if shard_id >= total or job.out.is_complete(shard_id):
-                    done.add(shard_id)
-                    continue
-                stats = _adopt_into(job, shard_id, options.samples_per_shard)
-                done.add(shard_id)
-                progress.advance(shards=1, samples=stats["count"])
-
-        _finish(job, options, source, total, [])  # a manifest from the start: `inspect` works mid-download
-        adopt_finished()  # shards staged before a crash
-        rc = 0
-        if len(done) < total:
-            if job.out.remote:
-                _mark_staged(job.staging, done)
-            img2dataset = img2dataset or Img2datasetProcess()
-            rc = img2dataset.run(_img2dataset_config(options, job.input_dir, job.staging), job.log_file,
-                                 adopt_finished, lambda: len(done) >= total, poll_s=_poll_s(job.staging))
+        with _owned_download(out_dir, source, options, overwrite) as (job, options):
+            return _download(job, source, options, progress, img2dataset)
     finally:
         if img2dataset is not None:
             img2dataset.stop()
+
+
+def _download(job: _Job, source: str | None, options: DownloadOptions, progress: Progress | None,
+              img2dataset: Img2datasetProcess | None) -> JobResult:
+    total = _split_once(job, source, options)["shards"]
+    progress = progress or make_progress("download")
+    done = set(job.out.completed_ids())
+    progress.start(total, len(done))
+
+    def adopt_finished() -> None:
+        for shard_id in sorted(_staged_done(job.staging) - done):
+            if shard_id >= total or job.out.is_complete(shard_id):
+                done.add(shard_id)
+                continue
+            stats = _adopt_into(job, shard_id, options.samples_per_shard)
+            done.add(shard_id)
+            progress.advance(shards=1, samples=stats["count"])
+
+    _finish(job, options, total, {})  # a manifest from the start: `inspect` works mid-download
+    adopt_finished()  # shards staged before a crash
+    rc = 0
+    if len(done) < total:
+        _mark_staged(job.staging, done)
+        img2dataset = img2dataset or Img2datasetProcess()
+        rc = img2dataset.run(_img2dataset_config(options, job.input_dir, job.staging), job.log_file,
+                             adopt_finished, lambda: len(done) >= total, poll_s=_poll_s(job.staging))
     progress.finish()
     failed = sorted(set(range(total)) - set(job.out.completed_ids()))
     if failed:
         progress.note(f"download: {len(failed)} shard(s) did not complete (img2dataset exit code {rc}, log: {job.log_file}); rerun the same command to finish them")
     else:
         job.remove_staging("img2dataset")  # everything adopted: the staging copies are no longer needed
-    return _finish(job, options, source, total, failed)
+    return _finish(job, options, total, {i: f"not downloaded (img2dataset exit code {rc})" for i in failed})
 
 
 def _poll_s(staging: Path | str) -> float:
@@ -474,20 +444,13 @@ def _poll_s(staging: Path | str) -> float:
     return 0.1 if isinstance(staging, Path) else 1.0
 
 
-def _finish(job: _Job, options: DownloadOptions, source: str | None, total: int, failed: list[int]) -> DownloadResult:
-    """Write the manifest from the shards on disk and summarise them."""
-    recorded = job.read_job() or {}
-    params = {**recorded.get("options", {}), "processes": options.processes, "threads": options.threads,
+def _finish(job: _Job, options: DownloadOptions, total: int, failed: dict[int, str]) -> JobResult:
+    """Write the manifest from the shards present and summarise them."""
+    claim = json.loads((job.work / CLAIM_FILE).read_text())
+    params = {**options.output_shaping(), "processes": options.processes, "threads": options.threads,
               "timeout": options.timeout, "retries": options.retries}
-    manifest = job.out.write_manifest("download", params, recorded.get("input", source), expected_shards=total)
-    return DownloadResult(
-        out_dir=job.out.location,
-        shards_total=total,
-        shards_completed=manifest["shards"]["completed"],
-        samples=manifest["counts"]["samples"],
-        status=manifest["counts"]["status"],
-        failed_shards=failed,
-    )
+    manifest = job.out.write_manifest("download", params, (claim.get("input") or {}).get("location"), expected_shards=total)
+    return JobResult.from_manifest(job.out.location, manifest, failed)
 
 
 def _retryable(row: dict[str, Any]) -> bool:
@@ -498,22 +461,19 @@ def _retryable(row: dict[str, Any]) -> bool:
 
 
 def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | None = None,
-                 progress: Progress | None = None) -> DownloadResult:
+                 progress: Progress | None = None) -> JobResult:
     """Fetch again the failed downloads of completed shards; merge the successes into those shards."""
-    with _output_lock(out_dir):
-        return _retry_failed(out_dir, options, progress)
+    options = options or DownloadOptions()
+    options.validate()
+    with _owned_download(out_dir, None, options, False) as (job, options):
+        return _retry_failed(job, options, progress)
 
 
-def _retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | None = None,
-                  progress: Progress | None = None) -> DownloadResult:
+def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None) -> JobResult:
     """Each shard with retryable failures becomes one small retry shard, merged back as soon as
     img2dataset finishes it: memory holds one shard, and a crash loses at most the merge in flight.
     """
-    options = options or DownloadOptions()
-    options.validate()
-    job = _open_job(out_dir, None, ray=options.ray_address is not None)
-    options, ready = _prepare(job, None, options)
-    total = ready["shards"]
+    total = _split_once(job, None, options)["shards"]
     out = job.out
     url_dir, staging = job.work / "retry" / "input", job.staging_dir("retry/img2dataset")
     progress = progress or make_progress("retry-failed")
@@ -550,7 +510,7 @@ def _retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | No
     else:
         job.remove_staging("retry")
     failed = sorted(set(range(total)) - set(out.completed_ids()))
-    return _finish(job, options, None, total, failed)
+    return _finish(job, options, total, {i: "not downloaded; rerun the download to finish it" for i in failed})
 
 
 def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: int) -> None:
@@ -575,7 +535,7 @@ def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: 
             if ext == "jpg" and retry_key in retry_key_to_key:
                 images[retry_key_to_key[retry_key]] = tar.extractfile(member).read()  # type: ignore[union-attr]
     dst = job.dst
-    with out.staged(shard_id) as src:  # the output itself when local
+    with mirror.staged(out, shard_id) as src:  # the output itself when local
         table = src.read_table(shard_id)
         rows = table.to_pylist()
         retried = [i for i, row in enumerate(rows)
@@ -600,6 +560,4 @@ def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: 
         pq.write_table(merged, parquet_tmp)
         stats = shard_stats(shard_id, merged) | {"retried": src.read_stats(shard_id).get("retried", 0) + len(retried)}
         dst.commit(shard_id, [(tar_tmp, dst.tar_path(shard_id)), (parquet_tmp, dst.parquet_path(shard_id))], stats)
-    if out.remote:
-        out.fs.rm_file(out.remote_path(f"{shard_name(shard_id)}_stats.json"))
-        out.upload_shard(shard_id)
+    mirror.replace_shard(out, shard_id)

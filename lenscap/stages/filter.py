@@ -22,9 +22,10 @@ from typing import Any
 import pyarrow as pa
 from PIL import Image
 
-from lenscap.dataset import IMAGE_SIZE, Dataset
+from lenscap.dataset import Dataset
 from lenscap.errors import UsageError
 from lenscap.filters.base import Annotator
+from lenscap.layout import IMAGE_SIZE
 from lenscap.record import SUCCESS, Sample
 from lenscap.stages.base import Stage
 
