@@ -124,7 +124,7 @@ def _filter_stage(in_dir: Location, rules: FilterRules | None, annotators: Itera
     from lenscap.stages.filter import FilterStage
 
     stage = FilterStage(rules or FilterRules(), list(annotators), blocklist)
-    stage.check_where(Dataset.open(in_dir))  # a bad --where fails here, with DuckDB's message, before any work
+    stage.check_rules(Dataset.open(in_dir))  # bad values or a bad --where fail here, before any work
     return stage
 
 

@@ -671,8 +671,6 @@ def filter_outcome(*, in_dir, out_dir, min_side, max_aspect, min_bytes, caption_
     from lenscap.progress import make_progress
     from lenscap.stages.filter import load_blocklist
 
-    if status not in ("success", "any"):
-        raise UsageError(f"--status must be success or any, not {status!r}")
     runner = _executor(executor, processes, ray_address)
     thresholds: dict[str, float | None] = {}
     for name in (annotate or "").split(","):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tomllib
@@ -46,6 +47,9 @@ SHIPPED = Path(__file__).parent / "recipes"
 COMMANDS = ("download", "filter", "caption", "dedup", "shard", "report")
 BUILTINS = ("new-urls", "release")
 _TOP_KEYS = {"description", "input", "work_dir", "releases", "stages"}
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# Stand-ins for a command's positional arguments when its options are checked before the run.
+_PLACEHOLDERS = {"download": ["INPUT", "OUT"], "report": ["IN"]} | {c: ["IN", "OUT"] for c in ("filter", "caption", "dedup", "shard")}
 
 
 @dataclass
@@ -90,12 +94,19 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, work_dir:
     if unknown:
         raise UsageError(f"recipe {path}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_TOP_KEYS))})")
     stages = []
-    for n, entry in enumerate(raw.get("stages") or [], 1):
+    entries = raw.get("stages") or []
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        raise UsageError(f"recipe {path}: stages must be [[stages]] tables (run = \"download\", ...), not {entries!r}")
+    for n, entry in enumerate(entries, 1):
         entry = dict(entry)
         run = entry.pop("run", None)
         if run not in COMMANDS + BUILTINS:
             raise UsageError(f"recipe {path}, stage {n}: run must be one of {', '.join(COMMANDS + BUILTINS)}, not {run!r}")
-        stages.append(RecipeStage(run, str(entry.pop("name", run)), entry))
+        name = entry.pop("name", run)
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            # The name is a directory in the work directory: never a path that leaves it.
+            raise UsageError(f"recipe {path}, stage {n}: name must be a plain name (letters, digits, . _ -), not {name!r}")
+        stages.append(RecipeStage(run, name, entry))
     if not stages:
         raise UsageError(f"recipe {path} has no [[stages]]")
     names = [s.name for s in stages]
@@ -121,6 +132,12 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, work_dir:
     work = Path(work_dir if work_dir is not None else raw.get("work_dir") or path.stem)
     if any(s.run in BUILTINS for s in stages) and not releases:
         raise UsageError(f"recipe {path}: new-urls and release need releases = \"DIR\"")
+    for stage in stages:  # every stage's options, checked before the first stage runs
+        if stage.run in COMMANDS:
+            try:
+                _parse([stage.run, *_PLACEHOLDERS[stage.run], *_flags(stage.options, [])])
+            except UsageError as e:
+                raise UsageError(f"recipe {path}, {stage.name}: {str(e).removeprefix(f'stage {stage.run}: ')}") from None
     return Recipe(path, str(source), work, stages, work / releases if releases else None, raw.get("description", ""))
 
 
@@ -146,9 +163,19 @@ def _invoke(argv: list[str]) -> tuple[int, dict[str, Any]]:
     """Run one lenscap command in this process: its flags parsed and checked as the command line
     does, then the command's own work (``lenscap.cli.OUTCOMES``, which calls ``lenscap.api``).
     Returns its exit code and its summary; notes for a person go to stderr, as the command says them."""
+    from lenscap.cli import OUTCOMES
+
+    outcome = OUTCOMES[argv[0]](**_parse(argv))
+    for line in outcome.notes:
+        print(line, file=sys.stderr)
+    return outcome.exit_code, outcome.summary
+
+
+def _parse(argv: list[str]) -> dict[str, Any]:
+    """A command line's flags, parsed and checked as the command line does (names, types, choices)."""
     import typer.main
 
-    from lenscap.cli import OUTCOMES, app
+    from lenscap.cli import app
 
     name, args = argv[0], argv[1:]
     command = typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
@@ -160,11 +187,7 @@ def _invoke(argv: list[str]) -> tuple[int, dict[str, Any]]:
             raise UsageError(f"stage {name}: {e.format_message()}") from None
         raise
     # click gives a repeated option as a tuple, and () when absent; the command takes a list or None
-    flags = {k: (list(v) or None) if isinstance(v, tuple) else v for k, v in flags.items() if k != "as_json"}
-    outcome = OUTCOMES[name](**flags)
-    for line in outcome.notes:
-        print(line, file=sys.stderr)
-    return outcome.exit_code, outcome.summary
+    return {k: (list(v) or None) if isinstance(v, tuple) else v for k, v in flags.items() if k != "as_json"}
 
 
 def _releases(recipe: Recipe) -> list[Path]:

@@ -219,3 +219,42 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
     assert run_cli("filter", str(src), str(tmp_path / "clean"), *args[3:]).returncode == 0
     assert rows(tmp_path / "out") == rows(tmp_path / "clean")
     assert tar_members(tmp_path / "out") == tar_members(tmp_path / "clean")
+
+
+def test_where_is_one_expression_on_the_dataset_alone_and_rules_are_checked(tmp_path):
+    """--where is SQL a user (or a recipe) wrote: it reads the shard's columns and nothing else; no file
+    is read or written, and what is not one expression is refused. Values no rule can mean are refused."""
+    from conftest import run_cli_here
+
+    src = str(sizes_dataset(tmp_path))
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET\n")
+    pwned = tmp_path / "pwned.csv"
+    hostile = {
+        f"(SELECT content FROM read_text('{secret}')) LIKE 'TOP%'": "file system operations are disabled",
+        f"(SELECT count(*) FROM read_csv('{secret}')) > 0": "file system operations are disabled",
+        f"(SELECT count(*) FROM glob('{tmp_path}/*')) > 0": "file system operations are disabled",
+        f"true), false) THEN 1 END FROM t; COPY (SELECT 42) TO '{pwned}'; SELECT (coalesce((true": "one SQL expression",
+        "width > 0) OR (true": "one SQL expression",
+        "width > 0; SELECT 1": "one SQL expression",
+        "   ": "--where is empty",
+    }
+    for where, message in hostile.items():
+        code, _, err = run_cli_here("filter", src, str(tmp_path / "out"), "--where", where, "--quiet")
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (where, err)
+        assert not (tmp_path / "out").exists() and not pwned.exists()
+    code, _, err = run_cli_here("filter", src, str(tmp_path / "out"), "--where", "widht > 3", "--quiet")
+    assert code == 2 and 'column "widht" not found' in err and "(columns: key, " in err and "width, height" in err
+
+    for flags, message in ((["--max-aspect", "-1"], "--max-aspect is a ratio of the longer side to the shorter one, at least 1"),
+                           (["--min-side", "-5"], "--min-side must not be negative"),
+                           (["--min-bytes", "-1"], "--min-bytes must not be negative"),
+                           (["--caption-min-words", "10", "--caption-max-words", "3"], "--caption-min-words 10 is more than --caption-max-words 3")):
+        for dry in ([], ["--dry-run"]):
+            code, _, err = run_cli_here("filter", src, str(tmp_path / "out"), *flags, *dry, "--quiet")
+            assert code == 2 and message in err, (flags, err)
+            assert not (tmp_path / "out").exists()
+
+    # A fair expression still works, the same as before.
+    code, out, err = run_cli_here("filter", src, str(tmp_path / "out"), "--where", "width >= 200 AND caption ILIKE '%a%'", "--json", "--quiet")
+    assert code == 0, err

@@ -203,3 +203,25 @@ def test_shipped_recipes_give_their_commands_valid_flags(recipe):
             commands[stage.run].make_context(stage.run, positional + _flags(stage.options, [Path("r0")]))
     with pytest.raises(Exception, match="No such option: --no-such-flag"):  # the check above can fail
         commands["filter"].make_context("filter", ["IN", "OUT", "--no-such-flag", "1"])
+
+
+def test_a_recipe_is_checked_whole_before_its_first_stage_runs(tmp_path, image_server):
+    """A typo in the last stage, a value of the wrong type, stages that are not tables and a stage name
+    that is a path: each is exit 2 before anything runs or is written."""
+    from conftest import run_cli_here
+
+    urls = write_urls(tmp_path / "urls.csv", image_server, OK_PATHS[:2])
+    work = tmp_path / "work"
+    good = RECIPE.format(urls=urls, work=work)
+    cases = {
+        good.replace("sample = 4", "sampel = 4"): "report: No such option: --sampel",
+        good.replace("min_side = 10", 'min_side = "big"'): "filter: Invalid value for '--min-side'",
+        f'input = "{urls}"\nwork_dir = "{work}"\nstages = "download"\n': "stages must be [[stages]] tables",
+        good.replace('run = "filter"', 'run = "filter"\nname = "../../escaped"'): "name must be a plain name",
+    }
+    for text, message in cases.items():
+        recipe = tmp_path / "recipe.toml"
+        recipe.write_text(text)
+        code, _, err = run_cli_here("run", str(recipe), "--quiet")
+        assert code == 2 and message in err and "Traceback" not in err, (message, err)
+        assert not work.exists() and not (tmp_path.parent / "escaped").exists()  # nothing ran, nothing was written

@@ -27,6 +27,7 @@ from lenscap.errors import UsageError
 from lenscap.filters.base import Annotator
 from lenscap.layout import IMAGE_SIZE
 from lenscap.record import SUCCESS, Sample
+from lenscap.sql import sandboxed, user_expression
 from lenscap.stages.base import Stage
 
 __all__ = ["FilterRules", "FilterStage", "load_blocklist"]
@@ -69,8 +70,32 @@ class FilterRules:
                         f"printf('%d words > %d', {_WORDS}, {int(self.caption_max_words)})"))
         if self.where:
             literal = self.where.replace("'", "''")
-            out.append(("where", f"NOT coalesce(({self.where}), false)", f"'not ({literal})'"))
+            out.append(("where", f"NOT coalesce(({user_expression(self.where, '--where')}), false)", f"'not ({literal})'"))
         return out
+
+    def validate(self) -> None:
+        """Values no rule can mean (a negative size, an aspect ratio under 1, more words required than
+        allowed) are usage errors, not a run that drops everything; ``--where`` must be one expression."""
+        checks = [
+            (self.min_side is None or self.min_side >= 0, f"--min-side must not be negative, not {self.min_side}"),
+            (self.max_aspect is None or self.max_aspect >= 1,
+             f"--max-aspect is a ratio of the longer side to the shorter one, at least 1, not {self.max_aspect}"),
+            (self.min_bytes is None or self.min_bytes >= 0, f"--min-bytes must not be negative, not {self.min_bytes}"),
+            (self.caption_min_words is None or self.caption_min_words >= 0,
+             f"--caption-min-words must not be negative, not {self.caption_min_words}"),
+            (self.caption_max_words is None or self.caption_max_words >= 0,
+             f"--caption-max-words must not be negative, not {self.caption_max_words}"),
+            (None in (self.caption_min_words, self.caption_max_words) or self.caption_min_words <= self.caption_max_words,  # type: ignore[operator]
+             f"--caption-min-words {self.caption_min_words} is more than --caption-max-words {self.caption_max_words}"),
+            (self.status in (SUCCESS, "any"), f"--status must be success or any, not {self.status!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        if self.where is not None:
+            if not self.where.strip():
+                raise UsageError("--where is empty; give an SQL expression over the dataset's columns, or leave it out")
+            user_expression(self.where, "--where")
 
     def query(self) -> str:
         """The dropped rows of table ``t``: key, rule, detail (kept rows never leave DuckDB)."""
@@ -123,21 +148,25 @@ class FilterStage(Stage):
                 schema = schema.append(f)
         return schema
 
-    def check_where(self, src: Dataset) -> None:
-        """Run the rules on no rows of the first shard: a bad --where or a missing column fails here,
-        with DuckDB's message, before any work."""
+    def check_rules(self, src: Dataset) -> None:
+        """Check the rules, then run them on no rows of the first shard: a bad value, a bad --where or a
+        missing column fails here, before any work, naming the columns there are."""
         import duckdb
 
+        self.rules.validate()
         shards = src.completed_ids()
         if not shards:
             return
         empty = src.read_schema(shards[0]).empty_table().append_column("image_bytes", pa.array([], pa.int64()))
-        con = duckdb.connect()
+        con = sandboxed()
         con.register("t", empty)
         try:
             con.execute(self.rules.query()).fetchall()
         except duckdb.Error as e:
-            raise UsageError(f"filter rules cannot run on {src.location}: {str(e).splitlines()[0]}") from None
+            message = str(e).splitlines()[0]
+            if isinstance(e, duckdb.BinderException):
+                message += f" (columns: {', '.join(empty.column_names)})"
+            raise UsageError(f"filter rules cannot run on {src.location}: {message}") from None
         finally:
             con.close()
 
@@ -166,11 +195,9 @@ class FilterStage(Stage):
 
     def _duckdb(self) -> Any:
         """One in-memory DuckDB connection per worker process (not pickled with the stage)."""
-        import duckdb
-
         con = self.__dict__.get("_con")
         if con is None:
-            con = self.__dict__["_con"] = duckdb.connect()
+            con = self.__dict__["_con"] = sandboxed()  # --where is the user's SQL
         return con
 
     def __getstate__(self) -> dict[str, Any]:
