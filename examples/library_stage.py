@@ -40,7 +40,7 @@ def main(work: Path) -> None:
         urls = work / "urls.jsonl"
         urls.write_text("".join(json.dumps({"url": server.url(p), "caption": scene_caption(i)}) + "\n"
                                 for i, p in enumerate(routes)))
-        lc.download(urls, work / "raw", lc.DownloadOptions(samples_per_shard=10, processes=1))
+        lc.download(urls, work / "raw", lc.DownloadOptions(samples_per_shard=10, processes=1, allow_private_network=True))
     result = lc.run_stage(CountCaptionWords(), work / "raw", work / "counted", processes=2)
     info = lc.inspect(work / "counted")
     print(f"{result.samples} samples in {result.shards_completed} shards; columns: {', '.join(info['columns'])}")

@@ -132,6 +132,7 @@ def download(
     user_agent_token: Annotated[str, typer.Option(help="Token added to the User-Agent and matched against X-Robots-Tag directives.")] = "lenscap",
     respect_opt_out: Annotated[bool, typer.Option(help="Skip images whose server sends X-Robots-Tag noai/noimageai/noindex/noimageindex.")] = True,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="After downloading, fetch the failed downloads of completed shards again and merge the successes.")] = False,
+    allow_private_network: Annotated[bool, typer.Option(help="Also fetch from loopback, private, link-local and other non-public addresses (refused by default: a URL list must not reach your network).")] = False,
     overwrite: OverwriteOpt = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
@@ -572,7 +573,8 @@ def demo(
 
 def download_outcome(*, paths, url_col, caption_col, extra_cols, samples_per_shard, processes, threads,
         image_size, resize_mode, upscale, min_image_size, max_aspect_ratio, max_pixels, timeout, retries,
-        user_agent_token, respect_opt_out, retry_failed, overwrite, executor, ray_address, quiet) -> Outcome:
+        user_agent_token, respect_opt_out, retry_failed, allow_private_network, overwrite, executor, ray_address,
+        quiet) -> Outcome:
     if len(paths) == 2:
         source, out_dir = paths
     elif len(paths) == 1 and retry_failed:
@@ -593,6 +595,7 @@ def download_outcome(*, paths, url_col, caption_col, extra_cols, samples_per_sha
             resize_mode=resize_mode, upscale=upscale, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
             max_pixels=max_pixels, timeout=timeout, retries=retries, user_agent_token=user_agent_token or None,
             respect_opt_out=respect_opt_out, ray_address=_ray_cluster(executor, processes, ray_address),
+            allow_private_network=allow_private_network,
         )
         result = api.download(source, out_dir, options, retry_failed=retry_failed, overwrite=overwrite, quiet=quiet,
                               img2dataset=img2dataset)

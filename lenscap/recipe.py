@@ -234,6 +234,8 @@ def _run(recipe: Recipe, quiet: bool) -> dict[str, Any]:
                 argv = ["release", str(dataset)]
             elif stage.run == "download":
                 argv = ["download", source, str(out), *_flags(stage.options, releases)]
+                if demo_server is not None and "--allow-private-network" not in argv:
+                    argv.append("--allow-private-network")  # the demo's own images, served on loopback
             elif stage.run == "report":
                 argv = ["report", str(dataset), "--out", str(base / f"{stage.name}.html"), *_flags(stage.options, releases)]
             else:

@@ -48,8 +48,18 @@ class CliResult:
     stderr: str
 
 
+def loopback(args: tuple[str, ...] | list[str]) -> list[str]:
+    """``args`` of a ``download`` with ``--allow-private-network``: this suite serves its images on
+    loopback, which a download refuses by default. A test of that refusal says ``--no-allow-private-network``."""
+    args = list(args)
+    if args[:1] == ["download"] and not {"--allow-private-network", "--no-allow-private-network"} & set(args):
+        args.append("--allow-private-network")
+    return args
+
+
 def run_cli(*args: str, stdin: str | None = None, timeout: float = 180, env: dict[str, str] | None = None) -> CliResult:
     """``lenscap ARGS`` in a subprocess; ``env`` entries are added to (None values removed from) ours."""
+    args = tuple(loopback(args))
     full_env = dict(os.environ)
     for k, v in (env or {}).items():
         if v is None:
@@ -75,7 +85,7 @@ def run_cli_here(*args: str) -> tuple[int, str, str]:
 
     out, err = io.StringIO(), io.StringIO()
     argv = sys.argv
-    sys.argv = ["lenscap", *args]
+    sys.argv = ["lenscap", *loopback(args)]
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:

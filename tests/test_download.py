@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -65,7 +66,8 @@ def _rows(ds: Dataset) -> list[dict]:
 
 def test_every_sample_gets_an_exact_outcome(tmp_path, image_server):
     by_url = _write_csv(tmp_path / "urls.csv", image_server, EXPECTED)
-    opts = DownloadOptions(extra_cols=["source_id"], samples_per_shard=6, processes=2, threads=4, timeout=1, retries=0)
+    opts = DownloadOptions(extra_cols=["source_id"], samples_per_shard=6, processes=2, threads=4, timeout=1, retries=0,
+                           allow_private_network=True)
     result = download(str(tmp_path / "urls.csv"), tmp_path / "out", opts)
     assert result.exit_code == 0
     ds = Dataset.open(tmp_path / "out")
@@ -113,7 +115,7 @@ def test_rerun_of_a_finished_download_fetches_nothing(tmp_path):
     routes = {f"/a/{i}.jpg": Route(jpeg_bytes(scene(i, (64, 64)))) for i in range(6)}
     with ImageServer(routes) as server:
         (tmp_path / "urls.txt").write_text("\n".join(server.url(p) for p in routes) + "\n")
-        opts = DownloadOptions(samples_per_shard=4, processes=1, threads=2)
+        opts = DownloadOptions(samples_per_shard=4, processes=1, threads=2, allow_private_network=True)
         assert download(str(tmp_path / "urls.txt"), tmp_path / "out", opts).exit_code == 0
         hits = dict(server.hits)
         before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("0*")}
@@ -131,7 +133,7 @@ def test_retry_failed_merges_later_successes(tmp_path):
     with ImageServer(routes) as server:
         paths = list(routes) + ["/gone.jpg"]
         _write_csv(tmp_path / "urls.csv", server, paths)
-        opts = DownloadOptions(samples_per_shard=3, processes=1, threads=2, retries=0)
+        opts = DownloadOptions(samples_per_shard=3, processes=1, threads=2, retries=0, allow_private_network=True)
         first = download(str(tmp_path / "urls.csv"), tmp_path / "out", opts)
         assert first.status == {"failed_to_download": 4, "success": 4}
         ds = Dataset.open(tmp_path / "out")
@@ -169,7 +171,7 @@ def test_retry_failed_merges_later_successes(tmp_path):
         assert server.hits["/noai.jpg"] == 1, "an opt-out is final: never asked again"
         assert server.hits["/gone.jpg"] == 2, "a 404 is tried once more"
         # Nothing is left to retry: a second pass changes nothing.
-        again = retry_failed(tmp_path / "out", DownloadOptions(retries=0))
+        again = retry_failed(tmp_path / "out", DownloadOptions(retries=0, allow_private_network=True))
         assert again.status == {"failed_to_download": 2, "success": 6}
         assert not (tmp_path / "out" / ".lenscap" / "retry").exists()
 
@@ -298,3 +300,73 @@ def test_input_is_cut_into_shards_across_files_in_order(tmp_path):
     assert [len(s) for s in shards] == [4, 4, 1]
     assert [r["url"] for s in shards for r in s] == [f"http://a/{i}.jpg" for i in range(3)] + [f"http://b/{i}.jpg" for i in range(6)]
     assert shards[0][2]["caption"] is None and shards[0][3]["caption"] == "cap 0"
+
+
+def _statuses(out: Path) -> dict[str, tuple[str, str | None]]:
+    ds = Dataset(out)
+    return {r["url"]: (r["status"], r["error_message"]) for i in ds.completed_ids() for r in ds.read_table(i).to_pylist()}
+
+
+def test_private_addresses_are_refused_at_the_connection_unless_allowed(tmp_path, image_server):
+    """Server-side request forgery: loopback in every spelling (a name, hex and decimal numbers, v6),
+    link-local (a cloud's metadata service), private and shared addresses are each a per-sample
+    failure naming the rule, and no request reaches them; --allow-private-network fetches loopback."""
+    port = image_server.url("/").rsplit(":", 1)[1].split("/")[0]
+    loopback = [image_server.url("/ok/0.jpg"), f"http://localhost:{port}/ok/1.jpg", f"http://0x7f000001:{port}/ok/2.jpg",
+                f"http://2130706433:{port}/ok/3.jpg", f"http://[::1]:{port}/ok/4.jpg"]
+    # Refused before any connection is tried, so no packet leaves this machine for them.
+    elsewhere = {"http://169.254.169.254/latest/meta-data/iam/": "link-local", "http://10.255.255.1/a.jpg": "private or special-purpose",
+                 "http://100.64.0.1/a.jpg": "shared (CGNAT)", "http://224.0.0.1/a.jpg": "multicast",
+                 "http://0.0.0.0/a.jpg": "unspecified"}
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(u + "\n" for u in [*loopback, *elsewhere]))
+    before = {p: image_server.hits.get(p, 0) for p in [f"/ok/{i}.jpg" for i in range(5)]}
+    flags = ["--samples-per-shard", "20", "--processes", "1", "--threads", "4", "--timeout", "2", "--retries", "1", "--quiet"]
+    res = run_cli("download", str(urls), str(tmp_path / "out"), *flags, "--no-allow-private-network")
+    assert res.returncode == 0, res.stderr
+    got = _statuses(tmp_path / "out")
+    for url in loopback:
+        assert got[url][0] == "failed_to_download" and "refused to connect" in got[url][1], (url, got[url])
+        assert "a loopback address; pass --allow-private-network" in got[url][1]
+    for url, kind in elsewhere.items():
+        assert got[url][0] == "failed_to_download" and f"a {kind} address" in got[url][1], (url, got[url])
+    assert {p: image_server.hits.get(p, 0) for p in before} == before  # nothing reached the server
+
+    # --retry-failed does not ask a refused address again; with the flag it fetches loopback.
+    assert run_cli("download", "--retry-failed", str(tmp_path / "out"), *flags, "--no-allow-private-network").returncode == 0
+    assert {p: image_server.hits.get(p, 0) for p in before} == before
+    only_loopback = tmp_path / "loopback.txt"
+    only_loopback.write_text("".join(u + "\n" for u in loopback[:4]))  # [::1]: the server listens on 127.0.0.1 only
+    assert run_cli("download", str(only_loopback), str(tmp_path / "allowed"), *flags, "--allow-private-network").returncode == 0
+    assert {s for s, _ in _statuses(tmp_path / "allowed").values()} == {"success"}
+
+
+def test_every_redirect_hop_and_every_resolved_address_is_vetted(monkeypatch, image_server):
+    """In the opener img2dataset's workers use: a public host that redirects to the metadata service,
+    and a name that resolves to a private address, are refused; a resolver stub stands in for DNS and
+    for a public address, so no traffic leaves the machine."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    from lenscap import netguard
+
+    image_server.routes["/to-metadata"] = Route(b"", "text/plain", 302, {"Location": "http://169.254.169.254/latest/"})
+    real_refusal, real_resolve = netguard.refusal, netguard._resolve
+
+    def stub_resolve(host: str, port: int):
+        if host == "images.example.com":  # DNS answering with an address inside the network
+            return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.0.0.5", port))]
+        return real_resolve(host, port)
+
+    # The test server stands in for a public host: its address alone is let through.
+    monkeypatch.setattr(netguard, "refusal", lambda ip: None if str(ip) == "127.0.0.1" else real_refusal(ip))
+    monkeypatch.setattr(netguard, "_resolve", stub_resolve)
+    opener = urllib.request.build_opener(netguard.GuardedHTTPHandler, netguard.GuardedHTTPSHandler)
+    assert opener.open(image_server.url("/ok/0.jpg"), timeout=5).read()[:2] == b"\xff\xd8"
+    hits = image_server.hits.get("/to-metadata", 0)
+    with pytest.raises(urllib.error.URLError, match=re.escape("refused to connect 169.254.169.254: a link-local address")):
+        opener.open(image_server.url("/to-metadata"), timeout=5)
+    assert image_server.hits["/to-metadata"] == hits + 1  # the first hop was fetched; the second was refused
+    with pytest.raises(urllib.error.URLError, match=re.escape("refused to connect images.example.com (10.0.0.5): a private")):
+        opener.open("http://images.example.com/a.jpg", timeout=5)

@@ -16,7 +16,7 @@ from lenscap.demo.images import jpeg_bytes, scene
 from lenscap.demo.server import ImageServer, Route
 from lenscap.stages.download import DownloadOptions, download
 
-ARGS = ["--samples-per-shard", "10", "--processes", "1", "--threads", "2", "--quiet"]
+ARGS = ["--samples-per-shard", "10", "--processes", "1", "--threads", "2", "--allow-private-network", "--quiet"]
 
 
 def _shard_contents(ds: Dataset) -> dict[int, tuple[list[dict], dict[str, bytes]]]:
@@ -68,7 +68,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path):
         (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
 
         reference = tmp_path / "reference"
-        opts = DownloadOptions(samples_per_shard=10, processes=1, threads=2)
+        opts = DownloadOptions(samples_per_shard=10, processes=1, threads=2, allow_private_network=True)
         assert download(str(tmp_path / "urls.txt"), reference, opts).exit_code == 0
         hits_after_reference = dict(server.hits)
 

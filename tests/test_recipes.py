@@ -22,6 +22,7 @@ work_dir = "{work}"
 
 [[stages]]
 run = "download"
+allow_private_network = true  # the test server is on loopback
 samples_per_shard = 3
 processes = 1
 threads = 4
@@ -135,7 +136,7 @@ def test_refresh_twice_adds_only_new_images(tmp_path, image_server):
     work = tmp_path / "refresh"
     urls = tmp_path / "urls.csv"
     common = ["--input", str(urls), "--work-dir", str(work), "--set", "caption.backend=describe", "--set", "caption.model=",
-              "--set", "caption.max_cost=", "--set", "download.threads=4", "--json", "--quiet"]
+              "--set", "caption.max_cost=", "--set", "download.threads=4", "--set", "download.allow_private_network=true", "--json", "--quiet"]
     write_urls(urls, image_server, OK_PATHS[:4])
     r = run_cli("run", "refresh", *common, env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr

@@ -26,7 +26,8 @@ from lenscap.inspect import inspect_dataset
 from conftest import run_cli
 
 SHARDS = 10
-ARGS = ("--samples-per-shard", "5", "--processes", "1", "--threads", "4", "--timeout", "5", "--retries", "0", "--quiet")
+ARGS = ("--samples-per-shard", "5", "--processes", "1", "--threads", "4", "--timeout", "5", "--retries", "0",
+        "--allow-private-network", "--quiet")
 COLUMNS = ("status", "error_message", "width", "height", "sha256")
 SHARD_FILES = {f"{i:05d}{ext}" for i in range(SHARDS) for ext in (".tar", ".parquet", "_stats.json")}
 SECRET = "lenscap-test-secret"  # the store's test secret key (conftest's s3_store)
@@ -171,7 +172,7 @@ def test_a_failure_mid_upload_leaves_the_shard_incomplete_and_the_rerun_uploads_
         return real_pipe(path, *args, **kwargs)
 
     def opts() -> DownloadOptions:
-        return DownloadOptions(samples_per_shard=5, processes=1, threads=4, timeout=5, retries=0)
+        return DownloadOptions(samples_per_shard=5, processes=1, threads=4, timeout=5, retries=0, allow_private_network=True)
 
     url_list.reset()
     monkeypatch.setattr(s3_store, "pipe_file", dies_on_stats)

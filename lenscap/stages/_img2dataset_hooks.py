@@ -5,7 +5,9 @@ sends them its resizer by pickle. Handing it ``GuardedResizer`` instead of its o
 makes every worker import this module, which:
 
 - installs a URL opener that speaks only http and https (img2dataset's urllib would also read
-  ``file://`` and ``data:`` URLs, a local-file leak for untrusted URL lists);
+  ``file://`` and ``data:`` URLs, a local-file leak for untrusted URL lists), and connects only to
+  globally routable addresses unless ``--allow-private-network`` (``lenscap.netguard``: checked on
+  the resolved address, on every redirect hop);
 - checks each downloaded body before OpenCV decodes it, so HTML served as a JPEG, truncated files
   and decompression bombs get a status naming the problem instead of OpenCV's generic one or an
   out-of-memory kill.
@@ -29,6 +31,8 @@ import urllib.request
 from img2dataset.resizer import Resizer
 from PIL import Image
 
+from lenscap import netguard
+
 # The package re-exports a function named ``main`` over its module of that name: fetch the module.
 _i2d_main = importlib.import_module("img2dataset.main")
 
@@ -49,8 +53,8 @@ def build_http_only_opener() -> urllib.request.OpenerDirector:
     for handler in (
         _OnlyHttpHandler,
         urllib.request.ProxyHandler,  # honours http_proxy / https_proxy / no_proxy, as urllib's default does
-        urllib.request.HTTPHandler,
-        urllib.request.HTTPSHandler,
+        netguard.GuardedHTTPHandler,
+        netguard.GuardedHTTPSHandler,
         urllib.request.HTTPDefaultErrorHandler,
         urllib.request.HTTPRedirectHandler,  # refuses redirects to non-http schemes itself
         urllib.request.HTTPErrorProcessor,
@@ -92,9 +96,16 @@ def check_image_bytes(data: bytes, max_pixels: int) -> str | None:
 class GuardedResizer(Resizer):
     """img2dataset's resizer, after a header-level check of the downloaded bytes."""
 
-    def __init__(self, *args, max_pixels: int = DEFAULT_MAX_PIXELS, **kwargs) -> None:
+    def __init__(self, *args, max_pixels: int = DEFAULT_MAX_PIXELS, allow_private_network: bool = False, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_pixels = max_pixels
+        self.allow_private_network = allow_private_network
+
+    def __setstate__(self, state: dict) -> None:
+        # img2dataset's workers receive the resizer by pickle before they fetch anything (a spawned
+        # process, a Ray task on another node): the network rule travels with it.
+        self.__dict__.update(state)
+        netguard.allow_private_network(self.__dict__.get("allow_private_network", False))
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         # A Ray worker (img2dataset's ray distributor) never ran main() below: the same second line here.
@@ -135,6 +146,8 @@ def main(parent: int) -> int:
         os.dup2(log.fileno(), 2)
     config = request["download"]
     max_pixels = int(config.pop("max_pixels"))
+    allow_private = bool(config.pop("allow_private_network", False))
+    netguard.allow_private_network(allow_private)
     ray_address = config.pop("ray_address", None)
     if ray_address:  # img2dataset's ray distributor runs its tasks on the cluster we join here
         import ray
@@ -144,7 +157,7 @@ def main(parent: int) -> int:
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
 
     def resizer_factory(*args, **kwargs):
-        return GuardedResizer(*args, max_pixels=max_pixels, **kwargs)
+        return GuardedResizer(*args, max_pixels=max_pixels, allow_private_network=allow_private, **kwargs)
 
     _i2d_main.Resizer = resizer_factory  # the one name download() constructs its resizer by
     _i2d_main.download(**config)

@@ -49,6 +49,7 @@ from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows
 from lenscap.journal import atomic_write_json
 from lenscap.layout import IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, adopt_old_work_dir, shard_name, stats_name
 from lenscap.manifest import shard_stats
+from lenscap.netguard import REFUSED
 from lenscap.progress import Progress, make_progress
 from lenscap.result import JobResult
 from lenscap.runner import owned_output
@@ -94,6 +95,8 @@ class DownloadOptions:
     # A Ray cluster's GCS address: img2dataset then runs one Ray task per shard there (its "ray"
     # distributor) instead of --processes local processes. Where the work runs shapes nothing.
     ray_address: str | None = None
+    # Fetch from loopback, private, link-local and other non-global addresses too (lenscap.netguard).
+    allow_private_network: bool = False
 
     def validate(self) -> None:
         checks = [
@@ -116,7 +119,9 @@ class DownloadOptions:
     def output_shaping(self) -> dict[str, Any]:
         """The options a rerun must repeat for its shards to match the earlier ones."""
         d = asdict(self)
-        for how_fast in ("processes", "threads", "retries", "timeout", "ray_address"):
+        # Like --timeout, the network rule decides which fetches succeed, not what a success is: a rerun
+        # may change it, and --retry-failed fetches what it refused before.
+        for how_fast in ("processes", "threads", "retries", "timeout", "ray_address", "allow_private_network"):
             d.pop(how_fast)
         d["max_aspect_ratio"] = None if math.isinf(self.max_aspect_ratio) else self.max_aspect_ratio
         return d
@@ -379,7 +384,8 @@ def _staged_done(staging: Path | str) -> set[int]:
 def _img2dataset_config(options: DownloadOptions, url_dir: Path, staging: Path | str) -> dict[str, Any]:
     if isinstance(staging, Path):  # img2dataset makes a remote one itself
         staging.mkdir(parents=True, exist_ok=True)
-    return options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels, "ray_address": options.ray_address}
+    return options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels, "ray_address": options.ray_address,
+                                                           "allow_private_network": options.allow_private_network}
 
 
 def download(
@@ -453,10 +459,14 @@ def _finish(job: _Job, options: DownloadOptions, total: int, failed: dict[int, s
     return JobResult.from_manifest(job.out.location, manifest, failed)
 
 
-def _retryable(row: dict[str, Any]) -> bool:
+def _retryable(row: dict[str, Any], allow_private_network: bool) -> bool:
+    """A failed download worth asking again: not one the server or the URL rules out, nor an address the
+    network rule refused (unless this run allows it)."""
     if row.get("status") != "failed_to_download":
         return False
     message = row.get("error_message") or ""
+    if REFUSED in message and not allow_private_network:
+        return False
     return not any(p in message for p in _PERMANENT_ERRORS)
 
 
@@ -484,7 +494,7 @@ def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None
         for shard_id in out.completed_ids():
             rows = [{"url": row["url"], "caption": row.get("caption"), **{c: row.get(c) for c in options.extra_cols},
                      "lenscap_key": row["key"]}
-                    for row in out.read_table(shard_id).to_pylist() if _retryable(row)]
+                    for row in out.read_table(shard_id).to_pylist() if _retryable(row, options.allow_private_network)]
             if rows:
                 pq.write_table(rows_to_table(rows), url_dir / f"{shard_name(len(origin))}.parquet")
                 origin.append(shard_id)
