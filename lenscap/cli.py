@@ -462,7 +462,10 @@ def inspect(
     table = Table(title=f"{info['path']}  (stage: {info['stage'] or 'unknown'})", show_header=False)
     shards = info["shards"]
     expected = f" of {shards['expected']}" if shards["expected"] is not None else ""
-    table.add_row("shards", f"{shards['complete']} complete{expected}, {shards['incomplete']} incomplete")
+    table.add_row("shards", f"{shards['complete']} complete{expected}, {shards['incomplete']} incomplete"
+                  + (f", {shards['damaged']} damaged" if shards.get("damaged") else ""))
+    for name, why in info.get("damaged_shards", {}).items():
+        table.add_row("damaged", f"shard {name}: {why}; rerun the command that wrote it")
     if info["input_incomplete_shards"]:
         table.add_row("left out", f"input shards {', '.join(info['input_incomplete_shards'])} were incomplete (--allow-incomplete)")
     table.add_row("samples", str(info["samples"]))

@@ -188,7 +188,17 @@ class Dataset:
     # -- reading --------------------------------------------------------------------------------
 
     def read_stats(self, shard_id: int) -> dict[str, Any]:
-        return json.loads(self.fs.cat_file(self.file(stats_name(shard_id))))
+        return self._parse_stats(shard_id, self.fs.cat_file(self.file(stats_name(shard_id))))
+
+    def _parse_stats(self, shard_id: int, blob: bytes) -> dict[str, Any]:
+        try:
+            stats = json.loads(blob)
+        except ValueError:
+            stats = None
+        if not isinstance(stats, dict):
+            raise DatasetError(f"{self.location}/{stats_name(shard_id)} is not a stats file lenscap wrote ({len(blob)} bytes); "
+                               "delete it to have the stage that wrote the shard write it again")
+        return stats
 
     def read_all_stats(self, ids: list[int]) -> list[dict[str, Any]]:
         """The stats of shards ``ids``, in order (concurrently on object stores)."""
@@ -197,7 +207,50 @@ class Dataset:
         paths = [self.file(stats_name(i)) for i in ids]
         blobs = self.fs.cat(paths)
         by_name = {p.rstrip("/").rsplit("/", 1)[-1]: b for p, b in blobs.items()}
-        return [json.loads(by_name[p.rsplit("/", 1)[-1]]) for p in paths]
+        return [self._parse_stats(i, by_name[p.rsplit("/", 1)[-1]]) for i, p in zip(ids, paths, strict=True)]
+
+    def file_sizes(self) -> dict[str, int]:
+        """The size of each file in the dataset directory (not below it), by name: one listing."""
+        self.fs.invalidate_cache(self.root)
+        try:
+            entries = self.fs.ls(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
+
+    def damaged_shards(self, ids: list[int] | None = None) -> dict[int, str]:
+        """Completed shards (``ids``, default all) that are not what their stats recorded: a file missing,
+        or of another size (truncated, emptied, replaced since), or a stats file that is not one; id: why.
+        A shard written before sizes were recorded needs a non-empty parquet file."""
+        ids = self.completed_ids() if ids is None else ids
+        if not ids:
+            return {}
+        sizes = self.file_sizes()
+        blobs = self.fs.cat([self.file(stats_name(i)) for i in ids])
+        by_name = {p.rstrip("/").rsplit("/", 1)[-1]: b for p, b in blobs.items()}
+        damaged: dict[int, str] = {}
+        for shard_id in ids:
+            try:
+                stats = self._parse_stats(shard_id, by_name[stats_name(shard_id)])
+            except DatasetError:
+                damaged[shard_id] = f"{stats_name(shard_id)} is not a stats file lenscap wrote"
+                continue
+            files = stats.get("files")
+            if not isinstance(files, dict):
+                files = {parquet_name(shard_id): None}
+            for name, size in files.items():
+                got = sizes.get(name)
+                if got is None or (size is None and got == 0):
+                    damaged[shard_id] = f"{name} is {'missing' if got is None else 'empty'}"
+                    break
+                if size is not None and got != size:
+                    damaged[shard_id] = f"{name} has {got} bytes, not the {size} written"
+                    break
+        return damaged
+
+    def discard(self, shard_id: int) -> None:
+        """Make a completed shard incomplete (its stats file goes), so that it is written again."""
+        self.fs.rm_file(self.file(stats_name(shard_id)))
 
     def open_shard_file(self, name: str) -> IO[bytes]:
         """One of the dataset's files, for reading (``FileNotFoundError`` if missing)."""
@@ -221,10 +274,13 @@ class Dataset:
 
     def read_metadata(self, shard_id: int) -> pq.FileMetaData:
         """The shard's parquet footer: row count and schema, without reading any data."""
-        return self._parquet(shard_id).metadata
+        try:
+            return self._parquet(shard_id).metadata
+        except (OSError, pa.ArrowException) as e:
+            raise DatasetError(f"cannot read {self.location}/{parquet_name(shard_id)}: {e}") from None
 
     def read_schema(self, shard_id: int) -> pa.Schema:
-        return self._parquet(shard_id).schema_arrow
+        return self.read_metadata(shard_id).schema.to_arrow_schema()
 
     def read_json(self, name: str) -> Any:
         """A JSON file of the dataset (``name`` relative to it), or None if there is none."""
@@ -313,9 +369,10 @@ class Dataset:
     def writer(self, shard_id: int, schema: pa.Schema | None = None, copy_images: bool = True) -> ShardWriter:
         return ShardWriter(self, shard_id, schema, copy_images)
 
-    def commit(self, shard_id: int, renames: list[tuple[Path, Path]], stats: dict[str, Any]) -> None:
-        """Move finished files into place and mark the shard complete, crash-safely (``lenscap.journal``)."""
-        journal.commit(self._local(), shard_id, renames, stats)
+    def commit(self, shard_id: int, renames: list[tuple[Path, Path]], stats: dict[str, Any]) -> dict[str, Any]:
+        """Move finished files into place and mark the shard complete, crash-safely (``lenscap.journal``);
+        returns the stats written."""
+        return journal.commit(self._local(), shard_id, renames, stats)
 
     def recover(self) -> int:
         """Finish commits that a crash interrupted; remove stray temporary files. Returns commits finished."""
@@ -411,8 +468,7 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             renames.insert(0, (self._tar_tmp, d.tar_path(self.shard_id)))
-        d.commit(self.shard_id, renames, stats)
-        return stats
+        return d.commit(self.shard_id, renames, stats)
 
     def abort(self) -> None:
         if self._tar is not None:

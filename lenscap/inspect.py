@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from lenscap.dataset import Dataset
 from lenscap.errors import DatasetError
+from lenscap.layout import shard_name
 
 __all__ = ["inspect_dataset"]
 
@@ -35,7 +36,8 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
     """A summary of the dataset at ``path``; memory is flat in the number of samples."""
     ds = Dataset.open(path)
     manifest = ds.read_manifest() or {}
-    completed = ds.completed_ids()
+    damaged = ds.damaged_shards()  # complete by their stats, not by their files: summarised apart, never read
+    completed = [i for i in ds.completed_ids() if i not in damaged]
     expected = (manifest.get("shards") or {}).get("expected")
     incomplete = ds.incomplete_ids(range(expected) if expected else None)
     status: Counter[str] = Counter()
@@ -87,8 +89,9 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
     return {
         "path": ds.location,
         "stage": manifest.get("stage"),
-        "shards": {"complete": len(completed), "incomplete": len(incomplete), "expected": expected},
+        "shards": {"complete": len(completed), "incomplete": len(incomplete), "damaged": len(damaged), "expected": expected},
         "incomplete_shards": incomplete[:50],
+        "damaged_shards": {shard_name(i): why for i, why in sorted(damaged.items())[:50]},
         "input_incomplete_shards": manifest.get("input_incomplete_shards", []),
         "samples": samples,
         "status": dict(status.most_common()),

@@ -2,7 +2,7 @@
 
 A shard's finished files are first written under temporary names; then a small journal naming the
 renames is written to ``.lenscap/pending/NNNNN.json``; then the renames happen and ``_stats.json``
-is written; then the journal goes. A crash at any point leaves either no trace of the new shard or a
+is written, with each file's size (``Dataset.damaged_shards`` compares them); then the journal goes. A crash at any point leaves either no trace of the new shard or a
 journal that ``recover`` rolls forward, so no reader ever sees a half-written shard that looks
 complete. "Crash" means the process dying (SIGKILL, out of memory, Ctrl-C); shard files are not
 fsynced, so a power loss can still lose what the page cache held, as with img2dataset.
@@ -39,17 +39,21 @@ def _journal_path(root: Path, shard_id: int) -> Path:
     return root / WORK_DIR_NAME / "pending" / f"{shard_name(shard_id)}.json"
 
 
-def commit(root: Path, shard_id: int, renames: list[tuple[Path, Path]], stats: dict[str, Any]) -> None:
-    """Move finished files into place in ``root`` and mark the shard complete, crash-safely.
+def commit(root: Path, shard_id: int, renames: list[tuple[Path, Path]], stats: dict[str, Any]) -> dict[str, Any]:
+    """Move finished files into place in ``root`` and mark the shard complete, crash-safely; returns
+    the stats written (``stats`` and the files' sizes).
 
     ``renames`` are (finished temporary file, final name) pairs in ``root``.
     """
     journal = _journal_path(root, shard_id)
     journal.parent.mkdir(parents=True, exist_ok=True)
+    # The size of each file, so a resume can tell a complete shard from one truncated or emptied since.
+    stats = {**stats, "files": {**stats.get("files", {}), **{Path(d).name: os.path.getsize(s) for s, d in renames}}}
     # Paths relative to the dataset, so a crashed commit still rolls forward after the directory moves.
     rel = [[os.path.relpath(s, root), os.path.relpath(d, root)] for s, d in renames]
     atomic_write_json(journal, {"renames": rel, "stats": stats})
     _roll_forward(root, journal)
+    return stats
 
 
 def recover(root: Path) -> int:

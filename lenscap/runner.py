@@ -22,11 +22,11 @@ from lenscap.dataset import Dataset
 from lenscap.executors import Executor, LocalExecutor
 from lenscap.layout import shard_name
 from lenscap.lock import output_lock
-from lenscap.progress import Progress, make_progress
+from lenscap.progress import Progress, log, make_progress
 from lenscap.result import JobResult
 from lenscap.stages.base import Stage
 
-__all__ = ["ShardJob", "OwnedJob", "owned_job", "run_job", "run_stage"]
+__all__ = ["ShardJob", "OwnedJob", "owned_output", "owned_job", "reopen_damaged", "run_job", "run_stage"]
 
 
 class ShardJob:
@@ -122,7 +122,19 @@ def owned_output(out_dir: str | os.PathLike[str] | Dataset, command: str, settin
     with output_lock(dst.path):
         dst.recover()
         claim_output(dst, src, command, settings, overwrite=overwrite, input_ids=input_ids, source_label=source_label)
+        reopen_damaged(dst, command)
         yield dst
+
+
+def reopen_damaged(dst: Dataset, command: str) -> list[int]:
+    """Complete shards of ``dst`` whose files are not what was written (``Dataset.damaged_shards``) are
+    made incomplete, and said so, so that this run writes them again instead of trusting them."""
+    damaged = dst.damaged_shards()
+    for shard_id, why in sorted(damaged.items()):
+        log(f"{command}: shard {shard_name(shard_id)} of {dst.location} was damaged since it was written ({why}); "
+            "writing it again")
+        dst.discard(shard_id)
+    return sorted(damaged)
 
 
 @contextmanager
@@ -137,6 +149,7 @@ def owned_job(stage: Stage, in_dir: str | os.PathLike[str] | Dataset, out_dir: s
         dst = Dataset.create(out_dir)
         with output_lock(dst.path):
             dst.recover()
+            reopen_damaged(dst, stage.name)
             yield _stage_job(stage, src, dst, shards, missing)
         return
     with owned_output(out_dir, stage.name, stage.settings(), src=src, overwrite=overwrite, input_ids=shards) as dst:

@@ -131,6 +131,8 @@ def test_stats_written_only_on_commit_with_right_counts(tmp_path):
         "stage_status": {},
         "errors": {"404 Not Found": 2, "timeout": 1},
         "stage": "test",
+        # What a resume checks the shard's files against (Dataset.damaged_shards).
+        "files": {"00003.tar": ds.tar_path(3).stat().st_size, "00003.parquet": ds.parquet_path(3).stat().st_size},
     }
     assert stats == expected
     assert ds.read_stats(3) == expected

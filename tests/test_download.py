@@ -18,6 +18,7 @@ from lenscap.demo.server import ImageServer, Route
 from lenscap.stages.download import DownloadOptions, download, retry_failed
 
 from conftest import run_cli
+from test_caption import tar_members
 
 # path (or full URL) -> (status, substring of error_message or None, (width, height) or None)
 EXPECTED = {
@@ -370,3 +371,20 @@ def test_every_redirect_hop_and_every_resolved_address_is_vetted(monkeypatch, im
     assert image_server.hits["/to-metadata"] == hits + 1  # the first hop was fetched; the second was refused
     with pytest.raises(urllib.error.URLError, match=re.escape("refused to connect images.example.com (10.0.0.5): a private")):
         opener.open("http://images.example.com/a.jpg", timeout=5)
+
+
+def test_a_truncated_tar_in_a_complete_shard_is_downloaded_again(tmp_path, image_server):
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(image_server.url(f"/ok/{i}.jpg") + "\n" for i in range(6)))
+    flags = ["--samples-per-shard", "3", "--processes", "1", "--threads", "2", "--quiet"]
+    assert run_cli("download", str(urls), str(tmp_path / "ref"), *flags).returncode == 0
+    assert run_cli("download", str(urls), str(tmp_path / "out"), *flags).returncode == 0
+    tar = tmp_path / "out" / "00000.tar"
+    tar.write_bytes(tar.read_bytes()[:1024])
+    hits = dict(image_server.hits)
+    res = run_cli("download", str(urls), str(tmp_path / "out"), *flags)
+    assert res.returncode == 0 and "00000.tar has 1024 bytes, not the" in res.stderr and "writing it again" in res.stderr
+    fetched = {p: n - hits.get(p, 0) for p, n in image_server.hits.items() if n != hits.get(p, 0)}
+    assert fetched == {"/ok/0.jpg": 1, "/ok/1.jpg": 1, "/ok/2.jpg": 1}  # shard 0 again; shard 1 was trusted
+    images = [{k: v for k, v in tar_members(d).items() if k.endswith(".jpg")} for d in (tmp_path / "out", tmp_path / "ref")]
+    assert images[0] == images[1] and len(images[0]) == 6

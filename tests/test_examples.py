@@ -37,4 +37,4 @@ def test_demo_downloads_and_inspects(tmp_path):
     assert as_json.returncode == 0, as_json.stderr
     assert json.loads(as_json.stdout)["download"]["status"] == summary["status"]
     assert summary["status"] == {"success": 12, "failed_to_resize": 2, "failed_to_download": 2}
-    assert summary["shards"] == {"complete": 1, "incomplete": 0, "expected": 1}
+    assert summary["shards"] == {"complete": 1, "incomplete": 0, "damaged": 0, "expected": 1}

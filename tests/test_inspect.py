@@ -88,7 +88,7 @@ def test_inspect_numbers(tmp_path):
     }
     assert info["caption_words"]["p50"] == 10 and info["caption_words"]["p95"] == 19
     assert info["columns"] == ["url", "caption", "status", "error_message", "key", "image_offset", "image_size"]
-    assert info["shards"] == {"complete": 2, "incomplete": 1, "expected": 3}
+    assert info["shards"] == {"complete": 2, "incomplete": 1, "damaged": 0, "expected": 3}
     assert info["incomplete_shards"] == [2]
 
     shard_bytes = sum(p.stat().st_size for s in (0, 1)
@@ -104,7 +104,7 @@ def test_inspect_without_manifest_counts_half_written_shards(tmp_path):
     info = inspect_dataset(ds.path)
     assert info["stage"] is None
     assert info["history"] == []
-    assert info["shards"] == {"complete": 1, "incomplete": 1, "expected": None}
+    assert info["shards"] == {"complete": 1, "incomplete": 1, "damaged": 0, "expected": None}
     assert info["incomplete_shards"] == [4]
     assert info["samples"] == 2
     assert info["status"] == {"success": 2}

@@ -231,3 +231,32 @@ def test_download_owns_its_output_like_every_command(tmp_path, image_server):
     assert image_server.hits == hits  # every shard was done: nothing fetched again
     assert json.loads((out / ".lenscap" / "claim.json").read_text())["settings"] == options
     assert "other settings (image_size: 512 -> 1024)" in refused("download", str(second), str(out), *fast)
+
+
+def test_a_complete_shard_damaged_since_is_written_again_and_never_read(tmp_path):
+    """Resume checks each complete shard's files against the sizes its stats recorded: a truncated or
+    emptied file, or a stats file that is not one, is said and written again; inspect names it and
+    reads around it, and an input with one is a one-line error."""
+    src = write_image_dataset(tmp_path / "raw", 8, per_shard=4)
+    ok("filter", str(src.path), str(tmp_path / "ref"), "--min-side", "10")
+    ok("filter", str(src.path), str(tmp_path / "out"), "--min-side", "10")
+    out = tmp_path / "out"
+    parquet = out / "00001.parquet"
+    parquet.write_bytes(parquet.read_bytes()[: parquet.stat().st_size // 2])  # truncated: a disk that filled, a bad copy
+    info = json.loads(ok("inspect", str(out), "--json"))
+    assert info["shards"]["complete"] == 1 and info["shards"]["damaged"] == 1
+    assert info["damaged_shards"] == {"00001": f"00001.parquet has {parquet.stat().st_size} bytes, not the "
+                                                f"{(tmp_path / 'ref' / '00001.parquet').stat().st_size} written"}
+    code, _, err = run_cli_here("filter", str(src.path), str(out), "--min-side", "10", "--quiet")
+    assert code == 0 and "shard 00001 of" in err and "was damaged since it was written" in err and "writing it again" in err
+    for name in ("00000.parquet", "00001.parquet", "00000_stats.json", "00001_stats.json"):
+        assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes(), name
+
+    (out / "00000_stats.json").write_text("{not json")
+    (out / "00001.parquet").write_bytes(b"")
+    info = json.loads(ok("inspect", str(out), "--json"))
+    assert info["shards"]["complete"] == 0 and set(info["damaged_shards"]) == {"00000", "00001"}
+    err = refused("caption", str(out), str(tmp_path / "cap"), "--backend", "describe", "--no-cache")
+    assert "00000_stats.json is not a stats file lenscap wrote" in err and len(err.strip().splitlines()) == 1
+    ok("filter", str(src.path), str(out), "--min-side", "10")  # both written again
+    assert all((out / n).read_bytes() == (tmp_path / "ref" / n).read_bytes() for n in ("00000_stats.json", "00001.parquet"))

@@ -106,5 +106,4 @@ class IndexStage(Stage):
         tmp = dst.tmp_path(shard_id, "parquet")
         pq.write_table(index, tmp)
         stats = {"shard": f"{shard_id:05d}", "count": index.num_rows, "stage": self.name, "left_out": dict(sorted(left_out.items()))}
-        dst.commit(shard_id, [(tmp, dst.parquet_path(shard_id))], stats)
-        return stats
+        return dst.commit(shard_id, [(tmp, dst.parquet_path(shard_id))], stats)

@@ -47,7 +47,7 @@ from lenscap.errors import DatasetError, InputError, UsageError
 from lenscap.images import add_sample
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.journal import atomic_write_json
-from lenscap.layout import IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, adopt_old_work_dir, shard_name, stats_name
+from lenscap.layout import IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, adopt_old_work_dir, parquet_name, shard_name, stats_name
 from lenscap.manifest import shard_stats
 from lenscap.netguard import REFUSED
 from lenscap.progress import Progress, make_progress
@@ -339,9 +339,10 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
         # Staged remotely (Ray): the tar is copied inside the store, never through this machine. Before
         # the commit, so a shard committed in the mirror has its tar in place and needs only its upload.
         staged.fs.copy(staged.file(f"{name}.tar"), job.out.file(f"{name}.tar"))
+        stats["files"] = {f"{name}.tar": int(staged.fs.size(staged.file(f"{name}.tar")))}
     else:
         renames.insert(0, (staged.tar_path(shard_id), dst.tar_path(shard_id)))
-    dst.commit(shard_id, renames, stats)
+    stats = dst.commit(shard_id, renames, stats)
     if not staged.remote:
         staged.parquet_path(shard_id).unlink(missing_ok=True)
     return stats
@@ -374,6 +375,16 @@ def _mark_staged(staging: Path | str, shard_ids: set[int]) -> None:
     staged.fs.makedirs(staged.root, exist_ok=True)
     for shard_id in sorted(shard_ids - _staged_done(staging)):
         staged.fs.pipe_file(staged.file(stats_name(shard_id)), b"{}")
+
+
+def _forget_unadoptable(staging: Path | str, done: set[int]) -> None:
+    """A shard img2dataset finished whose files are no longer staged (adopted, then found damaged in the
+    output and reopened) loses its staged ``_stats.json`` too, so that img2dataset downloads it again."""
+    staged = Dataset(staging)
+    names = set(staged.names())
+    for shard_id in sorted(_staged_done(staging) - done):
+        if parquet_name(shard_id) not in names:
+            staged.fs.rm_file(staged.file(stats_name(shard_id)))
 
 
 def _staged_done(staging: Path | str) -> set[int]:
@@ -429,6 +440,7 @@ def _download(job: _Job, source: str | None, options: DownloadOptions, progress:
             progress.advance(shards=1, samples=stats["count"])
 
     _finish(job, options, total, {})  # a manifest from the start: `inspect` works mid-download
+    _forget_unadoptable(job.staging, done)
     adopt_finished()  # shards staged before a crash
     rc = 0
     if len(done) < total:
