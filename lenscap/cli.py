@@ -663,8 +663,11 @@ def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, proces
     outcomes = result.counts.get("caption_status", {})
     summary = {"command": "caption", **asdict(result), "caption_status": outcomes, "exit_code": result.exit_code}
     parts = ", ".join(f"{n} {k}" for k, n in outcomes.items())
+    # A model without a known price has spent something unknown, not $0.
+    spent = f"${result.spent_usd:.4f} spent" if not caption_backend.priced or caption_backend.has_price() else "cost unknown"
+    summary["cost_known"] = spent != "cost unknown"
     return Outcome(summary, [f"{result.out_dir}: {result.shards_completed}/{result.shards_total} shards, {result.samples} "
-                             f"samples ({parts}); ${result.spent_usd:.4f} spent"])
+                             f"samples ({parts}); {spent}"])
 
 
 def filter_outcome(*, in_dir, out_dir, min_side, max_aspect, min_bytes, caption_min_words, caption_max_words, status,

@@ -272,3 +272,54 @@ def test_recaptioning_the_output_retries_only_the_errors(tmp_path, fake, env):
     assert second["000000001"]["alt_text"] == "web text 1 [[fault:500x2]]"
     assert second["000000000"]["previous_caption"] == first["000000000"]["caption"]
     assert second["000000000"]["caption_cached"] is True
+
+
+def test_a_server_failing_every_request_stops_the_run_and_nothing_is_recorded(tmp_path, fake, env):
+    """The same 5xx (or a FastAPI-style 400) before any success stops the run with the server's own
+    words; the samples are left unanswered, so the rerun after the fix captions every one."""
+    src = write_image_dataset(tmp_path / "in", 10, per_shard=10).path
+    fake.configure(fail_next=["500"] * 40)
+    r = caption(src, tmp_path / "out", fake, env, "--concurrency", "1", "--max-retries", "1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert ("the server failed the first 5 requests with: HTTP 500: The server had an error while processing your request."
+            in r.stderr)
+    assert fake.stats()["requests"] == 10  # 5 samples, 2 attempts each: then it stopped
+    assert not Dataset(tmp_path / "out").completed_ids()
+
+    fake.configure(fail_next=["fastapi400"] * 5)
+    r = caption(src, tmp_path / "out", fake, env, "--concurrency", "1")
+    assert r.returncode == 2 and "HTTP 400: Model 'gpt-4.1-mini' is not loaded on this server" in r.stderr, r.stderr
+
+    fake.configure(fail_next=[])
+    r = caption(src, tmp_path / "out", fake, env, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["caption_status"] == {"ok": 10}
+
+
+def test_error_texts_are_never_empty_and_an_unknown_price_is_no_price():
+    import httpx
+    import openai
+
+    from lenscap.backends.openai_chat import _describe, _message
+
+    response = httpx.Response(400, request=httpx.Request("POST", "http://x/v1/chat/completions"))
+    for body, text in (({"detail": "Model 'x' is not loaded"}, "Model 'x' is not loaded"),
+                       ({"detail": [{"loc": ["body", "model"], "msg": "field required"}]}, "field required"),
+                       ({"error": "model overloaded"}, "model overloaded"),
+                       ({"error": {"message": "Invalid image"}}, "Invalid image"),
+                       ({"message": "bad"}, "bad")):
+        assert _message(openai.BadRequestError("Error code: 400", response=response, body=body)) == text
+    assert _describe(ConnectionResetError()) == "ConnectionResetError"
+    assert _describe(OSError("refused\nmore")) == "refused"
+
+
+def test_a_model_without_a_price_says_cost_unknown_not_zero(tmp_path, fake, env):
+    fake.configure(models=("local-llava",))
+    src = write_image_dataset(tmp_path / "in", 3, per_shard=3).path
+    r = run_cli("caption", str(src), str(tmp_path / "out"), "--base-url", fake.base_url, "--model", "local-llava", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "no price known for model 'local-llava'" in r.stderr
+    assert r.stderr.strip().endswith("samples (3 ok); cost unknown") and "$0.0000" not in r.stderr
+    r = run_cli("caption", str(src), str(tmp_path / "out"), "--base-url", fake.base_url, "--model", "local-llava", "--json",
+                "--quiet", env=env)
+    assert json.loads(r.stdout)["cost_known"] is False

@@ -37,8 +37,9 @@ DETAILS = ("low", "high", "auto")
 # The model answered, but with a refusal instead of a caption (when the API does not flag it).
 _REFUSAL_RE = re.compile(r"^\s*(I'm sorry|I am sorry|Sorry,|I can(no|')t|I'm unable|I am unable|I won't)\b", re.IGNORECASE)
 _REASONING_RE = re.compile(r"^(o\d|gpt-5)")
-# Identical 400s before any success mean the request itself is wrong (an unsupported parameter), not
-# the images: stop instead of marking every sample failed.
+# The same server error this many times before any success means the job is wrong (an unsupported
+# parameter, an unknown model, a server failing every request), not the images: stop instead of
+# marking every sample failed.
 _BREAKER_THRESHOLD = 5
 
 
@@ -264,7 +265,7 @@ class OpenAIChatBackend(CaptionBackend):
 
         for ep in self.endpoints:
             ep.client = openai.AsyncOpenAI(base_url=ep.url, api_key=self._api_key, max_retries=0, timeout=self.options.timeout)
-        breaker = _BadRequestBreaker(on_result)
+        breaker = _FirstErrorsBreaker(on_result)
         try:
             async def worker() -> None:
                 for request in requests:  # pulled lazily, shared by all workers (one thread: no lock needed)
@@ -359,7 +360,7 @@ class OpenAIChatBackend(CaptionBackend):
         except openai.APITimeoutError:
             raise _SampleError(f"timed out after {self.options.timeout:g}s ({self.options.max_retries + 1} attempts)") from None
         except openai.APIConnectionError as e:
-            raise _SampleError(f"connection failed ({self.options.max_retries + 1} attempts): {e.__cause__ or e}") from None
+            raise _SampleError(f"connection failed ({self.options.max_retries + 1} attempts): {_describe(e.__cause__ or e)}") from None
         except MalformedReply as e:
             raise _SampleError(f"{e} ({self.options.max_retries + 1} attempts)") from None
         raise AssertionError("unreachable")
@@ -401,9 +402,11 @@ class _SampleError(Exception):
         self.bad_request = bad_request
 
 
-class _BadRequestBreaker:
-    """Holds 400 errors until the first success; the same 400 five times before any success is a
-    problem with the request (an unsupported parameter), not with five images."""
+class _FirstErrorsBreaker:
+    """Holds the server's errors until the first success. The same error five times before any success
+    is the job's problem (an unsupported parameter, a model the server does not have, a server that
+    fails every request), not five images' problems: the run stops with it, and the held samples are
+    not committed, so the rerun asks them again once it is fixed."""
 
     def __init__(self, on_result: Callable[[CaptionResult], None]) -> None:
         self.on_result = on_result
@@ -412,10 +415,11 @@ class _BadRequestBreaker:
 
     def report(self, result: CaptionResult) -> None:
         error = result.error or ""
-        if not self.seen_success and result.status == ERROR and error.startswith("HTTP 400") and "image" not in error.lower():
+        if not self.seen_success and result.status == ERROR and _server_error(error):
             self.held.append(result)
             if len(self.held) >= _BREAKER_THRESHOLD and len({r.error for r in self.held}) == 1:
-                raise BackendError(f"the server rejected the first {len(self.held)} requests with: {error}")
+                raise BackendError(f"the server failed the first {len(self.held)} requests with: {error}; "
+                                   "nothing was recorded for them: fix the job (or wait for the server) and rerun")
             return
         if result.status != ERROR:
             self.seen_success = True
@@ -428,15 +432,39 @@ class _BadRequestBreaker:
             self.on_result(r)
 
 
+def _server_error(error: str) -> bool:
+    """An error the server (or the way to it) gave, not one of the image's own (a 400 about the image)."""
+    if error.startswith("HTTP "):
+        return "image" not in error.lower()
+    return error.startswith(("timed out", "connection failed", "malformed reply"))
+
+
 def _message(e: Any) -> str:
+    """What the server said, from the body shapes servers use: OpenAI's ``error.message``, a bare
+    ``message`` or ``error`` string, FastAPI's ``detail`` (a string, or a list of ``msg``); never empty."""
     body = getattr(e, "body", None)
     if isinstance(body, dict):
         inner = body.get("error", body)
         if isinstance(inner, dict) and inner.get("message"):
             return str(inner["message"])
+        if isinstance(inner, str) and inner:
+            return inner
         if body.get("message"):
             return str(body["message"])
-    return str(getattr(e, "message", None) or e)
+        detail = body.get("detail")
+        if isinstance(detail, str) and detail:
+            return detail
+        if isinstance(detail, list) and detail:
+            return "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
+    text = str(getattr(e, "message", None) or e)
+    if text.startswith("Error code: ") and isinstance(body, str) and body.strip():
+        return body.strip()[:300]  # a body that is not JSON: its text, not the SDK's "Error code: 400"
+    return text or _describe(e)
+
+
+def _describe(e: BaseException) -> str:
+    """An exception as one line that says something: its text, else its type."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _retryable(e: BaseException) -> bool:

@@ -8,7 +8,8 @@ per image (SHA-256 of the uploaded bytes) so tests can prove nothing was paid tw
 Faults, two ways:
   * a marker anywhere in a request's text, e.g. ``[[fault:500x2]]``: the first 2 requests for that
     image get a 500, later ones succeed (no count: every request). Kinds: 429, 429-bare (no
-    retry-after), 500, 503, timeout, malformed, refusal, length, badimage;
+    retry-after), 500, 503, fastapi400 (a 400 with FastAPI's ``{"detail": ...}`` body), timeout,
+    malformed, refusal, length, badimage;
   * ``fail_next``: a list of kinds served to the next requests in arrival order (a 429/5xx storm).
 
 Run it in-process (``FakeOpenAI(...).start()``; a thread with its own event loop), or as a process:
@@ -322,6 +323,8 @@ class FakeOpenAI(BatchEndpoints):
             return self._count(self._rate_limited(0, with_retry_after=fault == "429"))
         if fault in ("500", "503"):
             return self._count(_error(int(fault), "The server had an error while processing your request.", None, "server_error"))
+        if fault == "fastapi400":  # how a FastAPI server (transformers serve) explains a 400
+            return self._count((400, {}, json.dumps({"detail": f"Model {model!r} is not loaded on this server"}).encode()))
         if fault == "timeout":
             await asyncio.sleep(s.timeout_sleep_s)
             return None
