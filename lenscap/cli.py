@@ -146,7 +146,7 @@ def download(
 _BACKEND_HELP = "Backend option (see lenscap backends)."
 # Backend options that have a flag of their own on `caption`; any other goes through -O NAME=VALUE.
 CAPTION_FLAGS = {"model", "base_url", "api_key_env", "max_tokens", "temperature", "detail", "max_side", "rpm", "tpm",
-                 "concurrency", "prices", "timeout", "max_retries", "wait", "poll_interval", "max_requests_per_file",
+                 "concurrency", "prices", "timeout", "max_retries", "outage_timeout", "wait", "poll_interval", "max_requests_per_file",
                  "max_file_mb", "max_enqueued_tokens", "device", "dtype", "batch_size", "max_new_tokens"}
 
 
@@ -176,6 +176,7 @@ def caption(
     prices: Annotated[Optional[str], typer.Option(help="Price file (USD per 1M tokens). " + _BACKEND_HELP)] = None,
     timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait for one reply. " + _BACKEND_HELP)] = None,
     max_retries: Annotated[Optional[int], typer.Option(help="Retries per request (batch backends: rounds). " + _BACKEND_HELP)] = None,
+    outage_timeout: Annotated[Optional[float], typer.Option(help="Seconds every endpoint may fail every request before the run stops (exit 1) with the unanswered samples left for the rerun. " + _BACKEND_HELP)] = None,
     wait: Annotated[Optional[bool], typer.Option("--wait", help="Batch backends: poll until every batch is done.")] = None,
     poll_interval: Annotated[Optional[float], typer.Option(help="Batch backends: seconds between polls with --wait.")] = None,
     max_requests_per_file: Annotated[Optional[int], typer.Option(help="Batch backends: requests per batch file.")] = None,
@@ -613,8 +614,8 @@ def download_outcome(*, paths, url_col, caption_col, extra_cols, samples_per_sha
 
 def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, processes, cache, no_cache, option, model,
         base_url, api_key_env, max_tokens, temperature, detail, max_side, rpm, tpm, concurrency, prices, timeout,
-        max_retries, wait, poll_interval, max_requests_per_file, max_file_mb, max_enqueued_tokens, device, dtype,
-        batch_size, max_new_tokens, copy_images, overwrite, allow_incomplete, executor, ray_address, quiet) -> Outcome:
+        max_retries, outage_timeout, wait, poll_interval, max_requests_per_file, max_file_mb, max_enqueued_tokens, device,
+        dtype, batch_size, max_new_tokens, copy_images, overwrite, allow_incomplete, executor, ray_address, quiet) -> Outcome:
     from lenscap import api
     from lenscap.captioning.prompts import load_prompt
     from lenscap.errors import BudgetReached, UsageError
@@ -625,7 +626,8 @@ def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, proces
         raise UsageError(f"--max-cost must be positive, not {max_cost}")
     flags = {"model": model, "base_url": base_url, "api_key_env": api_key_env, "max_tokens": max_tokens,
              "temperature": temperature, "detail": detail, "max_side": max_side, "rpm": rpm, "tpm": tpm,
-             "concurrency": concurrency, "prices": prices, "timeout": timeout, "max_retries": max_retries, "wait": wait,
+             "concurrency": concurrency, "prices": prices, "timeout": timeout, "max_retries": max_retries,
+             "outage_timeout": outage_timeout, "wait": wait,
              "poll_interval": poll_interval, "max_requests_per_file": max_requests_per_file, "max_file_mb": max_file_mb,
              "max_enqueued_tokens": max_enqueued_tokens, "device": device, "dtype": dtype, "batch_size": batch_size,
              "max_new_tokens": max_new_tokens}

@@ -6,6 +6,7 @@
     │   ├── DatasetError         a directory that is not (or not the right) dataset directory
     │   ├── BackendError         no key, rejected key, unknown model, unreachable server
     │   └── MissingDependency    an optional extra is not installed
+    ├── Outage                   the caption server stopped answering for --outage-timeout (exit code 1)
     ├── BudgetReached            --max-cost reached (exit code 4); rerun with a higher cap to go on
     └── Locked                   another live lenscap process is writing the same output (exit code 5)
 
@@ -17,7 +18,7 @@ A shard that fails for any reason is reported by the runner and left for the rer
 from __future__ import annotations
 
 __all__ = ["LenscapError", "UsageError", "InputError", "DatasetError", "BackendError", "MissingDependency", "BudgetReached",
-           "Locked"]
+           "Locked", "Outage"]
 
 
 class LenscapError(Exception):
@@ -47,6 +48,13 @@ class BackendError(UsageError):
 
 class MissingDependency(UsageError):
     """An optional feature whose extra is not installed."""
+
+
+class Outage(LenscapError):
+    """Every caption endpoint failed every request for ``--outage-timeout``: the run stops, and the
+    samples they did not answer are left unanswered (not recorded as errors) for the rerun."""
+
+    exit_code = 1
 
 
 class BudgetReached(LenscapError):

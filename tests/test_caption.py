@@ -323,3 +323,55 @@ def test_a_model_without_a_price_says_cost_unknown_not_zero(tmp_path, fake, env)
     r = run_cli("caption", str(src), str(tmp_path / "out"), "--base-url", fake.base_url, "--model", "local-llava", "--json",
                 "--quiet", env=env)
     assert json.loads(r.stdout)["cost_known"] is False
+
+
+def test_a_server_killed_mid_run_stops_it_with_exit_1_and_the_rerun_asks_only_the_unanswered(tmp_path, env):
+    """An outage is not 95 errors: when every endpoint fails for --outage-timeout, the run stops (exit 1)
+    and records no error for the samples the outage failed; after a restart the rerun captions every
+    sample, and no image that was answered is asked again."""
+    import subprocess
+    import sys
+    import time
+
+    src = write_image_dataset(tmp_path / "in", 40, per_shard=20).path
+    first = FakeOpenAI(FakeSettings(api_key=KEY, latency_s=0.1)).start()
+    args = [sys.executable, "-m", "lenscap.cli", "caption", str(src), str(tmp_path / "out"), "--base-url", first.base_url,
+            "--concurrency", "2", "--max-retries", "1", "--timeout", "2", "--outage-timeout", "3", "--quiet"]
+    proc = subprocess.Popen(args, env={**__import__("os").environ, **{k: v for k, v in env.items() if v}},
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while first.stats()["requests"] < 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first.stop()  # the server dies mid-run
+    _, err = proc.communicate(timeout=120)
+    answered = {sha for sha, n in first.stats()["image_successes"].items() if n}
+    assert proc.returncode == 1, err
+    assert "no caption endpoint has answered for" in err and "asked on the rerun" in err
+    assert 0 < len(answered) < 40
+    from lenscap.captioning.journal import Journal
+
+    journalled = [e for path in (tmp_path / "out" / ".lenscap" / "caption").glob("*.jsonl") for e in Journal(path).load().values()]
+    assert {e["status"] for e in journalled} == {"ok"}  # no failure recorded
+    # An answer the server sent as it died may not have arrived: at most those are asked again.
+    assert 0 < len(journalled) <= len(answered)
+
+    second = FakeOpenAI(FakeSettings(api_key=KEY), port=first.port).start()  # the server is back, on the same address
+    try:
+        r = caption(src, tmp_path / "out", second, env, "--json")
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["caption_status"] == {"ok": 40}
+        asked_again = set(second.stats()["image_requests"])
+        assert len(asked_again) == 40 - len(journalled) and len(asked_again & answered) == len(answered) - len(journalled)
+    finally:
+        second.stop()
+
+
+def test_a_pool_moves_traffic_off_a_failing_endpoint(tmp_path, env):
+    src = write_image_dataset(tmp_path / "in", 20, per_shard=20).path
+    with FakeOpenAI(FakeSettings(api_key=KEY, fail_next=["500"] * 1000)) as broken, FakeOpenAI(FakeSettings(api_key=KEY)) as healthy:
+        r = run_cli("caption", str(src), str(tmp_path / "out"), "--base-url", broken.base_url, "--base-url", healthy.base_url,
+                    "--concurrency", "2", "--json", "--quiet", env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["caption_status"] == {"ok": 20}
+        assert broken.stats()["requests"] <= 6  # down after 5 failures in a row: no more traffic
+        assert healthy.stats()["requests"] == 20

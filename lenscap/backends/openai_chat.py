@@ -25,7 +25,7 @@ from lenscap.backends.base import ERROR, OK, REFUSED, TRUNCATED, CaptionBackend,
 from lenscap.captioning.images import UnreadableImage, prepare_image
 from lenscap.captioning.pricing import PriceTable, image_tokens, text_tokens
 from lenscap.captioning.ratelimit import EndpointLimiter
-from lenscap.errors import BackendError, UsageError
+from lenscap.errors import BackendError, LenscapError, Outage, UsageError
 
 if TYPE_CHECKING:
     from lenscap.executors import Executor
@@ -41,6 +41,9 @@ _REASONING_RE = re.compile(r"^(o\d|gpt-5)")
 # parameter, an unknown model, a server failing every request), not the images: stop instead of
 # marking every sample failed.
 _BREAKER_THRESHOLD = 5
+# Server-side failures in a row, with no success between, after which an endpoint counts as down:
+# traffic moves to the others, and when all are down, requests wait and probe one at a time.
+_OUTAGE_AFTER = 5
 
 
 COMMON_OPTIONS = (
@@ -59,6 +62,8 @@ ONLINE_OPTIONS = (
     Option("tpm", float, None, "Tokens per minute per endpoint (default: from the server's rate-limit headers)."),
     Option("concurrency", int, 32, "Requests in flight per process."),
     Option("max_retries", int, 5, "Retries per request on 429, 5xx, timeouts, connection errors, malformed replies."),
+    Option("outage_timeout", float, 300.0, "Seconds every endpoint may fail every request before the run stops (exit 1), "
+           "leaving the unanswered samples for the rerun."),
 )
 
 
@@ -76,6 +81,7 @@ class OpenAIOptions:
     concurrency: int = 32
     timeout: float = 60.0
     max_retries: int = 5
+    outage_timeout: float = 300.0
     process_share: float = 1.0  # this process's part of the limits when several processes share them
     prices: PriceTable = field(default_factory=PriceTable)
 
@@ -88,7 +94,8 @@ class OpenAIOptions:
                                  ("--concurrency", self.concurrency, 1), ("--max-retries", self.max_retries, 0)):
             if value < low:
                 raise UsageError(f"{name} must be at least {low}, not {value}")
-        for name, value in (("--rpm", self.rpm), ("--tpm", self.tpm), ("--timeout", self.timeout)):
+        for name, value in (("--rpm", self.rpm), ("--tpm", self.tpm), ("--timeout", self.timeout),
+                            ("--outage-timeout", self.outage_timeout)):
             if value is not None and value <= 0:
                 raise UsageError(f"{name} must be positive, not {value}")
         if self.temperature is not None and not 0 <= self.temperature <= 2:
@@ -137,6 +144,11 @@ class _Endpoint:
         self.url = url
         self.limiter = limiter
         self.client: Any = None
+        self.failures = 0  # server-side failures (5xx, timeouts, dropped connections) since its last success
+
+    @property
+    def down(self) -> bool:
+        return self.failures >= _OUTAGE_AFTER
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "client": None}  # opened per shard, in the worker
@@ -255,7 +267,7 @@ class OpenAIChatBackend(CaptionBackend):
             asyncio.run(self._run(iter(requests), on_result))
         except BaseExceptionGroup as group:
             # A fatal backend error in one task cancels the others; report it, not the group.
-            fatal = [e for e in _leaves(group) if isinstance(e, BackendError)]
+            fatal = [e for e in _leaves(group) if isinstance(e, LenscapError)]
             if fatal:
                 raise fatal[0] from None
             raise next(iter(_leaves(group))) from None
@@ -265,6 +277,9 @@ class OpenAIChatBackend(CaptionBackend):
 
         for ep in self.endpoints:
             ep.client = openai.AsyncOpenAI(base_url=ep.url, api_key=self._api_key, max_retries=0, timeout=self.options.timeout)
+            ep.failures = 0
+        self._last_success = time.monotonic()
+        self._probe = asyncio.Lock()
         breaker = _FirstErrorsBreaker(on_result)
         try:
             async def worker() -> None:
@@ -282,7 +297,8 @@ class OpenAIChatBackend(CaptionBackend):
     def _pick(self, tokens: float) -> _Endpoint:
         if len(self.endpoints) == 1:
             return self.endpoints[0]
-        return min(self.endpoints, key=lambda ep: ep.limiter.expected_wait(tokens))
+        healthy = [ep for ep in self.endpoints if not ep.down] or self.endpoints
+        return min(healthy, key=lambda ep: ep.limiter.expected_wait(tokens))
 
     def build_body(self, request: CaptionRequest) -> tuple[dict[str, Any], int]:
         """The chat-completions request body for one image, and its estimated input tokens.
@@ -314,6 +330,32 @@ class OpenAIChatBackend(CaptionBackend):
         return self.interpret(request.key, completion, estimate)
 
     async def _call(self, kwargs: dict[str, Any], tokens: float) -> Any:
+        """One completion, with retries. When every endpoint is down (an outage, not this image), the
+        request waits and is sent again, one request at a time as a probe, until an endpoint answers or
+        ``--outage-timeout`` has passed since the last success: then ``Outage`` stops the run, and no
+        sample that the outage failed is recorded as an error."""
+        while True:
+            try:
+                return await self._attempts(kwargs, tokens)
+            except _SampleError as e:
+                if not (e.transient and all(ep.down for ep in self.endpoints)):
+                    raise
+                failed = e
+            async with self._probe:  # one probe at a time while down; the others queue behind it
+                down_for = time.monotonic() - self._last_success
+                if down_for > self.options.outage_timeout:
+                    raise Outage(f"no caption endpoint has answered for {down_for:.0f}s (last: {self.scrub(str(failed))}); "
+                                 "the run stopped, and the samples left unanswered are asked on the rerun") from None
+                if all(ep.down for ep in self.endpoints):
+                    await asyncio.sleep(min(30.0, max(1.0, down_for / 8)))
+                    try:
+                        return await self._attempts(kwargs, tokens)
+                    except _SampleError as e:
+                        if not e.transient:
+                            raise
+                        failed = e
+
+    async def _attempts(self, kwargs: dict[str, Any], tokens: float) -> Any:
         import openai
         from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
@@ -338,6 +380,11 @@ class OpenAIChatBackend(CaptionBackend):
                         raise
                     except openai.APIStatusError as e:
                         ep.limiter.observe(e.response.headers, time.monotonic() - sent)
+                        if e.status_code >= 500:
+                            ep.failures += 1
+                        raise
+                    except (openai.APIConnectionError, openai.APITimeoutError):
+                        ep.failures += 1
                         raise
                     finally:
                         ep.limiter.learned()  # a failed probe must not hold the others forever
@@ -348,6 +395,8 @@ class OpenAIChatBackend(CaptionBackend):
                         raise MalformedReply(f"malformed reply: {e}") from None
                     if not getattr(completion, "choices", None) or completion.choices[0].message is None:
                         raise MalformedReply("malformed reply: no choices")
+                    ep.failures = 0
+                    self._last_success = time.monotonic()
                     return completion
         except openai.AuthenticationError as e:
             raise BackendError(f"the server rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}") from None
@@ -356,11 +405,14 @@ class OpenAIChatBackend(CaptionBackend):
         except openai.NotFoundError as e:
             raise BackendError(f"model {self.model!r}: {self.scrub(_message(e))}") from None
         except openai.APIStatusError as e:
-            raise _SampleError(f"HTTP {e.status_code}: {_message(e)}", bad_request=e.status_code in (400, 422)) from None
+            raise _SampleError(f"HTTP {e.status_code}: {_message(e)}", bad_request=e.status_code in (400, 422),
+                               transient=e.status_code >= 500) from None
         except openai.APITimeoutError:
-            raise _SampleError(f"timed out after {self.options.timeout:g}s ({self.options.max_retries + 1} attempts)") from None
+            raise _SampleError(f"timed out after {self.options.timeout:g}s ({self.options.max_retries + 1} attempts)",
+                               transient=True) from None
         except openai.APIConnectionError as e:
-            raise _SampleError(f"connection failed ({self.options.max_retries + 1} attempts): {_describe(e.__cause__ or e)}") from None
+            raise _SampleError(f"connection failed ({self.options.max_retries + 1} attempts): {_describe(e.__cause__ or e)}",
+                               transient=True) from None
         except MalformedReply as e:
             raise _SampleError(f"{e} ({self.options.max_retries + 1} attempts)") from None
         raise AssertionError("unreachable")
@@ -397,16 +449,18 @@ class OpenAIChatBackend(CaptionBackend):
 
 
 class _SampleError(Exception):
-    def __init__(self, message: str, bad_request: bool = False) -> None:
+    def __init__(self, message: str, bad_request: bool = False, transient: bool = False) -> None:
         super().__init__(message)
         self.bad_request = bad_request
+        self.transient = transient  # the server's failure (5xx, timeout, connection), not the request's
 
 
 class _FirstErrorsBreaker:
-    """Holds the server's errors until the first success. The same error five times before any success
-    is the job's problem (an unsupported parameter, a model the server does not have, a server that
-    fails every request), not five images' problems: the run stops with it, and the held samples are
-    not committed, so the rerun asks them again once it is fixed."""
+    """Holds the server's errors until the next success: only an answer after them shows that the
+    server is up and the error was the sample's own. Until then they are not recorded, so a run that
+    stops (an ``Outage``) leaves those samples for the rerun. The same error five times before any
+    success is the job's problem (an unsupported parameter, a model the server does not have, a
+    server that fails every request), not five images' problems: the run stops with it."""
 
     def __init__(self, on_result: Callable[[CaptionResult], None]) -> None:
         self.on_result = on_result
@@ -415,9 +469,9 @@ class _FirstErrorsBreaker:
 
     def report(self, result: CaptionResult) -> None:
         error = result.error or ""
-        if not self.seen_success and result.status == ERROR and _server_error(error):
+        if result.status == ERROR and _server_error(error):
             self.held.append(result)
-            if len(self.held) >= _BREAKER_THRESHOLD and len({r.error for r in self.held}) == 1:
+            if not self.seen_success and len(self.held) >= _BREAKER_THRESHOLD and len({r.error for r in self.held}) == 1:
                 raise BackendError(f"the server failed the first {len(self.held)} requests with: {error}; "
                                    "nothing was recorded for them: fix the job (or wait for the server) and rerun")
             return
