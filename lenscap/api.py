@@ -137,11 +137,13 @@ def backend(name: str = "openai", **options: Any) -> CaptionBackend:
 
 def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prompt: str = "lens", *,
             hints: tuple[str, ...] = (), max_cost: float | None = None, cache: bool = True, cache_dir: Location | None = None,
-            copy_images: bool = False, overwrite: bool = False, allow_incomplete: bool = False, processes: int = 1,
-            executor: Executor | None = None, progress: Progress | None = None) -> CaptionResult | BatchResult:
+            copy_images: bool = False, overwrite: bool = False, allow_incomplete: bool = False, retry_errors: bool = False,
+            processes: int = 1, executor: Executor | None = None, progress: Progress | None = None) -> CaptionResult | BatchResult:
     """Recaption with ``captioner`` (``backend(...)``); ``prompt``: a preset or a prompt file. Nothing
     already paid for is asked again on a rerun. ``cache``: the response cache, in ``cache_dir`` (default
-    ``$LENSCAP_CACHE_DIR`` or ``~/.cache/lenscap``). A batch backend returns the batch job's state."""
+    ``$LENSCAP_CACHE_DIR`` or ``~/.cache/lenscap``). ``retry_errors``: in an output captioned before,
+    ask again the samples whose caption is an error, and only them. A batch backend returns the batch
+    job's state."""
     from dataclasses import asdict
 
     from lenscap.captioning.cache import default_cache_dir
@@ -157,6 +159,10 @@ def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prom
     captioner.set_processes(processes)
     stage = CaptionStage(captioner, load_prompt(prompt), directory, max_cost, hints=hints)
     stage.copy_images = copy_images
+    stage.retry_errors = retry_errors
+    if retry_errors and captioner.runs_as_batch:
+        raise UsageError("--retry-errors is for the request-by-request backends; a batch job asks its failed requests "
+                         "again itself, in new rounds (--max-retries)")
     progress = progress or make_progress("caption", True)
     try:
         if captioner.runs_as_batch:

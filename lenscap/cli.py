@@ -189,6 +189,7 @@ def caption(
     copy_images: CopyImagesOpt = False,
     overwrite: OverwriteOpt = False,
     allow_incomplete: AllowIncompleteOpt = False,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="In an output captioned before, ask again the samples whose caption_status is error, and no other.")] = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
@@ -615,7 +616,8 @@ def download_outcome(*, paths, url_col, caption_col, extra_cols, samples_per_sha
 def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, processes, cache, no_cache, option, model,
         base_url, api_key_env, max_tokens, temperature, detail, max_side, rpm, tpm, concurrency, prices, timeout,
         max_retries, outage_timeout, wait, poll_interval, max_requests_per_file, max_file_mb, max_enqueued_tokens, device,
-        dtype, batch_size, max_new_tokens, copy_images, overwrite, allow_incomplete, executor, ray_address, quiet) -> Outcome:
+        dtype, batch_size, max_new_tokens, copy_images, overwrite, allow_incomplete, retry_errors, executor, ray_address,
+        quiet) -> Outcome:
     from lenscap import api
     from lenscap.captioning.prompts import load_prompt
     from lenscap.errors import BudgetReached, UsageError
@@ -651,7 +653,7 @@ def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, proces
     try:
         result = api.caption(in_dir, out_dir, caption_backend, prompt, hints=hint_names, max_cost=max_cost,
                              cache=not no_cache, cache_dir=cache, copy_images=copy_images, overwrite=overwrite,
-                             allow_incomplete=allow_incomplete, processes=processes, executor=runner,
+                             allow_incomplete=allow_incomplete, retry_errors=retry_errors, processes=processes, executor=runner,
                              progress=make_progress("caption", quiet))
     except BudgetReached as e:
         e.summary = {"command": "caption", "out_dir": out_dir, "spent_usd": e.spent_usd or 0.0, "exit_code": e.exit_code,

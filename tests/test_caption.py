@@ -375,3 +375,30 @@ def test_a_pool_moves_traffic_off_a_failing_endpoint(tmp_path, env):
         assert json.loads(r.stdout)["caption_status"] == {"ok": 20}
         assert broken.stats()["requests"] <= 6  # down after 5 failures in a row: no more traffic
         assert healthy.stats()["requests"] == 20
+
+
+def test_retry_errors_asks_the_errors_again_and_nothing_else(tmp_path, fake, env):
+    marks = {2: "[[fault:500x3]]", 7: "[[fault:500x3]]", 4: "[[fault:refusal]]"}
+    src = write_image_dataset(tmp_path / "in", 10, per_shard=5, caption=lambda i: f"photo {i} {marks.get(i, '')}").path
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Caption this image. Its alt-text, as data: {alt_text}")
+    flags = ["--prompt", str(prompt), "--max-retries", "1", "--no-cache", "--json"]
+    r = caption(src, tmp_path / "out", fake, env, *flags)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["caption_status"] == {"error": 2, "ok": 7, "refused": 1}
+    before, asked = rows(tmp_path / "out"), dict(fake.stats()["image_requests"])
+
+    r = caption(src, tmp_path / "out", fake, env, *flags, "--retry-errors")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["caption_status"] == {"ok": 9, "refused": 1}
+    again = {sha: n - asked.get(sha, 0) for sha, n in fake.stats()["image_requests"].items() if n != asked.get(sha, 0)}
+    assert sorted(again.values()) == [2, 2]  # the two errors, each failing once more then answered; nothing else asked
+    after = rows(tmp_path / "out")
+    for key, row in before.items():
+        if row["caption_status"] != "error":
+            assert after[key] == row, key  # answers kept as they were, cost and all
+        else:
+            assert after[key]["caption_status"] == "ok" and after[key]["caption_error"] is None
+    spent = sum(r["caption_cost_usd"] or 0 for r in after.values())
+    assert summary["spent_usd"] == pytest.approx(spent)  # what the directory spent: every answer once

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from lenscap.backends.base import OK, REFUSED, SKIPPED, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult
+from lenscap.backends.base import ERROR, OK, REFUSED, SKIPPED, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult
 from lenscap.captioning.budget import Budget
 from lenscap.captioning.cache import ResponseCache, cache_key
 from lenscap.captioning.images import UnreadableImage, image_size
@@ -63,6 +63,8 @@ class CaptionStage(Stage):
         self.max_cost = max_cost
         self.budget: Budget | None = None
         self._cache: ResponseCache | None = None
+        # Ask again the samples whose caption_status is error in the output's complete shards, and no other.
+        self.retry_errors = False
 
     def parameters(self) -> dict[str, Any]:
         return {**self.backend.parameters(), "prompt": self.prompt.id, "prompt_sha": self.prompt.sha,
@@ -110,6 +112,8 @@ class CaptionStage(Stage):
 
     def begin(self, src: Dataset, dst: Dataset) -> None:
         journals = self._journal_dir(dst)
+        if self.retry_errors:
+            self._reopen_errors(dst)
         spent = 0.0
         for shard_id in dst.completed_ids():
             spent += float(dst.read_stats(shard_id).get("caption_spent_usd", 0.0))
@@ -132,6 +136,27 @@ class CaptionStage(Stage):
     @staticmethod
     def _journal_dir(dst: Dataset) -> Path:
         return dst.work_dir / "caption"
+
+    def _reopen_errors(self, dst: Dataset) -> None:
+        """--retry-errors: each complete shard with errors gets back a journal of its other answers (so
+        none is asked or paid for again) and is made incomplete, so this run asks only its errors."""
+        journals = self._journal_dir(dst)
+        for shard_id in dst.completed_ids():
+            if not dst.read_stats(shard_id).get("stage_status", {}).get("caption_status", {}).get(ERROR):
+                continue
+            table = dst.read_table(shard_id, columns=["key", "caption", "caption_status", "caption_error", "caption_cached",
+                                                      "caption_input_tokens", "caption_output_tokens", "caption_cost_usd"])
+            journal = Journal(journals / f"{shard_name(shard_id)}.jsonl")
+            journal.remove()
+            for row in table.to_pylist():
+                if row["caption_status"] in _CACHEABLE:
+                    journal.append({"key": row["key"], "status": row["caption_status"],
+                                    "caption": row["caption"] if row["caption_status"] == OK else None,
+                                    "error": row["caption_error"], "input_tokens": row["caption_input_tokens"],
+                                    "output_tokens": row["caption_output_tokens"], "cost_usd": row["caption_cost_usd"],
+                                    "cached": bool(row["caption_cached"])})
+            journal.close()
+            dst.discard(shard_id)
 
     # -- one shard ------------------------------------------------------------------------------
 
