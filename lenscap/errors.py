@@ -7,6 +7,7 @@
     │   ├── BackendError         no key, rejected key, unknown model, unreachable server
     │   └── MissingDependency    an optional extra is not installed
     ├── Outage                   the caption server stopped answering for --outage-timeout (exit code 1)
+    ├── DiskFull                 a local write found no space (or an I/O error): the run stops (exit code 1)
     ├── BudgetReached            --max-cost reached (exit code 4); rerun with a higher cap to go on
     └── Locked                   another live lenscap process is writing the same output (exit code 5)
 
@@ -17,8 +18,10 @@ A shard that fails for any reason is reported by the runner and left for the rer
 
 from __future__ import annotations
 
+import os
+
 __all__ = ["LenscapError", "UsageError", "InputError", "DatasetError", "BackendError", "MissingDependency", "BudgetReached",
-           "Locked", "Outage"]
+           "Locked", "Outage", "DiskFull", "disk_full"]
 
 
 class LenscapError(Exception):
@@ -55,6 +58,33 @@ class Outage(LenscapError):
     samples they did not answer are left unanswered (not recorded as errors) for the rerun."""
 
     exit_code = 1
+
+
+class DiskFull(LenscapError):
+    """A write of lenscap's own (a journal, a shard, the cache) found the disk full, over quota, or
+    failing: the run stops before asking for more, keeping what it has; free space and rerun."""
+
+    exit_code = 1
+
+
+_NO_SPACE = {28, 122, 5}  # ENOSPC, EDQUOT, EIO (Linux numbers; errno names them where they exist)
+
+
+def disk_full(e: OSError, path: object = None) -> DiskFull | None:
+    """The ``DiskFull`` an ``OSError`` of a local write means, or None if it means something else."""
+    import errno
+    import shutil
+
+    codes = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EIO") if hasattr(errno, name)} or _NO_SPACE
+    if e.errno not in codes:
+        return None
+    where = str(path or e.filename or "a file")
+    try:
+        free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(where))).free:,} bytes free there"
+    except OSError:
+        free = "free space unknown"
+    return DiskFull(f"cannot write {where}: {e.strerror or e} ({free}); the run stopped before asking for more, and "
+                    "kept what it had: free some space and rerun the same command")
 
 
 class BudgetReached(LenscapError):

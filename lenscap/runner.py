@@ -19,6 +19,7 @@ from typing import Any
 
 from lenscap.claim import claim_output, input_shards, open_output
 from lenscap.dataset import Dataset
+from lenscap.errors import disk_full
 from lenscap.executors import Executor, LocalExecutor
 from lenscap.layout import shard_name
 from lenscap.lock import output_lock
@@ -56,7 +57,11 @@ class ShardJob:
         return dst.upload_shard(shard_id)
 
     def _run_shard(self, dst: Dataset, shard_id: int) -> dict[str, Any]:
-        return self.stage.run_shard(self.src, dst, shard_id)
+        try:
+            return self.stage.run_shard(self.src, dst, shard_id)
+        except OSError as e:
+            # A full disk concerns the whole run, not this shard: stop it (LenscapError), keep what is done.
+            raise disk_full(e) or e from None
 
 
 class _LiveCounters:

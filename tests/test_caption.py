@@ -402,3 +402,38 @@ def test_retry_errors_asks_the_errors_again_and_nothing_else(tmp_path, fake, env
             assert after[key]["caption_status"] == "ok" and after[key]["caption_error"] is None
     spent = sum(r["caption_cost_usd"] or 0 for r in after.values())
     assert summary["spent_usd"] == pytest.approx(spent)  # what the directory spent: every answer once
+
+
+def test_a_full_disk_stops_before_the_next_request_and_the_rerun_pays_for_nothing_twice(tmp_path, fake, env, monkeypatch):
+    """Room for each answer is allocated before its request: a full disk (ENOSPC injected at the 6th
+    allocation) stops the run there with exit 1 and a message naming the file; the five answers in
+    flight are kept, and the rerun after space is freed asks only the rest."""
+    import errno
+    import os
+
+    from conftest import run_cli_here
+    from lenscap.captioning.journal import Journal
+
+    src = write_image_dataset(tmp_path / "in", 12, per_shard=12).path
+    real, calls = os.posix_fallocate, []
+
+    def filling(fd, offset, length):
+        calls.append(length)
+        if len(calls) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, offset, length)
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v) if v is not None else monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(os, "posix_fallocate", filling)
+    args = ["caption", str(src), str(tmp_path / "out"), "--base-url", fake.base_url, "--concurrency", "3", "--no-cache", "--quiet"]
+    code, _, err = run_cli_here(*args)
+    assert code == 1 and "No space left on device" in err and "00000.jsonl" in err and "free some space and rerun" in err, err
+    assert fake.stats()["requests"] == 5
+    journal = Journal(tmp_path / "out" / ".lenscap" / "caption" / "00000.jsonl")
+    assert len(journal.load()) == 5 and journal.path.stat().st_size < 5 * 2048  # the unused room was given back
+
+    monkeypatch.setattr(os, "posix_fallocate", real)  # space freed
+    code, out, err = run_cli_here(*args[:-1], "--json", "--quiet")
+    assert code == 0, err
+    assert json.loads(out)["caption_status"] == {"ok": 12} and fake.stats()["requests"] == 12

@@ -388,3 +388,28 @@ def test_a_truncated_tar_in_a_complete_shard_is_downloaded_again(tmp_path, image
     assert fetched == {"/ok/0.jpg": 1, "/ok/1.jpg": 1, "/ok/2.jpg": 1}  # shard 0 again; shard 1 was trusted
     images = [{k: v for k, v in tar_members(d).items() if k.endswith(".jpg")} for d in (tmp_path / "out", tmp_path / "ref")]
     assert images[0] == images[1] and len(images[0]) == 6
+
+
+def test_a_full_disk_during_download_exits_1_with_what_to_do_and_the_rerun_finishes(tmp_path, image_server, monkeypatch):
+    import errno
+
+    import lenscap.stages.download as download_stage
+    from conftest import run_cli_here
+
+    urls = tmp_path / "urls.txt"
+    urls.write_text("".join(image_server.url(f"/ok/{i}.jpg") + "\n" for i in range(4)))
+    real = download_stage.pq.write_table
+
+    def full(table, where, *args, **kwargs):
+        if str(where).endswith(".parquet.tmp"):  # the adopted shard's rows: the disk filled with its images
+            raise OSError(errno.ENOSPC, "No space left on device", str(where))
+        return real(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(download_stage.pq, "write_table", full)
+    args = ["download", str(urls), str(tmp_path / "out"), "--samples-per-shard", "2", "--processes", "1", "--threads", "2", "--quiet"]
+    code, _, err = run_cli_here(*args)
+    assert code == 1 and "No space left on device" in err and "free some space and rerun" in err and "Traceback" not in err, err
+    monkeypatch.setattr(download_stage.pq, "write_table", real)
+    code, _, err = run_cli_here(*args)
+    assert code == 0, err
+    assert Dataset(tmp_path / "out").read_manifest()["counts"]["status"] == {"success": 4}

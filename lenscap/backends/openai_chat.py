@@ -279,6 +279,7 @@ class OpenAIChatBackend(CaptionBackend):
             ep.client = openai.AsyncOpenAI(base_url=ep.url, api_key=self._api_key, max_retries=0, timeout=self.options.timeout)
             ep.failures = 0
         self._last_success = time.monotonic()
+        self._answered = False  # before any answer, failures are the job's (the breaker below), not an outage
         self._probe = asyncio.Lock()
         breaker = _FirstErrorsBreaker(on_result)
         try:
@@ -330,15 +331,15 @@ class OpenAIChatBackend(CaptionBackend):
         return self.interpret(request.key, completion, estimate)
 
     async def _call(self, kwargs: dict[str, Any], tokens: float) -> Any:
-        """One completion, with retries. When every endpoint is down (an outage, not this image), the
-        request waits and is sent again, one request at a time as a probe, until an endpoint answers or
+        """One completion, with retries. When every endpoint is down after answering earlier in the run
+        (an outage, not this image; a server that never answered is the breaker's), the request waits and is sent again, one request at a time as a probe, until an endpoint answers or
         ``--outage-timeout`` has passed since the last success: then ``Outage`` stops the run, and no
         sample that the outage failed is recorded as an error."""
         while True:
             try:
                 return await self._attempts(kwargs, tokens)
             except _SampleError as e:
-                if not (e.transient and all(ep.down for ep in self.endpoints)):
+                if not (e.transient and self._answered and all(ep.down for ep in self.endpoints)):
                     raise
                 failed = e
             async with self._probe:  # one probe at a time while down; the others queue behind it
@@ -397,6 +398,7 @@ class OpenAIChatBackend(CaptionBackend):
                         raise MalformedReply("malformed reply: no choices")
                     ep.failures = 0
                     self._last_success = time.monotonic()
+                    self._answered = True
                     return completion
         except openai.AuthenticationError as e:
             raise BackendError(f"the server rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}") from None

@@ -11,6 +11,7 @@ every caption. The journal goes once the shard is committed.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from lenscap.captioning.journal import Journal
 from lenscap.captioning.prompts import Prompt, ocr_hint
 from lenscap.captioning.vision import ocr_available, read_text_from_bytes
 from lenscap.dataset import Dataset
-from lenscap.errors import BudgetReached, MissingDependency
+from lenscap.errors import BudgetReached, DiskFull, MissingDependency
 from lenscap.layout import shard_name
 from lenscap.record import Sample
 from lenscap.stages.base import Stage
@@ -166,17 +167,23 @@ class CaptionStage(Stage):
         done = journal.load()
         pending: dict[str, tuple[float, str]] = {}  # key -> (reserved USD, cache key)
         out_of_budget = False
+        no_space: DiskFull | None = None  # set: no new request; the ones in flight finish and are kept
 
         def requests():  # noqa: ANN202 - a generator the backend pulls lazily
-            nonlocal out_of_budget
+            nonlocal out_of_budget, no_space
             for sample in src.iter_samples(shard_id):
                 if sample.key in done or not sample.ok:
                     continue
                 key = self.cache_key(sample)
                 hit = self._cache.get(key) if self._cache is not None else None
-                if hit is not None:
-                    self._record(journal, done, {**hit, "key": sample.key, "cached": True})
-                    continue
+                try:
+                    if hit is not None:
+                        self._record(journal, done, {**hit, "key": sample.key, "cached": True})
+                        continue
+                    journal.reserve()  # room for the answer, before it is paid for
+                except DiskFull as e:
+                    no_space = e
+                    return
                 request = self.request_for(sample)
                 try:
                     width, height = image_size(sample.image)
@@ -184,24 +191,31 @@ class CaptionStage(Stage):
                     width = height = 1  # preparation reports it; costs nothing
                 reserve = self.backend.estimate_cost(width, height, request)
                 if not budget.reserve(reserve):
+                    journal.release()
                     out_of_budget = True
                     return
                 pending[sample.key] = (reserve, key)
                 yield request
 
         def on_result(result: CaptionResult) -> None:
+            nonlocal no_space
             reserved, key = pending.pop(result.key, (0.0, None))
             entry = {**result.to_dict(), "cached": False}
-            self._record(journal, done, entry)
+            try:
+                self._record(journal, done, entry)
+            except DiskFull as e:  # the reserved room was not enough: stop asking, keep going with what is in flight
+                no_space = no_space or e
             budget.settle(reserved, result.cost_usd or 0.0)
             self.tick(0, result.cost_usd or 0.0)
             if self._cache is not None and key is not None and result.status in _CACHEABLE:
-                self._cache.put(key, result.to_dict())
+                self._cache_put(key, result.to_dict())
 
         try:
             self.backend.caption_all(requests(), on_result)
         finally:
             journal.close()
+        if no_space is not None:
+            raise no_space
         if out_of_budget:
             raise BudgetReached(
                 f"--max-cost ${budget.max_usd:g} reached (${budget.spent:.4f} spent by this output directory); "
@@ -211,9 +225,19 @@ class CaptionStage(Stage):
         return stats
 
     def _record(self, journal: Journal, done: dict[str, dict[str, Any]], entry: dict[str, Any]) -> None:
-        journal.append(entry)
         done[str(entry["key"])] = entry
         self.tick(1)
+        journal.append(entry)
+
+    def _cache_put(self, key: str, value: dict[str, Any]) -> None:
+        """The cache is a saving, not a record: a cache that cannot be written (a full disk, a locked
+        file) is turned off for this process, said once, and the run goes on (the journal keeps the answer)."""
+        assert self._cache is not None
+        try:
+            self._cache.put(key, value)
+        except Exception as e:  # noqa: BLE001 - sqlite3.Error, OSError: any failure to save is the same
+            print(f"lenscap: note: the response cache cannot be written ({e}); going on without it", file=sys.stderr)
+            self._cache = None
 
     def _write_shard(self, src: Dataset, dst: Dataset, shard_id: int, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
         kept = "previous_caption" if "alt_text" in src.read_schema(shard_id).names else "alt_text"

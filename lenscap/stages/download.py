@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from lenscap import mirror
 from lenscap.claim import CLAIM_FILE
 from lenscap.dataset import Dataset, read_parquet
-from lenscap.errors import DatasetError, InputError, UsageError
+from lenscap.errors import DatasetError, InputError, UsageError, disk_full
 from lenscap.images import add_sample
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.journal import atomic_write_json
@@ -418,6 +418,8 @@ def download(
         options.validate()
         with _owned_download(out_dir, source, options, overwrite) as (job, options):
             return _download(job, source, options, progress, img2dataset)
+    except OSError as e:
+        raise disk_full(e) or e from None  # a full disk: exit 1 with what to do, not an internal error
     finally:
         if img2dataset is not None:
             img2dataset.stop()
@@ -487,8 +489,11 @@ def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | Non
     """Fetch again the failed downloads of completed shards; merge the successes into those shards."""
     options = options or DownloadOptions()
     options.validate()
-    with _owned_download(out_dir, None, options, False) as (job, options):
-        return _retry_failed(job, options, progress)
+    try:
+        with _owned_download(out_dir, None, options, False) as (job, options):
+            return _retry_failed(job, options, progress)
+    except OSError as e:
+        raise disk_full(e) or e from None
 
 
 def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None) -> JobResult:
