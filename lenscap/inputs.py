@@ -69,7 +69,7 @@ class _File:
         if self.fs is None:
             return _open_text(self.path)
         # utf-8-sig: spreadsheet programs start their csv files with a byte-order mark.
-        return io.TextIOWrapper(self.binary(), encoding="utf-8-sig", errors="replace")
+        return io.TextIOWrapper(self.binary(), encoding="utf-8-sig")
 
 
 @dataclass
@@ -184,9 +184,9 @@ def _text_for_null(table: pa.Table) -> pa.Table:
 
 def _open_text(path: str) -> IO[str]:
     if path.endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8-sig", errors="replace")
+        return gzip.open(path, "rt", encoding="utf-8-sig")
     # utf-8-sig: spreadsheet programs start their csv files with a byte-order mark.
-    return open(path, encoding="utf-8-sig", errors="replace")
+    return open(path, encoding="utf-8-sig")
 
 
 def _csv_batches(path: str, reader_source: Any, **options: Any) -> Iterator[pa.RecordBatch]:
@@ -222,7 +222,10 @@ def _txt(file: _File) -> tuple[list[str], Iterator[pa.Table]]:
 def _delimited(file: _File, delimiter: str) -> tuple[list[str], Iterator[pa.Table]]:
     path = file.name
     with file.text() as f:
-        header = next(csv.reader(f, delimiter=delimiter), None)
+        try:
+            header = next(csv.reader(f, delimiter=delimiter), None)
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: the header row is not valid UTF-8; save the file as UTF-8") from None
     if not header:
         raise InputError(f"{path}: empty file (a {'tsv' if delimiter == chr(9) else 'csv'} needs a header row)")
 
@@ -238,6 +241,21 @@ def _delimited(file: _File, delimiter: str) -> tuple[list[str], Iterator[pa.Tabl
     return header, tables()
 
 
+def _utf8_lines(f: IO[str], path: str) -> Iterator[str]:
+    """The lines of ``f``; bytes that are not UTF-8 are refused, naming the line, as the csv reader
+    refuses them, never replaced (a URL with a replacement character is another URL)."""
+    n = 0
+    while True:
+        try:
+            line = f.readline()
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not valid UTF-8 (after line {n}); save the file as UTF-8") from None
+        if not line:
+            return
+        n += 1
+        yield line
+
+
 def _jsonl(file: _File) -> tuple[list[str], Iterator[pa.Table]]:
     # JSON lines have no header: the columns are the keys seen in the first records (writers often
     # leave out null fields, so one record is not enough).
@@ -245,7 +263,8 @@ def _jsonl(file: _File) -> tuple[list[str], Iterator[pa.Table]]:
     f = file.text()
     head: list[dict[str, Any]] = []
     lineno = 0
-    for line in f:
+    lines = _utf8_lines(f, path)
+    for line in lines:
         lineno += 1
         if line.strip():
             head.append(_parse_json_line(path, lineno, line))
@@ -259,7 +278,7 @@ def _jsonl(file: _File) -> tuple[list[str], Iterator[pa.Table]]:
         n = lineno
         batch = head
         try:
-            for line in f:
+            for line in lines:
                 n += 1
                 if line.strip():
                     batch.append(_parse_json_line(path, n, line))

@@ -70,14 +70,14 @@ class DirLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DatasetError(f"cannot write {self.what}: {e.strerror or e}") from None
-        for _ in range(3):  # a stale lock is removed and the create retried; another process may race us
+        for _ in range(100):  # a stale lock is removed and the create retried; another process may race us
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                if not self._stale():
+                if not self._stale(quiet=True):
                     raise Locked(f"{self.what} is being written by another lenscap process ({self._describe()}); "
                                  "wait for it to finish, or stop it") from None
-                self.path.unlink(missing_ok=True)
+                self._break_stale()
                 continue
             with os.fdopen(fd, "wb") as f:
                 f.write(json.dumps(self._owner()).encode())
@@ -95,7 +95,29 @@ class DirLock:
         owner = self._read() or {}
         return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}: {owner.get('command')}"
 
-    def _stale(self) -> bool:
+    def _break_stale(self) -> None:
+        """Remove the stale lock, under a second lock (``lock.break``) and after checking it again there:
+        two processes that both found it stale must not both go on, the second deleting the lock the
+        first has just taken (as filelock's SoftFileLock re-checks before it deletes)."""
+        breaker = self.path.with_name(self.path.name + ".break")
+        try:
+            fd = os.open(breaker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # another process is breaking it: look again after it
+            try:
+                if time.time() - breaker.stat().st_mtime > 10:  # its breaker died mid-break
+                    breaker.unlink(missing_ok=True)
+            except OSError:
+                pass
+            time.sleep(0.05)
+            return
+        try:
+            os.close(fd)
+            if self._stale():  # still the dead owner's, not one a racer took meanwhile
+                self.path.unlink(missing_ok=True)
+        finally:
+            breaker.unlink(missing_ok=True)
+
+    def _stale(self, quiet: bool = False) -> bool:
         owner = self._read()
         if owner is None:  # unreadable or half-written: its writer died between create and write, or is writing now
             try:
@@ -106,7 +128,8 @@ class DirLock:
             return False
         if _alive(int(owner["pid"]), owner.get("started")):  # type: ignore[arg-type]
             return False
-        log(f"taking over the lock on {self.what} from pid {owner.get('pid')}, which is gone")
+        if not quiet:
+            log(f"taking over the lock on {self.what} from pid {owner.get('pid')}, which is gone")
         return True
 
     def release(self) -> None:

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lenscap import __version__
 from lenscap.dataset import Dataset
+from lenscap.errors import UsageError, disk_full
 from lenscap.inspect import inspect_dataset
 from lenscap.journal import atomic_write_bytes
 from lenscap.layout import IMAGE_OFFSET, IMAGE_SIZE
@@ -240,11 +241,19 @@ def write_report(path: str | Path, out: str | Path | None = None, n: int = 24, s
     info = inspect_dataset(ds.path)
     samples = pick_samples(ds, n, seed)
     target = Path(out) if out is not None else ds.path / "report.html"
-    atomic_write_bytes(target, render_html(info, samples, info.get("dedup")).encode())
+    _write(target, render_html(info, samples, info.get("dedup")).encode())
     written = {"html": str(target), "samples_shown": len(samples)}
     if png is not None:
         buf = io.BytesIO()
         render_contact_sheet(samples).save(buf, "PNG")
-        atomic_write_bytes(Path(png), buf.getvalue())
+        _write(Path(png), buf.getvalue())
         written["png"] = str(png)
     return written
+
+
+def _write(target: Path, data: bytes) -> None:
+    """A report file; a place that cannot take it (read-only, full, not allowed) is the user's to fix: one line."""
+    try:
+        atomic_write_bytes(target, data)
+    except OSError as e:
+        raise disk_full(e, target) or UsageError(f"cannot write {target}: {e.strerror or e}") from None

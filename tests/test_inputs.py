@@ -385,3 +385,16 @@ def test_error_columns_with_txt_input(tmp_path, kw):
     msg = f"{p}: a .txt URL list has no columns; use csv, tsv, jsonl or parquet for captions and extra columns"
     with pytest.raises(InputError, match=exact(msg)):
         rows(p, **kw)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".txt", ".jsonl.gz"])
+def test_bytes_that_are_not_utf8_are_refused_in_every_text_format_never_replaced(tmp_path, suffix):
+    good = {".jsonl": b'{"url": "http://a/1.jpg"}\n', ".csv": b"url\nhttp://a/1.jpg\n", ".txt": b"http://a/1.jpg\n"}
+    bad = {".jsonl": b'{"url": "http://a/\xff.jpg"}\n', ".csv": b"http://a/\xff.jpg\n", ".txt": b"http://a/\xff.jpg\n"}
+    kind = suffix.removesuffix(".gz")
+    data = good[kind] + bad[kind]
+    p = tmp_path / f"urls{suffix}"
+    p.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    with pytest.raises(InputError, match="UTF-8|utf-8|Invalid UTF8|invalid UTF8|UTF8") as e:
+        rows(p)
+    assert "\ufffd" not in str(e.value)

@@ -75,3 +75,32 @@ def test_another_host_is_never_presumed_dead(tmp_path):
     except Exception as e:  # noqa: BLE001
         assert type(e).__name__ == "Locked" and "pid 1 on elsewhere" in str(e)
     assert time.monotonic() - start < 5
+
+
+def test_two_processes_that_find_a_lock_stale_do_not_both_take_it(tmp_path, monkeypatch):
+    """The race filelock's SoftFileLock closes: B finds the dead owner's lock stale; before B breaks
+    it, A takes it over; B must then see A's live lock and stop (exit 5), not delete it."""
+    from lenscap.errors import Locked
+
+    path = tmp_path / ".lenscap" / "lock"
+    path.parent.mkdir()
+    dead = {"host": socket.gethostname(), "pid": 2**22 + 12345, "started": "1", "since": "x", "command": "lenscap filter"}
+    path.write_text(json.dumps(dead))
+    a_takes_it_over = {"host": socket.gethostname(), "pid": os.getpid(), "started": None, "since": "y", "command": "A"}
+    b = DirLock(path, "out")
+    real_stale = DirLock._stale
+
+    def stale_then_racer(self, quiet=False):
+        found = real_stale(self, quiet)
+        if quiet and found and json.loads(path.read_text())["pid"] == dead["pid"]:
+            path.write_text(json.dumps(a_takes_it_over))  # A, between B's look and B's break
+        return found
+
+    monkeypatch.setattr(DirLock, "_stale", stale_then_racer)
+    try:
+        b.acquire()
+        raise AssertionError("B took a lock A holds")
+    except Locked as e:
+        assert "pid" in str(e)
+    assert json.loads(path.read_text())["command"] == "A"  # A's lock is still there
+    assert not path.with_name("lock.break").exists()

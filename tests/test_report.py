@@ -101,3 +101,13 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert loaded == figures == 12
     assert title == "lenscap report: ds" and bars > 0
     assert all(u.startswith(("file:", "data:")) for u in requests)  # nothing fetched from anywhere
+
+
+def test_a_report_that_cannot_be_written_is_a_one_line_error(tmp_path):
+    """A read-only place (sysfs refuses even root) is the user's to fix: exit 2, one line, no traceback."""
+    from conftest import run_cli_here
+    from lenscap.demo.datasets import write_image_dataset
+
+    src = write_image_dataset(tmp_path / "ds", 4, per_shard=2)
+    code, _, err = run_cli_here("report", str(src.path), "--out", "/sys/lenscap-report.html")
+    assert code == 2 and err.strip() == "lenscap: error: cannot write /sys/lenscap-report.html: Permission denied", err

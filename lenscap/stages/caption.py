@@ -166,7 +166,7 @@ class CaptionStage(Stage):
         journal = Journal(self._journal_dir(dst) / f"{shard_name(shard_id)}.jsonl")
         done = journal.load()
         pending: dict[str, tuple[float, str]] = {}  # key -> (reserved USD, cache key)
-        out_of_budget = False
+        out_of_budget = 0.0  # the worst case of the request that did not fit under --max-cost
         no_space: DiskFull | None = None  # set: no new request; the ones in flight finish and are kept
 
         def requests():  # noqa: ANN202 - a generator the backend pulls lazily
@@ -192,7 +192,7 @@ class CaptionStage(Stage):
                 reserve = self.backend.estimate_cost(width, height, request)
                 if not budget.reserve(reserve):
                     journal.release()
-                    out_of_budget = True
+                    out_of_budget = reserve or 1e-12
                     return
                 pending[sample.key] = (reserve, key)
                 yield request
@@ -217,9 +217,12 @@ class CaptionStage(Stage):
         if no_space is not None:
             raise no_space
         if out_of_budget:
+            # Spending stays under the cap: a request is sent only when its worst case fits, so the cap
+            # is "reached" when the next one's would not, with what was spent short of it.
             raise BudgetReached(
-                f"--max-cost ${budget.max_usd:g} reached (${budget.spent:.4f} spent by this output directory); "
-                "finished shards are kept: rerun with a higher --max-cost to go on")
+                f"--max-cost ${budget.max_usd:g} reached: ${budget.spent:.4f} spent by this output directory, and the next "
+                f"request (worst case ${out_of_budget:.4f}) would not fit under it; finished shards are kept: rerun with a "
+                "higher --max-cost to go on")
         stats = self._write_shard(src, dst, shard_id, done)
         journal.remove()
         return stats
