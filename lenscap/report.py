@@ -67,7 +67,8 @@ def _thumbnail(data: bytes) -> bytes:
 def pick_samples(ds: Dataset, n: int, seed: int = 0) -> list[ReportSample]:
     """The ``n`` samples with images whose ``blake2b(seed:key)`` is smallest, in that order."""
     heap: list[tuple[int, str, int, tuple[int, int], dict[str, Any]]] = []  # max-heap on the hash
-    for shard_id in ds.completed_ids():
+    damaged = ds.damaged_shards()  # counted and named by inspect's summary; never read
+    for shard_id in [i for i in ds.completed_ids() if i not in damaged]:
         names = ds.read_schema(shard_id).names  # only the columns shown: rows may be wide
         table = ds.read_table(shard_id, columns=["key", *(c for c in (*_ROW_COLUMNS, IMAGE_OFFSET, IMAGE_SIZE) if c in names)])
         offsets, sizes = ds.image_locations(shard_id, table)
@@ -148,7 +149,8 @@ def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[s
     shards = info["shards"]
     cw = info["caption_words"]
     cards = [("samples", f"{info['samples']:,}"), ("shards", f"{shards['complete']:,} complete"
-                                                       + (f", {shards['incomplete']} incomplete" if shards["incomplete"] else "")),
+                                                       + (f", {shards['incomplete']} incomplete" if shards["incomplete"] else "")
+                                                       + (f", {shards['damaged']} damaged" if shards.get("damaged") else "")),
              ("downloaded", f"{info['status'].get('success', 0):,}")]
     if cw["count"]:
         cards.append(("caption words", f"{cw['mean']} mean, {cw['p95']} p95"))

@@ -256,6 +256,8 @@ def test_a_complete_shard_damaged_since_is_written_again_and_never_read(tmp_path
     (out / "00001.parquet").write_bytes(b"")
     info = json.loads(ok("inspect", str(out), "--json"))
     assert info["shards"]["complete"] == 0 and set(info["damaged_shards"]) == {"00000", "00001"}
+    ok("report", str(out), "--out", str(tmp_path / "report.html"))  # reads around them too
+    assert "0 complete, 2 damaged" in (tmp_path / "report.html").read_text()
     err = refused("caption", str(out), str(tmp_path / "cap"), "--backend", "describe", "--no-cache")
     assert "00000_stats.json is not a stats file lenscap wrote" in err and len(err.strip().splitlines()) == 1
     ok("filter", str(src.path), str(out), "--min-side", "10")  # both written again
