@@ -135,7 +135,7 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, work_dir:
     for stage in stages:  # every stage's options, checked before the first stage runs
         if stage.run in COMMANDS:
             try:
-                _parse([stage.run, *_PLACEHOLDERS[stage.run], *_flags(stage.options, [])])
+                _check_values(stage.run, _parse([stage.run, *_PLACEHOLDERS[stage.run], *_flags(stage.options, [])]))
             except UsageError as e:
                 raise UsageError(f"recipe {path}, {stage.name}: {str(e).removeprefix(f'stage {stage.run}: ')}") from None
     return Recipe(path, str(source), work, stages, work / releases if releases else None, raw.get("description", ""))
@@ -188,6 +188,22 @@ def _parse(argv: list[str]) -> dict[str, Any]:
         raise
     # click gives a repeated option as a tuple, and () when absent; the command takes a list or None
     return {k: (list(v) or None) if isinstance(v, tuple) else v for k, v in flags.items() if k != "as_json"}
+
+
+def _check_values(command: str, flags: dict[str, Any]) -> None:
+    """The value checks a command makes before it touches anything, made for a recipe's stage before
+    the first stage runs (names and types are the parser's)."""
+    if command == "filter":
+        from lenscap.stages.filter import FilterRules
+
+        FilterRules(flags["min_side"], flags["max_aspect"], flags["min_bytes"], flags["caption_min_words"],
+                    flags["caption_max_words"], flags["status"], flags["where"]).validate()
+    elif command == "download":
+        from lenscap.stages.download import DownloadOptions
+
+        DownloadOptions(**{k: flags[k] for k in ("samples_per_shard", "processes", "threads", "image_size", "resize_mode",
+                                                 "min_image_size", "max_aspect_ratio", "max_pixels", "timeout", "retries")}
+                        ).validate()
 
 
 def _releases(recipe: Recipe) -> list[Path]:

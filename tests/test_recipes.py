@@ -217,6 +217,9 @@ def test_a_recipe_is_checked_whole_before_its_first_stage_runs(tmp_path, image_s
     cases = {
         good.replace("sample = 4", "sampel = 4"): "report: No such option: --sampel",
         good.replace("min_side = 10", 'min_side = "big"'): "filter: Invalid value for '--min-side'",
+        good.replace("min_side = 10", "min_side = 10\nmax_aspect = -1"): "filter: --max-aspect is a ratio",
+        good.replace("min_side = 10", "where = \"width > 0) OR (true\""): "filter: --where must be one SQL expression",
+        good.replace("timeout = 3", "timeout = 0"): "download: --timeout must be at least 1 second",
         f'input = "{urls}"\nwork_dir = "{work}"\nstages = "download"\n': "stages must be [[stages]] tables",
         good.replace('run = "filter"', 'run = "filter"\nname = "../../escaped"'): "name must be a plain name",
     }
