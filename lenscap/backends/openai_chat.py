@@ -332,7 +332,8 @@ class OpenAIChatBackend(CaptionBackend):
 
     async def _call(self, kwargs: dict[str, Any], tokens: float) -> Any:
         """One completion, with retries. When every endpoint is down after answering earlier in the run
-        (an outage, not this image; a server that never answered is the breaker's), the request waits and is sent again, one request at a time as a probe, until an endpoint answers or
+        (an outage, not this image; a server that never answered is the breaker's), the request waits
+        and is sent again, one request at a time as a probe, until an endpoint answers or
         ``--outage-timeout`` has passed since the last success: then ``Outage`` stops the run, and no
         sample that the outage failed is recorded as an error."""
         while True:
