@@ -163,7 +163,7 @@ class Dataset:
         """The names in the dataset directory (not below it)."""
         self.fs.invalidate_cache(self.root)  # other processes write here: never a stale listing
         try:
-            return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)]
+            return [_basename(p) for p in self.fs.ls(self.root, detail=False)]
         except FileNotFoundError:
             return []
 
@@ -200,14 +200,16 @@ class Dataset:
                                "delete it to have the stage that wrote the shard write it again")
         return stats
 
-    def read_all_stats(self, ids: list[int]) -> list[dict[str, Any]]:
-        """The stats of shards ``ids``, in order (concurrently on object stores)."""
+    def _stats_blobs(self, ids: list[int]) -> list[bytes]:
+        """The raw stats files of shards ``ids``, in order: one call (concurrent on object stores)."""
         if not ids:
             return []
-        paths = [self.file(stats_name(i)) for i in ids]
-        blobs = self.fs.cat(paths)
-        by_name = {p.rstrip("/").rsplit("/", 1)[-1]: b for p, b in blobs.items()}
-        return [self._parse_stats(i, by_name[p.rsplit("/", 1)[-1]]) for i, p in zip(ids, paths, strict=True)]
+        by_name = {_basename(p): b for p, b in self.fs.cat([self.file(stats_name(i)) for i in ids]).items()}
+        return [by_name[stats_name(i)] for i in ids]
+
+    def read_all_stats(self, ids: list[int]) -> list[dict[str, Any]]:
+        """The stats of shards ``ids``, in order."""
+        return [self._parse_stats(i, blob) for i, blob in zip(ids, self._stats_blobs(ids), strict=True)]
 
     def file_sizes(self) -> dict[str, int]:
         """The size of each file in the dataset directory (not below it), by name: one listing."""
@@ -216,7 +218,7 @@ class Dataset:
             entries = self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
             return {}
-        return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
+        return {_basename(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
 
     def damaged_shards(self, ids: list[int] | None = None) -> dict[int, str]:
         """Completed shards (``ids``, default all) that are not what their stats recorded: a file missing,
@@ -226,12 +228,10 @@ class Dataset:
         if not ids:
             return {}
         sizes = self.file_sizes()
-        blobs = self.fs.cat([self.file(stats_name(i)) for i in ids])
-        by_name = {p.rstrip("/").rsplit("/", 1)[-1]: b for p, b in blobs.items()}
         damaged: dict[int, str] = {}
-        for shard_id in ids:
+        for shard_id, blob in zip(ids, self._stats_blobs(ids), strict=True):
             try:
-                stats = self._parse_stats(shard_id, by_name[stats_name(shard_id)])
+                stats = self._parse_stats(shard_id, blob)
             except DatasetError:
                 damaged[shard_id] = f"{stats_name(shard_id)} is not a stats file lenscap wrote"
                 continue
@@ -413,6 +413,10 @@ class Dataset:
         self.__dict__.pop("_image_source", None)
         self.put_bytes(MANIFEST_NAME, json.dumps(manifest, indent=2, default=str).encode() + b"\n")
         return manifest
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema | None) -> pa.Table:

@@ -67,16 +67,12 @@ class DiskFull(LenscapError):
     exit_code = 1
 
 
-_NO_SPACE = {28, 122, 5}  # ENOSPC, EDQUOT, EIO (Linux numbers; errno names them where they exist)
-
-
 def disk_full(e: OSError, path: object = None) -> DiskFull | None:
     """The ``DiskFull`` an ``OSError`` of a local write means, or None if it means something else."""
     import errno
     import shutil
 
-    codes = {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EIO") if hasattr(errno, name)} or _NO_SPACE
-    if e.errno not in codes:
+    if e.errno not in {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EIO") if hasattr(errno, name)}:
         return None
     where = str(path or e.filename or "a file")
     try:
