@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lenscap.audit import AuditOptions
 from lenscap.dedup.search import DedupOptions
 from lenscap.export.job import ExportOptions, ExportResult
 from lenscap.record import Sample
@@ -43,8 +44,8 @@ if TYPE_CHECKING:
     from lenscap.stages.base import Stage
     from lenscap.stages.caption_batch import BatchResult
 
-__all__ = ["download", "filter", "filter_counts", "caption", "dedup", "shard", "inspect", "report", "run", "run_stage",
-           "backend", "ShardStage", "Sample", "JobResult", "DownloadOptions", "FilterRules", "FilterResult", "CaptionResult",
+__all__ = ["download", "filter", "filter_counts", "caption", "dedup", "shard", "inspect", "report", "audit", "run",
+           "run_stage", "backend", "AuditOptions", "ShardStage", "Sample", "JobResult", "DownloadOptions", "FilterRules", "FilterResult", "CaptionResult",
            "DedupOptions", "DedupResult", "ExportOptions", "ExportResult"]
 
 Location = str | os.PathLike[str]
@@ -138,16 +139,20 @@ def backend(name: str = "openai", **options: Any) -> CaptionBackend:
 def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prompt: str = "lens", *,
             hints: tuple[str, ...] = (), max_cost: float | None = None, cache: bool = True, cache_dir: Location | None = None,
             copy_images: bool = False, overwrite: bool = False, allow_incomplete: bool = False, retry_errors: bool = False,
-            processes: int = 1, executor: Executor | None = None, progress: Progress | None = None) -> CaptionResult | BatchResult:
+            redo: str | None = None, processes: int = 1, executor: Executor | None = None,
+            progress: Progress | None = None) -> CaptionResult | BatchResult:
     """Recaption with ``captioner`` (``backend(...)``); ``prompt``: a preset or a prompt file. Nothing
     already paid for is asked again on a rerun. ``cache``: the response cache, in ``cache_dir`` (default
     ``$LENSCAP_CACHE_DIR`` or ``~/.cache/lenscap``). ``retry_errors``: in an output captioned before,
-    ask again the samples whose caption is an error, and only them. A batch backend returns the batch
-    job's state."""
+    ask again the samples whose caption is an error, and only them. ``redo``: an SQL expression over
+    the columns of ``in_dir``, a captioned dataset; only its rows where it is true are captioned again
+    (never from the cache), the others are carried over, and ``caption_run`` says which run wrote each
+    caption. A batch backend returns the batch job's state."""
     from dataclasses import asdict
 
     from lenscap.captioning.cache import default_cache_dir
     from lenscap.captioning.prompts import load_prompt
+    from lenscap.dataset import Dataset
     from lenscap.errors import BudgetReached, UsageError
     from lenscap.progress import make_progress
     from lenscap.runner import run_stage
@@ -157,12 +162,19 @@ def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prom
         raise UsageError(f"--max-cost must be positive, not {max_cost}")
     directory = None if not cache else Path(cache_dir) if cache_dir is not None else default_cache_dir()
     captioner.set_processes(processes)
-    stage = CaptionStage(captioner, load_prompt(prompt), directory, max_cost, hints=hints)
+    if redo is not None and retry_errors:
+        raise UsageError("--redo and --retry-errors do not go together: --redo writes a new output from a captioned "
+                         "input; to ask its errors again there, give --redo \"caption_status = 'error'\"")
+    if redo is not None and captioner.runs_as_batch:
+        raise UsageError(f"--redo is for the request-by-request backends; {captioner.name} runs as batch jobs")
+    stage = CaptionStage(captioner, load_prompt(prompt), directory, max_cost, hints=hints, redo=redo)
     stage.copy_images = copy_images
     stage.retry_errors = retry_errors
     if retry_errors and captioner.runs_as_batch:
         raise UsageError("--retry-errors is for the request-by-request backends; a batch job asks its failed requests "
                          "again itself, in new rounds (--max-retries)")
+    if redo is not None:
+        stage.check_redo(Dataset.open(in_dir))  # a bad expression or an uncaptioned input fails here, before any request
     progress = progress or make_progress("caption", True)
     try:
         if captioner.runs_as_batch:
@@ -215,6 +227,19 @@ def report(path: Location, out: Location | None = None, sample: int = 24, seed: 
     from lenscap.report import write_report
 
     return write_report(path, out, sample, seed, png)
+
+
+def audit(path: Location, options: AuditOptions | None = None, *, compare_with: Location | None = None,
+          out: Location | None = None, processes: int = 1, executor: Executor | None = None, progress: Progress | None = None,
+          overwrite: bool = False) -> dict[str, Any]:
+    """Measure the captions of ``path`` (``lenscap audit``): the ``--json`` object, whose ``exit_code``
+    is 6 when an ``options.fail_on`` rule is broken. ``compare_with``: a second captioning of the same
+    images (rules judge it). ``out``: also write ``path`` with one ``audit_<flag>`` column per flag there."""
+    from lenscap.audit import audit as run_audit
+    from lenscap.executors import LocalExecutor
+
+    return run_audit(path, options, compare_with=compare_with, out=out, executor=executor or LocalExecutor(processes),
+                     progress=progress, overwrite=overwrite)
 
 
 def run(recipe: str, overrides: Iterable[str] = (), *, input: str | None = None,  # noqa: A002 - the recipe's word

@@ -2,7 +2,8 @@
 
 Exit codes: 0 done; 1 some shards failed (the others are kept; rerun to finish); 2 usage error
 (bad flag, missing input, wrong directory, rejected key, unknown model); 3 internal error;
-4 --max-cost reached; 5 locked (another live lenscap process is writing the same output); 130 interrupted.
+4 --max-cost reached; 5 locked (another live lenscap process is writing the same output); 6 an audit's --fail-on
+rule was broken; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -190,6 +191,7 @@ def caption(
     overwrite: OverwriteOpt = False,
     allow_incomplete: AllowIncompleteOpt = False,
     retry_errors: Annotated[bool, typer.Option("--retry-errors", help="In an output captioned before, ask again the samples whose caption_status is error, and no other.")] = False,
+    redo: Annotated[Optional[str], typer.Option(help="The input is captioned: caption again only its rows where this SQL expression over its columns is true (DuckDB), e.g. \"caption_status = 'refused'\", not from the response cache; the other rows are carried over as they are, and caption_run says which run wrote each caption.")] = None,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
@@ -405,8 +407,33 @@ def report(
 
 
 @app.command()
+def audit(
+    paths: Annotated[list[str], typer.Argument(help="DIR, or DIR_A DIR_B to compare two captionings of the same images (rules judge DIR_B).", show_default=False, metavar="DIR [DIR_B]")],
+    target_words: Annotated[Optional[int], typer.Option(help="Caption length aimed at; off_length flags captions under half or over 1.5 times it. [default: the prompt preset's: lens 109, short 20]")] = None,
+    script: Annotated[str, typer.Option(help="Expected Unicode script of the captions (Latin, Cyrillic, Han, ...); wrong_script flags captions with under half their letters in it.")] = "Latin",
+    fail_on: Annotated[Optional[str], typer.Option(help="Rules such as \"refusal>0.01,words_p50<80,template_top1>0.3\": exit 6 when one holds (a cron gate). Measures: every flag as a share, captions, words_mean/p5/p50/p95, template_top1, distinct_1, distinct_2, alt_carry.")] = None,
+    sample: Annotated[int, typer.Option(help="How many flagged captions (comparing: differing images) to show for reading.")] = 10,
+    seed: Annotated[int, typer.Option(help="Which samples: the same seed shows the same ones.")] = 0,
+    out: Annotated[Optional[str], typer.Option("--out", help="Also write DIR with one column per flag (audit_refusal, audit_loop, ..., audit_flagged) into this new dataset, for filter --where or caption --redo.")] = None,
+    memory_limit: Annotated[str, typer.Option(help="Comparing two datasets: memory for joining their rows (DuckDB); beyond it, it spills to a temporary directory.")] = "1GB",
+    overwrite: OverwriteOpt = False,
+    processes: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Measure caption quality: length, refusals, templated openings, loops, truncations, near-duplicates,
+    script, OCR grounding and alt-text carry-over, overall and per model/prompt. Writes nothing into DIR.
+
+    Example: lenscap audit data/captioned --fail-on "refusal>0.01,words_p50<80,template_top1>0.3"
+    """
+    _run(audit_outcome, locals(), as_json, quiet)
+
+
+@app.command()
 def estimate(
-    images: Annotated[int, typer.Option(help="How many images to caption.")],
+    images: Annotated[Optional[int], typer.Option(help="How many images to caption (with --from and --where: counted there).")] = None,
     model: Annotated[str, typer.Option(help="The model.")] = "gpt-4.1",
     batch: Annotated[bool, typer.Option("--batch", help="Price as the Batch API (half price; 24 h windows).")] = False,
     detail: Annotated[str, typer.Option(help="Image detail: low, high or auto.")] = "low",
@@ -418,6 +445,7 @@ def estimate(
     tpm: Annotated[Optional[float], typer.Option(help="Tokens per minute you may send.")] = None,
     prices: Annotated[Optional[str], typer.Option(help="JSON or TOML price file (USD per 1M tokens).")] = None,
     from_dir: Annotated[Optional[str], typer.Option("--from", help="A dataset already captioned with this model: use its measured tokens per image.")] = None,
+    where: Annotated[Optional[str], typer.Option(help="With --from: the images are its rows where this SQL expression over its columns is true (DuckDB), as caption --redo would select them.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Tokens, cost and wall time of captioning N images, before spending anything."""
@@ -429,12 +457,14 @@ def estimate(
     if not (x and width.isdigit() and height.isdigit()):
         raise UsageError(f"--image-size takes WIDTHxHEIGHT, not {image_size!r}")
     result = run_estimate(EstimateRequest(images, model, batch, detail, output_words, int(width), int(height), max_side, prompt,
-                                          rpm=rpm, tpm=tpm, prices=prices, from_dir=from_dir))
+                                          rpm=rpm, tpm=tpm, prices=prices, from_dir=from_dir, where=where))
     if as_json:
         _emit({"command": "estimate", **result, "exit_code": 0}, True)
         return
     per, total = result["per_image"], result["total"]
-    print(f"{images:,} images with {model}, priced {result['priced_as']}")
+    if "selected" in result:
+        print(f"{result['selected']:,} images of {from_dir} selected by --where")
+    print(f"{result.get('selected', images):,} images with {model}, priced {result['priced_as']}")
     print(f"  per image:  {per['input_tokens']:,} input + {per['output_tokens']:,} output tokens ({result['basis']})")
     print(f"  total:      {total['input_tokens']:,} input + {total['output_tokens']:,} output tokens")
     print(f"  cost:       ${total['cost_usd']:,.2f}")
@@ -616,8 +646,8 @@ def download_outcome(*, paths, url_col, caption_col, extra_cols, samples_per_sha
 def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, processes, cache, no_cache, option, model,
         base_url, api_key_env, max_tokens, temperature, detail, max_side, rpm, tpm, concurrency, prices, timeout,
         max_retries, outage_timeout, wait, poll_interval, max_requests_per_file, max_file_mb, max_enqueued_tokens, device,
-        dtype, batch_size, max_new_tokens, copy_images, overwrite, allow_incomplete, retry_errors, executor, ray_address,
-        quiet) -> Outcome:
+        dtype, batch_size, max_new_tokens, copy_images, overwrite, allow_incomplete, retry_errors, redo, executor,
+        ray_address, quiet) -> Outcome:
     from lenscap import api
     from lenscap.captioning.prompts import load_prompt
     from lenscap.errors import BudgetReached, UsageError
@@ -653,8 +683,8 @@ def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, proces
     try:
         result = api.caption(in_dir, out_dir, caption_backend, prompt, hints=hint_names, max_cost=max_cost,
                              cache=not no_cache, cache_dir=cache, copy_images=copy_images, overwrite=overwrite,
-                             allow_incomplete=allow_incomplete, retry_errors=retry_errors, processes=processes, executor=runner,
-                             progress=make_progress("caption", quiet))
+                             allow_incomplete=allow_incomplete, retry_errors=retry_errors, redo=redo, processes=processes,
+                             executor=runner, progress=make_progress("caption", quiet))
     except BudgetReached as e:
         e.summary = {"command": "caption", "out_dir": out_dir, "spent_usd": e.spent_usd or 0.0, "exit_code": e.exit_code,
                      "reason": str(e)}
@@ -788,9 +818,29 @@ def report_outcome(*, path, out, sample, seed, png, quiet) -> Outcome:
                    [f"report: {written['html']}" + (f", contact sheet: {written['png']}" if "png" in written else "")])
 
 
+def audit_outcome(*, paths, target_words, script, fail_on, sample, seed, out, memory_limit, overwrite, processes, executor,
+        ray_address, quiet) -> Outcome:
+    from lenscap import api
+    from lenscap.audit.render import audit_lines
+    from lenscap.errors import UsageError
+    from lenscap.progress import make_progress
+
+    if len(paths) > 2:
+        raise UsageError(f"audit takes DIR or DIR_A DIR_B, not {len(paths)} directories")
+    if out is not None and len(paths) == 2:
+        raise UsageError("--out writes one audited dataset: give it with one DIR")
+    runner = _executor(executor, processes, ray_address)
+    options = api.AuditOptions(target_words=target_words, script=script, sample=sample, seed=seed, fail_on=fail_on,
+                               memory_limit=memory_limit)
+    result = api.audit(paths[0], options, compare_with=paths[1] if len(paths) == 2 else None, out=out, executor=runner,
+                       progress=make_progress("audit", quiet), overwrite=overwrite)
+    notes = [f"lenscap: audit: rule broken: {r['rule']} (measured {r['value']})" for r in result["rules"] if r["broken"]]
+    return Outcome(result, notes=notes, stdout=audit_lines(result))
+
+
 OUTCOMES: dict[str, Callable[..., Outcome]] = {
     "download": download_outcome, "filter": filter_outcome, "caption": caption_outcome, "dedup": dedup_outcome,
-    "shard": shard_outcome, "report": report_outcome,
+    "shard": shard_outcome, "report": report_outcome, "audit": audit_outcome,
 }
 
 

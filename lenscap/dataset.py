@@ -272,6 +272,13 @@ class Dataset:
         except (OSError, pa.ArrowException) as e:
             raise DatasetError(f"cannot read {self.location}/{parquet_name(shard_id)}: {e}") from None
 
+    def iter_batches(self, shard_id: int, columns: list[str], batch_size: int = 4096) -> Iterator[pa.RecordBatch]:
+        """The shard's rows ``batch_size`` at a time (memory holds one batch, not the shard)."""
+        try:
+            yield from self._parquet(shard_id).iter_batches(batch_size=batch_size, columns=columns)
+        except (OSError, pa.ArrowException) as e:
+            raise DatasetError(f"cannot read {self.location}/{parquet_name(shard_id)}: {e}") from None
+
     def read_metadata(self, shard_id: int) -> pq.FileMetaData:
         """The shard's parquet footer: row count and schema, without reading any data."""
         try:

@@ -5,7 +5,7 @@ A recipe names an input, a work directory and an ordered list of stages::
     input = "urls.csv"
     work_dir = "work"
     [[stages]]
-    run = "download"          # a lenscap command: download, filter, caption, dedup, shard, report
+    run = "download"          # a lenscap command: download, filter, caption, dedup, shard, report, audit
     samples_per_shard = 1000  # its options, as on the command line (underscores for dashes)
     [[stages]]
     run = "caption"
@@ -44,12 +44,12 @@ from lenscap.storage import require_local
 __all__ = ["Recipe", "RecipeStage", "load_recipe", "run_recipe", "SHIPPED"]
 
 SHIPPED = Path(__file__).parent / "recipes"
-COMMANDS = ("download", "filter", "caption", "dedup", "shard", "report")
+COMMANDS = ("download", "filter", "caption", "dedup", "shard", "report", "audit")
 BUILTINS = ("new-urls", "release")
 _TOP_KEYS = {"description", "input", "work_dir", "releases", "stages"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Stand-ins for a command's positional arguments when its options are checked before the run.
-_PLACEHOLDERS = {"download": ["INPUT", "OUT"], "report": ["IN"]} | {c: ["IN", "OUT"] for c in ("filter", "caption", "dedup", "shard")}
+_PLACEHOLDERS = {"download": ["INPUT", "OUT"], "report": ["IN"], "audit": ["IN"]} | {c: ["IN", "OUT"] for c in ("filter", "caption", "dedup", "shard")}
 
 
 @dataclass
@@ -198,6 +198,11 @@ def _check_values(command: str, flags: dict[str, Any]) -> None:
 
         FilterRules(flags["min_side"], flags["max_aspect"], flags["min_bytes"], flags["caption_min_words"],
                     flags["caption_max_words"], flags["status"], flags["where"]).validate()
+    elif command == "audit":
+        from lenscap.audit import AuditOptions
+
+        AuditOptions(target_words=flags["target_words"], script=flags["script"], sample=flags["sample"],
+                     fail_on=flags["fail_on"]).validate()
     elif command == "download":
         from lenscap.stages.download import DownloadOptions
 
@@ -254,6 +259,8 @@ def _run(recipe: Recipe, quiet: bool) -> dict[str, Any]:
                     argv.append("--allow-private-network")  # the demo's own images, served on loopback
             elif stage.run == "report":
                 argv = ["report", str(dataset), "--out", str(base / f"{stage.name}.html"), *_flags(stage.options, releases)]
+            elif stage.run == "audit":  # a gate: its --fail-on stops the run (exit 6) before what follows
+                argv = ["audit", str(dataset), *_flags(stage.options, releases)]
             else:
                 argv = [stage.run, str(dataset), str(out), *_flags(stage.options, releases)]
             record_path = records / f"{number:02d}-{stage.name}.json"

@@ -2,8 +2,10 @@
 
 The page needs nothing but itself: styles inline, images inlined as JPEG thumbnails, charts as inline
 SVG, no script. It shows the counts and every stage's outcomes (from ``inspect``), the caption length
-histogram, filter reasons and the dedup report when present, the most common errors, the pipeline
-from the manifest, and a grid of sampled images, each with its caption beside its original alt-text.
+histogram, the caption audit (``lenscap.audit``: flag counts, top openings, sampled flagged captions
+beside their images and OCR text) where there are captions, filter reasons and the dedup report when
+present, the most common errors, the pipeline from the manifest, and a grid of sampled images, each
+with its caption beside its original alt-text.
 
 The sample is the ``n`` samples with images whose ``hash(seed, key)`` is smallest: the same seed
 picks the same samples whatever the shard order, and memory holds ``n`` candidates, not the dataset.
@@ -24,16 +26,19 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from lenscap import __version__
+from lenscap.audit import FLAGS, AuditOptions, audit
 from lenscap.dataset import Dataset
-from lenscap.errors import UsageError, disk_full
+from lenscap.errors import DatasetError, UsageError, disk_full
 from lenscap.inspect import inspect_dataset
 from lenscap.journal import atomic_write_bytes
 from lenscap.layout import IMAGE_OFFSET, IMAGE_SIZE
 from lenscap.storage import require_local
 
-__all__ = ["ReportSample", "pick_samples", "render_html", "render_contact_sheet", "write_report"]
+__all__ = ["ReportSample", "pick_samples", "audit_thumbnails", "render_html", "render_contact_sheet", "write_report"]
 
 THUMB = 256
+AUDIT_SAMPLES = 12  # flagged captions shown at most: each brings a thumbnail into the page
+_SHOWN_CHARS = 600  # of an OCR text or alt-text beside a flagged caption (the audit already cuts captions)
 _ROW_COLUMNS = ("caption", "alt_text", "previous_caption", "caption_status", "caption_model", "filter_status",
                 "dedup_status", "width", "height")
 
@@ -66,6 +71,8 @@ def _thumbnail(data: bytes) -> bytes:
 
 def pick_samples(ds: Dataset, n: int, seed: int = 0) -> list[ReportSample]:
     """The ``n`` samples with images whose ``blake2b(seed:key)`` is smallest, in that order."""
+    if n <= 0:
+        return []  # the loop below compares with the heap's top, which an empty heap has not
     heap: list[tuple[int, str, int, tuple[int, int], dict[str, Any]]] = []  # max-heap on the hash
     damaged = ds.damaged_shards()  # counted and named by inspect's summary; never read
     for shard_id in [i for i in ds.completed_ids() if i not in damaged]:
@@ -94,6 +101,27 @@ def pick_samples(ds: Dataset, n: int, seed: int = 0) -> list[ReportSample]:
     return out
 
 
+def audit_thumbnails(ds: Dataset, samples: list[dict[str, Any]]) -> dict[str, bytes]:
+    """Thumbnails of the audit's sampled captions' images (key: JPEG, empty where undecodable; absent
+    where the sample has no image), each read from the shard and row the audit found it in."""
+    out: dict[str, bytes] = {}
+    by_shard: dict[int, list[int]] = {}
+    for s in samples:
+        by_shard.setdefault(int(s["shard"]), []).append(int(s["row"]))
+    for shard_id, rows in sorted(by_shard.items()):
+        names = ds.read_schema(shard_id).names
+        table = ds.read_table(shard_id, columns=["key", *(c for c in (IMAGE_OFFSET, IMAGE_SIZE) if c in names)]).take(rows)
+        offsets, sizes = ds.image_locations(shard_id, table)
+        for key, offset, size in zip(table.column("key").to_pylist(), offsets, sizes, strict=True):
+            if offset is None:
+                continue
+            try:
+                out[str(key)] = _thumbnail(ds.read_image(shard_id, str(key), offset, size))
+            except Exception:  # noqa: BLE001 - an undecodable image is shown as missing, not fatal
+                out[str(key)] = b""
+    return out
+
+
 # -- HTML -------------------------------------------------------------------------------------------
 
 _CSS = """
@@ -108,6 +136,8 @@ figure{margin:0;background:#fff;border:1px solid #e1e5eb;border-radius:8px;overf
 figure img{display:block;width:100%;height:200px;object-fit:contain;background:#eef0f3}figcaption{padding:8px 10px;font-size:13px}
 .label{font-size:11px;text-transform:uppercase;color:#6b7686;letter-spacing:.04em}.alt{color:#6b7686}.key{font-family:monospace;color:#6b7686}
 .missing{height:200px;display:flex;align-items:center;justify-content:center;color:#9aa3af;background:#eef0f3}
+.flag{display:inline-block;background:#fbe4e4;color:#9b1c1c;border-radius:3px;padding:0 5px;margin:0 4px 2px 0;font-size:12px}
+.ocr{font-family:monospace;font-size:12px;color:#4b5563;white-space:pre-wrap;word-break:break-word}h3{font-size:14px;margin:12px 0 6px}
 """
 
 
@@ -115,11 +145,83 @@ def _e(value: Any) -> str:
     return html.escape(str(value), quote=True)
 
 
-def _bars(counts: dict[str, int]) -> str:
+def _bars(counts: dict[str, int], shares: dict[str, float | None] | None = None) -> str:
+    """One bar per count, as its share of their sum, or of ``shares`` (0 to 1) where the counts overlap
+    or each has its own whole (a caption can carry several flags)."""
     total = max(sum(counts.values()), 1)
-    rows = "".join(f"<tr><td>{_e(k)}</td><td>{n:,}</td><td><span class='bar' style='width:{round(300 * n / total)}px'></span> "
-                   f"{100 * n / total:.1f}%</td></tr>" for k, n in counts.items())
-    return f"<table>{rows}</table>"
+    rows = []
+    for k, n in counts.items():
+        share = n / total if shares is None else shares.get(k) or 0.0
+        rows.append(f"<tr><td>{_e(k)}</td><td>{n:,}</td><td><span class='bar' style='width:{round(300 * share)}px'></span> "
+                    f"{100 * share:.1f}%</td></tr>")
+    return f"<table>{''.join(rows)}</table>"
+
+
+def _clip(text: str, chars: int = _SHOWN_CHARS) -> str:
+    return text if len(text) <= chars else text[:chars] + "..."
+
+
+def _flags(counts: dict[str, int], shares: dict[str, float | None]) -> str:
+    return ", ".join(f"{name} {counts[name]:,} ({100 * (shares.get(name) or 0):.1f}%)" for name in FLAGS if counts.get(name))
+
+
+def _audit_section(audit: dict[str, Any], images: dict[str, bytes]) -> str:
+    """The caption audit: length against the target, flag counts, top openings, word variety, the
+    groups of model and prompt, and the sampled flagged captions beside their images (``images``:
+    key to JPEG thumbnail)."""
+    w = audit["words"]
+    line = f"{audit['captions']:,} captions audited, " + (
+        f"{w['mean']} words on average, median {w['p50']}, 95th percentile {w['p95']}" if w["mean"] is not None
+        else "none of them with text to measure (refused or truncated answers keep the old text)")
+    if w.get("target"):
+        line += f"; target {w['target']} words" + (f" ({w['band'][0]}-{w['band'][1]} is on length)" if w.get("band") else "")
+    parts = [f"<p>{_e(line)}.</p>"]
+    if audit.get("failed_shards"):
+        parts.append(f"<p>{len(audit['failed_shards']):,} shards could not be read and are not in these numbers.</p>")
+    counts = {name: audit["counts"][name] for name in FLAGS if audit["counts"].get(name)}
+    parts.append("<h3>flags</h3>" + (_bars(counts, audit["shares"]) if counts else "<p>no captions flagged</p>"))
+    if counts.keys() & {"ocr_missed", "ocr_invented", "alt_dropped"}:
+        parts.append("<p class='alt'>Shares are of the captions audited; those of ocr_missed, ocr_invented and alt_dropped "
+                     "of the captions that can have them (OCR read text, OCR ran, the alt-text names something).</p>")
+    if audit["openings"]:
+        openings = {o["opening"]: o["captions"] for o in audit["openings"]}
+        parts.append(f"<h3>top openings</h3>{_bars(openings, {o['opening']: o['share'] for o in audit['openings']})}")
+    variety = [f"distinct-{n} {audit[f'distinct_{n}']:.3f}" for n in (1, 2) if audit.get(f"distinct_{n}") is not None]
+    if variety:
+        parts.append(f"<p>{', '.join(variety)} (unique words and word pairs, as a share of all of them)</p>")
+    ocr, alt = audit.get("ocr") or {}, audit.get("alt_text") or {}
+    if ocr.get("with_text"):
+        parts.append(f"<p>OCR: images with text {ocr['with_text']:,}, their captions carrying it {ocr['quoted']:,}, "
+                     f"missing it {ocr['missed']:,}; captions quoting text OCR did not read {ocr['invented']:,}.</p>")
+    if alt.get("named"):
+        parts.append(f"<p>Alt-text: alt-texts that name something {alt['named']:,}, names their captions carry "
+                     f"{100 * alt['carry_mean']:.0f}% on average, captions carrying none {alt['dropped']:,}.</p>")
+    groups = [g for g in audit.get("by_model") or [] if g["captions"]]
+    if len(groups) > 1:
+        rows = "".join(f"<tr><td>{_e(g['model'] or '-')}</td><td>{_e(g['prompt'] or '-')}</td><td>{g['captions']:,}</td>"
+                       f"<td>{_e(g['words']['mean'] if g['words']['mean'] is not None else '-')}</td>"
+                       f"<td>{_e(_flags(g['counts'], g['shares']) or 'none')}</td></tr>" for g in groups)
+        parts.append("<h3>by model and prompt</h3><table><tr><th>model</th><th>prompt</th><th>captions</th>"
+                     f"<th>words (mean)</th><th>flags</th></tr>{rows}</table>")
+    figures = []
+    for s in audit.get("samples") or []:
+        thumb = images.get(s["key"])
+        img = (f"<img src='data:image/jpeg;base64,{base64.b64encode(thumb).decode()}' alt='flagged {_e(s['key'])}'>" if thumb
+               else f"<div class='missing'>{'image could not be decoded' if thumb is not None else 'no image'}</div>")
+        text = "<div>" + "".join(f"<span class='flag'>{_e(f)}</span>" for f in s["flags"]) + "</div>"
+        text += f"<div class='label'>caption</div><div>{_e(s['caption']) or '<i>none</i>'}</div>"
+        if s.get("ocr_text"):
+            text += f"<div class='label'>OCR text</div><div class='ocr'>{_e(_clip(s['ocr_text']))}</div>"
+        if s.get("alt_text"):
+            text += f"<div class='label'>alt-text</div><div class='alt'>{_e(_clip(s['alt_text']))}</div>"
+        # A refused or truncated answer's text is not measured: its 0 words would belie the text beside it.
+        measured = s.get("caption_status") not in ("refused", "truncated")
+        meta = " ".join(f"{k}: {_e(s[k])}" for k in ("words", "caption_status", "model")
+                        if s.get(k) is not None and (k != "words" or measured))
+        figures.append(f"<figure>{img}<figcaption>{text}<div class='key'>{_e(s['key'])} {meta}</div></figcaption></figure>")
+    if figures:
+        parts.append(f"<h3>{len(figures)} sampled flagged captions</h3><div class='grid'>{''.join(figures)}</div>")
+    return f"<section><h2>Audit</h2>{''.join(parts)}</section>"
 
 
 def _histogram_svg(pairs: list[list[int]], bin_words: int = 5, bins: int = 40) -> str:
@@ -144,7 +246,10 @@ def _histogram_svg(pairs: list[list[int]], bin_words: int = 5, bins: int = 40) -
     return "".join(parts)
 
 
-def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[str, Any] | None) -> str:
+def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[str, Any] | None,
+                audit: dict[str, Any] | None = None, audit_images: dict[str, bytes] | None = None) -> str:
+    """The page; ``audit`` is ``lenscap.audit.audit``'s result (no section without captions), with
+    ``audit_images`` the thumbnails of its sampled flagged captions by key."""
     name = Path(info["path"]).resolve().name
     shards = info["shards"]
     cw = info["caption_words"]
@@ -167,6 +272,10 @@ def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[s
     if cw["count"]:
         body.append(f"<section><h2>Caption length</h2><p>{cw['count']:,} captions, {cw['mean']} words on average, "
                     f"median {cw['p50']}, 95th percentile {cw['p95']}.</p>{_histogram_svg(cw['histogram'])}</section>")
+    if audit and audit.get("error"):
+        body.append(f"<section><h2>Audit</h2><p>The captions could not be audited: {_e(audit['error'])}</p></section>")
+    elif audit and audit.get("captions"):
+        body.append(_audit_section(audit, audit_images or {}))
     if info.get("filter_reasons"):
         body.append(f"<section><h2>Filter</h2>{_bars(info['filter_reasons'])}</section>")
     if dedup:
@@ -242,15 +351,34 @@ def write_report(path: str | Path, out: str | Path | None = None, n: int = 24, s
     ds = Dataset.open(path)
     info = inspect_dataset(ds.path)
     samples = pick_samples(ds, n, seed)
+    found = _audit(ds, info, min(n, AUDIT_SAMPLES), seed)
+    flagged = (found or {}).get("samples") or []
+    images = audit_thumbnails(ds, flagged) if flagged else {}
     target = Path(out) if out is not None else ds.path / "report.html"
-    _write(target, render_html(info, samples, info.get("dedup")).encode())
-    written = {"html": str(target), "samples_shown": len(samples)}
+    _write(target, render_html(info, samples, info.get("dedup"), found, images).encode())
+    written: dict[str, Any] = {"html": str(target), "samples_shown": len(samples), "audit": None}
+    if found is not None:
+        written["audit"] = {"error": found["error"]} if "error" in found else {"captions": found["captions"],
+                                                                              "flagged_shown": len(flagged)}
     if png is not None:
         buf = io.BytesIO()
         render_contact_sheet(samples).save(buf, "PNG")
         _write(Path(png), buf.getvalue())
         written["png"] = str(png)
     return written
+
+
+def _audit(ds: Dataset, info: dict[str, Any], n: int, seed: int) -> dict[str, Any] | None:
+    """The audit of the captions, with ``n`` sampled flagged captions; None without a caption
+    column, ``{"error": why}`` where the audit could not run."""
+    if "caption" not in info["columns"]:
+        return None
+    try:
+        return audit(ds.path, AuditOptions(sample=n, seed=seed))
+    except DatasetError as e:
+        # E.g. the audit reads the schema of the first complete shard even when it is damaged, which
+        # inspect and the sample leave out: the rest of the report still stands, and says why there is no audit.
+        return {"error": str(e)}
 
 
 def _write(target: Path, data: bytes) -> None:

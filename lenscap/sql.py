@@ -1,12 +1,16 @@
 """DuckDB: out of core for the global steps (dedup's search, the shuffled export plan), sandboxed for
-SQL a user wrote (``filter --where``), and one way to put a value in a statement that takes no parameters."""
+SQL a user wrote (``filter --where``, ``caption --redo``, ``estimate --where``), and one way to put a
+value in a statement that takes no parameters."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["literal", "out_of_core", "sandboxed", "user_expression"]
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ["check_condition", "literal", "out_of_core", "rows_where", "sandboxed", "user_expression"]
 
 # A connection that runs SQL a user typed (or a recipe carried) reads only the tables registered on
 # it: no file, no URL, no extension, no ATTACH, no COPY ... TO, and no SET that would undo this.
@@ -53,3 +57,35 @@ def user_expression(text: str, flag: str) -> str:
         return str(duckdb.SQLExpression(text))
     except duckdb.Error as e:
         raise UsageError(f"{flag} must be one SQL expression over the dataset's columns ({str(e).splitlines()[0]})") from None
+
+
+def check_condition(text: str, flag: str, schema: pa.Schema, where: str) -> str:
+    """``text`` (one SQL expression, ``user_expression``) as a row condition, null counting as false,
+    run on no rows of ``schema`` first: an empty or bad expression, an unknown column or a file it
+    would read is one ``UsageError`` here (naming the columns there are), before any work."""
+    import duckdb
+
+    from lenscap.errors import UsageError
+
+    if not text.strip():
+        raise UsageError(f"{flag} is empty; give an SQL expression over the dataset's columns, or leave it out")
+    condition = f"coalesce(({user_expression(text, flag)}), false)"
+    try:
+        rows_where(schema.empty_table(), condition)
+    except duckdb.Error as e:
+        message = str(e).splitlines()[0]
+        if isinstance(e, duckdb.BinderException):
+            message += f" (columns: {', '.join(schema.names)})"
+        raise UsageError(f"{flag} cannot run on {where}: {message}") from None
+    return condition
+
+
+def rows_where(table: pa.Table, condition: str, select: str = "key") -> list[tuple[Any, ...]]:
+    """``SELECT select FROM table WHERE condition`` on a connection of its own that can read nothing
+    else, since the condition is a user's."""
+    con = sandboxed()
+    try:
+        con.register("t", table)
+        return con.execute(f"SELECT {select} FROM t WHERE {condition}").fetchall()
+    finally:
+        con.close()

@@ -22,6 +22,8 @@ def test_a_pipeline_through_the_api_returns_typed_results(tmp_path):
     captioned = lc.caption(tmp_path / "filtered", tmp_path / "captioned", lc.backend("describe"), cache=False)
     assert isinstance(captioned, lc.CaptionResult) and captioned.spent_usd == 0.0
     assert captioned.counts["caption_status"] == {"ok": 11, "skipped": 1}
+    audit = lc.audit(tmp_path / "captioned", lc.AuditOptions(target_words=20, fail_on="words_p50<1"))
+    assert audit["captions"] == 11 and audit["exit_code"] == 0 and audit["failed_rules"] == []
 
     deduped = lc.dedup(tmp_path / "captioned", tmp_path / "deduped", lc.DedupOptions(threads=1))
     assert isinstance(deduped, lc.DedupResult) and deduped.exit_code == 0

@@ -108,6 +108,12 @@ def test_hints_ocr_gives_the_api_the_text_in_the_image(tmp_path, env):
     assert sum("<ocr_text>" in t for t in texts) == 1, "an image without text gets no hint"
     manifest = json.loads((tmp_path / "out" / "lenscap.json").read_text())
     assert manifest["parameters"]["hints"] == ["ocr"]
+    # What the hint said is kept with the caption, so the audit can check the caption quotes it.
+    assert rows(tmp_path / "out")["000000000"]["caption_ocr_text"] == "OPEN 24 HOURS"
+    assert rows(tmp_path / "out")["000000001"]["caption_ocr_text"] == ""
+    from lenscap.api import audit
+
+    assert {k: audit(tmp_path / "out")["ocr"][k] for k in ("known", "with_text")} == {"known": 2, "with_text": 1}
     r = run_cli("caption", str(src), str(tmp_path / "o2"), "--hints", "captions", env=env)
     assert r.returncode == 2 and "--hints knows only ocr" in r.stderr
 

@@ -22,7 +22,8 @@ def test_demo_without_a_key_captions_with_describe(tmp_path):
     shards = json.loads((tmp_path / "demo" / "shard" / "shards.json").read_text())
     assert shards["samples"] == 12 - summary["deduped"]["dedup"]["duplicates"]
     report = (tmp_path / "demo" / "report.html").read_text()
-    assert report.count("<img ") == 12 - summary["deduped"]["dedup"]["duplicates"]
+    assert report.count("alt='sample ") == 12 - summary["deduped"]["dedup"]["duplicates"]
+    assert "12 captions audited" in report  # the demo's captions, measured
     # a second demo starts afresh: its images are served on a new port
     r = run_cli("demo", str(tmp_path / "demo"), "--images", "12", "--json", "--quiet",
                 env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None, "LENSCAP_CACHE_DIR": str(tmp_path / "cache")})

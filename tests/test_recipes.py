@@ -193,15 +193,14 @@ def test_shipped_recipes_give_their_commands_valid_flags(recipe):
     import typer.main
 
     from lenscap.cli import app
-    from lenscap.recipe import COMMANDS, _flags, load_recipe
+    from lenscap.recipe import _PLACEHOLDERS, COMMANDS, _flags, load_recipe
 
     commands = typer.main.get_command(app).commands
     loaded = load_recipe(recipe)
     assert loaded.input and loaded.stages
     for stage in loaded.stages:
         if stage.run in COMMANDS:  # parse the stage's command line as the command would, without running it
-            positional = ["IN"] if stage.run == "report" else ["IN", "OUT"]
-            commands[stage.run].make_context(stage.run, positional + _flags(stage.options, [Path("r0")]))
+            commands[stage.run].make_context(stage.run, _PLACEHOLDERS[stage.run] + _flags(stage.options, [Path("r0")]))
     with pytest.raises(Exception, match="No such option: --no-such-flag"):  # the check above can fail
         commands["filter"].make_context("filter", ["IN", "OUT", "--no-such-flag", "1"])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import shutil
@@ -11,9 +12,11 @@ import pytest
 from PIL import Image
 
 from conftest import run_cli
+from lenscap.audit import FLAGS
 from lenscap.dataset import Dataset
 from lenscap.demo.images import jpeg_bytes, photo
 from lenscap.record import Sample
+from lenscap.report import audit_thumbnails, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -37,19 +40,63 @@ def shown_keys(html: str) -> list[str]:
     return re.findall(r"alt='sample (\d+)'", html)
 
 
+# key: (caption, model, OCR text); the OCR columns are null where OCR did not run.
+PLANTED = {
+    "000000000": ("A photo of a red bicycle leaning on a brick wall in the afternoon sun.", "model-a", None),
+    "000000001": ("A photo of two ducks crossing a quiet village road at dawn.", "model-a", None),
+    "000000002": ("I'm sorry, but I can't help with that.", "model-a", None),  # refusal
+    "000000003": ("A photo of a lighthouse standing over stormy grey waves.", "model-a", None),
+    "000000004": ("A cat sits on a mat. " * 5, "model-b", None),  # loop
+    "000000005": ("A wooden table with a bowl of green apples and a", "model-b", None),  # truncated
+    "000000006": ('A shop sign saying open 24 hours, tea and cake, and "Fresh Bread Daily".', "model-b",
+                  "OPEN 24 HOURS <Tea & Cake>"),  # ocr_invented: OCR read no bread
+    "000000007": ("A photo of snowy mountains above a calm blue lake.", "model-b", ""),
+}
+FLAGGED = {"000000002": "refusal", "000000004": "loop", "000000005": "truncated", "000000006": "ocr_invented"}
+
+
+def planted(path: Path) -> Path:
+    ds = Dataset.create(path)
+    keys = sorted(PLANTED)
+    for shard_id, part in enumerate((keys[:4], keys[4:])):
+        writer = ds.writer(shard_id)
+        for key in part:
+            caption, model, ocr = PLANTED[key]
+            row = {"status": "success", "caption": caption, "caption_status": "ok", "caption_model": model,
+                   "alt_text": None, "ocr_text": ocr, "ocr_text_area": None if ocr is None else 0.1}
+            writer.write(Sample(key, row, jpeg_bytes(photo(int(key), (64, 48)))))
+        writer.commit({"stage": "caption"})
+    ds.write_manifest("caption", {}, None, expected_shards=2)
+    return ds.path
+
+
+def uncaptioned(path: Path, n: int = 4) -> Path:
+    ds = Dataset.create(path)
+    writer = ds.writer(0)
+    for i in range(n):
+        writer.write(Sample(f"{i:09d}", {"status": "success", "url": f"http://example.invalid/{i}.jpg"},
+                            jpeg_bytes(photo(i, (64, 48)))))
+    writer.commit({"stage": "download"})
+    ds.write_manifest("download", {}, None, expected_shards=1)
+    return ds.path
+
+
 def test_report_html_and_contact_sheet(tmp_path):
     src = captioned(tmp_path / "ds")
     r = run_cli("report", str(src), "--sample", "10", "--png", str(tmp_path / "sheet.png"), "--json")
     assert r.returncode == 0, r.stderr
     written = json.loads(r.stdout)
     assert written["html"] == str(src / "report.html") and written["samples_shown"] == 10
+    assert written["audit"] == {"captions": 26, "flagged_shown": 10}  # every caption ends mid-tag: truncated
     html = (src / "report.html").read_text()
     keys = shown_keys(html)
-    assert len(keys) == 10 == html.count("<img ") and all(int(k) % 7 != 6 for k in keys)  # only samples with images
+    assert len(keys) == 10 and all(int(k) % 7 != 6 for k in keys)  # only samples with images
+    assert html.count("<img ") == 10 + 10  # the sample's, and the flagged captions'
     assert "<script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html  # text is escaped, never markup
     assert "&lt;b&gt;alt&lt;/b&gt; &amp; text" in html and "original alt-text" in html
-    for heading in ("Summary", "Outcomes", "Caption length", "Most common errors", "Pipeline", "10 sampled images"):
+    for heading in ("Summary", "Outcomes", "Caption length", "Audit", "Most common errors", "Pipeline", "10 sampled images"):
         assert heading in html
+    assert html.index("Caption length") < html.index("<h2>Audit") < html.index("Most common errors")
     assert "http://" not in html and "https://" not in html  # self-contained
     with Image.open(tmp_path / "sheet.png") as sheet:
         assert sheet.size[0] > 6 * 256 and sheet.size[1] > 2 * 256
@@ -98,7 +145,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
         finally:
             browser.close()
     assert problems == []
-    assert loaded == figures == 12
+    assert loaded == figures == 12 + 12  # the sample, and the flagged captions (all of them truncated)
     assert title == "lenscap report: ds" and bars > 0
     assert all(u.startswith(("file:", "data:")) for u in requests)  # nothing fetched from anywhere
 
@@ -111,3 +158,74 @@ def test_a_report_that_cannot_be_written_is_a_one_line_error(tmp_path):
     src = write_image_dataset(tmp_path / "ds", 4, per_shard=2)
     code, _, err = run_cli_here("report", str(src.path), "--out", "/sys/lenscap-report.html")
     assert code == 2 and err.strip() == "lenscap: error: cannot write /sys/lenscap-report.html: Permission denied", err
+
+
+def test_audit_section_shows_planted_flags_beside_their_images(tmp_path):
+    src = planted(tmp_path / "ds")
+    written = write_report(src, n=10)
+    html = (src / "report.html").read_text()
+    assert written["audit"] == {"captions": 8, "flagged_shown": len(re.findall(r"alt='flagged (\d+)'", html))}
+    audit = html[html.index("<h2>Audit"):html.index("sampled images</h2>")]
+    counts = dict(re.findall(r"<tr><td>([a-z_]+)</td><td>(\d+)</td>", audit))
+    for flag in FLAGGED.values():
+        assert counts[flag] == "1", (flag, counts)
+    assert list(counts) == [f for f in FLAGS if f in counts] and "0" not in counts.values()  # fixed order, counted flags only
+    assert "<td>a photo of</td><td>4</td><td><span class='bar' style='width:150px'></span> 50.0%" in audit  # top opening
+    assert "distinct-1" in audit and "by model and prompt" in audit and "model-b" in audit
+    figures = {re.search(r"<div class='key'>(\d+) ", f).group(1): f for f in audit.split("<figure>")[1:]}
+    assert set(FLAGGED) <= set(figures)
+    for key, flag in FLAGGED.items():
+        assert "<img src='data:image/jpeg;base64," in figures[key] and f"alt='flagged {key}'" in figures[key]
+        assert f"<span class='flag'>{flag}</span>" in figures[key]
+    assert "I&#x27;m sorry, but I can&#x27;t help with that." in audit
+    assert "OCR text" in audit and "OPEN 24 HOURS &lt;Tea &amp; Cake&gt;" in audit and "<Tea" not in html
+    assert "&quot;Fresh Bread Daily&quot;" in audit
+
+
+def test_audit_section_only_where_there_are_captions(tmp_path):
+    src = uncaptioned(tmp_path / "plain")
+    written = write_report(src, n=4)
+    html = (src / "report.html").read_text()
+    assert written["audit"] is None and "Audit" not in html and written["samples_shown"] == 4
+    # Captions, but none answered: nothing for the audit to measure, so no section.
+    ds = Dataset.create(tmp_path / "unanswered")
+    writer = ds.writer(0)
+    for i in range(3):
+        writer.write(Sample(f"{i:09d}", {"status": "success", "caption": "Old alt text.", "caption_status": "failed"},
+                            jpeg_bytes(photo(i, (64, 48)))))
+    writer.commit({"stage": "caption"})
+    written = write_report(ds.path, n=3)
+    assert written["audit"] == {"captions": 0, "flagged_shown": 0}
+    assert "<h2>Audit" not in (ds.path / "report.html").read_text()
+
+
+@pytest.mark.parametrize("make", [planted, uncaptioned])
+def test_report_with_sample_0(tmp_path, make):
+    """--sample 0 once crashed (exit 3): the sample's heap was read before anything went into it."""
+    src = make(tmp_path / "ds")
+    r = run_cli("report", str(src), "--sample", "0", "--json")
+    assert r.returncode == 0, r.stderr
+    written = json.loads(r.stdout)
+    html = (src / "report.html").read_text()
+    assert written["samples_shown"] == 0 and "<img " not in html and "sampled images" not in html
+    if make is planted:
+        assert written["audit"] == {"captions": 8, "flagged_shown": 0} and "<h2>Audit" in html and "refusal" in html
+    else:
+        assert written["audit"] is None and "Audit" not in html
+
+
+def test_audit_thumbnails_read_only_the_shards_holding_the_samples(tmp_path, monkeypatch):
+    ds = Dataset.open(planted(tmp_path / "ds"))
+    keys = [str(k) for k in ds.read_table(1, columns=["key"]).column("key").to_pylist()]
+    samples = [{"key": k, "shard": 1, "row": keys.index(k)} for k in ("000000005", "000000006")]
+    located = []
+    real = Dataset.image_locations
+
+    def image_locations(self, shard_id, table):
+        located.append(shard_id)
+        return real(self, shard_id, table)
+
+    monkeypatch.setattr(Dataset, "image_locations", image_locations)
+    thumbs = audit_thumbnails(ds, samples)
+    assert located == [1] and set(thumbs) == {"000000005", "000000006"}
+    assert all(Image.open(io.BytesIO(t)).format == "JPEG" for t in thumbs.values())

@@ -76,6 +76,7 @@ class CaptionRequest:
     system: str | None
     instruction: str  # the prompt for this image, alt-text already inserted when the prompt uses it
     prompt_id: str = ""  # the preset's name (lens, short, ...): models with task tokens map it
+    ocr_text: str | None = None  # with --hints ocr: what OCR read ("" nothing; None unreadable), recorded with the answer
 
 
 @dataclass

@@ -127,7 +127,7 @@ class _BatchJob:
         index = sum(1 for r in self.records() if r["round"] == round_no)
         name = f"r{round_no:02d}-{index:06d}"
         lines: list[bytes] = []
-        ids: list[str] = []  # "custom_id<TAB>cache key": what merging needs, without re-reading images
+        ids: list[str] = []  # "custom_id<TAB>cache key<TAB>OCR hint as JSON": what merging needs, without re-reading images
         size = tokens = 0
         cost = 0.0
         end: tuple[int, int] | None = None
@@ -160,7 +160,8 @@ class _BatchJob:
                         end = (shard_id, row)
                         break
                     lines.append(line)
-                    ids.append(f"{_custom_id(shard_id, sample.key)}\t{key}")
+                    # The OCR hint's text travels with the id, to be recorded with the answer (--hints ocr).
+                    ids.append(f"{_custom_id(shard_id, sample.key)}\t{key}\t{json.dumps(request.ocr_text)}")
                     size += len(line)
                     tokens += estimate + self.backend.options.max_tokens
                     cost += self.backend.price(estimate, self.backend.options.max_tokens) or 0.0
@@ -234,7 +235,13 @@ class _BatchJob:
         retry: dict[str, str] = {}
         seen: set[str] = set()
         spent = 0.0
-        cache_keys = dict(line.split("\t") for line in (self.root / "inputs" / f"{record['name']}.ids").read_text().splitlines() if line)
+        cache_keys: dict[str, str] = {}
+        ocr_texts: dict[str, str | None] = {}
+        for line in (self.root / "inputs" / f"{record['name']}.ids").read_text().splitlines():
+            if line:
+                custom_id, key, *ocr = line.split("\t", 2)  # files packed before the OCR text was kept have two fields
+                cache_keys[custom_id] = key
+                ocr_texts[custom_id] = json.loads(ocr[0]) if ocr else None
         for name in (f"{record['name']}.jsonl", f"{record['name']}.errors.jsonl"):
             for raw in (self.root / "outputs" / name).read_bytes().splitlines():
                 if not raw.strip():
@@ -246,6 +253,8 @@ class _BatchJob:
                 if entry is None:
                     retry[custom_id] = message or "no answer"
                     continue
+                if "ocr" in self.stage.hints:
+                    entry["ocr_text"] = ocr_texts[custom_id]
                 if self.stage._cache is not None and entry["status"] != ERROR:
                     self.stage._cache.put(cache_keys[custom_id], {k: v for k, v in entry.items() if k not in ("key", "cached")})
                 shard_id, _ = _parse_custom_id(custom_id)
