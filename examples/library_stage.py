@@ -25,8 +25,8 @@ from lenscap.demo.server import ImageServer, Route
 class CountCaptionWords(ShardStage):
     name = "count_words"
 
-    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
-        return super().output_schema(input_schema).append(pa.field("caption_words", pa.int32()))
+    def columns(self, input_schema: pa.Schema) -> list[pa.Field]:
+        return [pa.field("caption_words", pa.int32())]
 
     def process(self, sample: Sample) -> Sample:
         sample.row["caption_words"] = len((sample.caption or "").split())

@@ -258,3 +258,17 @@ def test_upload_failures_are_retried_then_reported_once(tmp_path, env):
         r = run_cli(*batch_args(src, tmp_path / "o2", fake, "--wait", "--poll-interval", "0.1", "--json"), env=env)
         assert r.returncode == 0 and json.loads(r.stdout)["caption_status"] == {"ok": 6}
         assert len(fake.batches) == 2
+
+
+def test_hints_ocr_text_is_kept_through_a_batch_job(tmp_path, env):
+    """What the OCR hint said travels with the packed request's id and is written with its answer."""
+    from lenscap.demo.images import jpeg_bytes, scene
+    from test_backends import text_image
+
+    src = write_image_dataset(tmp_path / "in", 2, image=lambda i: text_image("OPEN 24 HOURS") if i == 0 else jpeg_bytes(scene(i))).path
+    with FakeOpenAI() as fake:
+        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--hints", "ocr", "--wait", "--poll-interval", "0.1"), env=env)
+        assert r.returncode == 0, r.stderr
+    got = rows(tmp_path / "out")
+    assert got["000000000"]["caption_ocr_text"] == "OPEN 24 HOURS" and got["000000001"]["caption_ocr_text"] == ""
+    assert {r["caption_status"] for r in got.values()} == {"ok"}

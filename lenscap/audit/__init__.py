@@ -1,12 +1,13 @@
 """``lenscap audit``: how good a dataset's captions are, measured out of core, before training on them.
 
-    scan (every shard, on the executor)  ->  global pass (DuckDB over spill files)  ->  summary
-                                                                                    ->  --out: a dataset with per-caption flags
+    scan (every shard, on the executor)  ->  global pass (hash-partitioned spill files)  ->  summary
+                                                                                         ->  --out: a dataset with per-caption flags
 
-``lenscap.audit.measures`` defines each flag; ``lenscap.audit.text`` turns text into hashes;
-``lenscap.audit.scan`` runs the passes; ``lenscap.audit.summary`` builds the numbers, the
-``--fail-on`` rules and the comparison of two datasets. Nothing is written into the audited
-dataset; the spill files live in a temporary directory (or the ``--out`` dataset's work directory).
+``lenscap.audit.source`` opens what is audited; ``lenscap.audit.measures`` defines each flag;
+``lenscap.audit.text`` turns text into hashes; ``lenscap.audit.scan`` runs the scan;
+``lenscap.audit.spill`` groups by hash out of core; ``lenscap.audit.summary`` builds the numbers,
+the ``--fail-on`` rules and the comparison of two datasets; ``lenscap.audit.render`` prints them.
+Nothing is written into the audited dataset: the spill files live in a temporary directory.
 """
 
 from __future__ import annotations
@@ -146,12 +147,8 @@ class AuditStage(Stage):
     def parameters(self) -> dict[str, Any]:
         return {"target_words": self.audit_settings.target_words, "script": self.audit_settings.script}
 
-    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
-        schema = super().output_schema(input_schema)
-        for f in AUDIT_COLUMNS:
-            if f.name not in schema.names:
-                schema = schema.append(f)
-        return schema
+    def columns(self, input_schema: pa.Schema) -> list[pa.Field]:
+        return list(AUDIT_COLUMNS)
 
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
         names = src.read_schema(shard_id).names

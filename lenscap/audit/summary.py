@@ -1,5 +1,6 @@
-"""The audit's numbers: the global pass over the scan's spill files (DuckDB, out of core), the
-summary object ``--json`` prints, ``--fail-on`` rules, and the comparison of two datasets."""
+"""The audit's numbers: the global pass over the scan's spill files (``lenscap.audit.spill``, out of
+core), the summary object ``--json`` prints, ``--fail-on`` rules, and the comparison of two datasets
+(a DuckDB join of their per-caption rows)."""
 
 from __future__ import annotations
 
@@ -68,7 +69,7 @@ def find_duplicates(scan: Scan, spill: Path) -> Duplicates:
 def top_openings(scan: Scan) -> dict[int, list[tuple[str, int]]]:
     """The TOP_OPENINGS most common openings per group, and of all groups together (-1), exact: the
     counts of one opening are summed in the one partition that holds its hash."""
-    best: dict[int, list[tuple[int, int]]] = {}  # group -> heap of (n, -h)
+    best: dict[int, list[tuple[int, int]]] = {}  # group -> min-heap of (count, hash): its largest so far
     for part in scan.openings.partitions():
         part = part[np.lexsort((part["grp"], part["h"]))]
         new = np.r_[True, (part["h"][1:] != part["h"][:-1]) | (part["grp"][1:] != part["grp"][:-1])]
@@ -157,7 +158,8 @@ def summarise(location: str, scan: Scan, duplicates: Duplicates, top: dict[int, 
         {"model": label[0] or None, "prompt": label[1] or None, "prompt_sha": label[2] or None,
          **_measures(tally, duplicates.by_group.get(ids[label], 0), top.get(ids[label], [])[:3],
                      target_words if target_words is not None else PRESET_WORDS.get(label[1]))}
-        for label, tally in sorted(scan.tallies.items(), key=lambda kv: -kv[1].captions)]
+        # Largest first; equal ones by label, not by which shard finished first.
+        for label, tally in sorted(scan.tallies.items(), key=lambda kv: (-kv[1].captions, kv[0]))]
     summary["samples"] = scan.samples
     return summary
 

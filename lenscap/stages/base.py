@@ -83,16 +83,21 @@ class Stage(ABC):
                 counters[1] += cost_usd
 
     def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
-        """The output parquet schema: the input's plus this stage's outcome columns.
+        """The output parquet schema: the input's plus this stage's outcome columns and ``columns``.
 
         Declared rather than inferred so every shard has the same columns and types, even one
-        where no sample failed. A stage that adds columns extends this.
+        where no sample failed. A column the input has already keeps its place.
         """
         schema = input_schema
-        for f in (pa.field(f"{self.name}_status", pa.string()), pa.field(f"{self.name}_error", pa.string()), *IMAGE_COLUMNS):
+        outcome = (pa.field(f"{self.name}_status", pa.string()), pa.field(f"{self.name}_error", pa.string()), *IMAGE_COLUMNS)
+        for f in (*outcome, *self.columns(input_schema)):
             if f.name not in schema.names:
                 schema = schema.append(f)
         return schema
+
+    def columns(self, input_schema: pa.Schema) -> list[pa.Field]:
+        """The columns this stage adds besides its outcome columns (scores, provenance, flags)."""
+        return []
 
     def writer(self, src: Dataset, dst: Dataset, shard_id: int) -> ShardWriter:
         """The writer of output shard ``shard_id``: this stage's schema, images held or referred to."""

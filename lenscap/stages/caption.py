@@ -128,14 +128,10 @@ class CaptionStage(Stage):
         entry = result.to_dict()
         return entry | {"ocr_text": ocr_text} if "ocr" in self.hints else entry
 
-    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
-        schema = super().output_schema(input_schema)
+    def columns(self, input_schema: pa.Schema) -> list[pa.Field]:
         kept = "previous_caption" if "alt_text" in input_schema.names else "alt_text"
         extra = [*([OCR_TEXT] if "ocr" in self.hints else []), *([CAPTION_RUN] if self.redo is not None else [])]
-        for f in [pa.field(kept, pa.string()), *PROVENANCE_FIELDS, *extra]:
-            if f.name not in schema.names:
-                schema = schema.append(f)
-        return schema
+        return [pa.field(kept, pa.string()), *PROVENANCE_FIELDS, *extra]
 
     # -- run lifecycle --------------------------------------------------------------------------
 

@@ -74,12 +74,8 @@ class DedupStage(Stage):
     def parameters(self) -> dict[str, Any]:
         return self.options.identity() | {"against": [redact_url(a) for a in self.against]}
 
-    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
-        schema = super().output_schema(input_schema)
-        for f in _DUP_COLUMNS:
-            if f.name not in schema.names:
-                schema = schema.append(f)
-        return schema
+    def columns(self, input_schema: pa.Schema) -> list[pa.Field]:
+        return list(_DUP_COLUMNS)
 
     def _decisions(self, dst: Dataset, shard_id: int) -> dict[str, dict[str, Any]]:
         import duckdb

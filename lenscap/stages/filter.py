@@ -140,13 +140,9 @@ class FilterStage(Stage):
         return {"rules": {k: v for k, v in vars(self.rules).items() if v is not None},
                 "annotators": {a.name: a.parameters() for a in self.annotators}, "blocklist_size": len(self.blocklist)}
 
-    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
-        schema = super().output_schema(input_schema)
-        for f in (pa.field("filter_reason", pa.string()), pa.field("filter_detail", pa.string()),
-                  *(c for a in self.annotators for c in a.columns)):
-            if f.name not in schema.names:
-                schema = schema.append(f)
-        return schema
+    def columns(self, input_schema: pa.Schema) -> list[pa.Field]:
+        return [pa.field("filter_reason", pa.string()), pa.field("filter_detail", pa.string()),
+                *(c for a in self.annotators for c in a.columns)]
 
     def check_rules(self, src: Dataset) -> None:
         """Check the rules, then run them on no rows of the first shard: a bad value, a bad --where or a
