@@ -134,6 +134,7 @@ def test_every_planted_defect_is_counted_exactly(planted):
     assert a["template_top1"] == a["openings"][0]["share"]
     words = sorted(len(t.split()) for t in measured)
     assert a["words"]["mean"] == round(sum(words) / len(words), 2) and a["words"]["target"] == 109
+    assert a["words"]["histogram"] == [[w, words.count(w)] for w in sorted(set(words))]
     assert 0 < a["distinct_1"] < a["distinct_2"] <= 1
     # The two models split the dataset by key parity; their counts add up to the whole.
     by = {g["model"]: g for g in a["by_model"]}

@@ -154,6 +154,8 @@ def summarise(location: str, scan: Scan, duplicates: Duplicates, top: dict[int, 
     summary = {"path": location, "shards": len(scan.shards), "failed_shards": {str(k): v for k, v in scan.failed.items()},
                "script": script,
                **_measures(total, sum(duplicates.by_group.values()), top.get(-1, []), overall_target)}
+    # [words, captions] pairs as inspect gives them (the last bin holds every longer caption); overall only.
+    summary["words"]["histogram"] = [[int(w), int(n)] for w, n in enumerate(total.hist) if n]
     summary["by_model"] = [
         {"model": label[0] or None, "prompt": label[1] or None, "prompt_sha": label[2] or None,
          **_measures(tally, duplicates.by_group.get(ids[label], 0), top.get(ids[label], [])[:3],
