@@ -165,6 +165,10 @@ def test_any_directory_of_parquet_files_with_a_caption_column(planted, tmp_path)
         assert plain[name] == ours[name], name
     code, _, err = run_cli_here("audit", str(tmp_path / "hf"), "--out", str(tmp_path / "o"))
     assert code == 2 and "plain Parquet" in err
+    (tmp_path / "lists").mkdir()
+    pq.write_table(pa.table({"caption": [["not", "text"]]}), tmp_path / "lists" / "a.parquet")
+    code, _, err = run_cli_here("audit", str(tmp_path / "lists"))
+    assert code == 2 and "holds list<" in err and err.count("\n") == 1
 
 
 def test_fail_on_is_a_gate_with_its_own_exit_code(planted):

@@ -76,6 +76,10 @@ def open_captioned(path: str | os.PathLike[str]) -> Dataset | ParquetFiles:
     if not shards:
         raise DatasetError(f"{ds.location} has no complete shards to audit (an export's: audit the dataset it was "
                            "exported from, or its Parquet export)")
-    if "caption" not in ds.read_schema(shards[0]).names:
+    schema = ds.read_schema(shards[0])
+    if "caption" not in schema.names:
         raise DatasetError(f"{ds.location} has no caption column: nothing to audit")
+    kind = schema.field("caption").type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):  # null: no caption yet
+        raise DatasetError(f"{ds.location}'s caption column holds {schema.field('caption').type}, not text")
     return ds
