@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["check_condition", "literal", "out_of_core", "rows_where", "sandboxed", "user_expression"]
+__all__ = ["check_condition", "literal", "out_of_core", "rows_where", "run_on_no_rows", "sandboxed", "user_expression"]
 
 # A connection that runs SQL a user typed (or a recipe carried) reads only the tables registered on
 # it: no file, no URL, no extension, no ATTACH, no COPY ... TO, and no SET that would undo this.
@@ -63,21 +63,34 @@ def check_condition(text: str, flag: str, schema: pa.Schema, where: str) -> str:
     """``text`` (one SQL expression, ``user_expression``) as a row condition, null counting as false,
     run on no rows of ``schema`` first: an empty or bad expression, an unknown column or a file it
     would read is one ``UsageError`` here (naming the columns there are), before any work."""
-    import duckdb
-
     from lenscap.errors import UsageError
 
     if not text.strip():
         raise UsageError(f"{flag} is empty; give an SQL expression over the dataset's columns, or leave it out")
     condition = f"coalesce(({user_expression(text, flag)}), false)"
+    run_on_no_rows(f"SELECT key FROM t WHERE {condition}", schema.empty_table(), f"{flag} cannot run on {where}")
+    return condition
+
+
+def run_on_no_rows(query: str, empty: pa.Table, what: str) -> None:
+    """Run a query holding a user's SQL on ``empty`` (table ``t``, no rows), sandboxed: a bad expression,
+    an unknown column or a file it would read is one ``UsageError`` (``what: why``, naming the columns
+    there are) before any work."""
+    import duckdb
+
+    from lenscap.errors import UsageError
+
+    con = sandboxed()
     try:
-        rows_where(schema.empty_table(), condition)
+        con.register("t", empty)
+        con.execute(query).fetchall()
     except duckdb.Error as e:
         message = str(e).splitlines()[0]
         if isinstance(e, duckdb.BinderException):
-            message += f" (columns: {', '.join(schema.names)})"
-        raise UsageError(f"{flag} cannot run on {where}: {message}") from None
-    return condition
+            message += f" (columns: {', '.join(empty.column_names)})"
+        raise UsageError(f"{what}: {message}") from None
+    finally:
+        con.close()
 
 
 def rows_where(table: pa.Table, condition: str, select: str = "key") -> list[tuple[Any, ...]]:

@@ -27,7 +27,7 @@ from lenscap.errors import UsageError
 from lenscap.filters.base import Annotator
 from lenscap.layout import IMAGE_SIZE
 from lenscap.record import SUCCESS, Sample
-from lenscap.sql import sandboxed, user_expression
+from lenscap.sql import run_on_no_rows, sandboxed, user_expression
 from lenscap.stages.base import Stage
 
 __all__ = ["FilterRules", "FilterStage", "load_blocklist"]
@@ -147,24 +147,12 @@ class FilterStage(Stage):
     def check_rules(self, src: Dataset) -> None:
         """Check the rules, then run them on no rows of the first shard: a bad value, a bad --where or a
         missing column fails here, before any work, naming the columns there are."""
-        import duckdb
-
         self.rules.validate()
         shards = src.completed_ids()
         if not shards:
             return
         empty = src.read_schema(shards[0]).empty_table().append_column("image_bytes", pa.array([], pa.int64()))
-        con = sandboxed()
-        con.register("t", empty)
-        try:
-            con.execute(self.rules.query()).fetchall()
-        except duckdb.Error as e:
-            message = str(e).splitlines()[0]
-            if isinstance(e, duckdb.BinderException):
-                message += f" (columns: {', '.join(empty.column_names)})"
-            raise UsageError(f"filter rules cannot run on {src.location}: {message}") from None
-        finally:
-            con.close()
+        run_on_no_rows(self.rules.query(), empty, f"filter rules cannot run on {src.location}")
 
     def setup(self) -> None:
         for a in self.annotators:
