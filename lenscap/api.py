@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from lenscap.filters.base import Annotator
     from lenscap.progress import Progress
     from lenscap.stages.base import Stage
-    from lenscap.stages.caption_batch import BatchResult
+    from lenscap.batch import BatchResult
 
 __all__ = ["download", "filter", "filter_counts", "caption", "dedup", "shard", "inspect", "report", "audit", "run",
            "run_stage", "backend", "AuditOptions", "ShardStage", "Sample", "JobResult", "DownloadOptions", "FilterRules", "FilterResult", "CaptionResult",
@@ -178,9 +178,12 @@ def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prom
     progress = progress or make_progress("caption", True)
     try:
         if captioner.runs_as_batch:
-            from lenscap.stages.caption_batch import run_batch_caption
+            from lenscap.batch import run_batch_caption
 
-            return run_batch_caption(stage, in_dir, out_dir, progress, overwrite=overwrite, allow_incomplete=allow_incomplete)
+            from lenscap.executors import LocalExecutor
+
+            return run_batch_caption(stage, in_dir, out_dir, progress, executor=executor or LocalExecutor(processes),
+                                     overwrite=overwrite, allow_incomplete=allow_incomplete)
         result = run_stage(stage, in_dir, out_dir, processes, progress, executor, overwrite=overwrite,
                            allow_incomplete=allow_incomplete)
     except BudgetReached as e:

@@ -159,7 +159,7 @@ def caption(
     prompt: Annotated[str, typer.Option(help="Preset (lens, short, alt-aware) or a prompt file ({alt_text} marks where the alt-text goes).")] = "lens",
     hints: Annotated[Optional[str], typer.Option(help="Grounding hints added to the prompt: ocr (text read from the image; needs the ocr extra).")] = None,
     max_cost: Annotated[Optional[float], typer.Option(help="Stop when this output directory has spent this many USD (all runs together).")] = None,
-    processes: Annotated[int, typer.Option(help="Worker processes (each gets an equal part of --rpm/--tpm; with --executor ray, the workers share them instead).")] = 1,
+    processes: Annotated[int, typer.Option(help="Worker processes (each gets an equal part of --rpm/--tpm; with --executor ray, the workers share them instead). Batch backends: the processes that build request lines and read answers.")] = 1,
     cache: Annotated[Optional[str], typer.Option(help="Response cache directory (default: $LENSCAP_CACHE_DIR or ~/.cache/lenscap).")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")] = False,
     option: Annotated[Optional[list[str]], typer.Option("--option", "-O", help="Any backend option as NAME=VALUE (plugins' options too).")] = None,
@@ -182,7 +182,7 @@ def caption(
     poll_interval: Annotated[Optional[float], typer.Option(help="Batch backends: seconds between polls with --wait.")] = None,
     max_requests_per_file: Annotated[Optional[int], typer.Option(help="Batch backends: requests per batch file.")] = None,
     max_file_mb: Annotated[Optional[float], typer.Option(help="Batch backends: MB per batch file.")] = None,
-    max_enqueued_tokens: Annotated[Optional[int], typer.Option(help="Batch backends: batch queue limit to stay within.")] = None,
+    max_enqueued_tokens: Annotated[Optional[int], typer.Option(help="Batch backends: the account's batch queue limit, in input tokens of the batches in flight; files are submitted as the queue has room (default: learned from the API's token_limit_exceeded).")] = None,
     device: Annotated[Optional[str], typer.Option(help="Local models: auto, cpu, cuda, cuda:N or mps. " + _BACKEND_HELP)] = None,
     dtype: Annotated[Optional[str], typer.Option(help="Local models: auto, float32, float16 or bfloat16. " + _BACKEND_HELP)] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Local models: images per generation batch. " + _BACKEND_HELP)] = None,
@@ -299,19 +299,28 @@ def batch_status_command(
     out_dir: Annotated[str, typer.Argument(help="The output directory of a batch caption job.")],
     as_json: JsonOpt = False,
 ) -> None:
-    """Batches, their states and request counts, rounds, and money spent (as of the last run; no network)."""
-    from lenscap.stages.caption_batch import batch_status
+    """Files by state, the batch queue, requests answered and left, money spent, and an ETA from the rate of
+    the last day's answers (from the job's state file: no network, instant at any scale)."""
+    from lenscap.batch import batch_status
 
     info = batch_status(out_dir)
     if as_json:
         _emit(info, True)
         return
-    shards = info["shards"]
+    shards, queue = info["shards"], info["queue"]
+    files = ", ".join(f"{n:,} {state}" for state, n in info["files"].items()) or "none yet"
+    limit = f" of {queue['limit']:,}" if queue["limit"] else ""
+    eta = info["eta_hours"]
     print(f"{info['out_dir']}: {info['backend']} {info['model']}, job {info['job_id'][:12]}")
-    print(f"shards {shards['completed']}/{shards['expected']}, {info['requests']} requests in {len(info['batches'])} batch files "
-          f"over {info['rounds']} round(s), ${info['spent_usd']:.4f} spent")
-    for b in info["batches"]:
+    print(f"shards {shards['completed']:,}/{shards['expected'] if shards['expected'] is not None else '?'} written; "
+          f"batch files: {files} (round {max(info['rounds'], 1)})")
+    print(f"requests: {info['answered']:,} answered, {info['failed']:,} failed, about {info['left']:,} left; "
+          f"queue {queue['tokens']:,}{limit} tokens; ${info['spent_usd']:.2f} spent")
+    print(f"rate {info['answers_per_hour']:,.0f} answers/h; " + (f"ETA {eta:,.1f} h" if eta is not None else "ETA unknown until a batch is merged"))
+    for b in info["batches"][:20]:
         print(f"  {b['name']}  {b['state']:<9} {b['status'] or '':<11} {b['requests']:>6} requests  {b['batch_id'] or ''}")
+    if len(info["batches"]) > 20:
+        print(f"  ... and {len(info['batches']) - 20} more in flight (--json lists them)")
 
 
 @batch_app.command("cancel")
@@ -319,22 +328,22 @@ def batch_cancel_command(
     out_dir: Annotated[str, typer.Argument(help="The output directory of a batch caption job.")],
 ) -> None:
     """Cancel the job's running batches. The next caption run merges what they finished (and submits the rest)."""
-    import json as _json
-    from pathlib import Path
-
     from lenscap.backends import backend_class
+    from lenscap.batch import cancel_batches
+    from lenscap.batch.job import open_state
     from lenscap.dataset import Dataset
     from lenscap.errors import UsageError
-    from lenscap.stages.caption_batch import cancel_batches
-
     from lenscap.storage import require_local
 
     require_local(out_dir, "batch cancel's directory")
-    job_file = Path(out_dir) / ".lenscap" / "batch" / "job.json"
-    Dataset.open(out_dir)
-    if not job_file.exists():
+    root = Dataset.open(out_dir).work_dir / "batch"
+    if not (root / "state.sqlite").exists():
         raise UsageError(f"{out_dir} holds no batch job")
-    job = _json.loads(job_file.read_text())
+    state = open_state(root)
+    try:
+        job = state.get("job")
+    finally:
+        state.close()
     cls = backend_class(job["backend"])
     settings: dict[str, Any] = {"model": job["model"]}
     if {o.name for o in cls.options} >= {"base_url", "api_key_env"}:
@@ -433,9 +442,9 @@ def audit(
 
 @app.command()
 def estimate(
-    images: Annotated[Optional[int], typer.Option(help="How many images to caption (with --from and --where: counted there).")] = None,
+    images: Annotated[Optional[str], typer.Option(help="How many images to caption: 800000000, 800,000,000, 8e8, 800M, 1.5B, 10k (with --from and --where: counted there).", show_default=False)] = None,
     model: Annotated[str, typer.Option(help="The model.")] = "gpt-4.1",
-    batch: Annotated[bool, typer.Option("--batch", help="Price as the Batch API (half price; 24 h windows).")] = False,
+    batch: Annotated[bool, typer.Option("--batch", help="Price as the Batch API (half price), and count its files and wall time.")] = False,
     detail: Annotated[str, typer.Option(help="Image detail: low, high or auto.")] = "low",
     output_words: Annotated[float, typer.Option(help="Caption length in words (Lens: about 109).")] = 109,
     image_size: Annotated[str, typer.Option(help="Typical image size WxH before downscaling.")] = "1024x768",
@@ -446,33 +455,51 @@ def estimate(
     prices: Annotated[Optional[str], typer.Option(help="JSON or TOML price file (USD per 1M tokens).")] = None,
     from_dir: Annotated[Optional[str], typer.Option("--from", help="A dataset already captioned with this model: use its measured tokens per image.")] = None,
     where: Annotated[Optional[str], typer.Option(help="With --from: the images are its rows where this SQL expression over its columns is true (DuckDB), as caption --redo would select them.")] = None,
+    sample_from: Annotated[Optional[str], typer.Option(help="A downloaded dataset: build the batch request lines of its first 200 images as caption would, and use their measured bytes and image tokens.")] = None,
+    max_requests_per_file: Annotated[int, typer.Option(help="With --batch: requests per batch file, as for caption (the API allows 50,000).")] = 50_000,
+    max_file_mb: Annotated[float, typer.Option(help="With --batch: MiB per batch file, as for caption (the API allows 200).")] = 200.0,
+    max_enqueued_tokens: Annotated[Optional[str], typer.Option(help="With --batch: your account's batch queue limit in input tokens (such as 2e9 or 2B); sets how many files run at once, for a wall time.", show_default=False)] = None,
+    batch_hours: Annotated[str, typer.Option(help="With --batch: hours one batch takes to complete, LOW-HIGH or one number.")] = "1-24",
     as_json: JsonOpt = False,
 ) -> None:
     """Tokens, cost and wall time of captioning N images, before spending anything."""
     from lenscap.errors import UsageError
-    from lenscap.estimate import EstimateRequest
+    from lenscap.estimate import EstimateRequest, hours_span, parse_count, parse_hours
     from lenscap.estimate import estimate as run_estimate
 
     width, x, height = image_size.lower().partition("x")
     if not (x and width.isdigit() and height.isdigit()):
         raise UsageError(f"--image-size takes WIDTHxHEIGHT, not {image_size!r}")
-    result = run_estimate(EstimateRequest(images, model, batch, detail, output_words, int(width), int(height), max_side, prompt,
-                                          rpm=rpm, tpm=tpm, prices=prices, from_dir=from_dir, where=where))
+    count = parse_count(images) if images is not None else None
+    queue = parse_count(max_enqueued_tokens, "--max-enqueued-tokens") if max_enqueued_tokens is not None else None
+    result = run_estimate(EstimateRequest(count, model, batch, detail, output_words, int(width), int(height), max_side, prompt,
+                                          rpm=rpm, tpm=tpm, prices=prices, from_dir=from_dir, where=where, sample_from=sample_from,
+                                          max_requests_per_file=max_requests_per_file, max_file_mb=max_file_mb,
+                                          max_enqueued_tokens=queue, batch_hours=parse_hours(batch_hours)))
     if as_json:
         _emit({"command": "estimate", **result, "exit_code": 0}, True)
         return
     per, total = result["per_image"], result["total"]
     if "selected" in result:
         print(f"{result['selected']:,} images of {from_dir} selected by --where")
-    print(f"{result.get('selected', images):,} images with {model}, priced {result['priced_as']}")
+    print(f"{result.get('selected', count):,} images with {model}, priced {result['priced_as']}")
     print(f"  per image:  {per['input_tokens']:,} input + {per['output_tokens']:,} output tokens ({result['basis']})")
     print(f"  total:      {total['input_tokens']:,} input + {total['output_tokens']:,} output tokens")
     print(f"  cost:       ${total['cost_usd']:,.2f}")
-    wall = result.get("wall_time")
-    if wall and "hours" in wall:
+    wall = result["wall_time"]
+    if "files" in wall:
+        limit = (f"bound by {max_file_mb:g} MiB a file, not {max_requests_per_file:,} requests" if wall["bound_by"] == "bytes"
+                 else f"bound by {max_requests_per_file:,} requests a file, not {max_file_mb:g} MiB")
+        print(f"  files:      {wall['files']:,} of up to {wall['requests_per_file']:,} requests ({limit})")
+        print(f"  line size:  {wall['line_bytes']:,} B a request ({wall['line_bytes_basis']})")
+    if "waves" in wall:
+        at_once = wall["files_at_once"]
+        print(f"  wall time:  {wall['human']}: {wall['waves']:,} waves of {at_once:,} file{'s' if at_once != 1 else ''} at once "
+              f"(queue limit {queue:,} input tokens), {hours_span(*wall['batch_hours'])} a wave")
+    elif "hours" in wall:
         print(f"  wall time:  {wall['human']} at {wall['requests_per_minute']:,} requests/min (limited by {wall['limited_by']})")
-    elif wall:
-        print(f"  wall time:  {wall['note']}")
+    if "note" in wall:
+        print(f"  {'note:      ' if 'hours' in wall else 'wall time: '} {wall['note']}")
 
 
 @app.command()
@@ -673,8 +700,6 @@ def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, proces
     hint_names = _parse_hints(hints)
     load_prompt(prompt)  # a missing prompt file fails before the backend is built
     caption_backend = api.backend(backend, **values)
-    if caption_backend.runs_as_batch and executor != "local":
-        raise UsageError(f"--backend {backend} runs as batch jobs on the provider's side; --executor ray is for the other backends")
     if caption_backend.priced and not caption_backend.has_price():
         if max_cost is not None:
             raise UsageError(f"--max-cost needs a price for model {caption_backend.model!r}: give one with --prices FILE")

@@ -6,26 +6,64 @@ the caption stage's budget and rate limiter use (``captioning.pricing``); the ou
 ``output_words`` words at 4/3 tokens a word (OpenAI's rule of thumb for English). With ``from_dir``,
 the per-image means are measured instead: the provider-reported token counts of a dataset already
 captioned with that model; with ``where`` too, the number of images is that of its rows where the
-SQL expression is true (the price of a ``caption --redo`` with it). Wall time: online, the requests
-a minute that both ``rpm`` and ``tpm`` allow; as batches, OpenAI's 50,000 requests per batch file
-and 24-hour completion window.
+SQL expression is true (the price of a ``caption --redo`` with it). With ``sample_from``, the request
+lines of up to ``SAMPLE_IMAGES`` downloaded images are built as the batch packer builds them, and
+their mean size and image tokens replace the assumed ones.
+
+Wall time: online, the requests a minute that both ``rpm`` and ``tpm`` allow. As batches, the files
+the packer would write (each bounded by ``max_requests_per_file`` requests and ``max_file_mb`` MiB,
+whichever binds first), run in waves of as many files as the account's batch queue limit
+(``max_enqueued_tokens``, input tokens) holds, each wave taking ``batch_hours``.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 from dataclasses import asdict, dataclass
+from decimal import Decimal
 from typing import Any
 
 from lenscap.captioning.pricing import PriceTable, image_tokens, text_tokens
 from lenscap.captioning.prompts import load_prompt
 from lenscap.errors import UsageError
 
-__all__ = ["EstimateRequest", "estimate", "TOKENS_PER_WORD", "BATCH_MAX_REQUESTS"]
+__all__ = ["EstimateRequest", "estimate", "parse_count", "parse_hours", "hours_span", "TOKENS_PER_WORD", "BATCH_MAX_REQUESTS",
+           "SAMPLE_IMAGES"]
 
 TOKENS_PER_WORD = 4 / 3
 BATCH_MAX_REQUESTS = 50_000
 BATCH_WINDOW_H = 24
+SAMPLE_IMAGES = 200
+# docs/scale.md [M]: a request line of a natural photo sent at max side 512 is 87,488 B on average,
+# of which about 1,410 B are the prompt and the JSON around the image.
+ASSUMED_LINE_BYTES = 87_488
+ASSUMED_TEXT_BYTES = 1_410
+ASSUMED_AT_SIDE = 512
+
+_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+_COUNT_RE = re.compile(r"(\d+(?:\.\d*)?(?:e\d+)?)([kmb]?)", re.IGNORECASE)
+
+
+def parse_count(text: str, flag: str = "--images") -> int:
+    """``800000000``, ``800,000,000``, ``8e8``, ``800M``, ``1.5B``, ``10k`` as a whole number."""
+    match = _COUNT_RE.fullmatch(text.strip().replace(",", "").replace("_", ""))
+    # Decimal, not float: 1.1k is exactly 1,100.
+    value = Decimal(match.group(1)) * _SUFFIXES[match.group(2).lower()] if match else None
+    if value is None or value != value.to_integral_value():
+        raise UsageError(f"{flag} takes a whole number such as 800000000, 800,000,000, 8e8, 800M, 1.5B or 10k, not {text!r}")
+    return int(value)
+
+
+def parse_hours(text: str) -> tuple[float, float]:
+    """``1-24`` (low-high) or ``24`` (both) hours."""
+    low, dash, high = text.strip().partition("-")
+    try:
+        hours = (float(low), float(high if dash else low))
+    except ValueError:
+        raise UsageError(f"--batch-hours takes LOW-HIGH or HOURS, such as 1-24, not {text!r}") from None
+    return hours
 
 
 @dataclass(frozen=True)
@@ -45,6 +83,11 @@ class EstimateRequest:
     prices: str | None = None
     from_dir: str | None = None
     where: str | None = None
+    sample_from: str | None = None
+    max_requests_per_file: int = BATCH_MAX_REQUESTS
+    max_file_mb: float = 200.0
+    max_enqueued_tokens: int | None = None
+    batch_hours: tuple[float, float] = (1.0, float(BATCH_WINDOW_H))
 
     def __post_init__(self) -> None:
         if self.where is not None and not self.from_dir:
@@ -62,6 +105,18 @@ class EstimateRequest:
                 raise UsageError(f"{name} must be more than 0, not {value:g}")
         if self.output_words < 0 or min(self.width, self.height, self.max_side) < 1:
             raise UsageError("--output-words, --image-size and --max-side must be positive")
+        low, high = self.batch_hours
+        if not 0 < low <= high:
+            raise UsageError(f"--batch-hours must be LOW-HIGH with 0 < LOW <= HIGH, not {low:g}-{high:g}")
+        from lenscap.backends.openai_batch import BatchOptions
+
+        # The caption batch backends' own checks, so estimate takes exactly what caption would.
+        BatchOptions(max_requests_per_file=self.max_requests_per_file, max_file_bytes=self.max_file_bytes,
+                     max_enqueued_tokens=self.max_enqueued_tokens).validate()
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 1024 * 1024)  # as the batch backends convert --max-file-mb
 
 
 def _measured(path: str, model: str) -> tuple[float, float, int]:
@@ -118,12 +173,112 @@ def _selected(path: str, where: str) -> int:
     return int(count)
 
 
+@dataclass(frozen=True)
+class _Lines:
+    """What the batch request lines of a sample of real images measured."""
+
+    line_bytes: float
+    image_tokens: float
+    images: int
+
+
+def _sampled_lines(req: EstimateRequest) -> _Lines:
+    """Mean request-line bytes and image tokens of the first ``SAMPLE_IMAGES`` downloaded images of
+    ``sample_from`` (shard order, so the same dataset always gives the same figures), each request
+    built by the caption stage and the batch backend exactly as the packer builds it."""
+    from contextlib import closing
+
+    from lenscap.backends.openai_batch import BatchFilesBackend
+    from lenscap.captioning.images import UnreadableImage
+    from lenscap.dataset import Dataset
+    from lenscap.layout import shard_name
+    from lenscap.stages.caption import CaptionStage
+
+    assert req.sample_from is not None
+    # batch-files needs no key and no server, and builds the same bodies as openai-batch.
+    backend = BatchFilesBackend.from_options({"model": req.model, "detail": req.detail, "max_side": req.max_side})
+    stage = CaptionStage(backend, load_prompt(req.prompt))
+    ds = Dataset.open(req.sample_from)
+    shards = ds.completed_ids()
+    if not shards:
+        raise UsageError(f"--sample-from {req.sample_from} has no complete shards to sample")
+    sizes: list[int] = []
+    tokens: list[int] = []
+    for shard_id in shards:
+        with closing(ds.iter_samples(shard_id)) as samples:
+            for sample in samples:
+                if len(sizes) >= SAMPLE_IMAGES:
+                    break
+                if not sample.ok:
+                    continue
+                request = stage.request_for(sample)
+                try:
+                    body, estimate = backend.build_body(request)
+                except UnreadableImage:
+                    continue  # the packer records these as errors and writes no line
+                # The line as the batch packer writes it (lenscap.batch.prepare).
+                line = json.dumps({"custom_id": f"{shard_name(shard_id)}/{sample.key}", "method": "POST",
+                                   "url": "/v1/chat/completions", "body": body}).encode() + b"\n"
+                text = text_tokens(request.instruction) + (text_tokens(request.system) if request.system else 0)
+                sizes.append(len(line))
+                tokens.append(estimate - text)
+        if len(sizes) >= SAMPLE_IMAGES:
+            break
+    if not sizes:
+        raise UsageError(f"--sample-from {req.sample_from} has no readable downloaded images to measure")
+    return _Lines(sum(sizes) / len(sizes), sum(tokens) / len(tokens), len(sizes))
+
+
+def _assumed_line_bytes(req: EstimateRequest) -> tuple[float, str]:
+    """docs/scale.md's measured line, its image part scaled by the pixels actually sent."""
+    side = min(req.max_side, max(req.width, req.height))  # smaller images are sent as they are, never enlarged
+    line = ASSUMED_TEXT_BYTES + (ASSUMED_LINE_BYTES - ASSUMED_TEXT_BYTES) * (side / ASSUMED_AT_SIDE) ** 2
+    scaled = f", the image part scaled to max side {side}" if side != ASSUMED_AT_SIDE else ""
+    return line, (f"assumed: {ASSUMED_LINE_BYTES:,} B a line for natural photos at max side {ASSUMED_AT_SIDE}{scaled}; "
+                  "measure yours with --sample-from DIR")
+
+
 def _duration(hours: float) -> str:
     if hours < 1:
         return f"{hours * 60:.0f} min"
     if hours < 48:
         return f"{hours:.1f} h"
-    return f"{hours / 24:.1f} days"
+    return f"{hours / 24:,.1f} days"
+
+
+def hours_span(low: float, high: float) -> str:
+    return f"{low:g} h" if low == high else f"{low:g}-{high:g} h"
+
+
+def _batch_wall_time(req: EstimateRequest, images: int, input_per: float, line_bytes: float, line_basis: str) -> dict[str, Any]:
+    """Files as the packer cuts them (requests or bytes, whichever binds first), and waves of files
+    within the account's batch queue limit, each taking ``batch_hours``."""
+    by_bytes = math.floor(req.max_file_bytes / line_bytes)
+    if by_bytes < 1:
+        raise UsageError(f"a request line of about {line_bytes:,.0f} B does not fit in --max-file-mb {req.max_file_mb:g}")
+    per_file = min(req.max_requests_per_file, by_bytes)
+    bound_by = "requests" if req.max_requests_per_file <= by_bytes else "bytes"
+    files = math.ceil(images / per_file)
+    low, high = req.batch_hours
+    wall: dict[str, Any] = {
+        "files": files, "batches": files, "requests_per_file": per_file, "bound_by": bound_by,
+        "line_bytes": round(line_bytes), "line_bytes_basis": line_basis, "window_hours": BATCH_WINDOW_H,
+        "batch_hours": [low, high],
+    }
+    if req.max_enqueued_tokens is None:
+        wall["note"] = (f"each batch completes in {hours_span(low, high)}; your account's batch queue limit (enqueued input tokens) "
+                        "decides how many run at once: give --max-enqueued-tokens for a wall time")
+        return wall
+    tokens_per_file = per_file * input_per
+    at_once = max(1, math.floor(req.max_enqueued_tokens / tokens_per_file))
+    waves = math.ceil(files / at_once)
+    wall |= {"tokens_per_file": round(tokens_per_file), "files_at_once": at_once, "waves": waves,
+             "hours": [waves * low, waves * high],
+             "human": _duration(waves * low) if low == high else f"{_duration(waves * low)} to {_duration(waves * high)}"}
+    if tokens_per_file > req.max_enqueued_tokens:
+        wall["note"] = (f"one file holds about {tokens_per_file:,.0f} input tokens, more than the queue limit "
+                        f"{req.max_enqueued_tokens:,}: lower --max-requests-per-file")
+    return wall
 
 
 def estimate(req: EstimateRequest) -> dict[str, Any]:
@@ -131,6 +286,7 @@ def estimate(req: EstimateRequest) -> dict[str, Any]:
     if table.price(req.model) is None:
         raise UsageError(f"no price known for {req.model!r}: give a --prices file")
     images = req.images
+    lines = _sampled_lines(req) if req.sample_from else None
     if req.from_dir:
         input_per, output_per, measured = _measured(req.from_dir, req.model)
         if req.where is not None:
@@ -139,13 +295,19 @@ def estimate(req: EstimateRequest) -> dict[str, Any]:
     else:
         prompt = load_prompt(req.prompt)
         instruction = prompt.render(" ".join(["word"] * req.alt_words))
-        scale = min(1.0, req.max_side / max(req.width, req.height))
-        fitted = (max(1, round(req.width * scale)), max(1, round(req.height * scale)))
-        image = image_tokens(req.model, *fitted, req.detail)
         text = text_tokens(instruction) + (text_tokens(prompt.system) if prompt.system else 0)
+        assumed = f"prompt {req.prompt!r} ({text} tokens), {req.output_words:g} words out"
+        if lines is not None:
+            image: float = lines.image_tokens
+            basis = (f"measured: {image:,.1f} image tokens on {lines.images:,} images of {req.sample_from} sent at max side "
+                     f"{req.max_side}, detail {req.detail}; assumed: {assumed}")
+        else:
+            scale = min(1.0, req.max_side / max(req.width, req.height))
+            fitted = (max(1, round(req.width * scale)), max(1, round(req.height * scale)))
+            image = image_tokens(req.model, *fitted, req.detail)
+            basis = (f"assumed: {req.width}x{req.height} images sent at {fitted[0]}x{fitted[1]}, detail {req.detail} "
+                     f"({image} image tokens), {assumed}")
         input_per, output_per = float(image + text), float(math.ceil(req.output_words * TOKENS_PER_WORD))
-        basis = (f"assumed: {req.width}x{req.height} images sent at {fitted[0]}x{fitted[1]}, detail {req.detail} "
-                 f"({image} image tokens), prompt {req.prompt!r} ({text} tokens), {req.output_words:g} words out")
     assert images is not None
     total_in, total_out = input_per * images, output_per * images
     cost = table.cost(req.model, round(total_in), round(total_out), batch=req.batch)
@@ -159,13 +321,17 @@ def estimate(req: EstimateRequest) -> dict[str, Any]:
     if req.where is not None:
         out["selected"] = images
     if req.batch:
-        batches = math.ceil(images / BATCH_MAX_REQUESTS)
-        out["wall_time"] = {"batches": batches, "window_hours": BATCH_WINDOW_H,
-                            "note": f"{batches:,} batch files of at most {BATCH_MAX_REQUESTS:,} requests; each completes within "
-                                    f"{BATCH_WINDOW_H} h, and your account's enqueued-token limit decides how many run at once"}
+        if lines is not None:
+            line_bytes, line_basis = lines.line_bytes, f"measured on {lines.images:,} images in {req.sample_from}"
+        else:
+            line_bytes, line_basis = _assumed_line_bytes(req)
+        out["wall_time"] = _batch_wall_time(req, images, input_per, line_bytes, line_basis)
     elif req.rpm or req.tpm:
         per_minute = min(req.rpm or math.inf, (req.tpm / (input_per + output_per)) if req.tpm else math.inf)
         hours = images / per_minute / 60
         out["wall_time"] = {"requests_per_minute": round(per_minute, 1), "hours": round(hours, 2), "human": _duration(hours),
                             "limited_by": "rpm" if req.rpm and per_minute == req.rpm else "tpm"}
+    else:
+        out["wall_time"] = {"note": "no wall time without rate limits: give --rpm and/or --tpm (your account's requests "
+                                    "and tokens a minute)"}
     return out

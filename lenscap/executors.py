@@ -46,9 +46,20 @@ class Executor(ABC):
         """Whether tasks may run on other machines (so state shared through memory is not shared)."""
         return False
 
+    @property
+    def width(self) -> int:
+        """How many tasks run at once."""
+        return 1
+
     @abstractmethod
-    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str]) -> LenscapError | None:
-        """Run ``job`` for every item; fill ``failed`` with the items that raised; return a fatal error."""
+    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *,
+            keep_workers: bool = False) -> LenscapError | None:
+        """Run ``job`` for every item; fill ``failed`` with the items that raised; return a fatal error.
+        ``keep_workers``: the caller will run the same job again soon (a batch job prepares shards a few
+        at a time), so workers that set it up stay until ``close``."""
+
+    def close(self) -> None:
+        """Let go of workers kept for later runs."""
 
 
 # -- this machine ---------------------------------------------------------------------------------
@@ -77,12 +88,21 @@ class LocalExecutor(Executor):
         if processes < 1:
             raise UsageError(f"--processes must be at least 1, not {processes}")
         self.processes = processes
+        self._kept: tuple[Job, ProcessPoolExecutor] | None = None
+        self._set_up: Job | None = None
 
-    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str]) -> LenscapError | None:
+    @property
+    def width(self) -> int:
+        return self.processes
+
+    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *,
+            keep_workers: bool = False) -> LenscapError | None:
         if not items:
             return None
         if self.processes <= 1:
-            job.setup()
+            if self._set_up is not job:
+                job.setup()
+            self._set_up = job if keep_workers else None
             for item in items:
                 try:
                     result = job.run(item)
@@ -93,32 +113,45 @@ class LocalExecutor(Executor):
                     continue
                 on_done(item, result)
             return None
-        return self._run_pool(job, items, on_done, failed)
-
-    def _run_pool(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str]) -> LenscapError | None:
-        fatal: LenscapError | None = None
+        if self._kept is not None and self._kept[0] is job:
+            return self._run_pool(self._kept[1], items, on_done, failed)
+        self.close()
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.processes, mp_context=ctx, initializer=_init_worker, initargs=(job,)) as pool:
-            futures: dict[Future[dict[str, Any]], int] = {pool.submit(_run_in_worker, i): i for i in items}
-            pending = set(futures)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    item = futures[fut]
-                    if fut.cancelled():
-                        continue
-                    try:
-                        result = fut.result()
-                    except LenscapError as e:
-                        if fatal is None:
-                            fatal = e
-                            for other in pending:
-                                other.cancel()  # tasks not started yet; running ones finish
-                        continue
-                    except Exception as e:  # noqa: BLE001
-                        failed[item] = f"{type(e).__name__}: {e}"
-                        continue
-                    on_done(item, result)
+        pool = ProcessPoolExecutor(self.processes, mp_context=ctx, initializer=_init_worker, initargs=(job,))
+        if keep_workers:
+            self._kept = (job, pool)
+            return self._run_pool(pool, items, on_done, failed)
+        with pool:
+            return self._run_pool(pool, items, on_done, failed)
+
+    def close(self) -> None:
+        if self._kept is not None:
+            self._kept[1].shutdown(cancel_futures=True)
+            self._kept = None
+        self._set_up = None
+
+    def _run_pool(self, pool: ProcessPoolExecutor, items: list[int], on_done: OnDone, failed: dict[int, str]) -> LenscapError | None:
+        fatal: LenscapError | None = None
+        futures: dict[Future[dict[str, Any]], int] = {pool.submit(_run_in_worker, i): i for i in items}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                item = futures[fut]
+                if fut.cancelled():
+                    continue
+                try:
+                    result = fut.result()
+                except LenscapError as e:
+                    if fatal is None:
+                        fatal = e
+                        for other in pending:
+                            other.cancel()  # tasks not started yet; running ones finish
+                    continue
+                except Exception as e:  # noqa: BLE001
+                    failed[item] = f"{type(e).__name__}: {e}"
+                    continue
+                on_done(item, result)
         return fatal
 
 
@@ -205,7 +238,13 @@ class RayExecutor(Executor):
         """The GCS address other processes join this cluster by (a local instance started here too)."""
         return str(self.connect().get_runtime_context().gcs_address)
 
-    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str]) -> LenscapError | None:
+    @property
+    def width(self) -> int:
+        return max(1, int(self.connect().cluster_resources().get("CPU", 1) / self.num_cpus))
+
+    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *,
+            keep_workers: bool = False) -> LenscapError | None:
+        # Ray keeps its workers anyway; a job set up on one is set up again only for a new run token.
         if not items:
             return None
         ray = self.connect()

@@ -4,6 +4,7 @@ a vLLM-format round trip."""
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
+from lenscap.batch.state import BatchState
 from lenscap.captioning.pricing import PriceTable
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.fake_openai import FakeOpenAI
@@ -35,7 +37,15 @@ def batch_args(src, out, server, *extra):
 
 
 def records(out) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted((Path(out) / ".lenscap" / "batch" / "files").glob("*.json"))]
+    """The job's batch files, from its state file."""
+    path = Path(out) / ".lenscap" / "batch" / "state.sqlite"
+    if not path.exists():
+        return []
+    state = BatchState(path)
+    try:
+        return [r for r in state.files() if r["requests"]]
+    finally:
+        state.close()
 
 
 def faulty(i: int) -> str:
@@ -69,6 +79,9 @@ def test_whole_flow_with_retry_rounds_and_batch_prices(tmp_path, env):
         assert not list((tmp_path / "out" / ".lenscap" / "batch" / "inputs").glob("*.jsonl")), "inputs go once uploaded"
         status = json.loads(run_cli("batch", "status", str(tmp_path / "out"), "--json").stdout)
         assert status["files"] == {"merged": 5} and status["rounds"] == 2 and status["requests"] == 41
+        assert (status["answered"], status["left"], status["failed"], status["queue"]["tokens"]) == (39, 0, 0, 0)
+        assert status["spent_usd"] == pytest.approx(summary["spent_usd"], abs=1e-4) and status["eta_hours"] == 0
+        assert not list((tmp_path / "out" / ".lenscap" / "batch" / "outputs").iterdir()), "outputs go once merged"
         for path in (tmp_path / "out").rglob("*"):
             assert not path.is_file() or KEY.encode() not in path.read_bytes()
 
@@ -77,9 +90,12 @@ def test_expired_batches_keep_partial_results_and_the_rest_fails_with_the_apis_m
     src = write_image_dataset(tmp_path / "in", 12, per_shard=12).path
     with FakeOpenAI(batch_delay_s=0.05, batch_expire_after=4) as fake:
         r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", "6", "--max-retries", "0",
-                                "--wait", "--poll-interval", "0.1", "--json"), env=env)
+                                "--wait", "--poll-interval", "0.1", "-O", "keep-outputs=true", "--json"), env=env)
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["caption_status"] == {"ok": 8, "error": 4}
+        kept = sorted(p.name for p in (tmp_path / "out" / ".lenscap" / "batch" / "outputs").iterdir())
+        assert kept == [f"r00-00000{i}{kind}.jsonl.gz" for i in (0, 1) for kind in (".errors", "")]
+        assert gzip.decompress((tmp_path / "out" / ".lenscap" / "batch" / "outputs" / kept[1]).read_bytes()).count(b"\n") == 4
         errors = [row["caption_error"] for row in rows(tmp_path / "out").values() if row["caption_status"] == "error"]
         assert errors == ["This request could not be executed before the completion window expired. (after 1 batch rounds)"] * 4
         assert {b["status"] for b in fake.batches.values()} == {"expired"}
@@ -91,6 +107,9 @@ def test_submit_and_exit_then_cron_collects(tmp_path, env):
         r = run_cli(*batch_args(src, tmp_path / "out", fake, "--json"), env=env)
         assert r.returncode == 0 and json.loads(r.stdout)["complete"] is False
         assert [f["state"] for f in records(tmp_path / "out")] == ["submitted"]
+        status = run_cli("batch", "status", str(tmp_path / "out"))
+        assert status.returncode == 0 and "batch files: 1 submitted" in status.stdout, status.stderr
+        assert "about 10 left" in status.stdout and "ETA unknown until a batch is merged" in status.stdout
         r = run_cli(*batch_args(src, tmp_path / "out", fake, "--json"), env=env)  # too early: nothing new
         assert json.loads(r.stdout)["complete"] is False and len(fake.batches) == 1
         fake.release_batches()
@@ -103,19 +122,21 @@ def test_submit_and_exit_then_cron_collects(tmp_path, env):
 def test_max_enqueued_tokens_holds_submissions(tmp_path, env):
     src = write_image_dataset(tmp_path / "in", 12, per_shard=12).path
     with FakeOpenAI(batch_delay_s=3600) as fake:
-        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", "4", "--max-enqueued-tokens", "3000"), env=env)
+        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", "4", "--max-enqueued-tokens", "1500"), env=env)
         assert r.returncode == 0, r.stderr
         files = records(tmp_path / "out")
-        assert [f["state"] for f in files] == ["submitted", "packed"], "one file of ~2,250 tokens fits; the next waits"
+        # The queue counts input tokens, as the API does: 4 x 263 = 1,052 a file, so one fits and the next waits.
+        assert [f["est_tokens"] for f in files] == [1052, 1052]
+        assert [f["state"] for f in files] == ["submitted", "packed"]
         assert len(fake.batches) == 1
         fake.configure(batch_delay_s=0.05)
         fake.release_batches()
-        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", "4", "--max-enqueued-tokens", "3000",
+        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", "4", "--max-enqueued-tokens", "1500",
                                 "--wait", "--poll-interval", "0.1", "--json"), env=env)
         assert r.returncode == 0 and json.loads(r.stdout)["caption_status"] == {"ok": 12}
         assert len(fake.batches) == 3
         r = run_cli(*batch_args(src, tmp_path / "o2", fake, "--max-requests-per-file", "4", "--max-enqueued-tokens", "100"), env=env)
-        assert r.returncode == 2 and "more than --max-enqueued-tokens 100: lower --max-requests-per-file" in r.stderr
+        assert r.returncode == 2 and "more than the batch queue limit 100 (--max-enqueued-tokens, or the API's): lower --max-requests-per-file" in r.stderr
 
 
 def test_max_cost_holds_batches_and_exits_4(tmp_path, env):
@@ -181,8 +202,8 @@ def test_sigkill_at_each_step_never_duplicates_a_batch(tmp_path, env, moment):
         assert len(files) == n // per_file
         inputs = [b["input_file_id"] for b in fake.batches.values()]
         assert len(inputs) == len(set(inputs)) == len(files), "one batch per batch file"
-        uploads = [f for f in fake.files.values() if f["purpose"] == "batch"]
-        assert len(uploads) == len(files), "one upload per batch file"
+        assert len(fake.uploads) == len(set(fake.uploads)) == len(files), "one upload per batch file"
+        assert not [f for f in fake.files.values() if f["purpose"] == "batch"], "merged batches' files are deleted"
         assert sorted(fake.image_successes.values()) == [1] * n, "every sample captioned once"
     assert rows(tmp_path / "out") == _clean_run(src, tmp_path)
 
@@ -272,3 +293,133 @@ def test_hints_ocr_text_is_kept_through_a_batch_job(tmp_path, env):
     got = rows(tmp_path / "out")
     assert got["000000000"]["caption_ocr_text"] == "OPEN 24 HOURS" and got["000000001"]["caption_ocr_text"] == ""
     assert {r["caption_status"] for r in got.values()} == {"ok"}
+
+
+def test_a_pass_costs_the_batches_in_flight_not_the_shards(tmp_path, env, monkeypatch):
+    """With 80,000 shards and 333,000 merged batch files behind the job (an 800M job mid-way), a rerun polls
+    each batch in flight once, and reads the journal and rows of no shard but the one its finished batches
+    complete."""
+    from conftest import run_cli_here
+    from lenscap.backends.openai_batch import FilesTransport
+    from lenscap.captioning.journal import Journal
+    from lenscap.dataset import Dataset
+    from lenscap.demo.batch_state import grow_state
+    from lenscap.layout import shard_name
+
+    src = write_image_dataset(tmp_path / "in", 12, per_shard=4).path
+    out = tmp_path / "out"
+    args = ["caption", str(src), str(out), "--backend", "batch-files", "--model", "llava-hf/llava-1.5-7b-hf",
+            "--max-requests-per-file", "2", "--quiet", "--json"]
+    no_key = {**env, "OPENAI_API_KEY": None}
+    assert run_cli(*args, env=no_key).returncode == 0
+    assert [f["state"] for f in records(out)] == ["submitted"] * 6
+    grow_state(out / ".lenscap" / "batch" / "state.sqlite", shards=80_000, files=333_000)
+    files_dir = out / ".lenscap" / "batch" / "files"
+    with FakeOpenAI(models=("llava-hf/llava-1.5-7b-hf",)) as runner:  # the runner finishes shard 0's two files
+        for name in ("r00-000000.jsonl", "r00-000001.jsonl"):
+            _answer_file(files_dir / "input" / name, files_dir / "output" / name, runner.base_url)
+    polls, journals, shards_read = [], [], []
+    monkeypatch.setattr(FilesTransport, "poll", _spy(FilesTransport.poll, lambda self, batch_id, **kw: polls.append(batch_id)))
+    monkeypatch.setattr(Journal, "load", _spy(Journal.load, lambda self: journals.append(self.path.name)))
+    for method in ("iter_samples", "read_table"):
+        monkeypatch.setattr(Dataset, method, _spy(getattr(Dataset, method), lambda self, shard_id, *a, **kw: shards_read.append(shard_id)))
+    monkeypatch.setenv("LENSCAP_CACHE_DIR", env["LENSCAP_CACHE_DIR"])
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    code, stdout, stderr = run_cli_here(*args)
+    assert code == 0, stderr
+    assert sorted(polls) == [f"r00-{i:06d}.jsonl" for i in range(6)], "each batch in flight, once"
+    assert set(journals) == {f"{shard_name(0)}.jsonl"} and set(shards_read) == {0}
+    assert json.loads(stdout)["shards_completed"] == 1
+    assert Dataset(out).is_complete(0) and not Dataset(out).is_complete(1)
+
+
+def _spy(method, record):
+    def wrapped(self, *args, **kwargs):
+        record(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+    return wrapped
+
+
+def _answer_file(path: Path, out: Path, base_url: str) -> None:
+    """One batch file answered as ``vllm run-batch`` would."""
+    lines = []
+    for i, raw in enumerate(path.read_bytes().splitlines()):
+        req = json.loads(raw)
+        http = urllib.request.Request(base_url + "/chat/completions", data=json.dumps(req["body"]).encode(),
+                                      headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(http) as resp:
+            body = json.loads(resp.read())
+        lines.append(json.dumps({"id": f"vllm-{i}", "custom_id": req["custom_id"],
+                                 "response": {"status_code": 200, "request_id": f"vllm-{i}", "body": body}, "error": None}))
+    out.write_text("\n".join(lines) + "\n")
+
+
+def test_packing_on_processes_and_on_ray_writes_the_same_files_and_output(tmp_path, env, ray_cluster):
+    """Shards are prepared on one process, on two, and on a Ray cluster: the batch files are the same bytes,
+    and so are the captioned rows."""
+    src = write_image_dataset(tmp_path / "in", 30, per_shard=4, failed=lambda i: i == 5).path
+    runs = {"one": ("--processes", "1"), "two": ("--processes", "2"), "ray": ("--executor", "ray", "--ray-address", ray_cluster)}
+    uploaded: dict[str, list[bytes]] = {}
+    with FakeOpenAI(batch_delay_s=0.05) as fake:
+        for name, executor in runs.items():
+            before = set(fake.files)
+            r = run_cli(*batch_args(src, tmp_path / name, fake, "--max-requests-per-file", "7", *executor, "--json"), env=env)
+            assert r.returncode == 0, r.stderr
+            uploaded[name] = [fake.files[i]["_bytes"] for i in sorted(set(fake.files) - before)]
+            r = run_cli(*batch_args(src, tmp_path / name, fake, "--max-requests-per-file", "7", *executor, "--wait",
+                                    "--poll-interval", "0.1", "--json"), env=env)
+            assert r.returncode == 0 and json.loads(r.stdout)["caption_status"] == {"ok": 29, "skipped": 1}, r.stderr
+    assert [len(u) for u in uploaded.values()] == [5, 5, 5]  # 29 requests, 7 a file
+    assert uploaded["one"] == uploaded["two"] == uploaded["ray"]
+    assert rows(tmp_path / "one") == rows(tmp_path / "two") == rows(tmp_path / "ray")
+    assert not list((tmp_path / "ray" / ".lenscap" / "batch" / "prepared").iterdir()), "prepared lines go once cut"
+
+
+def test_samples_the_filter_dropped_are_skipped_as_online(tmp_path, env):
+    """A sample without an image (filtered out) is ``skipped`` with the filter's reason, as the online backends
+    say, not an error after every round."""
+    from lenscap.demo.images import jpeg_bytes, scene
+
+    src = write_image_dataset(tmp_path / "in", 9, per_shard=5, image=lambda i: jpeg_bytes(scene(i, (64, 48) if i % 3 == 0 else (320, 240)))).path
+    assert run_cli("filter", str(src), str(tmp_path / "filtered"), "--min-side", "100", "--quiet").returncode == 0
+    with FakeOpenAI(batch_delay_s=0.05) as fake:
+        r = run_cli(*batch_args(tmp_path / "filtered", tmp_path / "out", fake, "--wait", "--poll-interval", "0.1", "--json"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["caption_status"] == {"ok": 6, "skipped": 3}
+    got = rows(tmp_path / "out")
+    assert all(got[f"{i:09d}"]["caption_error"].startswith("no image (filter:") for i in (0, 3, 6))
+    assert len(fake.batches) == 1
+
+
+def test_a_shard_the_input_completes_late_is_packed_after_the_cursor_passed_it(tmp_path, env):
+    """--allow-incomplete on an input still being written: shard 1 completes after shards 0 and 2 were packed."""
+    from lenscap.layout import shard_name
+
+    src = write_image_dataset(tmp_path / "in", 12, per_shard=4).path
+    stats = src / f"{shard_name(1)}_stats.json"
+    stats.rename(tmp_path / "held")
+    with FakeOpenAI(batch_delay_s=0.05) as fake:
+        args = batch_args(src, tmp_path / "out", fake, "--allow-incomplete", "--wait", "--poll-interval", "0.1", "--json")
+        r = run_cli(*args, env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["caption_status"] == {"ok": 8}
+        (tmp_path / "held").rename(stats)
+        r = run_cli(*args, env=env)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout)["complete"] is True and json.loads(r.stdout)["caption_status"] == {"ok": 12}
+        assert sorted(fake.image_successes.values()) == [1] * 12
+    assert len(rows(tmp_path / "out")) == 12
+
+
+def test_a_job_started_by_an_older_lenscap_is_refused_in_one_line(tmp_path, env):
+    src = write_image_dataset(tmp_path / "in", 4, per_shard=4).path
+    with FakeOpenAI(batch_delay_s=3600) as fake:
+        assert run_cli(*batch_args(src, tmp_path / "out", fake), env=env).returncode == 0
+        root = tmp_path / "out" / ".lenscap" / "batch"
+        for path in root.glob("state.sqlite*"):
+            path.unlink()
+        (root / "files").mkdir(exist_ok=True)
+        (root / "files" / "r00-000000.json").write_text("{}")
+        for r in (run_cli(*batch_args(src, tmp_path / "out", fake), env=env), run_cli("batch", "status", str(tmp_path / "out"))):
+            assert r.returncode == 2 and "holds a batch job started by an older lenscap" in r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr

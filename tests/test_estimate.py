@@ -1,14 +1,25 @@
-"""lenscap estimate: figures against a hand computation, measured tokens with --from, bad flags."""
+"""lenscap estimate: figures against a hand computation, measured tokens with --from, batch files by
+bytes and by requests, measured request lines with --sample-from against the real packer, the batch
+wall time under a queue limit, counts such as 800M, bad flags."""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
+
+import pytest
 
 from conftest import run_cli
-from lenscap.captioning.prompts import PRESETS
+from lenscap.backends.openai_batch import BatchFilesBackend
+from lenscap.captioning.prompts import PRESETS, load_prompt
 from lenscap.dataset import Dataset
+from lenscap.demo.datasets import write_image_dataset
+from lenscap.layout import shard_name
 from lenscap.record import Sample
+from lenscap.stages.caption import CaptionStage
+
+MIB = 1024 * 1024
 
 
 def estimate(*args: str) -> dict:
@@ -17,29 +28,84 @@ def estimate(*args: str) -> dict:
     return json.loads(r.stdout)
 
 
+def lens_prompt_tokens() -> int:
+    lens = PRESETS["lens"]
+    return math.ceil(len(lens.template) / 4) + 4 + math.ceil(len(lens.system) / 4) + 4
+
+
 def test_lens_scale_job_by_hand():
     out = estimate("--images", "800000000", "--model", "gpt-4.1", "--batch", "--detail", "low", "--output-words", "109")
     # by hand: GPT-4.1 at low detail bills 85 tokens an image; the prompt is about a token per 4 characters
     # (+4 per message); 109 words are ceil(109 * 4 / 3) = 146 tokens; $2 / $8 per 1M tokens, halved for batch
-    lens = PRESETS["lens"]
-    prompt_tokens = math.ceil(len(lens.template) / 4) + 4 + math.ceil(len(lens.system) / 4) + 4
-    per_in, per_out = 85 + prompt_tokens, 146
+    per_in, per_out = 85 + lens_prompt_tokens(), 146
     assert out["per_image"] == {"input_tokens": per_in, "output_tokens": per_out}
     assert out["total"]["input_tokens"] == per_in * 800_000_000
     expected = (per_in * 800e6 * 2.00 + per_out * 800e6 * 8.00) / 1e6 / 2
     assert abs(out["total"]["cost_usd"] - expected) < 0.01
-    assert out["wall_time"]["batches"] == 16_000
+    # docs/scale.md: 87,488 B a line of a natural photo at max side 512; 200 MiB / 87,488 B = 2,397 a file
+    wall = out["wall_time"]
+    assert (wall["line_bytes"], wall["requests_per_file"], wall["bound_by"]) == (87_488, 2_397, "bytes")
+    assert wall["files"] == wall["batches"] == math.ceil(800_000_000 / 2_397) == 333_751
+    assert wall["line_bytes_basis"].startswith("assumed:") and "--sample-from" in wall["line_bytes_basis"]
+    assert "--max-enqueued-tokens" in wall["note"] and "hours" not in wall
+
+
+def test_batch_files_bound_by_requests_when_lines_are_small():
+    # At max side 64 the image part is (64/512)^2 of docs/scale.md's 86,078 B: a 2,755 B line, 76,122 to
+    # 200 MiB, so the 50,000 requests bind.
+    wall = estimate("--images", "800M", "--batch", "--max-side", "64")["wall_time"]
+    assert wall["line_bytes"] == round(1_410 + 86_078 / 64)
+    assert (wall["requests_per_file"], wall["bound_by"], wall["files"]) == (50_000, "requests", 16_000)
+    wall = estimate("--images", "800M", "--batch", "--max-requests-per-file", "1000")["wall_time"]
+    assert (wall["requests_per_file"], wall["bound_by"], wall["files"]) == (1_000, "requests", 800_000)
+    wall = estimate("--images", "800M", "--batch", "--max-file-mb", "100")["wall_time"]
+    assert (wall["requests_per_file"], wall["bound_by"]) == (100 * MIB // 87_488, "bytes")
+    r = run_cli("estimate", "--images", "800M", "--batch", "--max-side", "64")
+    assert r.returncode == 0 and "16,000 of up to 50,000 requests (bound by 50,000 requests a file, not 200 MiB)" in r.stdout
+
+
+def test_batch_wall_time_in_waves_under_the_queue_limit():
+    per_in = 85 + lens_prompt_tokens()
+    per_file = 2_397 * per_in  # input tokens, as OpenAI counts the queue
+    queue = 10_000_000
+    out = estimate("--images", "800M", "--batch", "--max-enqueued-tokens", "10M")
+    wall = out["wall_time"]
+    at_once = queue // per_file
+    waves = math.ceil(333_751 / at_once)
+    assert (wall["tokens_per_file"], wall["files_at_once"], wall["waves"]) == (per_file, at_once, waves)
+    assert wall["hours"] == [waves * 1.0, waves * 24.0] and "note" not in wall
+    assert wall["human"] == f"{waves / 24:,.1f} days to {waves:,.1f} days"
+    r = run_cli("estimate", "--images", "800M", "--batch", "--max-enqueued-tokens", str(queue), "--batch-hours", "2-12")
+    assert r.returncode == 0, r.stderr
+    assert "333,751 of up to 2,397 requests (bound by 200 MiB a file, not 50,000 requests)" in r.stdout
+    assert f"{waves:,} waves of {at_once} files at once" in r.stdout and "2-12 h a wave" in r.stdout
+    # one number: every batch takes that long; a queue under one file still runs one file at a time, with a warning
+    wall = estimate("--images", "800M", "--batch", "--max-enqueued-tokens", "1000", "--batch-hours", "24")["wall_time"]
+    assert wall["files_at_once"] == 1 and wall["hours"] == [333_751 * 24.0] * 2
+    assert "lower --max-requests-per-file" in wall["note"]
+
+
+def test_online_without_limits_says_why_there_is_no_time():
+    out = estimate("--images", "1000", "--model", "gpt-4.1")
+    assert "hours" not in out["wall_time"] and "--rpm" in out["wall_time"]["note"]
+    r = run_cli("estimate", "--images", "1000")
+    assert r.returncode == 0 and "wall time:  no wall time without rate limits: give --rpm and/or --tpm" in r.stdout
 
 
 def test_online_wall_time_is_set_by_the_tighter_limit():
     out = estimate("--images", "1000000", "--model", "gpt-4.1-mini", "--rpm", "10000", "--tpm", "2000000")
     per = out["per_image"]["input_tokens"] + out["per_image"]["output_tokens"]
-    lens = PRESETS["lens"]
-    prompt_tokens = math.ceil(len(lens.template) / 4) + 4 + math.ceil(len(lens.system) / 4) + 4
-    assert out["per_image"]["input_tokens"] == 312 + prompt_tokens  # 512x384: 16x12 patches x 1.62
+    assert out["per_image"]["input_tokens"] == 312 + lens_prompt_tokens()  # 512x384: 16x12 patches x 1.62
     per_minute = min(10_000, 2_000_000 / per)
     assert out["wall_time"]["limited_by"] == "tpm"
     assert abs(out["wall_time"]["hours"] - 1_000_000 / per_minute / 60) < 0.01
+
+
+@pytest.mark.parametrize("text, count", [("800000000", 800_000_000), ("800,000,000", 800_000_000), ("8e8", 800_000_000),
+                                         ("800M", 800_000_000), ("800m", 800_000_000), ("1.5B", 1_500_000_000),
+                                         ("10k", 10_000), ("1.1K", 1_100), ("7", 7)])
+def test_image_counts(text, count):
+    assert estimate("--images", text)["total"]["output_tokens"] == 146 * count
 
 
 def test_from_a_captioned_dataset(tmp_path):
@@ -57,9 +123,83 @@ def test_from_a_captioned_dataset(tmp_path):
     assert r.returncode == 2 and "no successful, uncached gpt-4o captions" in r.stderr
 
 
+# 160 photos sent resized (640x480 to 512x384), every 17th a failed download: 150 requests of about
+# 14 KB, about 14 to a 0.2 MiB file.
+N, MAX_FILE_MB = 160, 0.2
+
+
+@pytest.fixture
+def photos(tmp_path) -> tuple[Path, int]:
+    src = write_image_dataset(tmp_path / "in", N, per_shard=40, size=(640, 480), failed=lambda i: i % 17 == 5).path
+    return Path(src), sum(1 for i in range(N) if i % 17 != 5)
+
+
+def packed_by_hand(src: Path, max_file_bytes: int, max_requests: int = 50_000) -> list[list[int]]:
+    """The packer's rule, on lines built as it builds them: a file takes lines in order until the
+    next would break either limit."""
+    backend = BatchFilesBackend.from_options({"model": "gpt-4.1"})
+    stage = CaptionStage(backend, load_prompt("lens"))
+    ds = Dataset.open(src)
+    files: list[list[int]] = [[]]
+    for shard_id in ds.completed_ids():
+        for sample in ds.iter_samples(shard_id):
+            if not sample.ok:
+                continue
+            body, _ = backend.build_body(stage.request_for(sample))
+            line = len(json.dumps({"custom_id": f"{shard_name(shard_id)}/{sample.key}", "method": "POST",
+                                   "url": "/v1/chat/completions", "body": body}).encode()) + 1
+            if len(files[-1]) >= max_requests or sum(files[-1]) + line > max_file_bytes:
+                files.append([])
+            files[-1].append(line)
+    return files
+
+
+def test_sample_from_measures_the_lines_the_packer_builds(photos):
+    src, images = photos
+    out = estimate("--images", str(images), "--batch", "--sample-from", str(src), "--max-file-mb", str(MAX_FILE_MB))
+    wall = out["wall_time"]
+    files = packed_by_hand(src, int(MAX_FILE_MB * MIB))
+    lines = [n for f in files for n in f]
+    assert len(lines) == images
+    assert wall["line_bytes"] == round(sum(lines) / len(lines))
+    assert wall["line_bytes_basis"] == f"measured on {images} images in {src}" and wall["bound_by"] == "bytes"
+    assert abs(wall["files"] - len(files)) <= 0.1 * len(files), (wall, len(files))
+    assert out["per_image"]["input_tokens"] == 85 + lens_prompt_tokens()  # detail low: 85 measured image tokens
+    assert "measured: 85.0 image tokens on 150 images" in out["basis"]
+
+
+def test_sample_from_within_ten_percent_of_the_real_packer(photos, tmp_path):
+    src, images = photos
+    out = estimate("--images", str(images), "--batch", "--sample-from", str(src), "--max-file-mb", str(MAX_FILE_MB))
+    r = run_cli("caption", str(src), str(tmp_path / "out"), "--backend", "batch-files", "--model", "gpt-4.1",
+                "--max-file-mb", str(MAX_FILE_MB), "--no-cache", "--json", env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    packed = sorted((tmp_path / "out" / ".lenscap" / "batch" / "files" / "input").glob("*.jsonl"))
+    assert sum(len(p.read_bytes().splitlines()) for p in packed) == images
+    assert abs(out["wall_time"]["files"] - len(packed)) <= 0.1 * len(packed), (out["wall_time"], len(packed))
+
+
+def test_sample_from_an_empty_dataset(tmp_path):
+    write_image_dataset(tmp_path / "in", 3, failed=lambda i: True)
+    r = run_cli("estimate", "--images", "5", "--batch", "--sample-from", str(tmp_path / "in"))
+    assert r.returncode == 2 and "no readable downloaded images" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
 def test_bad_flags():
     for args, message in ((["--images", "0"], "--images must be at least 1"), (["--images", "5", "--model", "mystery"], "no price known"),
+                          (["--images", "5", "--model", "mystery", "--batch", "--json"], "no price known"),
                           (["--images", "5", "--image-size", "big"], "--image-size takes WIDTHxHEIGHT"),
-                          (["--images", "5", "--detail", "ultra"], "--detail must be low, high or auto")):
+                          (["--images", "5", "--detail", "ultra"], "--detail must be low, high or auto"),
+                          (["--images", "10x"], "--images takes a whole number such as"),
+                          (["--images", "1.5"], "--images takes a whole number"),
+                          (["--images", "1e-3"], "--images takes a whole number"),
+                          (["--images", "5", "--batch", "--max-file-mb", "300"], "--max-file-mb must be more than 0 and at most 200"),
+                          (["--images", "5", "--batch", "--max-requests-per-file", "0"], "--max-requests-per-file must be between"),
+                          (["--images", "5", "--batch", "--max-enqueued-tokens", "0"], "--max-enqueued-tokens must be positive"),
+                          (["--images", "5", "--batch", "--max-enqueued-tokens", "lots"], "--max-enqueued-tokens takes a whole number"),
+                          (["--images", "5", "--batch", "--batch-hours", "24-1"], "--batch-hours must be LOW-HIGH"),
+                          (["--images", "5", "--batch", "--batch-hours", "soon"], "--batch-hours takes LOW-HIGH or HOURS"),
+                          (["--images", "5", "--batch", "--max-file-mb", "0.01"], "does not fit in --max-file-mb 0.01")):
         r = run_cli("estimate", *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        assert r.stdout == "", (args, r.stdout)

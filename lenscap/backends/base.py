@@ -115,7 +115,7 @@ class CaptionBackend(ABC):
     name: ClassVar[str]
     needs_key: ClassVar[bool] = False
     priced: ClassVar[bool] = False  # True: captions cost money, and --max-cost needs the model's price
-    runs_as_batch: ClassVar[bool] = False  # True: driven as a batch job (caption_batch), not per shard
+    runs_as_batch: ClassVar[bool] = False  # True: driven as a batch job (lenscap.batch), not per shard
     options: ClassVar[tuple[Option, ...]] = ()
     model: str = ""
 

@@ -3,11 +3,12 @@
 ``openai-batch`` uploads the files to OpenAI's Batch API (half price, results within 24 hours);
 ``batch-files`` leaves them in a directory for ``vllm run-batch`` or any runner of the OpenAI batch
 format, and collects the output files that appear next to them. Both are driven by
-``lenscap.stages.caption_batch``; these classes only know how to move one file.
+``lenscap.batch``; these classes only know how to move one file.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
@@ -29,8 +30,11 @@ BATCH_OPTIONS = (
     Option("poll_interval", float, 60.0, "Seconds between polls with --wait."),
     Option("max_requests_per_file", int, 50_000, "Requests per batch file (the API allows 50,000)."),
     Option("max_file_mb", float, 200.0, "MB per batch file (the API allows 200)."),
-    Option("max_enqueued_tokens", int, None, "Hold submissions so batches in flight stay within the account's batch queue limit."),
+    Option("max_enqueued_tokens", int, None, "The account's batch queue limit, in input tokens of the batches in flight: files "
+           "are submitted as the queue has room (default: learned from the API's token_limit_exceeded)."),
     Option("max_retries", int, 3, "Rounds of new batches for requests that got no answer (expired, 5xx, ...)."),
+    Option("keep_outputs", bool, False, "Keep each merged batch's output and error files, gzip-compressed, under "
+           ".lenscap/batch/outputs/ (default: deleted once their answers are in the journals)."),
 )
 
 
@@ -42,6 +46,7 @@ class BatchOptions:
     max_rounds: int = 3
     wait: bool = False
     poll_interval_s: float = 60.0
+    keep_outputs: bool = False
 
     def validate(self) -> None:
         if not 1 <= self.max_requests_per_file <= 50_000:
@@ -69,7 +74,7 @@ class _BatchBackend(OpenAIChatBackend):
         assert isinstance(backend, _BatchBackend)
         backend.batch = BatchOptions(max_requests_per_file=v["max_requests_per_file"], max_file_bytes=int(v["max_file_mb"] * 1024 * 1024),
                                      max_enqueued_tokens=v["max_enqueued_tokens"], max_rounds=v["max_retries"], wait=v["wait"],
-                                     poll_interval_s=v["poll_interval"])
+                                     poll_interval_s=v["poll_interval"], keep_outputs=v["keep_outputs"])
         backend.batch.validate()
         return backend
 
@@ -130,11 +135,17 @@ class ApiTransport:
         """Uploads carry the job id, so a crashed run can tell its own file among the account's."""
         return f"lenscap-{job_id[:12]}-{name}.jsonl"
 
-    def find_upload(self, filename: str) -> str | None:
-        """A file uploaded by an earlier run that died before recording it."""
+    # How far back, before the step began, a search looks: clocks differ, and an upload takes minutes.
+    SEARCH_MARGIN_S = 3600
+
+    def find_upload(self, filename: str, since: float = 0.0) -> str | None:
+        """A file uploaded by an earlier run that died before recording it. The list is newest first, so the
+        search stops at files made well before the upload began (``since``), not at the account's oldest."""
         for f in self.client.files.list(purpose="batch"):
             if f.filename == filename:
                 return f.id
+            if f.created_at < since - self.SEARCH_MARGIN_S:
+                return None
         return None
 
     def upload(self, path: Path, filename: str) -> str:
@@ -144,11 +155,14 @@ class ApiTransport:
         except self._openai.APIError as e:
             raise self._fail(f"uploading {filename} failed", e) from None
 
-    def find_batch(self, metadata: dict[str, str]) -> str | None:
-        """A batch created by an earlier run that died before recording it, found by its metadata."""
+    def find_batch(self, metadata: dict[str, str], since: float = 0.0) -> str | None:
+        """A batch created by an earlier run that died before recording it, found by its metadata (newest
+        first, down to batches made well before the create began)."""
         for b in self.client.batches.list(limit=100):
             if b.metadata and all(b.metadata.get(k) == v for k, v in metadata.items()):
                 return b.id
+            if b.created_at < since - self.SEARCH_MARGIN_S:
+                return None
         return None
 
     def create(self, file_id: str, metadata: dict[str, str]) -> str:
@@ -160,9 +174,10 @@ class ApiTransport:
 
     def poll(self, batch_id: str, expected: int | None = None) -> dict[str, Any]:
         b = self.client.batches.retrieve(batch_id)
-        errors = [e.message for e in (b.errors.data or [])] if b.errors and b.errors.data else []
+        data = b.errors.data if b.errors and b.errors.data else []
         return {"status": b.status, "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
-                "counts": b.request_counts.model_dump() if b.request_counts else None, "errors": errors}
+                "counts": b.request_counts.model_dump() if b.request_counts else None,
+                "errors": [e.message or "" for e in data], "codes": [e.code or "" for e in data]}
 
     def fetch(self, file_id: str | None) -> bytes:
         return self.client.files.content(file_id).content if file_id else b""
@@ -170,8 +185,15 @@ class ApiTransport:
     def cancel(self, batch_id: str) -> None:
         self.client.batches.cancel(batch_id)
 
-    def release(self, input_path: Path) -> None:
-        input_path.unlink(missing_ok=True)  # uploaded: keep the disk flat at any scale
+    def forget(self, file_ids: list[str | None]) -> None:
+        """A merged batch's input, output and error files leave the account's file storage (which is
+        capped), best effort: a file left behind costs storage, never an answer."""
+        for file_id in file_ids:
+            if file_id:
+                try:
+                    self.client.files.delete(file_id)
+                except self._openai.APIError:
+                    pass
 
 
 class FilesTransport:
@@ -187,16 +209,20 @@ class FilesTransport:
     def remote_name(job_id: str, name: str) -> str:
         return f"{name}.jsonl"
 
-    def find_upload(self, filename: str) -> str | None:
+    def find_upload(self, filename: str, since: float = 0.0) -> str | None:
         return filename if (self.root / "input" / filename).exists() else None
 
     def upload(self, path: Path, filename: str) -> str:
         tmp = self.root / "input" / f".{filename}.tmp"
-        shutil.copyfile(path, tmp)
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)  # the same bytes, not a second copy on disk
+        except OSError:
+            shutil.copyfile(path, tmp)
         tmp.replace(self.root / "input" / filename)
         return filename
 
-    def find_batch(self, metadata: dict[str, str]) -> str | None:
+    def find_batch(self, metadata: dict[str, str], since: float = 0.0) -> str | None:
         return None
 
     def create(self, file_id: str, metadata: dict[str, str]) -> str:
@@ -219,8 +245,12 @@ class FilesTransport:
     def cancel(self, batch_id: str) -> None:
         pass
 
-    def release(self, input_path: Path) -> None:
-        input_path.unlink(missing_ok=True)  # the copy under input/ is the one the runner reads
+    def forget(self, file_ids: list[str | None]) -> None:
+        """A merged batch's input and the runner's output leave the directory."""
+        for file_id in file_ids:
+            if file_id:
+                (self.root / "input" / file_id).unlink(missing_ok=True)
+                (self.root / "output" / file_id).unlink(missing_ok=True)
 
     def commands(self, model: str) -> list[str]:
         return [f"vllm run-batch -i {p} -o {self.root / 'output' / p.name} --model {model}"

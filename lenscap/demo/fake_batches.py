@@ -1,6 +1,7 @@
 """The Files and Batches endpoints of the fake OpenAI-compatible server (a mixin of ``FakeOpenAI``).
 
     POST /v1/files (multipart: purpose, file)      GET /v1/files[?purpose=]     GET /v1/files/ID[/content]
+    DELETE /v1/files/ID
     POST /v1/batches                               GET /v1/batches[?after=&limit=]
     GET /v1/batches/ID                             POST /v1/batches/ID/cancel
 
@@ -8,7 +9,12 @@ A batch runs ``batch_delay_s`` after it is created, when it is next looked at: e
 answered as ``/v1/chat/completions`` would answer it (the same fault markers, no rate limits), into
 an output file and an error file. Injected trouble: ``batch_expire_after`` (only that many requests
 run, the rest expire), ``fail_uploads`` (the next N uploads get a 500), ``upload_delay_s`` and
-``create_delay_s`` (the server acts, then answers late: a client killed meanwhile never hears).
+``create_delay_s`` (the server acts, then answers late: a client killed meanwhile never hears),
+``batch_queue_limit`` (OpenAI's batch queue limit: input tokens of unfinished batches; a batch created
+past it is accepted, then ``failed`` with ``token_limit_exceeded`` at its first look).
+
+The queue is recorded for tests: ``enqueued_tokens()`` now, ``peak_enqueued`` at most, and
+``enqueued_log``, a (monotonic time, enqueued tokens) pair at each admission and each release.
 """
 
 from __future__ import annotations
@@ -44,6 +50,16 @@ class BatchEndpoints:
         self.files: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self._ids = 0
+        self.deleted_files = 0
+        self.uploads: list[str] = []
+        self._enqueued = 0  # input tokens of admitted batches not yet terminal (OpenAI's batch queue)
+        self.peak_enqueued = 0
+        self.enqueued_log: list[tuple[float, int]] = []
+
+    def enqueued_tokens(self) -> int:
+        """Input tokens of the batches now in the queue (admitted, not yet terminal)."""
+        with self._lock:
+            return self._enqueued
 
     def release_batches(self) -> None:
         """Let every batch created so far run at its next look, whatever its delay (tests)."""
@@ -65,6 +81,11 @@ class BatchEndpoints:
                 return await self._upload(headers, body)
             if method == "GET" and len(parts) == 2:
                 return self._list(self.files.values(), args, lambda f: not args.get("purpose") or f["purpose"] == args["purpose"])
+            if method == "DELETE" and len(parts) == 3 and parts[2] in self.files:
+                with self._lock:
+                    del self.files[parts[2]]
+                    self.deleted_files += 1
+                return _json(200, {"id": parts[2], "object": "file", "deleted": True})
             if method == "GET" and len(parts) >= 3 and parts[2] in self.files:
                 f = self.files[parts[2]]
                 if len(parts) == 4 and parts[3] == "content":
@@ -114,6 +135,7 @@ class BatchEndpoints:
         f = {"id": self._next_id("file-"), "object": "file", "bytes": len(data), "created_at": int(time.time()),
              "filename": filename or "upload", "purpose": fields["purpose"][1].decode(), "status": "processed", "_bytes": data}
         self.files[f["id"]] = f
+        self.uploads.append(f["filename"])  # every upload ever made, deleted or not
         if self.settings.upload_delay_s:
             await asyncio.sleep(self.settings.upload_delay_s)
         return _json(200, _public(f))
@@ -146,14 +168,65 @@ class BatchEndpoints:
              "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
              "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
              "metadata": req.get("metadata") or {}, "_ready_at": time.monotonic() + self.settings.batch_delay_s}
+        b["_tokens"], model = self._input_tokens(self.files[file_id]["_bytes"])
+        limit = self.settings.batch_queue_limit
+        with self._lock:  # check and add at once: concurrent creates must not both slip under the limit
+            if limit is not None and self._enqueued + b["_tokens"] > limit:
+                b["_rejected"] = (f"Enqueued token limit reached for {model} in organization org-fake. Limit: {limit:,} "
+                                  "enqueued tokens. Please try again once some in_progress batches have been completed.")
+            else:
+                b["_queued"] = True
+                self._queue_change(b["_tokens"])
         self.batches[b["id"]] = b
         if self.settings.create_delay_s:
             await asyncio.sleep(self.settings.create_delay_s)
         return _json(200, _public(b))
 
+    def _input_tokens(self, raw: bytes) -> tuple[int, str]:
+        """(input tokens, model of the first request) of an input file, estimated as ``_batch_answer`` bills them."""
+        from lenscap.demo.fake_openai import _BadRequest, _validate, image_tokens, text_tokens  # a cycle at import time
+
+        total, first_model = 0, None
+        for line in raw.splitlines():
+            if not line.strip():
+                continue
+            try:
+                body = json.loads(line).get("body")
+            except (ValueError, AttributeError):
+                continue
+            if first_model is None and isinstance(body, dict) and isinstance(body.get("model"), str):
+                first_model = body["model"]  # named in the limit error, as OpenAI names the first request's
+            try:
+                model, texts, images, _ = _validate(body, self.settings.decode_images)
+            except _BadRequest:
+                continue  # an invalid line costs nothing (it fails at run time)
+            details = [p["image_url"].get("detail") or "low" for m in body["messages"] if isinstance(m["content"], list)
+                       for p in m["content"] if p["type"] == "image_url"]  # _validate's order: one per image
+            total += sum(text_tokens(t) for t in texts)
+            total += sum(image_tokens(model, *size, d) for (_, _, size), d in zip(images, details, strict=True))
+        return total, first_model or "unknown"
+
+    def _queue_change(self, delta: int) -> None:
+        """Move the enqueued total; the caller holds ``_lock``."""
+        self._enqueued += delta
+        self.peak_enqueued = max(self.peak_enqueued, self._enqueued)
+        self.enqueued_log.append((time.monotonic(), self._enqueued))
+
     def _advance(self, b: dict[str, Any]) -> None:
-        """Run the batch if its time has come (lazily: when someone looks)."""
+        """Run the batch if its time has come (lazily: when someone looks); a terminal batch leaves the queue."""
+        self._step(b)
         if b["status"] in _TERMINAL:
+            with self._lock:
+                if b.pop("_queued", False):
+                    self._queue_change(-b["_tokens"])
+
+    def _step(self, b: dict[str, Any]) -> None:
+        if b["status"] in _TERMINAL:
+            return
+        if b.get("_rejected"):  # over the queue limit: accepted at create, failed when first seen
+            b["status"], b["failed_at"] = "failed", int(time.time())
+            b["errors"] = {"object": "list", "data": [{"code": "token_limit_exceeded", "message": b["_rejected"],
+                                                       "param": None, "line": None}]}
             return
         if b["status"] == "cancelling":
             b["status"], b["cancelled_at"] = "cancelled", int(time.time())

@@ -71,6 +71,7 @@ class FakeSettings:
     fail_uploads: int = 0
     upload_delay_s: float = 0.0
     create_delay_s: float = 0.0
+    batch_queue_limit: int | None = None  # enqueued input tokens allowed (OpenAI's batch queue limit); None: no limit
 
 
 def _colour_name(rgb: tuple[int, ...]) -> str:
