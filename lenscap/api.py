@@ -38,11 +38,11 @@ from lenscap.stages.filter import FilterRules
 
 if TYPE_CHECKING:
     from lenscap.backends.base import CaptionBackend
+    from lenscap.batch import BatchResult
     from lenscap.executors import Executor
     from lenscap.filters.base import Annotator
     from lenscap.progress import Progress
     from lenscap.stages.base import Stage
-    from lenscap.batch import BatchResult
 
 __all__ = ["download", "filter", "filter_counts", "caption", "dedup", "shard", "inspect", "report", "audit", "run",
            "run_stage", "backend", "AuditOptions", "ShardStage", "Sample", "JobResult", "DownloadOptions", "FilterRules", "FilterResult", "CaptionResult",
@@ -179,7 +179,6 @@ def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prom
     try:
         if captioner.runs_as_batch:
             from lenscap.batch import run_batch_caption
-
             from lenscap.executors import LocalExecutor
 
             return run_batch_caption(stage, in_dir, out_dir, progress, executor=executor or LocalExecutor(processes),

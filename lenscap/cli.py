@@ -314,7 +314,8 @@ def batch_status_command(
     print(f"{info['out_dir']}: {info['backend']} {info['model']}, job {info['job_id'][:12]}")
     print(f"shards {shards['completed']:,}/{shards['expected'] if shards['expected'] is not None else '?'} written; "
           f"batch files: {files} (round {max(info['rounds'], 1)})")
-    print(f"requests: {info['answered']:,} answered, {info['failed']:,} failed, about {info['left']:,} left; "
+    print(f"requests: {info['answered']:,} answered ({info['failed']:,} failed after the last round, {info['asked_again']:,} "
+          f"asked again), about {info['left']:,} left; "
           f"queue {queue['tokens']:,}{limit} tokens; ${info['spent_usd']:.2f} spent")
     print(f"rate {info['answers_per_hour']:,.0f} answers/h; " + (f"ETA {eta:,.1f} h" if eta is not None else "ETA unknown until a batch is merged"))
     for b in info["batches"][:20]:

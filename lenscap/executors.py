@@ -113,8 +113,8 @@ class LocalExecutor(Executor):
                     continue
                 on_done(item, result)
             return None
-        if self._kept is not None and self._kept[0] is job:
-            return self._run_pool(self._kept[1], items, on_done, failed)
+        if self._kept is not None and self._kept[0] is job and not getattr(self._kept[1], "_broken", False):
+            return self._run_pool(self._kept[1], items, on_done, failed)  # a pool whose worker died is made again
         self.close()
         ctx = multiprocessing.get_context("spawn")
         pool = ProcessPoolExecutor(self.processes, mp_context=ctx, initializer=_init_worker, initargs=(job,))

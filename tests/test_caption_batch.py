@@ -79,7 +79,7 @@ def test_whole_flow_with_retry_rounds_and_batch_prices(tmp_path, env):
         assert not list((tmp_path / "out" / ".lenscap" / "batch" / "inputs").glob("*.jsonl")), "inputs go once uploaded"
         status = json.loads(run_cli("batch", "status", str(tmp_path / "out"), "--json").stdout)
         assert status["files"] == {"merged": 5} and status["rounds"] == 2 and status["requests"] == 41
-        assert (status["answered"], status["left"], status["failed"], status["queue"]["tokens"]) == (39, 0, 0, 0)
+        assert (status["answered"], status["left"], status["failed"], status["asked_again"], status["queue"]["tokens"]) == (39, 0, 0, 2, 0)
         assert status["spent_usd"] == pytest.approx(summary["spent_usd"], abs=1e-4) and status["eta_hours"] == 0
         assert not list((tmp_path / "out" / ".lenscap" / "batch" / "outputs").iterdir()), "outputs go once merged"
         for path in (tmp_path / "out").rglob("*"):
@@ -99,6 +99,8 @@ def test_expired_batches_keep_partial_results_and_the_rest_fails_with_the_apis_m
         errors = [row["caption_error"] for row in rows(tmp_path / "out").values() if row["caption_status"] == "error"]
         assert errors == ["This request could not be executed before the completion window expired. (after 1 batch rounds)"] * 4
         assert {b["status"] for b in fake.batches.values()} == {"expired"}
+    status = json.loads(run_cli("batch", "status", str(tmp_path / "out"), "--json").stdout)
+    assert (status["answered"], status["failed"], status["asked_again"], status["left"]) == (12, 4, 0, 0)
 
 
 def test_submit_and_exit_then_cron_collects(tmp_path, env):
@@ -244,23 +246,12 @@ def test_batch_files_round_trip_in_vllm_format(tmp_path, env):
 
 
 def _run_batch_files(files_dir: Path, base_url: str, tear_first: bool) -> None:
-    """What ``vllm run-batch -i IN -o OUT`` does: answer each line, write OpenAI batch output lines."""
+    """What ``vllm run-batch -i IN -o OUT`` does for every input without its output."""
     for path in sorted((files_dir / "input").glob("*.jsonl")):
         out = files_dir / "output" / path.name
-        if out.exists():
-            continue
-        lines = []
-        for i, raw in enumerate(path.read_bytes().splitlines()):
-            req = json.loads(raw)
-            http = urllib.request.Request(base_url + "/chat/completions", data=json.dumps(req["body"]).encode(),
-                                          headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(http) as resp:
-                body = json.loads(resp.read())
-            line = json.dumps({"id": f"vllm-{i}", "custom_id": req["custom_id"],
-                               "response": {"status_code": 200, "request_id": f"vllm-{i}", "body": body}, "error": None})
-            lines.append(line[:50] if tear_first and i == 0 else line)
-        out.write_text("\n".join(lines) + "\n")
-        tear_first = False  # one torn line in all
+        if not out.exists():
+            _answer_file(path, out, base_url, tear_first)
+            tear_first = False  # one torn line in all
 
 
 def test_upload_failures_are_retried_then_reported_once(tmp_path, env):
@@ -340,8 +331,8 @@ def _spy(method, record):
     return wrapped
 
 
-def _answer_file(path: Path, out: Path, base_url: str) -> None:
-    """One batch file answered as ``vllm run-batch`` would."""
+def _answer_file(path: Path, out: Path, base_url: str, tear_first: bool = False) -> None:
+    """One batch file answered as ``vllm run-batch`` would: each line, into an OpenAI batch output line."""
     lines = []
     for i, raw in enumerate(path.read_bytes().splitlines()):
         req = json.loads(raw)
@@ -349,9 +340,11 @@ def _answer_file(path: Path, out: Path, base_url: str) -> None:
                                       headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(http) as resp:
             body = json.loads(resp.read())
-        lines.append(json.dumps({"id": f"vllm-{i}", "custom_id": req["custom_id"],
-                                 "response": {"status_code": 200, "request_id": f"vllm-{i}", "body": body}, "error": None}))
+        line = json.dumps({"id": f"vllm-{i}", "custom_id": req["custom_id"],
+                           "response": {"status_code": 200, "request_id": f"vllm-{i}", "body": body}, "error": None})
+        lines.append(line[:50] if tear_first and i == 0 else line)
     out.write_text("\n".join(lines) + "\n")
+
 
 
 def test_packing_on_processes_and_on_ray_writes_the_same_files_and_output(tmp_path, env, ray_cluster):

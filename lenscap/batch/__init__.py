@@ -101,8 +101,11 @@ def batch_status(out_dir: str | Path) -> dict[str, Any]:
                                coalesce(sum(spent), 0) FROM files WHERE requests > 0""").fetchone()
         prepared = db.execute("SELECT count(*), coalesce(sum(requests), 0), coalesce(sum(answered), 0), "
                               "coalesce(sum(committed), 0) FROM shards").fetchone()
-        failed = db.execute("SELECT coalesce(sum(unanswered), 0) FROM files WHERE state = 'merged' AND round >= "
-                            "(SELECT max(round) FROM files)").fetchone()[0]
+        # Requests that got no answer: asked again in the next round, or, in the last, failed.
+        last = int(state.get("max_rounds", 0))
+        failed, again = db.execute("""SELECT coalesce(sum(CASE WHEN round >= ? THEN unanswered END), 0),
+                                      coalesce(sum(CASE WHEN round < ? THEN unanswered END), 0)
+                                      FROM files WHERE state = 'merged'""", (last, last)).fetchone()
         marks = ",".join("?" * len(IN_QUEUE))
         flying = [state._record(r) for r in db.execute(f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY name", IN_QUEUE)]
         manifest = dst.read_manifest() or {}
@@ -120,7 +123,7 @@ def batch_status(out_dir: str | Path) -> dict[str, Any]:
             "shards": {"completed": completed, "expected": expected, "prepared": prepared[0]},
             "files": state.by_state(), "requests": int(totals[0]),
             "rounds": int(db.execute("SELECT coalesce(max(round) + 1, 0) FROM files WHERE requests > 0").fetchone()[0]),
-            "answered": int(prepared[2]), "failed": int(failed or 0), "left": left,
+            "answered": int(prepared[2]), "failed": int(failed), "asked_again": int(again), "left": left,
             "queue": {"tokens": state.queued_tokens(), "limit": min((v for v in (state.get("limit_given"), state.get("learned_limit")) if v), default=None),
                       "learned_limit": state.get("learned_limit")},
             "spent_usd": round(float(totals[3]), 4),

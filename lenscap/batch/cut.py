@@ -123,7 +123,11 @@ class Cutter:
                 cut[shard_id] = end
             if end < len(ids):
                 return takes, cut, max(self.cursor(), shard_id)
-        if not takes:
+        if not takes:  # every line is cut: the cursor goes past the last shard, so fresh_left() says so
+            if self.shards and self.cursor() <= self.shards[-1]:
+                with self.state.transaction():
+                    self.state.put("cursor", self.shards[-1] + 1)
+            self._late = []
             return None
         return takes, cut, max(self.cursor(), self.shards[-1] + 1)
 

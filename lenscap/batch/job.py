@@ -65,6 +65,7 @@ class BatchJob:
         self.job_id = self._job_id()
         with self.state.transaction():
             self.state.put("limit_given", options.max_enqueued_tokens)  # for batch status
+            self.state.put("max_rounds", options.max_rounds)
         self.journals = stage._journal_dir(dst)
         self.shards_total = len(shards := src.completed_ids())
         self.open = [i for i in shards if not dst.is_complete(i)]

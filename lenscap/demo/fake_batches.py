@@ -50,7 +50,6 @@ class BatchEndpoints:
         self.files: dict[str, dict[str, Any]] = {}
         self.batches: dict[str, dict[str, Any]] = {}
         self._ids = 0
-        self.deleted_files = 0
         self.uploads: list[str] = []
         self._enqueued = 0  # input tokens of admitted batches not yet terminal (OpenAI's batch queue)
         self.peak_enqueued = 0
@@ -84,7 +83,6 @@ class BatchEndpoints:
             if method == "DELETE" and len(parts) == 3 and parts[2] in self.files:
                 with self._lock:
                     del self.files[parts[2]]
-                    self.deleted_files += 1
                 return _json(200, {"id": parts[2], "object": "file", "deleted": True})
             if method == "GET" and len(parts) >= 3 and parts[2] in self.files:
                 f = self.files[parts[2]]
