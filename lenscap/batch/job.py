@@ -19,6 +19,7 @@ has room, and nothing is asked twice.
 from __future__ import annotations
 
 import gzip
+import os
 import re
 import shutil
 import time
@@ -325,6 +326,9 @@ class BatchJob:
                     out.write(raw)
                     ids_out.write(line.encode())
                     size += line.size
+            for f in (out, ids_out):  # on disk before the transaction that records the spool
+                f.flush()
+                os.fsync(f.fileno())
         lines_path.with_name(f".{lines_path.name}.tmp").replace(lines_path)
         ids_path.with_name(f".{ids_path.name}.tmp").replace(ids_path)
         return size
