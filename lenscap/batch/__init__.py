@@ -21,7 +21,7 @@ from typing import Any
 
 from lenscap.backends.openai_batch import TERMINAL, BatchOptions
 from lenscap.batch.job import BatchJob, open_state
-from lenscap.batch.state import IN_QUEUE
+from lenscap.batch.state import IN_QUEUE, BatchState
 from lenscap.dataset import Dataset
 from lenscap.errors import BudgetReached, UsageError
 from lenscap.executors import Executor, LocalExecutor
@@ -106,8 +106,7 @@ def batch_status(out_dir: str | Path) -> dict[str, Any]:
         failed, again = db.execute("""SELECT coalesce(sum(CASE WHEN round >= ? THEN unanswered END), 0),
                                       coalesce(sum(CASE WHEN round < ? THEN unanswered END), 0)
                                       FROM files WHERE state = 'merged'""", (last, last)).fetchone()
-        marks = ",".join("?" * len(IN_QUEUE))
-        flying = [state._record(r) for r in db.execute(f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY name", IN_QUEUE)]
+        flying = state.files(*IN_QUEUE)
         manifest = dst.read_manifest() or {}
         expected = (manifest.get("shards") or {}).get("expected")
         completed = len(dst.completed_ids())
@@ -134,7 +133,7 @@ def batch_status(out_dir: str | Path) -> dict[str, Any]:
         state.close()
 
 
-def _answers_per_hour(state: Any) -> float:
+def _answers_per_hour(state: BatchState) -> float:
     """Requests answered an hour, over the last day's merged batches (or since the first submission)."""
     now = time.time()
     first = state.db.execute("SELECT min(submitted_at) FROM files").fetchone()[0]

@@ -294,7 +294,7 @@ class BatchJob:
                 error = f"{message} (after {record['round'] + 1} batch rounds)"
                 by_shard.setdefault(shard_id, []).append({**CaptionResult(key, ERROR, error=error).to_dict(), "cached": False})
         elif retry:
-            spool_bytes = self._spool(record, [ids[cid] for cid in ids if cid in retry])
+            spool_bytes = self._spool(record, list(ids.values()), set(retry))
         for shard_id, entries in by_shard.items():
             journal = Journal(self.journals / f"{shard_name(shard_id)}.jsonl")
             for entry in entries:
@@ -312,15 +312,14 @@ class BatchJob:
         self.commit_finished(sorted(by_shard))
         self._clean_up(record)
 
-    def _spool(self, record: dict[str, Any], lines: list[IdLine]) -> int:
-        """Copy the prepared lines of ``lines`` (in file order) from the batch's input into a retry file."""
-        wanted = {i.custom_id for i in lines}
+    def _spool(self, record: dict[str, Any], lines: list[IdLine], wanted: set[str]) -> int:
+        """Copy the ``wanted`` of the batch input's ``lines`` (its ids, in file order) into a retry file."""
         lines_path, ids_path = spool_paths(self.root, f"r{record['round'] + 1:02d}-{record['name']}")
         size = 0
         with open(self.root / "inputs" / f"{record['name']}.jsonl", "rb") as src, \
                 open(lines_path.with_name(f".{lines_path.name}.tmp"), "wb") as out, \
                 open(ids_path.with_name(f".{ids_path.name}.tmp"), "wb") as ids_out:
-            for line in IdLine.read(self.root / "inputs" / f"{record['name']}.ids"):
+            for line in lines:
                 raw = src.read(line.size)
                 if line.custom_id in wanted:
                     out.write(raw)

@@ -115,9 +115,6 @@ class BatchState:
         columns = ",".join(values)
         self.db.execute(f"INSERT OR REPLACE INTO files({columns}) VALUES ({','.join('?' * len(values))})", tuple(values.values()))
 
-    def count_files(self) -> int:
-        return int(self.db.execute("SELECT count(*) FROM files").fetchone()[0])
-
     def unfinished(self, before_round: int | None = None) -> bool:
         """Whether a file (of a round before ``before_round``) is not merged yet: found through the state index,
         not by scanning every file the job ever made."""
@@ -166,11 +163,6 @@ class BatchState:
     def set_committed(self, shard_id: int) -> None:
         self.db.execute("UPDATE shards SET committed = 1 WHERE shard = ?", (shard_id,))
 
-    def shard_means(self) -> tuple[float, float]:
-        """Mean requests and input tokens of a packed shard (0, 0 before the first)."""
-        row = self.db.execute("SELECT avg(requests), avg(tokens) FROM shards").fetchone()
-        return float(row[0] or 0.0), float(row[1] or 0.0)
-
     # -- spool ----------------------------------------------------------------------------------
 
     def spools(self, round_no: int | None = None) -> list[dict[str, Any]]:
@@ -185,6 +177,3 @@ class BatchState:
 
     def consume_spool(self, name: str, consumed: int) -> None:
         self.db.execute("UPDATE spool SET consumed = ? WHERE name = ?", (consumed, name))
-
-    def spent_usd(self) -> float:
-        return float(self.db.execute("SELECT coalesce(sum(spent), 0) FROM files").fetchone()[0])
