@@ -3,7 +3,8 @@
 Exit codes: 0 done; 1 some shards failed (the others are kept; rerun to finish); 2 usage error
 (bad flag, missing input, wrong directory, rejected key, unknown model); 3 internal error;
 4 --max-cost reached; 5 locked (another live lenscap process is writing the same output); 6 an audit's --fail-on
-rule was broken; 130 interrupted.
+rule was broken; 7 the output holds 0 samples (a warning: an empty export, a recipe stage that left nothing);
+130 interrupted.
 """
 
 from __future__ import annotations
@@ -17,9 +18,31 @@ from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any, Optional
 
 import typer
+import typer.main
 
 from lenscap import __version__
 from lenscap.errors import LenscapError
+
+# Exit code of a command whose output holds 0 samples: a warning, distinct from success and failure.
+EMPTY = 7
+
+def _plain_default_text() -> None:
+    """Show a default given as words ("all cores") as [default: all cores], not click's [default: (all cores)]."""
+    import typer.core
+
+    original = getattr(typer.core, "_get_default_string", None)
+    if original is None or getattr(original, "lenscap", False):
+        return
+
+    def plain(obj: Any, *, ctx: Any, show_default_is_str: bool, default_value: Any) -> str:
+        text = original(obj, ctx=ctx, show_default_is_str=show_default_is_str, default_value=default_value)
+        return text[1:-1] if show_default_is_str and text.startswith("(") and text.endswith(")") else text
+
+    plain.lenscap = True  # type: ignore[attr-defined]
+    typer.core._get_default_string = plain  # type: ignore[attr-defined]
+
+
+_plain_default_text()
 
 app = typer.Typer(
     name="lenscap",
@@ -29,25 +52,50 @@ app = typer.Typer(
     add_completion=False,
 )
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON summary object on stdout.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+# The same idea has the same flag, default and help in every command. Options that every command
+# takes (--json, --quiet, --log-file) are accepted after the subcommand, where cron lines put them.
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", show_default=False, help="Print one JSON object on stdout, on failure too ({\"ok\": false, \"exit_code\": N, \"error\": ...}).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", metavar="", show_default=False, help="No progress output (notes on what went wrong still go to stderr).")]
+LogFileOpt = Annotated[Optional[str], typer.Option("--log-file", help="Also append timestamped progress and notes to this file, and one last line saying how the run ended (for cron).", show_default=False)]
+ProcessesOpt = Annotated[Optional[int], typer.Option(help="Worker processes on this machine (never more than there are shards to do).", show_default="all cores")]
 ExecutorOpt = Annotated[str, typer.Option("--executor", help="Where shard tasks run: local (--processes on this machine) or ray (one Ray task per shard; needs the ray extra).")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="The output holds another job's results (other input or settings): clear it and start again.")]
-AllowIncompleteOpt = Annotated[bool, typer.Option("--allow-incomplete", help="Go on without the input's incomplete shards (a stage still writing it); they are named in the output's manifest.")]
-CopyImagesOpt = Annotated[bool, typer.Option("--copy-images", help="Write the images into this output too (a self-contained dataset that webdataset reads on its own); by default the output's rows refer to the images where they already are.")]
-RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="With --executor ray: the cluster (auto, ray://HOST:10001, HOST:6379; default $RAY_ADDRESS, else a Ray started on this machine).")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", show_default=False, help="The output holds another job's results (other input or settings): clear it and start again.")]
+AllowIncompleteOpt = Annotated[bool, typer.Option("--allow-incomplete", metavar="", show_default=False, help="Go on without the input's incomplete shards (a stage still writing it); they are named in the output's manifest.")]
+CopyImagesOpt = Annotated[bool, typer.Option("--copy-images", metavar="", show_default=False, help="Write the images into this output too (a self-contained dataset that webdataset reads on its own); by default the output's rows refer to the images where they already are.")]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="With --executor ray: the cluster (auto, ray://HOST:10001, HOST:6379; default $RAY_ADDRESS, else a Ray started on this machine).", show_default=False)]
+MinSideOpt = Annotated[Optional[int], typer.Option(help="Drop images whose shorter side is below this many pixels.", show_default="no limit")]
+MaxAspectOpt = Annotated[Optional[float], typer.Option(help="Drop images more elongated than this (long side / short side).", show_default="no limit")]
 
 
-def _executor(executor: str, processes: int, ray_address: str | None) -> Any:
+def _old_name(old: str, new: str) -> Any:
+    """A flag's old name, kept (hidden) for one release: it still works and says what it is called now."""
+    return typer.Option(old, hidden=True, help=f"Old name of {new}.")
+
+
+# Hidden old flag names (their parameter) -> the parameter that replaced them, and its flag.
+ALIASES: dict[str, tuple[str, str, str]] = {
+    "min_image_size": ("min_side", "--min-image-size", "--min-side"),
+    "max_aspect_ratio": ("max_aspect", "--max-aspect-ratio", "--max-aspect"),
+    "retries": ("max_retries", "--retries", "--max-retries"),
+    "max_new_tokens": ("max_tokens", "--max-new-tokens", "--max-tokens"),
+    "image_size_wxh": ("source_size", "--image-size", "--source-size"),
+}
+
+
+def all_cores() -> int:
+    return os.cpu_count() or 1
+
+
+def _executor(executor: str, processes: int | None, ray_address: str | None) -> Any:
     from lenscap.executors import RayExecutor, make_executor
 
-    runner = make_executor(executor, processes, ray_address)
+    runner = make_executor(executor, all_cores() if processes is None else processes, ray_address)
     if isinstance(runner, RayExecutor):
         runner.connect()  # an unreachable cluster is an error before any output is touched
     return runner
 
 
-def _ray_cluster(executor: str, processes: int, ray_address: str | None) -> str | None:
+def _ray_cluster(executor: str, processes: int | None, ray_address: str | None) -> str | None:
     """For download (img2dataset joins the cluster itself): the GCS address of the cluster, or None."""
     from lenscap.executors import RayExecutor
 
@@ -55,9 +103,27 @@ def _ray_cluster(executor: str, processes: int, ray_address: str | None) -> str 
     return runner.cluster_address() if isinstance(runner, RayExecutor) else None
 
 
+# What the last command said on stdout with --json, or would have: the run's last log line sums it up.
+_last_summary: dict[str, Any] = {}
+
+
+def _money(value: Any) -> Any:
+    """Money rounded to a hundredth of a cent, in every summary (float sums print 0.05480200000000001)."""
+    if isinstance(value, dict):
+        return {k: (round(v, 4) if isinstance(v, float) and (k.endswith("usd") or k == "usd") else _money(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_money(v) for v in value]
+    return value
+
+
 def _emit(summary: dict[str, Any], as_json: bool) -> None:
+    """The command's one JSON object: ``ok`` and ``exit_code`` first, money rounded."""
+    global _last_summary
+    code = int(summary.get("exit_code", 0))
+    _last_summary = {"ok": code == 0, "exit_code": code, **{k: v for k, v in _money(summary).items() if k not in ("ok", "exit_code")}}
     if as_json:
-        print(json.dumps(summary, default=str))
+        print(json.dumps(_last_summary, default=str), flush=True)
 
 
 @dataclass
@@ -76,17 +142,34 @@ class Outcome:
         return int(self.summary.get("exit_code", 0))
 
 
+def common_flags(flags: dict[str, Any]) -> dict[str, Any]:
+    """A command's parsed flags without the ones every command handles the same way: ``--log-file``
+    (applied here) and the hidden old names (their values moved to the new names, with a note)."""
+    flags = {k: v for k, v in flags.items() if k != "as_json"}
+    log_file = flags.pop("log_file", None)
+    if log_file is not None:
+        from lenscap.progress import set_log_file
+
+        set_log_file(log_file)
+    for old, (new, old_flag, new_flag) in ALIASES.items():
+        if old not in flags:
+            continue
+        value = flags.pop(old)
+        if value is not None:
+            print(f"lenscap: note: {old_flag} is now {new_flag} (the old name goes in the next release)", file=sys.stderr)
+            flags[new] = value
+    return flags
+
+
 def _run(outcome_of: Callable[..., Outcome], flags: dict[str, Any], as_json: bool, quiet: bool) -> None:
     """Run a command's outcome function on its flags and show the outcome; exits with its code."""
-    try:
-        outcome = outcome_of(**{k: v for k, v in flags.items() if k != "as_json"})
-    except LenscapError as e:
-        if getattr(e, "summary", None) is not None:  # said on stdout too, for scripts reading --json
-            _emit(e.summary, as_json)  # type: ignore[attr-defined]
-        raise
+    from lenscap.progress import log
+
+    outcome = outcome_of(**common_flags(flags))
     _emit(outcome.summary, as_json)
     for line in outcome.notes:
         print(line, file=sys.stderr)
+        log(line, to_stderr=False)
     if not as_json:
         for line in outcome.stdout:
             print(line)
@@ -105,7 +188,7 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = None,
-    log_file: Annotated[Optional[str], typer.Option("--log-file", help="Also append timestamped progress and notes to this file (before the command: lenscap --log-file F run ...).")] = None,
+    log_file: LogFileOpt = None,
 ) -> None:
     if log_file is not None:
         from lenscap.progress import set_log_file
@@ -113,89 +196,101 @@ def _root(
         set_log_file(log_file)
 
 
-@app.command()
+@app.command(epilog="Example: lenscap download urls.csv data/raw --processes 8 --min-side 256")
 def download(
     paths: Annotated[list[str], typer.Argument(help="INPUT OUT_DIR: a URL list (txt/csv/tsv/jsonl/parquet, a directory or glob of them, or - for stdin) and the output dataset directory (a path, or a URL such as s3://bucket/raw). With --retry-failed: just OUT_DIR.", show_default=False, metavar="[INPUT] OUT_DIR")],
     url_col: Annotated[Optional[str], typer.Option(help="URL column (default: url, URL, image_url or img_url, whichever exists).")] = None,
     caption_col: Annotated[Optional[str], typer.Option(help="Caption (alt-text) column (default: caption, alt_text, alt, text or TEXT, whichever exists).")] = None,
     extra_cols: Annotated[Optional[str], typer.Option(help="Comma-separated input columns to keep in the output.")] = None,
     samples_per_shard: Annotated[int, typer.Option(help="Samples per shard.")] = 10_000,
-    processes: Annotated[int, typer.Option(help="Download processes.")] = os.cpu_count() or 1,
+    processes: ProcessesOpt = None,
     threads: Annotated[int, typer.Option(help="Download threads per process.")] = 32,
     image_size: Annotated[int, typer.Option(help="Size in pixels that --resize-mode fits images to.")] = 1024,
     resize_mode: Annotated[str, typer.Option(help="keep_ratio (longest side <= --image-size), keep_ratio_smallest (shortest side), center_crop, border, or no.")] = "keep_ratio",
-    upscale: Annotated[bool, typer.Option(help="Also enlarge images smaller than --image-size.")] = False,
-    min_image_size: Annotated[int, typer.Option(help="Reject images whose shorter side is smaller (pixels).")] = 0,
-    max_aspect_ratio: Annotated[float, typer.Option(help="Reject images more elongated than this (long/short side).")] = math.inf,
+    upscale: Annotated[bool, typer.Option(metavar="", show_default="off", help="Also enlarge images smaller than --image-size.")] = False,
+    min_side: MinSideOpt = None,
+    max_aspect: MaxAspectOpt = None,
     max_pixels: Annotated[int, typer.Option(help="Reject images with more pixels than this (decompression bombs).")] = 178_956_970,
     timeout: Annotated[int, typer.Option(help="Seconds to wait for a server.")] = 10,
-    retries: Annotated[int, typer.Option(help="Extra attempts per failed download.")] = 2,
+    max_retries: Annotated[int, typer.Option(help="Extra attempts per failed download.")] = 2,
     user_agent_token: Annotated[str, typer.Option(help="Token added to the User-Agent and matched against X-Robots-Tag directives.")] = "lenscap",
-    respect_opt_out: Annotated[bool, typer.Option(help="Skip images whose server sends X-Robots-Tag noai/noimageai/noindex/noimageindex.")] = True,
-    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="After downloading, fetch the failed downloads of completed shards again and merge the successes.")] = False,
-    allow_private_network: Annotated[bool, typer.Option(help="Also fetch from loopback, private, link-local and other non-public addresses (refused by default: a URL list must not reach your network).")] = False,
+    respect_opt_out: Annotated[bool, typer.Option(metavar="", show_default="on", help="Skip images whose server sends X-Robots-Tag noai/noimageai/noindex/noimageindex.")] = True,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", metavar="", show_default=False, help="After downloading, fetch the failed downloads of completed shards again and merge the successes.")] = False,
+    allow_private_network: Annotated[bool, typer.Option(metavar="", show_default="off", help="Also fetch from loopback, private, link-local and other non-public addresses (refused by default: a URL list must not reach your network).")] = False,
     overwrite: OverwriteOpt = False,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
+    min_image_size: Annotated[Optional[int], _old_name("--min-image-size", "--min-side")] = None,
+    max_aspect_ratio: Annotated[Optional[float], _old_name("--max-aspect-ratio", "--max-aspect")] = None,
+    retries: Annotated[Optional[int], _old_name("--retries", "--max-retries")] = None,
 ) -> None:
     """Download images from a URL list into a dataset directory (through img2dataset). Rerun to resume."""
     _run(download_outcome, locals(), as_json, quiet)
 
 
-_BACKEND_HELP = "Backend option (see lenscap backends)."
 # Backend options that have a flag of their own on `caption`; any other goes through -O NAME=VALUE.
 CAPTION_FLAGS = {"model", "base_url", "api_key_env", "max_tokens", "temperature", "detail", "max_side", "rpm", "tpm",
                  "concurrency", "prices", "timeout", "max_retries", "outage_timeout", "wait", "poll_interval", "max_requests_per_file",
-                 "max_file_mb", "max_enqueued_tokens", "device", "dtype", "batch_size", "max_new_tokens"}
+                 "max_file_mb", "max_enqueued_tokens", "device", "dtype", "batch_size"}
+# Backend options: None means "not given", so the backend's own default applies (lenscap backends lists them).
+_MODEL = "Model options (every backend; lenscap backends lists each one's defaults)"
+_API = "API options (openai, openai-batch)"
+_BATCH = "Batch options (openai-batch, batch-files)"
+_LOCAL = "Local model options (transformers, vllm)"
 
 
-@app.command()
+def _backend_option(help: str, panel: str, default: str | None = None, *names: str) -> Any:
+    return typer.Option(*names, help=help, rich_help_panel=panel, show_default=default if default is not None else False)
+
+
+@app.command(epilog="Example: lenscap caption data/filtered data/captioned --backend openai --model gpt-4.1-mini --max-cost 5")
 def caption(
     in_dir: Annotated[str, typer.Argument(help="Input dataset directory (e.g. from lenscap download).")],
     out_dir: Annotated[str, typer.Argument(help="Output dataset directory.")],
     backend: Annotated[str, typer.Option(help="Caption backend: openai, openai-batch, batch-files, transformers, vllm, describe, or a plugin (lenscap backends lists them).")] = "openai",
     prompt: Annotated[str, typer.Option(help="Preset (lens, short, alt-aware) or a prompt file ({alt_text} marks where the alt-text goes).")] = "lens",
-    hints: Annotated[Optional[str], typer.Option(help="Grounding hints added to the prompt: ocr (text read from the image; needs the ocr extra).")] = None,
-    max_cost: Annotated[Optional[float], typer.Option(help="Stop when this output directory has spent this many USD (all runs together).")] = None,
-    processes: Annotated[int, typer.Option(help="Worker processes (each gets an equal part of --rpm/--tpm; with --executor ray, the workers share them instead). Batch backends: the processes that build request lines and read answers.")] = 1,
-    cache: Annotated[Optional[str], typer.Option(help="Response cache directory (default: $LENSCAP_CACHE_DIR or ~/.cache/lenscap).")] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the response cache.")] = False,
-    option: Annotated[Optional[list[str]], typer.Option("--option", "-O", help="Any backend option as NAME=VALUE (plugins' options too).")] = None,
-    # Backend options: None means "not given", so the backend's own default applies.
-    model: Annotated[Optional[str], typer.Option(help="Model: name on the server, hub id or local directory. " + _BACKEND_HELP)] = None,
-    base_url: Annotated[Optional[list[str]], typer.Option("--base-url", help="API base URL; repeat for a pool. " + _BACKEND_HELP)] = None,
-    api_key_env: Annotated[Optional[str], typer.Option(help="Variable holding the API key (default OPENAI_API_KEY). " + _BACKEND_HELP)] = None,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Most output tokens per caption. " + _BACKEND_HELP)] = None,
-    temperature: Annotated[Optional[float], typer.Option(help=_BACKEND_HELP)] = None,
-    detail: Annotated[Optional[str], typer.Option(help="Image detail: low, high, auto. " + _BACKEND_HELP)] = None,
-    max_side: Annotated[Optional[int], typer.Option(help="Longest image side before upload. " + _BACKEND_HELP)] = None,
-    rpm: Annotated[Optional[float], typer.Option(help="Requests per minute per endpoint. " + _BACKEND_HELP)] = None,
-    tpm: Annotated[Optional[float], typer.Option(help="Tokens per minute per endpoint. " + _BACKEND_HELP)] = None,
-    concurrency: Annotated[Optional[int], typer.Option(help="Requests in flight per process. " + _BACKEND_HELP)] = None,
-    prices: Annotated[Optional[str], typer.Option(help="Price file (USD per 1M tokens). " + _BACKEND_HELP)] = None,
-    timeout: Annotated[Optional[float], typer.Option(help="Seconds to wait for one reply. " + _BACKEND_HELP)] = None,
-    max_retries: Annotated[Optional[int], typer.Option(help="Retries per request (batch backends: rounds). " + _BACKEND_HELP)] = None,
-    outage_timeout: Annotated[Optional[float], typer.Option(help="Seconds every endpoint may fail every request before the run stops (exit 1) with the unanswered samples left for the rerun. " + _BACKEND_HELP)] = None,
-    wait: Annotated[Optional[bool], typer.Option("--wait", help="Batch backends: poll until every batch is done.")] = None,
-    poll_interval: Annotated[Optional[float], typer.Option(help="Batch backends: seconds between polls with --wait.")] = None,
-    max_requests_per_file: Annotated[Optional[int], typer.Option(help="Batch backends: requests per batch file.")] = None,
-    max_file_mb: Annotated[Optional[float], typer.Option(help="Batch backends: MB per batch file.")] = None,
-    max_enqueued_tokens: Annotated[Optional[int], typer.Option(help="Batch backends: the account's batch queue limit, in input tokens of the batches in flight; files are submitted as the queue has room (default: learned from the API's token_limit_exceeded).")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Local models: auto, cpu, cuda, cuda:N or mps. " + _BACKEND_HELP)] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="Local models: auto, float32, float16 or bfloat16. " + _BACKEND_HELP)] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Local models: images per generation batch. " + _BACKEND_HELP)] = None,
-    max_new_tokens: Annotated[Optional[int], typer.Option(help="Local models: most new tokens per caption. " + _BACKEND_HELP)] = None,
+    hints: Annotated[Optional[str], typer.Option(help="Grounding hints added to the prompt: ocr (text read from the image; needs the ocr extra).", show_default=False)] = None,
+    max_cost: Annotated[Optional[float], typer.Option(help="Stop when this output directory has spent this many USD (all runs together).", show_default="no limit")] = None,
+    processes: Annotated[Optional[int], typer.Option(help="Worker processes (each gets an equal part of --rpm/--tpm; with --executor ray, the workers share them instead). Batch backends: the processes that build request lines and read answers.", show_default="1; batch backends: all cores")] = None,
+    cache: Annotated[Optional[str], typer.Option(help="Response cache directory.", show_default="$LENSCAP_CACHE_DIR or ~/.cache/lenscap")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", metavar="", show_default=False, help="Neither read nor write the response cache.")] = False,
+    option: Annotated[Optional[list[str]], typer.Option("--option", "-O", help="Any backend option as NAME=VALUE (plugins' options too).", show_default=False)] = None,
+    model: Annotated[Optional[str], _backend_option("Model: name on the server, hub id or local directory.", _MODEL, "gpt-4.1-mini (API backends); transformers, vllm: required")] = None,
+    max_tokens: Annotated[Optional[int], _backend_option("Most output tokens per caption.", _MODEL, "300; local models 256")] = None,
+    temperature: Annotated[Optional[float], _backend_option("Sampling temperature.", _MODEL, "the model's")] = None,
+    max_side: Annotated[Optional[int], _backend_option("Longest image side in pixels, after downscaling, that the model sees.", _MODEL, "512; transformers 768")] = None,
+    detail: Annotated[Optional[str], _backend_option("Image detail: low, high or auto.", _API, "low")] = None,
+    base_url: Annotated[Optional[list[str]], _backend_option("API base URL; repeat for a pool of deployments.", _API, "$OPENAI_BASE_URL or OpenAI", "--base-url")] = None,
+    api_key_env: Annotated[Optional[str], _backend_option("Name of the variable holding the API key (not the key).", _API, "OPENAI_API_KEY")] = None,
+    rpm: Annotated[Optional[float], _backend_option("Requests per minute per endpoint.", _API, "from the server's rate-limit headers")] = None,
+    tpm: Annotated[Optional[float], _backend_option("Tokens per minute per endpoint.", _API, "from the server's rate-limit headers")] = None,
+    concurrency: Annotated[Optional[int], _backend_option("Requests in flight per process.", _API, "32")] = None,
+    prices: Annotated[Optional[str], _backend_option("JSON or TOML price file (USD per 1M tokens) over the built-in table.", _API)] = None,
+    timeout: Annotated[Optional[float], _backend_option("Seconds to wait for one reply.", _API, "60")] = None,
+    max_retries: Annotated[Optional[int], _backend_option("Retries per request on 429, 5xx, timeouts, malformed replies (batch backends: rounds of new batches).", _API, "5; batch backends 3")] = None,
+    outage_timeout: Annotated[Optional[float], _backend_option("Seconds every endpoint may fail every request before the run stops (exit 1) with the unanswered samples left for the rerun.", _API, "300")] = None,
+    wait: Annotated[Optional[bool], typer.Option("--wait", metavar="", show_default=False, rich_help_panel=_BATCH, help="Poll until every batch is done (by default: submit, collect what is ready, exit).")] = None,
+    poll_interval: Annotated[Optional[float], _backend_option("Seconds between polls with --wait.", _BATCH, "60")] = None,
+    max_requests_per_file: Annotated[Optional[int], _backend_option("Requests per batch file (the API allows 50,000).", _BATCH, "50000")] = None,
+    max_file_mb: Annotated[Optional[float], _backend_option("MiB per batch file (the API allows 200).", _BATCH, "200")] = None,
+    max_enqueued_tokens: Annotated[Optional[int], _backend_option("The account's batch queue limit, in input tokens of the batches in flight; files are submitted as the queue has room.", _BATCH, "learned from the API's token_limit_exceeded")] = None,
+    device: Annotated[Optional[str], _backend_option("auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", _LOCAL, "auto")] = None,
+    dtype: Annotated[Optional[str], _backend_option("auto, float32, float16 or bfloat16.", _LOCAL, "auto")] = None,
+    batch_size: Annotated[Optional[int], _backend_option("Images per generation batch.", _LOCAL, "8")] = None,
     copy_images: CopyImagesOpt = False,
     overwrite: OverwriteOpt = False,
     allow_incomplete: AllowIncompleteOpt = False,
-    retry_errors: Annotated[bool, typer.Option("--retry-errors", help="In an output captioned before, ask again the samples whose caption_status is error, and no other.")] = False,
-    redo: Annotated[Optional[str], typer.Option(help="The input is captioned: caption again only its rows where this SQL expression over its columns is true (DuckDB), e.g. \"caption_status = 'refused'\", not from the response cache; the other rows are carried over as they are, and caption_run says which run wrote each caption.")] = None,
+    retry_errors: Annotated[bool, typer.Option("--retry-errors", metavar="", show_default=False, help="In an output captioned before, ask again the samples whose caption_status is error, and no other.")] = False,
+    redo: Annotated[Optional[str], typer.Option(help="The input is captioned: caption again only its rows where this SQL expression over its columns is true (DuckDB), e.g. \"caption_status = 'refused'\", not from the response cache; the other rows are carried over as they are, and caption_run says which run wrote each caption.", show_default=False)] = None,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
+    max_new_tokens: Annotated[Optional[int], _old_name("--max-new-tokens", "--max-tokens")] = None,
 ) -> None:
     """Recaption a dataset with a vision-language model. Rerun to resume: nothing already paid is asked again.
 
@@ -216,12 +311,12 @@ def _parse_hints(hints: str | None) -> tuple[str, ...]:
     return names
 
 
-@app.command("filter")
+@app.command("filter", epilog="Example: lenscap filter data/raw data/filtered --min-side 256 --annotate blur,uniform --min-sharpness 20")
 def filter_command(
     in_dir: Annotated[str, typer.Argument(help="Input dataset directory.")],
     out_dir: Annotated[str, typer.Argument(help="Output dataset directory (not written with --dry-run).")],
-    min_side: Annotated[Optional[int], typer.Option(help="Drop images whose shorter side is below this (pixels).")] = None,
-    max_aspect: Annotated[Optional[float], typer.Option(help="Drop images more elongated than this (long side / short side).")] = None,
+    min_side: MinSideOpt = None,
+    max_aspect: MaxAspectOpt = None,
     min_bytes: Annotated[Optional[int], typer.Option(help="Drop images smaller than this many bytes.")] = None,
     caption_min_words: Annotated[Optional[int], typer.Option(help="Drop samples whose caption has fewer words.")] = None,
     caption_max_words: Annotated[Optional[int], typer.Option(help="Drop samples whose caption has more words.")] = None,
@@ -237,15 +332,16 @@ def filter_command(
     min_clip_score: Annotated[Optional[float], typer.Option(help="clip: drop samples whose image-caption similarity (x100) is below.")] = None,
     clip_model: Annotated[Optional[str], typer.Option(help="clip: weights to use, a hub id or a local directory (default openai/clip-vit-base-patch32).")] = None,
     threshold: Annotated[Optional[list[str]], typer.Option(help="NAME=VALUE: the drop threshold of any annotator (plugins too).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Count what would be dropped, per reason; write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", metavar="", show_default=False, help="Count what would be dropped, per reason; write nothing.")] = False,
     copy_images: CopyImagesOpt = False,
     overwrite: OverwriteOpt = False,
     allow_incomplete: AllowIncompleteOpt = False,
-    processes: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    processes: ProcessesOpt = None,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
 ) -> None:
     """Keep the samples that pass cheap rules, then content annotators; every drop is recorded with its reason."""
     _run(filter_outcome, locals(), as_json, quiet)
@@ -266,14 +362,15 @@ def _say_batch(batch: Any, backend: Any, out_dir: str) -> list[str]:
     return [*lines, "not finished: rerun this command (or from cron, or with --wait) to collect"]
 
 
-@app.command()
-def backends(as_json: JsonOpt = False) -> None:
+@app.command(epilog="Example: lenscap backends --json")
+def backends(as_json: JsonOpt = False, quiet: QuietOpt = False, log_file: LogFileOpt = None) -> None:
     """List the installed caption backends: where each comes from, whether it needs a key, its options."""
     from lenscap.backends import describe_backends
 
+    common_flags({"log_file": log_file})
     found = describe_backends()
+    _emit({"command": "backends", "backends": found}, as_json)
     if as_json:
-        _emit({"backends": found}, True)
         return
     for b in found:
         if "error" in b:
@@ -290,22 +387,38 @@ def backends(as_json: JsonOpt = False) -> None:
             print(f"    {flag:<26} {o['type']:<6} {o['help']}{choices}{default}")
 
 
+@app.command(epilog="Example: lenscap filters --json")
+def filters(as_json: JsonOpt = False, quiet: QuietOpt = False, log_file: LogFileOpt = None) -> None:
+    """List the installed filters (annotators): where each comes from, what it scores, its threshold flag."""
+    from lenscap.filters import describe_filters, filters_lines
+
+    common_flags({"log_file": log_file})
+    found = describe_filters()
+    _emit({"command": "filters", "filters": found}, as_json)
+    if not as_json:
+        for line in filters_lines(found):
+            print(line)
+
+
 batch_app = typer.Typer(help="Look after a caption batch job (openai-batch, batch-files).", no_args_is_help=True)
 app.add_typer(batch_app, name="batch")
 
 
-@batch_app.command("status")
+@batch_app.command("status", epilog="Example: lenscap batch status data/captioned --json")
 def batch_status_command(
     out_dir: Annotated[str, typer.Argument(help="The output directory of a batch caption job.")],
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
 ) -> None:
     """Files by state, the batch queue, requests answered and left, money spent, and an ETA from the rate of
     the last day's answers (from the job's state file: no network, instant at any scale)."""
     from lenscap.batch import batch_status
 
+    common_flags({"log_file": log_file})
     info = batch_status(out_dir)
+    _emit({"command": "batch status", **info}, as_json)
     if as_json:
-        _emit(info, True)
         return
     shards, queue = info["shards"], info["queue"]
     files = ", ".join(f"{n:,} {state}" for state, n in info["files"].items()) or "none yet"
@@ -324,9 +437,12 @@ def batch_status_command(
         print(f"  ... and {len(info['batches']) - 20} more in flight (--json lists them)")
 
 
-@batch_app.command("cancel")
+@batch_app.command("cancel", epilog="Example: lenscap batch cancel data/captioned")
 def batch_cancel_command(
     out_dir: Annotated[str, typer.Argument(help="The output directory of a batch caption job.")],
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
 ) -> None:
     """Cancel the job's running batches. The next caption run merges what they finished (and submits the rest)."""
     from lenscap.backends import backend_class
@@ -336,6 +452,7 @@ def batch_cancel_command(
     from lenscap.errors import UsageError
     from lenscap.storage import require_local
 
+    common_flags({"log_file": log_file})
     require_local(out_dir, "batch cancel's directory")
     root = Dataset.open(out_dir).work_dir / "batch"
     if not (root / "state.sqlite").exists():
@@ -351,58 +468,63 @@ def batch_cancel_command(
         settings |= {"base_url": [job["base_url"]] if job.get("base_url") else [], "api_key_env": job["key_variable"]}
     backend = cls.from_options(settings)
     cancelled = cancel_batches(out_dir, backend)
-    print(f"cancelled {len(cancelled)} batch(es): {', '.join(cancelled) or 'none running'}", file=sys.stderr)
+    _emit({"command": "batch cancel", "out_dir": out_dir, "cancelled": cancelled}, as_json)
+    if not as_json:
+        print(f"cancelled {len(cancelled)} batch(es): {', '.join(cancelled) or 'none running'}", file=sys.stderr)
 
 
-@app.command()
+@app.command(epilog="Example: lenscap dedup data/captioned data/deduped --phash --max-distance 4")
 def dedup(
     in_dir: Annotated[str, typer.Argument(help="Input dataset directory.")],
     out_dir: Annotated[str, typer.Argument(help="Output dataset directory.")],
-    exact: Annotated[bool, typer.Option("--exact", help="Find byte-identical images (SHA-256).")] = False,
-    phash: Annotated[bool, typer.Option("--phash", help="Find perceptual duplicates (resized, recompressed): 64-bit pHash within --max-distance bits.")] = False,
-    captions: Annotated[bool, typer.Option("--captions", help="Find samples whose captions are equal after normalising case, punctuation and spacing.")] = False,
+    exact: Annotated[bool, typer.Option("--exact", metavar="", show_default=False, help="Find byte-identical images (SHA-256).")] = False,
+    phash: Annotated[bool, typer.Option("--phash", metavar="", show_default=False, help="Find perceptual duplicates (resized, recompressed): 64-bit pHash within --max-distance bits.")] = False,
+    captions: Annotated[bool, typer.Option("--captions", metavar="", show_default=False, help="Find samples whose captions are equal after normalising case, punctuation and spacing.")] = False,
     max_distance: Annotated[Optional[int], typer.Option(help="--phash: largest Hamming distance (bits of 64) between duplicates. [default: 4]")] = None,
     against: Annotated[Optional[list[str]], typer.Option(help="An earlier dataset directory (repeatable): drop input samples that duplicate it, never the reverse.")] = None,
     keep: Annotated[str, typer.Option(help="Which sample of a cluster to keep: first (input order) or largest (most pixels).")] = "first",
-    mark_only: Annotated[bool, typer.Option("--mark-only", help="Remove nothing: only fill dedup_status, dup_of and dup_reason.")] = False,
+    mark_only: Annotated[bool, typer.Option("--mark-only", metavar="", show_default=False, help="Remove nothing: only fill dedup_status, dup_of and dup_reason.")] = False,
     bucket_cap: Annotated[int, typer.Option(help="--phash: hash buckets larger than this are not expanded (reported instead).")] = 2000,
     memory_limit: Annotated[str, typer.Option(help="Memory for the global search (DuckDB); beyond it, it spills to OUT_DIR/.lenscap.")] = "2GB",
     copy_images: CopyImagesOpt = False,
     overwrite: OverwriteOpt = False,
     allow_incomplete: AllowIncompleteOpt = False,
-    processes: Annotated[int, typer.Option(help="Worker processes for hashing and writing shards.")] = os.cpu_count() or 1,
+    processes: ProcessesOpt = None,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
 ) -> None:
     """Find duplicate images across the whole dataset and keep one of each. Default: --exact --phash. Rerun to resume."""
     _run(dedup_outcome, locals(), as_json, quiet)
 
 
-@app.command()
+@app.command(epilog="Example: lenscap shard data/deduped data/shards --format webdataset --target-size 500MB --shuffle")
 def shard(
     in_dir: Annotated[str, typer.Argument(help="Input dataset directory.")],
     out_dir: Annotated[str, typer.Argument(help="Output directory for the training-ready shards.")],
     format: Annotated[str, typer.Option("--format", help="webdataset (NNNNN.tar) or parquet (data/train-*.parquet, the Hugging Face Image feature).")] = "webdataset",
     target_size: Annotated[str, typer.Option(help="Size each shard is filled to, e.g. 500MB or 1GiB (the last takes the rest).")] = "500MB",
-    samples_per_shard: Annotated[Optional[int], typer.Option(help="Cut shards by sample count instead of size.")] = None,
-    shuffle: Annotated[bool, typer.Option("--shuffle", help="Shuffle samples across the whole dataset (deterministic for a --seed).")] = False,
+    samples_per_shard: Annotated[Optional[int], typer.Option(help="Cut shards by sample count instead of size.", show_default=False)] = None,
+    min_shards: Annotated[int, typer.Option(help="Split a small export into at least this many shards (never more than its samples), so that a loader with that many workers has a shard for each.")] = 8,
+    shuffle: Annotated[bool, typer.Option("--shuffle", metavar="", show_default=False, help="Shuffle samples across the whole dataset (deterministic for a --seed).")] = False,
     seed: Annotated[int, typer.Option(help="--shuffle: the seed; the same seed gives the same order.")] = 0,
     caption_status: Annotated[str, typer.Option(help="ok: where captioning ran, export only its successes; any: export every sample with a caption.")] = "ok",
     overwrite: OverwriteOpt = False,
     allow_incomplete: AllowIncompleteOpt = False,
-    processes: Annotated[int, typer.Option(help="Worker processes.")] = os.cpu_count() or 1,
+    processes: ProcessesOpt = None,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
 ) -> None:
     """Export the kept, successful samples to evenly sized WebDataset or Parquet shards, with a dataset card."""
     _run(shard_outcome, locals(), as_json, quiet)
 
 
-@app.command()
+@app.command(epilog="Example: lenscap report data/captioned --out report.html --sample 24")
 def report(
     path: Annotated[str, typer.Argument(help="Dataset directory.")],
     out: Annotated[Optional[str], typer.Option("--out", help="HTML file to write. [default: DIR/report.html]")] = None,
@@ -411,12 +533,13 @@ def report(
     png: Annotated[Optional[str], typer.Option("--png", help="Also write a PNG contact sheet of the sampled images here.")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
 ) -> None:
     """Write a self-contained HTML page about a dataset: counts, outcomes, caption lengths, sampled images with their captions."""
     _run(report_outcome, locals(), as_json, quiet)
 
 
-@app.command()
+@app.command(epilog="Example: lenscap audit data/captioned --fail-on \"refusal>0.01,words_p50<80,template_top1>0.3\"")
 def audit(
     paths: Annotated[list[str], typer.Argument(help="DIR, or DIR_A DIR_B to compare two captionings of the same images (rules judge DIR_B).", show_default=False, metavar="DIR [DIR_B]")],
     target_words: Annotated[Optional[int], typer.Option(help="Caption length aimed at; off_length flags captions under half or over 1.5 times it. [default: the prompt preset's: lens 109, short 20]")] = None,
@@ -427,11 +550,12 @@ def audit(
     out: Annotated[Optional[str], typer.Option("--out", help="Also write DIR with one column per flag (audit_refusal, audit_loop, ..., audit_flagged) into this new dataset, for filter --where or caption --redo.")] = None,
     memory_limit: Annotated[str, typer.Option(help="Comparing two datasets: memory for joining their rows (DuckDB); beyond it, it spills to a temporary directory.")] = "1GB",
     overwrite: OverwriteOpt = False,
-    processes: Annotated[int, typer.Option(help="Worker processes.")] = 1,
+    processes: ProcessesOpt = None,
     executor: ExecutorOpt = "local",
     ray_address: RayAddressOpt = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
 ) -> None:
     """Measure caption quality: length, refusals, templated openings, loops, truncations, near-duplicates,
     script, OCR grounding and alt-text carry-over, overall and per model/prompt. Writes nothing into DIR.
@@ -441,14 +565,14 @@ def audit(
     _run(audit_outcome, locals(), as_json, quiet)
 
 
-@app.command()
+@app.command(epilog="Example: lenscap estimate --images 800M --model gpt-4.1 --batch --prompt alt-aware")
 def estimate(
     images: Annotated[Optional[str], typer.Option(help="How many images to caption: 800000000, 800,000,000, 8e8, 800M, 1.5B, 10k (with --from and --where: counted there).", show_default=False)] = None,
-    model: Annotated[str, typer.Option(help="The model.")] = "gpt-4.1",
-    batch: Annotated[bool, typer.Option("--batch", help="Price as the Batch API (half price), and count its files and wall time.")] = False,
+    model: Annotated[str, typer.Option(help="The model (caption's default is the same).")] = "gpt-4.1-mini",
+    batch: Annotated[bool, typer.Option("--batch", metavar="", show_default=False, help="Price as the Batch API (half price), and count its files and wall time.")] = False,
     detail: Annotated[str, typer.Option(help="Image detail: low, high or auto.")] = "low",
     output_words: Annotated[float, typer.Option(help="Caption length in words (Lens: about 109).")] = 109,
-    image_size: Annotated[str, typer.Option(help="Typical image size WxH before downscaling.")] = "1024x768",
+    source_size: Annotated[str, typer.Option(help="Typical image size WIDTHxHEIGHT before downscaling to --max-side.")] = "1024x768",
     max_side: Annotated[int, typer.Option(help="Longest side sent to the model (caption's -O max_side).")] = 512,
     prompt: Annotated[str, typer.Option(help="Prompt preset or file, as for caption.")] = "lens",
     rpm: Annotated[Optional[float], typer.Option(help="Requests per minute you may send.")] = None,
@@ -462,23 +586,27 @@ def estimate(
     max_enqueued_tokens: Annotated[Optional[str], typer.Option(help="With --batch: your account's batch queue limit in input tokens (such as 2e9 or 2B); sets how many files run at once, for a wall time.", show_default=False)] = None,
     batch_hours: Annotated[str, typer.Option(help="With --batch: hours one batch takes to complete, LOW-HIGH or one number.")] = "1-24",
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
+    image_size_wxh: Annotated[Optional[str], _old_name("--image-size", "--source-size")] = None,
 ) -> None:
     """Tokens, cost and wall time of captioning N images, before spending anything."""
     from lenscap.errors import UsageError
     from lenscap.estimate import EstimateRequest, hours_span, parse_count, parse_hours
     from lenscap.estimate import estimate as run_estimate
 
-    width, x, height = image_size.lower().partition("x")
+    source_size = common_flags({"log_file": log_file, "source_size": source_size, "image_size_wxh": image_size_wxh})["source_size"]
+    width, x, height = source_size.lower().partition("x")
     if not (x and width.isdigit() and height.isdigit()):
-        raise UsageError(f"--image-size takes WIDTHxHEIGHT, not {image_size!r}")
+        raise UsageError(f"--source-size takes WIDTHxHEIGHT, not {source_size!r}")
     count = parse_count(images) if images is not None else None
     queue = parse_count(max_enqueued_tokens, "--max-enqueued-tokens") if max_enqueued_tokens is not None else None
     result = run_estimate(EstimateRequest(count, model, batch, detail, output_words, int(width), int(height), max_side, prompt,
                                           rpm=rpm, tpm=tpm, prices=prices, from_dir=from_dir, where=where, sample_from=sample_from,
                                           max_requests_per_file=max_requests_per_file, max_file_mb=max_file_mb,
                                           max_enqueued_tokens=queue, batch_hours=parse_hours(batch_hours)))
+    _emit({"command": "estimate", **result, "exit_code": 0}, as_json)
     if as_json:
-        _emit({"command": "estimate", **result, "exit_code": 0}, True)
         return
     per, total = result["per_image"], result["total"]
     if "selected" in result:
@@ -503,17 +631,20 @@ def estimate(
         print(f"  {'note:      ' if 'hours' in wall else 'wall time: '} {wall['note']}")
 
 
-@app.command()
+@app.command(epilog="Example: lenscap inspect data/captioned --json")
 def inspect(
-    path: Annotated[str, typer.Argument(help="A dataset directory.")],
+    path: Annotated[str, typer.Argument(help="A dataset directory or an export (lenscap shard's output).")],
     as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
 ) -> None:
     """Summarise a dataset directory: shards, samples, statuses, errors, caption lengths, columns, bytes."""
     from lenscap.inspect import inspect_dataset
 
+    common_flags({"log_file": log_file})
     info = inspect_dataset(path)
+    _emit({"command": "inspect", **info}, as_json)
     if as_json:
-        _emit(info, True)
         return
     from rich.console import Console
     from rich.table import Table
@@ -558,7 +689,7 @@ def inspect(
         console.print(errors)
 
 
-@app.command("run")
+@app.command("run", epilog="Example: lenscap run lens-recaption --input urls.parquet --work-dir /data/lens --set caption.max_cost=500")
 def run_command(
     recipe: Annotated[str, typer.Argument(help="A recipe file, or a shipped recipe by name: demo, lens-recaption, refresh.")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="STAGE.OPTION=VALUE: override a stage's option (repeatable); STAGE.OPTION= removes it.")] = None,
@@ -566,27 +697,32 @@ def run_command(
     work_dir: Annotated[Optional[str], typer.Option(help="The recipe's work directory instead of its own.")] = None,
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
 ) -> None:
     """Run a whole pipeline from a TOML recipe; rerun to resume (finished stages are skipped)."""
+    from lenscap.progress import log
     from lenscap.recipe import load_recipe, run_recipe
 
+    common_flags({"log_file": log_file})
     summary = run_recipe(load_recipe(recipe, set_, work_dir, input), quiet)
+    # What this run spent, all stages together (each caption stage says its own).
+    spent = [s["summary"]["spent_usd"] for s in summary["stages"] if isinstance((s.get("summary") or {}).get("spent_usd"), (int, float))]
+    if spent:
+        summary["spent_usd"] = sum(spent)
     _emit(summary, as_json)
-    if not as_json and not quiet:
-        for s in summary["stages"]:
-            print(f"{s['stage']}: exit code {s['exit_code']}", file=sys.stderr)
-        if "stopped_at" in summary:
-            print(f"lenscap: run stopped at {summary['stopped_at']}; fix what it says and rerun to go on", file=sys.stderr)
+    if "stopped_at" in summary:
+        log(f"run stopped at {summary['stopped_at']} (exit {summary['exit_code']}); fix what it says and rerun to go on")
     raise typer.Exit(summary["exit_code"])
 
 
-@app.command()
+@app.command(epilog="Example: lenscap demo demo-out --images 100")
 def demo(
     work_dir: Annotated[str, typer.Argument(help="Where the demo writes its URL list, datasets, shards and report.")] = "demo-out",
     images: Annotated[int, typer.Option(help="How many generated images to serve.")] = 100,
     captioner: Annotated[str, typer.Option(help="auto (openai when OPENAI_API_KEY is set, else describe), describe, openai (gpt-4.1-mini, at most $0.10), or fake (a fake API server on loopback).")] = "auto",
     as_json: JsonOpt = False,
     quiet: QuietOpt = False,
+    log_file: LogFileOpt = None,
 ) -> None:
     """Run the demo recipe: generated images on loopback, download -> filter -> caption -> dedup -> shard -> report."""
     import contextlib
@@ -595,6 +731,7 @@ def demo(
     from lenscap.inspect import inspect_dataset
     from lenscap.recipe import load_recipe, run_recipe
 
+    common_flags({"log_file": log_file})
     if images < 1:
         raise typer.BadParameter("must be at least 1", param_hint="--images")
     if captioner not in CAPTIONERS:
@@ -618,7 +755,8 @@ def demo(
                "captioned": inspect_dataset(os.path.join(base, "caption")) if os.path.isdir(os.path.join(base, "caption")) else None,
                "deduped": inspect_dataset(os.path.join(base, "dedup")) if os.path.isdir(os.path.join(base, "dedup")) else None,
                "shards": os.path.join(base, "shard"), "report": report_path, "stages": summary["stages"], "exit_code": exit_code}, True)
-    elif exit_code == 0:
+        raise typer.Exit(exit_code)
+    if exit_code == 0:
         inspect(os.path.join(base, "caption"), as_json=False)
         print(f"pipeline: {base}/{{download,filter,caption,dedup}}, training shards in {base}/shard\n"
               f"report:   {report_path}  (open it in a browser)")
@@ -628,6 +766,7 @@ def demo(
             "fake": "Captions from a fake OpenAI-compatible server on loopback: placeholders; the cost is hypothetical.",
             "openai": "Captions by gpt-4.1-mini through the OpenAI API.",
         }[captioner])
+    _emit({"command": "demo", "work_dir": base, "stages": summary["stages"], "exit_code": exit_code}, False)
     raise typer.Exit(exit_code)
 
 
@@ -635,7 +774,7 @@ def demo(
 
 
 def download_outcome(*, paths, url_col, caption_col, extra_cols, samples_per_shard, processes, threads,
-        image_size, resize_mode, upscale, min_image_size, max_aspect_ratio, max_pixels, timeout, retries,
+        image_size, resize_mode, upscale, min_side, max_aspect, max_pixels, timeout, max_retries,
         user_agent_token, respect_opt_out, retry_failed, allow_private_network, overwrite, executor, ray_address,
         quiet) -> Outcome:
     if len(paths) == 2:
@@ -654,9 +793,11 @@ def download_outcome(*, paths, url_col, caption_col, extra_cols, samples_per_sha
         options = api.DownloadOptions(
             url_col=url_col, caption_col=caption_col,
             extra_cols=[c.strip() for c in extra_cols.split(",") if c.strip()] if extra_cols else [],
-            samples_per_shard=samples_per_shard, processes=processes, threads=threads, image_size=image_size,
-            resize_mode=resize_mode, upscale=upscale, min_image_size=min_image_size, max_aspect_ratio=max_aspect_ratio,
-            max_pixels=max_pixels, timeout=timeout, retries=retries, user_agent_token=user_agent_token or None,
+            samples_per_shard=samples_per_shard, processes=all_cores() if processes is None else processes, threads=threads,
+            image_size=image_size,
+            resize_mode=resize_mode, upscale=upscale, min_image_size=min_side or 0,
+            max_aspect_ratio=math.inf if max_aspect is None else max_aspect, max_pixels=max_pixels, timeout=timeout,
+            retries=max_retries, user_agent_token=user_agent_token or None,
             respect_opt_out=respect_opt_out, ray_address=_ray_cluster(executor, processes, ray_address),
             allow_private_network=allow_private_network,
         )
@@ -674,14 +815,13 @@ def download_outcome(*, paths, url_col, caption_col, extra_cols, samples_per_sha
 def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, processes, cache, no_cache, option, model,
         base_url, api_key_env, max_tokens, temperature, detail, max_side, rpm, tpm, concurrency, prices, timeout,
         max_retries, outage_timeout, wait, poll_interval, max_requests_per_file, max_file_mb, max_enqueued_tokens, device,
-        dtype, batch_size, max_new_tokens, copy_images, overwrite, allow_incomplete, retry_errors, redo, executor,
+        dtype, batch_size, copy_images, overwrite, allow_incomplete, retry_errors, redo, executor,
         ray_address, quiet) -> Outcome:
     from lenscap import api
     from lenscap.captioning.prompts import load_prompt
     from lenscap.errors import BudgetReached, UsageError
     from lenscap.progress import make_progress
 
-    runner = _executor(executor, processes, ray_address)
     if max_cost is not None and max_cost <= 0:
         raise UsageError(f"--max-cost must be positive, not {max_cost}")
     flags = {"model": model, "base_url": base_url, "api_key_env": api_key_env, "max_tokens": max_tokens,
@@ -689,8 +829,7 @@ def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, proces
              "concurrency": concurrency, "prices": prices, "timeout": timeout, "max_retries": max_retries,
              "outage_timeout": outage_timeout, "wait": wait,
              "poll_interval": poll_interval, "max_requests_per_file": max_requests_per_file, "max_file_mb": max_file_mb,
-             "max_enqueued_tokens": max_enqueued_tokens, "device": device, "dtype": dtype, "batch_size": batch_size,
-             "max_new_tokens": max_new_tokens}
+             "max_enqueued_tokens": max_enqueued_tokens, "device": device, "dtype": dtype, "batch_size": batch_size}
     assert set(flags) == CAPTION_FLAGS
     values: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
     for item in option or []:
@@ -701,6 +840,9 @@ def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, proces
     hint_names = _parse_hints(hints)
     load_prompt(prompt)  # a missing prompt file fails before the backend is built
     caption_backend = api.backend(backend, **values)
+    if processes is None:  # building batch request lines is CPU work; online and local captioning is not
+        processes = all_cores() if caption_backend.runs_as_batch else 1
+    runner = _executor(executor, processes, ray_address)
     if caption_backend.priced and not caption_backend.has_price():
         if max_cost is not None:
             raise UsageError(f"--max-cost needs a price for model {caption_backend.model!r}: give one with --prices FILE")
@@ -740,6 +882,7 @@ def filter_outcome(*, in_dir, out_dir, min_side, max_aspect, min_bytes, caption_
     from lenscap.progress import make_progress
     from lenscap.stages.filter import load_blocklist
 
+    processes = all_cores() if processes is None else processes
     runner = _executor(executor, processes, ray_address)
     thresholds: dict[str, float | None] = {}
     for name in (annotate or "").split(","):
@@ -784,6 +927,7 @@ def dedup_outcome(*, in_dir, out_dir, exact, phash, captions, max_distance, agai
     from lenscap.dedup.search import DedupOptions
     from lenscap.errors import UsageError
 
+    processes = all_cores() if processes is None else processes
     runner = _executor(executor, processes, ray_address)
     if not (exact or phash or captions):
         exact = phash = True
@@ -808,14 +952,16 @@ def dedup_outcome(*, in_dir, out_dir, exact, phash, captions, max_distance, agai
                              f"report: {summary['report']}"])
 
 
-def shard_outcome(*, in_dir, out_dir, format, target_size, samples_per_shard, shuffle, seed, caption_status, overwrite,
+def shard_outcome(*, in_dir, out_dir, format, target_size, samples_per_shard, min_shards, shuffle, seed, caption_status, overwrite,
         allow_incomplete, processes, executor, ray_address, quiet) -> Outcome:
     from lenscap import api
     from lenscap.export.job import ExportOptions, parse_size
 
+    processes = all_cores() if processes is None else processes
     runner = _executor(executor, processes, ray_address)
     options = ExportOptions(format=format, target_bytes=None if samples_per_shard is not None else parse_size(target_size),
-                            samples_per_shard=samples_per_shard, shuffle=shuffle, seed=seed, caption_status=caption_status)
+                            samples_per_shard=samples_per_shard, min_shards=min_shards, shuffle=shuffle, seed=seed,
+                            caption_status=caption_status)
     result = api.shard(in_dir, out_dir, options, overwrite=overwrite, allow_incomplete=allow_incomplete,
                        processes=processes, executor=runner, quiet=quiet)
     summary = {"command": "shard", **asdict(result), "shards": result.shards_total, "exit_code": result.exit_code}
@@ -823,6 +969,9 @@ def shard_outcome(*, in_dir, out_dir, format, target_size, samples_per_shard, sh
         return Outcome(summary, notes=[f"lenscap: shard: {len(result.failed_shards)} input shard(s) could not be indexed; "
                                        "nothing exported yet; rerun to resume"])
     left = ", ".join(f"{n} {r}" for r, n in result.left_out.items()) or "none"
+    if result.exit_code == EMPTY:
+        return Outcome(summary, notes=[f"lenscap: warning: {result.out_dir} holds 0 samples (left out: {left}); nothing to "
+                                       f"train on (exit code {EMPTY})"])
     return Outcome(summary, [f"{result.out_dir}: {result.samples} samples in {result.shards_total} {result.format} shards "
                              f"({result.bytes:,} bytes); left out: {left}"])
 
@@ -855,6 +1004,7 @@ def audit_outcome(*, paths, target_words, script, fail_on, sample, seed, out, me
         raise UsageError(f"audit takes DIR or DIR_A DIR_B, not {len(paths)} directories")
     if out is not None and len(paths) == 2:
         raise UsageError("--out writes one audited dataset: give it with one DIR")
+    processes = all_cores() if processes is None else processes
     runner = _executor(executor, processes, ray_address)
     options = api.AuditOptions(target_words=target_words, script=script, sample=sample, seed=seed, fail_on=fail_on,
                                memory_limit=memory_limit)
@@ -864,21 +1014,78 @@ def audit_outcome(*, paths, target_words, script, fail_on, sample, seed, out, me
     return Outcome(result, notes=notes, stdout=audit_lines(result))
 
 
-OUTCOMES: dict[str, Callable[..., Outcome]] = {
+def _taking_common_flags(outcome_of: Callable[..., Outcome]) -> Callable[..., Outcome]:
+    """``outcome_of`` for a command's whole parsed flags, as a recipe parses them (old names, --log-file)."""
+
+    def outcome(**flags: Any) -> Outcome:
+        return outcome_of(**common_flags(flags))
+
+    return outcome
+
+
+OUTCOMES: dict[str, Callable[..., Outcome]] = {name: _taking_common_flags(f) for name, f in {
     "download": download_outcome, "filter": filter_outcome, "caption": caption_outcome, "dedup": dedup_outcome,
     "shard": shard_outcome, "report": report_outcome, "audit": audit_outcome,
-}
+}.items()}
+
+
+def _wants_json(argv: list[str]) -> bool:
+    return "--json" in argv[: argv.index("--") if "--" in argv else len(argv)]
+
+
+def _fail(message: str, code: int, as_json: bool, summary: dict[str, Any] | None = None) -> int:
+    """A run that ended in an error: one line on stderr and in the log, and with --json the one object on stdout."""
+    from lenscap.progress import log
+
+    print(f"lenscap: {message}", file=sys.stderr)
+    log(message, to_stderr=False)
+    if as_json:
+        _emit({**(summary or {}), "exit_code": code, "error": message}, True)
+    return code
+
+
+def _last_line(argv: list[str], code: int, seconds: float) -> str:
+    """The log's last line for a run: how it ended, what it produced, how long it took, what it cost."""
+    names = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    command = next((a for a in argv if a in names), "lenscap")
+    s = _last_summary
+    parts = [f"{command}: exit {code}" + (" (ok)" if code == 0 else "")]
+    where = s.get("out_dir") or s.get("path") or s.get("release") or s.get("html") or s.get("work_dir")
+    if s.get("samples") is not None and where:
+        parts.append(f"{s['samples']:,} samples in {where}")
+    elif where:
+        parts.append(f"wrote {where}")
+    parts.append(f"{seconds:.1f} s")
+    spent = s.get("spent_usd")
+    if isinstance(spent, (int, float)):
+        parts.append(f"${spent:.4f} spent")
+    return "; ".join(parts)
 
 
 def main() -> None:
-    """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback."""
+    """Entry point: user mistakes become one line on stderr and exit code 2, never a traceback. With
+    --json, stdout holds exactly one object however the command ends; with --log-file, the log ends
+    with one line saying how it ended."""
+    import time
+    import warnings
+
+    from lenscap import progress
+    from lenscap.progress import log
+
+    log_file = getattr(progress, "log_file", lambda: getattr(progress, "_log_file", None))
+
+    # Library warnings (DeprecationWarnings of dependencies, DuckDB's) are not the user's business.
+    warnings.simplefilter("ignore")
+    argv = sys.argv[1:]
+    as_json = _wants_json(argv)
+    started = time.monotonic()
+    _last_summary.clear()
     try:
         # Outside standalone mode Typer returns a command's exit code instead of exiting; it turns
         # Ctrl-C into 130 the same way.
         code = app(standalone_mode=False)
     except LenscapError as e:
-        print(f"lenscap: error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        code = _fail(f"error: {e}", e.exit_code, as_json, getattr(e, "summary", None))
     except typer.Exit as e:
         code = e.exit_code
     except (typer.Abort, KeyboardInterrupt):
@@ -886,15 +1093,17 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001
         # Typer's (vendored click) parse errors: bad flags and values, usage mistakes.
         if hasattr(e, "format_message") and isinstance(getattr(e, "exit_code", None), int):
-            print(f"lenscap: error: {e.format_message()}", file=sys.stderr)
-            sys.exit(2 if e.exit_code in (1, 2) else e.exit_code)
-        if os.environ.get("LENSCAP_DEBUG"):
-            raise
-        print(f"lenscap: internal error: {type(e).__name__}: {e} (set LENSCAP_DEBUG=1 for a traceback)", file=sys.stderr)
-        sys.exit(3)
+            code = _fail(f"error: {e.format_message()}", 2 if e.exit_code in (1, 2) else e.exit_code, as_json)
+        else:
+            if os.environ.get("LENSCAP_DEBUG"):
+                raise
+            code = _fail(f"internal error: {type(e).__name__}: {e} (set LENSCAP_DEBUG=1 for a traceback)", 3, as_json)
+    code = code if isinstance(code, int) else 0
     if code == 130:
-        print("lenscap: interrupted; rerun the same command to resume", file=sys.stderr)
-    sys.exit(code if isinstance(code, int) else 0)
+        _fail("interrupted; rerun the same command to resume", 130, as_json)
+    if log_file() is not None:
+        log(_last_line(argv, code, time.monotonic() - started), to_stderr=False)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
