@@ -81,6 +81,10 @@ def download(source: Location | None, out_dir: Location, options: DownloadOption
         from lenscap.errors import UsageError
 
         raise UsageError("download needs a URL list, or retry_failed=True on an existing output")
+    if result.exit_code == 0:  # finished: the card, so datasets.load_dataset(out_dir) reads the downloaded samples
+        from lenscap.export.card import write_download_card
+
+        write_download_card(out_dir)
     return result
 
 

@@ -660,13 +660,17 @@ def inspect(
     if info["input_incomplete_shards"]:
         table.add_row("left out", f"input shards {', '.join(info['input_incomplete_shards'])} were incomplete (--allow-incomplete)")
     table.add_row("samples", str(info["samples"]))
-    for status, n in info["status"].items():
-        table.add_row(f"  {status}", str(n))
-    for column, outcomes in info["stage_status"].items():
-        table.add_row(column, ", ".join(f"{n} {k}" for k, n in outcomes.items()))
+    if info.get("export"):
+        table.add_row("export", f"{info['export']['format']} ({shards['complete']} shards)")
+    for section, outcomes in info["outcomes"].items():  # in pipeline order
+        name = {"status": "download status", "filter_reasons": "  dropped by"}.get(section, section)
+        table.add_row(name, ", ".join(f"{n} {k}" for k, n in outcomes.items()))
     if info["caption_cost"]:
         c = info["caption_cost"]
-        table.add_row("caption cost", f"${c['usd']:.4f} ({c['input_tokens']:,} input + {c['output_tokens']:,} output tokens)")
+        cached = (f" (+${c['cached_usd']:.4f} of {c['cached_answers']:,} cached answers, paid by earlier runs)"
+                  if c.get("cached_answers") else "")
+        table.add_row("caption cost", f"${c['spent_usd']:.4f} spent{cached}; {c['input_tokens']:,} input + "
+                      f"{c['output_tokens']:,} output tokens")
     if info["dedup"]:
         d = info["dedup"]
         reasons = ", ".join(f"{n} {r}" for r, n in (d["by_reason"] or {}).items()) or "none"
@@ -682,11 +686,12 @@ def inspect(
     if info["history"]:
         table.add_row("history", " -> ".join(str(h) for h in info["history"]))
     console.print(table)
-    if info["errors"]:
-        errors = Table("count", "most common errors")
-        for message, n in info["errors"].items():
-            errors.add_row(str(n), message)
-        console.print(errors)
+    for key, title in (("errors", "most common errors"), ("skips", "skipped (not errors)")):
+        if info.get(key):
+            listing = Table("count", title)
+            for message, n in info[key].items():
+                listing.add_row(str(n), message)
+            console.print(listing)
 
 
 @app.command("run", epilog="Example: lenscap run lens-recaption --input urls.parquet --work-dir /data/lens --set caption.max_cost=500")
@@ -917,8 +922,12 @@ def filter_outcome(*, in_dir, out_dir, min_side, max_aspect, min_bytes, caption_
     result = api.filter(in_dir, out_dir, rules, annotators, blocked, copy_images=copy_images, overwrite=overwrite,
                         allow_incomplete=allow_incomplete, executor=runner, progress=make_progress("filter", quiet))
     dropped = ", ".join(f"{n} {r}" for r, n in result.reasons.items() if r != "kept") or "none"
-    return Outcome({"command": "filter", **asdict(result), "exit_code": result.exit_code},
-                   [f"{result.out_dir}: {result.samples} samples, {result.kept} kept; dropped: {dropped}"])
+    code = EMPTY if result.exit_code == 0 and result.kept == 0 else result.exit_code
+    lines = [f"{result.out_dir}: {result.samples} samples, {result.kept} kept; dropped: {dropped}"]
+    if code == EMPTY:
+        return Outcome({"command": "filter", **asdict(result), "exit_code": code},
+                       notes=[f"lenscap: warning: {lines[0]}: nothing left (exit code {EMPTY})"])
+    return Outcome({"command": "filter", **asdict(result), "exit_code": code}, lines)
 
 
 def dedup_outcome(*, in_dir, out_dir, exact, phash, captions, max_distance, against, keep, mark_only, bucket_cap,
@@ -1039,8 +1048,8 @@ def _fail(message: str, code: int, as_json: bool, summary: dict[str, Any] | None
 
     print(f"lenscap: {message}", file=sys.stderr)
     log(message, to_stderr=False)
-    if as_json:
-        _emit({**(summary or {}), "exit_code": code, "error": message}, True)
+    if as_json:  # the object says what went wrong; "error: " is for people reading stderr
+        _emit({**(summary or {}), "exit_code": code, "error": message.removeprefix("error: ")}, True)
     return code
 
 

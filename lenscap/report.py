@@ -18,10 +18,15 @@ import hashlib
 import heapq
 import html
 import io
+import json
+import tarfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pyarrow.parquet as pq
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -31,10 +36,10 @@ from lenscap.dataset import Dataset
 from lenscap.errors import DatasetError, UsageError, disk_full
 from lenscap.inspect import inspect_dataset
 from lenscap.journal import atomic_write_bytes
-from lenscap.layout import IMAGE_OFFSET, IMAGE_SIZE
+from lenscap.layout import IMAGE_EXT, IMAGE_OFFSET, IMAGE_SIZE
 from lenscap.storage import require_local
 
-__all__ = ["ReportSample", "pick_samples", "audit_thumbnails", "render_html", "render_contact_sheet", "write_report"]
+__all__ = ["ReportSample", "pick_samples", "pick_export_samples", "audit_thumbnails", "render_html", "render_contact_sheet", "write_report"]
 
 THUMB = 256
 AUDIT_SAMPLES = 12  # flagged captions shown at most: each brings a thumbnail into the page
@@ -99,6 +104,71 @@ def pick_samples(ds: Dataset, n: int, seed: int = 0) -> list[ReportSample]:
             thumb = b""
         out.append(ReportSample(key, row, thumb))
     return out
+
+
+def pick_export_samples(ds: Dataset, n: int, seed: int = 0) -> list[ReportSample]:
+    """``pick_samples`` for an export (``lenscap shard``'s output, a local one): the same choice by
+    ``hash(seed, key)``, read from its tars (``KEY.jpg``, ``KEY.txt``, ``KEY.json``) or Parquet files."""
+    if n <= 0:
+        return []
+    index = ds.read_json("shards.json") or {}
+    heap: list[tuple[int, str, str, Any]] = []  # max-heap on the hash: (-hash, key, file, where)
+    for record in index.get("shards") or []:
+        path = ds.path / record["file"]
+        if not path.is_file():
+            continue  # inspect's summary names it
+        for key, where in _export_keys(path, index.get("format")):
+            h = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
+            if len(heap) < n:
+                heapq.heappush(heap, (-h, key, record["file"], where))
+            elif -heap[0][0] > h:
+                heapq.heapreplace(heap, (-h, key, record["file"], where))
+    out = []
+    for _, key, name, where in sorted(heap, key=lambda e: -e[0]):
+        image, row = _export_sample(ds.path / name, index.get("format"), key, where)
+        try:
+            thumb = _thumbnail(image) if image else b""
+        except Exception:  # noqa: BLE001 - an undecodable image is shown as missing, not fatal
+            thumb = b""
+        out.append(ReportSample(key, row, thumb))
+    return out
+
+
+def _export_keys(path: Path, fmt: str | None) -> Iterator[tuple[str, Any]]:
+    """(key, where its sample lies) of every sample of one export file, without reading images."""
+    if fmt == "parquet":
+        pf = pq.ParquetFile(path)
+        for group in range(pf.num_row_groups):
+            for row, key in enumerate(pf.read_row_group(group, columns=["key"]).column("key").to_pylist()):
+                yield str(key), (group, row)
+        return
+    members: dict[str, dict[str, tuple[int, int]]] = {}
+    with tarfile.open(path, "r:") as tar:  # headers only: member data is skipped by seeking
+        for m in tar:
+            key, _, ext = m.name.partition(".")
+            members.setdefault(key, {})[ext] = (m.offset_data, m.size)
+    yield from members.items()
+
+
+def _export_sample(path: Path, fmt: str | None, key: str, where: Any) -> tuple[bytes, dict[str, Any]]:
+    """One export sample's image bytes and row (caption and the other columns)."""
+    if fmt == "parquet":
+        group, row = where
+        record = pq.ParquetFile(path).read_row_group(group).slice(row, 1).to_pylist()[0]
+        image = (record.pop("image", None) or {}).get("bytes") or b""
+        return image, record
+    parts: dict[str, bytes] = {}
+    with open(path, "rb") as f:
+        for ext, (offset, size) in where.items():
+            f.seek(offset)
+            parts[ext] = f.read(size)
+    row = {}
+    try:
+        row = json.loads(parts.get("json") or b"{}")
+    except ValueError:
+        pass
+    row["caption"] = (parts.get("txt") or b"").decode("utf-8", "replace")
+    return parts.get(IMAGE_EXT, b""), row
 
 
 def audit_thumbnails(ds: Dataset, samples: list[dict[str, Any]]) -> dict[str, bytes]:
@@ -246,6 +316,9 @@ def _histogram_svg(pairs: list[list[int]], bin_words: int = 5, bins: int = 40) -
     return "".join(parts)
 
 
+_OUTCOME_TITLES = {"status": "download status", "filter_reasons": "filter reasons", "left_out": "left out of the export"}
+
+
 def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[str, Any] | None,
                 audit: dict[str, Any] | None = None, audit_images: dict[str, bytes] | None = None) -> str:
     """The page; ``audit`` is ``lenscap.audit.audit``'s result (no section without captions), with
@@ -253,22 +326,35 @@ def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[s
     name = Path(info["path"]).resolve().name
     shards = info["shards"]
     cw = info["caption_words"]
+    export = info.get("export")
     cards = [("samples", f"{info['samples']:,}"), ("shards", f"{shards['complete']:,} complete"
                                                        + (f", {shards['incomplete']} incomplete" if shards["incomplete"] else "")
-                                                       + (f", {shards['damaged']} damaged" if shards.get("damaged") else "")),
-             ("downloaded", f"{info['status'].get('success', 0):,}")]
+                                                       + (f", {shards['damaged']} damaged" if shards.get("damaged") else ""))]
+    if export:
+        cards += [("format", str(export.get("format"))), ("bytes", f"{info['bytes']['shards']:,}")]
+    else:
+        cards.append(("downloaded", f"{info['status'].get('success', 0):,}"))
     if cw["count"]:
         cards.append(("caption words", f"{cw['mean']} mean, {cw['p95']} p95"))
-    if info.get("caption_cost"):
-        cards.append(("caption cost", f"${info['caption_cost']['usd']:.4f}"))
+    cost = info.get("caption_cost")
+    if cost:
+        spent = cost.get("spent_usd", cost.get("usd", 0.0))
+        cards.append(("caption spent", f"${spent:.4f}"))
+        if cost.get("cached_answers"):
+            cards.append(("cached answers", f"{cost['cached_answers']:,} (${cost.get('cached_usd', 0.0):.4f} when first asked)"))
     if dedup:
         cards.append(("duplicates", f"{dedup.get('duplicates') or 0:,}"))
     body = ["<section><h2>Summary</h2><div class='cards'>"
             + "".join(f"<div class='card'><span class='label'>{_e(k)}</span><b>{_e(v)}</b></div>" for k, v in cards) + "</div></section>"]
-    outcomes = [f"<h3>download status</h3>{_bars(info['status'])}"] if info["status"] else []
-    outcomes += [f"<h3>{_e(column)}</h3>{_bars(counts)}" for column, counts in info["stage_status"].items()]
+    sections = info.get("outcomes")
+    if sections is None:  # an inspect summary of before the outcomes were ordered
+        sections = {**({"status": info["status"]} if info["status"] else {}), **info["stage_status"],
+                    **({"filter_reasons": info["filter_reasons"]} if info.get("filter_reasons") else {})}
+    outcomes = [f"<h3>{_e(_OUTCOME_TITLES.get(name, name))}</h3>{_bars(counts)}" for name, counts in sections.items() if counts]
+    if export and export.get("empty"):
+        outcomes.insert(0, "<p>This export is empty: none of the input's samples was exported (see left out).</p>")
     if outcomes:
-        body.append("<section><h2>Outcomes</h2>" + "".join(outcomes) + "</section>")
+        body.append("<section><h2>Outcomes</h2><p class='alt'>In pipeline order.</p>" + "".join(outcomes) + "</section>")
     if cw["count"]:
         body.append(f"<section><h2>Caption length</h2><p>{cw['count']:,} captions, {cw['mean']} words on average, "
                     f"median {cw['p50']}, 95th percentile {cw['p95']}.</p>{_histogram_svg(cw['histogram'])}</section>")
@@ -276,8 +362,6 @@ def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[s
         body.append(f"<section><h2>Audit</h2><p>The captions could not be audited: {_e(audit['error'])}</p></section>")
     elif audit and audit.get("captions"):
         body.append(_audit_section(audit, audit_images or {}))
-    if info.get("filter_reasons"):
-        body.append(f"<section><h2>Filter</h2>{_bars(info['filter_reasons'])}</section>")
     if dedup:
         reasons = dedup.get("by_reason") or {}
         earlier = f", {dedup['of_earlier_releases']:,} of them of earlier releases" if dedup.get("of_earlier_releases") else ""
@@ -286,6 +370,10 @@ def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[s
     if info["errors"]:
         rows = "".join(f"<tr><td>{n:,}</td><td>{_e(m)}</td></tr>" for m, n in info["errors"].items())
         body.append(f"<section><h2>Most common errors</h2><table>{rows}</table></section>")
+    if info.get("skips"):
+        rows = "".join(f"<tr><td>{n:,}</td><td>{_e(m)}</td></tr>" for m, n in info["skips"].items())
+        body.append("<section><h2>Skipped</h2><p class='alt'>Samples a stage left alone, and why (not errors).</p>"
+                    f"<table>{rows}</table></section>")
     if info["history"]:
         body.append("<section><h2>Pipeline</h2><p>" + " &rarr; ".join(_e(h) for h in info["history"]) + "</p></section>")
     figures = []
@@ -350,8 +438,12 @@ def write_report(path: str | Path, out: str | Path | None = None, n: int = 24, s
         require_local(location, what)
     ds = Dataset.open(path)
     info = inspect_dataset(ds.path)
-    samples = pick_samples(ds, n, seed)
-    found = _audit(ds, info, min(n, AUDIT_SAMPLES), seed)
+    if info.get("export") is not None:  # an export's samples are in its own files; the audit reads a dataset's
+        samples = pick_export_samples(ds, n, seed)
+        found = None
+    else:
+        samples = pick_samples(ds, n, seed)
+        found = _audit(ds, info, min(n, AUDIT_SAMPLES), seed)
     flagged = (found or {}).get("samples") or []
     images = audit_thumbnails(ds, flagged) if flagged else {}
     target = Path(out) if out is not None else ds.path / "report.html"

@@ -74,7 +74,7 @@ def test_captions_replace_alt_text_with_provenance(tmp_path, fake, env):
     assert skipped["caption"] == skipped["alt_text"] == scene_caption(4)
     assert not list((tmp_path / "out").glob("*.tar")), "rows only: the images stay in the input"
     spent = sum(r["caption_cost_usd"] or 0 for r in got.values())
-    assert summary["spent_usd"] == pytest.approx(spent)
+    assert summary["spent_usd"] == pytest.approx(spent, abs=1e-4)  # --json rounds money to a hundredth of a cent
     assert fake.stats()["responses"] == {"200": 29}
     copied = caption(src, tmp_path / "copy", fake, env, "--copy-images")  # answered from the cache
     assert copied.returncode == 0, copied.stderr
@@ -88,9 +88,9 @@ def test_captions_replace_alt_text_with_provenance(tmp_path, fake, env):
     assert [h["stage"] for h in manifest["history"]] == ["download", "caption"]
     info = json.loads(run_cli("inspect", str(tmp_path / "out"), "--json").stdout)
     assert info["stage_status"] == {"caption_status": {"ok": 29, "skipped": 1}}
-    assert info["caption_cost"]["usd"] == pytest.approx(spent, abs=1e-6)
+    assert info["caption_cost"]["usd"] == pytest.approx(spent, abs=1e-4)  # --json rounds money to a hundredth of a cent
     assert info["caption_words"]["count"] == 29  # new captions only, not the kept alt-text
-    assert info["errors"]["caption: no image (download status: failed_to_download)"] == 1
+    assert info["skips"]["caption: no image (download status: failed_to_download)"] == 1  # a skip, not an error
     assert_no_key_anywhere(tmp_path / "out", r.stdout, r.stderr)
 
 
@@ -401,7 +401,7 @@ def test_retry_errors_asks_the_errors_again_and_nothing_else(tmp_path, fake, env
         else:
             assert after[key]["caption_status"] == "ok" and after[key]["caption_error"] is None
     spent = sum(r["caption_cost_usd"] or 0 for r in after.values())
-    assert summary["spent_usd"] == pytest.approx(spent)  # what the directory spent: every answer once
+    assert summary["spent_usd"] == pytest.approx(spent, abs=1e-4)  # what the directory spent: every answer once
 
 
 def test_a_full_disk_stops_before_the_next_request_and_the_rerun_pays_for_nothing_twice(tmp_path, fake, env, monkeypatch):

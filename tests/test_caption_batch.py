@@ -75,7 +75,7 @@ def test_whole_flow_with_retry_rounds_and_batch_prices(tmp_path, env):
         ok = got["000000000"]
         full = PriceTable().cost("gpt-4.1", ok["caption_input_tokens"], ok["caption_output_tokens"])
         assert ok["caption_cost_usd"] == pytest.approx(full / 2), "batch price: half"
-        assert summary["spent_usd"] == pytest.approx(sum(r["caption_cost_usd"] or 0 for r in got.values()))
+        assert summary["spent_usd"] == pytest.approx(sum(r["caption_cost_usd"] or 0 for r in got.values()), abs=1e-4)
         assert not list((tmp_path / "out" / ".lenscap" / "batch" / "inputs").glob("*.jsonl")), "inputs go once uploaded"
         status = json.loads(run_cli("batch", "status", str(tmp_path / "out"), "--json").stdout)
         assert status["files"] == {"merged": 5} and status["rounds"] == 2 and status["requests"] == 41

@@ -158,6 +158,7 @@ def test_cli_inspect_json(tmp_path):
     assert proc.stdout.endswith("\n") and proc.stdout.count("\n") == 1  # one object, one line
     info = json.loads(proc.stdout)
     assert isinstance(info, dict)
+    assert (info.pop("ok"), info.pop("exit_code"), info.pop("command")) == (True, 0, "inspect")  # every summary's
     assert info == inspect_dataset(ds.path)
     assert info["samples"] == 23
     assert info["caption_words"]["mean"] == 10.5
@@ -172,9 +173,77 @@ def test_cli_inspect_bad_directory_is_one_line_exit_2(tmp_path, kind):
         target.mkdir()
     proc = run_cli("inspect", str(target), "--json")
     assert proc.returncode == 2
-    assert proc.stdout == ""
+    said = json.loads(proc.stdout)  # --json: the error as the one object on stdout too
+    assert said["ok"] is False and said["exit_code"] == 2 and str(target) in said["error"]
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("lenscap: error:")
     assert str(target) in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+# -- errors apart from skips, outcomes in pipeline order, the cost figure ---------------------------------
+
+
+def staged(path: Path, history: list[str]) -> Dataset:
+    """Rows as download -> filter -> caption -> dedup (or ``history``'s order) leave them."""
+    ds = Dataset.create(path)
+    rows = []
+    for i in range(6):
+        ok = i != 0
+        row = {"url": f"http://img/{i}.jpg", "status": "success" if ok else "failed_to_download",
+               "error_message": None if ok else "HTTP Error 404", "caption": words(i + 1),
+               "filter_status": "dropped" if i == 1 else "kept", "filter_reason": "min-side" if i == 1 else None,
+               "caption_status": "skipped" if i in (0, 1) else "error" if i == 2 else "ok",
+               "caption_error": ("no image (download status: failed_to_download)" if i == 0 else "no image (filter: min-side)"
+                                 if i == 1 else "HTTP 500 after 3 tries" if i == 2 else None),
+               "dedup_status": "duplicate" if i == 5 else "unique",
+               "caption_cost_usd": 0.5 if i >= 2 else None, "caption_cached": i == 4 if i >= 2 else None}
+        rows.append(Sample(key=shard_name(i), row=row, image=jpeg(i) if ok else None))
+    write(ds, 0, rows)
+    ds.write_manifest(history[-1], {}, None, expected_shards=1)
+    manifest = json.loads((ds.path / "lenscap.json").read_text())
+    manifest["history"] = [{"stage": s} for s in history]
+    (ds.path / "lenscap.json").write_text(json.dumps(manifest))
+    return ds
+
+
+def test_skips_are_not_errors(tmp_path):
+    info = inspect_dataset(staged(tmp_path / "ds", ["download", "filter", "caption", "dedup"]).path)
+    assert info["errors"] == {"HTTP Error 404": 1, "caption: HTTP 500 after 3 tries": 1}
+    assert info["skips"] == {"caption: no image (download status: failed_to_download)": 1,
+                             "caption: no image (filter: min-side)": 1}
+
+
+@pytest.mark.parametrize("history, order", [
+    (["download", "filter", "caption", "dedup"], ["status", "filter_status", "caption_status", "dedup_status"]),
+    (["download", "filter", "dedup", "caption"], ["status", "filter_status", "dedup_status", "caption_status"]),
+    (["caption"], ["status", "filter_status", "dedup_status", "caption_status"]),  # history silent: the usual order
+])
+def test_outcomes_in_pipeline_order(tmp_path, history, order):
+    ds = staged(tmp_path / "ds", history)
+    info = inspect_dataset(ds.path)
+    assert list(info["outcomes"]) == order
+    assert list(info["stage_status"]) == [c for c in order if c != "status"]
+    proc = run_cli("inspect", str(ds.path), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert list(json.loads(proc.stdout)["outcomes"]) == order  # the JSON keeps the order
+    text = run_cli("inspect", str(ds.path)).stdout
+    positions = [text.index(c) for c in order if c != "status"]
+    assert positions == sorted(positions), text
+
+
+def test_outcomes_put_filter_reasons_after_filter_status(tmp_path):
+    ds = staged(tmp_path / "ds", ["download", "filter", "caption", "dedup"])
+    stats = json.loads(ds.stats_path(0).read_text())
+    stats["filter_reasons"] = {"kept": 5, "min-side": 1}
+    ds.stats_path(0).write_text(json.dumps(stats))
+    assert list(inspect_dataset(ds.path)["outcomes"]) == ["status", "filter_status", "filter_reasons", "caption_status",
+                                                         "dedup_status"]
+
+
+def test_caption_cost_counts_cached_answers_apart(tmp_path):
+    """An answer from the response cache cost nothing in the run that wrote it: not in spent_usd
+    (caption --json's figure), but in cached_usd (what it cost when first asked)."""
+    cost = inspect_dataset(staged(tmp_path / "ds", ["download", "caption"]).path)["caption_cost"]
+    assert cost["spent_usd"] == cost["usd"] == 1.5 and cost["cached_usd"] == 0.5 and cost["cached_answers"] == 1

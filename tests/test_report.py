@@ -229,3 +229,56 @@ def test_audit_thumbnails_read_only_the_shards_holding_the_samples(tmp_path, mon
     thumbs = audit_thumbnails(ds, samples)
     assert located == [1] and set(thumbs) == {"000000005", "000000006"}
     assert all(Image.open(io.BytesIO(t)).format == "JPEG" for t in thumbs.values())
+
+
+def staged(path: Path) -> Path:
+    """download -> filter -> caption -> dedup rows: a failed download and a filtered sample are skipped by
+    caption (with why), one caption is an error."""
+    ds = Dataset.create(path)
+    writer = ds.writer(0)
+    for i in range(8):
+        ok = i != 0
+        row = {"status": "success" if ok else "failed_to_download", "error_message": None if ok else "HTTP Error 404",
+               "filter_status": "dropped" if i == 1 else "kept", "filter_reason": "min-side" if i == 1 else None,
+               "caption": f"A photo number {i} of a quiet street.", "alt_text": f"alt {i}",
+               "caption_status": "skipped" if i in (0, 1) else "error" if i == 2 else "ok",
+               "caption_error": ("no image (download status: failed_to_download)" if i == 0 else
+                                 "no image (filter: min-side)" if i == 1 else "HTTP 500 after 3 tries" if i == 2 else None),
+               "dedup_status": "duplicate" if i == 7 else "unique"}
+        writer.write(Sample(f"{i:09d}", row, jpeg_bytes(photo(i, (64, 48))) if ok else None))
+    writer.commit({"stage": "dedup"})
+    ds.write_manifest("dedup", {}, None, expected_shards=1)
+    manifest = json.loads((ds.path / "lenscap.json").read_text())
+    manifest["history"] = [{"stage": s} for s in ("download", "filter", "caption", "dedup")]
+    (ds.path / "lenscap.json").write_text(json.dumps(manifest))
+    return ds.path
+
+
+def test_outcomes_in_pipeline_order_and_skips_apart_from_errors(tmp_path):
+    from conftest import run_cli_here
+
+    src = staged(tmp_path / "ds")
+    code, out, err = run_cli_here("report", str(src), "--sample", "0", "--json")  # in this process, as a user runs it
+    assert code == 0, err
+    assert json.loads(out)["samples_shown"] == 0
+    html = (src / "report.html").read_text()
+    outcomes = html[html.index("<h2>Outcomes"):]
+    outcomes = outcomes[:outcomes.index("</section>")]
+    headings = re.findall(r"<h3>([^<]+)</h3>", outcomes)
+    assert headings == ["download status", "filter_status", "caption_status", "dedup_status"]
+    errors = html[html.index("Most common errors"):]
+    errors = errors[:errors.index("</section>")]
+    skipped = html[html.index("<h2>Skipped"):]
+    skipped = skipped[:skipped.index("</section>")]
+    assert "HTTP 500 after 3 tries" in errors and "HTTP Error 404" in errors and "no image" not in errors
+    assert "caption: no image (download status: failed_to_download)" in skipped and "no image (filter: min-side)" in skipped
+
+
+def test_report_with_sample_0_in_process_with_a_png(tmp_path):
+    """--sample 0 once crashed (exit 3): through the CLI in this process, with the contact sheet too."""
+    from conftest import run_cli_here
+
+    src = captioned(tmp_path / "ds", 6)
+    code, out, err = run_cli_here("report", str(src), "--sample", "0", "--png", str(tmp_path / "sheet.png"), "--json")
+    assert code == 0, err
+    assert json.loads(out)["samples_shown"] == 0 and (tmp_path / "sheet.png").stat().st_size > 0

@@ -94,7 +94,7 @@ def hf_load(*args, **kwargs):
 
 def test_webdataset_export(tmp_path, source):
     src, images = source
-    summary = export(src, tmp_path / "wds", "--target-size", f"{TARGET}B", "--processes", "2")
+    summary = export(src, tmp_path / "wds", "--target-size", f"{TARGET}B", "--min-shards", "1", "--processes", "2")
     assert summary["samples"] == len(images)
     assert summary["left_out"] == {"caption: error": sum(outcome(i) == "caption error" for i in range(N)),
                                    "download: failed_to_download": sum(outcome(i) == "failed" for i in range(N)),
@@ -110,6 +110,8 @@ def test_webdataset_export(tmp_path, source):
     key, _, caption, meta = got[0]
     assert caption.startswith("a dense caption") and meta["alt_text"] == f"alt {int(key)}" and "status" not in meta
     assert [s["samples"] for s in index["shards"]] == [len(tar_samples_of(tmp_path / "wds" / s["file"])) for s in index["shards"]]
+    sizes_json = json.loads((tmp_path / "wds" / "sizes.json").read_text())  # open_clip's: samples per tar, by name
+    assert sizes_json == {s["file"]: len(tar_samples_of(tmp_path / "wds" / s["file"])) for s in index["shards"]}
 
     import webdataset as wds
 
@@ -136,7 +138,7 @@ def _size(data: bytes) -> tuple[int, int]:
 
 def test_parquet_export(tmp_path, source):
     src, images = source
-    summary = export(src, tmp_path / "pq", "--format", "parquet", "--target-size", f"{TARGET}B")
+    summary = export(src, tmp_path / "pq", "--format", "parquet", "--target-size", f"{TARGET}B", "--min-shards", "1")
     files = sorted((tmp_path / "pq" / "data").glob("train-*.parquet"))
     assert len(files) == summary["shards"] >= 4
     assert all(f.name.endswith(f"-of-{len(files):05d}.parquet") for f in files)
@@ -260,3 +262,52 @@ def test_samples_larger_than_the_target_get_a_shard_each(tmp_path, source, shuff
     assert summary["shards"] == len(images) == len(index["shards"])  # numbered densely: no empty shard
     assert [s["file"] for s in index["shards"]] == [f"{i:05d}.tar" for i in range(len(images))]
     assert all(s["samples"] == 1 for s in index["shards"])
+
+
+@pytest.mark.parametrize("shuffle", [[], ["--shuffle"]])
+def test_a_small_export_has_at_least_min_shards(tmp_path, source, shuffle):
+    """One 500MB target would hold it all: cut into --min-shards (default 8) even shards instead, so
+    every worker of an 8-worker loader has a shard; never more shards than samples."""
+    from lenscap.export.job import ExportOptions, run_export
+
+    src, images = source
+    summary = export(src, tmp_path / "eight", *shuffle)  # the CLI's default
+    counts = [s["samples"] for s in json.loads((tmp_path / "eight" / "shards.json").read_text())["shards"]]
+    assert summary["shards"] == len(counts) == 8 and max(counts) - min(counts) <= 1 and sum(counts) == len(images)
+    assert sorted(k for k, *_ in tar_samples(tmp_path / "eight")) == sorted(images)
+    shuffled = bool(shuffle)
+    assert run_export(ExportOptions(min_shards=1, shuffle=shuffled), src, tmp_path / "one", quiet=True).shards_total == 1
+    # --samples-per-shard is an exact count: kept as given
+    exact = run_export(ExportOptions(samples_per_shard=100, shuffle=shuffled), src, tmp_path / "exact", quiet=True)
+    assert exact.shards_total == -(-len(images) // 100)
+    # never more shards than samples: tests/test_exports_readers.py
+
+
+def test_min_shards_is_checked_and_defaults_to_8():
+    from lenscap.errors import UsageError
+    from lenscap.export.job import ExportOptions
+
+    assert ExportOptions().min_shards == 8
+    with pytest.raises(UsageError, match="--min-shards must be at least 1"):
+        ExportOptions(min_shards=0)
+
+
+def test_an_export_of_0_samples_exits_7_with_a_card_saying_so(tmp_path):
+    empty = Dataset.create(tmp_path / "empty_in")
+    writer = empty.writer(0)
+    writer.write(Sample("000000000", {"status": "failed_to_download", "error_message": "HTTP Error 404", "caption": "x"}, None))
+    writer.commit({"stage": "download"})
+    empty.write_manifest("download", {}, None, expected_shards=1)
+    r = run_cli("shard", str(tmp_path / "empty_in"), str(tmp_path / "out"), "--json", "--quiet")
+    assert r.returncode == 7, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["exit_code"] == 7 and summary["empty"] is True and summary["samples"] == 0 and summary["shards"] == 0
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "This export is empty" in card and "| download: failed_to_download | 1 |" in card
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {}
+
+    from lenscap.export.job import ExportResult
+
+    assert ExportResult("x", samples=0, empty=True).exit_code == 7
+    assert ExportResult("x", 2, 2, 10).exit_code == 0
+    assert ExportResult("x", 0, 0, 0, failed_shards={0: "boom"}, empty=False).exit_code == 1

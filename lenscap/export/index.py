@@ -106,4 +106,6 @@ class IndexStage(Stage):
         tmp = dst.tmp_path(shard_id, "parquet")
         pq.write_table(index, tmp)
         stats = {"shard": f"{shard_id:05d}", "count": index.num_rows, "stage": self.name, "left_out": dict(sorted(left_out.items()))}
+        if "caption_status" in where:  # of the exported samples (not a column of the export): inspect shows them
+            stats["caption_status"] = dict(sorted(Counter(str(where["caption_status"][i]) for i in rows).items()))
         return dst.commit(shard_id, [(tmp, dst.parquet_path(shard_id))], stats)

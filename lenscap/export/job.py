@@ -5,12 +5,17 @@
 2. plan: every exported sample in output order, cut into shards at the target size (each shard is
    filled to the target, the last takes the rest) or every ``--samples-per-shard``, written to
    ``plan.parquet`` sorted by output shard; streamed in input order, sorted by DuckDB (out of core)
-   when shuffled;
+   when shuffled. A size cut that would give fewer than ``--min-shards`` shards (a small export) is
+   cut instead into that many shards of equal sample counts (never more shards than samples): a
+   WebDataset reader splits shards between DataLoader workers and nodes, and a worker without a shard
+   fails ("No samples found", open_clip's "number of shards must be >= total workers");
 3. write, per output shard in parallel: images read straight from the input tars at their offsets,
    so no input shard is decoded or rewritten; each shard is renamed into place, then marked done.
 
-Then ``shards.json`` (the index of files and sample counts), ``lenscap.json`` (provenance) and the
-dataset card ``README.md`` are written. The working state is under ``OUT/.lenscap/``: a dot
+Then ``shards.json`` (the index of files and sample counts), for WebDataset ``sizes.json`` (the
+samples of each tar by file name, which open_clip's loader reads), ``lenscap.json`` (provenance)
+and the dataset card ``README.md`` are written. An export of 0 samples is not an error but says so:
+its result's exit code is ``EXIT_EMPTY`` (7) and its card says it is empty. The working state is under ``OUT/.lenscap/``: a dot
 directory, which ``datasets`` and the Hub ignore.
 
 A remote output (``s3://...``, any fsspec URL) is written through its local mirror (``Dataset.path``),
@@ -45,14 +50,19 @@ from lenscap.export.remote import INDEX_FILES, sync_mirror
 from lenscap.images import moved_image
 from lenscap.journal import atomic_write_json
 from lenscap.layout import IMAGE_EXT
-from lenscap.progress import make_progress
+from lenscap.progress import make_progress, start_progress
 from lenscap.result import JobResult
 from lenscap.runner import owned_output, run_stage
 from lenscap.sql import literal, out_of_core
 from lenscap.tario import header_before, member_name
 from lenscap.uploads import put_and_remove
 
-__all__ = ["ExportOptions", "ExportResult", "run_export", "parse_size"]
+__all__ = ["ExportOptions", "ExportResult", "run_export", "parse_size", "MIN_SHARDS", "EXIT_EMPTY"]
+
+# The fewest shards a size-cut export has (unless it has fewer samples): enough for a typical
+# 8-worker DataLoader (or 8 GPUs of one node), each worker reading shards of its own.
+MIN_SHARDS = 8
+EXIT_EMPTY = 7  # the export holds 0 samples: a warning, the files are all there
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -74,6 +84,9 @@ class ExportOptions:
     shuffle: bool = False
     seed: int = 0
     caption_status: str = "ok"
+    # A size cut giving fewer shards than this is cut into this many instead (fewer only with fewer
+    # samples); --samples-per-shard is an exact count and is kept as given.
+    min_shards: int = MIN_SHARDS
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -84,6 +97,8 @@ class ExportOptions:
             raise UsageError(f"--samples-per-shard must be at least 1, not {self.samples_per_shard}")
         if self.samples_per_shard is None and (self.target_bytes or 0) < 1:
             raise UsageError("--target-size must be more than 0 bytes")
+        if self.min_shards < 1:
+            raise UsageError(f"--min-shards must be at least 1, not {self.min_shards}")
 
     def index_stage(self) -> IndexStage:
         return IndexStage(self.format, self.seed if self.shuffle else None, self.caption_status)
@@ -97,6 +112,13 @@ class ExportResult(JobResult):
     format: str = ""
     bytes: int = 0
     left_out: dict[str, int] = field(default_factory=dict)
+    empty: bool = False  # every shard written, and they hold 0 samples (exit code 7)
+
+    @property
+    def exit_code(self) -> int:
+        """0: exported; 1: some input shards could not be indexed (a rerun goes on); 7: done, but 0 samples."""
+        code = super().exit_code
+        return EXIT_EMPTY if code == 0 and self.empty else code
 
 
 def _state(out: Path) -> Path:
@@ -106,27 +128,52 @@ def _state(out: Path) -> Path:
 _PLAN_MEMORY = "256MB"  # the shuffled plan's sort spills to disk beyond this
 
 
-def _cut(options: ExportOptions, before: int, size: int, number: int) -> int:
+@dataclass(frozen=True)
+class _Even:
+    """A cut into ``shards`` shards of equal sample counts (to one), for ``samples`` samples."""
+
+    shards: int
+    samples: int
+
+
+def _cut(options: ExportOptions, before: int, size: int, number: int, even: _Even | None = None) -> int:
     """The output shard of a sample, before dense renumbering: by count, or the shard its middle byte
-    falls in (shards then miss the target by half a sample at most). Integer arithmetic, the same in SQL."""
+    falls in (shards then miss the target by half a sample at most), or with ``even`` the even split.
+    Integer arithmetic, the same in SQL."""
+    if even is not None:
+        return number * even.shards // even.samples
     if options.samples_per_shard is not None:
         return number // options.samples_per_shard
     return (2 * before + size) // (2 * int(options.target_bytes or 1))
 
 
 def _plan(index: Dataset, options: ExportOptions, state: Path) -> dict[str, Any]:
-    """Assign every indexed sample an output shard; write ``plan.parquet`` sorted by output shard."""
+    """Assign every indexed sample an output shard; write ``plan.parquet`` sorted by output shard.
+
+    A size cut into fewer than ``min_shards`` shards is planned again as an even split into
+    ``min(min_shards, samples)`` shards: that happens only to exports smaller than ``min_shards``
+    target sizes, so the second pass is cheap."""
     tmp = state / ".plan.parquet.tmp"
     if not index.completed_ids():  # nothing to export: an empty plan, still a readable file
         pq.write_table(pa.table({"_out": pa.array([], pa.int32()), "_order": pa.array([], pa.uint64())}), tmp)
         shards = []
     else:
-        shards = _plan_in_order(index, options, tmp) if not options.shuffle else _plan_shuffled(index, options, tmp, state)
+        shards = _plan_cut(index, options, tmp, state)
+        samples = sum(n for n, _ in shards)
+        wanted = min(options.min_shards, samples)
+        if options.samples_per_shard is None and len(shards) < wanted:
+            shards = _plan_cut(index, options, tmp, state, _Even(wanted, samples))
     os.replace(tmp, state / "plan.parquet")
     return {"shards": [{"samples": n, "planned_bytes": b} for n, b in shards]}
 
 
-def _plan_in_order(index: Dataset, options: ExportOptions, tmp: Path) -> list[tuple[int, int]]:
+def _plan_cut(index: Dataset, options: ExportOptions, tmp: Path, state: Path, even: _Even | None = None) -> list[tuple[int, int]]:
+    if options.shuffle:
+        return _plan_shuffled(index, options, tmp, state, even)
+    return _plan_in_order(index, options, tmp, even)
+
+
+def _plan_in_order(index: Dataset, options: ExportOptions, tmp: Path, even: _Even | None = None) -> list[tuple[int, int]]:
     """Input order is index order: one streaming pass, an index shard at a time, in flat memory."""
     writer, shards, before, number, last_cut = None, [], 0, 0, None
     try:
@@ -134,7 +181,7 @@ def _plan_in_order(index: Dataset, options: ExportOptions, tmp: Path) -> list[tu
             table = read_parquet(index.parquet_path(shard_id))
             outs = []
             for size in table.column("_bytes").to_pylist():
-                cut = _cut(options, before, size, number)
+                cut = _cut(options, before, size, number, even)
                 if cut != last_cut:  # dense shard numbers, even past a sample larger than the target
                     shards.append((0, 0))
                     last_cut = cut
@@ -152,10 +199,13 @@ def _plan_in_order(index: Dataset, options: ExportOptions, tmp: Path) -> list[tu
     return shards
 
 
-def _plan_shuffled(index: Dataset, options: ExportOptions, tmp: Path, state: Path) -> list[tuple[int, int]]:
+def _plan_shuffled(index: Dataset, options: ExportOptions, tmp: Path, state: Path,
+                   even: _Even | None = None) -> list[tuple[int, int]]:
     """A global sort on the shuffle order: DuckDB, spilling to disk beyond ``_PLAN_MEMORY``."""
     files = [str(index.parquet_path(i)) for i in index.completed_ids()]
-    if options.samples_per_shard is not None:
+    if even is not None:
+        cut = f"((row_number() OVER (ORDER BY _order) - 1) * {int(even.shards)}) // {int(even.samples)}"
+    elif options.samples_per_shard is not None:
         cut = f"(row_number() OVER (ORDER BY _order) - 1) // {int(options.samples_per_shard)}"
     else:
         before = "(sum(_bytes) OVER (ORDER BY _order ROWS UNBOUNDED PRECEDING) - _bytes)"
@@ -259,9 +309,15 @@ def _run_locked(options: ExportOptions, src: Dataset, dst: Dataset, executor: Ex
         return ExportResult(where, failed_shards=indexed.failed_shards, format=options.format)
     index = Dataset(index_dir)
     left_out: dict[str, int] = {}
+    caption_status: dict[str, int] | None = None
     for shard_id in index.completed_ids():
-        for reason, n in index.read_stats(shard_id).get("left_out", {}).items():
+        stats = index.read_stats(shard_id)
+        for reason, n in stats.get("left_out", {}).items():
             left_out[reason] = left_out.get(reason, 0) + n
+        if "caption_status" in stats:
+            caption_status = caption_status or {}
+            for status, n in stats["caption_status"].items():
+                caption_status[status] = caption_status.get(status, 0) + n
 
     # Pass 2: the plan, once per index.
     fingerprint = {"options": asdict(options), "index_shards": index.completed_ids(), "indexed": indexed.samples}
@@ -283,7 +339,9 @@ def _run_locked(options: ExportOptions, src: Dataset, dst: Dataset, executor: Ex
     if options.format == "parquet" and todo:
         dst.fs.makedirs(dst.file("data"), exist_ok=True)  # once here, not in every task
     progress = make_progress("shard: writing", quiet)
-    progress.start(shards, shards - len(todo))
+    per_shard = [int(p["samples"]) if isinstance(p, dict) else int(p[0]) for p in plan["shards"]]  # from the plan
+    start_progress(progress, shards, shards - len(todo), total_samples=sum(per_shard),
+                   done_samples=sum(per_shard) - sum(per_shard[i] for i in todo))
     failed: dict[int, str] = {}
     try:
         fatal = executor.run(_WriteJob(src, dst, shards, options.format), todo,
@@ -299,7 +357,11 @@ def _run_locked(options: ExportOptions, src: Dataset, dst: Dataset, executor: Ex
     records = [json.loads((state / "done" / f"{i:05d}.json").read_text()) for i in range(shards)]
     summary = {"format": options.format, "samples": sum(r["samples"] for r in records),
                "bytes": sum(r["bytes"] for r in records), "shards": records, "left_out": dict(sorted(left_out.items()))}
+    if caption_status is not None:  # the caption outcomes of the exported samples, where the input was captioned
+        summary["caption_status"] = dict(sorted(caption_status.items()))
     atomic_write_json(out / "shards.json", summary)
+    if options.format == "webdataset":  # open_clip's get_dataset_size: samples per tar, by file name
+        atomic_write_json(out / "sizes.json", {r["file"]: r["samples"] for r in records})
     manifest = src.read_manifest() or {}
     history = [*manifest.get("history", []), {"stage": "shard", "parameters": asdict(options), "input": src.location,
                                               "lenscap_version": __version__,
@@ -309,9 +371,9 @@ def _run_locked(options: ExportOptions, src: Dataset, dst: Dataset, executor: Ex
                                              "counts": {"samples": summary["samples"], "left_out": summary["left_out"]}})
     write_card(out, options.format, summary, history, Path(index_dir), _columns(index),
                location=dst.location if dst.remote else None)
-    put_and_remove(dst, out, list(INDEX_FILES))
+    put_and_remove(dst, out, list(INDEX_FILES))  # those written: sizes.json is WebDataset's only
     return ExportResult(where, shards, shards, summary["samples"], format=options.format, bytes=summary["bytes"],
-                        left_out=summary["left_out"])
+                        left_out=summary["left_out"], empty=summary["samples"] == 0)
 
 
 def _columns(index: Dataset) -> pa.Schema:

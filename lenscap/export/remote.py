@@ -18,7 +18,7 @@ from lenscap.uploads import uploaded_sizes
 __all__ = ["INDEX_FILES", "sync_mirror"]
 
 # Written locally at the end of a run, then uploaded in this order (as a local run writes them).
-INDEX_FILES = ("shards.json", "lenscap.json", "README.md")
+INDEX_FILES = ("shards.json", "sizes.json", "lenscap.json", "README.md")
 
 
 def sync_mirror(remote: Dataset, done_dir: Path) -> None:
