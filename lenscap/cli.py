@@ -1076,15 +1076,10 @@ def main() -> None:
     --json, stdout holds exactly one object however the command ends; with --log-file, the log ends
     with one line saying how it ended."""
     import time
-    import warnings
 
-    from lenscap import progress
-    from lenscap.progress import log
+    from lenscap.progress import capture_warnings, log, log_file
 
-    log_file = getattr(progress, "log_file", lambda: getattr(progress, "_log_file", None))
-
-    # Library warnings (DeprecationWarnings of dependencies, DuckDB's) are not the user's business.
-    warnings.simplefilter("ignore")
+    capture_warnings()  # a library's warnings go to the --log-file, never to stderr
     argv = sys.argv[1:]
     as_json = _wants_json(argv)
     started = time.monotonic()

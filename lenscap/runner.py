@@ -23,7 +23,7 @@ from lenscap.errors import disk_full
 from lenscap.executors import Executor, LocalExecutor
 from lenscap.layout import shard_name
 from lenscap.lock import output_lock
-from lenscap.progress import Progress, log, make_progress
+from lenscap.progress import Progress, log, make_progress, start_progress
 from lenscap.result import JobResult
 from lenscap.stages.base import Stage
 
@@ -186,6 +186,17 @@ def run_stage(
         return run_job(job, executor or LocalExecutor(processes), progress)
 
 
+def _start_progress(progress: Progress, src: Dataset, total: int, done: int) -> None:
+    """``progress.start``, with the input's sample count where its manifest has one (lenscap's progress
+    then shows samples of a total, and an ETA from the samples left); the samples of the shards done
+    before are estimated from their share, as reading every shard's stats could take long."""
+    samples = ((src.read_manifest() or {}).get("counts") or {}).get("samples")
+    if isinstance(samples, int) and samples > 0 and total:
+        start_progress(progress, total, done, total_samples=samples, done_samples=round(samples * done / total))
+    else:
+        progress.start(total, done)
+
+
 def run_job(job: OwnedJob, executor: Executor, progress: Progress | None) -> JobResult:
     """Run a per-shard stage's job (from ``owned_job``) over the input shards its output lacks."""
     stage, src, dst, shards = job.stage, job.src, job.dst, job.shards
@@ -195,7 +206,7 @@ def run_job(job: OwnedJob, executor: Executor, progress: Progress | None) -> Job
     write_manifest = job.write_manifest
     write_manifest()  # from the start, so the output can be inspected while the stage runs
     progress = progress or make_progress(stage.name)
-    progress.start(len(shards), len(shards) - len(todo))
+    _start_progress(progress, src, len(shards), len(shards) - len(todo))
     failed: dict[int, str] = {}
     live = not executor.distributed  # workers on other machines cannot tick a counter in this one
     counters = _LiveCounters(multiprocessing.get_context("spawn"), progress) if live else None

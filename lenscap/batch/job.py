@@ -396,9 +396,14 @@ class BatchJob:
             self.remaining.discard(shard_id)
 
     def describe(self) -> str:
+        """The progress's status after each pass (``--wait`` polls): requests answered of those prepared
+        so far, the batches in flight and the queue, the spend. One query over the shards, none per file."""
         limit = self.limit()
         queued = self.state.queued_tokens()
         flying = len(self.state.files(*IN_QUEUE))
+        answered, requests = self.state.db.execute(
+            "SELECT coalesce(sum(answered), 0), coalesce(sum(requests), 0) FROM shards").fetchone()
         queue = f"{queued:,}/{limit:,} tokens queued" if limit else f"{queued:,} tokens queued"
-        return f"{flying} batches in flight ({queue}), ${self.budget.spent:.4f} spent"
+        return (f"{answered:,}/{requests:,} requests answered, {flying} batches in flight ({queue}), "
+                f"${self.budget.spent:.4f} spent")
 

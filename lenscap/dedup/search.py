@@ -125,27 +125,40 @@ def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path
     same. Local processes gain nothing over DuckDB's own threads here (see the README's figures).
     """
     started = time.monotonic()
+    # The passes, numbered in what ``status`` says, so a long search shows where it is (a log line
+    # every interval): "step 4/6: near duplicates, table 3/16".
+    passes = ["loading signatures", *(["exact duplicates"] if options.exact else []),
+              *(["equal perceptual hashes"] if options.phash else []),
+              *(["near duplicates"] if options.phash and options.max_distance > 0 else []),
+              *(["caption duplicates"] if options.captions else []), "clusters", "decisions and report"]
+
+    def step(text: str) -> None:
+        name = text.split(":", 1)[0]
+        number = passes.index(name) + 1 if name in passes else None
+        status(f"step {number}/{len(passes)}: {text.replace(': ', ', ', 1)}" if number else text)
+
     con = out_of_core(options.memory_limit, work_dir / "spill", options.threads)
     try:
-        status("loading signatures")
+        step("loading signatures")
         _load(con, sources)
         against = len(sources) > 1
         con.execute("CREATE TEMP TABLE edges (a BIGINT, b BIGINT, why UTINYINT, d UTINYINT)")
         plan = None
         if options.exact:
-            status("exact duplicates")
+            step("exact duplicates")
             _group_edges(con, "sha256", 0, "true", against)
         if options.phash:
-            status("equal perceptual hashes")
+            step("equal perceptual hashes")
             usable = "h IS NOT NULL AND NOT degenerate"
             _group_edges(con, "h", 1, usable, against)
             if options.max_distance > 0:
+                step("near duplicates")
                 con.execute(f"CREATE TEMP TABLE uh AS SELECT min(id) AS uid, h, bool_or(src = 0) AS has_new FROM sig "
                             f"WHERE {usable} GROUP BY h")
                 n = con.execute("SELECT count(*) FROM uh").fetchall()[0][0]
                 plan = PigeonholePlan.for_size(max(n, 1), options.max_distance)
                 restrict = "a.has_new OR b.has_new" if against else None
-                on_table = lambda done, total: status(f"near duplicates: table {done}/{total}")  # noqa: E731
+                on_table = lambda done, total: step(f"near duplicates: table {done}/{total}")  # noqa: E731
                 if executor is not None and executor.distributed:
                     split_near_pairs(con, "uh", plan, options.bucket_cap, executor, work_dir, options.memory_limit,
                                      options.threads, restrict, on_table)
@@ -153,11 +166,12 @@ def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path
                     near_pairs(con, "uh", plan, options.bucket_cap, restrict, on_table)
                 con.execute("INSERT INTO edges SELECT a, b, 1, d FROM near")
         if options.captions:
-            status("caption duplicates")
+            step("caption duplicates")
             _group_edges(con, "caption_hash", 2, "true", against)
-        status("clusters")
+        step("clusters")
         _cluster(con)
         _decide(con, options)
+        step("decisions and report")
         summary = _write(con, sources, options, plan, work_dir, report_dir, started)
         shutil.rmtree(work_dir / "search", ignore_errors=True)  # kept until now for a rerun after a failure
         return summary

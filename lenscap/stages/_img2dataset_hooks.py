@@ -12,6 +12,9 @@ makes every worker import this module, which:
   and decompression bombs get a status naming the problem instead of OpenCV's generic one or an
   out-of-memory kill.
 
+With a ``progress_dir`` in the config, the webdataset writer is wrapped too (``CountingWriter``), so
+that lenscap's progress counts samples as they are written rather than shards as they finish.
+
 ``main(PARENT_PID)`` is the subprocess's entry point, with the config on stdin
 (``img2dataset_process.Img2datasetProcess`` starts it): in its own process group, its output sent
 to a log file.
@@ -19,6 +22,8 @@ to a log file.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib
 import io
 import json
@@ -29,6 +34,7 @@ import urllib.error
 import urllib.request
 
 from img2dataset.resizer import Resizer
+from img2dataset.writer import WebDatasetSampleWriter
 from PIL import Image
 
 from lenscap import netguard
@@ -118,6 +124,45 @@ class GuardedResizer(Resizer):
         return super().__call__(img_stream, blurring_bbox_list)
 
 
+class CountingWriter:
+    """img2dataset's webdataset writer, counting each sample as it is written: one byte appended to
+    ``PROGRESS_DIR/SHARD.ok`` or ``SHARD.failed``, so the sizes of those files are the shard's
+    successes and failures so far. lenscap's progress reads them (``download._LiveSamples``): a stat
+    per file, no parsing, and nothing read from the shard's tar or parquet while they are written.
+
+    A shard started again (img2dataset's retry of a failed shard, a rerun) starts its counts again.
+    """
+
+    def __init__(self, progress_dir: str, shard_id: int, output_folder: str, *args, **kwargs) -> None:
+        self._inner = WebDatasetSampleWriter(shard_id, output_folder, *args, **kwargs)
+        self._counts = {}
+        try:
+            os.makedirs(progress_dir, exist_ok=True)
+            for outcome in ("ok", "failed"):
+                self._counts[outcome] = open(os.path.join(progress_dir, f"{int(shard_id)}.{outcome}"), "wb", buffering=0)
+        except OSError:
+            self._close_counts()  # progress is a nicety: the download goes on without it
+
+    def write(self, img_str, key, caption, meta) -> None:
+        self._inner.write(img_str, key, caption, meta)
+        f = self._counts.get("ok" if meta.get("status") == "success" else "failed")
+        if f is not None:
+            try:
+                f.write(b".")
+            except OSError:
+                self._close_counts()
+
+    def close(self) -> None:
+        self._inner.close()
+        self._close_counts()
+
+    def _close_counts(self) -> None:
+        for f in self._counts.values():
+            with contextlib.suppress(OSError):
+                f.close()
+        self._counts = {}
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM us when the lenscap process that started us dies (even by SIGKILL)."""
     if sys.platform.startswith("linux"):
@@ -160,6 +205,10 @@ def main(parent: int) -> int:
         return GuardedResizer(*args, max_pixels=max_pixels, allow_private_network=allow_private, **kwargs)
 
     _i2d_main.Resizer = resizer_factory  # the one name download() constructs its resizer by
+    progress_dir = config.pop("progress_dir", None)
+    if progress_dir and config.get("output_format") == "webdataset":
+        # Pickled to each worker (a partial of a class this module defines): counts as samples are written.
+        _i2d_main.WebDatasetSampleWriter = functools.partial(CountingWriter, progress_dir)
     _i2d_main.download(**config)
     return 0
 

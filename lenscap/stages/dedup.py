@@ -194,7 +194,7 @@ def _run_locked(job: OwnedJob, inputs: list[Dataset], in_label: str, executor: E
             raise UsageError(f"the input of {dst.location} changed since it was deduplicated; use a new output directory")
         done = None
     if done is None:
-        p = make_progress("dedup: searching", quiet)
+        p = make_progress("dedup: searching", quiet, unit="steps")  # its status numbers the steps
         p.start(1)
         try:
             report = find_duplicates(sources, stage.options, work_dir(dst), report_dir(dst), status=p.status,

@@ -50,7 +50,7 @@ from lenscap.journal import atomic_write_json
 from lenscap.layout import IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, adopt_old_work_dir, parquet_name, shard_name, stats_name
 from lenscap.manifest import shard_stats
 from lenscap.netguard import REFUSED
-from lenscap.progress import Progress, make_progress
+from lenscap.progress import Progress, accepts, make_progress, start_progress
 from lenscap.result import JobResult
 from lenscap.runner import owned_output
 from lenscap.stages.img2dataset_process import Img2datasetProcess
@@ -100,17 +100,17 @@ class DownloadOptions:
 
     def validate(self) -> None:
         checks = [
-            (self.samples_per_shard >= 1, "--samples-per-shard must be at least 1"),
-            (self.processes >= 1, "--processes must be at least 1"),
-            (self.threads >= 1, "--threads must be at least 1"),
-            (self.image_size >= 1, "--image-size must be at least 1"),
-            (self.resize_mode in RESIZE_MODES, f"--resize-mode must be one of {', '.join(RESIZE_MODES)}"),
-            (self.min_image_size >= 0, "--min-image-size must not be negative"),
-            (self.max_aspect_ratio >= 1, "--max-aspect-ratio must be at least 1"),
-            (self.max_pixels >= 1, "--max-pixels must be at least 1"),
-            (self.timeout >= 1, "--timeout must be at least 1 second"),
-            (self.retries >= 0, "--retries must not be negative"),
-            (0 <= self.encode_quality <= 100, "--encode-quality must be between 0 and 100"),
+            (self.samples_per_shard >= 1, f"--samples-per-shard must be at least 1, not {self.samples_per_shard}"),
+            (self.processes >= 1, f"--processes must be at least 1, not {self.processes}"),
+            (self.threads >= 1, f"--threads must be at least 1, not {self.threads}"),
+            (self.image_size >= 1, f"--image-size must be at least 1, not {self.image_size}"),
+            (self.resize_mode in RESIZE_MODES, f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, not {self.resize_mode!r}"),
+            (self.min_image_size >= 0, f"--min-side must not be negative, not {self.min_image_size}"),
+            (self.max_aspect_ratio >= 1, f"--max-aspect must be at least 1, not {self.max_aspect_ratio}"),
+            (self.max_pixels >= 1, f"--max-pixels must be at least 1, not {self.max_pixels}"),
+            (self.timeout >= 1, f"--timeout must be at least 1 second, not {self.timeout}"),
+            (self.retries >= 0, f"--max-retries must not be negative, not {self.retries}"),
+            (0 <= self.encode_quality <= 100, f"--encode-quality must be between 0 and 100, not {self.encode_quality}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -392,11 +392,15 @@ def _staged_done(staging: Path | str) -> set[int]:
     return set(Dataset(staging).completed_ids())
 
 
-def _img2dataset_config(options: DownloadOptions, url_dir: Path, staging: Path | str) -> dict[str, Any]:
+def _img2dataset_config(options: DownloadOptions, url_dir: Path, staging: Path | str,
+                        progress_dir: Path | None = None) -> dict[str, Any]:
+    """img2dataset's arguments and the hooks' (``_img2dataset_hooks.main`` takes theirs out):
+    ``progress_dir``, where its workers count the samples they write (``_LiveSamples``)."""
     if isinstance(staging, Path):  # img2dataset makes a remote one itself
         staging.mkdir(parents=True, exist_ok=True)
     return options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels, "ray_address": options.ray_address,
-                                                           "allow_private_network": options.allow_private_network}
+                                                           "allow_private_network": options.allow_private_network,
+                                                           "progress_dir": None if progress_dir is None else str(progress_dir)}
 
 
 def download(
@@ -427,29 +431,43 @@ def download(
 
 def _download(job: _Job, source: str | None, options: DownloadOptions, progress: Progress | None,
               img2dataset: Img2datasetProcess | None) -> JobResult:
-    total = _split_once(job, source, options)["shards"]
+    split = _split_once(job, source, options)
+    total = split["shards"]
     progress = progress or make_progress("download")
     done = set(job.out.completed_ids())
-    progress.start(total, len(done))
+    live = _LiveSamples(job.work / "progress" if isinstance(job.staging, Path) else None, progress)
 
-    def adopt_finished() -> None:
+    def adopt_finished(before: list[int] | None = None) -> None:
         for shard_id in sorted(_staged_done(job.staging) - done):
             if shard_id >= total or job.out.is_complete(shard_id):
                 done.add(shard_id)
                 continue
             stats = _adopt_into(job, shard_id, options.samples_per_shard)
             done.add(shard_id)
-            progress.advance(shards=1, samples=stats["count"])
+            if before is not None:  # adopted before this run's work starts: counted as done already
+                before[0] += int(stats.get("count", 0))
+                before[1] += int(stats.get("count", 0)) - int(stats.get("successes", 0))
+            else:
+                live.shard_done(shard_id, stats)
 
-    _finish(job, options, total, {})  # a manifest from the start: `inspect` works mid-download
+    already = _finish(job, options, total, {})  # a manifest from the start: `inspect` works mid-download
     _forget_unadoptable(job.staging, done)
-    adopt_finished()  # shards staged before a crash
+    before = [already.samples, already.samples - already.status.get("success", 0)]
+    adopt_finished(before)  # shards staged before a crash
+    _start(progress, total, len(done), split.get("samples"), before)
     rc = 0
     if len(done) < total:
         _mark_staged(job.staging, done)
+        live.reset()
         img2dataset = img2dataset or Img2datasetProcess()
-        rc = img2dataset.run(_img2dataset_config(options, job.input_dir, job.staging), job.log_file,
-                             adopt_finished, lambda: len(done) >= total, poll_s=_poll_s(job.staging))
+
+        def on_poll() -> None:
+            adopt_finished()
+            live.poll(done)
+
+        rc = img2dataset.run(_img2dataset_config(options, job.input_dir, job.staging, live.directory), job.log_file,
+                             on_poll, lambda: len(done) >= total, poll_s=_poll_s(job.staging))
+        live.reset()
     progress.finish()
     failed = sorted(set(range(total)) - set(job.out.completed_ids()))
     if failed:
@@ -457,6 +475,73 @@ def _download(job: _Job, source: str | None, options: DownloadOptions, progress:
     else:
         job.remove_staging("img2dataset")  # everything adopted: the staging copies are no longer needed
     return _finish(job, options, total, {i: f"not downloaded (img2dataset exit code {rc})" for i in failed})
+
+
+def _start(progress: Progress, total: int, done: int, total_samples: int | None, before: list[int]) -> None:
+    start_progress(progress, total, done, total_samples=total_samples, done_samples=before[0], failed_samples=before[1])
+
+
+class _LiveSamples:
+    """The samples img2dataset has written so far in the shards it has not finished, shown as they come.
+
+    Its workers' writer (``_img2dataset_hooks.CountingWriter``) appends one byte per sample to
+    ``DIR/SHARD.ok`` or ``DIR/SHARD.failed``: a poll is a listing and a stat per shard in flight. When
+    a shard is adopted its committed counts replace its live ones. With no directory (img2dataset's
+    Ray tasks writing to a remote staging, on other machines) only finished shards are counted.
+    """
+
+    def __init__(self, directory: Path | None, progress: Progress) -> None:
+        self.directory = directory
+        self.progress = progress
+        self.shown: dict[int, tuple[int, int]] = {}  # shard -> (samples, failed) shown so far
+        self._failed_kw = accepts(progress.advance, "failed")
+
+    def reset(self) -> None:
+        """No counts of an earlier run (a shard it did not finish starts again from 0)."""
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        self.shown.clear()
+
+    def _advance(self, shards: int, samples: int, failed: int) -> None:
+        if self._failed_kw:
+            self.progress.advance(shards=shards, samples=samples, failed=failed)  # type: ignore[call-arg]
+        else:
+            self.progress.advance(shards=shards, samples=samples)
+
+    def poll(self, done: set[int]) -> None:
+        samples = failed = 0
+        counts: dict[int, list[int]] = {}
+        try:
+            entries = list(os.scandir(self.directory)) if self.directory is not None else []
+        except OSError:
+            entries = []
+        for entry in entries:
+            stem, _, outcome = entry.name.partition(".")
+            if not stem.isdigit() or outcome not in ("ok", "failed") or int(stem) in done:
+                continue
+            try:
+                size = entry.stat().st_size
+            except OSError:
+                continue
+            c = counts.setdefault(int(stem), [0, 0])
+            c[0] += size
+            if outcome == "failed":
+                c[1] += size
+        for shard_id, (n, f) in counts.items():
+            shown_n, shown_f = self.shown.get(shard_id, (0, 0))
+            samples, failed = samples + n - shown_n, failed + f - shown_f
+            self.shown[shard_id] = (n, f)
+        self._advance(0, samples, failed)  # also when nothing moved: a log line every interval says it is alive
+
+    def shard_done(self, shard_id: int, stats: dict[str, Any]) -> None:
+        """Shard ``shard_id`` is committed with ``stats``: its final counts (lost samples included)."""
+        shown_n, shown_f = self.shown.pop(shard_id, (0, 0))
+        count = int(stats.get("count", 0))
+        failed = count - int(stats.get("successes", 0))
+        self._advance(1, count - shown_n, failed - shown_f)
+        if self.directory is not None:
+            for outcome in ("ok", "failed"):
+                (self.directory / f"{shard_id}.{outcome}").unlink(missing_ok=True)
 
 
 def _poll_s(staging: Path | str) -> float:
@@ -518,19 +603,32 @@ def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None
         atomic_write_json(url_dir / "_done.json", {"shards": len(origin), "origin": origin})
     origin = json.loads((url_dir / "_done.json").read_text())["origin"]
     merged: set[int] = set()
-    progress.start(len(origin))
+    live = _LiveSamples(job.work / "retry" / "progress" if isinstance(staging, Path) else None, progress)
+    retry_rows = {rid: pq.read_metadata(url_dir / f"{shard_name(rid)}.parquet").num_rows for rid in range(len(origin))}
 
-    def merge_finished() -> None:
+    def merge_finished(before: list[int] | None = None) -> None:
         for rid in sorted(_staged_done(staging) - merged):
             _merge_retry_shard(job, staging, rid, origin[rid])
             merged.add(rid)
-            progress.advance(shards=1)
+            if before is not None:  # merged before this run's work starts
+                before[0] += retry_rows[rid]
+            else:  # img2dataset's own counts: a failure here is a sample that failed again
+                live.shard_done(rid, {"count": retry_rows[rid]} | _retry_stats(staging, rid))
 
-    merge_finished()  # retry shards finished before a crash
+    before = [0, 0]
+    merge_finished(before)  # retry shards finished before a crash
+    _start(progress, len(origin), len(merged), sum(retry_rows.values()), before)
     if len(merged) < len(origin):
         retry_options = DownloadOptions(**{**asdict(options), "extra_cols": [*options.extra_cols, "lenscap_key"]})
-        Img2datasetProcess().run(_img2dataset_config(retry_options, url_dir, staging), job.log_file,
-                                 merge_finished, lambda: len(merged) >= len(origin), poll_s=_poll_s(staging))
+        live.reset()
+
+        def on_poll() -> None:
+            merge_finished()
+            live.poll(merged)
+
+        Img2datasetProcess().run(_img2dataset_config(retry_options, url_dir, staging, live.directory), job.log_file,
+                                 on_poll, lambda: len(merged) >= len(origin), poll_s=_poll_s(staging))
+        live.reset()
     progress.finish()
     if len(merged) < len(origin):
         progress.note(f"retry-failed: {len(origin) - len(merged)} of {len(origin)} retry shards did not finish; rerun to finish them")
@@ -538,6 +636,15 @@ def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None
         job.remove_staging("retry")
     failed = sorted(set(range(total)) - set(out.completed_ids()))
     return _finish(job, options, total, {i: "not downloaded; rerun the download to finish it" for i in failed})
+
+
+def _retry_stats(staging: Path | str, retry_id: int) -> dict[str, Any]:
+    """The successes img2dataset counted in a retry shard (its ``_stats.json``), for the progress."""
+    try:
+        stats = Dataset(staging).read_stats(retry_id)
+    except (OSError, DatasetError):
+        return {}
+    return {"successes": int(stats["successes"])} if isinstance(stats.get("successes"), int) else {}
 
 
 def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: int) -> None:
