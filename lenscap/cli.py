@@ -21,6 +21,7 @@ import typer
 import typer.main
 
 from lenscap import __version__
+from lenscap.backends.base import CAPTION_FLAGS  # the backend options that have a flag of their own on caption
 from lenscap.errors import LenscapError
 
 # Exit code of a command whose output holds 0 samples: a warning, distinct from success and failure.
@@ -231,10 +232,6 @@ def download(
     _run(download_outcome, locals(), as_json, quiet)
 
 
-# Backend options that have a flag of their own on `caption`; any other goes through -O NAME=VALUE.
-CAPTION_FLAGS = {"model", "base_url", "api_key_env", "max_tokens", "temperature", "detail", "max_side", "rpm", "tpm",
-                 "concurrency", "prices", "timeout", "max_retries", "outage_timeout", "wait", "poll_interval", "max_requests_per_file",
-                 "max_file_mb", "max_enqueued_tokens", "device", "dtype", "batch_size"}
 # Backend options: None means "not given", so the backend's own default applies (lenscap backends lists them).
 _MODEL = "Model options (every backend; lenscap backends lists each one's defaults)"
 _API = "API options (openai, openai-batch)"
@@ -711,7 +708,8 @@ def run_command(
     common_flags({"log_file": log_file})
     summary = run_recipe(load_recipe(recipe, set_, work_dir, input), quiet)
     # What this run spent, all stages together (each caption stage says its own).
-    spent = [s["summary"]["spent_usd"] for s in summary["stages"] if isinstance((s.get("summary") or {}).get("spent_usd"), (int, float))]
+    spent = [s["summary"]["spent_usd"] for s in summary["stages"]
+             if not s.get("skipped") and isinstance((s.get("summary") or {}).get("spent_usd"), (int, float))]
     if spent:
         summary["spent_usd"] = sum(spent)
     _emit(summary, as_json)
@@ -822,7 +820,10 @@ def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, proces
         max_retries, outage_timeout, wait, poll_interval, max_requests_per_file, max_file_mb, max_enqueued_tokens, device,
         dtype, batch_size, copy_images, overwrite, allow_incomplete, retry_errors, redo, executor,
         ray_address, quiet) -> Outcome:
+    import warnings
+
     from lenscap import api
+    from lenscap.backends.base import OptionRenamed
     from lenscap.captioning.prompts import load_prompt
     from lenscap.errors import BudgetReached, UsageError
     from lenscap.progress import make_progress
@@ -844,7 +845,12 @@ def caption_outcome(*, in_dir, out_dir, backend, prompt, hints, max_cost, proces
         values[name.strip().replace("-", "_")] = value
     hint_names = _parse_hints(hints)
     load_prompt(prompt)  # a missing prompt file fails before the backend is built
-    caption_backend = api.backend(backend, **values)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", OptionRenamed)
+        caption_backend = api.backend(backend, **values)
+    for w in said:  # an option's old name: a note, as for the flags' old names
+        if issubclass(w.category, OptionRenamed):
+            print(f"lenscap: note: {w.message}", file=sys.stderr)
     if processes is None:  # building batch request lines is CPU work; online and local captioning is not
         processes = all_cores() if caption_backend.runs_as_batch else 1
     runner = _executor(executor, processes, ray_address)

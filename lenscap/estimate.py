@@ -10,7 +10,9 @@ SQL expression is true (the price of a ``caption --redo`` with it). With ``sampl
 lines of up to ``SAMPLE_IMAGES`` downloaded images are built as the batch packer builds them, and
 their mean size and image tokens replace the assumed ones.
 
-Wall time: online, the requests a minute that both ``rpm`` and ``tpm`` allow. As batches, the files
+Wall time: online, the requests a minute that both ``rpm`` and ``tpm`` allow; without either, those of
+the model at OpenAI's usage tier 1 (``captioning.pricing.tier_limits``; the gpt-4.1 figures for a model
+not in that table), named in the result's ``tier`` and ``note``. As batches, the files
 the packer would write (each bounded by ``max_requests_per_file`` requests and ``max_file_mb`` MiB,
 whichever binds first), run in waves of as many files as the account's batch queue limit
 (``max_enqueued_tokens``, input tokens) holds, each wave taking ``batch_hours``.
@@ -25,12 +27,13 @@ from dataclasses import asdict, dataclass
 from decimal import Decimal
 from typing import Any
 
-from lenscap.captioning.pricing import PriceTable, image_tokens, text_tokens
+from lenscap.backends.openai_chat import DEFAULT_MODEL
+from lenscap.captioning.pricing import DEFAULT_PRICES, PRICE_FILE_FORMAT, PriceTable, RateLimits, image_tokens, text_tokens, tier_limits
 from lenscap.captioning.prompts import load_prompt
 from lenscap.errors import UsageError
 
 __all__ = ["EstimateRequest", "estimate", "parse_count", "parse_hours", "hours_span", "TOKENS_PER_WORD", "BATCH_MAX_REQUESTS",
-           "SAMPLE_IMAGES"]
+           "SAMPLE_IMAGES", "DEFAULT_MODEL", "FALLBACK_LIMITS_MODEL"]
 
 TOKENS_PER_WORD = 4 / 3
 BATCH_MAX_REQUESTS = 50_000
@@ -41,6 +44,8 @@ SAMPLE_IMAGES = 200
 ASSUMED_LINE_BYTES = 87_488
 ASSUMED_TEXT_BYTES = 1_410
 ASSUMED_AT_SIDE = 512
+# A model without published tier limits is timed at this model's: the tightest in the table.
+FALLBACK_LIMITS_MODEL = "gpt-4.1"
 
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 _COUNT_RE = re.compile(r"(\d+(?:\.\d*)?(?:e\d+)?)([kmb]?)", re.IGNORECASE)
@@ -69,7 +74,7 @@ def parse_hours(text: str) -> tuple[float, float]:
 @dataclass(frozen=True)
 class EstimateRequest:
     images: int | None  # None: counted by ``where`` in ``from_dir``
-    model: str = "gpt-4.1"
+    model: str = DEFAULT_MODEL  # caption's default (the openai backend's)
     batch: bool = False
     detail: str = "low"
     output_words: float = 109.0  # Lens's mean caption length
@@ -284,7 +289,8 @@ def _batch_wall_time(req: EstimateRequest, images: int, input_per: float, line_b
 def estimate(req: EstimateRequest) -> dict[str, Any]:
     table = PriceTable.load(req.prices)
     if table.price(req.model) is None:
-        raise UsageError(f"no price known for {req.model!r}: give a --prices file")
+        raise UsageError(f"no price known for model {req.model!r} (known: {', '.join(DEFAULT_PRICES)}): give --prices FILE, "
+                         f"a file of {PRICE_FILE_FORMAT}")
     images = req.images
     lines = _sampled_lines(req) if req.sample_from else None
     if req.from_dir:
@@ -327,11 +333,32 @@ def estimate(req: EstimateRequest) -> dict[str, Any]:
             line_bytes, line_basis = _assumed_line_bytes(req)
         out["wall_time"] = _batch_wall_time(req, images, input_per, line_bytes, line_basis)
     elif req.rpm or req.tpm:
-        per_minute = min(req.rpm or math.inf, (req.tpm / (input_per + output_per)) if req.tpm else math.inf)
-        hours = images / per_minute / 60
-        out["wall_time"] = {"requests_per_minute": round(per_minute, 1), "hours": round(hours, 2), "human": _duration(hours),
-                            "limited_by": "rpm" if req.rpm and per_minute == req.rpm else "tpm"}
+        out["wall_time"] = _online_wall_time(images, input_per + output_per, req.rpm, req.tpm)
     else:
-        out["wall_time"] = {"note": "no wall time without rate limits: give --rpm and/or --tpm (your account's requests "
-                                    "and tokens a minute)"}
+        out["wall_time"] = _online_wall_time(images, input_per + output_per, *_assumed_limits(req.model))
     return out
+
+
+def _assumed_limits(model: str) -> tuple[float, float, RateLimits, str]:
+    """The default tier's limits for ``model`` (or, unknown there, the tightest known), and the note that says so."""
+    limits = tier_limits(model)
+    known = limits is not None
+    if limits is None:
+        limits = tier_limits(FALLBACK_LIMITS_MODEL)
+        assert limits is not None
+    note = f"at {limits.tier} limits ({limits.rpm:,.0f} RPM, {limits.tpm:,.0f} TPM for {limits.model}"
+    note += ")" if known else f"; {model}'s are not known)"
+    return limits.rpm, limits.tpm, limits, note + "; give --rpm/--tpm for yours"
+
+
+def _online_wall_time(images: int, tokens_per_request: float, rpm: float | None, tpm: float | None,
+                      limits: RateLimits | None = None, note: str | None = None) -> dict[str, Any]:
+    """The requests a minute that both limits allow (a limit not given does not bind), and the hours they take."""
+    per_minute = min(rpm or math.inf, (tpm / tokens_per_request) if tpm else math.inf)
+    hours = images / per_minute / 60
+    wall: dict[str, Any] = {"requests_per_minute": round(per_minute, 1), "hours": round(hours, 2), "human": _duration(hours),
+                            "limited_by": "rpm" if rpm and per_minute == rpm else "tpm"}
+    if limits is not None:
+        wall["tier"] = {"name": limits.tier, "model": limits.model, "rpm": limits.rpm, "tpm": limits.tpm}
+        wall["note"] = note
+    return wall

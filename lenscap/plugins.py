@@ -1,7 +1,12 @@
 """Entry-point registries: built-ins and third-party packages found the same way.
 
 A registry maps names to ``module:Class`` targets: the built-ins listed here (so a source checkout
-without installed metadata still works) merged with the package entry points of one group.
+without installed metadata still works) merged with the package entry points of one group
+(``lenscap.backends``, ``lenscap.filters``). Loading a name imports its class and checks it: a
+subclass of the registry's base, and whatever the base's ``plugin_problems()`` finds wrong.
+
+This module is lenscap's machinery. What a plugin imports (the base classes, ``Option``, the
+outcome statuses) is in ``lenscap.plugin``.
 """
 
 from __future__ import annotations
@@ -40,7 +45,13 @@ class Registry:
         if name not in known:
             raise UsageError(f"unknown {self.kind} {name!r}; installed {self.kind}s: {', '.join(sorted(known))}")
         module, _, attr = known[name].partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as e:  # a broken or half-installed plugin: one line, not a traceback
+            raise UsageError(f"{self.kind} {name!r} ({known[name]}) cannot be imported: {type(e).__name__}: {e}") from None
         if not (isinstance(cls, type) and issubclass(cls, self.base)):
             raise UsageError(f"{self.kind} {name!r} ({known[name]}) is not a {self.base.__name__}")
+        problems = cls.plugin_problems() if hasattr(cls, "plugin_problems") else []
+        if problems:
+            raise UsageError(f"{self.kind} {name!r} ({known[name]}) cannot be used: {'; '.join(problems)}")
         return cls

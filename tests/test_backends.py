@@ -43,7 +43,9 @@ def test_backends_lists_builtins_with_their_options(env):
     assert sorted(found) == BUILTINS
     assert all(b["source"] == "lenscap (built-in)" for b in found.values())
     assert found["openai"]["needs_key"] and not found["describe"]["needs_key"]
-    assert {"model", "device", "dtype", "batch_size", "max_new_tokens"} <= {o["name"] for o in found["transformers"]["options"]}
+    assert {"model", "device", "dtype", "batch_size", "max_tokens"} <= {o["name"] for o in found["transformers"]["options"]}
+    tokens = next(o for o in found["vllm"]["options"] if o["name"] == "max_tokens")
+    assert tokens["deprecated_names"] == ["max_new_tokens"], "the local backends' old name is still accepted"
     text = run_cli("backends", env=env).stdout
     assert "-O ocr=..." in text and "--rpm" in text
 
@@ -66,7 +68,7 @@ def test_a_third_party_backend_package_installs_and_captions(tmp_path, env):
     r = run_cli("caption", str(src), str(tmp_path / "o2"), "--backend", "echo", "-O", "colour=red", env=plugin_env)
     assert r.returncode == 2 and "backend 'echo' has no option 'colour' (its options: prefix, upper)" in r.stderr
     r = run_cli("caption", str(src), str(tmp_path / "o2"), "--backend", "echo", "-O", "upper=perhaps", env=plugin_env)
-    assert r.returncode == 2 and "--upper takes true or false, not 'perhaps'" in r.stderr
+    assert r.returncode == 2 and "-O upper=perhaps: upper takes true or false, not 'perhaps'" in r.stderr
 
 
 def test_unknown_backend_names_the_installed_ones(tmp_path, env):
@@ -129,7 +131,7 @@ def tiny_llava(tmp_path_factory):
 def test_transformers_backend_captions_through_the_shard_machinery(tmp_path, env, tiny_llava):
     src = write_image_dataset(tmp_path / "in", 7, per_shard=4, failed=lambda i: i == 2).path
     args = ["caption", str(src), str(tmp_path / "out"), "--backend", "transformers", "--model", str(tiny_llava["ok"]),
-            "--max-new-tokens", "5", "--batch-size", "4", "--device", "cpu", "--json", "--quiet"]
+            "--max-tokens", "5", "--batch-size", "4", "--device", "cpu", "--json", "--quiet"]
     r = run_cli(*args, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["caption_status"] == {"ok": 6, "skipped": 1}
@@ -138,19 +140,28 @@ def test_transformers_backend_captions_through_the_shard_machinery(tmp_path, env
     assert 1 <= len(row["caption"].split()) <= 4  # 5 new tokens, the last one EOS (special tokens are not words)
     assert (row["caption_backend"], row["caption_model"], row["caption_cost_usd"]) == ("transformers", str(tiny_llava["ok"]), 0.0)
     assert row["caption_input_tokens"] > 0 and row["caption_output_tokens"] == 5
+    assert json.loads((tmp_path / "out" / "lenscap.json").read_text())["parameters"]["max_tokens"] == 5
     again = run_cli(*args[:2], str(tmp_path / "again"), *args[3:], "--no-cache", env=env)
     assert again.returncode == 0
     assert {k: v["caption"] for k, v in rows(tmp_path / "again").items()} == {k: v["caption"] for k, v in got.items()}, "greedy: repeatable"
 
 
-def test_transformers_reply_cut_at_max_new_tokens_is_truncated(tmp_path, env, tiny_llava):
+def test_transformers_reply_cut_at_max_tokens_is_truncated(tmp_path, env, tiny_llava):
     src = write_image_dataset(tmp_path / "in", 2).path
     r = run_cli("caption", str(src), str(tmp_path / "out"), "--backend", "transformers", "--model", str(tiny_llava["cut"]),
-                "--max-new-tokens", "3", "--json", "--quiet", env=env)
+                "--max-tokens", "3", "--json", "--quiet", env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["caption_status"] == {"truncated": 2}
     row = rows(tmp_path / "out")["000000000"]
-    assert row["caption_error"].startswith("reply cut at --max-new-tokens 3: ") and row["caption"] == row["alt_text"]
+    assert row["caption_error"].startswith("reply cut at --max-tokens 3: ") and row["caption"] == row["alt_text"]
+    # The old name, for one release: -O max_new_tokens=3 is the same job (it resumes the same output, from the same cache).
+    again = run_cli("caption", str(src), str(tmp_path / "out"), "--backend", "transformers", "--model", str(tiny_llava["cut"]),
+                    "-O", "max_new_tokens=3", "--json", "--quiet", env=env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["caption_status"] == {"truncated": 2}
+    r = run_cli("caption", str(src), str(tmp_path / "o2"), "--backend", "transformers", "--model", str(tiny_llava["cut"]),
+                "--max-tokens", "3", "-O", "max_new_tokens=4", env=env)
+    assert r.returncode == 2 and "disagree" in r.stderr
 
 
 def test_transformers_bad_input(tmp_path, env):
@@ -178,7 +189,7 @@ def test_gpu_out_of_memory_halves_the_batch(tiny_llava, monkeypatch):
 
     from lenscap.backends.transformers_local import TransformersBackend
 
-    backend = TransformersBackend(model=str(tiny_llava["ok"]), device="cpu", batch_size=4, max_new_tokens=3)
+    backend = TransformersBackend(model=str(tiny_llava["ok"]), device="cpu", batch_size=4, max_tokens=3)
     backend.setup()
     real = backend._generate
     sizes: list[int] = []
@@ -212,7 +223,8 @@ def test_vllm_request_building_and_output_reading():
     r = interpret_output("k", out, 64)
     assert (r.status, r.caption, r.input_tokens, r.output_tokens) == ("ok", "A red kite.", 90, 3)
     out.outputs[0].finish_reason = "length"
-    assert interpret_output("k", out, 64).status == "truncated"
+    cut = interpret_output("k", out, 64)
+    assert cut.status == "truncated" and cut.error.startswith("reply cut at --max-tokens 64: ")
 
 
 def test_vllm_says_what_is_missing(tmp_path, env):

@@ -87,7 +87,7 @@ def test_a_budget_stop_with_json_keeps_its_summary(tmp_path):
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
         assert _fail("error: --max-cost reached", 4, True, {"command": "caption", "spent_usd": 0.123456789}) == 4
     obj = json.loads(out.getvalue())
-    assert obj == {"ok": False, "exit_code": 4, "command": "caption", "spent_usd": 0.1235, "error": "error: --max-cost reached"}
+    assert obj == {"ok": False, "exit_code": 4, "command": "caption", "spent_usd": 0.1235, "error": "--max-cost reached"}
 
 
 def test_log_file_quiet_and_json_work_after_the_subcommand_and_the_log_ends_with_one_line(pipeline, tmp_path):

@@ -1,6 +1,7 @@
 """lenscap estimate: figures against a hand computation, measured tokens with --from, batch files by
 bytes and by requests, measured request lines with --sample-from against the real packer, the batch
-wall time under a queue limit, counts such as 800M, bad flags."""
+wall time under a queue limit, the online wall time at the stated tier 1 limits when none are given,
+caption's default model, counts such as 800M, bad flags."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 
 from conftest import run_cli
 from lenscap.backends.openai_batch import BatchFilesBackend
+from lenscap.backends.openai_chat import OpenAIChatBackend
 from lenscap.captioning.prompts import PRESETS, load_prompt
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
@@ -53,7 +55,7 @@ def test_lens_scale_job_by_hand():
 def test_batch_files_bound_by_requests_when_lines_are_small():
     # At max side 64 the image part is (64/512)^2 of docs/scale.md's 86,078 B: a 2,755 B line, 76,122 to
     # 200 MiB, so the 50,000 requests bind.
-    wall = estimate("--images", "800M", "--batch", "--max-side", "64")["wall_time"]
+    wall = estimate("--images", "800M", "--batch", "--max-side", "64", "--model", "gpt-4.1")["wall_time"]
     assert wall["line_bytes"] == round(1_410 + 86_078 / 64)
     assert (wall["requests_per_file"], wall["bound_by"], wall["files"]) == (50_000, "requests", 16_000)
     wall = estimate("--images", "800M", "--batch", "--max-requests-per-file", "1000")["wall_time"]
@@ -68,28 +70,70 @@ def test_batch_wall_time_in_waves_under_the_queue_limit():
     per_in = 85 + lens_prompt_tokens()
     per_file = 2_397 * per_in  # input tokens, as OpenAI counts the queue
     queue = 10_000_000
-    out = estimate("--images", "800M", "--batch", "--max-enqueued-tokens", "10M")
+    out = estimate("--images", "800M", "--model", "gpt-4.1", "--batch", "--max-enqueued-tokens", "10M")
     wall = out["wall_time"]
     at_once = queue // per_file
     waves = math.ceil(333_751 / at_once)
     assert (wall["tokens_per_file"], wall["files_at_once"], wall["waves"]) == (per_file, at_once, waves)
     assert wall["hours"] == [waves * 1.0, waves * 24.0] and "note" not in wall
     assert wall["human"] == f"{waves / 24:,.1f} days to {waves:,.1f} days"
-    r = run_cli("estimate", "--images", "800M", "--batch", "--max-enqueued-tokens", str(queue), "--batch-hours", "2-12")
+    r = run_cli("estimate", "--images", "800M", "--model", "gpt-4.1", "--batch", "--max-enqueued-tokens", str(queue),
+                "--batch-hours", "2-12")
     assert r.returncode == 0, r.stderr
     assert "333,751 of up to 2,397 requests (bound by 200 MiB a file, not 50,000 requests)" in r.stdout
     assert f"{waves:,} waves of {at_once} files at once" in r.stdout and "2-12 h a wave" in r.stdout
     # one number: every batch takes that long; a queue under one file still runs one file at a time, with a warning
-    wall = estimate("--images", "800M", "--batch", "--max-enqueued-tokens", "1000", "--batch-hours", "24")["wall_time"]
+    wall = estimate("--images", "800M", "--model", "gpt-4.1", "--batch", "--max-enqueued-tokens", "1000", "--batch-hours",
+                    "24")["wall_time"]
     assert wall["files_at_once"] == 1 and wall["hours"] == [333_751 * 24.0] * 2
     assert "lower --max-requests-per-file" in wall["note"]
 
 
-def test_online_without_limits_says_why_there_is_no_time():
+def test_online_without_limits_is_timed_at_tier_1_and_says_so():
+    # OpenAI's usage tier 1 for gpt-4.1: 500 requests and 30,000 tokens a minute. 263 + 146 tokens a
+    # request: 30,000 / 409 = 73.3 requests a minute, the tokens bind.
     out = estimate("--images", "1000", "--model", "gpt-4.1")
-    assert "hours" not in out["wall_time"] and "--rpm" in out["wall_time"]["note"]
-    r = run_cli("estimate", "--images", "1000")
-    assert r.returncode == 0 and "wall time:  no wall time without rate limits: give --rpm and/or --tpm" in r.stdout
+    wall = out["wall_time"]
+    per = out["per_image"]["input_tokens"] + out["per_image"]["output_tokens"]
+    assert wall["tier"] == {"name": "tier 1", "model": "gpt-4.1", "rpm": 500, "tpm": 30_000}
+    assert wall["limited_by"] == "tpm" and wall["requests_per_minute"] == round(30_000 / per, 1)
+    assert abs(wall["hours"] - 1000 / (30_000 / per) / 60) < 0.01
+    assert wall["note"] == "at tier 1 limits (500 RPM, 30,000 TPM for gpt-4.1); give --rpm/--tpm for yours"
+    r = run_cli("estimate", "--images", "1000", "--model", "gpt-4.1")
+    assert r.returncode == 0, r.stderr
+    assert f"wall time:  {wall['human']} at {wall['requests_per_minute']:,} requests/min (limited by tpm)" in r.stdout
+    assert "at tier 1 limits (500 RPM, 30,000 TPM for gpt-4.1); give --rpm/--tpm for yours" in r.stdout
+    # gpt-4.1-mini's tier 1 allows 200,000 tokens a minute: 500 requests bind for small images
+    wall = estimate("--images", "1000", "--model", "gpt-4.1-mini", "--max-side", "64")["wall_time"]
+    assert (wall["tier"]["tpm"], wall["limited_by"], wall["requests_per_minute"]) == (200_000, "rpm", 500)
+    # a dated name has its model's limits; a model with a price but no known limits is timed at gpt-4.1's, and says so
+    assert estimate("--images", "10", "--model", "gpt-4.1-2025-04-14")["wall_time"]["tier"]["model"] == "gpt-4.1"
+
+
+def test_given_limits_replace_the_tier(tmp_path):
+    wall = estimate("--images", "1000", "--model", "gpt-4.1", "--rpm", "60")["wall_time"]
+    assert "tier" not in wall and "note" not in wall and (wall["limited_by"], wall["requests_per_minute"]) == ("rpm", 60)
+    prices = tmp_path / "prices.json"
+    prices.write_text(json.dumps({"my-vlm": {"input": 0.1, "output": 0.2}}))
+    wall = estimate("--images", "1000", "--model", "my-vlm", "--prices", str(prices))["wall_time"]
+    assert wall["tier"]["model"] == "gpt-4.1" and "my-vlm's are not known" in wall["note"] and "--rpm/--tpm" in wall["note"]
+
+
+def test_default_model_is_captions():
+    default = next(o.default for o in OpenAIChatBackend.options if o.name == "model")
+    from lenscap.estimate import EstimateRequest
+
+    assert EstimateRequest(images=10).model == default == "gpt-4.1-mini"
+    out = estimate("--images", "10")
+    assert out["request"]["model"] == default and out["total"]["cost_usd"] >= 0 and out["wall_time"]["tier"]["model"] == default
+
+
+def test_an_unknown_model_says_how_to_price_it():
+    for args in (["--images", "5", "--model", "mystery"], ["--images", "5", "--model", "mystery", "--json"]):
+        r = run_cli("estimate", *args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "no price known for model 'mystery'" in r.stderr and "--prices FILE" in r.stderr
+        assert '{"MODEL": {"input": USD, "output": USD}} per 1M tokens' in r.stderr
 
 
 def test_online_wall_time_is_set_by_the_tighter_limit():
@@ -156,7 +200,8 @@ def packed_by_hand(src: Path, max_file_bytes: int, max_requests: int = 50_000) -
 
 def test_sample_from_measures_the_lines_the_packer_builds(photos):
     src, images = photos
-    out = estimate("--images", str(images), "--batch", "--sample-from", str(src), "--max-file-mb", str(MAX_FILE_MB))
+    out = estimate("--images", str(images), "--model", "gpt-4.1", "--batch", "--sample-from", str(src), "--max-file-mb",
+                   str(MAX_FILE_MB))
     wall = out["wall_time"]
     files = packed_by_hand(src, int(MAX_FILE_MB * MIB))
     lines = [n for f in files for n in f]
@@ -170,7 +215,8 @@ def test_sample_from_measures_the_lines_the_packer_builds(photos):
 
 def test_sample_from_within_ten_percent_of_the_real_packer(photos, tmp_path):
     src, images = photos
-    out = estimate("--images", str(images), "--batch", "--sample-from", str(src), "--max-file-mb", str(MAX_FILE_MB))
+    out = estimate("--images", str(images), "--model", "gpt-4.1", "--batch", "--sample-from", str(src), "--max-file-mb",
+                   str(MAX_FILE_MB))
     r = run_cli("caption", str(src), str(tmp_path / "out"), "--backend", "batch-files", "--model", "gpt-4.1",
                 "--max-file-mb", str(MAX_FILE_MB), "--no-cache", "--json", env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
@@ -188,7 +234,7 @@ def test_sample_from_an_empty_dataset(tmp_path):
 def test_bad_flags():
     for args, message in ((["--images", "0"], "--images must be at least 1"), (["--images", "5", "--model", "mystery"], "no price known"),
                           (["--images", "5", "--model", "mystery", "--batch", "--json"], "no price known"),
-                          (["--images", "5", "--image-size", "big"], "--image-size takes WIDTHxHEIGHT"),
+                          (["--images", "5", "--source-size", "big"], "--source-size takes WIDTHxHEIGHT"),
                           (["--images", "5", "--detail", "ultra"], "--detail must be low, high or auto"),
                           (["--images", "10x"], "--images takes a whole number such as"),
                           (["--images", "1.5"], "--images takes a whole number"),
@@ -202,4 +248,7 @@ def test_bad_flags():
                           (["--images", "5", "--batch", "--max-file-mb", "0.01"], "does not fit in --max-file-mb 0.01")):
         r = run_cli("estimate", *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
-        assert r.stdout == "", (args, r.stdout)
+        if "--json" in args:  # with --json, stdout holds exactly one object, the error's
+            assert json.loads(r.stdout)["exit_code"] == 2 and message in json.loads(r.stdout)["error"], (args, r.stdout)
+        else:
+            assert r.stdout == "", (args, r.stdout)

@@ -143,7 +143,7 @@ def test_nsfw_needs_its_extra_and_scores_exposed_classes(tmp_path):
         "    def detect(self, image):\n"
         "        return [{'class': 'FACE_FEMALE', 'score': 0.95}, {'class': 'BUTTOCKS_EXPOSED', 'score': 0.7}]\n")
     r = run_cli("filter", str(src), str(tmp_path / "out"), "--max-nsfw", "0.5", "--json", "--quiet", env={"PYTHONPATH": str(stub.parent)})
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 7, r.stderr  # every sample dropped: the output holds 0 samples
     got = rows(tmp_path / "out")["000000000"]
     assert (got["nsfw_score"], got["nsfw_labels"], got["filter_reason"]) == (0.7, "BUTTOCKS_EXPOSED", "nsfw")
 

@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from lenscap.dataset import Dataset
 
 RECIPE = """
@@ -91,7 +91,7 @@ def test_recipe_runs_every_stage_and_a_rerun_skips_them(tmp_path, image_server):
     before = tars(tmp_path / "work" / "shard")
     r = run_cli("run", str(recipe), "--json")
     assert r.returncode == 0, r.stderr
-    assert r.stderr.count("done before, skipped") == 5
+    assert r.stderr.count("up to date (skipped)") == 5
     assert tars(tmp_path / "work" / "shard") == before
 
 
@@ -99,11 +99,18 @@ def test_set_overrides_and_changed_options(tmp_path, image_server):
     urls = write_urls(tmp_path / "urls.csv", image_server, OK_PATHS[:4])
     recipe = write_recipe(tmp_path, urls, tmp_path / "work")
     r = run_cli("run", str(recipe), "--set", "filter.min_side=5000", "--json", "--quiet")
+    assert r.returncode == 7, r.stderr  # a filter that keeps nothing stops the run: the output holds 0 samples
+    summary = json.loads(r.stdout)
+    assert summary["stopped_at"] == "filter" and summary["stages"][1]["summary"]["kept"] == 0
+    assert "WARNING: filter left 0 samples (4 dropped: min-side); stopping" in r.stderr
+    # the recipe's own min_side differs from the finished stage's: the filter and all after it run again
+    r = run_cli("run", str(recipe), "--json")
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert summary["stages"][1]["summary"]["kept"] == 0 and summary["stages"][3]["summary"]["samples"] == 0
-    r = run_cli("run", str(recipe), "--quiet")  # the recipe's own min_side differs from the finished stage's
-    assert r.returncode == 2 and "stage 'filter' ran with other options" in r.stderr and "delete" in r.stderr
+    assert [s["skipped"] for s in summary["stages"]] == [True, False, False, False, False]
+    assert "run: filter: options changed since the last run (--min-side 5000 -> 10): running again; dedup, shard, report " \
+           "rerun after it" in r.stderr
+    assert summary["stages"][1]["summary"]["kept"] == 4 and summary["stages"][3]["summary"]["samples"] == 4
     for bad, message in ((["--set", "filter.min_side"], "--set takes STAGE.OPTION=VALUE"),
                          (["--set", "nosuch.x=1"], "the recipe has no stage 'nosuch'"),
                          (["--set", "filter.bogus=1"], "No such option: --bogus")):
@@ -154,7 +161,7 @@ def test_refresh_twice_adds_only_new_images(tmp_path, image_server):
     release = rows(work / "releases" / "00001")
     urls_in = {r["url"].rsplit("/", 2)[-2] + "/" + r["url"].rsplit("/", 1)[-1] for r in release.values()}
     assert urls_in == {"ok/4.jpg", "ok/5.jpg", "ok/6.jpg", "ok/7.jpg", f"{image_server.url('/redirect').rsplit('/', 2)[-2]}/redirect"}
-    dup = [r for r in release.values() if r["url"].endswith("/redirect")][0]
+    dup = next(r for r in release.values() if r["url"].endswith("/redirect"))
     assert dup["dedup_status"] == "duplicate" and dup["dup_in"] == str(work / "releases" / "00000")
     with tarfile.open(next((work / "releases" / "00001").glob("*.tar"))) as tar:
         assert all(not m.name.startswith(dup["key"]) for m in tar)

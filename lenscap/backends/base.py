@@ -4,10 +4,14 @@ A backend receives a stream of requests and reports each result as it finishes, 
 owns its own concurrency (an async pool for an API, batches for a local model); the caption stage
 owns everything else: which samples need a request, the journal, the cache, the budget and the
 output shard. So a backend is short, and every backend resumes and accounts the same way.
+
+Plugin authors import these names from ``lenscap.plugin`` (see ``docs/plugins.md``).
 """
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -19,16 +23,36 @@ if TYPE_CHECKING:
     from lenscap.executors import Executor
 
 __all__ = ["CaptionBackend", "CaptionRequest", "CaptionResult", "Option", "generated", "OK", "ERROR", "REFUSED", "TRUNCATED", "SKIPPED",
-           "OUTCOMES"]
+           "OUTCOMES", "CAPTION_FLAGS", "OptionRenamed", "renamed_keyword"]
 
 OK, ERROR, REFUSED, TRUNCATED, SKIPPED = "ok", "error", "refused", "truncated", "skipped"
+
+
+class OptionRenamed(FutureWarning):
+    """An option given under its old name (``max_new_tokens``): it still works, for one release."""
+
+
 OUTCOMES = (OK, ERROR, REFUSED, TRUNCATED, SKIPPED)
+
+# The backend options that ``lenscap caption`` has a flag of its own for (``--max-tokens``); any other
+# option is given as ``-O NAME=VALUE``, and a bad value of one says so ("-O digits=two: digits takes an
+# int, not 'two'"), since there is no ``--digits`` to point at.
+CAPTION_FLAGS = frozenset({
+    "model", "base_url", "api_key_env", "max_tokens", "temperature", "detail", "max_side", "rpm", "tpm", "concurrency", "prices",
+    "timeout", "max_retries", "outage_timeout", "wait", "poll_interval", "max_requests_per_file", "max_file_mb",
+    "max_enqueued_tokens", "device", "dtype", "batch_size",
+})
 
 
 @dataclass(frozen=True)
 class Option:
-    """One option a backend accepts: ``--name-with-dashes`` on the command line, ``name`` in recipes
-    and ``-O name=value``. Values from the command line arrive as strings and are parsed here."""
+    """One option a backend accepts: ``--name-with-dashes`` on the command line (the options in
+    ``CAPTION_FLAGS``), ``-O name=value`` (any option), ``name`` in recipes and a keyword of
+    ``lenscap.api.backend``. Values from the command line arrive as strings and are parsed here;
+    a value that does not parse is refused with a message that shows it.
+
+    ``deprecated_names``: old names still accepted (for one release), with an ``OptionRenamed`` warning.
+    """
 
     name: str
     type: type
@@ -36,6 +60,7 @@ class Option:
     help: str
     choices: tuple[str, ...] | None = None
     repeated: bool = False
+    deprecated_names: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -47,26 +72,37 @@ class Option:
             return [self._one(v) for v in values]
         return self._one(value)
 
+    def _refuse(self, value: Any, problem: str) -> UsageError:
+        """``--max-tokens takes an int, not 'lots'``; ``-O digits=two: digits takes an int, not 'two'``."""
+        shown = value if isinstance(value, str) else repr(value)
+        if self.name in CAPTION_FLAGS:
+            return UsageError(f"{self.flag} {problem}, not {value!r}")
+        return UsageError(f"-O {self.name}={shown}: {self.name} {problem}, not {value!r}")
+
     def _one(self, value: Any) -> Any:
         if value is None or isinstance(value, self.type) and not (self.type is int and isinstance(value, bool)):
             parsed = value
         elif self.type is bool:
             text = str(value).strip().lower()
             if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise UsageError(f"{self.flag} takes true or false, not {value!r}")
+                raise self._refuse(value, "takes true or false")
             parsed = text in ("1", "true", "yes", "on")
+        elif (self.type in (int, float) and isinstance(value, bool)  # True is no number of anything
+              or self.type is int and isinstance(value, float) and not value.is_integer()):  # 2.5 is no int (2.0 is)
+            raise self._refuse(value, f"takes a{'n' if self.type is int else ''} {self.type.__name__}")
         else:
             try:
-                parsed = self.type(value)
+                parsed = self.type(value.strip() if isinstance(value, str) else value)
             except (TypeError, ValueError):
-                raise UsageError(f"{self.flag} takes a{'n' if self.type is int else ''} {self.type.__name__}, not {value!r}") from None
+                raise self._refuse(value, f"takes a{'n' if self.type is int else ''} {self.type.__name__}") from None
         if self.choices is not None and parsed is not None and parsed not in self.choices:
-            raise UsageError(f"{self.flag} must be one of {', '.join(self.choices)}, not {parsed!r}")
+            raise self._refuse(value, f"must be one of {', '.join(self.choices)}")
         return parsed
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "flag": self.flag, "type": self.type.__name__ + ("[]" if self.repeated else ""),
-                "default": self.default, "choices": list(self.choices) if self.choices else None, "help": self.help}
+                "default": self.default, "choices": list(self.choices) if self.choices else None, "help": self.help,
+                "deprecated_names": list(self.deprecated_names)}
 
 
 @dataclass
@@ -111,13 +147,64 @@ def generated(key: str, text: str, cut: bool, limit_flag: str, input_tokens: int
     return result
 
 
+def renamed_keyword(backend: str, value: Any, old_value: Any, default: Any, new: str = "max_tokens",
+                    old: str = "max_new_tokens") -> Any:
+    """The value of a keyword argument that may come under its deprecated name (``max_new_tokens=``):
+    that one, with an ``OptionRenamed`` warning; refused when both names are given different values."""
+    if old_value is None:
+        return value
+    warnings.warn(f"backend {backend!r}: {old}= is now {new}=; the old name goes in the next release", OptionRenamed, stacklevel=3)
+    if value != default and value != old_value:
+        raise UsageError(f"backend {backend!r}: {new}={value!r} and its old name {old}={old_value!r} disagree; give {new} alone")
+    return old_value
+
+
 class CaptionBackend(ABC):
+    """The base of every caption backend, built-in or plugin.
+
+    A subclass sets ``name`` (what ``--backend`` takes; the entry point's name should be the same),
+    declares its ``options`` (``Option``: parsed and checked here, unknown ones refused), takes them as
+    keyword arguments of ``__init__``, and implements ``caption_all``. Optional: ``needs_key``,
+    ``priced`` (captions cost money; then ``has_price`` and ``estimate_cost``), ``check`` (once, before
+    any work), ``setup`` (once per worker process), ``identity`` (what changes the answers: part of
+    the response cache key and the provenance).
+
+    ``model`` is what the ``caption_model`` column records for every caption. A backend with a model
+    option sets ``self.model`` in ``__init__``; one that leaves it unset (or empty) records its
+    ``name`` instead, so the column is never empty.
+    """
+
     name: ClassVar[str]
     needs_key: ClassVar[bool] = False
     priced: ClassVar[bool] = False  # True: captions cost money, and --max-cost needs the model's price
     runs_as_batch: ClassVar[bool] = False  # True: driven as a batch job (lenscap.batch), not per shard
     options: ClassVar[tuple[Option, ...]] = ()
-    model: str = ""
+
+    @property
+    def model(self) -> str:
+        """The model that writes the captions (the ``caption_model`` column); the backend's ``name``
+        when the backend set none."""
+        return self.__dict__.get("_caption_model") or self.name
+
+    @model.setter
+    def model(self, value: str | None) -> None:
+        self.__dict__["_caption_model"] = value
+
+    @classmethod
+    def plugin_problems(cls) -> list[str]:
+        """What makes this class unusable as a backend (checked when the registry loads it)."""
+        problems = []
+        if not isinstance(getattr(cls, "name", None), str) or not cls.name:
+            problems.append("sets no name (a class attribute: name = \"...\")")
+        if not isinstance(cls.options, tuple) or not all(isinstance(o, Option) for o in cls.options):
+            problems.append("options must be a tuple of lenscap.plugin.Option")
+        elif len({o.name for o in cls.options}) != len(cls.options):
+            problems.append("declares an option twice")
+        model = inspect.getattr_static(cls, "model", None)
+        if not isinstance(model, property) and not (isinstance(model, str) and model):
+            problems.append("sets model to something other than a model name as a class attribute (leave it out: "
+                            "the caption_model column then records the backend's name)")
+        return problems
 
     @classmethod
     def from_options(cls, values: dict[str, Any]) -> CaptionBackend:
@@ -126,12 +213,26 @@ class CaptionBackend(ABC):
 
     @classmethod
     def parse_options(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Every option's value: the given one parsed, or its default. An option's deprecated name is
+        accepted with an ``OptionRenamed`` warning (a ``FutureWarning``); unknown names are refused."""
         known = {o.name: o for o in cls.options}
-        for name in values:
-            if name not in known:
+        renamed = {old: o.name for o in cls.options for old in o.deprecated_names}
+        given: dict[str, Any] = {}
+        for name, value in values.items():
+            if name in renamed:
+                new = renamed[name]
+                warnings.warn(f"backend {cls.name!r}: option {name.replace('_', '-')!r} is now {new.replace('_', '-')!r}; "
+                              f"the old name goes in the next release", OptionRenamed, stacklevel=3)
+                if new in values and known[new].parse(values[new]) != known[new].parse(value):
+                    raise UsageError(f"backend {cls.name!r}: {new.replace('_', '-')} {values[new]!r} and its old name "
+                                     f"{name.replace('_', '-')} {value!r} disagree; give {new.replace('_', '-')} alone")
+                given.setdefault(new, value)
+            elif name in known:
+                given[name] = value
+            else:
                 names = ", ".join(o.name.replace("_", "-") for o in cls.options) or "none"
                 raise UsageError(f"backend {cls.name!r} has no option {name.replace('_', '-')!r} (its options: {names})")
-        return {o.name: o.parse(values[o.name]) if o.name in values else o.default for o in cls.options}
+        return {o.name: o.parse(given[o.name]) if o.name in given else o.default for o in cls.options}
 
     def set_processes(self, processes: int) -> None:
         """The run uses this many worker processes (a rate-limited backend splits its limits)."""

@@ -30,9 +30,10 @@ from lenscap.errors import BackendError, LenscapError, Outage, UsageError
 if TYPE_CHECKING:
     from lenscap.executors import Executor
 
-__all__ = ["OpenAIChatBackend", "OpenAIOptions", "COMMON_OPTIONS"]
+__all__ = ["OpenAIChatBackend", "OpenAIOptions", "COMMON_OPTIONS", "DEFAULT_MODEL"]
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_MODEL = "gpt-4.1-mini"  # caption's default model; estimate's too
 DETAILS = ("low", "high", "auto")
 # The model answered, but with a refusal instead of a caption (when the API does not flag it).
 _REFUSAL_RE = re.compile(r"^\s*(I'm sorry|I am sorry|Sorry,|I can(no|')t|I'm unable|I am unable|I won't)\b", re.IGNORECASE)
@@ -47,7 +48,7 @@ _OUTAGE_AFTER = 5
 
 
 COMMON_OPTIONS = (
-    Option("model", str, "gpt-4.1-mini", "Model name as the server knows it."),
+    Option("model", str, DEFAULT_MODEL, "Model name as the server knows it."),
     Option("base_url", str, [], "API base URL (default: $OPENAI_BASE_URL or OpenAI); repeat for a pool of deployments.", repeated=True),
     Option("api_key_env", str, "OPENAI_API_KEY", "Name of the environment variable holding the API key (not the key)."),
     Option("max_tokens", int, 300, "Most output tokens per caption."),

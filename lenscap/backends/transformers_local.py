@@ -4,7 +4,8 @@ Any model ``AutoModelForImageTextToText`` loads (SmolVLM, Qwen2.5-VL, LLaVA, Ide
 hub id or a local directory. The prompt presets go through the model's chat template; Florence-2
 takes task tokens instead (``lens`` and ``alt-aware`` map to ``<MORE_DETAILED_CAPTION>``, ``short``
 to ``<CAPTION>``). Greedy decoding, so a rerun writes the same captions. A reply that stops at
-``--max-new-tokens`` is ``truncated``. A GPU out-of-memory error halves the batch and tries again.
+``--max-tokens`` (new tokens, as for the API backends; ``max_new_tokens`` is its old name) is
+``truncated``. A GPU out-of-memory error halves the batch and tries again.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lenscap.backends.base import ERROR, CaptionBackend, CaptionRequest, CaptionResult, Option, generated
+from lenscap.backends.base import ERROR, CaptionBackend, CaptionRequest, CaptionResult, Option, generated, renamed_keyword
 from lenscap.errors import BackendError, MissingDependency, UsageError
 
 __all__ = ["TransformersBackend", "FLORENCE_TASKS"]
@@ -52,15 +53,16 @@ class TransformersBackend(CaptionBackend):
         Option("device", str, "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
         Option("dtype", str, "auto", "Weights dtype: auto is bfloat16/float16 on GPUs, float32 on CPU.", choices=_DTYPES),
         Option("batch_size", int, 8, "Images per generation batch (halved on GPU out-of-memory)."),
-        Option("max_new_tokens", int, 256, "Most new tokens per caption."),
+        Option("max_tokens", int, 256, "Most new tokens per caption.", deprecated_names=("max_new_tokens",)),
         Option("max_side", int, 768, "Longest image side in pixels before the processor sees it."),
     )
 
     def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
-                 max_new_tokens: int = 256, max_side: int = 768) -> None:
+                 max_tokens: int = 256, max_side: int = 768, *, max_new_tokens: int | None = None) -> None:
         if not model:
             raise UsageError("--model is required for the transformers backend: a hub id or a local directory")
-        for flag, value in (("--batch-size", batch_size), ("--max-new-tokens", max_new_tokens), ("--max-side", max_side)):
+        max_tokens = renamed_keyword(self.name, max_tokens, max_new_tokens, 256)
+        for flag, value in (("--batch-size", batch_size), ("--max-tokens", max_tokens), ("--max-side", max_side)):
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1, not {value}")
         path = Path(model).expanduser()
@@ -71,13 +73,25 @@ class TransformersBackend(CaptionBackend):
         _import_torch()
         self.model = model
         self.device_option, self.dtype_option = device, dtype
-        self.batch_size, self.max_new_tokens, self.max_side = batch_size, max_new_tokens, max_side
+        self.batch_size, self.max_tokens, self.max_side = batch_size, max_tokens, max_side
         self._model: Any = None
         self._processor: Any = None
 
+    @property
+    def max_new_tokens(self) -> int:
+        """The old name of ``max_tokens`` (deprecated)."""
+        return self.max_tokens
+
     def identity(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": self.model, "max_new_tokens": self.max_new_tokens, "max_side": self.max_side,
+        # The key keeps its old name: the response cache and the claims of outputs written before the
+        # rename to max_tokens stay valid. The manifest (parameters) says max_tokens.
+        return {"backend": self.name, "model": self.model, "max_new_tokens": self.max_tokens, "max_side": self.max_side,
                 "dtype": self.dtype_option}
+
+    def parameters(self) -> dict[str, Any]:
+        parameters = self.identity()
+        parameters["max_tokens"] = parameters.pop("max_new_tokens")
+        return parameters
 
     # -- loading --------------------------------------------------------------------------------
 
@@ -184,7 +198,7 @@ class TransformersBackend(CaptionBackend):
         inputs = self._processor(images=[im for _, im in items], text=texts, return_tensors="pt", padding=True)
         inputs = inputs.to(self.device)
         with torch.inference_mode():
-            out = self._model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+            out = self._model.generate(**inputs, max_new_tokens=self.max_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1]:].tolist()
         eos = self._model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
@@ -196,4 +210,4 @@ class TransformersBackend(CaptionBackend):
         end = next((i for i, t in enumerate(ids) if t in eos_ids), None)
         kept = ids if end is None else ids[:end]  # after EOS come only the batch's padding
         text = self._processor.batch_decode([kept], skip_special_tokens=True)[0]
-        return generated(key, text, end is None, f"--max-new-tokens {self.max_new_tokens}", input_tokens, len(kept) + (end is not None))
+        return generated(key, text, end is None, f"--max-tokens {self.max_tokens}", input_tokens, len(kept) + (end is not None))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lenscap.backends.base import ERROR, CaptionBackend, CaptionRequest, CaptionResult, Option, generated
+from lenscap.backends.base import ERROR, CaptionBackend, CaptionRequest, CaptionResult, Option, generated, renamed_keyword
 from lenscap.captioning.images import UnreadableImage, prepare_image
 from lenscap.errors import BackendError, MissingDependency, UsageError
 
@@ -33,7 +33,7 @@ class VllmBackend(CaptionBackend):
     name = "vllm"
     options = (
         Option("model", str, None, "Hub id or local directory of a vision-language model vLLM supports (required)."),
-        Option("max_new_tokens", int, 256, "Most new tokens per caption."),
+        Option("max_tokens", int, 256, "Most new tokens per caption.", deprecated_names=("max_new_tokens",)),
         Option("temperature", float, 0.0, "Sampling temperature (0: greedy, repeatable)."),
         Option("batch_size", int, 256, "Conversations handed to the engine at once."),
         Option("max_side", int, 768, "Longest image side in pixels."),
@@ -42,23 +42,37 @@ class VllmBackend(CaptionBackend):
         Option("gpu_memory_utilization", float, 0.9, "Share of GPU memory vLLM may take."),
     )
 
-    def __init__(self, model: str | None = None, max_new_tokens: int = 256, temperature: float = 0.0, batch_size: int = 256,
-                 max_side: int = 768, dtype: str = "auto", tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9) -> None:
+    def __init__(self, model: str | None = None, max_tokens: int = 256, temperature: float = 0.0, batch_size: int = 256,
+                 max_side: int = 768, dtype: str = "auto", tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, *,
+                 max_new_tokens: int | None = None) -> None:
         if not model:
             raise UsageError("--model is required for the vllm backend: a hub id or a local directory")
-        for flag, value in (("--max-new-tokens", max_new_tokens), ("--batch-size", batch_size), ("--max-side", max_side),
+        max_tokens = renamed_keyword(self.name, max_tokens, max_new_tokens, 256)
+        for flag, value in (("--max-tokens", max_tokens), ("--batch-size", batch_size), ("--max-side", max_side),
                             ("-O tensor_parallel_size", tensor_parallel_size)):
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1, not {value}")
         self.model = model
-        self.max_new_tokens, self.temperature, self.batch_size, self.max_side = max_new_tokens, temperature, batch_size, max_side
+        self.max_tokens, self.temperature, self.batch_size, self.max_side = max_tokens, temperature, batch_size, max_side
         self.engine_args = {"dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
                             "gpu_memory_utilization": gpu_memory_utilization, "limit_mm_per_prompt": {"image": 1}}
         self._llm: Any = None
 
+    @property
+    def max_new_tokens(self) -> int:
+        """The old name of ``max_tokens`` (deprecated)."""
+        return self.max_tokens
+
     def identity(self) -> dict[str, Any]:
-        return {"backend": self.name, "model": self.model, "max_new_tokens": self.max_new_tokens,
+        # The key keeps its old name: the response cache and the claims of outputs written before the
+        # rename to max_tokens stay valid. The manifest (parameters) says max_tokens.
+        return {"backend": self.name, "model": self.model, "max_new_tokens": self.max_tokens,
                 "temperature": self.temperature, "max_side": self.max_side}
+
+    def parameters(self) -> dict[str, Any]:
+        parameters = self.identity()
+        parameters["max_tokens"] = parameters.pop("max_new_tokens")
+        return parameters
 
     def check(self) -> None:
         try:
@@ -85,13 +99,13 @@ class VllmBackend(CaptionBackend):
     def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=self.max_new_tokens, temperature=self.temperature)
+        params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
         batch: list[tuple[str, list[dict[str, Any]]]] = []
 
         def flush() -> None:
             outputs = self._llm.chat([conv for _, conv in batch], params, use_tqdm=False)
             for (key, _), out in zip(batch, outputs, strict=True):
-                on_result(interpret_output(key, out, self.max_new_tokens))
+                on_result(interpret_output(key, out, self.max_tokens))
             batch.clear()
 
         for request in requests:
@@ -105,8 +119,8 @@ class VllmBackend(CaptionBackend):
             flush()
 
 
-def interpret_output(key: str, output: Any, max_new_tokens: int) -> CaptionResult:
+def interpret_output(key: str, output: Any, max_tokens: int) -> CaptionResult:
     """A vLLM RequestOutput as an outcome: finish_reason "length" is ``truncated``."""
     completion = output.outputs[0]
-    return generated(key, completion.text or "", completion.finish_reason == "length", f"--max-new-tokens {max_new_tokens}",
+    return generated(key, completion.text or "", completion.finish_reason == "length", f"--max-tokens {max_tokens}",
                      len(output.prompt_token_ids or []), len(completion.token_ids))

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from lenscap.errors import UsageError
 
-__all__ = ["Price", "PriceTable", "image_tokens", "text_tokens", "BATCH_DISCOUNT"]
+__all__ = ["Price", "PriceTable", "RateLimits", "image_tokens", "text_tokens", "tier_limits", "BATCH_DISCOUNT", "DEFAULT_TIER",
+           "PRICE_FILE_FORMAT"]
 
 BATCH_DISCOUNT = 0.5
 
@@ -36,6 +37,40 @@ DEFAULT_PRICES: dict[str, Price] = {
     "gpt-4o": Price(2.50, 10.00),
     "gpt-4o-mini": Price(0.15, 0.60),
 }
+
+PRICE_FILE_FORMAT = '{"MODEL": {"input": USD, "output": USD}} per 1M tokens (JSON, or the same as TOML tables)'
+
+
+@dataclass(frozen=True)
+class RateLimits:
+    """An account's limits for one model at one of OpenAI's usage tiers."""
+
+    tier: str
+    model: str  # the model the figures are for
+    rpm: float
+    tpm: float
+
+
+# OpenAI's published limits at usage tier 1 (an account that has paid $5), per model: what a new
+# account gets, so the honest default for a wall time when the user gives no --rpm/--tpm.
+DEFAULT_TIER = "tier 1"
+_TIER_1 = {
+    "gpt-4.1": (500, 30_000),
+    "gpt-4.1-mini": (500, 200_000),
+    "gpt-4.1-nano": (500, 200_000),
+    "gpt-4o": (500, 30_000),
+    "gpt-4o-mini": (500, 200_000),
+}
+
+
+def tier_limits(model: str) -> RateLimits | None:
+    """``model``'s limits at the default tier (``DEFAULT_TIER``), or None for a model not in the table."""
+    name = _match(model, _TIER_1)
+    if name is None:
+        return None
+    rpm, tpm = _TIER_1[name]
+    return RateLimits(DEFAULT_TIER, name, rpm, tpm)
+
 
 # Models that count 32-px patches, with their token multiplier; every other model counts tiles.
 _PATCH_MULTIPLIER = {"gpt-4.1-mini": 1.62, "gpt-4.1-nano": 2.46, "o4-mini": 1.72}
@@ -104,7 +139,7 @@ class PriceTable:
             for model, entry in raw.items():
                 table.prices[model] = Price(float(entry["input"]), float(entry["output"]))
         except (ValueError, KeyError, TypeError, AttributeError, tomllib.TOMLDecodeError) as e:
-            raise UsageError(f"price file {p}: expected {{\"MODEL\": {{\"input\": USD, \"output\": USD}}}} per 1M tokens ({e})") from None
+            raise UsageError(f"price file {p}: expected {PRICE_FILE_FORMAT} ({e})") from None
         return table
 
     def price(self, model: str) -> Price | None:

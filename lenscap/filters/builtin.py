@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,8 @@ class Blur(Annotator):
     columns = (pa.field("blur_laplacian_var", pa.float64()),)
     score = "blur_laplacian_var"
     keep_above = True
-    threshold_help = "--min-sharpness: drop images whose Laplacian variance is below"
+    threshold_flag = "--min-sharpness"
+    threshold_help = "drop images whose Laplacian variance is below this"
 
     def annotate(self, image: Image.Image, sample: Sample) -> dict[str, Any]:
         grey = image.convert("L")
@@ -44,7 +46,8 @@ class Uniform(Annotator):
     columns = (pa.field("uniform_dominant_share", pa.float64()),)
     score = "uniform_dominant_share"
     keep_above = False
-    threshold_help = "--max-uniformity: drop images whose most common colour covers more than this share"
+    threshold_flag = "--max-uniformity"
+    threshold_help = "drop images whose most common colour covers more than this share"
 
     def annotate(self, image: Image.Image, sample: Sample) -> dict[str, Any]:
         small = image.resize((64, 64))
@@ -62,11 +65,18 @@ class TextArea(Annotator):
     columns = (pa.field("ocr_text", pa.string()), pa.field("ocr_text_area", pa.float64()))
     score = "ocr_text_area"
     keep_above = False
-    threshold_help = "--max-text-area: drop images whose text boxes cover more than this share"
+    threshold_flag = "--max-text-area"
+    threshold_help = "drop images whose text boxes cover more than this share"
+    extra = "ocr"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None if vision.ocr_available() else "the ocr annotator needs the ocr extra: pip install 'lenscap[ocr]'"
 
     def setup(self) -> None:
-        if not vision.ocr_available():
-            raise MissingDependency("the ocr annotator needs the ocr extra: pip install 'lenscap[ocr]'")
+        problem = self.unavailable()
+        if problem:
+            raise MissingDependency(problem)
 
     def annotate(self, image: Image.Image, sample: Sample) -> dict[str, Any]:
         lines = vision.read_text_boxes(image)
@@ -88,11 +98,19 @@ class Faces(Annotator):
     columns = (pa.field("faces_count", pa.int64()),)
     score = "faces_count"
     keep_above = False
-    threshold_help = "--max-faces: drop images with more faces than this"
+    threshold_flag = "--max-faces"
+    threshold_help = "drop images with more faces than this"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if vision.faces_available():
+            return None
+        return "the faces annotator needs OpenCV 4 with its cascades (opencv-python-headless<5)"
 
     def setup(self) -> None:
-        if not vision.faces_available():
-            raise MissingDependency("the faces annotator needs OpenCV 4 with its cascades (opencv-python-headless<5)")
+        problem = self.unavailable()
+        if problem:
+            raise MissingDependency(problem)
 
     def annotate(self, image: Image.Image, sample: Sample) -> dict[str, Any]:
         return {self.score: vision.count_faces(image)}
@@ -107,7 +125,15 @@ class Nsfw(Annotator):
     columns = (pa.field("nsfw_score", pa.float64()), pa.field("nsfw_labels", pa.string()))
     score = "nsfw_score"
     keep_above = False
-    threshold_help = "--max-nsfw: drop images whose NSFW score is above"
+    threshold_flag = "--max-nsfw"
+    threshold_help = "drop images whose NSFW score is above this"
+    extra = "nsfw"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if importlib.util.find_spec("nudenet") is not None:
+            return None
+        return "the nsfw annotator needs the nsfw extra (NudeNet, AGPL-3.0): pip install 'lenscap[nsfw]'"
 
     def setup(self) -> None:
         try:

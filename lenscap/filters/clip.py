@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -25,11 +27,25 @@ class ClipScore(Annotator):
     columns = (pa.field("clip_score", pa.float64()),)
     score = "clip_score"
     keep_above = True
-    threshold_help = "--min-clip-score: drop samples whose image-caption similarity is below"
+    threshold_flag = "--min-clip-score"
+    threshold_help = "drop samples whose image-caption similarity (x100) is below this"
+    extra = "local"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        if all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers")):
+            return None
+        return "the clip annotator needs the local extra: pip install 'lenscap[local]'"
 
     def __init__(self, threshold: float | None = None, model: str | None = None) -> None:
-        super().__init__(threshold)
         self.model = model or DEFAULT_CLIP_MODEL
+        super().__init__(threshold)
+
+    def check(self) -> None:
+        super().check()
+        path = Path(self.model).expanduser()
+        if not path.exists() and self.model.startswith((".", "~", "/")):  # a hub id is ORG/NAME
+            raise UsageError(f"cannot load CLIP model {self.model}: no such directory")
 
     def parameters(self) -> dict[str, Any]:
         return {"threshold": self.threshold, "model": self.model}

@@ -7,27 +7,27 @@ from collections.abc import Callable, Iterable
 
 from PIL import Image
 
-from lenscap.backends.base import ERROR, OK, CaptionBackend, CaptionRequest, CaptionResult, Option
+from lenscap.plugin import ERROR, OK, CaptionBackend, CaptionRequest, CaptionResult, Option
 
 
 class EchoBackend(CaptionBackend):
     """Echoes the image size and the instruction: a plugin example, not a captioner."""
 
-    name = "echo"
-    options = (
+    name = "echo"  # what --backend takes; the entry point's name in pyproject.toml
+    options = (  # -O prefix=... -O upper=true; lenscap parses and checks them, and refuses unknown ones
         Option("prefix", str, "", "Text put before every caption."),
         Option("upper", bool, False, "Upper-case the caption."),
     )
 
     def __init__(self, prefix: str = "", upper: bool = False) -> None:
         self.prefix, self.upper = prefix, upper
-        self.model = "echo-1"
+        self.model = "echo-1"  # the caption_model column; left out, it would be the backend's name
 
     def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
-        for r in requests:
+        for r in requests:  # one result per request, in any order
             try:
                 w, h = Image.open(io.BytesIO(r.image)).size
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:  # noqa: BLE001 - a bad image is this sample's outcome, not the job's
                 on_result(CaptionResult(r.key, ERROR, error=f"not an image: {e}"))
                 continue
             text = f"{self.prefix}{w}x{h} image; asked: {' '.join(r.instruction.split()[:4])}"
