@@ -32,7 +32,7 @@ from lenscap.dataset import Dataset
 from lenscap.demo.datasets import DOWNLOAD_SCHEMA
 from lenscap.demo.fake_openai import FakeOpenAI
 from lenscap.demo.images import jpeg_bytes, scene
-from lenscap.executors import RayExecutor
+from lenscap.executors import RayExecutor, start_local_ray
 from lenscap.progress import make_progress
 from lenscap.record import SUCCESS, Sample
 from lenscap.runner import run_stage
@@ -148,7 +148,7 @@ def main() -> None:
     a = ap.parse_args()
     SplitBackend.split = a.workers
     sizes = [a.big] + [a.small] * (a.workers - 1)
-    ray.init(num_cpus=a.workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    start_local_ray(num_cpus=a.workers, include_dashboard=False, log_to_driver=False, logging_level="WARNING")  # on loopback only
     ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # SplitBackend travels by value
     with tempfile.TemporaryDirectory() as tmp, RecordingFake(rpm=a.rpm, latency_s=a.latency) as fake:
         src = write_shards(Path(tmp) / "in", sizes)

@@ -32,7 +32,7 @@ from PIL import Image
 from lenscap.dedup.phash import phash
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.tables import split_near_pairs
-from lenscap.executors import Executor, LocalExecutor, RayExecutor
+from lenscap.executors import Executor, LocalExecutor, RayExecutor, start_local_ray
 from lenscap.demo.images import jpeg_bytes, photo
 
 
@@ -137,7 +137,7 @@ def bench_search(small: int, large: int, r: int, ray_cpus: int) -> None:
         elif ray_cpus:
             import ray
 
-            ray.init(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            start_local_ray(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")  # on loopback only
             split(con, plan, RayExecutor(), seconds, f"Ray, local cluster of {ray_cpus} CPUs")
             ray.shutdown()
         if n == large:

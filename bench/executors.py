@@ -20,7 +20,7 @@ from typing import Any
 
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.executors import LocalExecutor, RayExecutor
+from lenscap.executors import LocalExecutor, RayExecutor, start_local_ray
 from lenscap.filters import annotator_class
 from lenscap.progress import LogProgress
 from lenscap.runner import run_stage
@@ -58,7 +58,7 @@ def main() -> None:
         src = write_image_dataset(root / "in", n, per_shard=a.per_shard, size=(256, 192)).path
         stage = FilterStage(FilterRules(min_side=100), [annotator_class("blur")(None)])
         t = time.perf_counter()
-        ray.init(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        start_local_ray(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")  # on loopback only
         start_s = time.perf_counter() - t
         try:
             ray_exec = RayExecutor()

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from lenscap.errors import LenscapError, MissingDependency, UsageError
 
-__all__ = ["Job", "Executor", "LocalExecutor", "RayExecutor", "make_executor", "EXECUTORS"]
+__all__ = ["Job", "Executor", "LocalExecutor", "RayExecutor", "make_executor", "EXECUTORS", "start_local_ray", "connect_ray"]
 
 EXECUTORS = ("local", "ray")
 # Called with (item, its result) as each task finishes.
@@ -65,15 +65,23 @@ class Executor(ABC):
 # -- this machine ---------------------------------------------------------------------------------
 
 _worker_job: Job | None = None
+# A setup that refused the job (a missing extra, a rejected key): said by each task, as the error it is,
+# where an initializer that raised would break the whole pool with nothing but BrokenProcessPool.
+_worker_refusal: LenscapError | None = None
 
 
 def _init_worker(job: Job) -> None:
-    global _worker_job
+    global _worker_job, _worker_refusal
     _worker_job = job
-    job.setup()
+    try:
+        job.setup()
+    except LenscapError as e:
+        _worker_refusal = e
 
 
 def _run_in_worker(item: int) -> dict[str, Any]:
+    if _worker_refusal is not None:
+        raise _worker_refusal
     assert _worker_job is not None
     return _worker_job.run(item)
 
@@ -99,7 +107,10 @@ class LocalExecutor(Executor):
             keep_workers: bool = False) -> LenscapError | None:
         if not items:
             return None
-        if self.processes <= 1:
+        # Never more workers than tasks: spawning a process costs its imports. A pool kept for later
+        # runs of the job is made as wide as asked, since later runs may have more.
+        workers = self.processes if keep_workers else min(self.processes, len(items))
+        if workers <= 1:
             if self._set_up is not job:
                 job.setup()
             self._set_up = job if keep_workers else None
@@ -117,7 +128,7 @@ class LocalExecutor(Executor):
             return self._run_pool(self._kept[1], items, on_done, failed)  # a pool whose worker died is made again
         self.close()
         ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(self.processes, mp_context=ctx, initializer=_init_worker, initargs=(job,))
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job,))
         if keep_workers:
             self._kept = (job, pool)
             return self._run_pool(pool, items, on_done, failed)
@@ -179,22 +190,79 @@ def import_ray() -> Any:
     return ray
 
 
+LOOPBACK = "127.0.0.1"
+# Ray reads this once, when it is imported: "0" is the mode it runs in on macOS and Windows, one machine
+# only, where the node's address is the loopback address and every server it starts listens there.
+# (``_node_ip_address="127.0.0.1"`` or ``ray start --node-ip-address=127.0.0.1`` alone does not do
+# it: Ray turns a loopback address into the machine's network address.)
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _single_machine_mode(ray: Any) -> None:
+    """Ray's single-machine mode, in this process and in every process started from it from now on
+    (Ray's own, and a process that joins by the loopback address, like img2dataset's)."""
+    os.environ[SINGLE_MACHINE_ENV] = "0"
+    constants = getattr(getattr(ray, "_private", None), "ray_constants", None)
+    if constants is not None and hasattr(constants, "ENABLE_RAY_CLUSTER"):
+        constants.ENABLE_RAY_CLUSTER = False  # Ray read the variable when it was imported, maybe before now
+
+
+def start_local_ray(**init_kwargs: Any) -> Any:
+    """Start a Ray instance on this machine for this process, reachable only from this machine: its
+    node address is 127.0.0.1 and all its servers listen on loopback, none on a network address.
+    ``init_kwargs`` go to ``ray.init`` (``num_cpus``, ...). Returns ``ray``."""
+    ray = import_ray()
+    _single_machine_mode(ray)
+    ray.init(address="local", _node_ip_address=LOOPBACK, **init_kwargs)
+    return ray
+
+
 def connect_ray(address: str | None) -> Any:
     """Ray, connected: to ``address`` (``auto``, ``ray://host:10001``, a GCS ``host:6379``), to
-    ``$RAY_ADDRESS``, or else to a Ray instance started on this machine for this run."""
+    ``$RAY_ADDRESS``, or else to a Ray instance started on this machine for this run (on loopback:
+    ``start_local_ray``). A GCS address on 127.0.0.1 is joined as what listens there: a single-machine
+    instance (one ``start_local_ray`` started, in this process's parent or elsewhere) in that mode."""
     ray = import_ray()
     if ray.is_initialized():
         return ray
     if address:
         _check_reachable(address)
+        if _loopback_only(ray, address):
+            _single_machine_mode(ray)
+    logs = {"log_to_driver": False, "include_dashboard": False, "logging_level": "WARNING", "configure_logging": True}
     try:
         # Worker output stays in Ray's logs: lenscap's stdout is for --json summaries and pipes.
-        ray.init(address=address, log_to_driver=False, include_dashboard=False, logging_level="WARNING",
-                 configure_logging=True)
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address, **logs)
+        else:
+            start_local_ray(**logs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
         raise UsageError(f"cannot start or reach the Ray cluster ({where}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     return ray
+
+
+def _loopback_only(ray: Any, address: str) -> bool:
+    """Whether the GCS at ``address`` (a loopback host) listens on loopback only: Ray would look for it
+    at this machine's network address instead, and not find it."""
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    host = host.strip("[]")
+    if address.startswith("ray://") or not sep or not port.isdigit() or host not in _LOCAL_HOSTS:
+        return False
+    if os.environ.get(SINGLE_MACHINE_ENV) == "0":
+        return True  # the mode is on already
+    try:
+        network = ray.util.get_node_ip_address()
+    except Exception:  # noqa: BLE001 - no network address: Ray uses the loopback one itself
+        return False
+    if network in _LOCAL_HOSTS:
+        return False
+    try:
+        socket.create_connection((network, int(port)), timeout=2).close()
+    except OSError:
+        return True
+    return False
 
 
 def _check_reachable(address: str) -> None:

@@ -21,6 +21,30 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_shared_lenscap_dirs(tmp_path_factory):
+    """Nothing in the session reads or writes the user's ``~/.cache/lenscap``: the response cache and
+    remote datasets' mirrors are in this session's temporary directory (also for the processes, Ray's
+    included, started before a test's own directories are set)."""
+    mp = pytest.MonkeyPatch()
+    base = tmp_path_factory.mktemp("lenscap-session")
+    mp.setenv("LENSCAP_CACHE_DIR", str(base / "cache"))
+    mp.setenv("LENSCAP_WORK_DIR", str(base / "work"))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(autouse=True)
+def _own_lenscap_dirs(tmp_path_factory, monkeypatch):
+    """Each test its own response cache and mirror directory. A cache shared between tests (or with
+    the user's earlier runs) answers from an earlier test's captions: ``caption_cached`` then depends
+    on what ran before, and a test comparing two runs compares a cold cache with a warm one. A test
+    that gives its own ``LENSCAP_CACHE_DIR`` / ``LENSCAP_WORK_DIR`` (``env=``, ``monkeypatch``) overrides these."""
+    base = tmp_path_factory.mktemp("lenscap-test")
+    monkeypatch.setenv("LENSCAP_CACHE_DIR", str(base / "cache"))
+    monkeypatch.setenv("LENSCAP_WORK_DIR", str(base / "work"))
+
+
 def standard_routes() -> dict[str, Route]:
     routes = {f"/ok/{i}.jpg": Route(jpeg_bytes(scene(i))) for i in range(8)}
     routes["/big.jpg"] = Route(jpeg_bytes(scene(100, (2000, 1000))))
@@ -127,11 +151,16 @@ def s3_store():
 @pytest.fixture(scope="session")
 def ray_cluster(s3_store):
     """One local Ray cluster (2 CPUs) for the whole session; its GCS address, for CLI subprocesses to join.
-    Started after the object store, so its workers inherit the store's address."""
+    Started after the object store, so its workers inherit the store's address. It is on loopback
+    (``start_local_ray``): node address 127.0.0.1, nothing listening on the machine's network address;
+    the processes started later (CLI subprocesses, img2dataset) inherit Ray's single-machine mode from
+    this one's environment, and join it at 127.0.0.1."""
     ray = pytest.importorskip("ray")
+    from lenscap.executors import start_local_ray
+
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+        start_local_ray(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()

@@ -44,14 +44,77 @@ def members(path: Path) -> dict[str, bytes]:
     return out
 
 
+def own_cache(tmp_path: Path, name: str) -> dict[str, str]:
+    """A response cache of one run's own. Two runs compared row for row must not share one: the second
+    would read the first's captions from it (``caption_cached`` true) instead of writing its own."""
+    return {"LENSCAP_CACHE_DIR": str(tmp_path / f"{name}-cache")}
+
+
 def both(tmp_path: Path, ray_cluster: str, *args: str, out: str) -> tuple[Path, Path]:
-    """Run ``lenscap ARGS OUT`` with the local executor and with Ray; both must succeed."""
+    """Run ``lenscap ARGS OUT`` with the local executor and with Ray, each with its own response cache;
+    both must succeed."""
     local, on_ray = tmp_path / f"{out}-local", tmp_path / f"{out}-ray"
-    r = run_cli(*args, str(local), "--quiet", "--processes", "2")
+    r = run_cli(*args, str(local), "--quiet", "--processes", "2", env=own_cache(tmp_path, local.name))
     assert r.returncode == 0, r.stderr
-    r = run_cli(*args, str(on_ray), "--quiet", "--executor", "ray", "--ray-address", ray_cluster)
+    r = run_cli(*args, str(on_ray), "--quiet", "--executor", "ray", "--ray-address", ray_cluster,
+                env=own_cache(tmp_path, on_ray.name))
     assert r.returncode == 0, r.stderr
     return local, on_ray
+
+
+def test_the_test_cluster_is_on_loopback(ray_cluster):
+    """Tests keep their traffic on this machine: the cluster's GCS, its node and its workers are at
+    127.0.0.1, and no process of the cluster listens on another address (the machine's network address)."""
+    assert ray_cluster.rsplit(":", 1)[0] == "127.0.0.1"
+    assert {n["NodeManagerAddress"] for n in ray.nodes() if n["Alive"]} == {"127.0.0.1"}
+
+    @ray.remote
+    def where() -> str:
+        return ray.util.get_node_ip_address()
+
+    assert ray.get(where.remote()) == "127.0.0.1"
+    try:
+        import psutil  # Ray's dependency (its own copy, on sys.path once ray is imported)
+    except ImportError:
+        return
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    listening = [c.laddr for c in psutil.net_connections("inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert listening, "no listening socket of the cluster's processes was found: the test proves nothing"
+    assert {a.ip.removeprefix("::ffff:") for a in listening} == {"127.0.0.1"}, listening
+
+
+LOCAL_RAY = """
+import json, os, subprocess, sys
+from lenscap.executors import RayExecutor, SINGLE_MACHINE_ENV
+executor = RayExecutor()  # no address: lenscap starts a Ray of its own
+address = executor.cluster_address()
+ray = executor.connect()
+# A process started without Ray's single-machine mode joins by the loopback address (img2dataset's, for one).
+env = {k: v for k, v in os.environ.items() if k != SINGLE_MACHINE_ENV}
+join = ("from lenscap.executors import connect_ray; ray = connect_ray(sys.argv[1]); "
+        "print(ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()))")
+joined = subprocess.run([sys.executable, "-c", "import sys; " + join, address], env=env, capture_output=True,
+                        text=True, timeout=240)
+print(json.dumps({"address": address, "nodes": [n["NodeManagerAddress"] for n in ray.nodes()],
+                  "joined": joined.stdout.strip(), "join_error": joined.stderr[-2000:] if joined.returncode else ""}))
+"""
+
+
+def test_a_ray_lenscap_starts_is_on_loopback(tmp_path):
+    """``--executor ray`` without an address: the Ray lenscap starts is at 127.0.0.1, and another process
+    (not in Ray's single-machine mode) joins it by that address."""
+    import json
+    import subprocess
+
+    from lenscap.executors import SINGLE_MACHINE_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in (SINGLE_MACHINE_ENV, "RAY_ADDRESS")}
+    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY], env=env, capture_output=True, text=True, timeout=420,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["address"].startswith("127.0.0.1:") and got["nodes"] == ["127.0.0.1"], got
+    assert got["joined"] == "127.0.0.1", got
 
 
 def test_every_stage_on_ray_writes_what_the_local_executor_writes(tmp_path, ray_cluster):
@@ -65,6 +128,7 @@ def test_every_stage_on_ray_writes_what_the_local_executor_writes(tmp_path, ray_
 
     local, on_ray = both(tmp_path, ray_cluster, "caption", str(local), "--backend", "describe", out="caption")
     assert rows(local) == rows(on_ray)
+    assert not any(r["caption_cached"] for r in rows(on_ray))  # captioned on the workers, not read from a cache
     assert tars(on_ray) == {}  # rows only: the images are the filter output's
     assert {r["caption_status"] for r in rows(on_ray)} >= {"ok"}
 
@@ -259,10 +323,13 @@ def test_remote_datasets_on_ray(tmp_path, ray_cluster, s3_store):
 
     captioned, remote_captioned = tmp_path / "captioned", "s3://lenscap/ray-test/captioned"
     # --copy-images: tars written on the Ray workers and uploaded, byte-identical to a local run's
-    assert run_cli("caption", str(local), str(captioned), "--backend", "describe", "--copy-images", "--quiet").returncode == 0
-    r = run_cli("caption", remote, remote_captioned, "--backend", "describe", "--copy-images", *ray_flags, env=env)
+    assert run_cli("caption", str(local), str(captioned), "--backend", "describe", "--copy-images", "--quiet",
+                   env=own_cache(tmp_path, "local")).returncode == 0
+    r = run_cli("caption", remote, remote_captioned, "--backend", "describe", "--copy-images", *ray_flags,
+                env=env | own_cache(tmp_path, "ray"))
     assert r.returncode == 0, r.stderr
     assert rows_of(remote_captioned) == rows(captioned)
+    assert not any(r["caption_cached"] for r in rows(captioned))
     assert sorted(p.rsplit("/", 1)[1] for p in s3_store.ls("lenscap/ray-test/captioned")) == sorted(
         [f"{i:05d}{ext}" for i in range(4) for ext in (".parquet", ".tar", "_stats.json")] + ["lenscap.json"])
     for i in range(4):

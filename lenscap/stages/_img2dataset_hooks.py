@@ -195,9 +195,10 @@ def main(parent: int) -> int:
     netguard.allow_private_network(allow_private)
     ray_address = config.pop("ray_address", None)
     if ray_address:  # img2dataset's ray distributor runs its tasks on the cluster we join here
-        import ray
+        # Joined as lenscap joins any cluster: a Ray that lenscap started on loopback is joined there.
+        from lenscap.executors import connect_ray
 
-        ray.init(address=ray_address, log_to_driver=False, logging_level="WARNING")
+        connect_ray(ray_address)
     # OpenCV refuses to allocate for images beyond this, a second line behind check_image_bytes.
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
 
