@@ -25,7 +25,7 @@ TEST_EXTRAS = "test,local,ocr,ray"
 
 
 def ensure_venv(extras: str) -> None:
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 - this script is run by whatever python3 there is
         sys.exit(f"lenscap needs Python 3.11 or newer; this is {sys.version.split()[0]}")
     if not PYTHON.exists():
         print(f"creating {VENV}", flush=True)

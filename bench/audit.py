@@ -47,17 +47,23 @@ GENERATOR = "v2"  # bumped when the generated data change: cached datasets of an
 TARGET_RATE, TARGET_RSS_RATIO = 20_000, 1.3
 MODEL, PROMPT, PROMPT_SHA = "gpt-4.1-mini", "lens", "3f2a9c0d5e7b1a48"
 
-_COMMON = ("the a of and with in on is to at its an are by from this that as it two one image background "
-           "white black blue red green large small wooden man woman person people table sky wall front left right "
-           "side near top light dark water tree building street sign text there has shows while under over which "
-           "bottom center three several some standing sitting wearing holding it’s — café façade “open” naïve").split()
-_SYLLABLES = ("ba be bi bo bu ca ce ci co cu da de di do du fa fe fi fo ga ge gi go ha he hi ho ka ke ki ko la le li lo "
-              "lu ma me mi mo mu na ne ni no nu pa pe pi po pu ra re ri ro ru sa se si so su ta te ti to tu va ve vi "
-              "vo wa we wi ya yo za ze an en in on un ar er ir or ur al el il ol ul st tr ch sh th ng nd ck").split()
+_COMMON = (
+    "the a of and with in on is to at its an are by from this that as it two one image background "
+    "white black blue red green large small wooden man woman person people table sky wall front left right "
+    "side near top light dark water tree building street sign text there has shows while under over which "
+    "bottom center three several some standing sitting wearing holding it’s — café façade “open” naïve"
+).split()
+_SYLLABLES = (
+    "ba be bi bo bu ca ce ci co cu da de di do du fa fe fi fo ga ge gi go ha he hi ho ka ke ki ko la le li lo "
+    "lu ma me mi mo mu na ne ni no nu pa pe pi po pu ra re ri ro ru sa se si so su ta te ti to tu va ve vi "
+    "vo wa we wi ya yo za ze an en in on un ar er ir or ur al el il ol ul st tr ch sh th ng nd ck"
+).split()
 _TEMPLATES = ("The image shows", "This image depicts", "The photograph shows", "In this image, there is")
-_REFUSALS = ("I'm sorry, but I can't help with identifying people in this image.",
-             "I cannot describe this image because it appears to contain sensitive content.",
-             "As an AI, I am unable to describe the contents of this image in detail.")
+_REFUSALS = (
+    "I'm sorry, but I can't help with identifying people in this image.",
+    "I cannot describe this image because it appears to contain sensitive content.",
+    "As an AI, I am unable to describe the contents of this image in detail.",
+)
 
 
 def _vocabulary(rng: np.random.Generator) -> np.ndarray:
@@ -97,8 +103,9 @@ class Generator:
     def words(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return np.minimum(np.searchsorted(self.cdf, rng.random(n)), self.v - 1).astype(np.int64)
 
-    def captions(self, rng: np.random.Generator, n: int, truncated: np.ndarray | None = None,
-                 templated: np.ndarray | None = None) -> pa.Array:
+    def captions(
+        self, rng: np.random.Generator, n: int, truncated: np.ndarray | None = None, templated: np.ndarray | None = None
+    ) -> pa.Array:
         lengths = np.clip(np.rint(rng.normal(109, 20, n)), 70, 150).astype(np.int64)
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
@@ -156,14 +163,18 @@ class Generator:
         alt_words = self.tokens.take(pa.array(self.words(rng, total) + self.v * rng.integers(0, 2, total)))  # some Capitalised
         alt_text = pc.binary_join(pa.ListArray.from_arrays(pa.array(alt_offsets), alt_words), " ")
         keys = pa.array([f"{shard_id:05d}{i:05d}" for i in range(n)], pa.string())
-        return pa.table({
-            "key": keys, "status": pa.array(np.full(n, "success", dtype=object), pa.string()), "caption": caption,
-            "caption_status": pa.array(np.full(n, "ok", dtype=object), pa.string()),
-            "caption_model": pa.array(np.full(n, MODEL, dtype=object), pa.string()),
-            "caption_prompt": pa.array(np.full(n, PROMPT, dtype=object), pa.string()),
-            "caption_prompt_sha": pa.array(np.full(n, PROMPT_SHA, dtype=object), pa.string()),
-            "alt_text": alt_text,
-        })
+        return pa.table(
+            {
+                "key": keys,
+                "status": pa.array(np.full(n, "success", dtype=object), pa.string()),
+                "caption": caption,
+                "caption_status": pa.array(np.full(n, "ok", dtype=object), pa.string()),
+                "caption_model": pa.array(np.full(n, MODEL, dtype=object), pa.string()),
+                "caption_prompt": pa.array(np.full(n, PROMPT, dtype=object), pa.string()),
+                "caption_prompt_sha": pa.array(np.full(n, PROMPT_SHA, dtype=object), pa.string()),
+                "alt_text": alt_text,
+            }
+        )
 
 
 def generate(path: Path, captions: int, gen: Generator | None = None) -> Path:
@@ -187,8 +198,7 @@ def generate(path: Path, captions: int, gen: Generator | None = None) -> Path:
         tmp = ds.tmp_path(shard_id, "parquet")
         pq.write_table(table, tmp)
         ds.commit(shard_id, [(tmp, ds.parquet_path(shard_id))], shard_stats(shard_id, table) | {"stage": "caption"})
-    ds.write_manifest("caption", {"bench_generator": GENERATOR, "model": MODEL, "prompt": PROMPT}, None,
-                      expected_shards=shards)
+    ds.write_manifest("caption", {"bench_generator": GENERATOR, "model": MODEL, "prompt": PROMPT}, None, expected_shards=shards)
     print(f"generated {captions:,} captions in {shards} shards at {path} in {time.perf_counter() - start:.1f} s", flush=True)
     return path
 
@@ -229,27 +239,41 @@ def main() -> None:
             runs["inspect"][n] = measure(["inspect", "--json", str(path)])
             for name in ("audit", "inspect"):
                 r = runs[name][n]
-                print(f"{name:8s} {n:>9,} captions: {r['wall']:6.1f} s wall, {r['cpu']:6.1f} s CPU, "
-                      f"{n / r['wall']:>8,.0f} captions/s, {n / r['cpu']:>8,.0f} per CPU-second, peak RSS {r['rss']:.0f} MB",
-                      flush=True)
+                print(
+                    f"{name:8s} {n:>9,} captions: {r['wall']:6.1f} s wall, {r['cpu']:6.1f} s CPU, "
+                    f"{n / r['wall']:>8,.0f} captions/s, {n / r['cpu']:>8,.0f} per CPU-second, peak RSS {r['rss']:.0f} MB",
+                    flush=True,
+                )
         out = runs["audit"][large]["out"]
         assert out["captions"] == large, out["captions"]
         counts = {k: v for k, v in out["counts"].items() if v}
-        print(f"\naudit of {large:,}: flags {counts}; words p50 {out['words']['p50']}, template_top1 "
-              f"{out['template_top1']}, distinct_1 {out['distinct_1']}")
+        print(
+            f"\naudit of {large:,}: flags {counts}; words p50 {out['words']['p50']}, template_top1 "
+            f"{out['template_top1']}, distinct_1 {out['distinct_1']}"
+        )
         ours, base, first = runs["audit"][large], runs["inspect"][large], runs["audit"][a.small]
         wall_rate, cpu_rate = large / ours["wall"], large / ours["cpu"]
-        print(f"audit / inspect speed at {large:,}: {base['wall'] / ours['wall']:.2f} (wall), "
-              f"{base['cpu'] / ours['cpu']:.2f} (CPU)")
-        print(f"audit beyond its fixed cost (start-up, imports; the {a.small:,} run's): "
-              f"{(large - a.small) / max(ours['cpu'] - first['cpu'], 1e-9):,.0f} captions per CPU-second")
+        print(
+            f"audit / inspect speed at {large:,}: {base['wall'] / ours['wall']:.2f} (wall), {base['cpu'] / ours['cpu']:.2f} (CPU)"
+        )
+        print(
+            f"audit beyond its fixed cost (start-up, imports; the {a.small:,} run's): "
+            f"{(large - a.small) / max(ours['cpu'] - first['cpu'], 1e-9):,.0f} captions per CPU-second"
+        )
         ratio = ours["rss"] / first["rss"]
-        print(f"audit peak RSS {a.small:,} -> {large:,} captions: {first['rss']:.0f} -> {ours['rss']:.0f} MB, "
-              f"ratio {ratio:.2f} (target <= {TARGET_RSS_RATIO})")
-        print(f"{'PASS' if cpu_rate >= TARGET_RATE else 'FAIL'} throughput: {cpu_rate:,.0f} captions per CPU-second "
-              f"({wall_rate:,.0f} per wall second, one process; target >= {TARGET_RATE:,} per core)")
-        print(f"{'PASS' if ratio <= TARGET_RSS_RATIO else 'FAIL'} memory: peak RSS at {large:,} is {ratio:.2f}x that at "
-              f"{a.small:,} (target <= {TARGET_RSS_RATIO}x)")
+        print(
+            f"audit peak RSS {a.small:,} -> {large:,} captions: {first['rss']:.0f} -> {ours['rss']:.0f} MB, "
+            f"ratio {ratio:.2f} (target <= {TARGET_RSS_RATIO})"
+        )
+        print(
+            f"{'PASS' if cpu_rate >= TARGET_RATE else 'FAIL'} throughput: {cpu_rate:,.0f} captions per CPU-second "
+            f"({wall_rate:,.0f} per wall second, one process; target >= {TARGET_RATE:,} per core)"
+        )
+        print(
+            f"{'PASS' if ratio <= TARGET_RSS_RATIO else 'FAIL'} memory: peak RSS at {large:,} is {ratio:.2f}x that at "
+            f"{a.small:,} (target <= {TARGET_RSS_RATIO}x)"
+        )
+
 
 if __name__ == "__main__":
     main()

@@ -33,8 +33,23 @@ from lenscap.demo.images import jpeg_bytes, photo
 
 
 def pack(src: Path, out: Path, processes: int, env: dict[str, str]) -> float:
-    cmd = [sys.executable, "-m", "lenscap.cli", "caption", str(src), str(out), "--backend", "batch-files",
-           "--model", "gpt-4.1", "--no-cache", "--quiet", "--json", "--processes", str(processes)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lenscap.cli",
+        "caption",
+        str(src),
+        str(out),
+        "--backend",
+        "batch-files",
+        "--model",
+        "gpt-4.1",
+        "--no-cache",
+        "--quiet",
+        "--json",
+        "--processes",
+        str(processes),
+    ]
     start = time.perf_counter()
     r = subprocess.run(cmd, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
@@ -82,14 +97,25 @@ def main() -> None:
                 run += 1
         base, par = statistics.median(times[1]), statistics.median(times[args.processes])
         files, requests, _ = next(iter(digests))
-        print(json.dumps({
-            "images": args.images, "requests": requests, "batch_files": files, "image_side": args.side,
-            "cpus": os.cpu_count(),
-            "seconds": {"1 process (baseline)": round(base, 2), f"{args.processes} processes": round(par, 2)},
-            "ms_per_request": {"1 process": round(1000 * base / requests, 3), f"{args.processes} processes": round(1000 * par / requests, 3)},
-            "ratio": round(base / par, 2),
-            "identical_batch_files": len(digests) == 1,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "images": args.images,
+                    "requests": requests,
+                    "batch_files": files,
+                    "image_side": args.side,
+                    "cpus": os.cpu_count(),
+                    "seconds": {"1 process (baseline)": round(base, 2), f"{args.processes} processes": round(par, 2)},
+                    "ms_per_request": {
+                        "1 process": round(1000 * base / requests, 3),
+                        f"{args.processes} processes": round(1000 * par / requests, 3),
+                    },
+                    "ratio": round(base / par, 2),
+                    "identical_batch_files": len(digests) == 1,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

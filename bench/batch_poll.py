@@ -52,8 +52,19 @@ def main() -> None:
         root = Path(tmp)
         os.environ["LENSCAP_CACHE_DIR"] = str(root / "cache")
         src = write_image_dataset(root / "in", 12, per_shard=4).path
-        command = ["caption", str(src), str(root / "out"), "--backend", "batch-files", "--model", "llava-hf/llava-1.5-7b-hf",
-                   "--max-requests-per-file", "2", "--quiet", "--json"]
+        command = [
+            "caption",
+            str(src),
+            str(root / "out"),
+            "--backend",
+            "batch-files",
+            "--model",
+            "llava-hf/llava-1.5-7b-hf",
+            "--max-requests-per-file",
+            "2",
+            "--quiet",
+            "--json",
+        ]
         cli(*command)
         grow_state(root / "out" / ".lenscap" / "batch" / "state.sqlite", shards=args.shards, files=args.files)
         markers = root / "markers"
@@ -74,15 +85,26 @@ def main() -> None:
             baselines.append(time.perf_counter() - start)
         assert summary["files"]["submitted"] == 6, summary["files"]
         one_pass, baseline = statistics.median(passes), statistics.median(baselines)
-        print(json.dumps({
-            "shards": args.shards, "merged_files": args.files, "in_flight": 6,
-            "seconds": {"pass (rerun of the caption command)": round(one_pass, 3),
+        print(
+            json.dumps(
+                {
+                    "shards": args.shards,
+                    "merged_files": args.files,
+                    "in_flight": 6,
+                    "seconds": {
+                        "pass (rerun of the caption command)": round(one_pass, 3),
                         "batch status": round(statistics.median(statuses), 3),
-                        "baseline: stat every shard's marker": round(baseline, 3)},
-            "ratio": round(baseline / one_pass, 2),
-            "state_file_mb": round(sum(p.stat().st_size for p in (root / "out" / ".lenscap" / "batch").glob("state.sqlite*")) / 1e6, 1),
-            "status_requests": status["requests"],
-        }, indent=2))
+                        "baseline: stat every shard's marker": round(baseline, 3),
+                    },
+                    "ratio": round(baseline / one_pass, 2),
+                    "state_file_mb": round(
+                        sum(p.stat().st_size for p in (root / "out" / ".lenscap" / "batch").glob("state.sqlite*")) / 1e6, 1
+                    ),
+                    "status_requests": status["requests"],
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

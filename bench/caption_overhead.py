@@ -33,9 +33,26 @@ def rate(stats: dict) -> float:
 
 def run_lenscap(src: Path, out: Path, base_url: str, concurrency: int, processes: int) -> None:
     env = {**os.environ, "OPENAI_API_KEY": "sk-bench"}
-    subprocess.run([sys.executable, "-m", "lenscap.cli", "caption", str(src), str(out), "--base-url", base_url,
-                    "--no-cache", "--concurrency", str(concurrency), "--processes", str(processes), "--quiet"],
-                   env=env, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lenscap.cli",
+            "caption",
+            str(src),
+            str(out),
+            "--base-url",
+            base_url,
+            "--no-cache",
+            "--concurrency",
+            str(concurrency),
+            "--processes",
+            str(processes),
+            "--quiet",
+        ],
+        env=env,
+        check=True,
+    )
 
 
 async def run_baseline(urls: list[str], base_url: str, concurrency: int) -> None:
@@ -47,9 +64,16 @@ async def run_baseline(urls: list[str], base_url: str, concurrency: int) -> None
 
     async def worker() -> None:
         for url in it:
-            messages = [{"role": "system", "content": prompt.system},
-                        {"role": "user", "content": [{"type": "text", "text": prompt.template},
-                                                     {"type": "image_url", "image_url": {"url": url, "detail": "low"}}]}]
+            messages = [
+                {"role": "system", "content": prompt.system},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": prompt.template},
+                        {"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+                    ],
+                },
+            ]
             await client.chat.completions.create(model="gpt-4.1-mini", messages=messages, max_tokens=300)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -78,8 +102,10 @@ def main() -> None:
             print(f"{label:>32}: {results[label]:.0f} requests/s")
     base = results["baseline (openai client alone)"]
     best = max(results["lenscap --processes 1"], results["lenscap --processes 2"])
-    print(f"ratio lenscap / baseline: {results['lenscap --processes 1'] / base:.2f} (1 process), "
-          f"{results['lenscap --processes 2'] / base:.2f} (2 processes)")
+    print(
+        f"ratio lenscap / baseline: {results['lenscap --processes 1'] / base:.2f} (1 process), "
+        f"{results['lenscap --processes 2'] / base:.2f} (2 processes)"
+    )
     print(f"best lenscap: {best:.0f} requests/s = {best * 60:.0f} RPM (target >= 150/s)")
 
 

@@ -35,15 +35,33 @@ def summarize(name: str, stats: dict, rpm: float) -> tuple[float, float]:
     total = sum(stats["responses"].values())
     achieved = (ok - 1) / stats["success_span_s"] * 60 if ok > 1 and stats["success_span_s"] else 0.0
     share_429 = stats["responses"].get("429", 0) / max(total, 1)
-    print(f"{name:>8}: {ok} captions ({stats['lost']} lost), {total} requests, achieved {achieved:.0f} RPM = {achieved / rpm:.3f} of the limit, "
-          f"429s {share_429:.1%} of requests")
+    print(
+        f"{name:>8}: {ok} captions ({stats['lost']} lost), {total} requests, achieved {achieved:.0f} RPM = {achieved / rpm:.3f} of the limit, "
+        f"429s {share_429:.1%} of requests"
+    )
     return achieved / rpm, share_429
 
 
 def run_lenscap(src: Path, out: Path, base_url: str, concurrency: int) -> None:
     env = {**os.environ, "OPENAI_API_KEY": "sk-bench", "LENSCAP_CACHE_DIR": str(out) + "-cache"}
-    subprocess.run([sys.executable, "-m", "lenscap.cli", "caption", str(src), str(out), "--base-url", base_url,
-                    "--no-cache", "--concurrency", str(concurrency), "--quiet"], env=env, check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lenscap.cli",
+            "caption",
+            str(src),
+            str(out),
+            "--base-url",
+            base_url,
+            "--no-cache",
+            "--concurrency",
+            str(concurrency),
+            "--quiet",
+        ],
+        env=env,
+        check=True,
+    )
 
 
 async def run_naive(src: Path, base_url: str, concurrency: int) -> None:
@@ -57,9 +75,16 @@ async def run_naive(src: Path, base_url: str, concurrency: int) -> None:
     async def one(image: bytes) -> None:
         async with sem:
             url = prepare_image(image, 512).data_url()
-            messages = [{"role": "system", "content": prompt.system},
-                        {"role": "user", "content": [{"type": "text", "text": prompt.template},
-                                                     {"type": "image_url", "image_url": {"url": url, "detail": "low"}}]}]
+            messages = [
+                {"role": "system", "content": prompt.system},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": prompt.template},
+                        {"type": "image_url", "image_url": {"url": url, "detail": "low"}},
+                    ],
+                },
+            ]
             try:
                 await client.chat.completions.create(model="gpt-4.1-mini", messages=messages, max_tokens=300)
             except openai.APIError:

@@ -64,8 +64,20 @@ def write_shards(path: Path, sizes: list[int]) -> Path:
     for shard_id, size in enumerate(sizes):
         writer = ds.writer(shard_id, DOWNLOAD_SCHEMA)
         for _ in range(size):
-            writer.write(Sample(f"{i:09d}", {"url": f"http://example.invalid/{i}.jpg", "caption": f"image {i}", "status": SUCCESS,
-                                             "error_message": None, "width": 96, "height": 64}, jpeg_bytes(scene(i, (96, 64)))))
+            writer.write(
+                Sample(
+                    f"{i:09d}",
+                    {
+                        "url": f"http://example.invalid/{i}.jpg",
+                        "caption": f"image {i}",
+                        "status": SUCCESS,
+                        "error_message": None,
+                        "width": 96,
+                        "height": 64,
+                    },
+                    jpeg_bytes(scene(i, (96, 64))),
+                )
+            )
             i += 1
         writer.commit({"stage": "download"})
     ds.write_manifest("download", {"generated": True}, None, expected_shards=len(sizes))
@@ -81,7 +93,9 @@ def most_in_window(times: list[float], window: float) -> int:
     return most
 
 
-def run(name: str, backend_cls: type[OpenAIChatBackend], src: Path, out: Path, fake: RecordingFake, a: argparse.Namespace) -> float:
+def run(
+    name: str, backend_cls: type[OpenAIChatBackend], src: Path, out: Path, fake: RecordingFake, a: argparse.Namespace
+) -> float:
     fake.reset_counters()
     fake.configure(rpm=a.rpm)  # a full bucket again
     fake.arrivals.clear()
@@ -94,10 +108,14 @@ def run(name: str, backend_cls: type[OpenAIChatBackend], src: Path, out: Path, f
     ok, n429 = stats["responses"].get("200", 0), stats["responses"].get("429", 0)
     per_s = a.rpm / 60
     achieved = (ok - 1) / stats["success_span_s"] * 60 if ok > 1 and stats["success_span_s"] else 0.0
-    peaks = ", ".join(f"{w:g}-s {most_in_window(fake.arrivals, w) / (per_s * w):.2f} (bound {(BURST_S + w) * MARGIN / w:.2f})"
-                      for w in (1.0, 5.0))
-    print(f"{name:>6}: {ok} captions {result.counts.get('caption_status')}, {n429} 429s, {took:.1f}s; achieved {achieved:.0f} RPM = "
-          f"{achieved / a.rpm:.2f} of the limit; peak window / limit: {peaks}")
+    peaks = ", ".join(
+        f"{w:g}-s {most_in_window(fake.arrivals, w) / (per_s * w):.2f} (bound {(BURST_S + w) * MARGIN / w:.2f})"
+        for w in (1.0, 5.0)
+    )
+    print(
+        f"{name:>6}: {ok} captions {result.counts.get('caption_status')}, {n429} 429s, {took:.1f}s; achieved {achieved:.0f} RPM = "
+        f"{achieved / a.rpm:.2f} of the limit; peak window / limit: {peaks}"
+    )
     return achieved
 
 
@@ -152,15 +170,19 @@ def main() -> None:
     ray.cloudpickle.register_pickle_by_value(__import__(__name__))  # SplitBackend travels by value
     with tempfile.TemporaryDirectory() as tmp, RecordingFake(rpm=a.rpm, latency_s=a.latency) as fake:
         src = write_shards(Path(tmp) / "in", sizes)
-        print(f"{a.workers} Ray workers, shards of {sizes} images, limit {a.rpm:.0f} RPM, {a.latency}s latency, "
-              f"concurrency {a.concurrency} per worker")
+        print(
+            f"{a.workers} Ray workers, shards of {sizes} images, limit {a.rpm:.0f} RPM, {a.latency}s latency, "
+            f"concurrency {a.concurrency} per worker"
+        )
         shared = run("shared", OpenAIChatBackend, src, Path(tmp) / "shared", fake, a)
         time.sleep(1.5)  # the server's window refills
         split = run("split", SplitBackend, src, Path(tmp) / "split", fake, a)
     print(f"throughput shared/split: {shared / split:.2f}")
     rate, round_trip = actor_capacity(a.workers)
-    print(f"limiter actor: {rate:.0f} reservations/s ({a.workers} workers x 64 concurrent callers), "
-          f"one reservation's round trip {round_trip * 1000:.2f} ms")
+    print(
+        f"limiter actor: {rate:.0f} reservations/s ({a.workers} workers x 64 concurrent callers), "
+        f"one reservation's round trip {round_trip * 1000:.2f} ms"
+    )
     ray.shutdown()
 
 

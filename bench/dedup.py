@@ -32,8 +32,8 @@ from PIL import Image
 from lenscap.dedup.phash import phash
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.tables import split_near_pairs
-from lenscap.executors import Executor, LocalExecutor, RayExecutor, start_local_ray
 from lenscap.demo.images import jpeg_bytes, photo
+from lenscap.executors import Executor, LocalExecutor, RayExecutor, start_local_ray
 
 
 def bench_hashing(n: int, r: int) -> None:
@@ -49,8 +49,10 @@ def bench_hashing(n: int, r: int) -> None:
     for data in files:
         imagehash.phash(Image.open(io.BytesIO(data)))
     theirs = time.perf_counter() - start
-    print(f"hashing {n} JPEGs 1024x768: lenscap {n / ours:.0f} img/s, imagehash.phash {n / theirs:.0f} img/s, "
-          f"ratio {theirs / ours:.2f}x (target >= 3)")
+    print(
+        f"hashing {n} JPEGs 1024x768: lenscap {n / ours:.0f} img/s, imagehash.phash {n / theirs:.0f} img/s, "
+        f"ratio {theirs / ours:.2f}x (target >= 3)"
+    )
 
     copies = []
     for seed, img in enumerate(originals[: n // 2]):
@@ -62,14 +64,20 @@ def bench_hashing(n: int, r: int) -> None:
         hashes = [hash_of(b) for b in files]
         found = sum((hashes[i] ^ hash_of(c)).bit_count() <= r for i, c in enumerate(copies))
         copy_hashes = [hash_of(c) for c in copies]
-        false = sum((a ^ b).bit_count() <= r for i, a in enumerate(hashes) for j, b in enumerate(hashes + copy_hashes)
-                    if j != i and j != i + n)
+        false = sum(
+            (a ^ b).bit_count() <= r
+            for i, a in enumerate(hashes)
+            for j, b in enumerate(hashes + copy_hashes)
+            if j != i and j != i + n
+        )
         return found / len(copies), false
 
     ours_recall, ours_false = recall(lambda b: phash(b).phash)
     their_recall, their_false = recall(lambda b: int(str(imagehash.phash(Image.open(io.BytesIO(b)))), 16))
-    print(f"planted set ({len(copies)} exact/resized/recompressed copies, distance <= {r}): recall lenscap {ours_recall:.3f}, "
-          f"imagehash {their_recall:.3f}; unrelated pairs within the distance: lenscap {ours_false}, imagehash {their_false}")
+    print(
+        f"planted set ({len(copies)} exact/resized/recompressed copies, distance <= {r}): recall lenscap {ours_recall:.3f}, "
+        f"imagehash {their_recall:.3f}; unrelated pairs within the distance: lenscap {ours_false}, imagehash {their_false}"
+    )
 
 
 def synthetic(n: int, r: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -121,8 +129,10 @@ def bench_search(small: int, large: int, r: int, ray_cpus: int) -> None:
         seconds, con = search(h, plan)
         times[n] = seconds
         pairs = con.execute("SELECT count(*) FROM near").fetchall()[0][0]
-        print(f"search {n:,} hashes, distance <= {r}: {seconds:.1f} s ({len(plan.blocks)} blocks, {len(plan.tables)} tables, "
-              f"{1 << plan.partition_bits} partitions), {pairs:,} pairs")
+        print(
+            f"search {n:,} hashes, distance <= {r}: {seconds:.1f} s ({len(plan.blocks)} blocks, {len(plan.tables)} tables, "
+            f"{1 << plan.partition_bits} partitions), {pairs:,} pairs"
+        )
         queries = np.concatenate([originals[:100], rng.choice(n, 100, replace=False)])
         truth = set()
         for q in queries:
@@ -130,23 +140,29 @@ def bench_search(small: int, large: int, r: int, ray_cpus: int) -> None:
             truth.update((min(int(q), int(o)), max(int(q), int(o))) for o in close if o != q)
         con.register("q", pa.table({"uid": queries.astype(np.int64)}))
         found = set(con.execute("SELECT a, b FROM near WHERE a IN (SELECT uid FROM q) OR b IN (SELECT uid FROM q)").fetchall())
-        print(f"  brute force over {len(queries)} query hashes: {len(truth)} pairs, recall {len(truth & found) / max(1, len(truth)):.3f}, "
-              f"{len(found - truth)} found beyond")
+        print(
+            f"  brute force over {len(queries)} query hashes: {len(truth)} pairs, recall {len(truth & found) / max(1, len(truth)):.3f}, "
+            f"{len(found - truth)} found beyond"
+        )
         if n == small:
             split(con, plan, LocalExecutor(1), seconds, "local executor, 1 process")
         elif ray_cpus:
             import ray
 
-            start_local_ray(num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")  # on loopback only
+            start_local_ray(
+                num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
+            )  # on loopback only
             split(con, plan, RayExecutor(), seconds, f"Ray, local cluster of {ray_cpus} CPUs")
             ray.shutdown()
         if n == large:
             same_plan = PigeonholePlan.with_blocks(small, r, len(plan.blocks))
             h_small, _ = synthetic(small, r, rng)
             seconds_small, _ = search(h_small, same_plan)
-            print(f"ratio {large:,} / {small:,}: {times[large] / times[small]:.1f} with each size's own plan; "
-                  f"{times[large] / seconds_small:.1f} with the {len(plan.tables)}-table plan at both "
-                  f"(small: {seconds_small:.1f} s); near-linear target <= {large / small * 1.2:.0f}")
+            print(
+                f"ratio {large:,} / {small:,}: {times[large] / times[small]:.1f} with each size's own plan; "
+                f"{times[large] / seconds_small:.1f} with the {len(plan.tables)}-table plan at both "
+                f"(small: {seconds_small:.1f} s); near-linear target <= {large / small * 1.2:.0f}"
+            )
         con.close()
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import resource
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -35,9 +35,22 @@ def _children_cpu() -> float:
 
 
 def run_lenscap(url_list: Path, out: Path) -> float:
-    cmd = [sys.executable, "-m", "lenscap.cli", "download", str(url_list), str(out), "--quiet",
-           "--samples-per-shard", str(SETTINGS["samples_per_shard"]), "--processes", str(SETTINGS["processes"]),
-           "--threads", str(SETTINGS["threads"]), "--allow-private-network"]  # the image server is on loopback
+    cmd = [
+        sys.executable,
+        "-m",
+        "lenscap.cli",
+        "download",
+        str(url_list),
+        str(out),
+        "--quiet",
+        "--samples-per-shard",
+        str(SETTINGS["samples_per_shard"]),
+        "--processes",
+        str(SETTINGS["processes"]),
+        "--threads",
+        str(SETTINGS["threads"]),
+        "--allow-private-network",
+    ]  # the image server is on loopback
     t = time.perf_counter()
     subprocess.run(cmd, check=True)
     return time.perf_counter() - t
@@ -50,8 +63,13 @@ def run_img2dataset(url_list: Path, out: Path) -> float:
     config.write_text(json.dumps(kwargs))
     code = f"import json, img2dataset; img2dataset.download(**json.load(open({str(config)!r})))"
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"})
+    subprocess.run(
+        [sys.executable, "-c", code],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1"},
+    )
     return time.perf_counter() - t
 
 
@@ -90,17 +108,20 @@ def main() -> None:
                 cpu = _children_cpu() - cpu
                 times[name].append(seconds)
                 cpus[name].append(cpu)
-                print(f"round {r}: {name:12s} {seconds:6.2f} s  {args.images / seconds:7.1f} img/s  "
-                      f"{cpu:6.2f} CPU s", flush=True)
+                print(f"round {r}: {name:12s} {seconds:6.2f} s  {args.images / seconds:7.1f} img/s  {cpu:6.2f} CPU s", flush=True)
                 shutil.rmtree(out, ignore_errors=True)
         med = {k: statistics.median(v) for k, v in times.items()}
         ratio = med["img2dataset"] / med["lenscap"]
-        print(f"median throughput: lenscap {args.images / med['lenscap']:.1f} img/s, "
-              f"img2dataset {args.images / med['img2dataset']:.1f} img/s")
+        print(
+            f"median throughput: lenscap {args.images / med['lenscap']:.1f} img/s, "
+            f"img2dataset {args.images / med['img2dataset']:.1f} img/s"
+        )
         print(f"ratio lenscap/img2dataset = {ratio:.3f}  (target >= 0.95)")
         cpu_med = {k: statistics.median(v) for k, v in cpus.items()}
-        print(f"CPU seconds of the downloader's process tree (median; the server not included): "
-              f"lenscap {cpu_med['lenscap']:.2f}, img2dataset {cpu_med['img2dataset']:.2f}")
+        print(
+            f"CPU seconds of the downloader's process tree (median; the server not included): "
+            f"lenscap {cpu_med['lenscap']:.2f}, img2dataset {cpu_med['img2dataset']:.2f}"
+        )
     finally:
         stop.set()
         server.join(timeout=10)

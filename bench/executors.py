@@ -58,7 +58,9 @@ def main() -> None:
         src = write_image_dataset(root / "in", n, per_shard=a.per_shard, size=(256, 192)).path
         stage = FilterStage(FilterRules(min_side=100), [annotator_class("blur")(None)])
         t = time.perf_counter()
-        start_local_ray(num_cpus=a.cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")  # on loopback only
+        start_local_ray(
+            num_cpus=a.cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING"
+        )  # on loopback only
         start_s = time.perf_counter() - t
         try:
             ray_exec = RayExecutor()
@@ -79,8 +81,10 @@ def main() -> None:
     print(f"  ray executor   ({a.cpus} CPUs):      {n / ray_s:8.0f} samples/s  ({ray_s:.1f} s)")
     print(f"  ratio ray / local: {local_s / ray_s:.2f}   outputs identical: {same}")
     print(f"  local Ray start-up (once per cluster): {start_s:.1f} s")
-    print(f"per-task overhead (no-op stage, {a.shards} shards): local {noop_local / a.shards * 1000:.0f} ms, "
-          f"ray {noop_ray / a.shards * 1000:.0f} ms per shard")
+    print(
+        f"per-task overhead (no-op stage, {a.shards} shards): local {noop_local / a.shards * 1000:.0f} ms, "
+        f"ray {noop_ray / a.shards * 1000:.0f} ms per shard"
+    )
 
 
 if __name__ == "__main__":

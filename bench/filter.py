@@ -38,8 +38,10 @@ def pyarrow_scan(src: Dataset) -> int:
         t = src.read_table(shard_id, columns=["status", "width", "height", "caption"])
         side = pc.min_element_wise(t.column("width"), t.column("height"))
         words = pc.list_value_length(pc.split_pattern_regex(pc.utf8_trim_whitespace(t.column("caption")), r"\s+"))
-        ok = pc.and_(pc.and_(pc.equal(t.column("status"), "success"), pc.greater_equal(side, 256)),
-                     pc.and_(pc.greater_equal(words, 3), pc.less_equal(words, 60)))
+        ok = pc.and_(
+            pc.and_(pc.equal(t.column("status"), "success"), pc.greater_equal(side, 256)),
+            pc.and_(pc.greater_equal(words, 3), pc.less_equal(words, 60)),
+        )
         kept += pc.sum(pc.fill_null(ok, False)).as_py() or 0
     return kept
 
@@ -70,15 +72,22 @@ def main() -> None:
         kept_ours = sum(out.read_stats(i).get("filter_reasons", {}).get("kept", 0) for i in out.completed_ids())
         assert kept_ours == kept_base == a.images - dropped, (kept_ours, kept_base, dropped)
         print(f"{a.images} samples, {kept_ours} kept by both")
-        print(f"cheap rules: lenscap (DuckDB, with reasons) {a.images / rules_s:,.0f} samples/s; pyarrow scan "
-              f"{a.images / base_s:,.0f} samples/s; ratio {base_s / rules_s:.2f}")
-        print(f"whole stage, rows only: {a.images / ours_s:,.0f} samples/s; whole stage / cheap-rules pass "
-              f"{rules_s / ours_s:.2f} (target >= 0.5)")
-        print(f"whole stage with --copy-images (kept images into new tars): {a.images / copy_s:,.0f} samples/s; "
-              f"/ cheap-rules pass {rules_s / copy_s:.2f}; rows only is {copy_s / ours_s:.1f}x faster")
+        print(
+            f"cheap rules: lenscap (DuckDB, with reasons) {a.images / rules_s:,.0f} samples/s; pyarrow scan "
+            f"{a.images / base_s:,.0f} samples/s; ratio {base_s / rules_s:.2f}"
+        )
+        print(
+            f"whole stage, rows only: {a.images / ours_s:,.0f} samples/s; whole stage / cheap-rules pass "
+            f"{rules_s / ours_s:.2f} (target >= 0.5)"
+        )
+        print(
+            f"whole stage with --copy-images (kept images into new tars): {a.images / copy_s:,.0f} samples/s; "
+            f"/ cheap-rules pass {rules_s / copy_s:.2f}; rows only is {copy_s / ours_s:.1f}x faster"
+        )
         samples = [s for s in src.iter_samples(0) if s.ok][: a.annotate_images]
-        from PIL import Image
         import io
+
+        from PIL import Image
 
         images = [Image.open(io.BytesIO(s.image)).convert("RGB") for s in samples]
         for name in ("uniform", "blur", "faces", "ocr"):

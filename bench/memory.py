@@ -48,24 +48,43 @@ def main() -> None:
         results: dict[str, dict[int, tuple[float, float]]] = {}
         for n in (args.small, args.large):
             # distinct photos, so that dedup keeps them all and shard and report see the whole dataset
-            src = write_image_dataset(work / f"in{n}", n, per_shard=PER_SHARD, image=lambda i: jpeg_bytes(photo(i, (96, 72))),
-                                      caption=lambda i: f"alt text number {i} of a small photo").path
+            src = write_image_dataset(
+                work / f"in{n}",
+                n,
+                per_shard=PER_SHARD,
+                image=lambda i: jpeg_bytes(photo(i, (96, 72))),
+                caption=lambda i: f"alt text number {i} of a small photo",
+            ).path
             stages = {
                 "filter": ["filter", str(src), str(work / f"filter{n}"), "--min-side", "32", "--annotate", "blur,uniform"],
-                "caption": ["caption", str(work / f"filter{n}"), str(work / f"caption{n}"), "--backend", "openai",
-                            "--base-url", api.base_url, "--model", "gpt-4.1-mini", "--no-cache"],
+                "caption": [
+                    "caption",
+                    str(work / f"filter{n}"),
+                    str(work / f"caption{n}"),
+                    "--backend",
+                    "openai",
+                    "--base-url",
+                    api.base_url,
+                    "--model",
+                    "gpt-4.1-mini",
+                    "--no-cache",
+                ],
                 "dedup": ["dedup", str(work / f"caption{n}"), str(work / f"dedup{n}")],
                 "shard": ["shard", str(work / f"dedup{n}"), str(work / f"shard{n}"), "--target-size", "5MB"],
                 "report": ["report", str(work / f"dedup{n}"), "--out", str(work / f"report{n}.html")],
             }
             for name, argv in stages.items():
                 results.setdefault(name, {})[n] = peak_rss_mb([*argv, "--processes", "1"] if name != "report" else argv)
-                print(f"{name:8s} {n:>7,} samples: peak RSS {results[name][n][0]:.0f} MB, {results[name][n][1]:.1f} s", flush=True)
+                print(
+                    f"{name:8s} {n:>7,} samples: peak RSS {results[name][n][0]:.0f} MB, {results[name][n][1]:.1f} s", flush=True
+                )
         print()
         for name, by_size in results.items():
             small, large = by_size[args.small][0], by_size[args.large][0]
-            print(f"{name:8s} peak RSS {args.small:,} -> {args.large:,} samples: {small:.0f} -> {large:.0f} MB, "
-                  f"ratio {large / small:.2f} (target <= 1.2)")
+            print(
+                f"{name:8s} peak RSS {args.small:,} -> {args.large:,} samples: {small:.0f} -> {large:.0f} MB, "
+                f"ratio {large / small:.2f} (target <= 1.2)"
+            )
 
 
 if __name__ == "__main__":

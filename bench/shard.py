@@ -69,8 +69,13 @@ def main() -> None:
             for name, source in runs if round_ % 2 == 0 else runs[::-1]:  # alternated: neither always goes first
                 fmt = "parquet" if name == "parquet" else "webdataset"
                 start = time.perf_counter()
-                run_export(ExportOptions(format=fmt, target_bytes=50 * 10**6), source, work / f"{name}{round_}",
-                           args.processes, quiet=True)
+                run_export(
+                    ExportOptions(format=fmt, target_bytes=50 * 10**6),
+                    source,
+                    work / f"{name}{round_}",
+                    args.processes,
+                    quiet=True,
+                )
                 times[name].append(time.perf_counter() - start)
             for d in work.glob(f"*{round_}"):
                 shutil.rmtree(d)
@@ -79,11 +84,15 @@ def main() -> None:
         print(f"plain copy (baseline): {megabytes / copy:.0f} MB/s; tarfile re-shard: {megabytes / naive:.0f} MB/s")
         for fmt in ("webdataset", "parquet"):
             t = statistics.median(times[fmt])
-            print(f"lenscap shard --format {fmt}: {megabytes / t:.0f} MB/s, ratio {copy / t:.2f} against the plain copy "
-                  f"(target >= 0.5), {naive / t:.2f} against the tarfile re-shard")
+            print(
+                f"lenscap shard --format {fmt}: {megabytes / t:.0f} MB/s, ratio {copy / t:.2f} against the plain copy "
+                f"(target >= 0.5), {naive / t:.2f} against the tarfile re-shard"
+            )
         scan = statistics.median(times["scan"])
-        print(f"webdataset through the offset column: {scan / statistics.median(times['webdataset']):.2f} the speed of the "
-              f"same export scanning tar headers ({megabytes / scan:.0f} MB/s) (target >= 1.0)")
+        print(
+            f"webdataset through the offset column: {scan / statistics.median(times['webdataset']):.2f} the speed of the "
+            f"same export scanning tar headers ({megabytes / scan:.0f} MB/s) (target >= 1.0)"
+        )
 
 
 if __name__ == "__main__":

@@ -55,11 +55,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, ImageServer(routes) as server:
         work = Path(tmp)
         urls = work / "urls.jsonl"
-        urls.write_text("".join(json.dumps({"url": server.url(p), "caption": scene_caption(i)}) + "\n"
-                                for i, p in enumerate(routes)))
+        urls.write_text(
+            "".join(json.dumps({"url": server.url(p), "caption": scene_caption(i)}) + "\n" for i, p in enumerate(routes))
+        )
         download = work / "download"
-        api.download(urls, download, api.DownloadOptions(samples_per_shard=max(1, a.images // 4), processes=2, threads=8,
-                                                                 allow_private_network=True))
+        api.download(
+            urls,
+            download,
+            api.DownloadOptions(samples_per_shard=max(1, a.images // 4), processes=2, threads=8, allow_private_network=True),
+        )
         runs = {"rows only": work / "rows", "--copy-images (baseline)": work / "copy"}
         for label, out in runs.items():
             pipeline(download, out, copy_images=label != "rows only")

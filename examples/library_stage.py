@@ -38,8 +38,9 @@ def main(work: Path) -> None:
     with ImageServer(routes) as server:
         work.mkdir(parents=True, exist_ok=True)
         urls = work / "urls.jsonl"
-        urls.write_text("".join(json.dumps({"url": server.url(p), "caption": scene_caption(i)}) + "\n"
-                                for i, p in enumerate(routes)))
+        urls.write_text(
+            "".join(json.dumps({"url": server.url(p), "caption": scene_caption(i)}) + "\n" for i, p in enumerate(routes))
+        )
         lc.download(urls, work / "raw", lc.DownloadOptions(samples_per_shard=10, processes=1, allow_private_network=True))
     result = lc.run_stage(CountCaptionWords(), work / "raw", work / "counted", processes=2)
     info = lc.inspect(work / "counted")

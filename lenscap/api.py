@@ -44,9 +44,32 @@ if TYPE_CHECKING:
     from lenscap.progress import Progress
     from lenscap.stages.base import Stage
 
-__all__ = ["download", "filter", "filter_counts", "caption", "dedup", "shard", "inspect", "report", "audit", "run",
-           "run_stage", "backend", "AuditOptions", "ShardStage", "Sample", "JobResult", "DownloadOptions", "FilterRules", "FilterResult", "CaptionResult",
-           "DedupOptions", "DedupResult", "ExportOptions", "ExportResult"]
+__all__ = [
+    "download",
+    "filter",
+    "filter_counts",
+    "caption",
+    "dedup",
+    "shard",
+    "inspect",
+    "report",
+    "audit",
+    "run",
+    "run_stage",
+    "backend",
+    "AuditOptions",
+    "ShardStage",
+    "Sample",
+    "JobResult",
+    "DownloadOptions",
+    "FilterRules",
+    "FilterResult",
+    "CaptionResult",
+    "DedupOptions",
+    "DedupResult",
+    "ExportOptions",
+    "ExportResult",
+]
 
 Location = str | os.PathLike[str]
 
@@ -62,19 +85,29 @@ class CaptionResult(JobResult):
     spent_usd: float = 0.0
 
 
-def download(source: Location | None, out_dir: Location, options: DownloadOptions | None = None, *,
-             retry_failed: bool = False, overwrite: bool = False, quiet: bool = True, img2dataset: Any = None) -> JobResult:
+def download(
+    source: Location | None,
+    out_dir: Location,
+    options: DownloadOptions | None = None,
+    *,
+    retry_failed: bool = False,
+    overwrite: bool = False,
+    quiet: bool = True,
+    img2dataset: Any = None,
+) -> JobResult:
     """Download ``source`` (a URL list) into ``out_dir``; with ``retry_failed``, then fetch the failed
     downloads of completed shards again (``source`` None: only that). ``img2dataset``: an
     ``Img2datasetProcess`` started earlier, to overlap its start-up with the caller's."""
     from lenscap.progress import make_progress
-    from lenscap.stages.download import download as run_download, retry_failed as run_retry
+    from lenscap.stages.download import download as run_download
+    from lenscap.stages.download import retry_failed as run_retry
 
     options = options or DownloadOptions()
     result = None
     if source is not None:
-        result = run_download(os.fspath(source), out_dir, options, make_progress("download", quiet), img2dataset,
-                              overwrite=overwrite)
+        result = run_download(
+            os.fspath(source), out_dir, options, make_progress("download", quiet), img2dataset, overwrite=overwrite
+        )
     if retry_failed and (result is None or result.exit_code == 0):
         result = run_retry(out_dir, options, make_progress("retry-failed", quiet))
     if result is None:
@@ -88,10 +121,20 @@ def download(source: Location | None, out_dir: Location, options: DownloadOption
     return result
 
 
-def filter(in_dir: Location, out_dir: Location, rules: FilterRules | None = None,  # noqa: A001 - the command's name
-           annotators: Iterable[Annotator] = (), blocklist: frozenset[str] = frozenset(), *, copy_images: bool = False,
-           overwrite: bool = False, allow_incomplete: bool = False, processes: int = 1, executor: Executor | None = None,
-           progress: Progress | None = None) -> FilterResult:
+def filter(
+    in_dir: Location,
+    out_dir: Location,
+    rules: FilterRules | None = None,  # noqa: A001 - the command's name
+    annotators: Iterable[Annotator] = (),
+    blocklist: frozenset[str] = frozenset(),
+    *,
+    copy_images: bool = False,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+    processes: int = 1,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+) -> FilterResult:
     """Keep the samples that pass ``rules`` (cheap, on columns) and then ``annotators`` (on pixels)."""
     from dataclasses import asdict
 
@@ -101,8 +144,16 @@ def filter(in_dir: Location, out_dir: Location, rules: FilterRules | None = None
 
     stage = _filter_stage(in_dir, rules, annotators, blocklist)
     stage.copy_images = copy_images
-    result = run_stage(stage, in_dir, out_dir, processes, progress or make_progress("filter", True), executor,
-                       overwrite=overwrite, allow_incomplete=allow_incomplete)
+    result = run_stage(
+        stage,
+        in_dir,
+        out_dir,
+        processes,
+        progress or make_progress("filter", True),
+        executor,
+        overwrite=overwrite,
+        allow_incomplete=allow_incomplete,
+    )
     reasons: Counter[str] = Counter()
     out = Dataset(out_dir)
     for shard_id in out.completed_ids():
@@ -110,8 +161,12 @@ def filter(in_dir: Location, out_dir: Location, rules: FilterRules | None = None
     return FilterResult(**asdict(result), kept=reasons.get("kept", 0), reasons=dict(reasons.most_common()))
 
 
-def filter_counts(in_dir: Location, rules: FilterRules | None = None, annotators: Iterable[Annotator] = (),
-                  blocklist: frozenset[str] = frozenset()) -> Counter[str]:
+def filter_counts(
+    in_dir: Location,
+    rules: FilterRules | None = None,
+    annotators: Iterable[Annotator] = (),
+    blocklist: frozenset[str] = frozenset(),
+) -> Counter[str]:
     """What ``filter`` would decide, counted per reason (``kept``, ``error``, or a rule); writes nothing."""
     from lenscap.dataset import Dataset
 
@@ -140,11 +195,25 @@ def backend(name: str = "openai", **options: Any) -> CaptionBackend:
     return backend_class(name).from_options(options)
 
 
-def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prompt: str = "lens", *,
-            hints: tuple[str, ...] = (), max_cost: float | None = None, cache: bool = True, cache_dir: Location | None = None,
-            copy_images: bool = False, overwrite: bool = False, allow_incomplete: bool = False, retry_errors: bool = False,
-            redo: str | None = None, processes: int = 1, executor: Executor | None = None,
-            progress: Progress | None = None) -> CaptionResult | BatchResult:
+def caption(
+    in_dir: Location,
+    out_dir: Location,
+    captioner: CaptionBackend,
+    prompt: str = "lens",
+    *,
+    hints: tuple[str, ...] = (),
+    max_cost: float | None = None,
+    cache: bool = True,
+    cache_dir: Location | None = None,
+    copy_images: bool = False,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+    retry_errors: bool = False,
+    redo: str | None = None,
+    processes: int = 1,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+) -> CaptionResult | BatchResult:
     """Recaption with ``captioner`` (``backend(...)``); ``prompt``: a preset or a prompt file. Nothing
     already paid for is asked again on a rerun. ``cache``: the response cache, in ``cache_dir`` (default
     ``$LENSCAP_CACHE_DIR`` or ``~/.cache/lenscap``). ``retry_errors``: in an output captioned before,
@@ -167,16 +236,20 @@ def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prom
     directory = None if not cache else Path(cache_dir) if cache_dir is not None else default_cache_dir()
     captioner.set_processes(processes)
     if redo is not None and retry_errors:
-        raise UsageError("--redo and --retry-errors do not go together: --redo writes a new output from a captioned "
-                         "input; to ask its errors again there, give --redo \"caption_status = 'error'\"")
+        raise UsageError(
+            "--redo and --retry-errors do not go together: --redo writes a new output from a captioned "
+            "input; to ask its errors again there, give --redo \"caption_status = 'error'\""
+        )
     if redo is not None and captioner.runs_as_batch:
         raise UsageError(f"--redo is for the request-by-request backends; {captioner.name} runs as batch jobs")
     stage = CaptionStage(captioner, load_prompt(prompt), directory, max_cost, hints=hints, redo=redo)
     stage.copy_images = copy_images
     stage.retry_errors = retry_errors
     if retry_errors and captioner.runs_as_batch:
-        raise UsageError("--retry-errors is for the request-by-request backends; a batch job asks its failed requests "
-                         "again itself, in new rounds (--max-retries)")
+        raise UsageError(
+            "--retry-errors is for the request-by-request backends; a batch job asks its failed requests "
+            "again itself, in new rounds (--max-retries)"
+        )
     if redo is not None:
         stage.check_redo(Dataset.open(in_dir))  # a bad expression or an uncaptioned input fails here, before any request
     progress = progress or make_progress("caption", True)
@@ -185,19 +258,37 @@ def caption(in_dir: Location, out_dir: Location, captioner: CaptionBackend, prom
             from lenscap.batch import run_batch_caption
             from lenscap.executors import LocalExecutor
 
-            return run_batch_caption(stage, in_dir, out_dir, progress, executor=executor or LocalExecutor(processes),
-                                     overwrite=overwrite, allow_incomplete=allow_incomplete)
-        result = run_stage(stage, in_dir, out_dir, processes, progress, executor, overwrite=overwrite,
-                           allow_incomplete=allow_incomplete)
+            return run_batch_caption(
+                stage,
+                in_dir,
+                out_dir,
+                progress,
+                executor=executor or LocalExecutor(processes),
+                overwrite=overwrite,
+                allow_incomplete=allow_incomplete,
+            )
+        result = run_stage(
+            stage, in_dir, out_dir, processes, progress, executor, overwrite=overwrite, allow_incomplete=allow_incomplete
+        )
     except BudgetReached as e:
         e.spent_usd = stage.budget.spent if stage.budget else 0.0  # what the caller reports
         raise
     return CaptionResult(**asdict(result), spent_usd=stage.budget.spent if stage.budget else 0.0)
 
 
-def dedup(in_dir: Location, out_dir: Location, options: DedupOptions | None = None, against: Iterable[Location] = (), *,
-          copy_images: bool = False, overwrite: bool = False, allow_incomplete: bool = False, processes: int = 1,
-          executor: Executor | None = None, quiet: bool = True) -> DedupResult:
+def dedup(
+    in_dir: Location,
+    out_dir: Location,
+    options: DedupOptions | None = None,
+    against: Iterable[Location] = (),
+    *,
+    copy_images: bool = False,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+    processes: int = 1,
+    executor: Executor | None = None,
+    quiet: bool = True,
+) -> DedupResult:
     """Mark (and drop) exact, perceptual and caption duplicates, also against earlier ``against`` datasets."""
     from lenscap.stages.dedup import DedupStage, run_dedup
 
@@ -206,50 +297,106 @@ def dedup(in_dir: Location, out_dir: Location, options: DedupOptions | None = No
     return run_dedup(stage, in_dir, out_dir, processes, quiet, executor, overwrite=overwrite, allow_incomplete=allow_incomplete)
 
 
-def shard(in_dir: Location, out_dir: Location, options: ExportOptions | None = None, *, overwrite: bool = False,
-          allow_incomplete: bool = False, processes: int = 1, executor: Executor | None = None, quiet: bool = True) -> ExportResult:
+def shard(
+    in_dir: Location,
+    out_dir: Location,
+    options: ExportOptions | None = None,
+    *,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+    processes: int = 1,
+    executor: Executor | None = None,
+    quiet: bool = True,
+) -> ExportResult:
     """Export the kept, captioned samples to training-ready shards (their images copied once, here)."""
     from lenscap.export.job import run_export
 
-    return run_export(options or ExportOptions(), in_dir, out_dir, processes, quiet, executor, overwrite=overwrite,
-                      allow_incomplete=allow_incomplete)
+    return run_export(
+        options or ExportOptions(),
+        in_dir,
+        out_dir,
+        processes,
+        quiet,
+        executor,
+        overwrite=overwrite,
+        allow_incomplete=allow_incomplete,
+    )
 
 
-def run_stage(stage: Stage, in_dir: Location, out_dir: Location, *, copy_images: bool = False, overwrite: bool = False,
-              allow_incomplete: bool = False, processes: int = 1, executor: Executor | None = None,
-              progress: Progress | None = None) -> JobResult:
+def run_stage(
+    stage: Stage,
+    in_dir: Location,
+    out_dir: Location,
+    *,
+    copy_images: bool = False,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+    processes: int = 1,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+) -> JobResult:
     """Run your own per-shard stage (a ``ShardStage`` subclass) with every guarantee the built-in ones have."""
     from lenscap.progress import make_progress
     from lenscap.runner import run_stage as run
 
     stage.copy_images = copy_images or stage.copy_images
-    return run(stage, in_dir, out_dir, processes, progress or make_progress(stage.name, True), executor,
-               overwrite=overwrite, allow_incomplete=allow_incomplete)
+    return run(
+        stage,
+        in_dir,
+        out_dir,
+        processes,
+        progress or make_progress(stage.name, True),
+        executor,
+        overwrite=overwrite,
+        allow_incomplete=allow_incomplete,
+    )
 
 
-def report(path: Location, out: Location | None = None, sample: int = 24, seed: int = 0,
-           png: Location | None = None) -> dict[str, Any]:
+def report(
+    path: Location, out: Location | None = None, sample: int = 24, seed: int = 0, png: Location | None = None
+) -> dict[str, Any]:
     """Write the HTML report of a dataset (default ``DIR/report.html``), and a PNG contact sheet if asked."""
     from lenscap.report import write_report
 
     return write_report(path, out, sample, seed, png)
 
 
-def audit(path: Location, options: AuditOptions | None = None, *, compare_with: Location | None = None,
-          out: Location | None = None, processes: int = 1, executor: Executor | None = None, progress: Progress | None = None,
-          overwrite: bool = False) -> dict[str, Any]:
+def audit(
+    path: Location,
+    options: AuditOptions | None = None,
+    *,
+    compare_with: Location | None = None,
+    out: Location | None = None,
+    processes: int = 1,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Measure the captions of ``path`` (``lenscap audit``): the ``--json`` object, whose ``exit_code``
     is 6 when an ``options.fail_on`` rule is broken. ``compare_with``: a second captioning of the same
     images (rules judge it). ``out``: also write ``path`` with one ``audit_<flag>`` column per flag there."""
     from lenscap.audit import audit as run_audit
     from lenscap.executors import LocalExecutor
 
-    return run_audit(path, options, compare_with=compare_with, out=out, executor=executor or LocalExecutor(processes),
-                     progress=progress, overwrite=overwrite)
+    return run_audit(
+        path,
+        options,
+        compare_with=compare_with,
+        out=out,
+        executor=executor or LocalExecutor(processes),
+        progress=progress,
+        overwrite=overwrite,
+    )
 
 
-def run(recipe: str, overrides: Iterable[str] = (), *, input: str | None = None,  # noqa: A002 - the recipe's word
-        work_dir: Location | None = None, quiet: bool = True) -> dict[str, Any]:
+def run(
+    recipe: str,
+    overrides: Iterable[str] = (),
+    *,
+    input: str | None = None,  # noqa: A002 - the recipe's word
+    work_dir: Location | None = None,
+    quiet: bool = True,
+) -> dict[str, Any]:
     """Run (or resume) a recipe: a file, or a shipped one by name; ``overrides`` as ``STAGE.OPTION=VALUE``."""
     from lenscap.recipe import load_recipe, run_recipe
 

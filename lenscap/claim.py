@@ -49,22 +49,26 @@ def open_output(out_dir: str | os.PathLike[str] | Dataset, src: Dataset | None, 
         a, b = out.resolved, src.resolved
         if _inside(a, b) or _inside(b, a):
             where = "is the input" if a == b else "lies inside the input" if _inside(a, b) else "holds the input"
-            raise UsageError(f"the output {out.location} {where} {src.location}: {command} writes a new dataset; "
-                             "name another output directory")
+            raise UsageError(
+                f"the output {out.location} {where} {src.location}: {command} writes a new dataset; name another output directory"
+            )
         try:
             images = src.image_source()
         except DatasetError:
             images = src  # missing or replaced: said when the job starts
         if images is not src and (_inside(a, images.resolved) or _inside(images.resolved, a)):
-            raise UsageError(f"the output {out.location} holds the images of the input {src.location}; name another "
-                             "output directory")
+            raise UsageError(
+                f"the output {out.location} holds the images of the input {src.location}; name another output directory"
+            )
     if out.fs.isfile(out.root):
         raise DatasetError(f"output directory {out.location} exists and is a file")
     foreign = _foreign_entries(out)
     if foreign:
         shown = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
-        raise DatasetError(f"{out.location} is not empty ({shown}) and was not written by lenscap; "
-                           f"{command} writes only into a new or empty directory, or one it wrote before")
+        raise DatasetError(
+            f"{out.location} is not empty ({shown}) and was not written by lenscap; "
+            f"{command} writes only into a new or empty directory, or one it wrote before"
+        )
     return Dataset.create(out)
 
 
@@ -84,16 +88,20 @@ def input_shards(src: Dataset, allow_incomplete: bool) -> tuple[list[int], list[
     incomplete = src.incomplete_ids(range(expected) if expected else None)
     if incomplete and not allow_incomplete:
         names = ", ".join(shard_name(i) for i in incomplete[:5]) + (", ..." if len(incomplete) > 5 else "")
-        raise DatasetError(f"{src.location} has {len(incomplete)} incomplete shard(s) ({names}): the stage writing it is "
-                           "still running or did not finish; finish it (rerun it), or pass --allow-incomplete to go on "
-                           "without them")
+        raise DatasetError(
+            f"{src.location} has {len(incomplete)} incomplete shard(s) ({names}): the stage writing it is "
+            "still running or did not finish; finish it (rerun it), or pass --allow-incomplete to go on "
+            "without them"
+        )
     return src.completed_ids(), incomplete
 
 
 def _shard_digests(src: Dataset, shard_ids: list[int]) -> dict[str, str]:
     stats = src.read_all_stats(shard_ids)
-    return {shard_name(i): hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
-            for i, s in zip(shard_ids, stats, strict=True)}
+    return {
+        shard_name(i): hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
+        for i, s in zip(shard_ids, stats, strict=True)
+    }
 
 
 def _holds_anything(out: Dataset) -> bool:
@@ -114,8 +122,16 @@ def _holds_anything(out: Dataset) -> bool:
     return False
 
 
-def claim_output(out: Dataset, src: Dataset | None, command: str, settings: dict[str, Any], *, overwrite: bool = False,
-                 input_ids: list[int] | None = None, source_label: str | None = None) -> None:
+def claim_output(
+    out: Dataset,
+    src: Dataset | None,
+    command: str,
+    settings: dict[str, Any],
+    *,
+    overwrite: bool = False,
+    input_ids: list[int] | None = None,
+    source_label: str | None = None,
+) -> None:
     """Hold ``out`` to this input and these settings (see the module's docstring). Under the lock.
 
     ``source_label``: an input that is not a dataset (download's URL list), known by its location
@@ -126,8 +142,9 @@ def claim_output(out: Dataset, src: Dataset | None, command: str, settings: dict
     try:
         previous = json.loads(path.read_text()) if path.exists() else None
     except (OSError, ValueError) as e:
-        raise DatasetError(f"cannot read {path} ({e}); delete it to let this command claim {out.location} again, "
-                           "or add --overwrite") from None
+        raise DatasetError(
+            f"cannot read {path} ({e}); delete it to let this command claim {out.location} again, or add --overwrite"
+        ) from None
     if previous is not None and not isinstance(previous, dict):
         previous = {}
     source = None
@@ -142,14 +159,18 @@ def claim_output(out: Dataset, src: Dataset | None, command: str, settings: dict
         # Written before claims existed: adopted only by the command that wrote it.
         stage = (out.read_manifest() or {}).get("stage")
         if stage != command:
-            raise DatasetError(f"{out.location} holds the output of {stage or 'another job'}, not of {command}; name a new "
-                               "output directory, or add --overwrite to replace it")
+            raise DatasetError(
+                f"{out.location} holds the output of {stage or 'another job'}, not of {command}; name a new "
+                "output directory, or add --overwrite to replace it"
+            )
     if previous is not None and not overwrite:
         differences = _differences(previous, command, source, settings)
         if differences and _holds_anything(out):
-            raise DatasetError(f"{out.location} holds the output of another job ({'; '.join(differences)}); rerun with "
-                               "the same input and settings to resume it, add --overwrite to replace it, or name a new "
-                               "output directory")
+            raise DatasetError(
+                f"{out.location} holds the output of another job ({'; '.join(differences)}); rerun with "
+                "the same input and settings to resume it, add --overwrite to replace it, or name a new "
+                "output directory"
+            )
     if overwrite and _holds_anything(out):
         clear_output(out)
     if src is not None and source is not None and previous is not None and not overwrite and previous.get("input"):

@@ -23,8 +23,20 @@ import pyarrow.parquet as pq
 from lenscap import journal, mirror
 from lenscap.errors import DatasetError
 from lenscap.images import TarReader, add_sample, image_locations, images_ref, open_image_source, with_locations
-from lenscap.layout import (IMAGE_COLUMNS, IMAGE_OFFSET, IMAGE_SIZE, MANIFEST_NAME, WORK_DIR_NAME, adopt_old_work_dir,
-                            completed_in, parquet_name, shard_name, shards_in, stats_name, tar_name)
+from lenscap.layout import (
+    IMAGE_COLUMNS,
+    IMAGE_OFFSET,
+    IMAGE_SIZE,
+    MANIFEST_NAME,
+    WORK_DIR_NAME,
+    adopt_old_work_dir,
+    completed_in,
+    parquet_name,
+    shard_name,
+    shards_in,
+    stats_name,
+    tar_name,
+)
 from lenscap.manifest import build_manifest, shard_stats
 from lenscap.record import Sample
 from lenscap.storage import is_remote, local_path, redact_url, url_to_fs
@@ -54,8 +66,12 @@ class Dataset:
     without credentials); ``storage_options`` are passed to fsspec and never recorded.
     """
 
-    def __init__(self, path: str | os.PathLike[str], storage_options: dict[str, Any] | None = None,
-                 mirror_path: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        storage_options: dict[str, Any] | None = None,
+        mirror_path: str | os.PathLike[str] | None = None,
+    ) -> None:
         self._spec = os.fspath(path)
         self.storage_options = dict(storage_options or {})
         self.remote = is_remote(self._spec)
@@ -196,8 +212,10 @@ class Dataset:
         except ValueError:
             stats = None
         if not isinstance(stats, dict):
-            raise DatasetError(f"{self.location}/{stats_name(shard_id)} is not a stats file lenscap wrote ({len(blob)} bytes); "
-                               "delete it to have the stage that wrote the shard write it again")
+            raise DatasetError(
+                f"{self.location}/{stats_name(shard_id)} is not a stats file lenscap wrote ({len(blob)} bytes); "
+                "delete it to have the stage that wrote the shard write it again"
+            )
         return stats
 
     def _stats_blobs(self, ids: list[int]) -> list[bytes]:
@@ -309,7 +327,7 @@ class Dataset:
         for path, info in self.fs.find(self.root, detail=True).items():
             size = int(info.get("size") or 0)
             total += size
-            rel = path[len(prefix):] if path.startswith(prefix) else path
+            rel = path[len(prefix) :] if path.startswith(prefix) else path
             if "/" not in rel and rel.endswith((".tar", ".parquet", "_stats.json")):
                 shard_bytes += size
         return shard_bytes, total
@@ -414,9 +432,18 @@ class Dataset:
         """Write ``lenscap.json`` from the shards present (``lenscap.manifest``)."""
         completed = self.completed_ids()
         manifest = build_manifest(
-            self.read_manifest() or {}, stage, parameters, input_path, completed=len(completed),
-            stats=self.read_all_stats(completed), schema=self.read_schema(completed[0]) if completed else None,
-            expected_shards=expected_shards, history=history, images=images, input_incomplete=input_incomplete)
+            self.read_manifest() or {},
+            stage,
+            parameters,
+            input_path,
+            completed=len(completed),
+            stats=self.read_all_stats(completed),
+            schema=self.read_schema(completed[0]) if completed else None,
+            expected_shards=expected_shards,
+            history=history,
+            images=images,
+            input_incomplete=input_incomplete,
+        )
         self.__dict__.pop("_image_source", None)
         self.put_bytes(MANIFEST_NAME, json.dumps(manifest, indent=2, default=str).encode() + b"\n")
         return manifest

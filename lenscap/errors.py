@@ -20,8 +20,19 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["LenscapError", "UsageError", "InputError", "DatasetError", "BackendError", "MissingDependency", "BudgetReached",
-           "Locked", "Outage", "DiskFull", "disk_full"]
+__all__ = [
+    "LenscapError",
+    "UsageError",
+    "InputError",
+    "DatasetError",
+    "BackendError",
+    "MissingDependency",
+    "BudgetReached",
+    "Locked",
+    "Outage",
+    "DiskFull",
+    "disk_full",
+]
 
 
 class LenscapError(Exception):
@@ -79,8 +90,10 @@ def disk_full(e: OSError, path: object = None) -> DiskFull | None:
         free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(where))).free:,} bytes free there"
     except OSError:
         free = "free space unknown"
-    return DiskFull(f"cannot write {where}: {e.strerror or e} ({free}); the run stopped before asking for more, and "
-                    "kept what it had: free some space and rerun the same command")
+    return DiskFull(
+        f"cannot write {where}: {e.strerror or e} ({free}); the run stopped before asking for more, and "
+        "kept what it had: free some space and rerun the same command"
+    )
 
 
 class BudgetReached(LenscapError):

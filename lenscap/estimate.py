@@ -28,12 +28,30 @@ from decimal import Decimal
 from typing import Any
 
 from lenscap.backends.openai_chat import DEFAULT_MODEL
-from lenscap.captioning.pricing import DEFAULT_PRICES, PRICE_FILE_FORMAT, PriceTable, RateLimits, image_tokens, text_tokens, tier_limits
+from lenscap.captioning.pricing import (
+    DEFAULT_PRICES,
+    PRICE_FILE_FORMAT,
+    PriceTable,
+    RateLimits,
+    image_tokens,
+    text_tokens,
+    tier_limits,
+)
 from lenscap.captioning.prompts import load_prompt
 from lenscap.errors import UsageError
 
-__all__ = ["EstimateRequest", "estimate", "parse_count", "parse_hours", "hours_span", "TOKENS_PER_WORD", "BATCH_MAX_REQUESTS",
-           "SAMPLE_IMAGES", "DEFAULT_MODEL", "FALLBACK_LIMITS_MODEL"]
+__all__ = [
+    "EstimateRequest",
+    "estimate",
+    "parse_count",
+    "parse_hours",
+    "hours_span",
+    "TOKENS_PER_WORD",
+    "BATCH_MAX_REQUESTS",
+    "SAMPLE_IMAGES",
+    "DEFAULT_MODEL",
+    "FALLBACK_LIMITS_MODEL",
+]
 
 TOKENS_PER_WORD = 4 / 3
 BATCH_MAX_REQUESTS = 50_000
@@ -116,8 +134,11 @@ class EstimateRequest:
         from lenscap.backends.openai_batch import BatchOptions
 
         # The caption batch backends' own checks, so estimate takes exactly what caption would.
-        BatchOptions(max_requests_per_file=self.max_requests_per_file, max_file_bytes=self.max_file_bytes,
-                     max_enqueued_tokens=self.max_enqueued_tokens).validate()
+        BatchOptions(
+            max_requests_per_file=self.max_requests_per_file,
+            max_file_bytes=self.max_file_bytes,
+            max_enqueued_tokens=self.max_enqueued_tokens,
+        ).validate()
 
     @property
     def max_file_bytes(self) -> int:
@@ -143,9 +164,11 @@ def _measured(path: str, model: str) -> tuple[float, float, int]:
             raise UsageError(f"{path} was not captioned by an API backend (no caption_input_tokens column)")
         cached = "AND NOT coalesce(caption_cached, false)" if "caption_cached" in names else ""
         model_filter = "AND caption_model = $model" if "caption_model" in names else ""
-        row = con.execute(f"""SELECT avg(caption_input_tokens), avg(caption_output_tokens), count(*) FROM read_parquet($files)
+        row = con.execute(
+            f"""SELECT avg(caption_input_tokens), avg(caption_output_tokens), count(*) FROM read_parquet($files)
                               WHERE caption_status = 'ok' AND caption_input_tokens IS NOT NULL {cached} {model_filter}""",
-                          {"files": files, "model": model} if model_filter else {"files": files}).fetchall()[0]
+            {"files": files, "model": model} if model_filter else {"files": files},
+        ).fetchall()[0]
     finally:
         con.close()
     if not row[2]:
@@ -222,8 +245,17 @@ def _sampled_lines(req: EstimateRequest) -> _Lines:
                 except UnreadableImage:
                     continue  # the packer records these as errors and writes no line
                 # The line as the batch packer writes it (lenscap.batch.prepare).
-                line = json.dumps({"custom_id": f"{shard_name(shard_id)}/{sample.key}", "method": "POST",
-                                   "url": "/v1/chat/completions", "body": body}).encode() + b"\n"
+                line = (
+                    json.dumps(
+                        {
+                            "custom_id": f"{shard_name(shard_id)}/{sample.key}",
+                            "method": "POST",
+                            "url": "/v1/chat/completions",
+                            "body": body,
+                        }
+                    ).encode()
+                    + b"\n"
+                )
                 text = text_tokens(request.instruction) + (text_tokens(request.system) if request.system else 0)
                 sizes.append(len(line))
                 tokens.append(estimate - text)
@@ -239,8 +271,10 @@ def _assumed_line_bytes(req: EstimateRequest) -> tuple[float, str]:
     side = min(req.max_side, max(req.width, req.height))  # smaller images are sent as they are, never enlarged
     line = ASSUMED_TEXT_BYTES + (ASSUMED_LINE_BYTES - ASSUMED_TEXT_BYTES) * (side / ASSUMED_AT_SIDE) ** 2
     scaled = f", the image part scaled to max side {side}" if side != ASSUMED_AT_SIDE else ""
-    return line, (f"assumed: {ASSUMED_LINE_BYTES:,} B a line for natural photos at max side {ASSUMED_AT_SIDE}{scaled}; "
-                  "measure yours with --sample-from DIR")
+    return line, (
+        f"assumed: {ASSUMED_LINE_BYTES:,} B a line for natural photos at max side {ASSUMED_AT_SIDE}{scaled}; "
+        "measure yours with --sample-from DIR"
+    )
 
 
 def _duration(hours: float) -> str:
@@ -266,31 +300,46 @@ def _batch_wall_time(req: EstimateRequest, images: int, input_per: float, line_b
     files = math.ceil(images / per_file)
     low, high = req.batch_hours
     wall: dict[str, Any] = {
-        "files": files, "batches": files, "requests_per_file": per_file, "bound_by": bound_by,
-        "line_bytes": round(line_bytes), "line_bytes_basis": line_basis, "window_hours": BATCH_WINDOW_H,
+        "files": files,
+        "batches": files,
+        "requests_per_file": per_file,
+        "bound_by": bound_by,
+        "line_bytes": round(line_bytes),
+        "line_bytes_basis": line_basis,
+        "window_hours": BATCH_WINDOW_H,
         "batch_hours": [low, high],
     }
     if req.max_enqueued_tokens is None:
-        wall["note"] = (f"each batch completes in {hours_span(low, high)}; your account's batch queue limit (enqueued input tokens) "
-                        "decides how many run at once: give --max-enqueued-tokens for a wall time")
+        wall["note"] = (
+            f"each batch completes in {hours_span(low, high)}; your account's batch queue limit (enqueued input tokens) "
+            "decides how many run at once: give --max-enqueued-tokens for a wall time"
+        )
         return wall
     tokens_per_file = per_file * input_per
     at_once = max(1, math.floor(req.max_enqueued_tokens / tokens_per_file))
     waves = math.ceil(files / at_once)
-    wall |= {"tokens_per_file": round(tokens_per_file), "files_at_once": at_once, "waves": waves,
-             "hours": [waves * low, waves * high],
-             "human": _duration(waves * low) if low == high else f"{_duration(waves * low)} to {_duration(waves * high)}"}
+    wall |= {
+        "tokens_per_file": round(tokens_per_file),
+        "files_at_once": at_once,
+        "waves": waves,
+        "hours": [waves * low, waves * high],
+        "human": _duration(waves * low) if low == high else f"{_duration(waves * low)} to {_duration(waves * high)}",
+    }
     if tokens_per_file > req.max_enqueued_tokens:
-        wall["note"] = (f"one file holds about {tokens_per_file:,.0f} input tokens, more than the queue limit "
-                        f"{req.max_enqueued_tokens:,}: lower --max-requests-per-file")
+        wall["note"] = (
+            f"one file holds about {tokens_per_file:,.0f} input tokens, more than the queue limit "
+            f"{req.max_enqueued_tokens:,}: lower --max-requests-per-file"
+        )
     return wall
 
 
 def estimate(req: EstimateRequest) -> dict[str, Any]:
     table = PriceTable.load(req.prices)
     if table.price(req.model) is None:
-        raise UsageError(f"no price known for model {req.model!r} (known: {', '.join(DEFAULT_PRICES)}): give --prices FILE, "
-                         f"a file of {PRICE_FILE_FORMAT}")
+        raise UsageError(
+            f"no price known for model {req.model!r} (known: {', '.join(DEFAULT_PRICES)}): give --prices FILE, "
+            f"a file of {PRICE_FILE_FORMAT}"
+        )
     images = req.images
     lines = _sampled_lines(req) if req.sample_from else None
     if req.from_dir:
@@ -305,14 +354,18 @@ def estimate(req: EstimateRequest) -> dict[str, Any]:
         assumed = f"prompt {req.prompt!r} ({text} tokens), {req.output_words:g} words out"
         if lines is not None:
             image: float = lines.image_tokens
-            basis = (f"measured: {image:,.1f} image tokens on {lines.images:,} images of {req.sample_from} sent at max side "
-                     f"{req.max_side}, detail {req.detail}; assumed: {assumed}")
+            basis = (
+                f"measured: {image:,.1f} image tokens on {lines.images:,} images of {req.sample_from} sent at max side "
+                f"{req.max_side}, detail {req.detail}; assumed: {assumed}"
+            )
         else:
             scale = min(1.0, req.max_side / max(req.width, req.height))
             fitted = (max(1, round(req.width * scale)), max(1, round(req.height * scale)))
             image = image_tokens(req.model, *fitted, req.detail)
-            basis = (f"assumed: {req.width}x{req.height} images sent at {fitted[0]}x{fitted[1]}, detail {req.detail} "
-                     f"({image} image tokens), {assumed}")
+            basis = (
+                f"assumed: {req.width}x{req.height} images sent at {fitted[0]}x{fitted[1]}, detail {req.detail} "
+                f"({image} image tokens), {assumed}"
+            )
         input_per, output_per = float(image + text), float(math.ceil(req.output_words * TOKENS_PER_WORD))
     assert images is not None
     total_in, total_out = input_per * images, output_per * images
@@ -351,13 +404,23 @@ def _assumed_limits(model: str) -> tuple[float, float, RateLimits, str]:
     return limits.rpm, limits.tpm, limits, note + "; give --rpm/--tpm for yours"
 
 
-def _online_wall_time(images: int, tokens_per_request: float, rpm: float | None, tpm: float | None,
-                      limits: RateLimits | None = None, note: str | None = None) -> dict[str, Any]:
+def _online_wall_time(
+    images: int,
+    tokens_per_request: float,
+    rpm: float | None,
+    tpm: float | None,
+    limits: RateLimits | None = None,
+    note: str | None = None,
+) -> dict[str, Any]:
     """The requests a minute that both limits allow (a limit not given does not bind), and the hours they take."""
     per_minute = min(rpm or math.inf, (tpm / tokens_per_request) if tpm else math.inf)
     hours = images / per_minute / 60
-    wall: dict[str, Any] = {"requests_per_minute": round(per_minute, 1), "hours": round(hours, 2), "human": _duration(hours),
-                            "limited_by": "rpm" if rpm and per_minute == rpm else "tpm"}
+    wall: dict[str, Any] = {
+        "requests_per_minute": round(per_minute, 1),
+        "hours": round(hours, 2),
+        "human": _duration(hours),
+        "limited_by": "rpm" if rpm and per_minute == rpm else "tpm",
+    }
     if limits is not None:
         wall["tier"] = {"name": limits.tier, "model": limits.model, "rpm": limits.rpm, "tpm": limits.tpm}
         wall["note"] = note

@@ -52,8 +52,9 @@ class Executor(ABC):
         return 1
 
     @abstractmethod
-    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *,
-            keep_workers: bool = False) -> LenscapError | None:
+    def run(
+        self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *, keep_workers: bool = False
+    ) -> LenscapError | None:
         """Run ``job`` for every item; fill ``failed`` with the items that raised; return a fatal error.
         ``keep_workers``: the caller will run the same job again soon (a batch job prepares shards a few
         at a time), so workers that set it up stay until ``close``."""
@@ -103,8 +104,9 @@ class LocalExecutor(Executor):
     def width(self) -> int:
         return self.processes
 
-    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *,
-            keep_workers: bool = False) -> LenscapError | None:
+    def run(
+        self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *, keep_workers: bool = False
+    ) -> LenscapError | None:
         if not items:
             return None
         # Never more workers than tasks: spawning a process costs its imports. A pool kept for later
@@ -141,7 +143,9 @@ class LocalExecutor(Executor):
             self._kept = None
         self._set_up = None
 
-    def _run_pool(self, pool: ProcessPoolExecutor, items: list[int], on_done: OnDone, failed: dict[int, str]) -> LenscapError | None:
+    def _run_pool(
+        self, pool: ProcessPoolExecutor, items: list[int], on_done: OnDone, failed: dict[int, str]
+    ) -> LenscapError | None:
         fatal: LenscapError | None = None
         futures: dict[Future[dict[str, Any]], int] = {pool.submit(_run_in_worker, i): i for i in items}
         pending = set(futures)
@@ -239,7 +243,9 @@ def connect_ray(address: str | None) -> Any:
             start_local_ray(**logs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = address or os.environ.get("RAY_ADDRESS") or "a new local instance"
-        raise UsageError(f"cannot start or reach the Ray cluster ({where}): {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UsageError(
+            f"cannot start or reach the Ray cluster ({where}): {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     return ray
 
 
@@ -286,8 +292,9 @@ class RayExecutor(Executor):
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, max_retries: int = 3, num_cpus: float = 1.0,
-                 max_in_flight: int | None = None) -> None:
+    def __init__(
+        self, address: str | None = None, max_retries: int = 3, num_cpus: float = 1.0, max_in_flight: int | None = None
+    ) -> None:
         if max_retries < 0:
             raise UsageError(f"max_retries must be 0 or more, not {max_retries}")
         self.address = address
@@ -310,14 +317,16 @@ class RayExecutor(Executor):
     def width(self) -> int:
         return max(1, int(self.connect().cluster_resources().get("CPU", 1) / self.num_cpus))
 
-    def run(self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *,
-            keep_workers: bool = False) -> LenscapError | None:
+    def run(
+        self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *, keep_workers: bool = False
+    ) -> LenscapError | None:
         # Ray keeps its workers anyway; a job set up on one is set up again only for a new run token.
         if not items:
             return None
         ray = self.connect()
-        task = ray.remote(_ray_task).options(max_retries=self.max_retries, retry_exceptions=False, num_cpus=self.num_cpus,
-                                             name="lenscap-task")
+        task = ray.remote(_ray_task).options(
+            max_retries=self.max_retries, retry_exceptions=False, num_cpus=self.num_cpus, name="lenscap-task"
+        )
         job_ref = ray.put(job)
         token = uuid.uuid4().hex
         window = self.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
@@ -364,4 +373,3 @@ def make_executor(executor: str = "local", processes: int = 1, ray_address: str 
         import_ray()
         return RayExecutor(ray_address)
     raise UsageError(f"--executor must be one of {', '.join(EXECUTORS)}, not {executor!r}")
-

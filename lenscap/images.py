@@ -32,13 +32,12 @@ def open_image_source(ds: Any, ref: Any) -> Any:
     if not ref:
         return ds
     if not (isinstance(ref, dict) and isinstance(ref.get("location"), str)):
-        raise DatasetError(f"{ds.location}/{MANIFEST_NAME}: its \"images\" entry is not one lenscap wrote ({ref!r})")
+        raise DatasetError(f'{ds.location}/{MANIFEST_NAME}: its "images" entry is not one lenscap wrote ({ref!r})')
     location = ref["location"]
     if not is_remote(location) and not posixpath.isabs(location):  # relative to this dataset, wherever it is now
         location = ds.fs.unstrip_protocol(posixpath.normpath(f"{ds.root}/{location}"))
     source = type(ds)(location, ds.storage_options if is_remote(location) else None)
-    advice = (f"restore it, or rerun the stage that wrote {ds.location} with --copy-images from an input that "
-              "holds its images")
+    advice = f"restore it, or rerun the stage that wrote {ds.location} with --copy-images from an input that holds its images"
     try:
         manifest = source.read_manifest()
     except DatasetError:
@@ -46,8 +45,10 @@ def open_image_source(ds: Any, ref: Any) -> Any:
     if manifest is None:
         raise DatasetError(f"the images of {ds.location} live in {source.location}, which is missing; {advice}")
     if ref.get("id") is not None and manifest.get("id") != ref["id"]:
-        raise DatasetError(f"the images of {ds.location} live in {source.location}, which was replaced since "
-                           f"(dataset id {manifest.get('id')}, not {ref['id']}); {advice}")
+        raise DatasetError(
+            f"the images of {ds.location} live in {source.location}, which was replaced since "
+            f"(dataset id {manifest.get('id')}, not {ref['id']}); {advice}"
+        )
     return source
 
 
@@ -67,7 +68,8 @@ def _bucket(ds: Any) -> str:
 
 def with_locations(table: pa.Table, offsets: list[int | None], sizes: list[int | None]) -> pa.Table:
     return table.append_column(IMAGE_COLUMNS[0], pa.array(offsets, pa.int64())).append_column(
-        IMAGE_COLUMNS[1], pa.array(sizes, pa.int64()))
+        IMAGE_COLUMNS[1], pa.array(sizes, pa.int64())
+    )
 
 
 def image_locations(table: pa.Table, tar: TarReader) -> tuple[list[int | None], list[int | None]]:
@@ -94,8 +96,10 @@ def add_sample(tar: TarOut, key: str, image: bytes, row: dict[str, Any]) -> tupl
 
 def moved_image(source: Any, shard_id: int, key: str, offset: int) -> DatasetError:
     """The error for a tar that no longer holds an image where a row says it is."""
-    return DatasetError(f"{source.location}/{shard_name(shard_id)}.tar does not hold the image of {key} at byte {offset}: "
-                        "the dataset holding the images was changed since the rows were written; rerun the stages after it")
+    return DatasetError(
+        f"{source.location}/{shard_name(shard_id)}.tar does not hold the image of {key} at byte {offset}: "
+        "the dataset holding the images was changed since the rows were written; rerun the stages after it"
+    )
 
 
 class TarReader:
@@ -112,8 +116,10 @@ class TarReader:
             try:
                 self._f = self.source.open_tar(self.shard_id)
             except FileNotFoundError:
-                raise DatasetError(f"{self.source.location}: shard {shard_name(self.shard_id)} has no tar; its images "
-                                   "are missing (restore the directory, or download again into a new one)") from None
+                raise DatasetError(
+                    f"{self.source.location}: shard {shard_name(self.shard_id)} has no tar; its images "
+                    "are missing (restore the directory, or download again into a new one)"
+                ) from None
         return self._f
 
     def scan(self) -> dict[str, tuple[int, int]]:

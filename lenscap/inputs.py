@@ -38,8 +38,21 @@ URL_COLUMN_GUESSES = ("url", "URL", "image_url", "img_url")
 CAPTION_COLUMN_GUESSES = ("caption", "alt_text", "alt", "text", "TEXT")
 # Columns img2dataset writes itself; an input column of the same name would be overwritten.
 RESERVED_COLUMNS = frozenset(
-    {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
-     "error_message", "exif", "md5", "sha256", "sha512"}
+    {
+        "key",
+        "caption",
+        "url",
+        "width",
+        "height",
+        "original_width",
+        "original_height",
+        "status",
+        "error_message",
+        "exif",
+        "md5",
+        "sha256",
+        "sha512",
+    }
 )
 _BATCH_ROWS = 8192
 _JSONL_SCHEMA_RECORDS = 1000
@@ -137,10 +150,7 @@ def _local_files(source: str) -> list[str]:
     if source == "-":
         return ["-"]
     if os.path.isdir(source):
-        files = sorted(
-            str(p) for p in Path(source).iterdir()
-            if p.is_file() and _supported(p.name)
-        )
+        files = sorted(str(p) for p in Path(source).iterdir() if p.is_file() and _supported(p.name))
         if not files:
             raise InputError(f"{source}: directory holds no URL list ({', '.join(SUPPORTED_SUFFIXES)})")
         return files
@@ -206,7 +216,8 @@ def _txt(file: _File) -> tuple[list[str], Iterator[pa.Table]]:
 
     def tables() -> Iterator[pa.Table]:
         for batch in _csv_batches(
-            path, file.binary(),
+            path,
+            file.binary(),
             read_options=pacsv.ReadOptions(column_names=["url"]),
             parse_options=pacsv.ParseOptions(delimiter=_NO_DELIMITER, quote_char=False, double_quote=False),
             convert_options=pacsv.ConvertOptions(column_types={"url": pa.string()}, strings_can_be_null=False),
@@ -232,7 +243,8 @@ def _delimited(file: _File, delimiter: str) -> tuple[list[str], Iterator[pa.Tabl
     def tables() -> Iterator[pa.Table]:
         # Every column as text: type inference per block would disagree between blocks.
         for batch in _csv_batches(
-            path, file.binary(),
+            path,
+            file.binary(),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header}),
         ):
@@ -368,7 +380,9 @@ def read_url_tables(spec: InputSpec, batch_rows: int = _BATCH_ROWS) -> Iterator[
         fmt = "txt" if path == "-" else _format_of(path)
         if fmt == "txt":
             if spec.caption_col or spec.extra_cols or spec.url_col not in (None, "url"):
-                raise InputError(f"{path}: a .txt URL list has no columns; use csv, tsv, jsonl or parquet for captions and extra columns")
+                raise InputError(
+                    f"{path}: a .txt URL list has no columns; use csv, tsv, jsonl or parquet for captions and extra columns"
+                )
             columns, tables = _txt(file)
         elif fmt in ("csv", "tsv"):
             columns, tables = _delimited(file, "," if fmt == "csv" else "\t")

@@ -90,8 +90,9 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
         filter_reasons.update(stats.get("filter_reasons", {}))
         stage_errors = [c for c in names if c.endswith("_error")]
         stage_statuses = [f"{c.removesuffix('_error')}_status" for c in stage_errors]
-        wanted = dict.fromkeys(("status", "error_message", "caption", "caption_status", *_COST_COLUMNS, *stage_errors,
-                                *stage_statuses))
+        wanted = dict.fromkeys(
+            ("status", "error_message", "caption", "caption_status", *_COST_COLUMNS, *stage_errors, *stage_statuses)
+        )
         table = ds.read_table(shard_id, columns=[c for c in wanted if c in names])
         for column in stage_errors:  # caption_error, filter_error, ...: "caption: <message>"
             prefix = column.removesuffix("_error")
@@ -178,15 +179,22 @@ class _Cost:
                 setattr(self, key, getattr(self, key) + (pc.sum(table.column(column).filter(paid)).as_py() or 0))
         if "caption_run" in table.column_names:
             self.runs = True
-            for run, value in zip(table.column("caption_run").filter(paid).to_pylist(), usd.filter(paid).to_pylist(), strict=True):
+            for run, value in zip(
+                table.column("caption_run").filter(paid).to_pylist(), usd.filter(paid).to_pylist(), strict=True
+            ):
                 if value:
                     self.by_run[str(run)] += value
 
     def summary(self) -> dict[str, Any]:
         spent = round(self.spent, 6)
-        out: dict[str, Any] = {"spent_usd": spent, "usd": spent, "input_tokens": self.input_tokens,
-                               "output_tokens": self.output_tokens, "cached_answers": self.cached_answers,
-                               "cached_usd": round(self.cached, 6)}
+        out: dict[str, Any] = {
+            "spent_usd": spent,
+            "usd": spent,
+            "input_tokens": self.input_tokens,
+            "output_tokens": self.output_tokens,
+            "cached_answers": self.cached_answers,
+            "cached_usd": round(self.cached, 6),
+        }
         if self.runs:
             out["by_run"] = {run: round(usd, 6) for run, usd in self.by_run.most_common()}
         return out
@@ -212,8 +220,9 @@ def _in_pipeline_order(stage_status: dict[str, dict[str, int]], history: list[st
     return dict(sorted(stage_status.items(), key=lambda kv: (ranks.get(_stage_of(kv[0]), len(ranks)), kv[0])))
 
 
-def _outcomes(status: dict[str, int], stage_status: dict[str, dict[str, int]], filter_reasons: dict[str, int],
-              history: list[str]) -> dict[str, dict[str, int]]:
+def _outcomes(
+    status: dict[str, int], stage_status: dict[str, dict[str, int]], filter_reasons: dict[str, int], history: list[str]
+) -> dict[str, dict[str, int]]:
     """Every outcome count, in pipeline order: the download's status, then each stage's (filter's
     reasons right after its status)."""
     out: dict[str, dict[str, int]] = {}
@@ -239,6 +248,7 @@ def _ordered_sections(sections: dict[str, dict[str, int]], history: list[str]) -
 
 # -- exports ----------------------------------------------------------------------------------------
 
+
 def _is_export(ds: Dataset, manifest: dict[str, Any]) -> bool:
     """``lenscap shard``'s output: its manifest says so (or, without one, a ``shards.json`` and no
     shard marked complete the way a stage's are)."""
@@ -256,8 +266,11 @@ def _inspect_export(ds: Dataset, manifest: dict[str, Any]) -> dict[str, Any]:
     fmt = (index or {}).get("format") or parameters.get("format")
     listed = (index or {}).get("shards") or []
     sizes = _export_file_sizes(ds, fmt)
-    damaged = {r["file"]: ("missing" if sizes.get(r["file"]) is None else f"has {sizes[r['file']]} bytes, not the {r['bytes']} written")
-               for r in listed if sizes.get(r["file"]) != r.get("bytes")}
+    damaged = {
+        r["file"]: ("missing" if sizes.get(r["file"]) is None else f"has {sizes[r['file']]} bytes, not the {r['bytes']} written")
+        for r in listed
+        if sizes.get(r["file"]) != r.get("bytes")
+    }
     stray = sorted(set(sizes) - {r["file"] for r in listed})  # written by a run that did not finish
     complete = len(listed) - len(damaged)
     samples = sum(int(r.get("samples") or 0) for r in listed if r["file"] not in damaged)
@@ -276,8 +289,12 @@ def _inspect_export(ds: Dataset, manifest: dict[str, Any]) -> dict[str, Any]:
     return {
         "path": ds.location,
         "stage": manifest.get("stage") or "shard",
-        "shards": {"complete": complete, "incomplete": len(stray),
-                   "damaged": len(damaged), "expected": len(listed) if index is not None else None},
+        "shards": {
+            "complete": complete,
+            "incomplete": len(stray),
+            "damaged": len(damaged),
+            "expected": len(listed) if index is not None else None,
+        },
         "incomplete_shards": stray[:50],
         "damaged_shards": dict(sorted(damaged.items())[:50]),
         "input_incomplete_shards": manifest.get("input_incomplete_shards", []),
@@ -297,21 +314,30 @@ def _inspect_export(ds: Dataset, manifest: dict[str, Any]) -> dict[str, Any]:
         },
         "filter_reasons": {},
         "columns": columns,
-        "bytes": {"shards": shard_bytes if index is None else sum(int(r.get("bytes") or 0) for r in listed),
-                  "total": total_bytes},
+        "bytes": {
+            "shards": shard_bytes if index is None else sum(int(r.get("bytes") or 0) for r in listed),
+            "total": total_bytes,
+        },
         "images": {"held": True, "location": ds.location, "problem": None},
         "history": [h.get("stage") for h in manifest.get("history", [])],
         "dedup": None,
-        "export": {"format": fmt, "files": [r["file"] for r in listed][:50], "shards_json": index is not None,
-                   "sizes_json": "sizes.json" in ds.names(), "card": "README.md" in ds.names(),
-                   "left_out": left_out, "empty": index is not None and samples == 0,
-                   "parameters": parameters},
+        "export": {
+            "format": fmt,
+            "files": [r["file"] for r in listed][:50],
+            "shards_json": index is not None,
+            "sizes_json": "sizes.json" in ds.names(),
+            "card": "README.md" in ds.names(),
+            "left_out": left_out,
+            "empty": index is not None and samples == 0,
+            "parameters": parameters,
+        },
     }
 
 
 def _ordered_reasons(left_out: dict[str, int], history: list[str]) -> dict[str, int]:
     """An export's left-out reasons ("download: ...", "filter: ...", "duplicate", "caption: ...",
     "no image", "no caption") in pipeline order, most first within a stage."""
+
     def stage(reason: str) -> str:
         head = reason.partition(":")[0]
         return {"duplicate": "dedup", "no image": "filter", "no caption": "caption"}.get(head, head)
@@ -329,8 +355,11 @@ def _export_file_sizes(ds: Dataset, fmt: str | None) -> dict[str, int]:
             found = ds.fs.find(ds.root.rstrip("/") + "/data", detail=True)
         except (FileNotFoundError, OSError):
             return {}
-        return {"data/" + path[len(prefix):]: int(info.get("size") or 0) for path, info in found.items()
-                if path.startswith(prefix) and path.endswith(".parquet") and not path[len(prefix):].startswith(".")}
+        return {
+            "data/" + path[len(prefix) :]: int(info.get("size") or 0)
+            for path, info in found.items()
+            if path.startswith(prefix) and path.endswith(".parquet") and not path[len(prefix) :].startswith(".")
+        }
     return {name: size for name, size in ds.file_sizes().items() if name.endswith(".tar") and not name.startswith(".")}
 
 
@@ -383,6 +412,10 @@ def _dedup_report(ds: Dataset) -> dict[str, Any] | None:
         return None
     if report is None:
         return None
-    return {"report": f"{ds.location}/dedup/report.json", "duplicates": report.get("duplicates"),
-            "by_reason": report.get("duplicates_by_reason"), "clusters": report.get("clusters"),
-            "of_earlier_releases": report.get("duplicates_of_earlier_releases")}
+    return {
+        "report": f"{ds.location}/dedup/report.json",
+        "duplicates": report.get("duplicates"),
+        "by_reason": report.get("duplicates_by_reason"),
+        "clusters": report.get("clusters"),
+        "of_earlier_releases": report.get("duplicates_of_earlier_releases"),
+    }

@@ -1,12 +1,12 @@
 """The names in a dataset directory, and nothing else: which file is which shard's, and what marks one complete.
 
-    out/
-      00000.tar          KEY.jpg, KEY.txt, KEY.json for every successful sample (only where images are held)
-      00000.parquet      one row per input sample of the shard, failed ones included
-      00000_stats.json   written last: its presence means the shard is complete
-      lenscap.json       the manifest (``lenscap.manifest``)
-      .lenscap/          private working state of the command that writes this directory: its lock,
-                         claim, commit journals (``lenscap.journal``), journals of paid requests
+out/
+  00000.tar          KEY.jpg, KEY.txt, KEY.json for every successful sample (only where images are held)
+  00000.parquet      one row per input sample of the shard, failed ones included
+  00000_stats.json   written last: its presence means the shard is complete
+  lenscap.json       the manifest (``lenscap.manifest``)
+  .lenscap/          private working state of the command that writes this directory: its lock,
+                     claim, commit journals (``lenscap.journal``), journals of paid requests
 """
 
 from __future__ import annotations
@@ -18,8 +18,22 @@ from pathlib import Path
 
 import pyarrow as pa
 
-__all__ = ["MANIFEST_NAME", "WORK_DIR_NAME", "OLD_WORK_DIR_NAME", "IMAGE_EXT", "IMAGE_OFFSET", "IMAGE_SIZE", "IMAGE_COLUMNS",
-           "shard_name", "tar_name", "parquet_name", "stats_name", "completed_in", "shards_in", "adopt_old_work_dir"]
+__all__ = [
+    "MANIFEST_NAME",
+    "WORK_DIR_NAME",
+    "OLD_WORK_DIR_NAME",
+    "IMAGE_EXT",
+    "IMAGE_OFFSET",
+    "IMAGE_SIZE",
+    "IMAGE_COLUMNS",
+    "shard_name",
+    "tar_name",
+    "parquet_name",
+    "stats_name",
+    "completed_in",
+    "shards_in",
+    "adopt_old_work_dir",
+]
 
 MANIFEST_NAME = "lenscap.json"
 WORK_DIR_NAME = ".lenscap"

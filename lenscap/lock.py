@@ -55,8 +55,13 @@ class DirLock:
         self.what = what  # the output it protects, for messages
 
     def _owner(self) -> dict[str, object]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "started": _start_time(os.getpid()),
-                "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv[:4])}
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": _start_time(os.getpid()),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(sys.argv[:4]),
+        }
 
     def acquire(self) -> None:
         key = str(self.path.resolve())
@@ -75,8 +80,10 @@ class DirLock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
                 if not self._stale(quiet=True):
-                    raise Locked(f"{self.what} is being written by another lenscap process ({self._describe()}); "
-                                 "wait for it to finish, or stop it") from None
+                    raise Locked(
+                        f"{self.what} is being written by another lenscap process ({self._describe()}); "
+                        "wait for it to finish, or stop it"
+                    ) from None
                 self._break_stale()
                 continue
             with os.fdopen(fd, "wb") as f:

@@ -34,7 +34,8 @@ def shard_stats(shard_id: int, table: pa.Table) -> dict[str, Any]:
     errors = Counter(e for e in table.column("error_message").to_pylist() if e) if "error_message" in names else Counter()
     stage_status = {
         name: dict(sorted(Counter(str(s) for s in table.column(name).to_pylist()).items()))
-        for name in names if name.endswith("_status") and name != "status"
+        for name in names
+        if name.endswith("_status") and name != "status"
     }
     return {
         "shard": shard_name(shard_id),
@@ -88,8 +89,11 @@ def build_manifest(
         "updated_at": now,
         "complete": expected_shards is not None and completed >= expected_shards,
         "shards": {"expected": expected_shards, "completed": completed},
-        "counts": {"samples": samples, "status": dict(sorted(counts.items())),
-                   **{column: dict(sorted(c.items())) for column, c in sorted(stage_counts.items())}},
+        "counts": {
+            "samples": samples,
+            "status": dict(sorted(counts.items())),
+            **{column: dict(sorted(c.items())) for column, c in sorted(stage_counts.items())},
+        },
         "schema": [{"name": f.name, "type": str(f.type)} for f in schema] if schema is not None else [],
         "images": images,
         "input_incomplete_shards": [shard_name(i) for i in input_incomplete or []],

@@ -43,8 +43,12 @@ def refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """Why a download may not connect to ``ip`` (a kind of address), or None if it may."""
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    for kind, test in (("loopback", ip.is_loopback), ("link-local", ip.is_link_local), ("multicast", ip.is_multicast),
-                       ("unspecified", ip.is_unspecified)):
+    for kind, test in (
+        ("loopback", ip.is_loopback),
+        ("link-local", ip.is_link_local),
+        ("multicast", ip.is_multicast),
+        ("unspecified", ip.is_unspecified),
+    ):
         if test:
             return kind
     if isinstance(ip, ipaddress.IPv4Address) and ip in ipaddress.IPv4Network("100.64.0.0/10"):
@@ -74,8 +78,11 @@ def _vetted(host: str, port: int) -> list[tuple[Any, ...]]:
     return infos
 
 
-def _connect(address: tuple[str, int], timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
-             source_address: Any = None) -> socket.socket:
+def _connect(
+    address: tuple[str, int],
+    timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT,  # type: ignore[attr-defined]
+    source_address: Any = None,
+) -> socket.socket:
     """``socket.create_connection``, to the addresses vetted for ``address``'s host and nothing else."""
     host, port = address
     error: OSError | None = None

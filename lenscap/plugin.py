@@ -69,14 +69,27 @@ from lenscap.record import Sample
 
 __all__ = [
     # caption backends (entry-point group lenscap.backends)
-    "CaptionBackend", "CaptionRequest", "CaptionResult", "Option", "generated",
-    "OK", "ERROR", "REFUSED", "TRUNCATED", "SKIPPED", "OUTCOMES",
+    "CaptionBackend",
+    "CaptionRequest",
+    "CaptionResult",
+    "Option",
+    "generated",
+    "OK",
+    "ERROR",
+    "REFUSED",
+    "TRUNCATED",
+    "SKIPPED",
+    "OUTCOMES",
     # filter annotators (entry-point group lenscap.filters)
-    "Annotator", "Sample",
+    "Annotator",
+    "Sample",
     # errors a plugin raises
-    "BackendError", "MissingDependency", "UsageError",
+    "BackendError",
+    "MissingDependency",
+    "UsageError",
     # entry-point groups
-    "BACKENDS_GROUP", "FILTERS_GROUP",
+    "BACKENDS_GROUP",
+    "FILTERS_GROUP",
 ]
 
 BACKENDS_GROUP = "lenscap.backends"

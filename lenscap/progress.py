@@ -20,8 +20,19 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["Progress", "make_progress", "log", "set_log_file", "log_file", "capture_warnings", "logger",
-           "LogProgress", "RichProgress", "accepts", "start_progress"]
+__all__ = [
+    "Progress",
+    "make_progress",
+    "log",
+    "set_log_file",
+    "log_file",
+    "capture_warnings",
+    "logger",
+    "LogProgress",
+    "RichProgress",
+    "accepts",
+    "start_progress",
+]
 
 LINE_FORMAT = "%(asctime)s lenscap: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -134,9 +145,17 @@ class _WarningsToLogFile(logging.Handler):
             return
         text = record.getMessage().strip().splitlines()
         first = text[0] if text else ""
-        _file_handler.handle(logging.makeLogRecord({"msg": f"warning: {first}", "levelno": logging.WARNING,
-                                                    "levelname": "WARNING", "created": record.created,
-                                                    "msecs": record.msecs}))
+        _file_handler.handle(
+            logging.makeLogRecord(
+                {
+                    "msg": f"warning: {first}",
+                    "levelno": logging.WARNING,
+                    "levelname": "WARNING",
+                    "created": record.created,
+                    "msecs": record.msecs,
+                }
+            )
+        )
 
 
 def capture_warnings() -> None:
@@ -173,12 +192,24 @@ def accepts(method: Any, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def start_progress(progress: Progress, total_shards: int, done_shards: int = 0, *, total_samples: int | None = None,
-                   done_samples: int = 0, failed_samples: int = 0) -> None:
+def start_progress(
+    progress: Progress,
+    total_shards: int,
+    done_shards: int = 0,
+    *,
+    total_samples: int | None = None,
+    done_samples: int = 0,
+    failed_samples: int = 0,
+) -> None:
     """``progress.start``, with the sample counts where the progress takes them."""
     if accepts(progress.start, "total_samples"):
-        progress.start(total_shards, done_shards, total_samples=total_samples,  # type: ignore[call-arg]
-                       done_samples=done_samples, failed_samples=failed_samples)
+        progress.start(
+            total_shards,
+            done_shards,
+            total_samples=total_samples,  # type: ignore[call-arg]
+            done_samples=done_samples,
+            failed_samples=failed_samples,
+        )
     else:
         progress.start(total_shards, done_shards)
 
@@ -216,8 +247,15 @@ class _Rates:
         """A short live figure shown with the rates (e.g. money spent, the step a pass is on)."""
         self.extra = text
 
-    def start(self, total_shards: int, done_shards: int = 0, *, total_samples: int | None = None,
-              done_samples: int = 0, failed_samples: int = 0) -> None:
+    def start(
+        self,
+        total_shards: int,
+        done_shards: int = 0,
+        *,
+        total_samples: int | None = None,
+        done_samples: int = 0,
+        failed_samples: int = 0,
+    ) -> None:
         self.total, self.done, self._first_done = total_shards, done_shards, done_shards
         self.total_samples = total_samples
         self.samples = self._first_samples = done_samples
@@ -272,8 +310,11 @@ class _Rates:
             if rate:
                 parts.append(f"{rate:.1f} samples/s")
         elif self.total > 1:  # a pass of one step says where it is in its status instead
-            parts.append(f"{self.unit.rstrip('s')} {min(self.done + 1, self.total)}/{self.total}"
-                         if not final else f"{self.done}/{self.total} {self.unit}")
+            parts.append(
+                f"{self.unit.rstrip('s')} {min(self.done + 1, self.total)}/{self.total}"
+                if not final
+                else f"{self.done}/{self.total} {self.unit}"
+            )
         if self.extra:
             parts.append(self.extra)
         if final:
@@ -288,8 +329,14 @@ class _Rates:
 class LogProgress(_Rates):
     """Periodic plain lines: shards and samples done (failures too), samples/s, ETA."""
 
-    def __init__(self, label: str, interval_s: float = 30.0, quiet: bool = False, unit: str = "shards",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        label: str,
+        interval_s: float = 30.0,
+        quiet: bool = False,
+        unit: str = "shards",
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         super().__init__(label, unit, clock)
         self.interval_s = interval_s
         self.quiet = quiet
@@ -335,7 +382,8 @@ class RichProgress(_Rates):
     def __init__(self, label: str, unit: str = "shards", clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(label, unit, clock)
         from rich.console import Console
-        from rich.progress import BarColumn, Progress as _P, TextColumn
+        from rich.progress import BarColumn, TextColumn
+        from rich.progress import Progress as _P
 
         self._console = Console(stderr=True)
         self._bar = _P(

@@ -84,7 +84,9 @@ EMPTY_EXIT_CODE = 7  # a stage left 0 samples (and the stage does not say allow_
 _TOP_KEYS = {"description", "input", "work_dir", "releases", "stages"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Stand-ins for a command's positional arguments when its options are checked before the run.
-_PLACEHOLDERS = {"download": ["INPUT", "OUT"], "report": ["IN"], "audit": ["IN"]} | {c: ["IN", "OUT"] for c in ("filter", "caption", "dedup", "shard")}
+_PLACEHOLDERS = {"download": ["INPUT", "OUT"], "report": ["IN"], "audit": ["IN"]} | {
+    c: ["IN", "OUT"] for c in ("filter", "caption", "dedup", "shard")
+}
 
 
 @dataclass
@@ -113,8 +115,9 @@ def _value(text: str) -> Any:
         return text
 
 
-def load_recipe(path_or_name: str, overrides: list[str] | None = None, work_dir: str | None = None,
-                input: str | None = None) -> Recipe:
+def load_recipe(
+    path_or_name: str, overrides: list[str] | None = None, work_dir: str | None = None, input: str | None = None
+) -> Recipe:
     """A recipe file, or a shipped one by name (``demo``, ``lens-recaption``, ``refresh``)."""
     path = Path(path_or_name)
     if not path.exists() and (SHIPPED / f"{path_or_name}.toml").exists():
@@ -132,7 +135,7 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, work_dir:
     stages = []
     entries = raw.get("stages") or []
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-        raise UsageError(f"recipe {path}: stages must be [[stages]] tables (run = \"download\", ...), not {entries!r}")
+        raise UsageError(f'recipe {path}: stages must be [[stages]] tables (run = "download", ...), not {entries!r}')
     for n, entry in enumerate(entries, 1):
         entry = dict(entry)
         run = entry.pop("run", None)
@@ -160,22 +163,24 @@ def load_recipe(path_or_name: str, overrides: list[str] | None = None, work_dir:
             stage.options.pop(option.replace("-", "_"), None)  # STAGE.OPTION= removes it
         else:
             stage.options[option.replace("-", "_")] = _value(value)
-    for n, stage in enumerate(stages, 1):  # the recipe's own key: read here, never passed to the command
+    for stage in stages:  # the recipe's own key: read here, never passed to the command
         allow = stage.options.pop("allow_empty", False)
         if not isinstance(allow, bool):
             raise UsageError(f"recipe {path}, {stage.name}: allow_empty must be true or false, not {allow!r}")
         if allow and stage.run not in DATASET_COMMANDS:
-            raise UsageError(f"recipe {path}, {stage.name}: allow_empty applies to stages that write a dataset "
-                             f"({', '.join(DATASET_COMMANDS)}), not {stage.run}")
+            raise UsageError(
+                f"recipe {path}, {stage.name}: allow_empty applies to stages that write a dataset "
+                f"({', '.join(DATASET_COMMANDS)}), not {stage.run}"
+            )
         stage.allow_empty = allow
     source = input if input is not None else raw.get("input")
     if not source:
-        raise UsageError(f"recipe {path} names no input (add input = \"...\" or give --input)")
+        raise UsageError(f'recipe {path} names no input (add input = "..." or give --input)')
     releases = raw.get("releases")
     require_local(work_dir if work_dir is not None else raw.get("work_dir"), "a recipe's work directory")
     work = Path(work_dir if work_dir is not None else raw.get("work_dir") or path.stem)
     if any(s.run in BUILTINS for s in stages) and not releases:
-        raise UsageError(f"recipe {path}: new-urls and release need releases = \"DIR\"")
+        raise UsageError(f'recipe {path}: new-urls and release need releases = "DIR"')
     for stage in stages:  # every stage's options, checked before the first stage runs
         if stage.run in COMMANDS:
             try:
@@ -250,13 +255,21 @@ def _check_values(command: str, flags: dict[str, Any]) -> None:
     if command == "filter":
         from lenscap.stages.filter import FilterRules
 
-        FilterRules(flags["min_side"], flags["max_aspect"], flags["min_bytes"], flags["caption_min_words"],
-                    flags["caption_max_words"], flags["status"], flags["where"]).validate()
+        FilterRules(
+            flags["min_side"],
+            flags["max_aspect"],
+            flags["min_bytes"],
+            flags["caption_min_words"],
+            flags["caption_max_words"],
+            flags["status"],
+            flags["where"],
+        ).validate()
     elif command == "audit":
         from lenscap.audit import AuditOptions
 
-        AuditOptions(target_words=flags["target_words"], script=flags["script"], sample=flags["sample"],
-                     fail_on=flags["fail_on"]).validate()
+        AuditOptions(
+            target_words=flags["target_words"], script=flags["script"], sample=flags["sample"], fail_on=flags["fail_on"]
+        ).validate()
     elif command == "download":
         from dataclasses import fields
 
@@ -267,8 +280,18 @@ def _check_values(command: str, flags: dict[str, Any]) -> None:
         names = {f.name for f in fields(DownloadOptions)}
         spellings = {"min_image_size": "min_side", "max_aspect_ratio": "max_aspect", "retries": "max_retries"}
         values = {}
-        for key in ("samples_per_shard", "processes", "threads", "image_size", "resize_mode", "min_image_size",
-                    "max_aspect_ratio", "max_pixels", "timeout", "retries"):
+        for key in (
+            "samples_per_shard",
+            "processes",
+            "threads",
+            "image_size",
+            "resize_mode",
+            "min_image_size",
+            "max_aspect_ratio",
+            "max_pixels",
+            "timeout",
+            "retries",
+        ):
             value = flags.get(key, flags.get(spellings.get(key, key)))
             field_name = key if key in names else spellings.get(key, key)
             if value is not None and field_name in names:
@@ -418,7 +441,9 @@ def _outcome(run: str, argv: list[str], result: dict[str, Any]) -> str:
         status = result.get("status") or {}
         ok = status.get("success", 0)
         failed = _counted(status, ("success",))
-        return f"{result.get('samples', 0)} URLs, {ok} downloaded, {sum(status.values()) - ok} failed" + (f" ({failed})" if failed else "")
+        return f"{result.get('samples', 0)} URLs, {ok} downloaded, {sum(status.values()) - ok} failed" + (
+            f" ({failed})" if failed else ""
+        )
     if run == "filter":
         reasons = dict(result.get("reasons") or {})
         kept, errors = reasons.pop("kept", result.get("kept", 0)), reasons.pop("error", 0)
@@ -439,8 +464,10 @@ def _outcome(run: str, argv: list[str], result: dict[str, Any]) -> str:
         return f"{status}; {spent}{pending}"
     if run == "shard":
         left = _counted(result.get("left_out") or {})
-        return (f"{result.get('samples', 0)} samples in {result.get('shards', 0)} {result.get('format', '')} shards "
-                f"({int(result.get('bytes') or 0):,} bytes)" + (f"; left out: {left}" if left else ""))
+        return (
+            f"{result.get('samples', 0)} samples in {result.get('shards', 0)} {result.get('format', '')} shards "
+            f"({int(result.get('bytes') or 0):,} bytes)" + (f"; left out: {left}" if left else "")
+        )
     if run == "report":
         return f"{result.get('html')}"
     if run == "audit":
@@ -481,8 +508,9 @@ def run_recipe(recipe: Recipe, quiet: bool = False) -> dict[str, Any]:
         return _run(recipe, quiet)
 
 
-def _argv(stage: RecipeStage, base: Path, dataset: str | None, source: str, releases: list[Path],
-          demo: bool) -> tuple[list[str], Path | None]:
+def _argv(
+    stage: RecipeStage, base: Path, dataset: str | None, source: str, releases: list[Path], demo: bool
+) -> tuple[list[str], Path | None]:
     """The stage's command line, and what it writes (a directory, a file, or None: an audit's gate)."""
     out = base / stage.name
     if stage.run == "new-urls":
@@ -495,15 +523,21 @@ def _argv(stage: RecipeStage, base: Path, dataset: str | None, source: str, rele
             argv.append("--allow-private-network")  # the demo's own images, served on loopback
         return argv, out
     if stage.run == "report":
-        return ["report", str(dataset), "--out", str(base / f"{stage.name}.html"), *_flags(stage.options, releases)], \
-            base / f"{stage.name}.html"
+        return [
+            "report",
+            str(dataset),
+            "--out",
+            str(base / f"{stage.name}.html"),
+            *_flags(stage.options, releases),
+        ], base / f"{stage.name}.html"
     if stage.run == "audit":  # a gate: its --fail-on stops the run (exit 6) before what follows
         return ["audit", str(dataset), *_flags(stage.options, releases)], None
     return [stage.run, str(dataset), str(out), *_flags(stage.options, releases)], out
 
 
-def _stale(record: dict[str, Any] | None, argv: list[str], input_fp: str | None, output: Path | None,
-           upstream: str | None) -> tuple[str | None, bool]:
+def _stale(
+    record: dict[str, Any] | None, argv: list[str], input_fp: str | None, output: Path | None, upstream: str | None
+) -> tuple[str | None, bool]:
     """Why a finished stage must run again (None: its record still holds), and whether what its output
     holds must go first (``--overwrite``): not for a record written before fingerprints, whose stage
     runs again as it is (its command resumes, or refuses another job's output: then it is replaced)."""
@@ -571,8 +605,12 @@ def _run(recipe: Recipe, quiet: bool) -> dict[str, Any]:
             if record is not None and why is None:
                 result = record["summary"]
                 log(f"run: {stage.name}: up to date (skipped)", to_stderr=say)
-                entry.update(skipped=True, outcome=record.get("outcome") or _outcome(stage.run, argv, result),
-                             samples=_samples(stage.run, result), summary=result)
+                entry.update(
+                    skipped=True,
+                    outcome=record.get("outcome") or _outcome(stage.run, argv, result),
+                    samples=_samples(stage.run, result),
+                    summary=result,
+                )
             else:
                 overwrite = overwrite and stage.run in DATASET_COMMANDS
                 if why is not None:
@@ -614,15 +652,25 @@ def _run(recipe: Recipe, quiet: bool) -> dict[str, Any]:
                     summary["stopped_at"] = stage.name
                     return summary
                 if result.get("complete") is False:  # a batch caption job with batches still running
-                    log(f"run: {stage.name}: not finished (batches still running); the run stops here: rerun it "
-                        f"(from cron, or with --set {stage.name}.wait=true) to collect them and go on", to_stderr=True)
+                    log(
+                        f"run: {stage.name}: not finished (batches still running); the run stops here: rerun it "
+                        f"(from cron, or with --set {stage.name}.wait=true) to collect them and go on",
+                        to_stderr=True,
+                    )
                     summary["stages"].append(entry)
                     summary.update(exit_code=0, pending=stage.name)
                     return summary
                 if stage.run != "release":
-                    atomic_write_json(record_path, {"argv": argv, "input": input_fp,
-                                                    "output": fingerprint(output) if output is not None else None,
-                                                    "outcome": outcome, "summary": result})
+                    atomic_write_json(
+                        record_path,
+                        {
+                            "argv": argv,
+                            "input": input_fp,
+                            "output": fingerprint(output) if output is not None else None,
+                            "outcome": outcome,
+                            "summary": result,
+                        },
+                    )
             summary["stages"].append(entry)
             if stage.run == "new-urls":
                 source = result["urls"]
@@ -635,8 +683,11 @@ def _run(recipe: Recipe, quiet: bool) -> dict[str, Any]:
             elif stage.run in DATASET_COMMANDS:
                 # Where an earlier stage was allowed to leave nothing, what follows it is empty too, and said once.
                 if entry["samples"] == 0 and live != 0 and not stage.allow_empty:
-                    log(f"run: WARNING: {stage.name} left 0 samples ({_why_empty(stage.run, result)}); stopping "
-                        f"(allow_empty = true on the stage lets a run go on)", to_stderr=True)
+                    log(
+                        f"run: WARNING: {stage.name} left 0 samples ({_why_empty(stage.run, result)}); stopping "
+                        f"(allow_empty = true on the stage lets a run go on)",
+                        to_stderr=True,
+                    )
                     summary.update(exit_code=EMPTY_EXIT_CODE, stopped_at=stage.name)
                     return summary
                 if stage.run != "shard":
@@ -677,8 +728,13 @@ def new_urls(source: str, releases: list[Path], out: Path) -> dict[str, Any]:
     tmp = out / ".urls.parquet.tmp"
     pq.write_table(kept, tmp)
     os.replace(tmp, out / "urls.parquet")
-    return {"urls": str(out / "urls.parquet"), "input": table.num_rows, "new": kept.num_rows,
-            "in_earlier_releases": table.num_rows - kept.num_rows, "releases": [str(r) for r in releases]}
+    return {
+        "urls": str(out / "urls.parquet"),
+        "input": table.num_rows,
+        "new": kept.num_rows,
+        "in_earlier_releases": table.num_rows - kept.num_rows,
+        "releases": [str(r) for r in releases],
+    }
 
 
 def release(dataset: Path, recipe: Recipe, base: Path) -> dict[str, Any]:
@@ -689,8 +745,10 @@ def release(dataset: Path, recipe: Recipe, base: Path) -> dict[str, Any]:
 
         ds = Dataset.open(dataset)
         if ds.image_source() is not ds:  # its images are in this refresh's directories, which go below
-            raise UsageError(f"release: {dataset} refers to the images of {ds.image_source().location}, which this "
-                             "release removes; set copy_images = true on the stage before release")
+            raise UsageError(
+                f"release: {dataset} refers to the images of {ds.image_source().location}, which this "
+                "release removes; set copy_images = true on the stage before release"
+            )
     recipe.releases.mkdir(parents=True, exist_ok=True)
     intent = base / ".lenscap-run" / "release.json"
     if intent.exists():  # a release that a crash interrupted after choosing its number

@@ -23,8 +23,9 @@ class Sample:
 
     __slots__ = ("key", "row", "_image", "_load")
 
-    def __init__(self, key: str, row: dict[str, Any] | None = None, image: bytes | None = None,
-                 load: Callable[[], bytes] | None = None) -> None:
+    def __init__(
+        self, key: str, row: dict[str, Any] | None = None, image: bytes | None = None, load: Callable[[], bytes] | None = None
+    ) -> None:
         self.key = key
         self.row = row if row is not None else {}
         self._image = image

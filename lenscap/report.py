@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
-
 from PIL import Image, ImageDraw, ImageFont
 
 from lenscap import __version__
@@ -39,13 +38,30 @@ from lenscap.journal import atomic_write_bytes
 from lenscap.layout import IMAGE_EXT, IMAGE_OFFSET, IMAGE_SIZE
 from lenscap.storage import require_local
 
-__all__ = ["ReportSample", "pick_samples", "pick_export_samples", "audit_thumbnails", "render_html", "render_contact_sheet", "write_report"]
+__all__ = [
+    "ReportSample",
+    "pick_samples",
+    "pick_export_samples",
+    "audit_thumbnails",
+    "render_html",
+    "render_contact_sheet",
+    "write_report",
+]
 
 THUMB = 256
 AUDIT_SAMPLES = 12  # flagged captions shown at most: each brings a thumbnail into the page
 _SHOWN_CHARS = 600  # of an OCR text or alt-text beside a flagged caption (the audit already cuts captions)
-_ROW_COLUMNS = ("caption", "alt_text", "previous_caption", "caption_status", "caption_model", "filter_status",
-                "dedup_status", "width", "height")
+_ROW_COLUMNS = (
+    "caption",
+    "alt_text",
+    "previous_caption",
+    "caption_status",
+    "caption_model",
+    "filter_status",
+    "dedup_status",
+    "width",
+    "height",
+)
 
 
 @dataclass
@@ -222,8 +238,10 @@ def _bars(counts: dict[str, int], shares: dict[str, float | None] | None = None)
     rows = []
     for k, n in counts.items():
         share = n / total if shares is None else shares.get(k) or 0.0
-        rows.append(f"<tr><td>{_e(k)}</td><td>{n:,}</td><td><span class='bar' style='width:{round(300 * share)}px'></span> "
-                    f"{100 * share:.1f}%</td></tr>")
+        rows.append(
+            f"<tr><td>{_e(k)}</td><td>{n:,}</td><td><span class='bar' style='width:{round(300 * share)}px'></span> "
+            f"{100 * share:.1f}%</td></tr>"
+        )
     return f"<table>{''.join(rows)}</table>"
 
 
@@ -241,8 +259,10 @@ def _audit_section(audit: dict[str, Any], images: dict[str, bytes]) -> str:
     key to JPEG thumbnail)."""
     w = audit["words"]
     line = f"{audit['captions']:,} captions audited, " + (
-        f"{w['mean']} words on average, median {w['p50']}, 95th percentile {w['p95']}" if w["mean"] is not None
-        else "none of them with text to measure (refused or truncated answers keep the old text)")
+        f"{w['mean']} words on average, median {w['p50']}, 95th percentile {w['p95']}"
+        if w["mean"] is not None
+        else "none of them with text to measure (refused or truncated answers keep the old text)"
+    )
     if w.get("target"):
         line += f"; target {w['target']} words" + (f" ({w['band'][0]}-{w['band'][1]} is on length)" if w.get("band") else "")
     parts = [f"<p>{_e(line)}.</p>"]
@@ -251,8 +271,10 @@ def _audit_section(audit: dict[str, Any], images: dict[str, bytes]) -> str:
     counts = {name: audit["counts"][name] for name in FLAGS if audit["counts"].get(name)}
     parts.append("<h3>flags</h3>" + (_bars(counts, audit["shares"]) if counts else "<p>no captions flagged</p>"))
     if counts.keys() & {"ocr_missed", "ocr_invented", "alt_dropped"}:
-        parts.append("<p class='alt'>Shares are of the captions audited; those of ocr_missed, ocr_invented and alt_dropped "
-                     "of the captions that can have them (OCR read text, OCR ran, the alt-text names something).</p>")
+        parts.append(
+            "<p class='alt'>Shares are of the captions audited; those of ocr_missed, ocr_invented and alt_dropped "
+            "of the captions that can have them (OCR read text, OCR ran, the alt-text names something).</p>"
+        )
     if audit["openings"]:
         openings = {o["opening"]: o["captions"] for o in audit["openings"]}
         parts.append(f"<h3>top openings</h3>{_bars(openings, {o['opening']: o['share'] for o in audit['openings']})}")
@@ -261,23 +283,35 @@ def _audit_section(audit: dict[str, Any], images: dict[str, bytes]) -> str:
         parts.append(f"<p>{', '.join(variety)} (unique words and word pairs, as a share of all of them)</p>")
     ocr, alt = audit.get("ocr") or {}, audit.get("alt_text") or {}
     if ocr.get("with_text"):
-        parts.append(f"<p>OCR: images with text {ocr['with_text']:,}, their captions carrying it {ocr['quoted']:,}, "
-                     f"missing it {ocr['missed']:,}; captions quoting text OCR did not read {ocr['invented']:,}.</p>")
+        parts.append(
+            f"<p>OCR: images with text {ocr['with_text']:,}, their captions carrying it {ocr['quoted']:,}, "
+            f"missing it {ocr['missed']:,}; captions quoting text OCR did not read {ocr['invented']:,}.</p>"
+        )
     if alt.get("named"):
-        parts.append(f"<p>Alt-text: alt-texts that name something {alt['named']:,}, names their captions carry "
-                     f"{100 * alt['carry_mean']:.0f}% on average, captions carrying none {alt['dropped']:,}.</p>")
+        parts.append(
+            f"<p>Alt-text: alt-texts that name something {alt['named']:,}, names their captions carry "
+            f"{100 * alt['carry_mean']:.0f}% on average, captions carrying none {alt['dropped']:,}.</p>"
+        )
     groups = [g for g in audit.get("by_model") or [] if g["captions"]]
     if len(groups) > 1:
-        rows = "".join(f"<tr><td>{_e(g['model'] or '-')}</td><td>{_e(g['prompt'] or '-')}</td><td>{g['captions']:,}</td>"
-                       f"<td>{_e(g['words']['mean'] if g['words']['mean'] is not None else '-')}</td>"
-                       f"<td>{_e(_flags(g['counts'], g['shares']) or 'none')}</td></tr>" for g in groups)
-        parts.append("<h3>by model and prompt</h3><table><tr><th>model</th><th>prompt</th><th>captions</th>"
-                     f"<th>words (mean)</th><th>flags</th></tr>{rows}</table>")
+        rows = "".join(
+            f"<tr><td>{_e(g['model'] or '-')}</td><td>{_e(g['prompt'] or '-')}</td><td>{g['captions']:,}</td>"
+            f"<td>{_e(g['words']['mean'] if g['words']['mean'] is not None else '-')}</td>"
+            f"<td>{_e(_flags(g['counts'], g['shares']) or 'none')}</td></tr>"
+            for g in groups
+        )
+        parts.append(
+            "<h3>by model and prompt</h3><table><tr><th>model</th><th>prompt</th><th>captions</th>"
+            f"<th>words (mean)</th><th>flags</th></tr>{rows}</table>"
+        )
     figures = []
     for s in audit.get("samples") or []:
         thumb = images.get(s["key"])
-        img = (f"<img src='data:image/jpeg;base64,{base64.b64encode(thumb).decode()}' alt='flagged {_e(s['key'])}'>" if thumb
-               else f"<div class='missing'>{'image could not be decoded' if thumb is not None else 'no image'}</div>")
+        img = (
+            f"<img src='data:image/jpeg;base64,{base64.b64encode(thumb).decode()}' alt='flagged {_e(s['key'])}'>"
+            if thumb
+            else f"<div class='missing'>{'image could not be decoded' if thumb is not None else 'no image'}</div>"
+        )
         text = "<div>" + "".join(f"<span class='flag'>{_e(f)}</span>" for f in s["flags"]) + "</div>"
         text += f"<div class='label'>caption</div><div>{_e(s['caption']) or '<i>none</i>'}</div>"
         if s.get("ocr_text"):
@@ -286,8 +320,11 @@ def _audit_section(audit: dict[str, Any], images: dict[str, bytes]) -> str:
             text += f"<div class='label'>alt-text</div><div class='alt'>{_e(_clip(s['alt_text']))}</div>"
         # A refused or truncated answer's text is not measured: its 0 words would belie the text beside it.
         measured = s.get("caption_status") not in ("refused", "truncated")
-        meta = " ".join(f"{k}: {_e(s[k])}" for k in ("words", "caption_status", "model")
-                        if s.get(k) is not None and (k != "words" or measured))
+        meta = " ".join(
+            f"{k}: {_e(s[k])}"
+            for k in ("words", "caption_status", "model")
+            if s.get(k) is not None and (k != "words" or measured)
+        )
         figures.append(f"<figure>{img}<figcaption>{text}<div class='key'>{_e(s['key'])} {meta}</div></figcaption></figure>")
     if figures:
         parts.append(f"<h3>{len(figures)} sampled flagged captions</h3><div class='grid'>{''.join(figures)}</div>")
@@ -303,13 +340,14 @@ def _histogram_svg(pairs: list[list[int]], bin_words: int = 5, bins: int = 40) -
     width, height, pad = 720, 180, 24
     step = (width - pad) / len(counts)
     peak = max(counts) or 1
-    parts = [f"<svg width='{width}' height='{height + 30}' role='img' "
-             f"aria-label='caption length histogram'>"]
+    parts = [f"<svg width='{width}' height='{height + 30}' role='img' aria-label='caption length histogram'>"]
     for i, n in enumerate(counts):
         h = round((height - 10) * n / peak)
         label = f"{i * bin_words}+" if i == bins else f"{i * bin_words}-{i * bin_words + bin_words - 1}"
-        parts.append(f"<rect x='{pad + i * step:.1f}' y='{height - h}' width='{max(step - 2, 1):.1f}' height='{h}' fill='#4a7bd0'>"
-                     f"<title>{label} words: {n:,} captions</title></rect>")
+        parts.append(
+            f"<rect x='{pad + i * step:.1f}' y='{height - h}' width='{max(step - 2, 1):.1f}' height='{h}' fill='#4a7bd0'>"
+            f"<title>{label} words: {n:,} captions</title></rect>"
+        )
         if i % max(1, len(counts) // 8) == 0:
             parts.append(f"<text x='{pad + i * step:.1f}' y='{height + 16}' font-size='11' fill='#6b7686'>{i * bin_words}</text>")
     parts.append(f"<text x='0' y='12' font-size='11' fill='#6b7686'>{peak:,}</text></svg>")
@@ -319,17 +357,28 @@ def _histogram_svg(pairs: list[list[int]], bin_words: int = 5, bins: int = 40) -
 _OUTCOME_TITLES = {"status": "download status", "filter_reasons": "filter reasons", "left_out": "left out of the export"}
 
 
-def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[str, Any] | None,
-                audit: dict[str, Any] | None = None, audit_images: dict[str, bytes] | None = None) -> str:
+def render_html(
+    info: dict[str, Any],
+    samples: list[ReportSample],
+    dedup: dict[str, Any] | None,
+    audit: dict[str, Any] | None = None,
+    audit_images: dict[str, bytes] | None = None,
+) -> str:
     """The page; ``audit`` is ``lenscap.audit.audit``'s result (no section without captions), with
     ``audit_images`` the thumbnails of its sampled flagged captions by key."""
     name = Path(info["path"]).resolve().name
     shards = info["shards"]
     cw = info["caption_words"]
     export = info.get("export")
-    cards = [("samples", f"{info['samples']:,}"), ("shards", f"{shards['complete']:,} complete"
-                                                       + (f", {shards['incomplete']} incomplete" if shards["incomplete"] else "")
-                                                       + (f", {shards['damaged']} damaged" if shards.get("damaged") else ""))]
+    cards = [
+        ("samples", f"{info['samples']:,}"),
+        (
+            "shards",
+            f"{shards['complete']:,} complete"
+            + (f", {shards['incomplete']} incomplete" if shards["incomplete"] else "")
+            + (f", {shards['damaged']} damaged" if shards.get("damaged") else ""),
+        ),
+    ]
     if export:
         cards += [("format", str(export.get("format"))), ("bytes", f"{info['bytes']['shards']:,}")]
     else:
@@ -344,20 +393,28 @@ def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[s
             cards.append(("cached answers", f"{cost['cached_answers']:,} (${cost.get('cached_usd', 0.0):.4f} when first asked)"))
     if dedup:
         cards.append(("duplicates", f"{dedup.get('duplicates') or 0:,}"))
-    body = ["<section><h2>Summary</h2><div class='cards'>"
-            + "".join(f"<div class='card'><span class='label'>{_e(k)}</span><b>{_e(v)}</b></div>" for k, v in cards) + "</div></section>"]
+    body = [
+        "<section><h2>Summary</h2><div class='cards'>"
+        + "".join(f"<div class='card'><span class='label'>{_e(k)}</span><b>{_e(v)}</b></div>" for k, v in cards)
+        + "</div></section>"
+    ]
     sections = info.get("outcomes")
     if sections is None:  # an inspect summary of before the outcomes were ordered
-        sections = {**({"status": info["status"]} if info["status"] else {}), **info["stage_status"],
-                    **({"filter_reasons": info["filter_reasons"]} if info.get("filter_reasons") else {})}
+        sections = {
+            **({"status": info["status"]} if info["status"] else {}),
+            **info["stage_status"],
+            **({"filter_reasons": info["filter_reasons"]} if info.get("filter_reasons") else {}),
+        }
     outcomes = [f"<h3>{_e(_OUTCOME_TITLES.get(name, name))}</h3>{_bars(counts)}" for name, counts in sections.items() if counts]
     if export and export.get("empty"):
         outcomes.insert(0, "<p>This export is empty: none of the input's samples was exported (see left out).</p>")
     if outcomes:
         body.append("<section><h2>Outcomes</h2><p class='alt'>In pipeline order.</p>" + "".join(outcomes) + "</section>")
     if cw["count"]:
-        body.append(f"<section><h2>Caption length</h2><p>{cw['count']:,} captions, {cw['mean']} words on average, "
-                    f"median {cw['p50']}, 95th percentile {cw['p95']}.</p>{_histogram_svg(cw['histogram'])}</section>")
+        body.append(
+            f"<section><h2>Caption length</h2><p>{cw['count']:,} captions, {cw['mean']} words on average, "
+            f"median {cw['p50']}, 95th percentile {cw['p95']}.</p>{_histogram_svg(cw['histogram'])}</section>"
+        )
     if audit and audit.get("error"):
         body.append(f"<section><h2>Audit</h2><p>The captions could not be audited: {_e(audit['error'])}</p></section>")
     elif audit and audit.get("captions"):
@@ -365,36 +422,48 @@ def render_html(info: dict[str, Any], samples: list[ReportSample], dedup: dict[s
     if dedup:
         reasons = dedup.get("by_reason") or {}
         earlier = f", {dedup['of_earlier_releases']:,} of them of earlier releases" if dedup.get("of_earlier_releases") else ""
-        body.append(f"<section><h2>Dedup</h2><p>{dedup.get('duplicates') or 0:,} duplicates in {dedup.get('clusters') or 0:,} "
-                    f"clusters{earlier}.</p>{_bars(reasons) if reasons else ''}</section>")
+        body.append(
+            f"<section><h2>Dedup</h2><p>{dedup.get('duplicates') or 0:,} duplicates in {dedup.get('clusters') or 0:,} "
+            f"clusters{earlier}.</p>{_bars(reasons) if reasons else ''}</section>"
+        )
     if info["errors"]:
         rows = "".join(f"<tr><td>{n:,}</td><td>{_e(m)}</td></tr>" for m, n in info["errors"].items())
         body.append(f"<section><h2>Most common errors</h2><table>{rows}</table></section>")
     if info.get("skips"):
         rows = "".join(f"<tr><td>{n:,}</td><td>{_e(m)}</td></tr>" for m, n in info["skips"].items())
-        body.append("<section><h2>Skipped</h2><p class='alt'>Samples a stage left alone, and why (not errors).</p>"
-                    f"<table>{rows}</table></section>")
+        body.append(
+            "<section><h2>Skipped</h2><p class='alt'>Samples a stage left alone, and why (not errors).</p>"
+            f"<table>{rows}</table></section>"
+        )
     if info["history"]:
         body.append("<section><h2>Pipeline</h2><p>" + " &rarr; ".join(_e(h) for h in info["history"]) + "</p></section>")
     figures = []
     for s in samples:
-        img = (f"<img src='data:image/jpeg;base64,{base64.b64encode(s.thumbnail).decode()}' alt='sample {_e(s.key)}'>"
-               if s.thumbnail else "<div class='missing'>image could not be decoded</div>")
+        img = (
+            f"<img src='data:image/jpeg;base64,{base64.b64encode(s.thumbnail).decode()}' alt='sample {_e(s.key)}'>"
+            if s.thumbnail
+            else "<div class='missing'>image could not be decoded</div>"
+        )
         text = f"<div class='label'>caption</div><div>{_e(s.caption) or '<i>none</i>'}</div>"
         if s.original is not None:
             text += f"<div class='label'>original alt-text</div><div class='alt'>{_e(s.original) or '<i>none</i>'}</div>"
-        meta = " ".join(f"{k.removesuffix('_status')}: {_e(s.row[k])}" for k in ("caption_status", "dedup_status") if s.row.get(k))
+        meta = " ".join(
+            f"{k.removesuffix('_status')}: {_e(s.row[k])}" for k in ("caption_status", "dedup_status") if s.row.get(k)
+        )
         figures.append(f"<figure>{img}<figcaption>{text}<div class='key'>{_e(s.key)} {meta}</div></figcaption></figure>")
     if figures:
         body.append(f"<section><h2>{len(figures)} sampled images</h2><div class='grid'>{''.join(figures)}</div></section>")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
-            f"<title>lenscap report: {_e(name)}</title><style>{_CSS}</style></head><body><header><h1>lenscap report: {_e(name)}</h1>"
-            f"<p>{_e(info['path'])} &middot; stage {_e(info['stage'] or 'unknown')} &middot; lenscap {__version__} &middot; {when}</p>"
-            f"</header><main>{''.join(body)}</main></body></html>")
+    return (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+        f"<title>lenscap report: {_e(name)}</title><style>{_CSS}</style></head><body><header><h1>lenscap report: {_e(name)}</h1>"
+        f"<p>{_e(info['path'])} &middot; stage {_e(info['stage'] or 'unknown')} &middot; lenscap {__version__} &middot; {when}</p>"
+        f"</header><main>{''.join(body)}</main></body></html>"
+    )
 
 
 # -- PNG contact sheet ------------------------------------------------------------------------------
+
 
 def _wrap(draw: ImageDraw.ImageDraw, text: str, font: Any, width: int, lines: int) -> list[str]:
     out, line = [], ""
@@ -431,8 +500,9 @@ def render_contact_sheet(samples: list[ReportSample], columns: int = 6) -> Image
     return sheet
 
 
-def write_report(path: str | Path, out: str | Path | None = None, n: int = 24, seed: int = 0,
-                 png: str | Path | None = None) -> dict[str, Any]:
+def write_report(
+    path: str | Path, out: str | Path | None = None, n: int = 24, seed: int = 0, png: str | Path | None = None
+) -> dict[str, Any]:
     """Write the HTML report (and the contact sheet); return what was written."""
     for location, what in ((path, "report's dataset"), (out, "report's --out"), (png, "report's --png")):
         require_local(location, what)
@@ -450,8 +520,9 @@ def write_report(path: str | Path, out: str | Path | None = None, n: int = 24, s
     _write(target, render_html(info, samples, info.get("dedup"), found, images).encode())
     written: dict[str, Any] = {"html": str(target), "samples_shown": len(samples), "audit": None}
     if found is not None:
-        written["audit"] = {"error": found["error"]} if "error" in found else {"captions": found["captions"],
-                                                                              "flagged_shown": len(flagged)}
+        written["audit"] = (
+            {"error": found["error"]} if "error" in found else {"captions": found["captions"], "flagged_shown": len(flagged)}
+        )
     if png is not None:
         buf = io.BytesIO()
         render_contact_sheet(samples).save(buf, "PNG")

@@ -26,13 +26,22 @@ class JobResult:
     counts: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_manifest(cls, out_dir: str, manifest: dict[str, Any], failed: dict[int, str] | None = None,
-                      **extra: Any) -> JobResult:
+    def from_manifest(
+        cls, out_dir: str, manifest: dict[str, Any], failed: dict[int, str] | None = None, **extra: Any
+    ) -> JobResult:
         """The result of a job whose output's manifest (just written) is ``manifest``."""
         counts = manifest.get("counts") or {}
         shards = manifest.get("shards") or {}
-        return cls(out_dir, shards.get("expected") or 0, shards.get("completed") or 0, counts.get("samples", 0),
-                   counts.get("status", {}), dict(failed or {}), counts, **extra)
+        return cls(
+            out_dir,
+            shards.get("expected") or 0,
+            shards.get("completed") or 0,
+            counts.get("samples", 0),
+            counts.get("status", {}),
+            dict(failed or {}),
+            counts,
+            **extra,
+        )
 
     @property
     def exit_code(self) -> int:

@@ -110,15 +110,28 @@ class OwnedJob:
     history: list[dict[str, Any]]
 
     def write_manifest(self) -> dict[str, Any]:
-        return self.dst.write_manifest(self.stage.name, self.stage.parameters(), self.src.location,
-                                       expected_shards=len(self.shards), history=self.history, images=self.images,
-                                       input_incomplete=self.missing)
+        return self.dst.write_manifest(
+            self.stage.name,
+            self.stage.parameters(),
+            self.src.location,
+            expected_shards=len(self.shards),
+            history=self.history,
+            images=self.images,
+            input_incomplete=self.missing,
+        )
 
 
 @contextmanager
-def owned_output(out_dir: str | os.PathLike[str] | Dataset, command: str, settings: dict[str, Any], *,
-                 src: Dataset | None = None, source_label: str | None = None, overwrite: bool = False,
-                 input_ids: list[int] | None = None) -> Iterator[Dataset]:
+def owned_output(
+    out_dir: str | os.PathLike[str] | Dataset,
+    command: str,
+    settings: dict[str, Any],
+    *,
+    src: Dataset | None = None,
+    source_label: str | None = None,
+    overwrite: bool = False,
+    input_ids: list[int] | None = None,
+) -> Iterator[Dataset]:
     """The one way a command gets its output: opened and checked (``open_output``), locked (one lock,
     ``.lenscap/lock``; a remote output's in its mirror), its interrupted commits finished, and claimed
     for this input and these settings (``claim_output``). ``src``: the input dataset; ``source_label``:
@@ -136,15 +149,24 @@ def reopen_damaged(dst: Dataset, command: str) -> list[int]:
     made incomplete, and said so, so that this run writes them again instead of trusting them."""
     damaged = dst.damaged_shards()
     for shard_id, why in sorted(damaged.items()):
-        log(f"{command}: shard {shard_name(shard_id)} of {dst.location} was damaged since it was written ({why}); "
-            "writing it again")
+        log(
+            f"{command}: shard {shard_name(shard_id)} of {dst.location} was damaged since it was written ({why}); "
+            "writing it again"
+        )
         dst.discard(shard_id)
     return sorted(damaged)
 
 
 @contextmanager
-def owned_job(stage: Stage, in_dir: str | os.PathLike[str] | Dataset, out_dir: str | os.PathLike[str] | Dataset, *,
-              overwrite: bool = False, allow_incomplete: bool = False, internal: bool = False) -> Iterator[OwnedJob]:
+def owned_job(
+    stage: Stage,
+    in_dir: str | os.PathLike[str] | Dataset,
+    out_dir: str | os.PathLike[str] | Dataset,
+    *,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+    internal: bool = False,
+) -> Iterator[OwnedJob]:
     """A stage's job from ``in_dir`` into ``out_dir`` (``owned_output``). ``internal``: a pass writing
     into a command's private directory, which the command owns already: locked and recovered, not claimed."""
     src = Dataset.open(in_dir)

@@ -14,8 +14,12 @@ __all__ = ["check_condition", "literal", "out_of_core", "rows_where", "run_on_no
 
 # A connection that runs SQL a user typed (or a recipe carried) reads only the tables registered on
 # it: no file, no URL, no extension, no ATTACH, no COPY ... TO, and no SET that would undo this.
-_SANDBOX = {"enable_external_access": False, "autoinstall_known_extensions": False,
-            "autoload_known_extensions": False, "lock_configuration": True}
+_SANDBOX = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "lock_configuration": True,
+}
 
 
 def literal(value: str | Path) -> str:

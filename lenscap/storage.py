@@ -20,8 +20,10 @@ __all__ = ["is_remote", "redact_url", "local_path", "url_to_fs", "require_local"
 _PROTOCOL_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _LOCAL_PROTOCOLS = frozenset({"file", "local"})
 # What works on remote storage, for the error of the commands that do not.
-REMOTE_SUPPORT = ("remote storage (fsspec URLs such as s3://, gs://) works for the input and output of filter, caption, "
-                  "dedup and shard, the input of inspect, and download's URL list and output")
+REMOTE_SUPPORT = (
+    "remote storage (fsspec URLs such as s3://, gs://) works for the input and output of filter, caption, "
+    "dedup and shard, the input of inspect, and download's URL list and output"
+)
 
 
 def is_remote(location: str | os.PathLike[str] | None) -> bool:
@@ -39,7 +41,7 @@ def local_path(location: str | os.PathLike[str]) -> str:
     """A local location as a path (``file:///x`` -> ``/x``)."""
     text = os.fspath(location)
     m = _PROTOCOL_RE.match(text)
-    return text[m.end():] if m is not None and m.group(1).lower() in _LOCAL_PROTOCOLS else text
+    return text[m.end() :] if m is not None and m.group(1).lower() in _LOCAL_PROTOCOLS else text
 
 
 def redact_url(location: str | os.PathLike[str]) -> str:
@@ -51,7 +53,7 @@ def redact_url(location: str | os.PathLike[str]) -> str:
     for part in text.split("::"):
         m = _PROTOCOL_RE.match(part)
         if m is not None:
-            rest = part[m.end():]
+            rest = part[m.end() :]
             head, slash, tail = rest.partition("/")
             head = head.rpartition("@")[2]
             part = f"{m.group(0)}{head}{slash}{tail}"

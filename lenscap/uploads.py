@@ -43,4 +43,4 @@ def uploaded_sizes(ds: Dataset) -> dict[str, int]:
     except FileNotFoundError:
         return {}
     prefix = ds.root.rstrip("/") + "/"
-    return {path[len(prefix):]: int(info.get("size") or 0) for path, info in found.items() if path.startswith(prefix)}
+    return {path[len(prefix) :]: int(info.get("size") or 0) for path, info in found.items() if path.startswith(prefix)}

@@ -92,8 +92,12 @@ def run_cli(*args: str, stdin: str | None = None, timeout: float = 180, env: dic
             full_env[k] = v
     proc = subprocess.run(
         [sys.executable, "-m", "lenscap.cli", *args],
-        input=stdin, capture_output=True, text=True, timeout=timeout,
-        stdin=None if stdin is not None else subprocess.DEVNULL, env=full_env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=None if stdin is not None else subprocess.DEVNULL,
+        env=full_env,
     )
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
@@ -140,8 +144,12 @@ def s3_store():
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    os.environ.update(AWS_ACCESS_KEY_ID="lenscap-test", AWS_SECRET_ACCESS_KEY="lenscap-test-secret",
-                      AWS_DEFAULT_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}")
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="lenscap-test",
+        AWS_SECRET_ACCESS_KEY="lenscap-test-secret",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+    )
     fs = s3fs.S3FileSystem()
     fs.mkdir("lenscap")
     yield fs

@@ -36,9 +36,19 @@ def test_a_pipeline_through_the_api_returns_typed_results(tmp_path):
     assert info["history"] == ["download", "filter", "caption", "dedup"]
 
     # One result type: every command's has the shared fields, and its exit code, from one place.
-    for result, shards, samples in ((kept, 2, 12), (captioned, 2, 12), (deduped, 2, 12), (exported, exported.shards_total, exported.samples)):
+    for result, shards, samples in (
+        (kept, 2, 12),
+        (captioned, 2, 12),
+        (deduped, 2, 12),
+        (exported, exported.shards_total, exported.samples),
+    ):
         assert isinstance(result, lc.JobResult) and result.exit_code == 0
-        assert (result.shards_total, result.shards_completed, result.samples, result.failed_shards) == (shards, shards, samples, {})
+        assert (result.shards_total, result.shards_completed, result.samples, result.failed_shards) == (
+            shards,
+            shards,
+            samples,
+            {},
+        )
 
 
 def test_errors_are_the_lenscap_hierarchy_not_exits(tmp_path):
@@ -50,6 +60,8 @@ def test_errors_are_the_lenscap_hierarchy_not_exits(tmp_path):
         lc.filter(src.path, tmp_path / "out", lc.FilterRules(min_side=20))
     result = lc.filter(src.path, tmp_path / "out", lc.FilterRules(min_side=20), overwrite=True)
     assert result.kept == 4 and Dataset.open(tmp_path / "out").read_manifest()["parameters"]["rules"] == {
-        "min_side": 20, "status": "success"}
+        "min_side": 20,
+        "status": "success",
+    }
     with pytest.raises(UsageError, match="needs a URL list"):
         lc.download(None, tmp_path / "dl")

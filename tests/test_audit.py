@@ -11,16 +11,18 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
 from conftest import run_cli_here
+
 from lenscap.dataset import Dataset
 from lenscap.demo.images import jpeg_bytes, photo
 from lenscap.record import Sample
 
-VOCAB = ("red blue green yellow wooden metal glass stone cat dog horse tree river mountain sky cloud table chair lamp "
-         "window door street car bicycle woman man child bird flower grass wall roof bridge boat lake sand shadow light "
-         "morning evening field fence garden kitchen plate cup bottle book shelf painting mirror carpet bench hill road "
-         "forest snow rain beach wave harbour tower church market crowd train station platform sign poster").split()
+VOCAB = (
+    "red blue green yellow wooden metal glass stone cat dog horse tree river mountain sky cloud table chair lamp "
+    "window door street car bicycle woman man child bird flower grass wall roof bridge boat lake sand shadow light "
+    "morning evening field fence garden kitchen plate cup bottle book shelf painting mirror carpet bench hill road "
+    "forest snow rain beach wave harbour tower church market crowd train station platform sign poster"
+).split()
 
 
 def dense(seed: int, words: int = 100) -> str:
@@ -30,9 +32,11 @@ def dense(seed: int, words: int = 100) -> str:
 
 
 # key -> (caption, caption_status, extra columns); everything else is a clean dense caption.
-REFUSALS_IN_TEXT = {3: "I'm sorry, but I can't help with identifying the people in this image.",
-                    11: "I cannot describe this image because it may contain personal information.",
-                    24: "As an AI, I am unable to describe images of this kind."}
+REFUSALS_IN_TEXT = {
+    3: "I'm sorry, but I can't help with identifying the people in this image.",
+    11: "I cannot describe this image because it may contain personal information.",
+    24: "As an AI, I am unable to describe images of this kind.",
+}
 REFUSED_STATUS = (5, 30)  # caption_status refused: the caption column keeps the alt-text
 LOOPS = {7: "A red car " + "and a red car " * 30 + "parked.", 33: "The cat sat on the mat, " * 20 + "and slept."}
 MID_SENTENCE = {9: dense(9)[:-1] + " beside the", 40: dense(40)[:-1] + " and a"}
@@ -40,15 +44,22 @@ TRUNCATED_STATUS = (13,)
 TEMPLATE = (14, 15, 16, 17, 18, 19)  # "The image shows ..."
 DUPLICATES = {21: 20, 43: 42}  # 21 repeats 20 exactly; 43 is 42 with one word changed (another shard)
 OCR = {  # key -> (ocr_text, caption): quoted, quoted, missed, quoted but also invented
-    25: ("OPEN DAILY", dense(25)[:-1] + ", and a sign reads \"OPEN DAILY\"."),
+    25: ("OPEN DAILY", dense(25)[:-1] + ', and a sign reads "OPEN DAILY".'),
     26: ("Joe's Coffee", dense(26)[:-1] + ", above a window painted with joe's coffee."),
     27: ("EXIT ONLY", dense(27)),
-    28: ("OPEN", dense(28)[:-1] + ", a door marked open under a banner reading \"FREE PARKING\"."),
+    28: ("OPEN", dense(28)[:-1] + ', a door marked open under a banner reading "FREE PARKING".'),
 }
-QUOTES_WITHOUT_OCR = {29: dense(29)[:-1] + ", with a poster reading \"SUMMER SALE\"."}
+QUOTES_WITHOUT_OCR = {29: dense(29)[:-1] + ', with a poster reading "SUMMER SALE".'}
 _RU = random.Random(35)
-CYRILLIC = {35: " ".join(_RU.choice("красная синяя машина стоит улица рядом дерево дом окно небо река гора птица собака кошка "
-                                    "стол стул лампа".split()) for _ in range(90)) + "."}
+CYRILLIC = {
+    35: " ".join(
+        _RU.choice(
+            "красная синяя машина стоит улица рядом дерево дом окно небо река гора птица собака кошка стол стул лампа".split()
+        )
+        for _ in range(90)
+    )
+    + "."
+}
 NOT_CAPTIONS = {36: ("failed_to_download", "skipped"), 37: ("success", "error")}
 N = 48
 
@@ -57,8 +68,15 @@ def planted_rows() -> dict[str, dict]:
     rows = {}
     for i in range(N):
         caption, status = dense(1000 + i), "ok"
-        row = {"status": "success", "alt_text": f"alt text {i}", "caption_model": "model-a" if i % 2 == 0 else "model-b",
-               "caption_prompt": "lens", "caption_prompt_sha": "0123456789abcdef", "ocr_text": None, "ocr_text_area": None}
+        row = {
+            "status": "success",
+            "alt_text": f"alt text {i}",
+            "caption_model": "model-a" if i % 2 == 0 else "model-b",
+            "caption_prompt": "lens",
+            "caption_prompt_sha": "0123456789abcdef",
+            "ocr_text": None,
+            "ocr_text_area": None,
+        }
         if i in REFUSALS_IN_TEXT:
             caption = REFUSALS_IN_TEXT[i]
         if i in REFUSED_STATUS:
@@ -91,7 +109,7 @@ def planted(tmp_path_factory) -> Iterator[tuple[Path, dict[str, dict]]]:
     keys = sorted(rows)
     for shard_id in range(2):
         writer = ds.writer(shard_id)
-        for key in keys[shard_id * N // 2:(shard_id + 1) * N // 2]:
+        for key in keys[shard_id * N // 2 : (shard_id + 1) * N // 2]:
             image = None if rows[key]["status"] != "success" else jpeg_bytes(photo(int(key), (64, 48)))
             writer.write(Sample(key, rows[key], image))
         writer.commit({"stage": "caption"})
@@ -123,14 +141,26 @@ def test_every_planted_defect_is_counted_exactly(planted):
     assert c["duplicate"] == 2 * len(DUPLICATES)
     assert c["wrong_script"] == len(CYRILLIC)
     assert (c["ocr_missed"], c["ocr_invented"]) == (1, 1)
-    assert a["ocr"] == {"known": len(OCR) + sum(1 for i in range(0, N, 5) if i not in OCR and i not in NOT_CAPTIONS
-                                                 and i not in REFUSED_STATUS and i not in TRUNCATED_STATUS),
-                        "with_text": len(OCR), "quoted": 3, "missed": 1, "invented": 1}
+    assert a["ocr"] == {
+        "known": len(OCR)
+        + sum(
+            1
+            for i in range(0, N, 5)
+            if i not in OCR and i not in NOT_CAPTIONS and i not in REFUSED_STATUS and i not in TRUNCATED_STATUS
+        ),
+        "with_text": len(OCR),
+        "quoted": 3,
+        "missed": 1,
+        "invented": 1,
+    }
     measured = [r["caption"] for r in rows.values() if r["status"] == "success" and r["caption_status"] == "ok"]
     outside = [t for t in measured if not 54 <= len(t.split()) <= 164]
     assert c["off_length"] == len(outside) > 0
-    assert a["openings"][0] == {"opening": "the image shows", "captions": len(TEMPLATE),
-                                "share": round(len(TEMPLATE) / a["measured_texts"], 6)}
+    assert a["openings"][0] == {
+        "opening": "the image shows",
+        "captions": len(TEMPLATE),
+        "share": round(len(TEMPLATE) / a["measured_texts"], 6),
+    }
     assert a["template_top1"] == a["openings"][0]["share"]
     words = sorted(len(t.split()) for t in measured)
     assert a["words"]["mean"] == round(sum(words) / len(words), 2) and a["words"]["target"] == 109
@@ -154,7 +184,7 @@ def test_any_directory_of_parquet_files_with_a_caption_column(planted, tmp_path)
     keys = sorted(rows)
     (tmp_path / "hf" / "data").mkdir(parents=True)
     for n in range(3):
-        part = [rows[k] | {"key": k} for k in keys[n * N // 3:(n + 1) * N // 3]]
+        part = [rows[k] | {"key": k} for k in keys[n * N // 3 : (n + 1) * N // 3]]
         pa_table = pa.Table.from_pylist(part)
         pq.write_table(pa_table, tmp_path / "hf" / "data" / f"train-{n:05d}-of-00003.parquet")
     code, plain, err = audit_json(str(tmp_path / "hf"))
@@ -200,11 +230,14 @@ def test_out_writes_flags_that_filter_where_reads(planted, tmp_path):
     for name in ("refusal", "loop", "truncated", "wrong_script", "ocr_missed", "ocr_invented"):
         assert sum(bool(r[f"audit_{name}"]) for r in by_key.values()) == a["counts"][name], name
     clean = [k for k, r in by_key.items() if r["audit_flagged"] is False]
-    code, _, err = run_cli_here("filter", str(out), str(tmp_path / "clean"), "--status", "any", "--where", "NOT audit_flagged",
-                                "--quiet")
+    code, _, err = run_cli_here(
+        "filter", str(out), str(tmp_path / "clean"), "--status", "any", "--where", "NOT audit_flagged", "--quiet"
+    )
     assert code == 0, err
     kept = Dataset(tmp_path / "clean")
-    kept_keys = sorted(r["key"] for i in kept.completed_ids() for r in kept.read_table(i).to_pylist() if r["filter_status"] == "kept")
+    kept_keys = sorted(
+        r["key"] for i in kept.completed_ids() for r in kept.read_table(i).to_pylist() if r["filter_status"] == "kept"
+    )
     assert kept_keys == sorted(clean)
     # The same audit into the same output is done; another setting is refused, as for every command.
     assert audit_json(str(path), "--out", str(out))[0] == 0

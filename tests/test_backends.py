@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from PIL import Image, ImageDraw, ImageFont
-
 from conftest import run_cli
+from PIL import Image, ImageDraw, ImageFont
+from test_caption import rows
+from tiny_models import build_text_only_model, build_tiny_llava
+
 from lenscap.backends.base import CaptionRequest
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.fake_openai import FakeOpenAI
 from lenscap.demo.images import cartoon_face, jpeg_bytes, png_bytes, scene
-from test_caption import rows
-from tiny_models import build_text_only_model, build_tiny_llava
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILTINS = ["batch-files", "describe", "openai", "openai-batch", "transformers", "vllm"]
@@ -36,6 +36,7 @@ def text_image(text: str, size=(480, 160)) -> bytes:
 
 # -- the registry ---------------------------------------------------------------------------------
 
+
 def test_backends_lists_builtins_with_their_options(env):
     r = run_cli("backends", "--json", env=env)
     assert r.returncode == 0, r.stderr
@@ -52,15 +53,43 @@ def test_backends_lists_builtins_with_their_options(env):
 
 def test_a_third_party_backend_package_installs_and_captions(tmp_path, env):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-                    str(ROOT / "examples" / "lenscap-echo-backend")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT / "examples" / "lenscap-echo-backend"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     plugin_env = {**env, "PYTHONPATH": str(target)}
     found = {b["name"]: b for b in json.loads(run_cli("backends", "--json", env=plugin_env).stdout)["backends"]}
     assert found["echo"]["source"] == "lenscap-echo-backend 0.1.0"
     assert [o["name"] for o in found["echo"]["options"]] == ["prefix", "upper"]
     src = write_image_dataset(tmp_path / "in", 3).path
-    r = run_cli("caption", str(src), str(tmp_path / "out"), "--backend", "echo", "-O", "prefix=Echo: ", "-O", "upper=yes",
-                "--prompt", "short", "--json", "--quiet", env=plugin_env)
+    r = run_cli(
+        "caption",
+        str(src),
+        str(tmp_path / "out"),
+        "--backend",
+        "echo",
+        "-O",
+        "prefix=Echo: ",
+        "-O",
+        "upper=yes",
+        "--prompt",
+        "short",
+        "--json",
+        "--quiet",
+        env=plugin_env,
+    )
     assert r.returncode == 0, r.stderr
     got = rows(tmp_path / "out")
     assert got["000000000"]["caption"] == "ECHO: 320X240 IMAGE; ASKED: DESCRIBE THIS IMAGE IN"
@@ -79,6 +108,7 @@ def test_unknown_backend_names_the_installed_ones(tmp_path, env):
 
 # -- describe -------------------------------------------------------------------------------------
 
+
 def test_describe_says_what_the_pixels_say(tmp_path, env):
     images = {
         0: jpeg_bytes(Image.new("RGB", (800, 400), (200, 30, 30))),  # red, wide
@@ -90,7 +120,9 @@ def test_describe_says_what_the_pixels_say(tmp_path, env):
     r = run_cli("caption", str(src), str(tmp_path / "out"), "--backend", "describe", "-O", "ocr=on", "--json", "--quiet", env=env)
     assert r.returncode == 0, r.stderr
     got = {k: v["caption"] for k, v in rows(tmp_path / "out").items()}
-    assert got["000000000"] == "A medium-sized landscape image (800x400 pixels), mostly red. It is dim, with low contrast."  # luma 81
+    assert (
+        got["000000000"] == "A medium-sized landscape image (800x400 pixels), mostly red. It is dim, with low contrast."
+    )  # luma 81
     assert got["000000001"].startswith("A medium-sized portrait image (300x600 pixels), mostly black. It is dark")
     assert 'Visible text reads "SALE 50%".' in got["000000002"]
     assert got["000000003"].endswith("1 face is visible.") and "face" not in got["000000000"]
@@ -100,8 +132,11 @@ def test_describe_says_what_the_pixels_say(tmp_path, env):
 
 # -- --hints ocr ----------------------------------------------------------------------------------
 
+
 def test_hints_ocr_gives_the_api_the_text_in_the_image(tmp_path, env):
-    src = write_image_dataset(tmp_path / "in", 2, image=lambda i: text_image("OPEN 24 HOURS") if i == 0 else jpeg_bytes(scene(i))).path
+    src = write_image_dataset(
+        tmp_path / "in", 2, image=lambda i: text_image("OPEN 24 HOURS") if i == 0 else jpeg_bytes(scene(i))
+    ).path
     with FakeOpenAI() as fake:
         r = run_cli("caption", str(src), str(tmp_path / "out"), "--base-url", fake.base_url, "--hints", "ocr", "--quiet", env=env)
         assert r.returncode == 0, r.stderr
@@ -122,16 +157,35 @@ def test_hints_ocr_gives_the_api_the_text_in_the_image(tmp_path, env):
 
 # -- transformers ---------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    return {"ok": build_tiny_llava(root / "forced-eos", forced_eos=True), "cut": build_tiny_llava(root / "plain", forced_eos=False)}
+    return {
+        "ok": build_tiny_llava(root / "forced-eos", forced_eos=True),
+        "cut": build_tiny_llava(root / "plain", forced_eos=False),
+    }
 
 
 def test_transformers_backend_captions_through_the_shard_machinery(tmp_path, env, tiny_llava):
     src = write_image_dataset(tmp_path / "in", 7, per_shard=4, failed=lambda i: i == 2).path
-    args = ["caption", str(src), str(tmp_path / "out"), "--backend", "transformers", "--model", str(tiny_llava["ok"]),
-            "--max-tokens", "5", "--batch-size", "4", "--device", "cpu", "--json", "--quiet"]
+    args = [
+        "caption",
+        str(src),
+        str(tmp_path / "out"),
+        "--backend",
+        "transformers",
+        "--model",
+        str(tiny_llava["ok"]),
+        "--max-tokens",
+        "5",
+        "--batch-size",
+        "4",
+        "--device",
+        "cpu",
+        "--json",
+        "--quiet",
+    ]
     r = run_cli(*args, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["caption_status"] == {"ok": 6, "skipped": 1}
@@ -143,24 +197,62 @@ def test_transformers_backend_captions_through_the_shard_machinery(tmp_path, env
     assert json.loads((tmp_path / "out" / "lenscap.json").read_text())["parameters"]["max_tokens"] == 5
     again = run_cli(*args[:2], str(tmp_path / "again"), *args[3:], "--no-cache", env=env)
     assert again.returncode == 0
-    assert {k: v["caption"] for k, v in rows(tmp_path / "again").items()} == {k: v["caption"] for k, v in got.items()}, "greedy: repeatable"
+    assert {k: v["caption"] for k, v in rows(tmp_path / "again").items()} == {k: v["caption"] for k, v in got.items()}, (
+        "greedy: repeatable"
+    )
 
 
 def test_transformers_reply_cut_at_max_tokens_is_truncated(tmp_path, env, tiny_llava):
     src = write_image_dataset(tmp_path / "in", 2).path
-    r = run_cli("caption", str(src), str(tmp_path / "out"), "--backend", "transformers", "--model", str(tiny_llava["cut"]),
-                "--max-tokens", "3", "--json", "--quiet", env=env)
+    r = run_cli(
+        "caption",
+        str(src),
+        str(tmp_path / "out"),
+        "--backend",
+        "transformers",
+        "--model",
+        str(tiny_llava["cut"]),
+        "--max-tokens",
+        "3",
+        "--json",
+        "--quiet",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["caption_status"] == {"truncated": 2}
     row = rows(tmp_path / "out")["000000000"]
     assert row["caption_error"].startswith("reply cut at --max-tokens 3: ") and row["caption"] == row["alt_text"]
     # The old name, for one release: -O max_new_tokens=3 is the same job (it resumes the same output, from the same cache).
-    again = run_cli("caption", str(src), str(tmp_path / "out"), "--backend", "transformers", "--model", str(tiny_llava["cut"]),
-                    "-O", "max_new_tokens=3", "--json", "--quiet", env=env)
+    again = run_cli(
+        "caption",
+        str(src),
+        str(tmp_path / "out"),
+        "--backend",
+        "transformers",
+        "--model",
+        str(tiny_llava["cut"]),
+        "-O",
+        "max_new_tokens=3",
+        "--json",
+        "--quiet",
+        env=env,
+    )
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["caption_status"] == {"truncated": 2}
-    r = run_cli("caption", str(src), str(tmp_path / "o2"), "--backend", "transformers", "--model", str(tiny_llava["cut"]),
-                "--max-tokens", "3", "-O", "max_new_tokens=4", env=env)
+    r = run_cli(
+        "caption",
+        str(src),
+        str(tmp_path / "o2"),
+        "--backend",
+        "transformers",
+        "--model",
+        str(tiny_llava["cut"]),
+        "--max-tokens",
+        "3",
+        "-O",
+        "max_new_tokens=4",
+        env=env,
+    )
     assert r.returncode == 2 and "disagree" in r.stderr
 
 
@@ -202,13 +294,15 @@ def test_gpu_out_of_memory_halves_the_batch(tiny_llava, monkeypatch):
 
     monkeypatch.setattr(backend, "_generate", generate)
     results = []
-    backend.caption_all([CaptionRequest(str(i), jpeg_bytes(scene(i, (64, 48))), None, "describe this picture") for i in range(5)],
-                        results.append)
+    backend.caption_all(
+        [CaptionRequest(str(i), jpeg_bytes(scene(i, (64, 48))), None, "describe this picture") for i in range(5)], results.append
+    )
     assert sorted(r.key for r in results) == ["0", "1", "2", "3", "4"] and {r.status for r in results} == {"ok"}
     assert backend.batch_size == 1 and sizes[:3] == [4, 2, 1]
 
 
 # -- vllm -----------------------------------------------------------------------------------------
+
 
 def test_vllm_request_building_and_output_reading():
     from types import SimpleNamespace
@@ -219,7 +313,9 @@ def test_vllm_request_building_and_output_reading():
     assert conv[0] == {"role": "system", "content": "be factual"}
     image, text = conv[1]["content"]
     assert image["image_url"]["url"].startswith("data:image/jpeg;base64,") and text == {"type": "text", "text": "describe"}
-    out = SimpleNamespace(prompt_token_ids=[1] * 90, outputs=[SimpleNamespace(text=" A red  kite. ", token_ids=[5, 6, 7], finish_reason="stop")])
+    out = SimpleNamespace(
+        prompt_token_ids=[1] * 90, outputs=[SimpleNamespace(text=" A red  kite. ", token_ids=[5, 6, 7], finish_reason="stop")]
+    )
     r = interpret_output("k", out, 64)
     assert (r.status, r.caption, r.input_tokens, r.output_tokens) == ("ok", "A red kite.", 90, 3)
     out.outputs[0].finish_reason = "length"

@@ -15,12 +15,12 @@ import time
 from collections import defaultdict
 
 import pytest
-
 from conftest import run_cli
-from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAI
 from test_caption import rows
 from test_caption_batch import KEY, _clean_run, batch_args, records
+
+from lenscap.demo.datasets import write_image_dataset
+from lenscap.demo.fake_openai import FakeOpenAI
 
 PER_REQUEST = 263  # input tokens of one request for a default demo image, as lenscap and the fake both count them
 PER_FILE = 4  # requests a batch file: 1,052 tokens
@@ -54,8 +54,11 @@ def refills(log: list[tuple[float, int]]) -> list[list[tuple[float, int]]]:
 
 
 def limit_failures(fake: FakeOpenAI) -> list[dict]:
-    return [b for b in fake.batches.values() if b["status"] == "failed"
-            and any(e["code"] == "token_limit_exceeded" for e in (b["errors"] or {}).get("data", []))]
+    return [
+        b
+        for b in fake.batches.values()
+        if b["status"] == "failed" and any(e["code"] == "token_limit_exceeded" for e in (b["errors"] or {}).get("data", []))
+    ]
 
 
 def assert_one_batch_per_file(fake: FakeOpenAI, files: list[dict]) -> None:
@@ -70,16 +73,31 @@ def assert_one_batch_per_file(fake: FakeOpenAI, files: list[dict]) -> None:
         kept = [b for b in batches if b["id"] not in refused]
         assert len(kept) == 1, f"one batch per input file besides those refused for the limit: {batches}"
         assert {b["metadata"]["lenscap_file"] for b in batches} == {kept[0]["metadata"]["lenscap_file"]}
-    assert sorted(b["metadata"]["lenscap_file"] for b in fake.batches.values() if b["id"] not in refused) == \
-        [f["name"] for f in files]
+    assert sorted(b["metadata"]["lenscap_file"] for b in fake.batches.values() if b["id"] not in refused) == [
+        f["name"] for f in files
+    ]
 
 
 def test_rolling_queue_stays_between_80_percent_and_the_limit(tmp_path, env):
     n = 80
     src = write_image_dataset(tmp_path / "in", n, per_shard=20).path
     with FakeOpenAI(batch_delay_s=0.3, batch_queue_limit=LIMIT) as fake:
-        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", str(PER_FILE), "--max-enqueued-tokens",
-                                str(LIMIT), "--wait", "--poll-interval", "0.05", "--json"), env=env)
+        r = run_cli(
+            *batch_args(
+                src,
+                tmp_path / "out",
+                fake,
+                "--max-requests-per-file",
+                str(PER_FILE),
+                "--max-enqueued-tokens",
+                str(LIMIT),
+                "--wait",
+                "--poll-interval",
+                "0.05",
+                "--json",
+            ),
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         summary = json.loads(r.stdout)
         assert summary["complete"] is True and summary["caption_status"] == {"ok": n}
@@ -116,8 +134,20 @@ def test_queue_limit_learned_from_the_api(tmp_path, env):
     n = 60
     src = write_image_dataset(tmp_path / "in", n, per_shard=15).path
     with FakeOpenAI(batch_delay_s=0.3, batch_queue_limit=LIMIT) as fake:
-        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", str(PER_FILE), "--wait",
-                                "--poll-interval", "0.05", "--json"), env=env)
+        r = run_cli(
+            *batch_args(
+                src,
+                tmp_path / "out",
+                fake,
+                "--max-requests-per-file",
+                str(PER_FILE),
+                "--wait",
+                "--poll-interval",
+                "0.05",
+                "--json",
+            ),
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         summary = json.loads(r.stdout)
         assert summary["complete"] is True and summary["caption_status"] == {"ok": n}
@@ -146,14 +176,16 @@ def test_sigkill_at_random_points_then_rerun_pays_each_request_once(tmp_path, en
     rng = random.Random({"learned": 1, "given": 2}[limit])
     given = ["--max-enqueued-tokens", str(LIMIT)] if limit == "given" else []
     with FakeOpenAI(batch_delay_s=0.3, batch_queue_limit=LIMIT) as fake:
-        args = batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", str(PER_FILE), *given, "--wait",
-                          "--poll-interval", "0.05")
+        args = batch_args(
+            src, tmp_path / "out", fake, "--max-requests-per-file", str(PER_FILE), *given, "--wait", "--poll-interval", "0.05"
+        )
         child_env = {**{k: v for k, v in os.environ.items() if k != "OPENAI_BASE_URL"}, **{k: v for k, v in env.items() if v}}
         # Six runs killed at random moments: starting up (a run needs about 1.5 s to its first step here),
         # preparing, cutting, uploading, creating, polling, merging, committing shards.
         for _ in range(6):
-            proc = subprocess.Popen([sys.executable, "-m", "lenscap.cli", *args], env=child_env, start_new_session=True,
-                                    stdin=subprocess.DEVNULL)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "lenscap.cli", *args], env=child_env, start_new_session=True, stdin=subprocess.DEVNULL
+            )
             delay = rng.uniform(0.2, 2.5)
             try:
                 proc.wait(timeout=delay)  # a run that ends first was not killed: the next one finds the job done
@@ -195,11 +227,18 @@ def test_sigkill_between_a_merge_and_its_clean_up_leaves_no_file_on_the_account(
     """The account's file storage is capped: a rerun deletes what a killed run's clean-up did not."""
     src = write_image_dataset(tmp_path / "in", 8, per_shard=8).path
     with FakeOpenAI(batch_delay_s=0.05, batch_queue_limit=LIMIT) as fake:
-        args = batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", str(PER_FILE), "--wait",
-                          "--poll-interval", "0.05")
+        args = batch_args(
+            src, tmp_path / "out", fake, "--max-requests-per-file", str(PER_FILE), "--wait", "--poll-interval", "0.05"
+        )
         child_env = {**{k: v for k, v in os.environ.items() if k != "OPENAI_BASE_URL"}, **{k: v for k, v in env.items() if v}}
-        killed = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_CLEAN_UP, *args], env=child_env, stdin=subprocess.DEVNULL,
-                                capture_output=True, text=True, timeout=120)
+        killed = subprocess.run(
+            [sys.executable, "-c", _KILLED_BEFORE_CLEAN_UP, *args],
+            env=child_env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert killed.returncode == -signal.SIGKILL, killed.stderr
         assert "merged" in [f["state"] for f in records(tmp_path / "out")]
         r = run_cli(*args, "--json", env=env)
@@ -216,11 +255,13 @@ def test_a_batch_being_created_when_killed_is_resumed_before_files_refused_for_t
     until the rerun finds its batch: it must be looked up before the second waits for room beside it."""
     src = write_image_dataset(tmp_path / "in", 12, per_shard=12).path
     with FakeOpenAI(batch_delay_s=0.2, batch_queue_limit=1500, create_delay_s=1.0) as fake:  # a file: 1,052 tokens
-        args = batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", str(PER_FILE), "--wait",
-                          "--poll-interval", "0.05")
+        args = batch_args(
+            src, tmp_path / "out", fake, "--max-requests-per-file", str(PER_FILE), "--wait", "--poll-interval", "0.05"
+        )
         child_env = {**{k: v for k, v in os.environ.items() if k != "OPENAI_BASE_URL"}, **{k: v for k, v in env.items() if v}}
-        proc = subprocess.Popen([sys.executable, "-m", "lenscap.cli", *args], env=child_env, start_new_session=True,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "lenscap.cli", *args], env=child_env, start_new_session=True, stdin=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
             try:
@@ -237,8 +278,10 @@ def test_a_batch_being_created_when_killed_is_resumed_before_files_refused_for_t
         try:
             r = run_cli(*args, "--json", env=env, timeout=20)
         except subprocess.TimeoutExpired:
-            pytest.fail("the rerun with --wait never ends: r00-000001 waits for room beside r00-000002, whose "
-                        f"batch is never looked up: {[(f['name'], f['state']) for f in records(tmp_path / 'out')]}")
+            pytest.fail(
+                "the rerun with --wait never ends: r00-000001 waits for room beside r00-000002, whose "
+                f"batch is never looked up: {[(f['name'], f['state']) for f in records(tmp_path / 'out')]}"
+            )
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["caption_status"] == {"ok": 12}
         files = records(tmp_path / "out")

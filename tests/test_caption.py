@@ -7,8 +7,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
@@ -196,7 +196,10 @@ def test_no_key_is_one_clear_line_before_any_work(tmp_path, env):
     src = write_image_dataset(tmp_path / "in", 2).path
     r = run_cli("caption", str(src), str(tmp_path / "out"), env={**env, "OPENAI_API_KEY": None})
     assert r.returncode == 2
-    assert r.stderr.strip() == "lenscap: error: no API key: set the environment variable OPENAI_API_KEY (or name another with --api-key-env)"
+    assert (
+        r.stderr.strip()
+        == "lenscap: error: no API key: set the environment variable OPENAI_API_KEY (or name another with --api-key-env)"
+    )
     assert not (tmp_path / "out").exists()
     r = run_cli("caption", str(src), str(tmp_path / "out"), "--api-key-env", "MY_KEY", env={**env, "MY_KEY": None})
     assert "MY_KEY" in r.stderr and r.returncode == 2
@@ -211,7 +214,10 @@ def test_rejected_key_unknown_model_and_unreachable_server_fail_once(tmp_path, f
     fake.reset_counters()
     r = caption(src, tmp_path / "o2", fake, env, "--model", "gpt-9-imaginary")
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == "lenscap: error: model 'gpt-9-imaginary': The model `gpt-9-imaginary` does not exist or you do not have access to it."
+    assert (
+        r.stderr.strip().splitlines()[-1]
+        == "lenscap: error: model 'gpt-9-imaginary': The model `gpt-9-imaginary` does not exist or you do not have access to it."
+    )
     assert fake.stats()["requests"] == 1, "one probe request, not one per sample"
     assert Dataset(tmp_path / "o2").completed_ids() == []
     assert caption(src, tmp_path / "o2", fake, env).returncode == 0, "the corrected model may use the directory"
@@ -219,18 +225,24 @@ def test_rejected_key_unknown_model_and_unreachable_server_fail_once(tmp_path, f
     assert r.returncode == 2 and "cannot reach http://127.0.0.1:9/v1" in r.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--detail", "huge"], "--detail must be one of low, high, auto"),
-    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
-    (["--rpm", "-5"], "--rpm must be positive"),
-    (["--prompt", "nonexistent-preset"], "is neither a preset (lens, short, alt-aware) nor a file"),
-    (["--backend", "nope"], "unknown backend 'nope'; installed backends: batch-files, describe, openai, openai-batch, transformers, vllm"),
-    (["--max-cost", "1", "--model", "my-local-model"], "--max-cost needs a price for model 'my-local-model'"),
-    (["--device", "cuda"], "backend 'openai' has no option 'device' (its options: model, base-url"),
-    (["-O", "nonsense"], "-O/--option takes NAME=VALUE, not 'nonsense'"),
-    (["--concurrency", "0"], "--concurrency must be at least 1"),
-    (["--base-url", "ftp://x"], "is not an http(s) URL"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--detail", "huge"], "--detail must be one of low, high, auto"),
+        (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+        (["--rpm", "-5"], "--rpm must be positive"),
+        (["--prompt", "nonexistent-preset"], "is neither a preset (lens, short, alt-aware) nor a file"),
+        (
+            ["--backend", "nope"],
+            "unknown backend 'nope'; installed backends: batch-files, describe, openai, openai-batch, transformers, vllm",
+        ),
+        (["--max-cost", "1", "--model", "my-local-model"], "--max-cost needs a price for model 'my-local-model'"),
+        (["--device", "cuda"], "backend 'openai' has no option 'device' (its options: model, base-url"),
+        (["-O", "nonsense"], "-O/--option takes NAME=VALUE, not 'nonsense'"),
+        (["--concurrency", "0"], "--concurrency must be at least 1"),
+        (["--base-url", "ftp://x"], "is not an http(s) URL"),
+    ],
+)
 def test_bad_flags(tmp_path, env, args, message):
     src = write_image_dataset(tmp_path / "in", 1).path
     r = run_cli("caption", str(src), str(tmp_path / "out"), *args, env=env)
@@ -246,8 +258,20 @@ def test_missing_input_directory(tmp_path, env):
 def test_pool_of_endpoints_spreads_load_within_each_limit(tmp_path, env):
     src = write_image_dataset(tmp_path / "in", 40, per_shard=40).path
     with FakeOpenAI(rpm=900, latency_s=0.05) as a, FakeOpenAI(rpm=900, latency_s=0.05) as b:
-        r = run_cli("caption", str(src), str(tmp_path / "out"), "--base-url", a.base_url, "--base-url", b.base_url,
-                    "--rpm", "900", "--quiet", "--json", env=env)
+        r = run_cli(
+            "caption",
+            str(src),
+            str(tmp_path / "out"),
+            "--base-url",
+            a.base_url,
+            "--base-url",
+            b.base_url,
+            "--rpm",
+            "900",
+            "--quiet",
+            "--json",
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["caption_status"] == {"ok": 40}
         sa, sb = a.stats(), b.stats()
@@ -281,8 +305,10 @@ def test_a_server_failing_every_request_stops_the_run_and_nothing_is_recorded(tm
     fake.configure(fail_next=["500"] * 40)
     r = caption(src, tmp_path / "out", fake, env, "--concurrency", "1", "--max-retries", "1")
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert ("the server failed the first 5 requests with: HTTP 500: The server had an error while processing your request."
-            in r.stderr)
+    assert (
+        "the server failed the first 5 requests with: HTTP 500: The server had an error while processing your request."
+        in r.stderr
+    )
     assert fake.stats()["requests"] == 10  # 5 samples, 2 attempts each: then it stopped
     assert not Dataset(tmp_path / "out").completed_ids()
 
@@ -303,11 +329,13 @@ def test_error_texts_are_never_empty_and_an_unknown_price_is_no_price():
     from lenscap.backends.openai_chat import _describe, _message
 
     response = httpx.Response(400, request=httpx.Request("POST", "http://x/v1/chat/completions"))
-    for body, text in (({"detail": "Model 'x' is not loaded"}, "Model 'x' is not loaded"),
-                       ({"detail": [{"loc": ["body", "model"], "msg": "field required"}]}, "field required"),
-                       ({"error": "model overloaded"}, "model overloaded"),
-                       ({"error": {"message": "Invalid image"}}, "Invalid image"),
-                       ({"message": "bad"}, "bad")):
+    for body, text in (
+        ({"detail": "Model 'x' is not loaded"}, "Model 'x' is not loaded"),
+        ({"detail": [{"loc": ["body", "model"], "msg": "field required"}]}, "field required"),
+        ({"error": "model overloaded"}, "model overloaded"),
+        ({"error": {"message": "Invalid image"}}, "Invalid image"),
+        ({"message": "bad"}, "bad"),
+    ):
         assert _message(openai.BadRequestError("Error code: 400", response=response, body=body)) == text
     assert _describe(ConnectionResetError()) == "ConnectionResetError"
     assert _describe(OSError("refused\nmore")) == "refused"
@@ -320,8 +348,18 @@ def test_a_model_without_a_price_says_cost_unknown_not_zero(tmp_path, fake, env)
     assert r.returncode == 0, r.stderr
     assert "no price known for model 'local-llava'" in r.stderr
     assert r.stderr.strip().endswith("samples (3 ok); cost unknown") and "$0.0000" not in r.stderr
-    r = run_cli("caption", str(src), str(tmp_path / "out"), "--base-url", fake.base_url, "--model", "local-llava", "--json",
-                "--quiet", env=env)
+    r = run_cli(
+        "caption",
+        str(src),
+        str(tmp_path / "out"),
+        "--base-url",
+        fake.base_url,
+        "--model",
+        "local-llava",
+        "--json",
+        "--quiet",
+        env=env,
+    )
     assert json.loads(r.stdout)["cost_known"] is False
 
 
@@ -335,10 +373,28 @@ def test_a_server_killed_mid_run_stops_it_with_exit_1_and_the_rerun_asks_only_th
 
     src = write_image_dataset(tmp_path / "in", 40, per_shard=20).path
     first = FakeOpenAI(FakeSettings(api_key=KEY, latency_s=0.1)).start()
-    args = [sys.executable, "-m", "lenscap.cli", "caption", str(src), str(tmp_path / "out"), "--base-url", first.base_url,
-            "--concurrency", "2", "--max-retries", "1", "--timeout", "2", "--outage-timeout", "3", "--quiet"]
-    proc = subprocess.Popen(args, env={**__import__("os").environ, **{k: v for k, v in env.items() if v}},
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        sys.executable,
+        "-m",
+        "lenscap.cli",
+        "caption",
+        str(src),
+        str(tmp_path / "out"),
+        "--base-url",
+        first.base_url,
+        "--concurrency",
+        "2",
+        "--max-retries",
+        "1",
+        "--timeout",
+        "2",
+        "--outage-timeout",
+        "3",
+        "--quiet",
+    ]
+    proc = subprocess.Popen(
+        args, env={**__import__("os").environ, **{k: v for k, v in env.items() if v}}, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.monotonic() + 60
     while first.stats()["requests"] < 10 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -350,7 +406,9 @@ def test_a_server_killed_mid_run_stops_it_with_exit_1_and_the_rerun_asks_only_th
     assert 0 < len(answered) < 40
     from lenscap.captioning.journal import Journal
 
-    journalled = [e for path in (tmp_path / "out" / ".lenscap" / "caption").glob("*.jsonl") for e in Journal(path).load().values()]
+    journalled = [
+        e for path in (tmp_path / "out" / ".lenscap" / "caption").glob("*.jsonl") for e in Journal(path).load().values()
+    ]
     assert {e["status"] for e in journalled} == {"ok"}  # no failure recorded
     # An answer the server sent as it died may not have arrived: at most those are asked again.
     assert 0 < len(journalled) <= len(answered)
@@ -368,9 +426,24 @@ def test_a_server_killed_mid_run_stops_it_with_exit_1_and_the_rerun_asks_only_th
 
 def test_a_pool_moves_traffic_off_a_failing_endpoint(tmp_path, env):
     src = write_image_dataset(tmp_path / "in", 20, per_shard=20).path
-    with FakeOpenAI(FakeSettings(api_key=KEY, fail_next=["500"] * 1000)) as broken, FakeOpenAI(FakeSettings(api_key=KEY)) as healthy:
-        r = run_cli("caption", str(src), str(tmp_path / "out"), "--base-url", broken.base_url, "--base-url", healthy.base_url,
-                    "--concurrency", "2", "--json", "--quiet", env=env)
+    with (
+        FakeOpenAI(FakeSettings(api_key=KEY, fail_next=["500"] * 1000)) as broken,
+        FakeOpenAI(FakeSettings(api_key=KEY)) as healthy,
+    ):
+        r = run_cli(
+            "caption",
+            str(src),
+            str(tmp_path / "out"),
+            "--base-url",
+            broken.base_url,
+            "--base-url",
+            healthy.base_url,
+            "--concurrency",
+            "2",
+            "--json",
+            "--quiet",
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["caption_status"] == {"ok": 20}
         assert broken.stats()["requests"] <= 6  # down after 5 failures in a row: no more traffic
@@ -412,6 +485,7 @@ def test_a_full_disk_stops_before_the_next_request_and_the_rerun_pays_for_nothin
     import os
 
     from conftest import run_cli_here
+
     from lenscap.captioning.journal import Journal
 
     src = write_image_dataset(tmp_path / "in", 12, per_shard=12).path
@@ -426,7 +500,17 @@ def test_a_full_disk_stops_before_the_next_request_and_the_rerun_pays_for_nothin
     for k, v in env.items():
         monkeypatch.setenv(k, v) if v is not None else monkeypatch.delenv(k, raising=False)
     monkeypatch.setattr(os, "posix_fallocate", filling)
-    args = ["caption", str(src), str(tmp_path / "out"), "--base-url", fake.base_url, "--concurrency", "3", "--no-cache", "--quiet"]
+    args = [
+        "caption",
+        str(src),
+        str(tmp_path / "out"),
+        "--base-url",
+        fake.base_url,
+        "--concurrency",
+        "3",
+        "--no-cache",
+        "--quiet",
+    ]
     code, _, err = run_cli_here(*args)
     assert code == 1 and "No space left on device" in err and "00000.jsonl" in err and "free some space and rerun" in err, err
     assert fake.stats()["requests"] == 5

@@ -15,13 +15,13 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+from test_caption import rows
+
 from lenscap.batch.state import BatchState
 from lenscap.captioning.pricing import PriceTable
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.fake_openai import FakeOpenAI
-from test_caption import rows
 
 KEY = "sk-test-BATCH-SECRET-42"
 
@@ -32,8 +32,20 @@ def env(tmp_path):
 
 
 def batch_args(src, out, server, *extra):
-    return ["caption", str(src), str(out), "--backend", "openai-batch", "--model", "gpt-4.1", "--base-url", server.base_url,
-            "--no-cache", "--quiet", *extra]
+    return [
+        "caption",
+        str(src),
+        str(out),
+        "--backend",
+        "openai-batch",
+        "--model",
+        "gpt-4.1",
+        "--base-url",
+        server.base_url,
+        "--no-cache",
+        "--quiet",
+        *extra,
+    ]
 
 
 def records(out) -> list[dict]:
@@ -53,13 +65,28 @@ def faulty(i: int) -> str:
 
 
 def test_whole_flow_with_retry_rounds_and_batch_prices(tmp_path, env):
-    src = write_image_dataset(tmp_path / "in", 40, per_shard=15, failed=lambda i: i == 3,
-                              caption=lambda i: f"thing {i}{faulty(i)}").path
+    src = write_image_dataset(
+        tmp_path / "in", 40, per_shard=15, failed=lambda i: i == 3, caption=lambda i: f"thing {i}{faulty(i)}"
+    ).path
     prompt = tmp_path / "p.txt"
     prompt.write_text("Caption this image. Alt-text: {alt_text}")
     with FakeOpenAI(batch_delay_s=0.1) as fake:
-        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--prompt", str(prompt), "--max-requests-per-file", "10",
-                                "--wait", "--poll-interval", "0.1", "--json"), env=env)
+        r = run_cli(
+            *batch_args(
+                src,
+                tmp_path / "out",
+                fake,
+                "--prompt",
+                str(prompt),
+                "--max-requests-per-file",
+                "10",
+                "--wait",
+                "--poll-interval",
+                "0.1",
+                "--json",
+            ),
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         summary = json.loads(r.stdout)
         assert summary["complete"] is True
@@ -79,7 +106,13 @@ def test_whole_flow_with_retry_rounds_and_batch_prices(tmp_path, env):
         assert not list((tmp_path / "out" / ".lenscap" / "batch" / "inputs").glob("*.jsonl")), "inputs go once uploaded"
         status = json.loads(run_cli("batch", "status", str(tmp_path / "out"), "--json").stdout)
         assert status["files"] == {"merged": 5} and status["rounds"] == 2 and status["requests"] == 41
-        assert (status["answered"], status["left"], status["failed"], status["asked_again"], status["queue"]["tokens"]) == (39, 0, 0, 2, 0)
+        assert (status["answered"], status["left"], status["failed"], status["asked_again"], status["queue"]["tokens"]) == (
+            39,
+            0,
+            0,
+            2,
+            0,
+        )
         assert status["spent_usd"] == pytest.approx(summary["spent_usd"], abs=1e-4) and status["eta_hours"] == 0
         assert not list((tmp_path / "out" / ".lenscap" / "batch" / "outputs").iterdir()), "outputs go once merged"
         for path in (tmp_path / "out").rglob("*"):
@@ -89,8 +122,24 @@ def test_whole_flow_with_retry_rounds_and_batch_prices(tmp_path, env):
 def test_expired_batches_keep_partial_results_and_the_rest_fails_with_the_apis_message(tmp_path, env):
     src = write_image_dataset(tmp_path / "in", 12, per_shard=12).path
     with FakeOpenAI(batch_delay_s=0.05, batch_expire_after=4) as fake:
-        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", "6", "--max-retries", "0",
-                                "--wait", "--poll-interval", "0.1", "-O", "keep-outputs=true", "--json"), env=env)
+        r = run_cli(
+            *batch_args(
+                src,
+                tmp_path / "out",
+                fake,
+                "--max-requests-per-file",
+                "6",
+                "--max-retries",
+                "0",
+                "--wait",
+                "--poll-interval",
+                "0.1",
+                "-O",
+                "keep-outputs=true",
+                "--json",
+            ),
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["caption_status"] == {"ok": 8, "error": 4}
         kept = sorted(p.name for p in (tmp_path / "out" / ".lenscap" / "batch" / "outputs").iterdir())
@@ -124,7 +173,9 @@ def test_submit_and_exit_then_cron_collects(tmp_path, env):
 def test_max_enqueued_tokens_holds_submissions(tmp_path, env):
     src = write_image_dataset(tmp_path / "in", 12, per_shard=12).path
     with FakeOpenAI(batch_delay_s=3600) as fake:
-        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", "4", "--max-enqueued-tokens", "1500"), env=env)
+        r = run_cli(
+            *batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", "4", "--max-enqueued-tokens", "1500"), env=env
+        )
         assert r.returncode == 0, r.stderr
         files = records(tmp_path / "out")
         # The queue counts input tokens, as the API does: 4 x 263 = 1,052 a file, so one fits and the next waits.
@@ -133,12 +184,32 @@ def test_max_enqueued_tokens_holds_submissions(tmp_path, env):
         assert len(fake.batches) == 1
         fake.configure(batch_delay_s=0.05)
         fake.release_batches()
-        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", "4", "--max-enqueued-tokens", "1500",
-                                "--wait", "--poll-interval", "0.1", "--json"), env=env)
+        r = run_cli(
+            *batch_args(
+                src,
+                tmp_path / "out",
+                fake,
+                "--max-requests-per-file",
+                "4",
+                "--max-enqueued-tokens",
+                "1500",
+                "--wait",
+                "--poll-interval",
+                "0.1",
+                "--json",
+            ),
+            env=env,
+        )
         assert r.returncode == 0 and json.loads(r.stdout)["caption_status"] == {"ok": 12}
         assert len(fake.batches) == 3
-        r = run_cli(*batch_args(src, tmp_path / "o2", fake, "--max-requests-per-file", "4", "--max-enqueued-tokens", "100"), env=env)
-        assert r.returncode == 2 and "more than the batch queue limit 100 (--max-enqueued-tokens, or the API's): lower --max-requests-per-file" in r.stderr
+        r = run_cli(
+            *batch_args(src, tmp_path / "o2", fake, "--max-requests-per-file", "4", "--max-enqueued-tokens", "100"), env=env
+        )
+        assert (
+            r.returncode == 2
+            and "more than the batch queue limit 100 (--max-enqueued-tokens, or the API's): lower --max-requests-per-file"
+            in r.stderr
+        )
 
 
 def test_max_cost_holds_batches_and_exits_4(tmp_path, env):
@@ -147,8 +218,19 @@ def test_max_cost_holds_batches_and_exits_4(tmp_path, env):
     # At batch prices a 4-request file reserves about $1.13 (input estimate + max tokens) and costs about $0.69.
     prices.write_text(json.dumps({"gpt-4.1": {"input": 1000, "output": 1000}}))
     with FakeOpenAI(batch_delay_s=0.05) as fake:
-        args = batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", "4", "--prices", str(prices),
-                          "--wait", "--poll-interval", "0.1", "--json")
+        args = batch_args(
+            src,
+            tmp_path / "out",
+            fake,
+            "--max-requests-per-file",
+            "4",
+            "--prices",
+            str(prices),
+            "--wait",
+            "--poll-interval",
+            "0.1",
+            "--json",
+        )
         r = run_cli(*args, "--max-cost", "1.5", env=env)
         assert r.returncode == 4, r.stderr
         assert "--max-cost $1.5 reached" in r.stderr
@@ -177,12 +259,21 @@ def test_sigkill_at_each_step_never_duplicates_a_batch(tmp_path, env, moment):
     src = write_image_dataset(tmp_path / "in", n, per_shard=10).path
     delays = {"upload": {"upload_delay_s": 2.0}, "create": {"create_delay_s": 2.0}}.get(moment, {})
     with FakeOpenAI(batch_delay_s=0.3, **delays) as fake:
-        args = [sys.executable, "-m", "lenscap.cli", *batch_args(src, tmp_path / "out", fake, "--max-requests-per-file",
-                                                                  str(per_file), "--wait", "--poll-interval", "0.2")]
+        args = [
+            sys.executable,
+            "-m",
+            "lenscap.cli",
+            *batch_args(
+                src, tmp_path / "out", fake, "--max-requests-per-file", str(per_file), "--wait", "--poll-interval", "0.2"
+            ),
+        ]
         proc = subprocess.Popen(args, env={**os.environ, **{k: v for k, v in env.items() if v}}, start_new_session=True)
-        want = {"packing": lambda rs: len(rs) >= 2, "upload": lambda rs: any(r["state"] == "uploading" for r in rs),
-                "create": lambda rs: any(r["state"] == "creating" for r in rs),
-                "polling": lambda rs: len(rs) == n // per_file and all(r["state"] == "submitted" for r in rs)}[moment]
+        want = {
+            "packing": lambda rs: len(rs) >= 2,
+            "upload": lambda rs: any(r["state"] == "uploading" for r in rs),
+            "create": lambda rs: any(r["state"] == "creating" for r in rs),
+            "polling": lambda rs: len(rs) == n // per_file and all(r["state"] == "submitted" for r in rs),
+        }[moment]
         deadline = time.monotonic() + 60
         while proc.poll() is None and time.monotonic() < deadline:
             try:
@@ -196,8 +287,20 @@ def test_sigkill_at_each_step_never_duplicates_a_batch(tmp_path, env, moment):
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         fake.configure(upload_delay_s=0.0, create_delay_s=0.0)
-        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", str(per_file), "--wait",
-                                "--poll-interval", "0.1", "--json"), env=env)
+        r = run_cli(
+            *batch_args(
+                src,
+                tmp_path / "out",
+                fake,
+                "--max-requests-per-file",
+                str(per_file),
+                "--wait",
+                "--poll-interval",
+                "0.1",
+                "--json",
+            ),
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
         assert json.loads(r.stdout)["caption_status"] == {"ok": n}
         files = records(tmp_path / "out")
@@ -213,8 +316,10 @@ def test_sigkill_at_each_step_never_duplicates_a_batch(tmp_path, env, moment):
 def _clean_run(src, tmp_path) -> dict:
     env = {"OPENAI_API_KEY": KEY, "LENSCAP_CACHE_DIR": str(tmp_path / "cache2")}
     with FakeOpenAI(batch_delay_s=0.05) as fake:
-        r = run_cli(*batch_args(src, tmp_path / "clean", fake, "--max-requests-per-file", "3", "--wait",
-                                "--poll-interval", "0.1"), env=env)
+        r = run_cli(
+            *batch_args(src, tmp_path / "clean", fake, "--max-requests-per-file", "3", "--wait", "--poll-interval", "0.1"),
+            env=env,
+        )
         assert r.returncode == 0, r.stderr
     return rows(tmp_path / "clean")
 
@@ -223,8 +328,18 @@ def test_batch_files_round_trip_in_vllm_format(tmp_path, env):
     """batch-files writes OpenAI-batch-format inputs; a runner (here: the fake server, line by line, as
     vllm run-batch would) writes outputs next to them; the rerun merges, and asks again for a torn line."""
     src = write_image_dataset(tmp_path / "in", 8, per_shard=4).path
-    args = ["caption", str(src), str(tmp_path / "out"), "--backend", "batch-files", "--model", "llava-hf/llava-1.5-7b-hf",
-            "--max-requests-per-file", "5", "--json"]
+    args = [
+        "caption",
+        str(src),
+        str(tmp_path / "out"),
+        "--backend",
+        "batch-files",
+        "--model",
+        "llava-hf/llava-1.5-7b-hf",
+        "--max-requests-per-file",
+        "5",
+        "--json",
+    ]
     no_key = {**env, "OPENAI_API_KEY": None}
     r = run_cli(*args, env=no_key)
     assert r.returncode == 0, r.stderr
@@ -274,10 +389,13 @@ def test_upload_failures_are_retried_then_reported_once(tmp_path, env):
 
 def test_hints_ocr_text_is_kept_through_a_batch_job(tmp_path, env):
     """What the OCR hint said travels with the packed request's id and is written with its answer."""
-    from lenscap.demo.images import jpeg_bytes, scene
     from test_backends import text_image
 
-    src = write_image_dataset(tmp_path / "in", 2, image=lambda i: text_image("OPEN 24 HOURS") if i == 0 else jpeg_bytes(scene(i))).path
+    from lenscap.demo.images import jpeg_bytes, scene
+
+    src = write_image_dataset(
+        tmp_path / "in", 2, image=lambda i: text_image("OPEN 24 HOURS") if i == 0 else jpeg_bytes(scene(i))
+    ).path
     with FakeOpenAI() as fake:
         r = run_cli(*batch_args(src, tmp_path / "out", fake, "--hints", "ocr", "--wait", "--poll-interval", "0.1"), env=env)
         assert r.returncode == 0, r.stderr
@@ -291,6 +409,7 @@ def test_a_pass_costs_the_batches_in_flight_not_the_shards(tmp_path, env, monkey
     each batch in flight once, and reads the journal and rows of no shard but the one its finished batches
     complete."""
     from conftest import run_cli_here
+
     from lenscap.backends.openai_batch import FilesTransport
     from lenscap.captioning.journal import Journal
     from lenscap.dataset import Dataset
@@ -299,8 +418,19 @@ def test_a_pass_costs_the_batches_in_flight_not_the_shards(tmp_path, env, monkey
 
     src = write_image_dataset(tmp_path / "in", 12, per_shard=4).path
     out = tmp_path / "out"
-    args = ["caption", str(src), str(out), "--backend", "batch-files", "--model", "llava-hf/llava-1.5-7b-hf",
-            "--max-requests-per-file", "2", "--quiet", "--json"]
+    args = [
+        "caption",
+        str(src),
+        str(out),
+        "--backend",
+        "batch-files",
+        "--model",
+        "llava-hf/llava-1.5-7b-hf",
+        "--max-requests-per-file",
+        "2",
+        "--quiet",
+        "--json",
+    ]
     no_key = {**env, "OPENAI_API_KEY": None}
     assert run_cli(*args, env=no_key).returncode == 0
     assert [f["state"] for f in records(out)] == ["submitted"] * 6
@@ -313,7 +443,9 @@ def test_a_pass_costs_the_batches_in_flight_not_the_shards(tmp_path, env, monkey
     monkeypatch.setattr(FilesTransport, "poll", _spy(FilesTransport.poll, lambda self, batch_id, **kw: polls.append(batch_id)))
     monkeypatch.setattr(Journal, "load", _spy(Journal.load, lambda self: journals.append(self.path.name)))
     for method in ("iter_samples", "read_table"):
-        monkeypatch.setattr(Dataset, method, _spy(getattr(Dataset, method), lambda self, shard_id, *a, **kw: shards_read.append(shard_id)))
+        monkeypatch.setattr(
+            Dataset, method, _spy(getattr(Dataset, method), lambda self, shard_id, *a, **kw: shards_read.append(shard_id))
+        )
     monkeypatch.setenv("LENSCAP_CACHE_DIR", env["LENSCAP_CACHE_DIR"])
     monkeypatch.delenv("OPENAI_API_KEY", raising=False)
     code, stdout, stderr = run_cli_here(*args)
@@ -328,6 +460,7 @@ def _spy(method, record):
     def wrapped(self, *args, **kwargs):
         record(self, *args, **kwargs)
         return method(self, *args, **kwargs)
+
     return wrapped
 
 
@@ -336,15 +469,21 @@ def _answer_file(path: Path, out: Path, base_url: str, tear_first: bool = False)
     lines = []
     for i, raw in enumerate(path.read_bytes().splitlines()):
         req = json.loads(raw)
-        http = urllib.request.Request(base_url + "/chat/completions", data=json.dumps(req["body"]).encode(),
-                                      headers={"Content-Type": "application/json"})
+        http = urllib.request.Request(
+            base_url + "/chat/completions", data=json.dumps(req["body"]).encode(), headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(http) as resp:
             body = json.loads(resp.read())
-        line = json.dumps({"id": f"vllm-{i}", "custom_id": req["custom_id"],
-                           "response": {"status_code": 200, "request_id": f"vllm-{i}", "body": body}, "error": None})
+        line = json.dumps(
+            {
+                "id": f"vllm-{i}",
+                "custom_id": req["custom_id"],
+                "response": {"status_code": 200, "request_id": f"vllm-{i}", "body": body},
+                "error": None,
+            }
+        )
         lines.append(line[:50] if tear_first and i == 0 else line)
     out.write_text("\n".join(lines) + "\n")
-
 
 
 def test_packing_on_processes_and_on_ray_writes_the_same_files_and_output(tmp_path, env, ray_cluster):
@@ -359,8 +498,21 @@ def test_packing_on_processes_and_on_ray_writes_the_same_files_and_output(tmp_pa
             r = run_cli(*batch_args(src, tmp_path / name, fake, "--max-requests-per-file", "7", *executor, "--json"), env=env)
             assert r.returncode == 0, r.stderr
             uploaded[name] = [fake.files[i]["_bytes"] for i in sorted(set(fake.files) - before)]
-            r = run_cli(*batch_args(src, tmp_path / name, fake, "--max-requests-per-file", "7", *executor, "--wait",
-                                    "--poll-interval", "0.1", "--json"), env=env)
+            r = run_cli(
+                *batch_args(
+                    src,
+                    tmp_path / name,
+                    fake,
+                    "--max-requests-per-file",
+                    "7",
+                    *executor,
+                    "--wait",
+                    "--poll-interval",
+                    "0.1",
+                    "--json",
+                ),
+                env=env,
+            )
             assert r.returncode == 0 and json.loads(r.stdout)["caption_status"] == {"ok": 29, "skipped": 1}, r.stderr
     assert [len(u) for u in uploaded.values()] == [5, 5, 5]  # 29 requests, 7 a file
     assert uploaded["one"] == uploaded["two"] == uploaded["ray"]
@@ -373,10 +525,14 @@ def test_samples_the_filter_dropped_are_skipped_as_online(tmp_path, env):
     say, not an error after every round."""
     from lenscap.demo.images import jpeg_bytes, scene
 
-    src = write_image_dataset(tmp_path / "in", 9, per_shard=5, image=lambda i: jpeg_bytes(scene(i, (64, 48) if i % 3 == 0 else (320, 240)))).path
+    src = write_image_dataset(
+        tmp_path / "in", 9, per_shard=5, image=lambda i: jpeg_bytes(scene(i, (64, 48) if i % 3 == 0 else (320, 240)))
+    ).path
     assert run_cli("filter", str(src), str(tmp_path / "filtered"), "--min-side", "100", "--quiet").returncode == 0
     with FakeOpenAI(batch_delay_s=0.05) as fake:
-        r = run_cli(*batch_args(tmp_path / "filtered", tmp_path / "out", fake, "--wait", "--poll-interval", "0.1", "--json"), env=env)
+        r = run_cli(
+            *batch_args(tmp_path / "filtered", tmp_path / "out", fake, "--wait", "--poll-interval", "0.1", "--json"), env=env
+        )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["caption_status"] == {"ok": 6, "skipped": 3}
     got = rows(tmp_path / "out")

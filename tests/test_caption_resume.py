@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+from test_caption import rows, tar_members
+
 from lenscap.captioning.images import prepare_image
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.fake_openai import FakeOpenAI
-from test_caption import rows, tar_members
 
 
 def _image_shas(src: Dataset) -> dict[str, str]:
@@ -50,9 +50,22 @@ def test_sigkill_mid_shard_then_rerun(tmp_path, processes):
     shas = _image_shas(src)
     env = {**os.environ, "OPENAI_API_KEY": "sk-test", "LENSCAP_CACHE_DIR": str(tmp_path / "cache")}
     with FakeOpenAI(latency_s=0.04) as fake:
-        args = [sys.executable, "-m", "lenscap.cli", "caption", str(src.path), str(tmp_path / "out"),
-                "--base-url", fake.base_url, "--no-cache", "--concurrency", str(concurrency),
-                "--processes", str(processes), "--quiet"]
+        args = [
+            sys.executable,
+            "-m",
+            "lenscap.cli",
+            "caption",
+            str(src.path),
+            str(tmp_path / "out"),
+            "--base-url",
+            fake.base_url,
+            "--no-cache",
+            "--concurrency",
+            str(concurrency),
+            "--processes",
+            str(processes),
+            "--quiet",
+        ]
         proc = subprocess.Popen(args, env=env, start_new_session=True, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 120
         while len(_recorded_keys(tmp_path / "out")) < 40 and proc.poll() is None and time.monotonic() < deadline:
@@ -73,8 +86,9 @@ def test_sigkill_mid_shard_then_rerun(tmp_path, processes):
         assert repeated <= concurrency * processes, "only requests in flight at the kill may repeat"
 
         fake.reset_counters()
-        clean = run_cli("caption", str(src.path), str(tmp_path / "clean"), "--base-url", fake.base_url, "--no-cache",
-                        "--quiet", env=env)
+        clean = run_cli(
+            "caption", str(src.path), str(tmp_path / "clean"), "--base-url", fake.base_url, "--no-cache", "--quiet", env=env
+        )
         assert clean.returncode == 0, clean.stderr
     assert rows(tmp_path / "out") == rows(tmp_path / "clean")
     assert tar_members(tmp_path / "out") == tar_members(tmp_path / "clean")
@@ -88,9 +102,25 @@ def test_max_cost_stops_cleanly_and_resumes_without_paying_twice(tmp_path):
     prices.write_text(json.dumps({"gpt-4.1-mini": {"input": 1000, "output": 1000}}))  # about $0.39 a caption
     env = {"OPENAI_API_KEY": "sk-test", "LENSCAP_CACHE_DIR": str(tmp_path / "cache")}
     with FakeOpenAI(latency_s=0.01) as fake:
+
         def run(cap: str):
-            return run_cli("caption", str(src.path), str(tmp_path / "out"), "--base-url", fake.base_url, "--prices",
-                           str(prices), "--max-cost", cap, "--concurrency", "2", "--no-cache", "--quiet", "--json", env=env)
+            return run_cli(
+                "caption",
+                str(src.path),
+                str(tmp_path / "out"),
+                "--base-url",
+                fake.base_url,
+                "--prices",
+                str(prices),
+                "--max-cost",
+                cap,
+                "--concurrency",
+                "2",
+                "--no-cache",
+                "--quiet",
+                "--json",
+                env=env,
+            )
 
         r = run("6")
         assert r.returncode == 4, r.stderr

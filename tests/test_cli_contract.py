@@ -30,8 +30,19 @@ def pipeline(tmp_path_factory, image_server):
     urls = root / "urls.txt"
     urls.write_text("".join(image_server.url(f"/ok/{i}.jpg") + "\n" for i in range(4)) + image_server.url("/missing.jpg") + "\n")
     steps = {
-        "download": ["download", str(urls), str(root / "raw"), "--samples-per-shard", "3", "--processes", "1", "--threads", "4",
-                     "--timeout", "5"],
+        "download": [
+            "download",
+            str(urls),
+            str(root / "raw"),
+            "--samples-per-shard",
+            "3",
+            "--processes",
+            "1",
+            "--threads",
+            "4",
+            "--timeout",
+            "5",
+        ],
         "filter": ["filter", str(root / "raw"), str(root / "filtered"), "--min-side", "16"],
         "caption": ["caption", str(root / "filtered"), str(root / "captioned"), "--backend", "describe", "--no-cache"],
         "dedup": ["dedup", str(root / "captioned"), str(root / "deduped")],
@@ -57,17 +68,20 @@ def test_every_summary_has_the_same_core_fields_with_the_same_types(pipeline):
 
 
 def test_money_is_rounded_to_a_hundredth_of_a_cent():
-    assert _money({"spent_usd": 0.05480200000000001, "cost": {"usd": 1.234567}, "n": 0.123456789,
-                   "stages": [{"spent_usd": 2.00004999}]}) == {
-        "spent_usd": 0.0548, "cost": {"usd": 1.2346}, "n": 0.123456789, "stages": [{"spent_usd": 2.0}]}
+    assert _money(
+        {"spent_usd": 0.05480200000000001, "cost": {"usd": 1.234567}, "n": 0.123456789, "stages": [{"spent_usd": 2.00004999}]}
+    ) == {"spent_usd": 0.0548, "cost": {"usd": 1.2346}, "n": 0.123456789, "stages": [{"spent_usd": 2.0}]}
 
 
-@pytest.mark.parametrize("argv, code, message", [
-    (["filter", "/nonexistent/in", "/tmp/x-out"], 2, "nonexistent"),
-    (["filter", "a", "b", "--min-side", "big"], 2, "--min-side"),
-    (["caption", "a", "b", "--no-such-flag"], 2, "no-such-flag"),
-    (["estimate", "--images", "10", "--model", "no-such-model"], 2, "no-such-model"),
-])
+@pytest.mark.parametrize(
+    "argv, code, message",
+    [
+        (["filter", "/nonexistent/in", "/tmp/x-out"], 2, "nonexistent"),
+        (["filter", "a", "b", "--min-side", "big"], 2, "--min-side"),
+        (["caption", "a", "b", "--no-such-flag"], 2, "no-such-flag"),
+        (["estimate", "--images", "10", "--model", "no-such-model"], 2, "no-such-model"),
+    ],
+)
 def test_a_failure_with_json_is_one_object_on_stdout(argv, code, message):
     rc, stdout, stderr = run_cli_here(*argv, "--json")
     assert rc == code
@@ -78,10 +92,10 @@ def test_a_failure_with_json_is_one_object_on_stdout(argv, code, message):
 
 
 def test_a_budget_stop_with_json_keeps_its_summary(tmp_path):
-    from lenscap.cli import _fail
-
     import contextlib
     import io
+
+    from lenscap.cli import _fail
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
@@ -123,7 +137,7 @@ def test_a_fatal_error_and_a_lock_refusal_reach_the_log(pipeline, tmp_path):
 
 
 def test_old_flag_names_still_work_hidden_and_say_the_new_name():
-    for old, (new, old_flag, new_flag) in ALIASES.items():
+    for old_flag, new_flag in (flags[1:] for flags in ALIASES.values()):
         command = next(c for c in COMMANDS.values() if any(old_flag in p.opts and p.hidden for p in c.params))
         param = next(p for p in command.params if old_flag in p.opts and p.hidden)
         assert param.hidden and any(new_flag in p.opts for p in command.params), old_flag
@@ -141,7 +155,7 @@ def _help(*names: str) -> str:
 def test_help_shows_defaults_switches_plainly_and_an_example():
     for name, command in COMMANDS.items():
         subcommands = getattr(command, "commands", None)
-        for path in ([[name, sub] for sub in subcommands] if subcommands else [[name]]):
+        for path in [[name, sub] for sub in subcommands] if subcommands else [[name]]:
             text = _help(*path)
             assert "Example: lenscap " in text, path
             assert text.count("<bool>") <= 1, path  # Typer's own --help only

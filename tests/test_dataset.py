@@ -31,13 +31,21 @@ def make_samples(n: int, start: int = 0, tag: str = "") -> list[Sample]:
         key = shard_name(i)
         if i % 3 == 2:
             err = "404 Not Found" if (i // 3) % 2 == 0 else "timeout"
-            row = {"url": f"http://img/{i}.jpg", "caption": f"failed {i}{tag}", "status": "failed_to_download",
-                   "error_message": err}
+            row = {
+                "url": f"http://img/{i}.jpg",
+                "caption": f"failed {i}{tag}",
+                "status": "failed_to_download",
+                "error_message": err,
+            }
             # A failed sample that still carries bytes must not reach the tar.
             out.append(Sample(key=key, row=row, image=jpeg(i) if i % 2 else None))
         else:
-            row = {"url": f"http://img/{i}.jpg", "caption": f"a photo number {i}{tag}", "status": "success",
-                   "error_message": None}
+            row = {
+                "url": f"http://img/{i}.jpg",
+                "caption": f"a photo number {i}{tag}",
+                "status": "success",
+                "error_message": None,
+            }
             out.append(Sample(key=key, row=row, image=jpeg(i)))
     return out
 
@@ -248,11 +256,17 @@ def test_crash_by_hand_journal_then_recover(tmp_path):
     pending = ds.work_dir / "pending"
     pending.mkdir(parents=True, exist_ok=True)
     stats = src.read_stats(4)
-    (pending / "00004.json").write_text(json.dumps({
-        "renames": [[str(ds.tmp_path(4, "tar")), str(ds.tar_path(4))],
-                    [str(ds.tmp_path(4, "parquet")), str(ds.parquet_path(4))]],
-        "stats": stats,
-    }))
+    (pending / "00004.json").write_text(
+        json.dumps(
+            {
+                "renames": [
+                    [str(ds.tmp_path(4, "tar")), str(ds.tar_path(4))],
+                    [str(ds.tmp_path(4, "parquet")), str(ds.parquet_path(4))],
+                ],
+                "stats": stats,
+            }
+        )
+    )
     assert ds.completed_ids() == [] and ds.shard_ids() == []
 
     assert ds.recover() == 1
@@ -306,8 +320,15 @@ def test_write_manifest_counts_schema_history_and_redaction(tmp_path):
     ds = Dataset.create(tmp_path / "out")
     write_shard(ds, 0, make_samples(6))
     write_shard(ds, 1, make_samples(4, start=6))
-    prior = [{"stage": "download", "parameters": {"processes": 4}, "input": "urls.txt",
-              "lenscap_version": "0.0.9", "at": "2026-01-01T00:00:00Z"}]
+    prior = [
+        {
+            "stage": "download",
+            "parameters": {"processes": 4},
+            "input": "urls.txt",
+            "lenscap_version": "0.0.9",
+            "at": "2026-01-01T00:00:00Z",
+        }
+    ]
     params = {"model": "tiny", "temperature": 0.5, **SECRETS}
 
     m = ds.write_manifest("caption", params, "/data/in", expected_shards=3, history=prior)
@@ -336,8 +357,13 @@ def test_write_manifest_counts_schema_history_and_redaction(tmp_path):
     for name, value in SECRETS.items():
         assert value not in text, f"value of {name} leaked into lenscap.json"
         assert value.split("-")[-1] not in text
-    assert prior[0] == {"stage": "download", "parameters": {"processes": 4}, "input": "urls.txt",
-                        "lenscap_version": "0.0.9", "at": "2026-01-01T00:00:00Z"}  # caller's list untouched
+    assert prior[0] == {
+        "stage": "download",
+        "parameters": {"processes": 4},
+        "input": "urls.txt",
+        "lenscap_version": "0.0.9",
+        "at": "2026-01-01T00:00:00Z",
+    }  # caller's list untouched
 
     again = ds.write_manifest("caption", params, "/data/in", expected_shards=2, history=prior)
     assert again["complete"] is True
@@ -348,8 +374,9 @@ def test_write_manifest_redacts_nested_secret_parameters(tmp_path):
     """A stage recording a backend's options must not leak a key held one level down."""
     ds = Dataset.create(tmp_path / "out")
     write_shard(ds, 0, make_samples(2))
-    params = {"backend": {"name": "openai", "api_key": "sk-NESTED-SECRET-1",
-                          "headers": {"Authorization": "Bearer NESTED-SECRET-2"}}}
+    params = {
+        "backend": {"name": "openai", "api_key": "sk-NESTED-SECRET-1", "headers": {"Authorization": "Bearer NESTED-SECRET-2"}}
+    }
     ds.write_manifest("caption", params, None, expected_shards=1)
     text = (ds.path / "lenscap.json").read_text()
     assert "NESTED-SECRET-1" not in text

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import duckdb
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.images import jpeg_bytes, photo, truncated_jpeg
@@ -61,8 +61,7 @@ N = ORIGINALS + 46
 
 
 def make_planted(path: Path, caption=lambda i: f"sample number {i}") -> Path:
-    return write_image_dataset(path, N, per_shard=20, image=planted_image, caption=caption,
-                               failed=lambda i: i == 5).path
+    return write_image_dataset(path, N, per_shard=20, image=planted_image, caption=caption, failed=lambda i: i == 5).path
 
 
 def rows(path: Path) -> dict[str, dict]:
@@ -183,7 +182,8 @@ def test_mark_only_removes_nothing(tmp_path, deduped):
     source = rows(base / "in")
     for key, row in marked.items():  # the same decisions; a marked duplicate keeps its image
         assert {c: v for c, v in row.items() if not c.startswith("image_")} == {
-            c: v for c, v in removed[key].items() if not c.startswith("image_")}
+            c: v for c, v in removed[key].items() if not c.startswith("image_")
+        }
         assert (row["image_offset"], row["image_size"]) == (source[key]["image_offset"], source[key]["image_size"])
 
 
@@ -205,8 +205,9 @@ def test_keep_largest(tmp_path):
 
 def test_captions(tmp_path):
     captions = {0: "A red Bus, parked.", 1: "a red bus parked", 2: "", 3: "", 4: "a blue bus"}
-    src = write_image_dataset(tmp_path / "in", 5, per_shard=5, image=lambda i: jpeg_bytes(photo(i)),
-                              caption=lambda i: captions[i]).path
+    src = write_image_dataset(
+        tmp_path / "in", 5, per_shard=5, image=lambda i: jpeg_bytes(photo(i)), caption=lambda i: captions[i]
+    ).path
     r = run_cli("dedup", str(src), str(tmp_path / "out"), "--captions", "--quiet")
     assert r.returncode == 0, r.stderr
     got = rows(tmp_path / "out")
@@ -233,9 +234,21 @@ def test_against_an_earlier_release(tmp_path):
     assert r.returncode == 0, r.stderr
     got = rows(tmp_path / "out")
     status = {k: v["dedup_status"] for k, v in got.items()}
-    assert status == {"000000000": "duplicate", "000000001": "duplicate", "000000002": "duplicate", "000000003": "duplicate",
-                      "000000004": "kept", "000000005": "duplicate", "000000006": "unique"}
-    for key, released in (("000000000", "000000000"), ("000000001", "000000001"), ("000000002", "000000002"), ("000000003", "000000002")):
+    assert status == {
+        "000000000": "duplicate",
+        "000000001": "duplicate",
+        "000000002": "duplicate",
+        "000000003": "duplicate",
+        "000000004": "kept",
+        "000000005": "duplicate",
+        "000000006": "unique",
+    }
+    for key, released in (
+        ("000000000", "000000000"),
+        ("000000001", "000000001"),
+        ("000000002", "000000002"),
+        ("000000003", "000000002"),
+    ):
         assert got[key]["dup_of"] == released and got[key]["dup_in"] == str(prev)
     assert got["000000005"]["dup_of"] == "000000004" and got["000000005"]["dup_in"] is None
     summary = json.loads(r.stdout)
@@ -245,15 +258,18 @@ def test_against_an_earlier_release(tmp_path):
     assert rows(prev) == prev_rows and tar_members(prev) == prev_members  # never the reverse
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--max-distance", "3", "--exact"], "--max-distance applies to --phash"),
-    (["--keep", "biggest"], "--keep must be first or largest"),
-    (["--max-distance", "40"], "--max-distance must be between 0 and 16"),
-    (["--memory-limit", "lots"], "--memory-limit takes a size"),
-    (["--memory-limit", "1GB'; DROP TABLE x"], "--memory-limit takes a size"),
-    (["--against", "/nonexistent/prev"], "does not exist"),
-    (["--processes", "0"], "--processes must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--max-distance", "3", "--exact"], "--max-distance applies to --phash"),
+        (["--keep", "biggest"], "--keep must be first or largest"),
+        (["--max-distance", "40"], "--max-distance must be between 0 and 16"),
+        (["--memory-limit", "lots"], "--memory-limit takes a size"),
+        (["--memory-limit", "1GB'; DROP TABLE x"], "--memory-limit takes a size"),
+        (["--against", "/nonexistent/prev"], "does not exist"),
+        (["--processes", "0"], "--processes must be at least 1"),
+    ],
+)
 def test_bad_flags_are_one_line(tmp_path, args, message):
     src = write_image_dataset(tmp_path / "in", 4, per_shard=4, image=lambda i: jpeg_bytes(photo(i))).path
     r = run_cli("dedup", str(src), str(tmp_path / "out"), "--quiet", *args)
@@ -293,9 +309,14 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, deduped, frac
         pytest.fail("the run always finished before the kill")
     assert proc.wait() == -signal.SIGKILL  # killed mid-run, not after
     work = tmp_path / "out" / ".lenscap" / "dedup"
-    print("killed with", len(list((work / "signatures").glob("*_stats.json"))), "signature shards,",
-          "decisions" if (work / "decisions.json").exists() else "no decisions,",
-          len(list((tmp_path / "out").glob("*_stats.json"))), "output shards")
+    print(
+        "killed with",
+        len(list((work / "signatures").glob("*_stats.json"))),
+        "signature shards,",
+        "decisions" if (work / "decisions.json").exists() else "no decisions,",
+        len(list((tmp_path / "out").glob("*_stats.json"))),
+        "output shards",
+    )
     r = run_cli(*args)
     assert r.returncode == 0, r.stderr
     assert rows(tmp_path / "out") == rows(base / "out")

@@ -64,14 +64,19 @@ def planted_hashes(n: int, r: int, seed: int) -> np.ndarray:
     return np.unique(h)
 
 
-@pytest.mark.parametrize("r, blocks, partition_rows", [(1, None, 10**6), (2, 4, 10**6), (3, None, 100), (4, 8, 10**6),
-                                                       (4, 7, 150), (5, None, 10**6), (6, 7, 10**6)])
+@pytest.mark.parametrize(
+    "r, blocks, partition_rows",
+    [(1, None, 10**6), (2, 4, 10**6), (3, None, 100), (4, 8, 10**6), (4, 7, 150), (5, None, 10**6), (6, 7, 10**6)],
+)
 def test_pigeonhole_finds_exactly_the_pairs_brute_force_finds(r, blocks, partition_rows):
     h = planted_hashes(600, r, seed=r)
     con = duckdb.connect()
     con.register("t", pa.table({"uid": np.arange(len(h), dtype=np.int64), "h": h}))
-    plan = (PigeonholePlan.for_size(len(h), r, partition_rows) if blocks is None
-            else PigeonholePlan.with_blocks(len(h), r, blocks, partition_rows))
+    plan = (
+        PigeonholePlan.for_size(len(h), r, partition_rows)
+        if blocks is None
+        else PigeonholePlan.with_blocks(len(h), r, blocks, partition_rows)
+    )
     near_pairs(con, "t", plan, bucket_cap=10**6)
     found = con.execute("SELECT a, b, d FROM near").fetchall()
     assert len(found) == len({(a, b) for a, b, _ in found})  # each pair once, however many tables it shares
@@ -102,11 +107,11 @@ def test_union_find_matches_a_plain_implementation():
         edges = [(rng.choice(ids), rng.choice(ids)) for _ in range(rng.randint(0, 120))]
         uf = UnionFind(ids)
         for start in range(0, len(edges), 9):
-            chunk = edges[start:start + 9]
+            chunk = edges[start : start + 9]
             uf.union(np.array([a for a, _ in chunk], dtype=np.int64), np.array([b for _, b in chunk], dtype=np.int64))
         parent = {int(i): int(i) for i in ids}
 
-        def find(x: int) -> int:
+        def find(x: int, parent: dict[int, int] = parent) -> int:
             while parent[x] != x:
                 x = parent[x]
             return x
@@ -125,16 +130,29 @@ def synthetic_signatures(path, n: int, algorithm: str = "lenscap-phash-v1"):
 
     rng = np.random.default_rng(0)
     h = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
-    h[n // 2: n // 2 + n // 10] = h[: n // 10] ^ np.uint64(0b101)
+    h[n // 2 : n // 2 + n // 10] = h[: n // 10] ^ np.uint64(0b101)
     sig = Dataset.create(path)
     per = 25_000
     for shard, start in enumerate(range(0, n, per)):
         writer = sig.writer(shard, SIGNATURE_SCHEMA)
         for row, i in enumerate(range(start, min(n, start + per))):
-            writer.write(Sample(f"{i:09d}", {"shard": shard, "row": row, "sha256": i.to_bytes(32, "big"), "phash": int(h[i]),
-                                             "phash_algorithm": algorithm,
-                                             "phash_degenerate": False, "caption_hash": None, "pixels": 100,
-                                             "image_bytes": 10, "error": None}))
+            writer.write(
+                Sample(
+                    f"{i:09d}",
+                    {
+                        "shard": shard,
+                        "row": row,
+                        "sha256": i.to_bytes(32, "big"),
+                        "phash": int(h[i]),
+                        "phash_algorithm": algorithm,
+                        "phash_degenerate": False,
+                        "caption_hash": None,
+                        "pixels": 100,
+                        "image_bytes": 10,
+                        "error": None,
+                    },
+                )
+            )
         writer.commit()
     return sig
 
@@ -145,10 +163,16 @@ def test_global_pass_under_a_small_memory_limit_decides_the_same(tmp_path):
     sig = synthetic_signatures(tmp_path / "sig", 200_000)
     decisions = {}
     for limit in ("1GB", "24MB"):
-        report = find_duplicates([Source(0, "in", sig)], DedupOptions(memory_limit=limit, threads=1),
-                                 tmp_path / f"work-{limit}", tmp_path / f"report-{limit}")
+        report = find_duplicates(
+            [Source(0, "in", sig)],
+            DedupOptions(memory_limit=limit, threads=1),
+            tmp_path / f"work-{limit}",
+            tmp_path / f"report-{limit}",
+        )
         assert report["duplicates"] == 20_000 and report["duplicates_by_reason"] == {"phash": 20_000}
-        decisions[limit] = duckdb.sql(f"SELECT * FROM '{tmp_path / f'work-{limit}' / 'decisions.parquet'}' ORDER BY shard, key").fetchall()
+        decisions[limit] = duckdb.sql(
+            f"SELECT * FROM '{tmp_path / f'work-{limit}' / 'decisions.parquet'}' ORDER BY shard, key"
+        ).fetchall()
         assert not (tmp_path / f"work-{limit}" / "spill").exists()
     assert decisions["1GB"] == decisions["24MB"]
 

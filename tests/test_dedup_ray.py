@@ -15,6 +15,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
+from test_dedup import make_planted, rows
+from test_dedup_parts import brute_force, planted_hashes
 
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.search import DedupOptions
@@ -22,8 +24,6 @@ from lenscap.dedup.tables import TableJob, split_near_pairs
 from lenscap.errors import LenscapError
 from lenscap.executors import LocalExecutor, RayExecutor
 from lenscap.stages.dedup import DedupStage, run_dedup
-from test_dedup import make_planted, rows
-from test_dedup_parts import brute_force, planted_hashes
 
 ray = pytest.importorskip("ray")
 # Ray workers cannot import this test module: the job wrappers below travel by value.

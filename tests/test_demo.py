@@ -8,8 +8,15 @@ from conftest import run_cli
 
 
 def test_demo_without_a_key_captions_with_describe(tmp_path):
-    r = run_cli("demo", str(tmp_path / "demo"), "--images", "12", "--json", "--quiet",
-                env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None, "LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    r = run_cli(
+        "demo",
+        str(tmp_path / "demo"),
+        "--images",
+        "12",
+        "--json",
+        "--quiet",
+        env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None, "LENSCAP_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["captioner"] == "describe"
@@ -25,15 +32,31 @@ def test_demo_without_a_key_captions_with_describe(tmp_path):
     assert report.count("alt='sample ") == 12 - summary["deduped"]["dedup"]["duplicates"]
     assert "12 captions audited" in report  # the demo's captions, measured
     # a second demo starts afresh: its images are served on a new port
-    r = run_cli("demo", str(tmp_path / "demo"), "--images", "12", "--json", "--quiet",
-                env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None, "LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    r = run_cli(
+        "demo",
+        str(tmp_path / "demo"),
+        "--images",
+        "12",
+        "--json",
+        "--quiet",
+        env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None, "LENSCAP_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["download"]["status"]["success"] == 12
 
 
 def test_demo_with_the_fake_api(tmp_path):
-    r = run_cli("demo", str(tmp_path / "demo"), "--images", "12", "--captioner", "fake", "--json", "--quiet",
-                env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None, "LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    r = run_cli(
+        "demo",
+        str(tmp_path / "demo"),
+        "--images",
+        "12",
+        "--captioner",
+        "fake",
+        "--json",
+        "--quiet",
+        env={"OPENAI_API_KEY": None, "OPENAI_BASE_URL": None, "LENSCAP_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["download"]["status"] == {"success": 12, "failed_to_download": 2, "failed_to_resize": 2}

@@ -40,8 +40,14 @@ def site(tmp_path_factory):
     pytest.importorskip("material", reason="mkdocs-material is in the test extras")
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
-    proc = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out), "-f", str(ROOT / "mkdocs.yml")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out), "-f", str(ROOT / "mkdocs.yml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, f"mkdocs build --strict failed:\n{proc.stdout}\n{proc.stderr}"
     return out
 
@@ -83,7 +89,11 @@ def _expected_default(param) -> str:
 
 def _row(markdown: str, section: str, flag: str) -> str:
     body = markdown.split(f"## `lenscap {section}`\n", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in body.splitlines() if line.startswith("| `") and re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", line.split("|")[1])]
+    rows = [
+        line
+        for line in body.splitlines()
+        if line.startswith("| `") and re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", line.split("|")[1])
+    ]
     assert rows, f"{flag} of lenscap {section} is not in the CLI reference"
     return rows[0]
 
@@ -170,7 +180,7 @@ def _check_command_line(line: str, app) -> None:
     tokens = shlex.split(line, comments=True)
     start = next(i for i, t in enumerate(tokens) if t in ("lenscap", ".venv/bin/lenscap"))
     args: list[str] = []
-    for token in tokens[start + 1:]:
+    for token in tokens[start + 1 :]:
         if token in ("|", "&&", ";", ">", "2>", "||"):
             break
         args.append(token)

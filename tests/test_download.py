@@ -11,14 +11,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from conftest import run_cli
+from test_caption import tar_members
 
 from lenscap.dataset import Dataset
 from lenscap.demo.images import jpeg_bytes, scene
 from lenscap.demo.server import ImageServer, Route
 from lenscap.stages.download import DownloadOptions, download, retry_failed
-
-from conftest import run_cli
-from test_caption import tar_members
 
 # path (or full URL) -> (status, substring of error_message or None, (width, height) or None)
 EXPECTED = {
@@ -67,8 +66,9 @@ def _rows(ds: Dataset) -> list[dict]:
 
 def test_every_sample_gets_an_exact_outcome(tmp_path, image_server):
     by_url = _write_csv(tmp_path / "urls.csv", image_server, EXPECTED)
-    opts = DownloadOptions(extra_cols=["source_id"], samples_per_shard=6, processes=2, threads=4, timeout=1, retries=0,
-                           allow_private_network=True)
+    opts = DownloadOptions(
+        extra_cols=["source_id"], samples_per_shard=6, processes=2, threads=4, timeout=1, retries=0, allow_private_network=True
+    )
     result = download(str(tmp_path / "urls.csv"), tmp_path / "out", opts)
     assert result.exit_code == 0
     ds = Dataset.open(tmp_path / "out")
@@ -164,7 +164,9 @@ def test_retry_failed_merges_later_successes(tmp_path):
             assert ds.read_stats(shard_id)["retried"] == 2  # both flaky URLs are rows 4 and 5: shard 1
         assert by_path["/gone.jpg"]["status"] == "failed_to_download"
         # ...which stay true: the merged images were appended, every earlier byte of the tar kept.
-        assert {s.key: s.image for i in filtered.completed_ids() for s in filtered.iter_samples(i) if s.has_image} == images_before
+        assert {
+            s.key: s.image for i in filtered.completed_ids() for s in filtered.iter_samples(i) if s.has_image
+        } == images_before
         merged = {s.key: s.image for i in ds.completed_ids() for s in ds.iter_samples(i) if s.has_image}
         from PIL import Image
 
@@ -189,15 +191,17 @@ def test_input_formats_and_stdin(tmp_path, image_server, fmt):
         if fmt == "jsonl":
             # An extra column whose values disagree on a type, as JSON lines often do: kept, as text.
             scores = [1, "high", {"k": 2}]
-            src.write_text("".join(json.dumps({"url": u, "alt": f"alt {i}", "score": scores[i]}) + "\n"
-                                   for i, u in enumerate(urls)))
+            src.write_text(
+                "".join(json.dumps({"url": u, "alt": f"alt {i}", "score": scores[i]}) + "\n" for i, u in enumerate(urls))
+            )
             extra = ["--extra-cols", "score"]
         elif fmt == "parquet":
             pq.write_table(pa.table({"image_url": urls, "alt": [f"alt {i}" for i in range(3)]}), src)
         else:
             src.write_text("URL\tTEXT\n" + "".join(f"{u}\talt {i}\n" for i, u in enumerate(urls)))
-        res = run_cli("download", str(src), str(tmp_path / "out"), "--processes", "1", "--json",
-                      *(extra if fmt == "jsonl" else []))
+        res = run_cli(
+            "download", str(src), str(tmp_path / "out"), "--processes", "1", "--json", *(extra if fmt == "jsonl" else [])
+        )
     assert res.returncode == 0, res.stderr
     summary = json.loads(res.stdout)
     assert summary["status"] == {"success": 3} and summary["shards_completed"] == 1
@@ -230,10 +234,16 @@ def test_cli_usage_errors_are_one_line_exit_2(tmp_path):
         (["download", str(tmp_path / "nope.txt"), out], "does not exist"),
         (["download", str(tmp_path / "empty.txt"), out], "holds no URLs"),
         (["download", str(tmp_path / "cols.csv"), out], "no URL column found (columns: link, alt)"),
-        (["download", str(tmp_path / "cols.csv"), out, "--url-col", "link", "--caption-col", "title"], "no caption column 'title'"),
+        (
+            ["download", str(tmp_path / "cols.csv"), out, "--url-col", "link", "--caption-col", "title"],
+            "no caption column 'title'",
+        ),
         (["download", str(tmp_path / "bad.parquet"), out], "not a readable parquet file"),
         (["download", str(tmp_path / "urls.txt"), str(tmp_path / "a-file")], "exists and is a file"),
-        (["download", str(tmp_path / "urls.txt"), str(tmp_path / "foreign")], "not empty (notes.txt) and was not written by lenscap"),
+        (
+            ["download", str(tmp_path / "urls.txt"), str(tmp_path / "foreign")],
+            "not empty (notes.txt) and was not written by lenscap",
+        ),
         (["download", str(tmp_path / "urls.txt"), out, "--samples-per-shard", "0"], "--samples-per-shard must be at least 1"),
         (["download", str(tmp_path / "urls.txt"), out, "--resize-mode", "stretch"], "--resize-mode must be one of"),
         (["download", str(tmp_path / "urls.txt"), out, "--timeout", "soon"], "Invalid value for '--timeout'"),
@@ -267,8 +277,9 @@ def test_adopt_accounts_for_rows_img2dataset_lost(tmp_path):
     job = _Job(out)
     job.input_dir.mkdir(parents=True)
     job.staging.mkdir(parents=True)
-    pq.write_table(pa.table({"url": ["http://h/a.jpg", "http://h/b.jpg", " "], "caption": ["a", "b", "c"]}),
-                   job.input_dir / "00001.parquet")
+    pq.write_table(
+        pa.table({"url": ["http://h/a.jpg", "http://h/b.jpg", " "], "caption": ["a", "b", "c"]}), job.input_dir / "00001.parquet"
+    )
     # img2dataset's output for shard 1 (keys 1*10+i): row 1 missing, rows out of order, empty URL failed.
     staged = [
         {"caption": "c", "url": " ", "key": "000012", "status": "failed_to_download", "error_message": "unknown url type: ' '"},
@@ -280,8 +291,15 @@ def test_adopt_accounts_for_rows_img2dataset_lost(tmp_path):
     stats = _adopt(job, 1, samples_per_shard=3)
     rows = out.read_table(1).to_pylist()
     assert [r["key"] for r in rows] == ["000010", "000011", "000012"]
-    assert rows[1] == {"caption": "b", "url": "http://h/b.jpg", "key": "000011", "status": "failed_to_download",
-                       "error_message": LOST_SAMPLE_MESSAGE, "image_offset": None, "image_size": None}
+    assert rows[1] == {
+        "caption": "b",
+        "url": "http://h/b.jpg",
+        "key": "000011",
+        "status": "failed_to_download",
+        "error_message": LOST_SAMPLE_MESSAGE,
+        "image_offset": None,
+        "image_size": None,
+    }
     assert rows[2]["error_message"] == "empty URL"
     assert stats["lost_by_img2dataset"] == 1 and stats["count"] == 3 and out.is_complete(1)
     assert not (job.staging / "00001.parquet").exists() and out.tar_path(1).exists()
@@ -299,7 +317,9 @@ def test_input_is_cut_into_shards_across_files_in_order(tmp_path):
     assert _split_input(job, InputSpec(str(d)), samples_per_shard=4) == {"shards": 3, "samples": 9}
     shards = [pq.read_table(job.input_dir / f"0000{i}.parquet").to_pylist() for i in range(3)]
     assert [len(s) for s in shards] == [4, 4, 1]
-    assert [r["url"] for s in shards for r in s] == [f"http://a/{i}.jpg" for i in range(3)] + [f"http://b/{i}.jpg" for i in range(6)]
+    assert [r["url"] for s in shards for r in s] == [f"http://a/{i}.jpg" for i in range(3)] + [
+        f"http://b/{i}.jpg" for i in range(6)
+    ]
     assert shards[0][2]["caption"] is None and shards[0][3]["caption"] == "cap 0"
 
 
@@ -313,12 +333,21 @@ def test_private_addresses_are_refused_at_the_connection_unless_allowed(tmp_path
     link-local (a cloud's metadata service), private and shared addresses are each a per-sample
     failure naming the rule, and no request reaches them; --allow-private-network fetches loopback."""
     port = image_server.url("/").rsplit(":", 1)[1].split("/")[0]
-    loopback = [image_server.url("/ok/0.jpg"), f"http://localhost:{port}/ok/1.jpg", f"http://0x7f000001:{port}/ok/2.jpg",
-                f"http://2130706433:{port}/ok/3.jpg", f"http://[::1]:{port}/ok/4.jpg"]
+    loopback = [
+        image_server.url("/ok/0.jpg"),
+        f"http://localhost:{port}/ok/1.jpg",
+        f"http://0x7f000001:{port}/ok/2.jpg",
+        f"http://2130706433:{port}/ok/3.jpg",
+        f"http://[::1]:{port}/ok/4.jpg",
+    ]
     # Refused before any connection is tried, so no packet leaves this machine for them.
-    elsewhere = {"http://169.254.169.254/latest/meta-data/iam/": "link-local", "http://10.255.255.1/a.jpg": "private or special-purpose",
-                 "http://100.64.0.1/a.jpg": "shared (CGNAT)", "http://224.0.0.1/a.jpg": "multicast",
-                 "http://0.0.0.0/a.jpg": "unspecified"}
+    elsewhere = {
+        "http://169.254.169.254/latest/meta-data/iam/": "link-local",
+        "http://10.255.255.1/a.jpg": "private or special-purpose",
+        "http://100.64.0.1/a.jpg": "shared (CGNAT)",
+        "http://224.0.0.1/a.jpg": "multicast",
+        "http://0.0.0.0/a.jpg": "unspecified",
+    }
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(u + "\n" for u in [*loopback, *elsewhere]))
     before = {p: image_server.hits.get(p, 0) for p in [f"/ok/{i}.jpg" for i in range(5)]}
@@ -393,8 +422,9 @@ def test_a_truncated_tar_in_a_complete_shard_is_downloaded_again(tmp_path, image
 def test_a_full_disk_during_download_exits_1_with_what_to_do_and_the_rerun_finishes(tmp_path, image_server, monkeypatch):
     import errno
 
-    import lenscap.stages.download as download_stage
     from conftest import run_cli_here
+
+    import lenscap.stages.download as download_stage
 
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(image_server.url(f"/ok/{i}.jpg") + "\n" for i in range(4)))
@@ -406,7 +436,18 @@ def test_a_full_disk_during_download_exits_1_with_what_to_do_and_the_rerun_finis
         return real(table, where, *args, **kwargs)
 
     monkeypatch.setattr(download_stage.pq, "write_table", full)
-    args = ["download", str(urls), str(tmp_path / "out"), "--samples-per-shard", "2", "--processes", "1", "--threads", "2", "--quiet"]
+    args = [
+        "download",
+        str(urls),
+        str(tmp_path / "out"),
+        "--samples-per-shard",
+        "2",
+        "--processes",
+        "1",
+        "--threads",
+        "2",
+        "--quiet",
+    ]
     code, _, err = run_cli_here(*args)
     assert code == 1 and "No space left on device" in err and "free some space and rerun" in err and "Traceback" not in err, err
     monkeypatch.setattr(download_stage.pq, "write_table", real)

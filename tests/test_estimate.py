@@ -10,8 +10,8 @@ import math
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli
+
 from lenscap.backends.openai_batch import BatchFilesBackend
 from lenscap.backends.openai_chat import OpenAIChatBackend
 from lenscap.captioning.prompts import PRESETS, load_prompt
@@ -77,14 +77,25 @@ def test_batch_wall_time_in_waves_under_the_queue_limit():
     assert (wall["tokens_per_file"], wall["files_at_once"], wall["waves"]) == (per_file, at_once, waves)
     assert wall["hours"] == [waves * 1.0, waves * 24.0] and "note" not in wall
     assert wall["human"] == f"{waves / 24:,.1f} days to {waves:,.1f} days"
-    r = run_cli("estimate", "--images", "800M", "--model", "gpt-4.1", "--batch", "--max-enqueued-tokens", str(queue),
-                "--batch-hours", "2-12")
+    r = run_cli(
+        "estimate",
+        "--images",
+        "800M",
+        "--model",
+        "gpt-4.1",
+        "--batch",
+        "--max-enqueued-tokens",
+        str(queue),
+        "--batch-hours",
+        "2-12",
+    )
     assert r.returncode == 0, r.stderr
     assert "333,751 of up to 2,397 requests (bound by 200 MiB a file, not 50,000 requests)" in r.stdout
     assert f"{waves:,} waves of {at_once} files at once" in r.stdout and "2-12 h a wave" in r.stdout
     # one number: every batch takes that long; a queue under one file still runs one file at a time, with a warning
-    wall = estimate("--images", "800M", "--model", "gpt-4.1", "--batch", "--max-enqueued-tokens", "1000", "--batch-hours",
-                    "24")["wall_time"]
+    wall = estimate("--images", "800M", "--model", "gpt-4.1", "--batch", "--max-enqueued-tokens", "1000", "--batch-hours", "24")[
+        "wall_time"
+    ]
     assert wall["files_at_once"] == 1 and wall["hours"] == [333_751 * 24.0] * 2
     assert "lower --max-requests-per-file" in wall["note"]
 
@@ -145,9 +156,20 @@ def test_online_wall_time_is_set_by_the_tighter_limit():
     assert abs(out["wall_time"]["hours"] - 1_000_000 / per_minute / 60) < 0.01
 
 
-@pytest.mark.parametrize("text, count", [("800000000", 800_000_000), ("800,000,000", 800_000_000), ("8e8", 800_000_000),
-                                         ("800M", 800_000_000), ("800m", 800_000_000), ("1.5B", 1_500_000_000),
-                                         ("10k", 10_000), ("1.1K", 1_100), ("7", 7)])
+@pytest.mark.parametrize(
+    "text, count",
+    [
+        ("800000000", 800_000_000),
+        ("800,000,000", 800_000_000),
+        ("8e8", 800_000_000),
+        ("800M", 800_000_000),
+        ("800m", 800_000_000),
+        ("1.5B", 1_500_000_000),
+        ("10k", 10_000),
+        ("1.1K", 1_100),
+        ("7", 7),
+    ],
+)
 def test_image_counts(text, count):
     assert estimate("--images", text)["total"]["output_tokens"] == 146 * count
 
@@ -155,10 +177,22 @@ def test_image_counts(text, count):
 def test_from_a_captioned_dataset(tmp_path):
     ds = Dataset.create(tmp_path / "c")
     w = ds.writer(0)
-    for i, (status, tin, tout, cached) in enumerate([("ok", 300, 100, False), ("ok", 500, 140, False), ("ok", 9999, 9999, True),
-                                                     ("error", 9999, 9999, False)]):
-        w.write(Sample(f"{i:09d}", {"status": "success", "caption_status": status, "caption_input_tokens": tin,
-                                     "caption_output_tokens": tout, "caption_cached": cached, "caption_model": "gpt-4.1"}))
+    for i, (status, tin, tout, cached) in enumerate(
+        [("ok", 300, 100, False), ("ok", 500, 140, False), ("ok", 9999, 9999, True), ("error", 9999, 9999, False)]
+    ):
+        w.write(
+            Sample(
+                f"{i:09d}",
+                {
+                    "status": "success",
+                    "caption_status": status,
+                    "caption_input_tokens": tin,
+                    "caption_output_tokens": tout,
+                    "caption_cached": cached,
+                    "caption_model": "gpt-4.1",
+                },
+            )
+        )
     w.commit()
     out = estimate("--images", "1000", "--model", "gpt-4.1", "--from", str(tmp_path / "c"))
     assert out["per_image"] == {"input_tokens": 400.0, "output_tokens": 120.0}  # uncached successes only
@@ -190,8 +224,19 @@ def packed_by_hand(src: Path, max_file_bytes: int, max_requests: int = 50_000) -
             if not sample.ok:
                 continue
             body, _ = backend.build_body(stage.request_for(sample))
-            line = len(json.dumps({"custom_id": f"{shard_name(shard_id)}/{sample.key}", "method": "POST",
-                                   "url": "/v1/chat/completions", "body": body}).encode()) + 1
+            line = (
+                len(
+                    json.dumps(
+                        {
+                            "custom_id": f"{shard_name(shard_id)}/{sample.key}",
+                            "method": "POST",
+                            "url": "/v1/chat/completions",
+                            "body": body,
+                        }
+                    ).encode()
+                )
+                + 1
+            )
             if len(files[-1]) >= max_requests or sum(files[-1]) + line > max_file_bytes:
                 files.append([])
             files[-1].append(line)
@@ -200,8 +245,9 @@ def packed_by_hand(src: Path, max_file_bytes: int, max_requests: int = 50_000) -
 
 def test_sample_from_measures_the_lines_the_packer_builds(photos):
     src, images = photos
-    out = estimate("--images", str(images), "--model", "gpt-4.1", "--batch", "--sample-from", str(src), "--max-file-mb",
-                   str(MAX_FILE_MB))
+    out = estimate(
+        "--images", str(images), "--model", "gpt-4.1", "--batch", "--sample-from", str(src), "--max-file-mb", str(MAX_FILE_MB)
+    )
     wall = out["wall_time"]
     files = packed_by_hand(src, int(MAX_FILE_MB * MIB))
     lines = [n for f in files for n in f]
@@ -215,10 +261,23 @@ def test_sample_from_measures_the_lines_the_packer_builds(photos):
 
 def test_sample_from_within_ten_percent_of_the_real_packer(photos, tmp_path):
     src, images = photos
-    out = estimate("--images", str(images), "--model", "gpt-4.1", "--batch", "--sample-from", str(src), "--max-file-mb",
-                   str(MAX_FILE_MB))
-    r = run_cli("caption", str(src), str(tmp_path / "out"), "--backend", "batch-files", "--model", "gpt-4.1",
-                "--max-file-mb", str(MAX_FILE_MB), "--no-cache", "--json", env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    out = estimate(
+        "--images", str(images), "--model", "gpt-4.1", "--batch", "--sample-from", str(src), "--max-file-mb", str(MAX_FILE_MB)
+    )
+    r = run_cli(
+        "caption",
+        str(src),
+        str(tmp_path / "out"),
+        "--backend",
+        "batch-files",
+        "--model",
+        "gpt-4.1",
+        "--max-file-mb",
+        str(MAX_FILE_MB),
+        "--no-cache",
+        "--json",
+        env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert r.returncode == 0, r.stderr
     packed = sorted((tmp_path / "out" / ".lenscap" / "batch" / "files" / "input").glob("*.jsonl"))
     assert sum(len(p.read_bytes().splitlines()) for p in packed) == images
@@ -232,20 +291,23 @@ def test_sample_from_an_empty_dataset(tmp_path):
 
 
 def test_bad_flags():
-    for args, message in ((["--images", "0"], "--images must be at least 1"), (["--images", "5", "--model", "mystery"], "no price known"),
-                          (["--images", "5", "--model", "mystery", "--batch", "--json"], "no price known"),
-                          (["--images", "5", "--source-size", "big"], "--source-size takes WIDTHxHEIGHT"),
-                          (["--images", "5", "--detail", "ultra"], "--detail must be low, high or auto"),
-                          (["--images", "10x"], "--images takes a whole number such as"),
-                          (["--images", "1.5"], "--images takes a whole number"),
-                          (["--images", "1e-3"], "--images takes a whole number"),
-                          (["--images", "5", "--batch", "--max-file-mb", "300"], "--max-file-mb must be more than 0 and at most 200"),
-                          (["--images", "5", "--batch", "--max-requests-per-file", "0"], "--max-requests-per-file must be between"),
-                          (["--images", "5", "--batch", "--max-enqueued-tokens", "0"], "--max-enqueued-tokens must be positive"),
-                          (["--images", "5", "--batch", "--max-enqueued-tokens", "lots"], "--max-enqueued-tokens takes a whole number"),
-                          (["--images", "5", "--batch", "--batch-hours", "24-1"], "--batch-hours must be LOW-HIGH"),
-                          (["--images", "5", "--batch", "--batch-hours", "soon"], "--batch-hours takes LOW-HIGH or HOURS"),
-                          (["--images", "5", "--batch", "--max-file-mb", "0.01"], "does not fit in --max-file-mb 0.01")):
+    for args, message in (
+        (["--images", "0"], "--images must be at least 1"),
+        (["--images", "5", "--model", "mystery"], "no price known"),
+        (["--images", "5", "--model", "mystery", "--batch", "--json"], "no price known"),
+        (["--images", "5", "--source-size", "big"], "--source-size takes WIDTHxHEIGHT"),
+        (["--images", "5", "--detail", "ultra"], "--detail must be low, high or auto"),
+        (["--images", "10x"], "--images takes a whole number such as"),
+        (["--images", "1.5"], "--images takes a whole number"),
+        (["--images", "1e-3"], "--images takes a whole number"),
+        (["--images", "5", "--batch", "--max-file-mb", "300"], "--max-file-mb must be more than 0 and at most 200"),
+        (["--images", "5", "--batch", "--max-requests-per-file", "0"], "--max-requests-per-file must be between"),
+        (["--images", "5", "--batch", "--max-enqueued-tokens", "0"], "--max-enqueued-tokens must be positive"),
+        (["--images", "5", "--batch", "--max-enqueued-tokens", "lots"], "--max-enqueued-tokens takes a whole number"),
+        (["--images", "5", "--batch", "--batch-hours", "24-1"], "--batch-hours must be LOW-HIGH"),
+        (["--images", "5", "--batch", "--batch-hours", "soon"], "--batch-hours takes LOW-HIGH or HOURS"),
+        (["--images", "5", "--batch", "--max-file-mb", "0.01"], "does not fit in --max-file-mb 0.01"),
+    ):
         r = run_cli("estimate", *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
         if "--json" in args:  # with --json, stdout holds exactly one object, the error's

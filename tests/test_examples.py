@@ -7,15 +7,15 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
-
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_library_example_runs_a_custom_stage(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "library_stage.py"), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "library_stage.py"), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert "20 samples in 2 shards" in proc.stdout
     assert "history: download -> count_words" in proc.stdout

@@ -28,8 +28,9 @@ KEY = "sk-test-readers-0123456789"
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory) -> Path:
-    return write_image_dataset(tmp_path_factory.mktemp("readers") / "in", N, per_shard=10, size=(64, 48),
-                               failed=lambda i: i in FAILED).path
+    return write_image_dataset(
+        tmp_path_factory.mktemp("readers") / "in", N, per_shard=10, size=(64, 48), failed=lambda i: i in FAILED
+    ).path
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +52,14 @@ def downloaded(image_server, tmp_path_factory) -> Path:
     from lenscap.stages.download import DownloadOptions
 
     tmp = tmp_path_factory.mktemp("download")
-    urls = [image_server.url(f"/ok/{i}.jpg") for i in range(8)] + [image_server.url("/missing.jpg"), image_server.url("/html.jpg")]
+    urls = [image_server.url(f"/ok/{i}.jpg") for i in range(8)] + [
+        image_server.url("/missing.jpg"),
+        image_server.url("/html.jpg"),
+    ]
     (tmp / "urls.txt").write_text("\n".join(urls) + "\n")
-    result = api.download(tmp / "urls.txt", tmp / "dl", DownloadOptions(processes=1, timeout=2, retries=0,
-                                                                        allow_private_network=True))
+    result = api.download(
+        tmp / "urls.txt", tmp / "dl", DownloadOptions(processes=1, timeout=2, retries=0, allow_private_network=True)
+    )
     assert result.exit_code == 0 and result.status.get("success") == 8
     return tmp / "dl"
 
@@ -73,6 +78,7 @@ def tar_keys(path: Path) -> list[str]:
 
 
 # -- webdataset and open_clip ------------------------------------------------------------------------
+
 
 def test_webdataset_through_a_dataloader_with_two_workers_yields_every_sample_once(exports):
     import torch.utils.data
@@ -113,6 +119,7 @@ def test_the_card_shows_a_loader_for_several_workers(exports):
 
 # -- datasets.load_dataset(DIR) ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_load_dataset_reads_every_export_format(exports, tmp_path, name):
     loaded = hf_load(exports[name], tmp_path / "hf")
@@ -145,12 +152,16 @@ def test_a_card_in_the_download_directory_trips_no_stage(downloaded, tmp_path):
     assert filtered.exit_code == 0 and filtered.samples == 10
     # a download's captions come from a bare URL list: none, so nothing to export, said with exit code 7
     empty = run_export(ExportOptions(), downloaded, tmp_path / "export", quiet=True)
-    assert empty.exit_code == 7 and empty.empty and empty.left_out == {"download: failed_to_download": 1,
-                                                                        "download: failed_to_resize": 1, "no caption": 8}
+    assert (
+        empty.exit_code == 7
+        and empty.empty
+        and empty.left_out == {"download: failed_to_download": 1, "download: failed_to_resize": 1, "no caption": 8}
+    )
     assert "This export is empty" in (tmp_path / "export" / "README.md").read_text()
 
 
 # -- inspect and report on an export -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("name", list(FORMATS))
 def test_inspect_understands_an_export(exports, name):
@@ -171,7 +182,9 @@ def test_inspect_names_a_damaged_export_file(source, tmp_path):
     (tmp_path / "out" / "00001.tar").write_bytes(b"")
     info = inspect_dataset(tmp_path / "out")
     assert info["shards"]["complete"] == 1 and info["shards"]["damaged"] == 1
-    assert info["damaged_shards"] == {"00001.tar": f"has 0 bytes, not the {json.loads((tmp_path / 'out' / 'shards.json').read_text())['shards'][1]['bytes']} written"}
+    assert info["damaged_shards"] == {
+        "00001.tar": f"has 0 bytes, not the {json.loads((tmp_path / 'out' / 'shards.json').read_text())['shards'][1]['bytes']} written"
+    }
 
 
 @pytest.mark.parametrize("name", list(FORMATS))
@@ -195,6 +208,7 @@ def test_inspect_cli_on_an_export(exports):
 
 # -- one cost figure -------------------------------------------------------------------------------
 
+
 def test_caption_and_inspect_agree_on_spent_usd_when_answers_come_from_the_cache(tmp_path, monkeypatch):
     """A rerun whose answers all come from the response cache spends nothing: caption --json says
     spent_usd 0 and inspect says the same; what the cached answers cost when first asked is cached_usd."""
@@ -205,7 +219,9 @@ def test_caption_and_inspect_agree_on_spent_usd_when_answers_come_from_the_cache
     with FakeOpenAI(FakeSettings(api_key=KEY)) as fake:
         summaries = {}
         for name in ("first", "again"):
-            code, out, err = run_cli_here("caption", str(src), str(tmp_path / name), "--base-url", fake.base_url, "--json", "--quiet")
+            code, out, err = run_cli_here(
+                "caption", str(src), str(tmp_path / name), "--base-url", fake.base_url, "--json", "--quiet"
+            )
             assert code == 0, err
             summaries[name] = json.loads(out)
         assert fake.stats()["requests"] == 5  # the rerun asked nothing

@@ -26,9 +26,18 @@ def jpeg_url(seed: int = 0) -> str:
 
 def line(i: int, detail: str | None = "low", model: str = "gpt-4.1") -> dict:
     image = {"url": jpeg_url(i)} | ({"detail": detail} if detail else {})
-    return {"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
-            "body": {"model": model, "messages": [{"role": "user", "content": [
-                {"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": image}]}], "max_tokens": 50}}
+    return {
+        "custom_id": f"r{i}",
+        "method": "POST",
+        "url": "/v1/chat/completions",
+        "body": {
+            "model": model,
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": image}]}
+            ],
+            "max_tokens": 50,
+        },
+    }
 
 
 def line_tokens(detail: str = "low", model: str = "gpt-4.1") -> int:
@@ -86,10 +95,18 @@ def test_a_batch_past_the_limit_is_accepted_then_fails_and_is_not_counted(fake, 
     assert failed.status == "failed" and failed.failed_at is not None
     assert failed.output_file_id is None and failed.error_file_id is None
     assert (failed.request_counts.total, failed.request_counts.completed, failed.request_counts.failed) == (0, 0, 0)
-    assert failed.errors is not None and failed.errors.model_dump() == {"object": "list", "data": [{
-        "code": "token_limit_exceeded", "param": None, "line": None,
-        "message": f"Enqueued token limit reached for gpt-4.1 in organization org-fake. Limit: {limit:,} enqueued tokens. "
-                   "Please try again once some in_progress batches have been completed."}]}
+    assert failed.errors is not None and failed.errors.model_dump() == {
+        "object": "list",
+        "data": [
+            {
+                "code": "token_limit_exceeded",
+                "param": None,
+                "line": None,
+                "message": f"Enqueued token limit reached for gpt-4.1 in organization org-fake. Limit: {limit:,} enqueued tokens. "
+                "Please try again once some in_progress batches have been completed.",
+            }
+        ],
+    }
     assert f"Limit: {limit:,} enqueued tokens" in failed.errors.data[0].message and "," in f"{limit:,}"
     assert fake.enqueued_tokens() == 10 * per and queue(fake) == [10 * per], "a rejected batch never enters the queue"
     assert client.batches.retrieve(a).status == "in_progress"
@@ -118,8 +135,17 @@ def test_the_queue_frees_when_a_batch_ends(fake, client):
 def test_tokens_follow_detail_and_invalid_lines_count_nothing(fake, client):
     bad = line(3)
     bad["body"]["messages"][0]["content"][1]["image_url"]["url"] = "data:image/jpeg;base64,bm90IGFuIGltYWdl"
-    submit(client, [line(0), line(1, detail="high"), line(2, detail=None), bad, "{not json",
-                    {"custom_id": "x", "body": {"model": "gpt-4.1"}}])
+    submit(
+        client,
+        [
+            line(0),
+            line(1, detail="high"),
+            line(2, detail=None),
+            bad,
+            "{not json",
+            {"custom_id": "x", "body": {"model": "gpt-4.1"}},
+        ],
+    )
     assert fake.enqueued_tokens() == 2 * line_tokens("low") + line_tokens("high")
     assert line_tokens("high") != line_tokens("low")
 

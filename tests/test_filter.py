@@ -12,14 +12,14 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
-
 from conftest import run_cli
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from test_caption import rows, tar_members
+from tiny_models import build_tiny_clip
+
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.images import cartoon_face, jpeg_bytes, png_bytes, scene, truncated_jpeg
-from test_caption import rows, tar_members
-from tiny_models import build_tiny_clip
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,22 +42,49 @@ def sizes_dataset(tmp_path) -> Path:
         8: ((500, 500), "a solid grey square that compresses to few bytes"),
         9: ((640, 480), "an ordinary scene of shapes on a coloured background"),
     }
+
     def image(i):
         if i == 8:
             return jpeg_bytes(Image.new("RGB", spec[i][0], (128, 128, 128)))
         return jpeg_bytes(scene(i, spec[i][0]))
-    return write_image_dataset(tmp_path / "in", 10, per_shard=5, image=image, caption=lambda i: spec[i][1],
-                               failed=lambda i: i == 7).path
+
+    return write_image_dataset(
+        tmp_path / "in", 10, per_shard=5, image=image, caption=lambda i: spec[i][1], failed=lambda i: i == 7
+    ).path
 
 
 def test_each_cheap_rule_with_exact_counts(tmp_path):
     src = sizes_dataset(tmp_path)
-    r = run_cli("filter", str(src), str(tmp_path / "out"), "--min-side", "200", "--max-aspect", "3", "--min-bytes", "5000",
-                "--caption-min-words", "3", "--caption-max-words", "40", "--where", "caption NOT ILIKE '%stock%'", "--json", "--quiet")
+    r = run_cli(
+        "filter",
+        str(src),
+        str(tmp_path / "out"),
+        "--min-side",
+        "200",
+        "--max-aspect",
+        "3",
+        "--min-bytes",
+        "5000",
+        "--caption-min-words",
+        "3",
+        "--caption-max-words",
+        "40",
+        "--where",
+        "caption NOT ILIKE '%stock%'",
+        "--json",
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
-    assert reasons(summary) == {"status": 1, "min-side": 1, "max-aspect": 1, "min-bytes": 1, "caption-min-words": 1,
-                                "caption-max-words": 1, "where": 1}
+    assert reasons(summary) == {
+        "status": 1,
+        "min-side": 1,
+        "max-aspect": 1,
+        "min-bytes": 1,
+        "caption-min-words": 1,
+        "caption-max-words": 1,
+        "where": 1,
+    }
     assert summary["kept"] == 3
     got = rows(tmp_path / "out")
     assert {k for k, v in got.items() if v["filter_status"] == "kept"} == {"000000000", "000000005", "000000009"}
@@ -69,20 +96,57 @@ def test_each_cheap_rule_with_exact_counts(tmp_path):
     out = Dataset.open(tmp_path / "out")
     assert not list(out.path.glob("*.tar")), "rows only: the images stay in the input"
     assert sorted(s.key for i in out.completed_ids() for s in out.iter_samples(i) if s.has_image) == [
-        "000000000", "000000005", "000000009"]
+        "000000000",
+        "000000005",
+        "000000009",
+    ]
     assert len(got) == 10, "dropped samples stay in the parquet with their reason"
-    copied = run_cli("filter", str(src), str(tmp_path / "copy"), "--min-side", "200", "--max-aspect", "3", "--min-bytes", "5000",
-                     "--caption-min-words", "3", "--caption-max-words", "40", "--where", "caption NOT ILIKE '%stock%'",
-                     "--copy-images", "--quiet")
+    copied = run_cli(
+        "filter",
+        str(src),
+        str(tmp_path / "copy"),
+        "--min-side",
+        "200",
+        "--max-aspect",
+        "3",
+        "--min-bytes",
+        "5000",
+        "--caption-min-words",
+        "3",
+        "--caption-max-words",
+        "40",
+        "--where",
+        "caption NOT ILIKE '%stock%'",
+        "--copy-images",
+        "--quiet",
+    )
     assert copied.returncode == 0, copied.stderr
     members = tar_members(tmp_path / "copy")
     assert sorted(m for m in members if m.endswith(".jpg")) == ["000000000.jpg", "000000005.jpg", "000000009.jpg"]
+
     def without_offset(table: dict) -> dict:  # offsets point into another tar; every other column is the same
         return {k: {c: v for c, v in row.items() if c != "image_offset"} for k, row in table.items()}
 
     assert without_offset(rows(tmp_path / "copy")) == without_offset(got)
-    dry = run_cli("filter", str(src), str(tmp_path / "dry"), "--min-side", "200", "--max-aspect", "3", "--min-bytes", "5000",
-                  "--caption-min-words", "3", "--caption-max-words", "40", "--where", "caption NOT ILIKE '%stock%'", "--dry-run", "--json")
+    dry = run_cli(
+        "filter",
+        str(src),
+        str(tmp_path / "dry"),
+        "--min-side",
+        "200",
+        "--max-aspect",
+        "3",
+        "--min-bytes",
+        "5000",
+        "--caption-min-words",
+        "3",
+        "--caption-max-words",
+        "40",
+        "--where",
+        "caption NOT ILIKE '%stock%'",
+        "--dry-run",
+        "--json",
+    )
     assert json.loads(dry.stdout)["reasons"] == summary["reasons"]
     assert not (tmp_path / "dry").exists(), "--dry-run writes nothing"
     everything = json.loads(run_cli("filter", str(src), str(tmp_path / "all"), "--status", "any", "--json", "--quiet").stdout)
@@ -93,10 +157,17 @@ def test_annotators_blur_uniform_ocr_faces_on_known_images(tmp_path):
     sharp = scene(1, (400, 300))
     text = Image.new("RGB", (480, 160), "white")
     ImageDraw.Draw(text).text((20, 50), "SALE 50%", fill="black", font=ImageFont.load_default(size=56))
-    images = {0: jpeg_bytes(sharp), 1: jpeg_bytes(sharp.filter(ImageFilter.GaussianBlur(6))),
-              2: png_bytes(Image.new("RGB", (300, 200), (40, 90, 200))), 3: png_bytes(text), 4: jpeg_bytes(cartoon_face(300))}
+    images = {
+        0: jpeg_bytes(sharp),
+        1: jpeg_bytes(sharp.filter(ImageFilter.GaussianBlur(6))),
+        2: png_bytes(Image.new("RGB", (300, 200), (40, 90, 200))),
+        3: png_bytes(text),
+        4: jpeg_bytes(cartoon_face(300)),
+    }
     src = write_image_dataset(tmp_path / "in", 5, image=lambda i: images[i]).path
-    r = run_cli("filter", str(src), str(tmp_path / "out"), "--annotate", "blur,uniform,ocr,faces", "--status", "any", "--json", "--quiet")
+    r = run_cli(
+        "filter", str(src), str(tmp_path / "out"), "--annotate", "blur,uniform,ocr,faces", "--status", "any", "--json", "--quiet"
+    )
     assert r.returncode == 0, r.stderr
     got = rows(tmp_path / "out")
     blur = {k: v["blur_laplacian_var"] for k, v in got.items()}
@@ -106,8 +177,21 @@ def test_annotators_blur_uniform_ocr_faces_on_known_images(tmp_path):
     assert got["000000000"]["ocr_text"] is None and got["000000000"]["ocr_text_area"] == 0
     assert {k: v["faces_count"] for k, v in got.items()} == {f"{i:09d}": int(i == 4) for i in range(5)}
     assert all(v["filter_status"] == "kept" for v in got.values()), "scores only: no threshold given"
-    r = run_cli("filter", str(src), str(tmp_path / "cut"), "--min-sharpness", str(blur["000000001"] * 2), "--max-uniformity", "0.95",
-                "--max-text-area", "0.05", "--max-faces", "0", "--json", "--quiet")
+    r = run_cli(
+        "filter",
+        str(src),
+        str(tmp_path / "cut"),
+        "--min-sharpness",
+        str(blur["000000001"] * 2),
+        "--max-uniformity",
+        "0.95",
+        "--max-text-area",
+        "0.05",
+        "--max-faces",
+        "0",
+        "--json",
+        "--quiet",
+    )
     summary = json.loads(r.stdout)
     assert reasons(summary) == {"uniform": 1, "blur": 1, "ocr": 1, "faces": 1} and summary["kept"] == 1
     cut = rows(tmp_path / "cut")
@@ -119,16 +203,40 @@ def test_clip_score_with_a_tiny_random_clip(tmp_path):
     model = build_tiny_clip(tmp_path / "clip")
     src = write_image_dataset(tmp_path / "in", 8).path
     env = {"HF_HUB_OFFLINE": "1"}
-    r = run_cli("filter", str(src), str(tmp_path / "scores"), "--annotate", "clip", "--clip-model", str(model), "--json", "--quiet", env=env)
+    r = run_cli(
+        "filter",
+        str(src),
+        str(tmp_path / "scores"),
+        "--annotate",
+        "clip",
+        "--clip-model",
+        str(model),
+        "--json",
+        "--quiet",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     scores = sorted(v["clip_score"] for v in rows(tmp_path / "scores").values())
     assert all(-100 <= s <= 100 for s in scores) and len(set(scores)) > 1
     cut = (scores[3] + scores[4]) / 2
-    r = run_cli("filter", str(src), str(tmp_path / "cut"), "--min-clip-score", str(cut), "--clip-model", str(model), "--json", "--quiet", env=env)
+    r = run_cli(
+        "filter",
+        str(src),
+        str(tmp_path / "cut"),
+        "--min-clip-score",
+        str(cut),
+        "--clip-model",
+        str(model),
+        "--json",
+        "--quiet",
+        env=env,
+    )
     assert json.loads(r.stdout)["reasons"] == {"kept": 4, "clip": 4}
     again = sorted(v["clip_score"] for v in rows(tmp_path / "cut").values())
     assert again == scores, "same weights, same scores"
-    r = run_cli("filter", str(src), str(tmp_path / "bad"), "--annotate", "clip", "--clip-model", str(tmp_path / "nowhere"), env=env)
+    r = run_cli(
+        "filter", str(src), str(tmp_path / "bad"), "--annotate", "clip", "--clip-model", str(tmp_path / "nowhere"), env=env
+    )
     assert r.returncode == 2 and "cannot load CLIP model" in r.stderr
 
 
@@ -141,8 +249,11 @@ def test_nsfw_needs_its_extra_and_scores_exposed_classes(tmp_path):
     (stub / "__init__.py").write_text(
         "class NudeDetector:\n"
         "    def detect(self, image):\n"
-        "        return [{'class': 'FACE_FEMALE', 'score': 0.95}, {'class': 'BUTTOCKS_EXPOSED', 'score': 0.7}]\n")
-    r = run_cli("filter", str(src), str(tmp_path / "out"), "--max-nsfw", "0.5", "--json", "--quiet", env={"PYTHONPATH": str(stub.parent)})
+        "        return [{'class': 'FACE_FEMALE', 'score': 0.95}, {'class': 'BUTTOCKS_EXPOSED', 'score': 0.7}]\n"
+    )
+    r = run_cli(
+        "filter", str(src), str(tmp_path / "out"), "--max-nsfw", "0.5", "--json", "--quiet", env={"PYTHONPATH": str(stub.parent)}
+    )
     assert r.returncode == 7, r.stderr  # every sample dropped: the output holds 0 samples
     got = rows(tmp_path / "out")["000000000"]
     assert (got["nsfw_score"], got["nsfw_labels"], got["filter_reason"]) == (0.7, "BUTTOCKS_EXPOSED", "nsfw")
@@ -152,7 +263,9 @@ def test_blocklist_by_md5_and_sha256(tmp_path):
     images = {i: jpeg_bytes(scene(i, (200, 150))) for i in range(4)}
     src = write_image_dataset(tmp_path / "in", 4, image=lambda i: images[i]).path
     block = tmp_path / "block.txt"
-    block.write_text(f"# known bad\n{hashlib.md5(images[1]).hexdigest()}\n{hashlib.sha256(images[2]).hexdigest().upper()}  # upper case ok\n")
+    block.write_text(
+        f"# known bad\n{hashlib.md5(images[1]).hexdigest()}\n{hashlib.sha256(images[2]).hexdigest().upper()}  # upper case ok\n"
+    )
     r = run_cli("filter", str(src), str(tmp_path / "out"), "--blocklist", str(block), "--json", "--quiet")
     assert r.returncode == 0, r.stderr
     assert reasons(json.loads(r.stdout)) == {"blocklist": 2}
@@ -170,7 +283,10 @@ def test_bad_input(tmp_path):
     r = run_cli("filter", str(src), str(tmp_path / "o1"), "--where", "width > AND 3")
     assert r.returncode == 2 and "Parser Error" in r.stderr
     r = run_cli("filter", str(src), str(tmp_path / "o1"), "--annotate", "sparkle")
-    assert r.returncode == 2 and "unknown annotator 'sparkle'; installed annotators: blur, clip, faces, nsfw, ocr, uniform" in r.stderr
+    assert (
+        r.returncode == 2
+        and "unknown annotator 'sparkle'; installed annotators: blur, clip, faces, nsfw, ocr, uniform" in r.stderr
+    )
     r = run_cli("filter", str(src), str(tmp_path / "o2"), "--annotate", "blur", "--json", "--quiet")
     assert r.returncode == 0, r.stderr
     got = rows(tmp_path / "o2")
@@ -180,11 +296,37 @@ def test_bad_input(tmp_path):
 
 def test_a_third_party_annotator_installs_and_filters(tmp_path):
     target = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-                    str(ROOT / "examples" / "lenscap-redness-filter")], check=True, capture_output=True)
-    images = {0: jpeg_bytes(Image.new("RGB", (100, 100), (220, 20, 20))), 1: jpeg_bytes(Image.new("RGB", (100, 100), (20, 20, 220)))}
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(ROOT / "examples" / "lenscap-redness-filter"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    images = {
+        0: jpeg_bytes(Image.new("RGB", (100, 100), (220, 20, 20))),
+        1: jpeg_bytes(Image.new("RGB", (100, 100), (20, 20, 220))),
+    }
     src = write_image_dataset(tmp_path / "in", 2, image=lambda i: images[i]).path
-    r = run_cli("filter", str(src), str(tmp_path / "out"), "--threshold", "redness=0.5", "--json", "--quiet", env={"PYTHONPATH": str(target)})
+    r = run_cli(
+        "filter",
+        str(src),
+        str(tmp_path / "out"),
+        "--threshold",
+        "redness=0.5",
+        "--json",
+        "--quiet",
+        env={"PYTHONPATH": str(target)},
+    )
     assert r.returncode == 0, r.stderr
     got = rows(tmp_path / "out")
     assert got["000000000"]["filter_reason"] == "redness" and got["000000000"]["redness_share"] == 1.0
@@ -194,8 +336,16 @@ def test_a_third_party_annotator_installs_and_filters(tmp_path):
 def test_captioning_a_filtered_dataset_skips_the_dropped(tmp_path):
     src = sizes_dataset(tmp_path)
     assert run_cli("filter", str(src), str(tmp_path / "f"), "--min-side", "200", "--quiet").returncode == 0
-    r = run_cli("caption", str(tmp_path / "f"), str(tmp_path / "c"), "--backend", "describe", "--json", "--quiet",
-                env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    r = run_cli(
+        "caption",
+        str(tmp_path / "f"),
+        str(tmp_path / "c"),
+        "--backend",
+        "describe",
+        "--json",
+        "--quiet",
+        env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")},
+    )
     assert r.returncode == 0, r.stderr
     got = rows(tmp_path / "c")
     assert got["000000001"]["caption_error"] == "no image (filter: min-side)"
@@ -246,15 +396,19 @@ def test_where_is_one_expression_on_the_dataset_alone_and_rules_are_checked(tmp_
     code, _, err = run_cli_here("filter", src, str(tmp_path / "out"), "--where", "widht > 3", "--quiet")
     assert code == 2 and 'column "widht" not found' in err and "(columns: key, " in err and "width, height" in err
 
-    for flags, message in ((["--max-aspect", "-1"], "--max-aspect is a ratio of the longer side to the shorter one, at least 1"),
-                           (["--min-side", "-5"], "--min-side must not be negative"),
-                           (["--min-bytes", "-1"], "--min-bytes must not be negative"),
-                           (["--caption-min-words", "10", "--caption-max-words", "3"], "--caption-min-words 10 is more than --caption-max-words 3")):
+    for flags, message in (
+        (["--max-aspect", "-1"], "--max-aspect is a ratio of the longer side to the shorter one, at least 1"),
+        (["--min-side", "-5"], "--min-side must not be negative"),
+        (["--min-bytes", "-1"], "--min-bytes must not be negative"),
+        (["--caption-min-words", "10", "--caption-max-words", "3"], "--caption-min-words 10 is more than --caption-max-words 3"),
+    ):
         for dry in ([], ["--dry-run"]):
             code, _, err = run_cli_here("filter", src, str(tmp_path / "out"), *flags, *dry, "--quiet")
             assert code == 2 and message in err, (flags, err)
             assert not (tmp_path / "out").exists()
 
     # A fair expression still works, the same as before.
-    code, out, err = run_cli_here("filter", src, str(tmp_path / "out"), "--where", "width >= 200 AND caption ILIKE '%a%'", "--json", "--quiet")
+    code, out, err = run_cli_here(
+        "filter", src, str(tmp_path / "out"), "--where", "width >= 200 AND caption ILIKE '%a%'", "--json", "--quiet"
+    )
     assert code == 0, err

@@ -54,10 +54,9 @@ def test_gzipped_txt(tmp_path):
 
 def test_csv_with_quoting_and_newlines_in_values(tmp_path):
     p = tmp_path / "list.csv"
-    p.write_text('url,caption,license\n'
-                 'http://a/1.jpg,"a dog, running",cc-by\n'
-                 'http://a/2.jpg,"two\nlines",cc0\n'
-                 ' http://a/3.jpg ,plain,\n')
+    p.write_text(
+        'url,caption,license\nhttp://a/1.jpg,"a dog, running",cc-by\nhttp://a/2.jpg,"two\nlines",cc0\n http://a/3.jpg ,plain,\n'
+    )
     assert rows(p) == [
         {"url": "http://a/1.jpg", "caption": "a dog, running"},
         {"url": "http://a/2.jpg", "caption": "two\nlines"},
@@ -92,10 +91,15 @@ def test_tsv_autodetects_upper_case_columns(tmp_path):
 
 def test_jsonl_skips_blank_lines_and_keeps_types_of_extras(tmp_path):
     p = tmp_path / "list.jsonl"
-    p.write_text("\n"
-                 + json.dumps({"image_url": "http://a/1.jpg", "alt_text": "one", "score": 0.5}) + "\n\n"
-                 + json.dumps({"image_url": "http://a/2.jpg", "alt_text": None, "score": 2}) + "\n"
-                 + json.dumps({"image_url": "http://a/3.jpg", "alt_text": "three"}) + "\n")
+    p.write_text(
+        "\n"
+        + json.dumps({"image_url": "http://a/1.jpg", "alt_text": "one", "score": 0.5})
+        + "\n\n"
+        + json.dumps({"image_url": "http://a/2.jpg", "alt_text": None, "score": 2})
+        + "\n"
+        + json.dumps({"image_url": "http://a/3.jpg", "alt_text": "three"})
+        + "\n"
+    )
     assert rows(p, extra_cols=["score"]) == [
         {"url": "http://a/1.jpg", "caption": "one", "score": 0.5},
         {"url": "http://a/2.jpg", "caption": None, "score": 2},
@@ -106,15 +110,15 @@ def test_jsonl_skips_blank_lines_and_keeps_types_of_extras(tmp_path):
 def test_jsonl_caption_found_when_first_record_lacks_it(tmp_path):
     """JSONL writers commonly omit null fields: the first record must not decide the columns alone."""
     p = tmp_path / "list.jsonl"
-    p.write_text(json.dumps({"url": "http://a/1.jpg"}) + "\n"
-                 + json.dumps({"url": "http://a/2.jpg", "caption": "two"}) + "\n")
+    p.write_text(json.dumps({"url": "http://a/1.jpg"}) + "\n" + json.dumps({"url": "http://a/2.jpg", "caption": "two"}) + "\n")
     assert rows(p) == [{"url": "http://a/1.jpg", "caption": None}, {"url": "http://a/2.jpg", "caption": "two"}]
 
 
 def test_parquet_autodetect_and_extra_columns(tmp_path):
     p = tmp_path / "list.parquet"
-    write_parquet(p, {"img_url": ["http://a/1.jpg", "http://a/2.jpg"], "alt": ["x", None],
-                      "width_hint": [640, 480], "unused": ["u", "v"]})
+    write_parquet(
+        p, {"img_url": ["http://a/1.jpg", "http://a/2.jpg"], "alt": ["x", None], "width_hint": [640, 480], "unused": ["u", "v"]}
+    )
     assert rows(p) == [{"url": "http://a/1.jpg", "caption": "x"}, {"url": "http://a/2.jpg", "caption": None}]
     assert rows(p, extra_cols=["width_hint"]) == [
         {"url": "http://a/1.jpg", "caption": "x", "width_hint": 640},
@@ -153,7 +157,13 @@ def test_directory_of_mixed_files_in_sorted_order(tmp_path):
     (d / "sub" / "z.txt").write_text("http://ignored/2.jpg\n")
 
     assert [os.path.basename(f) for f in resolve_input_files(str(d))] == [
-        "a.txt", "a2.txt.gz", "b.csv", "c.jsonl", "d.parquet", "e.tsv"]
+        "a.txt",
+        "a2.txt.gz",
+        "b.csv",
+        "c.jsonl",
+        "d.parquet",
+        "e.tsv",
+    ]
     assert rows(d) == [
         {"url": "http://a/1.jpg", "caption": None},
         {"url": "http://a/2.jpg", "caption": None},
@@ -193,14 +203,16 @@ def test_explicit_columns(tmp_path):
     p = tmp_path / "list.csv"
     p.write_text("link,title,url,caption,license,source\nhttp://l/1.jpg,Title,http://u/1.jpg,Cap,cc-by,web\n")
     assert rows(p, url_col="link", caption_col="title", extra_cols=["license", "source"]) == [
-        {"url": "http://l/1.jpg", "caption": "Title", "license": "cc-by", "source": "web"}]
+        {"url": "http://l/1.jpg", "caption": "Title", "license": "cc-by", "source": "web"}
+    ]
 
 
 def test_explicit_columns_parquet(tmp_path):
     p = tmp_path / "list.parquet"
     write_parquet(p, {"src": ["http://s/1.jpg"], "desc": ["D"], "url": ["http://u/1.jpg"], "lang": ["en"]})
     assert rows(p, url_col="src", caption_col="desc", extra_cols=["lang"]) == [
-        {"url": "http://s/1.jpg", "caption": "D", "lang": "en"}]
+        {"url": "http://s/1.jpg", "caption": "D", "lang": "en"}
+    ]
 
 
 def test_txt_accepts_explicit_url_col_named_url(tmp_path):
@@ -229,7 +241,8 @@ def test_batches_follow_files_in_order(tmp_path):
     got = batches(InputSpec(str(d)), batch_rows=3)
     assert [len(b) for b in got] == [3, 1, 3, 3]
     assert [r["url"] for b in got for r in b] == (
-        [f"http://a/{i}.jpg" for i in range(4)] + [f"http://b/{i}.jpg" for i in range(6)])
+        [f"http://a/{i}.jpg" for i in range(4)] + [f"http://b/{i}.jpg" for i in range(6)]
+    )
 
 
 def test_exact_multiple_of_batch_rows(tmp_path):

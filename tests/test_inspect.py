@@ -32,13 +32,18 @@ def words(n: int) -> str:
 
 
 def success(i: int, caption: str | None) -> Sample:
-    return Sample(key=shard_name(i), row={"url": f"http://img/{i}.jpg", "caption": caption, "status": "success",
-                                          "error_message": None}, image=jpeg(i))
+    return Sample(
+        key=shard_name(i),
+        row={"url": f"http://img/{i}.jpg", "caption": caption, "status": "success", "error_message": None},
+        image=jpeg(i),
+    )
 
 
 def failure(i: int, caption: str | None, error: str) -> Sample:
-    return Sample(key=shard_name(i), row={"url": f"http://img/{i}.jpg", "caption": caption,
-                                          "status": "failed_to_download", "error_message": error})
+    return Sample(
+        key=shard_name(i),
+        row={"url": f"http://img/{i}.jpg", "caption": caption, "status": "failed_to_download", "error_message": error},
+    )
 
 
 def write(ds: Dataset, shard: int, samples: list[Sample]) -> None:
@@ -91,8 +96,7 @@ def test_inspect_numbers(tmp_path):
     assert info["shards"] == {"complete": 2, "incomplete": 1, "damaged": 0, "expected": 3}
     assert info["incomplete_shards"] == [2]
 
-    shard_bytes = sum(p.stat().st_size for s in (0, 1)
-                      for p in (ds.tar_path(s), ds.parquet_path(s), ds.stats_path(s)))
+    shard_bytes = sum(p.stat().st_size for s in (0, 1) for p in (ds.tar_path(s), ds.parquet_path(s), ds.stats_path(s)))
     assert info["bytes"]["shards"] == shard_bytes
     assert info["bytes"]["total"] == shard_bytes + (ds.path / "lenscap.json").stat().st_size
 
@@ -147,8 +151,15 @@ def test_inspect_missing_directory_raises(tmp_path):
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     env.pop("LENSCAP_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "lenscap.cli", *args], capture_output=True, text=True,
-                          stdin=subprocess.DEVNULL, timeout=60, env=env, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "lenscap.cli", *args],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        timeout=60,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_cli_inspect_json(tmp_path):
@@ -191,14 +202,27 @@ def staged(path: Path, history: list[str]) -> Dataset:
     rows = []
     for i in range(6):
         ok = i != 0
-        row = {"url": f"http://img/{i}.jpg", "status": "success" if ok else "failed_to_download",
-               "error_message": None if ok else "HTTP Error 404", "caption": words(i + 1),
-               "filter_status": "dropped" if i == 1 else "kept", "filter_reason": "min-side" if i == 1 else None,
-               "caption_status": "skipped" if i in (0, 1) else "error" if i == 2 else "ok",
-               "caption_error": ("no image (download status: failed_to_download)" if i == 0 else "no image (filter: min-side)"
-                                 if i == 1 else "HTTP 500 after 3 tries" if i == 2 else None),
-               "dedup_status": "duplicate" if i == 5 else "unique",
-               "caption_cost_usd": 0.5 if i >= 2 else None, "caption_cached": i == 4 if i >= 2 else None}
+        row = {
+            "url": f"http://img/{i}.jpg",
+            "status": "success" if ok else "failed_to_download",
+            "error_message": None if ok else "HTTP Error 404",
+            "caption": words(i + 1),
+            "filter_status": "dropped" if i == 1 else "kept",
+            "filter_reason": "min-side" if i == 1 else None,
+            "caption_status": "skipped" if i in (0, 1) else "error" if i == 2 else "ok",
+            "caption_error": (
+                "no image (download status: failed_to_download)"
+                if i == 0
+                else "no image (filter: min-side)"
+                if i == 1
+                else "HTTP 500 after 3 tries"
+                if i == 2
+                else None
+            ),
+            "dedup_status": "duplicate" if i == 5 else "unique",
+            "caption_cost_usd": 0.5 if i >= 2 else None,
+            "caption_cached": i == 4 if i >= 2 else None,
+        }
         rows.append(Sample(key=shard_name(i), row=row, image=jpeg(i) if ok else None))
     write(ds, 0, rows)
     ds.write_manifest(history[-1], {}, None, expected_shards=1)
@@ -211,15 +235,20 @@ def staged(path: Path, history: list[str]) -> Dataset:
 def test_skips_are_not_errors(tmp_path):
     info = inspect_dataset(staged(tmp_path / "ds", ["download", "filter", "caption", "dedup"]).path)
     assert info["errors"] == {"HTTP Error 404": 1, "caption: HTTP 500 after 3 tries": 1}
-    assert info["skips"] == {"caption: no image (download status: failed_to_download)": 1,
-                             "caption: no image (filter: min-side)": 1}
+    assert info["skips"] == {
+        "caption: no image (download status: failed_to_download)": 1,
+        "caption: no image (filter: min-side)": 1,
+    }
 
 
-@pytest.mark.parametrize("history, order", [
-    (["download", "filter", "caption", "dedup"], ["status", "filter_status", "caption_status", "dedup_status"]),
-    (["download", "filter", "dedup", "caption"], ["status", "filter_status", "dedup_status", "caption_status"]),
-    (["caption"], ["status", "filter_status", "dedup_status", "caption_status"]),  # history silent: the usual order
-])
+@pytest.mark.parametrize(
+    "history, order",
+    [
+        (["download", "filter", "caption", "dedup"], ["status", "filter_status", "caption_status", "dedup_status"]),
+        (["download", "filter", "dedup", "caption"], ["status", "filter_status", "dedup_status", "caption_status"]),
+        (["caption"], ["status", "filter_status", "dedup_status", "caption_status"]),  # history silent: the usual order
+    ],
+)
 def test_outcomes_in_pipeline_order(tmp_path, history, order):
     ds = staged(tmp_path / "ds", history)
     info = inspect_dataset(ds.path)
@@ -238,8 +267,13 @@ def test_outcomes_put_filter_reasons_after_filter_status(tmp_path):
     stats = json.loads(ds.stats_path(0).read_text())
     stats["filter_reasons"] = {"kept": 5, "min-side": 1}
     ds.stats_path(0).write_text(json.dumps(stats))
-    assert list(inspect_dataset(ds.path)["outcomes"]) == ["status", "filter_status", "filter_reasons", "caption_status",
-                                                         "dedup_status"]
+    assert list(inspect_dataset(ds.path)["outcomes"]) == [
+        "status",
+        "filter_status",
+        "filter_reasons",
+        "caption_status",
+        "dedup_status",
+    ]
 
 
 def test_caption_cost_counts_cached_answers_apart(tmp_path):

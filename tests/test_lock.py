@@ -11,6 +11,7 @@ import sys
 import time
 
 from conftest import run_cli
+
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.lock import DirLock, output_lock
 

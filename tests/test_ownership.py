@@ -14,8 +14,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import run_cli, run_cli_here
+
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.lock import output_lock
@@ -41,7 +41,18 @@ def tree_bytes(path: Path, suffix: str = "") -> int:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     work = tmp_path_factory.mktemp("pipeline")
-    ok("run", "demo", "--input", "@demo:120", "--work-dir", str(work), "--set", "dedup.processes=1", "--set", "caption.no_cache=true")
+    ok(
+        "run",
+        "demo",
+        "--input",
+        "@demo:120",
+        "--work-dir",
+        str(work),
+        "--set",
+        "dedup.processes=1",
+        "--set",
+        "caption.no_cache=true",
+    )
     return work
 
 
@@ -57,8 +68,18 @@ def test_stage_directories_hold_rows_only_and_the_export_equals_copy_images(pipe
 
     # The same stages with --copy-images from the same download: self-contained, and the same export.
     copy = tmp_path / "copy"
-    ok("filter", str(pipeline / "download"), str(copy / "filter"), "--min-side", "256", "--annotate", "blur,uniform",
-       "--max-uniformity", "0.95", "--copy-images")
+    ok(
+        "filter",
+        str(pipeline / "download"),
+        str(copy / "filter"),
+        "--min-side",
+        "256",
+        "--annotate",
+        "blur,uniform",
+        "--max-uniformity",
+        "0.95",
+        "--copy-images",
+    )
     ok("caption", str(copy / "filter"), str(copy / "caption"), "--backend", "describe", "--copy-images", "--no-cache")
     ok("dedup", str(copy / "caption"), str(copy / "dedup"), "--processes", "1", "--copy-images")
     ok("shard", str(copy / "dedup"), str(copy / "shard"), "--format", "webdataset", "--target-size", "2MB", "--processes", "1")
@@ -68,8 +89,12 @@ def test_stage_directories_hold_rows_only_and_the_export_equals_copy_images(pipe
     assert exported and [p.name for p in exported] == sorted(p.name for p in (copy / "shard").glob("*.tar"))
     for tar in exported:
         assert tar.read_bytes() == (copy / "shard" / tar.name).read_bytes()
-    kept = sum(1 for shard in Dataset.open(pipeline / "dedup").completed_ids()
-               for s in Dataset.open(pipeline / "dedup").iter_samples(shard) if s.has_image and s.row["caption_status"] == "ok")
+    kept = sum(
+        1
+        for shard in Dataset.open(pipeline / "dedup").completed_ids()
+        for s in Dataset.open(pipeline / "dedup").iter_samples(shard)
+        if s.has_image and s.row["caption_status"] == "ok"
+    )
     assert json.loads((pipeline / "shard" / "shards.json").read_text())["samples"] == kept > 50
 
 
@@ -245,8 +270,10 @@ def test_a_complete_shard_damaged_since_is_written_again_and_never_read(tmp_path
     parquet.write_bytes(parquet.read_bytes()[: parquet.stat().st_size // 2])  # truncated: a disk that filled, a bad copy
     info = json.loads(ok("inspect", str(out), "--json"))
     assert info["shards"]["complete"] == 1 and info["shards"]["damaged"] == 1
-    assert info["damaged_shards"] == {"00001": f"00001.parquet has {parquet.stat().st_size} bytes, not the "
-                                                f"{(tmp_path / 'ref' / '00001.parquet').stat().st_size} written"}
+    assert info["damaged_shards"] == {
+        "00001": f"00001.parquet has {parquet.stat().st_size} bytes, not the "
+        f"{(tmp_path / 'ref' / '00001.parquet').stat().st_size} written"
+    }
     code, _, err = run_cli_here("filter", str(src.path), str(out), "--min-side", "10", "--quiet")
     assert code == 0 and "shard 00001 of" in err and "was damaged since it was written" in err and "writing it again" in err
     for name in ("00000.parquet", "00001.parquet", "00000_stats.json", "00001_stats.json"):

@@ -15,21 +15,27 @@ import warnings
 from pathlib import Path
 
 import pytest
-from PIL import Image
-
 from conftest import run_cli
+from PIL import Image
+from test_caption import rows
+
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.images import jpeg_bytes
 from lenscap.errors import MissingDependency, UsageError
-from test_caption import rows
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 BUILTIN_FILTERS = ["blur", "clip", "faces", "nsfw", "ocr", "uniform"]
 
 
-def plugin_dist(root: Path, module: str, source: str, entry_points: dict[str, dict[str, str]],
-                dist: str = "lenscap-test-plugin", version: str = "1.0") -> Path:
+def plugin_dist(
+    root: Path,
+    module: str,
+    source: str,
+    entry_points: dict[str, dict[str, str]],
+    dist: str = "lenscap-test-plugin",
+    version: str = "1.0",
+) -> Path:
     """A package as pip would leave it installed in ``root``: the module and its ``.dist-info`` with
     the entry points. Put ``root`` on sys.path (or PYTHONPATH) and lenscap finds the plugins."""
     root.mkdir(parents=True, exist_ok=True)
@@ -37,13 +43,17 @@ def plugin_dist(root: Path, module: str, source: str, entry_points: dict[str, di
     info = root / f"{dist.replace('-', '_')}-{version}.dist-info"
     info.mkdir()
     (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {dist}\nVersion: {version}\n")
-    (info / "entry_points.txt").write_text("".join(
-        f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in names.items()) + "\n"
-        for group, names in entry_points.items()))
+    (info / "entry_points.txt").write_text(
+        "".join(
+            f"[{group}]\n" + "".join(f"{name} = {target}\n" for name, target in names.items()) + "\n"
+            for group, names in entry_points.items()
+        )
+    )
     return root
 
 
 # -- the public import path ------------------------------------------------------------------------
+
 
 def test_lenscap_plugin_exposes_what_a_plugin_needs():
     import lenscap.plugin as plugin
@@ -53,14 +63,34 @@ def test_lenscap_plugin_exposes_what_a_plugin_needs():
     from lenscap.record import Sample
 
     assert sorted(plugin.__all__) == sorted(set(plugin.__all__)) and all(hasattr(plugin, n) for n in plugin.__all__)
-    for name in ("CaptionBackend", "CaptionRequest", "CaptionResult", "Option", "generated", "OK", "ERROR", "REFUSED",
-                 "TRUNCATED", "SKIPPED", "Annotator", "Sample", "BackendError", "MissingDependency", "UsageError"):
+    for name in (
+        "CaptionBackend",
+        "CaptionRequest",
+        "CaptionResult",
+        "Option",
+        "generated",
+        "OK",
+        "ERROR",
+        "REFUSED",
+        "TRUNCATED",
+        "SKIPPED",
+        "Annotator",
+        "Sample",
+        "BackendError",
+        "MissingDependency",
+        "UsageError",
+    ):
         assert name in plugin.__all__, name
     # the same objects as their homes inside lenscap, which keep working
     assert plugin.CaptionBackend is backends_base.CaptionBackend and plugin.Option is backends_base.Option
     assert plugin.Annotator is filters_base.Annotator and plugin.Sample is Sample and Registry is not None
-    assert (plugin.OK, plugin.ERROR, plugin.REFUSED, plugin.TRUNCATED, plugin.SKIPPED) == ("ok", "error", "refused", "truncated",
-                                                                                             "skipped")
+    assert (plugin.OK, plugin.ERROR, plugin.REFUSED, plugin.TRUNCATED, plugin.SKIPPED) == (
+        "ok",
+        "error",
+        "refused",
+        "truncated",
+        "skipped",
+    )
     assert (plugin.BACKENDS_GROUP, plugin.FILTERS_GROUP) == ("lenscap.backends", "lenscap.filters")
 
 
@@ -88,9 +118,13 @@ def test_the_docstring_examples_run():
 
 # -- a backend's model -----------------------------------------------------------------------------
 
+
 def test_a_backend_without_a_model_records_its_name(tmp_path, monkeypatch):
     """Left out, ``model`` is the backend's name: the caption_model column is never empty."""
-    plugin_dist(tmp_path / "site", "plain_backend_mod", '''
+    plugin_dist(
+        tmp_path / "site",
+        "plain_backend_mod",
+        """
         from lenscap.plugin import OK, CaptionBackend, CaptionResult
 
         class Plain(CaptionBackend):
@@ -99,7 +133,9 @@ def test_a_backend_without_a_model_records_its_name(tmp_path, monkeypatch):
             def caption_all(self, requests, on_result):
                 for r in requests:
                     on_result(CaptionResult(r.key, OK, caption="a picture", cost_usd=0.0))
-        ''', {"lenscap.backends": {"plain": "plain_backend_mod:Plain"}})
+        """,
+        {"lenscap.backends": {"plain": "plain_backend_mod:Plain"}},
+    )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     from lenscap import api
 
@@ -114,7 +150,10 @@ def test_a_backend_without_a_model_records_its_name(tmp_path, monkeypatch):
 
 
 def test_the_registry_refuses_a_plugin_that_breaks_the_contract(tmp_path, monkeypatch):
-    plugin_dist(tmp_path / "site", "broken_plugins_mod", '''
+    plugin_dist(
+        tmp_path / "site",
+        "broken_plugins_mod",
+        """
         import pyarrow as pa
         from lenscap.plugin import Annotator, CaptionBackend
 
@@ -137,9 +176,16 @@ def test_the_registry_refuses_a_plugin_that_breaks_the_contract(tmp_path, monkey
 
             def annotate(self, image, sample):
                 return {}
-        ''', {"lenscap.backends": {"nameless": "broken_plugins_mod:Nameless", "empty-model": "broken_plugins_mod:EmptyModel",
-                                   "missing": "no_such_module_here:Backend"},
-              "lenscap.filters": {"noscore": "broken_plugins_mod:NoScoreColumn"}})
+        """,
+        {
+            "lenscap.backends": {
+                "nameless": "broken_plugins_mod:Nameless",
+                "empty-model": "broken_plugins_mod:EmptyModel",
+                "missing": "no_such_module_here:Backend",
+            },
+            "lenscap.filters": {"noscore": "broken_plugins_mod:NoScoreColumn"},
+        },
+    )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     from lenscap.backends import backend_class, describe_backends
     from lenscap.filters import annotator_class
@@ -148,7 +194,9 @@ def test_the_registry_refuses_a_plugin_that_breaks_the_contract(tmp_path, monkey
         backend_class("nameless")
     with pytest.raises(UsageError, match="backend 'empty-model' .* sets model to something other than a model name"):
         backend_class("empty-model")
-    with pytest.raises(UsageError, match=r"backend 'missing' \(no_such_module_here:Backend\) cannot be imported: ModuleNotFoundError"):
+    with pytest.raises(
+        UsageError, match=r"backend 'missing' \(no_such_module_here:Backend\) cannot be imported: ModuleNotFoundError"
+    ):
         backend_class("missing")
     with pytest.raises(UsageError, match=r"score \('b'\) must name one of its columns; keep_above must be True"):
         annotator_class("noscore")
@@ -159,6 +207,7 @@ def test_the_registry_refuses_a_plugin_that_breaks_the_contract(tmp_path, monkey
 
 # -- option values ---------------------------------------------------------------------------------
 
+
 def test_a_bad_option_value_is_shown_as_given():
     from lenscap.plugin import Option
 
@@ -167,7 +216,10 @@ def test_a_bad_option_value_is_shown_as_given():
         digits.parse("two")
     assert str(e.value) == "-O digits=two: digits takes an int, not 'two'"
     assert digits.parse(" 5 ") == 5 and digits.parse(7.0) == 7
-    for value, shown in ((2.5, "-O digits=2.5: digits takes an int, not 2.5"), (True, "-O digits=True: digits takes an int, not True")):
+    for value, shown in (
+        (2.5, "-O digits=2.5: digits takes an int, not 2.5"),
+        (True, "-O digits=True: digits takes an int, not True"),
+    ):
         with pytest.raises(UsageError, match=re.escape(shown)):
             digits.parse(value)
     with pytest.raises(UsageError, match=re.escape("-O scale=big: scale takes a float, not 'big'")):
@@ -186,7 +238,10 @@ def test_a_bad_option_value_is_shown_as_given():
 
 
 def test_a_plugin_option_error_on_the_command_line(tmp_path):
-    site = plugin_dist(tmp_path / "site", "digits_backend_mod", '''
+    site = plugin_dist(
+        tmp_path / "site",
+        "digits_backend_mod",
+        """
         from lenscap.plugin import OK, CaptionBackend, CaptionResult, Option
 
         class Digits(CaptionBackend):
@@ -199,7 +254,9 @@ def test_a_plugin_option_error_on_the_command_line(tmp_path):
             def caption_all(self, requests, on_result):
                 for r in requests:
                     on_result(CaptionResult(r.key, OK, caption="1" * self.digits, cost_usd=0.0))
-        ''', {"lenscap.backends": {"digits": "digits_backend_mod:Digits"}})
+        """,
+        {"lenscap.backends": {"digits": "digits_backend_mod:Digits"}},
+    )
     src = write_image_dataset(tmp_path / "in", 1).path
     env = {"PYTHONPATH": str(site), "LENSCAP_CACHE_DIR": str(tmp_path / "cache")}
     r = run_cli("caption", str(src), str(tmp_path / "out"), "--backend", "digits", "-O", "digits=two", env=env)
@@ -212,6 +269,7 @@ def test_a_plugin_option_error_on_the_command_line(tmp_path):
 
 
 # -- max_tokens, the one name of the output-token limit ----------------------------------------------
+
 
 def test_local_backends_take_max_tokens_and_the_old_name_for_now(tmp_path):
     from lenscap.backends.base import OptionRenamed
@@ -255,6 +313,7 @@ def test_every_output_token_limit_is_called_max_tokens():
 
 # -- lenscap filters -------------------------------------------------------------------------------
 
+
 def test_describe_filters_lists_the_builtins(monkeypatch):
     from lenscap.filters import describe_filters, filters_lines
 
@@ -263,14 +322,24 @@ def test_describe_filters_lists_the_builtins(monkeypatch):
     assert all(f["source"] == "lenscap (built-in)" and f["default_threshold"] is None for f in found.values())
     blur, uniform = found["blur"], found["uniform"]
     assert (blur["score"], blur["direction"], blur["threshold_flag"], blur["threshold_option"]) == (
-        "blur_laplacian_var", "drop below", "--min-sharpness", "--threshold blur=VALUE")
+        "blur_laplacian_var",
+        "drop below",
+        "--min-sharpness",
+        "--threshold blur=VALUE",
+    )
     assert blur["columns"] == [{"name": "blur_laplacian_var", "type": "double"}] and blur["available"] and blur["extra"] is None
     assert (uniform["direction"], uniform["threshold_flag"]) == ("drop above", "--max-uniformity")
     assert (found["ocr"]["extra"], found["ocr"]["needs"]) == ("ocr", "pip install 'lenscap[ocr]'")
     assert (found["nsfw"]["extra"], found["clip"]["extra"]) == ("nsfw", "local")
     flags = {f["name"]: f["threshold_flag"] for f in found.values()}
-    assert flags == {"blur": "--min-sharpness", "uniform": "--max-uniformity", "ocr": "--max-text-area", "faces": "--max-faces",
-                     "nsfw": "--max-nsfw", "clip": "--min-clip-score"}
+    assert flags == {
+        "blur": "--min-sharpness",
+        "uniform": "--max-uniformity",
+        "ocr": "--max-text-area",
+        "faces": "--max-faces",
+        "nsfw": "--max-nsfw",
+        "clip": "--min-clip-score",
+    }
     # an extra that is not installed: listed, not available, and why
     import importlib.util
 
@@ -285,7 +354,10 @@ def test_describe_filters_lists_the_builtins(monkeypatch):
 
 
 def test_describe_filters_lists_a_plugin_registered_by_entry_point(tmp_path, monkeypatch):
-    plugin_dist(tmp_path / "site", "listed_filters_mod", '''
+    plugin_dist(
+        tmp_path / "site",
+        "listed_filters_mod",
+        '''
         import pyarrow as pa
         from lenscap.plugin import Annotator
 
@@ -318,8 +390,17 @@ def test_describe_filters_lists_a_plugin_registered_by_entry_point(tmp_path, mon
 
             def annotate(self, image, sample):
                 return {}
-        ''', {"lenscap.filters": {"warmth": "listed_filters_mod:Warmth", "broken": "listed_filters_mod:Broken",
-                                  "gone": "listed_filters_gone:Gone"}}, dist="lenscap-warmth", version="0.3")
+        ''',
+        {
+            "lenscap.filters": {
+                "warmth": "listed_filters_mod:Warmth",
+                "broken": "listed_filters_mod:Broken",
+                "gone": "listed_filters_gone:Gone",
+            }
+        },
+        dist="lenscap-warmth",
+        version="0.3",
+    )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     from lenscap.filters import annotator_class, describe_filters, filters_lines
 
@@ -328,7 +409,11 @@ def test_describe_filters_lists_a_plugin_registered_by_entry_point(tmp_path, mon
     warmth = found["warmth"]
     assert warmth["source"] == "lenscap-warmth 0.3" and warmth["entry_point"] == "listed_filters_mod:Warmth"
     assert (warmth["summary"], warmth["score"], warmth["direction"], warmth["default_threshold"]) == (
-        "Red minus blue, on average.", "warmth_mean", "drop below", 0.0)
+        "Red minus blue, on average.",
+        "warmth_mean",
+        "drop below",
+        0.0,
+    )
     assert warmth["threshold_flag"] is None and warmth["threshold_option"] == "--threshold warmth=VALUE"
     assert warmth["threshold_help"] == "drop below the threshold: samples whose warmth_mean is below it are dropped"
     assert (warmth["available"], warmth["missing"]) == (False, "needs a warm day")
@@ -343,8 +428,9 @@ def test_describe_filters_lists_a_plugin_registered_by_entry_point(tmp_path, mon
     lines = filters_lines([found["warmth"], found["gone"]])
     assert lines[0] == "warmth  (lenscap-warmth 0.3; needs the local extra; not available here: needs a warm day)"
     assert lines[1] == "    Red minus blue, on average."
-    assert lines[3] == ("    --threshold warmth=VALUE: drop below the threshold: samples whose warmth_mean is below it are dropped "
-                        "[default 0]")
+    assert lines[3] == (
+        "    --threshold warmth=VALUE: drop below the threshold: samples whose warmth_mean is below it are dropped [default 0]"
+    )
     assert lines[4].startswith("gone  (lenscap-warmth 0.3)  cannot be loaded: UsageError: ")
     json.dumps(describe_filters())  # --json can print it
 
@@ -362,8 +448,12 @@ def test_lenscap_filters_on_the_command_line(tmp_path):
 
 # -- the documented examples -----------------------------------------------------------------------
 
-EXAMPLE_FILES = ["lenscap-echo-backend/pyproject.toml", "lenscap-echo-backend/lenscap_echo/__init__.py",
-                 "lenscap-redness-filter/pyproject.toml", "lenscap-redness-filter/lenscap_redness/__init__.py"]
+EXAMPLE_FILES = [
+    "lenscap-echo-backend/pyproject.toml",
+    "lenscap-echo-backend/lenscap_echo/__init__.py",
+    "lenscap-redness-filter/pyproject.toml",
+    "lenscap-redness-filter/lenscap_redness/__init__.py",
+]
 
 
 def test_the_docs_show_the_examples_as_they_are():
@@ -383,8 +473,23 @@ def test_the_docs_show_the_examples_as_they_are():
 def examples_site(tmp_path_factory) -> Path:
     """Both example packages, installed as a user installs them."""
     target = tmp_path_factory.mktemp("examples-site")
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target),
-                    str(EXAMPLES / "lenscap-echo-backend"), str(EXAMPLES / "lenscap-redness-filter")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(EXAMPLES / "lenscap-echo-backend"),
+            str(EXAMPLES / "lenscap-redness-filter"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     return target
 
 
@@ -394,8 +499,10 @@ def test_the_example_backend_captions_through_the_library(tmp_path, monkeypatch,
     from lenscap.backends import describe_backends
 
     listed = {b["name"]: b for b in describe_backends()}
-    assert listed["echo"]["source"] == "lenscap-echo-backend 0.1.0" and [o["name"] for o in listed["echo"]["options"]] == ["prefix",
-                                                                                                                         "upper"]
+    assert listed["echo"]["source"] == "lenscap-echo-backend 0.1.0" and [o["name"] for o in listed["echo"]["options"]] == [
+        "prefix",
+        "upper",
+    ]
     src = write_image_dataset(tmp_path / "in", 3, failed=lambda i: i == 2).path
     echo = api.backend("echo", prefix="Echo: ", upper="yes")
     result = api.caption(src, tmp_path / "out", echo, "short", cache=False)
@@ -414,14 +521,21 @@ def test_the_example_annotator_filters_through_the_library(tmp_path, monkeypatch
 
     redness = next(f for f in describe_filters() if f["name"] == "redness")
     assert (redness["source"], redness["direction"], redness["threshold_option"], redness["available"]) == (
-        "lenscap-redness-filter 0.1.0", "drop above", "--threshold redness=VALUE", True)
+        "lenscap-redness-filter 0.1.0",
+        "drop above",
+        "--threshold redness=VALUE",
+        True,
+    )
     colours = [(220, 20, 20), (20, 20, 220), (200, 190, 180)]
     src = write_image_dataset(tmp_path / "in", 3, image=lambda i: jpeg_bytes(Image.new("RGB", (100, 100), colours[i]))).path
     result = api.filter(src, tmp_path / "out", annotators=[annotator_class("redness")(0.5)])
     assert result.reasons == {"kept": 2, "redness": 1}
     got = rows(tmp_path / "out")
     assert (got["000000000"]["filter_status"], got["000000000"]["filter_reason"], got["000000000"]["filter_detail"]) == (
-        "dropped", "redness", "redness_share 1 > 0.5")
+        "dropped",
+        "redness",
+        "redness_share 1 > 0.5",
+    )
     assert got["000000001"]["filter_status"] == "kept" and got["000000001"]["redness_share"] == 0.0
     scores_only = api.filter(src, tmp_path / "scores", annotators=[annotator_class("redness")()])
     assert scores_only.reasons == {"kept": 3} and rows(tmp_path / "scores")["000000000"]["redness_share"] == 1.0

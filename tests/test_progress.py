@@ -6,17 +6,15 @@ from __future__ import annotations
 import csv
 import logging
 import re
-from pathlib import Path
 
 import pytest
+from conftest import run_cli
 
 from lenscap import progress as progress_mod
 from lenscap.demo.images import jpeg_bytes, scene
 from lenscap.demo.server import ImageServer, Route
 from lenscap.progress import LogProgress, log, log_file, make_progress, set_log_file
 from lenscap.stages.download import DownloadOptions, download
-
-from conftest import run_cli
 
 LINE_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d lenscap: ")
 
@@ -107,8 +105,12 @@ def test_download_reports_samples_before_its_shard_completes(tmp_path):
             for path in routes:
                 w.writerow([server.url(path), path])
         spy = SpyProgress(interval_s=0.0)
-        result = download(str(urls), tmp_path / "out", DownloadOptions(samples_per_shard=20, processes=1, threads=2,
-                                                                         allow_private_network=True), progress=spy)
+        result = download(
+            str(urls),
+            tmp_path / "out",
+            DownloadOptions(samples_per_shard=20, processes=1, threads=2, allow_private_network=True),
+            progress=spy,
+        )
     assert result.shards_completed == 1 and result.samples == 20
     assert spy.total_samples == 20
     before_done = [(n, f) for shards, n, f in spy.seen if shards == 0 and 0 < n < 20]
@@ -162,7 +164,7 @@ def test_captured_warnings_go_to_the_log_file_only(tmp_path, capsys, no_log_file
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             logging.captureWarnings(True)  # catch_warnings put back the showwarning it found
-            warnings.warn("a library's warning", UserWarning)
+            warnings.warn("a library's warning", UserWarning, stacklevel=2)
     finally:
         logging.captureWarnings(False)
     assert "a library's warning" not in capsys.readouterr().err
@@ -180,8 +182,18 @@ def test_quiet_commands_print_nothing_on_stderr(tmp_path, image_server):
         for path in ("/ok/0.jpg", "/ok/1.jpg", "/ok/2.jpg", "/html.jpg", "/missing.jpg"):
             w.writerow([image_server.url(path), "a photo"])
     log_path = tmp_path / "run.log"
-    r = run_cli("download", str(urls), str(tmp_path / "raw"), "--samples-per-shard", "3", "--processes", "1", "--quiet",
-                "--log-file", str(log_path))
+    r = run_cli(
+        "download",
+        str(urls),
+        str(tmp_path / "raw"),
+        "--samples-per-shard",
+        "3",
+        "--processes",
+        "1",
+        "--quiet",
+        "--log-file",
+        str(log_path),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr == ""
     logged = log_path.read_text()

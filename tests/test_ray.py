@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from conftest import run_cli
+
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
@@ -56,8 +56,9 @@ def both(tmp_path: Path, ray_cluster: str, *args: str, out: str) -> tuple[Path, 
     local, on_ray = tmp_path / f"{out}-local", tmp_path / f"{out}-ray"
     r = run_cli(*args, str(local), "--quiet", "--processes", "2", env=own_cache(tmp_path, local.name))
     assert r.returncode == 0, r.stderr
-    r = run_cli(*args, str(on_ray), "--quiet", "--executor", "ray", "--ray-address", ray_cluster,
-                env=own_cache(tmp_path, on_ray.name))
+    r = run_cli(
+        *args, str(on_ray), "--quiet", "--executor", "ray", "--ray-address", ray_cluster, env=own_cache(tmp_path, on_ray.name)
+    )
     assert r.returncode == 0, r.stderr
     return local, on_ray
 
@@ -109,8 +110,7 @@ def test_a_ray_lenscap_starts_is_on_loopback(tmp_path):
     from lenscap.executors import SINGLE_MACHINE_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in (SINGLE_MACHINE_ENV, "RAY_ADDRESS")}
-    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY], env=env, capture_output=True, text=True, timeout=420,
-                          cwd=tmp_path)
+    proc = subprocess.run([sys.executable, "-c", LOCAL_RAY], env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["address"].startswith("127.0.0.1:") and got["nodes"] == ["127.0.0.1"], got
@@ -120,8 +120,9 @@ def test_a_ray_lenscap_starts_is_on_loopback(tmp_path):
 def test_every_stage_on_ray_writes_what_the_local_executor_writes(tmp_path, ray_cluster):
     src = write_image_dataset(tmp_path / "in", 36, per_shard=8, failed=lambda i: i == 3).path
 
-    local, on_ray = both(tmp_path, ray_cluster, "filter", str(src), "--min-side", "100", "--annotate", "blur",
-                         "--copy-images", out="filter")
+    local, on_ray = both(
+        tmp_path, ray_cluster, "filter", str(src), "--min-side", "100", "--annotate", "blur", "--copy-images", out="filter"
+    )
     assert rows(local) == rows(on_ray) and len(rows(on_ray)) == 36
     assert tars(local) == tars(on_ray) and len(tars(on_ray)) == 5  # byte for byte
     assert Dataset(on_ray).read_manifest()["complete"]
@@ -235,8 +236,9 @@ def test_a_killed_caption_worker_repeats_no_paid_request(tmp_path, ray_cluster, 
     src = write_image_dataset(tmp_path / "in", 24, per_shard=8).path
     marker = tmp_path / "killed"
     with FakeOpenAI(FakeSettings(api_key=KEY)) as server:
-        backend = _killing_backend(str(marker), after=3).from_options({"base_url": [server.base_url], "concurrency": "1",
-                                                                        "model": "gpt-4.1-mini"})
+        backend = _killing_backend(str(marker), after=3).from_options(
+            {"base_url": [server.base_url], "concurrency": "1", "model": "gpt-4.1-mini"}
+        )
         stage = CaptionStage(backend, load_prompt("short"), cache_dir=None)
         result = run_stage(stage, src, tmp_path / "out", executor=RayExecutor(max_retries=2))
         stats = server.stats()
@@ -260,8 +262,18 @@ def test_download_on_ray_equals_local(tmp_path, ray_cluster, image_server):
     local, on_ray = tmp_path / "local", tmp_path / "ray"
     r = run_cli(*common, str(local), "--samples-per-shard", "5", "--processes", "2", "--quiet", timeout=300)
     assert r.returncode == 0, r.stderr
-    r = run_cli(*common, str(on_ray), "--samples-per-shard", "5", "--executor", "ray", "--ray-address", ray_cluster,
-                "--quiet", timeout=300)
+    r = run_cli(
+        *common,
+        str(on_ray),
+        "--samples-per-shard",
+        "5",
+        "--executor",
+        "ray",
+        "--ray-address",
+        ray_cluster,
+        "--quiet",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert Dataset(on_ray).completed_ids() == [0, 1, 2]
     columns = ("key", "url", "status", "error_message", "width", "height", "sha256")
@@ -271,11 +283,14 @@ def test_download_on_ray_equals_local(tmp_path, ray_cluster, image_server):
     assert members(local) == members(on_ray)
 
 
-@pytest.mark.parametrize("args, message", [
-    (("--ray-address", "auto"), "--ray-address needs --executor ray"),
-    (("--executor", "spark"), "--executor must be one of local, ray"),
-    (("--executor", "ray", "--ray-address", "127.0.0.1:9"), "cannot reach the Ray cluster at 127.0.0.1:9"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--ray-address", "auto"), "--ray-address needs --executor ray"),
+        (("--executor", "spark"), "--executor must be one of local, ray"),
+        (("--executor", "ray", "--ray-address", "127.0.0.1:9"), "cannot reach the Ray cluster at 127.0.0.1:9"),
+    ],
+)
 def test_bad_executor_flags(tmp_path, args, message):
     src = write_image_dataset(tmp_path / "in", 4, per_shard=4).path
     r = run_cli("filter", str(src), str(tmp_path / "out"), *args)
@@ -292,10 +307,29 @@ def test_max_cost_holds_across_ray_workers(tmp_path, ray_cluster):
     prices.write_text(json.dumps({"gpt-4.1-mini": {"input": 1000, "output": 1000}}))  # about $0.39 a caption
     env = {"OPENAI_API_KEY": KEY, "LENSCAP_CACHE_DIR": str(tmp_path / "cache")}
     with FakeOpenAI(api_key=KEY, latency_s=0.01) as fake:
+
         def run(cap: str):
-            return run_cli("caption", str(src), str(tmp_path / "out"), "--base-url", fake.base_url, "--prices", str(prices),
-                           "--max-cost", cap, "--concurrency", "2", "--no-cache", "--quiet", "--json",
-                           "--executor", "ray", "--ray-address", ray_cluster, env=env)
+            return run_cli(
+                "caption",
+                str(src),
+                str(tmp_path / "out"),
+                "--base-url",
+                fake.base_url,
+                "--prices",
+                str(prices),
+                "--max-cost",
+                cap,
+                "--concurrency",
+                "2",
+                "--no-cache",
+                "--quiet",
+                "--json",
+                "--executor",
+                "ray",
+                "--ray-address",
+                ray_cluster,
+                env=env,
+            )
 
         r = run("6")
         assert r.returncode == 4, r.stderr
@@ -323,15 +357,35 @@ def test_remote_datasets_on_ray(tmp_path, ray_cluster, s3_store):
 
     captioned, remote_captioned = tmp_path / "captioned", "s3://lenscap/ray-test/captioned"
     # --copy-images: tars written on the Ray workers and uploaded, byte-identical to a local run's
-    assert run_cli("caption", str(local), str(captioned), "--backend", "describe", "--copy-images", "--quiet",
-                   env=own_cache(tmp_path, "local")).returncode == 0
-    r = run_cli("caption", remote, remote_captioned, "--backend", "describe", "--copy-images", *ray_flags,
-                env=env | own_cache(tmp_path, "ray"))
+    assert (
+        run_cli(
+            "caption",
+            str(local),
+            str(captioned),
+            "--backend",
+            "describe",
+            "--copy-images",
+            "--quiet",
+            env=own_cache(tmp_path, "local"),
+        ).returncode
+        == 0
+    )
+    r = run_cli(
+        "caption",
+        remote,
+        remote_captioned,
+        "--backend",
+        "describe",
+        "--copy-images",
+        *ray_flags,
+        env=env | own_cache(tmp_path, "ray"),
+    )
     assert r.returncode == 0, r.stderr
     assert rows_of(remote_captioned) == rows(captioned)
     assert not any(r["caption_cached"] for r in rows(captioned))
     assert sorted(p.rsplit("/", 1)[1] for p in s3_store.ls("lenscap/ray-test/captioned")) == sorted(
-        [f"{i:05d}{ext}" for i in range(4) for ext in (".parquet", ".tar", "_stats.json")] + ["lenscap.json"])
+        [f"{i:05d}{ext}" for i in range(4) for ext in (".parquet", ".tar", "_stats.json")] + ["lenscap.json"]
+    )
     for i in range(4):
         assert s3_store.cat(f"lenscap/ray-test/captioned/{i:05d}.tar") == (captioned / f"{i:05d}.tar").read_bytes()
     assert "lenscap-test-secret" not in s3_store.cat("lenscap/ray-test/captioned/lenscap.json").decode()

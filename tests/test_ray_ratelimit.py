@@ -52,14 +52,17 @@ class RecordingFake(FakeOpenAI):
                 with self._lock:
                     self.requests += 1
                 headers = {"retry-after-ms": str(int(left * 1000)), "retry-after": str(max(1, round(left)))}
-                payload = json.dumps({"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}})
+                payload = json.dumps(
+                    {"error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}}
+                )
                 return self._count((429, headers, payload.encode()))
         return await super()._chat(body)
 
 
 def caption_on_ray(tmp_path, fake: RecordingFake, images: int, per_shard: int, **options) -> list[dict]:
-    src = write_image_dataset(tmp_path / "in", images, per_shard=per_shard, size=(96, 64),
-                              caption=lambda i: f"shard{i // per_shard}-item{i}").path
+    src = write_image_dataset(
+        tmp_path / "in", images, per_shard=per_shard, size=(96, 64), caption=lambda i: f"shard{i // per_shard}-item{i}"
+    ).path
     backend = OpenAIChatBackend.from_options({"base_url": [fake.base_url], **options})
     stage = CaptionStage(backend, load_prompt("alt-aware"), cache_dir=None)
     result = run_stage(stage, src, tmp_path / "out", progress=make_progress("caption", quiet=True), executor=RayExecutor())
@@ -88,8 +91,9 @@ def test_workers_together_stay_within_the_account_limit(tmp_path, ray_cluster, l
     for t, shard in fake.arrivals:
         first, last = spans.get(shard, (t, t))
         spans[shard] = (min(first, t), max(last, t))
-    assert any(a[0] < b[1] and b[0] < a[1] for a in spans.values() for b in spans.values() if a is not b), \
+    assert any(a[0] < b[1] and b[0] < a[1] for a in spans.values() for b in spans.values() if a is not b), (
         "two workers must have been sending at the same time"
+    )
     # The buckets admit their half second's burst, then the limit's rate; 0.3 s and two requests more
     # for timing jitter on a busy machine (and for the probe per worker that goes first when the limit
     # is learned from the headers). Two workers each at the full limit would send twice this.

@@ -74,14 +74,18 @@ def run(recipe: Path | str, log: Path, *args: str) -> tuple[int, dict, str]:
     before = log.read_text() if log.exists() else ""
     code, out, err = run_cli_here("--log-file", str(log), "run", str(recipe), *args, "--json", "--quiet")
     assert "Traceback" not in err, err
-    return code, json.loads(out), log.read_text()[len(before):]
+    return code, json.loads(out), log.read_text()[len(before) :]
 
 
 def files(path: Path) -> dict[str, int]:
     """Every file a run writes (not a command's private state, nor the run's lock), with its mtime."""
-    return {str(p.relative_to(path)): p.stat().st_mtime_ns for p in sorted(path.rglob("*"))
-            if p.is_file() and not any(part.startswith(".lenscap") and part != ".lenscap-run" for part in p.parts)
-            and p.name != "lock"}
+    return {
+        str(p.relative_to(path)): p.stat().st_mtime_ns
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+        and not any(part.startswith(".lenscap") and part != ".lenscap-run" for part in p.parts)
+        and p.name != "lock"
+    }
 
 
 def rows(path: Path) -> dict[str, dict]:
@@ -122,7 +126,9 @@ def test_unchanged_rerun_skips_and_a_deleted_stage_is_rebuilt_with_all_after_it(
     code, third, text = run(recipe, log)
     assert code == 0, text
     assert [s["skipped"] for s in third["stages"]] == [True, False, False, False, False]
-    assert f"run: filter: {work / 'filter'} is gone since the last run: running again; dedup, caption, shard rerun after it" in text
+    assert (
+        f"run: filter: {work / 'filter'} is gone since the last run: running again; dedup, caption, shard rerun after it" in text
+    )
     assert (work / "filter" / "lenscap.json").exists()
     assert rows(work / "dedup") == clean_rows
     assert tars(work / "shard") == clean_tars
@@ -141,8 +147,10 @@ def test_a_changed_option_reruns_the_stage_and_what_follows_and_zero_samples_sto
     # owns its work directory); the export holds what the new filter kept, nothing from before
     code, second, text = run(recipe, log, "--set", "filter.min_side=200")
     assert code == 0, text
-    assert ("run: filter: options changed since the last run (--min-side 10 -> 200): running again; "
-            "dedup, caption, shard rerun after it") in text
+    assert (
+        "run: filter: options changed since the last run (--min-side 10 -> 200): running again; "
+        "dedup, caption, shard rerun after it"
+    ) in text
     assert [s["skipped"] for s in second["stages"]] == [True, False, False, False, False]
     assert "run: filter: 8 in, 7 kept, 1 dropped (1 min-side); " in text
     assert [s["samples"] for s in second["stages"]] == [8, 7, 6, 6, 6]
@@ -172,8 +180,10 @@ def test_a_changed_option_reruns_the_stage_and_what_follows_and_zero_samples_sto
 
 def test_allow_empty_is_checked_like_any_other_key(tmp_path, image_server):
     recipe = setup(tmp_path, image_server)
-    for bad, message in ((["--set", "filter.allow_empty=3"], "allow_empty must be true or false, not 3"),
-                         (["--set", "nosuch.allow_empty=true"], "no stage 'nosuch'")):
+    for bad, message in (
+        (["--set", "filter.allow_empty=3"], "allow_empty must be true or false, not 3"),
+        (["--set", "nosuch.allow_empty=true"], "no stage 'nosuch'"),
+    ):
         code, _, err = run_cli_here("run", str(recipe), *bad, "--quiet")
         assert code == 2 and message in err, err
     text = recipe.read_text() + '\n[[stages]]\nrun = "report"\nallow_empty = true\n'
@@ -189,11 +199,37 @@ def test_lens_recaption_keeps_samples_of_a_url_list_without_alt_text(tmp_path, i
     urls.write_text("".join(f"{image_server.url(p)}\n" for p in PATHS[:4]))
     log = tmp_path / "run.log"
     code, summary, text = run(
-        "lens-recaption", log, "--input", str(urls), "--work-dir", str(tmp_path / "lens"),
-        "--set", "download.allow_private_network=true", "--set", "download.processes=1", "--set", "download.threads=4",
-        "--set", "caption.backend=describe", "--set", "caption.model=", "--set", "caption.detail=", "--set", "caption.max_cost=",
-        "--set", "filter.min_sharpness=",  # two of the test's generated scenes are blurry to the recipe's blur rule
-        "--set", "audit.fail_on=", "--set", "shard.target_size=", "--set", "shard.samples_per_shard=2", "--set", "report.sample=2")
+        "lens-recaption",
+        log,
+        "--input",
+        str(urls),
+        "--work-dir",
+        str(tmp_path / "lens"),
+        "--set",
+        "download.allow_private_network=true",
+        "--set",
+        "download.processes=1",
+        "--set",
+        "download.threads=4",
+        "--set",
+        "caption.backend=describe",
+        "--set",
+        "caption.model=",
+        "--set",
+        "caption.detail=",
+        "--set",
+        "caption.max_cost=",
+        "--set",
+        "filter.min_sharpness=",  # two of the test's generated scenes are blurry to the recipe's blur rule
+        "--set",
+        "audit.fail_on=",
+        "--set",
+        "shard.target_size=",
+        "--set",
+        "shard.samples_per_shard=2",
+        "--set",
+        "report.sample=2",
+    )
     assert code == 0, text
     by_stage = {s["stage"]: s for s in summary["stages"]}
     assert by_stage["download"]["samples"] == 4 and by_stage["filter"]["samples"] == 4, by_stage["filter"]["outcome"]

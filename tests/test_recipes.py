@@ -61,8 +61,11 @@ def write_recipe(tmp_path: Path, urls: Path, work: Path, name: str = "recipe.tom
 def rows(path: Path) -> dict[str, dict]:
     """Every row but ``image_offset``: two downloads place the same image at different offsets."""
     ds = Dataset(path)
-    return {r["key"]: {k: v for k, v in r.items() if k != "image_offset"} for i in ds.completed_ids()
-            for r in ds.read_table(i).to_pylist()}
+    return {
+        r["key"]: {k: v for k, v in r.items() if k != "image_offset"}
+        for i in ds.completed_ids()
+        for r in ds.read_table(i).to_pylist()
+    }
 
 
 def tars(path: Path) -> dict[str, bytes]:
@@ -86,8 +89,11 @@ def test_recipe_runs_every_stage_and_a_rerun_skips_them(tmp_path, image_server):
     assert shard["samples"] == 8 and shard["shards"] == 4
     assert (tmp_path / "work" / "report.html").exists()
     assert Dataset(tmp_path / "work" / "dedup").read_manifest()["history"][-3:] == [
-        {**h, "stage": s} for h, s in zip(Dataset(tmp_path / "work" / "dedup").read_manifest()["history"][-3:],
-                                         ["download", "filter", "dedup"], strict=True)]
+        {**h, "stage": s}
+        for h, s in zip(
+            Dataset(tmp_path / "work" / "dedup").read_manifest()["history"][-3:], ["download", "filter", "dedup"], strict=True
+        )
+    ]
     before = tars(tmp_path / "work" / "shard")
     r = run_cli("run", str(recipe), "--json")
     assert r.returncode == 0, r.stderr
@@ -108,12 +114,16 @@ def test_set_overrides_and_changed_options(tmp_path, image_server):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert [s["skipped"] for s in summary["stages"]] == [True, False, False, False, False]
-    assert "run: filter: options changed since the last run (--min-side 5000 -> 10): running again; dedup, shard, report " \
-           "rerun after it" in r.stderr
+    assert (
+        "run: filter: options changed since the last run (--min-side 5000 -> 10): running again; dedup, shard, report "
+        "rerun after it" in r.stderr
+    )
     assert summary["stages"][1]["summary"]["kept"] == 4 and summary["stages"][3]["summary"]["samples"] == 4
-    for bad, message in ((["--set", "filter.min_side"], "--set takes STAGE.OPTION=VALUE"),
-                         (["--set", "nosuch.x=1"], "the recipe has no stage 'nosuch'"),
-                         (["--set", "filter.bogus=1"], "No such option: --bogus")):
+    for bad, message in (
+        (["--set", "filter.min_side"], "--set takes STAGE.OPTION=VALUE"),
+        (["--set", "nosuch.x=1"], "the recipe has no stage 'nosuch'"),
+        (["--set", "filter.bogus=1"], "No such option: --bogus"),
+    ):
         r = run_cli("run", str(recipe), "--work-dir", str(tmp_path / "other"), *bad, "--quiet")
         assert r.returncode == 2 and message in r.stderr, (bad, r.stderr)
     r = run_cli("run", str(tmp_path / "missing.toml"))
@@ -142,8 +152,24 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, image_server)
 def test_refresh_twice_adds_only_new_images(tmp_path, image_server):
     work = tmp_path / "refresh"
     urls = tmp_path / "urls.csv"
-    common = ["--input", str(urls), "--work-dir", str(work), "--set", "caption.backend=describe", "--set", "caption.model=",
-              "--set", "caption.max_cost=", "--set", "download.threads=4", "--set", "download.allow_private_network=true", "--json", "--quiet"]
+    common = [
+        "--input",
+        str(urls),
+        "--work-dir",
+        str(work),
+        "--set",
+        "caption.backend=describe",
+        "--set",
+        "caption.model=",
+        "--set",
+        "caption.max_cost=",
+        "--set",
+        "download.threads=4",
+        "--set",
+        "download.allow_private_network=true",
+        "--json",
+        "--quiet",
+    ]
     write_urls(urls, image_server, OK_PATHS[:4])
     r = run_cli("run", "refresh", *common, env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
     assert r.returncode == 0, r.stderr
@@ -157,10 +183,21 @@ def test_refresh_twice_adds_only_new_images(tmp_path, image_server):
     second = json.loads(r.stdout)
     assert second["release"] == str(work / "releases" / "00001")
     assert second["stages"][0]["summary"] | {"urls": None, "releases": None} == {
-        "urls": None, "releases": None, "input": 9, "new": 5, "in_earlier_releases": 4}
+        "urls": None,
+        "releases": None,
+        "input": 9,
+        "new": 5,
+        "in_earlier_releases": 4,
+    }
     release = rows(work / "releases" / "00001")
     urls_in = {r["url"].rsplit("/", 2)[-2] + "/" + r["url"].rsplit("/", 1)[-1] for r in release.values()}
-    assert urls_in == {"ok/4.jpg", "ok/5.jpg", "ok/6.jpg", "ok/7.jpg", f"{image_server.url('/redirect').rsplit('/', 2)[-2]}/redirect"}
+    assert urls_in == {
+        "ok/4.jpg",
+        "ok/5.jpg",
+        "ok/6.jpg",
+        "ok/7.jpg",
+        f"{image_server.url('/redirect').rsplit('/', 2)[-2]}/redirect",
+    }
     dup = next(r for r in release.values() if r["url"].endswith("/redirect"))
     assert dup["dedup_status"] == "duplicate" and dup["dup_in"] == str(work / "releases" / "00000")
     with tarfile.open(next((work / "releases" / "00001").glob("*.tar"))) as tar:
@@ -176,10 +213,13 @@ def test_refresh_twice_adds_only_new_images(tmp_path, image_server):
 def test_a_second_run_is_locked_out_and_logs_go_to_a_file(tmp_path, image_server):
     urls = write_urls(tmp_path / "urls.csv", image_server, OK_PATHS[:3])
     recipe = write_recipe(tmp_path, urls, tmp_path / "work")
-    hold = ("import sys, time\nfrom lenscap.lock import DirLock\nwith DirLock(sys.argv[1], 'x'):\n"
-            "    print('held', flush=True)\n    time.sleep(60)\n")
-    holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path / "work" / ".lenscap-run" / "lock")],
-                              stdout=subprocess.PIPE, text=True)
+    hold = (
+        "import sys, time\nfrom lenscap.lock import DirLock\nwith DirLock(sys.argv[1], 'x'):\n"
+        "    print('held', flush=True)\n    time.sleep(60)\n"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", hold, str(tmp_path / "work" / ".lenscap-run" / "lock")], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         r = run_cli("run", str(recipe), "--quiet")
@@ -224,7 +264,7 @@ def test_a_recipe_is_checked_whole_before_its_first_stage_runs(tmp_path, image_s
         good.replace("sample = 4", "sampel = 4"): "report: No such option: --sampel",
         good.replace("min_side = 10", 'min_side = "big"'): "filter: Invalid value for '--min-side'",
         good.replace("min_side = 10", "min_side = 10\nmax_aspect = -1"): "filter: --max-aspect is a ratio",
-        good.replace("min_side = 10", "where = \"width > 0) OR (true\""): "filter: --where must be one SQL expression",
+        good.replace("min_side = 10", 'where = "width > 0) OR (true"'): "filter: --where must be one SQL expression",
         good.replace("timeout = 3", "timeout = 0"): "download: --timeout must be at least 1 second",
         f'input = "{urls}"\nwork_dir = "{work}"\nstages = "download"\n': "stages must be [[stages]] tables",
         good.replace('run = "filter"', 'run = "filter"\nname = "../../escaped"'): "name must be a plain name",

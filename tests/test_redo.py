@@ -8,8 +8,8 @@ import json
 import re
 
 import pytest
-
 from conftest import run_cli_here
+
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
@@ -61,8 +61,9 @@ def rows(path) -> dict[str, dict]:
 
 def asked_keys(server, before: dict[str, dict]) -> list[str]:
     """The keys whose images the server was asked about: a fake caption names its image's digest."""
-    refs = {re.search(r"reference ([0-9a-f]{8})", r["caption"]).group(1): k
-            for k, r in before.items() if r["caption_status"] == "ok"}
+    refs = {
+        re.search(r"reference ([0-9a-f]{8})", r["caption"]).group(1): k for k, r in before.items() if r["caption_status"] == "ok"
+    }
     return sorted(refs[sha[:8]] for sha in server.stats()["image_requests"])
 
 
@@ -121,14 +122,17 @@ def test_an_interrupted_redo_resumes_without_asking_twice(tmp_path, server, capt
     assert json.loads(stdout)["spent_usd"] == pytest.approx(sum(after[k]["caption_cost_usd"] for k in REDONE), abs=1e-4)
 
 
-@pytest.mark.parametrize(("redo", "message"), [
-    ("caption_status = ", "--redo must be one SQL expression"),
-    ("true); DROP TABLE t; --", "--redo must be one SQL expression"),
-    ("nope = 1", "columns: key, url, caption"),
-    ("read_csv('x') IS NOT NULL", "read_csv"),
-    ("(SELECT count(*) FROM read_csv('/etc/hostname')) > 0", "disabled by configuration"),
-    ("  ", "--redo is empty"),
-])
+@pytest.mark.parametrize(
+    ("redo", "message"),
+    [
+        ("caption_status = ", "--redo must be one SQL expression"),
+        ("true); DROP TABLE t; --", "--redo must be one SQL expression"),
+        ("nope = 1", "columns: key, url, caption"),
+        ("read_csv('x') IS NOT NULL", "read_csv"),
+        ("(SELECT count(*) FROM read_csv('/etc/hostname')) > 0", "disabled by configuration"),
+        ("  ", "--redo is empty"),
+    ],
+)
 def test_a_bad_redo_is_a_usage_error_before_any_request(tmp_path, server, captioned, redo, message):
     code, _, err = caption(captioned, tmp_path / "out", server, "--redo", redo)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
@@ -147,8 +151,12 @@ def test_redo_needs_a_captioned_input_and_no_retry_errors(tmp_path, server, capt
 def test_estimate_counts_the_rows_where_selects(captioned):
     ds = Dataset(captioned)
     # The expression also selects the skipped sample, which has no image: a redo asks nothing for it.
-    expected = sum(1 for i in ds.completed_ids() for r in ds.read_table(i).to_pylist()
-                   if (r["key"] in REDONE or r["caption_status"] == "skipped") and r["status"] == "success")
+    expected = sum(
+        1
+        for i in ds.completed_ids()
+        for r in ds.read_table(i).to_pylist()
+        if (r["key"] in REDONE or r["caption_status"] == "skipped") and r["status"] == "success"
+    )
     code, stdout, err = run_cli_here("estimate", "--from", str(captioned), "--where", EXPR, "--model", "gpt-4.1-mini", "--json")
     assert code == 0, err
     out = json.loads(stdout)
@@ -156,11 +164,12 @@ def test_estimate_counts_the_rows_where_selects(captioned):
     assert out["total"]["input_tokens"] == round(out["per_image"]["input_tokens"] * expected)
     code, stdout, _ = run_cli_here("estimate", "--from", str(captioned), "--where", EXPR, "--model", "gpt-4.1-mini")
     assert code == 0 and f"{expected} images of {captioned} selected by --where" in stdout
-    for args, message in ((["--where", "true", "--images", "5"], "with --from DIR"),
-                          (["--from", str(captioned), "--where", "true", "--images", "5"], "not both"),
-                          ([], "--images is needed"),
-                          (["--from", str(captioned), "--where", "nope"], "columns: key"),
-                          (["--from", str(captioned), "--where", "(SELECT 1 FROM read_parquet('/x')) = 1"],
-                           "disabled by configuration")):
+    for args, message in (
+        (["--where", "true", "--images", "5"], "with --from DIR"),
+        (["--from", str(captioned), "--where", "true", "--images", "5"], "not both"),
+        ([], "--images is needed"),
+        (["--from", str(captioned), "--where", "nope"], "columns: key"),
+        (["--from", str(captioned), "--where", "(SELECT 1 FROM read_parquet('/x')) = 1"], "disabled by configuration"),
+    ):
         code, _, err = run_cli_here("estimate", "--model", "gpt-4.1-mini", *args)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, (args, err)

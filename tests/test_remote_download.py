@@ -16,6 +16,7 @@ import uuid
 from types import SimpleNamespace
 
 import pytest
+from conftest import run_cli
 
 from lenscap import mirror
 from lenscap.dataset import Dataset
@@ -23,11 +24,21 @@ from lenscap.demo.images import jpeg_bytes, scene
 from lenscap.demo.server import Route
 from lenscap.inspect import inspect_dataset
 
-from conftest import run_cli
-
 SHARDS = 10
-ARGS = ("--samples-per-shard", "5", "--processes", "1", "--threads", "4", "--timeout", "5", "--retries", "0",
-        "--allow-private-network", "--quiet")
+ARGS = (
+    "--samples-per-shard",
+    "5",
+    "--processes",
+    "1",
+    "--threads",
+    "4",
+    "--timeout",
+    "5",
+    "--retries",
+    "0",
+    "--allow-private-network",
+    "--quiet",
+)
 COLUMNS = ("status", "error_message", "width", "height", "sha256")
 SHARD_FILES = {f"{i:05d}{ext}" for i in range(SHARDS) for ext in (".tar", ".parquet", "_stats.json")}
 SECRET = "lenscap-test-secret"  # the store's test secret key (conftest's s3_store)
@@ -54,8 +65,19 @@ def url_list(image_server, tmp_path_factory):
         image_server.routes[path] = Route(jpeg_bytes(scene(200 + i, (64, 48))), fail_first=1)
     for i, path in enumerate(slow):
         image_server.routes[path] = Route(jpeg_bytes(scene(300 + i, (48, 48))), delay_s=0.1)
-    paths = ["/ok/0.jpg", "/html.jpg", flaky[0], "/truncated.jpg", "/noai.jpg",
-             "/remote-dl/missing.jpg", "/ok/1.jpg", flaky[1], "/small.png", "/big.jpg", *slow]
+    paths = [
+        "/ok/0.jpg",
+        "/html.jpg",
+        flaky[0],
+        "/truncated.jpg",
+        "/noai.jpg",
+        "/remote-dl/missing.jpg",
+        "/ok/1.jpg",
+        flaky[1],
+        "/small.png",
+        "/big.jpg",
+        *slow,
+    ]
     file = tmp_path_factory.mktemp("urls") / "urls.txt"
     file.write_text("".join(image_server.url(p) + "\n" for p in paths))
 
@@ -100,8 +122,9 @@ def remote_names(s3_store, url: str) -> set[str]:
         return set()
 
 
-def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(tmp_path, bucket, s3_store, url_list,
-                                                                                reference, image_server):
+def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(
+    tmp_path, bucket, s3_store, url_list, reference, image_server
+):
     out = f"{bucket}/raw"
     cmd = [sys.executable, "-m", "lenscap.cli", "download", str(url_list.file), out, *ARGS, "--json"]
     hits_before = dict(image_server.hits)
@@ -123,7 +146,7 @@ def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(t
     assert json.loads(r.stdout)["out_dir"] == out
     assert snapshot(out) == reference.before
     for shard_id in done_at_kill:  # uploaded before the kill: not downloaded again
-        for p in set(url_list.paths[shard_id * 5:(shard_id + 1) * 5]) - set(url_list.flaky):
+        for p in set(url_list.paths[shard_id * 5 : (shard_id + 1) * 5]) - set(url_list.flaky):
             assert image_server.hits[p] - hits_before.get(p, 0) == 1, p
 
     # Only the dataset's files are remote; the job state is in the mirror, which keeps no shard.
@@ -156,8 +179,9 @@ def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(t
     assert SECRET.encode() not in written and SECRET not in r.stdout + r.stderr
 
 
-def test_a_failure_mid_upload_leaves_the_shard_incomplete_and_the_rerun_uploads_it(bucket, s3_store, url_list,
-                                                                                 reference, image_server, monkeypatch):
+def test_a_failure_mid_upload_leaves_the_shard_incomplete_and_the_rerun_uploads_it(
+    bucket, s3_store, url_list, reference, image_server, monkeypatch
+):
     """The upload of the last shard dies before its stats file (the completion marker) is up: that shard
     is not complete remotely, and the rerun uploads the copy committed in the mirror instead of
     downloading it (so it does not start img2dataset at all)."""
@@ -195,8 +219,18 @@ def test_a_failure_mid_upload_leaves_the_shard_incomplete_and_the_rerun_uploads_
 def test_download_into_s3_on_ray_stages_in_the_bucket(bucket, s3_store, url_list, reference, ray_cluster):
     out = f"{bucket}/ray"
     url_list.reset()
-    r = run_cli("download", str(url_list.file), out, *ARGS, "--retry-failed", "--executor", "ray", "--ray-address",
-                ray_cluster, timeout=300)
+    r = run_cli(
+        "download",
+        str(url_list.file),
+        out,
+        *ARGS,
+        "--retry-failed",
+        "--executor",
+        "ray",
+        "--ray-address",
+        ray_cluster,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert snapshot(out) == reference.after
     assert remote_names(s3_store, out) == SHARD_FILES | {"lenscap.json"}  # the staging in the bucket is gone

@@ -19,13 +19,14 @@ from pathlib import Path
 import fsspec
 import pyarrow.parquet as pq
 import pytest
+from conftest import CliResult, run_cli
+from conftest import run_cli_here as cli
 from fsspec.implementations.memory import MemoryFileSystem
-
-from conftest import CliResult, run_cli, run_cli_here as cli
-from lenscap.dataset import Dataset
-from lenscap.inspect import inspect_dataset
 from test_dedup import make_planted
 from test_remote_storage import snapshot as rows_and_members
+
+from lenscap.dataset import Dataset
+from lenscap.inspect import inspect_dataset
 
 DEDUP = ("--processes", "1", "--quiet")
 SHARD = ("--processes", "1", "--quiet", "--samples-per-shard", "16")  # 66 exported samples: 5 shards
@@ -87,7 +88,7 @@ def export(location: str | Path) -> tuple[dict, dict[str, object]]:
 
 
 def names_under(fs, root: str) -> list[str]:
-    return sorted(p[len(root.rstrip("/")) + 1:] for p in fs.find(root))
+    return sorted(p[len(root.rstrip("/")) + 1 :] for p in fs.find(root))
 
 
 @contextlib.contextmanager
@@ -113,8 +114,14 @@ def test_dedup_into_memory_equals_local(ref, mem, tmp_path):
     assert rows_and_members(f"{mem}/d") == rows_and_members(ref / "d")
     assert dedup_report(f"{mem}/d") == dedup_report(ref / "d")
     fs, root = fsspec.core.url_to_fs(f"{mem}/d")
-    assert names_under(fs, root) == sorted(["lenscap.json", "dedup/clusters.parquet", "dedup/report.json",
-                                            *(f"0000{i}{ext}" for i in range(6) for ext in (".parquet", "_stats.json"))])
+    assert names_under(fs, root) == sorted(
+        [
+            "lenscap.json",
+            "dedup/clusters.parquet",
+            "dedup/report.json",
+            *(f"0000{i}{ext}" for i in range(6) for ext in (".parquet", "_stats.json")),
+        ]
+    )
     mirror = Dataset(f"{mem}/d").path  # the search ran here; no shard or report copy is left
     assert (mirror / ".lenscap" / "dedup" / "decisions.parquet").exists()
     assert not list(mirror.glob("0*")) and not list(mirror.glob("dedup/*"))
@@ -157,7 +164,8 @@ def test_shard_into_memory_equals_local(ref, mem, fmt):
     assert info["path"] == f"{mem}/{fmt}"
     assert info["images"] == {"held": True, "location": f"{mem}/{fmt}", "problem": None}
     assert {k: v for k, v in info.items() if k not in ("path", "bytes", "images")} == {
-        k: v for k, v in local.items() if k not in ("path", "bytes", "images")}
+        k: v for k, v in local.items() if k not in ("path", "bytes", "images")
+    }
     # again, from a remote input: the same
     if fmt == "webdataset":
         # the dedup output and, beside it as locally, the dataset holding its images
@@ -232,8 +240,13 @@ main()
 
 
 def run_killed(kill_at: str, *args: str, env: dict[str, str]) -> int:
-    proc = subprocess.run([sys.executable, "-c", _KILLER, *args], env={**os.environ, **env, "KILL_AT": kill_at},
-                          capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLER, *args],
+        env={**os.environ, **env, "KILL_AT": kill_at},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     return proc.returncode
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import fsspec
 import pytest
-
 from conftest import run_cli_here as cli
+
 from lenscap.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files
@@ -85,7 +85,8 @@ def test_filter_and_caption_remote_equal_local(tmp_path, mem, local_in):
         assert copied[shard_id][1] == images and {**copied[shard_id][2], "files": None} == {**stats, "files": None}
         assert set(copied[shard_id][2]["files"]) == {f"{shard_id:05d}.tar", f"{shard_id:05d}.parquet"}
         assert [{k: v for k, v in r.items() if k != "image_offset"} for r in copied[shard_id][0]] == [
-            {k: v for k, v in r.items() if k != "image_offset"} for r in rows]
+            {k: v for k, v in r.items() if k != "image_offset"} for r in rows
+        ]
     assert cli("caption", f"{mem}/f", str(tmp_path / "c2"), *CAPTION)[0] == 0
     assert snapshot(str(tmp_path / "c2")) == expected_c
 
@@ -98,7 +99,9 @@ def test_filter_and_caption_remote_equal_local(tmp_path, mem, local_in):
     # nothing but the dataset's own files is written remotely; the work dir is the local mirror
     fs = fsspec.filesystem("memory")
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(f"/{mem.split('://')[1]}/c", detail=False)} == {
-        "lenscap.json", *(f"0000{i}{ext}" for i in range(3) for ext in (".parquet", "_stats.json"))}  # rows only
+        "lenscap.json",
+        *(f"0000{i}{ext}" for i in range(3) for ext in (".parquet", "_stats.json")),
+    }  # rows only
     mirror = Dataset(f"{mem}/c").path
     assert mirror.parent == tmp_path / "work" and (mirror / ".lenscap" / "claim.json").exists()
     assert not list(mirror.glob("0*"))  # uploaded shards leave no local copy
@@ -172,30 +175,36 @@ def test_download_reads_a_remote_url_list(tmp_path, mem, image_server):
     fs.pipe_file(f"{root}/lists/b.txt.gz", gzip.compress(f"{image_server.url('/ok/3.jpg')}\n# a comment\n".encode()))
     fs.pipe_file(f"{root}/lists/notes.md", b"not a list")
 
-    assert resolve_input_files(f"{mem}/lists") == [f"memory:///{root.lstrip('/')}/lists/a.csv",
-                                                   f"memory:///{root.lstrip('/')}/lists/b.txt.gz"]
+    assert resolve_input_files(f"{mem}/lists") == [
+        f"memory:///{root.lstrip('/')}/lists/a.csv",
+        f"memory:///{root.lstrip('/')}/lists/b.txt.gz",
+    ]
     assert len(resolve_input_files(f"{mem}/lists/*.csv")) == 1
     table = next(read_url_tables(InputSpec(f"{mem}/lists/a.csv")))
     assert table.column("url").to_pylist() == urls and table.column("caption").to_pylist()[0] == "picture 0"
     with pytest.raises(Exception, match="does not exist"):
         resolve_input_files(f"{mem}/lists/missing.csv")
 
-    code, out, err = cli("download", f"{mem}/lists", str(tmp_path / "dl"), "--processes", "1", "--threads", "4",
-                         "--quiet", "--json")
+    code, out, err = cli(
+        "download", f"{mem}/lists", str(tmp_path / "dl"), "--processes", "1", "--threads", "4", "--quiet", "--json"
+    )
     assert code == 0, err
     summary = json.loads(out)
     assert summary["samples"] == 4 and summary["status"] == {"success": 4}
     assert Dataset.open(tmp_path / "dl").read_manifest()["input"] == f"{mem}/lists"  # type: ignore[index]
 
 
-@pytest.mark.parametrize("args, what", [
-    (["report", "{mem}/in"], "report's dataset"),
-    (["report", "{local}", "--out", "{mem}/r.html"], "report's --out"),
-    (["estimate", "--images", "10", "--from", "{mem}/in"], "estimate --from"),
-    (["batch", "status", "{mem}/in"], "batch status's directory"),
-    (["caption", "{local}", "{mem}/c", "--backend", "batch-files"], "the output of a batch caption job"),
-    (["run", "demo", "--work-dir", "{mem}/w"], "a recipe's work directory"),
-])
+@pytest.mark.parametrize(
+    "args, what",
+    [
+        (["report", "{mem}/in"], "report's dataset"),
+        (["report", "{local}", "--out", "{mem}/r.html"], "report's --out"),
+        (["estimate", "--images", "10", "--from", "{mem}/in"], "estimate --from"),
+        (["batch", "status", "{mem}/in"], "batch status's directory"),
+        (["caption", "{local}", "{mem}/c", "--backend", "batch-files"], "the output of a batch caption job"),
+        (["run", "demo", "--work-dir", "{mem}/w"], "a recipe's work directory"),
+    ],
+)
 def test_commands_that_write_local_files_refuse_a_remote_path_in_one_line(tmp_path, mem, local_in, args, what):
     upload(local_in, f"{mem}/in")
     code, _, err = cli(*(a.format(local=local_in, mem=mem) for a in args))

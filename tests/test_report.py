@@ -9,9 +9,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from PIL import Image
 
-from conftest import run_cli
 from lenscap.audit import FLAGS
 from lenscap.dataset import Dataset
 from lenscap.demo.images import jpeg_bytes, photo
@@ -27,9 +27,15 @@ def captioned(path: Path, n: int = 30) -> Path:
         writer = ds.writer(shard_id)
         for i in range(shard_id * n // 3, (shard_id + 1) * n // 3):
             failed = i % 7 == 6
-            row = {"status": "failed_to_download" if failed else "success", "error_message": "HTTP Error 404" if failed else None,
-                   "caption": f"A dense caption number {i} <script>alert(1)</script>", "alt_text": f"<b>alt</b> & text {i}",
-                   "caption_status": None if failed else "ok", "caption_model": "gpt-4.1-mini", "caption_cost_usd": 0.001}
+            row = {
+                "status": "failed_to_download" if failed else "success",
+                "error_message": "HTTP Error 404" if failed else None,
+                "caption": f"A dense caption number {i} <script>alert(1)</script>",
+                "alt_text": f"<b>alt</b> & text {i}",
+                "caption_status": None if failed else "ok",
+                "caption_model": "gpt-4.1-mini",
+                "caption_cost_usd": 0.001,
+            }
             writer.write(Sample(f"{i:09d}", row, None if failed else jpeg_bytes(photo(i, (320, 240)))))
         writer.commit({"stage": "caption"})
     ds.write_manifest("caption", {}, None, expected_shards=3)
@@ -48,8 +54,11 @@ PLANTED = {
     "000000003": ("A photo of a lighthouse standing over stormy grey waves.", "model-a", None),
     "000000004": ("A cat sits on a mat. " * 5, "model-b", None),  # loop
     "000000005": ("A wooden table with a bowl of green apples and a", "model-b", None),  # truncated
-    "000000006": ('A shop sign saying open 24 hours, tea and cake, and "Fresh Bread Daily".', "model-b",
-                  "OPEN 24 HOURS <Tea & Cake>"),  # ocr_invented: OCR read no bread
+    "000000006": (
+        'A shop sign saying open 24 hours, tea and cake, and "Fresh Bread Daily".',
+        "model-b",
+        "OPEN 24 HOURS <Tea & Cake>",
+    ),  # ocr_invented: OCR read no bread
     "000000007": ("A photo of snowy mountains above a calm blue lake.", "model-b", ""),
 }
 FLAGGED = {"000000002": "refusal", "000000004": "loop", "000000005": "truncated", "000000006": "ocr_invented"}
@@ -62,8 +71,15 @@ def planted(path: Path) -> Path:
         writer = ds.writer(shard_id)
         for key in part:
             caption, model, ocr = PLANTED[key]
-            row = {"status": "success", "caption": caption, "caption_status": "ok", "caption_model": model,
-                   "alt_text": None, "ocr_text": ocr, "ocr_text_area": None if ocr is None else 0.1}
+            row = {
+                "status": "success",
+                "caption": caption,
+                "caption_status": "ok",
+                "caption_model": model,
+                "alt_text": None,
+                "ocr_text": ocr,
+                "ocr_text_area": None if ocr is None else 0.1,
+            }
             writer.write(Sample(key, row, jpeg_bytes(photo(int(key), (64, 48)))))
         writer.commit({"stage": "caption"})
     ds.write_manifest("caption", {}, None, expected_shards=2)
@@ -74,8 +90,9 @@ def uncaptioned(path: Path, n: int = 4) -> Path:
     ds = Dataset.create(path)
     writer = ds.writer(0)
     for i in range(n):
-        writer.write(Sample(f"{i:09d}", {"status": "success", "url": f"http://example.invalid/{i}.jpg"},
-                            jpeg_bytes(photo(i, (64, 48)))))
+        writer.write(
+            Sample(f"{i:09d}", {"status": "success", "url": f"http://example.invalid/{i}.jpg"}, jpeg_bytes(photo(i, (64, 48))))
+        )
     writer.commit({"stage": "download"})
     ds.write_manifest("download", {}, None, expected_shards=1)
     return ds.path
@@ -106,7 +123,10 @@ def test_same_seed_same_samples(tmp_path):
     src = captioned(tmp_path / "ds")
     picks = []
     for seed, name in ((1, "a"), (1, "b"), (2, "c")):
-        assert run_cli("report", str(src), "--sample", "8", "--seed", str(seed), "--out", str(tmp_path / f"{name}.html")).returncode == 0
+        assert (
+            run_cli("report", str(src), "--sample", "8", "--seed", str(seed), "--out", str(tmp_path / f"{name}.html")).returncode
+            == 0
+        )
         picks.append(shown_keys((tmp_path / f"{name}.html").read_text()))
     assert picks[0] == picks[1] and picks[0] != picks[2]
     assert run_cli("report", str(src), "--sample", "100", "--out", str(tmp_path / "all.html")).returncode == 0
@@ -128,9 +148,18 @@ def test_report_renders_in_headless_chromium(tmp_path):
     src = captioned(tmp_path / "ds")
     assert run_cli("report", str(src), "--sample", "12").returncode == 0
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+        browser = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         try:
             page = browser.new_page()
             problems, requests = [], []
@@ -153,6 +182,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
 def test_a_report_that_cannot_be_written_is_a_one_line_error(tmp_path):
     """A read-only place (sysfs refuses even root) is the user's to fix: exit 2, one line, no traceback."""
     from conftest import run_cli_here
+
     from lenscap.demo.datasets import write_image_dataset
 
     src = write_image_dataset(tmp_path / "ds", 4, per_shard=2)
@@ -165,7 +195,7 @@ def test_audit_section_shows_planted_flags_beside_their_images(tmp_path):
     written = write_report(src, n=10)
     html = (src / "report.html").read_text()
     assert written["audit"] == {"captions": 8, "flagged_shown": len(re.findall(r"alt='flagged (\d+)'", html))}
-    audit = html[html.index("<h2>Audit"):html.index("sampled images</h2>")]
+    audit = html[html.index("<h2>Audit") : html.index("sampled images</h2>")]
     counts = dict(re.findall(r"<tr><td>([a-z_]+)</td><td>(\d+)</td>", audit))
     for flag in FLAGGED.values():
         assert counts[flag] == "1", (flag, counts)
@@ -191,8 +221,13 @@ def test_audit_section_only_where_there_are_captions(tmp_path):
     ds = Dataset.create(tmp_path / "unanswered")
     writer = ds.writer(0)
     for i in range(3):
-        writer.write(Sample(f"{i:09d}", {"status": "success", "caption": "Old alt text.", "caption_status": "failed"},
-                            jpeg_bytes(photo(i, (64, 48)))))
+        writer.write(
+            Sample(
+                f"{i:09d}",
+                {"status": "success", "caption": "Old alt text.", "caption_status": "failed"},
+                jpeg_bytes(photo(i, (64, 48))),
+            )
+        )
     writer.commit({"stage": "caption"})
     written = write_report(ds.path, n=3)
     assert written["audit"] == {"captions": 0, "flagged_shown": 0}
@@ -238,13 +273,25 @@ def staged(path: Path) -> Path:
     writer = ds.writer(0)
     for i in range(8):
         ok = i != 0
-        row = {"status": "success" if ok else "failed_to_download", "error_message": None if ok else "HTTP Error 404",
-               "filter_status": "dropped" if i == 1 else "kept", "filter_reason": "min-side" if i == 1 else None,
-               "caption": f"A photo number {i} of a quiet street.", "alt_text": f"alt {i}",
-               "caption_status": "skipped" if i in (0, 1) else "error" if i == 2 else "ok",
-               "caption_error": ("no image (download status: failed_to_download)" if i == 0 else
-                                 "no image (filter: min-side)" if i == 1 else "HTTP 500 after 3 tries" if i == 2 else None),
-               "dedup_status": "duplicate" if i == 7 else "unique"}
+        row = {
+            "status": "success" if ok else "failed_to_download",
+            "error_message": None if ok else "HTTP Error 404",
+            "filter_status": "dropped" if i == 1 else "kept",
+            "filter_reason": "min-side" if i == 1 else None,
+            "caption": f"A photo number {i} of a quiet street.",
+            "alt_text": f"alt {i}",
+            "caption_status": "skipped" if i in (0, 1) else "error" if i == 2 else "ok",
+            "caption_error": (
+                "no image (download status: failed_to_download)"
+                if i == 0
+                else "no image (filter: min-side)"
+                if i == 1
+                else "HTTP 500 after 3 tries"
+                if i == 2
+                else None
+            ),
+            "dedup_status": "duplicate" if i == 7 else "unique",
+        }
         writer.write(Sample(f"{i:09d}", row, jpeg_bytes(photo(i, (64, 48))) if ok else None))
     writer.commit({"stage": "dedup"})
     ds.write_manifest("dedup", {}, None, expected_shards=1)
@@ -262,14 +309,14 @@ def test_outcomes_in_pipeline_order_and_skips_apart_from_errors(tmp_path):
     assert code == 0, err
     assert json.loads(out)["samples_shown"] == 0
     html = (src / "report.html").read_text()
-    outcomes = html[html.index("<h2>Outcomes"):]
-    outcomes = outcomes[:outcomes.index("</section>")]
+    outcomes = html[html.index("<h2>Outcomes") :]
+    outcomes = outcomes[: outcomes.index("</section>")]
     headings = re.findall(r"<h3>([^<]+)</h3>", outcomes)
     assert headings == ["download status", "filter_status", "caption_status", "dedup_status"]
-    errors = html[html.index("Most common errors"):]
-    errors = errors[:errors.index("</section>")]
-    skipped = html[html.index("<h2>Skipped"):]
-    skipped = skipped[:skipped.index("</section>")]
+    errors = html[html.index("Most common errors") :]
+    errors = errors[: errors.index("</section>")]
+    skipped = html[html.index("<h2>Skipped") :]
+    skipped = skipped[: skipped.index("</section>")]
     assert "HTTP 500 after 3 tries" in errors and "HTTP Error 404" in errors and "no image" not in errors
     assert "caption: no image (download status: failed_to_download)" in skipped and "no image (filter: min-side)" in skipped
 

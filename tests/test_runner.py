@@ -79,9 +79,12 @@ def build_input(path: Path) -> Dataset:
         for j in range(PER_SHARD):
             i = shard * PER_SHARD + j
             failed = j == PER_SHARD - 1
-            row = {"url": f"http://img/{i}.jpg", "caption": f"a small picture {i}",
-                   "status": "failed_to_download" if failed else "success",
-                   "error_message": "404 Not Found" if failed else None}
+            row = {
+                "url": f"http://img/{i}.jpg",
+                "caption": f"a small picture {i}",
+                "status": "failed_to_download" if failed else "success",
+                "error_message": "404 Not Found" if failed else None,
+            }
             w.write(Sample(key=shard_name(i), row=row, image=None if failed else jpeg(i)))
         w.commit()
     ds.write_manifest("download", {"processes": 2}, "urls.txt", expected_shards=SHARDS)
@@ -163,7 +166,12 @@ def test_one_and_two_processes_give_identical_output(src, tmp_path):
     r2 = run_stage(UpperCaption(), src.path, tmp_path / "p2", processes=2, progress=quiet())
     assert r1.exit_code == r2.exit_code == 0
     assert (r1.shards_total, r1.shards_completed, r1.samples, r1.status, r1.failed_shards) == (
-        r2.shards_total, r2.shards_completed, r2.samples, r2.status, r2.failed_shards)
+        r2.shards_total,
+        r2.shards_completed,
+        r2.samples,
+        r2.status,
+        r2.failed_shards,
+    )
     a, b = Dataset.open(tmp_path / "p1"), Dataset.open(tmp_path / "p2")
     assert a.completed_ids() == b.completed_ids() == [0, 1, 2]
     names_a = sorted(p.name for p in a.path.iterdir() if p.is_file() and p.name != "lenscap.json")
@@ -216,8 +224,7 @@ def test_failed_shard_is_left_incomplete_and_rerun_does_only_it(src, tmp_path, p
     out_dir = tmp_path / "out"
     marker = tmp_path / "calls.txt"
 
-    result = run_stage(FailingShard(str(marker), fail_shard=1), src.path, out_dir, processes=processes,
-                       progress=quiet())
+    result = run_stage(FailingShard(str(marker), fail_shard=1), src.path, out_dir, processes=processes, progress=quiet())
     assert result.exit_code == 1
     assert result.failed_shards == {1: "RuntimeError: boom on shard 1"}
     assert (result.shards_total, result.shards_completed, result.samples) == (3, 2, 10)
@@ -237,8 +244,7 @@ def test_failed_shard_is_left_incomplete_and_rerun_does_only_it(src, tmp_path, p
     kept_bytes = {p: p.read_bytes() for p in kept}
     marker.unlink()
 
-    again = run_stage(FailingShard(str(marker), fail_shard=None), src.path, out_dir, processes=processes,
-                      progress=quiet())
+    again = run_stage(FailingShard(str(marker), fail_shard=None), src.path, out_dir, processes=processes, progress=quiet())
     assert again.exit_code == 0
     assert again.failed_shards == {}
     assert (again.shards_total, again.shards_completed, again.samples) == (3, 3, 15)
@@ -250,8 +256,7 @@ def test_failed_shard_is_left_incomplete_and_rerun_does_only_it(src, tmp_path, p
     assert out.read_manifest()["complete"] is True
 
     marker.unlink()
-    third = run_stage(FailingShard(str(marker), fail_shard=1), src.path, out_dir, processes=processes,
-                      progress=quiet())
+    third = run_stage(FailingShard(str(marker), fail_shard=1), src.path, out_dir, processes=processes, progress=quiet())
     assert third.exit_code == 0
     assert read_marker(marker) == []  # nothing left to do: the stage never ran
 
@@ -269,8 +274,11 @@ def test_output_manifest_history_extends_input_history(src, tmp_path):
     assert [h["stage"] for h in out_manifest["history"]] == ["download", "upper"]
     assert out_manifest["stage"] == "upper"
     assert out_manifest["input"] == str(src.path)
-    assert out_manifest["counts"] == {"samples": 15, "status": {"failed_to_download": 3, "success": 12},
-                                      "upper_status": {"ok": 15}}
+    assert out_manifest["counts"] == {
+        "samples": 15,
+        "status": {"failed_to_download": 3, "success": 12},
+        "upper_status": {"ok": 15},
+    }
     assert out_manifest["complete"] is True
     assert "sk-RUNNER-SECRET" not in (tmp_path / "out" / "lenscap.json").read_text()
 

@@ -16,8 +16,8 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 import yaml
-
 from conftest import run_cli
+
 from lenscap.dataset import Dataset
 from lenscap.demo.images import jpeg_bytes, photo
 from lenscap.record import Sample
@@ -49,12 +49,20 @@ def make_pipeline_output(path: Path) -> tuple[Path, dict[str, bytes]]:
         for i in range(shard_id * per_shard, (shard_id + 1) * per_shard):
             key, what = f"{i:09d}", outcome(i)
             image = None if what in ("failed", "filtered", "duplicate") else jpeg_bytes(photo(i, (320 + i % 7 * 40, 240)))
-            row = {"url": f"http://example.invalid/{i}.jpg", "status": "failed_to_download" if what == "failed" else "success",
-                   "error_message": None, "width": 320, "height": 240, "alt_text": f"alt {i}",
-                   "caption": f"a dense caption of image {i} " + "word " * (i % 40),
-                   "filter_status": "dropped" if what == "filtered" else "kept", "filter_reason": "min-side" if what == "filtered" else None,
-                   "dedup_status": "duplicate" if what == "duplicate" else "unique",
-                   "caption_status": "error" if what == "caption error" else "ok", "caption_model": "gpt-4.1-mini"}
+            row = {
+                "url": f"http://example.invalid/{i}.jpg",
+                "status": "failed_to_download" if what == "failed" else "success",
+                "error_message": None,
+                "width": 320,
+                "height": 240,
+                "alt_text": f"alt {i}",
+                "caption": f"a dense caption of image {i} " + "word " * (i % 40),
+                "filter_status": "dropped" if what == "filtered" else "kept",
+                "filter_reason": "min-side" if what == "filtered" else None,
+                "dedup_status": "duplicate" if what == "duplicate" else "unique",
+                "caption_status": "error" if what == "caption error" else "ok",
+                "caption_model": "gpt-4.1-mini",
+            }
             writer.write(Sample(key, row, image))
             if what == "ok":
                 images[key] = image
@@ -96,10 +104,12 @@ def test_webdataset_export(tmp_path, source):
     src, images = source
     summary = export(src, tmp_path / "wds", "--target-size", f"{TARGET}B", "--min-shards", "1", "--processes", "2")
     assert summary["samples"] == len(images)
-    assert summary["left_out"] == {"caption: error": sum(outcome(i) == "caption error" for i in range(N)),
-                                   "download: failed_to_download": sum(outcome(i) == "failed" for i in range(N)),
-                                   "duplicate": sum(outcome(i) == "duplicate" for i in range(N)),
-                                   "filter: min-side": sum(outcome(i) == "filtered" for i in range(N))}
+    assert summary["left_out"] == {
+        "caption: error": sum(outcome(i) == "caption error" for i in range(N)),
+        "download: failed_to_download": sum(outcome(i) == "failed" for i in range(N)),
+        "duplicate": sum(outcome(i) == "duplicate" for i in range(N)),
+        "filter: min-side": sum(outcome(i) == "filtered" for i in range(N)),
+    }
     index = json.loads((tmp_path / "wds" / "shards.json").read_text())
     sizes = [s["bytes"] for s in index["shards"]]
     assert len(sizes) >= 4 and all(abs(s - TARGET) <= TARGET * 0.1 for s in sizes[:-1]), sizes
@@ -150,7 +160,9 @@ def test_parquet_export(tmp_path, source):
     first = loaded[0]
     assert first["image"].size == _size(images[first["key"]]) and first["caption"].startswith("a dense caption")
     assert hf_load("parquet", data_files=[str(f) for f in files], cache_dir=str(tmp_path / "hf2")).num_rows == len(images)
-    rows = duckdb.sql(f"SELECT key, image.bytes, image.path, caption_model FROM '{tmp_path / 'pq' / 'data'}/*.parquet' ORDER BY key").fetchall()
+    rows = duckdb.sql(
+        f"SELECT key, image.bytes, image.path, caption_model FROM '{tmp_path / 'pq' / 'data'}/*.parquet' ORDER BY key"
+    ).fetchall()
     assert [(k, b, p) for k, b, p, _ in rows] == [(k, images[k], f"{k}.jpg") for k in sorted(images)]
     assert {m for *_, m in rows} == {"gpt-4.1-mini"}
 
@@ -166,8 +178,11 @@ def test_samples_per_shard_and_shuffle(tmp_path, source):
     assert a != sorted(a)  # shuffled across the input shards
     counts = [s["samples"] for s in json.loads((tmp_path / "a" / "shards.json").read_text())["shards"]]
     assert counts[:-1] == [50] * (len(counts) - 1) and sum(counts) == len(images)
-    assert all((tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
-               for name in os.listdir(tmp_path / "a") if name.endswith(".tar"))
+    assert all(
+        (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+        for name in os.listdir(tmp_path / "a")
+        if name.endswith(".tar")
+    )
 
 
 def test_caption_status_any_keeps_failed_captions(tmp_path, source):
@@ -190,12 +205,15 @@ def test_dataset_card(tmp_path, source):
     assert "## Licence" in text
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--format", "zip"], "--format must be webdataset or parquet"),
-    (["--target-size", "lots"], "expected a size such as 500MB"),
-    (["--samples-per-shard", "0"], "--samples-per-shard must be at least 1"),
-    (["--caption-status", "some"], "--caption-status must be ok or any"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--format", "zip"], "--format must be webdataset or parquet"),
+        (["--target-size", "lots"], "expected a size such as 500MB"),
+        (["--samples-per-shard", "0"], "--samples-per-shard must be at least 1"),
+        (["--caption-status", "some"], "--caption-status must be ok or any"),
+    ],
+)
 def test_bad_flags(tmp_path, source, args, message):
     r = run_cli("shard", str(source[0]), str(tmp_path / "out"), *args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
@@ -225,7 +243,9 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, source):
     names = sorted(n for n in os.listdir(tmp_path / "clean") if n.endswith(".tar"))
     assert names == sorted(n for n in os.listdir(tmp_path / "out") if n.endswith((".tar", ".tmp")))
     assert all((tmp_path / "out" / n).read_bytes() == (tmp_path / "clean" / n).read_bytes() for n in names)
-    assert json.loads((tmp_path / "out" / "shards.json").read_text()) == json.loads((tmp_path / "clean" / "shards.json").read_text())
+    assert json.loads((tmp_path / "out" / "shards.json").read_text()) == json.loads(
+        (tmp_path / "clean" / "shards.json").read_text()
+    )
 
 
 def test_tar_headers_match_tarfile_and_scanning_reads_pax(tmp_path):

@@ -60,9 +60,16 @@ class AuditOptions:
         check_script(self.script)
 
 
-def audit(path: str | os.PathLike[str], options: AuditOptions | None = None, *, compare_with: str | os.PathLike[str] | None = None,
-          out: str | os.PathLike[str] | None = None, executor: Executor | None = None, progress: Progress | None = None,
-          overwrite: bool = False) -> dict[str, Any]:
+def audit(
+    path: str | os.PathLike[str],
+    options: AuditOptions | None = None,
+    *,
+    compare_with: str | os.PathLike[str] | None = None,
+    out: str | os.PathLike[str] | None = None,
+    executor: Executor | None = None,
+    progress: Progress | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Audit the captions of ``path`` (and compare them with ``compare_with``'s); with ``out``, also
     write the dataset with one column per flag there. Returns the ``--json`` object; its
     ``exit_code`` is 6 when a ``fail_on`` rule is broken, 1 when a shard could not be read."""
@@ -84,8 +91,7 @@ def audit(path: str | os.PathLike[str], options: AuditOptions | None = None, *, 
             # Rules judge B, the candidate; A is the baseline it is compared with.
             head, second = _audit_one(other, options, executor, spill / "b", progress, rows=True)
             failed |= second.failed
-            comparison = compare(result, head, first.rows, second.rows, spill, options.memory_limit, options.sample,
-                                 options.seed)
+            comparison = compare(result, head, first.rows, second.rows, spill, options.memory_limit, options.sample, options.seed)
             _read_differences(comparison, src, other)
             result = {"a": result, "b": head, **comparison}
         written = _write_out(src, out, options, first, executor, progress, overwrite) if out is not None else None
@@ -99,10 +105,10 @@ def audit(path: str | os.PathLike[str], options: AuditOptions | None = None, *, 
     return result
 
 
-def _audit_one(ds: Dataset | ParquetFiles, options: AuditOptions, executor: Executor, spill: Path, progress: Progress | None,
-               rows: bool) -> tuple[dict[str, Any], Any]:
-    scanned = scan(ds, options.settings, executor, spill, sample=options.sample, seed=options.seed, rows=rows,
-                   progress=progress)
+def _audit_one(
+    ds: Dataset | ParquetFiles, options: AuditOptions, executor: Executor, spill: Path, progress: Progress | None, rows: bool
+) -> tuple[dict[str, Any], Any]:
+    scanned = scan(ds, options.settings, executor, spill, sample=options.sample, seed=options.seed, rows=rows, progress=progress)
     duplicates, top = find_duplicates(scanned, spill), top_openings(scanned)
     scanned.duplicates = duplicates
     summary = summarise(ds.location, scanned, duplicates, top, options.target_words, options.script)
@@ -114,8 +120,10 @@ def _audit_one(ds: Dataset | ParquetFiles, options: AuditOptions, executor: Exec
 
 
 def _caption_at(ds: Dataset | ParquetFiles, shard_id: int, row: int) -> dict[str, Any]:
-    table = ds.read_table(shard_id, columns=[c for c in ("key", "caption", "caption_model", "caption_prompt")
-                                             if c in ds.read_schema(shard_id).names])
+    table = ds.read_table(
+        shard_id,
+        columns=[c for c in ("key", "caption", "caption_model", "caption_prompt") if c in ds.read_schema(shard_id).names],
+    )
     return table.slice(row, 1).to_pylist()[0]
 
 
@@ -129,8 +137,12 @@ def _read_differences(comparison: dict[str, Any], a: Dataset | ParquetFiles, b: 
 
 # -- --out: the dataset with the flags as columns ----------------------------------------------
 
-AUDIT_COLUMNS = [pa.field("audit_words", pa.int64()), pa.field("audit_repeat_share", pa.float64()),
-                 *(pa.field(f"audit_{name}", pa.bool_()) for name in FLAGS), pa.field("audit_flagged", pa.bool_())]
+AUDIT_COLUMNS = [
+    pa.field("audit_words", pa.int64()),
+    pa.field("audit_repeat_share", pa.float64()),
+    *(pa.field(f"audit_{name}", pa.bool_()) for name in FLAGS),
+    pa.field("audit_flagged", pa.bool_()),
+]
 
 
 class AuditStage(Stage):
@@ -175,8 +187,15 @@ class AuditStage(Stage):
         return writer.commit({"stage": self.name})
 
 
-def _write_out(src: Dataset, out: str | os.PathLike[str], options: AuditOptions, scanned: Any, executor: Executor,
-               progress: Progress | None, overwrite: bool) -> dict[str, Any]:
+def _write_out(
+    src: Dataset,
+    out: str | os.PathLike[str],
+    options: AuditOptions,
+    scanned: Any,
+    executor: Executor,
+    progress: Progress | None,
+    overwrite: bool,
+) -> dict[str, Any]:
     from dataclasses import asdict
 
     from lenscap.progress import make_progress
@@ -186,6 +205,5 @@ def _write_out(src: Dataset, out: str | os.PathLike[str], options: AuditOptions,
     shards, starts = np.unique(samples >> 32, return_index=True)
     rows = np.split(samples & 0xFFFFFFFF, starts[1:])
     stage = AuditStage(options.settings, {int(shard): r for shard, r in zip(shards, rows, strict=True)})
-    result = run_stage(stage, src, out, progress=progress or make_progress("audit", True), executor=executor,
-                       overwrite=overwrite)
+    result = run_stage(stage, src, out, progress=progress or make_progress("audit", True), executor=executor, overwrite=overwrite)
     return asdict(result)

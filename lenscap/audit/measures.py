@@ -40,19 +40,42 @@ from lenscap.audit.text import minhash_bands, ngram_hashes, null_where, repeated
 
 __all__ = ["AuditSettings", "Measured", "measure", "check_script", "FLAGS", "READ_COLUMNS", "PRESET_WORDS", "LENGTH_BAND"]
 
-FLAGS = ("refusal", "loop", "truncated", "duplicate", "off_length", "wrong_script", "empty", "ocr_missed",
-         "ocr_invented", "alt_dropped")
-READ_COLUMNS = ("key", "caption", "status", "caption_status", "caption_model", "caption_prompt", "caption_prompt_sha",
-                "ocr_text", "ocr_text_area", "caption_ocr_text", "alt_text")
+FLAGS = (
+    "refusal",
+    "loop",
+    "truncated",
+    "duplicate",
+    "off_length",
+    "wrong_script",
+    "empty",
+    "ocr_missed",
+    "ocr_invented",
+    "alt_dropped",
+)
+READ_COLUMNS = (
+    "key",
+    "caption",
+    "status",
+    "caption_status",
+    "caption_model",
+    "caption_prompt",
+    "caption_prompt_sha",
+    "ocr_text",
+    "ocr_text_area",
+    "caption_ocr_text",
+    "alt_text",
+)
 PRESET_WORDS = {"lens": 109, "alt-aware": 109, "short": 20}
 LENGTH_BAND = 0.5  # off_length: outside [target * (1 - band), target * (1 + band)]
 LOOP_SHARE, LOOP_MIN_TRIGRAMS = 0.2, 10
 ANSWERED = ("ok", "refused", "truncated")
 
-_REFUSAL = (r"\b(i'?m sorry|i am sorry|sorry, (but )?i|i apologi[sz]e|my apologies|i can'?t|i cannot|i'?m (not able|unable)"
-            r"|i am (not able|unable)|i (won'?t|will not) be able|as an ai\b|as a language model"
-            r"|(unable|not able) to (help|assist|describe|identify|provide|comply|caption|process|view|see)"
-            r"|can(not|'t) (help|assist|describe|identify|provide|comply|caption|process|view|see) (with|this|that|the|images?))")
+_REFUSAL = (
+    r"\b(i'?m sorry|i am sorry|sorry, (but )?i|i apologi[sz]e|my apologies|i can'?t|i cannot|i'?m (not able|unable)"
+    r"|i am (not able|unable)|i (won'?t|will not) be able|as an ai\b|as a language model"
+    r"|(unable|not able) to (help|assist|describe|identify|provide|comply|caption|process|view|see)"
+    r"|can(not|'t) (help|assist|describe|identify|provide|comply|caption|process|view|see) (with|this|that|the|images?))"
+)
 _SENTENCE_END = r"[.!?\x{2026}\x{3002}\x{FF01}\x{FF1F}][\"'\x{201D}\x{2019})\]\x{00BB}]*\s*$"
 _QUOTED = re.compile(r"[\"\u201c\u201d]([^\"\u201c\u201d]{2,200})[\"\u201c\u201d]")
 _WORD = re.compile(r"[^\W_]+", re.UNICODE)
@@ -104,8 +127,11 @@ def _bool(array: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 def measure(table: pa.Table, settings: AuditSettings) -> Measured:
     n = table.num_rows
-    caption = (table.column("caption").cast(pa.string()).combine_chunks() if "caption" in table.column_names
-               else pa.nulls(n, pa.string()))
+    caption = (
+        table.column("caption").cast(pa.string()).combine_chunks()
+        if "caption" in table.column_names
+        else pa.nulls(n, pa.string())
+    )
     audited = _bool(pc.is_valid(caption))
     status = _column(table, "status")
     if status is not None:
@@ -146,11 +172,24 @@ def measure(table: pa.Table, settings: AuditSettings) -> Measured:
 
     labels, groups = _caption_groups(*_groups(table, n), audited)
     return Measured(
-        audited=audited, text=text, words=words, repeat_share=repeat, flags=flags,
-        openings=pc.binary_join(pc.list_slice(tokens.lists, 0, 3), " "), groups=groups, labels=labels,
-        unigrams=tokens.hashes, unigram_owner=tokens.owner, bigrams=bigrams, bigram_owner=bigram_owner,
-        band_keys=band_keys, band_rows=band_rows,
-        ocr_known=ocr_known, ocr_with_text=ocr_with_text, alt_named=alt_named, alt_carry=alt_carry,
+        audited=audited,
+        text=text,
+        words=words,
+        repeat_share=repeat,
+        flags=flags,
+        openings=pc.binary_join(pc.list_slice(tokens.lists, 0, 3), " "),
+        groups=groups,
+        labels=labels,
+        unigrams=tokens.hashes,
+        unigram_owner=tokens.owner,
+        bigrams=bigrams,
+        bigram_owner=bigram_owner,
+        band_keys=band_keys,
+        band_rows=band_rows,
+        ocr_known=ocr_known,
+        ocr_with_text=ocr_with_text,
+        alt_named=alt_named,
+        alt_carry=alt_carry,
     )
 
 
@@ -212,8 +251,9 @@ def _groups(table: pa.Table, n: int) -> tuple[list[tuple[str, str, str]], np.nda
     return labels, rank[inverse.reshape(-1)]  # type: ignore[return-value]
 
 
-def _caption_groups(labels: list[tuple[str, str, str]], index: np.ndarray,
-                    audited: np.ndarray) -> tuple[list[tuple[str, str, str]], np.ndarray]:
+def _caption_groups(
+    labels: list[tuple[str, str, str]], index: np.ndarray, audited: np.ndarray
+) -> tuple[list[tuple[str, str, str]], np.ndarray]:
     """Only captions have a group: a skipped sample has no provenance, and is no group of its own
     (-1); the labels left are renumbered in order of first appearance."""
     index = np.where(audited, index, -1)
@@ -243,8 +283,11 @@ def _found(word: str, words: set[str]) -> bool:
         return True
     if len(word) < 4:
         return False
-    return any(abs(len(w) - len(word)) <= 1 and difflib.SequenceMatcher(None, w, word).ratio() >= 0.75 for w in words
-               if w[:1] == word[:1] or w[-1:] == word[-1:])
+    return any(
+        abs(len(w) - len(word)) <= 1 and difflib.SequenceMatcher(None, w, word).ratio() >= 0.75
+        for w in words
+        if w[:1] == word[:1] or w[-1:] == word[-1:]
+    )
 
 
 def _ocr(table: pa.Table, text: np.ndarray, flags: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
@@ -252,7 +295,13 @@ def _ocr(table: pa.Table, text: np.ndarray, flags: dict[str, np.ndarray]) -> tup
     known, with_text = np.zeros(n, bool), np.zeros(n, bool)
     ocr = _strings(table, "ocr_text")
     area = _column(table, "ocr_text_area")
-    ran = np.zeros(n, bool) if ocr is None else _bool(pc.is_valid(area)) if area is not None else np.array([t is not None for t in ocr])
+    ran = (
+        np.zeros(n, bool)
+        if ocr is None
+        else _bool(pc.is_valid(area))
+        if area is not None
+        else np.array([t is not None for t in ocr])
+    )
     hinted = _strings(table, "caption_ocr_text")  # --hints ocr: what the caption request was told ("" nothing)
     if hinted is not None:
         ocr = [o if r else h for o, r, h in zip(ocr or [None] * n, ran, hinted, strict=True)]
@@ -286,8 +335,11 @@ def _alt(table: pa.Table, text: np.ndarray, flags: dict[str, np.ndarray]) -> tup
         if prompts[i] != "alt-aware" or not alts[i]:
             continue
         words = _WORD.findall(alts[i])
-        names = {w.lower() for j, w in enumerate(words)
-                 if len(w) >= 2 and w.lower() not in _STOP and ((j > 0 and w[0].isupper()) or any(c.isdigit() for c in w))}
+        names = {
+            w.lower()
+            for j, w in enumerate(words)
+            if len(w) >= 2 and w.lower() not in _STOP and ((j > 0 and w[0].isupper()) or any(c.isdigit() for c in w))
+        }
         if not names:
             continue
         said = _word_set(captions[i] or "")

@@ -123,10 +123,13 @@ class ScanJob:
                 kept_rows.append(self._rows(table, m, base))
             base += table.num_rows
         out: dict[str, Any] = {
-            "tallies": tallies, "openings": openings, "samples": heapq.nsmallest(self.sample, flagged),
+            "tallies": tallies,
+            "openings": openings,
+            "samples": heapq.nsmallest(self.sample, flagged),
             "band_keys": np.concatenate(band_keys) if band_keys else np.zeros(0, np.uint64),
             "band_rows": np.concatenate(band_rows) if band_rows else np.zeros(0, np.int64),
-            "labels": list(labels), "row_groups": np.concatenate(row_groups) if row_groups else np.zeros(0, np.int32),
+            "labels": list(labels),
+            "row_groups": np.concatenate(row_groups) if row_groups else np.zeros(0, np.int32),
         }
         if self.rows:
             out["rows"] = pa.concat_tables(kept_rows) if kept_rows else None
@@ -171,11 +174,23 @@ class ScanJob:
         out = []
         for (rank, i), row in zip(ranked, picked, strict=True):
             caption = row.get("caption") or ""
-            out.append((rank, str(row["key"]), base + i, {
-                "key": str(row["key"]), "flags": [f for f in FLAGS if m.flags[f][i]], "words": int(m.words[i]),
-                "caption_status": row.get("caption_status"),
-                "caption": caption[:_SAMPLE_CHARS] + ("..." if len(caption) > _SAMPLE_CHARS else ""),
-                "ocr_text": row.get("ocr_text"), "alt_text": row.get("alt_text"), "model": row.get("caption_model")}))
+            out.append(
+                (
+                    rank,
+                    str(row["key"]),
+                    base + i,
+                    {
+                        "key": str(row["key"]),
+                        "flags": [f for f in FLAGS if m.flags[f][i]],
+                        "words": int(m.words[i]),
+                        "caption_status": row.get("caption_status"),
+                        "caption": caption[:_SAMPLE_CHARS] + ("..." if len(caption) > _SAMPLE_CHARS else ""),
+                        "ocr_text": row.get("ocr_text"),
+                        "alt_text": row.get("alt_text"),
+                        "model": row.get("caption_model"),
+                    },
+                )
+            )
         return out
 
     @staticmethod
@@ -184,9 +199,14 @@ class ScanJob:
         for bit, name in enumerate(FLAGS):
             bits |= m.flags[name].astype(np.int64) << bit
         keep = np.flatnonzero(m.audited)
-        return pa.table({"key": table.column("key").cast(pa.string()).take(pa.array(keep)),
-                         "row": pa.array(keep + base, pa.int64()), "words": pa.array(m.words[keep]),
-                         "flags": pa.array(bits[keep])})
+        return pa.table(
+            {
+                "key": table.column("key").cast(pa.string()).take(pa.array(keep)),
+                "row": pa.array(keep + base, pa.int64()),
+                "words": pa.array(m.words[keep]),
+                "flags": pa.array(bits[keep]),
+            }
+        )
 
 
 @dataclass
@@ -213,8 +233,17 @@ def opening_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
-def scan(src: Dataset | ParquetFiles, settings: AuditSettings, executor: Any, spill: Path, *, sample: int = 10, seed: int = 0,
-         rows: bool = False, progress: Any = None) -> Scan:
+def scan(
+    src: Dataset | ParquetFiles,
+    settings: AuditSettings,
+    executor: Any,
+    spill: Path,
+    *,
+    sample: int = 10,
+    seed: int = 0,
+    rows: bool = False,
+    progress: Any = None,
+) -> Scan:
     """Scan every complete, undamaged shard of ``src`` on ``executor``; spill into ``spill``."""
     damaged = src.damaged_shards()
     shards = [i for i in src.completed_ids() if i not in damaged]
@@ -276,6 +305,14 @@ def scan(src: Dataset | ParquetFiles, settings: AuditSettings, executor: Any, sp
     if fatal is not None:
         raise fatal
     samples = [info for _, _, _, info in sorted(heap, key=lambda e: -e[0])]
-    return Scan(tallies, {gid: label for label, gid in groups.items()}, samples, bands, openings, spill / "openings.tsv",
-                spill / "rows.parquet" if row_writer is not None else None, shards, failed)
-
+    return Scan(
+        tallies,
+        {gid: label for label, gid in groups.items()},
+        samples,
+        bands,
+        openings,
+        spill / "openings.tsv",
+        spill / "rows.parquet" if row_writer is not None else None,
+        shards,
+        failed,
+    )

@@ -69,13 +69,17 @@ def open_captioned(path: str | os.PathLike[str]) -> Dataset | ParquetFiles:
     if ds is None:
         files = sorted(p for p in Path(path).rglob("*.parquet") if ".lenscap" not in p.parts)
         if not files:
-            raise DatasetError(f"{path} has no complete shards and no Parquet files to audit (a WebDataset export: "
-                               "audit the dataset it was exported from)")
+            raise DatasetError(
+                f"{path} has no complete shards and no Parquet files to audit (a WebDataset export: "
+                "audit the dataset it was exported from)"
+            )
         ds = ParquetFiles(Path(path), files)
     shards = [i for i in ds.completed_ids() if i not in ds.damaged_shards()]
     if not shards:
-        raise DatasetError(f"{ds.location} has no complete shards to audit (an export's: audit the dataset it was "
-                           "exported from, or its Parquet export)")
+        raise DatasetError(
+            f"{ds.location} has no complete shards to audit (an export's: audit the dataset it was "
+            "exported from, or its Parquet export)"
+        )
     schema = ds.read_schema(shards[0])
     if "caption" not in schema.names:
         raise DatasetError(f"{ds.location} has no caption column: nothing to audit")

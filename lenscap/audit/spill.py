@@ -44,7 +44,7 @@ class Spill:
             f = files.get(int(p))
             if f is None:
                 f = files[int(p)] = open(where / f"{prefix}{int(p):03d}.bin", "ab")  # noqa: SIM115 - kept open
-            f.write(records[bounds[p]:bounds[p + 1]].tobytes())
+            f.write(records[bounds[p] : bounds[p + 1]].tobytes())
 
     def close(self) -> None:
         for f in self._files.values():

@@ -13,20 +13,39 @@ from typing import Any
 
 import numpy as np
 
-from lenscap.audit.measures import FLAGS, PRESET_WORDS, LENGTH_BAND
+from lenscap.audit.measures import FLAGS, LENGTH_BAND, PRESET_WORDS
 from lenscap.audit.scan import Scan, Tally
 from lenscap.audit.spill import Spill
 from lenscap.audit.text import mix
 from lenscap.errors import UsageError
 from lenscap.sql import literal, out_of_core
 
-__all__ = ["Duplicates", "find_duplicates", "top_openings", "summarise", "Rule", "parse_rules", "check_rules", "compare", "METRICS"]
+__all__ = [
+    "Duplicates",
+    "find_duplicates",
+    "top_openings",
+    "summarise",
+    "Rule",
+    "parse_rules",
+    "check_rules",
+    "compare",
+    "METRICS",
+]
 
 TOP_OPENINGS = 10
 
 # --fail-on names: every flag as a share (refusal, loop ...), and these.
-_NUMBERS = ("captions", "words_mean", "words_p5", "words_p50", "words_p95", "template_top1", "distinct_1", "distinct_2",
-            "alt_carry")
+_NUMBERS = (
+    "captions",
+    "words_mean",
+    "words_p5",
+    "words_p50",
+    "words_p95",
+    "template_top1",
+    "distinct_1",
+    "distinct_2",
+    "alt_carry",
+)
 METRICS = (*FLAGS, *_NUMBERS)
 
 
@@ -119,49 +138,85 @@ def _measures(t: Tally, duplicates: int, top: list[tuple[str, int]], target: int
     """One group's (or the dataset's) measures, in the ``--json`` shape."""
     counts = {name: int(t.counts.get(name, 0)) for name in FLAGS} | {"duplicate": duplicates}
     # Shares are of the captions audited, except where only some captions can have the flag.
-    of = {name: t.captions for name in FLAGS} | {"ocr_missed": t.ocr_with_text, "ocr_invented": t.ocr_known,
-                                                 "alt_dropped": t.alt_named}
+    of = {name: t.captions for name in FLAGS} | {
+        "ocr_missed": t.ocr_with_text,
+        "ocr_invented": t.ocr_known,
+        "alt_dropped": t.alt_named,
+    }
     out: dict[str, Any] = {
         "captions": t.captions,
         "measured_texts": t.texts,
         "counts": counts,
         "shares": {name: _share(counts[name], of[name]) for name in FLAGS},
-        "words": {"mean": round(t.words / t.texts, 2) if t.texts else None, "p5": _percentile(t.hist, 0.05),
-                  "p50": _percentile(t.hist, 0.50), "p95": _percentile(t.hist, 0.95), "target": target,
-                  "band": [round(target * (1 - LENGTH_BAND)), round(target * (1 + LENGTH_BAND))] if target else None},
+        "words": {
+            "mean": round(t.words / t.texts, 2) if t.texts else None,
+            "p5": _percentile(t.hist, 0.05),
+            "p50": _percentile(t.hist, 0.50),
+            "p95": _percentile(t.hist, 0.95),
+            "target": target,
+            "band": [round(target * (1 - LENGTH_BAND)), round(target * (1 + LENGTH_BAND))] if target else None,
+        },
         "openings": [{"opening": o, "captions": n, "share": _share(n, t.texts)} for o, n in top],
         "template_top1": _share(top[0][1], t.texts) if top else None,
         "distinct_1": round(t.distinct_1.estimate() / t.unigrams, 6) if t.unigrams else None,
         "distinct_2": round(t.distinct_2.estimate() / t.bigrams, 6) if t.bigrams else None,
-        "ocr": {"known": t.ocr_known, "with_text": t.ocr_with_text, "quoted": t.ocr_with_text - counts["ocr_missed"],
-                "missed": counts["ocr_missed"], "invented": counts["ocr_invented"]},
-        "alt_text": {"named": t.alt_named, "carry_mean": round(t.alt_carry / t.alt_named, 4) if t.alt_named else None,
-                     "dropped": counts["alt_dropped"]},
+        "ocr": {
+            "known": t.ocr_known,
+            "with_text": t.ocr_with_text,
+            "quoted": t.ocr_with_text - counts["ocr_missed"],
+            "missed": counts["ocr_missed"],
+            "invented": counts["ocr_invented"],
+        },
+        "alt_text": {
+            "named": t.alt_named,
+            "carry_mean": round(t.alt_carry / t.alt_named, 4) if t.alt_named else None,
+            "dropped": counts["alt_dropped"],
+        },
     }
     return out
 
 
-def summarise(location: str, scan: Scan, duplicates: Duplicates, top: dict[int, list[tuple[str, int]]],
-              target_words: int | None, script: str) -> dict[str, Any]:
+def summarise(
+    location: str,
+    scan: Scan,
+    duplicates: Duplicates,
+    top: dict[int, list[tuple[str, int]]],
+    target_words: int | None,
+    script: str,
+) -> dict[str, Any]:
     """The audit of one dataset: overall measures, then the same per model and prompt."""
     ids = {label: gid for gid, label in scan.groups.items()}
     total = Tally()
     for tally in scan.tallies.values():
         total.merge(tally)
     prompts = {label[1] for label, tally in scan.tallies.items() if tally.captions}
-    overall_target = target_words if target_words is not None else (
-        PRESET_WORDS.get(next(iter(prompts))) if len(prompts) == 1 else None)
-    summary = {"path": location, "shards": len(scan.shards), "failed_shards": {str(k): v for k, v in scan.failed.items()},
-               "script": script,
-               **_measures(total, sum(duplicates.by_group.values()), top.get(-1, []), overall_target)}
+    overall_target = (
+        target_words if target_words is not None else (PRESET_WORDS.get(next(iter(prompts))) if len(prompts) == 1 else None)
+    )
+    summary = {
+        "path": location,
+        "shards": len(scan.shards),
+        "failed_shards": {str(k): v for k, v in scan.failed.items()},
+        "script": script,
+        **_measures(total, sum(duplicates.by_group.values()), top.get(-1, []), overall_target),
+    }
     # [words, captions] pairs as inspect gives them (the last bin holds every longer caption); overall only.
     summary["words"]["histogram"] = [[int(w), int(n)] for w, n in enumerate(total.hist) if n]
     summary["by_model"] = [
-        {"model": label[0] or None, "prompt": label[1] or None, "prompt_sha": label[2] or None,
-         **_measures(tally, duplicates.by_group.get(ids[label], 0), top.get(ids[label], [])[:3],
-                     target_words if target_words is not None else PRESET_WORDS.get(label[1]))}
+        {
+            "model": label[0] or None,
+            "prompt": label[1] or None,
+            "prompt_sha": label[2] or None,
+            **_measures(
+                tally,
+                duplicates.by_group.get(ids[label], 0),
+                top.get(ids[label], [])[:3],
+                target_words if target_words is not None else PRESET_WORDS.get(label[1]),
+            ),
+        }
         # Largest first; equal ones by label, not by which shard finished first.
-        for label, tally in sorted(scan.tallies.items(), key=lambda kv: (-kv[1].captions, kv[0]))]
+        for label, tally in sorted(scan.tallies.items(), key=lambda kv: (-kv[1].captions, kv[0]))
+    ]
     summary["samples"] = scan.samples
     return summary
 
@@ -220,8 +275,16 @@ def check_rules(summary: dict[str, Any], rules: list[Rule]) -> list[dict[str, An
     return [{"rule": str(r), "value": metric(summary, r.name), "broken": r.broken_by(metric(summary, r.name))} for r in rules]
 
 
-def compare(a: dict[str, Any], b: dict[str, Any], rows_a: Path | None, rows_b: Path | None, spill: Path,
-            memory_limit: str, sample: int, seed: int) -> dict[str, Any]:
+def compare(
+    a: dict[str, Any],
+    b: dict[str, Any],
+    rows_a: Path | None,
+    rows_b: Path | None,
+    spill: Path,
+    memory_limit: str,
+    sample: int,
+    seed: int,
+) -> dict[str, Any]:
     """Two audits side by side: the change of each measure (B minus A) and, on the images both hold
     (by key), how many captions each flag newly marks or clears, with the keys of a sample of them."""
     delta: dict[str, float | None] = {}
@@ -238,9 +301,11 @@ def compare(a: dict[str, Any], b: dict[str, Any], rows_a: Path | None, rows_b: P
                         FROM read_parquet({literal(rows_a)}) a JOIN read_parquet({literal(rows_b)}) b USING (key)""")
         out["common"] = con.execute("SELECT count(*) FROM j").fetchone()[0]
         for bit, name in enumerate(FLAGS):
-            gained, cleared = con.execute(f"""SELECT count(*) FILTER (WHERE (flags_b >> {bit}) & 1 = 1 AND (flags_a >> {bit}) & 1 = 0),
+            gained, cleared = (
+                con.execute(f"""SELECT count(*) FILTER (WHERE (flags_b >> {bit}) & 1 = 1 AND (flags_a >> {bit}) & 1 = 0),
                                                      count(*) FILTER (WHERE (flags_a >> {bit}) & 1 = 1 AND (flags_b >> {bit}) & 1 = 0)
                                               FROM j""").fetchone()
+            )
             if gained or cleared:
                 out["flag_changes"][name] = {"gained": gained, "cleared": cleared}
         picked = con.execute(f"""SELECT key, shard_a, row_a, shard_b, row_b, words_a, words_b, flags_a, flags_b FROM j
@@ -248,9 +313,14 @@ def compare(a: dict[str, Any], b: dict[str, Any], rows_a: Path | None, rows_b: P
                                  ORDER BY hash(key || {literal(str(seed))}), key LIMIT {int(sample)}""").fetchall()
     finally:
         con.close()
-    out["differences"] = [{"key": k, "a": {"shard": sa, "row": ra, "words": wa, "flags": _names(fa)},
-                           "b": {"shard": sb, "row": rb, "words": wb, "flags": _names(fb)}}
-                          for k, sa, ra, sb, rb, wa, wb, fa, fb in picked]
+    out["differences"] = [
+        {
+            "key": k,
+            "a": {"shard": sa, "row": ra, "words": wa, "flags": _names(fa)},
+            "b": {"shard": sb, "row": rb, "words": wb, "flags": _names(fb)},
+        }
+        for k, sa, ra, sb, rb, wa, wb, fa, fb in picked
+    ]
     return out
 
 

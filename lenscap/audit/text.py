@@ -26,7 +26,7 @@ _MAX_POS = _TABLE.shape[0] - 1
 BANDS, ROWS_PER_BAND = 8, 8
 _PERMS = BANDS * ROWS_PER_BAND
 _BIN_BITS = 6  # 2**6 == _PERMS bins
-_VALUE_MASK = np.uint64(2**(64 - _BIN_BITS) - 1)
+_VALUE_MASK = np.uint64(2 ** (64 - _BIN_BITS) - 1)
 _EMPTY = np.uint64(2**64 - 1)
 _ROTATE = np.uint64(0x9E3779B97F4A7C15)
 _BAND_MULT = _RNG.integers(1, 2**63, size=ROWS_PER_BAND, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
@@ -91,7 +91,7 @@ def null_where(array: pa.Array, null: np.ndarray) -> pa.Array:
     if array.type not in (pa.string(), pa.large_string(), pa.binary(), pa.large_binary()):
         return pc.if_else(pa.array(null), pa.scalar(None, array.type), array)
     keep = np.zeros(array.offset + len(array), bool)
-    keep[array.offset:] = ~null & _true(pc.is_valid(array))
+    keep[array.offset :] = ~null & _true(pc.is_valid(array))
     validity = pa.array(keep).buffers()[1]
     return pa.Array.from_buffers(array.type, len(array), [validity, *array.buffers()[1:]], offset=array.offset)
 
@@ -105,8 +105,8 @@ def _hash_strings(flat: pa.Array) -> np.ndarray:
     if flat.type != pa.string():
         flat = flat.cast(pa.string())
     _, offsets_buf, data_buf = flat.buffers()
-    offsets = np.frombuffer(offsets_buf, np.int32)[flat.offset:flat.offset + n + 1].astype(np.int64)
-    data = np.frombuffer(data_buf, np.uint8)[offsets[0]:offsets[-1]]
+    offsets = np.frombuffer(offsets_buf, np.int32)[flat.offset : flat.offset + n + 1].astype(np.int64)
+    data = np.frombuffer(data_buf, np.uint8)[offsets[0] : offsets[-1]]
     starts = offsets[:-1] - offsets[0]
     lengths = np.diff(offsets)
     position = np.arange(len(data), dtype=np.int64) - np.repeat(starts, lengths)
@@ -120,11 +120,11 @@ def ngram_hashes(words: Words, n: int) -> tuple[np.ndarray, np.ndarray]:
     if n == 1 or len(h) < n:
         return (h, owner) if n == 1 else (np.zeros(0, np.uint64), np.zeros(0, np.int64))
     with np.errstate(over="ignore"):
-        combined = h[:len(h) - n + 1] * _PAIR[0]
+        combined = h[: len(h) - n + 1] * _PAIR[0]
         for i in range(1, n):
-            combined = combined + h[i:len(h) - n + 1 + i] * _PAIR[i % 3]
-    inside = owner[:len(owner) - n + 1] == owner[n - 1:]
-    return mix(combined[inside]), owner[:len(owner) - n + 1][inside]
+            combined = combined + h[i : len(h) - n + 1 + i] * _PAIR[i % 3]
+    inside = owner[: len(owner) - n + 1] == owner[n - 1 :]
+    return mix(combined[inside]), owner[: len(owner) - n + 1][inside]
 
 
 def repeated_share(shingles: np.ndarray, owner: np.ndarray, captions: int) -> tuple[np.ndarray, np.ndarray]:
@@ -219,9 +219,9 @@ class KMV:
                 if share < 0.5:
                     smallest = _distinct(merged[merged <= np.uint64(share * 2.0**64)])
             if len(smallest) >= self.k:
-                self.values = smallest[:self.k]
+                self.values = smallest[: self.k]
                 return
-        self.values = _distinct(merged)[:self.k]
+        self.values = _distinct(merged)[: self.k]
 
     def merge(self, other: KMV) -> None:
         self.add(other.values)

@@ -14,14 +14,19 @@ from lenscap.plugins import Registry
 
 __all__ = ["available_backends", "backend_class", "describe_backends", "REGISTRY"]
 
-REGISTRY = Registry("lenscap.backends", "backend", CaptionBackend, {
-    "openai": "lenscap.backends.openai_chat:OpenAIChatBackend",
-    "openai-batch": "lenscap.backends.openai_batch:OpenAIBatchBackend",
-    "batch-files": "lenscap.backends.openai_batch:BatchFilesBackend",
-    "describe": "lenscap.backends.describe:DescribeBackend",
-    "transformers": "lenscap.backends.transformers_local:TransformersBackend",
-    "vllm": "lenscap.backends.vllm_local:VllmBackend",
-})
+REGISTRY = Registry(
+    "lenscap.backends",
+    "backend",
+    CaptionBackend,
+    {
+        "openai": "lenscap.backends.openai_chat:OpenAIChatBackend",
+        "openai-batch": "lenscap.backends.openai_batch:OpenAIBatchBackend",
+        "batch-files": "lenscap.backends.openai_batch:BatchFilesBackend",
+        "describe": "lenscap.backends.describe:DescribeBackend",
+        "transformers": "lenscap.backends.transformers_local:TransformersBackend",
+        "vllm": "lenscap.backends.vllm_local:VllmBackend",
+    },
+)
 
 
 def available_backends() -> dict[str, str]:
@@ -44,8 +49,12 @@ def describe_backends() -> list[dict[str, Any]]:
         except Exception as e:  # noqa: BLE001 - a broken plugin is listed with its error, not fatal
             info["error"] = f"{type(e).__name__}: {e}"
         else:
-            info |= {"needs_key": cls.needs_key, "priced": cls.priced, "batch": cls.runs_as_batch,
-                     "summary": (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
-                     "options": [o.describe() for o in cls.options]}
+            info |= {
+                "needs_key": cls.needs_key,
+                "priced": cls.priced,
+                "batch": cls.runs_as_batch,
+                "summary": (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0],
+                "options": [o.describe() for o in cls.options],
+            }
         out.append(info)
     return out

@@ -22,8 +22,22 @@ from lenscap.errors import UsageError
 if TYPE_CHECKING:
     from lenscap.executors import Executor
 
-__all__ = ["CaptionBackend", "CaptionRequest", "CaptionResult", "Option", "generated", "OK", "ERROR", "REFUSED", "TRUNCATED", "SKIPPED",
-           "OUTCOMES", "CAPTION_FLAGS", "OptionRenamed", "renamed_keyword"]
+__all__ = [
+    "CaptionBackend",
+    "CaptionRequest",
+    "CaptionResult",
+    "Option",
+    "generated",
+    "OK",
+    "ERROR",
+    "REFUSED",
+    "TRUNCATED",
+    "SKIPPED",
+    "OUTCOMES",
+    "CAPTION_FLAGS",
+    "OptionRenamed",
+    "renamed_keyword",
+]
 
 OK, ERROR, REFUSED, TRUNCATED, SKIPPED = "ok", "error", "refused", "truncated", "skipped"
 
@@ -37,11 +51,32 @@ OUTCOMES = (OK, ERROR, REFUSED, TRUNCATED, SKIPPED)
 # The backend options that ``lenscap caption`` has a flag of its own for (``--max-tokens``); any other
 # option is given as ``-O NAME=VALUE``, and a bad value of one says so ("-O digits=two: digits takes an
 # int, not 'two'"), since there is no ``--digits`` to point at.
-CAPTION_FLAGS = frozenset({
-    "model", "base_url", "api_key_env", "max_tokens", "temperature", "detail", "max_side", "rpm", "tpm", "concurrency", "prices",
-    "timeout", "max_retries", "outage_timeout", "wait", "poll_interval", "max_requests_per_file", "max_file_mb",
-    "max_enqueued_tokens", "device", "dtype", "batch_size",
-})
+CAPTION_FLAGS = frozenset(
+    {
+        "model",
+        "base_url",
+        "api_key_env",
+        "max_tokens",
+        "temperature",
+        "detail",
+        "max_side",
+        "rpm",
+        "tpm",
+        "concurrency",
+        "prices",
+        "timeout",
+        "max_retries",
+        "outage_timeout",
+        "wait",
+        "poll_interval",
+        "max_requests_per_file",
+        "max_file_mb",
+        "max_enqueued_tokens",
+        "device",
+        "dtype",
+        "batch_size",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -87,8 +122,13 @@ class Option:
             if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
                 raise self._refuse(value, "takes true or false")
             parsed = text in ("1", "true", "yes", "on")
-        elif (self.type in (int, float) and isinstance(value, bool)  # True is no number of anything
-              or self.type is int and isinstance(value, float) and not value.is_integer()):  # 2.5 is no int (2.0 is)
+        elif (
+            self.type in (int, float)
+            and isinstance(value, bool)  # True is no number of anything
+            or self.type is int
+            and isinstance(value, float)
+            and not value.is_integer()
+        ):  # 2.5 is no int (2.0 is)
             raise self._refuse(value, f"takes a{'n' if self.type is int else ''} {self.type.__name__}")
         else:
             try:
@@ -100,9 +140,15 @@ class Option:
         return parsed
 
     def describe(self) -> dict[str, Any]:
-        return {"name": self.name, "flag": self.flag, "type": self.type.__name__ + ("[]" if self.repeated else ""),
-                "default": self.default, "choices": list(self.choices) if self.choices else None, "help": self.help,
-                "deprecated_names": list(self.deprecated_names)}
+        return {
+            "name": self.name,
+            "flag": self.flag,
+            "type": self.type.__name__ + ("[]" if self.repeated else ""),
+            "default": self.default,
+            "choices": list(self.choices) if self.choices else None,
+            "help": self.help,
+            "deprecated_names": list(self.deprecated_names),
+        }
 
 
 @dataclass
@@ -133,7 +179,9 @@ class CaptionResult:
         return cls(**{k: d.get(k) for k in cls.__dataclass_fields__})
 
 
-def generated(key: str, text: str, cut: bool, limit_flag: str, input_tokens: int | None, output_tokens: int | None) -> CaptionResult:
+def generated(
+    key: str, text: str, cut: bool, limit_flag: str, input_tokens: int | None, output_tokens: int | None
+) -> CaptionResult:
     """A local model's reply as an outcome: cut at the token limit is ``truncated`` (the text is kept
     in the error), nothing at all is an ``error``, anything else is the caption. Cost 0."""
     text = " ".join(text.split())
@@ -147,13 +195,16 @@ def generated(key: str, text: str, cut: bool, limit_flag: str, input_tokens: int
     return result
 
 
-def renamed_keyword(backend: str, value: Any, old_value: Any, default: Any, new: str = "max_tokens",
-                    old: str = "max_new_tokens") -> Any:
+def renamed_keyword(
+    backend: str, value: Any, old_value: Any, default: Any, new: str = "max_tokens", old: str = "max_new_tokens"
+) -> Any:
     """The value of a keyword argument that may come under its deprecated name (``max_new_tokens=``):
     that one, with an ``OptionRenamed`` warning; refused when both names are given different values."""
     if old_value is None:
         return value
-    warnings.warn(f"backend {backend!r}: {old}= is now {new}=; the old name goes in the next release", OptionRenamed, stacklevel=3)
+    warnings.warn(
+        f"backend {backend!r}: {old}= is now {new}=; the old name goes in the next release", OptionRenamed, stacklevel=3
+    )
     if value != default and value != old_value:
         raise UsageError(f"backend {backend!r}: {new}={value!r} and its old name {old}={old_value!r} disagree; give {new} alone")
     return old_value
@@ -195,15 +246,17 @@ class CaptionBackend(ABC):
         """What makes this class unusable as a backend (checked when the registry loads it)."""
         problems = []
         if not isinstance(getattr(cls, "name", None), str) or not cls.name:
-            problems.append("sets no name (a class attribute: name = \"...\")")
+            problems.append('sets no name (a class attribute: name = "...")')
         if not isinstance(cls.options, tuple) or not all(isinstance(o, Option) for o in cls.options):
             problems.append("options must be a tuple of lenscap.plugin.Option")
         elif len({o.name for o in cls.options}) != len(cls.options):
             problems.append("declares an option twice")
         model = inspect.getattr_static(cls, "model", None)
         if not isinstance(model, property) and not (isinstance(model, str) and model):
-            problems.append("sets model to something other than a model name as a class attribute (leave it out: "
-                            "the caption_model column then records the backend's name)")
+            problems.append(
+                "sets model to something other than a model name as a class attribute (leave it out: "
+                "the caption_model column then records the backend's name)"
+            )
         return problems
 
     @classmethod
@@ -221,11 +274,17 @@ class CaptionBackend(ABC):
         for name, value in values.items():
             if name in renamed:
                 new = renamed[name]
-                warnings.warn(f"backend {cls.name!r}: option {name.replace('_', '-')!r} is now {new.replace('_', '-')!r}; "
-                              f"the old name goes in the next release", OptionRenamed, stacklevel=3)
+                warnings.warn(
+                    f"backend {cls.name!r}: option {name.replace('_', '-')!r} is now {new.replace('_', '-')!r}; "
+                    f"the old name goes in the next release",
+                    OptionRenamed,
+                    stacklevel=3,
+                )
                 if new in values and known[new].parse(values[new]) != known[new].parse(value):
-                    raise UsageError(f"backend {cls.name!r}: {new.replace('_', '-')} {values[new]!r} and its old name "
-                                     f"{name.replace('_', '-')} {value!r} disagree; give {new.replace('_', '-')} alone")
+                    raise UsageError(
+                        f"backend {cls.name!r}: {new.replace('_', '-')} {values[new]!r} and its old name "
+                        f"{name.replace('_', '-')} {value!r} disagree; give {new.replace('_', '-')} alone"
+                    )
                 given.setdefault(new, value)
             elif name in known:
                 given[name] = value

@@ -57,8 +57,20 @@ class DescribeBackend(CaptionBackend):
 
     name = "describe"
     options = (
-        Option("ocr", str, "auto", "Read visible text (needs the ocr extra): auto uses it when installed.", choices=("auto", "on", "off")),
-        Option("faces", str, "auto", "Count frontal faces with OpenCV's cascade: auto uses it when available.", choices=("auto", "on", "off")),
+        Option(
+            "ocr",
+            str,
+            "auto",
+            "Read visible text (needs the ocr extra): auto uses it when installed.",
+            choices=("auto", "on", "off"),
+        ),
+        Option(
+            "faces",
+            str,
+            "auto",
+            "Count frontal faces with OpenCV's cascade: auto uses it when available.",
+            choices=("auto", "on", "off"),
+        ),
     )
 
     def __init__(self, ocr: str = "auto", faces: str = "auto") -> None:
@@ -82,4 +94,6 @@ class DescribeBackend(CaptionBackend):
             except Exception as e:  # noqa: BLE001 - an unreadable image is this sample's outcome
                 on_result(CaptionResult(request.key, ERROR, error=f"cannot decode image: {type(e).__name__}: {e}"))
                 continue
-            on_result(CaptionResult(request.key, OK, caption=describe_facts(facts), input_tokens=0, output_tokens=0, cost_usd=0.0))
+            on_result(
+                CaptionResult(request.key, OK, caption=describe_facts(facts), input_tokens=0, output_tokens=0, cost_usd=0.0)
+            )

@@ -12,10 +12,9 @@ import os
 import shutil
 from abc import abstractmethod
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from dataclasses import dataclass
 
 from lenscap.backends.base import CaptionRequest, CaptionResult, Option
 from lenscap.backends.openai_chat import COMMON_OPTIONS, OpenAIChatBackend
@@ -30,11 +29,21 @@ BATCH_OPTIONS = (
     Option("poll_interval", float, 60.0, "Seconds between polls with --wait."),
     Option("max_requests_per_file", int, 50_000, "Requests per batch file (the API allows 50,000)."),
     Option("max_file_mb", float, 200.0, "MB per batch file (the API allows 200)."),
-    Option("max_enqueued_tokens", int, None, "The account's batch queue limit, in input tokens of the batches in flight: files "
-           "are submitted as the queue has room (default: learned from the API's token_limit_exceeded)."),
+    Option(
+        "max_enqueued_tokens",
+        int,
+        None,
+        "The account's batch queue limit, in input tokens of the batches in flight: files "
+        "are submitted as the queue has room (default: learned from the API's token_limit_exceeded).",
+    ),
     Option("max_retries", int, 3, "Rounds of new batches for requests that got no answer (expired, 5xx, ...)."),
-    Option("keep_outputs", bool, False, "Keep each merged batch's output and error files, gzip-compressed, under "
-           ".lenscap/batch/outputs/ (default: deleted once their answers are in the journals)."),
+    Option(
+        "keep_outputs",
+        bool,
+        False,
+        "Keep each merged batch's output and error files, gzip-compressed, under "
+        ".lenscap/batch/outputs/ (default: deleted once their answers are in the journals).",
+    ),
 )
 
 
@@ -72,9 +81,15 @@ class _BatchBackend(OpenAIChatBackend):
         online = {k: v[k] for k in values if k not in {o.name for o in BATCH_OPTIONS}}
         backend = super().from_options(online)
         assert isinstance(backend, _BatchBackend)
-        backend.batch = BatchOptions(max_requests_per_file=v["max_requests_per_file"], max_file_bytes=int(v["max_file_mb"] * 1024 * 1024),
-                                     max_enqueued_tokens=v["max_enqueued_tokens"], max_rounds=v["max_retries"], wait=v["wait"],
-                                     poll_interval_s=v["poll_interval"], keep_outputs=v["keep_outputs"])
+        backend.batch = BatchOptions(
+            max_requests_per_file=v["max_requests_per_file"],
+            max_file_bytes=int(v["max_file_mb"] * 1024 * 1024),
+            max_enqueued_tokens=v["max_enqueued_tokens"],
+            max_rounds=v["max_retries"],
+            wait=v["wait"],
+            poll_interval_s=v["poll_interval"],
+            keep_outputs=v["keep_outputs"],
+        )
         backend.batch.validate()
         return backend
 
@@ -124,8 +139,9 @@ class ApiTransport:
         self.backend = backend
         self._openai = openai
         # The SDK retries these rare calls itself (connection errors, 429, 5xx), with backoff.
-        self.client = openai.OpenAI(base_url=backend.base_urls[0], api_key=backend._api_key, max_retries=5,
-                                    timeout=max(backend.options.timeout, 600.0))
+        self.client = openai.OpenAI(
+            base_url=backend.base_urls[0], api_key=backend._api_key, max_retries=5, timeout=max(backend.options.timeout, 600.0)
+        )
 
     def _fail(self, what: str, e: Exception) -> BackendError:
         return BackendError(f"{what}: {self.backend.scrub(str(e))}")
@@ -167,17 +183,23 @@ class ApiTransport:
 
     def create(self, file_id: str, metadata: dict[str, str]) -> str:
         try:
-            return self.client.batches.create(input_file_id=file_id, endpoint="/v1/chat/completions",
-                                              completion_window="24h", metadata=metadata).id
+            return self.client.batches.create(
+                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", metadata=metadata
+            ).id
         except self._openai.APIError as e:
             raise self._fail("creating a batch failed", e) from None
 
     def poll(self, batch_id: str, expected: int | None = None) -> dict[str, Any]:
         b = self.client.batches.retrieve(batch_id)
         data = b.errors.data if b.errors and b.errors.data else []
-        return {"status": b.status, "output_file_id": b.output_file_id, "error_file_id": b.error_file_id,
-                "counts": b.request_counts.model_dump() if b.request_counts else None,
-                "errors": [e.message or "" for e in data], "codes": [e.code or "" for e in data]}
+        return {
+            "status": b.status,
+            "output_file_id": b.output_file_id,
+            "error_file_id": b.error_file_id,
+            "counts": b.request_counts.model_dump() if b.request_counts else None,
+            "errors": [e.message or "" for e in data],
+            "codes": [e.code or "" for e in data],
+        }
 
     def fetch(self, file_id: str | None) -> bytes:
         return self.client.files.content(file_id).content if file_id else b""
@@ -236,8 +258,13 @@ class FilesTransport:
             lines = sum(1 for line in f if line.strip())
         # A runner writing the file is not done until every request has its line.
         done = expected is None or lines >= expected
-        return {"status": "completed" if done else "in_progress", "output_file_id": batch_id if done else None,
-                "error_file_id": None, "counts": {"completed": lines}, "errors": []}
+        return {
+            "status": "completed" if done else "in_progress",
+            "output_file_id": batch_id if done else None,
+            "error_file_id": None,
+            "counts": {"completed": lines},
+            "errors": [],
+        }
 
     def fetch(self, file_id: str | None) -> bytes:
         return (self.root / "output" / file_id).read_bytes() if file_id else b""
@@ -253,6 +280,8 @@ class FilesTransport:
                 (self.root / "output" / file_id).unlink(missing_ok=True)
 
     def commands(self, model: str) -> list[str]:
-        return [f"vllm run-batch -i {p} -o {self.root / 'output' / p.name} --model {model}"
-                for p in sorted((self.root / "input").glob("*.jsonl"))
-                if not (self.root / "output" / p.name).exists()]
+        return [
+            f"vllm run-batch -i {p} -o {self.root / 'output' / p.name} --model {model}"
+            for p in sorted((self.root / "input").glob("*.jsonl"))
+            if not (self.root / "output" / p.name).exists()
+        ]

@@ -49,7 +49,13 @@ _OUTAGE_AFTER = 5
 
 COMMON_OPTIONS = (
     Option("model", str, DEFAULT_MODEL, "Model name as the server knows it."),
-    Option("base_url", str, [], "API base URL (default: $OPENAI_BASE_URL or OpenAI); repeat for a pool of deployments.", repeated=True),
+    Option(
+        "base_url",
+        str,
+        [],
+        "API base URL (default: $OPENAI_BASE_URL or OpenAI); repeat for a pool of deployments.",
+        repeated=True,
+    ),
     Option("api_key_env", str, "OPENAI_API_KEY", "Name of the environment variable holding the API key (not the key)."),
     Option("max_tokens", int, 300, "Most output tokens per caption."),
     Option("temperature", float, None, "Sampling temperature (default: the server's)."),
@@ -63,8 +69,13 @@ ONLINE_OPTIONS = (
     Option("tpm", float, None, "Tokens per minute per endpoint (default: from the server's rate-limit headers)."),
     Option("concurrency", int, 32, "Requests in flight per process."),
     Option("max_retries", int, 5, "Retries per request on 429, 5xx, timeouts, connection errors, malformed replies."),
-    Option("outage_timeout", float, 300.0, "Seconds every endpoint may fail every request before the run stops (exit 1), "
-           "leaving the unanswered samples for the rerun."),
+    Option(
+        "outage_timeout",
+        float,
+        300.0,
+        "Seconds every endpoint may fail every request before the run stops (exit 1), "
+        "leaving the unanswered samples for the rerun.",
+    ),
 )
 
 
@@ -91,12 +102,20 @@ class OpenAIOptions:
             raise UsageError("--model is required for the openai backend")
         if self.detail not in DETAILS:
             raise UsageError(f"--detail must be one of {', '.join(DETAILS)}, not {self.detail!r}")
-        for name, value, low in (("--max-tokens", self.max_tokens, 1), ("--max-side", self.max_side, 16),
-                                 ("--concurrency", self.concurrency, 1), ("--max-retries", self.max_retries, 0)):
+        for name, value, low in (
+            ("--max-tokens", self.max_tokens, 1),
+            ("--max-side", self.max_side, 16),
+            ("--concurrency", self.concurrency, 1),
+            ("--max-retries", self.max_retries, 0),
+        ):
             if value < low:
                 raise UsageError(f"{name} must be at least {low}, not {value}")
-        for name, value in (("--rpm", self.rpm), ("--tpm", self.tpm), ("--timeout", self.timeout),
-                            ("--outage-timeout", self.outage_timeout)):
+        for name, value in (
+            ("--rpm", self.rpm),
+            ("--tpm", self.tpm),
+            ("--timeout", self.timeout),
+            ("--outage-timeout", self.outage_timeout),
+        ):
             if value is not None and value <= 0:
                 raise UsageError(f"{name} must be positive, not {value}")
         if self.temperature is not None and not 0 <= self.temperature <= 2:
@@ -188,7 +207,9 @@ class OpenAIChatBackend(CaptionBackend):
             return
         from lenscap.captioning.cluster_limits import start_account_limits
 
-        account = start_account_limits(executor.connect(), {ep.url: (self.options.rpm, self.options.tpm) for ep in self.endpoints})
+        account = start_account_limits(
+            executor.connect(), {ep.url: (self.options.rpm, self.options.tpm) for ep in self.endpoints}
+        )
         self.set_processes(1)
         for ep in self.endpoints:
             ep.limiter.use_account(account, ep.url)
@@ -209,14 +230,28 @@ class OpenAIChatBackend(CaptionBackend):
 
     def identity(self) -> dict[str, Any]:
         o = self.options
-        return {"backend": self.name, "model": o.model, "max_tokens": o.max_tokens, "temperature": o.temperature,
-                "detail": o.detail, "max_side": o.max_side}
+        return {
+            "backend": self.name,
+            "model": o.model,
+            "max_tokens": o.max_tokens,
+            "temperature": o.temperature,
+            "detail": o.detail,
+            "max_side": o.max_side,
+        }
 
     def parameters(self) -> dict[str, Any]:
         o = self.options
         hosts = [_public_url(u) for u in self.base_urls]
-        return {**self.identity(), "base_urls": hosts, "key_variable": o.api_key_env, "rpm": o.rpm, "tpm": o.tpm,
-                "concurrency": o.concurrency, "timeout": o.timeout, "max_retries": o.max_retries}
+        return {
+            **self.identity(),
+            "base_urls": hosts,
+            "key_variable": o.api_key_env,
+            "rpm": o.rpm,
+            "tpm": o.tpm,
+            "concurrency": o.concurrency,
+            "timeout": o.timeout,
+            "max_retries": o.max_retries,
+        }
 
     def scrub(self, text: str) -> str:
         """Error text as shown to users: never the key, even if a server echoes it."""
@@ -250,7 +285,9 @@ class OpenAIChatBackend(CaptionBackend):
             try:
                 client.models.list()
             except openai.AuthenticationError as e:
-                raise BackendError(f"{url} rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}") from None
+                raise BackendError(
+                    f"{url} rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}"
+                ) from None
             except openai.PermissionDeniedError as e:
                 raise BackendError(f"{url} denied access: {self.scrub(_message(e))}") from None
             except openai.APIConnectionError as e:
@@ -284,6 +321,7 @@ class OpenAIChatBackend(CaptionBackend):
         self._probe = asyncio.Lock()
         breaker = _FirstErrorsBreaker(on_result)
         try:
+
             async def worker() -> None:
                 for request in requests:  # pulled lazily, shared by all workers (one thread: no lock needed)
                     breaker.report(await self._caption_one(request))
@@ -347,8 +385,10 @@ class OpenAIChatBackend(CaptionBackend):
             async with self._probe:  # one probe at a time while down; the others queue behind it
                 down_for = time.monotonic() - self._last_success
                 if down_for > self.options.outage_timeout:
-                    raise Outage(f"no caption endpoint has answered for {down_for:.0f}s (last: {self.scrub(str(failed))}); "
-                                 "the run stopped, and the samples left unanswered are asked on the rerun") from None
+                    raise Outage(
+                        f"no caption endpoint has answered for {down_for:.0f}s (last: {self.scrub(str(failed))}); "
+                        "the run stopped, and the samples left unanswered are asked on the rerun"
+                    ) from None
                 if all(ep.down for ep in self.endpoints):
                     await asyncio.sleep(min(30.0, max(1.0, down_for / 8)))
                     try:
@@ -370,8 +410,12 @@ class OpenAIChatBackend(CaptionBackend):
             return 0.0 if isinstance(exc, openai.RateLimitError) else backoff(state)
 
         try:
-            async for attempt in AsyncRetrying(stop=stop_after_attempt(self.options.max_retries + 1),
-                                               retry=retry_if_exception(_retryable), wait=wait, reraise=True):
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.options.max_retries + 1),
+                retry=retry_if_exception(_retryable),
+                wait=wait,
+                reraise=True,
+            ):
                 with attempt:
                     ep = self._pick(tokens)
                     await ep.limiter.acquire(tokens)
@@ -403,20 +447,25 @@ class OpenAIChatBackend(CaptionBackend):
                     self._answered = True
                     return completion
         except openai.AuthenticationError as e:
-            raise BackendError(f"the server rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}") from None
+            raise BackendError(
+                f"the server rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}"
+            ) from None
         except openai.PermissionDeniedError as e:
             raise BackendError(f"permission denied: {self.scrub(_message(e))}") from None
         except openai.NotFoundError as e:
             raise BackendError(f"model {self.model!r}: {self.scrub(_message(e))}") from None
         except openai.APIStatusError as e:
-            raise _SampleError(f"HTTP {e.status_code}: {_message(e)}", bad_request=e.status_code in (400, 422),
-                               transient=e.status_code >= 500) from None
+            raise _SampleError(
+                f"HTTP {e.status_code}: {_message(e)}", bad_request=e.status_code in (400, 422), transient=e.status_code >= 500
+            ) from None
         except openai.APITimeoutError:
-            raise _SampleError(f"timed out after {self.options.timeout:g}s ({self.options.max_retries + 1} attempts)",
-                               transient=True) from None
+            raise _SampleError(
+                f"timed out after {self.options.timeout:g}s ({self.options.max_retries + 1} attempts)", transient=True
+            ) from None
         except openai.APIConnectionError as e:
-            raise _SampleError(f"connection failed ({self.options.max_retries + 1} attempts): {_describe(e.__cause__ or e)}",
-                               transient=True) from None
+            raise _SampleError(
+                f"connection failed ({self.options.max_retries + 1} attempts): {_describe(e.__cause__ or e)}", transient=True
+            ) from None
         except MalformedReply as e:
             raise _SampleError(f"{e} ({self.options.max_retries + 1} attempts)") from None
         raise AssertionError("unreachable")
@@ -476,8 +525,10 @@ class _FirstErrorsBreaker:
         if result.status == ERROR and _server_error(error):
             self.held.append(result)
             if not self.seen_success and len(self.held) >= _BREAKER_THRESHOLD and len({r.error for r in self.held}) == 1:
-                raise BackendError(f"the server failed the first {len(self.held)} requests with: {error}; "
-                                   "nothing was recorded for them: fix the job (or wait for the server) and rerun")
+                raise BackendError(
+                    f"the server failed the first {len(self.held)} requests with: {error}; "
+                    "nothing was recorded for them: fix the job (or wait for the server) and rerun"
+                )
             return
         if result.status != ERROR:
             self.seen_success = True

@@ -57,8 +57,17 @@ class TransformersBackend(CaptionBackend):
         Option("max_side", int, 768, "Longest image side in pixels before the processor sees it."),
     )
 
-    def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "auto", batch_size: int = 8,
-                 max_tokens: int = 256, max_side: int = 768, *, max_new_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 8,
+        max_tokens: int = 256,
+        max_side: int = 768,
+        *,
+        max_new_tokens: int | None = None,
+    ) -> None:
         if not model:
             raise UsageError("--model is required for the transformers backend: a hub id or a local directory")
         max_tokens = renamed_keyword(self.name, max_tokens, max_new_tokens, 256)
@@ -85,8 +94,13 @@ class TransformersBackend(CaptionBackend):
     def identity(self) -> dict[str, Any]:
         # The key keeps its old name: the response cache and the claims of outputs written before the
         # rename to max_tokens stay valid. The manifest (parameters) says max_tokens.
-        return {"backend": self.name, "model": self.model, "max_new_tokens": self.max_tokens, "max_side": self.max_side,
-                "dtype": self.dtype_option}
+        return {
+            "backend": self.name,
+            "model": self.model,
+            "max_new_tokens": self.max_tokens,
+            "max_side": self.max_side,
+            "dtype": self.dtype_option,
+        }
 
     def parameters(self) -> dict[str, Any]:
         parameters = self.identity()
@@ -105,8 +119,10 @@ class TransformersBackend(CaptionBackend):
         except Exception as e:  # noqa: BLE001 - missing files, unknown model type, offline hub
             raise UsageError(f"cannot load model {self.model}: {str(e).splitlines()[0]}") from None
         if config.model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
-            raise UsageError(f"{self.model} is not an image-text-to-text model (model_type {config.model_type!r}); "
-                             "pick one that AutoModelForImageTextToText loads, such as SmolVLM, Qwen2.5-VL or LLaVA")
+            raise UsageError(
+                f"{self.model} is not an image-text-to-text model (model_type {config.model_type!r}); "
+                "pick one that AutoModelForImageTextToText loads, such as SmolVLM, Qwen2.5-VL or LLaVA"
+            )
 
     def _device(self, torch: Any) -> str:
         if self.device_option != "auto":
@@ -199,7 +215,7 @@ class TransformersBackend(CaptionBackend):
         inputs = inputs.to(self.device)
         with torch.inference_mode():
             out = self._model.generate(**inputs, max_new_tokens=self.max_tokens, do_sample=False)
-        new = out[:, inputs["input_ids"].shape[1]:].tolist()
+        new = out[:, inputs["input_ids"].shape[1] :].tolist()
         eos = self._model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         lengths = inputs["attention_mask"].sum(dim=1).tolist() if "attention_mask" in inputs else [None] * len(items)

@@ -22,8 +22,15 @@ def build_conversation(request: CaptionRequest, max_side: int) -> list[dict[str,
     messages: list[dict[str, Any]] = []
     if request.system:
         messages.append({"role": "system", "content": request.system})
-    messages.append({"role": "user", "content": [{"type": "image_url", "image_url": {"url": image.data_url()}},
-                                                 {"type": "text", "text": request.instruction}]})
+    messages.append(
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": image.data_url()}},
+                {"type": "text", "text": request.instruction},
+            ],
+        }
+    )
     return messages
 
 
@@ -42,20 +49,38 @@ class VllmBackend(CaptionBackend):
         Option("gpu_memory_utilization", float, 0.9, "Share of GPU memory vLLM may take."),
     )
 
-    def __init__(self, model: str | None = None, max_tokens: int = 256, temperature: float = 0.0, batch_size: int = 256,
-                 max_side: int = 768, dtype: str = "auto", tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9, *,
-                 max_new_tokens: int | None = None) -> None:
+    def __init__(
+        self,
+        model: str | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        batch_size: int = 256,
+        max_side: int = 768,
+        dtype: str = "auto",
+        tensor_parallel_size: int = 1,
+        gpu_memory_utilization: float = 0.9,
+        *,
+        max_new_tokens: int | None = None,
+    ) -> None:
         if not model:
             raise UsageError("--model is required for the vllm backend: a hub id or a local directory")
         max_tokens = renamed_keyword(self.name, max_tokens, max_new_tokens, 256)
-        for flag, value in (("--max-tokens", max_tokens), ("--batch-size", batch_size), ("--max-side", max_side),
-                            ("-O tensor_parallel_size", tensor_parallel_size)):
+        for flag, value in (
+            ("--max-tokens", max_tokens),
+            ("--batch-size", batch_size),
+            ("--max-side", max_side),
+            ("-O tensor_parallel_size", tensor_parallel_size),
+        ):
             if value < 1:
                 raise UsageError(f"{flag} must be at least 1, not {value}")
         self.model = model
         self.max_tokens, self.temperature, self.batch_size, self.max_side = max_tokens, temperature, batch_size, max_side
-        self.engine_args = {"dtype": dtype, "tensor_parallel_size": tensor_parallel_size,
-                            "gpu_memory_utilization": gpu_memory_utilization, "limit_mm_per_prompt": {"image": 1}}
+        self.engine_args = {
+            "dtype": dtype,
+            "tensor_parallel_size": tensor_parallel_size,
+            "gpu_memory_utilization": gpu_memory_utilization,
+            "limit_mm_per_prompt": {"image": 1},
+        }
         self._llm: Any = None
 
     @property
@@ -66,8 +91,13 @@ class VllmBackend(CaptionBackend):
     def identity(self) -> dict[str, Any]:
         # The key keeps its old name: the response cache and the claims of outputs written before the
         # rename to max_tokens stay valid. The manifest (parameters) says max_tokens.
-        return {"backend": self.name, "model": self.model, "max_new_tokens": self.max_tokens,
-                "temperature": self.temperature, "max_side": self.max_side}
+        return {
+            "backend": self.name,
+            "model": self.model,
+            "max_new_tokens": self.max_tokens,
+            "temperature": self.temperature,
+            "max_side": self.max_side,
+        }
 
     def parameters(self) -> dict[str, Any]:
         parameters = self.identity()
@@ -78,15 +108,19 @@ class VllmBackend(CaptionBackend):
         try:
             import vllm  # noqa: F401
         except ImportError:
-            raise MissingDependency("the vllm backend needs vLLM, on a machine with a CUDA GPU: pip install vllm "
-                                    "(or use --backend transformers, or --backend batch-files for vllm run-batch elsewhere)") from None
+            raise MissingDependency(
+                "the vllm backend needs vLLM, on a machine with a CUDA GPU: pip install vllm "
+                "(or use --backend transformers, or --backend batch-files for vllm run-batch elsewhere)"
+            ) from None
         try:
             import torch
         except ImportError:
             raise MissingDependency("the vllm backend needs torch with CUDA") from None
         if not torch.cuda.is_available():
-            raise BackendError("the vllm backend needs a CUDA GPU and none is visible here "
-                               "(use --backend transformers on CPU, or --backend batch-files and run vllm run-batch on a GPU machine)")
+            raise BackendError(
+                "the vllm backend needs a CUDA GPU and none is visible here "
+                "(use --backend transformers on CPU, or --backend batch-files and run vllm run-batch on a GPU machine)"
+            )
 
     def setup(self) -> None:
         from vllm import LLM
@@ -94,7 +128,9 @@ class VllmBackend(CaptionBackend):
         try:
             self._llm = LLM(model=self.model, **self.engine_args)
         except Exception as e:  # noqa: BLE001 - engine start-up fails in many ways; one line says which
-            raise BackendError(f"vLLM cannot start {self.model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise BackendError(
+                f"vLLM cannot start {self.model}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
 
     def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
         from vllm import SamplingParams
@@ -122,5 +158,11 @@ class VllmBackend(CaptionBackend):
 def interpret_output(key: str, output: Any, max_tokens: int) -> CaptionResult:
     """A vLLM RequestOutput as an outcome: finish_reason "length" is ``truncated``."""
     completion = output.outputs[0]
-    return generated(key, completion.text or "", completion.finish_reason == "length", f"--max-tokens {max_tokens}",
-                     len(output.prompt_token_ids or []), len(completion.token_ids))
+    return generated(
+        key,
+        completion.text or "",
+        completion.finish_reason == "length",
+        f"--max-tokens {max_tokens}",
+        len(output.prompt_token_ids or []),
+        len(completion.token_ids),
+    )

@@ -49,8 +49,16 @@ class BatchResult(JobResult):
         return 1 if self.failed_shards else 0
 
 
-def run_batch_caption(stage: CaptionStage, in_dir: str | Path, out_dir: str | Path, progress: Progress, *,
-                      executor: Executor | None = None, overwrite: bool = False, allow_incomplete: bool = False) -> BatchResult:
+def run_batch_caption(
+    stage: CaptionStage,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    progress: Progress,
+    *,
+    executor: Executor | None = None,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+) -> BatchResult:
     options: BatchOptions = stage.backend.batch  # type: ignore[attr-defined]
     for location, what in ((in_dir, "the input of a batch caption job"), (out_dir, "the output of a batch caption job")):
         require_local(location, what)
@@ -80,10 +88,13 @@ def _run_locked(owned: OwnedJob, options: BatchOptions, progress: Progress, exec
         job.close()
     manifest = owned.write_manifest()
     if state == "budget":
-        raise BudgetReached(f"--max-cost ${job.budget.max_usd:g} reached (${job.budget.spent:.4f} spent or reserved by this "
-                            "output directory); finished shards are kept: rerun with a higher --max-cost to go on")
-    return BatchResult.from_manifest(str(dst.path), manifest, job.failed, complete=state == "done" and not job.failed,
-                                     files=files, spent_usd=job.budget.spent)
+        raise BudgetReached(
+            f"--max-cost ${job.budget.max_usd:g} reached (${job.budget.spent:.4f} spent or reserved by this "
+            "output directory); finished shards are kept: rerun with a higher --max-cost to go on"
+        )
+    return BatchResult.from_manifest(
+        str(dst.path), manifest, job.failed, complete=state == "done" and not job.failed, files=files, spent_usd=job.budget.spent
+    )
 
 
 def batch_status(out_dir: str | Path) -> dict[str, Any]:
@@ -99,13 +110,17 @@ def batch_status(out_dir: str | Path) -> dict[str, Any]:
         job = state.get("job") or {}
         totals = db.execute("""SELECT coalesce(sum(requests), 0), count(*), coalesce(sum(answered), 0),
                                coalesce(sum(spent), 0) FROM files WHERE requests > 0""").fetchone()
-        prepared = db.execute("SELECT count(*), coalesce(sum(requests), 0), coalesce(sum(answered), 0), "
-                              "coalesce(sum(committed), 0) FROM shards").fetchone()
+        prepared = db.execute(
+            "SELECT count(*), coalesce(sum(requests), 0), coalesce(sum(answered), 0), coalesce(sum(committed), 0) FROM shards"
+        ).fetchone()
         # Requests that got no answer: asked again in the next round, or, in the last, failed.
         last = int(state.get("max_rounds", 0))
-        failed, again = db.execute("""SELECT coalesce(sum(CASE WHEN round >= ? THEN unanswered END), 0),
+        failed, again = db.execute(
+            """SELECT coalesce(sum(CASE WHEN round >= ? THEN unanswered END), 0),
                                       coalesce(sum(CASE WHEN round < ? THEN unanswered END), 0)
-                                      FROM files WHERE state = 'merged'""", (last, last)).fetchone()
+                                      FROM files WHERE state = 'merged'""",
+            (last, last),
+        ).fetchone()
         flying = state.files(*IN_QUEUE)
         manifest = dst.read_manifest() or {}
         expected = (manifest.get("shards") or {}).get("expected")
@@ -118,16 +133,29 @@ def batch_status(out_dir: str | Path) -> dict[str, Any]:
         left = max(0, prepared[1] - prepared[2]) + round(unprepared * mean)
         eta = left / rate if rate else None
         return {
-            "out_dir": str(dst.path), "job_id": state.get("job_id"), "backend": job.get("backend"), "model": job.get("model"),
+            "out_dir": str(dst.path),
+            "job_id": state.get("job_id"),
+            "backend": job.get("backend"),
+            "model": job.get("model"),
             "shards": {"completed": completed, "expected": expected, "prepared": prepared[0]},
-            "files": state.by_state(), "requests": int(totals[0]),
+            "files": state.by_state(),
+            "requests": int(totals[0]),
             "rounds": int(db.execute("SELECT coalesce(max(round) + 1, 0) FROM files WHERE requests > 0").fetchone()[0]),
-            "answered": int(prepared[2]), "failed": int(failed), "asked_again": int(again), "left": left,
-            "queue": {"tokens": state.queued_tokens(), "limit": min((v for v in (state.get("limit_given"), state.get("learned_limit")) if v), default=None),
-                      "learned_limit": state.get("learned_limit")},
+            "answered": int(prepared[2]),
+            "failed": int(failed),
+            "asked_again": int(again),
+            "left": left,
+            "queue": {
+                "tokens": state.queued_tokens(),
+                "limit": min((v for v in (state.get("limit_given"), state.get("learned_limit")) if v), default=None),
+                "learned_limit": state.get("learned_limit"),
+            },
             "spent_usd": round(float(totals[3]), 4),
-            "answers_per_hour": round(rate, 1), "eta_hours": round(eta, 2) if eta is not None else None,
-            "batches": [{k: r.get(k) for k in ("name", "round", "state", "status", "requests", "batch_id", "counts")} for r in flying],
+            "answers_per_hour": round(rate, 1),
+            "eta_hours": round(eta, 2) if eta is not None else None,
+            "batches": [
+                {k: r.get(k) for k in ("name", "round", "state", "status", "requests", "batch_id", "counts")} for r in flying
+            ],
         }
     finally:
         state.close()
@@ -140,8 +168,9 @@ def _answers_per_hour(state: BatchState) -> float:
     if first is None:
         return 0.0
     since = max(first, now - 86400)
-    answered = state.db.execute("SELECT coalesce(sum(answered), 0) FROM files WHERE state = 'merged' AND finished_at >= ?",
-                                (since,)).fetchone()[0]
+    answered = state.db.execute(
+        "SELECT coalesce(sum(answered), 0) FROM files WHERE state = 'merged' AND finished_at >= ?", (since,)
+    ).fetchone()[0]
     hours = (now - since) / 3600
     return float(answered) / hours if hours > 0 else 0.0
 

@@ -85,7 +85,7 @@ class Cutter:
     def shards(self, shards: list[int]) -> None:
         """The open shards, ascending; those behind the cursor with lines not packed yet come first."""
         self._shards = shards
-        behind = shards[:bisect.bisect_left(shards, self.cursor())]
+        behind = shards[: bisect.bisect_left(shards, self.cursor())]
         rows = self.state.prepared(behind)
         self._late = [s for s in behind if s not in rows or rows[s]["cut"] < rows[s]["requests"]]
 
@@ -99,7 +99,7 @@ class Cutter:
         return requests >= self.options.max_requests_per_file or size > self.options.max_file_bytes
 
     def _fresh_order(self) -> list[int]:
-        return [*self._late, *self.shards[bisect.bisect_left(self.shards, self.cursor()):]]
+        return [*self._late, *self.shards[bisect.bisect_left(self.shards, self.cursor()) :]]
 
     def _take_fresh(self) -> tuple[list[_Take], dict[int, int], int] | NeedLines | None:
         """The fresh lines of the next file: (takes, lines cut per shard after it, the cursor after it)."""
@@ -180,8 +180,15 @@ class Cutter:
                 return self._write(round_no, takes, consumed=consumed)
         return None
 
-    def _write(self, round_no: int, takes: list[_Take], *, cut: dict[int, int] | None = None, cursor: int | None = None,
-               consumed: dict[str, int] | None = None) -> dict[str, Any]:
+    def _write(
+        self,
+        round_no: int,
+        takes: list[_Take],
+        *,
+        cut: dict[int, int] | None = None,
+        cursor: int | None = None,
+        consumed: dict[str, int] | None = None,
+    ) -> dict[str, Any]:
         seq = int(self.state.get("seq", 0))
         name = f"r{round_no:02d}-{seq:06d}"
         inputs = self.root / "inputs"
@@ -191,7 +198,7 @@ class Cutter:
         cost = 0.0
         with open(tmp_lines, "wb") as out, open(tmp_ids, "wb") as ids_out:
             for take in takes:
-                chosen = take.ids[take.start:take.end]
+                chosen = take.ids[take.start : take.end]
                 length = sum(i.size for i in chosen)
                 with open(take.path, "rb") as src:
                     src.seek(take.offset)
@@ -212,8 +219,16 @@ class Cutter:
                 os.fsync(f.fileno())
         os.replace(tmp_ids, ids_path)
         os.replace(tmp_lines, lines_path)
-        record = {"name": name, "round": round_no, "state": "packed", "requests": requests, "bytes": size,
-                  "est_tokens": tokens, "est_cost": cost, "packed_at": time.time()}
+        record = {
+            "name": name,
+            "round": round_no,
+            "state": "packed",
+            "requests": requests,
+            "bytes": size,
+            "est_tokens": tokens,
+            "est_cost": cost,
+            "packed_at": time.time(),
+        }
         with self.state.transaction():
             self.state.save(record)
             self.state.put("seq", seq + 1)

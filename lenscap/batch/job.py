@@ -48,14 +48,17 @@ _LIMIT_RE = re.compile(r"Limit:\s*([\d,]+)")
 def open_state(root: Path) -> BatchState:
     """The job's state, refusing the per-file JSON records of lenscap before the state file."""
     if not (root / "state.sqlite").exists() and any((root / "files").glob("*.json")):
-        raise UsageError(f"{root.parent.parent} holds a batch job started by an older lenscap (.lenscap/batch/files/*.json): "
-                         "finish it with that version, or start again with --overwrite")
+        raise UsageError(
+            f"{root.parent.parent} holds a batch job started by an older lenscap (.lenscap/batch/files/*.json): "
+            "finish it with that version, or start again with --overwrite"
+        )
     return BatchState(root / "state.sqlite")
 
 
 class BatchJob:
-    def __init__(self, stage: CaptionStage, src: Dataset, dst: Dataset, options: BatchOptions, progress: Progress,
-                 executor: Executor) -> None:
+    def __init__(
+        self, stage: CaptionStage, src: Dataset, dst: Dataset, options: BatchOptions, progress: Progress, executor: Executor
+    ) -> None:
         self.stage, self.src, self.dst, self.options, self.progress, self.executor = stage, src, dst, options, progress, executor
         self.backend: Any = stage.backend
         self.root = dst.work_dir / "batch"
@@ -83,9 +86,15 @@ class BatchJob:
             job_id = uuid.uuid4().hex
             with self.state.transaction():
                 self.state.put("job_id", job_id)
-                self.state.put("job", {"backend": self.backend.name, "model": self.backend.model,
-                                       "base_url": self.backend.parameters().get("base_urls", [None])[0],
-                                       "key_variable": self.backend.options.api_key_env})
+                self.state.put(
+                    "job",
+                    {
+                        "backend": self.backend.name,
+                        "model": self.backend.model,
+                        "base_url": self.backend.parameters().get("base_urls", [None])[0],
+                        "key_variable": self.backend.options.api_key_env,
+                    },
+                )
         return str(job_id)
 
     def close(self) -> None:
@@ -96,6 +105,7 @@ class BatchJob:
 
     def recover(self) -> None:
         """Files a killed run left half made are removed (and made again); finished work is finished."""
+
         def state_of(path: Path) -> str | None:
             row = self.state.db.execute("SELECT state FROM files WHERE name = ?", (path.name.split(".")[0],)).fetchone()
             return row[0] if row else None
@@ -157,8 +167,10 @@ class BatchJob:
         limit = self.limit()
         if limit is not None:
             if record["est_tokens"] > limit:
-                raise UsageError(f"batch file {record['name']} holds about {record['est_tokens']:,} input tokens, more than the "
-                                 f"batch queue limit {limit:,} (--max-enqueued-tokens, or the API's): lower --max-requests-per-file")
+                raise UsageError(
+                    f"batch file {record['name']} holds about {record['est_tokens']:,} input tokens, more than the "
+                    f"batch queue limit {limit:,} (--max-enqueued-tokens, or the API's): lower --max-requests-per-file"
+                )
             if self.state.queued_tokens() + record["est_tokens"] > limit:
                 return "queue"
         if record["state"] == "packed" and not self.budget.reserve(record["est_cost"]):
@@ -228,8 +240,14 @@ class BatchJob:
             tmp = out / f".{record['name']}{suffix}.tmp"
             tmp.write_bytes(self.transport.fetch(file_id))
             tmp.replace(out / f"{record['name']}{suffix}")
-        record.update(state="done", status=info["status"], counts=info["counts"], errors=info["errors"],
-                      output_file_id=info["output_file_id"], error_file_id=info["error_file_id"])
+        record.update(
+            state="done",
+            status=info["status"],
+            counts=info["counts"],
+            errors=info["errors"],
+            output_file_id=info["output_file_id"],
+            error_file_id=info["error_file_id"],
+        )
         self._save(record)
 
     def _queue_full(self, record: dict[str, Any], info: dict[str, Any]) -> None:
@@ -252,8 +270,13 @@ class BatchJob:
         if not done:
             return
         failed: dict[int, str] = {}
-        fatal = self.executor.run(self.worker, [read_item(seq) for seq in done],
-                                  lambda item, result: self.merge(done[-item - 1], result["answers"]), failed, keep_workers=True)
+        fatal = self.executor.run(
+            self.worker,
+            [read_item(seq) for seq in done],
+            lambda item, result: self.merge(done[-item - 1], result["answers"]),
+            failed,
+            keep_workers=True,
+        )
         if fatal is not None:
             raise fatal
         if failed:
@@ -285,7 +308,9 @@ class BatchJob:
         batch_errors = "; ".join(record.get("errors") or [])
         for cid in ids:
             if cid not in seen:
-                retry[cid] = f"no result in the batch output (batch {record['status']})" + (f": {batch_errors}" if batch_errors else "")
+                retry[cid] = f"no result in the batch output (batch {record['status']})" + (
+                    f": {batch_errors}" if batch_errors else ""
+                )
         last_round = record["round"] >= self.options.max_rounds
         spool_bytes = 0
         if retry and last_round:
@@ -301,8 +326,13 @@ class BatchJob:
                 journal.append(entry)
                 self.stage.tick(1, 0.0 if entry.get("cached") else entry.get("cost_usd") or 0.0)
             journal.close()
-        record.update(state="merged", answered=sum(len(v) for v in by_shard.values()), unanswered=len(retry),
-                      spent=spent, finished_at=time.time())
+        record.update(
+            state="merged",
+            answered=sum(len(v) for v in by_shard.values()),
+            unanswered=len(retry),
+            spent=spent,
+            finished_at=time.time(),
+        )
         with self.state.transaction():
             self.state.save(record)
             self.state.answered({s: len(v) for s, v in by_shard.items()})
@@ -316,9 +346,11 @@ class BatchJob:
         """Copy the ``wanted`` of the batch input's ``lines`` (its ids, in file order) into a retry file."""
         lines_path, ids_path = spool_paths(self.root, f"r{record['round'] + 1:02d}-{record['name']}")
         size = 0
-        with open(self.root / "inputs" / f"{record['name']}.jsonl", "rb") as src, \
-                open(lines_path.with_name(f".{lines_path.name}.tmp"), "wb") as out, \
-                open(ids_path.with_name(f".{ids_path.name}.tmp"), "wb") as ids_out:
+        with (
+            open(self.root / "inputs" / f"{record['name']}.jsonl", "rb") as src,
+            open(lines_path.with_name(f".{lines_path.name}.tmp"), "wb") as out,
+            open(ids_path.with_name(f".{ids_path.name}.tmp"), "wb") as ids_out,
+        ):
             for line in lines:
                 raw = src.read(line.size)
                 if line.custom_id in wanted:
@@ -402,8 +434,9 @@ class BatchJob:
         queued = self.state.queued_tokens()
         flying = len(self.state.files(*IN_QUEUE))
         answered, requests = self.state.db.execute(
-            "SELECT coalesce(sum(answered), 0), coalesce(sum(requests), 0) FROM shards").fetchone()
+            "SELECT coalesce(sum(answered), 0), coalesce(sum(requests), 0) FROM shards"
+        ).fetchone()
         queue = f"{queued:,}/{limit:,} tokens queued" if limit else f"{queued:,} tokens queued"
-        return (f"{answered:,}/{requests:,} requests answered, {flying} batches in flight ({queue}), "
-                f"${self.budget.spent:.4f} spent")
-
+        return (
+            f"{answered:,}/{requests:,} requests answered, {flying} batches in flight ({queue}), ${self.budget.spent:.4f} spent"
+        )

@@ -41,8 +41,11 @@ def _read_line(backend: Any, raw: bytes) -> tuple[str, dict[str, Any] | None, st
     code = response.get("status_code")
     body = response.get("body") or {}
     if error or code != 200:
-        message = ((error or {}).get("message") or ((body.get("error") or {}).get("message") if isinstance(body, dict) else None)
-                   or f"HTTP {code}")
+        message = (
+            (error or {}).get("message")
+            or ((body.get("error") or {}).get("message") if isinstance(body, dict) else None)
+            or f"HTTP {code}"
+        )
         if code in FINAL_HTTP:
             return custom_id, {**CaptionResult(key, ERROR, error=f"HTTP {code}: {message}").to_dict(), "cached": False}, None
         return custom_id, None, message

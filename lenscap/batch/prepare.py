@@ -51,7 +51,14 @@ class IdLine:
     __slots__ = ("custom_id", "cache_key", "ocr", "size", "tokens", "cost")
 
     def __init__(self, custom_id: str, cache_key: str, ocr: str, size: int, tokens: int, cost: float) -> None:
-        self.custom_id, self.cache_key, self.ocr, self.size, self.tokens, self.cost = custom_id, cache_key, ocr, size, tokens, cost
+        self.custom_id, self.cache_key, self.ocr, self.size, self.tokens, self.cost = (
+            custom_id,
+            cache_key,
+            ocr,
+            size,
+            tokens,
+            cost,
+        )
 
     def encode(self) -> bytes:
         return f"{self.custom_id}\t{self.cache_key}\t{self.ocr}\t{self.size}\t{self.tokens}\t{self.cost!r}\n".encode()
@@ -140,14 +147,30 @@ class BatchWorker:
                         journal.append({**CaptionResult(sample.key, ERROR, error=str(e)).to_dict(), "cached": False})
                         continue
                     cid = custom_id(shard_id, sample.key)
-                    line = json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}).encode() + b"\n"
+                    line = (
+                        json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}).encode()
+                        + b"\n"
+                    )
                     if len(line) > self.max_line_bytes:
-                        journal.append({**CaptionResult(sample.key, ERROR, error="request larger than --max-file-mb").to_dict(), "cached": False})
+                        journal.append(
+                            {
+                                **CaptionResult(sample.key, ERROR, error="request larger than --max-file-mb").to_dict(),
+                                "cached": False,
+                            }
+                        )
                         continue
                     out.write(line)
                     # The OCR hint's text travels with the id, to be recorded with the answer (--hints ocr).
-                    ids.write(IdLine(cid, key, json.dumps(request.ocr_text), len(line), estimate,
-                                     backend.price(estimate, max_tokens) or 0.0).encode())
+                    ids.write(
+                        IdLine(
+                            cid,
+                            key,
+                            json.dumps(request.ocr_text),
+                            len(line),
+                            estimate,
+                            backend.price(estimate, max_tokens) or 0.0,
+                        ).encode()
+                    )
                     requests, size, tokens = requests + 1, size + len(line), tokens + estimate
                 for f in (out, ids):
                     f.flush()

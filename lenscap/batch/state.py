@@ -125,10 +125,15 @@ class BatchState:
 
     def queued_tokens(self) -> int:
         marks = ",".join("?" * len(IN_QUEUE))
-        return int(self.db.execute(f"SELECT coalesce(sum(est_tokens), 0) FROM files WHERE state IN ({marks})", IN_QUEUE).fetchone()[0])
+        return int(
+            self.db.execute(f"SELECT coalesce(sum(est_tokens), 0) FROM files WHERE state IN ({marks})", IN_QUEUE).fetchone()[0]
+        )
 
     def by_state(self) -> dict[str, int]:
-        return {r[0]: r[1] for r in self.db.execute("SELECT state, count(*) FROM files WHERE requests > 0 GROUP BY state ORDER BY state")}
+        return {
+            r[0]: r[1]
+            for r in self.db.execute("SELECT state, count(*) FROM files WHERE requests > 0 GROUP BY state ORDER BY state")
+        }
 
     # -- shards ---------------------------------------------------------------------------------
 
@@ -137,14 +142,15 @@ class BatchState:
         return dict(row) if row else None
 
     def add_shard(self, shard_id: int, requests: int, size: int, tokens: int) -> None:
-        self.db.execute("INSERT OR IGNORE INTO shards(shard, requests, bytes, tokens) VALUES (?, ?, ?, ?)",
-                        (shard_id, requests, size, tokens))
+        self.db.execute(
+            "INSERT OR IGNORE INTO shards(shard, requests, bytes, tokens) VALUES (?, ?, ?, ?)", (shard_id, requests, size, tokens)
+        )
 
     def prepared(self, shard_ids: list[int]) -> dict[int, dict[str, Any]]:
         """The rows of those of ``shard_ids`` packed already (in chunks: SQLite caps a statement's variables)."""
         out: dict[int, dict[str, Any]] = {}
         for i in range(0, len(shard_ids), 500):
-            chunk = shard_ids[i:i + 500]
+            chunk = shard_ids[i : i + 500]
             for row in self.db.execute(f"SELECT * FROM shards WHERE shard IN ({','.join('?' * len(chunk))})", chunk):
                 out[row["shard"]] = dict(row)
         return out
@@ -172,8 +178,9 @@ class BatchState:
         return [dict(r) for r in self.db.execute(f"SELECT * FROM spool WHERE {where} ORDER BY round, name", args)]
 
     def add_spool(self, name: str, round_no: int, requests: int, size: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO spool(name, round, requests, bytes) VALUES (?, ?, ?, ?)",
-                        (name, round_no, requests, size))
+        self.db.execute(
+            "INSERT OR REPLACE INTO spool(name, round, requests, bytes) VALUES (?, ?, ?, ?)", (name, round_no, requests, size)
+        )
 
     def consume_spool(self, name: str, consumed: int) -> None:
         self.db.execute("UPDATE spool SET consumed = ? WHERE name = ?", (consumed, name))

@@ -45,7 +45,9 @@ class ResponseCache:
         return json.loads(row[0]) if row else None
 
     def put(self, key: str, value: dict[str, Any]) -> None:
-        self._db.execute("INSERT OR REPLACE INTO captions (key, value) VALUES (?, ?)", (key, json.dumps(value, ensure_ascii=False)))
+        self._db.execute(
+            "INSERT OR REPLACE INTO captions (key, value) VALUES (?, ?)", (key, json.dumps(value, ensure_ascii=False))
+        )
 
     def close(self) -> None:
         self._db.close()

@@ -60,6 +60,7 @@ def start_account_limits(ray: Any, limits: dict[str, tuple[float | None, float |
     """A new account actor for one run (its handle). It lives as long as the run holds handles to it,
     or its driver lives; Ray restarts it on another node if its node dies (the buckets start full
     again and relearn from the next headers)."""
-    actor = ray.remote(AccountLimits).options(name=f"lenscap-limits-{uuid.uuid4().hex[:12]}", num_cpus=0,
-                                              max_restarts=-1, max_task_retries=-1)
+    actor = ray.remote(AccountLimits).options(
+        name=f"lenscap-limits-{uuid.uuid4().hex[:12]}", num_cpus=0, max_restarts=-1, max_task_retries=-1
+    )
     return actor.remote(limits)

@@ -16,8 +16,17 @@ from pathlib import Path
 
 from lenscap.errors import UsageError
 
-__all__ = ["Price", "PriceTable", "RateLimits", "image_tokens", "text_tokens", "tier_limits", "BATCH_DISCOUNT", "DEFAULT_TIER",
-           "PRICE_FILE_FORMAT"]
+__all__ = [
+    "Price",
+    "PriceTable",
+    "RateLimits",
+    "image_tokens",
+    "text_tokens",
+    "tier_limits",
+    "BATCH_DISCOUNT",
+    "DEFAULT_TIER",
+    "PRICE_FILE_FORMAT",
+]
 
 BATCH_DISCOUNT = 0.5
 

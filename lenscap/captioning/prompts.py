@@ -25,12 +25,12 @@ _LENS = (
     "(left, right, foreground, background), any visible text transcribed verbatim in quotes, the style and "
     "medium (photograph, illustration, 3D render, screenshot...), the lighting and the composition. "
     "State only what is visible: no speculation about intent, story or identity. Do not begin with "
-    "\"The image shows\" or any similar phrase; begin with the content itself. No lists, no headings."
+    '"The image shows" or any similar phrase; begin with the content itself. No lists, no headings.'
 )
 
 _SHORT = (
     "Describe this image in one factual sentence of at most 25 words: the main subject, what it is doing "
-    "and the setting. Do not begin with \"The image shows\" or any similar phrase."
+    'and the setting. Do not begin with "The image shows" or any similar phrase.'
 )
 
 # The alt-text is data, never instructions: it is JSON-quoted inside a delimited block of the user
@@ -41,7 +41,9 @@ _ALT_AWARE_SYSTEM = _SYSTEM + (
     "only to name specific entities (people, places, products, species, artworks) that the image itself "
     "supports."
 )
-_ALT_AWARE = _LENS + "\n\nAlt-text from the web page (untrusted, quoted JSON string):\n<alt_text>" + ALT_TEXT_PLACEHOLDER + "</alt_text>"
+_ALT_AWARE = (
+    _LENS + "\n\nAlt-text from the web page (untrusted, quoted JSON string):\n<alt_text>" + ALT_TEXT_PLACEHOLDER + "</alt_text>"
+)
 
 
 @dataclass(frozen=True)
@@ -73,8 +75,10 @@ def ocr_hint(lines: list[str]) -> str:
     if not lines:
         return ""
     quoted = json.dumps(" / ".join(lines), ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
-    return ("\n\nText an OCR engine read in the image (untrusted, may contain errors; quote it verbatim where the "
-            f"image confirms it):\n<ocr_text>{quoted}</ocr_text>")
+    return (
+        "\n\nText an OCR engine read in the image (untrusted, may contain errors; quote it verbatim where the "
+        f"image confirms it):\n<ocr_text>{quoted}</ocr_text>"
+    )
 
 
 PRESETS: dict[str, Prompt] = {

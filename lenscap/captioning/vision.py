@@ -13,16 +13,40 @@ from PIL import Image, ImageStat
 
 from lenscap.errors import MissingDependency
 
-__all__ = ["ImageFacts", "image_facts", "read_text", "read_text_from_bytes", "count_faces", "ocr_available", "faces_available",
-           "COLOUR_NAMES"]
+__all__ = [
+    "ImageFacts",
+    "image_facts",
+    "read_text",
+    "read_text_from_bytes",
+    "count_faces",
+    "ocr_available",
+    "faces_available",
+    "COLOUR_NAMES",
+]
 
 COLOUR_NAMES: dict[str, tuple[int, int, int]] = {
-    "black": (20, 20, 20), "dark grey": (70, 70, 70), "grey": (128, 128, 128), "light grey": (190, 190, 190),
-    "white": (245, 245, 245), "red": (200, 35, 35), "dark red": (110, 20, 20), "orange": (240, 140, 30),
-    "yellow": (235, 215, 50), "olive": (120, 120, 40), "green": (50, 160, 60), "dark green": (25, 80, 35),
-    "teal": (30, 140, 140), "cyan": (60, 200, 220), "light blue": (140, 180, 230), "blue": (40, 70, 200),
-    "navy": (20, 30, 90), "purple": (120, 50, 150), "pink": (235, 140, 180), "magenta": (210, 50, 170),
-    "brown": (115, 75, 40), "beige": (220, 200, 160),
+    "black": (20, 20, 20),
+    "dark grey": (70, 70, 70),
+    "grey": (128, 128, 128),
+    "light grey": (190, 190, 190),
+    "white": (245, 245, 245),
+    "red": (200, 35, 35),
+    "dark red": (110, 20, 20),
+    "orange": (240, 140, 30),
+    "yellow": (235, 215, 50),
+    "olive": (120, 120, 40),
+    "green": (50, 160, 60),
+    "dark green": (25, 80, 35),
+    "teal": (30, 140, 140),
+    "cyan": (60, 200, 220),
+    "light blue": (140, 180, 230),
+    "blue": (40, 70, 200),
+    "navy": (20, 30, 90),
+    "purple": (120, 50, 150),
+    "pink": (235, 140, 180),
+    "magenta": (210, 50, 170),
+    "brown": (115, 75, 40),
+    "beige": (220, 200, 160),
 }
 _NAMES = list(COLOUR_NAMES)
 _PALETTE = Image.new("P", (1, 1))
@@ -116,7 +140,9 @@ def faces_available() -> bool:
     except ImportError:
         return False
     cascades = getattr(getattr(cv2, "data", None), "haarcascades", None)
-    return bool(cascades) and hasattr(cv2, "CascadeClassifier") and os.path.exists(cascades + "haarcascade_frontalface_default.xml")
+    return (
+        bool(cascades) and hasattr(cv2, "CascadeClassifier") and os.path.exists(cascades + "haarcascade_frontalface_default.xml")
+    )
 
 
 _cascade: Any = None

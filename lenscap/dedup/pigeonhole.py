@@ -98,8 +98,14 @@ class PigeonholePlan:
         return " AND ".join(f"{self.block_sql(j, xor)} <> 0" for j in skipped) or "true"
 
 
-def near_pairs(con: Any, source: str, plan: PigeonholePlan, bucket_cap: int, restrict: str | None = None,
-               on_table: Callable[[int, int], None] | None = None) -> None:
+def near_pairs(
+    con: Any,
+    source: str,
+    plan: PigeonholePlan,
+    bucket_cap: int,
+    restrict: str | None = None,
+    on_table: Callable[[int, int], None] | None = None,
+) -> None:
     """Fill table ``near(a, b, d)`` with the pairs of rows of ``source(uid, h, ...)`` within the plan's
     distance (``a < b``), and ``capped(tbl, k, n)`` with the buckets too large to expand.
 
@@ -150,5 +156,5 @@ def table_pairs(con: Any, plan: PigeonholePlan, number: int, rows: str, bucket_c
         con.execute(f"""INSERT INTO near
             WITH c AS (SELECT s.* FROM ph_slice s SEMI JOIN (SELECT k FROM ph_keys WHERE n <= {int(bucket_cap)}) USING (k))
             SELECT a.uid, b.uid, bit_count(xor(a.h, b.h)) FROM c a JOIN c b ON a.k = b.k AND a.uid < b.uid
-            WHERE bit_count(xor(a.h, b.h)) <= {plan.max_distance} AND {plan.first_table_sql(table, 'xor(a.h, b.h)')}{pair_filter}""")
+            WHERE bit_count(xor(a.h, b.h)) <= {plan.max_distance} AND {plan.first_table_sql(table, "xor(a.h, b.h)")}{pair_filter}""")
     con.execute("DROP TABLE IF EXISTS ph_slice; DROP TABLE IF EXISTS ph_keys")

@@ -95,15 +95,24 @@ def _load(con: Any, sources: list[Source]) -> None:
             continue
         listing = "read_parquet([" + ", ".join(literal(f) for f in files) + "])"
         # A signatures directory written by another lenscap version (a job resumed after an upgrade).
-        found = {a for (a,) in con.execute(f"SELECT DISTINCT phash_algorithm FROM {listing} WHERE phash_algorithm IS NOT NULL").fetchall()}
+        found = {
+            a
+            for (a,) in con.execute(
+                f"SELECT DISTINCT phash_algorithm FROM {listing} WHERE phash_algorithm IS NOT NULL"
+            ).fetchall()
+        }
         if found - {ALGORITHM}:
-            raise UsageError(f"the signatures of {s.label} in {s.signatures.path} were made with {sorted(found - {ALGORITHM})[0]}, "
-                             f"not {ALGORITHM}; delete that directory to hash again")
+            raise UsageError(
+                f"the signatures of {s.label} in {s.signatures.path} were made with {sorted(found - {ALGORITHM})[0]}, "
+                f"not {ALGORITHM}; delete that directory to hash again"
+            )
         parts.append(f"""SELECT ({s.index}::BIGINT << 48) | (shard::BIGINT << 24) | "row" AS id, {s.index} AS src, shard, key,
             sha256, phash AS h, phash_degenerate AS degenerate, caption_hash, pixels, error FROM {listing}""")
     if not parts:
-        parts.append("SELECT NULL::BIGINT id, 0 src, 0 shard, ''::VARCHAR key, NULL::BLOB sha256, NULL::UBIGINT h, "
-                     "NULL::BOOLEAN degenerate, NULL::BLOB caption_hash, NULL::BIGINT pixels, NULL::VARCHAR error WHERE false")
+        parts.append(
+            "SELECT NULL::BIGINT id, 0 src, 0 shard, ''::VARCHAR key, NULL::BLOB sha256, NULL::UBIGINT h, "
+            "NULL::BOOLEAN degenerate, NULL::BLOB caption_hash, NULL::BIGINT pixels, NULL::VARCHAR error WHERE false"
+        )
     con.execute("CREATE TEMP TABLE sig AS " + " UNION ALL ".join(parts))
 
 
@@ -116,8 +125,14 @@ def _group_edges(con: Any, column: str, why: int, where: str, against: bool) -> 
         SELECT s.id, g.rep, {why}, 0 FROM sig s JOIN g ON s.{column} = g.v WHERE s.id <> g.rep AND {where}""")
 
 
-def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path, report_dir: Path,
-                    status: Callable[[str], None] = lambda text: None, executor: Executor | None = None) -> dict[str, Any]:
+def find_duplicates(
+    sources: list[Source],
+    options: DedupOptions,
+    work_dir: Path,
+    report_dir: Path,
+    status: Callable[[str], None] = lambda text: None,
+    executor: Executor | None = None,
+) -> dict[str, Any]:
     """Write ``work_dir/decisions.parquet`` and the report; return the report's summary.
 
     The near-duplicate search runs in this process, or with a distributed ``executor`` (Ray), one
@@ -127,10 +142,15 @@ def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path
     started = time.monotonic()
     # The passes, numbered in what ``status`` says, so a long search shows where it is (a log line
     # every interval): "step 4/6: near duplicates, table 3/16".
-    passes = ["loading signatures", *(["exact duplicates"] if options.exact else []),
-              *(["equal perceptual hashes"] if options.phash else []),
-              *(["near duplicates"] if options.phash and options.max_distance > 0 else []),
-              *(["caption duplicates"] if options.captions else []), "clusters", "decisions and report"]
+    passes = [
+        "loading signatures",
+        *(["exact duplicates"] if options.exact else []),
+        *(["equal perceptual hashes"] if options.phash else []),
+        *(["near duplicates"] if options.phash and options.max_distance > 0 else []),
+        *(["caption duplicates"] if options.captions else []),
+        "clusters",
+        "decisions and report",
+    ]
 
     def step(text: str) -> None:
         name = text.split(":", 1)[0]
@@ -153,15 +173,27 @@ def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path
             _group_edges(con, "h", 1, usable, against)
             if options.max_distance > 0:
                 step("near duplicates")
-                con.execute(f"CREATE TEMP TABLE uh AS SELECT min(id) AS uid, h, bool_or(src = 0) AS has_new FROM sig "
-                            f"WHERE {usable} GROUP BY h")
+                con.execute(
+                    f"CREATE TEMP TABLE uh AS SELECT min(id) AS uid, h, bool_or(src = 0) AS has_new FROM sig "
+                    f"WHERE {usable} GROUP BY h"
+                )
                 n = con.execute("SELECT count(*) FROM uh").fetchall()[0][0]
                 plan = PigeonholePlan.for_size(max(n, 1), options.max_distance)
                 restrict = "a.has_new OR b.has_new" if against else None
                 on_table = lambda done, total: step(f"near duplicates: table {done}/{total}")  # noqa: E731
                 if executor is not None and executor.distributed:
-                    split_near_pairs(con, "uh", plan, options.bucket_cap, executor, work_dir, options.memory_limit,
-                                     options.threads, restrict, on_table)
+                    split_near_pairs(
+                        con,
+                        "uh",
+                        plan,
+                        options.bucket_cap,
+                        executor,
+                        work_dir,
+                        options.memory_limit,
+                        options.threads,
+                        restrict,
+                        on_table,
+                    )
                 else:
                     near_pairs(con, "uh", plan, options.bucket_cap, restrict, on_table)
                 con.execute("INSERT INTO edges SELECT a, b, 1, d FROM near")
@@ -181,7 +213,9 @@ def find_duplicates(sources: list[Source], options: DedupOptions, work_dir: Path
 
 
 def _cluster(con: Any) -> None:
-    nodes = con.execute("SELECT DISTINCT x FROM (SELECT a AS x FROM edges UNION ALL SELECT b FROM edges) ORDER BY x").fetchnumpy()["x"]
+    nodes = con.execute(
+        "SELECT DISTINCT x FROM (SELECT a AS x FROM edges UNION ALL SELECT b FROM edges) ORDER BY x"
+    ).fetchnumpy()["x"]
     uf = UnionFind(np.asarray(nodes, dtype=np.int64))
     reader = con.sql("SELECT a, b FROM edges").to_arrow_reader(_EDGE_BATCH)
     for batch in reader:
@@ -209,8 +243,15 @@ def _sql_list(values: list[str]) -> str:
     return "[" + ", ".join(literal(v) for v in values) + "]"
 
 
-def _write(con: Any, sources: list[Source], options: DedupOptions, plan: PigeonholePlan | None,
-           work_dir: Path, report_dir: Path, started: float) -> dict[str, Any]:
+def _write(
+    con: Any,
+    sources: list[Source],
+    options: DedupOptions,
+    plan: PigeonholePlan | None,
+    work_dir: Path,
+    report_dir: Path,
+    started: float,
+) -> dict[str, Any]:
     labels = _sql_list([s.label for s in sources])
     reasons = _sql_list(list(REASONS))
     keep_why = "'largest (' || k.keeper_pixels || ' pixels)'" if options.keep == "largest" else "'first in input order'"
@@ -237,8 +278,12 @@ def _write(con: Any, sources: list[Source], options: DedupOptions, plan: Pigeonh
         return con.execute(sql).fetchall()[0][0]
 
     per_source = dict(con.execute("SELECT src, count(*) FROM sig GROUP BY src").fetchall())
-    by_reason = {REASONS[w]: n for w, n in con.execute(
-        "SELECT why, count(*) FROM ranked WHERE src = 0 AND rank > 1 GROUP BY why ORDER BY why").fetchall()}
+    by_reason = {
+        REASONS[w]: n
+        for w, n in con.execute(
+            "SELECT why, count(*) FROM ranked WHERE src = 0 AND rank > 1 GROUP BY why ORDER BY why"
+        ).fetchall()
+    }
     sizes = con.execute("""SELECT CASE WHEN size = 2 THEN '2' WHEN size <= 5 THEN '3-5' WHEN size <= 10 THEN '6-10'
                            WHEN size <= 100 THEN '11-100' ELSE '>100' END AS bucket, count(*)
                            FROM (SELECT DISTINCT cluster, size FROM ranked) GROUP BY bucket""").fetchall()
@@ -246,8 +291,14 @@ def _write(con: Any, sources: list[Source], options: DedupOptions, plan: Pigeonh
     capped = con.execute("SELECT count(*), max(n) FROM capped").fetchall()[0] if plan is not None else (0, None)
     summary: dict[str, Any] = {
         "options": options.identity(),
-        "sources": [{"dataset": s.label, "role": "input" if s.index == 0 else "against", "samples_with_images": per_source.get(s.index, 0)}
-                    for s in sources],
+        "sources": [
+            {
+                "dataset": s.label,
+                "role": "input" if s.index == 0 else "against",
+                "samples_with_images": per_source.get(s.index, 0),
+            }
+            for s in sources
+        ],
         "duplicates": one("SELECT count(*) FROM decided WHERE src = 0 AND NOT kept"),
         "duplicates_of_earlier_releases": one("SELECT count(*) FROM decided WHERE src = 0 AND NOT kept AND dup_in IS NOT NULL"),
         "duplicates_by_reason": by_reason,
@@ -257,12 +308,12 @@ def _write(con: Any, sources: list[Source], options: DedupOptions, plan: Pigeonh
         "degenerate_images": one("SELECT count(*) FROM sig WHERE src = 0 AND degenerate"),
         "unhashable_images": one("SELECT count(*) FROM sig WHERE src = 0 AND error IS NOT NULL"),
         "capped_buckets": {"count": capped[0], "largest": capped[1], "cap": options.bucket_cap},
-        "plan": None if plan is None else {"blocks": len(plan.blocks), "tables": len(plan.tables),
-                                           "partitions": 1 << plan.partition_bits},
+        "plan": None
+        if plan is None
+        else {"blocks": len(plan.blocks), "tables": len(plan.tables), "partitions": 1 << plan.partition_bits},
         "seconds": round(time.monotonic() - started, 2),
     }
     os.replace(tmp, decisions)
     os.replace(clusters_tmp, report_dir / "clusters.parquet")
     atomic_write_json(report_dir / "report.json", summary)
     return summary
-

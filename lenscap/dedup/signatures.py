@@ -24,19 +24,21 @@ from lenscap.stages.base import Stage
 
 __all__ = ["SignatureStage", "SIGNATURE_SCHEMA", "caption_digest"]
 
-SIGNATURE_SCHEMA = pa.schema([
-    pa.field("key", pa.string()),
-    pa.field("shard", pa.int32()),
-    pa.field("row", pa.int32()),
-    pa.field("sha256", pa.binary(32)),
-    pa.field("phash", pa.uint64()),
-    pa.field("phash_algorithm", pa.string()),  # hashes of different algorithms are never compared
-    pa.field("phash_degenerate", pa.bool_()),
-    pa.field("caption_hash", pa.binary(16)),
-    pa.field("pixels", pa.int64()),
-    pa.field("image_bytes", pa.int64()),
-    pa.field("error", pa.string()),
-])
+SIGNATURE_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),
+        pa.field("shard", pa.int32()),
+        pa.field("row", pa.int32()),
+        pa.field("sha256", pa.binary(32)),
+        pa.field("phash", pa.uint64()),
+        pa.field("phash_algorithm", pa.string()),  # hashes of different algorithms are never compared
+        pa.field("phash_degenerate", pa.bool_()),
+        pa.field("caption_hash", pa.binary(16)),
+        pa.field("pixels", pa.int64()),
+        pa.field("image_bytes", pa.int64()),
+        pa.field("error", pa.string()),
+    ]
+)
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
@@ -62,8 +64,18 @@ class SignatureStage(Stage):
         # img2dataset's sha256 is of the downloaded bytes, so equal downloads still have equal digests.
         known = sample.row.get("sha256")
         digest = bytes.fromhex(known) if isinstance(known, str) and _HEX64.match(known) else hashlib.sha256(sample.image).digest()
-        out: dict[str, Any] = {"shard": shard_id, "row": row, "sha256": digest, "caption_hash": caption_digest(sample.caption),
-                               "image_bytes": len(sample.image), "phash": None, "phash_algorithm": None, "phash_degenerate": None, "pixels": None, "error": None}
+        out: dict[str, Any] = {
+            "shard": shard_id,
+            "row": row,
+            "sha256": digest,
+            "caption_hash": caption_digest(sample.caption),
+            "image_bytes": len(sample.image),
+            "phash": None,
+            "phash_algorithm": None,
+            "phash_degenerate": None,
+            "pixels": None,
+            "error": None,
+        }
         try:
             h = phash(sample.image)
             out.update(phash=h.phash, phash_algorithm=ALGORITHM, phash_degenerate=h.degenerate, pixels=h.width * h.height)

@@ -93,8 +93,10 @@ class TableJob:
                 tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
                 con.execute(f"COPY {name} TO {literal(tmp)} (FORMAT parquet)")
                 os.replace(tmp, path)
-            counts = {"pairs": con.execute("SELECT count(*) FROM near").fetchall()[0][0],
-                      "capped": con.execute("SELECT count(*) FROM capped").fetchall()[0][0]}
+            counts = {
+                "pairs": con.execute("SELECT count(*) FROM near").fetchall()[0][0],
+                "capped": con.execute("SELECT count(*) FROM capped").fetchall()[0][0],
+            }
         finally:
             con.close()
             shutil.rmtree(spill, ignore_errors=True)
@@ -122,8 +124,11 @@ def _prepare(con: Any, source: str, job: TableJob) -> None:
     """Write the hashes for the tasks, unless ``plan.json`` says the directory already holds them."""
     cols = "uid, h" + (", has_new" if job.restrict else "")
     rows, checksum = con.execute(f"SELECT count(*), bit_xor(hash({cols})) FROM {source}").fetchall()[0]
-    ident = json.loads(json.dumps({"plan": asdict(job.plan), "bucket_cap": job.bucket_cap, "restrict": job.restrict,
-                                   "rows": rows, "checksum": checksum}))
+    ident = json.loads(
+        json.dumps(
+            {"plan": asdict(job.plan), "bucket_cap": job.bucket_cap, "restrict": job.restrict, "rows": rows, "checksum": checksum}
+        )
+    )
     path = Path(job.dir) / "plan.json"
     if path.exists() and json.loads(path.read_text()) == ident:
         return
@@ -133,21 +138,41 @@ def _prepare(con: Any, source: str, job: TableJob) -> None:
         target = job.hashes(block)
         if target.exists():  # without partitions every block shares one file
             continue
-        query = job.plan.sorted_sql(block, source, job.restrict is not None) if job.plan.partition_bits else f"SELECT {cols} FROM {source}"
+        query = (
+            job.plan.sorted_sql(block, source, job.restrict is not None)
+            if job.plan.partition_bits
+            else f"SELECT {cols} FROM {source}"
+        )
         tmp = target.with_name(f".{target.name}.tmp")
         con.execute(f"COPY ({query}) TO {literal(tmp)} (FORMAT parquet)")
         os.replace(tmp, target)
     atomic_write_json(path, ident)
 
 
-def split_near_pairs(con: Any, source: str, plan: PigeonholePlan, bucket_cap: int, executor: Executor, work_dir: Path,
-                     memory_limit: str, threads: int | None = None, restrict: str | None = None,
-                     on_table: Callable[[int, int], None] | None = None) -> None:
+def split_near_pairs(
+    con: Any,
+    source: str,
+    plan: PigeonholePlan,
+    bucket_cap: int,
+    executor: Executor,
+    work_dir: Path,
+    memory_limit: str,
+    threads: int | None = None,
+    restrict: str | None = None,
+    on_table: Callable[[int, int], None] | None = None,
+) -> None:
     """``pigeonhole.near_pairs``, one executor task per table: fills ``near`` and ``capped`` in ``con``
     the same. A task that failed raises here; a rerun does only the tables not yet done."""
     at_once = min(_tasks_at_once(executor), len(plan.tables))
-    job = TableJob(str(work_dir / "search"), str(work_dir / "spill"), plan, bucket_cap, restrict,
-                   memory_share(memory_limit, at_once), _task_threads(executor, threads, at_once))
+    job = TableJob(
+        str(work_dir / "search"),
+        str(work_dir / "spill"),
+        plan,
+        bucket_cap,
+        restrict,
+        memory_share(memory_limit, at_once),
+        _task_threads(executor, threads, at_once),
+    )
     _prepare(con, source, job)
     numbers = range(len(plan.tables))
     todo = [n for n in numbers if not job.marker(n).exists()]
@@ -165,8 +190,10 @@ def split_near_pairs(con: Any, source: str, plan: PigeonholePlan, bucket_cap: in
         raise fatal
     if failed:
         number = min(failed)
-        raise LenscapError(f"the near-duplicate search failed on {len(failed)} of {len(plan.tables)} tables "
-                           f"(table {number}: {failed[number]}); rerun to retry them")
+        raise LenscapError(
+            f"the near-duplicate search failed on {len(failed)} of {len(plan.tables)} tables "
+            f"(table {number}: {failed[number]}); rerun to retry them"
+        )
     create_outputs(con)
     pairs = ", ".join(literal(job.pairs(n)) for n in numbers)
     capped = ", ".join(literal(job.capped(n)) for n in numbers)

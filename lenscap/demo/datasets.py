@@ -15,10 +15,17 @@ from lenscap.record import SUCCESS, Sample
 
 __all__ = ["write_image_dataset", "DOWNLOAD_SCHEMA"]
 
-DOWNLOAD_SCHEMA = pa.schema([
-    ("key", pa.string()), ("url", pa.string()), ("caption", pa.string()), ("status", pa.string()),
-    ("error_message", pa.string()), ("width", pa.int64()), ("height", pa.int64()),
-])
+DOWNLOAD_SCHEMA = pa.schema(
+    [
+        ("key", pa.string()),
+        ("url", pa.string()),
+        ("caption", pa.string()),
+        ("status", pa.string()),
+        ("error_message", pa.string()),
+        ("width", pa.int64()),
+        ("height", pa.int64()),
+    ]
+)
 
 
 def _size(data: bytes) -> tuple[int | None, int | None]:
@@ -47,9 +54,14 @@ def write_image_dataset(
             ok = not failed(i)
             data = make(i) if ok else None
             width, height = _size(data) if data is not None else (None, None)
-            row = {"url": f"http://example.invalid/{i}.jpg", "caption": caption(i),
-                   "status": SUCCESS if ok else "failed_to_download",
-                   "error_message": None if ok else "HTTP Error 404: Not Found", "width": width, "height": height}
+            row = {
+                "url": f"http://example.invalid/{i}.jpg",
+                "caption": caption(i),
+                "status": SUCCESS if ok else "failed_to_download",
+                "error_message": None if ok else "HTTP Error 404: Not Found",
+                "width": width,
+                "height": height,
+            }
             writer.write(Sample(f"{i:09d}", row, data))
         writer.commit({"stage": "download"})
     ds.write_manifest("download", {"generated": True}, None, expected_shards=(n + per_shard - 1) // per_shard)

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import email.parser
-import hashlib
 import email.policy
+import hashlib
 import json
 import time
 from typing import Any
@@ -112,17 +112,28 @@ class BatchEndpoints:
             ordered = [x for x in ordered if x["id"] < args["after"]]
         limit = int(args.get("limit", 20))
         page = ordered[:limit]
-        return _json(200, {"object": "list", "data": [_public(x) for x in page], "has_more": len(ordered) > limit,
-                           "first_id": page[0]["id"] if page else None, "last_id": page[-1]["id"] if page else None})
+        return _json(
+            200,
+            {
+                "object": "list",
+                "data": [_public(x) for x in page],
+                "has_more": len(ordered) > limit,
+                "first_id": page[0]["id"] if page else None,
+                "last_id": page[-1]["id"] if page else None,
+            },
+        )
 
     # -- files ----------------------------------------------------------------------------------
 
     async def _upload(self, headers: dict[str, str], body: bytes) -> Reply:
         if self.settings.fail_uploads > 0:
             self.settings.fail_uploads -= 1
-            return _json(500, {"error": {"message": "The server had an error while processing your request.", "type": "server_error"}})
+            return _json(
+                500, {"error": {"message": "The server had an error while processing your request.", "type": "server_error"}}
+            )
         msg = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
-            b"Content-Type: " + headers.get("content-type", "").encode() + b"\r\n\r\n" + body)
+            b"Content-Type: " + headers.get("content-type", "").encode() + b"\r\n\r\n" + body
+        )
         fields: dict[str, Any] = {}
         for part in msg.iter_parts():
             name = part.get_param("name", header="content-disposition")
@@ -130,8 +141,16 @@ class BatchEndpoints:
         if "file" not in fields or "purpose" not in fields:
             return _err(400, "Missing required parameter: 'file' or 'purpose'.")
         filename, data = fields["file"]
-        f = {"id": self._next_id("file-"), "object": "file", "bytes": len(data), "created_at": int(time.time()),
-             "filename": filename or "upload", "purpose": fields["purpose"][1].decode(), "status": "processed", "_bytes": data}
+        f = {
+            "id": self._next_id("file-"),
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": filename or "upload",
+            "purpose": fields["purpose"][1].decode(),
+            "status": "processed",
+            "_bytes": data,
+        }
         self.files[f["id"]] = f
         self.uploads.append(f["filename"])  # every upload ever made, deleted or not
         if self.settings.upload_delay_s:
@@ -142,8 +161,16 @@ class BatchEndpoints:
         if not lines:
             return None
         data = b"\n".join(lines) + b"\n"
-        f = {"id": self._next_id("file-"), "object": "file", "bytes": len(data), "created_at": int(time.time()),
-             "filename": name, "purpose": purpose, "status": "processed", "_bytes": data}
+        f = {
+            "id": self._next_id("file-"),
+            "object": "file",
+            "bytes": len(data),
+            "created_at": int(time.time()),
+            "filename": name,
+            "purpose": purpose,
+            "status": "processed",
+            "_bytes": data,
+        }
         self.files[f["id"]] = f
         return f["id"]
 
@@ -160,18 +187,37 @@ class BatchEndpoints:
         if req.get("endpoint") != "/v1/chat/completions" or req.get("completion_window") != "24h":
             return _err(400, "Only endpoint /v1/chat/completions with completion_window 24h is supported.")
         now = int(time.time())
-        b = {"id": self._next_id("batch_"), "object": "batch", "endpoint": req["endpoint"], "errors": None,
-             "input_file_id": file_id, "completion_window": "24h", "status": "validating", "output_file_id": None,
-             "error_file_id": None, "created_at": now, "in_progress_at": None, "expires_at": now + 86400,
-             "finalizing_at": None, "completed_at": None, "failed_at": None, "expired_at": None, "cancelling_at": None,
-             "cancelled_at": None, "request_counts": {"total": 0, "completed": 0, "failed": 0},
-             "metadata": req.get("metadata") or {}, "_ready_at": time.monotonic() + self.settings.batch_delay_s}
+        b = {
+            "id": self._next_id("batch_"),
+            "object": "batch",
+            "endpoint": req["endpoint"],
+            "errors": None,
+            "input_file_id": file_id,
+            "completion_window": "24h",
+            "status": "validating",
+            "output_file_id": None,
+            "error_file_id": None,
+            "created_at": now,
+            "in_progress_at": None,
+            "expires_at": now + 86400,
+            "finalizing_at": None,
+            "completed_at": None,
+            "failed_at": None,
+            "expired_at": None,
+            "cancelling_at": None,
+            "cancelled_at": None,
+            "request_counts": {"total": 0, "completed": 0, "failed": 0},
+            "metadata": req.get("metadata") or {},
+            "_ready_at": time.monotonic() + self.settings.batch_delay_s,
+        }
         b["_tokens"], model = self._input_tokens(self.files[file_id]["_bytes"])
         limit = self.settings.batch_queue_limit
         with self._lock:  # check and add at once: concurrent creates must not both slip under the limit
             if limit is not None and self._enqueued + b["_tokens"] > limit:
-                b["_rejected"] = (f"Enqueued token limit reached for {model} in organization org-fake. Limit: {limit:,} "
-                                  "enqueued tokens. Please try again once some in_progress batches have been completed.")
+                b["_rejected"] = (
+                    f"Enqueued token limit reached for {model} in organization org-fake. Limit: {limit:,} "
+                    "enqueued tokens. Please try again once some in_progress batches have been completed."
+                )
             else:
                 b["_queued"] = True
                 self._queue_change(b["_tokens"])
@@ -198,8 +244,13 @@ class BatchEndpoints:
                 model, texts, images, _ = _validate(body, self.settings.decode_images)
             except _BadRequest:
                 continue  # an invalid line costs nothing (it fails at run time)
-            details = [p["image_url"].get("detail") or "low" for m in body["messages"] if isinstance(m["content"], list)
-                       for p in m["content"] if p["type"] == "image_url"]  # _validate's order: one per image
+            details = [
+                p["image_url"].get("detail") or "low"
+                for m in body["messages"]
+                if isinstance(m["content"], list)
+                for p in m["content"]
+                if p["type"] == "image_url"
+            ]  # _validate's order: one per image
             total += sum(text_tokens(t) for t in texts)
             total += sum(image_tokens(model, *size, d) for (_, _, size), d in zip(images, details, strict=True))
         return total, first_model or "unknown"
@@ -223,8 +274,10 @@ class BatchEndpoints:
             return
         if b.get("_rejected"):  # over the queue limit: accepted at create, failed when first seen
             b["status"], b["failed_at"] = "failed", int(time.time())
-            b["errors"] = {"object": "list", "data": [{"code": "token_limit_exceeded", "message": b["_rejected"],
-                                                       "param": None, "line": None}]}
+            b["errors"] = {
+                "object": "list",
+                "data": [{"code": "token_limit_exceeded", "message": b["_rejected"], "param": None, "line": None}],
+            }
             return
         if b["status"] == "cancelling":
             b["status"], b["cancelled_at"] = "cancelled", int(time.time())
@@ -239,20 +292,38 @@ class BatchEndpoints:
             requests = [json.loads(line) for line in raw.splitlines() if line.strip()]
         except ValueError:
             b["status"], b["failed_at"] = "failed", int(time.time())
-            b["errors"] = {"object": "list", "data": [{"code": "invalid_json_line", "message": "A line of the input file is not valid JSON."}]}
+            b["errors"] = {
+                "object": "list",
+                "data": [{"code": "invalid_json_line", "message": "A line of the input file is not valid JSON."}],
+            }
             return
         expire_after = self.settings.batch_expire_after
         for i, r in enumerate(requests):
             cid = r.get("custom_id")
             if expire_after is not None and i >= expire_after:
-                err.append(json.dumps({"id": f"batch_req_{i}", "custom_id": cid, "response": None, "error": {
-                    "code": "batch_expired", "message": "This request could not be executed before the completion window expired."}}).encode())
+                err.append(
+                    json.dumps(
+                        {
+                            "id": f"batch_req_{i}",
+                            "custom_id": cid,
+                            "response": None,
+                            "error": {
+                                "code": "batch_expired",
+                                "message": "This request could not be executed before the completion window expired.",
+                            },
+                        }
+                    ).encode()
+                )
                 continue
             status, answer, broken = self._batch_answer(r.get("body"))
-            line = {"id": f"batch_req_{i}", "custom_id": cid,
-                    "response": {"status_code": status, "request_id": f"req_{i}", "body": answer}, "error": None}
+            line = {
+                "id": f"batch_req_{i}",
+                "custom_id": cid,
+                "response": {"status_code": status, "request_id": f"req_{i}", "body": answer},
+                "error": None,
+            }
             if broken:
-                out.append(json.dumps(line).encode()[: 60])  # a torn output line
+                out.append(json.dumps(line).encode()[:60])  # a torn output line
             elif status == 200:
                 out.append(json.dumps(line).encode())
             else:
@@ -268,7 +339,12 @@ class BatchEndpoints:
 
     def _batch_answer(self, body: Any) -> tuple[int, dict[str, Any], bool]:
         """(status, response body, torn?) for one batch request, as the online endpoint would answer."""
-        from lenscap.demo.fake_openai import _BadRequest, _validate, image_tokens, text_tokens  # the same rules (a cycle at import time)
+        from lenscap.demo.fake_openai import (  # the same rules (a cycle at import time)
+            _BadRequest,
+            _validate,
+            image_tokens,
+            text_tokens,
+        )
 
         with self._lock:
             self.requests += 1
@@ -280,15 +356,37 @@ class BatchEndpoints:
         with self._lock:
             self.image_requests[sha] += 1
         if model not in self.settings.models:
-            return 404, {"error": {"message": f"The model `{model}` does not exist or you do not have access to it.",
-                                   "type": "invalid_request_error", "code": "model_not_found"}}, False
+            return (
+                404,
+                {
+                    "error": {
+                        "message": f"The model `{model}` does not exist or you do not have access to it.",
+                        "type": "invalid_request_error",
+                        "code": "model_not_found",
+                    }
+                },
+                False,
+            )
         fault = self._fault(sha, "\n".join(texts))
         if fault in ("429", "429-bare", "500", "503", "timeout"):
             status = 429 if fault.startswith("429") else 500 if fault == "timeout" else int(fault)
-            return status, {"error": {"message": "The server had an error while processing your request.", "type": "server_error"}}, False
+            return (
+                status,
+                {"error": {"message": "The server had an error while processing your request.", "type": "server_error"}},
+                False,
+            )
         if fault == "badimage":
-            return 400, {"error": {"message": "You uploaded an unsupported image. Please make sure your image is valid.",
-                                   "type": "invalid_request_error", "code": "invalid_image"}}, False
+            return (
+                400,
+                {
+                    "error": {
+                        "message": "You uploaded an unsupported image. Please make sure your image is valid.",
+                        "type": "invalid_request_error",
+                        "code": "invalid_image",
+                    }
+                },
+                False,
+            )
         est = sum(text_tokens(t) for t in texts) + sum(image_tokens(model, *size, "low") for _, _, size in images)
         return 200, self._completion(model, images, sha, est, max_tokens, fault), fault == "malformed"
 

@@ -21,17 +21,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
-import sys
-import urllib.request
 import base64
 import binascii
 import hashlib
 import io
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
+import urllib.request
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,9 +46,18 @@ __all__ = ["FakeOpenAI", "FakeOpenAIProcess", "FakeSettings", "fake_caption"]
 _FAULT_RE = re.compile(r"\[\[fault:([a-z0-9-]+?)(?:x(\d+))?\]\]")
 _DEFAULT_MODELS = ("gpt-4.1", "gpt-4.1-mini", "gpt-4.1-nano", "gpt-4o", "gpt-4o-mini")
 _COLOURS = {
-    "red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 210, 50),
-    "orange": (235, 140, 40), "purple": (130, 60, 160), "white": (240, 240, 240), "black": (20, 20, 20),
-    "grey": (128, 128, 128), "brown": (120, 80, 40), "pink": (235, 150, 180), "teal": (40, 150, 150),
+    "red": (200, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (230, 210, 50),
+    "orange": (235, 140, 40),
+    "purple": (130, 60, 160),
+    "white": (240, 240, 240),
+    "black": (20, 20, 20),
+    "grey": (128, 128, 128),
+    "brown": (120, 80, 40),
+    "pink": (235, 150, 180),
+    "teal": (40, 150, 150),
 }
 
 
@@ -120,9 +129,11 @@ class _Bucket:
         self.refill()
         remaining = max(0, int(self.per_minute * self.level / self.capacity))
         reset = max(0.0, (self.capacity - self.level) * 60.0 / self.per_minute)
-        return {f"x-ratelimit-limit-{kind}": str(int(self.per_minute)),
-                f"x-ratelimit-remaining-{kind}": str(remaining),
-                f"x-ratelimit-reset-{kind}": f"{reset:.3f}s"}
+        return {
+            f"x-ratelimit-limit-{kind}": str(int(self.per_minute)),
+            f"x-ratelimit-remaining-{kind}": str(remaining),
+            f"x-ratelimit-reset-{kind}": f"{reset:.3f}s",
+        }
 
     def wait_s(self, cost: float) -> float:
         self.refill()
@@ -172,7 +183,9 @@ class FakeOpenAI(BatchEndpoints):
                 "image_successes": dict(self.image_successes),
                 "input_tokens": self.input_tokens,
                 "output_tokens": self.output_tokens,
-                "success_span_s": (self.last_success - self.first_success) if self.first_success is not None and self.last_success is not None else None,
+                "success_span_s": (self.last_success - self.first_success)
+                if self.first_success is not None and self.last_success is not None
+                else None,
             }
 
     def _apply_limits(self) -> None:
@@ -199,7 +212,8 @@ class FakeOpenAI(BatchEndpoints):
         def run() -> None:
             self._loop = asyncio.new_event_loop()
             self._server = self._loop.run_until_complete(
-                asyncio.start_server(self._handle_connection, self.host, self.port, backlog=1024))
+                asyncio.start_server(self._handle_connection, self.host, self.port, backlog=1024)
+            )
             self.port = self._server.sockets[0].getsockname()[1]
             ready.set()
             self._loop.run_forever()
@@ -262,8 +276,11 @@ class FakeOpenAI(BatchEndpoints):
                 status, extra_headers, payload = reply
                 keep_alive = headers.get("connection", "").lower() != "close"
                 extra_headers = {"content-type": "application/json", **extra_headers}
-                head_lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}", f"content-length: {len(payload)}",
-                              "connection: " + ("keep-alive" if keep_alive else "close")]
+                head_lines = [
+                    f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
+                    f"content-length: {len(payload)}",
+                    "connection: " + ("keep-alive" if keep_alive else "close"),
+                ]
                 head_lines += [f"{k}: {v}" for k, v in extra_headers.items()]
                 writer.write(("\r\n".join(head_lines) + "\r\n\r\n").encode("latin-1") + payload)
                 await writer.drain()
@@ -274,7 +291,9 @@ class FakeOpenAI(BatchEndpoints):
         finally:
             writer.close()
 
-    async def _route(self, method: str, path: str, query: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes] | None:
+    async def _route(
+        self, method: str, path: str, query: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, str], bytes] | None:
         if path == "/_fake/stats":
             return 200, {}, json.dumps(self.stats()).encode()
         if path == "/_fake/config" and method == "POST":
@@ -312,7 +331,9 @@ class FakeOpenAI(BatchEndpoints):
             self.image_requests[sha] += 1
             self.recent_texts.append("\n".join(texts))
         if model not in s.models:
-            return self._count(_error(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found"))
+            return self._count(
+                _error(404, f"The model `{model}` does not exist or you do not have access to it.", "model_not_found")
+            )
         est = sum(text_tokens(t) for t in texts) + sum(image_tokens(model, *size, "low") for _, _, size in images)
         if not self._admit(1, est + max_tokens):
             return self._count(self._rate_limited(est + max_tokens))
@@ -332,13 +353,19 @@ class FakeOpenAI(BatchEndpoints):
         if fault == "malformed":
             return self._count((200, limit_headers, b'{"id": "chatcmpl-broken", "choices": [{"index": 0, "mess'))
         if fault == "badimage":
-            return self._count(_error(400, "You uploaded an unsupported image. Please make sure your image is valid.", "invalid_image"))
+            return self._count(
+                _error(400, "You uploaded an unsupported image. Please make sure your image is valid.", "invalid_image")
+            )
         reply = self._completion(model, images, sha, est, max_tokens, fault)
         return self._count((200, limit_headers, json.dumps(reply).encode()))
 
-    def _completion(self, model: str, images: list[Any], sha: str, est: int, max_tokens: int, fault: str | None) -> dict[str, Any]:
+    def _completion(
+        self, model: str, images: list[Any], sha: str, est: int, max_tokens: int, fault: str | None
+    ) -> dict[str, Any]:
         """A successful (billed) chat completion: a caption, a refusal, or a reply cut at max tokens."""
-        caption = fake_caption(images[0][1] if images else None, images[0][2] if images else None, sha, self.settings.caption_words)
+        caption = fake_caption(
+            images[0][1] if images else None, images[0][2] if images else None, sha, self.settings.caption_words
+        )
         words = caption.split()
         finish, content, refusal = "stop", caption, None
         if fault == "refusal":
@@ -354,9 +381,13 @@ class FakeOpenAI(BatchEndpoints):
             self.input_tokens += est
             self.output_tokens += out_tokens
         return {
-            "id": f"chatcmpl-{sha[:12]}", "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "finish_reason": finish,
-                         "message": {"role": "assistant", "content": content, "refusal": refusal}}],
+            "id": f"chatcmpl-{sha[:12]}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": content, "refusal": refusal}}
+            ],
             "usage": {"prompt_tokens": est, "completion_tokens": out_tokens, "total_tokens": est + out_tokens},
         }
 
@@ -410,11 +441,20 @@ class FakeOpenAI(BatchEndpoints):
             return kind if self.marker_counts[marker] <= int(times) else None
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 429: "Too Many Requests",
-            500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
-def _error(status: int, message: str, code: str | None, type_: str = "invalid_request_error") -> tuple[int, dict[str, str], bytes]:
+def _error(
+    status: int, message: str, code: str | None, type_: str = "invalid_request_error"
+) -> tuple[int, dict[str, str], bytes]:
     return status, {}, json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
 
 
@@ -456,7 +496,9 @@ def _validate(req: Any, decode: bool) -> tuple[str, list[str], list[tuple[bytes,
 def _decode_image(url: str, decode: bool) -> tuple[bytes, Image.Image | None, tuple[int, int]]:
     m = re.match(r"data:image/(jpeg|png|webp|gif);base64,(.*)$", url, re.S)
     if not m:
-        raise _BadRequest(400, "Invalid image URL: expected a base64 data URL of a JPEG, PNG, WEBP or GIF image.", "invalid_image_url")
+        raise _BadRequest(
+            400, "Invalid image URL: expected a base64 data URL of a JPEG, PNG, WEBP or GIF image.", "invalid_image_url"
+        )
     try:
         raw = base64.b64decode(m.group(2), validate=True)
     except binascii.Error:
@@ -468,7 +510,9 @@ def _decode_image(url: str, decode: bool) -> tuple[bytes, Image.Image | None, tu
             im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
             im.load()
     except Exception:  # noqa: BLE001
-        raise _BadRequest(400, "You uploaded an unsupported image. Please make sure your image is valid.", "invalid_image") from None
+        raise _BadRequest(
+            400, "You uploaded an unsupported image. Please make sure your image is valid.", "invalid_image"
+        ) from None
     return raw, (im if decode else None), size
 
 
@@ -481,8 +525,9 @@ class FakeOpenAIProcess:
         self.base_url = ""
 
     def __enter__(self) -> FakeOpenAIProcess:
-        self.proc = subprocess.Popen([sys.executable, "-m", "lenscap.demo.fake_openai", *self.args],
-                                     stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "lenscap.demo.fake_openai", *self.args], stdout=subprocess.PIPE, text=True
+        )
         assert self.proc.stdout is not None
         self.base_url = json.loads(self.proc.stdout.readline())["base_url"]
         return self

@@ -10,8 +10,14 @@ from PIL import Image, ImageDraw, ImageFilter
 __all__ = ["scene", "photo", "scene_caption", "jpeg_bytes", "png_bytes", "truncated_jpeg", "html_page", "bomb_png"]
 
 _COLOURS = {
-    "red": (200, 40, 40), "green": (40, 160, 60), "blue": (40, 70, 200), "yellow": (230, 210, 50),
-    "purple": (130, 50, 160), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20),
+    "red": (200, 40, 40),
+    "green": (40, 160, 60),
+    "blue": (40, 70, 200),
+    "yellow": (230, 210, 50),
+    "purple": (130, 50, 160),
+    "orange": (240, 140, 30),
+    "white": (245, 245, 245),
+    "black": (20, 20, 20),
 }
 _SHAPES = ("circle", "square", "triangle")
 

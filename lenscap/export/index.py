@@ -26,17 +26,34 @@ from lenscap.stages.base import Stage
 
 __all__ = ["IndexStage", "exported_schema", "INTERNAL"]
 
-INTERNAL = [pa.field("_shard", pa.int32()), pa.field("_offset", pa.int64()), pa.field("_size", pa.int64()),
-            pa.field("_order", pa.uint64()), pa.field("_bytes", pa.int64())]
+INTERNAL = [
+    pa.field("_shard", pa.int32()),
+    pa.field("_offset", pa.int64()),
+    pa.field("_size", pa.int64()),
+    pa.field("_order", pa.uint64()),
+    pa.field("_bytes", pa.int64()),
+]
 # Per-sample outcomes and dedup bookkeeping: constant or empty for the samples that are exported.
-_NOT_EXPORTED = {IMAGE_OFFSET, IMAGE_SIZE, "status", "error_message", "filter_reason", "filter_detail", "dup_of", "dup_in", "dup_reason",
-                 "dup_distance", "dup_cluster"}
+_NOT_EXPORTED = {
+    IMAGE_OFFSET,
+    IMAGE_SIZE,
+    "status",
+    "error_message",
+    "filter_reason",
+    "filter_detail",
+    "dup_of",
+    "dup_in",
+    "dup_reason",
+    "dup_distance",
+    "dup_cluster",
+}
 
 
 def exported_schema(input_schema: pa.Schema) -> pa.Schema:
     """The input's columns that go into the export: the caption first, then the rest in order."""
-    fields = [f for f in input_schema if f.name != "key" and f.name not in _NOT_EXPORTED
-              and not f.name.endswith(("_status", "_error"))]
+    fields = [
+        f for f in input_schema if f.name != "key" and f.name not in _NOT_EXPORTED and not f.name.endswith(("_status", "_error"))
+    ]
     caption = [f for f in fields if f.name == "caption"] or [pa.field("caption", pa.string())]
     return pa.schema(caption + [f for f in fields if f.name != "caption"])
 
@@ -79,18 +96,22 @@ class IndexStage(Stage):
         columns = exported_schema(table.schema)
         offsets_in, sizes_in = src.image_locations(shard_id, table)  # no image is read here
         # The verdict needs a few columns per row; the exported columns move as Arrow columns.
-        wanted = [c for c in ("status", "dedup_status", "filter_status", "filter_reason", "caption_status", "caption")
-                  if c in table.column_names]
+        wanted = [
+            c
+            for c in ("status", "dedup_status", "filter_status", "filter_reason", "caption_status", "caption")
+            if c in table.column_names
+        ]
         keys = [str(k) for k in table.column("key").to_pylist()]
         keep, left_out, where = [], Counter(), {c: table.column(c).to_pylist() for c in wanted}
-        for i, key in enumerate(keys):
+        for i in range(len(keys)):
             reason = left_out_reason({c: where[c][i] for c in wanted}, offsets_in[i] is not None, self.caption_status)
             keep.append(reason is None)
             if reason is not None:
                 left_out[reason] += 1
         rows = [i for i, k in enumerate(keep) if k]
-        exported = pa.table({f.name: table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
-                             for f in columns}).take(pa.array(rows, pa.int64()))
+        exported = pa.table(
+            {f.name: table.column(f.name) if f.name in table.column_names else pa.nulls(table.num_rows, f.type) for f in columns}
+        ).take(pa.array(rows, pa.int64()))
         planned = FORMATS[self.format].planned_bytes
         offsets, sizes, costs, orders = [], [], [], []
         for i, row in zip(rows, exported.to_pylist(), strict=True):
@@ -99,13 +120,26 @@ class IndexStage(Stage):
             sizes.append(size)
             costs.append(planned(size, len((row.get("caption") or "").encode()), len(metadata_json(keys[i], row))))
             orders.append(order_of(self.seed, shard_id, i, keys[i]))
-        index = pa.table({"key": pa.array([keys[i] for i in rows], pa.string()), **{c: exported.column(c) for c in exported.column_names},
-                          "_shard": pa.array([shard_id] * len(rows), pa.int32()), "_offset": pa.array(offsets, pa.int64()),
-                          "_size": pa.array(sizes, pa.int64()), "_order": pa.array(orders, pa.uint64()), "_bytes": pa.array(costs, pa.int64())})
+        index = pa.table(
+            {
+                "key": pa.array([keys[i] for i in rows], pa.string()),
+                **{c: exported.column(c) for c in exported.column_names},
+                "_shard": pa.array([shard_id] * len(rows), pa.int32()),
+                "_offset": pa.array(offsets, pa.int64()),
+                "_size": pa.array(sizes, pa.int64()),
+                "_order": pa.array(orders, pa.uint64()),
+                "_bytes": pa.array(costs, pa.int64()),
+            }
+        )
         self.tick(table.num_rows)
         tmp = dst.tmp_path(shard_id, "parquet")
         pq.write_table(index, tmp)
-        stats = {"shard": f"{shard_id:05d}", "count": index.num_rows, "stage": self.name, "left_out": dict(sorted(left_out.items()))}
+        stats = {
+            "shard": f"{shard_id:05d}",
+            "count": index.num_rows,
+            "stage": self.name,
+            "left_out": dict(sorted(left_out.items())),
+        }
         if "caption_status" in where:  # of the exported samples (not a column of the export): inspect shows them
             stats["caption_status"] = dict(sorted(Counter(str(where["caption_status"][i]) for i in rows).items()))
         return dst.commit(shard_id, [(tmp, dst.parquet_path(shard_id))], stats)

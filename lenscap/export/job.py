@@ -199,8 +199,9 @@ def _plan_in_order(index: Dataset, options: ExportOptions, tmp: Path, even: _Eve
     return shards
 
 
-def _plan_shuffled(index: Dataset, options: ExportOptions, tmp: Path, state: Path,
-                   even: _Even | None = None) -> list[tuple[int, int]]:
+def _plan_shuffled(
+    index: Dataset, options: ExportOptions, tmp: Path, state: Path, even: _Even | None = None
+) -> list[tuple[int, int]]:
     """A global sort on the shuffle order: DuckDB, spilling to disk beyond ``_PLAN_MEMORY``."""
     files = [str(index.parquet_path(i)) for i in index.completed_ids()]
     if even is not None:
@@ -212,8 +213,11 @@ def _plan_shuffled(index: Dataset, options: ExportOptions, tmp: Path, state: Pat
         cut = f"(2 * {before} + _bytes) // {2 * int(options.target_bytes or 1)}"
     con = out_of_core(_PLAN_MEMORY, state / "spill")
     try:
-        con.execute(f"""CREATE TABLE planned AS SELECT * EXCLUDE (_cut), (dense_rank() OVER (ORDER BY _cut) - 1)::INTEGER AS _out
-                        FROM (SELECT *, {cut} AS _cut FROM read_parquet(?))""", [files])
+        con.execute(
+            f"""CREATE TABLE planned AS SELECT * EXCLUDE (_cut), (dense_rank() OVER (ORDER BY _cut) - 1)::INTEGER AS _out
+                        FROM (SELECT *, {cut} AS _cut FROM read_parquet(?))""",
+            [files],
+        )
         shards = con.execute("SELECT count(*), sum(_bytes) FROM planned GROUP BY _out ORDER BY _out").fetchall()
         con.execute(f"COPY (SELECT * FROM planned ORDER BY _out, _order) TO {literal(tmp)} (FORMAT parquet)")
     finally:
@@ -229,8 +233,10 @@ def _write_shard(src: Dataset, out_dir: str, shard_id: int, shards: int, format_
     out, state = Path(out_dir), _state(Path(out_dir))
     con = duckdb.connect()
     try:  # plan.parquet is sorted by _out, so only this shard's row groups are read
-        table = con.sql("SELECT * EXCLUDE (_out) FROM read_parquet($plan) WHERE _out = $shard ORDER BY _order",
-                        params={"plan": str(state / "plan.parquet"), "shard": shard_id}).to_arrow_table()
+        table = con.sql(
+            "SELECT * EXCLUDE (_out) FROM read_parquet($plan) WHERE _out = $shard ORDER BY _order",
+            params={"plan": str(state / "plan.parquet"), "shard": shard_id},
+        ).to_arrow_table()
     finally:
         con.close()
     internal = {f.name for f in INTERNAL}
@@ -250,7 +256,9 @@ def _write_shard(src: Dataset, out_dir: str, shard_id: int, shards: int, format_
                 f = tars[row["_shard"]] = images.open_tar(row["_shard"])  # a remote one is read by ranges; closed below
             if member_name(header_before(f, row["_offset"])) != f"{row['key']}.{IMAGE_EXT}":
                 raise moved_image(images, row["_shard"], row["key"], row["_offset"])
-            writer.write(row["key"], {k: v for k, v in row.items() if k not in internal and k != "key"}, f, row["_offset"], row["_size"])
+            writer.write(
+                row["key"], {k: v for k, v in row.items() if k not in internal and k != "key"}, f, row["_offset"], row["_size"]
+            )
         size = writer.close()
     except BaseException:
         writer.abort()
@@ -262,9 +270,17 @@ def _write_shard(src: Dataset, out_dir: str, shard_id: int, shards: int, format_
     return {"file": name, "samples": table.num_rows, "bytes": size}
 
 
-def run_export(options: ExportOptions, in_dir: str | Path, out_dir: str | Path, processes: int = 1,
-               quiet: bool = False, executor: Executor | None = None, *, overwrite: bool = False,
-               allow_incomplete: bool = False) -> ExportResult:
+def run_export(
+    options: ExportOptions,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    processes: int = 1,
+    quiet: bool = False,
+    executor: Executor | None = None,
+    *,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+) -> ExportResult:
     # The input may be remote (its passes read shard by shard, image by image), and the output too.
     src = Dataset.open(in_dir)
     shards, _ = input_shards(src, allow_incomplete)
@@ -303,8 +319,9 @@ def _run_locked(options: ExportOptions, src: Dataset, dst: Dataset, executor: Ex
 
     # Pass 1: the index.
     index_dir = state / "index"
-    indexed = run_stage(options.index_stage(), src, index_dir, progress=make_progress("shard: indexing", quiet),
-                        executor=executor, internal=True)
+    indexed = run_stage(
+        options.index_stage(), src, index_dir, progress=make_progress("shard: indexing", quiet), executor=executor, internal=True
+    )
     if indexed.failed_shards:
         return ExportResult(where, failed_shards=indexed.failed_shards, format=options.format)
     index = Dataset(index_dir)
@@ -340,12 +357,21 @@ def _run_locked(options: ExportOptions, src: Dataset, dst: Dataset, executor: Ex
         dst.fs.makedirs(dst.file("data"), exist_ok=True)  # once here, not in every task
     progress = make_progress("shard: writing", quiet)
     per_shard = [int(p["samples"]) if isinstance(p, dict) else int(p[0]) for p in plan["shards"]]  # from the plan
-    start_progress(progress, shards, shards - len(todo), total_samples=sum(per_shard),
-                   done_samples=sum(per_shard) - sum(per_shard[i] for i in todo))
+    start_progress(
+        progress,
+        shards,
+        shards - len(todo),
+        total_samples=sum(per_shard),
+        done_samples=sum(per_shard) - sum(per_shard[i] for i in todo),
+    )
     failed: dict[int, str] = {}
     try:
-        fatal = executor.run(_WriteJob(src, dst, shards, options.format), todo,
-                             lambda _, record: progress.advance(shards=1, samples=record["samples"]), failed)
+        fatal = executor.run(
+            _WriteJob(src, dst, shards, options.format),
+            todo,
+            lambda _, record: progress.advance(shards=1, samples=record["samples"]),
+            failed,
+        )
     finally:
         progress.finish()
     if fatal is not None:
@@ -355,25 +381,54 @@ def _run_locked(options: ExportOptions, src: Dataset, dst: Dataset, executor: Ex
         raise LenscapError(f"{len(failed)} output shard(s) could not be written, e.g. {shard_id:05d}: {message}; rerun to resume")
 
     records = [json.loads((state / "done" / f"{i:05d}.json").read_text()) for i in range(shards)]
-    summary = {"format": options.format, "samples": sum(r["samples"] for r in records),
-               "bytes": sum(r["bytes"] for r in records), "shards": records, "left_out": dict(sorted(left_out.items()))}
+    summary = {
+        "format": options.format,
+        "samples": sum(r["samples"] for r in records),
+        "bytes": sum(r["bytes"] for r in records),
+        "shards": records,
+        "left_out": dict(sorted(left_out.items())),
+    }
     if caption_status is not None:  # the caption outcomes of the exported samples, where the input was captioned
         summary["caption_status"] = dict(sorted(caption_status.items()))
     atomic_write_json(out / "shards.json", summary)
     if options.format == "webdataset":  # open_clip's get_dataset_size: samples per tar, by file name
         atomic_write_json(out / "sizes.json", {r["file"]: r["samples"] for r in records})
     manifest = src.read_manifest() or {}
-    history = [*manifest.get("history", []), {"stage": "shard", "parameters": asdict(options), "input": src.location,
-                                              "lenscap_version": __version__,
-                                              "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}]
-    atomic_write_json(out / "lenscap.json", {"lenscap_version": __version__, "stage": "shard", "parameters": asdict(options),
-                                             "input": src.location, "history": history,
-                                             "counts": {"samples": summary["samples"], "left_out": summary["left_out"]}})
-    write_card(out, options.format, summary, history, Path(index_dir), _columns(index),
-               location=dst.location if dst.remote else None)
+    history = [
+        *manifest.get("history", []),
+        {
+            "stage": "shard",
+            "parameters": asdict(options),
+            "input": src.location,
+            "lenscap_version": __version__,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    ]
+    atomic_write_json(
+        out / "lenscap.json",
+        {
+            "lenscap_version": __version__,
+            "stage": "shard",
+            "parameters": asdict(options),
+            "input": src.location,
+            "history": history,
+            "counts": {"samples": summary["samples"], "left_out": summary["left_out"]},
+        },
+    )
+    write_card(
+        out, options.format, summary, history, Path(index_dir), _columns(index), location=dst.location if dst.remote else None
+    )
     put_and_remove(dst, out, list(INDEX_FILES))  # those written: sizes.json is WebDataset's only
-    return ExportResult(where, shards, shards, summary["samples"], format=options.format, bytes=summary["bytes"],
-                        left_out=summary["left_out"], empty=summary["samples"] == 0)
+    return ExportResult(
+        where,
+        shards,
+        shards,
+        summary["samples"],
+        format=options.format,
+        bytes=summary["bytes"],
+        left_out=summary["left_out"],
+        empty=summary["samples"] == 0,
+    )
 
 
 def _columns(index: Dataset) -> pa.Schema:

@@ -12,14 +12,19 @@ from lenscap.plugins import Registry
 
 __all__ = ["annotator_class", "available_annotators", "describe_filters", "filters_lines", "REGISTRY"]
 
-REGISTRY = Registry("lenscap.filters", "annotator", Annotator, {
-    "blur": "lenscap.filters.builtin:Blur",
-    "uniform": "lenscap.filters.builtin:Uniform",
-    "ocr": "lenscap.filters.builtin:TextArea",
-    "faces": "lenscap.filters.builtin:Faces",
-    "nsfw": "lenscap.filters.builtin:Nsfw",
-    "clip": "lenscap.filters.clip:ClipScore",
-})
+REGISTRY = Registry(
+    "lenscap.filters",
+    "annotator",
+    Annotator,
+    {
+        "blur": "lenscap.filters.builtin:Blur",
+        "uniform": "lenscap.filters.builtin:Uniform",
+        "ocr": "lenscap.filters.builtin:TextArea",
+        "faces": "lenscap.filters.builtin:Faces",
+        "nsfw": "lenscap.filters.builtin:Nsfw",
+        "clip": "lenscap.filters.clip:ClipScore",
+    },
+)
 
 
 def available_annotators() -> dict[str, str]:
@@ -64,8 +69,9 @@ def describe_filters() -> list[dict[str, Any]]:
             "direction": cls.direction(),
             "threshold_flag": cls.threshold_flag,
             "threshold_option": f"--threshold {name}=VALUE",
-            "threshold_help": cls.threshold_help or f"{cls.direction()} the threshold: samples whose {cls.score} is "
-                                                    f"{'below' if cls.keep_above else 'above'} it are dropped",
+            "threshold_help": cls.threshold_help
+            or f"{cls.direction()} the threshold: samples whose {cls.score} is "
+            f"{'below' if cls.keep_above else 'above'} it are dropped",
             "default_threshold": cls.default_threshold,
             "extra": cls.extra,
             "needs": f"pip install 'lenscap[{cls.extra}]'" if cls.extra else None,
@@ -91,9 +97,14 @@ def filters_lines(found: list[dict[str, Any]]) -> list[str]:
         lines.append(f"{f['name']}  ({f['source']}{'; ' + '; '.join(traits) if traits else ''})")
         if f["summary"]:
             lines.append(f"    {f['summary']}")
-        flags = " or ".join(x for x in (f"{f['threshold_flag']} VALUE" if f["threshold_flag"] else None, f["threshold_option"]) if x)
-        default = ("no default: scores only, drops nothing without a threshold" if f["default_threshold"] is None
-                   else f"default {f['default_threshold']:g}")
+        flags = " or ".join(
+            x for x in (f"{f['threshold_flag']} VALUE" if f["threshold_flag"] else None, f["threshold_option"]) if x
+        )
+        default = (
+            "no default: scores only, drops nothing without a threshold"
+            if f["default_threshold"] is None
+            else f"default {f['default_threshold']:g}"
+        )
         columns = ", ".join(c["name"] for c in f["columns"])
         lines.append(f"    score {f['score']} ({f['direction']} the threshold); columns: {columns}")
         lines.append(f"    {flags}: {f['threshold_help']} [{default}]")

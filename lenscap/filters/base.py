@@ -63,7 +63,9 @@ class Annotator(ABC):
     score: ClassVar[str]
     keep_above: ClassVar[bool]
     default_threshold: ClassVar[float | None] = None  # None: --annotate NAME alone writes scores and drops nothing
-    threshold_flag: ClassVar[str | None] = None  # a flag of `lenscap filter` of its own (--min-sharpness); any: --threshold NAME=X
+    threshold_flag: ClassVar[str | None] = (
+        None  # a flag of `lenscap filter` of its own (--min-sharpness); any: --threshold NAME=X
+    )
     threshold_help: ClassVar[str] = ""  # what the threshold means, e.g. "drop images whose Laplacian variance is below"
     extra: ClassVar[str | None] = None  # the lenscap extra it needs (pip install 'lenscap[EXTRA]'), if any
 
@@ -91,7 +93,7 @@ class Annotator(ABC):
         """What makes this class unusable as an annotator (checked when the registry loads it)."""
         problems = []
         if not isinstance(getattr(cls, "name", None), str) or not cls.name:
-            problems.append("sets no name (a class attribute: name = \"...\")")
+            problems.append('sets no name (a class attribute: name = "...")')
         columns = getattr(cls, "columns", None)
         if not isinstance(columns, tuple) or not columns or not all(isinstance(c, pa.Field) for c in columns):
             problems.append("columns must be a non-empty tuple of pyarrow fields (pa.field(NAME, TYPE))")

@@ -139,10 +139,15 @@ class Nsfw(Annotator):
         try:
             from nudenet import NudeDetector
         except ImportError:
-            raise MissingDependency("the nsfw annotator needs the nsfw extra (NudeNet, AGPL-3.0): pip install 'lenscap[nsfw]'") from None
+            raise MissingDependency(
+                "the nsfw annotator needs the nsfw extra (NudeNet, AGPL-3.0): pip install 'lenscap[nsfw]'"
+            ) from None
         self._detector = NudeDetector()
 
     def annotate(self, image: Image.Image, sample: Sample) -> dict[str, Any]:
         found = [d for d in self._detector.detect(np.asarray(image)[:, :, ::-1].copy()) if "EXPOSED" in str(d.get("class", ""))]
         labels = sorted({str(d["class"]) for d in found})
-        return {self.score: max((float(d.get("score", 0.0)) for d in found), default=0.0), "nsfw_labels": ",".join(labels) or None}
+        return {
+            self.score: max((float(d.get("score", 0.0)) for d in found), default=0.0),
+            "nsfw_labels": ",".join(labels) or None,
+        }

@@ -74,8 +74,13 @@ class ClipScore(Annotator):
         caption = sample.caption or ""
         with torch.inference_mode():
             pixels = self._images(images=image, return_tensors="pt")["pixel_values"]
-            text = self._tokenizer([caption], return_tensors="pt", padding=True, truncation=True,
-                                   max_length=self._model.config.text_config.max_position_embeddings)
+            text = self._tokenizer(
+                [caption],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self._model.config.text_config.max_position_embeddings,
+            )
             img = _embedding(self._model.get_image_features(pixel_values=pixels))
             txt = _embedding(self._model.get_text_features(input_ids=text["input_ids"], attention_mask=text["attention_mask"]))
             cos = torch.nn.functional.cosine_similarity(img, txt).item()

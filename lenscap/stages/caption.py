@@ -60,8 +60,15 @@ OCR_TEXT = pa.field("caption_ocr_text", pa.string())  # --hints ocr only: what O
 class CaptionStage(Stage):
     name = "caption"
 
-    def __init__(self, backend: CaptionBackend, prompt: Prompt, cache_dir: Path | None = None, max_cost: float | None = None,
-                 hints: tuple[str, ...] = (), redo: str | None = None) -> None:
+    def __init__(
+        self,
+        backend: CaptionBackend,
+        prompt: Prompt,
+        cache_dir: Path | None = None,
+        max_cost: float | None = None,
+        hints: tuple[str, ...] = (),
+        redo: str | None = None,
+    ) -> None:
         self.backend = backend
         self.prompt = prompt
         self.hints = hints
@@ -83,8 +90,14 @@ class CaptionStage(Stage):
         self.retry_errors = False
 
     def parameters(self) -> dict[str, Any]:
-        parameters = {**self.backend.parameters(), "prompt": self.prompt.id, "prompt_sha": self.prompt.sha,
-                      "hints": list(self.hints), "cache": self.cache_dir is not None, "max_cost": self.max_cost}
+        parameters = {
+            **self.backend.parameters(),
+            "prompt": self.prompt.id,
+            "prompt_sha": self.prompt.sha,
+            "hints": list(self.hints),
+            "cache": self.cache_dir is not None,
+            "max_cost": self.max_cost,
+        }
         return parameters | {"redo": self.redo} if self.redo is not None else parameters
 
     def identity(self) -> dict[str, Any]:
@@ -144,8 +157,10 @@ class CaptionStage(Stage):
             return
         schema = src.read_schema(shards[0])
         if "caption_status" not in schema.names:
-            raise UsageError(f"--redo recaptions some samples of a captioned dataset, and {src.location} has no "
-                             "caption_status column: caption it without --redo")
+            raise UsageError(
+                f"--redo recaptions some samples of a captioned dataset, and {src.location} has no "
+                "caption_status column: caption it without --redo"
+            )
         check_condition(self.redo, "--redo", schema, src.location)
 
     def check(self) -> None:
@@ -187,8 +202,16 @@ class CaptionStage(Stage):
         for shard_id in dst.completed_ids():
             if not dst.read_stats(shard_id).get("stage_status", {}).get("caption_status", {}).get(ERROR):
                 continue
-            columns = ["key", "caption", "caption_status", "caption_error", "caption_cached", "caption_input_tokens",
-                       "caption_output_tokens", "caption_cost_usd"]
+            columns = [
+                "key",
+                "caption",
+                "caption_status",
+                "caption_error",
+                "caption_cached",
+                "caption_input_tokens",
+                "caption_output_tokens",
+                "caption_cost_usd",
+            ]
             if "ocr" in self.hints:
                 columns.append(OCR_TEXT.name)
             table = dst.read_table(shard_id, columns=columns)
@@ -196,12 +219,19 @@ class CaptionStage(Stage):
             journal.remove()
             for row in table.to_pylist():
                 if row["caption_status"] in _CACHEABLE:
-                    journal.append({"key": row["key"], "status": row["caption_status"],
-                                    "caption": row["caption"] if row["caption_status"] == OK else None,
-                                    "error": row["caption_error"], "input_tokens": row["caption_input_tokens"],
-                                    "output_tokens": row["caption_output_tokens"], "cost_usd": row["caption_cost_usd"],
-                                    "cached": bool(row["caption_cached"])}
-                                   | ({"ocr_text": row[OCR_TEXT.name]} if "ocr" in self.hints else {}))
+                    journal.append(
+                        {
+                            "key": row["key"],
+                            "status": row["caption_status"],
+                            "caption": row["caption"] if row["caption_status"] == OK else None,
+                            "error": row["caption_error"],
+                            "input_tokens": row["caption_input_tokens"],
+                            "output_tokens": row["caption_output_tokens"],
+                            "cost_usd": row["caption_cost_usd"],
+                            "cached": bool(row["caption_cached"]),
+                        }
+                        | ({"ocr_text": row[OCR_TEXT.name]} if "ocr" in self.hints else {})
+                    )
             journal.close()
             dst.discard(shard_id)
 
@@ -271,7 +301,8 @@ class CaptionStage(Stage):
             raise BudgetReached(
                 f"--max-cost ${budget.max_usd:g} reached: ${budget.spent:.4f} spent by this output directory, and the next "
                 f"request (worst case ${out_of_budget:.4f}) would not fit under it; finished shards are kept: rerun with a "
-                "higher --max-cost to go on")
+                "higher --max-cost to go on"
+            )
         stats = self._write_shard(src, dst, shard_id, done, selected)
         journal.remove()
         return stats
@@ -284,8 +315,9 @@ class CaptionStage(Stage):
         try:
             rows = rows_where(src.read_table(shard_id), self._redo_condition)
         except duckdb.Error as e:  # a value the expression cannot take (a failed cast): about the job, not this shard
-            raise UsageError(f"--redo cannot run on shard {shard_name(shard_id)} of {src.location}: "
-                             f"{str(e).splitlines()[0]}") from None
+            raise UsageError(
+                f"--redo cannot run on shard {shard_name(shard_id)} of {src.location}: {str(e).splitlines()[0]}"
+            ) from None
         return {str(key) for (key,) in rows}
 
     def _record(self, journal: Journal, done: dict[str, dict[str, Any]], entry: dict[str, Any]) -> None:
@@ -303,8 +335,9 @@ class CaptionStage(Stage):
             print(f"lenscap: note: the response cache cannot be written ({e}); going on without it", file=sys.stderr)
             self._cache = None
 
-    def _write_shard(self, src: Dataset, dst: Dataset, shard_id: int, done: dict[str, dict[str, Any]],
-                     selected: set[str] | None = None) -> dict[str, Any]:
+    def _write_shard(
+        self, src: Dataset, dst: Dataset, shard_id: int, done: dict[str, dict[str, Any]], selected: set[str] | None = None
+    ) -> dict[str, Any]:
         """``selected``: with --redo, the keys this run captions; every other row is carried over as it is."""
         kept = "previous_caption" if "alt_text" in src.read_schema(shard_id).names else "alt_text"
         writer = self.writer(src, dst, shard_id)

@@ -47,8 +47,13 @@ from lenscap.uploads import put_and_remove
 __all__ = ["DedupStage", "DedupResult", "run_dedup"]
 
 UNIQUE, KEPT, DUPLICATE, SKIPPED, ERROR = "unique", "kept", "duplicate", "skipped", "error"
-_DUP_COLUMNS = (pa.field("dup_of", pa.string()), pa.field("dup_in", pa.string()), pa.field("dup_reason", pa.string()),
-                pa.field("dup_distance", pa.int32()), pa.field("dup_cluster", pa.int64()))
+_DUP_COLUMNS = (
+    pa.field("dup_of", pa.string()),
+    pa.field("dup_in", pa.string()),
+    pa.field("dup_reason", pa.string()),
+    pa.field("dup_distance", pa.int32()),
+    pa.field("dup_cluster", pa.int64()),
+)
 
 
 def work_dir(out: Dataset) -> Path:
@@ -107,9 +112,14 @@ class DedupStage(Stage):
                 if not sample.has_image:
                     row["dedup_status"] = SKIPPED
                 elif decision is not None:
-                    row.update(dedup_status=decision["status"], dup_of=decision["dup_of"], dup_in=decision["dup_in"],
-                               dup_reason=decision["dup_reason"], dup_distance=decision["dup_distance"],
-                               dup_cluster=decision["dup_cluster"])
+                    row.update(
+                        dedup_status=decision["status"],
+                        dup_of=decision["dup_of"],
+                        dup_in=decision["dup_in"],
+                        dup_reason=decision["dup_reason"],
+                        dup_distance=decision["dup_distance"],
+                        dup_cluster=decision["dup_cluster"],
+                    )
                     if decision["status"] == DUPLICATE:
                         duplicates += 1
                         if not self.options.mark_only:
@@ -151,15 +161,26 @@ def _fingerprint(sources: list[Source]) -> list[dict[str, Any]]:
     return out
 
 
-def run_dedup(stage: DedupStage, in_dir: str | Path, out_dir: str | Path, processes: int = 1, quiet: bool = False,
-              executor: Executor | None = None, *, overwrite: bool = False, allow_incomplete: bool = False) -> DedupResult:
+def run_dedup(
+    stage: DedupStage,
+    in_dir: str | Path,
+    out_dir: str | Path,
+    processes: int = 1,
+    quiet: bool = False,
+    executor: Executor | None = None,
+    *,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+) -> DedupResult:
     # Any of them may be remote; the search runs on local files (a remote output's mirror).
     src = Dataset.open(in_dir)
     inputs = [Dataset.open(p) for p in stage.against]
     out_resolved = Dataset(out_dir).resolved
     for label, ds in zip(stage.against, inputs):
         if ds.resolved in (src.resolved, out_resolved):
-            raise UsageError(f"--against {redact_url(label)} is the {'input' if ds.resolved == src.resolved else 'output'} itself")
+            raise UsageError(
+                f"--against {redact_url(label)} is the {'input' if ds.resolved == src.resolved else 'output'} itself"
+            )
     with owned_job(stage, src, out_dir, overwrite=overwrite, allow_incomplete=allow_incomplete) as job:
         return _run_locked(job, inputs, redact_url(str(in_dir)), executor or LocalExecutor(processes), quiet)
 
@@ -177,8 +198,14 @@ def _run_locked(job: OwnedJob, inputs: list[Dataset], in_label: str, executor: E
     targets = [(src, work_dir(dst) / "signatures")] + [(d, _against_dir(dst, d.resolved)) for d in inputs]
     for index, (dataset, target) in enumerate(targets):
         label = in_label if index == 0 else redact_url(stage.against[index - 1])
-        result = run_stage(SignatureStage(), dataset, target, progress=make_progress(f"dedup: hashing {label}", quiet),
-                           executor=executor, internal=True)
+        result = run_stage(
+            SignatureStage(),
+            dataset,
+            target,
+            progress=make_progress(f"dedup: hashing {label}", quiet),
+            executor=executor,
+            internal=True,
+        )
         if result.failed_shards:
             failed[label] = result.failed_shards
         sources.append(Source(index, label, Dataset(target)))
@@ -197,8 +224,7 @@ def _run_locked(job: OwnedJob, inputs: list[Dataset], in_label: str, executor: E
         p = make_progress("dedup: searching", quiet, unit="steps")  # its status numbers the steps
         p.start(1)
         try:
-            report = find_duplicates(sources, stage.options, work_dir(dst), report_dir(dst), status=p.status,
-                                     executor=executor)
+            report = find_duplicates(sources, stage.options, work_dir(dst), report_dir(dst), status=p.status, executor=executor)
             p.advance(shards=1)
         finally:
             p.finish()

@@ -104,7 +104,10 @@ class DownloadOptions:
             (self.processes >= 1, f"--processes must be at least 1, not {self.processes}"),
             (self.threads >= 1, f"--threads must be at least 1, not {self.threads}"),
             (self.image_size >= 1, f"--image-size must be at least 1, not {self.image_size}"),
-            (self.resize_mode in RESIZE_MODES, f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, not {self.resize_mode!r}"),
+            (
+                self.resize_mode in RESIZE_MODES,
+                f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, not {self.resize_mode!r}",
+            ),
             (self.min_image_size >= 0, f"--min-side must not be negative, not {self.min_image_size}"),
             (self.max_aspect_ratio >= 1, f"--max-aspect must be at least 1, not {self.max_aspect_ratio}"),
             (self.max_pixels >= 1, f"--max-pixels must be at least 1, not {self.max_pixels}"),
@@ -200,8 +203,9 @@ class _Job:
 
 
 @contextmanager
-def _owned_download(out_dir: str | os.PathLike[str], source: str | None, options: DownloadOptions,
-                    overwrite: bool) -> Iterator[tuple[_Job, DownloadOptions]]:
+def _owned_download(
+    out_dir: str | os.PathLike[str], source: str | None, options: DownloadOptions, overwrite: bool
+) -> Iterator[tuple[_Job, DownloadOptions]]:
     """The download directory ``out_dir``, owned (``runner.owned_output``: checked, locked, recovered,
     claimed for this URL list and these options), and the options that shape it: with no ``source``
     (resuming, --retry-failed) the recorded ones."""
@@ -209,8 +213,10 @@ def _owned_download(out_dir: str | os.PathLike[str], source: str | None, options
     recorded = _recorded_claim(out)
     if out.remote and recorded is None and not overwrite and any(n != WORK_DIR_NAME for n in out.names()):
         if (out.read_manifest() or {}).get("stage") == "download":
-            raise DatasetError(f"{out.location} holds a download whose job state is not on this machine (it would be in "
-                               f"{out.path}); rerun where it started, or copy that machine's mirror there")
+            raise DatasetError(
+                f"{out.location} holds a download whose job state is not on this machine (it would be in "
+                f"{out.path}); rerun where it started, or copy that machine's mirror there"
+            )
     if recorded is None or overwrite:
         if source is None:
             raise DatasetError(f"{out.location} holds no download to resume; give the URL list too")
@@ -257,10 +263,13 @@ def _split_once(job: _Job, source: str | None, options: DownloadOptions) -> dict
     if ready is not None:
         return ready
     if source is None:  # cannot happen unless .lenscap/input was deleted by hand
-        raise DatasetError(f"{job.out.location}: the recorded URL list ({job.input_dir}) is missing; start again in a new directory")
+        raise DatasetError(
+            f"{job.out.location}: the recorded URL list ({job.input_dir}) is missing; start again in a new directory"
+        )
     try:
-        return _split_input(job, InputSpec(source, options.url_col, options.caption_col, options.extra_cols),
-                            options.samples_per_shard)
+        return _split_input(
+            job, InputSpec(source, options.url_col, options.caption_col, options.extra_cols), options.samples_per_shard
+        )
     except BaseException:
         # Nothing of a URL list that could not be read whole is kept: the claim then holds nothing, and
         # the corrected command (another --url-col, say) takes the directory over.
@@ -312,7 +321,9 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
     if lost:
         present = set(table.column("key").to_pylist())
         missing = [
-            {c: None for c in table.column_names} | row | {"key": key, "status": "failed_to_download", "error_message": LOST_SAMPLE_MESSAGE}
+            {c: None for c in table.column_names}
+            | row
+            | {"key": key, "status": "failed_to_download", "error_message": LOST_SAMPLE_MESSAGE}
             for index, row in enumerate(read_parquet(input_parquet).to_pylist())
             if (key := sample_key(shard_id, index, samples_per_shard)) not in present
         ]
@@ -392,15 +403,19 @@ def _staged_done(staging: Path | str) -> set[int]:
     return set(Dataset(staging).completed_ids())
 
 
-def _img2dataset_config(options: DownloadOptions, url_dir: Path, staging: Path | str,
-                        progress_dir: Path | None = None) -> dict[str, Any]:
+def _img2dataset_config(
+    options: DownloadOptions, url_dir: Path, staging: Path | str, progress_dir: Path | None = None
+) -> dict[str, Any]:
     """img2dataset's arguments and the hooks' (``_img2dataset_hooks.main`` takes theirs out):
     ``progress_dir``, where its workers count the samples they write (``_LiveSamples``)."""
     if isinstance(staging, Path):  # img2dataset makes a remote one itself
         staging.mkdir(parents=True, exist_ok=True)
-    return options.img2dataset_kwargs(url_dir, staging) | {"max_pixels": options.max_pixels, "ray_address": options.ray_address,
-                                                           "allow_private_network": options.allow_private_network,
-                                                           "progress_dir": None if progress_dir is None else str(progress_dir)}
+    return options.img2dataset_kwargs(url_dir, staging) | {
+        "max_pixels": options.max_pixels,
+        "ray_address": options.ray_address,
+        "allow_private_network": options.allow_private_network,
+        "progress_dir": None if progress_dir is None else str(progress_dir),
+    }
 
 
 def download(
@@ -429,8 +444,9 @@ def download(
             img2dataset.stop()
 
 
-def _download(job: _Job, source: str | None, options: DownloadOptions, progress: Progress | None,
-              img2dataset: Img2datasetProcess | None) -> JobResult:
+def _download(
+    job: _Job, source: str | None, options: DownloadOptions, progress: Progress | None, img2dataset: Img2datasetProcess | None
+) -> JobResult:
     split = _split_once(job, source, options)
     total = split["shards"]
     progress = progress or make_progress("download")
@@ -465,13 +481,20 @@ def _download(job: _Job, source: str | None, options: DownloadOptions, progress:
             adopt_finished()
             live.poll(done)
 
-        rc = img2dataset.run(_img2dataset_config(options, job.input_dir, job.staging, live.directory), job.log_file,
-                             on_poll, lambda: len(done) >= total, poll_s=_poll_s(job.staging))
+        rc = img2dataset.run(
+            _img2dataset_config(options, job.input_dir, job.staging, live.directory),
+            job.log_file,
+            on_poll,
+            lambda: len(done) >= total,
+            poll_s=_poll_s(job.staging),
+        )
         live.reset()
     progress.finish()
     failed = sorted(set(range(total)) - set(job.out.completed_ids()))
     if failed:
-        progress.note(f"download: {len(failed)} shard(s) did not complete (img2dataset exit code {rc}, log: {job.log_file}); rerun the same command to finish them")
+        progress.note(
+            f"download: {len(failed)} shard(s) did not complete (img2dataset exit code {rc}, log: {job.log_file}); rerun the same command to finish them"
+        )
     else:
         job.remove_staging("img2dataset")  # everything adopted: the staging copies are no longer needed
     return _finish(job, options, total, {i: f"not downloaded (img2dataset exit code {rc})" for i in failed})
@@ -552,8 +575,13 @@ def _poll_s(staging: Path | str) -> float:
 def _finish(job: _Job, options: DownloadOptions, total: int, failed: dict[int, str]) -> JobResult:
     """Write the manifest from the shards present and summarise them."""
     claim = json.loads((job.work / CLAIM_FILE).read_text())
-    params = {**options.output_shaping(), "processes": options.processes, "threads": options.threads,
-              "timeout": options.timeout, "retries": options.retries}
+    params = {
+        **options.output_shaping(),
+        "processes": options.processes,
+        "threads": options.threads,
+        "timeout": options.timeout,
+        "retries": options.retries,
+    }
     manifest = job.out.write_manifest("download", params, (claim.get("input") or {}).get("location"), expected_shards=total)
     return JobResult.from_manifest(job.out.location, manifest, failed)
 
@@ -569,8 +597,9 @@ def _retryable(row: dict[str, Any], allow_private_network: bool) -> bool:
     return not any(p in message for p in _PERMANENT_ERRORS)
 
 
-def retry_failed(out_dir: str | os.PathLike[str], options: DownloadOptions | None = None,
-                 progress: Progress | None = None) -> JobResult:
+def retry_failed(
+    out_dir: str | os.PathLike[str], options: DownloadOptions | None = None, progress: Progress | None = None
+) -> JobResult:
     """Fetch again the failed downloads of completed shards; merge the successes into those shards."""
     options = options or DownloadOptions()
     options.validate()
@@ -594,9 +623,16 @@ def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None
         url_dir.mkdir(parents=True)
         origin: list[int] = []  # retry shard -> the shard its rows came from
         for shard_id in out.completed_ids():
-            rows = [{"url": row["url"], "caption": row.get("caption"), **{c: row.get(c) for c in options.extra_cols},
-                     "lenscap_key": row["key"]}
-                    for row in out.read_table(shard_id).to_pylist() if _retryable(row, options.allow_private_network)]
+            rows = [
+                {
+                    "url": row["url"],
+                    "caption": row.get("caption"),
+                    **{c: row.get(c) for c in options.extra_cols},
+                    "lenscap_key": row["key"],
+                }
+                for row in out.read_table(shard_id).to_pylist()
+                if _retryable(row, options.allow_private_network)
+            ]
             if rows:
                 pq.write_table(rows_to_table(rows), url_dir / f"{shard_name(len(origin))}.parquet")
                 origin.append(shard_id)
@@ -626,12 +662,19 @@ def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None
             merge_finished()
             live.poll(merged)
 
-        Img2datasetProcess().run(_img2dataset_config(retry_options, url_dir, staging, live.directory), job.log_file,
-                                 on_poll, lambda: len(merged) >= len(origin), poll_s=_poll_s(staging))
+        Img2datasetProcess().run(
+            _img2dataset_config(retry_options, url_dir, staging, live.directory),
+            job.log_file,
+            on_poll,
+            lambda: len(merged) >= len(origin),
+            poll_s=_poll_s(staging),
+        )
         live.reset()
     progress.finish()
     if len(merged) < len(origin):
-        progress.note(f"retry-failed: {len(origin) - len(merged)} of {len(origin)} retry shards did not finish; rerun to finish them")
+        progress.note(
+            f"retry-failed: {len(origin) - len(merged)} of {len(origin)} retry shards did not finish; rerun to finish them"
+        )
     else:
         job.remove_staging("retry")
     failed = sorted(set(range(total)) - set(out.completed_ids()))
@@ -672,8 +715,9 @@ def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: 
     with mirror.staged(out, shard_id) as src:  # the output itself when local
         table = src.read_table(shard_id)
         rows = table.to_pylist()
-        retried = [i for i, row in enumerate(rows)
-                   if row["key"] in successes and row["status"] != "success" and row["key"] in images]
+        retried = [
+            i for i, row in enumerate(rows) if row["key"] in successes and row["status"] != "success" and row["key"] in images
+        ]
         if not retried:
             return
         tar_tmp, parquet_tmp = dst.tmp_path(shard_id, "tar"), dst.tmp_path(shard_id, "parquet")
@@ -685,7 +729,10 @@ def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: 
             for i in retried:
                 key = rows[i]["key"]
                 row = {c: successes[key].get(c) for c in table.column_names} | {
-                    "key": key, "url": rows[i]["url"], "caption": rows[i].get("caption")}
+                    "key": key,
+                    "url": rows[i]["url"],
+                    "caption": rows[i].get("caption"),
+                }
                 row[IMAGE_OFFSET], row[IMAGE_SIZE] = add_sample(tar_out, key, images[key], row)
                 rows[i] = row
         finally:

@@ -53,21 +53,46 @@ class FilterRules:
         if self.status != "any":
             out.append(("status", f"status IS DISTINCT FROM '{self.status}'", "'status ' || coalesce(status, 'null')"))
         if self.min_side is not None:
-            out.append(("min-side", f"coalesce(least(width, height), 0) < {int(self.min_side)}",
-                        f"printf('shorter side %s < %d', coalesce(least(width, height)::VARCHAR, 'unknown'), {int(self.min_side)})"))
+            out.append(
+                (
+                    "min-side",
+                    f"coalesce(least(width, height), 0) < {int(self.min_side)}",
+                    f"printf('shorter side %s < %d', coalesce(least(width, height)::VARCHAR, 'unknown'), {int(self.min_side)})",
+                )
+            )
         if self.max_aspect is not None:
             ratio = "(greatest(width, height)::DOUBLE / nullif(least(width, height), 0))"
-            out.append(("max-aspect", f"coalesce({ratio} > {float(self.max_aspect)}, true)",
-                        f"printf('aspect ratio %s > %s', coalesce(round({ratio}, 2)::VARCHAR, 'unknown'), '{self.max_aspect:g}')"))
+            out.append(
+                (
+                    "max-aspect",
+                    f"coalesce({ratio} > {float(self.max_aspect)}, true)",
+                    f"printf('aspect ratio %s > %s', coalesce(round({ratio}, 2)::VARCHAR, 'unknown'), '{self.max_aspect:g}')",
+                )
+            )
         if self.min_bytes is not None:
-            out.append(("min-bytes", f"coalesce(image_bytes, 0) < {int(self.min_bytes)}",
-                        f"printf('%d bytes < %d', coalesce(image_bytes, 0), {int(self.min_bytes)})"))
+            out.append(
+                (
+                    "min-bytes",
+                    f"coalesce(image_bytes, 0) < {int(self.min_bytes)}",
+                    f"printf('%d bytes < %d', coalesce(image_bytes, 0), {int(self.min_bytes)})",
+                )
+            )
         if self.caption_min_words is not None:
-            out.append(("caption-min-words", f"{_WORDS} < {int(self.caption_min_words)}",
-                        f"printf('%d words < %d', {_WORDS}, {int(self.caption_min_words)})"))
+            out.append(
+                (
+                    "caption-min-words",
+                    f"{_WORDS} < {int(self.caption_min_words)}",
+                    f"printf('%d words < %d', {_WORDS}, {int(self.caption_min_words)})",
+                )
+            )
         if self.caption_max_words is not None:
-            out.append(("caption-max-words", f"{_WORDS} > {int(self.caption_max_words)}",
-                        f"printf('%d words > %d', {_WORDS}, {int(self.caption_max_words)})"))
+            out.append(
+                (
+                    "caption-max-words",
+                    f"{_WORDS} > {int(self.caption_max_words)}",
+                    f"printf('%d words > %d', {_WORDS}, {int(self.caption_max_words)})",
+                )
+            )
         if self.where:
             literal = self.where.replace("'", "''")
             out.append(("where", f"NOT coalesce(({user_expression(self.where, '--where')}), false)", f"'not ({literal})'"))
@@ -78,15 +103,23 @@ class FilterRules:
         allowed) are usage errors, not a run that drops everything; ``--where`` must be one expression."""
         checks = [
             (self.min_side is None or self.min_side >= 0, f"--min-side must not be negative, not {self.min_side}"),
-            (self.max_aspect is None or self.max_aspect >= 1,
-             f"--max-aspect is a ratio of the longer side to the shorter one, at least 1, not {self.max_aspect}"),
+            (
+                self.max_aspect is None or self.max_aspect >= 1,
+                f"--max-aspect is a ratio of the longer side to the shorter one, at least 1, not {self.max_aspect}",
+            ),
             (self.min_bytes is None or self.min_bytes >= 0, f"--min-bytes must not be negative, not {self.min_bytes}"),
-            (self.caption_min_words is None or self.caption_min_words >= 0,
-             f"--caption-min-words must not be negative, not {self.caption_min_words}"),
-            (self.caption_max_words is None or self.caption_max_words >= 0,
-             f"--caption-max-words must not be negative, not {self.caption_max_words}"),
-            (None in (self.caption_min_words, self.caption_max_words) or self.caption_min_words <= self.caption_max_words,  # type: ignore[operator]
-             f"--caption-min-words {self.caption_min_words} is more than --caption-max-words {self.caption_max_words}"),
+            (
+                self.caption_min_words is None or self.caption_min_words >= 0,
+                f"--caption-min-words must not be negative, not {self.caption_min_words}",
+            ),
+            (
+                self.caption_max_words is None or self.caption_max_words >= 0,
+                f"--caption-max-words must not be negative, not {self.caption_max_words}",
+            ),
+            (
+                None in (self.caption_min_words, self.caption_max_words) or self.caption_min_words <= self.caption_max_words,  # type: ignore[operator]
+                f"--caption-min-words {self.caption_min_words} is more than --caption-max-words {self.caption_max_words}",
+            ),
             (self.status in (SUCCESS, "any"), f"--status must be success or any, not {self.status!r}"),
         ]
         for ok, message in checks:
@@ -137,12 +170,18 @@ class FilterStage(Stage):
         self.annotators = sorted(self.annotators, key=lambda a: a.cost_rank)
 
     def parameters(self) -> dict[str, Any]:
-        return {"rules": {k: v for k, v in vars(self.rules).items() if v is not None},
-                "annotators": {a.name: a.parameters() for a in self.annotators}, "blocklist_size": len(self.blocklist)}
+        return {
+            "rules": {k: v for k, v in vars(self.rules).items() if v is not None},
+            "annotators": {a.name: a.parameters() for a in self.annotators},
+            "blocklist_size": len(self.blocklist),
+        }
 
     def columns(self, input_schema: pa.Schema) -> list[pa.Field]:
-        return [pa.field("filter_reason", pa.string()), pa.field("filter_detail", pa.string()),
-                *(c for a in self.annotators for c in a.columns)]
+        return [
+            pa.field("filter_reason", pa.string()),
+            pa.field("filter_detail", pa.string()),
+            *(c for a in self.annotators for c in a.columns),
+        ]
 
     def check_rules(self, src: Dataset) -> None:
         """Check the rules, then run them on no rows of the first shard: a bad value, a bad --where or a
@@ -204,7 +243,11 @@ class FilterStage(Stage):
             digests = (hashlib.md5(sample.image).hexdigest(), hashlib.sha256(sample.image).hexdigest())  # noqa: S324 - a lookup key
             hit = next((d for d in digests if d in self.blocklist), None)
             if hit:
-                row.update(filter_status=DROPPED, filter_reason="blocklist", filter_detail=f"{'md5' if len(hit) == 32 else 'sha256'} {hit}")
+                row.update(
+                    filter_status=DROPPED,
+                    filter_reason="blocklist",
+                    filter_detail=f"{'md5' if len(hit) == 32 else 'sha256'} {hit}",
+                )
                 sample.image = None
                 return
         if not self.annotators:

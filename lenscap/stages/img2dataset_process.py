@@ -34,13 +34,22 @@ class Img2datasetProcess:
             [sys.executable, "-c", _ENTRY, str(os.getpid())],
             # stderr is a pipe until the config names the log file: a failure at start-up (a broken
             # install, say) is then copied into the log rather than lost.
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=env,
             start_new_session=True,
         )
         self.early_output = b""
 
-    def run(self, config: dict[str, Any], log_file: Path, on_poll: Callable[[], None],
-            all_done: Callable[[], bool], poll_s: float = 0.1) -> int:
+    def run(
+        self,
+        config: dict[str, Any],
+        log_file: Path,
+        on_poll: Callable[[], None],
+        all_done: Callable[[], bool],
+        poll_s: float = 0.1,
+    ) -> int:
         """Hand img2dataset its config and wait, calling ``on_poll()`` every ``poll_s`` seconds, until it
         exits or ``all_done()``.
 
