@@ -3,7 +3,8 @@
 Exit codes: 0 done; 1 some shards failed (the others are kept; rerun to finish); 2 usage error
 (bad flag, missing input, wrong directory, rejected key, unknown model); 3 internal error;
 4 --max-cost reached; 5 locked (another live lenscap process is writing the same output); 6 an audit's --fail-on
-rule was broken; 7 the output holds 0 samples (a warning: an empty export, a recipe stage that left nothing);
+rule was broken; 7 the output holds 0 samples (a warning: a filter that kept nothing, an empty export, a recipe
+stage that left nothing);
 130 interrupted.
 """
 
@@ -1230,6 +1231,52 @@ def demo(
 # -- what each command does with its flags (the CLI shows it; recipes take the summary) ------------
 
 
+def download_options(
+    *,
+    url_col=None,
+    caption_col=None,
+    extra_cols=None,
+    samples_per_shard,
+    processes,
+    threads,
+    image_size,
+    resize_mode,
+    upscale=False,
+    min_side,
+    max_aspect,
+    max_pixels,
+    timeout,
+    max_retries,
+    user_agent_token="lenscap",
+    respect_opt_out=True,
+    allow_private_network=False,
+    **_other_flags: Any,
+) -> Any:
+    """download's flags as the stage's options (named as img2dataset names them): the command's, and
+    what a recipe checks before its first stage runs."""
+    from lenscap.stages.download import DownloadOptions
+
+    return DownloadOptions(
+        url_col=url_col,
+        caption_col=caption_col,
+        extra_cols=[c.strip() for c in extra_cols.split(",") if c.strip()] if extra_cols else [],
+        samples_per_shard=samples_per_shard,
+        processes=all_cores() if processes is None else processes,
+        threads=threads,
+        image_size=image_size,
+        resize_mode=resize_mode,
+        upscale=upscale,
+        min_image_size=min_side or 0,
+        max_aspect_ratio=math.inf if max_aspect is None else max_aspect,
+        max_pixels=max_pixels,
+        timeout=timeout,
+        retries=max_retries,
+        user_agent_token=user_agent_token or None,
+        respect_opt_out=respect_opt_out,
+        allow_private_network=allow_private_network,
+    )
+
+
 def download_outcome(
     *,
     paths,
@@ -1271,26 +1318,26 @@ def download_outcome(
     try:
         from lenscap import api
 
-        options = api.DownloadOptions(
+        options = download_options(
             url_col=url_col,
             caption_col=caption_col,
-            extra_cols=[c.strip() for c in extra_cols.split(",") if c.strip()] if extra_cols else [],
+            extra_cols=extra_cols,
             samples_per_shard=samples_per_shard,
-            processes=all_cores() if processes is None else processes,
+            processes=processes,
             threads=threads,
             image_size=image_size,
             resize_mode=resize_mode,
             upscale=upscale,
-            min_image_size=min_side or 0,
-            max_aspect_ratio=math.inf if max_aspect is None else max_aspect,
+            min_side=min_side,
+            max_aspect=max_aspect,
             max_pixels=max_pixels,
             timeout=timeout,
-            retries=max_retries,
-            user_agent_token=user_agent_token or None,
+            max_retries=max_retries,
+            user_agent_token=user_agent_token,
             respect_opt_out=respect_opt_out,
-            ray_address=_ray_cluster(executor, processes, ray_address),
             allow_private_network=allow_private_network,
         )
+        options.ray_address = _ray_cluster(executor, processes, ray_address)
         result = api.download(
             source, out_dir, options, retry_failed=retry_failed, overwrite=overwrite, quiet=quiet, img2dataset=img2dataset
         )

@@ -17,6 +17,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import socket
+import threading
+import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -71,8 +73,21 @@ _worker_job: Job | None = None
 _worker_refusal: LenscapError | None = None
 
 
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose parent was killed (SIGKILL leaves it no chance to stop its pool) exits too, instead
+    of living on holding the parent's pipes (a caller waiting for their end would wait forever)."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="lenscap-parent-watch", daemon=True).start()
+
+
 def _init_worker(job: Job) -> None:
     global _worker_job, _worker_refusal
+    _exit_with_parent(os.getppid())
     _worker_job = job
     try:
         job.setup()

@@ -271,32 +271,9 @@ def _check_values(command: str, flags: dict[str, Any]) -> None:
             target_words=flags["target_words"], script=flags["script"], sample=flags["sample"], fail_on=flags["fail_on"]
         ).validate()
     elif command == "download":
-        from dataclasses import fields
+        from lenscap.cli import download_options
 
-        from lenscap.stages.download import DownloadOptions
-
-        # The download flags are named as the filter's (--min-side, --max-aspect, --max-retries) where
-        # DownloadOptions keeps img2dataset's names; either spelling is taken.
-        names = {f.name for f in fields(DownloadOptions)}
-        spellings = {"min_image_size": "min_side", "max_aspect_ratio": "max_aspect", "retries": "max_retries"}
-        values = {}
-        for key in (
-            "samples_per_shard",
-            "processes",
-            "threads",
-            "image_size",
-            "resize_mode",
-            "min_image_size",
-            "max_aspect_ratio",
-            "max_pixels",
-            "timeout",
-            "retries",
-        ):
-            value = flags.get(key, flags.get(spellings.get(key, key)))
-            field_name = key if key in names else spellings.get(key, key)
-            if value is not None and field_name in names:
-                values[field_name] = value
-        DownloadOptions(**values).validate()
+        download_options(**flags).validate()
 
 
 def _releases(recipe: Recipe) -> list[Path]:

@@ -4,6 +4,8 @@ says why instead of breaking the pool."""
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 
 from lenscap.errors import MissingDependency
 from lenscap.executors import LocalExecutor
@@ -36,3 +38,52 @@ def test_a_worker_setup_that_refuses_the_job_is_that_error_not_a_broken_pool():
     error = LocalExecutor(2).run(Refuses(), [0, 1, 2], lambda i, r: None, failed)
     assert isinstance(error, MissingDependency) and "nsfw extra" in str(error)
     assert failed == {}
+
+
+def test_workers_exit_when_their_parent_is_killed(tmp_path):
+    """SIGKILL leaves the driver no chance to stop its pool: the workers must not live on (they hold its
+    stdout, so a caller reading it to the end would wait forever)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import os, sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from lenscap.executors import LocalExecutor
+from tests.test_executors import Sleeps
+LocalExecutor(2).run(Sleeps({str(tmp_path)!r}), [0, 1], lambda i, r: None, {{}})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while len(list(tmp_path.glob("*.pid"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    workers = [int(p.stem) for p in tmp_path.glob("*.pid")]
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)  # ends only once no worker holds the pipes
+    for pid in workers:
+        assert not alive(pid)
+
+
+def alive(pid: int) -> bool:
+    """Running, not gone or a zombie (an exited orphan that this container's PID 1 may never reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class Sleeps:
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def setup(self) -> None:
+        pass
+
+    def run(self, item: int) -> dict:
+        Path(self.where, f"{os.getpid()}.pid").touch()
+        time.sleep(300)
+        return {}

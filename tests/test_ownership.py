@@ -118,18 +118,18 @@ def test_a_missing_or_replaced_image_source_is_a_one_line_error(pipeline, tmp_pa
 def test_another_input_or_other_settings_into_an_output_are_refused(tmp_path):
     a, b = write_image_dataset(tmp_path / "a", 12, per_shard=4), write_image_dataset(tmp_path / "b", 12, per_shard=4)
     out = tmp_path / "out"
-    ok("filter", str(a.path), str(out), "--min-side", "300")
+    ok("filter", str(a.path), str(out), "--min-side", "100")
     before = {p.name: p.read_bytes() for p in out.glob("0*")}
-    err = refused("filter", str(b.path), str(out), "--min-side", "300")
+    err = refused("filter", str(b.path), str(out), "--min-side", "100")
     assert f"input {b.path}" in err or str(b.path) in err
     err = refused("filter", str(a.path), str(out), "--min-side", "10")
-    assert "rules.min_side: 300 -> 10" in err
+    assert "rules.min_side: 100 -> 10" in err
     assert "--overwrite" in err
     assert {p.name: p.read_bytes() for p in out.glob("0*")} == before
-    assert json.loads((out / "lenscap.json").read_text())["parameters"]["rules"]["min_side"] == 300
+    assert json.loads((out / "lenscap.json").read_text())["parameters"]["rules"]["min_side"] == 100
     err = refused("caption", str(b.path), str(out), "--backend", "describe", "--no-cache")
     assert "written by filter, not caption" in err
-    ok("filter", str(a.path), str(out), "--min-side", "300")  # the same job: resumes (nothing to do)
+    ok("filter", str(a.path), str(out), "--min-side", "100")  # the same job: resumes (nothing to do)
 
     ok("filter", str(a.path), str(out), "--min-side", "10", "--overwrite")
     rows = [s.row for i in Dataset.open(out).completed_ids() for s in Dataset.open(out).iter_samples(i)]

@@ -163,7 +163,10 @@ def test_captured_warnings_go_to_the_log_file_only(tmp_path, capsys, no_log_file
         progress_mod.capture_warnings()
         with warnings.catch_warnings():
             warnings.simplefilter("always")
-            logging.captureWarnings(True)  # catch_warnings put back the showwarning it found
+            # catch_warnings put back the showwarning it found; an in-process CLI run earlier in the
+            # session left logging's capture on, so it is turned off and on to take this one.
+            logging.captureWarnings(False)
+            logging.captureWarnings(True)
             warnings.warn("a library's warning", UserWarning, stacklevel=2)
     finally:
         logging.captureWarnings(False)

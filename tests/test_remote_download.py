@@ -41,6 +41,8 @@ ARGS = (
 )
 COLUMNS = ("status", "error_message", "width", "height", "sha256")
 SHARD_FILES = {f"{i:05d}{ext}" for i in range(SHARDS) for ext in (".tar", ".parquet", "_stats.json")}
+# A finished download also holds its manifest, and its card (README.md) for datasets.load_dataset.
+FINISHED = SHARD_FILES | {"lenscap.json", "README.md"}
 SECRET = "lenscap-test-secret"  # the store's test secret key (conftest's s3_store)
 
 
@@ -150,7 +152,7 @@ def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(
             assert image_server.hits[p] - hits_before.get(p, 0) == 1, p
 
     # Only the dataset's files are remote; the job state is in the mirror, which keeps no shard.
-    assert remote_names(s3_store, out) == SHARD_FILES | {"lenscap.json"}
+    assert remote_names(s3_store, out) == FINISHED
     mirror = Dataset(out).path
     assert mirror.parent == tmp_path / "work" and (mirror / ".lenscap" / "claim.json").exists()
     assert not list(mirror.glob("0*")) and not (mirror / ".lenscap" / "img2dataset").exists()
@@ -162,7 +164,7 @@ def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(
     assert r.returncode == 0, r.stderr
     assert snapshot(out) == reference.after
     assert [reference.after[i][2]["retried"] for i in range(3)] == [1, 1, None]
-    assert remote_names(s3_store, out) == SHARD_FILES | {"lenscap.json"}
+    assert remote_names(s3_store, out) == FINISHED
     assert not list(mirror.glob("0*")) and not (mirror / ".lenscap" / "retry").exists()
 
     # inspect reads it remotely and counts what it counts locally
@@ -233,7 +235,7 @@ def test_download_into_s3_on_ray_stages_in_the_bucket(bucket, s3_store, url_list
     )
     assert r.returncode == 0, r.stderr
     assert snapshot(out) == reference.after
-    assert remote_names(s3_store, out) == SHARD_FILES | {"lenscap.json"}  # the staging in the bucket is gone
+    assert remote_names(s3_store, out) == FINISHED  # the staging in the bucket is gone
     from lenscap.stages.download import _Job
 
     assert _Job(Dataset(out), ray=True).staging == f"{out}/.lenscap/img2dataset"  # where every node can write

@@ -55,7 +55,8 @@ def snapshot(location: str) -> dict[int, tuple[list[dict], dict[str, bytes], dic
     return shards
 
 
-FILTER = ("--min-bytes", "400", "--caption-min-words", "3", "--quiet")
+# memory:// exists in this process only: its commands run here, not in worker processes.
+FILTER = ("--min-bytes", "400", "--caption-min-words", "3", "--processes", "1", "--quiet")
 CAPTION = ("--backend", "describe", "-O", "ocr=off", "-O", "faces=off", "--no-cache", "--quiet")  # pixels only: fast
 
 
