@@ -27,6 +27,18 @@ from lenscap.errors import LenscapError
 
 # Exit code of a command whose output holds 0 samples: a warning, distinct from success and failure.
 EMPTY = 7
+# What each exit code means, in the log's last line of a run (a cron log read the next morning).
+EXIT_MEANINGS = {
+    0: "ok",
+    1: "some shards failed: rerun to finish",
+    2: "usage error",
+    3: "internal error",
+    4: "--max-cost reached",
+    5: "locked by another run",
+    6: "an audit rule broken",
+    7: "0 samples",
+    130: "interrupted",
+}
 
 
 def _plain_default_text() -> None:
@@ -1858,7 +1870,8 @@ def _last_line(argv: list[str], code: int, seconds: float) -> str:
     names = typer.main.get_command(app).commands  # type: ignore[attr-defined]
     command = next((a for a in argv if a in names), "lenscap")
     s = _last_summary
-    parts = [f"{command}: exit {code}" + (" (ok)" if code == 0 else "")]
+    meaning = EXIT_MEANINGS.get(code)
+    parts = [f"{command}: exit {code}" + (f" ({meaning})" if meaning else "")]
     where = s.get("out_dir") or s.get("path") or s.get("release") or s.get("html") or s.get("work_dir")
     if s.get("samples") is not None and where:
         parts.append(f"{s['samples']:,} samples in {where}")

@@ -124,7 +124,7 @@ def test_a_fatal_error_and_a_lock_refusal_reach_the_log(pipeline, tmp_path):
     res = run_cli("filter", str(tmp_path / "missing"), str(tmp_path / "out"), "--log-file", str(log), "--quiet")
     assert res.returncode == 2
     text = log.read_text()
-    assert "error:" in text and text.splitlines()[-1].endswith(tuple("0123456789s")) and "filter: exit 2" in text
+    assert "error:" in text and text.splitlines()[-1].endswith(tuple("0123456789s")) and "filter: exit 2 (usage error)" in text
 
     from lenscap.lock import output_lock
 
@@ -132,7 +132,7 @@ def test_a_fatal_error_and_a_lock_refusal_reach_the_log(pipeline, tmp_path):
     with output_lock(out):
         res = run_cli("filter", str(root / "raw"), str(out), "--min-side", "16", "--log-file", str(log), "--overwrite")
     assert res.returncode == 5
-    assert "exit 5" in log.read_text().splitlines()[-1]
+    assert "exit 5 (locked by another run)" in log.read_text().splitlines()[-1]
     assert any("lock" in line.lower() for line in log.read_text().splitlines()[-3:])
 
 
