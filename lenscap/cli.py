@@ -236,12 +236,17 @@ def common_flags(flags: dict[str, Any]) -> dict[str, Any]:
         from lenscap.progress import set_log_file
 
         set_log_file(log_file)
+    return under_new_names(flags, say=True)
+
+
+def under_new_names(flags: dict[str, Any], say: bool = False) -> dict[str, Any]:
+    """``flags`` with a hidden old name's value moved to the name that replaced it (``say``: with a note)."""
+    flags = dict(flags)
     for old, (new, old_flag, new_flag) in ALIASES.items():
-        if old not in flags:
-            continue
-        value = flags.pop(old)
+        value = flags.pop(old, None)
         if value is not None:
-            print(f"lenscap: note: {old_flag} is now {new_flag} (the old name goes in the next release)", file=sys.stderr)
+            if say:
+                print(f"lenscap: note: {old_flag} is now {new_flag} (the old name goes in the next release)", file=sys.stderr)
             flags[new] = value
     return flags
 

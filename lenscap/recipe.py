@@ -241,12 +241,7 @@ def _parse(argv: list[str]) -> dict[str, Any]:
         raise
     # click gives a repeated option as a tuple, and () when absent; the command takes a list or None
     flags = {k: (list(v) or None) if isinstance(v, tuple) else v for k, v in flags.items() if k not in ("as_json", "log_file")}
-    for old, (new, *_) in getattr(cli, "ALIASES", {}).items():
-        if old in flags:
-            value = flags.pop(old)
-            if value is not None:
-                flags[new] = value
-    return flags
+    return cli.under_new_names(flags)  # no note: a stage is parsed twice (checked on load, then run)
 
 
 def _check_values(command: str, flags: dict[str, Any]) -> None:
