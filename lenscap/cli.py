@@ -24,9 +24,8 @@ import typer.main
 from lenscap import __version__
 from lenscap.backends.base import CAPTION_FLAGS  # the backend options that have a flag of their own on caption
 from lenscap.errors import LenscapError
+from lenscap.result import EXIT_EMPTY
 
-# Exit code of a command whose output holds 0 samples: a warning, distinct from success and failure.
-EMPTY = 7
 # What each exit code means, in the log's last line of a run (a cron log read the next morning).
 EXIT_MEANINGS = {
     0: "ok",
@@ -1621,12 +1620,12 @@ def filter_outcome(
         progress=make_progress("filter", quiet),
     )
     dropped = ", ".join(f"{n} {r}" for r, n in result.reasons.items() if r != "kept") or "none"
-    code = EMPTY if result.exit_code == 0 and result.kept == 0 else result.exit_code
+    code = EXIT_EMPTY if result.exit_code == 0 and result.kept == 0 else result.exit_code
     lines = [f"{result.out_dir}: {result.samples} samples, {result.kept} kept; dropped: {dropped}"]
-    if code == EMPTY:
+    if code == EXIT_EMPTY:
         return Outcome(
             {"command": "filter", **asdict(result), "exit_code": code},
-            notes=[f"lenscap: warning: {lines[0]}: nothing left (exit code {EMPTY})"],
+            notes=[f"lenscap: warning: {lines[0]}: nothing left (exit code {EXIT_EMPTY})"],
         )
     return Outcome({"command": "filter", **asdict(result), "exit_code": code}, lines)
 
@@ -1767,11 +1766,11 @@ def shard_outcome(
             ],
         )
     left = ", ".join(f"{n} {r}" for r, n in result.left_out.items()) or "none"
-    if result.exit_code == EMPTY:
+    if result.exit_code == EXIT_EMPTY:
         return Outcome(
             summary,
             notes=[
-                f"lenscap: warning: {result.out_dir} holds 0 samples (left out: {left}); nothing to train on (exit code {EMPTY})"
+                f"lenscap: warning: {result.out_dir} holds 0 samples (left out: {left}); nothing to train on (exit code {EXIT_EMPTY})"
             ],
         )
     return Outcome(

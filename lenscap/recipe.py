@@ -71,16 +71,16 @@ from lenscap.errors import UsageError
 from lenscap.journal import atomic_write_json
 from lenscap.lock import DirLock
 from lenscap.progress import log
+from lenscap.result import EXIT_EMPTY
 from lenscap.storage import require_local
 
-__all__ = ["EMPTY_EXIT_CODE", "SHIPPED", "Recipe", "RecipeStage", "fingerprint", "load_recipe", "run_recipe"]
+__all__ = ["SHIPPED", "Recipe", "RecipeStage", "fingerprint", "load_recipe", "run_recipe"]
 
 SHIPPED = Path(__file__).parent / "recipes"
 COMMANDS = ("download", "filter", "caption", "dedup", "shard", "report", "audit")
 BUILTINS = ("new-urls", "release")
 # The commands that write a dataset: a recipe owns their output, and checks that they leave samples.
 DATASET_COMMANDS = ("download", "filter", "caption", "dedup", "shard")
-EMPTY_EXIT_CODE = 7  # a stage left 0 samples (and the stage does not say allow_empty = true)
 _TOP_KEYS = {"description", "input", "work_dir", "releases", "stages"}
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # Stand-ins for a command's positional arguments when its options are checked before the run.
@@ -615,7 +615,7 @@ def _run(recipe: Recipe, quiet: bool) -> dict[str, Any]:
                 seconds = time.monotonic() - started
                 outcome = _outcome(stage.run, argv, result)
                 entry.update(exit_code=code, outcome=outcome, samples=_samples(stage.run, result), summary=result)
-                if code == EMPTY_EXIT_CODE and stage.run in DATASET_COMMANDS:
+                if code == EXIT_EMPTY and stage.run in DATASET_COMMANDS:
                     code = 0  # the command finished, with nothing in its output: the recipe decides below (allow_empty)
                 log(f"run: {stage.name}: {outcome}; {seconds:.1f} s", to_stderr=say)
                 if code != 0:
@@ -660,7 +660,7 @@ def _run(recipe: Recipe, quiet: bool) -> dict[str, Any]:
                         f"(allow_empty = true on the stage lets a run go on)",
                         to_stderr=True,
                     )
-                    summary.update(exit_code=EMPTY_EXIT_CODE, stopped_at=stage.name)
+                    summary.update(exit_code=EXIT_EMPTY, stopped_at=stage.name)
                     return summary
                 if stage.run != "shard":
                     live = entry["samples"]

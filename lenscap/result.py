@@ -11,7 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["JobResult"]
+__all__ = ["JobResult", "EXIT_EMPTY"]
+
+# The exit code of a job whose output holds 0 samples (a filter that kept none, an empty export, a
+# recipe stage that left none): a warning, distinct from success (0) and failure (1).
+EXIT_EMPTY = 7
 
 
 @dataclass

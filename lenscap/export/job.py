@@ -51,18 +51,17 @@ from lenscap.images import moved_image
 from lenscap.journal import atomic_write_json
 from lenscap.layout import IMAGE_EXT
 from lenscap.progress import make_progress, start_progress
-from lenscap.result import JobResult
+from lenscap.result import EXIT_EMPTY, JobResult
 from lenscap.runner import owned_output, run_stage
 from lenscap.sql import literal, out_of_core
 from lenscap.tario import header_before, member_name
 from lenscap.uploads import put_and_remove
 
-__all__ = ["ExportOptions", "ExportResult", "run_export", "parse_size", "MIN_SHARDS", "EXIT_EMPTY"]
+__all__ = ["ExportOptions", "ExportResult", "run_export", "parse_size", "MIN_SHARDS"]
 
 # The fewest shards a size-cut export has (unless it has fewer samples): enough for a typical
 # 8-worker DataLoader (or 8 GPUs of one node), each worker reading shards of its own.
 MIN_SHARDS = 8
-EXIT_EMPTY = 7  # the export holds 0 samples: a warning, the files are all there
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
