@@ -75,19 +75,26 @@ _worker_refusal: LenscapError | None = None
 
 def _exit_with_parent(parent: int) -> None:
     """A worker whose parent was killed (SIGKILL leaves it no chance to stop its pool) exits too, instead
-    of living on holding the parent's pipes (a caller waiting for their end would wait forever)."""
+    of living on holding the parent's pipes (a caller waiting for their end would wait forever) or going
+    on with its tasks beside the rerun (paying for captions twice).
+
+    ``parent`` is the pid the parent gave when it started the pool, not ``os.getppid()`` read here: a
+    parent killed while this worker was still starting is already gone by now, and the worker would
+    then watch its new parent (PID 1) forever."""
+    if os.getppid() != parent:
+        os._exit(1)
 
     def watch() -> None:
         while os.getppid() == parent:
-            time.sleep(0.5)
+            time.sleep(0.25)
         os._exit(1)
 
     threading.Thread(target=watch, name="lenscap-parent-watch", daemon=True).start()
 
 
-def _init_worker(job: Job) -> None:
+def _init_worker(job: Job, parent: int) -> None:
     global _worker_job, _worker_refusal
-    _exit_with_parent(os.getppid())
+    _exit_with_parent(parent)
     _worker_job = job
     try:
         job.setup()
@@ -145,7 +152,7 @@ class LocalExecutor(Executor):
             return self._run_pool(self._kept[1], items, on_done, failed)  # a pool whose worker died is made again
         self.close()
         ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job,))
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job, os.getpid()))
         if keep_workers:
             self._kept = (job, pool)
             return self._run_pool(pool, items, on_done, failed)

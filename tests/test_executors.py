@@ -87,3 +87,50 @@ class Sleeps:
         Path(self.where, f"{os.getpid()}.pid").touch()
         time.sleep(300)
         return {}
+
+
+def _spawned_children(parent: int) -> list[int]:
+    """The worker processes ``parent`` has spawned so far (not multiprocessing's resource tracker)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"spawn_main" in cmdline and b"resource_tracker" not in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_workers_exit_when_their_parent_is_killed_while_they_start(tmp_path):
+    """Killed before its workers have started (a kill in the first second of a run): a worker that only
+    then looks for its parent finds PID 1, and used to watch it forever, running its tasks beside the
+    rerun. It must see that the parent it was started by is gone, and exit."""
+    import signal
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from lenscap.executors import LocalExecutor
+from tests.test_executors import Sleeps
+LocalExecutor(2).run(Sleeps({str(tmp_path)!r}), [0, 1], lambda i, r: None, {{}})
+"""
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        workers: list[int] = []
+        while not workers and time.monotonic() < deadline:
+            workers = _spawned_children(proc.pid)
+        assert workers, "the pool never started a worker"
+        os.kill(proc.pid, signal.SIGKILL)  # as soon as a worker exists: before it has set itself up
+        proc.wait(timeout=60)
+        time.sleep(3)
+        survivors = [pid for pid in workers if alive(pid)]
+        for pid in survivors:
+            os.kill(pid, signal.SIGKILL)
+        assert not survivors, f"workers {survivors} outlived their killed parent by 3 s"
