@@ -5,7 +5,7 @@
 The target: "the audit of 1M captions runs in bounded memory (peak RSS at 1M <= 1.3x at 10k) at
 >= 20,000 captions/s per core". The datasets are synthetic and rows only (no images: the audit reads
 the caption columns, never an image): shards of 10,000 rows written as lenscap writes them (parquet,
-``_stats.json`` through ``lenscap.journal``'s commit, ``lenscap.json``), captions of about 109 words
+``_stats.json`` through ``lenscap.core.commits``'s commit, ``lenscap.json``), captions of about 109 words
 (70 to 150) drawn from a Zipf-distributed vocabulary of 20,000 words (a few not ASCII: it’s, café, an
 em dash) in sentences, a third opening with a template ("The image shows ..."), and a few refusals,
 loops, truncations, exact and near duplicates (some across shards). They are kept under ``--work``
@@ -38,8 +38,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lenscap.dataset import Dataset
-from lenscap.manifest import shard_stats
+from lenscap.core.dataset import Dataset
+from lenscap.core.manifest import shard_stats
 
 PER_SHARD = 10_000
 VOCABULARY = 20_000

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.images import jpeg_bytes, photo
+from lenscap.demo.pictures import jpeg_bytes, photo
 
 
 def pack(src: Path, out: Path, processes: int, env: dict[str, str]) -> float:

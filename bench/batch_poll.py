@@ -3,7 +3,7 @@
     .venv/bin/python bench/batch_poll.py [--shards 80000] [--files 333000] [--rounds 5]
 
 A real ``batch-files`` job (12 samples, 6 batch files in flight) has its state file grown with 80,000
-committed shards and 333,000 merged batch files (``lenscap.demo.batch_state.grow_state``): an 800M job
+committed shards and 333,000 merged batch files (``lenscap.testing.batch_state.grow_state``): an 800M job
 mid-way. Measured, in this process (interpreter start-up excluded): a whole rerun of the caption
 command (lock, manifest, state, one pass: poll the 6 batches in flight, nothing finished), and
 ``lenscap batch status`` on it. The baseline, measured in the same run, is the least any pass that
@@ -24,8 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lenscap.demo.batch_state import grow_state
 from lenscap.demo.datasets import write_image_dataset
+from lenscap.testing.batch_state import grow_state
 
 
 def cli(*args: str) -> str:

@@ -23,11 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from lenscap.captioning.images import prepare_image
-from lenscap.captioning.prompts import PRESETS
-from lenscap.dataset import Dataset
+from lenscap.caption.image_prep import prepare_image
+from lenscap.caption.prompts import PRESETS
+from lenscap.core.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAIProcess
+from lenscap.testing.fake_openai import FakeOpenAIProcess
 
 
 def summarize(name: str, stats: dict, rpm: float) -> tuple[float, float]:

@@ -24,19 +24,19 @@ from pathlib import Path
 
 import ray
 
-from lenscap.backends.openai_chat import OpenAIChatBackend
-from lenscap.captioning.cluster_limits import start_account_limits
-from lenscap.captioning.prompts import load_prompt
-from lenscap.captioning.ratelimit import BURST_S, MARGIN
-from lenscap.dataset import Dataset
+from lenscap.caption.backends.openai_chat import OpenAIChatBackend
+from lenscap.caption.cluster_limits import start_account_limits
+from lenscap.caption.prompts import load_prompt
+from lenscap.caption.ratelimit import BURST_S, MARGIN
+from lenscap.caption.stage import CaptionStage
+from lenscap.core.dataset import Dataset
+from lenscap.core.executors import RayExecutor, start_local_ray
+from lenscap.core.job import run_stage
+from lenscap.core.progress import make_progress
+from lenscap.core.record import SUCCESS, Sample
 from lenscap.demo.datasets import DOWNLOAD_SCHEMA
-from lenscap.demo.fake_openai import FakeOpenAI
-from lenscap.demo.images import jpeg_bytes, scene
-from lenscap.executors import RayExecutor, start_local_ray
-from lenscap.progress import make_progress
-from lenscap.record import SUCCESS, Sample
-from lenscap.runner import run_stage
-from lenscap.stages.caption import CaptionStage
+from lenscap.demo.pictures import jpeg_bytes, scene
+from lenscap.testing.fake_openai import FakeOpenAI
 
 
 class RecordingFake(FakeOpenAI):

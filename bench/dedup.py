@@ -29,11 +29,11 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from lenscap.core.executors import Executor, LocalExecutor, RayExecutor, start_local_ray
 from lenscap.dedup.phash import phash
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.tables import split_near_pairs
-from lenscap.demo.images import jpeg_bytes, photo
-from lenscap.executors import Executor, LocalExecutor, RayExecutor, start_local_ray
+from lenscap.demo.pictures import jpeg_bytes, photo
 
 
 def bench_hashing(n: int, r: int) -> None:

@@ -22,9 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from lenscap.demo.images import jpeg_bytes, scene
+from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.demo.server import ImageServer, Route
-from lenscap.stages.download import DownloadOptions
+from lenscap.download.command import DownloadOptions
 
 SETTINGS = dict(samples_per_shard=500, processes=2, threads=32)
 

@@ -18,14 +18,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
+from lenscap.core.executors import LocalExecutor, RayExecutor, start_local_ray
+from lenscap.core.job import run_stage
+from lenscap.core.progress import LogProgress
+from lenscap.core.stage import Stage
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.executors import LocalExecutor, RayExecutor, start_local_ray
-from lenscap.filters import annotator_class
-from lenscap.progress import LogProgress
-from lenscap.runner import run_stage
-from lenscap.stages.base import Stage
-from lenscap.stages.filter import FilterRules, FilterStage
+from lenscap.filter.annotators import annotator_class
+from lenscap.filter.stage import FilterRules, FilterStage
 
 
 class NoOp(Stage):

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
+from lenscap.core.job import run_stage
+from lenscap.core.progress import LogProgress
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.filters import annotator_class
-from lenscap.progress import LogProgress
-from lenscap.runner import run_stage
-from lenscap.stages.filter import FilterRules, FilterStage
+from lenscap.filter.annotators import annotator_class
+from lenscap.filter.stage import FilterRules, FilterStage
 
 RULES = FilterRules(min_side=256, caption_min_words=3, caption_max_words=60)
 

@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAIProcess
-from lenscap.demo.images import jpeg_bytes, photo
+from lenscap.demo.pictures import jpeg_bytes, photo
+from lenscap.testing.fake_openai import FakeOpenAIProcess
 
 PER_SHARD = 1000
 

@@ -19,10 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from lenscap.core.job import run_stage
+from lenscap.core.progress import LogProgress
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.progress import LogProgress
-from lenscap.runner import run_stage
-from lenscap.stages.filter import FilterRules, FilterStage
+from lenscap.filter.stage import FilterRules, FilterStage
 
 
 def timed(src: str, dst: str) -> float:

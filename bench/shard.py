@@ -28,8 +28,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.images import jpeg_bytes, photo
-from lenscap.export.job import ExportOptions, run_export
+from lenscap.demo.pictures import jpeg_bytes, photo
+from lenscap.shard.command import ExportOptions, run_export
 
 
 def main() -> None:

@@ -20,9 +20,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from lenscap import api
-from lenscap.demo.images import jpeg_bytes, photo, scene_caption
+from lenscap.demo.pictures import jpeg_bytes, photo, scene_caption
 from lenscap.demo.server import ImageServer, Route
-from lenscap.filters import annotator_class
+from lenscap.filter.annotators import annotator_class
 
 STAGES = ("filter", "caption", "dedup")
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 
 import lenscap.api as lc
 from lenscap.api import Sample, ShardStage
-from lenscap.demo.images import jpeg_bytes, scene, scene_caption
+from lenscap.demo.pictures import jpeg_bytes, scene, scene_caption
 from lenscap.demo.server import ImageServer, Route
 
 

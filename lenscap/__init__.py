@@ -9,12 +9,12 @@ __version__ = "0.1.0"
 # Resolved on first use: img2dataset's worker processes import lenscap's hooks module, and should
 # not pay for pyarrow and the rest of the library on every spawn.
 _EXPORTS = {
-    "Dataset": "lenscap.dataset",
-    "Sample": "lenscap.record",
-    "LenscapError": "lenscap.errors",
-    "UsageError": "lenscap.errors",
-    "InputError": "lenscap.errors",
-    "DatasetError": "lenscap.errors",
+    "Dataset": "lenscap.core.dataset",
+    "Sample": "lenscap.core.record",
+    "LenscapError": "lenscap.core.errors",
+    "UsageError": "lenscap.core.errors",
+    "InputError": "lenscap.core.errors",
+    "DatasetError": "lenscap.core.errors",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

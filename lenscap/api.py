@@ -14,7 +14,7 @@ name does here. Every function that writes a dataset takes the same ownership ke
 ``overwrite`` (the output holds another job's results: clear it), ``allow_incomplete`` (go on without
 the input's incomplete shards), and, for the stages that do not change images, ``copy_images``
 (write a self-contained output instead of rows that refer to the input's images). Errors are the
-``lenscap.errors`` hierarchy (``UsageError`` and its kinds for a job that cannot run as asked).
+``lenscap.core.errors`` hierarchy (``UsageError`` and its kinds for a job that cannot run as asked).
 """
 
 from __future__ import annotations
@@ -27,22 +27,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lenscap.audit import AuditOptions
+from lenscap.core.record import Sample
+from lenscap.core.result import JobResult
+from lenscap.core.stage import ShardStage
 from lenscap.dedup.search import DedupOptions
-from lenscap.export.job import ExportOptions, ExportResult
-from lenscap.record import Sample
-from lenscap.result import JobResult
-from lenscap.stages.base import ShardStage
-from lenscap.stages.dedup import DedupResult
-from lenscap.stages.download import DownloadOptions
-from lenscap.stages.filter import FilterRules
+from lenscap.dedup.stage import DedupResult
+from lenscap.download.command import DownloadOptions
+from lenscap.filter.stage import FilterRules
+from lenscap.shard.command import ExportOptions, ExportResult
 
 if TYPE_CHECKING:
-    from lenscap.backends.base import CaptionBackend
-    from lenscap.batch import BatchResult
-    from lenscap.executors import Executor
-    from lenscap.filters.base import Annotator
-    from lenscap.progress import Progress
-    from lenscap.stages.base import Stage
+    from lenscap.caption.backends.base import CaptionBackend
+    from lenscap.caption.batch import BatchResult
+    from lenscap.core.executors import Executor
+    from lenscap.core.progress import Progress
+    from lenscap.core.stage import Stage
+    from lenscap.filter.annotators.base import Annotator
 
 __all__ = [
     "download",
@@ -98,9 +98,9 @@ def download(
     """Download ``source`` (a URL list) into ``out_dir``; with ``retry_failed``, then fetch the failed
     downloads of completed shards again (``source`` None: only that). ``img2dataset``: an
     ``Img2datasetProcess`` started earlier, to overlap its start-up with the caller's."""
-    from lenscap.progress import make_progress
-    from lenscap.stages.download import download as run_download
-    from lenscap.stages.download import retry_failed as run_retry
+    from lenscap.core.progress import make_progress
+    from lenscap.download.command import download as run_download
+    from lenscap.download.command import retry_failed as run_retry
 
     options = options or DownloadOptions()
     result = None
@@ -111,11 +111,11 @@ def download(
     if retry_failed and (result is None or result.exit_code == 0):
         result = run_retry(out_dir, options, make_progress("retry-failed", quiet))
     if result is None:
-        from lenscap.errors import UsageError
+        from lenscap.core.errors import UsageError
 
         raise UsageError("download needs a URL list, or retry_failed=True on an existing output")
     if result.exit_code == 0:  # finished: the card, so datasets.load_dataset(out_dir) reads the downloaded samples
-        from lenscap.export.card import write_download_card
+        from lenscap.shard.card import write_download_card
 
         write_download_card(out_dir)
     return result
@@ -138,9 +138,9 @@ def filter(
     """Keep the samples that pass ``rules`` (cheap, on columns) and then ``annotators`` (on pixels)."""
     from dataclasses import asdict
 
-    from lenscap.dataset import Dataset
-    from lenscap.progress import make_progress
-    from lenscap.runner import run_stage
+    from lenscap.core.dataset import Dataset
+    from lenscap.core.job import run_stage
+    from lenscap.core.progress import make_progress
 
     stage = _filter_stage(in_dir, rules, annotators, blocklist)
     stage.copy_images = copy_images
@@ -168,7 +168,7 @@ def filter_counts(
     blocklist: frozenset[str] = frozenset(),
 ) -> Counter[str]:
     """What ``filter`` would decide, counted per reason (``kept``, ``error``, or a rule); writes nothing."""
-    from lenscap.dataset import Dataset
+    from lenscap.core.dataset import Dataset
 
     stage = _filter_stage(in_dir, rules, annotators, blocklist)
     stage.setup()
@@ -180,8 +180,8 @@ def filter_counts(
 
 
 def _filter_stage(in_dir: Location, rules: FilterRules | None, annotators: Iterable[Annotator], blocklist: frozenset[str]) -> Any:
-    from lenscap.dataset import Dataset
-    from lenscap.stages.filter import FilterStage
+    from lenscap.core.dataset import Dataset
+    from lenscap.filter.stage import FilterStage
 
     stage = FilterStage(rules or FilterRules(), list(annotators), blocklist)
     stage.check_rules(Dataset.open(in_dir))  # bad values or a bad --where fail here, before any work
@@ -190,7 +190,7 @@ def _filter_stage(in_dir: Location, rules: FilterRules | None, annotators: Itera
 
 def backend(name: str = "openai", **options: Any) -> CaptionBackend:
     """A caption backend by name (a built-in or a plugin), its options as keywords (``model=...``)."""
-    from lenscap.backends import backend_class
+    from lenscap.caption.backends import backend_class
 
     return backend_class(name).from_options(options)
 
@@ -223,13 +223,13 @@ def caption(
     caption. A batch backend returns the batch job's state."""
     from dataclasses import asdict
 
-    from lenscap.captioning.cache import default_cache_dir
-    from lenscap.captioning.prompts import load_prompt
-    from lenscap.dataset import Dataset
-    from lenscap.errors import BudgetReached, UsageError
-    from lenscap.progress import make_progress
-    from lenscap.runner import run_stage
-    from lenscap.stages.caption import CaptionStage
+    from lenscap.caption.cache import default_cache_dir
+    from lenscap.caption.prompts import load_prompt
+    from lenscap.caption.stage import CaptionStage
+    from lenscap.core.dataset import Dataset
+    from lenscap.core.errors import BudgetReached, UsageError
+    from lenscap.core.job import run_stage
+    from lenscap.core.progress import make_progress
 
     if max_cost is not None and max_cost <= 0:
         raise UsageError(f"--max-cost must be positive, not {max_cost}")
@@ -255,8 +255,8 @@ def caption(
     progress = progress or make_progress("caption", True)
     try:
         if captioner.runs_as_batch:
-            from lenscap.batch import run_batch_caption
-            from lenscap.executors import LocalExecutor
+            from lenscap.caption.batch import run_batch_caption
+            from lenscap.core.executors import LocalExecutor
 
             return run_batch_caption(
                 stage,
@@ -290,7 +290,7 @@ def dedup(
     quiet: bool = True,
 ) -> DedupResult:
     """Mark (and drop) exact, perceptual and caption duplicates, also against earlier ``against`` datasets."""
-    from lenscap.stages.dedup import DedupStage, run_dedup
+    from lenscap.dedup.stage import DedupStage, run_dedup
 
     stage = DedupStage(options or DedupOptions(), [os.fspath(a) for a in against])
     stage.copy_images = copy_images
@@ -309,7 +309,7 @@ def shard(
     quiet: bool = True,
 ) -> ExportResult:
     """Export the kept, captioned samples to training-ready shards (their images copied once, here)."""
-    from lenscap.export.job import run_export
+    from lenscap.shard.command import run_export
 
     return run_export(
         options or ExportOptions(),
@@ -336,8 +336,8 @@ def run_stage(
     progress: Progress | None = None,
 ) -> JobResult:
     """Run your own per-shard stage (a ``ShardStage`` subclass) with every guarantee the built-in ones have."""
-    from lenscap.progress import make_progress
-    from lenscap.runner import run_stage as run
+    from lenscap.core.job import run_stage as run
+    from lenscap.core.progress import make_progress
 
     stage.copy_images = copy_images or stage.copy_images
     return run(
@@ -356,7 +356,7 @@ def report(
     path: Location, out: Location | None = None, sample: int = 24, seed: int = 0, png: Location | None = None
 ) -> dict[str, Any]:
     """Write the HTML report of a dataset (default ``DIR/report.html``), and a PNG contact sheet if asked."""
-    from lenscap.report import write_report
+    from lenscap.report.html import write_report
 
     return write_report(path, out, sample, seed, png)
 
@@ -376,7 +376,7 @@ def audit(
     is 6 when an ``options.fail_on`` rule is broken. ``compare_with``: a second captioning of the same
     images (rules judge it). ``out``: also write ``path`` with one ``audit_<flag>`` column per flag there."""
     from lenscap.audit import audit as run_audit
-    from lenscap.executors import LocalExecutor
+    from lenscap.core.executors import LocalExecutor
 
     return run_audit(
         path,
@@ -398,7 +398,7 @@ def run(
     quiet: bool = True,
 ) -> dict[str, Any]:
     """Run (or resume) a recipe: a file, or a shipped one by name; ``overrides`` as ``STAGE.OPTION=VALUE``."""
-    from lenscap.recipe import load_recipe, run_recipe
+    from lenscap.run.recipe import load_recipe, run_recipe
 
     loaded = load_recipe(recipe, list(overrides), os.fspath(work_dir) if work_dir is not None else None, input)
     return run_recipe(loaded, quiet)

@@ -32,9 +32,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from lenscap.dataset import Dataset
-from lenscap.errors import DatasetError
-from lenscap.layout import shard_name
+from lenscap.core.dataset import Dataset
+from lenscap.core.errors import DatasetError
+from lenscap.core.layout import shard_name
 
 __all__ = ["inspect_dataset"]
 

@@ -4,7 +4,7 @@ A plugin is a package that registers a class under an entry-point group: ``lensc
 a caption backend (``lenscap caption --backend NAME``), ``lenscap.filters`` for an annotator
 (``lenscap filter --annotate NAME``). ``lenscap backends`` and ``lenscap filters`` list what is
 installed. The names below are kept stable across releases; their homes inside lenscap
-(``lenscap.backends.base``, ``lenscap.filters.base``, ...) may move. The full guide, with tested
+(``lenscap.caption.backends.base``, ``lenscap.filter.annotators.base``, ...) may move. The full guide, with tested
 example packages, is ``docs/plugins.md``.
 
 A minimal backend (``pyproject.toml``: ``[project.entry-points."lenscap.backends"]`` then
@@ -50,7 +50,7 @@ dependency is a ``MissingDependency``; a bad option value is a ``UsageError``.
 
 from __future__ import annotations
 
-from lenscap.backends.base import (
+from lenscap.caption.backends.base import (
     ERROR,
     OK,
     OUTCOMES,
@@ -63,9 +63,9 @@ from lenscap.backends.base import (
     Option,
     generated,
 )
-from lenscap.errors import BackendError, MissingDependency, UsageError
-from lenscap.filters.base import Annotator
-from lenscap.record import Sample
+from lenscap.core.errors import BackendError, MissingDependency, UsageError
+from lenscap.core.record import Sample
+from lenscap.filter.annotators.base import Annotator
 
 __all__ = [
     # caption backends (entry-point group lenscap.backends)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import pytest
 from PIL import Image
 
-from lenscap.demo.images import bomb_png, html_page, jpeg_bytes, png_bytes, scene, truncated_jpeg
+from lenscap.demo.pictures import bomb_png, html_page, jpeg_bytes, png_bytes, scene, truncated_jpeg
 from lenscap.demo.server import ImageServer, Route
 
 # Keep every subprocess offline and quiet about update checks.
@@ -164,7 +164,7 @@ def ray_cluster(s3_store):
     the processes started later (CLI subprocesses, img2dataset) inherit Ray's single-machine mode from
     this one's environment, and join it at 127.0.0.1."""
     ray = pytest.importorskip("ray")
-    from lenscap.executors import start_local_ray
+    from lenscap.core.executors import start_local_ray
 
     started = not ray.is_initialized()
     if started:

@@ -7,9 +7,9 @@ import json
 import pytest
 
 import lenscap.api as lc
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
+from lenscap.core.errors import DatasetError, UsageError
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.errors import DatasetError, UsageError
 
 
 def test_a_pipeline_through_the_api_returns_typed_results(tmp_path):

@@ -13,9 +13,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli_here
 
-from lenscap.dataset import Dataset
-from lenscap.demo.images import jpeg_bytes, photo
-from lenscap.record import Sample
+from lenscap.core.dataset import Dataset
+from lenscap.core.record import Sample
+from lenscap.demo.pictures import jpeg_bytes, photo
 
 VOCAB = (
     "red blue green yellow wooden metal glass stone cat dog horse tree river mountain sky cloud table chair lamp "
@@ -272,7 +272,7 @@ def test_two_captionings_compared_image_by_image(planted, tmp_path):
 
 def test_the_same_numbers_on_processes_and_ray(planted, ray_cluster):
     from lenscap import api
-    from lenscap.executors import make_executor
+    from lenscap.core.executors import make_executor
 
     path, _ = planted
     one = api.audit(path, api.AuditOptions(sample=5))

@@ -14,10 +14,10 @@ from PIL import Image, ImageDraw, ImageFont
 from test_caption import rows
 from tiny_models import build_text_only_model, build_tiny_llava
 
-from lenscap.backends.base import CaptionRequest
+from lenscap.caption.backends.base import CaptionRequest
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAI
-from lenscap.demo.images import cartoon_face, jpeg_bytes, png_bytes, scene
+from lenscap.demo.pictures import cartoon_face, jpeg_bytes, png_bytes, scene
+from lenscap.testing.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILTINS = ["batch-files", "describe", "openai", "openai-batch", "transformers", "vllm"]
@@ -279,7 +279,7 @@ def test_transformers_bad_input(tmp_path, env):
 def test_gpu_out_of_memory_halves_the_batch(tiny_llava, monkeypatch):
     import torch
 
-    from lenscap.backends.transformers_local import TransformersBackend
+    from lenscap.caption.backends.transformers_local import TransformersBackend
 
     backend = TransformersBackend(model=str(tiny_llava["ok"]), device="cpu", batch_size=4, max_tokens=3)
     backend.setup()
@@ -307,7 +307,7 @@ def test_gpu_out_of_memory_halves_the_batch(tiny_llava, monkeypatch):
 def test_vllm_request_building_and_output_reading():
     from types import SimpleNamespace
 
-    from lenscap.backends.vllm_local import build_conversation, interpret_output
+    from lenscap.caption.backends.vllm_local import build_conversation, interpret_output
 
     conv = build_conversation(CaptionRequest("k", jpeg_bytes(scene(1, (1600, 800))), "be factual", "describe"), max_side=768)
     assert conv[0] == {"role": "system", "content": "be factual"}

@@ -20,7 +20,7 @@ from test_caption import rows
 from test_caption_batch import KEY, _clean_run, batch_args, records
 
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAI
+from lenscap.testing.fake_openai import FakeOpenAI
 
 PER_REQUEST = 263  # input tokens of one request for a default demo image, as lenscap and the fake both count them
 PER_FILE = 4  # requests a batch file: 1,052 tokens
@@ -215,9 +215,9 @@ def test_sigkill_at_random_points_then_rerun_pays_each_request_once(tmp_path, en
 # the merged batch's clean-up deletes its input and output files from the account.
 _KILLED_BEFORE_CLEAN_UP = """
 import os, signal, sys
-import lenscap.batch.job
+import lenscap.caption.batch.job
 from lenscap.cli import main
-lenscap.batch.job.BatchJob._clean_up = lambda self, record: os.kill(os.getpid(), signal.SIGKILL)
+lenscap.caption.batch.job.BatchJob._clean_up = lambda self, record: os.kill(os.getpid(), signal.SIGKILL)
 sys.argv[0] = "lenscap"
 main()
 """

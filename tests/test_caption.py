@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
-from lenscap.demo.images import scene_caption, truncated_jpeg
+from lenscap.demo.pictures import scene_caption, truncated_jpeg
+from lenscap.testing.fake_openai import FakeOpenAI, FakeSettings
 
 KEY = "sk-test-LEAKCHECK-0123456789"
 
@@ -187,7 +187,7 @@ def test_corrupt_image_and_empty_shard(tmp_path, fake, env):
 
 
 def _jpeg(i: int) -> bytes:
-    from lenscap.demo.images import jpeg_bytes, scene
+    from lenscap.demo.pictures import jpeg_bytes, scene
 
     return jpeg_bytes(scene(i, (320, 240)))
 
@@ -326,7 +326,7 @@ def test_error_texts_are_never_empty_and_an_unknown_price_is_no_price():
     import httpx
     import openai
 
-    from lenscap.backends.openai_chat import _describe, _message
+    from lenscap.caption.backends.openai_chat import _describe, _message
 
     response = httpx.Response(400, request=httpx.Request("POST", "http://x/v1/chat/completions"))
     for body, text in (
@@ -404,7 +404,7 @@ def test_a_server_killed_mid_run_stops_it_with_exit_1_and_the_rerun_asks_only_th
     assert proc.returncode == 1, err
     assert "no caption endpoint has answered for" in err and "asked on the rerun" in err
     assert 0 < len(answered) < 40
-    from lenscap.captioning.journal import Journal
+    from lenscap.caption.journal import Journal
 
     journalled = [
         e for path in (tmp_path / "out" / ".lenscap" / "caption").glob("*.jsonl") for e in Journal(path).load().values()
@@ -486,7 +486,7 @@ def test_a_full_disk_stops_before_the_next_request_and_the_rerun_pays_for_nothin
 
     from conftest import run_cli_here
 
-    from lenscap.captioning.journal import Journal
+    from lenscap.caption.journal import Journal
 
     src = write_image_dataset(tmp_path / "in", 12, per_shard=12).path
     real, calls = os.posix_fallocate, []

@@ -18,10 +18,10 @@ import pytest
 from conftest import run_cli
 from test_caption import rows
 
-from lenscap.batch.state import BatchState
-from lenscap.captioning.pricing import PriceTable
+from lenscap.caption.batch.state import BatchState
+from lenscap.caption.pricing import PriceTable
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAI
+from lenscap.testing.fake_openai import FakeOpenAI
 
 KEY = "sk-test-BATCH-SECRET-42"
 
@@ -391,7 +391,7 @@ def test_hints_ocr_text_is_kept_through_a_batch_job(tmp_path, env):
     """What the OCR hint said travels with the packed request's id and is written with its answer."""
     from test_backends import text_image
 
-    from lenscap.demo.images import jpeg_bytes, scene
+    from lenscap.demo.pictures import jpeg_bytes, scene
 
     src = write_image_dataset(
         tmp_path / "in", 2, image=lambda i: text_image("OPEN 24 HOURS") if i == 0 else jpeg_bytes(scene(i))
@@ -410,11 +410,11 @@ def test_a_pass_costs_the_batches_in_flight_not_the_shards(tmp_path, env, monkey
     complete."""
     from conftest import run_cli_here
 
-    from lenscap.backends.openai_batch import FilesTransport
-    from lenscap.captioning.journal import Journal
-    from lenscap.dataset import Dataset
-    from lenscap.demo.batch_state import grow_state
-    from lenscap.layout import shard_name
+    from lenscap.caption.backends.openai_batch import FilesTransport
+    from lenscap.caption.journal import Journal
+    from lenscap.core.dataset import Dataset
+    from lenscap.core.layout import shard_name
+    from lenscap.testing.batch_state import grow_state
 
     src = write_image_dataset(tmp_path / "in", 12, per_shard=4).path
     out = tmp_path / "out"
@@ -523,7 +523,7 @@ def test_packing_on_processes_and_on_ray_writes_the_same_files_and_output(tmp_pa
 def test_samples_the_filter_dropped_are_skipped_as_online(tmp_path, env):
     """A sample without an image (filtered out) is ``skipped`` with the filter's reason, as the online backends
     say, not an error after every round."""
-    from lenscap.demo.images import jpeg_bytes, scene
+    from lenscap.demo.pictures import jpeg_bytes, scene
 
     src = write_image_dataset(
         tmp_path / "in", 9, per_shard=5, image=lambda i: jpeg_bytes(scene(i, (64, 48) if i % 3 == 0 else (320, 240)))
@@ -542,7 +542,7 @@ def test_samples_the_filter_dropped_are_skipped_as_online(tmp_path, env):
 
 def test_a_shard_the_input_completes_late_is_packed_after_the_cursor_passed_it(tmp_path, env):
     """--allow-incomplete on an input still being written: shard 1 completes after shards 0 and 2 were packed."""
-    from lenscap.layout import shard_name
+    from lenscap.core.layout import shard_name
 
     src = write_image_dataset(tmp_path / "in", 12, per_shard=4).path
     stats = src / f"{shard_name(1)}_stats.json"

@@ -17,10 +17,10 @@ import pytest
 from conftest import run_cli
 from test_caption import rows, tar_members
 
-from lenscap.captioning.images import prepare_image
-from lenscap.dataset import Dataset
+from lenscap.caption.image_prep import prepare_image
+from lenscap.core.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAI
+from lenscap.testing.fake_openai import FakeOpenAI
 
 
 def _image_shas(src: Dataset) -> dict[str, str]:

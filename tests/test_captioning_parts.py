@@ -10,14 +10,14 @@ import json
 import pytest
 from PIL import Image
 
-from lenscap.captioning.cache import ResponseCache, cache_key
-from lenscap.captioning.images import UnreadableImage, prepare_image
-from lenscap.captioning.journal import Journal
-from lenscap.captioning.pricing import PriceTable, image_tokens
-from lenscap.captioning.prompts import PRESETS, load_prompt
-from lenscap.captioning.ratelimit import EndpointLimiter, TokenBucket, parse_duration
-from lenscap.demo.images import bomb_png, jpeg_bytes, png_bytes, scene, truncated_jpeg
-from lenscap.errors import UsageError
+from lenscap.caption.cache import ResponseCache, cache_key
+from lenscap.caption.image_prep import UnreadableImage, prepare_image
+from lenscap.caption.journal import Journal
+from lenscap.caption.pricing import PriceTable, image_tokens
+from lenscap.caption.prompts import PRESETS, load_prompt
+from lenscap.caption.ratelimit import EndpointLimiter, TokenBucket, parse_duration
+from lenscap.core.errors import UsageError
+from lenscap.demo.pictures import bomb_png, jpeg_bytes, png_bytes, scene, truncated_jpeg
 
 # -- tokens and prices (OpenAI's published worked examples) --------------------------------------
 

@@ -11,7 +11,7 @@ import pytest
 import typer.main
 
 from lenscap.cli import ALIASES, _money, app
-from lenscap.progress import set_log_file
+from lenscap.core.progress import set_log_file
 from tests.conftest import run_cli, run_cli_here
 
 COMMANDS = typer.main.get_command(app).commands  # type: ignore[attr-defined]
@@ -126,7 +126,7 @@ def test_a_fatal_error_and_a_lock_refusal_reach_the_log(pipeline, tmp_path):
     text = log.read_text()
     assert "error:" in text and text.splitlines()[-1].endswith(tuple("0123456789s")) and "filter: exit 2 (usage error)" in text
 
-    from lenscap.lock import output_lock
+    from lenscap.core.lock import output_lock
 
     out = tmp_path / "locked"
     with output_lock(out):
@@ -181,7 +181,7 @@ def test_the_same_idea_has_the_same_flag_in_every_command():
         if name != "batch":
             assert {"--json", "--quiet", "--log-file"} <= options(name), name
     estimate_model = next(p for p in COMMANDS["estimate"].params if p.name == "model").default
-    from lenscap.backends import backend_class
+    from lenscap.caption.backends import backend_class
 
     assert estimate_model == next(o.default for o in backend_class("openai").options if o.name == "model")
 

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from lenscap.dataset import Dataset
-from lenscap.errors import DatasetError
-from lenscap.layout import shard_name
-from lenscap.record import Sample
+from lenscap.core.dataset import Dataset
+from lenscap.core.errors import DatasetError
+from lenscap.core.layout import shard_name
+from lenscap.core.record import Sample
 
 
 def jpeg(i: int, size: tuple[int, int] = (16, 12)) -> bytes:

@@ -18,9 +18,9 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.images import jpeg_bytes, photo, truncated_jpeg
+from lenscap.demo.pictures import jpeg_bytes, photo, truncated_jpeg
 
 ORIGINALS = 60
 KINDS = ("exact", "resized", "recompressed", "crop")

@@ -17,7 +17,7 @@ from lenscap.dedup.phash import phash
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.signatures import caption_digest
 from lenscap.dedup.unionfind import UnionFind
-from lenscap.demo.images import jpeg_bytes, photo, png_bytes
+from lenscap.demo.pictures import jpeg_bytes, photo, png_bytes
 
 
 def test_phash_matches_imagehash_closely_and_separates_unrelated_photos():
@@ -124,9 +124,9 @@ def test_union_find_matches_a_plain_implementation():
 
 def synthetic_signatures(path, n: int, algorithm: str = "lenscap-phash-v1"):
     """A signatures directory of ``n`` samples; every tenth hash has a copy 2 bits away, further on."""
-    from lenscap.dataset import Dataset
+    from lenscap.core.dataset import Dataset
+    from lenscap.core.record import Sample
     from lenscap.dedup.signatures import SIGNATURE_SCHEMA
-    from lenscap.record import Sample
 
     rng = np.random.default_rng(0)
     h = rng.integers(0, 2**63, n, dtype=np.int64).astype(np.uint64)
@@ -178,8 +178,8 @@ def test_global_pass_under_a_small_memory_limit_decides_the_same(tmp_path):
 
 
 def test_hashes_of_another_algorithm_are_refused(tmp_path):
+    from lenscap.core.errors import UsageError
     from lenscap.dedup.search import DedupOptions, Source, find_duplicates
-    from lenscap.errors import UsageError
 
     sig = synthetic_signatures(tmp_path / "sig", 100, algorithm="imagehash-phash-4.3")
     with pytest.raises(UsageError, match="made with imagehash-phash-4.3, not lenscap-phash-v1"):

@@ -18,12 +18,12 @@ import pytest
 from test_dedup import make_planted, rows
 from test_dedup_parts import brute_force, planted_hashes
 
+from lenscap.core.errors import LenscapError
+from lenscap.core.executors import LocalExecutor, RayExecutor
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.search import DedupOptions
+from lenscap.dedup.stage import DedupStage, run_dedup
 from lenscap.dedup.tables import TableJob, split_near_pairs
-from lenscap.errors import LenscapError
-from lenscap.executors import LocalExecutor, RayExecutor
-from lenscap.stages.dedup import DedupStage, run_dedup
 
 ray = pytest.importorskip("ray")
 # Ray workers cannot import this test module: the job wrappers below travel by value.

@@ -143,7 +143,7 @@ def test_cli_reference_lists_every_command_and_caption_default():
             assert secondary in cells[0]
 
     # caption's backend options default per backend: the openai backend's, from the backend itself.
-    from lenscap.backends import describe_backends
+    from lenscap.caption.backends import describe_backends
 
     openai = next(b for b in describe_backends() if b["name"] == "openai")
     backend_table = markdown.split("**Backend option defaults.**", 1)[1].split("\n## ", 1)[0]

@@ -14,10 +14,10 @@ import pytest
 from conftest import run_cli
 from test_caption import tar_members
 
-from lenscap.dataset import Dataset
-from lenscap.demo.images import jpeg_bytes, scene
+from lenscap.core.dataset import Dataset
+from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.demo.server import ImageServer, Route
-from lenscap.stages.download import DownloadOptions, download, retry_failed
+from lenscap.download.command import DownloadOptions, download, retry_failed
 
 # path (or full URL) -> (status, substring of error_message or None, (width, height) or None)
 EXPECTED = {
@@ -271,7 +271,7 @@ def test_adopt_accounts_for_rows_img2dataset_lost(tmp_path):
     """img2dataset drops a sample when its worker hits an unexpected error; lenscap gives it a status."""
     import pyarrow as pa
 
-    from lenscap.stages.download import LOST_SAMPLE_MESSAGE, _adopt, _Job
+    from lenscap.download.command import LOST_SAMPLE_MESSAGE, _adopt, _Job
 
     out = Dataset.create(tmp_path / "out")
     job = _Job(out)
@@ -306,8 +306,8 @@ def test_adopt_accounts_for_rows_img2dataset_lost(tmp_path):
 
 
 def test_input_is_cut_into_shards_across_files_in_order(tmp_path):
-    from lenscap.inputs import InputSpec
-    from lenscap.stages.download import _Job, _split_input
+    from lenscap.download.command import _Job, _split_input
+    from lenscap.download.inputs import InputSpec
 
     d = tmp_path / "lists"
     d.mkdir()
@@ -379,7 +379,7 @@ def test_every_redirect_hop_and_every_resolved_address_is_vetted(monkeypatch, im
     import urllib.error
     import urllib.request
 
-    from lenscap import netguard
+    from lenscap.download import netguard
 
     image_server.routes["/to-metadata"] = Route(b"", "text/plain", 302, {"Location": "http://169.254.169.254/latest/"})
     real_refusal, real_resolve = netguard.refusal, netguard._resolve
@@ -424,7 +424,7 @@ def test_a_full_disk_during_download_exits_1_with_what_to_do_and_the_rerun_finis
 
     from conftest import run_cli_here
 
-    import lenscap.stages.download as download_stage
+    import lenscap.download.command as download_stage
 
     urls = tmp_path / "urls.txt"
     urls.write_text("".join(image_server.url(f"/ok/{i}.jpg") + "\n" for i in range(4)))

@@ -11,10 +11,10 @@ import tarfile
 import time
 from pathlib import Path
 
-from lenscap.dataset import Dataset
-from lenscap.demo.images import jpeg_bytes, scene
+from lenscap.core.dataset import Dataset
+from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.demo.server import ImageServer, Route
-from lenscap.stages.download import DownloadOptions, download
+from lenscap.download.command import DownloadOptions, download
 
 ARGS = ["--samples-per-shard", "10", "--processes", "1", "--threads", "2", "--allow-private-network", "--quiet"]
 
@@ -41,7 +41,7 @@ def _img2dataset_session(lenscap_pid: int) -> int | None:
                 cmd = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if any(b"lenscap.stages._img2dataset_hooks" in part for part in cmd) and str(lenscap_pid).encode() in cmd:
+            if any(b"lenscap.download.img2dataset_hooks" in part for part in cmd) and str(lenscap_pid).encode() in cmd:
                 return int(entry.name)
     return None
 

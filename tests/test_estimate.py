@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from lenscap.backends.openai_batch import BatchFilesBackend
-from lenscap.backends.openai_chat import OpenAIChatBackend
-from lenscap.captioning.prompts import PRESETS, load_prompt
-from lenscap.dataset import Dataset
+from lenscap.caption.backends.openai_batch import BatchFilesBackend
+from lenscap.caption.backends.openai_chat import OpenAIChatBackend
+from lenscap.caption.prompts import PRESETS, load_prompt
+from lenscap.caption.stage import CaptionStage
+from lenscap.core.dataset import Dataset
+from lenscap.core.layout import shard_name
+from lenscap.core.record import Sample
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.layout import shard_name
-from lenscap.record import Sample
-from lenscap.stages.caption import CaptionStage
 
 MIB = 1024 * 1024
 
@@ -132,7 +132,7 @@ def test_given_limits_replace_the_tier(tmp_path):
 
 def test_default_model_is_captions():
     default = next(o.default for o in OpenAIChatBackend.options if o.name == "model")
-    from lenscap.estimate import EstimateRequest
+    from lenscap.estimate.cost import EstimateRequest
 
     assert EstimateRequest(images=10).model == default == "gpt-4.1-mini"
     out = estimate("--images", "10")

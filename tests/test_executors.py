@@ -7,8 +7,8 @@ import os
 import time
 from pathlib import Path
 
-from lenscap.errors import MissingDependency
-from lenscap.executors import LocalExecutor
+from lenscap.core.errors import MissingDependency
+from lenscap.core.executors import LocalExecutor
 
 
 class WherePid:
@@ -51,7 +51,7 @@ def test_workers_exit_when_their_parent_is_killed(tmp_path):
     script = f"""
 import os, sys, time
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-from lenscap.executors import LocalExecutor
+from lenscap.core.executors import LocalExecutor
 from tests.test_executors import Sleeps
 LocalExecutor(2).run(Sleeps({str(tmp_path)!r}), [0, 1], lambda i, r: None, {{}})
 """
@@ -116,7 +116,7 @@ def test_workers_exit_when_their_parent_is_killed_while_they_start(tmp_path):
     script = f"""
 import sys
 sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
-from lenscap.executors import LocalExecutor
+from lenscap.core.executors import LocalExecutor
 from tests.test_executors import Sleeps
 LocalExecutor(2).run(Sleeps({str(tmp_path)!r}), [0, 1], lambda i, r: None, {{}})
 """

@@ -14,12 +14,12 @@ import pytest
 import yaml
 from conftest import run_cli_here
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
-from lenscap.export.formats import FORMATS
-from lenscap.export.job import ExportOptions, run_export
 from lenscap.inspect import inspect_dataset
+from lenscap.shard.command import ExportOptions, run_export
+from lenscap.shard.formats import FORMATS
+from lenscap.testing.fake_openai import FakeOpenAI, FakeSettings
 
 N = 20  # samples of the small source; 2 of them failed downloads
 FAILED = {3, 11}
@@ -49,7 +49,7 @@ def exports(source, tmp_path_factory) -> dict[str, Path]:
 def downloaded(image_server, tmp_path_factory) -> Path:
     """A real ``lenscap download`` of 8 images and 2 failures (img2dataset, loopback server)."""
     from lenscap import api
-    from lenscap.stages.download import DownloadOptions
+    from lenscap.download.command import DownloadOptions
 
     tmp = tmp_path_factory.mktemp("download")
     urls = [image_server.url(f"/ok/{i}.jpg") for i in range(8)] + [

@@ -11,8 +11,8 @@ import openai
 import pytest
 from PIL import Image
 
-from lenscap.captioning.pricing import image_tokens, text_tokens
-from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
+from lenscap.caption.pricing import image_tokens, text_tokens
+from lenscap.testing.fake_openai import FakeOpenAI, FakeSettings
 
 PROMPT = "Caption this."
 SIZE = (64, 48)

@@ -17,9 +17,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from test_caption import rows, tar_members
 from tiny_models import build_tiny_clip
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.images import cartoon_face, jpeg_bytes, png_bytes, scene, truncated_jpeg
+from lenscap.demo.pictures import cartoon_face, jpeg_bytes, png_bytes, scene, truncated_jpeg
 
 ROOT = Path(__file__).resolve().parent.parent
 

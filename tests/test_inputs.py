@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lenscap.errors import InputError, UsageError
-from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files
+from lenscap.core.errors import InputError, UsageError
+from lenscap.download.inputs import InputSpec, read_url_tables, resolve_input_files
 
 
 def rows(source, **kw) -> list[dict]:

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from lenscap.dataset import Dataset
-from lenscap.errors import DatasetError
+from lenscap.core.dataset import Dataset
+from lenscap.core.errors import DatasetError
+from lenscap.core.layout import shard_name
+from lenscap.core.record import Sample
 from lenscap.inspect import inspect_dataset
-from lenscap.layout import shard_name
-from lenscap.record import Sample
 
 REPO = Path(__file__).resolve().parents[1]
 

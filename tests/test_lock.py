@@ -12,12 +12,12 @@ import time
 
 from conftest import run_cli
 
+from lenscap.core.lock import DirLock, output_lock
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.lock import DirLock, output_lock
 
 HOLD = """
 import sys, time
-from lenscap.lock import output_lock
+from lenscap.core.lock import output_lock
 with output_lock(sys.argv[1]):
     print("held", flush=True)
     time.sleep(60)
@@ -81,7 +81,7 @@ def test_another_host_is_never_presumed_dead(tmp_path):
 def test_two_processes_that_find_a_lock_stale_do_not_both_take_it(tmp_path, monkeypatch):
     """The race filelock's SoftFileLock closes: B finds the dead owner's lock stale; before B breaks
     it, A takes it over; B must then see A's live lock and stop (exit 5), not delete it."""
-    from lenscap.errors import Locked
+    from lenscap.core.errors import Locked
 
     path = tmp_path / ".lenscap" / "lock"
     path.parent.mkdir()

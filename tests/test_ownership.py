@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, run_cli_here
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
+from lenscap.core.lock import output_lock
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.lock import output_lock
 
 
 def ok(*args: str) -> str:

@@ -19,9 +19,9 @@ from conftest import run_cli
 from PIL import Image
 from test_caption import rows
 
+from lenscap.core.errors import MissingDependency, UsageError
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.images import jpeg_bytes
-from lenscap.errors import MissingDependency, UsageError
+from lenscap.demo.pictures import jpeg_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -57,10 +57,10 @@ def plugin_dist(
 
 def test_lenscap_plugin_exposes_what_a_plugin_needs():
     import lenscap.plugin as plugin
-    from lenscap.backends import base as backends_base
-    from lenscap.filters import base as filters_base
-    from lenscap.plugins import Registry  # the registry keeps its path
-    from lenscap.record import Sample
+    from lenscap.caption.backends import base as backends_base
+    from lenscap.core.record import Sample
+    from lenscap.core.registry import Registry  # the registry keeps its path
+    from lenscap.filter.annotators import base as filters_base
 
     assert sorted(plugin.__all__) == sorted(set(plugin.__all__)) and all(hasattr(plugin, n) for n in plugin.__all__)
     for name in (
@@ -187,8 +187,8 @@ def test_the_registry_refuses_a_plugin_that_breaks_the_contract(tmp_path, monkey
         },
     )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    from lenscap.backends import backend_class, describe_backends
-    from lenscap.filters import annotator_class
+    from lenscap.caption.backends import backend_class, describe_backends
+    from lenscap.filter.annotators import annotator_class
 
     with pytest.raises(UsageError, match=r"backend 'nameless' \(broken_plugins_mod:Nameless\) cannot be used: sets no name"):
         backend_class("nameless")
@@ -232,7 +232,7 @@ def test_a_bad_option_value_is_shown_as_given():
     with pytest.raises(UsageError, match=re.escape("--max-tokens takes an int, not 'lots'")):
         Option("max_tokens", int, 300, "").parse("lots")
     with pytest.raises(UsageError, match=re.escape("-O ocr=maybe: ocr must be one of auto, on, off, not 'maybe'")):
-        from lenscap.backends import backend_class
+        from lenscap.caption.backends import backend_class
 
         backend_class("describe").from_options({"ocr": "maybe"})
 
@@ -272,9 +272,9 @@ def test_a_plugin_option_error_on_the_command_line(tmp_path):
 
 
 def test_local_backends_take_max_tokens_and_the_old_name_for_now(tmp_path):
-    from lenscap.backends.base import OptionRenamed
-    from lenscap.backends.transformers_local import TransformersBackend
-    from lenscap.backends.vllm_local import VllmBackend
+    from lenscap.caption.backends.base import OptionRenamed
+    from lenscap.caption.backends.transformers_local import TransformersBackend
+    from lenscap.caption.backends.vllm_local import VllmBackend
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()
@@ -305,7 +305,7 @@ def test_local_backends_take_max_tokens_and_the_old_name_for_now(tmp_path):
 
 
 def test_every_output_token_limit_is_called_max_tokens():
-    from lenscap.backends import backend_class
+    from lenscap.caption.backends import backend_class
 
     for name in ("openai", "openai-batch", "batch-files", "transformers", "vllm"):
         assert "max_tokens" in {o.name for o in backend_class(name).options}, name
@@ -315,7 +315,7 @@ def test_every_output_token_limit_is_called_max_tokens():
 
 
 def test_describe_filters_lists_the_builtins(monkeypatch):
-    from lenscap.filters import describe_filters, filters_lines
+    from lenscap.filter.annotators import describe_filters, filters_lines
 
     found = {f["name"]: f for f in describe_filters()}
     assert sorted(found) == BUILTIN_FILTERS
@@ -402,7 +402,7 @@ def test_describe_filters_lists_a_plugin_registered_by_entry_point(tmp_path, mon
         version="0.3",
     )
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    from lenscap.filters import annotator_class, describe_filters, filters_lines
+    from lenscap.filter.annotators import annotator_class, describe_filters, filters_lines
 
     found = {f["name"]: f for f in describe_filters()}
     assert sorted(found) == sorted([*BUILTIN_FILTERS, "warmth", "broken", "gone"])
@@ -496,7 +496,7 @@ def examples_site(tmp_path_factory) -> Path:
 def test_the_example_backend_captions_through_the_library(tmp_path, monkeypatch, examples_site):
     monkeypatch.syspath_prepend(str(examples_site))
     from lenscap import api
-    from lenscap.backends import describe_backends
+    from lenscap.caption.backends import describe_backends
 
     listed = {b["name"]: b for b in describe_backends()}
     assert listed["echo"]["source"] == "lenscap-echo-backend 0.1.0" and [o["name"] for o in listed["echo"]["options"]] == [
@@ -517,7 +517,7 @@ def test_the_example_backend_captions_through_the_library(tmp_path, monkeypatch,
 def test_the_example_annotator_filters_through_the_library(tmp_path, monkeypatch, examples_site):
     monkeypatch.syspath_prepend(str(examples_site))
     from lenscap import api
-    from lenscap.filters import annotator_class, describe_filters
+    from lenscap.filter.annotators import annotator_class, describe_filters
 
     redness = next(f for f in describe_filters() if f["name"] == "redness")
     assert (redness["source"], redness["direction"], redness["threshold_option"], redness["available"]) == (

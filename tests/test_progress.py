@@ -10,11 +10,11 @@ import re
 import pytest
 from conftest import run_cli
 
-from lenscap import progress as progress_mod
-from lenscap.demo.images import jpeg_bytes, scene
+from lenscap.core import progress as progress_mod
+from lenscap.core.progress import LogProgress, log, log_file, make_progress, set_log_file
+from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.demo.server import ImageServer, Route
-from lenscap.progress import LogProgress, log, log_file, make_progress, set_log_file
-from lenscap.stages.download import DownloadOptions, download
+from lenscap.download.command import DownloadOptions, download
 
 LINE_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d lenscap: ")
 
@@ -148,7 +148,7 @@ def test_log_file_gets_quiet_lines_and_handlers_do_not_pile_up(tmp_path, capsys,
 
 
 def test_log_file_that_cannot_be_opened_is_a_usage_error(tmp_path, no_log_file):
-    from lenscap.errors import UsageError
+    from lenscap.core.errors import UsageError
 
     with pytest.raises(UsageError, match="--log-file"):
         set_log_file(str(tmp_path / "no" / "such" / "dir" / "x.log"))

@@ -13,12 +13,12 @@ from typing import Any
 import pytest
 from conftest import run_cli
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
+from lenscap.core.job import run_stage
+from lenscap.core.record import Sample
+from lenscap.core.stage import ShardStage
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
-from lenscap.record import Sample
-from lenscap.runner import run_stage
-from lenscap.stages.base import ShardStage
+from lenscap.testing.fake_openai import FakeOpenAI, FakeSettings
 
 ray = pytest.importorskip("ray")
 # Ray workers cannot import this test module: its stages travel by value.
@@ -86,13 +86,13 @@ def test_the_test_cluster_is_on_loopback(ray_cluster):
 
 LOCAL_RAY = """
 import json, os, subprocess, sys
-from lenscap.executors import RayExecutor, SINGLE_MACHINE_ENV
+from lenscap.core.executors import RayExecutor, SINGLE_MACHINE_ENV
 executor = RayExecutor()  # no address: lenscap starts a Ray of its own
 address = executor.cluster_address()
 ray = executor.connect()
 # A process started without Ray's single-machine mode joins by the loopback address (img2dataset's, for one).
 env = {k: v for k, v in os.environ.items() if k != SINGLE_MACHINE_ENV}
-join = ("from lenscap.executors import connect_ray; ray = connect_ray(sys.argv[1]); "
+join = ("from lenscap.core.executors import connect_ray; ray = connect_ray(sys.argv[1]); "
         "print(ray.get(ray.remote(lambda: ray.util.get_node_ip_address()).remote()))")
 joined = subprocess.run([sys.executable, "-c", "import sys; " + join, address], env=env, capture_output=True,
                         text=True, timeout=240)
@@ -107,7 +107,7 @@ def test_a_ray_lenscap_starts_is_on_loopback(tmp_path):
     import json
     import subprocess
 
-    from lenscap.executors import SINGLE_MACHINE_ENV
+    from lenscap.core.executors import SINGLE_MACHINE_ENV
 
     env = {k: v for k, v in os.environ.items() if k not in (SINGLE_MACHINE_ENV, "RAY_ADDRESS")}
     proc = subprocess.run([sys.executable, "-c", LOCAL_RAY], env=env, capture_output=True, text=True, timeout=420, cwd=tmp_path)
@@ -172,7 +172,7 @@ class KillOnce(ShardStage):
 
 
 def test_a_worker_killed_mid_shard_is_retried_without_duplicates(tmp_path, ray_cluster):
-    from lenscap.executors import RayExecutor
+    from lenscap.core.executors import RayExecutor
 
     src = write_image_dataset(tmp_path / "in", 30, per_shard=10).path
     victim = Dataset(src).read_table(1).column("key")[4].as_py()
@@ -190,7 +190,7 @@ def test_a_worker_killed_mid_shard_is_retried_without_duplicates(tmp_path, ray_c
 
 def test_a_worker_killed_for_good_fails_its_shard_only(tmp_path, ray_cluster):
     """Out of retries: the shard is reported failed (exit code 1), the others are kept; a rerun finishes."""
-    from lenscap.executors import RayExecutor
+    from lenscap.core.executors import RayExecutor
 
     src = write_image_dataset(tmp_path / "in", 20, per_shard=10).path
     victim = Dataset(src).read_table(0).column("key")[2].as_py()
@@ -205,7 +205,7 @@ def test_a_worker_killed_for_good_fails_its_shard_only(tmp_path, ray_cluster):
 
 def _killing_backend(marker: str, after: int) -> Any:
     """The openai backend, whose worker dies right after its ``after``-th caption arrives, once."""
-    from lenscap.backends.openai_chat import OpenAIChatBackend
+    from lenscap.caption.backends.openai_chat import OpenAIChatBackend
 
     class KillingBackend(OpenAIChatBackend):
         def caption_all(self, requests, on_result):  # noqa: ANN001
@@ -228,9 +228,9 @@ def _killing_backend(marker: str, after: int) -> Any:
 
 
 def test_a_killed_caption_worker_repeats_no_paid_request(tmp_path, ray_cluster, monkeypatch):
-    from lenscap.captioning.prompts import load_prompt
-    from lenscap.executors import RayExecutor
-    from lenscap.stages.caption import CaptionStage
+    from lenscap.caption.prompts import load_prompt
+    from lenscap.caption.stage import CaptionStage
+    from lenscap.core.executors import RayExecutor
 
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
     src = write_image_dataset(tmp_path / "in", 24, per_shard=8).path

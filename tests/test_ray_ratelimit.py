@@ -10,17 +10,17 @@ import time
 
 import pytest
 
-from lenscap.backends.openai_chat import OpenAIChatBackend
-from lenscap.captioning.cluster_limits import AccountLimits
-from lenscap.captioning.prompts import load_prompt
-from lenscap.captioning.ratelimit import BURST_S
-from lenscap.dataset import Dataset
+from lenscap.caption.backends.openai_chat import OpenAIChatBackend
+from lenscap.caption.cluster_limits import AccountLimits
+from lenscap.caption.prompts import load_prompt
+from lenscap.caption.ratelimit import BURST_S
+from lenscap.caption.stage import CaptionStage
+from lenscap.core.dataset import Dataset
+from lenscap.core.executors import RayExecutor
+from lenscap.core.job import run_stage
+from lenscap.core.progress import make_progress
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAI
-from lenscap.executors import RayExecutor
-from lenscap.progress import make_progress
-from lenscap.runner import run_stage
-from lenscap.stages.caption import CaptionStage
+from lenscap.testing.fake_openai import FakeOpenAI
 
 RPM = 600  # 10 requests/s: slower than the workers could go, a few seconds per run
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli_here
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
 
 RECIPE = """
 input = "{urls}"
@@ -54,7 +54,7 @@ PATHS = [f"/ok/{i}.jpg" for i in range(6)] + ["/redirect", "/small.png"]
 @pytest.fixture(autouse=True)
 def _no_log_file_after():
     """Commands run in this process: a --log-file given to one is not kept for the next test."""
-    from lenscap.progress import set_log_file
+    from lenscap.core.progress import set_log_file
 
     yield
     set_log_file(None)
@@ -236,7 +236,7 @@ def test_lens_recaption_keeps_samples_of_a_url_list_without_alt_text(tmp_path, i
     assert by_stage["caption"]["samples"] == 4 and by_stage["shard"]["summary"]["samples"] == 4
     assert "run: filter: 4 in, 4 kept, 0 dropped; " in text
     # where there is alt-text, the recipe's filter still drops a one-word one (DataComp's rule)
-    from lenscap.recipe import load_recipe
+    from lenscap.run.recipe import load_recipe
 
     where = next(s for s in load_recipe("lens-recaption").stages if s.run == "filter").options["where"]
     import duckdb
@@ -251,7 +251,7 @@ def test_shipped_recipes_say_what_they_do():
     import typer.main
 
     from lenscap.cli import app
-    from lenscap.recipe import SHIPPED, load_recipe
+    from lenscap.run.recipe import SHIPPED, load_recipe
 
     refresh = load_recipe("refresh")
     assert [s.run for s in refresh.stages] == ["new-urls", "download", "filter", "dedup", "caption", "release"]

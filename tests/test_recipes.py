@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
 
 RECIPE = """
 input = "{urls}"
@@ -214,7 +214,7 @@ def test_a_second_run_is_locked_out_and_logs_go_to_a_file(tmp_path, image_server
     urls = write_urls(tmp_path / "urls.csv", image_server, OK_PATHS[:3])
     recipe = write_recipe(tmp_path, urls, tmp_path / "work")
     hold = (
-        "import sys, time\nfrom lenscap.lock import DirLock\nwith DirLock(sys.argv[1], 'x'):\n"
+        "import sys, time\nfrom lenscap.core.lock import DirLock\nwith DirLock(sys.argv[1], 'x'):\n"
         "    print('held', flush=True)\n    time.sleep(60)\n"
     )
     holder = subprocess.Popen(
@@ -240,7 +240,7 @@ def test_shipped_recipes_give_their_commands_valid_flags(recipe):
     import typer.main
 
     from lenscap.cli import app
-    from lenscap.recipe import _PLACEHOLDERS, COMMANDS, _flags, load_recipe
+    from lenscap.run.recipe import _PLACEHOLDERS, COMMANDS, _flags, load_recipe
 
     commands = typer.main.get_command(app).commands
     loaded = load_recipe(recipe)

@@ -10,9 +10,9 @@ import re
 import pytest
 from conftest import run_cli_here
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.demo.fake_openai import FakeOpenAI, FakeSettings
+from lenscap.testing.fake_openai import FakeOpenAI, FakeSettings
 
 KEY = "sk-test-redo-0123456789"
 REDONE = ["000000001", "000000004", "000000007", "000000009"]  # two in each shard

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 import pytest
 from conftest import run_cli
 
-from lenscap import mirror
-from lenscap.dataset import Dataset
-from lenscap.demo.images import jpeg_bytes, scene
+from lenscap.core import mirror
+from lenscap.core.dataset import Dataset
+from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.demo.server import Route
 from lenscap.inspect import inspect_dataset
 
@@ -187,7 +187,7 @@ def test_a_failure_mid_upload_leaves_the_shard_incomplete_and_the_rerun_uploads_
     """The upload of the last shard dies before its stats file (the completion marker) is up: that shard
     is not complete remotely, and the rerun uploads the copy committed in the mirror instead of
     downloading it (so it does not start img2dataset at all)."""
-    from lenscap.stages.download import DownloadOptions, download
+    from lenscap.download.command import DownloadOptions, download
 
     out = f"{bucket}/raw"
     real_pipe = s3_store.pipe_file  # the one cached filesystem instance, which the stage's Dataset uses too
@@ -236,6 +236,6 @@ def test_download_into_s3_on_ray_stages_in_the_bucket(bucket, s3_store, url_list
     assert r.returncode == 0, r.stderr
     assert snapshot(out) == reference.after
     assert remote_names(s3_store, out) == FINISHED  # the staging in the bucket is gone
-    from lenscap.stages.download import _Job
+    from lenscap.download.command import _Job
 
     assert _Job(Dataset(out), ray=True).staging == f"{out}/.lenscap/img2dataset"  # where every node can write

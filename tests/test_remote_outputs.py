@@ -25,7 +25,7 @@ from fsspec.implementations.memory import MemoryFileSystem
 from test_dedup import make_planted
 from test_remote_storage import snapshot as rows_and_members
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
 from lenscap.inspect import inspect_dataset
 
 DEDUP = ("--processes", "1", "--quiet")

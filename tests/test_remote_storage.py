@@ -14,11 +14,11 @@ import fsspec
 import pytest
 from conftest import run_cli_here as cli
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
+from lenscap.core.storage import is_remote, redact_url
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.inputs import InputSpec, read_url_tables, resolve_input_files
+from lenscap.download.inputs import InputSpec, read_url_tables, resolve_input_files
 from lenscap.inspect import inspect_dataset
-from lenscap.storage import is_remote, redact_url
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ def test_remote_output_resumes_after_a_kill_mid_upload(tmp_path, mem, local_in, 
     assert remote.completed_ids() == [0, 2] and fs.exists(f"{root}/00001.parquet")
     assert remote.read_manifest()["complete"] is False  # type: ignore[index]
     assert inspect_dataset(out)["shards"]["incomplete"] == 1
-    from lenscap.stages.caption import CaptionStage
+    from lenscap.caption.stage import CaptionStage
 
     captioned = []
     real_run = CaptionStage.run_shard
@@ -235,8 +235,8 @@ def test_credentials_are_never_recorded(tmp_path, mem, local_in):
     assert redact_url("simplecache::s3://k:s@bucket/ds") == "simplecache::s3://bucket/ds"
     assert redact_url(str(tmp_path)) == str(tmp_path) and not is_remote(tmp_path) and not is_remote("file:///x")
     # storage options (where keys go in the library) travel with the dataset, never into a record
-    from lenscap.runner import run_stage
-    from lenscap.stages.filter import FilterStage
+    from lenscap.core.job import run_stage
+    from lenscap.filter.stage import FilterStage
 
     secret = {"client_kwargs": {"token": "hunter2-secret"}}
     upload(local_in, f"{mem}/in")

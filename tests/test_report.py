@@ -13,10 +13,10 @@ from conftest import run_cli
 from PIL import Image
 
 from lenscap.audit import FLAGS
-from lenscap.dataset import Dataset
-from lenscap.demo.images import jpeg_bytes, photo
-from lenscap.record import Sample
-from lenscap.report import audit_thumbnails, write_report
+from lenscap.core.dataset import Dataset
+from lenscap.core.record import Sample
+from lenscap.demo.pictures import jpeg_bytes, photo
+from lenscap.report.html import audit_thumbnails, write_report
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 

@@ -11,13 +11,13 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from lenscap.dataset import Dataset
-from lenscap.errors import DatasetError
-from lenscap.layout import shard_name
-from lenscap.progress import make_progress
-from lenscap.record import Sample
-from lenscap.runner import run_stage
-from lenscap.stages.base import ShardStage
+from lenscap.core.dataset import Dataset
+from lenscap.core.errors import DatasetError
+from lenscap.core.job import run_stage
+from lenscap.core.layout import shard_name
+from lenscap.core.progress import make_progress
+from lenscap.core.record import Sample
+from lenscap.core.stage import ShardStage
 
 SHARDS = 3
 PER_SHARD = 5

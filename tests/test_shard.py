@@ -18,9 +18,9 @@ import pytest
 import yaml
 from conftest import run_cli
 
-from lenscap.dataset import Dataset
-from lenscap.demo.images import jpeg_bytes, photo
-from lenscap.record import Sample
+from lenscap.core.dataset import Dataset
+from lenscap.core.record import Sample
+from lenscap.demo.pictures import jpeg_bytes, photo
 
 N = 240
 TARGET = 400_000
@@ -251,7 +251,7 @@ def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, source):
 def test_tar_headers_match_tarfile_and_scanning_reads_pax(tmp_path):
     import io
 
-    from lenscap.tario import TarOut, _header, scan_members
+    from lenscap.core.tario import TarOut, _header, scan_members
 
     for name, size in (("000000001.jpg", 12345), ("a" * 100, 0), ("k.json", 8**11 - 1)):
         info = tarfile.TarInfo(name)
@@ -288,7 +288,7 @@ def test_samples_larger_than_the_target_get_a_shard_each(tmp_path, source, shuff
 def test_a_small_export_has_at_least_min_shards(tmp_path, source, shuffle):
     """One 500MB target would hold it all: cut into --min-shards (default 8) even shards instead, so
     every worker of an 8-worker loader has a shard; never more shards than samples."""
-    from lenscap.export.job import ExportOptions, run_export
+    from lenscap.shard.command import ExportOptions, run_export
 
     src, images = source
     summary = export(src, tmp_path / "eight", *shuffle)  # the CLI's default
@@ -304,8 +304,8 @@ def test_a_small_export_has_at_least_min_shards(tmp_path, source, shuffle):
 
 
 def test_min_shards_is_checked_and_defaults_to_8():
-    from lenscap.errors import UsageError
-    from lenscap.export.job import ExportOptions
+    from lenscap.core.errors import UsageError
+    from lenscap.shard.command import ExportOptions
 
     assert ExportOptions().min_shards == 8
     with pytest.raises(UsageError, match="--min-shards must be at least 1"):
@@ -326,7 +326,7 @@ def test_an_export_of_0_samples_exits_7_with_a_card_saying_so(tmp_path):
     assert "This export is empty" in card and "| download: failed_to_download | 1 |" in card
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {}
 
-    from lenscap.export.job import ExportResult
+    from lenscap.shard.command import ExportResult
 
     assert ExportResult("x", samples=0, empty=True).exit_code == 7
     assert ExportResult("x", 2, 2, 10).exit_code == 0

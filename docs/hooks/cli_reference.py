@@ -163,7 +163,7 @@ def _command_section(path: list[str], command: Any) -> list[str]:
 def _backend_defaults(caption_flags: set[str]) -> list[str]:
     """caption's backend options default per backend (the flags' own default is the backend's)."""
     try:
-        from lenscap.backends import describe_backends
+        from lenscap.caption.backends import describe_backends
 
         found = [b for b in describe_backends() if "error" not in b and "built-in" in b.get("source", "")]
     except Exception:  # pragma: no cover - the table is an extra

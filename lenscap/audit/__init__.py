@@ -25,13 +25,13 @@ from lenscap.audit.measures import FLAGS, READ_COLUMNS, AuditSettings, check_scr
 from lenscap.audit.scan import scan
 from lenscap.audit.source import ParquetFiles, open_captioned
 from lenscap.audit.summary import check_rules, compare, find_duplicates, parse_rules, summarise, top_openings
-from lenscap.dataset import Dataset
-from lenscap.errors import UsageError
-from lenscap.stages.base import Stage
+from lenscap.core.dataset import Dataset
+from lenscap.core.errors import UsageError
+from lenscap.core.stage import Stage
 
 if TYPE_CHECKING:
-    from lenscap.executors import Executor
-    from lenscap.progress import Progress
+    from lenscap.core.executors import Executor
+    from lenscap.core.progress import Progress
 
 __all__ = ["AuditOptions", "audit", "AuditStage", "FLAGS", "EXIT_RULE_BROKEN"]
 
@@ -73,7 +73,7 @@ def audit(
     """Audit the captions of ``path`` (and compare them with ``compare_with``'s); with ``out``, also
     write the dataset with one column per flag there. Returns the ``--json`` object; its
     ``exit_code`` is 6 when a ``fail_on`` rule is broken, 1 when a shard could not be read."""
-    from lenscap.executors import LocalExecutor
+    from lenscap.core.executors import LocalExecutor
 
     options = options or AuditOptions()
     options.validate()
@@ -198,8 +198,8 @@ def _write_out(
 ) -> dict[str, Any]:
     from dataclasses import asdict
 
-    from lenscap.progress import make_progress
-    from lenscap.runner import run_stage
+    from lenscap.core.job import run_stage
+    from lenscap.core.progress import make_progress
 
     samples = np.sort(np.fromfile(scanned.duplicates.file, np.int64))
     shards, starts = np.unique(samples >> 32, return_index=True)

@@ -198,7 +198,7 @@ def check_script(script: str) -> None:
     try:
         pc.match_substring_regex(pa.array(["a"]), rf"[^\p{{{script}}}\PL]")
     except pa.ArrowInvalid:
-        from lenscap.errors import UsageError
+        from lenscap.core.errors import UsageError
 
         raise UsageError(f"--script {script!r} is not a Unicode script name (Latin, Cyrillic, Han, Arabic ...)") from None
 

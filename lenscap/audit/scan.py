@@ -26,7 +26,7 @@ from lenscap.audit.measures import FLAGS, READ_COLUMNS, AuditSettings, Measured,
 from lenscap.audit.source import ParquetFiles
 from lenscap.audit.spill import Spill
 from lenscap.audit.text import KMV
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
 
 __all__ = ["Tally", "ScanJob", "Scan", "scan", "MAX_WORDS"]
 

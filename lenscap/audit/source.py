@@ -12,8 +12,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lenscap.dataset import Dataset
-from lenscap.errors import DatasetError
+from lenscap.core.dataset import Dataset
+from lenscap.core.errors import DatasetError
 
 __all__ = ["ParquetFiles", "open_captioned"]
 

@@ -17,8 +17,8 @@ from lenscap.audit.measures import FLAGS, LENGTH_BAND, PRESET_WORDS
 from lenscap.audit.scan import Scan, Tally
 from lenscap.audit.spill import Spill
 from lenscap.audit.text import mix
-from lenscap.errors import UsageError
-from lenscap.sql import literal, out_of_core
+from lenscap.core.errors import UsageError
+from lenscap.core.sql import literal, out_of_core
 
 __all__ = [
     "Duplicates",

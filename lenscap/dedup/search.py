@@ -29,15 +29,15 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from lenscap.dataset import Dataset
+from lenscap.core.commits import atomic_write_json
+from lenscap.core.dataset import Dataset
+from lenscap.core.errors import UsageError
+from lenscap.core.executors import Executor
+from lenscap.core.sql import literal, out_of_core
 from lenscap.dedup.phash import ALGORITHM
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.tables import split_near_pairs
 from lenscap.dedup.unionfind import UnionFind
-from lenscap.errors import UsageError
-from lenscap.executors import Executor
-from lenscap.journal import atomic_write_json
-from lenscap.sql import literal, out_of_core
 
 __all__ = ["DedupOptions", "Source", "find_duplicates", "REASONS"]
 

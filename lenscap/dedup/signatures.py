@@ -17,10 +17,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from lenscap.dataset import Dataset
+from lenscap.core.dataset import Dataset
+from lenscap.core.record import Sample
+from lenscap.core.stage import Stage
 from lenscap.dedup.phash import ALGORITHM, phash
-from lenscap.record import Sample
-from lenscap.stages.base import Stage
 
 __all__ = ["SignatureStage", "SIGNATURE_SCHEMA", "caption_digest"]
 

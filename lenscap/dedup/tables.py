@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from lenscap.core.commits import atomic_write_json
+from lenscap.core.errors import LenscapError
+from lenscap.core.executors import Executor, LocalExecutor, RayExecutor
+from lenscap.core.sql import literal, out_of_core
 from lenscap.dedup.pigeonhole import PigeonholePlan, create_outputs, table_pairs
-from lenscap.errors import LenscapError
-from lenscap.executors import Executor, LocalExecutor, RayExecutor
-from lenscap.journal import atomic_write_json
-from lenscap.sql import literal, out_of_core
 
 __all__ = ["TableJob", "split_near_pairs", "memory_share"]
 

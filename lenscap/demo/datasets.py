@@ -9,9 +9,9 @@ from pathlib import Path
 import pyarrow as pa
 from PIL import Image
 
-from lenscap.dataset import Dataset
-from lenscap.demo.images import jpeg_bytes, scene, scene_caption
-from lenscap.record import SUCCESS, Sample
+from lenscap.core.dataset import Dataset
+from lenscap.core.record import SUCCESS, Sample
+from lenscap.demo.pictures import jpeg_bytes, scene, scene_caption
 
 __all__ = ["write_image_dataset", "DOWNLOAD_SCHEMA"]
 

@@ -1,0 +1,1 @@
+"""``lenscap caption``: captions from a backend, resumable without paying twice."""

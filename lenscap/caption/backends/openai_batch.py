@@ -1,0 +1,287 @@
+"""Batch backends: the same requests as ``--backend openai``, written to files instead of sent one by one.
+
+``openai-batch`` uploads the files to OpenAI's Batch API (half price, results within 24 hours);
+``batch-files`` leaves them in a directory for ``vllm run-batch`` or any runner of the OpenAI batch
+format, and collects the output files that appear next to them. Both are driven by
+``lenscap.caption.batch``; these classes only know how to move one file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from abc import abstractmethod
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lenscap.caption.backends.base import CaptionRequest, CaptionResult, Option
+from lenscap.caption.backends.openai_chat import COMMON_OPTIONS, OpenAIChatBackend
+from lenscap.core.errors import BackendError, UsageError
+
+__all__ = ["OpenAIBatchBackend", "BatchFilesBackend", "BatchOptions", "ApiTransport", "FilesTransport", "TERMINAL"]
+
+TERMINAL = ("completed", "failed", "expired", "cancelled")
+
+BATCH_OPTIONS = (
+    Option("wait", bool, False, "Poll until every batch is done (default: submit, collect what is ready, exit)."),
+    Option("poll_interval", float, 60.0, "Seconds between polls with --wait."),
+    Option("max_requests_per_file", int, 50_000, "Requests per batch file (the API allows 50,000)."),
+    Option("max_file_mb", float, 200.0, "MB per batch file (the API allows 200)."),
+    Option(
+        "max_enqueued_tokens",
+        int,
+        None,
+        "The account's batch queue limit, in input tokens of the batches in flight: files "
+        "are submitted as the queue has room (default: learned from the API's token_limit_exceeded).",
+    ),
+    Option("max_retries", int, 3, "Rounds of new batches for requests that got no answer (expired, 5xx, ...)."),
+    Option(
+        "keep_outputs",
+        bool,
+        False,
+        "Keep each merged batch's output and error files, gzip-compressed, under "
+        ".lenscap/batch/outputs/ (default: deleted once their answers are in the journals).",
+    ),
+)
+
+
+@dataclass
+class BatchOptions:
+    max_requests_per_file: int = 50_000
+    max_file_bytes: int = 200 * 1024 * 1024
+    max_enqueued_tokens: int | None = None
+    max_rounds: int = 3
+    wait: bool = False
+    poll_interval_s: float = 60.0
+    keep_outputs: bool = False
+
+    def validate(self) -> None:
+        if not 1 <= self.max_requests_per_file <= 50_000:
+            raise UsageError(f"--max-requests-per-file must be between 1 and 50000, not {self.max_requests_per_file}")
+        if not 1 <= self.max_file_bytes <= 200 * 1024 * 1024:
+            raise UsageError("--max-file-mb must be more than 0 and at most 200")
+        if self.max_enqueued_tokens is not None and self.max_enqueued_tokens < 1:
+            raise UsageError("--max-enqueued-tokens must be positive")
+        if self.max_rounds < 0:
+            raise UsageError("--max-retries must be at least 0")
+        if self.poll_interval_s <= 0:
+            raise UsageError("--poll-interval must be positive")
+
+
+class _BatchBackend(OpenAIChatBackend):
+    runs_as_batch = True
+    options = COMMON_OPTIONS + BATCH_OPTIONS
+    batch: BatchOptions
+
+    @classmethod
+    def from_options(cls, values: dict[str, Any]) -> _BatchBackend:
+        v = cls.parse_options(values)
+        online = {k: v[k] for k in values if k not in {o.name for o in BATCH_OPTIONS}}
+        backend = super().from_options(online)
+        assert isinstance(backend, _BatchBackend)
+        backend.batch = BatchOptions(
+            max_requests_per_file=v["max_requests_per_file"],
+            max_file_bytes=int(v["max_file_mb"] * 1024 * 1024),
+            max_enqueued_tokens=v["max_enqueued_tokens"],
+            max_rounds=v["max_retries"],
+            wait=v["wait"],
+            poll_interval_s=v["poll_interval"],
+            keep_outputs=v["keep_outputs"],
+        )
+        backend.batch.validate()
+        return backend
+
+    def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
+        raise UsageError(f"the {self.name} backend runs as a batch job, not request by request")
+
+    @abstractmethod
+    def transport(self, work_dir: Path) -> Any:
+        """How this backend moves one batch file (upload, create, poll, fetch, cancel)."""
+
+
+class OpenAIBatchBackend(_BatchBackend):
+    """OpenAI's Batch API: half price, results within 24 hours; rerun (or --wait) to collect."""
+
+    name = "openai-batch"
+    batch_priced = True
+
+    def transport(self, work_dir: Path) -> ApiTransport:
+        return ApiTransport(self)
+
+
+class BatchFilesBackend(_BatchBackend):
+    """Batch files for vllm run-batch (or any OpenAI-batch-format runner): no server, no key, no cost."""
+
+    name = "batch-files"
+    needs_key = False
+    priced = False
+    options = tuple(o for o in COMMON_OPTIONS if o.name not in ("base_url", "api_key_env", "timeout", "prices")) + BATCH_OPTIONS
+
+    def price(self, input_tokens: int, output_tokens: int) -> float | None:
+        return None  # a local model costs nothing anyone can price
+
+    def check(self) -> None:
+        pass
+
+    def transport(self, work_dir: Path) -> FilesTransport:
+        return FilesTransport(work_dir / "files")
+
+
+class ApiTransport:
+    """One file's trip through OpenAI's Files and Batches endpoints (synchronous client: a few calls
+    per 50,000 requests)."""
+
+    def __init__(self, backend: OpenAIChatBackend) -> None:
+        import openai
+
+        self.backend = backend
+        self._openai = openai
+        # The SDK retries these rare calls itself (connection errors, 429, 5xx), with backoff.
+        self.client = openai.OpenAI(
+            base_url=backend.base_urls[0], api_key=backend._api_key, max_retries=5, timeout=max(backend.options.timeout, 600.0)
+        )
+
+    def _fail(self, what: str, e: Exception) -> BackendError:
+        return BackendError(f"{what}: {self.backend.scrub(str(e))}")
+
+    @staticmethod
+    def remote_name(job_id: str, name: str) -> str:
+        """Uploads carry the job id, so a crashed run can tell its own file among the account's."""
+        return f"lenscap-{job_id[:12]}-{name}.jsonl"
+
+    # How far back, before the step began, a search looks: clocks differ, and an upload takes minutes.
+    SEARCH_MARGIN_S = 3600
+
+    def find_upload(self, filename: str, since: float = 0.0) -> str | None:
+        """A file uploaded by an earlier run that died before recording it. The list is newest first, so the
+        search stops at files made well before the upload began (``since``), not at the account's oldest."""
+        for f in self.client.files.list(purpose="batch"):
+            if f.filename == filename:
+                return f.id
+            if f.created_at < since - self.SEARCH_MARGIN_S:
+                return None
+        return None
+
+    def upload(self, path: Path, filename: str) -> str:
+        try:
+            with open(path, "rb") as fh:
+                return self.client.files.create(file=(filename, fh), purpose="batch").id
+        except self._openai.APIError as e:
+            raise self._fail(f"uploading {filename} failed", e) from None
+
+    def find_batch(self, metadata: dict[str, str], since: float = 0.0) -> str | None:
+        """A batch created by an earlier run that died before recording it, found by its metadata (newest
+        first, down to batches made well before the create began)."""
+        for b in self.client.batches.list(limit=100):
+            if b.metadata and all(b.metadata.get(k) == v for k, v in metadata.items()):
+                return b.id
+            if b.created_at < since - self.SEARCH_MARGIN_S:
+                return None
+        return None
+
+    def create(self, file_id: str, metadata: dict[str, str]) -> str:
+        try:
+            return self.client.batches.create(
+                input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", metadata=metadata
+            ).id
+        except self._openai.APIError as e:
+            raise self._fail("creating a batch failed", e) from None
+
+    def poll(self, batch_id: str, expected: int | None = None) -> dict[str, Any]:
+        b = self.client.batches.retrieve(batch_id)
+        data = b.errors.data if b.errors and b.errors.data else []
+        return {
+            "status": b.status,
+            "output_file_id": b.output_file_id,
+            "error_file_id": b.error_file_id,
+            "counts": b.request_counts.model_dump() if b.request_counts else None,
+            "errors": [e.message or "" for e in data],
+            "codes": [e.code or "" for e in data],
+        }
+
+    def fetch(self, file_id: str | None) -> bytes:
+        return self.client.files.content(file_id).content if file_id else b""
+
+    def cancel(self, batch_id: str) -> None:
+        self.client.batches.cancel(batch_id)
+
+    def forget(self, file_ids: list[str | None]) -> None:
+        """A merged batch's input, output and error files leave the account's file storage (which is
+        capped), best effort: a file left behind costs storage, never an answer."""
+        for file_id in file_ids:
+            if file_id:
+                try:
+                    self.client.files.delete(file_id)
+                except self._openai.APIError:
+                    pass
+
+
+class FilesTransport:
+    """Batch files in a directory: ``input/NAME.jsonl`` written by lenscap, ``output/NAME.jsonl``
+    written by the runner (``vllm run-batch -i ... -o ...``)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        (root / "input").mkdir(parents=True, exist_ok=True)
+        (root / "output").mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def remote_name(job_id: str, name: str) -> str:
+        return f"{name}.jsonl"
+
+    def find_upload(self, filename: str, since: float = 0.0) -> str | None:
+        return filename if (self.root / "input" / filename).exists() else None
+
+    def upload(self, path: Path, filename: str) -> str:
+        tmp = self.root / "input" / f".{filename}.tmp"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(path, tmp)  # the same bytes, not a second copy on disk
+        except OSError:
+            shutil.copyfile(path, tmp)
+        tmp.replace(self.root / "input" / filename)
+        return filename
+
+    def find_batch(self, metadata: dict[str, str], since: float = 0.0) -> str | None:
+        return None
+
+    def create(self, file_id: str, metadata: dict[str, str]) -> str:
+        return file_id
+
+    def poll(self, batch_id: str, expected: int | None = None) -> dict[str, Any]:
+        out = self.root / "output" / batch_id
+        if not out.exists():
+            return {"status": "in_progress", "output_file_id": None, "error_file_id": None, "counts": None, "errors": []}
+        with open(out, "rb") as f:
+            lines = sum(1 for line in f if line.strip())
+        # A runner writing the file is not done until every request has its line.
+        done = expected is None or lines >= expected
+        return {
+            "status": "completed" if done else "in_progress",
+            "output_file_id": batch_id if done else None,
+            "error_file_id": None,
+            "counts": {"completed": lines},
+            "errors": [],
+        }
+
+    def fetch(self, file_id: str | None) -> bytes:
+        return (self.root / "output" / file_id).read_bytes() if file_id else b""
+
+    def cancel(self, batch_id: str) -> None:
+        pass
+
+    def forget(self, file_ids: list[str | None]) -> None:
+        """A merged batch's input and the runner's output leave the directory."""
+        for file_id in file_ids:
+            if file_id:
+                (self.root / "input" / file_id).unlink(missing_ok=True)
+                (self.root / "output" / file_id).unlink(missing_ok=True)
+
+    def commands(self, model: str) -> list[str]:
+        return [
+            f"vllm run-batch -i {p} -o {self.root / 'output' / p.name} --model {model}"
+            for p in sorted((self.root / "input").glob("*.jsonl"))
+            if not (self.root / "output" / p.name).exists()
+        ]

@@ -1,0 +1,592 @@
+"""``--backend openai``: any server that speaks OpenAI's chat-completions API, through the official
+``openai`` client (OpenAI, Azure OpenAI's v1 endpoint, vLLM, Ollama, LM Studio, ...).
+
+One asyncio pool per shard: ``concurrency`` requests in flight, each first admitted by its
+endpoint's rate limiter. The SDK's own retries are off; ours (tenacity) retry 429s, 5xx, timeouts,
+dropped connections and malformed replies with exponential backoff and jitter, and a 429 pauses
+every request to that endpoint for the server's ``retry-after``. After the last attempt the sample
+gets ``caption_status=error`` and the message. Problems with the job itself (key rejected, model
+unknown, server unreachable) stop the run with one message instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from lenscap.caption.backends.base import ERROR, OK, REFUSED, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult, Option
+from lenscap.caption.image_prep import UnreadableImage, prepare_image
+from lenscap.caption.pricing import PriceTable, image_tokens, text_tokens
+from lenscap.caption.ratelimit import EndpointLimiter
+from lenscap.core.errors import BackendError, LenscapError, Outage, UsageError
+
+if TYPE_CHECKING:
+    from lenscap.core.executors import Executor
+
+__all__ = ["OpenAIChatBackend", "OpenAIOptions", "COMMON_OPTIONS", "DEFAULT_MODEL"]
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_MODEL = "gpt-4.1-mini"  # caption's default model; estimate's too
+DETAILS = ("low", "high", "auto")
+# The model answered, but with a refusal instead of a caption (when the API does not flag it).
+_REFUSAL_RE = re.compile(r"^\s*(I'm sorry|I am sorry|Sorry,|I can(no|')t|I'm unable|I am unable|I won't)\b", re.IGNORECASE)
+_REASONING_RE = re.compile(r"^(o\d|gpt-5)")
+# The same server error this many times before any success means the job is wrong (an unsupported
+# parameter, an unknown model, a server failing every request), not the images: stop instead of
+# marking every sample failed.
+_BREAKER_THRESHOLD = 5
+# Server-side failures in a row, with no success between, after which an endpoint counts as down:
+# traffic moves to the others, and when all are down, requests wait and probe one at a time.
+_OUTAGE_AFTER = 5
+
+
+COMMON_OPTIONS = (
+    Option("model", str, DEFAULT_MODEL, "Model name as the server knows it."),
+    Option(
+        "base_url",
+        str,
+        [],
+        "API base URL (default: $OPENAI_BASE_URL or OpenAI); repeat for a pool of deployments.",
+        repeated=True,
+    ),
+    Option("api_key_env", str, "OPENAI_API_KEY", "Name of the environment variable holding the API key (not the key)."),
+    Option("max_tokens", int, 300, "Most output tokens per caption."),
+    Option("temperature", float, None, "Sampling temperature (default: the server's)."),
+    Option("detail", str, "low", "Image detail.", choices=("low", "high", "auto")),
+    Option("max_side", int, 512, "Longest image side in pixels after downscaling, before upload."),
+    Option("timeout", float, 60.0, "Seconds to wait for one reply."),
+    Option("prices", str, None, "JSON or TOML price file overriding the built-in table (USD per 1M tokens)."),
+)
+ONLINE_OPTIONS = (
+    Option("rpm", float, None, "Requests per minute per endpoint (default: from the server's rate-limit headers)."),
+    Option("tpm", float, None, "Tokens per minute per endpoint (default: from the server's rate-limit headers)."),
+    Option("concurrency", int, 32, "Requests in flight per process."),
+    Option("max_retries", int, 5, "Retries per request on 429, 5xx, timeouts, connection errors, malformed replies."),
+    Option(
+        "outage_timeout",
+        float,
+        300.0,
+        "Seconds every endpoint may fail every request before the run stops (exit 1), "
+        "leaving the unanswered samples for the rerun.",
+    ),
+)
+
+
+@dataclass
+class OpenAIOptions:
+    model: str
+    base_urls: list[str] = field(default_factory=list)
+    api_key_env: str = "OPENAI_API_KEY"
+    max_tokens: int = 300
+    temperature: float | None = None
+    detail: str = "low"
+    max_side: int = 512
+    rpm: float | None = None
+    tpm: float | None = None
+    concurrency: int = 32
+    timeout: float = 60.0
+    max_retries: int = 5
+    outage_timeout: float = 300.0
+    process_share: float = 1.0  # this process's part of the limits when several processes share them
+    prices: PriceTable = field(default_factory=PriceTable)
+
+    def validate(self) -> None:
+        if not self.model:
+            raise UsageError("--model is required for the openai backend")
+        if self.detail not in DETAILS:
+            raise UsageError(f"--detail must be one of {', '.join(DETAILS)}, not {self.detail!r}")
+        for name, value, low in (
+            ("--max-tokens", self.max_tokens, 1),
+            ("--max-side", self.max_side, 16),
+            ("--concurrency", self.concurrency, 1),
+            ("--max-retries", self.max_retries, 0),
+        ):
+            if value < low:
+                raise UsageError(f"{name} must be at least {low}, not {value}")
+        for name, value in (
+            ("--rpm", self.rpm),
+            ("--tpm", self.tpm),
+            ("--timeout", self.timeout),
+            ("--outage-timeout", self.outage_timeout),
+        ):
+            if value is not None and value <= 0:
+                raise UsageError(f"{name} must be positive, not {value}")
+        if self.temperature is not None and not 0 <= self.temperature <= 2:
+            raise UsageError(f"--temperature must be between 0 and 2, not {self.temperature}")
+        for url in self.base_urls:
+            parsed = urlparse(url)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise UsageError(f"--base-url {url!r} is not an http(s) URL")
+
+
+def _is_loopback(url: str) -> bool:
+    host = urlparse(url).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _public_url(url: str) -> str:
+    """The URL without credentials or query (some gateways put keys there): safe for manifests."""
+    p = urlparse(url)
+    netloc = p.hostname or ""
+    if p.port:
+        netloc += f":{p.port}"
+    return p._replace(netloc=netloc, query="", fragment="").geturl()
+
+
+def resolve_api_key(env_name: str, base_urls: list[str]) -> str:
+    """The key from the named variable. A server on this machine (vLLM, Ollama) needs none."""
+    key = os.environ.get(env_name, "").strip()
+    if key:
+        return key
+    if base_urls and all(_is_loopback(u) for u in base_urls):
+        return "no-key"
+    raise BackendError(f"no API key: set the environment variable {env_name} (or name another with --api-key-env)")
+
+
+class MalformedReply(Exception):
+    """A 200 whose body is not a usable chat completion."""
+
+
+class _Endpoint:
+    def __init__(self, url: str, limiter: EndpointLimiter) -> None:
+        self.url = url
+        self.limiter = limiter
+        self.client: Any = None
+        self.failures = 0  # server-side failures (5xx, timeouts, dropped connections) since its last success
+
+    @property
+    def down(self) -> bool:
+        return self.failures >= _OUTAGE_AFTER
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "client": None}  # opened per shard, in the worker
+
+
+class OpenAIChatBackend(CaptionBackend):
+    """Any OpenAI-compatible chat-completions server (OpenAI, Azure, vLLM serve, Ollama), request by request."""
+
+    name = "openai"
+    needs_key = True
+    priced = True
+    options = COMMON_OPTIONS + ONLINE_OPTIONS
+    batch_priced = False  # the Batch API bills half
+
+    @classmethod
+    def from_options(cls, values: dict[str, Any]) -> OpenAIChatBackend:
+        v = cls.parse_options(values)
+        fields = OpenAIOptions.__dataclass_fields__
+        kwargs = {k: v[k] for k in v if k in fields and k not in ("prices", "base_urls")}
+        return cls(OpenAIOptions(**kwargs, base_urls=list(v.get("base_url") or []), prices=PriceTable.load(v.get("prices"))))
+
+    def set_processes(self, processes: int) -> None:
+        self.options.process_share = 1.0 / max(1, processes)
+        for ep in self.endpoints:
+            for bucket in (ep.limiter.requests, ep.limiter.tokens):
+                bucket.share = self.options.process_share
+
+    def share_limits(self, executor: Executor) -> None:
+        """On a Ray cluster every worker takes its turns from one actor holding the account's limits,
+        so nothing is split (``--processes`` does not apply) and an idle worker's part goes to the others."""
+        from lenscap.core.executors import RayExecutor
+
+        if not isinstance(executor, RayExecutor):
+            for ep in self.endpoints:
+                ep.limiter.use_account(None, "")
+            return
+        from lenscap.caption.cluster_limits import start_account_limits
+
+        account = start_account_limits(
+            executor.connect(), {ep.url: (self.options.rpm, self.options.tpm) for ep in self.endpoints}
+        )
+        self.set_processes(1)
+        for ep in self.endpoints:
+            ep.limiter.use_account(account, ep.url)
+
+    def has_price(self) -> bool:
+        return self.options.prices.price(self.model) is not None
+
+    def __init__(self, options: OpenAIOptions) -> None:
+        options.validate()
+        self.options = options
+        self.model = options.model
+        urls = options.base_urls or [os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL]
+        self.base_urls = [u.rstrip("/") for u in urls]
+        self._api_key = resolve_api_key(options.api_key_env, self.base_urls) if self.needs_key else "no-key"
+        self.endpoints = [_Endpoint(u, EndpointLimiter(options.rpm, options.tpm, options.process_share)) for u in self.base_urls]
+
+    # -- description ----------------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "backend": self.name,
+            "model": o.model,
+            "max_tokens": o.max_tokens,
+            "temperature": o.temperature,
+            "detail": o.detail,
+            "max_side": o.max_side,
+        }
+
+    def parameters(self) -> dict[str, Any]:
+        o = self.options
+        hosts = [_public_url(u) for u in self.base_urls]
+        return {
+            **self.identity(),
+            "base_urls": hosts,
+            "key_variable": o.api_key_env,
+            "rpm": o.rpm,
+            "tpm": o.tpm,
+            "concurrency": o.concurrency,
+            "timeout": o.timeout,
+            "max_retries": o.max_retries,
+        }
+
+    def scrub(self, text: str) -> str:
+        """Error text as shown to users: never the key, even if a server echoes it."""
+        return text.replace(self._api_key, "***") if self._api_key and self._api_key != "no-key" else text
+
+    # -- costs ----------------------------------------------------------------------------------
+
+    def _fit(self, width: int, height: int) -> tuple[int, int]:
+        s = min(1.0, self.options.max_side / max(width, height, 1))
+        return max(1, round(width * s)), max(1, round(height * s))
+
+    def _input_estimate(self, width: int, height: int, request: CaptionRequest) -> int:
+        text = text_tokens(request.instruction) + (text_tokens(request.system) if request.system else 0)
+        return text + image_tokens(self.model, *self._fit(width, height), self.options.detail)
+
+    def estimate_cost(self, width: int, height: int, request: CaptionRequest) -> float:
+        return self.price(self._input_estimate(width, height, request), self.options.max_tokens) or 0.0
+
+    def price(self, input_tokens: int, output_tokens: int) -> float | None:
+        """USD for this usage, or None when the model's price is unknown."""
+        return self.options.prices.cost(self.model, input_tokens, output_tokens, batch=self.batch_priced)
+
+    # -- checks ---------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Reach every endpoint once (``GET /models``): a wrong URL or key fails here, not per sample."""
+        import openai
+
+        for url in self.base_urls:
+            client = openai.OpenAI(base_url=url, api_key=self._api_key, max_retries=1, timeout=min(self.options.timeout, 20.0))
+            try:
+                client.models.list()
+            except openai.AuthenticationError as e:
+                raise BackendError(
+                    f"{url} rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}"
+                ) from None
+            except openai.PermissionDeniedError as e:
+                raise BackendError(f"{url} denied access: {self.scrub(_message(e))}") from None
+            except openai.APIConnectionError as e:
+                cause = e.__cause__ or e
+                raise BackendError(f"cannot reach {url}: {self.scrub(str(cause) or type(cause).__name__)}") from None
+            except openai.APIStatusError:
+                pass  # servers without /models (or a proxy in front) still caption
+            finally:
+                client.close()
+
+    # -- captioning -----------------------------------------------------------------------------
+
+    def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
+        try:
+            asyncio.run(self._run(iter(requests), on_result))
+        except BaseExceptionGroup as group:
+            # A fatal backend error in one task cancels the others; report it, not the group.
+            fatal = [e for e in _leaves(group) if isinstance(e, LenscapError)]
+            if fatal:
+                raise fatal[0] from None
+            raise next(iter(_leaves(group))) from None
+
+    async def _run(self, requests: Iterator[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
+        import openai
+
+        for ep in self.endpoints:
+            ep.client = openai.AsyncOpenAI(base_url=ep.url, api_key=self._api_key, max_retries=0, timeout=self.options.timeout)
+            ep.failures = 0
+        self._last_success = time.monotonic()
+        self._answered = False  # before any answer, failures are the job's (the breaker below), not an outage
+        self._probe = asyncio.Lock()
+        breaker = _FirstErrorsBreaker(on_result)
+        try:
+
+            async def worker() -> None:
+                for request in requests:  # pulled lazily, shared by all workers (one thread: no lock needed)
+                    breaker.report(await self._caption_one(request))
+
+            async with asyncio.TaskGroup() as tg:
+                for _ in range(self.options.concurrency):
+                    tg.create_task(worker())
+            breaker.flush()
+        finally:
+            for ep in self.endpoints:
+                await ep.client.close()
+
+    def _pick(self, tokens: float) -> _Endpoint:
+        if len(self.endpoints) == 1:
+            return self.endpoints[0]
+        healthy = [ep for ep in self.endpoints if not ep.down] or self.endpoints
+        return min(healthy, key=lambda ep: ep.limiter.expected_wait(tokens))
+
+    def build_body(self, request: CaptionRequest) -> tuple[dict[str, Any], int]:
+        """The chat-completions request body for one image, and its estimated input tokens.
+        Raises ``UnreadableImage``. Shared with the batch backends, which write it to a file."""
+        image = prepare_image(request.image, self.options.max_side)
+        content: list[dict[str, Any]] = [
+            {"type": "text", "text": request.instruction},
+            {"type": "image_url", "image_url": {"url": image.data_url(), "detail": self.options.detail}},
+        ]
+        messages: list[dict[str, Any]] = [{"role": "user", "content": content}]
+        if request.system:
+            messages.insert(0, {"role": "system", "content": request.system})
+        # Reasoning models take only max_completion_tokens; other servers (vLLM, Ollama) know max_tokens.
+        limit_name = "max_completion_tokens" if _REASONING_RE.match(self.model) else "max_tokens"
+        body: dict[str, Any] = {"model": self.model, "messages": messages, limit_name: self.options.max_tokens}
+        if self.options.temperature is not None:
+            body["temperature"] = self.options.temperature
+        return body, self._input_estimate(image.width, image.height, request)
+
+    async def _caption_one(self, request: CaptionRequest) -> CaptionResult:
+        try:
+            body, estimate = self.build_body(request)
+        except UnreadableImage as e:
+            return CaptionResult(request.key, ERROR, error=str(e))
+        try:
+            completion = await self._call(body, estimate + self.options.max_tokens)
+        except _SampleError as e:
+            return CaptionResult(request.key, ERROR, error=self.scrub(str(e)))
+        return self.interpret(request.key, completion, estimate)
+
+    async def _call(self, kwargs: dict[str, Any], tokens: float) -> Any:
+        """One completion, with retries. When every endpoint is down after answering earlier in the run
+        (an outage, not this image; a server that never answered is the breaker's), the request waits
+        and is sent again, one request at a time as a probe, until an endpoint answers or
+        ``--outage-timeout`` has passed since the last success: then ``Outage`` stops the run, and no
+        sample that the outage failed is recorded as an error."""
+        while True:
+            try:
+                return await self._attempts(kwargs, tokens)
+            except _SampleError as e:
+                if not (e.transient and self._answered and all(ep.down for ep in self.endpoints)):
+                    raise
+                failed = e
+            async with self._probe:  # one probe at a time while down; the others queue behind it
+                down_for = time.monotonic() - self._last_success
+                if down_for > self.options.outage_timeout:
+                    raise Outage(
+                        f"no caption endpoint has answered for {down_for:.0f}s (last: {self.scrub(str(failed))}); "
+                        "the run stopped, and the samples left unanswered are asked on the rerun"
+                    ) from None
+                if all(ep.down for ep in self.endpoints):
+                    await asyncio.sleep(min(30.0, max(1.0, down_for / 8)))
+                    try:
+                        return await self._attempts(kwargs, tokens)
+                    except _SampleError as e:
+                        if not e.transient:
+                            raise
+                        failed = e
+
+    async def _attempts(self, kwargs: dict[str, Any], tokens: float) -> Any:
+        import openai
+        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+        backoff = wait_exponential_jitter(initial=0.5, max=30.0)
+
+        def wait(state: Any) -> float:
+            # After a 429 the endpoint's limiter already holds every request for retry-after.
+            exc = state.outcome.exception() if state.outcome else None
+            return 0.0 if isinstance(exc, openai.RateLimitError) else backoff(state)
+
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(self.options.max_retries + 1),
+                retry=retry_if_exception(_retryable),
+                wait=wait,
+                reraise=True,
+            ):
+                with attempt:
+                    ep = self._pick(tokens)
+                    await ep.limiter.acquire(tokens)
+                    sent = time.monotonic()
+                    try:
+                        raw = await ep.client.chat.completions.with_raw_response.create(**kwargs)
+                    except openai.RateLimitError as e:
+                        ep.limiter.on_rate_limited(e.response.headers, backoff(attempt.retry_state), time.monotonic() - sent)
+                        raise
+                    except openai.APIStatusError as e:
+                        ep.limiter.observe(e.response.headers, time.monotonic() - sent)
+                        if e.status_code >= 500:
+                            ep.failures += 1
+                        raise
+                    except (openai.APIConnectionError, openai.APITimeoutError):
+                        ep.failures += 1
+                        raise
+                    finally:
+                        ep.limiter.learned()  # a failed probe must not hold the others forever
+                    ep.limiter.observe(raw.headers, time.monotonic() - sent)
+                    try:
+                        completion = raw.parse()
+                    except (ValueError, openai.APIResponseValidationError) as e:
+                        raise MalformedReply(f"malformed reply: {e}") from None
+                    if not getattr(completion, "choices", None) or completion.choices[0].message is None:
+                        raise MalformedReply("malformed reply: no choices")
+                    ep.failures = 0
+                    self._last_success = time.monotonic()
+                    self._answered = True
+                    return completion
+        except openai.AuthenticationError as e:
+            raise BackendError(
+                f"the server rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}"
+            ) from None
+        except openai.PermissionDeniedError as e:
+            raise BackendError(f"permission denied: {self.scrub(_message(e))}") from None
+        except openai.NotFoundError as e:
+            raise BackendError(f"model {self.model!r}: {self.scrub(_message(e))}") from None
+        except openai.APIStatusError as e:
+            raise _SampleError(
+                f"HTTP {e.status_code}: {_message(e)}", bad_request=e.status_code in (400, 422), transient=e.status_code >= 500
+            ) from None
+        except openai.APITimeoutError:
+            raise _SampleError(
+                f"timed out after {self.options.timeout:g}s ({self.options.max_retries + 1} attempts)", transient=True
+            ) from None
+        except openai.APIConnectionError as e:
+            raise _SampleError(
+                f"connection failed ({self.options.max_retries + 1} attempts): {_describe(e.__cause__ or e)}", transient=True
+            ) from None
+        except MalformedReply as e:
+            raise _SampleError(f"{e} ({self.options.max_retries + 1} attempts)") from None
+        raise AssertionError("unreachable")
+
+    def interpret(self, key: str, completion: Any, estimate: int) -> CaptionResult:
+        """A chat completion (the SDK's object) as a caption outcome, priced."""
+        choice = completion.choices[0]
+        message = choice.message
+        usage = getattr(completion, "usage", None)
+        in_tok = getattr(usage, "prompt_tokens", None) if usage else None
+        out_tok = getattr(usage, "completion_tokens", None) if usage else None
+        text = (message.content or "").strip()
+        if in_tok is None:
+            in_tok = estimate
+        if out_tok is None:
+            out_tok = text_tokens(text)
+        cost = self.price(in_tok, out_tok)
+        result = CaptionResult(key, OK, input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
+        refusal = getattr(message, "refusal", None)
+        if refusal:
+            result.status, result.error = REFUSED, f"refused: {refusal}"
+        elif choice.finish_reason == "content_filter":
+            result.status, result.error = REFUSED, "refused: the server's content filter stopped the reply"
+        elif choice.finish_reason == "length":
+            result.status = TRUNCATED
+            result.error = f"reply cut at --max-tokens {self.options.max_tokens}: {text}"
+        elif not text:
+            result.status, result.error = ERROR, "empty reply"
+        elif _REFUSAL_RE.match(text) and len(text.split()) < 40:
+            result.status, result.error = REFUSED, f"refused: {text}"
+        else:
+            result.caption = " ".join(text.split())
+        return result
+
+
+class _SampleError(Exception):
+    def __init__(self, message: str, bad_request: bool = False, transient: bool = False) -> None:
+        super().__init__(message)
+        self.bad_request = bad_request
+        self.transient = transient  # the server's failure (5xx, timeout, connection), not the request's
+
+
+class _FirstErrorsBreaker:
+    """Holds the server's errors until the next success: only an answer after them shows that the
+    server is up and the error was the sample's own. Until then they are not recorded, so a run that
+    stops (an ``Outage``) leaves those samples for the rerun. The same error five times before any
+    success is the job's problem (an unsupported parameter, a model the server does not have, a
+    server that fails every request), not five images' problems: the run stops with it."""
+
+    def __init__(self, on_result: Callable[[CaptionResult], None]) -> None:
+        self.on_result = on_result
+        self.held: list[CaptionResult] = []
+        self.seen_success = False
+
+    def report(self, result: CaptionResult) -> None:
+        error = result.error or ""
+        if result.status == ERROR and _server_error(error):
+            self.held.append(result)
+            if not self.seen_success and len(self.held) >= _BREAKER_THRESHOLD and len({r.error for r in self.held}) == 1:
+                raise BackendError(
+                    f"the server failed the first {len(self.held)} requests with: {error}; "
+                    "nothing was recorded for them: fix the job (or wait for the server) and rerun"
+                )
+            return
+        if result.status != ERROR:
+            self.seen_success = True
+            self.flush()
+        self.on_result(result)
+
+    def flush(self) -> None:
+        held, self.held = self.held, []
+        for r in held:
+            self.on_result(r)
+
+
+def _server_error(error: str) -> bool:
+    """An error the server (or the way to it) gave, not one of the image's own (a 400 about the image)."""
+    if error.startswith("HTTP "):
+        return "image" not in error.lower()
+    return error.startswith(("timed out", "connection failed", "malformed reply"))
+
+
+def _message(e: Any) -> str:
+    """What the server said, from the body shapes servers use: OpenAI's ``error.message``, a bare
+    ``message`` or ``error`` string, FastAPI's ``detail`` (a string, or a list of ``msg``); never empty."""
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            return str(inner["message"])
+        if isinstance(inner, str) and inner:
+            return inner
+        if body.get("message"):
+            return str(body["message"])
+        detail = body.get("detail")
+        if isinstance(detail, str) and detail:
+            return detail
+        if isinstance(detail, list) and detail:
+            return "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
+    text = str(getattr(e, "message", None) or e)
+    if text.startswith("Error code: ") and isinstance(body, str) and body.strip():
+        return body.strip()[:300]  # a body that is not JSON: its text, not the SDK's "Error code: 400"
+    return text or _describe(e)
+
+
+def _describe(e: BaseException) -> str:
+    """An exception as one line that says something: its text, else its type."""
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _retryable(e: BaseException) -> bool:
+    import openai
+
+    if isinstance(e, (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError, MalformedReply)):
+        return True
+    return isinstance(e, openai.APIStatusError) and (e.status_code in (408, 409) or e.status_code >= 500)
+
+
+def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
+    for e in group.exceptions:
+        if isinstance(e, BaseExceptionGroup):
+            yield from _leaves(e)
+        else:
+            yield e

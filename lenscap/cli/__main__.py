@@ -1,0 +1,3 @@
+from lenscap.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""What every command shares: the dataset directory, the job driver, options, errors, results."""

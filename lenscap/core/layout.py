@@ -1,0 +1,80 @@
+"""The names in a dataset directory, and nothing else: which file is which shard's, and what marks one complete.
+
+out/
+  00000.tar          KEY.jpg, KEY.txt, KEY.json for every successful sample (only where images are held)
+  00000.parquet      one row per input sample of the shard, failed ones included
+  00000_stats.json   written last: its presence means the shard is complete
+  lenscap.json       the manifest (``lenscap.core.manifest``)
+  .lenscap/          private working state of the command that writes this directory: its lock,
+                     claim, commit journals (``lenscap.core.commits``), journals of paid requests
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+import pyarrow as pa
+
+__all__ = [
+    "MANIFEST_NAME",
+    "WORK_DIR_NAME",
+    "OLD_WORK_DIR_NAME",
+    "IMAGE_EXT",
+    "IMAGE_OFFSET",
+    "IMAGE_SIZE",
+    "IMAGE_COLUMNS",
+    "shard_name",
+    "tar_name",
+    "parquet_name",
+    "stats_name",
+    "completed_in",
+    "shards_in",
+    "adopt_old_work_dir",
+]
+
+MANIFEST_NAME = "lenscap.json"
+WORK_DIR_NAME = ".lenscap"
+OLD_WORK_DIR_NAME = "_lenscap"  # lenscap before 0.2
+IMAGE_EXT = "jpg"
+# Where a row's image lies in its shard's tar, in the dataset holding the images.
+IMAGE_OFFSET, IMAGE_SIZE = "image_offset", "image_size"
+IMAGE_COLUMNS = (pa.field(IMAGE_OFFSET, pa.int64()), pa.field(IMAGE_SIZE, pa.int64()))
+_STATS_RE = re.compile(r"^(\d+)_stats\.json$")
+_SHARD_FILE_RE = re.compile(r"^(\d+)\.(tar|parquet)$")
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:05d}"
+
+
+def tar_name(shard_id: int) -> str:
+    return f"{shard_name(shard_id)}.tar"
+
+
+def parquet_name(shard_id: int) -> str:
+    return f"{shard_name(shard_id)}.parquet"
+
+
+def stats_name(shard_id: int) -> str:
+    return f"{shard_name(shard_id)}_stats.json"
+
+
+def completed_in(names: Iterable[str]) -> list[int]:
+    """The shards that ``names`` (a directory's entries) mark complete: those with ``_stats.json``."""
+    return sorted(int(m.group(1)) for name in names if (m := _STATS_RE.match(name)))
+
+
+def shards_in(names: Iterable[str]) -> list[int]:
+    """Every shard with any file among ``names``, complete or not."""
+    return sorted({int(m.group(1)) for name in names if (m := _STATS_RE.match(name) or _SHARD_FILE_RE.match(name))})
+
+
+def adopt_old_work_dir(path: Path) -> None:
+    """Rename the private directory of lenscap before 0.2 (``_lenscap/``: journals of paid requests,
+    job state) to today's, so that an upgrade asks nothing again."""
+    old = path / OLD_WORK_DIR_NAME
+    if old.is_dir() and not (path / WORK_DIR_NAME).exists():
+        os.rename(old, path / WORK_DIR_NAME)

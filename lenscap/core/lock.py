@@ -1,0 +1,177 @@
+"""One writer per output directory: a lock file that a dead process cannot leave behind for good.
+
+The lock file holds the owner's host, pid and process start time. Taking it is an exclusive create;
+if it exists, the owner is checked: on this host, a pid that is gone, or that now belongs to a
+process started at another time (a reused pid), marks the lock stale, and it is taken over (said
+on stderr). A lock held by a live process, or by another host (a shared filesystem: its liveness
+cannot be checked from here), is refused with ``Locked`` (exit code 5), naming the owner.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from types import TracebackType
+
+from lenscap.core.errors import DatasetError, Locked
+from lenscap.core.layout import WORK_DIR_NAME, adopt_old_work_dir
+from lenscap.core.progress import log
+from lenscap.core.storage import require_local
+
+__all__ = ["DirLock", "output_lock"]
+
+_HELD: dict[str, int] = {}  # lock files this process holds, with how many times
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (Linux), to tell a reused pid apart."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    now = _start_time(pid)
+    return started is None or now is None or now == started
+
+
+class DirLock:
+    """``with DirLock(path):`` holds ``path`` (the lock file) for this process."""
+
+    def __init__(self, path: str | os.PathLike[str], what: str) -> None:
+        self.path = Path(path)
+        self.what = what  # the output it protects, for messages
+
+    def _owner(self) -> dict[str, object]:
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started": _start_time(os.getpid()),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "command": " ".join(sys.argv[:4]),
+        }
+
+    def acquire(self) -> None:
+        key = str(self.path.resolve())
+        if key in _HELD:  # this process holds it already (a command whose passes each lock the output)
+            _HELD[key] += 1
+            return
+        # Directories made only for the lock go again at release if nothing else was put in them,
+        # so a command that fails its checks leaves no trace.
+        self._made = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()][::-1]
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise DatasetError(f"cannot write {self.what}: {e.strerror or e}") from None
+        for _ in range(100):  # a stale lock is removed and the create retried; another process may race us
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                if not self._stale(quiet=True):
+                    raise Locked(
+                        f"{self.what} is being written by another lenscap process ({self._describe()}); "
+                        "wait for it to finish, or stop it"
+                    ) from None
+                self._break_stale()
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(json.dumps(self._owner()).encode())
+            _HELD[key] = 1
+            return
+        raise Locked(f"cannot take the lock on {self.what}: {self.path} keeps reappearing")
+
+    def _read(self) -> dict[str, object] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _describe(self) -> str:
+        owner = self._read() or {}
+        return f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}: {owner.get('command')}"
+
+    def _break_stale(self) -> None:
+        """Remove the stale lock, under a second lock (``lock.break``) and after checking it again there:
+        two processes that both found it stale must not both go on, the second deleting the lock the
+        first has just taken (as filelock's SoftFileLock re-checks before it deletes)."""
+        breaker = self.path.with_name(self.path.name + ".break")
+        try:
+            fd = os.open(breaker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:  # another process is breaking it: look again after it
+            try:
+                if time.time() - breaker.stat().st_mtime > 10:  # its breaker died mid-break
+                    breaker.unlink(missing_ok=True)
+            except OSError:
+                pass
+            time.sleep(0.05)
+            return
+        try:
+            os.close(fd)
+            if self._stale():  # still the dead owner's, not one a racer took meanwhile
+                self.path.unlink(missing_ok=True)
+        finally:
+            breaker.unlink(missing_ok=True)
+
+    def _stale(self, quiet: bool = False) -> bool:
+        owner = self._read()
+        if owner is None:  # unreadable or half-written: its writer died between create and write, or is writing now
+            try:
+                return time.time() - self.path.stat().st_mtime > 10
+            except OSError:
+                return True
+        if owner.get("host") != socket.gethostname():
+            return False
+        if _alive(int(owner["pid"]), owner.get("started")):  # type: ignore[arg-type]
+            return False
+        if not quiet:
+            log(f"taking over the lock on {self.what} from pid {owner.get('pid')}, which is gone")
+        return True
+
+    def release(self) -> None:
+        key = str(self.path.resolve())
+        if _HELD.get(key, 0) > 1:
+            _HELD[key] -= 1
+            return
+        _HELD.pop(key, None)
+        owner = self._read()
+        if owner is not None and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
+            self.path.unlink(missing_ok=True)
+        for made in reversed(getattr(self, "_made", [])):
+            try:
+                made.rmdir()
+            except OSError:
+                break  # not empty: the command wrote something there
+
+    def __enter__(self) -> DirLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.release()
+
+
+def output_lock(out_dir: str | os.PathLike[str]) -> DirLock:
+    """The lock of an output directory: ``OUT/.lenscap/lock``, whatever the command.
+
+    Always a local directory: a remote dataset's lock is taken on its local mirror (``Dataset.path``),
+    so a URL here is a command that writes no remote output. A private directory of lenscap before
+    0.2 (``_lenscap/``: journals of paid requests, job state) is renamed first, so nothing is asked again.
+    """
+    require_local(out_dir, "the output directory of this command")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"output directory {out_dir} exists and is a file")
+    adopt_old_work_dir(out)
+    return DirLock(out / WORK_DIR_NAME / "lock", str(out_dir))

@@ -1,0 +1,108 @@
+"""DuckDB: out of core for the global steps (dedup's search, the shuffled export plan), sandboxed for
+SQL a user wrote (``filter --where``, ``caption --redo``, ``estimate --where``), and one way to put a
+value in a statement that takes no parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+__all__ = ["check_condition", "literal", "out_of_core", "rows_where", "run_on_no_rows", "sandboxed", "user_expression"]
+
+# A connection that runs SQL a user typed (or a recipe carried) reads only the tables registered on
+# it: no file, no URL, no extension, no ATTACH, no COPY ... TO, and no SET that would undo this.
+_SANDBOX = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "lock_configuration": True,
+}
+
+
+def literal(value: str | Path) -> str:
+    """An SQL string literal (paths and sizes go into statements such as SET and COPY ... TO)."""
+    text = value.as_posix() if isinstance(value, Path) else value
+    return "'" + text.replace("'", "''") + "'"
+
+
+def out_of_core(memory_limit: str, spill_dir: Path, threads: int | None = None) -> Any:
+    """A DuckDB connection held to ``memory_limit`` that spills to ``spill_dir`` beyond it."""
+    import duckdb
+
+    spill_dir.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect()
+    con.execute(f"SET memory_limit = {literal(memory_limit)}")
+    con.execute(f"SET temp_directory = {literal(spill_dir)}")
+    con.execute("SET preserve_insertion_order = false")
+    if threads:
+        con.execute(f"SET threads = {int(threads)}")
+    return con
+
+
+def sandboxed() -> Any:
+    """An in-memory DuckDB connection for user SQL: only what is registered on it can be read."""
+    import duckdb
+
+    return duckdb.connect(config=dict(_SANDBOX))
+
+
+def user_expression(text: str, flag: str) -> str:
+    """``text`` parsed as one SQL expression and written back by DuckDB, so nothing around it (a
+    closing parenthesis, a second statement, a comment) can change the query it is put in. Anything
+    else is a ``UsageError`` naming ``flag``."""
+    import duckdb
+
+    from lenscap.core.errors import UsageError
+
+    try:
+        return str(duckdb.SQLExpression(text))
+    except duckdb.Error as e:
+        raise UsageError(f"{flag} must be one SQL expression over the dataset's columns ({str(e).splitlines()[0]})") from None
+
+
+def check_condition(text: str, flag: str, schema: pa.Schema, where: str) -> str:
+    """``text`` (one SQL expression, ``user_expression``) as a row condition, null counting as false,
+    run on no rows of ``schema`` first: an empty or bad expression, an unknown column or a file it
+    would read is one ``UsageError`` here (naming the columns there are), before any work."""
+    from lenscap.core.errors import UsageError
+
+    if not text.strip():
+        raise UsageError(f"{flag} is empty; give an SQL expression over the dataset's columns, or leave it out")
+    condition = f"coalesce(({user_expression(text, flag)}), false)"
+    run_on_no_rows(f"SELECT key FROM t WHERE {condition}", schema.empty_table(), f"{flag} cannot run on {where}")
+    return condition
+
+
+def run_on_no_rows(query: str, empty: pa.Table, what: str) -> None:
+    """Run a query holding a user's SQL on ``empty`` (table ``t``, no rows), sandboxed: a bad expression,
+    an unknown column or a file it would read is one ``UsageError`` (``what: why``, naming the columns
+    there are) before any work."""
+    import duckdb
+
+    from lenscap.core.errors import UsageError
+
+    con = sandboxed()
+    try:
+        con.register("t", empty)
+        con.execute(query).fetchall()
+    except duckdb.Error as e:
+        message = str(e).splitlines()[0]
+        if isinstance(e, duckdb.BinderException):
+            message += f" (columns: {', '.join(empty.column_names)})"
+        raise UsageError(f"{what}: {message}") from None
+    finally:
+        con.close()
+
+
+def rows_where(table: pa.Table, condition: str, select: str = "key") -> list[tuple[Any, ...]]:
+    """``SELECT select FROM table WHERE condition`` on a connection of its own that can read nothing
+    else, since the condition is a user's."""
+    con = sandboxed()
+    try:
+        con.register("t", table)
+        return con.execute(f"SELECT {select} FROM t WHERE {condition}").fetchall()
+    finally:
+        con.close()

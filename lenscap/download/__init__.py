@@ -1,0 +1,1 @@
+"""``lenscap download``: URL lists into a dataset directory, through img2dataset."""

@@ -1,0 +1,218 @@
+"""What lenscap adds inside img2dataset's worker processes, and the entry point of its subprocess.
+
+img2dataset (pinned to the version these hooks were written against) spawns its workers and
+sends them its resizer by pickle. Handing it ``GuardedResizer`` instead of its own ``Resizer``
+makes every worker import this module, which:
+
+- installs a URL opener that speaks only http and https (img2dataset's urllib would also read
+  ``file://`` and ``data:`` URLs, a local-file leak for untrusted URL lists), and connects only to
+  globally routable addresses unless ``--allow-private-network`` (``lenscap.download.netguard``: checked on
+  the resolved address, on every redirect hop);
+- checks each downloaded body before OpenCV decodes it, so HTML served as a JPEG, truncated files
+  and decompression bombs get a status naming the problem instead of OpenCV's generic one or an
+  out-of-memory kill.
+
+With a ``progress_dir`` in the config, the webdataset writer is wrapped too (``CountingWriter``), so
+that lenscap's progress counts samples as they are written rather than shards as they finish.
+
+``main(PARENT_PID)`` is the subprocess's entry point, with the config on stdin
+(``img2dataset_process.Img2datasetProcess`` starts it): in its own process group, its output sent
+to a log file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import io
+import json
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+
+from img2dataset.resizer import Resizer
+from img2dataset.writer import WebDatasetSampleWriter
+from PIL import Image
+
+from lenscap.download import netguard
+
+# The package re-exports a function named ``main`` over its module of that name: fetch the module.
+_i2d_main = importlib.import_module("img2dataset.main")
+
+DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's DecompressionBombError threshold
+
+
+class _OnlyHttpHandler(urllib.request.BaseHandler):
+    """Answers every scheme without a handler (file, ftp, data, ...) with a clear refusal."""
+
+    handler_order = 10_000
+
+    def unknown_open(self, req: urllib.request.Request):  # noqa: D401 - urllib's hook name
+        raise urllib.error.URLError(f"unsupported URL scheme {req.type!r}: only http and https are fetched")
+
+
+def build_http_only_opener() -> urllib.request.OpenerDirector:
+    opener = urllib.request.OpenerDirector()
+    for handler in (
+        _OnlyHttpHandler,
+        urllib.request.ProxyHandler,  # honours http_proxy / https_proxy / no_proxy, as urllib's default does
+        netguard.GuardedHTTPHandler,
+        netguard.GuardedHTTPSHandler,
+        urllib.request.HTTPDefaultErrorHandler,
+        urllib.request.HTTPRedirectHandler,  # refuses redirects to non-http schemes itself
+        urllib.request.HTTPErrorProcessor,
+    ):
+        opener.add_handler(handler())
+    return opener
+
+
+urllib.request.install_opener(build_http_only_opener())
+# check_image_bytes applies --max-pixels itself (above or below Pillow's own limit), with a clearer message.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def check_image_bytes(data: bytes, max_pixels: int) -> str | None:
+    """Why these bytes are not a usable image, or None. Reads headers only: cheap per image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            width, height = im.size
+            fmt = im.format
+    except Exception:  # noqa: BLE001 - any failure to identify means "not an image"
+        head = data[:24].decode("latin-1").strip()
+        if head.lower().startswith(("<!doctype", "<html", "<?xml", "<head", "<body")):
+            return f"not an image: the server sent HTML or XML ({len(data)} bytes starting {head[:15]!r})"
+        return f"not an image: unrecognised format ({len(data)} bytes)"
+    if width * height > max_pixels:
+        return f"decompression bomb: {width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}"
+    tail = data[-4096:]
+    if fmt == "JPEG" and b"\xff\xd9" not in tail:
+        return f"truncated image: JPEG without its end marker ({len(data)} bytes)"
+    if fmt == "PNG" and b"IEND" not in tail:
+        return f"truncated image: PNG without its IEND chunk ({len(data)} bytes)"
+    if fmt == "GIF" and not data.rstrip(b"\x00").endswith(b"\x3b"):
+        return f"truncated image: GIF without its trailer ({len(data)} bytes)"
+    if fmt == "WEBP" and len(data) < int.from_bytes(data[4:8], "little") + 8:
+        return f"truncated image: WebP shorter than its header says ({len(data)} bytes)"
+    return None
+
+
+class GuardedResizer(Resizer):
+    """img2dataset's resizer, after a header-level check of the downloaded bytes."""
+
+    def __init__(self, *args, max_pixels: int = DEFAULT_MAX_PIXELS, allow_private_network: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_pixels = max_pixels
+        self.allow_private_network = allow_private_network
+
+    def __setstate__(self, state: dict) -> None:
+        # img2dataset's workers receive the resizer by pickle before they fetch anything (a spawned
+        # process, a Ray task on another node): the network rule travels with it.
+        self.__dict__.update(state)
+        netguard.allow_private_network(self.__dict__.get("allow_private_network", False))
+
+    def __call__(self, img_stream, blurring_bbox_list=None):
+        # A Ray worker (img2dataset's ray distributor) never ran main() below: the same second line here.
+        os.environ.setdefault("OPENCV_IO_MAX_IMAGE_PIXELS", str(self.max_pixels))
+        img_stream.seek(0)
+        problem = check_image_bytes(img_stream.getvalue(), self.max_pixels)
+        if problem is not None:
+            return None, None, None, None, None, problem
+        img_stream.seek(0)
+        return super().__call__(img_stream, blurring_bbox_list)
+
+
+class CountingWriter:
+    """img2dataset's webdataset writer, counting each sample as it is written: one byte appended to
+    ``PROGRESS_DIR/SHARD.ok`` or ``SHARD.failed``, so the sizes of those files are the shard's
+    successes and failures so far. lenscap's progress reads them (``download._LiveSamples``): a stat
+    per file, no parsing, and nothing read from the shard's tar or parquet while they are written.
+
+    A shard started again (img2dataset's retry of a failed shard, a rerun) starts its counts again.
+    """
+
+    def __init__(self, progress_dir: str, shard_id: int, output_folder: str, *args, **kwargs) -> None:
+        self._inner = WebDatasetSampleWriter(shard_id, output_folder, *args, **kwargs)
+        self._counts = {}
+        try:
+            os.makedirs(progress_dir, exist_ok=True)
+            for outcome in ("ok", "failed"):
+                self._counts[outcome] = open(os.path.join(progress_dir, f"{int(shard_id)}.{outcome}"), "wb", buffering=0)
+        except OSError:
+            self._close_counts()  # progress is a nicety: the download goes on without it
+
+    def write(self, img_str, key, caption, meta) -> None:
+        self._inner.write(img_str, key, caption, meta)
+        f = self._counts.get("ok" if meta.get("status") == "success" else "failed")
+        if f is not None:
+            try:
+                f.write(b".")
+            except OSError:
+                self._close_counts()
+
+    def close(self) -> None:
+        self._inner.close()
+        self._close_counts()
+
+    def _close_counts(self) -> None:
+        for f in self._counts.values():
+            with contextlib.suppress(OSError):
+                f.close()
+        self._counts = {}
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the lenscap process that started us dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def main(parent: int) -> int:
+    _die_with_parent()
+    # We lead our own process group (start_new_session): take img2dataset's workers down with us.
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
+    if os.getppid() != parent:  # lenscap died before PR_SET_PDEATHSIG took effect
+        return 3
+    # lenscap starts us before it has read the URL list, so that img2dataset's imports (above, over
+    # a second) overlap that work. The config arrives on stdin; nothing arrives if it is not needed.
+    message = sys.stdin.buffer.read()
+    if not message:
+        return 0
+    request = json.loads(message)
+    with open(request["log_file"], "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+    config = request["download"]
+    max_pixels = int(config.pop("max_pixels"))
+    allow_private = bool(config.pop("allow_private_network", False))
+    netguard.allow_private_network(allow_private)
+    ray_address = config.pop("ray_address", None)
+    if ray_address:  # img2dataset's ray distributor runs its tasks on the cluster we join here
+        # Joined as lenscap joins any cluster: a Ray that lenscap started on loopback is joined there.
+        from lenscap.core.executors import connect_ray
+
+        connect_ray(ray_address)
+    # OpenCV refuses to allocate for images beyond this, a second line behind check_image_bytes.
+    os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
+
+    def resizer_factory(*args, **kwargs):
+        return GuardedResizer(*args, max_pixels=max_pixels, allow_private_network=allow_private, **kwargs)
+
+    _i2d_main.Resizer = resizer_factory  # the one name download() constructs its resizer by
+    progress_dir = config.pop("progress_dir", None)
+    if progress_dir and config.get("output_format") == "webdataset":
+        # Pickled to each worker (a partial of a class this module defines): counts as samples are written.
+        _i2d_main.WebDatasetSampleWriter = functools.partial(CountingWriter, progress_dir)
+    _i2d_main.download(**config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))

@@ -1,0 +1,1 @@
+"""``lenscap estimate``: tokens, cost and wall time before spending anything."""

@@ -1,0 +1,1 @@
+"""``lenscap filter``: cheap rules, then content annotators; every drop explained."""

@@ -1,0 +1,298 @@
+"""``lenscap filter``: cheap rules first, content annotators second, every drop explained.
+
+Per shard, the cheap rules (download status, sizes, bytes, caption length, ``--where``) run as one
+DuckDB query over the shard's parquet (image sizes are its ``image_size`` column): no image is read.
+Only samples that pass them are read and decoded, once, for the blocklist and the annotators,
+cheapest first; the first drop stops the rest. Every row stays in the parquet with
+``filter_status`` (kept, dropped, error), ``filter_reason`` (the rule) and ``filter_detail`` (the
+values); a dropped sample loses its image (its offsets become null), so later stages skip it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+from PIL import Image
+
+from lenscap.core.dataset import Dataset
+from lenscap.core.errors import UsageError
+from lenscap.core.layout import IMAGE_SIZE
+from lenscap.core.record import SUCCESS, Sample
+from lenscap.core.sql import run_on_no_rows, sandboxed, user_expression
+from lenscap.core.stage import Stage
+from lenscap.filter.annotators.base import Annotator
+
+__all__ = ["FilterRules", "FilterStage", "load_blocklist"]
+
+KEPT, DROPPED, ERROR = "kept", "dropped", "error"
+_HEX_RE = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-f]{64})$")
+_WORDS = "(CASE WHEN caption IS NULL OR trim(caption) = '' THEN 0 ELSE len(regexp_split_to_array(trim(caption), '\\s+')) END)"
+
+
+@dataclass
+class FilterRules:
+    min_side: int | None = None
+    max_aspect: float | None = None
+    min_bytes: int | None = None
+    caption_min_words: int | None = None
+    caption_max_words: int | None = None
+    status: str = SUCCESS  # "success": drop failed downloads; "any": keep them
+    where: str | None = None
+
+    def checks(self) -> list[tuple[str, str, str]]:
+        """(rule, SQL that is true when the sample fails it, SQL for the detail), in order."""
+        out: list[tuple[str, str, str]] = []
+        if self.status != "any":
+            out.append(("status", f"status IS DISTINCT FROM '{self.status}'", "'status ' || coalesce(status, 'null')"))
+        if self.min_side is not None:
+            out.append(
+                (
+                    "min-side",
+                    f"coalesce(least(width, height), 0) < {int(self.min_side)}",
+                    f"printf('shorter side %s < %d', coalesce(least(width, height)::VARCHAR, 'unknown'), {int(self.min_side)})",
+                )
+            )
+        if self.max_aspect is not None:
+            ratio = "(greatest(width, height)::DOUBLE / nullif(least(width, height), 0))"
+            out.append(
+                (
+                    "max-aspect",
+                    f"coalesce({ratio} > {float(self.max_aspect)}, true)",
+                    f"printf('aspect ratio %s > %s', coalesce(round({ratio}, 2)::VARCHAR, 'unknown'), '{self.max_aspect:g}')",
+                )
+            )
+        if self.min_bytes is not None:
+            out.append(
+                (
+                    "min-bytes",
+                    f"coalesce(image_bytes, 0) < {int(self.min_bytes)}",
+                    f"printf('%d bytes < %d', coalesce(image_bytes, 0), {int(self.min_bytes)})",
+                )
+            )
+        if self.caption_min_words is not None:
+            out.append(
+                (
+                    "caption-min-words",
+                    f"{_WORDS} < {int(self.caption_min_words)}",
+                    f"printf('%d words < %d', {_WORDS}, {int(self.caption_min_words)})",
+                )
+            )
+        if self.caption_max_words is not None:
+            out.append(
+                (
+                    "caption-max-words",
+                    f"{_WORDS} > {int(self.caption_max_words)}",
+                    f"printf('%d words > %d', {_WORDS}, {int(self.caption_max_words)})",
+                )
+            )
+        if self.where:
+            literal = self.where.replace("'", "''")
+            out.append(("where", f"NOT coalesce(({user_expression(self.where, '--where')}), false)", f"'not ({literal})'"))
+        return out
+
+    def validate(self) -> None:
+        """Values no rule can mean (a negative size, an aspect ratio under 1, more words required than
+        allowed) are usage errors, not a run that drops everything; ``--where`` must be one expression."""
+        checks = [
+            (self.min_side is None or self.min_side >= 0, f"--min-side must not be negative, not {self.min_side}"),
+            (
+                self.max_aspect is None or self.max_aspect >= 1,
+                f"--max-aspect is a ratio of the longer side to the shorter one, at least 1, not {self.max_aspect}",
+            ),
+            (self.min_bytes is None or self.min_bytes >= 0, f"--min-bytes must not be negative, not {self.min_bytes}"),
+            (
+                self.caption_min_words is None or self.caption_min_words >= 0,
+                f"--caption-min-words must not be negative, not {self.caption_min_words}",
+            ),
+            (
+                self.caption_max_words is None or self.caption_max_words >= 0,
+                f"--caption-max-words must not be negative, not {self.caption_max_words}",
+            ),
+            (
+                None in (self.caption_min_words, self.caption_max_words) or self.caption_min_words <= self.caption_max_words,  # type: ignore[operator]
+                f"--caption-min-words {self.caption_min_words} is more than --caption-max-words {self.caption_max_words}",
+            ),
+            (self.status in (SUCCESS, "any"), f"--status must be success or any, not {self.status!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UsageError(message)
+        if self.where is not None:
+            if not self.where.strip():
+                raise UsageError("--where is empty; give an SQL expression over the dataset's columns, or leave it out")
+            user_expression(self.where, "--where")
+
+    def query(self) -> str:
+        """The dropped rows of table ``t``: key, rule, detail (kept rows never leave DuckDB)."""
+        checks = self.checks()
+        if not checks:
+            return "SELECT key, NULL::VARCHAR AS reason, NULL::VARCHAR AS detail FROM t WHERE false"
+        reason = " ".join(f"WHEN {cond} THEN '{name}'" for name, cond, _ in checks)
+        detail = " ".join(f"WHEN {cond} THEN {d}" for _, cond, d in checks)
+        fails = " OR ".join(f"({cond})" for _, cond, _ in checks)
+        return f"SELECT key, CASE {reason} END AS reason, CASE {detail} END AS detail FROM t WHERE {fails}"
+
+
+def load_blocklist(path: str | Path) -> frozenset[str]:
+    """MD5 or SHA-256 hex digests, one a line; ``#`` starts a comment."""
+    p = Path(path)
+    try:
+        lines = p.read_text().splitlines()
+    except OSError as e:
+        raise UsageError(f"cannot read blocklist {p}: {e.strerror}") from None
+    hashes = set()
+    for n, line in enumerate(lines, 1):
+        text = line.split("#", 1)[0].strip().lower()
+        if not text:
+            continue
+        if not _HEX_RE.match(text):
+            raise UsageError(f"blocklist {p}, line {n}: expected an MD5 or SHA-256 hex digest, not {text[:80]!r}")
+        hashes.add(text)
+    return frozenset(hashes)
+
+
+@dataclass
+class FilterStage(Stage):
+    name = "filter"
+    rules: FilterRules = field(default_factory=FilterRules)
+    annotators: list[Annotator] = field(default_factory=list)
+    blocklist: frozenset[str] = frozenset()
+
+    def __post_init__(self) -> None:
+        self.annotators = sorted(self.annotators, key=lambda a: a.cost_rank)
+
+    def parameters(self) -> dict[str, Any]:
+        return {
+            "rules": {k: v for k, v in vars(self.rules).items() if v is not None},
+            "annotators": {a.name: a.parameters() for a in self.annotators},
+            "blocklist_size": len(self.blocklist),
+        }
+
+    def columns(self, input_schema: pa.Schema) -> list[pa.Field]:
+        return [
+            pa.field("filter_reason", pa.string()),
+            pa.field("filter_detail", pa.string()),
+            *(c for a in self.annotators for c in a.columns),
+        ]
+
+    def check_rules(self, src: Dataset) -> None:
+        """Check the rules, then run them on no rows of the first shard: a bad value, a bad --where or a
+        missing column fails here, before any work, naming the columns there are."""
+        self.rules.validate()
+        shards = src.completed_ids()
+        if not shards:
+            return
+        empty = src.read_schema(shards[0]).empty_table().append_column("image_bytes", pa.array([], pa.int64()))
+        run_on_no_rows(self.rules.query(), empty, f"filter rules cannot run on {src.location}")
+
+    def setup(self) -> None:
+        for a in self.annotators:
+            a.setup()
+
+    # -- one shard ------------------------------------------------------------------------------
+
+    def cheap_verdicts(self, src: Dataset, shard_id: int) -> dict[str, tuple[str, str]]:
+        table = src.read_table(shard_id)
+        if IMAGE_SIZE in table.column_names:
+            sizes_column = table.column(IMAGE_SIZE)
+        elif self.rules.min_bytes is not None:  # a dataset without offsets: its tar's headers say
+            sizes_column = pa.array(src.image_locations(shard_id, table)[1], pa.int64())
+        else:
+            sizes_column = pa.nulls(table.num_rows, pa.int64())
+        table = table.append_column("image_bytes", sizes_column)
+        con = self._duckdb()
+        con.register("t", table)
+        try:
+            rows = con.execute(self.rules.query()).fetchall()
+        finally:
+            con.unregister("t")
+        return {str(key): (reason, detail) for key, reason, detail in rows}
+
+    def _duckdb(self) -> Any:
+        """One in-memory DuckDB connection per worker process (not pickled with the stage)."""
+        con = self.__dict__.get("_con")
+        if con is None:
+            con = self.__dict__["_con"] = sandboxed()  # --where is the user's SQL
+        return con
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_con"}
+
+    def judge(self, sample: Sample, cheap: tuple[str, str] | None) -> None:
+        """Set the sample's filter columns; a dropped sample loses its image (it leaves the tar)."""
+        row = sample.row
+        row.update(filter_status=KEPT, filter_error=None, filter_reason=None, filter_detail=None)
+        for a in self.annotators:
+            for c in a.columns:
+                row[c.name] = None
+        if cheap is not None:
+            row.update(filter_status=DROPPED, filter_reason=cheap[0], filter_detail=cheap[1])
+            sample.image = None
+            return
+        if not sample.has_image:
+            return  # kept without an image: only with --status any
+        if self.blocklist:
+            digests = (hashlib.md5(sample.image).hexdigest(), hashlib.sha256(sample.image).hexdigest())  # noqa: S324 - a lookup key
+            hit = next((d for d in digests if d in self.blocklist), None)
+            if hit:
+                row.update(
+                    filter_status=DROPPED,
+                    filter_reason="blocklist",
+                    filter_detail=f"{'md5' if len(hit) == 32 else 'sha256'} {hit}",
+                )
+                sample.image = None
+                return
+        if not self.annotators:
+            return
+        try:
+            image = Image.open(io.BytesIO(sample.image))
+            image.draft("RGB", (1024, 1024))
+            image = image.convert("RGB")
+            image.thumbnail((1024, 1024))
+        except Exception as e:  # noqa: BLE001 - an unreadable image is this sample's outcome
+            row.update(filter_status=ERROR, filter_error=f"cannot decode image: {type(e).__name__}: {e}")
+            sample.image = None
+            return
+        for a in self.annotators:
+            scores = a.annotate(image, sample)
+            row.update(scores)
+            why = a.verdict(scores)
+            if why is not None:
+                row.update(filter_status=DROPPED, filter_reason=a.name, filter_detail=why)
+                sample.image = None
+                return
+
+    def judged(self, src: Dataset, shard_id: int, reasons: Counter[str]) -> Iterator[Sample]:
+        """The shard's samples with their verdicts, counted into ``reasons`` (a rule, or kept/error)."""
+        verdicts = self.cheap_verdicts(src, shard_id)
+        for sample in src.iter_samples(shard_id):
+            self.judge(sample, verdicts.get(sample.key))
+            reasons[sample.row["filter_reason"] or sample.row["filter_status"]] += 1
+            yield sample
+
+    def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
+        writer = self.writer(src, dst, shard_id)
+        reasons: Counter[str] = Counter()
+        try:
+            for sample in self.judged(src, shard_id, reasons):
+                writer.write(sample)
+                self.tick()
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit({"stage": self.name, "filter_reasons": dict(sorted(reasons.items()))})
+
+    def count_shard(self, src: Dataset, shard_id: int) -> Counter[str]:
+        """--dry-run: what ``run_shard`` would decide, counted, nothing written."""
+        reasons: Counter[str] = Counter()
+        for _ in self.judged(src, shard_id, reasons):
+            pass
+        return reasons

@@ -1,0 +1,1 @@
+"""``lenscap report``: a self-contained HTML page about a dataset."""

@@ -1,0 +1,1 @@
+"""``lenscap run``: whole pipelines from TOML recipes."""

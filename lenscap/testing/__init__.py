@@ -1,0 +1,1 @@
+"""Servers that tests, benchmarks and the demo run on loopback: a fake OpenAI-compatible API."""
