@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lenscap.core.dataset import Dataset
+from lenscap.core.layout import parquet_name
 from lenscap.core.manifest import shard_stats
 
 PER_SHARD = 10_000
@@ -195,9 +196,9 @@ def generate(path: Path, captions: int, gen: Generator | None = None) -> Path:
         table = gen.shard(shard_id)
         if shard_id == shards - 1 and captions % PER_SHARD:
             table = table.slice(0, captions % PER_SHARD)
-        tmp = ds.tmp_path(shard_id, "parquet")
+        tmp = ds.staging_file(parquet_name(shard_id))
         pq.write_table(table, tmp)
-        ds.commit(shard_id, [(tmp, ds.parquet_path(shard_id))], shard_stats(shard_id, table) | {"stage": "caption"})
+        ds.commit(shard_id, {parquet_name(shard_id): tmp}, shard_stats(shard_id, table) | {"stage": "caption"})
     ds.write_manifest("caption", {"bench_generator": GENERATOR, "model": MODEL, "prompt": PROMPT}, None, expected_shards=shards)
     print(f"generated {captions:,} captions in {shards} shards at {path} in {time.perf_counter() - start:.1f} s", flush=True)
     return path

@@ -30,6 +30,7 @@ import pyarrow as pa
 from PIL import Image
 
 from lenscap.core.executors import Executor, LocalExecutor, RayExecutor, start_local_ray
+from lenscap.core.job import Job
 from lenscap.dedup.phash import phash
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.tables import split_near_pairs
@@ -114,7 +115,7 @@ def split(con: duckdb.DuckDBPyConnection, plan: PigeonholePlan, executor: Execut
     expected = pair_digest(con)
     with tempfile.TemporaryDirectory(prefix="lenscap-bench-") as work:
         start = time.perf_counter()
-        split_near_pairs(con, "uh", plan, 2000, executor, Path(work), "2GB")
+        split_near_pairs(con, "uh", plan, 2000, Job("dedup", executor), Path(work), "2GB")
         seconds = time.perf_counter() - start
     same = "same pairs" if pair_digest(con) == expected else "DIFFERENT PAIRS"
     print(f"  one task per table, {label}: {seconds:.1f} s, {same}; ratio to one process {seconds / in_process:.2f}")

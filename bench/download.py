@@ -24,7 +24,7 @@ from pathlib import Path
 
 from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.demo.server import ImageServer, Route
-from lenscap.download.command import DownloadOptions
+from lenscap.download.options import DownloadOptions
 
 SETTINGS = dict(samples_per_shard=500, processes=2, threads=32)
 
@@ -57,7 +57,8 @@ def run_lenscap(url_list: Path, out: Path) -> float:
 
 
 def run_img2dataset(url_list: Path, out: Path) -> float:
-    kwargs = DownloadOptions(**SETTINGS).img2dataset_kwargs(url_list, out)
+    options = DownloadOptions(**SETTINGS)
+    kwargs = options.img2dataset_kwargs(str(url_list), str(out), options.workers, ray=False)
     kwargs.update(input_format="csv", save_additional_columns=None)
     config = out.with_suffix(".json")
     config.write_text(json.dumps(kwargs))

@@ -25,7 +25,8 @@ from lenscap.core.progress import LogProgress
 from lenscap.core.stage import Stage
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.filter.annotators import annotator_class
-from lenscap.filter.stage import FilterRules, FilterStage
+from lenscap.filter.options import FilterOptions
+from lenscap.filter.stage import FilterStage
 
 
 class NoOp(Stage):
@@ -56,7 +57,7 @@ def main() -> None:
         root = Path(tmp)
         n = a.shards * a.per_shard
         src = write_image_dataset(root / "in", n, per_shard=a.per_shard, size=(256, 192)).path
-        stage = FilterStage(FilterRules(min_side=100), [annotator_class("blur")(None)])
+        stage = FilterStage(FilterOptions(min_side=100), [annotator_class("blur")(None)])
         t = time.perf_counter()
         start_local_ray(
             num_cpus=a.cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING"

@@ -27,9 +27,10 @@ from lenscap.core.job import run_stage
 from lenscap.core.progress import LogProgress
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.filter.annotators import annotator_class
-from lenscap.filter.stage import FilterRules, FilterStage
+from lenscap.filter.options import FilterOptions
+from lenscap.filter.stage import FilterStage
 
-RULES = FilterRules(min_side=256, caption_min_words=3, caption_max_words=60)
+RULES = FilterOptions(min_side=256, caption_min_words=3, caption_max_words=60)
 
 
 def pyarrow_scan(src: Dataset) -> int:
@@ -63,8 +64,7 @@ def main() -> None:
         t = time.perf_counter()
         run_stage(stage, src.path, Path(tmp) / "out", progress=LogProgress("filter", quiet=True))
         ours_s = time.perf_counter() - t
-        copying = FilterStage(RULES)
-        copying.copy_images = True
+        copying = FilterStage(FilterOptions.of(RULES, copy_images=True))
         t = time.perf_counter()
         run_stage(copying, src.path, Path(tmp) / "copy", progress=LogProgress("filter", quiet=True))
         copy_s = time.perf_counter() - t

@@ -22,12 +22,13 @@ from pathlib import Path
 from lenscap.core.job import run_stage
 from lenscap.core.progress import LogProgress
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.filter.stage import FilterRules, FilterStage
+from lenscap.filter.options import FilterOptions
+from lenscap.filter.stage import FilterStage
 
 
 def timed(src: str, dst: str) -> float:
     t = time.perf_counter()
-    run_stage(FilterStage(FilterRules(min_side=10)), src, dst, progress=LogProgress("filter", quiet=True))
+    run_stage(FilterStage(FilterOptions(min_side=10)), src, dst, progress=LogProgress("filter", quiet=True))
     return time.perf_counter() - t
 
 

@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.pictures import jpeg_bytes, photo
-from lenscap.shard.command import ExportOptions, run_export
+from lenscap.shard.command import run_shard
+from lenscap.shard.options import ShardOptions
 
 
 def main() -> None:
@@ -69,11 +70,10 @@ def main() -> None:
             for name, source in runs if round_ % 2 == 0 else runs[::-1]:  # alternated: neither always goes first
                 fmt = "parquet" if name == "parquet" else "webdataset"
                 start = time.perf_counter()
-                run_export(
-                    ExportOptions(format=fmt, target_bytes=50 * 10**6),
+                run_shard(
                     source,
                     work / f"{name}{round_}",
-                    args.processes,
+                    ShardOptions(format=fmt, target_size="50MB", processes=args.processes),
                     quiet=True,
                 )
                 times[name].append(time.perf_counter() - start)

@@ -22,7 +22,6 @@ import pyarrow.parquet as pq
 from lenscap import api
 from lenscap.demo.pictures import jpeg_bytes, photo, scene_caption
 from lenscap.demo.server import ImageServer, Route
-from lenscap.filter.annotators import annotator_class
 
 STAGES = ("filter", "caption", "dedup")
 
@@ -38,11 +37,10 @@ def parquet_bytes_per_row(path: Path) -> float:
 
 
 def pipeline(download: Path, work: Path, copy_images: bool) -> None:
-    annotators = [annotator_class("uniform")(0.95), annotator_class("blur")(None)]
-    api.filter(download, work / "filter", api.FilterRules(min_side=256), annotators, copy_images=copy_images)
-    api.caption(work / "filter", work / "caption", api.backend("describe"), cache=False, copy_images=copy_images)
+    api.filter(download, work / "filter", min_side=256, annotate="blur", max_uniformity=0.95, copy_images=copy_images)
+    api.caption(work / "filter", work / "caption", backend="describe", no_cache=True, copy_images=copy_images)
     api.dedup(work / "caption", work / "dedup", copy_images=copy_images)
-    api.shard(work / "dedup", work / "shard", api.ExportOptions(format="webdataset"))
+    api.shard(work / "dedup", work / "shard", format="webdataset")
 
 
 def main() -> None:

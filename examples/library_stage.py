@@ -3,7 +3,7 @@
     .venv/bin/python examples/library_stage.py [WORK_DIR]
 
 The stage adds a ``caption_words`` column. A real stage is as short: set ``name``, write
-``process``; the base class owns the loop, per-sample errors and the commit, and the runner does the
+``process``; the base class owns the loop, per-sample errors and the commit, and the job driver does the
 resume (shards the output already has are skipped).
 """
 

@@ -24,7 +24,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 @pytest.fixture(scope="session", autouse=True)
 def _no_shared_lenscap_dirs(tmp_path_factory):
     """Nothing in the session reads or writes the user's ``~/.cache/lenscap``: the response cache and
-    remote datasets' mirrors are in this session's temporary directory (also for the processes, Ray's
+    remote datasets' work directories are in this session's temporary directory (also for the processes, Ray's
     included, started before a test's own directories are set)."""
     mp = pytest.MonkeyPatch()
     base = tmp_path_factory.mktemp("lenscap-session")
@@ -36,7 +36,7 @@ def _no_shared_lenscap_dirs(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _own_lenscap_dirs(tmp_path_factory, monkeypatch):
-    """Each test its own response cache and mirror directory. A cache shared between tests (or with
+    """Each test its own response cache and work directory of remote datasets. A cache shared between tests (or with
     the user's earlier runs) answers from an earlier test's captions: ``caption_cached`` then depends
     on what ran before, and a test comparing two runs compares a cold cache with a warm one. A test
     that gives its own ``LENSCAP_CACHE_DIR`` / ``LENSCAP_WORK_DIR`` (``env=``, ``monkeypatch``) overrides these."""

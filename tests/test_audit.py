@@ -272,14 +272,11 @@ def test_two_captionings_compared_image_by_image(planted, tmp_path):
 
 def test_the_same_numbers_on_processes_and_ray(planted, ray_cluster):
     from lenscap import api
-    from lenscap.core.executors import make_executor
 
     path, _ = planted
-    one = api.audit(path, api.AuditOptions(sample=5))
+    one = api.audit(path, api.AuditOptions(sample=5, processes=1))
     two = api.audit(path, api.AuditOptions(sample=5), processes=2)
-    runner = make_executor("ray", 1, ray_cluster)
-    runner.connect()
-    on_ray = api.audit(path, api.AuditOptions(sample=5), executor=runner)
+    on_ray = api.audit(path, api.AuditOptions(sample=5, executor="ray", ray_address=ray_cluster))
     assert one == two == on_ray
 
 

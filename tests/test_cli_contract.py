@@ -10,7 +10,7 @@ import re
 import pytest
 import typer.main
 
-from lenscap.cli import ALIASES, _money, app
+from lenscap.cli import ALIASES, app, money
 from lenscap.core.progress import set_log_file
 from tests.conftest import run_cli, run_cli_here
 
@@ -68,7 +68,7 @@ def test_every_summary_has_the_same_core_fields_with_the_same_types(pipeline):
 
 
 def test_money_is_rounded_to_a_hundredth_of_a_cent():
-    assert _money(
+    assert money(
         {"spent_usd": 0.05480200000000001, "cost": {"usd": 1.234567}, "n": 0.123456789, "stages": [{"spent_usd": 2.00004999}]}
     ) == {"spent_usd": 0.0548, "cost": {"usd": 1.2346}, "n": 0.123456789, "stages": [{"spent_usd": 2.0}]}
 
@@ -95,11 +95,11 @@ def test_a_budget_stop_with_json_keeps_its_summary(tmp_path):
     import contextlib
     import io
 
-    from lenscap.cli import _fail
+    from lenscap.cli import fail
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-        assert _fail("error: --max-cost reached", 4, True, {"command": "caption", "spent_usd": 0.123456789}) == 4
+        assert fail("error: --max-cost reached", 4, True, {"command": "caption", "spent_usd": 0.123456789}) == 4
     obj = json.loads(out.getvalue())
     assert obj == {"ok": False, "exit_code": 4, "command": "caption", "spent_usd": 0.1235, "error": "--max-cost reached"}
 
@@ -144,6 +144,9 @@ def test_old_flag_names_still_work_hidden_and_say_the_new_name():
     rc, stdout, stderr = run_cli_here("estimate", "--images", "1000", "--image-size", "800x600", "--json")
     assert rc == 0 and "--image-size is now --source-size" in stderr
     assert "--image-size" not in _help("estimate")
+    # the old names that were flags of the old CLI, every one still there
+    old = {"--min-image-size", "--max-aspect-ratio", "--retries", "--max-new-tokens", "--image-size"}
+    assert old <= {flags[1] for flags in ALIASES.values()}
 
 
 def _help(*names: str) -> str:

@@ -14,7 +14,7 @@ from PIL import Image
 
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import DatasetError
-from lenscap.core.layout import shard_name
+from lenscap.core.layout import parquet_name, shard_name, tar_name
 from lenscap.core.record import Sample
 
 
@@ -251,8 +251,8 @@ def test_crash_by_hand_journal_then_recover(tmp_path):
     ds = Dataset.create(tmp_path / "out")
     src = Dataset.create(tmp_path / "src")
     write_shard(src, 4, make_samples(4))
-    ds.tmp_path(4, "tar").write_bytes(src.tar_path(4).read_bytes())
-    ds.tmp_path(4, "parquet").write_bytes(src.parquet_path(4).read_bytes())
+    ds.staging_file(tar_name(4)).write_bytes(src.tar_path(4).read_bytes())
+    ds.staging_file(parquet_name(4)).write_bytes(src.parquet_path(4).read_bytes())
     pending = ds.work_dir / "pending"
     pending.mkdir(parents=True, exist_ok=True)
     stats = src.read_stats(4)
@@ -260,8 +260,8 @@ def test_crash_by_hand_journal_then_recover(tmp_path):
         json.dumps(
             {
                 "renames": [
-                    [str(ds.tmp_path(4, "tar")), str(ds.tar_path(4))],
-                    [str(ds.tmp_path(4, "parquet")), str(ds.parquet_path(4))],
+                    [str(ds.staging_file(tar_name(4))), str(ds.tar_path(4))],
+                    [str(ds.staging_file(parquet_name(4))), str(ds.parquet_path(4))],
                 ],
                 "stats": stats,
             }

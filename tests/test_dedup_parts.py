@@ -158,14 +158,15 @@ def synthetic_signatures(path, n: int, algorithm: str = "lenscap-phash-v1"):
 
 
 def test_global_pass_under_a_small_memory_limit_decides_the_same(tmp_path):
-    from lenscap.dedup.search import DedupOptions, Source, find_duplicates
+    from lenscap.dedup.options import DedupOptions
+    from lenscap.dedup.search import Source, find_duplicates
 
     sig = synthetic_signatures(tmp_path / "sig", 200_000)
     decisions = {}
     for limit in ("1GB", "24MB"):
         report = find_duplicates(
             [Source(0, "in", sig)],
-            DedupOptions(memory_limit=limit, threads=1),
+            DedupOptions(memory_limit=limit, processes=1).resolved(),
             tmp_path / f"work-{limit}",
             tmp_path / f"report-{limit}",
         )
@@ -179,8 +180,9 @@ def test_global_pass_under_a_small_memory_limit_decides_the_same(tmp_path):
 
 def test_hashes_of_another_algorithm_are_refused(tmp_path):
     from lenscap.core.errors import UsageError
-    from lenscap.dedup.search import DedupOptions, Source, find_duplicates
+    from lenscap.dedup.options import DedupOptions
+    from lenscap.dedup.search import Source, find_duplicates
 
     sig = synthetic_signatures(tmp_path / "sig", 100, algorithm="imagehash-phash-4.3")
     with pytest.raises(UsageError, match="made with imagehash-phash-4.3, not lenscap-phash-v1"):
-        find_duplicates([Source(0, "in", sig)], DedupOptions(), tmp_path / "work", tmp_path / "report")
+        find_duplicates([Source(0, "in", sig)], DedupOptions().resolved(), tmp_path / "work", tmp_path / "report")

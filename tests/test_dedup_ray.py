@@ -20,9 +20,10 @@ from test_dedup_parts import brute_force, planted_hashes
 
 from lenscap.core.errors import LenscapError
 from lenscap.core.executors import LocalExecutor, RayExecutor
+from lenscap.core.job import Job
+from lenscap.dedup.command import run_dedup
+from lenscap.dedup.options import DedupOptions
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
-from lenscap.dedup.search import DedupOptions
-from lenscap.dedup.stage import DedupStage, run_dedup
 from lenscap.dedup.tables import TableJob, split_near_pairs
 
 ray = pytest.importorskip("ray")
@@ -65,16 +66,16 @@ class Watching(RayExecutor):
         self.tables: list[int] = []
         self.files: dict[str, bytes] = {}
 
-    def run(self, job, items, on_done, failed):
+    def run(self, job, items, on_done, failed, **kwargs):
         if not isinstance(job, TableJob):
-            return super().run(job, items, on_done, failed)
+            return super().run(job, items, on_done, failed, **kwargs)
         self.tables = list(items)
         if self.kill_flag is not None:
             job = KillOnce(job, items[0], str(self.kill_flag))  # table 0 finds the most pairs
             inner = job.job
         else:
             inner = job
-        fatal = super().run(job, items, on_done, failed)
+        fatal = super().run(job, items, on_done, failed, **kwargs)
         self.files = {p.name: p.read_bytes() for p in Path(inner.dir).iterdir() if p.is_file()}
         pair_files = [str(inner.pairs(n)) for n in items]
         self.pairs = duckdb.execute("SELECT a, b, d FROM read_parquet(?)", [pair_files]).fetchall()
@@ -95,24 +96,24 @@ def outputs(out: Path) -> dict[str, Any]:
 def planted_runs(tmp_path_factory, ray_here):
     base = tmp_path_factory.mktemp("dedup-ray")
     src = make_planted(base / "in")
-    stage = DedupStage(DedupOptions(max_distance=4, threads=1))
-    local = run_dedup(stage, src, base / "local", quiet=True, executor=LocalExecutor(2))
+    options = DedupOptions(max_distance=4, processes=1)
+    local = run_dedup(src, base / "local", options, quiet=True, executor=LocalExecutor(2))
     assert local.exit_code == 0
-    return base, src, stage, outputs(base / "local"), local.report
+    return base, src, options, outputs(base / "local"), outputs(base / "local")["report"]
 
 
 def test_ray_writes_what_the_local_executor_writes(planted_runs):
-    base, src, stage, expected, local_report = planted_runs
+    base, src, options, expected, local_report = planted_runs
     executor = Watching()
-    result = run_dedup(stage, src, base / "ray", quiet=True, executor=executor)
+    result = run_dedup(src, base / "ray", options, quiet=True, executor=executor)
     assert result.exit_code == 0
     got = outputs(base / "ray")
     assert got["files"].keys() == expected["files"].keys() and not any(n.endswith(".tar") for n in got["files"])
     assert got == expected
     assert rows(base / "ray") == rows(base / "local")
-    assert result.report["duplicates"] == local_report["duplicates"] > 0
+    assert got["report"]["duplicates"] == result.duplicates == local_report["duplicates"] > 0
     # the split is real: one task, one pair file and one marker per table of the plan
-    tables = result.report["plan"]["tables"]
+    tables = got["report"]["plan"]["tables"]
     assert tables >= 5 and executor.tables == list(range(tables))
     for n in range(tables):
         assert {f"table-{n}.parquet", f"table-{n}.capped.parquet", f"table-{n}.done"} <= executor.files.keys()
@@ -121,10 +122,10 @@ def test_ray_writes_what_the_local_executor_writes(planted_runs):
 
 
 def test_a_worker_killed_after_writing_its_pairs_is_retried_without_duplicates(planted_runs, tmp_path):
-    base, src, stage, expected, _ = planted_runs
+    base, src, options, expected, _ = planted_runs
     flag = tmp_path / "killed"
     executor = Watching(kill_flag=flag)
-    result = run_dedup(stage, src, tmp_path / "out", quiet=True, executor=executor)
+    result = run_dedup(src, tmp_path / "out", options, quiet=True, executor=executor)
     assert result.exit_code == 0
     assert flag.exists() and int(flag.read_text()) != os.getpid()  # a Ray worker died, and Ray ran its table again
     assert json.loads(executor.files["table-0.done"])["pairs"] > 0
@@ -142,21 +143,21 @@ def test_rerun_after_a_failed_table_runs_only_that_table(tmp_path):
     class Failing(LocalExecutor):
         ran: list[int] = []
 
-        def run(self, job, items, on_done, failed):
+        def run(self, job, items, on_done, failed, **kwargs):
             Failing.ran = list(items)
             failed[7] = "OSError: disk full"
-            return super().run(job, [i for i in items if i != 7], on_done, failed)
+            return super().run(job, [i for i in items if i != 7], on_done, failed, **kwargs)
 
     with pytest.raises(LenscapError, match=r"failed on 1 of 20 tables \(table 7: OSError: disk full\)"):
-        split_near_pairs(con, "t", plan, 10**6, Failing(), tmp_path, "256MB")
+        split_near_pairs(con, "t", plan, 10**6, Job("dedup", Failing()), tmp_path, "256MB")
     ran: list[int] = []
 
     class Recording(LocalExecutor):
-        def run(self, job, items, on_done, failed):
+        def run(self, job, items, on_done, failed, **kwargs):
             ran.extend(items)
-            return super().run(job, items, on_done, failed)
+            return super().run(job, items, on_done, failed, **kwargs)
 
-    split_near_pairs(con, "t", plan, 10**6, Recording(), tmp_path, "256MB")
+    split_near_pairs(con, "t", plan, 10**6, Job("dedup", Recording()), tmp_path, "256MB")
     assert Failing.ran == list(range(20)) and ran == [7]
     split = con.execute("SELECT a, b, d FROM near ORDER BY a, b").fetchall()
     near_pairs(con, "t", plan, 10**6)
@@ -172,7 +173,7 @@ def test_split_keeps_the_against_restriction(tmp_path):
     has_new = np.random.default_rng(1).random(len(h)) < 0.3
     con.register("t", pa.table({"uid": np.arange(len(h), dtype=np.int64), "h": h, "has_new": has_new}))
     restrict = "a.has_new OR b.has_new"
-    split_near_pairs(con, "t", plan, 10**6, LocalExecutor(1), tmp_path, "256MB", restrict=restrict)
+    split_near_pairs(con, "t", plan, 10**6, Job("dedup", LocalExecutor(1)), tmp_path, "256MB", restrict=restrict)
     split = con.execute("SELECT a, b, d FROM near ORDER BY a, b").fetchall()
     near_pairs(con, "t", plan, 10**6, restrict)
     assert split == con.execute("SELECT a, b, d FROM near ORDER BY a, b").fetchall()

@@ -237,3 +237,51 @@ def test_docs_command_lines_name_real_options():
                 raise AssertionError(f"{page.relative_to(ROOT)}: {e}") from None
             checked += 1
     assert checked > 30
+
+
+def _python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+
+
+def _allowed_keywords(api, name: str) -> set[str] | None:
+    """The keywords ``lenscap.api.<name>`` takes: its parameters and its options' fields (None: any,
+    as a backend's options, which the backend it names checks)."""
+    import dataclasses
+    import inspect
+
+    target = getattr(api, name)
+    if isinstance(target, type):  # an options class
+        return {f.name for f in dataclasses.fields(target)}
+    params = inspect.signature(target).parameters
+    allowed = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD}
+    options = params.get("options")
+    cls = getattr(api, str(options.annotation).split(" ")[0], None) if options is not None else None
+    if options is not None and options.kind is not options.VAR_KEYWORD and dataclasses.is_dataclass(cls):
+        return allowed | {f.name for f in dataclasses.fields(cls)}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return allowed
+
+
+@pytest.mark.parametrize("page", ["api.md", "plugins.md"])
+def test_library_examples_call_real_functions_with_real_options(page):
+    """Every ``lc.X(...)`` / ``api.X(...)`` in the docs' Python examples is a function of ``lenscap.api``,
+    and each keyword it passes is a parameter of that function or a field of its command's options."""
+    import ast
+
+    import lenscap.api as api
+
+    checked = 0
+    for block in _python_blocks(ROOT / "docs" / page):
+        for node in ast.walk(ast.parse(block)):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            if getattr(node.func.value, "id", None) not in ("lc", "api"):
+                continue
+            name = node.func.attr
+            assert hasattr(api, name), f"{page}: lenscap.api has no {name}"
+            allowed = _allowed_keywords(api, name)
+            for kw in node.keywords:
+                assert allowed is None or kw.arg in allowed, f"{page}: {name}(... {kw.arg}=...)"
+            checked += 1
+    assert checked >= 2

@@ -17,7 +17,8 @@ from test_caption import tar_members
 from lenscap.core.dataset import Dataset
 from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.demo.server import ImageServer, Route
-from lenscap.download.command import DownloadOptions, download, retry_failed
+from lenscap.download.command import download, retry_failed
+from lenscap.download.options import DownloadOptions
 
 # path (or full URL) -> (status, substring of error_message or None, (width, height) or None)
 EXPECTED = {
@@ -67,7 +68,7 @@ def _rows(ds: Dataset) -> list[dict]:
 def test_every_sample_gets_an_exact_outcome(tmp_path, image_server):
     by_url = _write_csv(tmp_path / "urls.csv", image_server, EXPECTED)
     opts = DownloadOptions(
-        extra_cols=["source_id"], samples_per_shard=6, processes=2, threads=4, timeout=1, retries=0, allow_private_network=True
+        extra_cols="source_id", samples_per_shard=6, processes=2, threads=4, timeout=1, max_retries=0, allow_private_network=True
     )
     result = download(str(tmp_path / "urls.csv"), tmp_path / "out", opts)
     assert result.exit_code == 0
@@ -134,7 +135,7 @@ def test_retry_failed_merges_later_successes(tmp_path):
     with ImageServer(routes) as server:
         paths = list(routes) + ["/gone.jpg"]
         _write_csv(tmp_path / "urls.csv", server, paths)
-        opts = DownloadOptions(samples_per_shard=3, processes=1, threads=2, retries=0, allow_private_network=True)
+        opts = DownloadOptions(samples_per_shard=3, processes=1, threads=2, max_retries=0, allow_private_network=True)
         first = download(str(tmp_path / "urls.csv"), tmp_path / "out", opts)
         assert first.status == {"failed_to_download": 4, "success": 4}
         ds = Dataset.open(tmp_path / "out")
@@ -174,7 +175,7 @@ def test_retry_failed_merges_later_successes(tmp_path):
         assert server.hits["/noai.jpg"] == 1, "an opt-out is final: never asked again"
         assert server.hits["/gone.jpg"] == 2, "a 404 is tried once more"
         # Nothing is left to retry: a second pass changes nothing.
-        again = retry_failed(tmp_path / "out", DownloadOptions(retries=0, allow_private_network=True))
+        again = retry_failed(tmp_path / "out", DownloadOptions(max_retries=0, allow_private_network=True))
         assert again.status == {"failed_to_download": 2, "success": 6}
         assert not (tmp_path / "out" / ".lenscap" / "retry").exists()
 

@@ -14,7 +14,8 @@ from pathlib import Path
 from lenscap.core.dataset import Dataset
 from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.demo.server import ImageServer, Route
-from lenscap.download.command import DownloadOptions, download
+from lenscap.download.command import download
+from lenscap.download.options import DownloadOptions
 
 ARGS = ["--samples-per-shard", "10", "--processes", "1", "--threads", "2", "--allow-private-network", "--quiet"]
 

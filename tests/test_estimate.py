@@ -132,9 +132,9 @@ def test_given_limits_replace_the_tier(tmp_path):
 
 def test_default_model_is_captions():
     default = next(o.default for o in OpenAIChatBackend.options if o.name == "model")
-    from lenscap.estimate.cost import EstimateRequest
+    from lenscap.estimate.options import EstimateOptions
 
-    assert EstimateRequest(images=10).model == default == "gpt-4.1-mini"
+    assert EstimateOptions(images="10").model == default == "gpt-4.1-mini"
     out = estimate("--images", "10")
     assert out["request"]["model"] == default and out["total"]["cost_usd"] >= 0 and out["wall_time"]["tier"]["model"] == default
 

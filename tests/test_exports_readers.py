@@ -16,9 +16,10 @@ from conftest import run_cli_here
 
 from lenscap.core.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
-from lenscap.inspect import inspect_dataset
-from lenscap.shard.command import ExportOptions, run_export
+from lenscap.inspect.summary import inspect_dataset
+from lenscap.shard.command import run_shard
 from lenscap.shard.formats import FORMATS
+from lenscap.shard.options import ShardOptions
 from lenscap.testing.fake_openai import FakeOpenAI, FakeSettings
 
 N = 20  # samples of the small source; 2 of them failed downloads
@@ -39,7 +40,7 @@ def exports(source, tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("exports")
     out = {}
     for name in FORMATS:
-        result = run_export(ExportOptions(format=name), source, base / name, quiet=True)
+        result = run_shard(source, base / name, ShardOptions(format=name, processes=1), quiet=True)
         assert result.exit_code == 0 and result.samples == N - len(FAILED) and result.shards_total == 8
         out[name] = base / name
     return out
@@ -49,7 +50,7 @@ def exports(source, tmp_path_factory) -> dict[str, Path]:
 def downloaded(image_server, tmp_path_factory) -> Path:
     """A real ``lenscap download`` of 8 images and 2 failures (img2dataset, loopback server)."""
     from lenscap import api
-    from lenscap.download.command import DownloadOptions
+    from lenscap.download.options import DownloadOptions
 
     tmp = tmp_path_factory.mktemp("download")
     urls = [image_server.url(f"/ok/{i}.jpg") for i in range(8)] + [
@@ -58,7 +59,7 @@ def downloaded(image_server, tmp_path_factory) -> Path:
     ]
     (tmp / "urls.txt").write_text("\n".join(urls) + "\n")
     result = api.download(
-        tmp / "urls.txt", tmp / "dl", DownloadOptions(processes=1, timeout=2, retries=0, allow_private_network=True)
+        tmp / "urls.txt", tmp / "dl", DownloadOptions(processes=1, timeout=2, max_retries=0, allow_private_network=True)
     )
     assert result.exit_code == 0 and result.status.get("success") == 8
     return tmp / "dl"
@@ -107,7 +108,7 @@ def test_sizes_json_matches_the_tars(exports):
 
 def test_never_more_shards_than_samples(tmp_path):
     src = write_image_dataset(tmp_path / "three", 3, size=(32, 24)).path
-    result = run_export(ExportOptions(), src, tmp_path / "out", quiet=True)
+    result = run_shard(src, tmp_path / "out", ShardOptions(processes=1), quiet=True)
     assert result.shards_total == 3 and [len(tar_keys(p)) for p in sorted((tmp_path / "out").glob("*.tar"))] == [1, 1, 1]
 
 
@@ -151,7 +152,7 @@ def test_a_card_in_the_download_directory_trips_no_stage(downloaded, tmp_path):
     filtered = api.filter(downloaded, tmp_path / "filtered")
     assert filtered.exit_code == 0 and filtered.samples == 10
     # a download's captions come from a bare URL list: none, so nothing to export, said with exit code 7
-    empty = run_export(ExportOptions(), downloaded, tmp_path / "export", quiet=True)
+    empty = run_shard(downloaded, tmp_path / "export", ShardOptions(processes=1), quiet=True)
     assert (
         empty.exit_code == 7
         and empty.empty
@@ -178,7 +179,7 @@ def test_inspect_understands_an_export(exports, name):
 
 
 def test_inspect_names_a_damaged_export_file(source, tmp_path):
-    run_export(ExportOptions(min_shards=2), source, tmp_path / "out", quiet=True)
+    run_shard(source, tmp_path / "out", ShardOptions(min_shards=2, processes=1), quiet=True)
     (tmp_path / "out" / "00001.tar").write_bytes(b"")
     info = inspect_dataset(tmp_path / "out")
     assert info["shards"]["complete"] == 1 and info["shards"]["damaged"] == 1

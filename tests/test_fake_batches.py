@@ -167,3 +167,11 @@ def test_no_limit_by_default_admits_everything(client, fake):
     assert fake.enqueued_tokens() == 0 and fake.peak_enqueued == 100 * line_tokens()
     out = client.files.content(done[0].output_file_id).text.splitlines()
     assert json.loads(out[0])["response"]["body"]["usage"]["prompt_tokens"] == line_tokens()
+
+
+def test_a_request_the_api_would_refuse_is_a_400_with_its_error_type(fake, client):
+    """The chat endpoint answers an invalid request as OpenAI does: 400, ``invalid_request_error``."""
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="gpt-4.1", messages=[{"role": "user", "content": [{"type": "video"}]}])
+    assert refused.value.status_code == 400
+    assert refused.value.body["type"] == "invalid_request_error"

@@ -16,7 +16,7 @@ from lenscap.core.dataset import Dataset
 from lenscap.core.errors import DatasetError
 from lenscap.core.layout import shard_name
 from lenscap.core.record import Sample
-from lenscap.inspect import inspect_dataset
+from lenscap.inspect.summary import inspect_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -144,7 +144,7 @@ def test_a_backend_without_a_model_records_its_name(tmp_path, monkeypatch):
     backend.model = "plain-2"
     assert backend.model == "plain-2" and backend.identity()["model"] == "plain-2"
     src = write_image_dataset(tmp_path / "in", 2).path
-    api.caption(src, tmp_path / "out", api.backend("plain"), "short", cache=False)
+    api.caption(src, tmp_path / "out", captioner=api.backend("plain"), prompt="short", no_cache=True)
     got = rows(tmp_path / "out")
     assert {(r["caption"], r["caption_backend"], r["caption_model"]) for r in got.values()} == {("a picture", "plain", "plain")}
 
@@ -505,7 +505,7 @@ def test_the_example_backend_captions_through_the_library(tmp_path, monkeypatch,
     ]
     src = write_image_dataset(tmp_path / "in", 3, failed=lambda i: i == 2).path
     echo = api.backend("echo", prefix="Echo: ", upper="yes")
-    result = api.caption(src, tmp_path / "out", echo, "short", cache=False)
+    result = api.caption(src, tmp_path / "out", captioner=echo, prompt="short", no_cache=True)
     assert result.counts["caption_status"] == {"ok": 2, "skipped": 1}
     got = rows(tmp_path / "out")
     assert got["000000000"]["caption"] == "ECHO: 320X240 IMAGE; ASKED: DESCRIBE THIS IMAGE IN"
@@ -517,7 +517,7 @@ def test_the_example_backend_captions_through_the_library(tmp_path, monkeypatch,
 def test_the_example_annotator_filters_through_the_library(tmp_path, monkeypatch, examples_site):
     monkeypatch.syspath_prepend(str(examples_site))
     from lenscap import api
-    from lenscap.filter.annotators import annotator_class, describe_filters
+    from lenscap.filter.annotators import describe_filters
 
     redness = next(f for f in describe_filters() if f["name"] == "redness")
     assert (redness["source"], redness["direction"], redness["threshold_option"], redness["available"]) == (
@@ -528,7 +528,7 @@ def test_the_example_annotator_filters_through_the_library(tmp_path, monkeypatch
     )
     colours = [(220, 20, 20), (20, 20, 220), (200, 190, 180)]
     src = write_image_dataset(tmp_path / "in", 3, image=lambda i: jpeg_bytes(Image.new("RGB", (100, 100), colours[i]))).path
-    result = api.filter(src, tmp_path / "out", annotators=[annotator_class("redness")(0.5)])
+    result = api.filter(src, tmp_path / "out", annotate="redness", threshold=["redness=0.5"])
     assert result.reasons == {"kept": 2, "redness": 1}
     got = rows(tmp_path / "out")
     assert (got["000000000"]["filter_status"], got["000000000"]["filter_reason"], got["000000000"]["filter_detail"]) == (
@@ -537,5 +537,13 @@ def test_the_example_annotator_filters_through_the_library(tmp_path, monkeypatch
         "redness_share 1 > 0.5",
     )
     assert got["000000001"]["filter_status"] == "kept" and got["000000001"]["redness_share"] == 0.0
-    scores_only = api.filter(src, tmp_path / "scores", annotators=[annotator_class("redness")()])
+    scores_only = api.filter(src, tmp_path / "scores", annotate="redness")
     assert scores_only.reasons == {"kept": 3} and rows(tmp_path / "scores")["000000000"]["redness_share"] == 1.0
+    # built by the caller (a plugin's arguments of its own), besides what the options name
+    from lenscap.core.errors import UsageError
+    from lenscap.filter.annotators import annotator_class
+
+    built = api.filter(src, tmp_path / "built", min_side=1, annotators=[annotator_class("redness")(0.5)])
+    assert built.reasons == {"kept": 2, "redness": 1}
+    with pytest.raises(UsageError, match="redness is both in the options and given built"):
+        api.filter(src, tmp_path / "twice", annotate="redness", annotators=[annotator_class("redness")(0.5)])

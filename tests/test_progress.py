@@ -14,7 +14,8 @@ from lenscap.core import progress as progress_mod
 from lenscap.core.progress import LogProgress, log, log_file, make_progress, set_log_file
 from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.demo.server import ImageServer, Route
-from lenscap.download.command import DownloadOptions, download
+from lenscap.download.command import download
+from lenscap.download.options import DownloadOptions
 
 LINE_RE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d lenscap: ")
 

@@ -240,14 +240,16 @@ def test_shipped_recipes_give_their_commands_valid_flags(recipe):
     import typer.main
 
     from lenscap.cli import app
-    from lenscap.run.recipe import _PLACEHOLDERS, COMMANDS, _flags, load_recipe
+    from lenscap.run.recipe import COMMANDS, command_line, load_recipe
 
     commands = typer.main.get_command(app).commands
     loaded = load_recipe(recipe)
     assert loaded.input and loaded.stages
     for stage in loaded.stages:
         if stage.run in COMMANDS:  # parse the stage's command line as the command would, without running it
-            commands[stage.run].make_context(stage.run, _PLACEHOLDERS[stage.run] + _flags(stage.options, [Path("r0")]))
+            arguments = [a.name.upper() for a in commands[stage.run].params if type(a).__name__.endswith("Argument")]
+            argv = command_line(stage.run, arguments, stage.options, [Path("r0")])
+            commands[stage.run].make_context(stage.run, argv[1:])
     with pytest.raises(Exception, match="No such option: --no-such-flag"):  # the check above can fail
         commands["filter"].make_context("filter", ["IN", "OUT", "--no-such-flag", "1"])
 
@@ -266,6 +268,8 @@ def test_a_recipe_is_checked_whole_before_its_first_stage_runs(tmp_path, image_s
         good.replace("min_side = 10", "min_side = 10\nmax_aspect = -1"): "filter: --max-aspect is a ratio",
         good.replace("min_side = 10", 'where = "width > 0) OR (true"'): "filter: --where must be one SQL expression",
         good.replace("timeout = 3", "timeout = 0"): "download: --timeout must be at least 1 second",
+        good.replace("min_side = 10", 'min_side = 10\nannotate = "sparkle"'): "filter: unknown annotator 'sparkle'",
+        good.replace("min_side = 10", 'min_side = 10\nthreshold = ["blur"]'): "filter: --threshold takes NAME=NUMBER",
         f'input = "{urls}"\nwork_dir = "{work}"\nstages = "download"\n': "stages must be [[stages]] tables",
         good.replace('run = "filter"', 'run = "filter"\nname = "../../escaped"'): "name must be a plain name",
     }

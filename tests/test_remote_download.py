@@ -18,11 +18,10 @@ from types import SimpleNamespace
 import pytest
 from conftest import run_cli
 
-from lenscap.core import mirror
 from lenscap.core.dataset import Dataset
 from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.demo.server import Route
-from lenscap.inspect import inspect_dataset
+from lenscap.inspect.summary import inspect_dataset
 
 SHARDS = 10
 ARGS = (
@@ -48,7 +47,7 @@ SECRET = "lenscap-test-secret"  # the store's test secret key (conftest's s3_sto
 
 @pytest.fixture
 def bucket(s3_store, tmp_path, monkeypatch):
-    """A fresh prefix in the bucket as an s3:// URL, and a local mirror directory of this test's own."""
+    """A fresh prefix in the bucket as an s3:// URL, and a local work directory of this test's own."""
     monkeypatch.setenv("LENSCAP_WORK_DIR", str(tmp_path / "work"))
     prefix = f"lenscap/t{uuid.uuid4().hex[:8]}"
     yield f"s3://{prefix}"
@@ -108,10 +107,9 @@ def snapshot(location: str) -> dict[int, tuple[dict[str, dict], dict[str, bytes]
     ds = Dataset.open(location)
     shards = {}
     for shard_id in ds.completed_ids():
-        with mirror.staged(ds, shard_id) as local:
-            rows = {r["key"]: {c: r.get(c) for c in COLUMNS} for r in local.read_table(shard_id).to_pylist()}
-            with tarfile.open(local.tar_path(shard_id)) as tar:
-                members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
+        rows = {r["key"]: {c: r.get(c) for c in COLUMNS} for r in ds.read_table(shard_id).to_pylist()}
+        with ds.open_tar(shard_id) as f, tarfile.open(fileobj=f) as tar:
+            members = {m.name: tar.extractfile(m).read() for m in tar}  # type: ignore[union-attr]
         stats = ds.read_stats(shard_id)
         shards[shard_id] = (rows, members, {k: stats.get(k) for k in ("count", "status", "retried")})
     return shards
@@ -151,11 +149,11 @@ def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(
         for p in set(url_list.paths[shard_id * 5 : (shard_id + 1) * 5]) - set(url_list.flaky):
             assert image_server.hits[p] - hits_before.get(p, 0) == 1, p
 
-    # Only the dataset's files are remote; the job state is in the mirror, which keeps no shard.
+    # Only the dataset's files are remote; the job state is in its work directory here, which keeps no shard.
     assert remote_names(s3_store, out) == FINISHED
-    mirror = Dataset(out).path
-    assert mirror.parent == tmp_path / "work" and (mirror / ".lenscap" / "claim.json").exists()
-    assert not list(mirror.glob("0*")) and not (mirror / ".lenscap" / "img2dataset").exists()
+    work = Dataset(out).work_dir
+    assert work.parent.parent == tmp_path / "work" and (work / "claim.json").exists()
+    assert not list(work.glob("staging/*")) and not (work / "img2dataset").exists()
     manifest = Dataset.open(out).read_manifest()
     assert manifest["input"] == str(url_list.file) and manifest["complete"] and manifest["counts"]["samples"] == 50
 
@@ -165,7 +163,7 @@ def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(
     assert snapshot(out) == reference.after
     assert [reference.after[i][2]["retried"] for i in range(3)] == [1, 1, None]
     assert remote_names(s3_store, out) == FINISHED
-    assert not list(mirror.glob("0*")) and not (mirror / ".lenscap" / "retry").exists()
+    assert not list(work.glob("staging/*")) and not (work / "retry").exists()
 
     # inspect reads it remotely and counts what it counts locally
     r = run_cli("inspect", out, "--json")
@@ -177,7 +175,7 @@ def test_sigkill_then_rerun_into_s3_equals_local_then_retry_failed_and_inspect(
 
     # The store's secret is in the environment of every process, and in nothing they wrote.
     written = b"".join(s3_store.cat_file(p) for p in s3_store.find(out.removeprefix("s3://")) if p.endswith(".json"))
-    written += b"".join(p.read_bytes() for p in mirror.rglob("*") if p.is_file())
+    written += b"".join(p.read_bytes() for p in work.rglob("*") if p.is_file())
     assert SECRET.encode() not in written and SECRET not in r.stdout + r.stderr
 
 
@@ -185,9 +183,10 @@ def test_a_failure_mid_upload_leaves_the_shard_incomplete_and_the_rerun_uploads_
     bucket, s3_store, url_list, reference, image_server, monkeypatch
 ):
     """The upload of the last shard dies before its stats file (the completion marker) is up: that shard
-    is not complete remotely, and the rerun uploads the copy committed in the mirror instead of
+    is not complete remotely, and the rerun finishes its commit from the copy staged here instead of
     downloading it (so it does not start img2dataset at all)."""
-    from lenscap.download.command import DownloadOptions, download
+    from lenscap.download.command import download
+    from lenscap.download.options import DownloadOptions
 
     out = f"{bucket}/raw"
     real_pipe = s3_store.pipe_file  # the one cached filesystem instance, which the stage's Dataset uses too
@@ -198,7 +197,7 @@ def test_a_failure_mid_upload_leaves_the_shard_incomplete_and_the_rerun_uploads_
         return real_pipe(path, *args, **kwargs)
 
     def opts() -> DownloadOptions:
-        return DownloadOptions(samples_per_shard=5, processes=1, threads=4, timeout=5, retries=0, allow_private_network=True)
+        return DownloadOptions(samples_per_shard=5, processes=1, threads=4, timeout=5, max_retries=0, allow_private_network=True)
 
     url_list.reset()
     monkeypatch.setattr(s3_store, "pipe_file", dies_on_stats)
@@ -208,14 +207,14 @@ def test_a_failure_mid_upload_leaves_the_shard_incomplete_and_the_rerun_uploads_
     remote = Dataset.open(out)
     last = SHARDS - 1
     assert remote.completed_ids() == list(range(last)) and s3_store.exists(f"{out.removeprefix('s3://')}/{last:05d}.tar")
-    assert remote.mirror().is_complete(last)
+    assert (remote.work_dir / "pending" / f"{last:05d}.json").exists()  # its commit, to be finished
 
     hits = dict(image_server.hits)
     result = download(str(url_list.file), out, opts())
     assert result.exit_code == 0 and result.out_dir == out
     assert snapshot(out) == reference.before
     assert image_server.hits == hits, "the last shard was uploaded, not downloaded again"
-    assert not list(remote.path.glob("0*"))
+    assert not list(remote.work_dir.glob("staging/*")) and not list(remote.work_dir.glob("pending/*"))
 
 
 def test_download_into_s3_on_ray_stages_in_the_bucket(bucket, s3_store, url_list, reference, ray_cluster):
@@ -238,4 +237,4 @@ def test_download_into_s3_on_ray_stages_in_the_bucket(bucket, s3_store, url_list
     assert remote_names(s3_store, out) == FINISHED  # the staging in the bucket is gone
     from lenscap.download.command import _Job
 
-    assert _Job(Dataset(out), ray=True).staging == f"{out}/.lenscap/img2dataset"  # where every node can write
+    assert _Job(Dataset(out), cluster=ray_cluster).staging == f"{out}/.lenscap/img2dataset"  # where every node can write

@@ -26,7 +26,7 @@ from test_dedup import make_planted
 from test_remote_storage import snapshot as rows_and_members
 
 from lenscap.core.dataset import Dataset
-from lenscap.inspect import inspect_dataset
+from lenscap.inspect.summary import inspect_dataset
 
 DEDUP = ("--processes", "1", "--quiet")
 SHARD = ("--processes", "1", "--quiet", "--samples-per-shard", "16")  # 66 exported samples: 5 shards
@@ -51,7 +51,7 @@ def ref(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def mem(monkeypatch, tmp_path):
-    """A fresh memory:// root and an isolated local work dir (the mirrors); removed afterwards."""
+    """A fresh memory:// root and an isolated local work dir (the outputs' work directories); removed afterwards."""
     monkeypatch.setenv("LENSCAP_WORK_DIR", str(tmp_path / "work"))
     root = f"t{uuid.uuid4().hex[:8]}"
     yield f"memory://{root}"
@@ -93,18 +93,26 @@ def names_under(fs, root: str) -> list[str]:
 
 @contextlib.contextmanager
 def killed_uploading(name: str):
-    """In this process, memory://'s upload of a file ending in ``name`` puts part of it, then stops the
-    command as a kill would: nothing after that point runs (KeyboardInterrupt: exit code 130)."""
-    real = MemoryFileSystem.put_file
+    """In this process, memory://'s upload of a file ending in ``name`` (a put of a staged file, or of a
+    small file's bytes) puts part of it, then stops the command as a kill would: nothing after that point
+    runs (KeyboardInterrupt: exit code 130)."""
+    real_put, real_pipe = MemoryFileSystem.put_file, MemoryFileSystem.pipe_file
 
-    def dying(self, lpath, rpath, *args, **kwargs):
+    def dying_put(self, lpath, rpath, *args, **kwargs):
         if str(rpath).endswith(name):
-            self.pipe_file(rpath, Path(lpath).read_bytes()[:700])
+            real_pipe(self, rpath, Path(lpath).read_bytes()[:700])
             raise KeyboardInterrupt
-        return real(self, lpath, rpath, *args, **kwargs)
+        return real_put(self, lpath, rpath, *args, **kwargs)
+
+    def dying_pipe(self, path, value=None, *args, **kwargs):
+        if str(path).endswith(name):
+            real_pipe(self, path, value[:700])
+            raise KeyboardInterrupt
+        return real_pipe(self, path, value, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(MemoryFileSystem, "put_file", dying)
+        m.setattr(MemoryFileSystem, "put_file", dying_put)
+        m.setattr(MemoryFileSystem, "pipe_file", dying_pipe)
         yield
 
 
@@ -122,9 +130,9 @@ def test_dedup_into_memory_equals_local(ref, mem, tmp_path):
             *(f"0000{i}{ext}" for i in range(6) for ext in (".parquet", "_stats.json")),
         ]
     )
-    mirror = Dataset(f"{mem}/d").path  # the search ran here; no shard or report copy is left
-    assert (mirror / ".lenscap" / "dedup" / "decisions.parquet").exists()
-    assert not list(mirror.glob("0*")) and not list(mirror.glob("dedup/*"))
+    work = Dataset(f"{mem}/d").work_dir  # the search ran here; no shard or report copy is left
+    assert (work / "dedup" / "decisions.parquet").exists()
+    assert not list(work.glob("staging/*")) and not list(work.glob("dedup/report/*"))
 
     info, local = inspect_dataset(f"{mem}/d"), inspect_dataset(ref / "d")
     assert info["dedup"] == {**local["dedup"], "report": f"{mem}/d/dedup/report.json"} and info["dedup"]["duplicates"] > 30
@@ -151,12 +159,11 @@ def test_shard_into_memory_equals_local(ref, mem, fmt):
     files = [r["file"] for r in json.loads(read(ref / fmt, "shards.json"))["shards"]]
     sizes = ["sizes.json"] if fmt == "webdataset" else []  # open_clip's shard sizes
     assert names_under(fs, f"{root}") == sorted(["shards.json", "lenscap.json", "README.md", *sizes, *files])
-    mirror = Dataset(f"{mem}/{fmt}").path  # the state stays here; the shards and index files went
-    assert len(list((mirror / ".lenscap" / "done").glob("*.json"))) == 5
-    assert sorted(p.name for p in mirror.iterdir() if p.is_file()) == []
-    assert not list(mirror.glob("data/*"))
+    work = Dataset(f"{mem}/{fmt}").work_dir  # the state stays here; the shards and index files went
+    assert len(list((work / "done").glob("*.json"))) == 5
+    assert [p for p in work.glob("staging/**/*") if p.is_file()] == []
     card = read(f"{mem}/{fmt}", "README.md").decode()
-    assert f'pretty_name: "{fmt}"' in card and f"{mem}/{fmt}/" in card and str(mirror) not in card
+    assert f'pretty_name: "{fmt}"' in card and f"{mem}/{fmt}/" in card and str(work) not in card
 
     manifest, local_manifest = Dataset.open(f"{mem}/{fmt}").read_manifest(), Dataset.open(ref / fmt).read_manifest()
     assert manifest["counts"] == local_manifest["counts"] and manifest["input"] == str(ref / "d")  # type: ignore[index]
@@ -178,7 +185,7 @@ def test_shard_into_memory_equals_local(ref, mem, fmt):
 def test_shard_killed_mid_upload_resumes(ref, mem):
     out = f"{mem}/s"
     fs, root = fsspec.core.url_to_fs(out)
-    done = Dataset(out).path / ".lenscap" / "done"
+    done = Dataset(out).work_dir / "done"
     # 1. killed while uploading shard 1: a part of it is up, its marker is not written, its local copy stays
     with killed_uploading("/00001.tar"):
         assert cli("shard", str(ref / "d"), out, *SHARD)[0] == 130
@@ -196,7 +203,7 @@ def test_shard_killed_mid_upload_resumes(ref, mem):
     fs.pipe_file(f"{root}/00003.tar", b"not the shard")
     ok(cli("shard", str(ref / "d"), out, *SHARD))
     assert export(out) == export(ref / "webdataset")
-    assert not [p for p in Dataset(out).path.rglob("*.tar")]
+    assert not [p for p in Dataset(out).work_dir.rglob("*.tar")]
 
 
 def test_dedup_killed_mid_upload_resumes(ref, mem):
@@ -263,8 +270,8 @@ def test_s3_outputs_through_the_cli(ref, s3_store, tmp_path):
     assert dedup_report(f"{url}/d") == dedup_report(ref / "d")
 
     run_killed("/s/00002.tar", "shard", str(ref / "d"), f"{url}/s", *SHARD, env=env)
-    done = Dataset(f"{url}/s").path  # this process computes the same mirror from the URL...
-    done = tmp_path / "work" / done.name / ".lenscap" / "done"  # ...under the subprocess's work dir
+    done = Dataset(f"{url}/s").work_dir  # this process computes the same work directory from the URL...
+    done = tmp_path / "work" / done.parent.name / ".lenscap" / "done"  # ...under the subprocess's $LENSCAP_WORK_DIR
     assert sorted(p.name for p in done.iterdir()) == ["00000.json", "00001.json"]
     ok(run_cli("shard", str(ref / "d"), f"{url}/s", *SHARD, env=env))
     assert export(f"{url}/s") == export(ref / "webdataset")

@@ -18,7 +18,7 @@ from lenscap.core.dataset import Dataset
 from lenscap.core.storage import is_remote, redact_url
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.download.inputs import InputSpec, read_url_tables, resolve_input_files
-from lenscap.inspect import inspect_dataset
+from lenscap.inspect.summary import inspect_dataset
 
 
 @pytest.fixture
@@ -97,15 +97,15 @@ def test_filter_and_caption_remote_equal_local(tmp_path, mem, local_in):
     assert manifest is not None and local_manifest is not None
     assert manifest["input"] == f"{mem}/f" and manifest["complete"] is True
     assert manifest["counts"] == local_manifest["counts"] and manifest["schema"] == local_manifest["schema"]
-    # nothing but the dataset's own files is written remotely; the work dir is the local mirror
+    # nothing but the dataset's own files is written remotely; its work directory is local
     fs = fsspec.filesystem("memory")
     assert {p.rsplit("/", 1)[-1] for p in fs.ls(f"/{mem.split('://')[1]}/c", detail=False)} == {
         "lenscap.json",
         *(f"0000{i}{ext}" for i in range(3) for ext in (".parquet", "_stats.json")),
     }  # rows only
-    mirror = Dataset(f"{mem}/c").path
-    assert mirror.parent == tmp_path / "work" and (mirror / ".lenscap" / "claim.json").exists()
-    assert not list(mirror.glob("0*"))  # uploaded shards leave no local copy
+    work = Dataset(f"{mem}/c").work_dir
+    assert work.parent.parent == tmp_path / "work" and (work / "claim.json").exists()
+    assert not list(work.glob("staging/*"))  # uploaded shards leave no local copy
 
     # inspect, as the library and as the command
     info = inspect_dataset(f"{mem}/c")
@@ -130,8 +130,8 @@ def test_remote_output_resumes_after_a_kill_mid_upload(tmp_path, mem, local_in, 
     out = f"{mem}/c"
     fs, root = fsspec.core.url_to_fs(out)
 
-    # 1. Killed while uploading shard 1: its tar arrived, its stats never did. The shard is incomplete
-    # remotely; its finished local copy is uploaded by the rerun, which does not caption it again.
+    # 1. Killed while uploading shard 1: its parquet arrived, its stats never did. The shard is incomplete
+    # remotely; the rerun finishes its commit from the copy staged here, and does not caption it again.
     real_pipe = type(fs).pipe_file
 
     def dies_on_stats(self, path, *args, **kwargs):

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli
 from PIL import Image
 
-from lenscap.audit import FLAGS
+from lenscap.audit.measures import FLAGS
 from lenscap.core.dataset import Dataset
 from lenscap.core.record import Sample
 from lenscap.demo.pictures import jpeg_bytes, photo

@@ -288,7 +288,8 @@ def test_samples_larger_than_the_target_get_a_shard_each(tmp_path, source, shuff
 def test_a_small_export_has_at_least_min_shards(tmp_path, source, shuffle):
     """One 500MB target would hold it all: cut into --min-shards (default 8) even shards instead, so
     every worker of an 8-worker loader has a shard; never more shards than samples."""
-    from lenscap.shard.command import ExportOptions, run_export
+    from lenscap.shard.command import run_shard
+    from lenscap.shard.options import ShardOptions
 
     src, images = source
     summary = export(src, tmp_path / "eight", *shuffle)  # the CLI's default
@@ -296,20 +297,22 @@ def test_a_small_export_has_at_least_min_shards(tmp_path, source, shuffle):
     assert summary["shards"] == len(counts) == 8 and max(counts) - min(counts) <= 1 and sum(counts) == len(images)
     assert sorted(k for k, *_ in tar_samples(tmp_path / "eight")) == sorted(images)
     shuffled = bool(shuffle)
-    assert run_export(ExportOptions(min_shards=1, shuffle=shuffled), src, tmp_path / "one", quiet=True).shards_total == 1
+    assert (
+        run_shard(src, tmp_path / "one", ShardOptions(min_shards=1, shuffle=shuffled, processes=1), quiet=True).shards_total == 1
+    )
     # --samples-per-shard is an exact count: kept as given
-    exact = run_export(ExportOptions(samples_per_shard=100, shuffle=shuffled), src, tmp_path / "exact", quiet=True)
+    exact = run_shard(src, tmp_path / "exact", ShardOptions(samples_per_shard=100, shuffle=shuffled, processes=1), quiet=True)
     assert exact.shards_total == -(-len(images) // 100)
     # never more shards than samples: tests/test_exports_readers.py
 
 
 def test_min_shards_is_checked_and_defaults_to_8():
     from lenscap.core.errors import UsageError
-    from lenscap.shard.command import ExportOptions
+    from lenscap.shard.options import ShardOptions
 
-    assert ExportOptions().min_shards == 8
+    assert ShardOptions().min_shards == 8
     with pytest.raises(UsageError, match="--min-shards must be at least 1"):
-        ExportOptions(min_shards=0)
+        ShardOptions(min_shards=0)
 
 
 def test_an_export_of_0_samples_exits_7_with_a_card_saying_so(tmp_path):
@@ -326,8 +329,8 @@ def test_an_export_of_0_samples_exits_7_with_a_card_saying_so(tmp_path):
     assert "This export is empty" in card and "| download: failed_to_download | 1 |" in card
     assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {}
 
-    from lenscap.shard.command import ExportResult
+    from lenscap.core.result import JobResult
 
-    assert ExportResult("x", samples=0, empty=True).exit_code == 7
-    assert ExportResult("x", 2, 2, 10).exit_code == 0
-    assert ExportResult("x", 0, 0, 0, failed_shards={0: "boom"}, empty=False).exit_code == 1
+    assert JobResult("shard", "x", samples=0, empty=True).exit_code == 7
+    assert JobResult("shard", "x", 2, 2, 10).exit_code == 0
+    assert JobResult("shard", "x", 0, 0, 0, failed_shards={0: "boom"}, empty=False).exit_code == 1

@@ -193,12 +193,13 @@ def _backend_defaults(caption_flags: set[str]) -> list[str]:
     return lines + [""]
 
 
-def render() -> str:
+def render(app: Any = None) -> str:
+    """The page for ``app`` (a Typer app; by default lenscap's own)."""
     import typer
 
     import lenscap.cli
 
-    root = typer.main.get_command(lenscap.cli.app)
+    root = typer.main.get_command(app if app is not None else lenscap.cli.app)
     commands = _walk(root, [])
     out = [
         "# CLI reference",

@@ -37,6 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lenscap.audit.text import minhash_bands, ngram_hashes, null_where, repeated_share, words_of
+from lenscap.core.errors import UsageError
 
 __all__ = ["AuditSettings", "Measured", "measure", "check_script", "FLAGS", "READ_COLUMNS", "PRESET_WORDS", "LENGTH_BAND"]
 
@@ -198,8 +199,6 @@ def check_script(script: str) -> None:
     try:
         pc.match_substring_regex(pa.array(["a"]), rf"[^\p{{{script}}}\PL]")
     except pa.ArrowInvalid:
-        from lenscap.core.errors import UsageError
-
         raise UsageError(f"--script {script!r} is not a Unicode script name (Latin, Cyrillic, Han, Arabic ...)") from None
 
 

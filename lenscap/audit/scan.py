@@ -27,6 +27,7 @@ from lenscap.audit.source import ParquetFiles
 from lenscap.audit.spill import Spill
 from lenscap.audit.text import KMV
 from lenscap.core.dataset import Dataset
+from lenscap.core.job import Job
 
 __all__ = ["Tally", "ScanJob", "Scan", "scan", "MAX_WORDS"]
 
@@ -233,10 +234,67 @@ def opening_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
 
+class _Collector:
+    """What the scan keeps of each shard's parts as they come back: tallies, the sample, spilled keys."""
+
+    def __init__(self, spill: Path, sample: int, rows: bool, progress: Any) -> None:
+        spill.mkdir(parents=True, exist_ok=True)
+        self.spill, self.sample, self.rows, self.progress = spill, sample, rows, progress
+        self.groups: dict[Label, int] = {}
+        self.tallies: dict[Label, Tally] = {}
+        self.heap: list[tuple[int, str, int, dict[str, Any]]] = []
+        self.bands = Spill(spill / "bands", BAND_RECORD)
+        self.openings = Spill(spill / "openings", OPENING_RECORD)
+        self.texts = open(spill / "openings.tsv", "w", encoding="utf-8")  # noqa: SIM115 - closed by close()
+        self.row_writer: pq.ParquetWriter | None = None
+
+    def add(self, shard_id: int, part: dict[str, Any]) -> None:
+        for label, tally in part["tallies"].items():
+            self.tallies.setdefault(label, Tally()).merge(tally)
+        global_ids = np.array([self.groups.setdefault(label, len(self.groups)) for label in part["labels"]], np.int32)
+        keys, who = part["band_keys"], part["band_rows"]
+        if len(keys):
+            records = np.empty(len(keys), BAND_RECORD)
+            records["h"], records["sample"] = keys, (np.int64(shard_id) << np.int64(32)) | who
+            records["grp"] = global_ids[part["row_groups"][who]]
+            self.bands.append(records)
+        if part["openings"]:
+            self._add_openings(part["openings"])
+        for rank, key, row, info in part["samples"]:
+            entry = (-rank, key, (shard_id << 32) | row, info | {"shard": shard_id, "row": row})
+            if len(self.heap) < self.sample:
+                heapq.heappush(self.heap, entry)
+            elif entry > self.heap[0]:
+                heapq.heapreplace(self.heap, entry)
+        if self.rows and part.get("rows") is not None:
+            table = part["rows"].append_column("shard", pa.array([shard_id] * part["rows"].num_rows, pa.int32()))
+            if self.row_writer is None:
+                self.row_writer = pq.ParquetWriter(self.spill / "rows.parquet", table.schema)
+            self.row_writer.write_table(table)
+        if self.progress is not None:
+            self.progress.advance(shards=1, samples=sum(t.captions for t in part["tallies"].values()))
+
+    def _add_openings(self, counted: Counter[tuple[Label, str]]) -> None:
+        items = list(counted.items())
+        records = np.empty(len(items), OPENING_RECORD)
+        hashes = [opening_hash(o) for (_, o), _ in items]
+        records["h"], records["n"] = hashes, [n for _, n in items]
+        records["grp"] = [self.groups[label] for (label, _), _ in items]
+        self.openings.append(records)
+        self.texts.writelines(f"{h:016x}\t{o}\n" for h, ((_, o), _) in zip(hashes, items, strict=True))
+
+    def close(self) -> None:
+        self.bands.close()
+        self.openings.close()
+        self.texts.close()
+        if self.row_writer is not None:
+            self.row_writer.close()
+
+
 def scan(
     src: Dataset | ParquetFiles,
     settings: AuditSettings,
-    executor: Any,
+    job: Job,
     spill: Path,
     *,
     sample: int = 10,
@@ -244,75 +302,27 @@ def scan(
     rows: bool = False,
     progress: Any = None,
 ) -> Scan:
-    """Scan every complete, undamaged shard of ``src`` on ``executor``; spill into ``spill``."""
+    """Scan every complete, undamaged shard of ``src`` on ``job``'s executor; spill into ``spill``."""
     damaged = src.damaged_shards()
     shards = [i for i in src.completed_ids() if i not in damaged]
-    spill.mkdir(parents=True, exist_ok=True)
-    groups: dict[Label, int] = {}
-    tallies: dict[Label, Tally] = {}
-    heap: list[tuple[int, str, int, dict[str, Any]]] = []
-    bands = Spill(spill / "bands", BAND_RECORD)
-    openings = Spill(spill / "openings", OPENING_RECORD)
-    texts = open(spill / "openings.tsv", "w", encoding="utf-8")  # noqa: SIM115 - closed below
-    row_writer: pq.ParquetWriter | None = None
-    failed: dict[int, str] = {}
-
-    def on_done(shard_id: int, part: dict[str, Any]) -> None:
-        nonlocal row_writer
-        for label, tally in part["tallies"].items():
-            tallies.setdefault(label, Tally()).merge(tally)
-        global_ids = np.array([groups.setdefault(label, len(groups)) for label in part["labels"]], np.int32)
-        keys, who = part["band_keys"], part["band_rows"]
-        if len(keys):
-            records = np.empty(len(keys), BAND_RECORD)
-            records["h"], records["sample"] = keys, (np.int64(shard_id) << np.int64(32)) | who
-            records["grp"] = global_ids[part["row_groups"][who]]
-            bands.append(records)
-        if part["openings"]:
-            items = list(part["openings"].items())
-            records = np.empty(len(items), OPENING_RECORD)
-            hashes = [opening_hash(o) for (_, o), _ in items]
-            records["h"], records["n"] = hashes, [n for _, n in items]
-            records["grp"] = [groups[label] for (label, _), _ in items]
-            openings.append(records)
-            texts.writelines(f"{h:016x}\t{o}\n" for h, ((_, o), _) in zip(hashes, items, strict=True))
-        for rank, key, row, info in part["samples"]:
-            entry = (-rank, key, (shard_id << 32) | row, info | {"shard": shard_id, "row": row})
-            if len(heap) < sample:
-                heapq.heappush(heap, entry)
-            elif entry > heap[0]:
-                heapq.heapreplace(heap, entry)
-        if rows and part.get("rows") is not None:
-            table = part["rows"].append_column("shard", pa.array([shard_id] * part["rows"].num_rows, pa.int32()))
-            if row_writer is None:
-                row_writer = pq.ParquetWriter(spill / "rows.parquet", table.schema)
-            row_writer.write_table(table)
-        if progress is not None:
-            progress.advance(shards=1, samples=sum(t.captions for t in part["tallies"].values()))
-
+    kept = _Collector(spill, sample, rows, progress)
     if progress is not None:
         progress.start(len(shards), 0)
     try:
-        fatal = executor.run(ScanJob(src, settings, sample, seed, rows), shards, on_done, failed)
+        failed = job.map(ScanJob(src, settings, sample, seed, rows), shards, kept.add)
     finally:
-        bands.close()
-        openings.close()
-        texts.close()
-        if row_writer is not None:
-            row_writer.close()
+        kept.close()
         if progress is not None:
             progress.finish()
-    if fatal is not None:
-        raise fatal
-    samples = [info for _, _, _, info in sorted(heap, key=lambda e: -e[0])]
+    samples = [info for _, _, _, info in sorted(kept.heap, key=lambda e: -e[0])]
     return Scan(
-        tallies,
-        {gid: label for label, gid in groups.items()},
+        kept.tallies,
+        {gid: label for label, gid in kept.groups.items()},
         samples,
-        bands,
-        openings,
+        kept.bands,
+        kept.openings,
         spill / "openings.tsv",
-        spill / "rows.parquet" if row_writer is not None else None,
+        spill / "rows.parquet" if kept.row_writer is not None else None,
         shards,
         failed,
     )

@@ -14,6 +14,8 @@ from __future__ import annotations
 import multiprocessing
 from typing import Any
 
+from lenscap.core.executors import import_ray
+
 __all__ = ["Budget", "ClusterBudget"]
 
 
@@ -87,8 +89,6 @@ class ClusterBudget(Budget):
 
     @property
     def _ray(self) -> Any:  # the module, looked up where the budget is, never pickled with it
-        from lenscap.core.executors import import_ray
-
         return import_ray()
 
     @property

@@ -167,7 +167,7 @@ class CaptionStage(Stage):
         self.backend.check()
 
     def begin(self, src: Dataset, dst: Dataset) -> None:
-        # Here, not in run_shard: a worker writes into a remote output's local mirror, whose location is not the output's.
+        # Here, once: every shard this run writes says the same locations.
         self._run_location, self._carried_from = dst.location, src.location
         journals = self._journal_dir(dst)
         if self.retry_errors:
@@ -309,7 +309,7 @@ class CaptionStage(Stage):
 
     def _redo_selection(self, src: Dataset, shard_id: int) -> set[str]:
         """The keys of the shard's rows that --redo selects."""
-        import duckdb
+        import duckdb  # DuckDB takes a quarter second to import: only where a query runs
 
         assert self._redo_condition is not None
         try:

@@ -9,8 +9,10 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageStat
 
+from lenscap.caption.image_prep import UnreadableImage
 from lenscap.core.errors import MissingDependency
 
 __all__ = [
@@ -92,7 +94,7 @@ _ocr_lock = threading.Lock()
 
 def ocr_available() -> bool:
     try:
-        import rapidocr_onnxruntime  # noqa: F401
+        import rapidocr_onnxruntime  # noqa: F401 - optional (the ocr extra)
     except ImportError:
         return False
     return True
@@ -107,8 +109,7 @@ def read_text_boxes(image: Image.Image, min_score: float = 0.6) -> list[tuple[li
     """(box corners, text) for each legible line, top to bottom."""
     global _ocr_engine
     try:
-        import numpy as np
-        from rapidocr_onnxruntime import RapidOCR
+        from rapidocr_onnxruntime import RapidOCR  # optional (the ocr extra)
     except ImportError:
         raise MissingDependency("reading text in images needs the ocr extra: pip install 'lenscap[ocr]'") from None
     with _ocr_lock:
@@ -121,8 +122,6 @@ def read_text_boxes(image: Image.Image, min_score: float = 0.6) -> list[tuple[li
 
 def read_text_from_bytes(data: bytes) -> list[str]:
     """``read_text`` on encoded image bytes. Raises ``UnreadableImage``."""
-    from lenscap.caption.image_prep import UnreadableImage
-
     try:
         im = Image.open(io.BytesIO(data))
         im.draft("RGB", (1600, 1600))  # OCR needs the detail that small text has; no more than that
@@ -136,7 +135,7 @@ def faces_available() -> bool:
     """OpenCV 4.x with its bundled cascades. OpenCV 5 (pulled in by the ocr extra) has no
     CascadeClassifier, so faces are then not counted."""
     try:
-        import cv2
+        import cv2  # optional (the ocr extra)
     except ImportError:
         return False
     cascades = getattr(getattr(cv2, "data", None), "haarcascades", None)
@@ -152,8 +151,7 @@ def count_faces(image: Image.Image) -> int:
     """Frontal faces found by OpenCV's bundled Haar cascade: a count, not an identification."""
     global _cascade
     try:
-        import cv2
-        import numpy as np
+        import cv2  # optional (the ocr extra)
     except ImportError:
         raise MissingDependency("counting faces needs OpenCV (opencv-python-headless)") from None
     if _cascade is None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from typing import Any
 
 from lenscap.core.commits import atomic_write_json
@@ -74,7 +73,7 @@ def open_output(out_dir: str | os.PathLike[str] | Dataset, src: Dataset | None, 
 
 def _foreign_entries(out: Dataset) -> list[str]:
     """The entries of a non-empty output that lenscap did not make; [] if it made it (or it is empty)."""
-    if (out.work_dir / CLAIM_FILE).exists():  # claimed from this machine (a remote output: its state is in the mirror)
+    if (out.work_dir / CLAIM_FILE).exists():  # claimed from this machine (a remote output's work directory is here)
         return []
     names = out.names()
     if not names or MANIFEST_NAME in names or WORK_DIR_NAME in names or OLD_WORK_DIR_NAME in names:
@@ -109,8 +108,7 @@ def _holds_anything(out: Dataset) -> bool:
     non-empty private files other than the lock and the claim (journals of paid requests, signatures,
     a plan). A manifest alone is not: a run writes one first, and one that failed its first request
     (a mistyped model) leaves the directory to the corrected command."""
-    names = set(out.names()) | set(os.listdir(out.path) if out.path.is_dir() else ())  # the output, and its mirror
-    if names - {MANIFEST_NAME, WORK_DIR_NAME}:
+    if set(out.names()) - {MANIFEST_NAME, WORK_DIR_NAME}:
         return True
     work = out.work_dir
     for root, _, files in os.walk(work):
@@ -215,17 +213,5 @@ def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def clear_output(out: Dataset) -> None:
     """Empty an output lenscap wrote, keeping its lock: stats files first (no shard stays complete), then
     everything else, the claim last."""
-    keep = {WORK_DIR_NAME} if not out.remote else set()  # a remote one's: a Ray download's staging; its lock is local
-    for name in sorted(out.names(), key=lambda n: not n.endswith("_stats.json")):
-        if name not in keep:
-            out.fs.rm(out.file(name), recursive=True)
-    for entry in os.scandir(out.path):  # a remote output's mirror
-        if entry.name != WORK_DIR_NAME:
-            shutil.rmtree(entry.path) if entry.is_dir() and not entry.is_symlink() else os.unlink(entry.path)
-    work = out.work_dir
-    for entry in os.scandir(work) if work.is_dir() else []:
-        if entry.name in (_LOCK, CLAIM_FILE):
-            continue
-        shutil.rmtree(entry.path) if entry.is_dir() and not entry.is_symlink() else os.unlink(entry.path)
-    (work / CLAIM_FILE).unlink(missing_ok=True)
-    out.__dict__.pop("_image_source", None)
+    out.clear(keep={_LOCK, CLAIM_FILE})
+    (out.work_dir / CLAIM_FILE).unlink(missing_ok=True)

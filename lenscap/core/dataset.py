@@ -3,45 +3,45 @@
 A dataset is a local path or a URL on an fsspec filesystem (``s3://bucket/ds``, ``gs://...``,
 ``memory://ds``; see ``lenscap.core.storage``); either way ``fs`` and ``root`` name it (a local path is
 fsspec's local filesystem, as datatrove's DataFolder does it), so every read (listing, stats, the
-manifest, parquet rows, one image by a ranged read) has one code path. Its parts live in small
-modules: the names of its files (``lenscap.core.layout``), crash-safe commits (``lenscap.core.commits``), the
-manifest and shard stats (``lenscap.core.manifest``), where its images are (``lenscap.core.image_source``), and the
-local mirror a remote dataset's shards are written to before upload (``lenscap.core.mirror``).
+manifest, parquet rows, one image by a ranged read) and every write (a staged file committed or put)
+has one code path. Its parts live in small modules: the names of its files (``lenscap.core.layout``),
+crash-safe commits (``lenscap.core.commits``), the manifest and shard stats (``lenscap.core.manifest``),
+where its images are (``lenscap.core.image_source``), and the writer of one shard (``ShardWriter``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import posixpath
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
-from lenscap.core import commits as journal
-from lenscap.core import mirror
+from lenscap.core import commits
 from lenscap.core.errors import DatasetError
-from lenscap.core.image_source import TarReader, add_sample, image_locations, images_ref, open_image_source, with_locations
+from lenscap.core.image_source import TarReader, image_locations, images_ref, open_image_source, with_locations
 from lenscap.core.layout import (
-    IMAGE_COLUMNS,
     IMAGE_OFFSET,
-    IMAGE_SIZE,
     MANIFEST_NAME,
     WORK_DIR_NAME,
     adopt_old_work_dir,
     completed_in,
     parquet_name,
-    shard_name,
     shards_in,
     stats_name,
     tar_name,
 )
-from lenscap.core.manifest import build_manifest, shard_stats
+from lenscap.core.manifest import build_manifest
 from lenscap.core.record import Sample
+from lenscap.core.shard_writer import ShardWriter
 from lenscap.core.storage import is_remote, local_path, redact_url, url_to_fs
-from lenscap.core.tario import TarOut
 
 __all__ = ["Dataset", "ShardWriter", "read_parquet"]
 
@@ -52,26 +52,35 @@ def read_parquet(path: str | os.PathLike[str], columns: list[str] | None = None)
     return pq.ParquetFile(path).read(columns=columns)
 
 
-def _local_fs() -> Any:
-    from fsspec.implementations.local import LocalFileSystem
-
-    return LocalFileSystem()
+def state_dir(canonical_url: str) -> Path:
+    """The work directory (``.lenscap/``) of a remote dataset on this machine: under
+    ``$LENSCAP_WORK_DIR/<sha256(url)[:16]>``, else ``$XDG_CACHE_HOME/lenscap/remote`` (``~/.cache/lenscap/remote``)."""
+    base = os.environ.get("LENSCAP_WORK_DIR")
+    if not base:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(cache, "lenscap", "remote")
+    return Path(base) / hashlib.sha256(canonical_url.encode()).hexdigest()[:16] / WORK_DIR_NAME
 
 
 class Dataset:
     """A dataset directory on a filesystem: ``fs`` and ``root`` (the path on it).
 
-    ``remote``: on a filesystem other than the local one. ``path`` is the local directory that shards
-    are committed into and that holds the private work directory ``.lenscap/``: the dataset itself,
-    or a remote dataset's mirror (``lenscap.core.mirror``). ``location`` is what to show and record (a URL
-    without credentials); ``storage_options`` are passed to fsspec and never recorded.
+    ``location`` is what to show and record (a URL without credentials); ``storage_options`` are passed
+    to fsspec and never recorded. ``work_dir`` is the private directory of the command that writes it
+    (``.lenscap/``: its lock, claim, commit journals, journals of paid requests), always on this
+    machine's disk: inside a local dataset, and for a remote one (``remote``) under
+    ``$LENSCAP_WORK_DIR`` (``state_dir``), since an object store has no locks and no appends.
+
+    Files are written through the dataset: staged locally (``staging_file``), then committed as a
+    shard (``commit``) or put whole (``put``), which renames a local file into place and uploads a
+    remote one; this module is the only place that tells the two apart.
     """
 
     def __init__(
         self,
         path: str | os.PathLike[str],
         storage_options: dict[str, Any] | None = None,
-        mirror_path: str | os.PathLike[str] | None = None,
+        work_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self._spec = os.fspath(path)
         self.storage_options = dict(storage_options or {})
@@ -79,38 +88,43 @@ class Dataset:
         if self.remote:
             self.fs, self.root = url_to_fs(self._spec, self.storage_options)
             self.location = redact_url(self._spec).rstrip("/")
-            self.path = Path(mirror_path) if mirror_path is not None else mirror.mirror_dir(self.resolved)
+            self.work_dir = Path(work_dir) if work_dir is not None else state_dir(self.resolved)
         else:
-            self.path = Path(local_path(self._spec))
-            self.fs, self.root = _local_fs(), os.path.abspath(self.path)
-            self.location = str(self.path)
+            local = Path(local_path(self._spec))
+            self.fs, self.root = LocalFileSystem(), os.path.abspath(local)
+            self.location = str(local)
+            self.work_dir = local / WORK_DIR_NAME
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled (to worker processes, Ray tasks) as what it was opened from, not as an open filesystem;
-        # with the mirror the driver chose, so all workers of a run agree on it (LENSCAP_WORK_DIR may
-        # be set only where the command was typed).
-        return (Dataset, (self._spec, self.storage_options, self.path if self.remote else None))
+        # with the work directory the driver chose, so all workers of a run agree on it (LENSCAP_WORK_DIR
+        # may be set only where the command was typed).
+        return (Dataset, (self._spec, self.storage_options, self.work_dir if self.remote else None))
 
     @property
     def resolved(self) -> str:
         """One name per dataset, to tell two apart: the absolute path (links resolved), or the canonical URL."""
         if not self.remote:
-            return str(self.path.resolve())
+            return str(Path(self.root).resolve())
         return redact_url(self.fs.unstrip_protocol(self.root))
 
-    def mirror(self) -> Dataset:
-        """The local dataset that shards of this one are committed into: itself when local. (On a node of
-        a cluster other than the driver's, a remote dataset's mirror is created here.)"""
-        if not self.remote:
-            return self
-        (self.path / WORK_DIR_NAME).mkdir(parents=True, exist_ok=True)
-        return Dataset(self.path)
+    @property
+    def url(self) -> str:
+        """Where readers find it: the absolute path, or the URL (without credentials)."""
+        return self.location if self.remote else self.root
+
+    def relative_location(self, other: Dataset) -> str | None:
+        """Where this dataset is, relative to ``other``, when both are on one filesystem that keeps
+        relative places (local, or one bucket: the two may move together); else None."""
+        if type(self.fs) is not type(other.fs) or (self.remote and _bucket(self) != _bucket(other)):
+            return None
+        return posixpath.relpath(self.root, other.root)
 
     # -- opening --------------------------------------------------------------------------------
 
     @classmethod
     def create(cls, path: str | os.PathLike[str] | Dataset, storage_options: dict[str, Any] | None = None) -> Dataset:
-        """Open ``path`` for writing, creating it (and a remote one's mirror) if needed."""
+        """Open ``path`` for writing, creating it (and its work directory) if needed."""
         if isinstance(path, Dataset):
             path, storage_options = path._spec, path.storage_options
         ds = cls(path, storage_options)
@@ -120,14 +134,12 @@ class Dataset:
             ds.fs.makedirs(ds.root, exist_ok=True)
         except OSError as e:
             raise DatasetError(f"cannot create output directory {ds.location}: {e.strerror or e}") from None
-        p = ds.path
-        if p.exists() and not p.is_dir():
-            raise DatasetError(f"output directory {p} exists and is a file")
-        adopt_old_work_dir(p)
+        if not ds.remote:
+            adopt_old_work_dir(Path(ds.root))
         try:
-            (p / WORK_DIR_NAME).mkdir(parents=True, exist_ok=True)
+            ds.work_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise DatasetError(f"cannot create output directory {p}: {e.strerror}") from None
+            raise DatasetError(f"cannot create output directory {ds.location}: {e.strerror}") from None
         return ds
 
     @classmethod
@@ -153,26 +165,44 @@ class Dataset:
         """A file of the dataset (``name`` relative to it, ``/``-separated), as its filesystem names it."""
         return f"{self.root.rstrip('/')}/{name}"
 
-    @property
-    def work_dir(self) -> Path:
-        return self.path / WORK_DIR_NAME
+    def local_file(self, name: str) -> Path:
+        """A file of a local dataset as a path (for DuckDB and pyarrow, which read local files faster)."""
+        if self.remote:  # a bug in lenscap: a remote dataset's files are read through fs
+            raise RuntimeError(f"{self.location} is remote: read {name} through Dataset.fs")
+        return Path(self.root, name)
 
-    def _local(self) -> Path:
-        if self.remote:  # a bug in lenscap: remote shards are written to the mirror, and read through fs
-            raise RuntimeError(f"{self.location} is remote: write its shards to Dataset.mirror()")
-        return self.path
+    @property
+    def path(self) -> Path:
+        """A local dataset's directory, as it was given."""
+        if self.remote:  # a bug in lenscap: a remote dataset is reached through fs
+            raise RuntimeError(f"{self.location} is remote: it has no local path")
+        return Path(self.location)
 
     def tar_path(self, shard_id: int) -> Path:
-        return self._local() / tar_name(shard_id)
+        return self.local_file(tar_name(shard_id))
 
     def parquet_path(self, shard_id: int) -> Path:
-        return self._local() / parquet_name(shard_id)
+        return self.local_file(parquet_name(shard_id))
 
     def stats_path(self, shard_id: int) -> Path:
-        return self._local() / stats_name(shard_id)
+        return self.local_file(stats_name(shard_id))
 
-    def tmp_path(self, shard_id: int, ext: str) -> Path:
-        return self._local() / f".{shard_name(shard_id)}.{ext}.tmp"
+    def lock_file(self) -> Path:
+        """The lock of the command that writes this dataset (``lenscap.core.lock``), in its work directory.
+        A local dataset's private directory of lenscap before 0.2 (``_lenscap/``: journals of paid
+        requests, job state) is renamed first, so nothing is asked again."""
+        if not self.remote:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise DatasetError(f"output directory {self.location} exists and is a file")
+            adopt_old_work_dir(Path(self.root))
+        return self.work_dir / "lock"
+
+    def shared_dir(self, name: str) -> Path | str:
+        """A directory every node of a cluster can write, for ``name``: the work directory's own for a
+        local dataset (on a cluster, a shared filesystem), else a URL beside the dataset in its store."""
+        if self.remote:
+            return f"{self.fs.unstrip_protocol(self.root)}/{WORK_DIR_NAME}/{name}"
+        return self.work_dir / name
 
     # -- listing --------------------------------------------------------------------------------
 
@@ -238,6 +268,16 @@ class Dataset:
         except FileNotFoundError:
             return {}
         return {_basename(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
+
+    def tree_sizes(self) -> dict[str, int]:
+        """Every file under the dataset directory, by name relative to it (``data/x.parquet``), with its size."""
+        self.fs.invalidate_cache(self.root)  # other processes write here: never a stale listing
+        try:
+            found = self.fs.find(self.root, detail=True)
+        except FileNotFoundError:
+            return {}
+        prefix = self.root.rstrip("/") + "/"
+        return {path[len(prefix) :]: int(info.get("size") or 0) for path, info in found.items() if path.startswith(prefix)}
 
     def damaged_shards(self, ids: list[int] | None = None) -> dict[int, str]:
         """Completed shards (``ids``, default all) that are not what their stats recorded: a file missing,
@@ -395,29 +435,117 @@ class Dataset:
     def writer(self, shard_id: int, schema: pa.Schema | None = None, copy_images: bool = True) -> ShardWriter:
         return ShardWriter(self, shard_id, schema, copy_images)
 
-    def commit(self, shard_id: int, renames: list[tuple[Path, Path]], stats: dict[str, Any]) -> dict[str, Any]:
-        """Move finished files into place and mark the shard complete, crash-safely (``lenscap.core.commits``);
-        returns the stats written."""
-        return journal.commit(self._local(), shard_id, renames, stats)
+    def staging_file(self, name: str) -> Path:
+        """Where file ``name`` (relative, ``/``-separated) is written before it is committed or put: a dot
+        name beside it in a local dataset (a rename then puts it in place), the work directory's
+        ``staging/`` for a remote one (an upload then does)."""
+        if self.remote:
+            path = self.work_dir / "staging" / name
+        else:
+            head, _, base = name.rpartition("/")
+            path = Path(self.root, head, f".{base}.tmp")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def commit(self, shard_id: int, files: dict[str, commits.Source], stats: dict[str, Any]) -> dict[str, Any]:
+        """Put ``files`` (final name -> a staged local file, or a file of this dataset to move) in place
+        and mark the shard complete, crash-safely (``lenscap.core.commits``); returns the stats written."""
+        return commits.commit(self, shard_id, files, stats)
 
     def recover(self) -> int:
-        """Finish commits that a crash interrupted; remove stray temporary files. Returns commits finished."""
-        return mirror.recover(self)
+        """Finish the commits a crash interrupted and remove stray staged files; returns the commits
+        finished. A remote dataset that holds nothing (new, or deleted since) owns nothing of its work
+        directory here but the lock: the rest is an earlier output's, and goes."""
+        if self.remote and not any(n != WORK_DIR_NAME for n in self.names()):
+            self.clear_work_dir(keep={"lock"})
+            return 0
+        finished = commits.recover(self)
+        if self.remote:  # what no journal names: a write a crash cut short
+            shutil.rmtree(self.work_dir / "staging", ignore_errors=True)
+        else:
+            for stray in [*Path(self.root).glob(".*.tmp"), *Path(self.root).glob("*/.*.tmp")]:
+                stray.unlink(missing_ok=True)
+        return finished
 
     def recover_shard(self, shard_id: int) -> bool:
         """Finish one shard's commit that a crash interrupted; True if there was one."""
-        return journal.recover_shard(self.path, shard_id)
+        return commits.recover_shard(self, shard_id)
 
-    def upload_shard(self, shard_id: int) -> dict[str, Any]:
-        """Put a shard committed in the mirror where it belongs; its stats (``lenscap.core.mirror``)."""
-        return mirror.upload_shard(self, shard_id)
+    # What commits.py needs to know of a source and to move one in; only this module tells local from remote.
+
+    def source_record(self, source: commits.Source) -> dict[str, str]:
+        if isinstance(source, Path):  # relative, so a crashed commit still rolls forward after the directory moves
+            return {"local": os.path.relpath(source, self.work_dir if self.remote else self.root)}
+        return {"here": source}
+
+    def _source_path(self, record: dict[str, str]) -> Path:
+        return Path(self.work_dir if self.remote else self.root, record["local"])
+
+    def source_size(self, source: commits.Source) -> int:
+        return os.path.getsize(source) if isinstance(source, Path) else int(self.fs.size(self.file(source)))
+
+    def move_in(self, record: dict[str, str], name: str) -> None:
+        """Put a commit's source in place as ``name``, unless it already is (a commit rolled forward again)."""
+        target = self.file(name)
+        if "here" in record:
+            source = self.file(record["here"])
+            if self.fs.exists(source):
+                self.fs.mv(source, target)
+                return
+        else:
+            local = self._source_path(record)
+            if local.exists():
+                if self.remote:
+                    self.fs.put_file(str(local), target)  # kept until the shard is complete: a rerun puts it again
+                else:
+                    Path(target).parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(local, target)
+                return
+        if not self.fs.exists(target):
+            raise DatasetError(f"cannot finish writing {self.location}/{name}: its new file is missing")
+
+    def forget_source(self, record: dict[str, str]) -> None:
+        if "local" in record:
+            self._source_path(record).unlink(missing_ok=True)
+
+    def put(self, local: Path, name: str) -> None:
+        """Put the finished local file ``local`` (from ``staging_file``) in place as ``name``, whole: a
+        rename, or one upload (an object store shows the old object or the new one)."""
+        if self.remote:
+            self.fs.put_file(str(local), self.file(name))
+            local.unlink()
+        else:
+            target = Path(self.root, name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(local, target)
 
     def put_bytes(self, name: str, data: bytes) -> None:
         """Write a small file of the dataset whole: readers see the old one or the new one."""
         if self.remote:
             self.fs.pipe_file(self.file(name), data)  # one object: whole or not at all
         else:
-            journal.atomic_write_bytes(self.path / name, data)
+            commits.atomic_write_bytes(Path(self.root, name), data)
+
+    def remove(self, name: str) -> None:
+        """Remove a file or directory of the dataset, if it is there."""
+        path = self.file(name)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def clear(self, keep: Iterable[str] = ()) -> None:
+        """Remove everything of the dataset, stats files first (no shard stays complete), and of its work
+        directory everything but ``keep`` (the lock)."""
+        for name in sorted(self.names(), key=lambda n: not n.endswith("_stats.json")):
+            if self.remote or name != WORK_DIR_NAME:
+                self.fs.rm(self.file(name), recursive=True)
+        self.clear_work_dir(keep)
+
+    def clear_work_dir(self, keep: Iterable[str] = ()) -> None:
+        keep = set(keep)
+        for entry in os.scandir(self.work_dir) if self.work_dir.is_dir() else []:
+            if entry.name not in keep:
+                shutil.rmtree(entry.path) if entry.is_dir() and not entry.is_symlink() else os.unlink(entry.path)
+        self.__dict__.pop("_image_source", None)
 
     def write_manifest(
         self,
@@ -454,63 +582,5 @@ def _basename(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema | None) -> pa.Table:
-    """Rows to a table: the schema's columns first, with its types; any other column a row has, after."""
-    names = list(dict.fromkeys(k for r in rows for k in r))
-    typed = schema.names if schema is not None else []
-    names = typed + [n for n in names if n not in typed]
-    types = {f.name: f.type for f in IMAGE_COLUMNS} | ({f.name: f.type for f in schema} if schema is not None else {})
-    arrays = [pa.array([r.get(n) for r in rows], type=types.get(n)) for n in names]
-    return pa.Table.from_arrays(arrays, names=names)
-
-
-class ShardWriter:
-    """Writes one shard under temporary names; ``commit`` makes it visible and complete.
-
-    With ``copy_images`` the shard holds its images (a tar of KEY.jpg, KEY.txt, KEY.json per sample
-    with an image, as img2dataset writes) and each row's offsets point into it; without, no tar is
-    written and a row keeps the offsets it came with (into the dataset holding the images), or
-    loses them where the sample lost its image. Memory holds the shard's parquet rows (no image
-    bytes): bounded by the shard size, not the dataset.
-    """
-
-    def __init__(self, dataset: Dataset, shard_id: int, schema: pa.Schema | None = None, copy_images: bool = True) -> None:
-        self.dataset = dataset
-        self.shard_id = shard_id
-        self.schema = schema
-        self.rows: list[dict[str, Any]] = []
-        self._tar_tmp = dataset.tmp_path(shard_id, "tar")
-        self._parquet_tmp = dataset.tmp_path(shard_id, "parquet")
-        self._tar = TarOut(self._tar_tmp) if copy_images else None
-        if copy_images and schema is not None and IMAGE_OFFSET not in schema.names:
-            self.schema = pa.schema([*schema, *IMAGE_COLUMNS])
-
-    def write(self, sample: Sample) -> None:
-        row = {**sample.row, "key": sample.key}
-        if not sample.ok:
-            if self._tar is not None or IMAGE_OFFSET in row:  # rows of samples, not a stage's own records
-                row[IMAGE_OFFSET] = row[IMAGE_SIZE] = None
-        elif self._tar is not None:
-            image = sample.image
-            assert image is not None
-            row[IMAGE_OFFSET], row[IMAGE_SIZE] = add_sample(self._tar, sample.key, image, sample.row)
-        elif row.get(IMAGE_OFFSET) is None:  # a lenscap bug, never a user's: new image bytes need a copy
-            raise RuntimeError(f"sample {sample.key} has an image but no offset; a stage that makes images writes a copy")
-        self.rows.append(row)
-
-    def commit(self, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
-        table = _rows_to_table(self.rows, self.schema)
-        pq.write_table(table, self._parquet_tmp)
-        stats = shard_stats(self.shard_id, table) | (extra_stats or {})
-        d = self.dataset
-        renames = [(self._parquet_tmp, d.parquet_path(self.shard_id))]
-        if self._tar is not None:
-            self._tar.close()
-            renames.insert(0, (self._tar_tmp, d.tar_path(self.shard_id)))
-        return d.commit(self.shard_id, renames, stats)
-
-    def abort(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
-        self._tar_tmp.unlink(missing_ok=True)
-        self._parquet_tmp.unlink(missing_ok=True)
+def _bucket(ds: Dataset) -> str:
+    return ds.root.lstrip("/").split("/", 1)[0]

@@ -13,12 +13,14 @@
 
 The CLI turns a UsageError into ``error: <message>`` and exit code 2, without a traceback.
 Per-sample problems (404s, corrupt images, ...) are never exceptions: they are statuses in the data.
-A shard that fails for any reason is reported by the runner and left for the rerun (exit code 1).
+A shard that fails for any reason is reported by the job driver and left for the rerun (exit code 1).
 """
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 
 __all__ = [
     "LenscapError",
@@ -80,9 +82,6 @@ class DiskFull(LenscapError):
 
 def disk_full(e: OSError, path: object = None) -> DiskFull | None:
     """The ``DiskFull`` an ``OSError`` of a local write means, or None if it means something else."""
-    import errno
-    import shutil
-
     if e.errno not in {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EIO") if hasattr(errno, name)}:
         return None
     where = str(path or e.filename or "a file")

@@ -1,11 +1,12 @@
 """Where tasks run: this machine's processes, or a Ray cluster.
 
-A *job* is anything with ``setup()`` (once per worker, before its first task: load models, open
-clients) and ``run(item) -> dict`` (one task: a shard, a dedup table). Executors differ only in
-where ``run`` happens; what a task writes, and how it marks itself complete, is the job's business.
-So a job can move between executors and resume either way: a rerun skips what any run completed.
+A *task* is anything with ``setup()`` (once per worker, before its first item: load models, open
+clients) and ``run(item) -> dict`` (one item: a shard, a dedup table). Executors differ only in
+where ``run`` happens; what a task writes, and how it marks an item complete, is the task's business.
+So a task can move between executors and resume either way: a rerun skips what any run completed.
+``lenscap.core.job.Job.map`` is the one caller of ``Executor.run``.
 
-Both executors keep the same failure rules. A task that raises is reported for that item and the
+Both executors keep the same failure rules. An item whose ``run`` raises is reported and the
 others go on; a ``LenscapError`` (the budget ran out, the backend rejected the key) concerns the
 whole run: no further task starts, started ones finish, and the error is returned to the caller.
 On Ray, a worker that *dies* (SIGKILL, out of memory, a lost node) is not a failure of the task:
@@ -27,14 +28,26 @@ from typing import Any, Protocol
 
 from lenscap.core.errors import LenscapError, MissingDependency, UsageError
 
-__all__ = ["Job", "Executor", "LocalExecutor", "RayExecutor", "make_executor", "EXECUTORS", "start_local_ray", "connect_ray"]
+__all__ = [
+    "Task",
+    "Executor",
+    "LocalExecutor",
+    "RayExecutor",
+    "make_executor",
+    "executor_for",
+    "EXECUTORS",
+    "start_local_ray",
+    "connect_ray",
+]
 
 EXECUTORS = ("local", "ray")
 # Called with (item, its result) as each task finishes.
 OnDone = Callable[[int, dict[str, Any]], None]
 
 
-class Job(Protocol):
+class Task(Protocol):
+    """What an executor runs: ``setup`` once per worker, then ``run`` per item (a shard id, a table)."""
+
     def setup(self) -> None: ...
 
     def run(self, item: int) -> dict[str, Any]: ...
@@ -55,10 +68,10 @@ class Executor(ABC):
 
     @abstractmethod
     def run(
-        self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *, keep_workers: bool = False
+        self, task: Task, items: list[int], on_done: OnDone, failed: dict[int, str], *, keep_workers: bool = False
     ) -> LenscapError | None:
-        """Run ``job`` for every item; fill ``failed`` with the items that raised; return a fatal error.
-        ``keep_workers``: the caller will run the same job again soon (a batch job prepares shards a few
+        """Run ``task`` for every item; fill ``failed`` with the items that raised; return a fatal error.
+        ``keep_workers``: the caller will run the same task again soon (a batch job prepares shards a few
         at a time), so workers that set it up stay until ``close``."""
 
     def close(self) -> None:
@@ -67,8 +80,8 @@ class Executor(ABC):
 
 # -- this machine ---------------------------------------------------------------------------------
 
-_worker_job: Job | None = None
-# A setup that refused the job (a missing extra, a rejected key): said by each task, as the error it is,
+_worker_task: Task | None = None
+# A setup that refused the task (a missing extra, a rejected key): said by each task, as the error it is,
 # where an initializer that raised would break the whole pool with nothing but BrokenProcessPool.
 _worker_refusal: LenscapError | None = None
 
@@ -92,12 +105,12 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="lenscap-parent-watch", daemon=True).start()
 
 
-def _init_worker(job: Job, parent: int) -> None:
-    global _worker_job, _worker_refusal
+def _init_worker(task: Task, parent: int) -> None:
+    global _worker_task, _worker_refusal
     _exit_with_parent(parent)
-    _worker_job = job
+    _worker_task = task
     try:
-        job.setup()
+        task.setup()
     except LenscapError as e:
         _worker_refusal = e
 
@@ -105,8 +118,8 @@ def _init_worker(job: Job, parent: int) -> None:
 def _run_in_worker(item: int) -> dict[str, Any]:
     if _worker_refusal is not None:
         raise _worker_refusal
-    assert _worker_job is not None
-    return _worker_job.run(item)
+    assert _worker_task is not None
+    return _worker_task.run(item)
 
 
 class LocalExecutor(Executor):
@@ -119,28 +132,28 @@ class LocalExecutor(Executor):
         if processes < 1:
             raise UsageError(f"--processes must be at least 1, not {processes}")
         self.processes = processes
-        self._kept: tuple[Job, ProcessPoolExecutor] | None = None
-        self._set_up: Job | None = None
+        self._kept: tuple[Task, ProcessPoolExecutor] | None = None
+        self._set_up: Task | None = None
 
     @property
     def width(self) -> int:
         return self.processes
 
     def run(
-        self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *, keep_workers: bool = False
+        self, task: Task, items: list[int], on_done: OnDone, failed: dict[int, str], *, keep_workers: bool = False
     ) -> LenscapError | None:
         if not items:
             return None
         # Never more workers than tasks: spawning a process costs its imports. A pool kept for later
-        # runs of the job is made as wide as asked, since later runs may have more.
+        # runs of the task is made as wide as asked, since later runs may have more.
         workers = self.processes if keep_workers else min(self.processes, len(items))
         if workers <= 1:
-            if self._set_up is not job:
-                job.setup()
-            self._set_up = job if keep_workers else None
+            if self._set_up is not task:
+                task.setup()
+            self._set_up = task if keep_workers else None
             for item in items:
                 try:
-                    result = job.run(item)
+                    result = task.run(item)
                 except LenscapError as e:
                     return e
                 except Exception as e:  # noqa: BLE001 - one task's failure must not cost the others
@@ -148,13 +161,13 @@ class LocalExecutor(Executor):
                     continue
                 on_done(item, result)
             return None
-        if self._kept is not None and self._kept[0] is job and not getattr(self._kept[1], "_broken", False):
+        if self._kept is not None and self._kept[0] is task and not getattr(self._kept[1], "_broken", False):
             return self._run_pool(self._kept[1], items, on_done, failed)  # a pool whose worker died is made again
         self.close()
         ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(job, os.getpid()))
+        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(task, os.getpid()))
         if keep_workers:
-            self._kept = (job, pool)
+            self._kept = (task, pool)
             return self._run_pool(pool, items, on_done, failed)
         with pool:
             return self._run_pool(pool, items, on_done, failed)
@@ -194,23 +207,23 @@ class LocalExecutor(Executor):
 
 # -- a Ray cluster ----------------------------------------------------------------------------------
 
-# Per worker process: the job that ran ``setup`` here, by run token, so a worker that runs many
-# tasks of one run sets up once (a model loads once), and a new run never reuses an old job.
-_ray_ready: dict[str, Job] = {}
+# Per worker process: the task that ran ``setup`` here, by run token, so a worker that runs many
+# tasks of one run sets up once (a model loads once), and a new run never reuses an old task.
+_ray_ready: dict[str, Task] = {}
 
 
-def _ray_task(job: Job, token: str, item: int) -> dict[str, Any]:
+def _ray_task(task: Task, token: str, item: int) -> dict[str, Any]:
     ready = _ray_ready.get(token)
     if ready is None:
-        job.setup()
+        task.setup()
         _ray_ready.clear()
-        _ray_ready[token] = ready = job
+        _ray_ready[token] = ready = task
     return ready.run(item)
 
 
 def import_ray() -> Any:
     try:
-        import ray
+        import ray  # optional (the ray extra)
     except ImportError:
         raise MissingDependency("--executor ray needs Ray: pip install 'lenscap[ray]'") from None
     return ray
@@ -340,16 +353,16 @@ class RayExecutor(Executor):
         return max(1, int(self.connect().cluster_resources().get("CPU", 1) / self.num_cpus))
 
     def run(
-        self, job: Job, items: list[int], on_done: OnDone, failed: dict[int, str], *, keep_workers: bool = False
+        self, task: Task, items: list[int], on_done: OnDone, failed: dict[int, str], *, keep_workers: bool = False
     ) -> LenscapError | None:
-        # Ray keeps its workers anyway; a job set up on one is set up again only for a new run token.
+        # Ray keeps its workers anyway; a task set up on one is set up again only for a new run token.
         if not items:
             return None
         ray = self.connect()
-        task = ray.remote(_ray_task).options(
+        remote_task = ray.remote(_ray_task).options(
             max_retries=self.max_retries, retry_exceptions=False, num_cpus=self.num_cpus, name="lenscap-task"
         )
-        job_ref = ray.put(job)
+        task_ref = ray.put(task)
         token = uuid.uuid4().hex
         window = self.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         queue = iter(items)
@@ -361,7 +374,7 @@ class RayExecutor(Executor):
                 item = next(queue, None)
                 if item is None:
                     return
-                running[task.remote(job_ref, token, item)] = item
+                running[remote_task.remote(task_ref, token, item)] = item
 
         submit()
         while running:
@@ -383,6 +396,16 @@ class RayExecutor(Executor):
                 on_done(item, result)
             submit()
         return fatal
+
+
+def executor_for(options: Any, processes: int | None = None) -> Executor:
+    """The executor an options object's ``--executor``, ``--processes`` (or ``processes``, a command's
+    own default) and ``--ray-address`` ask for; an unreachable Ray cluster is an error here, before any
+    output is touched."""
+    executor = make_executor(options.executor, processes or options.workers, options.ray_address)
+    if isinstance(executor, RayExecutor):
+        executor.connect()
+    return executor
 
 
 def make_executor(executor: str = "local", processes: int = 1, ray_address: str | None = None) -> Executor:

@@ -55,15 +55,8 @@ def open_image_source(ds: Any, ref: Any) -> Any:
 def images_ref(source: Any, out: Any) -> dict[str, Any]:
     """What ``out``'s manifest records to read its images from ``source``: a relative path where both
     are on one filesystem, local or in one bucket (the two may move together), else the URL."""
-    if type(source.fs) is type(out.fs) and (not out.remote or _bucket(source) == _bucket(out)):
-        location = posixpath.relpath(source.root, out.root)
-    else:
-        location = source.location
+    location = source.relative_location(out) or source.location
     return {"location": location, "id": (source.read_manifest() or {}).get("id")}
-
-
-def _bucket(ds: Any) -> str:
-    return ds.root.lstrip("/").split("/", 1)[0]
 
 
 def with_locations(table: pa.Table, offsets: list[int | None], sizes: list[int | None]) -> pa.Table:

@@ -1,10 +1,21 @@
-"""Runs a per-shard stage over every shard of a dataset that the output does not have yet.
+"""The one job driver: every command's run goes through a ``Job``.
 
-Each shard is one task of an executor (``lenscap.core.executors``): this process, spawned worker
-processes, or a Ray cluster. A shard that raises is reported and left incomplete; the others are
-kept, and a rerun does only the missing shards, on any executor. A ``LenscapError`` from a shard
-(the budget ran out, the backend rejected the job) concerns the whole run: no further shard
-starts, running ones finish, and the error is raised.
+A ``Job`` owns what every command does the same way: its output (opened, locked, recovered, claimed
+for one input and one set of settings: ``output`` and ``stage_output``), the executor loop (``map``:
+the only place that hands tasks to an executor, reports the items that failed and raises a failure
+that concerns the whole run), progress, the manifest, and the one result type with its exit-code
+policy (``lenscap.core.result``). A command is a list of passes on it:
+
+- per shard: a ``Stage`` over the input shards its output lacks (``run_shards``): filter, caption,
+  audit's --out, dedup's signatures and its output, export's index, a library user's own stage;
+- global: the command's own code between passes (dedup's search, export's plan), which may ``map``
+  tasks of its own (dedup's tables, export's output shards, a batch job's preparing and reading);
+- download drives img2dataset in a subprocess of its own, on an output owned the same way.
+
+A shard that raises is reported and left incomplete; the others are kept, and a rerun does only the
+missing shards, on any executor. A ``LenscapError`` from a task (the budget ran out, the backend
+rejected the job) concerns the whole run: no further task starts, running ones finish, the manifest is
+written, and the error is raised.
 """
 
 from __future__ import annotations
@@ -12,32 +23,30 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from lenscap.core.claim import claim_output, input_shards, open_output
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import disk_full
-from lenscap.core.executors import Executor, LocalExecutor
+from lenscap.core.executors import Executor, LocalExecutor, Task
 from lenscap.core.layout import shard_name
 from lenscap.core.lock import output_lock
 from lenscap.core.progress import Progress, log, make_progress, start_progress
 from lenscap.core.result import JobResult
 from lenscap.core.stage import Stage
 
-__all__ = ["ShardJob", "OwnedJob", "owned_output", "owned_job", "reopen_damaged", "run_job", "run_stage"]
+__all__ = ["Job", "StageRun", "ShardTask", "run_stage"]
+
+Location = str | os.PathLike[str] | Dataset
 
 
-class ShardJob:
-    """One stage from one dataset directory into another, as an executor's job: an item is a shard.
+class ShardTask:
+    """A stage from one dataset directory into another, as an executor's task: an item is a shard."""
 
-    A remote input shard is read where it is (its images by ranged reads); a remote output shard is
-    written into the output's local mirror, then uploaded, its ``_stats.json`` last (``Dataset.upload_shard``).
-    """
-
-    def __init__(self, stage: Stage, src: str | Dataset, dst: str | Dataset) -> None:
+    def __init__(self, stage: Stage, src: Location, dst: Location) -> None:
         self.stage = stage
         self.src = src if isinstance(src, Dataset) else Dataset(src)
         self.dst = dst if isinstance(dst, Dataset) else Dataset(dst)
@@ -47,28 +56,22 @@ class ShardJob:
 
     def run(self, shard_id: int) -> dict[str, Any]:
         dst = self.dst
-        if dst.is_complete(shard_id):  # a task run again after its worker died
-            return dst.read_stats(shard_id)
-        local = dst.mirror()  # itself, when local
-        # Committed before (its commit half done, or its upload not done), then killed: finish it, never
-        # write it again.
-        if not (local.recover_shard(shard_id) or local.is_complete(shard_id)):
-            self._run_shard(local, shard_id)
-        return dst.upload_shard(shard_id)
-
-    def _run_shard(self, dst: Dataset, shard_id: int) -> dict[str, Any]:
-        try:
-            return self.stage.run_shard(self.src, dst, shard_id)
-        except OSError as e:
-            # A full disk concerns the whole run, not this shard: stop it (LenscapError), keep what is done.
-            raise disk_full(e) or e from None
+        # Done by a task whose worker died before reporting, or committed half, then killed: finished,
+        # never written again.
+        if not (dst.is_complete(shard_id) or dst.recover_shard(shard_id)):
+            try:
+                return self.stage.run_shard(self.src, dst, shard_id)
+            except OSError as e:
+                # A full disk concerns the whole run, not this shard: stop it (LenscapError), keep what is done.
+                raise disk_full(e) or e from None
+        return dst.read_stats(shard_id)
 
 
 class _LiveCounters:
     """Polls the samples / USD counters that workers tick, and shows them on the progress."""
 
-    def __init__(self, ctx: Any, progress: Progress, interval_s: float = 0.5) -> None:
-        self.values = ctx.Array("d", 2)
+    def __init__(self, progress: Progress, interval_s: float = 0.5) -> None:
+        self.values = multiprocessing.get_context("spawn").Array("d", 2)
         self.progress = progress
         self.interval_s = interval_s
         self._shown = 0.0
@@ -97,9 +100,9 @@ class _LiveCounters:
 
 
 @dataclass
-class OwnedJob:
-    """A stage's job on an output it owns: its input, its output (locked, recovered, claimed), the
-    input shards to do, those left out (incomplete, with --allow-incomplete), and where the images live."""
+class StageRun:
+    """A stage's job on an output it owns: its input, its output (locked, recovered, claimed), the input
+    shards to do, those left out (incomplete, with --allow-incomplete), and where the images live."""
 
     stage: Stage
     src: Dataset
@@ -107,7 +110,7 @@ class OwnedJob:
     shards: list[int]
     missing: list[int]
     images: dict[str, Any] | None
-    history: list[dict[str, Any]]
+    history: list[dict[str, Any]] = field(default_factory=list)
 
     def write_manifest(self) -> dict[str, Any]:
         return self.dst.write_manifest(
@@ -121,30 +124,129 @@ class OwnedJob:
         )
 
 
-@contextmanager
-def owned_output(
-    out_dir: str | os.PathLike[str] | Dataset,
-    command: str,
-    settings: dict[str, Any],
-    *,
-    src: Dataset | None = None,
-    source_label: str | None = None,
-    overwrite: bool = False,
-    input_ids: list[int] | None = None,
-) -> Iterator[Dataset]:
-    """The one way a command gets its output: opened and checked (``open_output``), locked (one lock,
-    ``.lenscap/lock``; a remote output's in its mirror), its interrupted commits finished, and claimed
-    for this input and these settings (``claim_output``). ``src``: the input dataset; ``source_label``:
-    an input that is not one (download's URL list)."""
-    dst = open_output(out_dir, src, command)
-    with output_lock(dst.path):
-        dst.recover()
-        claim_output(dst, src, command, settings, overwrite=overwrite, input_ids=input_ids, source_label=source_label)
-        reopen_damaged(dst, command)
-        yield dst
+@dataclass
+class Job:
+    """One command's run on ``executor``; ``quiet``: no progress on stderr."""
+
+    command: str
+    executor: Executor
+    quiet: bool = True
+
+    def progress(self, label: str, unit: str = "shards") -> Progress:
+        return make_progress(label, self.quiet, unit)
+
+    # -- the executor loop --------------------------------------------------------------------------
+
+    def map(
+        self,
+        task: Task,
+        items: list[int],
+        on_done: Callable[[int, dict[str, Any]], None] | None = None,
+        *,
+        keep_workers: bool = False,
+    ) -> dict[int, str]:
+        """Run ``task`` for every item on the executor: ``on_done(item, result)`` as each finishes; returns
+        the items that failed (item: why). A failure of the whole run (``LenscapError``) is raised once
+        the tasks already running have finished. ``keep_workers``: the same task runs again soon (a
+        batch job prepares shards a few at a time), so its workers stay set up."""
+        failed: dict[int, str] = {}
+        fatal = self.executor.run(task, items, on_done or (lambda item, result: None), failed, keep_workers=keep_workers)
+        if fatal is not None:
+            raise fatal
+        return failed
+
+    def close(self) -> None:
+        """Let go of workers kept for later ``map`` calls."""
+        self.executor.close()
+
+    # -- owning an output ---------------------------------------------------------------------------
+
+    @contextmanager
+    def output(
+        self,
+        out: Location,
+        settings: dict[str, Any],
+        *,
+        src: Dataset | None = None,
+        source_label: str | None = None,
+        overwrite: bool = False,
+        input_ids: list[int] | None = None,
+    ) -> Iterator[Dataset]:
+        """The one way a command gets its output: opened and checked (``open_output``), locked (one lock,
+        in its work directory), its interrupted commits finished, claimed for this input and these
+        settings (``claim_output``), and its damaged shards made incomplete. ``src``: the input dataset;
+        ``source_label``: an input that is not one (download's URL list)."""
+        dst = open_output(out, src, self.command)
+        with output_lock(dst):
+            dst.recover()
+            claim_output(dst, src, self.command, settings, overwrite=overwrite, input_ids=input_ids, source_label=source_label)
+            _reopen_damaged(dst, self.command)
+            yield dst
+
+    @contextmanager
+    def stage_output(
+        self, stage: Stage, in_dir: Location, out_dir: Location, *, overwrite: bool = False, allow_incomplete: bool = False
+    ) -> Iterator[StageRun]:
+        """A stage's run from ``in_dir`` into ``out_dir`` (``output``)."""
+        src = Dataset.open(in_dir)
+        shards, missing = input_shards(src, allow_incomplete)
+        stage.check()
+        with self.output(out_dir, stage.settings(), src=src, overwrite=overwrite, input_ids=shards) as dst:
+            yield _stage_run(stage, src, dst, shards, missing)
+
+    @contextmanager
+    def internal_output(self, stage: Stage, in_dir: Location, out_dir: Location) -> Iterator[StageRun]:
+        """A pass writing into a command's private directory (dedup's signatures, export's index), which
+        the command owns already: locked and recovered, not claimed; the input's incomplete shards left out."""
+        src = Dataset.open(in_dir)
+        shards, missing = input_shards(src, True)
+        stage.check()
+        dst = Dataset.create(out_dir)
+        with output_lock(dst):
+            dst.recover()
+            _reopen_damaged(dst, stage.name)
+            yield _stage_run(stage, src, dst, shards, missing)
+
+    # -- a per-shard pass ---------------------------------------------------------------------------
+
+    def run_shards(self, run: StageRun, progress: Progress | None = None) -> JobResult:
+        """Run a stage over the input shards its output lacks; the output's manifest, written at the start
+        (so it can be inspected while the stage runs) and at the end, whatever happened."""
+        stage, src, dst = run.stage, run.src, run.dst
+        stage.begin(src, dst)
+        done = set(dst.completed_ids())
+        todo = [i for i in run.shards if i not in done]
+        run.write_manifest()
+        progress = progress or self.progress(stage.name)
+        _start_progress(progress, src, len(run.shards), len(run.shards) - len(todo))
+        live = not self.executor.distributed  # workers on other machines cannot tick a counter in this one
+        counters = _LiveCounters(progress) if live else None
+
+        def on_done(shard_id: int, stats: dict[str, Any]) -> None:
+            progress.advance(shards=1, samples=0 if live else int(stats.get("count", 0)))
+
+        failed: dict[int, str] = {}
+        try:
+            if todo:
+                stage.use_executor(self.executor)
+            stage._counters = counters.values if counters is not None else None
+            with counters if counters is not None else nullcontext():
+                failed = self.map(ShardTask(stage, src, dst), todo, on_done)
+        finally:
+            stage._counters = None
+            progress.finish()
+            for shard_id, message in failed.items():
+                progress.note(f"{stage.name}: shard {shard_name(shard_id)} failed: {message}")
+            manifest = run.write_manifest()
+        return JobResult.from_manifest(stage.name, dst.location, manifest, failed)
 
 
-def reopen_damaged(dst: Dataset, command: str) -> list[int]:
+def _stage_run(stage: Stage, src: Dataset, dst: Dataset, shards: list[int], missing: list[int]) -> StageRun:
+    images = None if stage.holds_images else src.images_ref(dst)  # a missing or replaced image source: refused here
+    return StageRun(stage, src, dst, shards, missing, images, (src.read_manifest() or {}).get("history", []))
+
+
+def _reopen_damaged(dst: Dataset, command: str) -> list[int]:
     """Complete shards of ``dst`` whose files are not what was written (``Dataset.damaged_shards``) are
     made incomplete, and said so, so that this run writes them again instead of trusting them."""
     damaged = dst.damaged_shards()
@@ -155,57 +257,6 @@ def reopen_damaged(dst: Dataset, command: str) -> list[int]:
         )
         dst.discard(shard_id)
     return sorted(damaged)
-
-
-@contextmanager
-def owned_job(
-    stage: Stage,
-    in_dir: str | os.PathLike[str] | Dataset,
-    out_dir: str | os.PathLike[str] | Dataset,
-    *,
-    overwrite: bool = False,
-    allow_incomplete: bool = False,
-    internal: bool = False,
-) -> Iterator[OwnedJob]:
-    """A stage's job from ``in_dir`` into ``out_dir`` (``owned_output``). ``internal``: a pass writing
-    into a command's private directory, which the command owns already: locked and recovered, not claimed."""
-    src = Dataset.open(in_dir)
-    shards, missing = input_shards(src, allow_incomplete or internal)
-    stage.check()
-    if internal:
-        dst = Dataset.create(out_dir)
-        with output_lock(dst.path):
-            dst.recover()
-            reopen_damaged(dst, stage.name)
-            yield _stage_job(stage, src, dst, shards, missing)
-        return
-    with owned_output(out_dir, stage.name, stage.settings(), src=src, overwrite=overwrite, input_ids=shards) as dst:
-        yield _stage_job(stage, src, dst, shards, missing)
-
-
-def _stage_job(stage: Stage, src: Dataset, dst: Dataset, shards: list[int], missing: list[int]) -> OwnedJob:
-    images = None if stage.holds_images else src.images_ref(dst)  # a missing or replaced image source: refused here
-    return OwnedJob(stage, src, dst, shards, missing, images, (src.read_manifest() or {}).get("history", []))
-
-
-def run_stage(
-    stage: Stage,
-    in_dir: str | os.PathLike[str] | Dataset,
-    out_dir: str | os.PathLike[str] | Dataset,
-    processes: int = 1,
-    progress: Progress | None = None,
-    executor: Executor | None = None,
-    *,
-    overwrite: bool = False,
-    allow_incomplete: bool = False,
-    internal: bool = False,
-) -> JobResult:
-    """Run ``stage`` on ``executor`` (default: ``processes`` local worker processes).
-
-    ``in_dir`` / ``out_dir``: local paths, fsspec URLs, or ``Dataset`` objects (with storage options).
-    """
-    with owned_job(stage, in_dir, out_dir, overwrite=overwrite, allow_incomplete=allow_incomplete, internal=internal) as job:
-        return run_job(job, executor or LocalExecutor(processes), progress)
 
 
 def _start_progress(progress: Progress, src: Dataset, total: int, done: int) -> None:
@@ -219,35 +270,24 @@ def _start_progress(progress: Progress, src: Dataset, total: int, done: int) -> 
         progress.start(total, done)
 
 
-def run_job(job: OwnedJob, executor: Executor, progress: Progress | None) -> JobResult:
-    """Run a per-shard stage's job (from ``owned_job``) over the input shards its output lacks."""
-    stage, src, dst, shards = job.stage, job.src, job.dst, job.shards
-    stage.begin(src, dst)
-    done = set(dst.completed_ids())
-    todo = [i for i in shards if i not in done]
-    write_manifest = job.write_manifest
-    write_manifest()  # from the start, so the output can be inspected while the stage runs
-    progress = progress or make_progress(stage.name)
-    _start_progress(progress, src, len(shards), len(shards) - len(todo))
-    failed: dict[int, str] = {}
-    live = not executor.distributed  # workers on other machines cannot tick a counter in this one
-    counters = _LiveCounters(multiprocessing.get_context("spawn"), progress) if live else None
-
-    def on_done(shard_id: int, stats: dict[str, Any]) -> None:
-        progress.advance(shards=1, samples=0 if live else int(stats.get("count", 0)))
-
-    try:
-        if todo:
-            stage.use_executor(executor)
-        stage._counters = counters.values if counters is not None else None
-        with counters if counters is not None else nullcontext():
-            fatal = executor.run(ShardJob(stage, src, dst), todo, on_done, failed)
-    finally:
-        stage._counters = None
-        progress.finish()
-    for shard_id, message in failed.items():
-        progress.note(f"{stage.name}: shard {shard_name(shard_id)} failed: {message}")
-    manifest = write_manifest()
-    if fatal is not None:
-        raise fatal
-    return JobResult.from_manifest(dst.location, manifest, failed)
+def run_stage(
+    stage: Stage,
+    in_dir: Location,
+    out_dir: Location,
+    processes: int = 1,
+    progress: Progress | None = None,
+    executor: Executor | None = None,
+    *,
+    overwrite: bool = False,
+    allow_incomplete: bool = False,
+    internal: bool = False,
+) -> JobResult:
+    """Run ``stage`` from ``in_dir`` into ``out_dir`` on ``executor`` (default: ``processes`` local worker
+    processes): a one-pass job. ``in_dir`` / ``out_dir``: local paths, fsspec URLs, or ``Dataset``
+    objects (with storage options). ``internal``: into a command's private directory (``internal_output``)."""
+    job = Job(stage.name, executor or LocalExecutor(processes))
+    if internal:
+        with job.internal_output(stage, in_dir, out_dir) as run:
+            return job.run_shards(run, progress)
+    with job.stage_output(stage, in_dir, out_dir, overwrite=overwrite, allow_incomplete=allow_incomplete) as run:
+        return job.run_shards(run, progress)

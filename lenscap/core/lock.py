@@ -17,10 +17,9 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from lenscap.core.dataset import Dataset
 from lenscap.core.errors import DatasetError, Locked
-from lenscap.core.layout import WORK_DIR_NAME, adopt_old_work_dir
 from lenscap.core.progress import log
-from lenscap.core.storage import require_local
 
 __all__ = ["DirLock", "output_lock"]
 
@@ -162,16 +161,9 @@ class DirLock:
         self.release()
 
 
-def output_lock(out_dir: str | os.PathLike[str]) -> DirLock:
-    """The lock of an output directory: ``OUT/.lenscap/lock``, whatever the command.
-
-    Always a local directory: a remote dataset's lock is taken on its local mirror (``Dataset.path``),
-    so a URL here is a command that writes no remote output. A private directory of lenscap before
-    0.2 (``_lenscap/``: journals of paid requests, job state) is renamed first, so nothing is asked again.
-    """
-    require_local(out_dir, "the output directory of this command")
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"output directory {out_dir} exists and is a file")
-    adopt_old_work_dir(out)
-    return DirLock(out / WORK_DIR_NAME / "lock", str(out_dir))
+def output_lock(out: str | os.PathLike[str] | Dataset) -> DirLock:
+    """The lock of an output, whatever the command: ``.lenscap/lock`` in its work directory, which is
+    always on this machine's disk (a remote dataset's too). A private directory of lenscap before 0.2
+    (``_lenscap/``: journals of paid requests, job state) is renamed first, so nothing is asked again."""
+    ds = out if isinstance(out, Dataset) else Dataset(out)
+    return DirLock(ds.lock_file(), ds.location)

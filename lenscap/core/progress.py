@@ -13,6 +13,7 @@ samples left at that rate where the total is known, else the shards left at the 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import logging.handlers
 import sys
@@ -20,10 +21,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from lenscap.core.errors import UsageError
+
 __all__ = [
     "Progress",
     "make_progress",
     "log",
+    "say",
     "set_log_file",
     "log_file",
     "capture_warnings",
@@ -108,8 +112,6 @@ def set_log_file(path: str | None) -> None:
         try:
             new = _LogFileHandler(path, mode="a", encoding="utf-8")
         except OSError as e:
-            from lenscap.core.errors import UsageError
-
             raise UsageError(f"--log-file {path}: {e.strerror}") from None
         new.setFormatter(_formatter())
     old = _file_handler
@@ -133,6 +135,13 @@ def log(message: str, to_stderr: bool = True) -> None:
     """A plain timestamped line on stderr (and in the --log-file): what cron mails and log files keep.
     ``to_stderr=False``: the log file only (progress under --quiet)."""
     logger.info(message, extra={_TO_STDERR: to_stderr})
+
+
+def say(message: str) -> None:
+    """A note a person must read whatever the flags (--quiet, --json): ``lenscap: MESSAGE`` on stderr, as
+    it happens, and in the --log-file. ``message`` starts with what it is: ``note:``, ``warning:``."""
+    print(f"lenscap: {message}", file=sys.stderr, flush=True)
+    log(message, to_stderr=False)
 
 
 class _WarningsToLogFile(logging.Handler):
@@ -183,8 +192,6 @@ class Progress(Protocol):
 def accepts(method: Any, name: str) -> bool:
     """Whether ``method`` takes the keyword ``name``: lenscap's progress takes the optional sample
     counts; a caller's own progress may implement only the protocol above."""
-    import inspect
-
     try:
         params = inspect.signature(method).parameters
     except (TypeError, ValueError):
@@ -381,7 +388,7 @@ class RichProgress(_Rates):
 
     def __init__(self, label: str, unit: str = "shards", clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(label, unit, clock)
-        from rich.console import Console
+        from rich.console import Console  # only a terminal's bar needs it
         from rich.progress import BarColumn, TextColumn
         from rich.progress import Progress as _P
 

@@ -1,9 +1,11 @@
-"""What every command's job returns: one typed result.
+"""What every command that writes a dataset returns: one typed result, and the exit code it means.
 
-``JobResult`` holds what all of them share (where the output is, its shards and samples, the counts
-its manifest sums, the shards that failed in this run) and the exit code those imply. A command that
-has more to say adds fields in a subclass (dedup's report, an export's format and bytes, a batch
-job's files and spend); the CLI prints ``asdict`` of it as the JSON summary.
+``JobResult`` holds what all of them share (the command, where the output is, its shards and samples,
+the counts its manifest sums, the shards that failed in this run) and, in ``details``, the figures of
+the command's own (filter's ``kept``, caption's ``spent_usd``, an export's ``bytes``), which read as
+attributes too (``result.kept``). ``summary()`` is the command's ``--json`` object.
+
+The exit-code policy is stated here, once (``exit_code``; docs/exit-codes.md lists the codes).
 """
 
 from __future__ import annotations
@@ -11,16 +13,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["JobResult", "EXIT_EMPTY"]
+__all__ = ["JobResult", "EXIT_OK", "EXIT_FAILED", "EXIT_EMPTY", "EXIT_MEANINGS"]
 
-# The exit code of a job whose output holds 0 samples (a filter that kept none, an empty export, a
-# recipe stage that left none): a warning, distinct from success (0) and failure (1).
+EXIT_OK = 0
+# Some shards failed (the others are kept), the disk filled, or the caption server stayed down: rerun to finish.
+EXIT_FAILED = 1
+# The output holds 0 samples (a filter that kept none, an empty export, a recipe stage that left none):
+# a warning, distinct from success (0) and failure (1).
 EXIT_EMPTY = 7
+
+# What each exit code means, in the log's last line of a run (a cron log read the next morning).
+EXIT_MEANINGS = {
+    0: "ok",
+    1: "some shards failed: rerun to finish",
+    2: "usage error",
+    3: "internal error",
+    4: "--max-cost reached",
+    5: "locked by another run",
+    6: "an audit rule broken",
+    7: "0 samples",
+    130: "interrupted",
+}
 
 
 @dataclass
 class JobResult:
-    out_dir: str
+    command: str
+    out_dir: str | None
     shards_total: int = 0
     shards_completed: int = 0
     samples: int = 0
@@ -28,15 +47,24 @@ class JobResult:
     # Shards that failed in this run (their id: why); a rerun does them again.
     failed_shards: dict[int, str] = field(default_factory=dict)
     counts: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    # False: the job goes on elsewhere (a batch job's batches still running): unfinished shards are not failures.
+    complete: bool = True
+    # The output holds no sample for the next stage to work on (a filter that kept none, an empty export).
+    empty: bool = False
+    # What a person at a terminal should do next (run these files through vllm, rerun to collect): not
+    # part of the summary.
+    advice: list[str] = field(default_factory=list)
 
     @classmethod
     def from_manifest(
-        cls, out_dir: str, manifest: dict[str, Any], failed: dict[int, str] | None = None, **extra: Any
+        cls, command: str, out_dir: str, manifest: dict[str, Any], failed: dict[int, str] | None = None, **fields: Any
     ) -> JobResult:
         """The result of a job whose output's manifest (just written) is ``manifest``."""
         counts = manifest.get("counts") or {}
         shards = manifest.get("shards") or {}
         return cls(
+            command,
             out_dir,
             shards.get("expected") or 0,
             shards.get("completed") or 0,
@@ -44,10 +72,37 @@ class JobResult:
             counts.get("status", {}),
             dict(failed or {}),
             counts,
-            **extra,
+            **fields,
         )
+
+    def __getattr__(self, name: str) -> Any:
+        details = self.__dict__.get("details")
+        if details is not None and name in details:
+            return details[name]
+        raise AttributeError(f"{type(self).__name__} of {self.__dict__.get('command')} has no {name!r}")
 
     @property
     def exit_code(self) -> int:
-        """0: every shard is complete; 1: some are not (a rerun finishes them)."""
-        return 0 if self.shards_completed >= self.shards_total and not self.failed_shards else 1
+        """1: a shard failed, or shards are missing from a job that is over (a rerun finishes them); 7:
+        done, with nothing in the output; else 0."""
+        if self.failed_shards or (self.complete and self.shards_completed < self.shards_total):
+            return EXIT_FAILED
+        return EXIT_EMPTY if self.empty else EXIT_OK
+
+    def summary(self) -> dict[str, Any]:
+        """The ``--json`` object (less ``ok``, which the CLI adds). A run that wrote nothing (a dry run:
+        ``out_dir`` None) has its figures only."""
+        if self.out_dir is None:
+            return {"command": self.command, **self.details, "samples": self.samples, "exit_code": self.exit_code}
+        return {
+            "command": self.command,
+            "out_dir": self.out_dir,
+            "shards_total": self.shards_total,
+            "shards_completed": self.shards_completed,
+            "samples": self.samples,
+            "status": self.status,
+            "failed_shards": self.failed_shards,
+            "counts": self.counts,
+            **self.details,
+            "exit_code": self.exit_code,
+        }

@@ -1,16 +1,31 @@
 """DuckDB: out of core for the global steps (dedup's search, the shuffled export plan), sandboxed for
 SQL a user wrote (``filter --where``, ``caption --redo``, ``estimate --where``), and one way to put a
-value in a statement that takes no parameters."""
+value in a statement that takes no parameters.
+
+DuckDB is imported where a connection is made, here and in the commands that use it: importing it
+takes a quarter of a second, which every other command (and ``--help``) would otherwise pay."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from lenscap.core.errors import UsageError
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
-__all__ = ["check_condition", "literal", "out_of_core", "rows_where", "run_on_no_rows", "sandboxed", "user_expression"]
+__all__ = [
+    "check_memory_limit",
+    "check_condition",
+    "literal",
+    "out_of_core",
+    "rows_where",
+    "run_on_no_rows",
+    "sandboxed",
+    "user_expression",
+]
 
 # A connection that runs SQL a user typed (or a recipe carried) reads only the tables registered on
 # it: no file, no URL, no extension, no ATTACH, no COPY ... TO, and no SET that would undo this.
@@ -22,6 +37,15 @@ _SANDBOX = {
 }
 
 
+_MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)$", re.IGNORECASE)
+
+
+def check_memory_limit(value: str, flag: str = "--memory-limit") -> None:
+    """A ``UsageError`` unless ``value`` is a size DuckDB's ``memory_limit`` takes (a number and a unit)."""
+    if not _MEMORY_RE.match(value):
+        raise UsageError(f"{flag} takes a size such as 2GB or 512MiB, not {value!r}")
+
+
 def literal(value: str | Path) -> str:
     """An SQL string literal (paths and sizes go into statements such as SET and COPY ... TO)."""
     text = value.as_posix() if isinstance(value, Path) else value
@@ -30,7 +54,7 @@ def literal(value: str | Path) -> str:
 
 def out_of_core(memory_limit: str, spill_dir: Path, threads: int | None = None) -> Any:
     """A DuckDB connection held to ``memory_limit`` that spills to ``spill_dir`` beyond it."""
-    import duckdb
+    import duckdb  # DuckDB takes a quarter second to import: only where a query runs
 
     spill_dir.mkdir(parents=True, exist_ok=True)
     con = duckdb.connect()
@@ -44,7 +68,7 @@ def out_of_core(memory_limit: str, spill_dir: Path, threads: int | None = None) 
 
 def sandboxed() -> Any:
     """An in-memory DuckDB connection for user SQL: only what is registered on it can be read."""
-    import duckdb
+    import duckdb  # DuckDB takes a quarter second to import: only where a query runs
 
     return duckdb.connect(config=dict(_SANDBOX))
 
@@ -53,9 +77,7 @@ def user_expression(text: str, flag: str) -> str:
     """``text`` parsed as one SQL expression and written back by DuckDB, so nothing around it (a
     closing parenthesis, a second statement, a comment) can change the query it is put in. Anything
     else is a ``UsageError`` naming ``flag``."""
-    import duckdb
-
-    from lenscap.core.errors import UsageError
+    import duckdb  # DuckDB takes a quarter second to import: only where a query runs
 
     try:
         return str(duckdb.SQLExpression(text))
@@ -67,8 +89,6 @@ def check_condition(text: str, flag: str, schema: pa.Schema, where: str) -> str:
     """``text`` (one SQL expression, ``user_expression``) as a row condition, null counting as false,
     run on no rows of ``schema`` first: an empty or bad expression, an unknown column or a file it
     would read is one ``UsageError`` here (naming the columns there are), before any work."""
-    from lenscap.core.errors import UsageError
-
     if not text.strip():
         raise UsageError(f"{flag} is empty; give an SQL expression over the dataset's columns, or leave it out")
     condition = f"coalesce(({user_expression(text, flag)}), false)"
@@ -80,9 +100,7 @@ def run_on_no_rows(query: str, empty: pa.Table, what: str) -> None:
     """Run a query holding a user's SQL on ``empty`` (table ``t``, no rows), sandboxed: a bad expression,
     an unknown column or a file it would read is one ``UsageError`` (``what: why``, naming the columns
     there are) before any work."""
-    import duckdb
-
-    from lenscap.core.errors import UsageError
+    import duckdb  # DuckDB takes a quarter second to import: only where a query runs
 
     con = sandboxed()
     try:

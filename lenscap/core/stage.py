@@ -1,7 +1,7 @@
 """The base classes of the per-shard stages.
 
 A stage is a pure function (input shard, parameters) -> output shard. ``Stage`` holds what the
-runner needs (hooks, progress, the outcome columns) and leaves ``run_shard`` to the subclass: a
+job driver (``lenscap.core.job``) needs (hooks, progress, the outcome columns) and leaves ``run_shard`` to the subclass: a
 stage that works on a whole shard at once (captioning sends many requests concurrently) writes it.
 ``ShardStage`` owns the per-sample loop, so most stages only set ``name`` and write
 ``process(sample) -> Sample``. An exception inside ``process`` becomes the sample's
@@ -71,11 +71,11 @@ class Stage(ABC):
     def setup(self) -> None:
         """Once per worker process before its first shard: load models, open clients."""
 
-    # Set by the runner: [samples done, USD spent] shared with the main process for live progress.
+    # Set by the job driver: [samples done, USD spent] shared with the main process for live progress.
     _counters: Any = None
 
     def tick(self, samples: int = 1, cost_usd: float = 0.0) -> None:
-        """Report progress within a shard (the runner shows it live)."""
+        """Report progress within a shard (the job driver shows it live)."""
         counters = self._counters
         if counters is not None:
             with counters.get_lock():
@@ -125,7 +125,7 @@ class ShardStage(Stage):
                     if sample.row.get(status) is None:
                         sample.row[status] = "ok"
                 except LenscapError:
-                    raise  # about the job, not this sample (the images' dataset changed since): the runner says it once
+                    raise  # about the job, not this sample (the images' dataset changed since): the job driver says it once
                 except Exception as e:  # noqa: BLE001 - recorded on the sample, never lost
                     sample.row[status] = "error"
                     sample.row[error] = f"{type(e).__name__}: {e}"

@@ -1,7 +1,7 @@
 """Where data lives: a local path, or a URL on any fsspec filesystem (``s3://``, ``gs://``, ``memory://``).
 
-A location with a protocol other than ``file`` is *remote*. A dataset reads both through fsspec
-(``lenscap.core.dataset``); a remote one's shards are written in a local mirror first (``lenscap.core.mirror``).
+A location with a protocol other than ``file`` is *remote*. A dataset reads and writes both through
+fsspec (``lenscap.core.dataset``, with its commits, is the one place that tells them apart).
 
 Credentials never leave the location they were given in: what lenscap shows or records is
 ``redact_url(location)``, without user info (``s3://key:secret@bucket``) or query string.
@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import re
 from typing import Any
+
+import fsspec.core
 
 from lenscap.core.errors import MissingDependency, UsageError
 
@@ -64,10 +66,6 @@ def redact_url(location: str | os.PathLike[str]) -> str:
 def url_to_fs(location: str, storage_options: dict[str, Any] | None = None) -> tuple[Any, str]:
     """The fsspec filesystem of a remote ``location`` and the path on it; a missing filesystem
     package or an unknown protocol is a one-line error."""
-    try:
-        import fsspec.core
-    except ImportError:
-        raise MissingDependency(f"{redact_url(location)}: remote storage needs fsspec: pip install fsspec") from None
     try:
         fs, root = fsspec.core.url_to_fs(location, **(storage_options or {}))
     except ImportError as e:

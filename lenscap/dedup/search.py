@@ -18,11 +18,10 @@ so the number of samples is bounded by disk, not memory:
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,47 +31,18 @@ import pyarrow as pa
 from lenscap.core.commits import atomic_write_json
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import UsageError
-from lenscap.core.executors import Executor
+from lenscap.core.job import Job
 from lenscap.core.sql import literal, out_of_core
+from lenscap.dedup.options import DedupOptions
 from lenscap.dedup.phash import ALGORITHM
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.tables import split_near_pairs
 from lenscap.dedup.unionfind import UnionFind
 
-__all__ = ["DedupOptions", "Source", "find_duplicates", "REASONS"]
+__all__ = ["Source", "find_duplicates", "REASONS"]
 
 REASONS = ("exact", "phash", "caption")
-_MEMORY_RE = re.compile(r"^\d+(\.\d+)?\s*([KMGT]i?B|B)$", re.IGNORECASE)
 _EDGE_BATCH = 1_000_000
-
-
-@dataclass(frozen=True)
-class DedupOptions:
-    exact: bool = True
-    phash: bool = True
-    captions: bool = False
-    max_distance: int = 4
-    keep: str = "first"  # first | largest
-    mark_only: bool = False
-    bucket_cap: int = 2000
-    memory_limit: str = "2GB"
-    threads: int | None = None
-
-    def __post_init__(self) -> None:
-        if not (self.exact or self.phash or self.captions):
-            raise UsageError("nothing to compare: choose at least one of --exact, --phash, --captions")
-        if not 0 <= self.max_distance <= 16:
-            raise UsageError(f"--max-distance must be between 0 and 16, not {self.max_distance}")
-        if self.keep not in ("first", "largest"):
-            raise UsageError(f"--keep must be first or largest, not {self.keep!r}")
-        if not _MEMORY_RE.match(self.memory_limit):
-            raise UsageError(f"--memory-limit takes a size such as 2GB or 512MiB, not {self.memory_limit!r}")
-        if self.bucket_cap < 2:
-            raise UsageError(f"--bucket-cap must be at least 2, not {self.bucket_cap}")
-
-    def identity(self) -> dict[str, Any]:
-        """What decides the result (memory and threads only decide the speed)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("memory_limit", "threads")} | {"phash_algorithm": ALGORITHM}
 
 
 @dataclass(frozen=True)
@@ -103,7 +73,7 @@ def _load(con: Any, sources: list[Source]) -> None:
         }
         if found - {ALGORITHM}:
             raise UsageError(
-                f"the signatures of {s.label} in {s.signatures.path} were made with {sorted(found - {ALGORITHM})[0]}, "
+                f"the signatures of {s.label} in {s.signatures.location} were made with {sorted(found - {ALGORITHM})[0]}, "
                 f"not {ALGORITHM}; delete that directory to hash again"
             )
         parts.append(f"""SELECT ({s.index}::BIGINT << 48) | (shard::BIGINT << 24) | "row" AS id, {s.index} AS src, shard, key,
@@ -131,11 +101,11 @@ def find_duplicates(
     work_dir: Path,
     report_dir: Path,
     status: Callable[[str], None] = lambda text: None,
-    executor: Executor | None = None,
+    job: Job | None = None,
 ) -> dict[str, Any]:
     """Write ``work_dir/decisions.parquet`` and the report; return the report's summary.
 
-    The near-duplicate search runs in this process, or with a distributed ``executor`` (Ray), one
+    The near-duplicate search runs in this process, or with a distributed executor (Ray, ``job``'s), one
     task per pigeonhole table (``tables.split_near_pairs``); the pairs, and so the result, are the
     same. Local processes gain nothing over DuckDB's own threads here (see the README's figures).
     """
@@ -157,7 +127,7 @@ def find_duplicates(
         number = passes.index(name) + 1 if name in passes else None
         status(f"step {number}/{len(passes)}: {text.replace(': ', ', ', 1)}" if number else text)
 
-    con = out_of_core(options.memory_limit, work_dir / "spill", options.threads)
+    con = out_of_core(options.memory_limit, work_dir / "spill", options.workers)
     try:
         step("loading signatures")
         _load(con, sources)
@@ -169,34 +139,10 @@ def find_duplicates(
             _group_edges(con, "sha256", 0, "true", against)
         if options.phash:
             step("equal perceptual hashes")
-            usable = "h IS NOT NULL AND NOT degenerate"
-            _group_edges(con, "h", 1, usable, against)
+            _group_edges(con, "h", 1, _USABLE_HASH, against)
             if options.max_distance > 0:
                 step("near duplicates")
-                con.execute(
-                    f"CREATE TEMP TABLE uh AS SELECT min(id) AS uid, h, bool_or(src = 0) AS has_new FROM sig "
-                    f"WHERE {usable} GROUP BY h"
-                )
-                n = con.execute("SELECT count(*) FROM uh").fetchall()[0][0]
-                plan = PigeonholePlan.for_size(max(n, 1), options.max_distance)
-                restrict = "a.has_new OR b.has_new" if against else None
-                on_table = lambda done, total: step(f"near duplicates: table {done}/{total}")  # noqa: E731
-                if executor is not None and executor.distributed:
-                    split_near_pairs(
-                        con,
-                        "uh",
-                        plan,
-                        options.bucket_cap,
-                        executor,
-                        work_dir,
-                        options.memory_limit,
-                        options.threads,
-                        restrict,
-                        on_table,
-                    )
-                else:
-                    near_pairs(con, "uh", plan, options.bucket_cap, restrict, on_table)
-                con.execute("INSERT INTO edges SELECT a, b, 1, d FROM near")
+                plan = _near_edges(con, options, against, work_dir, job, step)
         if options.captions:
             step("caption duplicates")
             _group_edges(con, "caption_hash", 2, "true", against)
@@ -210,6 +156,32 @@ def find_duplicates(
     finally:
         con.close()
         shutil.rmtree(work_dir / "spill", ignore_errors=True)
+
+
+# Hashes a near-duplicate search may compare: a degenerate one (a flat image) matches everything.
+_USABLE_HASH = "h IS NOT NULL AND NOT degenerate"
+
+
+def _near_edges(
+    con: Any, options: DedupOptions, against: bool, work_dir: Path, job: Job | None, step: Callable[[str], None]
+) -> PigeonholePlan:
+    """Add the pairs of distinct hashes within ``--max-distance`` to ``edges``: in this process, or one
+    task per pigeonhole table on a distributed executor; the pairs are the same."""
+    con.execute(
+        f"CREATE TEMP TABLE uh AS SELECT min(id) AS uid, h, bool_or(src = 0) AS has_new FROM sig WHERE {_USABLE_HASH} GROUP BY h"
+    )
+    n = con.execute("SELECT count(*) FROM uh").fetchall()[0][0]
+    plan = PigeonholePlan.for_size(max(n, 1), options.max_distance)
+    restrict = "a.has_new OR b.has_new" if against else None
+    on_table = lambda done, total: step(f"near duplicates: table {done}/{total}")  # noqa: E731
+    if job is not None and job.executor.distributed:
+        split_near_pairs(
+            con, "uh", plan, options.bucket_cap, job, work_dir, options.memory_limit, options.workers, restrict, on_table
+        )
+    else:
+        near_pairs(con, "uh", plan, options.bucket_cap, restrict, on_table)
+    con.execute("INSERT INTO edges SELECT a, b, 1, d FROM near")
+    return plan
 
 
 def _cluster(con: Any) -> None:

@@ -1,7 +1,7 @@
 """Pass 1 of dedup, per shard: what each sample is compared by.
 
 A signatures directory is itself a dataset directory (parquet rows, empty tars, ``_stats.json`` as
-the done marker), so the runner's processes, progress and resume apply unchanged. It holds one row
+the done marker), so the job driver's processes, progress and resume apply unchanged. It holds one row
 per sample that has an image: where the sample is (shard, row), its SHA-256, its perceptual hash
 and the name of the algorithm that made it, its normalised-caption hash, and its pixel size for ``--keep
 largest``. A sample whose image cannot be decoded keeps its SHA-256 and gets ``error`` instead of a

@@ -34,6 +34,7 @@ from typing import Any
 from lenscap.core.commits import atomic_write_json
 from lenscap.core.errors import LenscapError
 from lenscap.core.executors import Executor, LocalExecutor, RayExecutor
+from lenscap.core.job import Job
 from lenscap.core.sql import literal, out_of_core
 from lenscap.dedup.pigeonhole import PigeonholePlan, create_outputs, table_pairs
 
@@ -154,17 +155,18 @@ def split_near_pairs(
     source: str,
     plan: PigeonholePlan,
     bucket_cap: int,
-    executor: Executor,
+    job: Job,
     work_dir: Path,
     memory_limit: str,
     threads: int | None = None,
     restrict: str | None = None,
     on_table: Callable[[int, int], None] | None = None,
 ) -> None:
-    """``pigeonhole.near_pairs``, one executor task per table: fills ``near`` and ``capped`` in ``con``
-    the same. A task that failed raises here; a rerun does only the tables not yet done."""
+    """``pigeonhole.near_pairs``, one task per table on ``job``'s executor: fills ``near`` and ``capped``
+    in ``con`` the same. A task that failed raises here; a rerun does only the tables not yet done."""
+    executor = job.executor
     at_once = min(_tasks_at_once(executor), len(plan.tables))
-    job = TableJob(
+    tables = TableJob(
         str(work_dir / "search"),
         str(work_dir / "spill"),
         plan,
@@ -173,9 +175,9 @@ def split_near_pairs(
         memory_share(memory_limit, at_once),
         _task_threads(executor, threads, at_once),
     )
-    _prepare(con, source, job)
+    _prepare(con, source, tables)
     numbers = range(len(plan.tables))
-    todo = [n for n in numbers if not job.marker(n).exists()]
+    todo = [n for n in numbers if not tables.marker(n).exists()]
     done = len(plan.tables) - len(todo)
 
     def on_done(number: int, result: dict[str, Any]) -> None:
@@ -184,10 +186,7 @@ def split_near_pairs(
         if on_table is not None:
             on_table(done, len(plan.tables))
 
-    failed: dict[int, str] = {}
-    fatal = executor.run(job, todo, on_done, failed)
-    if fatal is not None:
-        raise fatal
+    failed = job.map(tables, todo, on_done)
     if failed:
         number = min(failed)
         raise LenscapError(
@@ -195,7 +194,7 @@ def split_near_pairs(
             f"(table {number}: {failed[number]}); rerun to retry them"
         )
     create_outputs(con)
-    pairs = ", ".join(literal(job.pairs(n)) for n in numbers)
-    capped = ", ".join(literal(job.capped(n)) for n in numbers)
+    pairs = ", ".join(literal(tables.pairs(n)) for n in numbers)
+    capped = ", ".join(literal(tables.capped(n)) for n in numbers)
     con.execute(f"INSERT INTO near SELECT a, b, d FROM read_parquet([{pairs}])")
     con.execute(f"INSERT INTO capped SELECT tbl, k, n FROM read_parquet([{capped}])")

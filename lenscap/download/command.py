@@ -2,7 +2,7 @@
 
 How a download runs (all state under ``OUT/.lenscap/``, so a rerun of the same command resumes):
 
-1. The output is owned like every command's (``runner.owned_output``): one lock, interrupted commits
+1. The output is owned like every command's (``Job.output``): one lock, interrupted commits
    finished, and ``claim.json`` recording the URL list and the options that shape the output; a
    rerun with others is refused, naming what differs, unless ``--overwrite``.
 2. The URL list is streamed into one small parquet file per shard (``input/``), written once.
@@ -15,24 +15,24 @@ How a download runs (all state under ``OUT/.lenscap/``, so a rerun of the same c
 ``retry_failed`` is the second pass img2dataset lacks: the failed downloads of completed shards are
 fetched again and the successes merged into those shards, atomically.
 
-A remote ``OUT`` (an fsspec URL) keeps ``.lenscap/`` in its local mirror, as every remote output does.
-Each adopted shard is committed into the mirror, then uploaded (``Dataset.upload_shard``: tar,
-parquet, ``_stats.json`` last) and its local copy removed; the remote stats files say what is done.
-On Ray, img2dataset's tasks may run on other machines, so its staging directory is remote too,
-``OUT/.lenscap/img2dataset/``, and a staged tar reaches its final name by a copy inside the store.
+A remote ``OUT`` (an fsspec URL) keeps ``.lenscap/`` on this machine, as every remote output does
+(``Dataset.work_dir``), and each adopted shard is committed the same way: uploaded, ``_stats.json``
+last. On Ray, img2dataset's tasks may run on other machines, so its staging directory is in the
+store too, ``OUT/.lenscap/img2dataset/``, and a staged tar reaches its final name by a move inside it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import posixpath
 import shutil
 import sys
 import tarfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,124 +40,30 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from lenscap.core import mirror
 from lenscap.core.claim import CLAIM_FILE
-from lenscap.core.commits import atomic_write_json
+from lenscap.core.commits import Source, atomic_write_json
 from lenscap.core.dataset import Dataset, read_parquet
 from lenscap.core.errors import DatasetError, InputError, UsageError, disk_full
+from lenscap.core.executors import LocalExecutor, RayExecutor, executor_for
 from lenscap.core.image_source import add_sample
-from lenscap.core.job import owned_output
-from lenscap.core.layout import IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, adopt_old_work_dir, parquet_name, shard_name, stats_name
+from lenscap.core.job import Job
+from lenscap.core.layout import IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, parquet_name, shard_name, stats_name, tar_name
 from lenscap.core.manifest import shard_stats
 from lenscap.core.progress import Progress, accepts, make_progress, start_progress
 from lenscap.core.result import JobResult
 from lenscap.core.storage import redact_url
 from lenscap.core.tario import TarOut, archive_end
+from lenscap.download.card import write_download_card
 from lenscap.download.img2dataset_process import Img2datasetProcess
 from lenscap.download.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.download.netguard import REFUSED
+from lenscap.download.options import DownloadOptions
 
-__all__ = ["DownloadOptions", "download", "retry_failed", "RESIZE_MODES"]
+__all__ = ["run_download", "download", "retry_failed", "sample_key"]
 
-# lenscap's name -> img2dataset's. "keep_ratio" bounds the LONGEST side (img2dataset's
-# keep_ratio_largest): text-to-image data keeps whole images; img2dataset's keep_ratio bounds the shortest.
-RESIZE_MODES = {
-    "no": "no",
-    "keep_ratio": "keep_ratio_largest",
-    "keep_ratio_smallest": "keep_ratio",
-    "center_crop": "center_crop",
-    "border": "border",
-}
 LOST_SAMPLE_MESSAGE = "no result recorded by img2dataset for this sample (lost in its worker); retry with --retry-failed"
 # Failures that a second attempt cannot fix: the server said no, or the URL is not fetchable.
 _PERMANENT_ERRORS = ("disallowed by X-Robots-Tag", "unsupported URL scheme", "empty URL")
-
-
-@dataclass
-class DownloadOptions:
-    url_col: str | None = None
-    caption_col: str | None = None
-    extra_cols: list[str] = field(default_factory=list)
-    samples_per_shard: int = 10_000
-    processes: int = field(default_factory=lambda: os.cpu_count() or 1)
-    threads: int = 32
-    image_size: int = 1024
-    resize_mode: str = "keep_ratio"
-    upscale: bool = False
-    min_image_size: int = 0
-    max_aspect_ratio: float = math.inf
-    max_pixels: int = 178_956_970
-    timeout: int = 10
-    retries: int = 2
-    user_agent_token: str | None = "lenscap"
-    respect_opt_out: bool = True
-    encode_quality: int = 95
-    # A Ray cluster's GCS address: img2dataset then runs one Ray task per shard there (its "ray"
-    # distributor) instead of --processes local processes. Where the work runs shapes nothing.
-    ray_address: str | None = None
-    # Fetch from loopback, private, link-local and other non-global addresses too (lenscap.download.netguard).
-    allow_private_network: bool = False
-
-    def validate(self) -> None:
-        checks = [
-            (self.samples_per_shard >= 1, f"--samples-per-shard must be at least 1, not {self.samples_per_shard}"),
-            (self.processes >= 1, f"--processes must be at least 1, not {self.processes}"),
-            (self.threads >= 1, f"--threads must be at least 1, not {self.threads}"),
-            (self.image_size >= 1, f"--image-size must be at least 1, not {self.image_size}"),
-            (
-                self.resize_mode in RESIZE_MODES,
-                f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, not {self.resize_mode!r}",
-            ),
-            (self.min_image_size >= 0, f"--min-side must not be negative, not {self.min_image_size}"),
-            (self.max_aspect_ratio >= 1, f"--max-aspect must be at least 1, not {self.max_aspect_ratio}"),
-            (self.max_pixels >= 1, f"--max-pixels must be at least 1, not {self.max_pixels}"),
-            (self.timeout >= 1, f"--timeout must be at least 1 second, not {self.timeout}"),
-            (self.retries >= 0, f"--max-retries must not be negative, not {self.retries}"),
-            (0 <= self.encode_quality <= 100, f"--encode-quality must be between 0 and 100, not {self.encode_quality}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-
-    def output_shaping(self) -> dict[str, Any]:
-        """The options a rerun must repeat for its shards to match the earlier ones."""
-        d = asdict(self)
-        # Like --timeout, the network rule decides which fetches succeed, not what a success is: a rerun
-        # may change it, and --retry-failed fetches what it refused before.
-        for how_fast in ("processes", "threads", "retries", "timeout", "ray_address", "allow_private_network"):
-            d.pop(how_fast)
-        d["max_aspect_ratio"] = None if math.isinf(self.max_aspect_ratio) else self.max_aspect_ratio
-        return d
-
-    def img2dataset_kwargs(self, url_dir: Path, staging: Path | str) -> dict[str, Any]:
-        return {
-            "url_list": str(url_dir),
-            "input_format": "parquet",
-            "url_col": "url",
-            "caption_col": "caption",
-            "save_additional_columns": list(self.extra_cols) or None,
-            "output_folder": str(staging),
-            "output_format": "webdataset",
-            "number_sample_per_shard": self.samples_per_shard,
-            "processes_count": self.processes,
-            "thread_count": self.threads,
-            "image_size": self.image_size,
-            "resize_mode": RESIZE_MODES[self.resize_mode],
-            "resize_only_if_bigger": not self.upscale,
-            "min_image_size": self.min_image_size,
-            "max_aspect_ratio": self.max_aspect_ratio if not math.isinf(self.max_aspect_ratio) else float("inf"),
-            "max_image_area": float(self.max_pixels),
-            "timeout": self.timeout,
-            "retries": self.retries,
-            "user_agent_token": self.user_agent_token,
-            "disallowed_header_directives": None if self.respect_opt_out else [],
-            "encode_quality": self.encode_quality,
-            "enable_wandb": False,
-            "incremental_mode": "incremental",
-            "compute_hash": "sha256",
-            "oom_shard_count": 5,
-            "distributor": "ray" if self.ray_address else "multiprocessing",
-        }
 
 
 def sample_key(shard_id: int, index: int, samples_per_shard: int) -> str:
@@ -167,35 +73,32 @@ def sample_key(shard_id: int, index: int, samples_per_shard: int) -> str:
 
 
 class _Job:
-    """The on-disk state of one download directory (a remote one's, in its local mirror)."""
+    """The on-disk state of one download directory, in its work directory."""
 
-    def __init__(self, out: Dataset, ray: bool = False) -> None:
+    def __init__(self, out: Dataset, processes: int = 1, cluster: str | None = None) -> None:
         self.out = out
-        self.dst = out.mirror()  # where shards are committed: the output itself, or a remote one's mirror
+        self.processes = processes  # img2dataset's worker processes
+        self.cluster = cluster  # a Ray cluster's GCS address: img2dataset runs one Ray task per shard there
         self.work = out.work_dir
         self.input_dir = self.work / "input"
         self.log_file = self.work / "img2dataset.log"
-        # img2dataset's Ray tasks may run on any node: with a remote output they stage under it, where
-        # every node can write (a local output on a cluster needs a shared filesystem, as every stage does).
-        self.ray = ray and out.remote
         self.staging = self.staging_dir("img2dataset")
 
     def staging_dir(self, name: str) -> Path | str:
-        """Where img2dataset writes: ``.lenscap/NAME`` locally, or ``OUT/.lenscap/NAME`` for a remote
-        output on Ray. That URL carries no credentials: img2dataset's processes, wherever they run,
-        reach the store through its own configuration (environment, config files)."""
-        if self.ray:
-            return f"{self.out.fs.unstrip_protocol(self.out.root)}/{WORK_DIR_NAME}/{name}"
-        return self.work / name
+        """Where img2dataset writes: ``.lenscap/NAME`` in the work directory, or on Ray, whose tasks may run
+        on any node, a directory every node can write (``Dataset.shared_dir``: a remote output's is in its
+        store; a local output on a cluster needs a shared filesystem, as every stage does). That URL carries
+        no credentials: img2dataset's processes, wherever they run, reach the store through its own
+        configuration (environment, config files)."""
+        return self.out.shared_dir(name) if self.cluster is not None else self.work / name
 
     def remove_staging(self, name: str) -> None:
-        """Remove ``.lenscap/NAME`` (what img2dataset staged there is in the output, or is stale). A
-        remote output's is looked for remotely too, whichever executor this run has: an earlier run's may be there."""
+        """Remove ``.lenscap/NAME`` (what img2dataset staged there is in the output, or is stale), wherever an
+        earlier run of either executor staged it."""
         shutil.rmtree(self.work / name, ignore_errors=True)
-        if self.out.remote:
-            remote = self.out.file(f"{WORK_DIR_NAME}/{name}")
-            if self.out.fs.exists(remote):
-                self.out.fs.rm(remote, recursive=True)
+        shared = Dataset(self.out.shared_dir(name), self.out.storage_options)
+        if shared.fs.exists(shared.root):
+            shared.fs.rm(shared.root, recursive=True)
 
     def input_ready(self) -> dict[str, Any] | None:
         marker = self.input_dir / "_done.json"
@@ -204,18 +107,19 @@ class _Job:
 
 @contextmanager
 def _owned_download(
-    out_dir: str | os.PathLike[str], source: str | None, options: DownloadOptions, overwrite: bool
+    out_dir: str | os.PathLike[str], source: str | None, options: DownloadOptions, cluster: str | None
 ) -> Iterator[tuple[_Job, DownloadOptions]]:
-    """The download directory ``out_dir``, owned (``runner.owned_output``: checked, locked, recovered,
+    """The download directory ``out_dir``, owned (``Job.output``: checked, locked, recovered,
     claimed for this URL list and these options), and the options that shape it: with no ``source``
     (resuming, --retry-failed) the recorded ones."""
+    overwrite = options.overwrite and source is not None
     out = Dataset(out_dir)
     recorded = _recorded_claim(out)
     if out.remote and recorded is None and not overwrite and any(n != WORK_DIR_NAME for n in out.names()):
         if (out.read_manifest() or {}).get("stage") == "download":
             raise DatasetError(
                 f"{out.location} holds a download whose job state is not on this machine (it would be in "
-                f"{out.path}); rerun where it started, or copy that machine's mirror there"
+                f"{out.work_dir}); rerun where it started, or copy that machine's work directory there"
             )
     if recorded is None or overwrite:
         if source is None:
@@ -223,24 +127,21 @@ def _owned_download(
         resolve_input_files(source)  # a missing input fails before anything is created
     if source is None:
         assert recorded is not None
-        options = DownloadOptions(**{**asdict(options), **recorded["settings"]})
-        if options.max_aspect_ratio is None:
-            options.max_aspect_ratio = math.inf
+        options = options.with_recorded(recorded["settings"])
     label = None if source is None else "-" if source == "-" else redact_url(source)
-    with owned_output(out, "download", options.output_shaping(), source_label=label, overwrite=overwrite) as out:
-        job = _Job(out, ray=options.ray_address is not None)
+    owner = Job("download", LocalExecutor(1))  # img2dataset runs the work itself
+    with owner.output(out, options.output_shaping(), source_label=label, overwrite=overwrite) as out:
+        job = _Job(out, options.workers, cluster)
         if recorded is None or overwrite:
             for name in ("img2dataset", "retry"):
                 job.remove_staging(name)  # a Ray run's staging, left by an earlier output of this name
-        for shard_id in set(job.dst.completed_ids()) - set(out.completed_ids()):
-            out.upload_shard(shard_id)  # committed in a remote output's mirror before a kill, its upload unfinished
         yield job, options
 
 
 def _recorded_claim(out: Dataset) -> dict[str, Any] | None:
-    """The claim of an earlier download into ``out`` (its mirror, if remote); one that lenscap before 0.3
+    """The claim of an earlier download into ``out`` (in its work directory); one that lenscap before 0.3
     recorded as ``.lenscap/job.json`` becomes a claim."""
-    adopt_old_work_dir(out.path)
+    out.lock_file()  # lenscap before 0.2 kept it in _lenscap/: renamed
     old, claim = out.work_dir / "job.json", out.work_dir / CLAIM_FILE
     if old.exists() and not claim.exists():
         job = json.loads(old.read_text())
@@ -253,7 +154,7 @@ def _recorded_claim(out: Dataset) -> dict[str, Any] | None:
     if recorded is None or recorded.get("command") != "download" or not isinstance(recorded.get("settings"), dict):
         return None
     if out.remote and not any(n != WORK_DIR_NAME for n in out.names()):
-        return None  # a mirror whose remote output is gone is stale
+        return None  # the work directory of a remote output that is gone is stale
     return recorded
 
 
@@ -268,7 +169,7 @@ def _split_once(job: _Job, source: str | None, options: DownloadOptions) -> dict
         )
     try:
         return _split_input(
-            job, InputSpec(source, options.url_col, options.caption_col, options.extra_cols), options.samples_per_shard
+            job, InputSpec(source, options.url_col, options.caption_col, options.extra_columns), options.samples_per_shard
         )
     except BaseException:
         # Nothing of a URL list that could not be read whole is kept: the claim then holds nothing, and
@@ -312,7 +213,7 @@ def _concat(tables: list[pa.Table]) -> pa.Table:
 
 
 def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
-    """Move one finished img2dataset shard into the output (a remote one's mirror), every input row accounted for."""
+    """Move one finished img2dataset shard into the output, every input row accounted for."""
     name = shard_name(shard_id)
     staged = Dataset(job.staging)
     input_parquet = job.input_dir / f"{name}.parquet"
@@ -341,41 +242,24 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
         table = pa.Table.from_pylist(rows, schema=table.schema)
     # Keys share one width: text order is numeric order. Where each image lies in the tar, for every later reader.
     table = staged.with_image_locations(shard_id, table.sort_by("key"))
-    dst = job.dst
-    tmp = dst.tmp_path(shard_id, "parquet")
+    out = job.out
+    tmp = out.staging_file(parquet_name(shard_id))
     pq.write_table(table, tmp)
     stats = shard_stats(shard_id, table) | {"lost_by_img2dataset": lost}
-    renames = [(tmp, dst.parquet_path(shard_id))]
-    if staged.remote:
-        # Staged remotely (Ray): the tar is copied inside the store, never through this machine. Before
-        # the commit, so a shard committed in the mirror has its tar in place and needs only its upload.
-        staged.fs.copy(staged.file(f"{name}.tar"), job.out.file(f"{name}.tar"))
-        stats["files"] = {f"{name}.tar": int(staged.fs.size(staged.file(f"{name}.tar")))}
-    else:
-        renames.insert(0, (staged.tar_path(shard_id), dst.tar_path(shard_id)))
-    stats = dst.commit(shard_id, renames, stats)
-    if not staged.remote:
-        staged.parquet_path(shard_id).unlink(missing_ok=True)
+    # The staged tar is moved in: renamed locally, or, staged in the output's store (Ray), moved inside
+    # it, never through this machine.
+    tar = tar_name(shard_id)
+    source: Source = Path(job.staging) / tar if isinstance(job.staging, Path) else posixpath.relpath(staged.file(tar), out.root)
+    stats = out.commit(shard_id, {tar: source, parquet_name(shard_id): tmp}, stats)
+    staged.remove(parquet_name(shard_id))  # its _stats.json stays, so that img2dataset skips the shard
     return stats
 
 
 def _adopt_into(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
-    """Adopt a finished staged shard: committed into the output's mirror (unless that was done before
-    a kill), then put where it belongs (``Dataset.upload_shard``; nothing to do for a local output)."""
-    if not job.dst.is_complete(shard_id):
-        _adopt(job, shard_id, samples_per_shard)
-    stats = job.out.upload_shard(shard_id)
-    _unstage(job.staging, shard_id)
-    return stats
-
-
-def _unstage(staging: Path | str, shard_id: int) -> None:
-    """Remove a remote staging's copy of an uploaded shard; its ``_stats.json`` stays, so that
-    img2dataset skips the shard (a local staging's tar was moved, its parquet removed, by the commit)."""
-    staged = Dataset(staging)
-    if staged.remote:
-        name = shard_name(shard_id)
-        staged.fs.rm([staged.file(f"{name}.tar"), staged.file(f"{name}.parquet")])
+    """Adopt a finished staged shard, unless that was done before a kill."""
+    if job.out.is_complete(shard_id):
+        return job.out.read_stats(shard_id)
+    return _adopt(job, shard_id, samples_per_shard)
 
 
 def _mark_staged(staging: Path | str, shard_ids: set[int]) -> None:
@@ -404,38 +288,69 @@ def _staged_done(staging: Path | str) -> set[int]:
 
 
 def _img2dataset_config(
-    options: DownloadOptions, url_dir: Path, staging: Path | str, progress_dir: Path | None = None
+    job: _Job, options: DownloadOptions, url_dir: Path, staging: Path | str, progress_dir: Path | None = None
 ) -> dict[str, Any]:
-    """img2dataset's arguments and the hooks' (``_img2dataset_hooks.main`` takes theirs out):
+    """img2dataset's arguments and the hooks' (``img2dataset_hooks.main`` takes theirs out):
     ``progress_dir``, where its workers count the samples they write (``_LiveSamples``)."""
     if isinstance(staging, Path):  # img2dataset makes a remote one itself
         staging.mkdir(parents=True, exist_ok=True)
-    return options.img2dataset_kwargs(url_dir, staging) | {
+    return options.img2dataset_kwargs(str(url_dir), str(staging), job.processes, job.cluster is not None) | {
         "max_pixels": options.max_pixels,
-        "ray_address": options.ray_address,
+        "ray_address": job.cluster,
         "allow_private_network": options.allow_private_network,
         "progress_dir": None if progress_dir is None else str(progress_dir),
     }
 
 
+def run_download(
+    source: str | None,
+    out_dir: str | os.PathLike[str],
+    options: DownloadOptions,
+    *,
+    quiet: bool = True,
+    img2dataset: Img2datasetProcess | None = None,
+) -> JobResult:
+    """Download ``source`` (a URL list) into ``out_dir``; with ``--retry-failed``, then fetch the failed
+    downloads of completed shards again (``source`` None: only that). ``img2dataset``: a process started
+    earlier, so that its imports overlap the caller's (the CLI starts one before its own imports)."""
+    try:
+        cluster = _cluster(options)
+        result = None
+        if source is not None:
+            result = download(source, out_dir, options, make_progress("download", quiet), img2dataset, cluster=cluster)
+        if options.retry_failed and (result is None or result.exit_code == 0):
+            result = retry_failed(out_dir, options, make_progress("retry-failed", quiet), cluster=cluster)
+    finally:
+        if img2dataset is not None:
+            img2dataset.stop()
+    if result is None:
+        raise UsageError("download needs a URL list, or retry_failed=True on an existing output")
+    if result.exit_code == 0:  # finished: the card, so datasets.load_dataset(out_dir) reads the downloaded samples
+        write_download_card(out_dir)
+    return result
+
+
+def _cluster(options: DownloadOptions) -> str | None:
+    """With --executor ray, the GCS address img2dataset joins the cluster by (a Ray started here too)."""
+    executor = executor_for(options)
+    return executor.cluster_address() if isinstance(executor, RayExecutor) else None
+
+
 def download(
     source: str | None,
     out_dir: str | os.PathLike[str],
-    options: DownloadOptions | None = None,
+    options: DownloadOptions,
     progress: Progress | None = None,
     img2dataset: Img2datasetProcess | None = None,
     *,
-    overwrite: bool = False,
+    cluster: str | None = None,
 ) -> JobResult:
     """Download ``source`` (a URL list, or None to resume) into the dataset directory ``out_dir``.
 
-    ``img2dataset``: a process started earlier, so that its imports overlap this work (the CLI
-    starts one before its own imports); it is used if there is work to do and ended in any case.
+    ``img2dataset``: a process started earlier, used if there is work to do and ended in any case.
     """
     try:
-        options = options or DownloadOptions()
-        options.validate()
-        with _owned_download(out_dir, source, options, overwrite) as (job, options):
+        with _owned_download(out_dir, source, options, cluster) as (job, options):
             return _download(job, source, options, progress, img2dataset)
     except OSError as e:
         raise disk_full(e) or e from None  # a full disk: exit 1 with what to do, not an internal error
@@ -482,7 +397,7 @@ def _download(
             live.poll(done)
 
         rc = img2dataset.run(
-            _img2dataset_config(options, job.input_dir, job.staging, live.directory),
+            _img2dataset_config(job, options, job.input_dir, job.staging, live.directory),
             job.log_file,
             on_poll,
             lambda: len(done) >= total,
@@ -577,13 +492,13 @@ def _finish(job: _Job, options: DownloadOptions, total: int, failed: dict[int, s
     claim = json.loads((job.work / CLAIM_FILE).read_text())
     params = {
         **options.output_shaping(),
-        "processes": options.processes,
+        "processes": job.processes,
         "threads": options.threads,
         "timeout": options.timeout,
-        "retries": options.retries,
+        "retries": options.max_retries,
     }
     manifest = job.out.write_manifest("download", params, (claim.get("input") or {}).get("location"), expected_shards=total)
-    return JobResult.from_manifest(job.out.location, manifest, failed)
+    return JobResult.from_manifest("download", job.out.location, manifest, failed)
 
 
 def _retryable(row: dict[str, Any], allow_private_network: bool) -> bool:
@@ -598,13 +513,11 @@ def _retryable(row: dict[str, Any], allow_private_network: bool) -> bool:
 
 
 def retry_failed(
-    out_dir: str | os.PathLike[str], options: DownloadOptions | None = None, progress: Progress | None = None
+    out_dir: str | os.PathLike[str], options: DownloadOptions, progress: Progress | None = None, *, cluster: str | None = None
 ) -> JobResult:
     """Fetch again the failed downloads of completed shards; merge the successes into those shards."""
-    options = options or DownloadOptions()
-    options.validate()
     try:
-        with _owned_download(out_dir, None, options, False) as (job, options):
+        with _owned_download(out_dir, None, options, cluster) as (job, options):
             return _retry_failed(job, options, progress)
     except OSError as e:
         raise disk_full(e) or e from None
@@ -627,7 +540,7 @@ def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None
                 {
                     "url": row["url"],
                     "caption": row.get("caption"),
-                    **{c: row.get(c) for c in options.extra_cols},
+                    **{c: row.get(c) for c in options.extra_columns},
                     "lenscap_key": row["key"],
                 }
                 for row in out.read_table(shard_id).to_pylist()
@@ -655,7 +568,7 @@ def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None
     merge_finished(before)  # retry shards finished before a crash
     _start(progress, len(origin), len(merged), sum(retry_rows.values()), before)
     if len(merged) < len(origin):
-        retry_options = DownloadOptions(**{**asdict(options), "extra_cols": [*options.extra_cols, "lenscap_key"]})
+        retry_options = dataclasses.replace(options, extra_cols=",".join([*options.extra_columns, "lenscap_key"]))
         live.reset()
 
         def on_poll() -> None:
@@ -663,7 +576,7 @@ def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None
             live.poll(merged)
 
         Img2datasetProcess().run(
-            _img2dataset_config(retry_options, url_dir, staging, live.directory),
+            _img2dataset_config(job, retry_options, url_dir, staging, live.directory),
             job.log_file,
             on_poll,
             lambda: len(merged) >= len(origin),
@@ -694,51 +607,49 @@ def _merge_retry_shard(job: _Job, staging: Path | str, retry_id: int, shard_id: 
     """Merge the successes of retry shard ``retry_id`` into shard ``shard_id``. Idempotent.
 
     The shard's tar keeps every byte it had: the new images are appended after its members, so the
-    offsets that datasets made from this one recorded stay true. The new tar and parquet are written
-    under temporary names and committed together. A remote shard is read from a local copy and
-    rewritten into the mirror, then replaced remotely: its stats file goes first, so that it is never
-    complete with a mix of old and new files; a kill before the new one is up leaves the rewritten
-    shard in the mirror, which the next run uploads.
+    offsets that datasets made from this one recorded stay true. The new tar and parquet are staged and
+    committed together (``Dataset.commit``: the shard's stats file goes first, so that it is never
+    complete with a mix of old and new files, and a kill mid-way is rolled forward by the next run).
     """
     out, staged = job.out, Dataset(staging)
     successes = {r["lenscap_key"]: r for r in staged.read_table(retry_id).to_pylist() if r["status"] == "success"}
     if not successes or not out.is_complete(shard_id):
         return
-    retry_key_to_key = {r["key"]: key for key, r in successes.items()}
+    images = _retried_images(staged, retry_id, {r["key"]: key for key, r in successes.items()})
+    table = out.read_table(shard_id)
+    rows = table.to_pylist()
+    retried = [i for i, row in enumerate(rows) if row["key"] in successes and row["status"] != "success" and row["key"] in images]
+    if not retried:
+        return
+    tar_tmp, parquet_tmp = out.staging_file(tar_name(shard_id)), out.staging_file(parquet_name(shard_id))
+    out.fs.get_file(out.file(tar_name(shard_id)), str(tar_tmp))
+    with open(tar_tmp, "rb") as f:
+        end = archive_end(f)
+    tar_out = TarOut(tar_tmp, start=end)
+    try:
+        for i in retried:
+            key = rows[i]["key"]
+            row = {c: successes[key].get(c) for c in table.column_names} | {
+                "key": key,
+                "url": rows[i]["url"],
+                "caption": rows[i].get("caption"),
+            }
+            row[IMAGE_OFFSET], row[IMAGE_SIZE] = add_sample(tar_out, key, images[key], row)
+            rows[i] = row
+    finally:
+        tar_out.close()
+    merged = pa.Table.from_pylist(rows, schema=table.schema)
+    pq.write_table(merged, parquet_tmp)
+    stats = shard_stats(shard_id, merged) | {"retried": out.read_stats(shard_id).get("retried", 0) + len(retried)}
+    out.commit(shard_id, {tar_name(shard_id): tar_tmp, parquet_name(shard_id): parquet_tmp}, stats)
+
+
+def _retried_images(staged: Dataset, retry_id: int, keys: dict[str, str]) -> dict[str, bytes]:
+    """The images of retry shard ``retry_id``, by the key of the sample each is for (``keys``: retry key -> key)."""
     images: dict[str, bytes] = {}
     with staged.open_tar(retry_id) as f, tarfile.open(fileobj=f) as tar:
         for member in tar:
             retry_key, _, ext = member.name.partition(".")
-            if ext == "jpg" and retry_key in retry_key_to_key:
-                images[retry_key_to_key[retry_key]] = tar.extractfile(member).read()  # type: ignore[union-attr]
-    dst = job.dst
-    with mirror.staged(out, shard_id) as src:  # the output itself when local
-        table = src.read_table(shard_id)
-        rows = table.to_pylist()
-        retried = [
-            i for i, row in enumerate(rows) if row["key"] in successes and row["status"] != "success" and row["key"] in images
-        ]
-        if not retried:
-            return
-        tar_tmp, parquet_tmp = dst.tmp_path(shard_id, "tar"), dst.tmp_path(shard_id, "parquet")
-        shutil.copyfile(src.tar_path(shard_id), tar_tmp)
-        with open(tar_tmp, "rb") as f:
-            end = archive_end(f)
-        tar_out = TarOut(tar_tmp, start=end)
-        try:
-            for i in retried:
-                key = rows[i]["key"]
-                row = {c: successes[key].get(c) for c in table.column_names} | {
-                    "key": key,
-                    "url": rows[i]["url"],
-                    "caption": rows[i].get("caption"),
-                }
-                row[IMAGE_OFFSET], row[IMAGE_SIZE] = add_sample(tar_out, key, images[key], row)
-                rows[i] = row
-        finally:
-            tar_out.close()
-        merged = pa.Table.from_pylist(rows, schema=table.schema)
-        pq.write_table(merged, parquet_tmp)
-        stats = shard_stats(shard_id, merged) | {"retried": src.read_stats(shard_id).get("retried", 0) + len(retried)}
-        dst.commit(shard_id, [(tar_tmp, dst.tar_path(shard_id)), (parquet_tmp, dst.parquet_path(shard_id))], stats)
-    mirror.replace_shard(out, shard_id)
+            if ext == "jpg" and retry_key in keys:
+                images[keys[retry_key]] = tar.extractfile(member).read()  # type: ignore[union-attr]
+    return images

@@ -23,6 +23,7 @@ to a log file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import importlib
 import io
@@ -37,6 +38,7 @@ from img2dataset.resizer import Resizer
 from img2dataset.writer import WebDatasetSampleWriter
 from PIL import Image
 
+from lenscap.core.executors import connect_ray
 from lenscap.download import netguard
 
 # The package re-exports a function named ``main`` over its module of that name: fetch the module.
@@ -166,8 +168,6 @@ class CountingWriter:
 def _die_with_parent() -> None:
     """Ask Linux to SIGTERM us when the lenscap process that started us dies (even by SIGKILL)."""
     if sys.platform.startswith("linux"):
-        import ctypes
-
         try:
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
         except OSError:
@@ -196,8 +196,6 @@ def main(parent: int) -> int:
     ray_address = config.pop("ray_address", None)
     if ray_address:  # img2dataset's ray distributor runs its tasks on the cluster we join here
         # Joined as lenscap joins any cluster: a Ray that lenscap started on loopback is joined there.
-        from lenscap.core.executors import connect_ray
-
         connect_ray(ray_address)
     # OpenCV refuses to allocate for images beyond this, a second line behind check_image_bytes.
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)

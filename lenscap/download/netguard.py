@@ -4,7 +4,7 @@ A URL list is untrusted input: taken from the web, it can name ``http://169.254.
 metadata service), ``localhost``, a router on ``192.168.0.1``, or a public host that redirects to
 one of them, and a downloader that fetched them would store the answers as images (server-side
 request forgery). So the check is made where the connection is made, inside img2dataset's fetch
-(``stages._img2dataset_hooks`` installs this opener): the host is resolved once, every address it
+(``lenscap.download.img2dataset_hooks`` installs this opener): the host is resolved once, every address it
 resolves to is vetted, and the socket connects to a vetted address (never a second lookup that could
 answer otherwise); every redirect hop goes through the same check. Numeric forms such as
 ``0x7f000001`` or ``2130706433`` resolve to the address they mean and are vetted as it.

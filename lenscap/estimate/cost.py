@@ -22,12 +22,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from dataclasses import asdict, dataclass
-from decimal import Decimal
+from contextlib import closing
+from dataclasses import dataclass
 from typing import Any
 
+from lenscap.caption.backends.openai_batch import BatchFilesBackend
 from lenscap.caption.backends.openai_chat import DEFAULT_MODEL
+from lenscap.caption.image_prep import UnreadableImage
 from lenscap.caption.pricing import (
     DEFAULT_PRICES,
     PRICE_FILE_FORMAT,
@@ -38,14 +39,15 @@ from lenscap.caption.pricing import (
     tier_limits,
 )
 from lenscap.caption.prompts import load_prompt
+from lenscap.caption.stage import CaptionStage
+from lenscap.core.dataset import Dataset
 from lenscap.core.errors import UsageError
+from lenscap.core.layout import shard_name
+from lenscap.core.sql import check_condition, rows_where
+from lenscap.estimate.options import BATCH_MAX_REQUESTS, BATCH_WINDOW_H, EstimateOptions, hours_span
 
 __all__ = [
-    "EstimateRequest",
     "estimate",
-    "parse_count",
-    "parse_hours",
-    "hours_span",
     "TOKENS_PER_WORD",
     "BATCH_MAX_REQUESTS",
     "SAMPLE_IMAGES",
@@ -54,8 +56,6 @@ __all__ = [
 ]
 
 TOKENS_PER_WORD = 4 / 3
-BATCH_MAX_REQUESTS = 50_000
-BATCH_WINDOW_H = 24
 SAMPLE_IMAGES = 200
 # docs/scale.md [M]: a request line of a natural photo sent at max side 512 is 87,488 B on average,
 # of which about 1,410 B are the prompt and the JSON around the image.
@@ -65,95 +65,15 @@ ASSUMED_AT_SIDE = 512
 # A model without published tier limits is timed at this model's: the tightest in the table.
 FALLBACK_LIMITS_MODEL = "gpt-4.1"
 
-_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
-_COUNT_RE = re.compile(r"(\d+(?:\.\d*)?(?:e\d+)?)([kmb]?)", re.IGNORECASE)
-
-
-def parse_count(text: str, flag: str = "--images") -> int:
-    """``800000000``, ``800,000,000``, ``8e8``, ``800M``, ``1.5B``, ``10k`` as a whole number."""
-    match = _COUNT_RE.fullmatch(text.strip().replace(",", "").replace("_", ""))
-    # Decimal, not float: 1.1k is exactly 1,100.
-    value = Decimal(match.group(1)) * _SUFFIXES[match.group(2).lower()] if match else None
-    if value is None or value != value.to_integral_value():
-        raise UsageError(f"{flag} takes a whole number such as 800000000, 800,000,000, 8e8, 800M, 1.5B or 10k, not {text!r}")
-    return int(value)
-
-
-def parse_hours(text: str) -> tuple[float, float]:
-    """``1-24`` (low-high) or ``24`` (both) hours."""
-    low, dash, high = text.strip().partition("-")
-    try:
-        hours = (float(low), float(high if dash else low))
-    except ValueError:
-        raise UsageError(f"--batch-hours takes LOW-HIGH or HOURS, such as 1-24, not {text!r}") from None
-    return hours
-
-
-@dataclass(frozen=True)
-class EstimateRequest:
-    images: int | None  # None: counted by ``where`` in ``from_dir``
-    model: str = DEFAULT_MODEL  # caption's default (the openai backend's)
-    batch: bool = False
-    detail: str = "low"
-    output_words: float = 109.0  # Lens's mean caption length
-    width: int = 1024
-    height: int = 768
-    max_side: int = 512
-    prompt: str = "lens"
-    alt_words: int = 12
-    rpm: float | None = None
-    tpm: float | None = None
-    prices: str | None = None
-    from_dir: str | None = None
-    where: str | None = None
-    sample_from: str | None = None
-    max_requests_per_file: int = BATCH_MAX_REQUESTS
-    max_file_mb: float = 200.0
-    max_enqueued_tokens: int | None = None
-    batch_hours: tuple[float, float] = (1.0, float(BATCH_WINDOW_H))
-
-    def __post_init__(self) -> None:
-        if self.where is not None and not self.from_dir:
-            raise UsageError("--where selects rows of a captioned dataset: give it with --from DIR")
-        if self.where is not None and self.images is not None:
-            raise UsageError("give --images or --where (which counts the images in --from), not both")
-        if self.images is None and self.where is None:
-            raise UsageError("--images is needed: how many images to caption (or --from DIR --where EXPR to count them)")
-        if self.images is not None and self.images < 1:
-            raise UsageError(f"--images must be at least 1, not {self.images}")
-        if self.detail not in ("low", "high", "auto"):
-            raise UsageError(f"--detail must be low, high or auto, not {self.detail!r}")
-        for name, value in (("--rpm", self.rpm), ("--tpm", self.tpm)):
-            if value is not None and value <= 0:
-                raise UsageError(f"{name} must be more than 0, not {value:g}")
-        if self.output_words < 0 or min(self.width, self.height, self.max_side) < 1:
-            raise UsageError("--output-words, --image-size and --max-side must be positive")
-        low, high = self.batch_hours
-        if not 0 < low <= high:
-            raise UsageError(f"--batch-hours must be LOW-HIGH with 0 < LOW <= HIGH, not {low:g}-{high:g}")
-        from lenscap.caption.backends.openai_batch import BatchOptions
-
-        # The caption batch backends' own checks, so estimate takes exactly what caption would.
-        BatchOptions(
-            max_requests_per_file=self.max_requests_per_file,
-            max_file_bytes=self.max_file_bytes,
-            max_enqueued_tokens=self.max_enqueued_tokens,
-        ).validate()
-
-    @property
-    def max_file_bytes(self) -> int:
-        return int(self.max_file_mb * 1024 * 1024)  # as the batch backends convert --max-file-mb
+# Words of alt-text assumed in a prompt that takes one.
+ALT_WORDS = 12
 
 
 def _measured(path: str, model: str) -> tuple[float, float, int]:
     """Mean input and output tokens per caption in a captioned dataset (its uncached successes)."""
-    import duckdb
+    import duckdb  # DuckDB takes a quarter second to import: only where a query runs
 
-    from lenscap.core.dataset import Dataset
-    from lenscap.core.storage import require_local
-
-    require_local(path, "estimate --from")
-    ds = Dataset.open(path)
+    ds = Dataset.open(path)  # a local path: EstimateOptions.from_dir
     files = [str(ds.parquet_path(i)) for i in ds.completed_ids()]
     if not files:
         raise UsageError(f"{path} has no complete shards to measure")
@@ -179,10 +99,7 @@ def _measured(path: str, model: str) -> tuple[float, float, int]:
 def _selected(path: str, where: str) -> int:
     """The number of samples with an image in a dataset's complete shards where ``where`` is true. The user's SQL runs
     on a sandboxed connection that sees one shard's rows, read here, and nothing else."""
-    import duckdb
-
-    from lenscap.core.dataset import Dataset
-    from lenscap.core.sql import check_condition, rows_where
+    import duckdb  # DuckDB takes a quarter second to import: only where a query runs
 
     ds = Dataset.open(path)
     shards = ds.completed_ids()
@@ -210,18 +127,10 @@ class _Lines:
     images: int
 
 
-def _sampled_lines(req: EstimateRequest) -> _Lines:
+def _sampled_lines(req: EstimateOptions) -> _Lines:
     """Mean request-line bytes and image tokens of the first ``SAMPLE_IMAGES`` downloaded images of
     ``sample_from`` (shard order, so the same dataset always gives the same figures), each request
     built by the caption stage and the batch backend exactly as the packer builds it."""
-    from contextlib import closing
-
-    from lenscap.caption.backends.openai_batch import BatchFilesBackend
-    from lenscap.caption.image_prep import UnreadableImage
-    from lenscap.caption.stage import CaptionStage
-    from lenscap.core.dataset import Dataset
-    from lenscap.core.layout import shard_name
-
     assert req.sample_from is not None
     # batch-files needs no key and no server, and builds the same bodies as openai-batch.
     backend = BatchFilesBackend.from_options({"model": req.model, "detail": req.detail, "max_side": req.max_side})
@@ -266,9 +175,9 @@ def _sampled_lines(req: EstimateRequest) -> _Lines:
     return _Lines(sum(sizes) / len(sizes), sum(tokens) / len(tokens), len(sizes))
 
 
-def _assumed_line_bytes(req: EstimateRequest) -> tuple[float, str]:
+def _assumed_line_bytes(req: EstimateOptions) -> tuple[float, str]:
     """docs/scale.md's measured line, its image part scaled by the pixels actually sent."""
-    side = min(req.max_side, max(req.width, req.height))  # smaller images are sent as they are, never enlarged
+    side = min(req.max_side, max(req.size))  # smaller images are sent as they are, never enlarged
     line = ASSUMED_TEXT_BYTES + (ASSUMED_LINE_BYTES - ASSUMED_TEXT_BYTES) * (side / ASSUMED_AT_SIDE) ** 2
     scaled = f", the image part scaled to max side {side}" if side != ASSUMED_AT_SIDE else ""
     return line, (
@@ -285,11 +194,7 @@ def _duration(hours: float) -> str:
     return f"{hours / 24:,.1f} days"
 
 
-def hours_span(low: float, high: float) -> str:
-    return f"{low:g} h" if low == high else f"{low:g}-{high:g} h"
-
-
-def _batch_wall_time(req: EstimateRequest, images: int, input_per: float, line_bytes: float, line_basis: str) -> dict[str, Any]:
+def _batch_wall_time(req: EstimateOptions, images: int, input_per: float, line_bytes: float, line_basis: str) -> dict[str, Any]:
     """Files as the packer cuts them (requests or bytes, whichever binds first), and waves of files
     within the account's batch queue limit, each taking ``batch_hours``."""
     by_bytes = math.floor(req.max_file_bytes / line_bytes)
@@ -298,7 +203,7 @@ def _batch_wall_time(req: EstimateRequest, images: int, input_per: float, line_b
     per_file = min(req.max_requests_per_file, by_bytes)
     bound_by = "requests" if req.max_requests_per_file <= by_bytes else "bytes"
     files = math.ceil(images / per_file)
-    low, high = req.batch_hours
+    low, high = req.hours
     wall: dict[str, Any] = {
         "files": files,
         "batches": files,
@@ -309,14 +214,14 @@ def _batch_wall_time(req: EstimateRequest, images: int, input_per: float, line_b
         "window_hours": BATCH_WINDOW_H,
         "batch_hours": [low, high],
     }
-    if req.max_enqueued_tokens is None:
+    if req.queue_tokens is None:
         wall["note"] = (
             f"each batch completes in {hours_span(low, high)}; your account's batch queue limit (enqueued input tokens) "
             "decides how many run at once: give --max-enqueued-tokens for a wall time"
         )
         return wall
     tokens_per_file = per_file * input_per
-    at_once = max(1, math.floor(req.max_enqueued_tokens / tokens_per_file))
+    at_once = max(1, math.floor(req.queue_tokens / tokens_per_file))
     waves = math.ceil(files / at_once)
     wall |= {
         "tokens_per_file": round(tokens_per_file),
@@ -325,22 +230,22 @@ def _batch_wall_time(req: EstimateRequest, images: int, input_per: float, line_b
         "hours": [waves * low, waves * high],
         "human": _duration(waves * low) if low == high else f"{_duration(waves * low)} to {_duration(waves * high)}",
     }
-    if tokens_per_file > req.max_enqueued_tokens:
+    if tokens_per_file > req.queue_tokens:
         wall["note"] = (
             f"one file holds about {tokens_per_file:,.0f} input tokens, more than the queue limit "
-            f"{req.max_enqueued_tokens:,}: lower --max-requests-per-file"
+            f"{req.queue_tokens:,}: lower --max-requests-per-file"
         )
     return wall
 
 
-def estimate(req: EstimateRequest) -> dict[str, Any]:
+def estimate(req: EstimateOptions) -> dict[str, Any]:
     table = PriceTable.load(req.prices)
     if table.price(req.model) is None:
         raise UsageError(
             f"no price known for model {req.model!r} (known: {', '.join(DEFAULT_PRICES)}): give --prices FILE, "
             f"a file of {PRICE_FILE_FORMAT}"
         )
-    images = req.images
+    images = req.count
     lines = _sampled_lines(req) if req.sample_from else None
     if req.from_dir:
         input_per, output_per, measured = _measured(req.from_dir, req.model)
@@ -349,7 +254,7 @@ def estimate(req: EstimateRequest) -> dict[str, Any]:
         basis = f"measured on {measured:,} captions in {req.from_dir}"
     else:
         prompt = load_prompt(req.prompt)
-        instruction = prompt.render(" ".join(["word"] * req.alt_words))
+        instruction = prompt.render(" ".join(["word"] * ALT_WORDS))
         text = text_tokens(instruction) + (text_tokens(prompt.system) if prompt.system else 0)
         assumed = f"prompt {req.prompt!r} ({text} tokens), {req.output_words:g} words out"
         if lines is not None:
@@ -359,11 +264,11 @@ def estimate(req: EstimateRequest) -> dict[str, Any]:
                 f"{req.max_side}, detail {req.detail}; assumed: {assumed}"
             )
         else:
-            scale = min(1.0, req.max_side / max(req.width, req.height))
-            fitted = (max(1, round(req.width * scale)), max(1, round(req.height * scale)))
+            scale = min(1.0, req.max_side / max(req.size))
+            fitted = (max(1, round(req.size[0] * scale)), max(1, round(req.size[1] * scale)))
             image = image_tokens(req.model, *fitted, req.detail)
             basis = (
-                f"assumed: {req.width}x{req.height} images sent at {fitted[0]}x{fitted[1]}, detail {req.detail} "
+                f"assumed: {req.source_size} images sent at {fitted[0]}x{fitted[1]}, detail {req.detail} "
                 f"({image} image tokens), {assumed}"
             )
         input_per, output_per = float(image + text), float(math.ceil(req.output_words * TOKENS_PER_WORD))
@@ -371,7 +276,7 @@ def estimate(req: EstimateRequest) -> dict[str, Any]:
     total_in, total_out = input_per * images, output_per * images
     cost = table.cost(req.model, round(total_in), round(total_out), batch=req.batch)
     out: dict[str, Any] = {
-        "request": {k: v for k, v in asdict(req).items() if v is not None},
+        "request": _request(req),
         "basis": basis,
         "per_image": {"input_tokens": round(input_per, 1), "output_tokens": round(output_per, 1)},
         "total": {"input_tokens": round(total_in), "output_tokens": round(total_out), "cost_usd": round(cost or 0, 2)},
@@ -390,6 +295,34 @@ def estimate(req: EstimateRequest) -> dict[str, Any]:
     else:
         out["wall_time"] = _online_wall_time(images, input_per + output_per, *_assumed_limits(req.model))
     return out
+
+
+def _request(req: EstimateOptions) -> dict[str, Any]:
+    """What was estimated, the values parsed (the ``request`` of the result)."""
+    width, height = req.size
+    values = {
+        "images": req.count,
+        "model": req.model,
+        "batch": req.batch,
+        "detail": req.detail,
+        "output_words": req.output_words,
+        "width": width,
+        "height": height,
+        "max_side": req.max_side,
+        "prompt": req.prompt,
+        "alt_words": ALT_WORDS,
+        "rpm": req.rpm,
+        "tpm": req.tpm,
+        "prices": req.prices,
+        "from_dir": req.from_dir,
+        "where": req.where,
+        "sample_from": req.sample_from,
+        "max_requests_per_file": req.max_requests_per_file,
+        "max_file_mb": req.max_file_mb,
+        "max_enqueued_tokens": req.queue_tokens,
+        "batch_hours": req.hours,
+    }
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _assumed_limits(model: str) -> tuple[float, float, RateLimits, str]:

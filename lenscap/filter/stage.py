@@ -25,120 +25,17 @@ from PIL import Image
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import UsageError
 from lenscap.core.layout import IMAGE_SIZE
-from lenscap.core.record import SUCCESS, Sample
-from lenscap.core.sql import run_on_no_rows, sandboxed, user_expression
+from lenscap.core.record import Sample
+from lenscap.core.sql import run_on_no_rows, sandboxed
 from lenscap.core.stage import Stage
 from lenscap.filter.annotators.base import Annotator
+from lenscap.filter.options import FilterOptions
+from lenscap.filter.rules import query
 
-__all__ = ["FilterRules", "FilterStage", "load_blocklist"]
+__all__ = ["FilterStage", "load_blocklist", "KEPT", "DROPPED", "ERROR"]
 
 KEPT, DROPPED, ERROR = "kept", "dropped", "error"
 _HEX_RE = re.compile(r"^(?:[0-9a-f]{32}|[0-9a-f]{64})$")
-_WORDS = "(CASE WHEN caption IS NULL OR trim(caption) = '' THEN 0 ELSE len(regexp_split_to_array(trim(caption), '\\s+')) END)"
-
-
-@dataclass
-class FilterRules:
-    min_side: int | None = None
-    max_aspect: float | None = None
-    min_bytes: int | None = None
-    caption_min_words: int | None = None
-    caption_max_words: int | None = None
-    status: str = SUCCESS  # "success": drop failed downloads; "any": keep them
-    where: str | None = None
-
-    def checks(self) -> list[tuple[str, str, str]]:
-        """(rule, SQL that is true when the sample fails it, SQL for the detail), in order."""
-        out: list[tuple[str, str, str]] = []
-        if self.status != "any":
-            out.append(("status", f"status IS DISTINCT FROM '{self.status}'", "'status ' || coalesce(status, 'null')"))
-        if self.min_side is not None:
-            out.append(
-                (
-                    "min-side",
-                    f"coalesce(least(width, height), 0) < {int(self.min_side)}",
-                    f"printf('shorter side %s < %d', coalesce(least(width, height)::VARCHAR, 'unknown'), {int(self.min_side)})",
-                )
-            )
-        if self.max_aspect is not None:
-            ratio = "(greatest(width, height)::DOUBLE / nullif(least(width, height), 0))"
-            out.append(
-                (
-                    "max-aspect",
-                    f"coalesce({ratio} > {float(self.max_aspect)}, true)",
-                    f"printf('aspect ratio %s > %s', coalesce(round({ratio}, 2)::VARCHAR, 'unknown'), '{self.max_aspect:g}')",
-                )
-            )
-        if self.min_bytes is not None:
-            out.append(
-                (
-                    "min-bytes",
-                    f"coalesce(image_bytes, 0) < {int(self.min_bytes)}",
-                    f"printf('%d bytes < %d', coalesce(image_bytes, 0), {int(self.min_bytes)})",
-                )
-            )
-        if self.caption_min_words is not None:
-            out.append(
-                (
-                    "caption-min-words",
-                    f"{_WORDS} < {int(self.caption_min_words)}",
-                    f"printf('%d words < %d', {_WORDS}, {int(self.caption_min_words)})",
-                )
-            )
-        if self.caption_max_words is not None:
-            out.append(
-                (
-                    "caption-max-words",
-                    f"{_WORDS} > {int(self.caption_max_words)}",
-                    f"printf('%d words > %d', {_WORDS}, {int(self.caption_max_words)})",
-                )
-            )
-        if self.where:
-            literal = self.where.replace("'", "''")
-            out.append(("where", f"NOT coalesce(({user_expression(self.where, '--where')}), false)", f"'not ({literal})'"))
-        return out
-
-    def validate(self) -> None:
-        """Values no rule can mean (a negative size, an aspect ratio under 1, more words required than
-        allowed) are usage errors, not a run that drops everything; ``--where`` must be one expression."""
-        checks = [
-            (self.min_side is None or self.min_side >= 0, f"--min-side must not be negative, not {self.min_side}"),
-            (
-                self.max_aspect is None or self.max_aspect >= 1,
-                f"--max-aspect is a ratio of the longer side to the shorter one, at least 1, not {self.max_aspect}",
-            ),
-            (self.min_bytes is None or self.min_bytes >= 0, f"--min-bytes must not be negative, not {self.min_bytes}"),
-            (
-                self.caption_min_words is None or self.caption_min_words >= 0,
-                f"--caption-min-words must not be negative, not {self.caption_min_words}",
-            ),
-            (
-                self.caption_max_words is None or self.caption_max_words >= 0,
-                f"--caption-max-words must not be negative, not {self.caption_max_words}",
-            ),
-            (
-                None in (self.caption_min_words, self.caption_max_words) or self.caption_min_words <= self.caption_max_words,  # type: ignore[operator]
-                f"--caption-min-words {self.caption_min_words} is more than --caption-max-words {self.caption_max_words}",
-            ),
-            (self.status in (SUCCESS, "any"), f"--status must be success or any, not {self.status!r}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UsageError(message)
-        if self.where is not None:
-            if not self.where.strip():
-                raise UsageError("--where is empty; give an SQL expression over the dataset's columns, or leave it out")
-            user_expression(self.where, "--where")
-
-    def query(self) -> str:
-        """The dropped rows of table ``t``: key, rule, detail (kept rows never leave DuckDB)."""
-        checks = self.checks()
-        if not checks:
-            return "SELECT key, NULL::VARCHAR AS reason, NULL::VARCHAR AS detail FROM t WHERE false"
-        reason = " ".join(f"WHEN {cond} THEN '{name}'" for name, cond, _ in checks)
-        detail = " ".join(f"WHEN {cond} THEN {d}" for _, cond, d in checks)
-        fails = " OR ".join(f"({cond})" for _, cond, _ in checks)
-        return f"SELECT key, CASE {reason} END AS reason, CASE {detail} END AS detail FROM t WHERE {fails}"
 
 
 def load_blocklist(path: str | Path) -> frozenset[str]:
@@ -162,16 +59,29 @@ def load_blocklist(path: str | Path) -> frozenset[str]:
 @dataclass
 class FilterStage(Stage):
     name = "filter"
-    rules: FilterRules = field(default_factory=FilterRules)
+    options: FilterOptions = field(default_factory=FilterOptions)
     annotators: list[Annotator] = field(default_factory=list)
     blocklist: frozenset[str] = frozenset()
 
     def __post_init__(self) -> None:
         self.annotators = sorted(self.annotators, key=lambda a: a.cost_rank)
+        self.copy_images = self.options.copy_images
+
+    @classmethod
+    def from_options(cls, options: FilterOptions, built: list[Annotator] | None = None) -> FilterStage:
+        """The stage ``options`` ask for: its annotators built (a missing extra refused here), with
+        ``built`` (annotators a library caller made, a plugin's with its own arguments), and its
+        blocklist read, before any work."""
+        annotators = options.annotators()
+        twice = sorted({a.name for a in annotators} & {a.name for a in built or []})
+        if twice:
+            raise UsageError(f"annotator {twice[0]} is both in the options and given built; give it once")
+        blocked = load_blocklist(options.blocklist) if options.blocklist else frozenset()
+        return cls(options, annotators + list(built or []), blocked)
 
     def parameters(self) -> dict[str, Any]:
         return {
-            "rules": {k: v for k, v in vars(self.rules).items() if v is not None},
+            "rules": {k: v for k, v in self.options.rule_values().items() if v is not None},
             "annotators": {a.name: a.parameters() for a in self.annotators},
             "blocklist_size": len(self.blocklist),
         }
@@ -184,14 +94,13 @@ class FilterStage(Stage):
         ]
 
     def check_rules(self, src: Dataset) -> None:
-        """Check the rules, then run them on no rows of the first shard: a bad value, a bad --where or a
-        missing column fails here, before any work, naming the columns there are."""
-        self.rules.validate()
+        """Run the rules on no rows of the first shard: a bad --where or a missing column fails here,
+        before any work, naming the columns there are (bad values were refused by the options)."""
         shards = src.completed_ids()
         if not shards:
             return
         empty = src.read_schema(shards[0]).empty_table().append_column("image_bytes", pa.array([], pa.int64()))
-        run_on_no_rows(self.rules.query(), empty, f"filter rules cannot run on {src.location}")
+        run_on_no_rows(self._query(), empty, f"filter rules cannot run on {src.location}")
 
     def setup(self) -> None:
         for a in self.annotators:
@@ -203,7 +112,7 @@ class FilterStage(Stage):
         table = src.read_table(shard_id)
         if IMAGE_SIZE in table.column_names:
             sizes_column = table.column(IMAGE_SIZE)
-        elif self.rules.min_bytes is not None:  # a dataset without offsets: its tar's headers say
+        elif self.options.min_bytes is not None:  # type: ignore[attr-defined]  # a dataset without offsets: its tar's headers say
             sizes_column = pa.array(src.image_locations(shard_id, table)[1], pa.int64())
         else:
             sizes_column = pa.nulls(table.num_rows, pa.int64())
@@ -211,10 +120,13 @@ class FilterStage(Stage):
         con = self._duckdb()
         con.register("t", table)
         try:
-            rows = con.execute(self.rules.query()).fetchall()
+            rows = con.execute(self._query()).fetchall()
         finally:
             con.unregister("t")
         return {str(key): (reason, detail) for key, reason, detail in rows}
+
+    def _query(self) -> str:
+        return query(self.options.rule_values())
 
     def _duckdb(self) -> Any:
         """One in-memory DuckDB connection per worker process (not pickled with the stage)."""

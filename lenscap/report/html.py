@@ -18,25 +18,25 @@ import hashlib
 import heapq
 import html
 import io
-import json
-import tarfile
+import os
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from lenscap import __version__
-from lenscap.audit import FLAGS, AuditOptions, audit
+from lenscap.audit.command import audit
+from lenscap.audit.measures import FLAGS
+from lenscap.audit.options import AuditOptions
 from lenscap.core.commits import atomic_write_bytes
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import DatasetError, UsageError, disk_full
-from lenscap.core.layout import IMAGE_EXT, IMAGE_OFFSET, IMAGE_SIZE
-from lenscap.core.storage import require_local
-from lenscap.inspect import inspect_dataset
+from lenscap.core.layout import IMAGE_OFFSET, IMAGE_SIZE
+from lenscap.inspect.summary import inspect_dataset
+from lenscap.report.options import ReportOptions
+from lenscap.shard.formats import export_format
 
 __all__ = [
     "ReportSample",
@@ -46,6 +46,7 @@ __all__ = [
     "render_html",
     "render_contact_sheet",
     "write_report",
+    "run_report",
 ]
 
 THUMB = 256
@@ -128,12 +129,13 @@ def pick_export_samples(ds: Dataset, n: int, seed: int = 0) -> list[ReportSample
     if n <= 0:
         return []
     index = ds.read_json("shards.json") or {}
+    fmt = export_format(index.get("format"))
     heap: list[tuple[int, str, str, Any]] = []  # max-heap on the hash: (-hash, key, file, where)
     for record in index.get("shards") or []:
-        path = ds.path / record["file"]
+        path = ds.local_file(record["file"])
         if not path.is_file():
             continue  # inspect's summary names it
-        for key, where in _export_keys(path, index.get("format")):
+        for key, where in fmt.sample_locations(path):
             h = int.from_bytes(hashlib.blake2b(f"{seed}:{key}".encode(), digest_size=8).digest(), "big")
             if len(heap) < n:
                 heapq.heappush(heap, (-h, key, record["file"], where))
@@ -141,50 +143,13 @@ def pick_export_samples(ds: Dataset, n: int, seed: int = 0) -> list[ReportSample
                 heapq.heapreplace(heap, (-h, key, record["file"], where))
     out = []
     for _, key, name, where in sorted(heap, key=lambda e: -e[0]):
-        image, row = _export_sample(ds.path / name, index.get("format"), key, where)
+        image, row = fmt.read_sample(ds.local_file(name), where)
         try:
             thumb = _thumbnail(image) if image else b""
         except Exception:  # noqa: BLE001 - an undecodable image is shown as missing, not fatal
             thumb = b""
         out.append(ReportSample(key, row, thumb))
     return out
-
-
-def _export_keys(path: Path, fmt: str | None) -> Iterator[tuple[str, Any]]:
-    """(key, where its sample lies) of every sample of one export file, without reading images."""
-    if fmt == "parquet":
-        pf = pq.ParquetFile(path)
-        for group in range(pf.num_row_groups):
-            for row, key in enumerate(pf.read_row_group(group, columns=["key"]).column("key").to_pylist()):
-                yield str(key), (group, row)
-        return
-    members: dict[str, dict[str, tuple[int, int]]] = {}
-    with tarfile.open(path, "r:") as tar:  # headers only: member data is skipped by seeking
-        for m in tar:
-            key, _, ext = m.name.partition(".")
-            members.setdefault(key, {})[ext] = (m.offset_data, m.size)
-    yield from members.items()
-
-
-def _export_sample(path: Path, fmt: str | None, key: str, where: Any) -> tuple[bytes, dict[str, Any]]:
-    """One export sample's image bytes and row (caption and the other columns)."""
-    if fmt == "parquet":
-        group, row = where
-        record = pq.ParquetFile(path).read_row_group(group).slice(row, 1).to_pylist()[0]
-        image = (record.pop("image", None) or {}).get("bytes") or b""
-        return image, record
-    parts: dict[str, bytes] = {}
-    with open(path, "rb") as f:
-        for ext, (offset, size) in where.items():
-            f.seek(offset)
-            parts[ext] = f.read(size)
-    row = {}
-    try:
-        row = json.loads(parts.get("json") or b"{}")
-    except ValueError:
-        pass
-    row["caption"] = (parts.get("txt") or b"").decode("utf-8", "replace")
-    return parts.get(IMAGE_EXT, b""), row
 
 
 def audit_thumbnails(ds: Dataset, samples: list[dict[str, Any]]) -> dict[str, bytes]:
@@ -364,9 +329,43 @@ def render_html(
     audit: dict[str, Any] | None = None,
     audit_images: dict[str, bytes] | None = None,
 ) -> str:
-    """The page; ``audit`` is ``lenscap.audit.audit``'s result (no section without captions), with
+    """The page; ``audit`` is ``lenscap.audit.command.audit``'s result (no section without captions), with
     ``audit_images`` the thumbnails of its sampled flagged captions by key."""
     name = Path(info["path"]).resolve().name
+    cw = info["caption_words"]
+    body = [_summary_section(info, dedup), *_outcomes_section(info)]
+    if cw["count"]:
+        body.append(
+            f"<section><h2>Caption length</h2><p>{cw['count']:,} captions, {cw['mean']} words on average, "
+            f"median {cw['p50']}, 95th percentile {cw['p95']}.</p>{_histogram_svg(cw['histogram'])}</section>"
+        )
+    if audit and audit.get("error"):
+        body.append(f"<section><h2>Audit</h2><p>The captions could not be audited: {_e(audit['error'])}</p></section>")
+    elif audit and audit.get("captions"):
+        body.append(_audit_section(audit, audit_images or {}))
+    if dedup:
+        reasons = dedup.get("by_reason") or {}
+        earlier = f", {dedup['of_earlier_releases']:,} of them of earlier releases" if dedup.get("of_earlier_releases") else ""
+        body.append(
+            f"<section><h2>Dedup</h2><p>{dedup.get('duplicates') or 0:,} duplicates in {dedup.get('clusters') or 0:,} "
+            f"clusters{earlier}.</p>{_bars(reasons) if reasons else ''}</section>"
+        )
+    body += _problems_sections(info)
+    if info["history"]:
+        body.append("<section><h2>Pipeline</h2><p>" + " &rarr; ".join(_e(h) for h in info["history"]) + "</p></section>")
+    if samples:
+        figures = "".join(_figure(s) for s in samples)
+        body.append(f"<section><h2>{len(samples)} sampled images</h2><div class='grid'>{figures}</div></section>")
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    return (
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+        f"<title>lenscap report: {_e(name)}</title><style>{_CSS}</style></head><body><header><h1>lenscap report: {_e(name)}</h1>"
+        f"<p>{_e(info['path'])} &middot; stage {_e(info['stage'] or 'unknown')} &middot; lenscap {__version__} &middot; {when}</p>"
+        f"</header><main>{''.join(body)}</main></body></html>"
+    )
+
+
+def _summary_section(info: dict[str, Any], dedup: dict[str, Any] | None) -> str:
     shards = info["shards"]
     cw = info["caption_words"]
     export = info.get("export")
@@ -393,11 +392,14 @@ def render_html(
             cards.append(("cached answers", f"{cost['cached_answers']:,} (${cost.get('cached_usd', 0.0):.4f} when first asked)"))
     if dedup:
         cards.append(("duplicates", f"{dedup.get('duplicates') or 0:,}"))
-    body = [
+    return (
         "<section><h2>Summary</h2><div class='cards'>"
         + "".join(f"<div class='card'><span class='label'>{_e(k)}</span><b>{_e(v)}</b></div>" for k, v in cards)
         + "</div></section>"
-    ]
+    )
+
+
+def _outcomes_section(info: dict[str, Any]) -> list[str]:
     sections = info.get("outcomes")
     if sections is None:  # an inspect summary of before the outcomes were ordered
         sections = {
@@ -406,60 +408,39 @@ def render_html(
             **({"filter_reasons": info["filter_reasons"]} if info.get("filter_reasons") else {}),
         }
     outcomes = [f"<h3>{_e(_OUTCOME_TITLES.get(name, name))}</h3>{_bars(counts)}" for name, counts in sections.items() if counts]
+    export = info.get("export")
     if export and export.get("empty"):
         outcomes.insert(0, "<p>This export is empty: none of the input's samples was exported (see left out).</p>")
-    if outcomes:
-        body.append("<section><h2>Outcomes</h2><p class='alt'>In pipeline order.</p>" + "".join(outcomes) + "</section>")
-    if cw["count"]:
-        body.append(
-            f"<section><h2>Caption length</h2><p>{cw['count']:,} captions, {cw['mean']} words on average, "
-            f"median {cw['p50']}, 95th percentile {cw['p95']}.</p>{_histogram_svg(cw['histogram'])}</section>"
-        )
-    if audit and audit.get("error"):
-        body.append(f"<section><h2>Audit</h2><p>The captions could not be audited: {_e(audit['error'])}</p></section>")
-    elif audit and audit.get("captions"):
-        body.append(_audit_section(audit, audit_images or {}))
-    if dedup:
-        reasons = dedup.get("by_reason") or {}
-        earlier = f", {dedup['of_earlier_releases']:,} of them of earlier releases" if dedup.get("of_earlier_releases") else ""
-        body.append(
-            f"<section><h2>Dedup</h2><p>{dedup.get('duplicates') or 0:,} duplicates in {dedup.get('clusters') or 0:,} "
-            f"clusters{earlier}.</p>{_bars(reasons) if reasons else ''}</section>"
-        )
+    if not outcomes:
+        return []
+    return ["<section><h2>Outcomes</h2><p class='alt'>In pipeline order.</p>" + "".join(outcomes) + "</section>"]
+
+
+def _problems_sections(info: dict[str, Any]) -> list[str]:
+    out = []
     if info["errors"]:
         rows = "".join(f"<tr><td>{n:,}</td><td>{_e(m)}</td></tr>" for m, n in info["errors"].items())
-        body.append(f"<section><h2>Most common errors</h2><table>{rows}</table></section>")
+        out.append(f"<section><h2>Most common errors</h2><table>{rows}</table></section>")
     if info.get("skips"):
         rows = "".join(f"<tr><td>{n:,}</td><td>{_e(m)}</td></tr>" for m, n in info["skips"].items())
-        body.append(
+        out.append(
             "<section><h2>Skipped</h2><p class='alt'>Samples a stage left alone, and why (not errors).</p>"
             f"<table>{rows}</table></section>"
         )
-    if info["history"]:
-        body.append("<section><h2>Pipeline</h2><p>" + " &rarr; ".join(_e(h) for h in info["history"]) + "</p></section>")
-    figures = []
-    for s in samples:
-        img = (
-            f"<img src='data:image/jpeg;base64,{base64.b64encode(s.thumbnail).decode()}' alt='sample {_e(s.key)}'>"
-            if s.thumbnail
-            else "<div class='missing'>image could not be decoded</div>"
-        )
-        text = f"<div class='label'>caption</div><div>{_e(s.caption) or '<i>none</i>'}</div>"
-        if s.original is not None:
-            text += f"<div class='label'>original alt-text</div><div class='alt'>{_e(s.original) or '<i>none</i>'}</div>"
-        meta = " ".join(
-            f"{k.removesuffix('_status')}: {_e(s.row[k])}" for k in ("caption_status", "dedup_status") if s.row.get(k)
-        )
-        figures.append(f"<figure>{img}<figcaption>{text}<div class='key'>{_e(s.key)} {meta}</div></figcaption></figure>")
-    if figures:
-        body.append(f"<section><h2>{len(figures)} sampled images</h2><div class='grid'>{''.join(figures)}</div></section>")
-    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    return (
-        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
-        f"<title>lenscap report: {_e(name)}</title><style>{_CSS}</style></head><body><header><h1>lenscap report: {_e(name)}</h1>"
-        f"<p>{_e(info['path'])} &middot; stage {_e(info['stage'] or 'unknown')} &middot; lenscap {__version__} &middot; {when}</p>"
-        f"</header><main>{''.join(body)}</main></body></html>"
+    return out
+
+
+def _figure(s: ReportSample) -> str:
+    img = (
+        f"<img src='data:image/jpeg;base64,{base64.b64encode(s.thumbnail).decode()}' alt='sample {_e(s.key)}'>"
+        if s.thumbnail
+        else "<div class='missing'>image could not be decoded</div>"
     )
+    text = f"<div class='label'>caption</div><div>{_e(s.caption) or '<i>none</i>'}</div>"
+    if s.original is not None:
+        text += f"<div class='label'>original alt-text</div><div class='alt'>{_e(s.original) or '<i>none</i>'}</div>"
+    meta = " ".join(f"{k.removesuffix('_status')}: {_e(s.row[k])}" for k in ("caption_status", "dedup_status") if s.row.get(k))
+    return f"<figure>{img}<figcaption>{text}<div class='key'>{_e(s.key)} {meta}</div></figcaption></figure>"
 
 
 # -- PNG contact sheet ------------------------------------------------------------------------------
@@ -500,14 +481,22 @@ def render_contact_sheet(samples: list[ReportSample], columns: int = 6) -> Image
     return sheet
 
 
+def run_report(path: str | os.PathLike[str], options: ReportOptions) -> dict[str, Any]:
+    """``lenscap report``: write the report ``options`` ask for; its ``--json`` object."""
+    ReportOptions.check_arguments({"path": path})
+    for target in (options.out, options.png):
+        if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
+            raise UsageError(f"cannot write {target}: its directory does not exist")
+    written = write_report(path, options.out, options.sample, options.seed, options.png)
+    return {"command": "report", **written, "exit_code": 0}
+
+
 def write_report(
     path: str | Path, out: str | Path | None = None, n: int = 24, seed: int = 0, png: str | Path | None = None
 ) -> dict[str, Any]:
     """Write the HTML report (and the contact sheet); return what was written."""
-    for location, what in ((path, "report's dataset"), (out, "report's --out"), (png, "report's --png")):
-        require_local(location, what)
     ds = Dataset.open(path)
-    info = inspect_dataset(ds.path)
+    info = inspect_dataset(ds.location)
     if info.get("export") is not None:  # an export's samples are in its own files; the audit reads a dataset's
         samples = pick_export_samples(ds, n, seed)
         found = None
@@ -516,7 +505,7 @@ def write_report(
         found = _audit(ds, info, min(n, AUDIT_SAMPLES), seed)
     flagged = (found or {}).get("samples") or []
     images = audit_thumbnails(ds, flagged) if flagged else {}
-    target = Path(out) if out is not None else ds.path / "report.html"
+    target = Path(out) if out is not None else Path(ds.location) / "report.html"
     _write(target, render_html(info, samples, info.get("dedup"), found, images).encode())
     written: dict[str, Any] = {"html": str(target), "samples_shown": len(samples), "audit": None}
     if found is not None:
@@ -537,7 +526,7 @@ def _audit(ds: Dataset, info: dict[str, Any], n: int, seed: int) -> dict[str, An
     if "caption" not in info["columns"]:
         return None
     try:
-        return audit(ds.path, AuditOptions(sample=n, seed=seed))
+        return audit(ds.location, AuditOptions(sample=n, seed=seed, processes=1))  # a report reads, in this process
     except DatasetError as e:
         # E.g. the audit reads the schema of the first complete shard even when it is damaged, which
         # inspect and the sample leave out: the rest of the report still stands, and says why there is no audit.

@@ -1,6 +1,6 @@
 """``lenscap shard``: three passes, each resumable (SIGKILL anywhere, rerun the same command).
 
-1. index (``export.index``), per input shard in parallel: the exported rows, where their images lie,
+1. index (``lenscap.shard.index``), per input shard in parallel: the exported rows, where their images lie,
    their order and planned size, into ``OUT/.lenscap/index/``;
 2. plan: every exported sample in output order, cut into shards at the target size (each shard is
    filled to the target, the last takes the rest) or every ``--samples-per-shard``, written to
@@ -10,28 +10,27 @@
    WebDataset reader splits shards between DataLoader workers and nodes, and a worker without a shard
    fails ("No samples found", open_clip's "number of shards must be >= total workers");
 3. write, per output shard in parallel: images read straight from the input tars at their offsets,
-   so no input shard is decoded or rewritten; each shard is renamed into place, then marked done.
+   so no input shard is decoded or rewritten; each shard is put in place, then marked done.
 
-Then ``shards.json`` (the index of files and sample counts), for WebDataset ``sizes.json`` (the
-samples of each tar by file name, which open_clip's loader reads), ``lenscap.json`` (provenance)
-and the dataset card ``README.md`` are written. An export of 0 samples is not an error but says so:
-its result's exit code is ``EXIT_EMPTY`` (7) and its card says it is empty. The working state is under ``OUT/.lenscap/``: a dot
-directory, which ``datasets`` and the Hub ignore.
+Then ``shards.json`` (the index of files and sample counts), the format's own files beside the
+shards (WebDataset's ``sizes.json``: the samples of each tar, which open_clip's loader reads),
+``lenscap.json`` (provenance) and the dataset card ``README.md`` are written. An export of 0 samples
+is not an error but says so: its result's exit code is ``EXIT_EMPTY`` (7) and its card says it is
+empty. The working state is under ``OUT/.lenscap/``: a dot directory, which ``datasets`` and the Hub
+ignore.
 
-A remote output (``s3://...``, any fsspec URL) is written through its local mirror (``Dataset.path``),
-which holds ``.lenscap/``: each output shard is written there as above, uploaded, then marked done,
-then its local copy is removed, so local disk holds only the shards in flight; the three files above
-are uploaded at the end (``export.remote``).
+A remote output (``s3://...``, any fsspec URL) is written the same way: each output shard is staged on
+this machine's disk, put in place (uploaded), then marked done in the output's work directory, so local
+disk holds only the shards in flight.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,89 +38,25 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lenscap import __version__
+from lenscap.core.card import CARD_NAME
 from lenscap.core.claim import input_shards
 from lenscap.core.commits import atomic_write_json
 from lenscap.core.dataset import Dataset, read_parquet
 from lenscap.core.errors import LenscapError, UsageError
-from lenscap.core.executors import Executor, LocalExecutor
+from lenscap.core.executors import Executor, executor_for
 from lenscap.core.image_source import moved_image
-from lenscap.core.job import owned_output, run_stage
+from lenscap.core.job import Job
 from lenscap.core.layout import IMAGE_EXT
-from lenscap.core.progress import make_progress, start_progress
+from lenscap.core.progress import say, start_progress
 from lenscap.core.result import EXIT_EMPTY, JobResult
 from lenscap.core.sql import literal, out_of_core
 from lenscap.core.tario import header_before, member_name
-from lenscap.core.uploads import put_and_remove
 from lenscap.shard.card import write_card
 from lenscap.shard.formats import FORMATS
 from lenscap.shard.index import INTERNAL, IndexStage
-from lenscap.shard.remote import INDEX_FILES, sync_mirror
+from lenscap.shard.options import ShardOptions
 
-__all__ = ["ExportOptions", "ExportResult", "run_export", "parse_size", "MIN_SHARDS"]
-
-# The fewest shards a size-cut export has (unless it has fewer samples): enough for a typical
-# 8-worker DataLoader (or 8 GPUs of one node), each worker reading shards of its own.
-MIN_SHARDS = 8
-
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_size(text: str) -> int:
-    """``500MB`` (decimal), ``512MiB`` (binary) or a number of bytes."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise UsageError(f"expected a size such as 500MB or 1GiB, not {text!r}")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").lower()])
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    format: str = "webdataset"
-    target_bytes: int | None = 500 * 10**6  # the Hub's default shard size
-    samples_per_shard: int | None = None
-    shuffle: bool = False
-    seed: int = 0
-    caption_status: str = "ok"
-    # A size cut giving fewer shards than this is cut into this many instead (fewer only with fewer
-    # samples); --samples-per-shard is an exact count and is kept as given.
-    min_shards: int = MIN_SHARDS
-
-    def __post_init__(self) -> None:
-        if self.format not in FORMATS:
-            raise UsageError(f"--format must be {' or '.join(FORMATS)}, not {self.format!r}")
-        if self.caption_status not in ("ok", "any"):
-            raise UsageError(f"--caption-status must be ok or any, not {self.caption_status!r}")
-        if self.samples_per_shard is not None and self.samples_per_shard < 1:
-            raise UsageError(f"--samples-per-shard must be at least 1, not {self.samples_per_shard}")
-        if self.samples_per_shard is None and (self.target_bytes or 0) < 1:
-            raise UsageError("--target-size must be more than 0 bytes")
-        if self.min_shards < 1:
-            raise UsageError(f"--min-shards must be at least 1, not {self.min_shards}")
-
-    def index_stage(self) -> IndexStage:
-        return IndexStage(self.format, self.seed if self.shuffle else None, self.caption_status)
-
-
-@dataclass
-class ExportResult(JobResult):
-    """An export's result: its shards are the output shards written; ``failed_shards`` the input shards
-    that could not be indexed (then nothing is exported yet)."""
-
-    format: str = ""
-    bytes: int = 0
-    left_out: dict[str, int] = field(default_factory=dict)
-    empty: bool = False  # every shard written, and they hold 0 samples (exit code 7)
-
-    @property
-    def exit_code(self) -> int:
-        """0: exported; 1: some input shards could not be indexed (a rerun goes on); 7: done, but 0 samples."""
-        code = super().exit_code
-        return EXIT_EMPTY if code == 0 and self.empty else code
-
-
-def _state(out: Path) -> Path:
-    return out / ".lenscap"
+__all__ = ["run_shard"]
 
 
 _PLAN_MEMORY = "256MB"  # the shuffled plan's sort spills to disk beyond this
@@ -135,7 +70,7 @@ class _Even:
     samples: int
 
 
-def _cut(options: ExportOptions, before: int, size: int, number: int, even: _Even | None = None) -> int:
+def _cut(options: ShardOptions, before: int, size: int, number: int, even: _Even | None = None) -> int:
     """The output shard of a sample, before dense renumbering: by count, or the shard its middle byte
     falls in (shards then miss the target by half a sample at most), or with ``even`` the even split.
     Integer arithmetic, the same in SQL."""
@@ -146,7 +81,7 @@ def _cut(options: ExportOptions, before: int, size: int, number: int, even: _Eve
     return (2 * before + size) // (2 * int(options.target_bytes or 1))
 
 
-def _plan(index: Dataset, options: ExportOptions, state: Path) -> dict[str, Any]:
+def _plan(index: Dataset, options: ShardOptions, state: Path) -> dict[str, Any]:
     """Assign every indexed sample an output shard; write ``plan.parquet`` sorted by output shard.
 
     A size cut into fewer than ``min_shards`` shards is planned again as an even split into
@@ -166,13 +101,13 @@ def _plan(index: Dataset, options: ExportOptions, state: Path) -> dict[str, Any]
     return {"shards": [{"samples": n, "planned_bytes": b} for n, b in shards]}
 
 
-def _plan_cut(index: Dataset, options: ExportOptions, tmp: Path, state: Path, even: _Even | None = None) -> list[tuple[int, int]]:
+def _plan_cut(index: Dataset, options: ShardOptions, tmp: Path, state: Path, even: _Even | None = None) -> list[tuple[int, int]]:
     if options.shuffle:
         return _plan_shuffled(index, options, tmp, state, even)
     return _plan_in_order(index, options, tmp, even)
 
 
-def _plan_in_order(index: Dataset, options: ExportOptions, tmp: Path, even: _Even | None = None) -> list[tuple[int, int]]:
+def _plan_in_order(index: Dataset, options: ShardOptions, tmp: Path, even: _Even | None = None) -> list[tuple[int, int]]:
     """Input order is index order: one streaming pass, an index shard at a time, in flat memory."""
     writer, shards, before, number, last_cut = None, [], 0, 0, None
     try:
@@ -199,7 +134,7 @@ def _plan_in_order(index: Dataset, options: ExportOptions, tmp: Path, even: _Eve
 
 
 def _plan_shuffled(
-    index: Dataset, options: ExportOptions, tmp: Path, state: Path, even: _Even | None = None
+    index: Dataset, options: ShardOptions, tmp: Path, state: Path, even: _Even | None = None
 ) -> list[tuple[int, int]]:
     """A global sort on the shuffle order: DuckDB, spilling to disk beyond ``_PLAN_MEMORY``."""
     files = [str(index.parquet_path(i)) for i in index.completed_ids()]
@@ -225,16 +160,15 @@ def _plan_shuffled(
     return [(int(n), int(b)) for n, b in shards]
 
 
-def _write_shard(src: Dataset, out_dir: str, shard_id: int, shards: int, format_name: str) -> dict[str, Any]:
-    """Pass 3 for one output shard (runs in a worker process): the file, in place; the caller marks it done."""
-    import duckdb
+def _write_shard(src: Dataset, dst: Dataset, shard_id: int, shards: int, format_name: str) -> dict[str, Any]:
+    """Pass 3 for one output shard (runs in a worker process): the file, put in place; the caller marks it done."""
+    import duckdb  # DuckDB takes a quarter second to import: only where a query runs
 
-    out, state = Path(out_dir), _state(Path(out_dir))
     con = duckdb.connect()
     try:  # plan.parquet is sorted by _out, so only this shard's row groups are read
         table = con.sql(
             "SELECT * EXCLUDE (_out) FROM read_parquet($plan) WHERE _out = $shard ORDER BY _order",
-            params={"plan": str(state / "plan.parquet"), "shard": shard_id},
+            params={"plan": str(dst.work_dir / "plan.parquet"), "shard": shard_id},
         ).to_arrow_table()
     finally:
         con.close()
@@ -242,9 +176,7 @@ def _write_shard(src: Dataset, out_dir: str, shard_id: int, shards: int, format_
     columns = pa.schema([f for f in table.schema if f.name != "key" and f.name not in internal])
     shard_cls = FORMATS[format_name]
     name = shard_cls.file_name(shard_id, shards)
-    final = out / name
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp")
+    tmp = dst.staging_file(name)
     writer = shard_cls(tmp, columns)
     images = src.image_source()  # the input itself, or the dataset whose tars it refers to
     tars: dict[int, Any] = {}
@@ -265,97 +197,100 @@ def _write_shard(src: Dataset, out_dir: str, shard_id: int, shards: int, format_
     finally:
         for f in tars.values():
             f.close()
-    os.replace(tmp, final)
+    dst.put(tmp, name)
     return {"file": name, "samples": table.num_rows, "bytes": size}
 
 
-def run_export(
-    options: ExportOptions,
-    in_dir: str | Path,
-    out_dir: str | Path,
-    processes: int = 1,
-    quiet: bool = False,
-    executor: Executor | None = None,
+def run_shard(
+    in_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    options: ShardOptions,
     *,
-    overwrite: bool = False,
-    allow_incomplete: bool = False,
-) -> ExportResult:
+    quiet: bool = True,
+    executor: Executor | None = None,
+) -> JobResult:
     # The input may be remote (its passes read shard by shard, image by image), and the output too.
     src = Dataset.open(in_dir)
-    shards, _ = input_shards(src, allow_incomplete)
-    with owned_output(out_dir, "shard", {"options": asdict(options)}, src=src, overwrite=overwrite, input_ids=shards) as out:
-        return _run_locked(options, src, out, executor or LocalExecutor(processes), quiet)
+    shards, _ = input_shards(src, options.allow_incomplete)
+    job = Job("shard", executor or executor_for(options), quiet)
+    settings = {"options": options.identity()}
+    with job.output(out_dir, settings, src=src, overwrite=options.overwrite, input_ids=shards) as dst:
+        _forget_lost(dst)
+        indexed = _index(job, src, dst, options)
+        if indexed.failed_shards:
+            say(f"shard: {len(indexed.failed_shards)} input shard(s) could not be indexed; nothing exported yet; rerun to resume")
+            return JobResult("shard", dst.location, failed_shards=indexed.failed_shards, details=_details(options, 0, 0, {}))
+        index = Dataset(dst.work_dir / "index")
+        plan = _planned(index, options, dst, indexed.samples)
+        records = _write(job, src, dst, options, len(plan["shards"]), [int(p["samples"]) for p in plan["shards"]])
+        return _finish(src, dst, options, index, records)
 
 
-class _WriteJob:
-    """Pass 3 as an executor's job: an item is an output shard, written into ``out``'s local directory
-    (a remote output's mirror, as the driver named it, so every worker uses the same), then put where
-    it belongs (``lenscap.core.uploads``: nothing to do for a local output)."""
+class _WriteTask:
+    """Pass 3 as a task: an item is an output shard, written, put in place, then marked done in the
+    output's work directory (a kill before that leaves no mark, and the rerun writes the shard again)."""
 
-    def __init__(self, src: Dataset, out: Dataset, shards: int, fmt: str) -> None:
-        self.src, self.out, self.shards, self.fmt = src, out, shards, fmt
+    def __init__(self, src: Dataset, dst: Dataset, shards: int, fmt: str) -> None:
+        self.src, self.dst, self.shards, self.fmt = src, dst, shards, fmt
 
     def setup(self) -> None:
         pass
 
     def run(self, shard_id: int) -> dict[str, Any]:
-        done = _state(self.out.path) / "done" / f"{shard_id:05d}.json"
+        done = _done(self.dst, shard_id)
         if done.exists():  # a task run again after its worker died
             return json.loads(done.read_text())
-        record = _write_shard(self.src, str(self.out.path), shard_id, self.shards, self.fmt)
-        # Done only once uploaded: a kill before that leaves no marker, and the rerun writes the shard again.
-        put_and_remove(self.out, self.out.path, [record["file"]])
+        record = _write_shard(self.src, self.dst, shard_id, self.shards, self.fmt)
         atomic_write_json(done, record)
         return record
 
 
-def _run_locked(options: ExportOptions, src: Dataset, dst: Dataset, executor: Executor, quiet: bool) -> ExportResult:
-    out = dst.path  # where files are written: the output, or a remote one's mirror
-    state = _state(out)
-    (state / "done").mkdir(parents=True, exist_ok=True)
-    sync_mirror(dst, state / "done")
-    where = dst.location
+def _done(dst: Dataset, shard_id: int) -> Path:
+    return dst.work_dir / "done" / f"{shard_id:05d}.json"
 
-    # Pass 1: the index.
-    index_dir = state / "index"
-    indexed = run_stage(
-        options.index_stage(), src, index_dir, progress=make_progress("shard: indexing", quiet), executor=executor, internal=True
-    )
-    if indexed.failed_shards:
-        return ExportResult(where, failed_shards=indexed.failed_shards, format=options.format)
-    index = Dataset(index_dir)
-    left_out: dict[str, int] = {}
-    caption_status: dict[str, int] | None = None
-    for shard_id in index.completed_ids():
-        stats = index.read_stats(shard_id)
-        for reason, n in stats.get("left_out", {}).items():
-            left_out[reason] = left_out.get(reason, 0) + n
-        if "caption_status" in stats:
-            caption_status = caption_status or {}
-            for status, n in stats["caption_status"].items():
-                caption_status[status] = caption_status.get(status, 0) + n
 
-    # Pass 2: the plan, once per index.
-    fingerprint = {"options": asdict(options), "index_shards": index.completed_ids(), "indexed": indexed.samples}
+def _forget_lost(dst: Dataset) -> None:
+    """Before a run (the lock held, so no task is writing): keep only the done marks of shards whose file
+    is there with the size the mark records. A mark is written after its file is in place, so a missing
+    or short file means the output was changed since; that shard is then written again."""
+    done_dir = dst.work_dir / "done"
+    done_dir.mkdir(parents=True, exist_ok=True)
+    sizes = dst.tree_sizes()
+    for marker in done_dir.glob("*.json"):
+        record = json.loads(marker.read_text())
+        if sizes.get(record["file"]) != record["bytes"]:
+            marker.unlink()
+
+
+def _index(job: Job, src: Dataset, dst: Dataset, options: ShardOptions) -> JobResult:
+    """Pass 1: the index (``lenscap.shard.index``), per input shard."""
+    stage = IndexStage(options.format, options.seed if options.shuffle else None, options.caption_status)
+    with job.internal_output(stage, src, dst.work_dir / "index") as run:
+        return job.run_shards(run, job.progress("shard: indexing"))
+
+
+def _planned(index: Dataset, options: ShardOptions, dst: Dataset, indexed: int) -> dict[str, Any]:
+    """Pass 2: the plan, once per index."""
+    state = dst.work_dir
+    fingerprint = {"options": options.identity(), "index_shards": index.completed_ids(), "indexed": indexed}
     marker = state / "plan.json"
     plan = json.loads(marker.read_text()) if marker.exists() else None
     if plan is not None and plan["fingerprint"] != fingerprint:
         if any((state / "done").glob("*.json")):
-            raise UsageError(f"the input of {where} changed since it was exported; use a new output directory")
+            raise UsageError(f"the input of {dst.location} changed since it was exported; use a new output directory")
         plan = None
     if plan is None:
         plan = _plan(index, options, state) | {"fingerprint": fingerprint}
         atomic_write_json(marker, plan)
+    return plan
 
-    # Pass 3: the output shards.
-    shards = len(plan["shards"])
-    todo = [i for i in range(shards) if not (state / "done" / f"{i:05d}.json").exists()]
-    for stray in list(out.glob(".*.tmp")) + list(out.glob("data/.*.tmp")):
-        stray.unlink(missing_ok=True)
-    if options.format == "parquet" and todo:
-        dst.fs.makedirs(dst.file("data"), exist_ok=True)  # once here, not in every task
-    progress = make_progress("shard: writing", quiet)
-    per_shard = [int(p["samples"]) if isinstance(p, dict) else int(p[0]) for p in plan["shards"]]  # from the plan
+
+def _write(
+    job: Job, src: Dataset, dst: Dataset, options: ShardOptions, shards: int, per_shard: list[int]
+) -> list[dict[str, Any]]:
+    """Pass 3: the output shards not done yet; every shard's record."""
+    todo = [i for i in range(shards) if not _done(dst, i).exists()]
+    progress = job.progress("shard: writing")
     start_progress(
         progress,
         shards,
@@ -363,71 +298,78 @@ def _run_locked(options: ExportOptions, src: Dataset, dst: Dataset, executor: Ex
         total_samples=sum(per_shard),
         done_samples=sum(per_shard) - sum(per_shard[i] for i in todo),
     )
-    failed: dict[int, str] = {}
     try:
-        fatal = executor.run(
-            _WriteJob(src, dst, shards, options.format),
+        failed = job.map(
+            _WriteTask(src, dst, shards, options.format),
             todo,
             lambda _, record: progress.advance(shards=1, samples=record["samples"]),
-            failed,
         )
     finally:
         progress.finish()
-    if fatal is not None:
-        raise fatal
     if failed:
         shard_id, message = min(failed.items())
         raise LenscapError(f"{len(failed)} output shard(s) could not be written, e.g. {shard_id:05d}: {message}; rerun to resume")
+    return [json.loads(_done(dst, i).read_text()) for i in range(shards)]
 
-    records = [json.loads((state / "done" / f"{i:05d}.json").read_text()) for i in range(shards)]
-    summary = {
+
+def _outcomes(index: Dataset) -> tuple[dict[str, int], dict[str, int] | None]:
+    """The samples left out, by reason, and the caption outcomes of those exported (None: not captioned)."""
+    left_out: dict[str, int] = {}
+    caption_status: dict[str, int] | None = None
+    for stats in index.read_all_stats(index.completed_ids()):
+        for reason, n in stats.get("left_out", {}).items():
+            left_out[reason] = left_out.get(reason, 0) + n
+        if "caption_status" in stats:
+            caption_status = caption_status or {}
+            for status, n in stats["caption_status"].items():
+                caption_status[status] = caption_status.get(status, 0) + n
+    return dict(sorted(left_out.items())), dict(sorted(caption_status.items())) if caption_status is not None else None
+
+
+def _finish(src: Dataset, dst: Dataset, options: ShardOptions, index: Dataset, records: list[dict[str, Any]]) -> JobResult:
+    """The export's own files, in this order: ``shards.json``, the format's (``sizes.json``), ``lenscap.json``,
+    the card; its result."""
+    left_out, caption_status = _outcomes(index)
+    summary: dict[str, Any] = {
         "format": options.format,
         "samples": sum(r["samples"] for r in records),
         "bytes": sum(r["bytes"] for r in records),
         "shards": records,
-        "left_out": dict(sorted(left_out.items())),
+        "left_out": left_out,
     }
     if caption_status is not None:  # the caption outcomes of the exported samples, where the input was captioned
-        summary["caption_status"] = dict(sorted(caption_status.items()))
-    atomic_write_json(out / "shards.json", summary)
-    if options.format == "webdataset":  # open_clip's get_dataset_size: samples per tar, by file name
-        atomic_write_json(out / "sizes.json", {r["file"]: r["samples"] for r in records})
-    manifest = src.read_manifest() or {}
-    history = [
-        *manifest.get("history", []),
-        {
-            "stage": "shard",
-            "parameters": asdict(options),
-            "input": src.location,
-            "lenscap_version": __version__,
-            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        },
-    ]
-    atomic_write_json(
-        out / "lenscap.json",
-        {
-            "lenscap_version": __version__,
-            "stage": "shard",
-            "parameters": asdict(options),
-            "input": src.location,
-            "history": history,
-            "counts": {"samples": summary["samples"], "left_out": summary["left_out"]},
-        },
-    )
-    write_card(
-        out, options.format, summary, history, Path(index_dir), _columns(index), location=dst.location if dst.remote else None
-    )
-    put_and_remove(dst, out, list(INDEX_FILES))  # those written: sizes.json is WebDataset's only
-    return ExportResult(
-        where,
-        shards,
-        shards,
+        summary["caption_status"] = caption_status
+    dst.put_bytes("shards.json", _json(summary))
+    for name, value in FORMATS[options.format].side_files(records).items():
+        dst.put_bytes(name, _json(value))
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    made = {"stage": "shard", "parameters": options.identity(), "input": src.location}
+    history = [*(src.read_manifest() or {}).get("history", []), {**made, "lenscap_version": __version__, "at": at}]
+    counts = {"samples": summary["samples"], "left_out": left_out}
+    dst.put_bytes("lenscap.json", _json({"lenscap_version": __version__, **made, "history": history, "counts": counts}))
+    dst.put_bytes(CARD_NAME, write_card(dst.url, FORMATS[options.format], summary, history, index, _columns(index)).encode())
+    result = JobResult(
+        "shard",
+        dst.location,
+        len(records),
+        len(records),
         summary["samples"],
-        format=options.format,
-        bytes=summary["bytes"],
-        left_out=summary["left_out"],
+        details=_details(options, len(records), summary["bytes"], left_out),
         empty=summary["samples"] == 0,
     )
+    result.details["empty"] = result.empty
+    if result.empty:
+        left = ", ".join(f"{n} {r}" for r, n in left_out.items()) or "none"
+        say(f"warning: {dst.location} holds 0 samples (left out: {left}); nothing to train on (exit code {EXIT_EMPTY})")
+    return result
+
+
+def _json(obj: Any) -> bytes:
+    return json.dumps(obj, indent=2, sort_keys=False, default=str).encode() + b"\n"
+
+
+def _details(options: ShardOptions, shards: int, size: int, left_out: dict[str, int]) -> dict[str, Any]:
+    return {"format": options.format, "bytes": size, "left_out": left_out, "empty": False, "shards": shards}
 
 
 def _columns(index: Dataset) -> pa.Schema:

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from lenscap.core.dataset import Dataset
-from lenscap.core.layout import IMAGE_OFFSET, IMAGE_SIZE
+from lenscap.core.layout import IMAGE_OFFSET, IMAGE_SIZE, parquet_name
 from lenscap.core.record import SUCCESS
 from lenscap.core.stage import Stage
 from lenscap.shard.formats import FORMATS, metadata_json
@@ -132,7 +132,7 @@ class IndexStage(Stage):
             }
         )
         self.tick(table.num_rows)
-        tmp = dst.tmp_path(shard_id, "parquet")
+        tmp = dst.staging_file(parquet_name(shard_id))
         pq.write_table(index, tmp)
         stats = {
             "shard": f"{shard_id:05d}",
@@ -142,4 +142,4 @@ class IndexStage(Stage):
         }
         if "caption_status" in where:  # of the exported samples (not a column of the export): inspect shows them
             stats["caption_status"] = dict(sorted(Counter(str(where["caption_status"][i]) for i in rows).items()))
-        return dst.commit(shard_id, [(tmp, dst.parquet_path(shard_id))], stats)
+        return dst.commit(shard_id, {parquet_name(shard_id): tmp}, stats)

@@ -28,6 +28,9 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+from lenscap.caption.pricing import image_tokens, text_tokens
+from lenscap.testing.fake_requests import BadRequest, validate
+
 __all__ = ["BatchEndpoints"]
 
 Reply = tuple[int, dict[str, str], bytes]
@@ -228,7 +231,6 @@ class BatchEndpoints:
 
     def _input_tokens(self, raw: bytes) -> tuple[int, str]:
         """(input tokens, model of the first request) of an input file, estimated as ``_batch_answer`` bills them."""
-        from lenscap.testing.fake_openai import _BadRequest, _validate, image_tokens, text_tokens  # a cycle at import time
 
         total, first_model = 0, None
         for line in raw.splitlines():
@@ -241,8 +243,8 @@ class BatchEndpoints:
             if first_model is None and isinstance(body, dict) and isinstance(body.get("model"), str):
                 first_model = body["model"]  # named in the limit error, as OpenAI names the first request's
             try:
-                model, texts, images, _ = _validate(body, self.settings.decode_images)
-            except _BadRequest:
+                model, texts, images, _ = validate(body, self.settings.decode_images)
+            except BadRequest:
                 continue  # an invalid line costs nothing (it fails at run time)
             details = [
                 p["image_url"].get("detail") or "low"
@@ -250,7 +252,7 @@ class BatchEndpoints:
                 if isinstance(m["content"], list)
                 for p in m["content"]
                 if p["type"] == "image_url"
-            ]  # _validate's order: one per image
+            ]  # validate's order: one per image
             total += sum(text_tokens(t) for t in texts)
             total += sum(image_tokens(model, *size, d) for (_, _, size), d in zip(images, details, strict=True))
         return total, first_model or "unknown"
@@ -339,18 +341,11 @@ class BatchEndpoints:
 
     def _batch_answer(self, body: Any) -> tuple[int, dict[str, Any], bool]:
         """(status, response body, torn?) for one batch request, as the online endpoint would answer."""
-        from lenscap.testing.fake_openai import (  # the same rules (a cycle at import time)
-            _BadRequest,
-            _validate,
-            image_tokens,
-            text_tokens,
-        )
-
         with self._lock:
             self.requests += 1
         try:
-            model, texts, images, max_tokens = _validate(body, self.settings.decode_images)
-        except _BadRequest as e:
+            model, texts, images, max_tokens = validate(body, self.settings.decode_images)
+        except BadRequest as e:
             return e.status, {"error": {"message": str(e), "type": e.type_, "code": e.code}}, False
         sha = hashlib.sha256(b"".join(raw for raw, _, _ in images)).hexdigest()
         with self._lock:

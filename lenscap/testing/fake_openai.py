@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import binascii
 import hashlib
-import io
 import json
 import re
 import subprocess
@@ -40,6 +37,7 @@ from PIL import Image
 
 from lenscap.caption.pricing import image_tokens, text_tokens
 from lenscap.testing.fake_batches import BatchEndpoints
+from lenscap.testing.fake_requests import BadRequest, validate
 
 __all__ = ["FakeOpenAI", "FakeOpenAIProcess", "FakeSettings", "fake_caption"]
 
@@ -139,12 +137,6 @@ class _Bucket:
         self.refill()
         need = min(cost, self.capacity) - self.level
         return max(0.0, need * 60.0 / self.per_minute)
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None, type_: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.code, self.type = status, code, type_
 
 
 class FakeOpenAI(BatchEndpoints):
@@ -321,8 +313,8 @@ class FakeOpenAI(BatchEndpoints):
             self.requests += 1
         try:
             req = json.loads(body)
-            model, texts, images, max_tokens = _validate(req, s.decode_images)
-        except _BadRequest as e:
+            model, texts, images, max_tokens = validate(req, s.decode_images)
+        except BadRequest as e:
             return self._count(_error(e.status, str(e), e.code, e.type_))
         except ValueError:
             return self._count(_error(400, "We could not parse the JSON body of your request.", None))
@@ -456,64 +448,6 @@ def _error(
     status: int, message: str, code: str | None, type_: str = "invalid_request_error"
 ) -> tuple[int, dict[str, str], bytes]:
     return status, {}, json.dumps({"error": {"message": message, "type": type_, "param": None, "code": code}}).encode()
-
-
-def _validate(req: Any, decode: bool) -> tuple[str, list[str], list[tuple[bytes, Image.Image | None, tuple[int, int]]], int]:
-    """Check a chat-completions request as the real API would; returns model, texts, images, max tokens."""
-    if not isinstance(req, dict):
-        raise _BadRequest(400, "The request body must be a JSON object.")
-    model = req.get("model")
-    if not isinstance(model, str) or not model:
-        raise _BadRequest(400, "you must provide a model parameter", "missing_required_parameter")
-    messages = req.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise _BadRequest(400, "'messages' must be a non-empty array.", "invalid_value")
-    max_tokens = req.get("max_completion_tokens", req.get("max_tokens", 4096))
-    if not isinstance(max_tokens, int) or max_tokens < 1:
-        raise _BadRequest(400, "max_tokens must be a positive integer.", "invalid_value")
-    texts: list[str] = []
-    images: list[tuple[bytes, Image.Image | None, tuple[int, int]]] = []
-    for i, msg in enumerate(messages):
-        if not isinstance(msg, dict) or msg.get("role") not in ("system", "developer", "user", "assistant"):
-            raise _BadRequest(400, f"Invalid value for 'messages[{i}].role'.", "invalid_value")
-        content = msg.get("content")
-        if isinstance(content, str):
-            texts.append(content)
-            continue
-        if not isinstance(content, list):
-            raise _BadRequest(400, f"Invalid type for 'messages[{i}].content'.", "invalid_type")
-        for part in content:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                texts.append(part["text"])
-            elif kind == "image_url" and isinstance(part.get("image_url"), dict):
-                images.append(_decode_image(str(part["image_url"].get("url", "")), decode))
-            else:
-                raise _BadRequest(400, f"Invalid content part in 'messages[{i}]'.", "invalid_value")
-    return model, texts, images, max_tokens
-
-
-def _decode_image(url: str, decode: bool) -> tuple[bytes, Image.Image | None, tuple[int, int]]:
-    m = re.match(r"data:image/(jpeg|png|webp|gif);base64,(.*)$", url, re.S)
-    if not m:
-        raise _BadRequest(
-            400, "Invalid image URL: expected a base64 data URL of a JPEG, PNG, WEBP or GIF image.", "invalid_image_url"
-        )
-    try:
-        raw = base64.b64decode(m.group(2), validate=True)
-    except binascii.Error:
-        raise _BadRequest(400, "Invalid base64 image data.", "invalid_image_format") from None
-    try:
-        im = Image.open(io.BytesIO(raw))
-        size = im.size
-        if decode:
-            im.draft("RGB", (max(1, im.size[0] // 8), max(1, im.size[1] // 8)))
-            im.load()
-    except Exception:  # noqa: BLE001
-        raise _BadRequest(
-            400, "You uploaded an unsupported image. Please make sure your image is valid.", "invalid_image"
-        ) from None
-    return raw, (im if decode else None), size
 
 
 class FakeOpenAIProcess:

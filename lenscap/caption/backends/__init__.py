@@ -6,13 +6,14 @@ The built-in backends register through the same entry points as third-party ones
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
 from lenscap.caption.backends.base import CaptionBackend
-from lenscap.core.registry import Registry
+from lenscap.core.registry import FLAGGED, Option, Registry
 
-__all__ = ["available_backends", "backend_class", "describe_backends", "REGISTRY"]
+__all__ = ["available_backends", "backend_class", "describe_backends", "promoted", "REGISTRY"]
 
 REGISTRY = Registry(
     "lenscap.backends",
@@ -27,6 +28,21 @@ REGISTRY = Registry(
         "vllm": "lenscap.caption.backends.vllm_local:VllmBackend",
     },
 )
+
+
+@functools.cache
+def promoted() -> dict[str, tuple[Option, dict[str, Option]]]:
+    """The built-in backends' options that are flags of ``lenscap caption`` (they have a ``panel``):
+    name -> (the first backend's spec, {backend: its spec})."""
+    out: dict[str, tuple[Option, dict[str, Option]]] = {}
+    for name in REGISTRY.builtins:
+        for spec in backend_class(name).options:
+            if spec.panel is not None:
+                out.setdefault(spec.name, (spec, {}))[1][name] = spec
+    return out
+
+
+FLAGGED.append(lambda name: name in promoted())
 
 
 def available_backends() -> dict[str, str]:

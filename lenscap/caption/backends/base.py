@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from lenscap.core.errors import UsageError
+from lenscap.core.registry import Option, OptionRenamed
 
 if TYPE_CHECKING:
     from lenscap.core.executors import Executor
@@ -34,121 +35,24 @@ __all__ = [
     "TRUNCATED",
     "SKIPPED",
     "OUTCOMES",
-    "CAPTION_FLAGS",
+    "MODEL_PANEL",
+    "API_PANEL",
+    "BATCH_PANEL",
+    "LOCAL_PANEL",
     "OptionRenamed",
     "renamed_keyword",
 ]
 
 OK, ERROR, REFUSED, TRUNCATED, SKIPPED = "ok", "error", "refused", "truncated", "skipped"
 
-
-class OptionRenamed(FutureWarning):
-    """An option given under its old name (``max_new_tokens``): it still works, for one release."""
+# The --help panels of the backend options that are flags of ``lenscap caption`` (``Option.panel``).
+MODEL_PANEL = "Model options (every backend; lenscap backends lists each one's defaults)"
+API_PANEL = "API options (openai, openai-batch)"
+BATCH_PANEL = "Batch options (openai-batch, batch-files)"
+LOCAL_PANEL = "Local model options (transformers, vllm)"
 
 
 OUTCOMES = (OK, ERROR, REFUSED, TRUNCATED, SKIPPED)
-
-# The backend options that ``lenscap caption`` has a flag of its own for (``--max-tokens``); any other
-# option is given as ``-O NAME=VALUE``, and a bad value of one says so ("-O digits=two: digits takes an
-# int, not 'two'"), since there is no ``--digits`` to point at.
-CAPTION_FLAGS = frozenset(
-    {
-        "model",
-        "base_url",
-        "api_key_env",
-        "max_tokens",
-        "temperature",
-        "detail",
-        "max_side",
-        "rpm",
-        "tpm",
-        "concurrency",
-        "prices",
-        "timeout",
-        "max_retries",
-        "outage_timeout",
-        "wait",
-        "poll_interval",
-        "max_requests_per_file",
-        "max_file_mb",
-        "max_enqueued_tokens",
-        "device",
-        "dtype",
-        "batch_size",
-    }
-)
-
-
-@dataclass(frozen=True)
-class Option:
-    """One option a backend accepts: ``--name-with-dashes`` on the command line (the options in
-    ``CAPTION_FLAGS``), ``-O name=value`` (any option), ``name`` in recipes and a keyword of
-    ``lenscap.api.backend``. Values from the command line arrive as strings and are parsed here;
-    a value that does not parse is refused with a message that shows it.
-
-    ``deprecated_names``: old names still accepted (for one release), with an ``OptionRenamed`` warning.
-    """
-
-    name: str
-    type: type
-    default: Any
-    help: str
-    choices: tuple[str, ...] | None = None
-    repeated: bool = False
-    deprecated_names: tuple[str, ...] = ()
-
-    @property
-    def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    def parse(self, value: Any) -> Any:
-        if self.repeated:
-            values = value if isinstance(value, (list, tuple)) else [value]
-            return [self._one(v) for v in values]
-        return self._one(value)
-
-    def _refuse(self, value: Any, problem: str) -> UsageError:
-        """``--max-tokens takes an int, not 'lots'``; ``-O digits=two: digits takes an int, not 'two'``."""
-        shown = value if isinstance(value, str) else repr(value)
-        if self.name in CAPTION_FLAGS:
-            return UsageError(f"{self.flag} {problem}, not {value!r}")
-        return UsageError(f"-O {self.name}={shown}: {self.name} {problem}, not {value!r}")
-
-    def _one(self, value: Any) -> Any:
-        if value is None or isinstance(value, self.type) and not (self.type is int and isinstance(value, bool)):
-            parsed = value
-        elif self.type is bool:
-            text = str(value).strip().lower()
-            if text not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise self._refuse(value, "takes true or false")
-            parsed = text in ("1", "true", "yes", "on")
-        elif (
-            self.type in (int, float)
-            and isinstance(value, bool)  # True is no number of anything
-            or self.type is int
-            and isinstance(value, float)
-            and not value.is_integer()
-        ):  # 2.5 is no int (2.0 is)
-            raise self._refuse(value, f"takes a{'n' if self.type is int else ''} {self.type.__name__}")
-        else:
-            try:
-                parsed = self.type(value.strip() if isinstance(value, str) else value)
-            except (TypeError, ValueError):
-                raise self._refuse(value, f"takes a{'n' if self.type is int else ''} {self.type.__name__}") from None
-        if self.choices is not None and parsed is not None and parsed not in self.choices:
-            raise self._refuse(value, f"must be one of {', '.join(self.choices)}")
-        return parsed
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "flag": self.flag,
-            "type": self.type.__name__ + ("[]" if self.repeated else ""),
-            "default": self.default,
-            "choices": list(self.choices) if self.choices else None,
-            "help": self.help,
-            "deprecated_names": list(self.deprecated_names),
-        }
 
 
 @dataclass

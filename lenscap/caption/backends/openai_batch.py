@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lenscap.caption.backends.base import CaptionRequest, CaptionResult, Option
+from lenscap.caption.backends.base import API_PANEL, BATCH_PANEL, CaptionRequest, CaptionResult, Option
 from lenscap.caption.backends.openai_chat import COMMON_OPTIONS, OpenAIChatBackend
 from lenscap.core.errors import BackendError, UsageError
 
@@ -25,18 +25,31 @@ __all__ = ["OpenAIBatchBackend", "BatchFilesBackend", "BatchOptions", "ApiTransp
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 BATCH_OPTIONS = (
-    Option("wait", bool, False, "Poll until every batch is done (default: submit, collect what is ready, exit)."),
-    Option("poll_interval", float, 60.0, "Seconds between polls with --wait."),
-    Option("max_requests_per_file", int, 50_000, "Requests per batch file (the API allows 50,000)."),
-    Option("max_file_mb", float, 200.0, "MB per batch file (the API allows 200)."),
+    Option(
+        "wait",
+        bool,
+        False,
+        "Poll until every batch is done (by default: submit, collect what is ready, exit).",
+        panel=BATCH_PANEL,
+    ),
+    Option("poll_interval", float, 60.0, "Seconds between polls with --wait.", panel=BATCH_PANEL),
+    Option("max_requests_per_file", int, 50_000, "Requests per batch file (the API allows 50,000).", panel=BATCH_PANEL),
+    Option("max_file_mb", float, 200.0, "MiB per batch file (the API allows 200).", panel=BATCH_PANEL),
     Option(
         "max_enqueued_tokens",
         int,
         None,
-        "The account's batch queue limit, in input tokens of the batches in flight: files "
-        "are submitted as the queue has room (default: learned from the API's token_limit_exceeded).",
+        "The account's batch queue limit, in input tokens of the batches in flight; files are submitted as the queue has room.",
+        panel=BATCH_PANEL,
+        default_text="learned from the API's token_limit_exceeded",
     ),
-    Option("max_retries", int, 3, "Rounds of new batches for requests that got no answer (expired, 5xx, ...)."),
+    Option(
+        "max_retries",
+        int,
+        3,
+        "Rounds of new batches for requests that got no answer (expired, 5xx, ...).",
+        panel=API_PANEL,
+    ),
     Option(
         "keep_outputs",
         bool,
@@ -134,7 +147,7 @@ class ApiTransport:
     per 50,000 requests)."""
 
     def __init__(self, backend: OpenAIChatBackend) -> None:
-        import openai
+        import openai  # the SDK takes about a second to import: only where a request is made
 
         self.backend = backend
         self._openai = openai

@@ -21,11 +21,26 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
-from lenscap.caption.backends.base import ERROR, OK, REFUSED, TRUNCATED, CaptionBackend, CaptionRequest, CaptionResult, Option
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from lenscap.caption.backends.base import (
+    API_PANEL,
+    ERROR,
+    MODEL_PANEL,
+    OK,
+    REFUSED,
+    TRUNCATED,
+    CaptionBackend,
+    CaptionRequest,
+    CaptionResult,
+    Option,
+)
+from lenscap.caption.cluster_limits import start_account_limits
 from lenscap.caption.image_prep import UnreadableImage, prepare_image
 from lenscap.caption.pricing import PriceTable, image_tokens, text_tokens
 from lenscap.caption.ratelimit import EndpointLimiter
 from lenscap.core.errors import BackendError, LenscapError, Outage, UsageError
+from lenscap.core.executors import RayExecutor
 
 if TYPE_CHECKING:
     from lenscap.core.executors import Executor
@@ -48,33 +63,62 @@ _OUTAGE_AFTER = 5
 
 
 COMMON_OPTIONS = (
-    Option("model", str, DEFAULT_MODEL, "Model name as the server knows it."),
+    Option("model", str, DEFAULT_MODEL, "Model: name on the server, hub id or local directory.", panel=MODEL_PANEL),
     Option(
         "base_url",
         str,
         [],
-        "API base URL (default: $OPENAI_BASE_URL or OpenAI); repeat for a pool of deployments.",
+        "API base URL; repeat for a pool of deployments.",
         repeated=True,
+        panel=API_PANEL,
+        default_text="$OPENAI_BASE_URL or OpenAI",
     ),
-    Option("api_key_env", str, "OPENAI_API_KEY", "Name of the environment variable holding the API key (not the key)."),
-    Option("max_tokens", int, 300, "Most output tokens per caption."),
-    Option("temperature", float, None, "Sampling temperature (default: the server's)."),
-    Option("detail", str, "low", "Image detail.", choices=("low", "high", "auto")),
-    Option("max_side", int, 512, "Longest image side in pixels after downscaling, before upload."),
-    Option("timeout", float, 60.0, "Seconds to wait for one reply."),
-    Option("prices", str, None, "JSON or TOML price file overriding the built-in table (USD per 1M tokens)."),
+    Option(
+        "api_key_env",
+        str,
+        "OPENAI_API_KEY",
+        "Name of the environment variable holding the API key (not the key).",
+        panel=API_PANEL,
+    ),
+    Option("max_tokens", int, 300, "Most output tokens per caption.", panel=MODEL_PANEL),
+    Option("temperature", float, None, "Sampling temperature.", panel=MODEL_PANEL, default_text="the server's"),
+    Option("detail", str, "low", "Image detail.", choices=("low", "high", "auto"), panel=API_PANEL),
+    Option("max_side", int, 512, "Longest image side in pixels, after downscaling, that the model sees.", panel=MODEL_PANEL),
+    Option("timeout", float, 60.0, "Seconds to wait for one reply.", panel=API_PANEL),
+    Option("prices", str, None, "JSON or TOML price file (USD per 1M tokens) over the built-in table.", panel=API_PANEL),
 )
 ONLINE_OPTIONS = (
-    Option("rpm", float, None, "Requests per minute per endpoint (default: from the server's rate-limit headers)."),
-    Option("tpm", float, None, "Tokens per minute per endpoint (default: from the server's rate-limit headers)."),
-    Option("concurrency", int, 32, "Requests in flight per process."),
-    Option("max_retries", int, 5, "Retries per request on 429, 5xx, timeouts, connection errors, malformed replies."),
+    Option(
+        "rpm",
+        float,
+        None,
+        "Requests per minute per endpoint.",
+        panel=API_PANEL,
+        default_text="from the server's rate-limit headers",
+    ),
+    Option(
+        "tpm",
+        float,
+        None,
+        "Tokens per minute per endpoint.",
+        panel=API_PANEL,
+        default_text="from the server's rate-limit headers",
+    ),
+    Option("concurrency", int, 32, "Requests in flight per process.", panel=API_PANEL),
+    Option(
+        "max_retries",
+        int,
+        5,
+        "Retries per request on 429, 5xx, timeouts, connection errors, malformed replies (batch backends: rounds of new batches).",
+        panel=API_PANEL,
+    ),
     Option(
         "outage_timeout",
         float,
         300.0,
         "Seconds every endpoint may fail every request before the run stops (exit 1), "
         "leaving the unanswered samples for the rerun.",
+        panel=API_PANEL,
     ),
 )
 
@@ -199,14 +243,10 @@ class OpenAIChatBackend(CaptionBackend):
     def share_limits(self, executor: Executor) -> None:
         """On a Ray cluster every worker takes its turns from one actor holding the account's limits,
         so nothing is split (``--processes`` does not apply) and an idle worker's part goes to the others."""
-        from lenscap.core.executors import RayExecutor
-
         if not isinstance(executor, RayExecutor):
             for ep in self.endpoints:
                 ep.limiter.use_account(None, "")
             return
-        from lenscap.caption.cluster_limits import start_account_limits
-
         account = start_account_limits(
             executor.connect(), {ep.url: (self.options.rpm, self.options.tpm) for ep in self.endpoints}
         )
@@ -278,7 +318,7 @@ class OpenAIChatBackend(CaptionBackend):
 
     def check(self) -> None:
         """Reach every endpoint once (``GET /models``): a wrong URL or key fails here, not per sample."""
-        import openai
+        import openai  # the SDK takes about a second to import: only where a request is made
 
         for url in self.base_urls:
             client = openai.OpenAI(base_url=url, api_key=self._api_key, max_retries=1, timeout=min(self.options.timeout, 20.0))
@@ -311,7 +351,7 @@ class OpenAIChatBackend(CaptionBackend):
             raise next(iter(_leaves(group))) from None
 
     async def _run(self, requests: Iterator[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
-        import openai
+        import openai  # the SDK takes about a second to import: only where a request is made
 
         for ep in self.endpoints:
             ep.client = openai.AsyncOpenAI(base_url=ep.url, api_key=self._api_key, max_retries=0, timeout=self.options.timeout)
@@ -399,8 +439,7 @@ class OpenAIChatBackend(CaptionBackend):
                         failed = e
 
     async def _attempts(self, kwargs: dict[str, Any], tokens: float) -> Any:
-        import openai
-        from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+        import openai  # the SDK takes about a second to import: only where a request is made
 
         backoff = wait_exponential_jitter(initial=0.5, max=30.0)
 
@@ -577,7 +616,7 @@ def _describe(e: BaseException) -> str:
 
 
 def _retryable(e: BaseException) -> bool:
-    import openai
+    import openai  # the SDK takes about a second to import: only where a request is made
 
     if isinstance(e, (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError, MalformedReply)):
         return True

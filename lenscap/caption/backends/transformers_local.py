@@ -15,7 +15,19 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from lenscap.caption.backends.base import ERROR, CaptionBackend, CaptionRequest, CaptionResult, Option, generated, renamed_keyword
+from PIL import Image
+
+from lenscap.caption.backends.base import (
+    ERROR,
+    LOCAL_PANEL,
+    MODEL_PANEL,
+    CaptionBackend,
+    CaptionRequest,
+    CaptionResult,
+    Option,
+    generated,
+    renamed_keyword,
+)
 from lenscap.core.errors import BackendError, MissingDependency, UsageError
 
 __all__ = ["TransformersBackend", "FLORENCE_TASKS"]
@@ -26,8 +38,8 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 def _import_torch() -> Any:
     try:
-        import torch
-        import transformers  # noqa: F401
+        import torch  # optional (the local extra) and slow to import
+        import transformers  # noqa: F401 - optional (the local extra) and slow to import
     except ImportError:
         raise MissingDependency("the transformers backend needs the local extra: pip install 'lenscap[local]'") from None
     return torch
@@ -49,12 +61,33 @@ class TransformersBackend(CaptionBackend):
 
     name = "transformers"
     options = (
-        Option("model", str, None, "Hub id or local directory of an image-text-to-text model (required)."),
-        Option("device", str, "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps."),
-        Option("dtype", str, "auto", "Weights dtype: auto is bfloat16/float16 on GPUs, float32 on CPU.", choices=_DTYPES),
-        Option("batch_size", int, 8, "Images per generation batch (halved on GPU out-of-memory)."),
-        Option("max_tokens", int, 256, "Most new tokens per caption.", deprecated_names=("max_new_tokens",)),
-        Option("max_side", int, 768, "Longest image side in pixels before the processor sees it."),
+        Option(
+            "model",
+            str,
+            None,
+            "Hub id or local directory of an image-text-to-text model.",
+            panel=MODEL_PANEL,
+            default_text="required",
+        ),
+        Option("device", str, "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.", panel=LOCAL_PANEL),
+        Option(
+            "dtype",
+            str,
+            "auto",
+            "Weights dtype: auto is bfloat16/float16 on GPUs, float32 on CPU.",
+            choices=_DTYPES,
+            panel=LOCAL_PANEL,
+        ),
+        Option("batch_size", int, 8, "Images per generation batch (halved on GPU out-of-memory).", panel=LOCAL_PANEL),
+        Option(
+            "max_tokens",
+            int,
+            256,
+            "Most new tokens per caption.",
+            deprecated_names=("max_new_tokens",),
+            panel=MODEL_PANEL,
+        ),
+        Option("max_side", int, 768, "Longest image side in pixels before the processor sees it.", panel=MODEL_PANEL),
     )
 
     def __init__(
@@ -111,7 +144,7 @@ class TransformersBackend(CaptionBackend):
 
     def check(self) -> None:
         """The model's config loads and names an image-text-to-text architecture (no weights yet)."""
-        from transformers import AutoConfig
+        from transformers import AutoConfig  # optional (the local extra) and slow to import
         from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
         try:
@@ -142,7 +175,7 @@ class TransformersBackend(CaptionBackend):
 
     def setup(self) -> None:
         torch = _import_torch()
-        from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers import AutoModelForImageTextToText, AutoProcessor  # optional (the local extra) and slow to import
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()  # lenscap's own progress and errors say what matters
@@ -173,8 +206,6 @@ class TransformersBackend(CaptionBackend):
         return str(self._processor.apply_chat_template(messages, add_generation_prompt=True))
 
     def _image(self, data: bytes) -> Any:
-        from PIL import Image
-
         im = Image.open(io.BytesIO(data))
         im.draft("RGB", (self.max_side, self.max_side))
         im = im.convert("RGB")

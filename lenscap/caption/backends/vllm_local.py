@@ -9,7 +9,17 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from lenscap.caption.backends.base import ERROR, CaptionBackend, CaptionRequest, CaptionResult, Option, generated, renamed_keyword
+from lenscap.caption.backends.base import (
+    ERROR,
+    LOCAL_PANEL,
+    MODEL_PANEL,
+    CaptionBackend,
+    CaptionRequest,
+    CaptionResult,
+    Option,
+    generated,
+    renamed_keyword,
+)
 from lenscap.caption.image_prep import UnreadableImage, prepare_image
 from lenscap.core.errors import BackendError, MissingDependency, UsageError
 
@@ -39,12 +49,26 @@ class VllmBackend(CaptionBackend):
 
     name = "vllm"
     options = (
-        Option("model", str, None, "Hub id or local directory of a vision-language model vLLM supports (required)."),
-        Option("max_tokens", int, 256, "Most new tokens per caption.", deprecated_names=("max_new_tokens",)),
-        Option("temperature", float, 0.0, "Sampling temperature (0: greedy, repeatable)."),
-        Option("batch_size", int, 256, "Conversations handed to the engine at once."),
-        Option("max_side", int, 768, "Longest image side in pixels."),
-        Option("dtype", str, "auto", "Weights dtype.", choices=("auto", "float16", "bfloat16", "float32")),
+        Option(
+            "model",
+            str,
+            None,
+            "Hub id or local directory of a vision-language model vLLM supports.",
+            panel=MODEL_PANEL,
+            default_text="required",
+        ),
+        Option(
+            "max_tokens",
+            int,
+            256,
+            "Most new tokens per caption.",
+            deprecated_names=("max_new_tokens",),
+            panel=MODEL_PANEL,
+        ),
+        Option("temperature", float, 0.0, "Sampling temperature (0: greedy, repeatable).", panel=MODEL_PANEL),
+        Option("batch_size", int, 256, "Conversations handed to the engine at once.", panel=LOCAL_PANEL),
+        Option("max_side", int, 768, "Longest image side in pixels.", panel=MODEL_PANEL),
+        Option("dtype", str, "auto", "Weights dtype.", choices=("auto", "float16", "bfloat16", "float32"), panel=LOCAL_PANEL),
         Option("tensor_parallel_size", int, 1, "GPUs to split the model over."),
         Option("gpu_memory_utilization", float, 0.9, "Share of GPU memory vLLM may take."),
     )
@@ -106,14 +130,14 @@ class VllmBackend(CaptionBackend):
 
     def check(self) -> None:
         try:
-            import vllm  # noqa: F401
+            import vllm  # noqa: F401 - optional: vLLM is on GPU machines only
         except ImportError:
             raise MissingDependency(
                 "the vllm backend needs vLLM, on a machine with a CUDA GPU: pip install vllm "
                 "(or use --backend transformers, or --backend batch-files for vllm run-batch elsewhere)"
             ) from None
         try:
-            import torch
+            import torch  # optional (the local extra) and slow to import
         except ImportError:
             raise MissingDependency("the vllm backend needs torch with CUDA") from None
         if not torch.cuda.is_available():
@@ -123,7 +147,7 @@ class VllmBackend(CaptionBackend):
             )
 
     def setup(self) -> None:
-        from vllm import LLM
+        from vllm import LLM  # optional: vLLM is on GPU machines only
 
         try:
             self._llm = LLM(model=self.model, **self.engine_args)
@@ -133,7 +157,7 @@ class VllmBackend(CaptionBackend):
             ) from None
 
     def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional: vLLM is on GPU machines only
 
         params = SamplingParams(max_tokens=self.max_tokens, temperature=self.temperature)
         batch: list[tuple[str, list[dict[str, Any]]]] = []

@@ -15,10 +15,10 @@ rerun (the same command, or a cron job) carries on from where the last run stopp
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lenscap.caption.backends import backend_class
 from lenscap.caption.backends.openai_batch import TERMINAL, BatchOptions
 from lenscap.caption.batch.job import BatchJob, open_state
 from lenscap.caption.batch.state import IN_QUEUE, BatchState
@@ -26,27 +26,12 @@ from lenscap.caption.stage import CaptionStage
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import BudgetReached, UsageError
 from lenscap.core.executors import Executor, LocalExecutor
-from lenscap.core.job import OwnedJob, owned_job
+from lenscap.core.job import Job, StageRun
 from lenscap.core.progress import Progress
 from lenscap.core.result import JobResult
 from lenscap.core.storage import require_local
 
-__all__ = ["BatchOptions", "BatchResult", "run_batch_caption", "batch_status", "cancel_batches"]
-
-
-@dataclass
-class BatchResult(JobResult):
-    """A batch caption job's result: whether every request is answered and merged (``complete``; a run
-    with --no-wait ends before), its batch files by state, and what it spent."""
-
-    complete: bool = False
-    files: dict[str, int] = field(default_factory=dict)
-    spent_usd: float = 0.0
-
-    @property
-    def exit_code(self) -> int:
-        # Batches still running are not a failure: the next run (or --wait) collects them.
-        return 1 if self.failed_shards else 0
+__all__ = ["BatchOptions", "run_batch_caption", "batch_status", "cancel_batches"]
 
 
 def run_batch_caption(
@@ -58,20 +43,20 @@ def run_batch_caption(
     executor: Executor | None = None,
     overwrite: bool = False,
     allow_incomplete: bool = False,
-) -> BatchResult:
+) -> JobResult:
     options: BatchOptions = stage.backend.batch  # type: ignore[attr-defined]
-    for location, what in ((in_dir, "the input of a batch caption job"), (out_dir, "the output of a batch caption job")):
-        require_local(location, what)
-    with owned_job(stage, in_dir, out_dir, overwrite=overwrite, allow_incomplete=allow_incomplete) as owned:
-        return _run_locked(owned, options, progress, executor or LocalExecutor(1))
+    _local((in_dir, "the input of a batch caption job"), (out_dir, "the output of a batch caption job"))
+    job = Job("caption", executor or LocalExecutor(1))
+    with job.stage_output(stage, in_dir, out_dir, overwrite=overwrite, allow_incomplete=allow_incomplete) as run:
+        return _run_batches(job, run, options, progress)
 
 
-def _run_locked(owned: OwnedJob, options: BatchOptions, progress: Progress, executor: Executor) -> BatchResult:
+def _run_batches(driver: Job, owned: StageRun, options: BatchOptions, progress: Progress) -> JobResult:
     stage, src, dst = owned.stage, owned.src, owned.dst
     assert isinstance(stage, CaptionStage)
     stage.begin(src, dst)
     stage.setup()
-    job = BatchJob(stage, src, dst, options, progress, executor)
+    job = BatchJob(stage, src, dst, options, progress, driver)
     try:
         progress.start(job.shards_total, job.shards_total - len(job.open))
         job.recover()
@@ -92,18 +77,25 @@ def _run_locked(owned: OwnedJob, options: BatchOptions, progress: Progress, exec
             f"--max-cost ${job.budget.max_usd:g} reached (${job.budget.spent:.4f} spent or reserved by this "
             "output directory); finished shards are kept: rerun with a higher --max-cost to go on"
         )
-    return BatchResult.from_manifest(
-        str(dst.path), manifest, job.failed, complete=state == "done" and not job.failed, files=files, spent_usd=job.budget.spent
-    )
+    complete = state == "done" and not job.failed
+    # Batches still running are not a failure: the next run (or --wait) collects them.
+    details = {"complete": complete, "files": files, "spent_usd": job.budget.spent}
+    return JobResult.from_manifest("caption", dst.location, manifest, job.failed, complete=complete, details=details)
+
+
+def _local(*locations: tuple[str | Path, str]) -> None:
+    """A batch job's directories are local: its state file is a SQLite database beside its output."""
+    for location, what in locations:
+        require_local(location, what)
 
 
 def batch_status(out_dir: str | Path) -> dict[str, Any]:
     """What the batch job in ``out_dir`` has done and when it should end, from its state (no network)."""
-    require_local(out_dir, "batch status's directory")
+    _local((out_dir, "batch status's directory"))
     dst = Dataset.open(out_dir)
     root = dst.work_dir / "batch"
     if not (root / "state.sqlite").exists() and not (root / "files").is_dir():
-        raise UsageError(f"{dst.path} holds no batch job (run lenscap caption --backend openai-batch first)")
+        raise UsageError(f"{dst.location} holds no batch job (run lenscap caption --backend openai-batch first)")
     state = open_state(root)
     try:
         db = state.db
@@ -133,7 +125,7 @@ def batch_status(out_dir: str | Path) -> dict[str, Any]:
         left = max(0, prepared[1] - prepared[2]) + round(unprepared * mean)
         eta = left / rate if rate else None
         return {
-            "out_dir": str(dst.path),
+            "out_dir": dst.location,
             "job_id": state.get("job_id"),
             "backend": job.get("backend"),
             "model": job.get("model"),
@@ -175,17 +167,25 @@ def _answers_per_hour(state: BatchState) -> float:
     return float(answered) / hours if hours > 0 else 0.0
 
 
-def cancel_batches(out_dir: str | Path, backend: Any) -> list[str]:
-    """Cancel every batch of the job still running; their finished answers are merged on the next run."""
-    require_local(out_dir, "batch cancel's directory")
+def cancel_batches(out_dir: str | Path) -> list[str]:
+    """Cancel every batch of the job in ``out_dir`` still running (through the backend and account the
+    job recorded); their finished answers are merged on the next run."""
+    _local((out_dir, "batch cancel's directory"))
     dst = Dataset.open(out_dir)
     root = dst.work_dir / "batch"
+    if not (root / "state.sqlite").exists():
+        raise UsageError(f"{out_dir} holds no batch job")
     state = open_state(root)
     try:
+        job = state.get("job")
         running = [r for r in state.files("submitted") if r.get("status") not in TERMINAL]
     finally:
         state.close()
-    transport = backend.transport(root)
+    cls = backend_class(job["backend"])
+    settings: dict[str, Any] = {"model": job["model"]}
+    if {o.name for o in cls.options} >= {"base_url", "api_key_env"}:
+        settings |= {"base_url": [job["base_url"]] if job.get("base_url") else [], "api_key_env": job["key_variable"]}
+    transport = cls.from_options(settings).transport(root)  # type: ignore[attr-defined]
     for r in running:
         transport.cancel(r["batch_id"])
     return [r["batch_id"] for r in running]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from lenscap.caption.backends.openai_batch import BatchOptions
-from lenscap.caption.batch.prepare import IdLine, prepared_paths
+from lenscap.caption.batch.ids import IdLine, prepared_paths
 from lenscap.caption.batch.state import BatchState
 
 __all__ = ["Cutter", "NeedLines", "spool_paths"]

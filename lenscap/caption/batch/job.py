@@ -30,13 +30,14 @@ from typing import Any
 from lenscap.caption.backends.base import ERROR, CaptionResult
 from lenscap.caption.backends.openai_batch import TERMINAL, BatchOptions
 from lenscap.caption.batch.cut import Cutter, NeedLines, spool_paths
-from lenscap.caption.batch.prepare import BatchWorker, IdLine, parse_custom_id, read_item
+from lenscap.caption.batch.ids import IdLine, parse_custom_id
+from lenscap.caption.batch.prepare import BatchWorker, read_item
 from lenscap.caption.batch.state import IN_QUEUE, WAITING, BatchState
 from lenscap.caption.journal import Journal
 from lenscap.caption.stage import CaptionStage
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import LenscapError, UsageError
-from lenscap.core.executors import Executor
+from lenscap.core.job import Job
 from lenscap.core.layout import shard_name
 from lenscap.core.progress import Progress
 
@@ -57,9 +58,9 @@ def open_state(root: Path) -> BatchState:
 
 class BatchJob:
     def __init__(
-        self, stage: CaptionStage, src: Dataset, dst: Dataset, options: BatchOptions, progress: Progress, executor: Executor
+        self, stage: CaptionStage, src: Dataset, dst: Dataset, options: BatchOptions, progress: Progress, driver: Job
     ) -> None:
-        self.stage, self.src, self.dst, self.options, self.progress, self.executor = stage, src, dst, options, progress, executor
+        self.stage, self.src, self.dst, self.options, self.progress, self.driver = stage, src, dst, options, progress, driver
         self.backend: Any = stage.backend
         self.root = dst.work_dir / "batch"
         for sub in ("inputs", "outputs", "prepared", "retry"):
@@ -98,7 +99,7 @@ class BatchJob:
         return str(job_id)
 
     def close(self) -> None:
-        self.executor.close()
+        self.driver.close()
         self.state.close()
 
     # -- after a crash --------------------------------------------------------------------------
@@ -132,7 +133,7 @@ class BatchJob:
         """Prepare the next few unprepared shards from ``open[first]`` on, all workers at once."""
         todo: list[int] = []
         for shard_id in self.open[first:]:
-            if len(todo) >= 2 * self.executor.width:
+            if len(todo) >= 2 * self.driver.executor.width:
                 break
             if shard_id not in self.failed and self.state.shard(shard_id) is None:
                 todo.append(shard_id)
@@ -146,10 +147,7 @@ class BatchJob:
             if not info["requests"]:
                 self.commit_finished([shard_id])  # every sample answered from the cache, or without an image
 
-        failed: dict[int, str] = {}
-        fatal = self.executor.run(self.worker, todo, on_done, failed, keep_workers=True)
-        if fatal is not None:
-            raise fatal
+        failed = self.driver.map(self.worker, todo, on_done, keep_workers=True)
         if failed:
             self.failed.update(failed)
             self.remaining -= set(failed)
@@ -269,16 +267,12 @@ class BatchJob:
         done = {int(r["name"].split("-")[1]): r for r in self.state.files("done")}
         if not done:
             return
-        failed: dict[int, str] = {}
-        fatal = self.executor.run(
+        failed = self.driver.map(
             self.worker,
             [read_item(seq) for seq in done],
             lambda item, result: self.merge(done[-item - 1], result["answers"]),
-            failed,
             keep_workers=True,
         )
-        if fatal is not None:
-            raise fatal
         if failed:
             item, why = next(iter(failed.items()))
             raise LenscapError(f"reading the output of batch file {done[-item - 1]['name']} failed: {why}")

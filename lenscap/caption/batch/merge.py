@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from lenscap.caption.backends.base import ERROR, CaptionResult
-from lenscap.caption.batch.prepare import parse_custom_id
+from lenscap.caption.batch.ids import parse_custom_id
 
 __all__ = ["read_answers", "FINAL_HTTP"]
 
@@ -50,7 +50,7 @@ def _read_line(backend: Any, raw: bytes) -> tuple[str, dict[str, Any] | None, st
             return custom_id, {**CaptionResult(key, ERROR, error=f"HTTP {code}: {message}").to_dict(), "cached": False}, None
         return custom_id, None, message
     try:
-        from openai.types.chat import ChatCompletion
+        from openai.types.chat import ChatCompletion  # the SDK takes about a second to import: only where a reply is read
 
         completion = ChatCompletion.model_validate(body)
         if not completion.choices:

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from lenscap.caption.backends.base import ERROR, CaptionResult
+from lenscap.caption.batch.ids import IdLine, custom_id, prepared_paths
+from lenscap.caption.batch.merge import read_answers
 from lenscap.caption.cache import ResponseCache
 from lenscap.caption.image_prep import UnreadableImage
 from lenscap.caption.journal import Journal
@@ -32,56 +34,7 @@ from lenscap.caption.stage import CaptionStage
 from lenscap.core.dataset import Dataset
 from lenscap.core.layout import shard_name
 
-__all__ = ["BatchWorker", "IdLine", "custom_id", "parse_custom_id", "prepared_paths", "read_item"]
-
-
-def custom_id(shard_id: int, key: str) -> str:
-    return f"{shard_name(shard_id)}/{key}"
-
-
-def parse_custom_id(value: str) -> tuple[int, str]:
-    shard, _, key = value.partition("/")
-    return int(shard), key
-
-
-class IdLine:
-    """What merging needs of one packed request, without re-reading its image:
-    ``custom id <TAB> cache key <TAB> OCR hint (JSON) <TAB> line bytes <TAB> input tokens <TAB> worst-case USD``."""
-
-    __slots__ = ("custom_id", "cache_key", "ocr", "size", "tokens", "cost")
-
-    def __init__(self, custom_id: str, cache_key: str, ocr: str, size: int, tokens: int, cost: float) -> None:
-        self.custom_id, self.cache_key, self.ocr, self.size, self.tokens, self.cost = (
-            custom_id,
-            cache_key,
-            ocr,
-            size,
-            tokens,
-            cost,
-        )
-
-    def encode(self) -> bytes:
-        return f"{self.custom_id}\t{self.cache_key}\t{self.ocr}\t{self.size}\t{self.tokens}\t{self.cost!r}\n".encode()
-
-    @classmethod
-    def decode(cls, raw: bytes) -> IdLine:
-        cid, key, ocr, size, tokens, cost = raw.decode().rstrip("\n").split("\t")
-        return cls(cid, key, ocr, int(size), int(tokens), float(cost))
-
-    @property
-    def ocr_text(self) -> str | None:
-        return json.loads(self.ocr)
-
-    @classmethod
-    def read(cls, path: Path) -> list[IdLine]:
-        with open(path, "rb") as f:
-            return [cls.decode(line) for line in f if line.strip()]
-
-
-def prepared_paths(root: Path, shard_id: int) -> tuple[Path, Path, Path]:
-    """(lines, ids, marker) of a prepared shard."""
-    base = root / "prepared" / shard_name(shard_id)
-    return base.with_suffix(".jsonl"), base.with_suffix(".ids"), base.with_suffix(".json")
+__all__ = ["BatchWorker", "read_item"]
 
 
 def read_item(seq: int) -> int:
@@ -112,8 +65,6 @@ class BatchWorker:
         return self.prepare(item)
 
     def read(self, seq: int) -> list[tuple[str, dict[str, Any] | None, str | None]]:
-        from lenscap.caption.batch.merge import read_answers
-
         names = [p.name.removesuffix(".jsonl") for p in (self.root / "outputs").glob(f"r*-{seq:06d}.jsonl")]
         if len(names) != 1:
             raise FileNotFoundError(f"no output of batch file {seq} in {self.root / 'outputs'}")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lenscap.core.errors import MissingDependency
 from lenscap.core.record import Sample
+from lenscap.core.registry import Option
 
 __all__ = ["Annotator"]
 
@@ -67,6 +68,9 @@ class Annotator(ABC):
         None  # a flag of `lenscap filter` of its own (--min-sharpness); any: --threshold NAME=X
     )
     threshold_help: ClassVar[str] = ""  # what the threshold means, e.g. "drop images whose Laplacian variance is below"
+    threshold_type: ClassVar[type] = float  # what --threshold-flag VALUE takes (a count: int)
+    # More options, given as keywords of __init__; a built-in's are flags of lenscap filter (--clip-model).
+    options: ClassVar[tuple[Option, ...]] = ()
     extra: ClassVar[str | None] = None  # the lenscap extra it needs (pip install 'lenscap[EXTRA]'), if any
 
     cost_rank: ClassVar[int] = 50  # cheaper annotators run first; a drop skips the rest

@@ -100,6 +100,7 @@ class Faces(Annotator):
     keep_above = False
     threshold_flag = "--max-faces"
     threshold_help = "drop images with more faces than this"
+    threshold_type = int
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -137,7 +138,7 @@ class Nsfw(Annotator):
 
     def setup(self) -> None:
         try:
-            from nudenet import NudeDetector
+            from nudenet import NudeDetector  # optional (the nsfw extra)
         except ImportError:
             raise MissingDependency(
                 "the nsfw annotator needs the nsfw extra (NudeNet, AGPL-3.0): pip install 'lenscap[nsfw]'"

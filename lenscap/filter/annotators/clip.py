@@ -11,6 +11,7 @@ from PIL import Image
 
 from lenscap.core.errors import MissingDependency, UsageError
 from lenscap.core.record import Sample
+from lenscap.core.registry import Option
 from lenscap.filter.annotators.base import Annotator
 
 __all__ = ["ClipScore", "DEFAULT_CLIP_MODEL"]
@@ -30,6 +31,15 @@ class ClipScore(Annotator):
     threshold_flag = "--min-clip-score"
     threshold_help = "drop samples whose image-caption similarity (x100) is below this"
     extra = "local"
+    options = (
+        Option(
+            "model",
+            str,
+            None,
+            "the weights to use, a hub id or a local directory",
+            default_text=DEFAULT_CLIP_MODEL,
+        ),
+    )
 
     @classmethod
     def unavailable(cls) -> str | None:
@@ -52,9 +62,9 @@ class ClipScore(Annotator):
 
     def setup(self) -> None:
         try:
-            import torch
+            import torch  # optional (the local extra) and slow to import
             from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
-            from transformers.utils import logging as hf_logging
+            from transformers.utils import logging as hf_logging  # optional (the local extra) and slow to import
         except ImportError:
             raise MissingDependency("the clip annotator needs the local extra: pip install 'lenscap[local]'") from None
         hf_logging.set_verbosity_error()

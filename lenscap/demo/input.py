@@ -14,10 +14,7 @@ from pathlib import Path
 from lenscap.demo.pictures import html_page, jpeg_bytes, scene, scene_caption, truncated_jpeg
 from lenscap.demo.server import ImageServer, Route
 
-__all__ = ["demo_routes", "start_demo_input", "CAPTIONERS", "DEMO_MAX_COST"]
-
-CAPTIONERS = ("auto", "describe", "openai", "fake")
-DEMO_MAX_COST = 0.10
+__all__ = ["demo_routes", "start_demo_input"]
 
 
 def demo_routes(n_images: int) -> dict[str, Route]:

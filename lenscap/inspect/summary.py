@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import DatasetError
 from lenscap.core.layout import shard_name
+from lenscap.shard.formats import export_format
 
 __all__ = ["inspect_dataset"]
 
@@ -69,27 +70,76 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
     incomplete = ds.incomplete_ids(range(expected) if expected else None)
     if _is_export(ds, manifest):
         return _inspect_export(ds, manifest)
-    status: Counter[str] = Counter()
-    errors: Counter[str] = Counter()
-    skips: Counter[str] = Counter()
-    cost = _Cost()
-    hist = [0] * (_MAX_WORDS + 1)
-    words_total = samples = 0
-    stage_status: dict[str, Counter[str]] = {}
-    filter_reasons: Counter[str] = Counter()
-    columns: list[str] = []
+    tally = _Tally()
     for shard_id in completed:
+        tally.add(ds, shard_id)
+    shard_bytes, total_bytes = ds.disk_usage()
+    history = [str(h.get("stage")) for h in manifest.get("history", [])]
+    stage_counts = _in_pipeline_order({column: dict(c.most_common()) for column, c in tally.stage_status.items()}, history)
+    status = dict(tally.status.most_common())
+    filter_reasons = dict(tally.filter_reasons.most_common())
+    return {
+        "path": ds.location,
+        "stage": manifest.get("stage"),
+        "shards": {"complete": len(completed), "incomplete": len(incomplete), "damaged": len(damaged), "expected": expected},
+        "incomplete_shards": incomplete[:50],
+        "damaged_shards": {shard_name(i): why for i, why in sorted(damaged.items())[:50]},
+        "input_incomplete_shards": manifest.get("input_incomplete_shards", []),
+        "samples": tally.samples,
+        "status": status,
+        "stage_status": stage_counts,
+        "outcomes": _outcomes(status, stage_counts, filter_reasons, history),
+        "caption_cost": tally.cost.summary() if "caption_cost_usd" in tally.columns else None,
+        "errors": dict(tally.errors.most_common(10)),
+        "skips": dict(tally.skips.most_common(10)),
+        "caption_words": _caption_words(tally.hist, tally.words_total),
+        "filter_reasons": filter_reasons,
+        "columns": tally.columns,
+        "bytes": {"shards": shard_bytes, "total": total_bytes},
+        "images": _images(ds),
+        "history": [h.get("stage") for h in manifest.get("history", [])],
+        "dedup": _dedup_report(ds),
+        "export": None,
+    }
+
+
+def _caption_words(hist: list[int], words_total: int) -> dict[str, Any]:
+    n_captions = sum(hist)
+    return {
+        "count": n_captions,
+        "mean": round(words_total / n_captions, 2) if n_captions else None,
+        "p50": _percentile(hist, 0.50),
+        "p95": _percentile(hist, 0.95),
+        "histogram": [[words, n] for words, n in enumerate(hist) if n],  # [words, captions], JSON-stable
+    }
+
+
+class _Tally:
+    """What ``inspect`` counts over a dataset's shards, one shard at a time."""
+
+    def __init__(self) -> None:
+        self.status: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.skips: Counter[str] = Counter()
+        self.cost = _Cost()
+        self.hist = [0] * (_MAX_WORDS + 1)
+        self.words_total = self.samples = 0
+        self.stage_status: dict[str, Counter[str]] = {}
+        self.filter_reasons: Counter[str] = Counter()
+        self.columns: list[str] = []
+
+    def add(self, ds: Dataset, shard_id: int) -> None:
         meta = ds.read_metadata(shard_id)
         names = meta.schema.to_arrow_schema().names
-        columns = columns or names
-        samples += meta.num_rows
-        # Only the columns summarised here: later stages add wide ones (exif, OCR text, embeddings).
+        self.columns = self.columns or names
+        self.samples += meta.num_rows
         stats = ds.read_stats(shard_id)
         for column, outcome in stats.get("stage_status", {}).items():
-            stage_status.setdefault(column, Counter()).update(outcome)
-        filter_reasons.update(stats.get("filter_reasons", {}))
+            self.stage_status.setdefault(column, Counter()).update(outcome)
+        self.filter_reasons.update(stats.get("filter_reasons", {}))
         stage_errors = [c for c in names if c.endswith("_error")]
         stage_statuses = [f"{c.removesuffix('_error')}_status" for c in stage_errors]
+        # Only the columns summarised here: later stages add wide ones (exif, OCR text, embeddings).
         wanted = dict.fromkeys(
             ("status", "error_message", "caption", "caption_status", *_COST_COLUMNS, *stage_errors, *stage_statuses)
         )
@@ -99,58 +149,27 @@ def inspect_dataset(path: str | os.PathLike[str]) -> dict[str, Any]:
             outcome = table.column(f"{prefix}_status").to_pylist() if f"{prefix}_status" in table.column_names else None
             for i, e in enumerate(table.column(column).to_pylist()):
                 if e:  # a skipped sample's message says why it was left alone: not an error
-                    (skips if outcome is not None and outcome[i] == _SKIPPED else errors)[f"{prefix}: {e[:200]}"] += 1
-        cost.add(table)
+                    (self.skips if outcome is not None and outcome[i] == _SKIPPED else self.errors)[f"{prefix}: {e[:200]}"] += 1
+        self.cost.add(table)
         if "status" in table.column_names:
-            status.update(str(s) for s in table.column("status").to_pylist())
+            self.status.update(str(s) for s in table.column("status").to_pylist())
         if "error_message" in table.column_names:
-            errors.update(e for e in table.column("error_message").to_pylist() if e)
+            self.errors.update(e for e in table.column("error_message").to_pylist() if e)
         if "caption" in table.column_names:
-            captions = table.column("caption")
-            # Captions to train on: downloaded samples, and where a caption stage ran, its successes.
-            for column, value in (("status", "success"), ("caption_status", "ok")):
-                if column in table.column_names:
-                    keep = pc.fill_null(pc.equal(table.column(column), pa.scalar(value)), False)
-                    captions = captions.filter(keep)
-                    table = table.filter(keep)
-            for caption in captions.to_pylist():
-                n = min(len(caption.split()) if caption else 0, _MAX_WORDS)
-                hist[n] += 1
-                words_total += n
-    n_captions = sum(hist)
-    shard_bytes, total_bytes = ds.disk_usage()
-    dedup = _dedup_report(ds)
-    history = [str(h.get("stage")) for h in manifest.get("history", [])]
-    stage_counts = _in_pipeline_order({column: dict(c.most_common()) for column, c in stage_status.items()}, history)
-    return {
-        "path": ds.location,
-        "stage": manifest.get("stage"),
-        "shards": {"complete": len(completed), "incomplete": len(incomplete), "damaged": len(damaged), "expected": expected},
-        "incomplete_shards": incomplete[:50],
-        "damaged_shards": {shard_name(i): why for i, why in sorted(damaged.items())[:50]},
-        "input_incomplete_shards": manifest.get("input_incomplete_shards", []),
-        "samples": samples,
-        "status": dict(status.most_common()),
-        "stage_status": stage_counts,
-        "outcomes": _outcomes(dict(status.most_common()), stage_counts, dict(filter_reasons.most_common()), history),
-        "caption_cost": cost.summary() if "caption_cost_usd" in columns else None,
-        "errors": dict(errors.most_common(10)),
-        "skips": dict(skips.most_common(10)),
-        "caption_words": {
-            "count": n_captions,
-            "mean": round(words_total / n_captions, 2) if n_captions else None,
-            "p50": _percentile(hist, 0.50),
-            "p95": _percentile(hist, 0.95),
-            "histogram": [[words, n] for words, n in enumerate(hist) if n],  # [words, captions], JSON-stable
-        },
-        "filter_reasons": dict(filter_reasons.most_common()),
-        "columns": columns,
-        "bytes": {"shards": shard_bytes, "total": total_bytes},
-        "images": _images(ds),
-        "history": [h.get("stage") for h in manifest.get("history", [])],
-        "dedup": dedup,
-        "export": None,
-    }
+            self._add_captions(table)
+
+    def _add_captions(self, table: pa.Table) -> None:
+        captions = table.column("caption")
+        # Captions to train on: downloaded samples, and where a caption stage ran, its successes.
+        for column, value in (("status", "success"), ("caption_status", "ok")):
+            if column in table.column_names:
+                keep = pc.fill_null(pc.equal(table.column(column), pa.scalar(value)), False)
+                captions = captions.filter(keep)
+                table = table.filter(keep)
+        for caption in captions.to_pylist():
+            n = min(len(caption.split()) if caption else 0, _MAX_WORDS)
+            self.hist[n] += 1
+            self.words_total += n
 
 
 class _Cost:
@@ -265,7 +284,7 @@ def _inspect_export(ds: Dataset, manifest: dict[str, Any]) -> dict[str, Any]:
     parameters = manifest.get("parameters") or {}
     fmt = (index or {}).get("format") or parameters.get("format")
     listed = (index or {}).get("shards") or []
-    sizes = _export_file_sizes(ds, fmt)
+    sizes = export_format(fmt).file_sizes(ds)
     damaged = {
         r["file"]: ("missing" if sizes.get(r["file"]) is None else f"has {sizes[r['file']]} bytes, not the {r['bytes']} written")
         for r in listed
@@ -282,7 +301,6 @@ def _inspect_export(ds: Dataset, manifest: dict[str, Any]) -> dict[str, Any]:
     shard_bytes, total_bytes = ds.disk_usage()
     rows = _export_rows(ds)
     hist, words_total, cost, columns = rows if rows is not None else ([0] * (_MAX_WORDS + 1), 0, None, [])
-    n_captions = sum(hist)
     outcomes = _outcomes(status, stage_status, {}, history)
     if left_out:
         outcomes["left_out"] = left_out
@@ -305,13 +323,7 @@ def _inspect_export(ds: Dataset, manifest: dict[str, Any]) -> dict[str, Any]:
         "caption_cost": cost,
         "errors": {},
         "skips": {},
-        "caption_words": {
-            "count": n_captions,
-            "mean": round(words_total / n_captions, 2) if n_captions else None,
-            "p50": _percentile(hist, 0.50),
-            "p95": _percentile(hist, 0.95),
-            "histogram": [[words, n] for words, n in enumerate(hist) if n],
-        },
+        "caption_words": _caption_words(hist, words_total),
         "filter_reasons": {},
         "columns": columns,
         "bytes": {
@@ -347,27 +359,11 @@ def _ordered_reasons(left_out: dict[str, int], history: list[str]) -> dict[str, 
     return dict(sorted(left_out.items(), key=lambda kv: (ranks.get(stage(kv[0]), len(ranks)), -kv[1], kv[0])))
 
 
-def _export_file_sizes(ds: Dataset, fmt: str | None) -> dict[str, int]:
-    """The export's data files (``NNNNN.tar``, ``data/train-*.parquet``) with their sizes."""
-    if fmt == "parquet":
-        prefix = ds.root.rstrip("/") + "/data/"
-        try:
-            found = ds.fs.find(ds.root.rstrip("/") + "/data", detail=True)
-        except (FileNotFoundError, OSError):
-            return {}
-        return {
-            "data/" + path[len(prefix) :]: int(info.get("size") or 0)
-            for path, info in found.items()
-            if path.startswith(prefix) and path.endswith(".parquet") and not path[len(prefix) :].startswith(".")
-        }
-    return {name: size for name, size in ds.file_sizes().items() if name.endswith(".tar") and not name.startswith(".")}
-
-
 def _export_rows(ds: Dataset) -> tuple[list[int], int, dict[str, Any] | None, list[str]] | None:
     """Caption lengths, cost and columns of an export's samples, from its index (rows without
-    images, kept in ``.lenscap/index`` of a local export, or of a remote one's mirror on the machine
+    images, kept in the export's work directory (``.lenscap/index``; a remote one's is on the machine
     that wrote it); None where there is none."""
-    index_dir = ds.path / ".lenscap" / "index"
+    index_dir = ds.work_dir / "index"
     if not index_dir.is_dir():
         return None
     index = Dataset(index_dir)

@@ -1,0 +1,183 @@
+"""``lenscap download``'s options, and how they map onto img2dataset's."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from lenscap.core.options import Argument, Executed, OwnedOutput, check, option
+
+__all__ = ["DownloadOptions", "RESIZE_MODES"]
+
+# lenscap's name -> img2dataset's. "keep_ratio" bounds the LONGEST side (img2dataset's
+# keep_ratio_largest): text-to-image data keeps whole images; img2dataset's keep_ratio bounds the shortest.
+RESIZE_MODES = {
+    "no": "no",
+    "keep_ratio": "keep_ratio_largest",
+    "keep_ratio_smallest": "keep_ratio",
+    "center_crop": "center_crop",
+    "border": "border",
+}
+
+
+@dataclass(kw_only=True, frozen=True)
+class DownloadOptions(OwnedOutput, Executed):
+    command: ClassVar[str] = "download"
+    help: ClassVar[str] = "Download images from a URL list into a dataset directory (through img2dataset). Rerun to resume."
+    example: ClassVar[str] = "lenscap download urls.csv data/raw --processes 8 --min-side 256"
+    arguments: ClassVar[tuple[Argument, ...]] = (
+        Argument(
+            "paths",
+            "INPUT OUT_DIR: a URL list (txt/csv/tsv/jsonl/parquet, a directory or glob of them, or - for stdin) and "
+            "the output dataset directory (a path, or a URL such as s3://bucket/raw). With --retry-failed: just OUT_DIR.",
+            metavar="[INPUT] OUT_DIR",
+            many=True,
+        ),
+    )
+
+    url_col: str | None = option(None, "URL column (default: url, URL, image_url or img_url, whichever exists).")
+    caption_col: str | None = option(
+        None, "Caption (alt-text) column (default: caption, alt_text, alt, text or TEXT, whichever exists)."
+    )
+    extra_cols: str | None = option(None, "Comma-separated input columns to keep in the output.")
+    samples_per_shard: int = option(10_000, "Samples per shard.")
+    threads: int = option(32, "Download threads per process.")
+    image_size: int = option(1024, "Size in pixels that --resize-mode fits images to.")
+    resize_mode: str = option(
+        "keep_ratio",
+        "keep_ratio (longest side <= --image-size), keep_ratio_smallest (shortest side), center_crop, border, or no.",
+    )
+    upscale: bool = option(False, "Also enlarge images smaller than --image-size.", show_default="off")
+    min_side: int | None = option(
+        None,
+        "Drop images whose shorter side is below this many pixels.",
+        show_default="no limit",
+        old_names=("--min-image-size",),
+    )
+    max_aspect: float | None = option(
+        None,
+        "Drop images more elongated than this (long side / short side).",
+        show_default="no limit",
+        old_names=("--max-aspect-ratio",),
+    )
+    max_pixels: int = option(178_956_970, "Reject images with more pixels than this (decompression bombs).")
+    encode_quality: int = option(95, "JPEG quality (0-100) of the images img2dataset re-encodes.")
+    timeout: int = option(10, "Seconds to wait for a server.")
+    max_retries: int = option(2, "Extra attempts per failed download.", old_names=("--retries",))
+    user_agent_token: str = option("lenscap", "Token added to the User-Agent and matched against X-Robots-Tag directives.")
+    respect_opt_out: bool = option(
+        True, "Skip images whose server sends X-Robots-Tag noai/noimageai/noindex/noimageindex.", show_default="on"
+    )
+    retry_failed: bool = option(
+        False,
+        "After downloading, fetch the failed downloads of completed shards again and merge the successes.",
+        switch=True,
+        show_default=False,
+    )
+    allow_private_network: bool = option(
+        False,
+        "Also fetch from loopback, private, link-local and other non-public addresses (refused by default: a URL "
+        "list must not reach your network).",
+        show_default="off",
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        check(self.samples_per_shard >= 1, f"--samples-per-shard must be at least 1, not {self.samples_per_shard}")
+        check(self.threads >= 1, f"--threads must be at least 1, not {self.threads}")
+        check(self.image_size >= 1, f"--image-size must be at least 1, not {self.image_size}")
+        check(
+            self.resize_mode in RESIZE_MODES,
+            f"--resize-mode must be one of {', '.join(RESIZE_MODES)}, not {self.resize_mode!r}",
+        )
+        check(self.min_side is None or self.min_side >= 0, f"--min-side must not be negative, not {self.min_side}")
+        check(self.max_aspect is None or self.max_aspect >= 1, f"--max-aspect must be at least 1, not {self.max_aspect}")
+        check(self.max_pixels >= 1, f"--max-pixels must be at least 1, not {self.max_pixels}")
+        check(self.timeout >= 1, f"--timeout must be at least 1 second, not {self.timeout}")
+        check(self.max_retries >= 0, f"--max-retries must not be negative, not {self.max_retries}")
+        check(0 <= self.encode_quality <= 100, f"--encode-quality must be between 0 and 100, not {self.encode_quality}")
+
+    @property
+    def extra_columns(self) -> list[str]:
+        return [c.strip() for c in (self.extra_cols or "").split(",") if c.strip()]
+
+    # -- what img2dataset and the output's claim are told --------------------------------------------
+
+    def output_shaping(self) -> dict[str, Any]:
+        """The settings a rerun must repeat for its shards to match the earlier ones (the claim holds the
+        output to them), under the names img2dataset gives them (``_SHAPING``). Like --timeout, the
+        network rule decides which fetches succeed, not what a success is: a rerun may change it, and
+        --retry-failed fetches what it refused before."""
+        return {key: to_claim(getattr(self, name)) for name, key, to_claim, _, _ in _SHAPING}
+
+    def with_recorded(self, settings: dict[str, Any]) -> DownloadOptions:
+        """These options with the output-shaping settings an earlier run recorded (``output_shaping``)."""
+        recorded = {}
+        for name, key, _, from_claim, absent in _SHAPING:
+            if key in settings:
+                recorded[name] = from_claim(settings[key])
+            elif absent is not _KEEP:  # recorded before the setting existed: what that version did
+                recorded[name] = absent
+        return dataclasses.replace(self, **recorded)
+
+    def img2dataset_kwargs(self, url_dir: str, staging: str, processes: int, ray: bool) -> dict[str, Any]:
+        return {
+            "url_list": url_dir,
+            "input_format": "parquet",
+            "url_col": "url",
+            "caption_col": "caption",
+            "save_additional_columns": self.extra_columns or None,
+            "output_folder": staging,
+            "output_format": "webdataset",
+            "number_sample_per_shard": self.samples_per_shard,
+            "processes_count": processes,
+            "thread_count": self.threads,
+            "image_size": self.image_size,
+            "resize_mode": RESIZE_MODES[self.resize_mode],
+            "resize_only_if_bigger": not self.upscale,
+            "min_image_size": self.min_side or 0,
+            "max_aspect_ratio": math.inf if self.max_aspect is None else self.max_aspect,
+            "max_image_area": float(self.max_pixels),
+            "timeout": self.timeout,
+            "retries": self.max_retries,
+            "user_agent_token": self.user_agent_token or None,
+            "disallowed_header_directives": None if self.respect_opt_out else [],
+            "encode_quality": self.encode_quality,
+            "enable_wandb": False,
+            "incremental_mode": "incremental",
+            "compute_hash": "sha256",
+            "oom_shard_count": 5,
+            "distributor": "ray" if ray else "multiprocessing",
+        }
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+_KEEP = object()  # a setting an older claim lacks: this run's value stands
+# The output-shaping fields: (field, the claim's key (img2dataset's name), to the claim, from the claim,
+# the value when an older claim lacks the key). A field that changes what a shard holds is one row here.
+_SHAPING: tuple[tuple[str, str, Any, Any, Any], ...] = (
+    ("url_col", "url_col", _same, _same, None),
+    ("caption_col", "caption_col", _same, _same, None),
+    (
+        "extra_cols",
+        "extra_cols",
+        lambda v: [c.strip() for c in (v or "").split(",") if c.strip()],
+        lambda v: ",".join(v) if isinstance(v, list) else v,
+        None,
+    ),
+    ("samples_per_shard", "samples_per_shard", _same, _same, _KEEP),
+    ("image_size", "image_size", _same, _same, _KEEP),
+    ("resize_mode", "resize_mode", _same, _same, _KEEP),
+    ("upscale", "upscale", _same, _same, _KEEP),
+    ("min_side", "min_image_size", lambda v: v or 0, lambda v: v or None, None),
+    ("max_aspect", "max_aspect_ratio", _same, _same, None),
+    ("max_pixels", "max_pixels", _same, _same, _KEEP),
+    ("user_agent_token", "user_agent_token", lambda v: v or None, lambda v: v or "", ""),
+    ("respect_opt_out", "respect_opt_out", _same, _same, _KEEP),
+    ("encode_quality", "encode_quality", _same, _same, _KEEP),
+)
