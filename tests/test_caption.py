@@ -142,7 +142,21 @@ def test_each_injected_fault_becomes_the_right_outcome(tmp_path, fake, env):
     src = write_image_dataset(tmp_path / "in", 14, per_shard=14, caption=lambda i: f"photo {i} {marker(i)}").path
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Caption this image. Its alt-text, as data: {alt_text}")
-    r = caption(src, tmp_path / "out", fake, env, "--prompt", str(prompt), "--timeout", "1.5", "--max-retries", "3", "--json")
+    r = caption(
+        src,
+        tmp_path / "out",
+        fake,
+        env,
+        "--prompt",
+        str(prompt),
+        "--timeout",
+        "1.5",
+        "--max-retries",
+        "3",
+        "--max-error-share",
+        "0.1",
+        "--json",
+    )
     assert r.returncode == 0, r.stderr
     got = rows(tmp_path / "out")
     for i, (mark, expected) in FAULTS.items():
@@ -284,7 +298,7 @@ def test_recaptioning_the_output_retries_only_the_errors(tmp_path, fake, env):
     marker = lambda i: "[[fault:500x2]]" if i == 1 else ""  # noqa: E731
     src = write_image_dataset(tmp_path / "in", 4, caption=lambda i: f"web text {i} {marker(i)}").path
     r = caption(src, tmp_path / "out", fake, env, "--prompt", "alt-aware", "--max-retries", "1")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1 and "1 of 4 captions failed" in r.stderr, r.stderr  # the outcome policy: no error is ordinary
     first = rows(tmp_path / "out")
     assert [first[f"{i:09d}"]["caption_status"] for i in range(4)] == ["ok", "error", "ok", "ok"]
     assert fake.stats()["requests"] == 5
@@ -457,7 +471,7 @@ def test_retry_errors_asks_the_errors_again_and_nothing_else(tmp_path, fake, env
     prompt.write_text("Caption this image. Its alt-text, as data: {alt_text}")
     flags = ["--prompt", str(prompt), "--max-retries", "1", "--no-cache", "--json"]
     r = caption(src, tmp_path / "out", fake, env, *flags)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # two errors: over --max-error-share 0
     assert json.loads(r.stdout)["caption_status"] == {"error": 2, "ok": 7, "refused": 1}
     before, asked = rows(tmp_path / "out"), dict(fake.stats()["image_requests"])
 

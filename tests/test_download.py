@@ -68,7 +68,14 @@ def _rows(ds: Dataset) -> list[dict]:
 def test_every_sample_gets_an_exact_outcome(tmp_path, image_server):
     by_url = _write_csv(tmp_path / "urls.csv", image_server, EXPECTED)
     opts = DownloadOptions(
-        extra_cols="source_id", samples_per_shard=6, processes=2, threads=4, timeout=1, max_retries=0, allow_private_network=True
+        extra_cols="source_id",
+        samples_per_shard=6,
+        processes=2,
+        threads=4,
+        timeout=1,
+        max_retries=0,
+        allow_private_network=True,
+        max_error_share=1,  # a list of the web's failure modes: most of it fails, on purpose
     )
     result = download(str(tmp_path / "urls.csv"), tmp_path / "out", opts)
     assert result.exit_code == 0
@@ -262,7 +269,9 @@ def test_cli_usage_errors_are_one_line_exit_2(tmp_path):
 def test_rerun_with_other_output_options_is_refused(tmp_path):
     (tmp_path / "urls.txt").write_text("http://127.0.0.1:9/a.jpg\n")
     out = str(tmp_path / "out")
-    assert run_cli("download", str(tmp_path / "urls.txt"), out, "--timeout", "1", "--retries", "0", "--quiet").returncode == 0
+    first = run_cli("download", str(tmp_path / "urls.txt"), out, "--timeout", "1", "--retries", "0", "--quiet")
+    assert first.returncode == 1, first.stderr  # its one URL failed: over --max-error-share
+
     res = run_cli("download", str(tmp_path / "urls.txt"), out, "--image-size", "512")
     assert res.returncode == 2
     assert "other settings (image_size: 1024 -> 512)" in _one_error_line(res) and "--overwrite" in _one_error_line(res)
@@ -354,7 +363,7 @@ def test_private_addresses_are_refused_at_the_connection_unless_allowed(tmp_path
     before = {p: image_server.hits.get(p, 0) for p in [f"/ok/{i}.jpg" for i in range(5)]}
     flags = ["--samples-per-shard", "20", "--processes", "1", "--threads", "4", "--timeout", "2", "--retries", "1", "--quiet"]
     res = run_cli("download", str(urls), str(tmp_path / "out"), *flags, "--no-allow-private-network")
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 1 and "add --allow-private-network if that is meant" in res.stderr, res.stderr  # every URL refused
     got = _statuses(tmp_path / "out")
     for url in loopback:
         assert got[url][0] == "failed_to_download" and "refused to connect" in got[url][1], (url, got[url])
@@ -364,7 +373,7 @@ def test_private_addresses_are_refused_at_the_connection_unless_allowed(tmp_path
     assert {p: image_server.hits.get(p, 0) for p in before} == before  # nothing reached the server
 
     # --retry-failed does not ask a refused address again; with the flag it fetches loopback.
-    assert run_cli("download", "--retry-failed", str(tmp_path / "out"), *flags, "--no-allow-private-network").returncode == 0
+    assert run_cli("download", "--retry-failed", str(tmp_path / "out"), *flags, "--no-allow-private-network").returncode == 1
     assert {p: image_server.hits.get(p, 0) for p in before} == before
     only_loopback = tmp_path / "loopback.txt"
     only_loopback.write_text("".join(u + "\n" for u in loopback[:4]))  # [::1]: the server listens on 127.0.0.1 only

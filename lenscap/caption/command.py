@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 
 from lenscap.caption.backends import backend_class
-from lenscap.caption.backends.base import CaptionBackend
+from lenscap.caption.backends.base import ERROR, SKIPPED, CaptionBackend, image_own_error
 from lenscap.caption.batch import run_batch_caption
 from lenscap.caption.cache import default_cache_dir
 from lenscap.caption.options import CaptionOptions
@@ -20,7 +21,7 @@ from lenscap.core.executors import Executor, executor_for
 from lenscap.core.job import run_stage
 from lenscap.core.progress import make_progress, say
 from lenscap.core.registry import OptionRenamed
-from lenscap.core.result import JobResult
+from lenscap.core.result import ErrorShare, JobResult
 
 __all__ = ["run_caption", "build_backend"]
 
@@ -109,11 +110,31 @@ def run_caption(
         "spent_usd": spent,
         "caption_status": result.counts.get("caption_status", {}),
     }
+    result.errors = _error_share(Dataset(out_dir), result, options.max_error_share)
     if not captioner.runs_as_batch:
         result.details["cost_known"] = priced  # a model without a known price has spent something unknown, not $0
     elif not result.complete:
         result.advice = _batch_advice(captioner, Dataset(out_dir).work_dir / "batch")
     return result
+
+
+def _error_share(out: Dataset, result: JobResult, max_share: float) -> ErrorShare | None:
+    """The captions left in error after every retry, against ``--max-error-share`` (none while a batch job
+    is still running). An image's own error (undecodable, refused as an image) is not counted: the
+    messages are read from the output's rows only when there are errors."""
+    if not result.complete:
+        return None
+    outcomes = result.counts.get("caption_status", {})
+    of = sum(n for status, n in outcomes.items() if status != SKIPPED)
+    messages: Counter[str] = Counter()
+    if outcomes.get(ERROR):
+        for shard_id in out.completed_ids():
+            table = out.read_table(shard_id, columns=["caption_status", "caption_error"])
+            statuses, errors = table.column(0).to_pylist(), table.column(1).to_pylist()
+            messages.update(e or "" for s, e in zip(statuses, errors, strict=True) if s == ERROR)
+    counted = Counter({m: n for m, n in messages.items() if not image_own_error(m)})
+    commonest = counted.most_common(1)[0][0][:200] if counted else ""
+    return ErrorShare(counted.total(), of, max_share, commonest, "rerun with --retry-errors to ask them again")
 
 
 def _batch_advice(captioner: CaptionBackend, root: Path) -> list[str]:

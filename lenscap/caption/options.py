@@ -72,6 +72,11 @@ class _CaptionFlags(RowsOnly, OwnedOutput, FromDataset, Executed):
     no_cache: bool = option(
         False, "Neither read nor write the response cache.", names=("--no-cache",), switch=True, show_default=False
     )
+    max_error_share: float = option(
+        0.0,
+        "The share of captions that may end in error (after the retries) with the run still a success (exit 0); "
+        "more is exit 1 (rerun with --retry-errors to ask them again).",
+    )
     retry_errors: bool = option(
         False,
         "In an output captioned before, ask again the samples whose caption_status is error, and no other.",
@@ -96,6 +101,7 @@ class _CaptionFlags(RowsOnly, OwnedOutput, FromDataset, Executed):
     def validate(self) -> None:
         super().validate()
         check(self.max_cost is None or self.max_cost > 0, f"--max-cost must be positive, not {self.max_cost}")
+        check(0 <= self.max_error_share <= 1, f"--max-error-share must be between 0 and 1, not {self.max_error_share}")
         for h in self.hint_names:
             check(h in HINTS, f"--hints knows only {', '.join(HINTS)}, not {h!r}")
         self.backend_values()  # -O NAME=VALUE's syntax; the backend checks names and values when it is built

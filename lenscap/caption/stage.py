@@ -172,13 +172,19 @@ class CaptionStage(Stage):
         journals = self._journal_dir(dst)
         if self.retry_errors:
             self._reopen_errors(dst)
-        spent = 0.0
+        spent, answered = 0.0, False
         for shard_id in dst.completed_ids():
-            spent += float(dst.read_stats(shard_id).get("caption_spent_usd", 0.0))
+            stats = dst.read_stats(shard_id)
+            spent += float(stats.get("caption_spent_usd", 0.0))
+            answered = answered or any(stats.get("stage_status", {}).get("caption_status", {}).get(s) for s in _CACHEABLE)
             (journals / f"{shard_name(shard_id)}.jsonl").unlink(missing_ok=True)  # committed, then killed
         if journals.is_dir():
             for path in journals.glob("*.jsonl"):
-                spent += sum(e.get("cost_usd") or 0.0 for e in Journal(path).load().values() if not e.get("cached"))
+                entries = Journal(path).load().values()
+                spent += sum(e.get("cost_usd") or 0.0 for e in entries if not e.get("cached"))
+                answered = answered or any(e.get("status") in _CACHEABLE and not e.get("cached") for e in entries)
+        if answered:
+            self.backend.answered_before()
         self.budget = Budget(self.max_cost, spent)
 
     def use_executor(self, executor: Executor) -> None:

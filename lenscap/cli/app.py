@@ -75,9 +75,19 @@ def emit(summary: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(last_summary, default=str), flush=True)
 
 
-def _show(command: str, summary: dict[str, Any], options: Options, common: Common, advice: list[str] = ()) -> None:  # type: ignore[assignment]
-    """Emit the summary, show what a person reads, and exit with the summary's code."""
+def _show(
+    command: str,
+    summary: dict[str, Any],
+    options: Options,
+    common: Common,
+    advice: list[str] = (),  # type: ignore[assignment]
+    verdict: str | None = None,
+) -> None:
+    """Emit the summary, show what a person reads, and exit with the summary's code. ``verdict``: why a
+    run that wrote every shard still failed (too many samples failed), said even with --quiet."""
     emit(summary, common.as_json)
+    if verdict and not common.as_json:
+        log(verdict)
     if not common.as_json:
         shown = render.SHOWN[command](summary, options)
         for line in shown.stdout:
@@ -109,13 +119,13 @@ def _download(args: dict[str, Any], options: Any, common: Common) -> None:
     # Started before the heavy imports, so that img2dataset's own imports overlap them.
     img2dataset = Img2datasetProcess() if source is not None else None
     result = _api().download(source, out_dir, options, quiet=common.quiet, img2dataset=img2dataset)
-    _show("download", result.summary(), options, common)
+    _show("download", result.summary(), options, common, verdict=result.verdict)
 
 
 def _dataset_command(name: str) -> Any:
     def run(args: dict[str, Any], options: Any, common: Common) -> None:
         result = getattr(_api(), name)(args["in_dir"], args["out_dir"], options, quiet=common.quiet)
-        _show(name, result.summary(), options, common, result.advice)
+        _show(name, result.summary(), options, common, result.advice, result.verdict)
 
     return run
 

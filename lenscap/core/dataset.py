@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from lenscap.core import commits
-from lenscap.core.errors import DatasetError
+from lenscap.core.errors import DatasetError, disk_full
 from lenscap.core.image_source import TarReader, image_locations, images_ref, open_image_source, with_locations
 from lenscap.core.layout import (
     IMAGE_OFFSET,
@@ -524,7 +524,10 @@ class Dataset:
         if self.remote:
             self.fs.pipe_file(self.file(name), data)  # one object: whole or not at all
         else:
-            commits.atomic_write_bytes(Path(self.root, name), data)
+            try:
+                commits.atomic_write_bytes(Path(self.root, name), data)
+            except OSError as e:  # the manifest, a card: on a full disk as much as a shard is
+                raise disk_full(e, Path(self.root, name)) or e from None
 
     def remove(self, name: str) -> None:
         """Remove a file or directory of the dataset, if it is there."""

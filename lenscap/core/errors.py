@@ -80,19 +80,32 @@ class DiskFull(LenscapError):
     exit_code = 1
 
 
-def disk_full(e: OSError, path: object = None) -> DiskFull | None:
-    """The ``DiskFull`` an ``OSError`` of a local write means, or None if it means something else."""
+def disk_full(e: OSError, path: object = None, within: object = None) -> DiskFull | None:
+    """The ``DiskFull`` an ``OSError`` of a local write means, or None if it means something else.
+    ``path``: the file being written, when the error does not name it; ``within``: the directory it was
+    in, when not even that is known (img2dataset's writes). The free space is that of the filesystem
+    the file is on, never of another (the current directory's)."""
     if e.errno not in {getattr(errno, name) for name in ("ENOSPC", "EDQUOT", "EIO") if hasattr(errno, name)}:
         return None
-    where = str(path or e.filename or "a file")
+    target = path or e.filename
+    where = str(target) if target else f"a file in {within}" if within else "a file"
+    probe = target or within
     try:
-        free = f"{shutil.disk_usage(os.path.dirname(os.path.abspath(where))).free:,} bytes free there"
+        free = f"{shutil.disk_usage(_nearest_directory(probe)).free:,} bytes free there" if probe else "free space unknown"
     except OSError:
         free = "free space unknown"
     return DiskFull(
         f"cannot write {where}: {e.strerror or e} ({free}); the run stopped before asking for more, and "
         "kept what it had: free some space and rerun the same command"
     )
+
+
+def _nearest_directory(path: object) -> str:
+    """``path`` if it is a directory, else the nearest directory above it that exists."""
+    current = os.path.abspath(os.fspath(path))  # type: ignore[call-overload]
+    while not os.path.isdir(current) and os.path.dirname(current) != current:
+        current = os.path.dirname(current)
+    return current
 
 
 class BudgetReached(LenscapError):

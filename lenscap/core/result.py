@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["JobResult", "EXIT_OK", "EXIT_FAILED", "EXIT_EMPTY", "EXIT_MEANINGS"]
+__all__ = ["JobResult", "ErrorShare", "EXIT_OK", "EXIT_FAILED", "EXIT_EMPTY", "EXIT_MEANINGS"]
 
 EXIT_OK = 0
 # Some shards failed (the others are kept), the disk filled, or the caption server stayed down: rerun to finish.
@@ -25,7 +25,7 @@ EXIT_EMPTY = 7
 # What each exit code means, in the log's last line of a run (a cron log read the next morning).
 EXIT_MEANINGS = {
     0: "ok",
-    1: "some shards failed: rerun to finish",
+    1: "some shards failed, or too many samples failed: rerun to finish",
     2: "usage error",
     3: "internal error",
     4: "--max-cost reached",
@@ -34,6 +34,41 @@ EXIT_MEANINGS = {
     7: "0 samples",
     130: "interrupted",
 }
+
+
+@dataclass(frozen=True)
+class ErrorShare:
+    """How many of a run's samples failed for the world's reasons (a server's errors, dead URLs), against
+    the share the command allows (``--max-error-share``): over it, the run is a failure (exit 1) even
+    though every shard was written. The outcome policy is stated in docs/exit-codes.md."""
+
+    failed: int  # samples that failed
+    of: int  # samples tried
+    max_share: float  # the most that still counts as the world's ordinary failures (0: none)
+    commonest: str = ""  # the commonest reason, as the samples' rows say it
+    fix: str = ""  # what to do, for the message
+
+    @property
+    def exceeded(self) -> bool:
+        return self.failed > 0 and self.failed > self.max_share * self.of
+
+    def message(self, what: str) -> str:
+        share = f"{self.failed / self.of:.0%}" if self.of else "all"
+        reason = f" (commonest: {self.commonest})" if self.commonest else ""
+        return (
+            f"{self.failed} of {self.of} {what} failed ({share}){reason}, more than --max-error-share "
+            f"{self.max_share:g} allows" + (f": {self.fix}" if self.fix else "")
+        )
+
+    def summary(self, what: str) -> dict[str, Any]:
+        return {
+            "failed": self.failed,
+            "of": self.of,
+            "max_share": self.max_share,
+            "commonest": self.commonest or None,
+            "exceeded": self.exceeded,
+            **({"message": self.message(what)} if self.exceeded else {}),
+        }
 
 
 @dataclass
@@ -55,6 +90,8 @@ class JobResult:
     # What a person at a terminal should do next (run these files through vllm, rerun to collect): not
     # part of the summary.
     advice: list[str] = field(default_factory=list)
+    # The samples that failed, against what the command allows (caption, download); None: not judged.
+    errors: ErrorShare | None = None
 
     @classmethod
     def from_manifest(
@@ -83,9 +120,11 @@ class JobResult:
 
     @property
     def exit_code(self) -> int:
-        """1: a shard failed, or shards are missing from a job that is over (a rerun finishes them); 7:
-        done, with nothing in the output; else 0."""
+        """1: a shard failed, shards are missing from a job that is over (a rerun finishes them), or more
+        samples failed than ``--max-error-share`` allows; 7: done, with nothing in the output; else 0."""
         if self.failed_shards or (self.complete and self.shards_completed < self.shards_total):
+            return EXIT_FAILED
+        if self.errors is not None and self.errors.exceeded:
             return EXIT_FAILED
         return EXIT_EMPTY if self.empty else EXIT_OK
 
@@ -104,5 +143,16 @@ class JobResult:
             "failed_shards": self.failed_shards,
             "counts": self.counts,
             **self.details,
+            **({"errors": self.errors.summary(_SAMPLES.get(self.command, "samples"))} if self.errors is not None else {}),
             "exit_code": self.exit_code,
         }
+
+    @property
+    def verdict(self) -> str | None:
+        """Why a run whose shards were all written still failed (the error share), for stderr."""
+        if self.errors is not None and self.errors.exceeded and not self.failed_shards:
+            return self.errors.message(_SAMPLES.get(self.command, "samples"))
+        return None
+
+
+_SAMPLES = {"caption": "captions", "download": "downloads"}  # what a command's failed samples are called

@@ -18,6 +18,7 @@ class Route:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     fail_first: int = 0  # answer the first N requests with a 503, as an overloaded server does
+    drip_s: float = 0.0  # send the body one byte every this many seconds (each read quick, the whole slow)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -40,7 +41,13 @@ class _Handler(BaseHTTPRequestHandler):
             for k, v in route.headers.items():
                 self.send_header(k, v)
             self.end_headers()
-            self.wfile.write(route.body)
+            if route.drip_s:
+                for i in range(len(route.body)):
+                    self.wfile.write(route.body[i : i + 1])
+                    self.wfile.flush()
+                    time.sleep(route.drip_s)
+            else:
+                self.wfile.write(route.body)
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (a timeout test): nothing to do
 

@@ -31,6 +31,7 @@ import posixpath
 import shutil
 import sys
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,7 +51,7 @@ from lenscap.core.job import Job
 from lenscap.core.layout import IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, parquet_name, shard_name, stats_name, tar_name
 from lenscap.core.manifest import shard_stats
 from lenscap.core.progress import Progress, accepts, make_progress, start_progress
-from lenscap.core.result import JobResult
+from lenscap.core.result import ErrorShare, JobResult
 from lenscap.core.storage import redact_url
 from lenscap.core.tario import TarOut, archive_end
 from lenscap.download.card import write_download_card
@@ -136,6 +137,12 @@ def _owned_download(
             for name in ("img2dataset", "retry"):
                 job.remove_staging(name)  # a Ray run's staging, left by an earlier output of this name
         yield job, options
+
+
+def _written_here(out_dir: str | os.PathLike[str]) -> Path:
+    """Where a download writes on this machine (img2dataset's staging, the journal): the work directory,
+    on this machine's disk for a remote output too."""
+    return Dataset(out_dir).work_dir
 
 
 def _recorded_claim(out: Dataset) -> dict[str, Any] | None:
@@ -353,7 +360,7 @@ def download(
         with _owned_download(out_dir, source, options, cluster) as (job, options):
             return _download(job, source, options, progress, img2dataset)
     except OSError as e:
-        raise disk_full(e) or e from None  # a full disk: exit 1 with what to do, not an internal error
+        raise disk_full(e, within=_written_here(out_dir)) or e from None  # exit 1 with what to do, not an internal error
     finally:
         if img2dataset is not None:
             img2dataset.stop()
@@ -498,7 +505,37 @@ def _finish(job: _Job, options: DownloadOptions, total: int, failed: dict[int, s
         "retries": options.max_retries,
     }
     manifest = job.out.write_manifest("download", params, (claim.get("input") or {}).get("location"), expected_shards=total)
-    return JobResult.from_manifest("download", job.out.location, manifest, failed)
+    result = JobResult.from_manifest("download", job.out.location, manifest, failed)
+    result.errors = _error_share(job.out, result, options.max_error_share)
+    return result
+
+
+# The commonest reason a download failed, by a part of its message, and what to do about it.
+_FIXES = (
+    (REFUSED, "the URLs point into your own network: add --allow-private-network if that is meant"),
+    ("timed out", "the servers are slow or unreachable: raise --timeout, or check this machine's network"),
+    ("timeout", "the servers are slow or unreachable: raise --timeout, or check this machine's network"),
+    ("Name or service not known", "the host names do not resolve: check this machine's DNS and network"),
+    ("Temporary failure in name resolution", "the host names do not resolve: check this machine's DNS and network"),
+    ("Connection refused", "nothing listens at those addresses: check the URL list"),
+    ("404", "the URL list is stale (the images are gone)"),
+    ("403", "the servers refuse this client: check --user-agent-token, lower --threads"),
+    ("429", "the servers rate-limit this client: lower --threads and --processes"),
+)
+
+
+def _error_share(out: Dataset, result: JobResult, max_share: float) -> ErrorShare:
+    """The URLs that failed against ``--max-error-share``, with the commonest reason and its fix."""
+    failed = result.samples - result.status.get("success", 0)
+    share = ErrorShare(failed, result.samples, max_share)
+    if not share.exceeded:
+        return share
+    reasons: Counter[str] = Counter()
+    for stats in out.read_all_stats(out.completed_ids()):
+        reasons.update(stats.get("errors") or {})
+    commonest = reasons.most_common(1)[0][0] if reasons else ""
+    fix = next((f for part, f in _FIXES if part in commonest), "see the rows' error_message (lenscap inspect)")
+    return dataclasses.replace(share, commonest=commonest[:200], fix=f"{fix}; --retry-failed fetches them again")
 
 
 def _retryable(row: dict[str, Any], allow_private_network: bool) -> bool:
@@ -520,7 +557,7 @@ def retry_failed(
         with _owned_download(out_dir, None, options, cluster) as (job, options):
             return _retry_failed(job, options, progress)
     except OSError as e:
-        raise disk_full(e) or e from None
+        raise disk_full(e, within=_written_here(out_dir)) or e from None
 
 
 def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None) -> JobResult:

@@ -30,9 +30,12 @@ import io
 import json
 import os
 import signal
+import socket
 import sys
+import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 from img2dataset.resizer import Resizer
 from img2dataset.writer import WebDatasetSampleWriter
@@ -56,8 +59,56 @@ class _OnlyHttpHandler(urllib.request.BaseHandler):
         raise urllib.error.URLError(f"unsupported URL scheme {req.type!r}: only http and https are fetched")
 
 
+class _WholeRequestOpener(urllib.request.OpenerDirector):
+    """img2dataset's ``timeout`` bounds each socket operation; this opener makes it bound the whole
+    request, so that a server sending a byte at a time cannot hold a download (and its worker) for ever."""
+
+    def open(self, fullurl: Any, data: Any = None, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT) -> Any:  # type: ignore[attr-defined]
+        started = time.monotonic()
+        response = super().open(fullurl, data, timeout)
+        if isinstance(timeout, (int, float)):
+            return _WithinDeadline(response, started + timeout, timeout)
+        return response
+
+
+class _WithinDeadline:
+    """A response whose body must have arrived by ``deadline``: read in pieces, each given the time left."""
+
+    def __init__(self, response: Any, deadline: float, timeout: float) -> None:
+        self._response, self._deadline, self._timeout = response, deadline, timeout
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._response, name)
+
+    def __enter__(self) -> _WithinDeadline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._response.close()
+
+    def read(self, amount: int | None = None) -> bytes:
+        pieces: list[bytes] = []
+        got = 0
+        while amount is None or got < amount:
+            left = self._deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the whole download took more than --timeout {self._timeout:g}s")
+            with contextlib.suppress(AttributeError, OSError):  # the socket under http.client's buffer
+                self._response.fp.raw._sock.settimeout(left)
+            try:
+                # read1: one read of the socket at most (read(n) would wait for all n bytes, however slowly).
+                piece = self._response.read1(65536 if amount is None else min(65536, amount - got))
+            except TimeoutError:
+                raise TimeoutError(f"the whole download took more than --timeout {self._timeout:g}s") from None
+            if not piece:
+                break
+            pieces.append(piece)
+            got += len(piece)
+        return b"".join(pieces)
+
+
 def build_http_only_opener() -> urllib.request.OpenerDirector:
-    opener = urllib.request.OpenerDirector()
+    opener = _WholeRequestOpener()
     for handler in (
         _OnlyHttpHandler,
         urllib.request.ProxyHandler,  # honours http_proxy / https_proxy / no_proxy, as urllib's default does

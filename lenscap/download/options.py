@@ -64,8 +64,13 @@ class DownloadOptions(OwnedOutput, Executed):
     )
     max_pixels: int = option(178_956_970, "Reject images with more pixels than this (decompression bombs).")
     encode_quality: int = option(95, "JPEG quality (0-100) of the images img2dataset re-encodes.")
-    timeout: int = option(10, "Seconds to wait for a server.")
+    timeout: int = option(10, "Seconds one download may take in all: connecting, and the whole image.")
     max_retries: int = option(2, "Extra attempts per failed download.", old_names=("--retries",))
+    max_error_share: float = option(
+        0.5,
+        "The share of URLs that may fail to download with the run still a success (exit 0); more, or all of "
+        "them, is exit 1, naming the commonest reason.",
+    )
     user_agent_token: str = option("lenscap", "Token added to the User-Agent and matched against X-Robots-Tag directives.")
     respect_opt_out: bool = option(
         True, "Skip images whose server sends X-Robots-Tag noai/noimageai/noindex/noimageindex.", show_default="on"
@@ -97,6 +102,7 @@ class DownloadOptions(OwnedOutput, Executed):
         check(self.max_pixels >= 1, f"--max-pixels must be at least 1, not {self.max_pixels}")
         check(self.timeout >= 1, f"--timeout must be at least 1 second, not {self.timeout}")
         check(self.max_retries >= 0, f"--max-retries must not be negative, not {self.max_retries}")
+        check(0 <= self.max_error_share <= 1, f"--max-error-share must be between 0 and 1, not {self.max_error_share}")
         check(0 <= self.encode_quality <= 100, f"--encode-quality must be between 0 and 100, not {self.encode_quality}")
 
     @property

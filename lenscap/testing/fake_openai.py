@@ -9,8 +9,13 @@ Faults, two ways:
   * a marker anywhere in a request's text, e.g. ``[[fault:500x2]]``: the first 2 requests for that
     image get a 500, later ones succeed (no count: every request). Kinds: 429, 429-bare (no
     retry-after), 500, 503, fastapi400 (a 400 with FastAPI's ``{"detail": ...}`` body), timeout,
-    malformed, refusal, length, badimage;
-  * ``fail_next``: a list of kinds served to the next requests in arrival order (a 429/5xx storm).
+    malformed, refusal, length, badimage, null (``content: null``), negative-usage, huge-usage (token
+    counts no request can use), drip (a reply sent one byte every ``drip_s`` seconds);
+  * ``fail_next``: a list of kinds served to the next requests in arrival order (a 429/5xx storm);
+    ``cycle``: kinds served in turn, for ever (``["500"] * 4 + ["ok"]``: a flaky server).
+
+``models_body`` makes ``GET /v1/models`` answer 200 with that text (a proxy's login page);
+``redirect_to`` answers every API request with a 307 to that base URL (another host).
 
 Run it in-process (``FakeOpenAI(...).start()``; a thread with its own event loop), or as a process:
 ``python -m lenscap.testing.fake_openai --port 8000 --rpm 600 --latency 0.3``. ``GET /_fake/stats``
@@ -72,6 +77,10 @@ class FakeSettings:
     timeout_sleep_s: float = 30.0
     decode_images: bool = True
     fail_next: list[str] = field(default_factory=list)
+    cycle: list[str] = field(default_factory=list)
+    drip_s: float = 0.5
+    models_body: str | None = None
+    redirect_to: str | None = None
     # Batches (see fake_batches.py)
     batch_delay_s: float = 0.3
     batch_expire_after: int | None = None
@@ -160,6 +169,7 @@ class FakeOpenAI(BatchEndpoints):
             self.image_requests: Counter[str] = Counter()
             self.image_successes: Counter[str] = Counter()
             self.marker_counts: Counter[str] = Counter()
+            self.cycle_at = 0
             self.input_tokens = 0
             self.output_tokens = 0
             self.recent_texts: deque[str] = deque(maxlen=1000)  # what prompts said (tests of prompt building)
@@ -268,13 +278,20 @@ class FakeOpenAI(BatchEndpoints):
                 status, extra_headers, payload = reply
                 keep_alive = headers.get("connection", "").lower() != "close"
                 extra_headers = {"content-type": "application/json", **extra_headers}
+                drip = extra_headers.pop(_DRIP, None)
                 head_lines = [
                     f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}",
                     f"content-length: {len(payload)}",
                     "connection: " + ("keep-alive" if keep_alive else "close"),
                 ]
                 head_lines += [f"{k}: {v}" for k, v in extra_headers.items()]
-                writer.write(("\r\n".join(head_lines) + "\r\n\r\n").encode("latin-1") + payload)
+                message = ("\r\n".join(head_lines) + "\r\n\r\n").encode("latin-1") + payload
+                if drip is not None:  # a byte at a time: each read is quick, the whole reply takes ages
+                    for i in range(len(message)):
+                        writer.write(message[i : i + 1])
+                        await writer.drain()
+                        await asyncio.sleep(float(drip))
+                writer.write(message if drip is None else b"")
                 await writer.drain()
                 if not keep_alive:
                     return
@@ -296,6 +313,13 @@ class FakeOpenAI(BatchEndpoints):
             return 200, {}, b"{}"
         if self.settings.api_key is not None and headers.get("authorization") != f"Bearer {self.settings.api_key}":
             return _error(401, "Incorrect API key provided.", "invalid_api_key")
+        if self.settings.redirect_to is not None and path.startswith("/v1/"):
+            with self._lock:
+                self.requests += 1
+            target = self.settings.redirect_to.rstrip("/") + path[len("/v1") :]
+            return 307, {"location": target, "content-type": "text/plain"}, b""
+        if path == "/v1/models" and method == "GET" and self.settings.models_body is not None:
+            return 200, {"content-type": "text/html"}, self.settings.models_body.encode()
         if path == "/v1/models" and method == "GET":
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "lenscap-fake"} for m in self.settings.models]
             return 200, {}, json.dumps({"object": "list", "data": data}).encode()
@@ -349,6 +373,14 @@ class FakeOpenAI(BatchEndpoints):
                 _error(400, "You uploaded an unsupported image. Please make sure your image is valid.", "invalid_image")
             )
         reply = self._completion(model, images, sha, est, max_tokens, fault)
+        if fault == "null":
+            reply["choices"][0]["message"]["content"] = None
+        elif fault == "negative-usage":
+            reply["usage"] = {"prompt_tokens": -1_000_000_000, "completion_tokens": -5, "total_tokens": -1_000_000_005}
+        elif fault == "huge-usage":
+            reply["usage"] = {"prompt_tokens": 10**10, "completion_tokens": 10**9, "total_tokens": 11 * 10**9}
+        if fault == "drip":
+            limit_headers = {**limit_headers, _DRIP: str(s.drip_s)}
         return self._count((200, limit_headers, json.dumps(reply).encode()))
 
     def _completion(
@@ -422,6 +454,10 @@ class FakeOpenAI(BatchEndpoints):
         with self._lock:
             if self.settings.fail_next:
                 return self.settings.fail_next.pop(0)
+            if self.settings.cycle:
+                kind = self.settings.cycle[self.cycle_at % len(self.settings.cycle)]
+                self.cycle_at += 1
+                return None if kind == "ok" else kind
             m = _FAULT_RE.search(text)
             if not m:
                 return None
@@ -433,8 +469,10 @@ class FakeOpenAI(BatchEndpoints):
             return kind if self.marker_counts[marker] <= int(times) else None
 
 
+_DRIP = "x-fake-drip"  # a reply's header that says to send it slowly (taken out before it is sent)
 _REASONS = {
     200: "OK",
+    307: "Temporary Redirect",
     400: "Bad Request",
     401: "Unauthorized",
     404: "Not Found",

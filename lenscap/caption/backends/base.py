@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from lenscap.core.executors import Executor
 
 __all__ = [
+    "image_own_error",
     "CaptionBackend",
     "CaptionRequest",
     "CaptionResult",
@@ -44,6 +45,16 @@ __all__ = [
 ]
 
 OK, ERROR, REFUSED, TRUNCATED, SKIPPED = "ok", "error", "refused", "truncated", "skipped"
+
+
+def image_own_error(message: str) -> bool:
+    """An error that is the image's own (it cannot be decoded, or the server refused it as an image), not
+    the server's or the job's: the world's ordinary failures, which ``--max-error-share`` does not count."""
+    lowered = message.lower()
+    return lowered.startswith(("not a readable image", "image of ", "cannot decode image")) or (
+        message.startswith("HTTP 4") and "image" in lowered
+    )
+
 
 # The --help panels of the backend options that are flags of ``lenscap caption`` (``Option.panel``).
 MODEL_PANEL = "Model options (every backend; lenscap backends lists each one's defaults)"
@@ -221,6 +232,10 @@ class CaptionBackend(ABC):
 
     def setup(self) -> None:
         """Once per worker process."""
+
+    def answered_before(self) -> None:
+        """Once, in the main process: the output holds answers of this backend (an earlier run's, or
+        shards done): its server's failures from the first request on are an outage, not the job's."""
 
     def estimate_cost(self, width: int, height: int, request: CaptionRequest) -> float:
         """The most a request for an image of this size can cost (USD): what the budget reserves."""

@@ -14,8 +14,9 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from lenscap.caption.backends.api_guards import OffHostRedirect, bounded_call, check_redirect_sync, redirect_message
 from lenscap.caption.backends.base import API_PANEL, BATCH_PANEL, CaptionRequest, CaptionResult, Option
 from lenscap.caption.backends.openai_chat import COMMON_OPTIONS, OpenAIChatBackend
 from lenscap.core.errors import BackendError, UsageError
@@ -23,6 +24,8 @@ from lenscap.core.errors import BackendError, UsageError
 __all__ = ["OpenAIBatchBackend", "BatchFilesBackend", "BatchOptions", "ApiTransport", "FilesTransport", "TERMINAL"]
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
+_SDK_RETRIES = 5
+T = TypeVar("T")
 
 BATCH_OPTIONS = (
     Option(
@@ -151,13 +154,37 @@ class ApiTransport:
 
         self.backend = backend
         self._openai = openai
-        # The SDK retries these rare calls itself (connection errors, 429, 5xx), with backoff.
+        timeout = max(backend.options.timeout, 600.0)  # a file of 200 MB takes minutes
+        # The SDK retries these rare calls itself (connection errors, 429, 5xx), with backoff; each call
+        # is bounded in all by its attempts' time, however slowly a server sends.
+        self.deadline_s = timeout * (_SDK_RETRIES + 1) + 120.0
         self.client = openai.OpenAI(
-            base_url=backend.base_urls[0], api_key=backend._api_key, max_retries=5, timeout=max(backend.options.timeout, 600.0)
+            base_url=backend.base_urls[0],
+            api_key=backend._api_key,
+            max_retries=_SDK_RETRIES,
+            timeout=timeout,
+            http_client=openai.DefaultHttpxClient(event_hooks={"response": [check_redirect_sync]}),
         )
 
     def _fail(self, what: str, e: Exception) -> BackendError:
         return BackendError(f"{what}: {self.backend.scrub(str(e))}")
+
+    def _ask(self, what: str, call: Callable[[], T]) -> T:
+        """One exchange with the Files or Batches endpoints, its answer read inside: bounded in all by
+        ``deadline_s`` (``bounded_call``), a redirect to another host refused, and an answer that is not
+        the API's (a proxy's HTML page: the SDK then fails on its attributes) one line."""
+        try:
+            return bounded_call(call, self.deadline_s, f"{what}: no answer within {self.deadline_s:g}s")
+        except OffHostRedirect as e:
+            raise BackendError(redirect_message(self.backend.base_urls[0], e)) from None
+        except self._openai.APIConnectionError as e:
+            if isinstance(e.__cause__, OffHostRedirect):
+                raise BackendError(redirect_message(self.backend.base_urls[0], e.__cause__)) from None
+            raise
+        except (AttributeError, TypeError, ValueError) as e:
+            raise BackendError(
+                f"{what}: the server's answer is not the API's ({type(e).__name__}); is --base-url right?"
+            ) from None
 
     @staticmethod
     def remote_name(job_id: str, name: str) -> str:
@@ -170,55 +197,74 @@ class ApiTransport:
     def find_upload(self, filename: str, since: float = 0.0) -> str | None:
         """A file uploaded by an earlier run that died before recording it. The list is newest first, so the
         search stops at files made well before the upload began (``since``), not at the account's oldest."""
-        for f in self.client.files.list(purpose="batch"):
-            if f.filename == filename:
-                return f.id
-            if f.created_at < since - self.SEARCH_MARGIN_S:
-                return None
-        return None
+
+        def search() -> str | None:
+            for f in self.client.files.list(purpose="batch"):
+                if f.filename == filename:
+                    return f.id
+                if f.created_at < since - self.SEARCH_MARGIN_S:
+                    return None
+            return None
+
+        return self._ask("listing the account's batch files", search)
 
     def upload(self, path: Path, filename: str) -> str:
-        try:
+        def send() -> str:
             with open(path, "rb") as fh:
                 return self.client.files.create(file=(filename, fh), purpose="batch").id
+
+        try:
+            return self._ask(f"uploading {filename}", send)
         except self._openai.APIError as e:
             raise self._fail(f"uploading {filename} failed", e) from None
 
     def find_batch(self, metadata: dict[str, str], since: float = 0.0) -> str | None:
         """A batch created by an earlier run that died before recording it, found by its metadata (newest
         first, down to batches made well before the create began)."""
-        for b in self.client.batches.list(limit=100):
-            if b.metadata and all(b.metadata.get(k) == v for k, v in metadata.items()):
-                return b.id
-            if b.created_at < since - self.SEARCH_MARGIN_S:
-                return None
-        return None
+
+        def search() -> str | None:
+            for b in self.client.batches.list(limit=100):
+                if b.metadata and all(b.metadata.get(k) == v for k, v in metadata.items()):
+                    return b.id
+                if b.created_at < since - self.SEARCH_MARGIN_S:
+                    return None
+            return None
+
+        return self._ask("listing the account's batches", search)
 
     def create(self, file_id: str, metadata: dict[str, str]) -> str:
-        try:
+        def send() -> str:
             return self.client.batches.create(
                 input_file_id=file_id, endpoint="/v1/chat/completions", completion_window="24h", metadata=metadata
             ).id
+
+        try:
+            return self._ask("creating a batch", send)
         except self._openai.APIError as e:
             raise self._fail("creating a batch failed", e) from None
 
     def poll(self, batch_id: str, expected: int | None = None) -> dict[str, Any]:
-        b = self.client.batches.retrieve(batch_id)
-        data = b.errors.data if b.errors and b.errors.data else []
-        return {
-            "status": b.status,
-            "output_file_id": b.output_file_id,
-            "error_file_id": b.error_file_id,
-            "counts": b.request_counts.model_dump() if b.request_counts else None,
-            "errors": [e.message or "" for e in data],
-            "codes": [e.code or "" for e in data],
-        }
+        def ask() -> dict[str, Any]:
+            b = self.client.batches.retrieve(batch_id)
+            data = b.errors.data if b.errors and b.errors.data else []
+            return {
+                "status": b.status,
+                "output_file_id": b.output_file_id,
+                "error_file_id": b.error_file_id,
+                "counts": b.request_counts.model_dump() if b.request_counts else None,
+                "errors": [e.message or "" for e in data],
+                "codes": [e.code or "" for e in data],
+            }
+
+        return self._ask(f"polling batch {batch_id}", ask)
 
     def fetch(self, file_id: str | None) -> bytes:
-        return self.client.files.content(file_id).content if file_id else b""
+        if not file_id:
+            return b""
+        return self._ask(f"downloading file {file_id}", lambda: self.client.files.content(file_id).content)
 
     def cancel(self, batch_id: str) -> None:
-        self.client.batches.cancel(batch_id)
+        self._ask(f"cancelling batch {batch_id}", lambda: self.client.batches.cancel(batch_id))
 
     def forget(self, file_ids: list[str | None]) -> None:
         """A merged batch's input, output and error files leave the account's file storage (which is

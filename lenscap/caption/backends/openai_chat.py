@@ -23,6 +23,14 @@ from urllib.parse import urlparse
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from lenscap.caption.backends.api_guards import (
+    OffHostRedirect,
+    check_models,
+    check_redirect,
+    check_redirect_sync,
+    public_url,
+    redirect_message,
+)
 from lenscap.caption.backends.base import (
     API_PANEL,
     ERROR,
@@ -60,6 +68,12 @@ _BREAKER_THRESHOLD = 5
 # Server-side failures in a row, with no success between, after which an endpoint counts as down:
 # traffic moves to the others, and when all are down, requests wait and probe one at a time.
 _OUTAGE_AFTER = 5
+# The most input tokens a reply may claim for one image request: generous over our estimate (a model
+# may count an image in many more tokens than OpenAI's formula), far under what a lying or broken
+# server would bill (negative or billions: an error, never a price).
+_INPUT_SLACK, _INPUT_EXTRA = 8, 32_768
+# Output tokens a reply may claim over --max-tokens (a server that counts a stop token or two).
+_OUTPUT_EXTRA = 64
 
 
 COMMON_OPTIONS = (
@@ -84,7 +98,13 @@ COMMON_OPTIONS = (
     Option("temperature", float, None, "Sampling temperature.", panel=MODEL_PANEL, default_text="the server's"),
     Option("detail", str, "low", "Image detail.", choices=("low", "high", "auto"), panel=API_PANEL),
     Option("max_side", int, 512, "Longest image side in pixels, after downscaling, that the model sees.", panel=MODEL_PANEL),
-    Option("timeout", float, 60.0, "Seconds to wait for one reply.", panel=API_PANEL),
+    Option(
+        "timeout",
+        float,
+        60.0,
+        "Seconds one request may take in all: connecting, sending and the whole reply.",
+        panel=API_PANEL,
+    ),
     Option("prices", str, None, "JSON or TOML price file (USD per 1M tokens) over the built-in table.", panel=API_PANEL),
 )
 ONLINE_OPTIONS = (
@@ -180,15 +200,6 @@ def _is_loopback(url: str) -> bool:
         return False
 
 
-def _public_url(url: str) -> str:
-    """The URL without credentials or query (some gateways put keys there): safe for manifests."""
-    p = urlparse(url)
-    netloc = p.hostname or ""
-    if p.port:
-        netloc += f":{p.port}"
-    return p._replace(netloc=netloc, query="", fragment="").geturl()
-
-
 def resolve_api_key(env_name: str, base_urls: list[str]) -> str:
     """The key from the named variable. A server on this machine (vLLM, Ollama) needs none."""
     key = os.environ.get(env_name, "").strip()
@@ -201,6 +212,10 @@ def resolve_api_key(env_name: str, base_urls: list[str]) -> str:
 
 class MalformedReply(Exception):
     """A 200 whose body is not a usable chat completion."""
+
+
+class _TookTooLong(Exception):
+    """A request that took longer than --timeout in all (a server that answers a byte at a time)."""
 
 
 class _Endpoint:
@@ -265,6 +280,7 @@ class OpenAIChatBackend(CaptionBackend):
         self.base_urls = [u.rstrip("/") for u in urls]
         self._api_key = resolve_api_key(options.api_key_env, self.base_urls) if self.needs_key else "no-key"
         self.endpoints = [_Endpoint(u, EndpointLimiter(options.rpm, options.tpm, options.process_share)) for u in self.base_urls]
+        self._new_run()
 
     # -- description ----------------------------------------------------------------------------
 
@@ -281,7 +297,7 @@ class OpenAIChatBackend(CaptionBackend):
 
     def parameters(self) -> dict[str, Any]:
         o = self.options
-        hosts = [_public_url(u) for u in self.base_urls]
+        hosts = [public_url(u) for u in self.base_urls]
         return {
             **self.identity(),
             "base_urls": hosts,
@@ -321,9 +337,15 @@ class OpenAIChatBackend(CaptionBackend):
         import openai  # the SDK takes about a second to import: only where a request is made
 
         for url in self.base_urls:
-            client = openai.OpenAI(base_url=url, api_key=self._api_key, max_retries=1, timeout=min(self.options.timeout, 20.0))
+            client = openai.OpenAI(
+                base_url=url,
+                api_key=self._api_key,
+                max_retries=1,
+                timeout=min(self.options.timeout, 20.0),
+                http_client=openai.DefaultHttpxClient(event_hooks={"response": [check_redirect_sync]}),
+            )
             try:
-                client.models.list()
+                check_models(client, url, min(self.options.timeout, 20.0))
             except openai.AuthenticationError as e:
                 raise BackendError(
                     f"{url} rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}"
@@ -332,7 +354,11 @@ class OpenAIChatBackend(CaptionBackend):
                 raise BackendError(f"{url} denied access: {self.scrub(_message(e))}") from None
             except openai.APIConnectionError as e:
                 cause = e.__cause__ or e
+                if isinstance(cause, OffHostRedirect):
+                    raise BackendError(redirect_message(url, cause)) from None
                 raise BackendError(f"cannot reach {url}: {self.scrub(str(cause) or type(cause).__name__)}") from None
+            except OffHostRedirect as e:
+                raise BackendError(redirect_message(url, e)) from None
             except openai.APIStatusError:
                 pass  # servers without /models (or a proxy in front) still caption
             finally:
@@ -354,25 +380,84 @@ class OpenAIChatBackend(CaptionBackend):
         import openai  # the SDK takes about a second to import: only where a request is made
 
         for ep in self.endpoints:
-            ep.client = openai.AsyncOpenAI(base_url=ep.url, api_key=self._api_key, max_retries=0, timeout=self.options.timeout)
-            ep.failures = 0
-        self._last_success = time.monotonic()
-        self._answered = False  # before any answer, failures are the job's (the breaker below), not an outage
+            ep.client = openai.AsyncOpenAI(
+                base_url=ep.url,
+                api_key=self._api_key,
+                max_retries=0,
+                timeout=self.options.timeout,
+                http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [check_redirect]}),
+            )
         self._probe = asyncio.Lock()
-        breaker = _FirstErrorsBreaker(on_result)
+        breaker = _FirstErrorsBreaker(on_result, self._run_state)
         try:
 
             async def worker() -> None:
                 for request in requests:  # pulled lazily, shared by all workers (one thread: no lock needed)
-                    breaker.report(await self._caption_one(request))
+                    started = time.monotonic()
+                    breaker.report(await self._caption_one(request), request, started)
 
             async with asyncio.TaskGroup() as tg:
                 for _ in range(self.options.concurrency):
                     tg.create_task(worker())
-            breaker.flush()
+            if breaker.held:
+                await self._settle_held(breaker)
         finally:
             for ep in self.endpoints:
                 await ep.client.close()
+
+    def setup(self) -> None:
+        self._new_run()
+
+    def answered_before(self) -> None:
+        self._answered_before = True
+
+    def _new_run(self) -> None:
+        """What the run learns about the server lives for the run (every shard of this worker), not one
+        shard: a storm that starts at a shard boundary is still an outage of a server that answered
+        (in this run, or in an earlier one into the same output)."""
+        self._run_state = _RunState(time.monotonic(), getattr(self, "_answered_before", False))
+        for ep in self.endpoints:
+            ep.failures = 0
+
+    @property
+    def _answered(self) -> bool:
+        return self._run_state.answered
+
+    async def _settle_held(self, breaker: _FirstErrorsBreaker) -> None:
+        """The shard's last errors, with no answer from the server since they began, are not yet the
+        samples' own: each is asked once more. Those that fail again are recorded only if the server
+        then answers a probe (a one-token text request, waiting out an outage for up to
+        --outage-timeout); if it does not, the run stops (``Outage``) and the rerun asks them."""
+        held = breaker.take_held()
+        room = asyncio.Semaphore(self.options.concurrency)
+
+        async def ask_again(request: CaptionRequest) -> tuple[CaptionResult, float]:
+            async with room:
+                started = time.monotonic()
+                return await self._caption_one(request, wait_out_outage=False), started
+
+        for (again, started), (_, request) in zip(
+            await asyncio.gather(*(ask_again(request) for _, request in held)), held, strict=True
+        ):
+            breaker.report(again, request, started)
+        if breaker.held and not await self._server_answers():
+            raise Outage(
+                f"the server failed the last {len(breaker.held)} request(s) of a shard, again when asked once more, and "
+                f"answers no probe (last: {self.scrub(breaker.held[-1][0].error or '')}); nothing was recorded for "
+                "them: rerun to ask them"
+            )
+        breaker.flush()
+
+    async def _server_answers(self) -> bool:
+        """Whether the server answers a chat request now: a one-token text request (any HTTP answer but a
+        server error counts), waiting out an outage as any request does."""
+        limit_name = "max_completion_tokens" if _REASONING_RE.match(self.model) else "max_tokens"
+        body = {"model": self.model, "messages": [{"role": "user", "content": "Reply with OK."}], limit_name: 1}
+        try:
+            await self._call(body, 16)
+        except _SampleError as e:
+            return not e.transient
+        return True
 
     def _pick(self, tokens: float) -> _Endpoint:
         if len(self.endpoints) == 1:
@@ -398,18 +483,18 @@ class OpenAIChatBackend(CaptionBackend):
             body["temperature"] = self.options.temperature
         return body, self._input_estimate(image.width, image.height, request)
 
-    async def _caption_one(self, request: CaptionRequest) -> CaptionResult:
+    async def _caption_one(self, request: CaptionRequest, wait_out_outage: bool = True) -> CaptionResult:
         try:
             body, estimate = self.build_body(request)
         except UnreadableImage as e:
             return CaptionResult(request.key, ERROR, error=str(e))
         try:
-            completion = await self._call(body, estimate + self.options.max_tokens)
+            completion = await self._call(body, estimate + self.options.max_tokens, wait_out_outage)
         except _SampleError as e:
             return CaptionResult(request.key, ERROR, error=self.scrub(str(e)))
         return self.interpret(request.key, completion, estimate)
 
-    async def _call(self, kwargs: dict[str, Any], tokens: float) -> Any:
+    async def _call(self, kwargs: dict[str, Any], tokens: float, wait_out_outage: bool = True) -> Any:
         """One completion, with retries. When every endpoint is down after answering earlier in the run
         (an outage, not this image; a server that never answered is the breaker's), the request waits
         and is sent again, one request at a time as a probe, until an endpoint answers or
@@ -419,11 +504,11 @@ class OpenAIChatBackend(CaptionBackend):
             try:
                 return await self._attempts(kwargs, tokens)
             except _SampleError as e:
-                if not (e.transient and self._answered and all(ep.down for ep in self.endpoints)):
+                if not (wait_out_outage and e.transient and self._answered and all(ep.down for ep in self.endpoints)):
                     raise
                 failed = e
             async with self._probe:  # one probe at a time while down; the others queue behind it
-                down_for = time.monotonic() - self._last_success
+                down_for = time.monotonic() - self._run_state.last_success
                 if down_for > self.options.outage_timeout:
                     raise Outage(
                         f"no caption endpoint has answered for {down_for:.0f}s (last: {self.scrub(str(failed))}); "
@@ -460,8 +545,10 @@ class OpenAIChatBackend(CaptionBackend):
                     await ep.limiter.acquire(tokens)
                     sent = time.monotonic()
                     try:
-                        raw = await ep.client.chat.completions.with_raw_response.create(**kwargs)
+                        raw = await self._send(ep, kwargs)
                     except openai.RateLimitError as e:
+                        # A storm of 429s is the server's failure too: an endpoint refusing everything is down.
+                        ep.failures += 1
                         ep.limiter.on_rate_limited(e.response.headers, backoff(attempt.retry_state), time.monotonic() - sent)
                         raise
                     except openai.APIStatusError as e:
@@ -469,7 +556,9 @@ class OpenAIChatBackend(CaptionBackend):
                         if e.status_code >= 500:
                             ep.failures += 1
                         raise
-                    except (openai.APIConnectionError, openai.APITimeoutError):
+                    except (openai.APIConnectionError, openai.APITimeoutError, _TookTooLong) as e:
+                        if isinstance(e.__cause__, OffHostRedirect):
+                            raise BackendError(redirect_message(ep.url, e.__cause__)) from None
                         ep.failures += 1
                         raise
                     finally:
@@ -482,8 +571,8 @@ class OpenAIChatBackend(CaptionBackend):
                     if not getattr(completion, "choices", None) or completion.choices[0].message is None:
                         raise MalformedReply("malformed reply: no choices")
                     ep.failures = 0
-                    self._last_success = time.monotonic()
-                    self._answered = True
+                    self._run_state.last_success = time.monotonic()
+                    self._run_state.answered = True
                     return completion
         except openai.AuthenticationError as e:
             raise BackendError(
@@ -495,9 +584,11 @@ class OpenAIChatBackend(CaptionBackend):
             raise BackendError(f"model {self.model!r}: {self.scrub(_message(e))}") from None
         except openai.APIStatusError as e:
             raise _SampleError(
-                f"HTTP {e.status_code}: {_message(e)}", bad_request=e.status_code in (400, 422), transient=e.status_code >= 500
+                f"HTTP {e.status_code}: {_message(e)}",
+                bad_request=e.status_code in (400, 422),
+                transient=e.status_code >= 500 or e.status_code == 429,
             ) from None
-        except openai.APITimeoutError:
+        except (openai.APITimeoutError, _TookTooLong):
             raise _SampleError(
                 f"timed out after {self.options.timeout:g}s ({self.options.max_retries + 1} attempts)", transient=True
             ) from None
@@ -509,18 +600,38 @@ class OpenAIChatBackend(CaptionBackend):
             raise _SampleError(f"{e} ({self.options.max_retries + 1} attempts)") from None
         raise AssertionError("unreachable")
 
+    async def _send(self, ep: _Endpoint, kwargs: dict[str, Any]) -> Any:
+        """One request, bounded in all by --timeout: the SDK's timeout bounds each read, and a server that
+        sends a byte at a time would keep a request going for ever."""
+        try:
+            # A little over --timeout: a slow read is the SDK's own timeout (which closes the connection
+            # cleanly); this one ends only a reply that keeps arriving, slowly.
+            async with asyncio.timeout(self.options.timeout + 0.25):
+                return await ep.client.chat.completions.with_raw_response.create(**kwargs)
+        except TimeoutError:
+            raise _TookTooLong() from None
+        except OffHostRedirect as e:
+            raise BackendError(redirect_message(ep.url, e)) from None
+
     def interpret(self, key: str, completion: Any, estimate: int) -> CaptionResult:
-        """A chat completion (the SDK's object) as a caption outcome, priced."""
+        """A chat completion (the SDK's object) as a caption outcome, priced. Token counts the request
+        cannot have used (negative, or far over what it sent and --max-tokens) make it an error whose cost
+        is the worst case reserved for it: a reply's word is not a price."""
         choice = completion.choices[0]
         message = choice.message
         usage = getattr(completion, "usage", None)
         in_tok = getattr(usage, "prompt_tokens", None) if usage else None
         out_tok = getattr(usage, "completion_tokens", None) if usage else None
-        text = (message.content or "").strip()
+        text = (message.content or "").strip() if isinstance(message.content, str) else ""
         if in_tok is None:
             in_tok = estimate
         if out_tok is None:
             out_tok = text_tokens(text)
+        impossible = _impossible_usage(in_tok, out_tok, estimate, self.options.max_tokens)
+        if impossible:
+            worst = self.price(estimate, self.options.max_tokens)
+            # Not "malformed reply" (the server's failure, held and asked again): it answered, and billed.
+            return CaptionResult(key, ERROR, error=f"impossible reply: {impossible}", cost_usd=worst)
         cost = self.price(in_tok, out_tok)
         result = CaptionResult(key, OK, input_tokens=in_tok, output_tokens=out_tok, cost_usd=cost)
         refusal = getattr(message, "refusal", None)
@@ -547,36 +658,50 @@ class _SampleError(Exception):
         self.transient = transient  # the server's failure (5xx, timeout, connection), not the request's
 
 
+@dataclass
+class _RunState:
+    """What one worker's run has learned of the server, kept across its shards."""
+
+    last_success: float  # when an endpoint last answered (or the run began)
+    answered: bool = False  # before any answer, failures are the job's (the breaker), not an outage
+
+
 class _FirstErrorsBreaker:
     """Holds the server's errors until the next success: only an answer after them shows that the
     server is up and the error was the sample's own. Until then they are not recorded, so a run that
     stops (an ``Outage``) leaves those samples for the rerun. The same error five times before any
-    success is the job's problem (an unsupported parameter, a model the server does not have, a
-    server that fails every request), not five images' problems: the run stops with it."""
+    success in the run is the job's problem (an unsupported parameter, a model the server does not
+    have, a server that fails every request), not five images' problems: the run stops with it."""
 
-    def __init__(self, on_result: Callable[[CaptionResult], None]) -> None:
+    def __init__(self, on_result: Callable[[CaptionResult], None], run: _RunState) -> None:
         self.on_result = on_result
-        self.held: list[CaptionResult] = []
-        self.seen_success = False
+        self.held: list[tuple[CaptionResult, CaptionRequest]] = []
+        self.run = run
 
-    def report(self, result: CaptionResult) -> None:
+    def report(self, result: CaptionResult, request: CaptionRequest, started: float) -> None:
+        """``started``: when the request was first sent. A server error with an answer from the server
+        since then (to another request) is the sample's own: recorded at once."""
         error = result.error or ""
-        if result.status == ERROR and _server_error(error):
-            self.held.append(result)
-            if not self.seen_success and len(self.held) >= _BREAKER_THRESHOLD and len({r.error for r in self.held}) == 1:
+        if result.status == ERROR and _server_error(error) and not (self.run.answered and self.run.last_success > started):
+            self.held.append((result, request))
+            errors = {r.error for r, _ in self.held}
+            if not self.run.answered and len(self.held) >= _BREAKER_THRESHOLD and len(errors) == 1:
                 raise BackendError(
                     f"the server failed the first {len(self.held)} requests with: {error}; "
                     "nothing was recorded for them: fix the job (or wait for the server) and rerun"
                 )
             return
         if result.status != ERROR:
-            self.seen_success = True
+            self.run.answered = True
             self.flush()
         self.on_result(result)
 
-    def flush(self) -> None:
+    def take_held(self) -> list[tuple[CaptionResult, CaptionRequest]]:
         held, self.held = self.held, []
-        for r in held:
+        return held
+
+    def flush(self) -> None:
+        for r, _ in self.take_held():
             self.on_result(r)
 
 
@@ -585,6 +710,18 @@ def _server_error(error: str) -> bool:
     if error.startswith("HTTP "):
         return "image" not in error.lower()
     return error.startswith(("timed out", "connection failed", "malformed reply"))
+
+
+def _impossible_usage(in_tok: Any, out_tok: Any, estimate: int, max_tokens: int) -> str | None:
+    """Why a reply's token counts cannot be true for the request sent, or None."""
+    if not isinstance(in_tok, int) or not isinstance(out_tok, int) or in_tok < 0 or out_tok < 0:
+        return f"the server reported impossible token counts ({in_tok!r} input, {out_tok!r} output)"
+    if in_tok > _INPUT_SLACK * estimate + _INPUT_EXTRA or out_tok > max_tokens + _OUTPUT_EXTRA:
+        return (
+            f"the server reported {in_tok} input and {out_tok} output tokens for a request of about {estimate} "
+            f"input tokens and at most {max_tokens} output tokens"
+        )
+    return None
 
 
 def _message(e: Any) -> str:
