@@ -28,12 +28,11 @@ from typing import Any
 from lenscap.core.commits import atomic_write_json
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import DatasetError, UsageError
-from lenscap.core.layout import MANIFEST_NAME, OLD_WORK_DIR_NAME, WORK_DIR_NAME, shard_name
+from lenscap.core.layout import LOCK_ENTRIES, MANIFEST_NAME, OLD_WORK_DIR_NAME, WORK_DIR_NAME, shard_name
 
 __all__ = ["open_output", "claim_output", "input_shards", "CLAIM_FILE"]
 
 CLAIM_FILE = "claim.json"
-_LOCK = "lock"
 
 
 def _inside(inner: str, outer: str) -> bool:
@@ -111,9 +110,11 @@ def _holds_anything(out: Dataset) -> bool:
     if set(out.names()) - {MANIFEST_NAME, WORK_DIR_NAME}:
         return True
     work = out.work_dir
-    for root, _, files in os.walk(work):
+    for root, dirs, files in os.walk(work):
+        if root == str(work):
+            dirs[:] = [d for d in dirs if d not in LOCK_ENTRIES]
         for name in files:
-            if root == str(work) and name in (_LOCK, CLAIM_FILE):
+            if root == str(work) and (name in LOCK_ENTRIES or name == CLAIM_FILE):
                 continue
             if os.path.getsize(os.path.join(root, name)):
                 return True
@@ -213,5 +214,5 @@ def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def clear_output(out: Dataset) -> None:
     """Empty an output lenscap wrote, keeping its lock: stats files first (no shard stays complete), then
     everything else, the claim last."""
-    out.clear(keep={_LOCK, CLAIM_FILE})
+    out.clear(keep={*LOCK_ENTRIES, CLAIM_FILE})
     (out.work_dir / CLAIM_FILE).unlink(missing_ok=True)

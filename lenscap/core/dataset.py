@@ -29,6 +29,8 @@ from lenscap.core.errors import DatasetError
 from lenscap.core.image_source import TarReader, image_locations, images_ref, open_image_source, with_locations
 from lenscap.core.layout import (
     IMAGE_OFFSET,
+    LOCK_ENTRIES,
+    LOCK_NAME,
     MANIFEST_NAME,
     WORK_DIR_NAME,
     adopt_old_work_dir,
@@ -195,7 +197,7 @@ class Dataset:
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise DatasetError(f"output directory {self.location} exists and is a file")
             adopt_old_work_dir(Path(self.root))
-        return self.work_dir / "lock"
+        return self.work_dir / LOCK_NAME
 
     def shared_dir(self, name: str) -> Path | str:
         """A directory every node of a cluster can write, for ``name``: the work directory's own for a
@@ -457,7 +459,7 @@ class Dataset:
         finished. A remote dataset that holds nothing (new, or deleted since) owns nothing of its work
         directory here but the lock: the rest is an earlier output's, and goes."""
         if self.remote and not any(n != WORK_DIR_NAME for n in self.names()):
-            self.clear_work_dir(keep={"lock"})
+            self.clear_work_dir(keep=LOCK_ENTRIES)
             return 0
         finished = commits.recover(self)
         if self.remote:  # what no journal names: a write a crash cut short

@@ -22,6 +22,8 @@ __all__ = [
     "MANIFEST_NAME",
     "WORK_DIR_NAME",
     "OLD_WORK_DIR_NAME",
+    "LOCK_NAME",
+    "LOCK_ENTRIES",
     "IMAGE_EXT",
     "IMAGE_OFFSET",
     "IMAGE_SIZE",
@@ -38,6 +40,10 @@ __all__ = [
 MANIFEST_NAME = "lenscap.json"
 WORK_DIR_NAME = ".lenscap"
 OLD_WORK_DIR_NAME = "_lenscap"  # lenscap before 0.2
+LOCK_NAME = "lock"  # in the work directory: the lock of the command writing the dataset (lenscap.core.lock)
+# The lock and what lenscap.core.lock keeps beside it (the registry of the owner's workers, the file held
+# while a stale lock is broken): never cleared while the lock is held.
+LOCK_ENTRIES = frozenset({LOCK_NAME, f"{LOCK_NAME}.procs", f"{LOCK_NAME}.break"})
 IMAGE_EXT = "jpg"
 # Where a row's image lies in its shard's tar, in the dataset holding the images.
 IMAGE_OFFSET, IMAGE_SIZE = "image_offset", "image_size"
