@@ -142,3 +142,80 @@ def test_max_cost_stops_cleanly_and_resumes_without_paying_twice(tmp_path):
         assert sorted(successes[s] for s in shas.values()) == [1] * 40, "no caption paid twice"
     spent = sum(row["caption_cost_usd"] for row in rows(tmp_path / "out").values())
     assert json.loads(r.stdout)["spent_usd"] == pytest.approx(spent, abs=1e-4)
+
+
+class _TimedFake(FakeOpenAI):
+    """The fake server, noting when each caption request arrived and with which key."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.arrivals: list[tuple[float, str]] = []
+
+    async def _route(self, method, path, query, headers, body):
+        if path == "/v1/chat/completions":
+            self.arrivals.append((time.monotonic(), headers.get("authorization", "")))
+        return await super()._route(method, path, query, headers, body)
+
+
+def _processes_marked(marker: bytes) -> list[int]:
+    """The live worker processes whose environment holds ``marker`` (a killed run's, whoever their parent is now)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "environ").read_bytes():
+                cmdline = (entry / "cmdline").read_bytes()
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if b"spawn_main" in cmdline and b"resource_tracker" not in cmdline and state != "Z":
+                    found.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return found
+
+
+def _lock_owner(out: Path) -> int | None:
+    try:
+        return json.loads((out / ".lenscap" / "lock").read_text())["pid"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def test_sigkill_of_the_parent_leaves_no_worker_paying_and_no_rerun_beside_one(tmp_path):
+    """``lenscap caption --processes 2`` SIGKILLed (the parent only: its workers are orphaned) while its
+    workers start or run: no request of the killed run reaches the server 1.2 s after the kill, no
+    worker of it is alive 5 s after, and a rerun started at once never holds the lock while one lives."""
+    src = write_image_dataset(tmp_path / "in", 60, per_shard=15)
+    with _TimedFake(latency_s=0.2) as fake:
+        for i, after_s in enumerate((1.0, 1.8, 2.6)):
+            out = tmp_path / f"out{i}"
+            args = [sys.executable, "-m", "lenscap.cli", "caption", str(src.path), str(out), "--base-url", fake.base_url]
+            args += ["--no-cache", "--concurrency", "2", "--processes", "2", "--quiet"]
+
+            def start(key: str, marker: str, args: list[str] = args) -> subprocess.Popen:
+                env = {**os.environ, "OPENAI_API_KEY": key, "LENSCAP_CACHE_DIR": str(tmp_path / "cache"), "T_RUN": marker}
+                return subprocess.Popen(args, env=env, start_new_session=True, stderr=subprocess.DEVNULL)
+
+            old_marker = f"T_RUN=old{i}\0".encode()
+            first = start("sk-old", f"old{i}")
+            time.sleep(max(0.0, after_s - 0.05))
+            assert first.poll() is None, "the run ended before the kill"
+            os.kill(first.pid, signal.SIGKILL)
+            killed = time.monotonic()
+            rerun = start("sk-new", f"new{i}")
+            beside: list[tuple[float, list[int]]] = []
+            try:
+                while time.monotonic() < killed + 5:
+                    survivors = _processes_marked(old_marker)
+                    if survivors and _lock_owner(out) == rerun.pid:
+                        beside.append((time.monotonic() - killed, survivors))
+                    time.sleep(0.01)
+                survivors = _processes_marked(old_marker)
+            finally:
+                for pid in _processes_marked(old_marker):
+                    os.kill(pid, signal.SIGKILL)
+                os.killpg(rerun.pid, signal.SIGKILL)
+                rerun.wait()
+                first.wait()
+            late = [t - killed for t, key in fake.arrivals if key == "Bearer sk-old" and t > killed + 1.2]
+            assert not late, f"killed at {after_s} s: requests of the killed run {late} s after the kill"
+            assert not survivors, f"killed at {after_s} s: workers {survivors} alive 5 s after the kill"
+            assert not beside, f"killed at {after_s} s: the rerun held the lock beside live workers {beside}"

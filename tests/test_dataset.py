@@ -470,3 +470,49 @@ def test_a_local_path_and_a_file_url_read_through_one_filesystem_interface(tmp_p
     shard_bytes, total = src.disk_usage()
     assert shard_bytes == sum(p.stat().st_size for p in (tmp_path / "raw").iterdir() if p.name[0].isdigit())
     assert total >= shard_bytes + (tmp_path / "raw" / "lenscap.json").stat().st_size
+
+
+LENSCAPS = {
+    "00000.tar": b"t",
+    "00000.parquet": b"p",
+    "00000_stats.json": b"{}",
+    ".00001.parquet.tmp": b"cut short",
+    "lenscap.json": b"{}",
+    "shards.json": b"{}",
+    "sizes.json": b"{}",
+    "README.md": b"---\nlicense: other\ntags:\n- lenscap\n- image-captioning\n---\n\n# A card\n",
+    "data/train-00000-of-00001.parquet": b"p",
+    "dedup/report.json": b"{}",
+    "dedup/clusters.parquet": b"p",
+}
+PERSONS = {
+    "notes.txt": b"mine",
+    "sub/z.txt": b"z",
+    "data/mine.csv": b"a,b",
+    "dedup/my-notes.md": b"x",
+    "mydataset/00000.tar": b"t",
+    "mydataset/00000_stats.json": b"{}",
+    "mydataset/lenscap.json": b"{}",
+}
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_clear_removes_only_what_lenscap_wrote(tmp_path, where):
+    """``--overwrite``'s clearing, on a local and a remote dataset: lenscap's files go, a person's stay."""
+    ds = Dataset(tmp_path / "out" if where == "local" else f"memory://clear-{os.getpid()}/out", work_dir=tmp_path / "work")
+    for name, data in {**LENSCAPS, **PERSONS}.items():
+        ds.fs.makedirs(ds.file(name).rsplit("/", 1)[0], exist_ok=True)
+        ds.fs.pipe_file(ds.file(name), data)
+    ds.clear()
+    left = {p[len(ds.root.rstrip("/")) + 1 :] for p in ds.fs.find(ds.root)}
+    assert left == set(PERSONS)
+    ds.fs.rm(ds.root, recursive=True)
+
+
+def test_clear_keeps_a_readme_that_is_not_lenscaps_card(tmp_path):
+    ds = Dataset(tmp_path / "out")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "README.md").write_text("---\ntags:\n- mine\n---\n# My project, which mentions - lenscap\n")
+    (tmp_path / "out" / "00000_stats.json").write_text("{}")
+    ds.clear()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md"]

@@ -105,3 +105,84 @@ def test_two_processes_that_find_a_lock_stale_do_not_both_take_it(tmp_path, monk
         assert "pid" in str(e)
     assert json.loads(path.read_text())["command"] == "A"  # A's lock is still there
     assert not path.with_name("lock.break").exists()
+
+
+# -- a dead owner's workers -----------------------------------------------------------------------
+
+REGISTERED = """
+import sys, time
+from lenscap.core.lock import register_process
+register_process([sys.argv[1]])
+print("registered", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _dead_owner(lock_file) -> int:
+    """A lock file left by a process that is gone (killed: it could not release it)."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    owner = {"host": socket.gethostname(), "pid": proc.pid, "started": "1", "since": "then", "command": "lenscap caption"}
+    lock_file.write_text(json.dumps(owner))
+    return proc.pid
+
+
+def _registered_worker(lock_file, lives_s: float) -> subprocess.Popen:
+    worker = subprocess.Popen(
+        [sys.executable, "-c", REGISTERED, str(lock_file) + ".procs", str(lives_s)], stdout=subprocess.PIPE, text=True
+    )
+    assert worker.stdout.readline().strip() == "registered"
+    return worker
+
+
+def test_a_dead_owners_live_worker_keeps_its_lock(tmp_path, monkeypatch):
+    """The owner was SIGKILLed but a worker it started still runs (paying for captions): a rerun must not
+    run beside it. It waits a little for the worker to exit, then refuses (exit 5), naming it."""
+    from lenscap.core import lock as lock_module
+    from lenscap.core.errors import Locked
+
+    monkeypatch.setattr(lock_module, "SURVIVOR_WAIT_S", 0.5)
+    lock_file = tmp_path / "out" / ".lenscap" / "lock"
+    owner = _dead_owner(lock_file)
+    worker = _registered_worker(lock_file, 60)
+    try:
+        start = time.monotonic()
+        try:
+            output_lock(tmp_path / "out").acquire()
+            raise AssertionError("took over a lock while the old run's worker was alive")
+        except Locked as e:
+            assert f"pid(s) {worker.pid}, worker(s) of the lenscap process {owner} that is gone" in str(e)
+        assert time.monotonic() - start >= 0.5
+        assert json.loads(lock_file.read_text())["pid"] == owner  # not taken over
+    finally:
+        worker.kill()
+        worker.wait()
+    with output_lock(tmp_path / "out"):  # the worker is gone now: the lock is stale, and its registry cleared
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    assert not lock_file.exists() and not (tmp_path / "out" / ".lenscap" / "lock.procs").exists()
+
+
+def test_a_rerun_waits_for_a_dead_owners_worker_that_is_exiting(tmp_path):
+    """A worker's watch of its parent ends it within a quarter of a second: the rerun waits, then goes on."""
+    lock_file = tmp_path / "out" / ".lenscap" / "lock"
+    _dead_owner(lock_file)
+    worker = _registered_worker(lock_file, 0.3)
+    with output_lock(tmp_path / "out"):
+        assert worker.poll() is not None, "took the lock while the worker was alive"
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+    worker.wait()
+
+
+def test_local_workers_register_under_the_lock_their_parent_holds(tmp_path):
+    from lenscap.core.executors import LocalExecutor
+    from tests.test_executors import WherePid
+
+    registry = tmp_path / "out" / ".lenscap" / "lock.procs"
+    seen: dict[int, dict] = {}
+    with output_lock(tmp_path / "out"):
+        assert LocalExecutor(2).run(WherePid(), [0, 1, 2, 3], lambda i, r: seen.__setitem__(i, r), {}) is None
+        workers = {r["pid"] for r in seen.values()}
+        assert workers and os.getpid() not in workers
+        assert workers <= {int(p.name) for p in registry.iterdir()}
+    assert not registry.exists(), "the workers are gone once the pool ends: their registrations go at release"

@@ -162,6 +162,65 @@ def test_a_directory_lenscap_did_not_make_is_refused(tmp_path):
         assert (mine / "README.md").read_text() == "my notes"
 
 
+def test_overwrite_removes_only_what_lenscap_wrote(tmp_path):
+    """A person's notes and a dataset they put inside an output are not lenscap's: --overwrite keeps them."""
+    src = write_image_dataset(tmp_path / "in", 8, per_shard=4)
+    out = tmp_path / "out"
+    ok("filter", str(src.path), str(out), "--min-side", "100")
+    (out / "notes.txt").write_text("my notes")
+    (out / "sub").mkdir()
+    (out / "sub" / "z.txt").write_text("z")
+    (out / "data").mkdir()  # a folder whose name an export uses, holding the person's file
+    (out / "data" / "mine.csv").write_text("a,b")
+    mine = write_image_dataset(out / "mydataset", 4, per_shard=4)
+    kept = {p.relative_to(out): p.read_bytes() for p in [*out.rglob("*")] if p.is_file() and ".lenscap" not in p.parts}
+    kept = {k: v for k, v in kept.items() if k.parts[0] in ("notes.txt", "sub", "data", "mydataset")}
+    stats = json.loads((out / "00000_stats.json").read_text())
+    (out / "00000_stats.json").write_text(json.dumps({**stats, "old": True}))  # to see that it goes
+
+    ok("filter", str(src.path), str(out), "--min-side", "10", "--overwrite")
+    for rel, data in kept.items():
+        assert (out / rel).read_bytes() == data, f"--overwrite touched {rel}"
+    assert mine.completed_ids() == [0]
+    assert json.loads((out / "lenscap.json").read_text())["parameters"]["rules"]["min_side"] == 10
+    assert "old" not in json.loads((out / "00000_stats.json").read_text()), "lenscap's own files go"
+
+
+def test_a_folder_with_its_own_lenscap_json_or_an_empty_work_dir_is_not_lenscaps(tmp_path):
+    """A project's ``lenscap.json`` (not a manifest lenscap wrote) or an empty ``.lenscap/`` does not make a
+    folder lenscap's: refused, naming what is there, --overwrite included; nothing of it is removed."""
+    src = write_image_dataset(tmp_path / "in", 8, per_shard=4)
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "lenscap.json").write_text(json.dumps({"name": "my project"}))
+    (project / "thesis.docx").write_bytes(b"years of work")
+    for extra in ([], ["--overwrite"]):
+        err = refused("filter", str(src.path), str(project), *extra)
+        assert "lenscap.json, thesis.docx" in err and "not a manifest lenscap wrote" in err
+        assert "--overwrite" not in err and len(err.strip().splitlines()) == 1
+    assert (project / "thesis.docx").read_bytes() == b"years of work"
+
+    folder = tmp_path / "folder"
+    (folder / ".lenscap").mkdir(parents=True)
+    (folder / "thesis.docx").write_bytes(b"years of work")
+    err = refused("filter", str(src.path), str(folder), "--overwrite")
+    assert "not empty (thesis.docx)" in err and "not written by lenscap" in err
+    assert (folder / "thesis.docx").read_bytes() == b"years of work"
+
+
+def test_an_output_written_before_the_manifest_marker_still_resumes(tmp_path):
+    src = write_image_dataset(tmp_path / "in", 8, per_shard=4)
+    out = tmp_path / "out"
+    ok("filter", str(src.path), str(out), "--min-side", "100")
+    manifest = json.loads((out / "lenscap.json").read_text())
+    assert manifest["format"] == "lenscap-dataset/1"
+    del manifest["format"]  # as lenscap wrote it before the marker, and before claims
+    (out / "lenscap.json").write_text(json.dumps(manifest))
+    (out / ".lenscap" / "claim.json").unlink()
+    ok("filter", str(src.path), str(out), "--min-side", "100")
+    assert Dataset.open(out).completed_ids() == [0, 1]
+
+
 def test_two_commands_on_one_output_take_the_same_lock(tmp_path):
     src = write_image_dataset(tmp_path / "ds", 8, per_shard=4)
     out = tmp_path / "out"

@@ -329,3 +329,38 @@ def test_report_with_sample_0_in_process_with_a_png(tmp_path):
     code, out, err = run_cli_here("report", str(src), "--sample", "0", "--png", str(tmp_path / "sheet.png"), "--json")
     assert code == 0, err
     assert json.loads(out)["samples_shown"] == 0 and (tmp_path / "sheet.png").stat().st_size > 0
+
+
+def test_report_replaces_only_a_report_it_wrote(tmp_path):
+    """``--out``/``--png`` naming an existing file that is not lenscap's report: exit 2, one line, the file
+    kept. A report or contact sheet lenscap wrote (today's, or a page from before its mark) is replaced."""
+    from conftest import run_cli_here
+
+    from lenscap.demo.datasets import write_image_dataset
+
+    src = write_image_dataset(tmp_path / "ds", 4, per_shard=2)
+    precious = tmp_path / "precious.txt"
+    precious.write_text("my thesis")
+    code, _, err = run_cli_here("report", str(src.path), "--out", str(precious), "--quiet")
+    assert (
+        code == 2
+        and err.strip()
+        == f"lenscap: error: {precious} exists and is not a report lenscap wrote; name another file, or move it away first"
+    )
+    assert precious.read_text() == "my thesis"
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (4, 4)).save(photo)
+    code, _, err = run_cli_here("report", str(src.path), "--out", str(tmp_path / "r.html"), "--png", str(photo))
+    assert code == 2 and f"{photo} exists and is not a report lenscap wrote" in err
+    assert not (tmp_path / "r.html").exists(), "refused before anything is written"
+    (src.path / "report.html").write_text("<html>my own page</html>")  # the default --out
+    assert run_cli_here("report", str(src.path))[0] == 2
+    (src.path / "report.html").unlink()
+
+    for _ in range(2):  # its own page and sheet, written again
+        code, _, err = run_cli_here("report", str(src.path), "--out", str(tmp_path / "r.html"), "--png", str(tmp_path / "s.png"))
+        assert code == 0, err
+    old = "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>lenscap report: ds</title></head></html>"
+    (tmp_path / "r.html").write_text(old)  # a page lenscap wrote before the generator tag
+    assert run_cli_here("report", str(src.path), "--out", str(tmp_path / "r.html"))[0] == 0
+    assert "name='generator' content='lenscap report'" in (tmp_path / "r.html").read_text()

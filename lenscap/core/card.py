@@ -10,9 +10,25 @@ import json
 
 import pyarrow as pa
 
-__all__ = ["CARD_NAME", "HF_DTYPES", "LICENCE", "front_matter", "human", "size_category", "webdataset_features"]
+__all__ = [
+    "CARD_NAME",
+    "is_lenscap_card",
+    "HF_DTYPES",
+    "LICENCE",
+    "front_matter",
+    "human",
+    "size_category",
+    "webdataset_features",
+]
 
 CARD_NAME = "README.md"
+
+
+def is_lenscap_card(text: str) -> bool:
+    """Whether ``text`` is a card lenscap wrote: its front matter's tags name lenscap (``front_matter``),
+    where a person's README.md is theirs and stays."""
+    return text.startswith("---\n") and "\n- lenscap\n" in text.split("\n---\n", 1)[0] + "\n"
+
 
 HF_DTYPES = {
     pa.string(): "string",

@@ -4,15 +4,16 @@ Every command that writes a dataset from another goes through here, before and a
 output's lock:
 
 - ``open_output``: the output may not be the input, nor lie inside it (or it inside the output);
-  a non-empty directory that lenscap did not make (no ``lenscap.json``, no private directory) is
-  refused, so no user file is ever overwritten; then the output is created.
+  a non-empty directory that lenscap did not make (no claim, no ``lenscap.json`` that lenscap wrote)
+  is refused, naming what is there, so no user file is ever overwritten; then the output is created.
 - ``claim_output``, under the lock: ``.lenscap/claim.json`` records the command, the input (its
   location, its dataset id, and a digest of each completed input shard's stats) and the settings
   that decide the output's content. A rerun with the same input and settings resumes. Another
   input, an input shard that changed since, or other settings, into an output that holds anything,
   is refused (``DatasetError``, exit 2) naming what differs; ``overwrite`` clears the output first.
-  Clearing removes every shard's ``_stats.json`` first, then the rest, and the old claim last, so a
-  kill leaves either the old job's results (a subset) under the old claim, or an empty output.
+  Clearing removes only what lenscap wrote (``Dataset.clear``): every shard's ``_stats.json`` first,
+  then the rest, and the old claim last, so a kill leaves either the old job's results (a subset)
+  under the old claim, or an empty output. A file lenscap did not write stays.
 - ``input_shards``: an input with incomplete shards (a download still running, a stage that
   failed) is refused, naming them, unless ``allow_incomplete``; then they are left out and named in
   the output's manifest.
@@ -28,12 +29,12 @@ from typing import Any
 from lenscap.core.commits import atomic_write_json
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import DatasetError, UsageError
-from lenscap.core.layout import MANIFEST_NAME, OLD_WORK_DIR_NAME, WORK_DIR_NAME, shard_name
+from lenscap.core.layout import LOCK_ENTRIES, MANIFEST_NAME, OLD_WORK_DIR_NAME, WORK_DIR_NAME, shard_name
+from lenscap.core.manifest import is_lenscap_manifest
 
 __all__ = ["open_output", "claim_output", "input_shards", "CLAIM_FILE"]
 
 CLAIM_FILE = "claim.json"
-_LOCK = "lock"
 
 
 def _inside(inner: str, outer: str) -> bool:
@@ -63,21 +64,31 @@ def open_output(out_dir: str | os.PathLike[str] | Dataset, src: Dataset | None, 
         raise DatasetError(f"output directory {out.location} exists and is a file")
     foreign = _foreign_entries(out)
     if foreign:
-        shown = ", ".join(sorted(foreign)[:3]) + (", ..." if len(foreign) > 3 else "")
+        shown = ", ".join(sorted(foreign)[:5]) + (f", ... ({len(foreign)} entries)" if len(foreign) > 5 else "")
+        why = f" (its {MANIFEST_NAME} is not a manifest lenscap wrote)" if MANIFEST_NAME in foreign else ""
         raise DatasetError(
-            f"{out.location} is not empty ({shown}) and was not written by lenscap; "
+            f"{out.location} is not empty ({shown}) and was not written by lenscap{why}; "
             f"{command} writes only into a new or empty directory, or one it wrote before"
         )
     return Dataset.create(out)
 
 
 def _foreign_entries(out: Dataset) -> list[str]:
-    """The entries of a non-empty output that lenscap did not make; [] if it made it (or it is empty)."""
+    """The entries of a non-empty output that lenscap did not make; [] if it made it (or nothing is there
+    but a work directory). A directory is lenscap's by its claim, or by a manifest lenscap wrote (its
+    format marker: ``is_lenscap_manifest``), never by a file name alone: a project's own ``lenscap.json``
+    or an empty ``.lenscap/`` does not make a folder lenscap's."""
     if (out.work_dir / CLAIM_FILE).exists():  # claimed from this machine (a remote output's work directory is here)
         return []
-    names = out.names()
-    if not names or MANIFEST_NAME in names or WORK_DIR_NAME in names or OLD_WORK_DIR_NAME in names:
+    names = [name for name in out.names() if name not in (WORK_DIR_NAME, OLD_WORK_DIR_NAME)]
+    if not names:
         return []
+    if MANIFEST_NAME in names:
+        try:
+            if is_lenscap_manifest(out.read_manifest()):
+                return []
+        except DatasetError:  # not JSON: not lenscap's
+            pass
     return names
 
 
@@ -111,9 +122,11 @@ def _holds_anything(out: Dataset) -> bool:
     if set(out.names()) - {MANIFEST_NAME, WORK_DIR_NAME}:
         return True
     work = out.work_dir
-    for root, _, files in os.walk(work):
+    for root, dirs, files in os.walk(work):
+        if root == str(work):
+            dirs[:] = [d for d in dirs if d not in LOCK_ENTRIES]
         for name in files:
-            if root == str(work) and name in (_LOCK, CLAIM_FILE):
+            if root == str(work) and (name in LOCK_ENTRIES or name == CLAIM_FILE):
                 continue
             if os.path.getsize(os.path.join(root, name)):
                 return True
@@ -213,5 +226,5 @@ def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def clear_output(out: Dataset) -> None:
     """Empty an output lenscap wrote, keeping its lock: stats files first (no shard stays complete), then
     everything else, the claim last."""
-    out.clear(keep={_LOCK, CLAIM_FILE})
+    out.clear(keep={*LOCK_ENTRIES, CLAIM_FILE})
     (out.work_dir / CLAIM_FILE).unlink(missing_ok=True)

@@ -25,11 +25,15 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from lenscap.core import commits
+from lenscap.core.card import CARD_NAME, is_lenscap_card
 from lenscap.core.errors import DatasetError, disk_full
 from lenscap.core.image_source import TarReader, image_locations, images_ref, open_image_source, with_locations
 from lenscap.core.layout import (
     IMAGE_OFFSET,
+    LOCK_ENTRIES,
+    LOCK_NAME,
     MANIFEST_NAME,
+    OWN_FOLDERS,
     WORK_DIR_NAME,
     adopt_old_work_dir,
     completed_in,
@@ -37,6 +41,7 @@ from lenscap.core.layout import (
     shards_in,
     stats_name,
     tar_name,
+    written_by_lenscap,
 )
 from lenscap.core.manifest import build_manifest
 from lenscap.core.record import Sample
@@ -195,7 +200,7 @@ class Dataset:
             if os.path.exists(self.root) and not os.path.isdir(self.root):
                 raise DatasetError(f"output directory {self.location} exists and is a file")
             adopt_old_work_dir(Path(self.root))
-        return self.work_dir / "lock"
+        return self.work_dir / LOCK_NAME
 
     def shared_dir(self, name: str) -> Path | str:
         """A directory every node of a cluster can write, for ``name``: the work directory's own for a
@@ -457,7 +462,7 @@ class Dataset:
         finished. A remote dataset that holds nothing (new, or deleted since) owns nothing of its work
         directory here but the lock: the rest is an earlier output's, and goes."""
         if self.remote and not any(n != WORK_DIR_NAME for n in self.names()):
-            self.clear_work_dir(keep={"lock"})
+            self.clear_work_dir(keep=LOCK_ENTRIES)
             return 0
         finished = commits.recover(self)
         if self.remote:  # what no journal names: a write a crash cut short
@@ -536,11 +541,24 @@ class Dataset:
             self.fs.rm(path, recursive=True)
 
     def clear(self, keep: Iterable[str] = ()) -> None:
-        """Remove everything of the dataset, stats files first (no shard stays complete), and of its work
-        directory everything but ``keep`` (the lock)."""
-        for name in sorted(self.names(), key=lambda n: not n.endswith("_stats.json")):
-            if self.remote or name != WORK_DIR_NAME:
-                self.fs.rm(self.file(name), recursive=True)
+        """Remove what lenscap wrote in the dataset, stats files first (no shard stays complete), and of its
+        work directory everything but ``keep`` (the lock). Only lenscap's files go (``written_by_lenscap``,
+        and the card where it is lenscap's): a person's notes, or a dataset put inside, stay."""
+        names = self.names()
+        doomed = [name for name in names if written_by_lenscap(name)]
+        for folder in OWN_FOLDERS:
+            if folder in names and self.fs.isdir(self.file(folder)):
+                inside = (f"{folder}/{_basename(p)}" for p in self.fs.ls(self.file(folder), detail=False))
+                doomed += [name for name in inside if written_by_lenscap(name)]
+        if CARD_NAME in names and is_lenscap_card(self.fs.cat_file(self.file(CARD_NAME)).decode("utf-8", "replace")):
+            doomed.append(CARD_NAME)
+        for name in sorted(doomed, key=lambda n: not n.endswith("_stats.json")):
+            self.fs.rm(self.file(name))
+        for folder in OWN_FOLDERS:  # left where something else is in it (an object store has no folders)
+            if not self.remote and folder in names and os.path.isdir(self.file(folder)) and not os.listdir(self.file(folder)):
+                os.rmdir(self.file(folder))
+        if self.remote and WORK_DIR_NAME in names:  # the store's staging (--executor ray): lenscap's own
+            self.fs.rm(self.file(WORK_DIR_NAME), recursive=True)
         self.clear_work_dir(keep)
 
     def clear_work_dir(self, keep: Iterable[str] = ()) -> None:

@@ -27,6 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Any, Protocol
 
 from lenscap.core.errors import LenscapError, MissingDependency, UsageError
+from lenscap.core.lock import held_registries, register_process
 
 __all__ = [
     "Task",
@@ -105,8 +106,11 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="lenscap-parent-watch", daemon=True).start()
 
 
-def _init_worker(task: Task, parent: int) -> None:
+def _init_worker(task: Task, parent: int, registries: list[str]) -> None:
     global _worker_task, _worker_refusal
+    # Registered before the parent is checked: a rerun that finds the parent dead then either sees this
+    # worker alive (and waits for it), or finds it gone; never a worker it does not know of at work.
+    register_process(registries)
     _exit_with_parent(parent)
     _worker_task = task
     try:
@@ -165,7 +169,9 @@ class LocalExecutor(Executor):
             return self._run_pool(self._kept[1], items, on_done, failed)  # a pool whose worker died is made again
         self.close()
         ctx = multiprocessing.get_context("spawn")
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(task, os.getpid()))
+        pool = ProcessPoolExecutor(
+            workers, mp_context=ctx, initializer=_init_worker, initargs=(task, os.getpid(), held_registries())
+        )
         if keep_workers:
             self._kept = (task, pool)
             return self._run_pool(pool, items, on_done, failed)

@@ -5,10 +5,19 @@ if it exists, the owner is checked: on this host, a pid that is gone, or that no
 process started at another time (a reused pid), marks the lock stale, and it is taken over (said
 on stderr). A lock held by a live process, or by another host (a shared filesystem: its liveness
 cannot be checked from here), is refused with ``Locked`` (exit code 5), naming the owner.
+
+A dead owner's lock is not stale while a process it started lives on: a worker of a local process
+pool registers itself (its pid and start time) in ``lock.procs/`` beside every lock its parent holds
+(``held_registries``, handed to the pool; ``register_process``, in the worker's initializer before it
+looks at its parent). A worker whose parent dies exits within a quarter of a second (see
+``lenscap.core.executors``), so a rerun that finds the owner gone but a worker alive waits a few
+seconds for it, then refuses with ``Locked``, naming it: a rerun never runs beside a survivor of
+the old run. (Ray's workers are not this machine's children and are not registered.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -21,9 +30,37 @@ from lenscap.core.dataset import Dataset
 from lenscap.core.errors import DatasetError, Locked
 from lenscap.core.progress import log
 
-__all__ = ["DirLock", "output_lock"]
+__all__ = ["DirLock", "output_lock", "held_registries", "register_process", "REGISTRY_SUFFIX", "BREAK_SUFFIX"]
 
 _HELD: dict[str, int] = {}  # lock files this process holds, with how many times
+REGISTRY_SUFFIX = ".procs"  # beside the lock file: the processes its owner started (``lock.procs/PID``)
+BREAK_SUFFIX = ".break"  # beside the lock file: held while a stale lock is removed
+# How long a rerun waits for a dead owner's surviving workers to exit before refusing.
+SURVIVOR_WAIT_S = 3.0
+
+
+def _registry(lock_file: Path) -> Path:
+    return lock_file.with_name(lock_file.name + REGISTRY_SUFFIX)
+
+
+def held_registries() -> list[str]:
+    """Where a process started now must register itself (``register_process``): the registry of every
+    lock this process holds. A local executor hands this list to its workers."""
+    return [str(_registry(Path(key))) for key in _HELD]
+
+
+def register_process(registries: list[str]) -> None:
+    """Record this process (pid and start time) as one the holder of these locks started, so that its
+    lock is not taken over while it lives (``DirLock``). Called by a worker before it checks its parent."""
+    pid = os.getpid()
+    for registry in registries:
+        try:
+            os.makedirs(registry, exist_ok=True)
+            tmp = os.path.join(registry, f".{pid}.tmp")
+            Path(tmp).write_text(_start_time(pid) or "")
+            os.replace(tmp, os.path.join(registry, str(pid)))
+        except OSError:
+            pass  # its output's directory is gone or read-only: the lock there protects nothing now
 
 
 def _start_time(pid: int) -> str | None:
@@ -42,8 +79,29 @@ def _alive(pid: int, started: str | None) -> bool:
         return False
     except PermissionError:
         return True  # it exists, under another user
+    if _zombie(pid):  # exited, not yet reaped (an orphan's new parent may never reap it): gone
+        return False
     now = _start_time(pid)
     return started is None or now is None or now == started
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _registered(registry: Path) -> list[tuple[Path, int, str | None]]:
+    """The processes in a lock's registry: (its file, pid, start time or None)."""
+    found = []
+    for entry in registry.iterdir() if registry.is_dir() else []:
+        if entry.name.isdigit():
+            try:
+                found.append((entry, int(entry.name), entry.read_text().strip() or None))
+            except OSError:
+                continue
+    return found
 
 
 class DirLock:
@@ -78,16 +136,20 @@ class DirLock:
             try:
                 fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             except FileExistsError:
-                if not self._stale(quiet=True):
+                if self._stale(quiet=True):
+                    self._break_stale()
+                elif self._owner_gone():
+                    self._wait_for_survivors()  # returns once they are gone, or refuses
+                else:
                     raise Locked(
                         f"{self.what} is being written by another lenscap process ({self._describe()}); "
                         "wait for it to finish, or stop it"
                     ) from None
-                self._break_stale()
                 continue
             with os.fdopen(fd, "wb") as f:
                 f.write(json.dumps(self._owner()).encode())
             _HELD[key] = 1
+            self._forget_gone()  # a dead run's workers, left registered
             return
         raise Locked(f"cannot take the lock on {self.what}: {self.path} keeps reappearing")
 
@@ -105,7 +167,7 @@ class DirLock:
         """Remove the stale lock, under a second lock (``lock.break``) and after checking it again there:
         two processes that both found it stale must not both go on, the second deleting the lock the
         first has just taken (as filelock's SoftFileLock re-checks before it deletes)."""
-        breaker = self.path.with_name(self.path.name + ".break")
+        breaker = self.path.with_name(self.path.name + BREAK_SUFFIX)
         try:
             fd = os.open(breaker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:  # another process is breaking it: look again after it
@@ -123,6 +185,39 @@ class DirLock:
         finally:
             breaker.unlink(missing_ok=True)
 
+    def _owner_gone(self) -> bool:
+        """Whether the lock's owner is a process of this host that is gone (or whose pid was reused)."""
+        owner = self._read()
+        if owner is None or owner.get("host") != socket.gethostname():
+            return False
+        return not _alive(int(owner["pid"]), owner.get("started"))  # type: ignore[arg-type]
+
+    def _survivors(self) -> list[int]:
+        """The processes the lock's owners started (its workers) that are still alive."""
+        return [pid for _, pid, started in _registered(_registry(self.path)) if _alive(pid, started)]
+
+    def _forget_gone(self) -> None:
+        """Remove the registrations of processes that are gone, and the registry if none is left."""
+        registry = _registry(self.path)
+        for entry, pid, started in _registered(registry):
+            if not _alive(pid, started):
+                entry.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            registry.rmdir()
+
+    def _wait_for_survivors(self) -> None:
+        """The owner is gone but a worker it started lives: a worker exits within a quarter of a second
+        of its parent's death, so wait a little for it; one that stays is refused, by pid."""
+        deadline = time.monotonic() + SURVIVOR_WAIT_S
+        while (survivors := self._survivors()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if survivors:
+            owner = self._read() or {}
+            raise Locked(
+                f"{self.what} is still being written by pid(s) {', '.join(map(str, survivors))}, worker(s) of "
+                f"the lenscap process {owner.get('pid')} that is gone; wait for them to exit, or stop them"
+            )
+
     def _stale(self, quiet: bool = False) -> bool:
         owner = self._read()
         if owner is None:  # unreadable or half-written: its writer died between create and write, or is writing now
@@ -130,9 +225,7 @@ class DirLock:
                 return time.time() - self.path.stat().st_mtime > 10
             except OSError:
                 return True
-        if owner.get("host") != socket.gethostname():
-            return False
-        if _alive(int(owner["pid"]), owner.get("started")):  # type: ignore[arg-type]
+        if not self._owner_gone() or self._survivors():
             return False
         if not quiet:
             log(f"taking over the lock on {self.what} from pid {owner.get('pid')}, which is gone")
@@ -147,6 +240,7 @@ class DirLock:
         owner = self._read()
         if owner is not None and owner.get("pid") == os.getpid() and owner.get("host") == socket.gethostname():
             self.path.unlink(missing_ok=True)
+        self._forget_gone()
         for made in reversed(getattr(self, "_made", [])):
             try:
                 made.rmdir()

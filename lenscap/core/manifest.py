@@ -21,7 +21,14 @@ from lenscap import __version__
 from lenscap.core.layout import shard_name
 from lenscap.core.storage import redact_url
 
-__all__ = ["shard_stats", "redact", "build_manifest"]
+__all__ = ["shard_stats", "redact", "build_manifest", "MANIFEST_FORMAT", "is_lenscap_manifest"]
+
+# The first field of every manifest lenscap writes: what tells its ``lenscap.json`` from a file of the
+# same name that a person or another tool wrote (a project's ``{"name": "my project"}``), so that
+# lenscap never takes a directory for its own, nor clears it, on a file name alone.
+MANIFEST_FORMAT = "lenscap-dataset/1"
+# The fields every manifest of lenscap before the marker held (a stage's and an export's alike).
+_OLD_FIELDS = ("lenscap_version", "stage", "history")
 
 # Parameter names whose values are never written anywhere (manifests, logs, summaries).
 _SECRET_NAME_RE = re.compile(r"(api_?key|secret|password|authorization)", re.IGNORECASE)
@@ -81,6 +88,7 @@ def build_manifest(
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     entry = {"stage": stage, "parameters": params, "input": input_path, "lenscap_version": __version__, "at": now}
     return {
+        "format": MANIFEST_FORMAT,
         "lenscap_version": __version__,
         "id": previous.get("id") or uuid.uuid4().hex,
         "stage": stage,
@@ -99,3 +107,13 @@ def build_manifest(
         "input_incomplete_shards": [shard_name(i) for i in input_incomplete or []],
         "history": [*(history or []), entry],
     }
+
+
+def is_lenscap_manifest(manifest: Any) -> bool:
+    """Whether ``manifest`` (a parsed ``lenscap.json``) is one lenscap wrote: it carries the format
+    marker, or it is an older one, with every field those held (so outputs written before resume)."""
+    if not isinstance(manifest, dict):
+        return False
+    if manifest.get("format") == MANIFEST_FORMAT:
+        return True
+    return all(k in manifest for k in _OLD_FIELDS) and isinstance(manifest["history"], list)

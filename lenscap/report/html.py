@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw, ImageFont, PngImagePlugin
 
 from lenscap import __version__
 from lenscap.audit.command import audit
@@ -47,9 +47,16 @@ __all__ = [
     "render_contact_sheet",
     "write_report",
     "run_report",
+    "written_by_report",
+    "GENERATOR",
 ]
 
 THUMB = 256
+# The mark of what report writes, in a page's head and a contact sheet's PNG text: an existing file is
+# replaced only where it carries it (``written_by_report``).
+GENERATOR = "lenscap report"
+_HTML_MARK = f"<meta name='generator' content='{GENERATOR}'>"
+_REPORT_MARKS = (_HTML_MARK.encode(), b"<title>lenscap report: ", b"Software\x00" + GENERATOR.encode())
 AUDIT_SAMPLES = 12  # flagged captions shown at most: each brings a thumbnail into the page
 _SHOWN_CHARS = 600  # of an OCR text or alt-text beside a flagged caption (the audit already cuts captions)
 _ROW_COLUMNS = (
@@ -358,7 +365,7 @@ def render_html(
         body.append(f"<section><h2>{len(samples)} sampled images</h2><div class='grid'>{figures}</div></section>")
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return (
-        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><meta name='viewport' content='width=device-width'>"
+        f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{_HTML_MARK}<meta name='viewport' content='width=device-width'>"
         f"<title>lenscap report: {_e(name)}</title><style>{_CSS}</style></head><body><header><h1>lenscap report: {_e(name)}</h1>"
         f"<p>{_e(info['path'])} &middot; stage {_e(info['stage'] or 'unknown')} &middot; lenscap {__version__} &middot; {when}</p>"
         f"</header><main>{''.join(body)}</main></body></html>"
@@ -487,6 +494,9 @@ def run_report(path: str | os.PathLike[str], options: ReportOptions) -> dict[str
     for target in (options.out, options.png):
         if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
             raise UsageError(f"cannot write {target}: its directory does not exist")
+    for target in (options.out or os.path.join(path, "report.html"), options.png):
+        if target is not None and os.path.lexists(target) and not written_by_report(Path(target)):
+            raise UsageError(f"{target} exists and is not a report lenscap wrote; name another file, or move it away first")
     written = write_report(path, options.out, options.sample, options.seed, options.png)
     return {"command": "report", **written, "exit_code": 0}
 
@@ -514,7 +524,9 @@ def write_report(
         )
     if png is not None:
         buf = io.BytesIO()
-        render_contact_sheet(samples).save(buf, "PNG")
+        sheet_info = PngImagePlugin.PngInfo()
+        sheet_info.add_text("Software", GENERATOR)  # its mark: a later report may replace it, and nothing else
+        render_contact_sheet(samples).save(buf, "PNG", pnginfo=sheet_info)
         _write(Path(png), buf.getvalue())
         written["png"] = str(png)
     return written
@@ -531,6 +543,18 @@ def _audit(ds: Dataset, info: dict[str, Any], n: int, seed: int) -> dict[str, An
         # E.g. the audit reads the schema of the first complete shard even when it is damaged, which
         # inspect and the sample leave out: the rest of the report still stands, and says why there is no audit.
         return {"error": str(e)}
+
+
+def written_by_report(path: Path) -> bool:
+    """Whether the file at ``path`` is a page or a contact sheet that ``report`` wrote, by the mark in its
+    first bytes (a page's generator tag, or the title every page had before it; a sheet's ``Software``
+    text): only such a file is replaced, never a file of the user's that happens to be named there."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:  # a directory, unreadable: not ours
+        return False
+    return any(mark in head for mark in _REPORT_MARKS)
 
 
 def _write(target: Path, data: bytes) -> None:

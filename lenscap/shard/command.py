@@ -47,6 +47,7 @@ from lenscap.core.executors import Executor, executor_for
 from lenscap.core.image_source import moved_image
 from lenscap.core.job import Job
 from lenscap.core.layout import IMAGE_EXT
+from lenscap.core.manifest import MANIFEST_FORMAT
 from lenscap.core.progress import say, start_progress
 from lenscap.core.result import EXIT_EMPTY, JobResult
 from lenscap.core.sql import literal, out_of_core
@@ -346,7 +347,8 @@ def _finish(src: Dataset, dst: Dataset, options: ShardOptions, index: Dataset, r
     made = {"stage": "shard", "parameters": options.identity(), "input": src.location}
     history = [*(src.read_manifest() or {}).get("history", []), {**made, "lenscap_version": __version__, "at": at}]
     counts = {"samples": summary["samples"], "left_out": left_out}
-    dst.put_bytes("lenscap.json", _json({"lenscap_version": __version__, **made, "history": history, "counts": counts}))
+    manifest = {"format": MANIFEST_FORMAT, "lenscap_version": __version__, **made, "history": history, "counts": counts}
+    dst.put_bytes("lenscap.json", _json(manifest))
     dst.put_bytes(CARD_NAME, write_card(dst.url, FORMATS[options.format], summary, history, index, _columns(index)).encode())
     result = JobResult(
         "shard",
