@@ -53,6 +53,8 @@ from lenscap.run.pipeline import run_recipe
 from lenscap.run.recipe import load_recipe
 from lenscap.shard.command import run_shard
 from lenscap.shard.options import ShardOptions
+from lenscap.verify.command import verify as _verify
+from lenscap.verify.options import VerifyOptions
 
 __all__ = [
     "download",
@@ -61,6 +63,7 @@ __all__ = [
     "dedup",
     "shard",
     "inspect",
+    "verify",
     "report",
     "audit",
     "estimate",
@@ -76,6 +79,7 @@ __all__ = [
     "ReportOptions",
     "AuditOptions",
     "EstimateOptions",
+    "VerifyOptions",
     "RunOptions",
     "JobResult",
     "ShardStage",
@@ -193,6 +197,13 @@ def estimate(options: EstimateOptions | None = None, /, **fields: Any) -> dict[s
 def inspect(path: Location) -> dict[str, Any]:
     """A summary of a dataset: shards, samples, statuses, errors, caption lengths, where its images live."""
     return {"command": "inspect", **inspect_dataset(path)}
+
+
+def verify(path: Location, options: VerifyOptions | None = None, /, *, quiet: bool = True, **fields: Any) -> dict[str, Any]:
+    """Read every byte of a dataset's complete shards and check each file against the size and SHA-256
+    its commit recorded: the ``--json`` object, whose ``exit_code`` is 1 when a shard is damaged
+    (``damaged_shards``). ``repair``: make the damaged shards incomplete, for the next run to write again."""
+    return _verify(path, _here(VerifyOptions.of(options, **fields)), quiet=quiet)
 
 
 def run_stage(

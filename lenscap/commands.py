@@ -15,6 +15,7 @@ from lenscap.inspect.options import InspectOptions
 from lenscap.report.options import ReportOptions
 from lenscap.run.options import RunOptions
 from lenscap.shard.options import ShardOptions
+from lenscap.verify.options import VerifyOptions
 
 __all__ = ["OPTIONS"]
 
@@ -30,6 +31,7 @@ OPTIONS: dict[str, type[Options]] = {
         AuditOptions,
         EstimateOptions,
         InspectOptions,
+        VerifyOptions,
         RunOptions,
         DemoOptions,
     )

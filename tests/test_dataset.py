@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -139,8 +140,10 @@ def test_stats_written_only_on_commit_with_right_counts(tmp_path):
         "stage_status": {},
         "errors": {"404 Not Found": 2, "timeout": 1},
         "stage": "test",
-        # What a resume checks the shard's files against (Dataset.damaged_shards).
+        # What a resume checks the shard's files against (Dataset.damaged_shards), and lenscap verify too.
         "files": {"00003.tar": ds.tar_path(3).stat().st_size, "00003.parquet": ds.parquet_path(3).stat().st_size},
+        "head_sha256": {n: hashlib.sha256((ds.path / n).read_bytes()[:4096]).hexdigest() for n in ("00003.tar", "00003.parquet")},
+        "sha256": {n: hashlib.sha256((ds.path / n).read_bytes()).hexdigest() for n in ("00003.tar", "00003.parquet")},
     }
     assert stats == expected
     assert ds.read_stats(3) == expected

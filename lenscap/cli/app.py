@@ -2,7 +2,7 @@
 
 Each command is generated from its options object (``lenscap.commands.OPTIONS``, ``build.py``); its
 callback calls the API with it and shows the result (``render.py``). Exit codes: docs/exit-codes.md
-(0 done, 1 some shards failed, 2 usage error, 3 internal error, 4 --max-cost reached, 5 locked,
+(0 done, 1 some shards failed or are damaged (verify), 2 usage error, 3 internal error, 4 --max-cost reached, 5 locked,
 6 an audit rule broken, 7 the output holds 0 samples, 130 interrupted).
 """
 
@@ -172,6 +172,9 @@ _RUNS = {
     "audit": _audit,
     "estimate": lambda args, options, common: _show("estimate", _api().estimate(options), options, common),
     "inspect": lambda args, options, common: _show("inspect", _api().inspect(args["path"]), options, common),
+    "verify": lambda args, options, common: _show(
+        "verify", _api().verify(args["path"], options, quiet=common.quiet), options, common
+    ),
     "run": _run,
     "demo": _demo,
 }
@@ -189,6 +192,7 @@ _ORDER = (
     "audit",
     "estimate",
     "inspect",
+    "verify",
     "run",
     "demo",
 )

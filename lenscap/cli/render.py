@@ -1,5 +1,5 @@
 """What each command shows a person: lines on stderr (not with ``--quiet`` or ``--json``) and, for the
-commands whose output is the point (inspect, estimate, audit, a dry run), text on stdout (not with
+commands whose output is the point (inspect, verify, estimate, audit, a dry run), text on stdout (not with
 ``--json``). Everything here reads a result or a summary; nothing decides anything."""
 
 from __future__ import annotations
@@ -138,6 +138,24 @@ def inspect(s: dict[str, Any], options: Any) -> Shown:
     return Shown()
 
 
+def verify(s: dict[str, Any], options: Any) -> Shown:
+    shards = s["shards"]
+    out = [f"damaged {name}: {why}" for name, why in s["damaged_shards"].items()]
+    out += [f"unchecked {name}: no SHA-256 recorded for {', '.join(files)}" for name, files in s["unchecked_shards"].items()]
+    out.append(
+        f"{s['path']}: {shards['checked']} complete shards, {shards['ok']} ok, {shards['unchecked']} unchecked, "
+        f"{shards['damaged']} damaged ({s['bytes_read']:,} bytes read)"
+    )
+    lines = []
+    if s.get("repaired"):
+        lines.append(
+            f"marked incomplete: {', '.join(s['repaired'])}; rerun the command that wrote {s['path']} to write them again"
+        )
+    elif shards["damaged"]:
+        lines.append(f"lenscap verify --repair {s['path']}, then rerun the command that wrote it, writes them again")
+    return Shown(lines, out)
+
+
 def run(s: dict[str, Any], options: Any) -> Shown:
     return Shown()  # each stage said its line as it ran
 
@@ -156,6 +174,7 @@ SHOWN = {
     "audit": audit,
     "estimate": estimate,
     "inspect": inspect,
+    "verify": verify,
     "run": run,
     "demo": demo,
 }

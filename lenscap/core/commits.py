@@ -5,7 +5,8 @@ dot names beside a local dataset, its work directory for a remote one). Then a s
 each file and where it comes from is written to ``.lenscap/pending/NNNNN.json``; then the shard's old
 ``_stats.json`` goes (so it never looks complete with a mix of old and new files), each file is put in
 place (a rename locally, an upload to a store, a move inside the store for a file staged there), and
-``_stats.json`` is written last, with each file's size (``Dataset.damaged_shards`` compares them); then
+``_stats.json`` is written last, with each file's size and checksums (``lenscap.core.checksums``:
+``Dataset.damaged_shards`` compares the cheap ones, ``lenscap verify`` all); then
 the journal goes. A crash at any point leaves either no trace of the new shard or a journal that
 ``recover`` rolls forward, so no reader ever sees a half-written shard that looks complete. "Crash"
 means the process dying (SIGKILL, out of memory, Ctrl-C); shard files are not fsynced, so a power loss
@@ -51,12 +52,18 @@ def _journal(ds: Dataset, shard_id: int) -> Path:
 
 def commit(ds: Dataset, shard_id: int, files: dict[str, Source], stats: dict[str, Any]) -> dict[str, Any]:
     """Put ``files`` (final name -> where it is now) in place in ``ds`` and mark the shard complete,
-    crash-safely; returns the stats written (``stats`` and the files' sizes)."""
+    crash-safely; returns the stats written (``stats`` and the files' sizes and checksums)."""
     journal = _journal(ds, shard_id)
     journal.parent.mkdir(parents=True, exist_ok=True)
-    # The size of each file, so a resume can tell a complete shard from one truncated or emptied since.
-    sizes = {Path(name).name: ds.source_size(source) for name, source in files.items()}
-    stats = {**stats, "files": {**stats.get("files", {}), **sizes}}
+    # Each file's size and checksums (``lenscap.core.checksums``): a resume compares sizes and heads, so
+    # a shard truncated, emptied or replaced since is not trusted; ``lenscap verify`` compares every byte.
+    digests = {Path(name).name: ds.source_digest(source) for name, source in files.items()}
+    stats = {
+        **stats,
+        "files": {**stats.get("files", {}), **{name: d.size for name, d in digests.items()}},
+        "head_sha256": {**stats.get("head_sha256", {}), **{name: d.head_sha256 for name, d in digests.items()}},
+        "sha256": {**stats.get("sha256", {}), **{name: d.sha256 for name, d in digests.items() if d.sha256 is not None}},
+    }
     plan = [[name, ds.source_record(source)] for name, source in files.items()]
     atomic_write_json(journal, {"files": plan, "stats": stats})
     _roll_forward(ds, journal)

@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from lenscap.core import commits
+from lenscap.core import commits, integrity
 from lenscap.core.card import CARD_NAME, is_lenscap_card
+from lenscap.core.checksums import HEAD_BYTES, FileDigest, digest_stream, head_digest
 from lenscap.core.errors import DatasetError, disk_full
 from lenscap.core.image_source import TarReader, image_locations, images_ref, open_image_source, with_locations
 from lenscap.core.layout import (
@@ -285,32 +286,51 @@ class Dataset:
         return {path[len(prefix) :]: int(info.get("size") or 0) for path, info in found.items() if path.startswith(prefix)}
 
     def damaged_shards(self, ids: list[int] | None = None) -> dict[int, str]:
-        """Completed shards (``ids``, default all) that are not what their stats recorded: a file missing,
-        or of another size (truncated, emptied, replaced since), or a stats file that is not one; id: why.
-        A shard written before sizes were recorded needs a non-empty parquet file."""
+        """Completed shards (``ids``, default all) that are not what their commit wrote, by the cheap
+        checks of ``lenscap.core.integrity`` (a stats file that is not this shard's, a file missing, of
+        another size, or beginning with other bytes); id: why. One listing, the stats files, and a few
+        KiB of each file, read concurrently from a store."""
         ids = self.completed_ids() if ids is None else ids
         if not ids:
             return {}
         sizes = self.file_sizes()
         damaged: dict[int, str] = {}
+        sound: list[tuple[int, dict[str, Any]]] = []
         for shard_id, blob in zip(ids, self._stats_blobs(ids), strict=True):
             try:
                 stats = self._parse_stats(shard_id, blob)
             except DatasetError:
                 damaged[shard_id] = f"{stats_name(shard_id)} is not a stats file lenscap wrote"
                 continue
-            files = stats.get("files")
-            if not isinstance(files, dict):
-                files = {parquet_name(shard_id): None}
-            for name, size in files.items():
-                got = sizes.get(name)
-                if got is None or (size is None and got == 0):
-                    damaged[shard_id] = f"{name} is {'missing' if got is None else 'empty'}"
-                    break
-                if size is not None and got != size:
-                    damaged[shard_id] = f"{name} has {got} bytes, not the {size} written"
-                    break
+            why = integrity.stats_problem(shard_id, stats) or integrity.size_problem(shard_id, stats, sizes)
+            if why is not None:
+                damaged[shard_id] = why
+            else:
+                sound.append((shard_id, stats))
+        reads = [(shard_id, name, n) for shard_id, stats in sound for name, n in integrity.head_reads(shard_id, stats).items()]
+        heads = self._read_heads([(name, n) for _, name, n in reads])
+        by_shard: dict[int, dict[str, bytes]] = {}
+        for (shard_id, name, _), head in zip(reads, heads, strict=True):
+            by_shard.setdefault(shard_id, {})[name] = head
+        for shard_id, stats in sound:
+            why = integrity.head_problem(stats, by_shard.get(shard_id, {}))
+            if why is not None:
+                damaged[shard_id] = why
         return damaged
+
+    def _read_heads(self, reads: list[tuple[str, int]]) -> list[bytes]:
+        """The first ``n`` bytes of each file ``name`` of ``reads``: one call (concurrent on object
+        stores); a file gone since the listing reads as empty (it then fails its check)."""
+        if not reads:
+            return []
+        paths = [self.file(name) for name, _ in reads]
+        got = self.fs.cat_ranges(paths, [0] * len(reads), [n for _, n in reads], on_error="return")
+        return [b if isinstance(b, bytes) else b"" for b in got]
+
+    def digest_file(self, name: str) -> FileDigest:
+        """Size and checksums of file ``name`` of the dataset, read whole once (``lenscap verify``)."""
+        with self.fs.open(self.file(name), "rb", block_size=2**22) as f:
+            return digest_stream(f)
 
     def discard(self, shard_id: int) -> None:
         """Make a completed shard incomplete (its stats file goes), so that it is written again."""
@@ -486,8 +506,16 @@ class Dataset:
     def _source_path(self, record: dict[str, str]) -> Path:
         return Path(self.work_dir if self.remote else self.root, record["local"])
 
-    def source_size(self, source: commits.Source) -> int:
-        return os.path.getsize(source) if isinstance(source, Path) else int(self.fs.size(self.file(source)))
+    def source_digest(self, source: commits.Source) -> FileDigest:
+        """Size and checksums of a commit's source: a staged local file read whole (just written: from
+        the page cache); a file moved inside the store (img2dataset's on Ray) never passes through this
+        machine, so only its size and first bytes are recorded."""
+        if isinstance(source, Path):
+            with open(source, "rb") as f:
+                return digest_stream(f)
+        path = self.file(source)
+        head = self.fs.cat_file(path, start=0, end=HEAD_BYTES)
+        return FileDigest(int(self.fs.size(path)), head_digest(head), None)
 
     def move_in(self, record: dict[str, str], name: str) -> None:
         """Put a commit's source in place as ``name``, unless it already is (a commit rolled forward again)."""

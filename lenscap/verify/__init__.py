@@ -1,0 +1,1 @@
+"""``lenscap verify``: every byte of a dataset's shards checked against what their commits recorded."""
