@@ -755,7 +755,9 @@ def _describe(e: BaseException) -> str:
 def _retryable(e: BaseException) -> bool:
     import openai  # the SDK takes about a second to import: only where a request is made
 
-    if isinstance(e, (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError, MalformedReply)):
+    if isinstance(
+        e, (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError, MalformedReply, _TookTooLong)
+    ):
         return True
     return isinstance(e, openai.APIStatusError) and (e.status_code in (408, 409) or e.status_code >= 500)
 
