@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli_here
 
-from lenscap.core.errors import UsageError
+from lenscap.api import ShardStage, run_stage
+from lenscap.core.errors import DatasetError, UsageError
+from lenscap.core.schema import Column
 from lenscap.core.sql import SqlLimits, rows_where
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.run.recipe import load_recipe
@@ -198,3 +200,23 @@ def test_recipe_paths_are_taken_from_its_directory_and_the_command_line_s_are_th
     shipped = load_recipe("lens-recaption", input="urls.csv")  # a shipped recipe's paths: the current directory's
     assert shipped.work_dir == tmp_path / "lens-out"
     assert shipped.stages[[s.run for s in shipped.stages].index("caption")].parsed([]).prompt == "alt-aware"
+
+
+class Shout(ShardStage):
+    """A library user's stage that reads the caption: it says so, and is held to it."""
+
+    name = "shout"
+    needs = (*ShardStage.needs, Column("caption", "string"))
+
+    def process(self, sample):
+        sample.row["caption"] = sample.row["caption"].upper()
+        return sample
+
+
+def test_a_library_stage_declares_the_columns_it_reads_and_an_input_without_them_is_refused(tmp_path):
+    src = reshaped(tmp_path, "in", without("caption"))
+    with pytest.raises(
+        DatasetError, match="""shard 00001's parquet has no column "caption" \\(shout needs key: string, caption: string\\)"""
+    ):
+        run_stage(Shout(), src, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
