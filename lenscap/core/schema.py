@@ -76,9 +76,19 @@ def check_schema(schema: pa.Schema, needs: Iterable[Column], who: str, where: st
 
 
 def input_schemas(src: Shards, shard_ids: list[int]) -> dict[int, pa.Schema]:
-    """Each shard's parquet schema (its footer only), read a few at a time: on a store, each is a request."""
+    """Each shard's parquet schema (its footer only), read a few at a time: on a store, each is a request.
+    A shard whose footer cannot be read is left out: it is damaged, which the claim of the output (a
+    stats file that is not one) or the shard's own task (a truncated parquet) reports in its own words."""
+
+    def schema(shard_id: int) -> pa.Schema | None:
+        try:
+            return src.read_schema(shard_id)
+        except DatasetError:
+            return None
+
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(shard_ids)))) as pool:
-        return dict(zip(shard_ids, pool.map(src.read_schema, shard_ids), strict=True))
+        read = dict(zip(shard_ids, pool.map(schema, shard_ids), strict=True))
+    return {shard_id: s for shard_id, s in read.items() if s is not None}
 
 
 def check_shards(src: Shards, shard_ids: list[int], needs: Iterable[Column], who: str) -> dict[int, pa.Schema]:
