@@ -220,3 +220,10 @@ def test_a_library_stage_declares_the_columns_it_reads_and_an_input_without_them
     ):
         run_stage(Shout(), src, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_shard_written_with_no_sample_and_no_columns_reads_nothing_and_is_not_refused(tmp_path):
+    src = write_image_dataset(tmp_path / "in", 2, size=(64, 48))
+    src.writer(1).commit({"stage": "download"})  # no schema given: a parquet without columns
+    code, _, err = run_cli_here("filter", str(src.path), str(tmp_path / "out"), "--processes", "1")
+    assert code == 0, err

@@ -78,7 +78,8 @@ def check_schema(schema: pa.Schema, needs: Iterable[Column], who: str, where: st
 def input_schemas(src: Shards, shard_ids: list[int]) -> dict[int, pa.Schema]:
     """Each shard's parquet schema (its footer only), read a few at a time: on a store, each is a request.
     A shard whose footer cannot be read is left out: it is damaged, which the claim of the output (a
-    stats file that is not one) or the shard's own task (a truncated parquet) reports in its own words."""
+    stats file that is not one) or the shard's own task (a truncated parquet) reports in its own words.
+    So is a shard with no columns at all: one written with no sample, from which nothing is read."""
 
     def schema(shard_id: int) -> pa.Schema | None:
         try:
@@ -88,7 +89,7 @@ def input_schemas(src: Shards, shard_ids: list[int]) -> dict[int, pa.Schema]:
 
     with ThreadPoolExecutor(max_workers=min(16, max(1, len(shard_ids)))) as pool:
         read = dict(zip(shard_ids, pool.map(schema, shard_ids), strict=True))
-    return {shard_id: s for shard_id, s in read.items() if s is not None}
+    return {shard_id: s for shard_id, s in read.items() if s is not None and len(s.names) > 0}
 
 
 def check_shards(src: Shards, shard_ids: list[int], needs: Iterable[Column], who: str) -> dict[int, pa.Schema]:

@@ -110,12 +110,20 @@ def run_user_sql(con: Any, query: str, limits: SqlLimits, what: str) -> list[tup
     limit and how to raise it. Any other DuckDB error is the caller's to word."""
     import duckdb  # DuckDB takes a quarter second to import: only where a query runs
 
-    timer = threading.Timer(limits.timeout_s, con.interrupt)
+    fired = threading.Event()
+
+    def stop() -> None:
+        fired.set()
+        con.interrupt()
+
+    timer = threading.Timer(limits.timeout_s, stop)
     timer.daemon = True
     timer.start()
     try:
         return con.execute(query).fetchall()
     except duckdb.InterruptException:
+        if not fired.is_set():
+            raise  # not our timer's (Ctrl-C): an interruption, exit code 130
         raise UsageError(
             f"{what}: stopped after {limits.timeout_s:g} s, the time limit of user SQL per shard "
             "(LENSCAP_SQL_TIMEOUT=SECONDS raises it)"

@@ -126,6 +126,8 @@ class FilterStage(Stage):
         import duckdb  # DuckDB takes a quarter second to import: only where a query runs
 
         table = src.read_table(shard_id)
+        if table.num_rows == 0:
+            return {}  # no verdict to give (a shard written with no sample may have no columns either)
         if IMAGE_SIZE in table.column_names:
             sizes_column = table.column(IMAGE_SIZE)
         elif self.options.min_bytes is not None:  # type: ignore[attr-defined]  # a dataset without offsets: its tar's headers say
