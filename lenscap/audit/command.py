@@ -30,6 +30,7 @@ from lenscap.core.errors import UsageError
 from lenscap.core.executors import Executor, executor_for
 from lenscap.core.job import Job
 from lenscap.core.progress import Progress, say
+from lenscap.core.schema import Column
 from lenscap.core.stage import Stage
 
 __all__ = ["audit", "AuditStage", "FLAGS", "EXIT_RULE_BROKEN"]
@@ -129,6 +130,7 @@ class AuditStage(Stage):
     not a caption. The rows of the duplicates found by the global pass come with the stage."""
 
     name = "audit"
+    needs = (*Stage.needs, Column("caption", "string", optional=True))
 
     def __init__(self, settings: AuditSettings, duplicates: dict[int, np.ndarray]) -> None:
         self.audit_settings = settings

@@ -50,6 +50,7 @@ class AuditOptions(OwnedOutput, Executed):
         "Also write DIR with one column per flag (audit_refusal, audit_loop, ..., audit_flagged) into this new "
         "dataset, for filter --where or caption --redo.",
         names=("--out",),
+        path=True,
     )
     memory_limit: str = option(
         "1GB",

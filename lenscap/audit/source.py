@@ -14,8 +14,12 @@ import pyarrow.parquet as pq
 
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import DatasetError
+from lenscap.core.schema import Column, check_shards
 
 __all__ = ["ParquetFiles", "open_captioned"]
+
+# What the audit reads of every shard (a key of any type: another tool's Parquet files are read too).
+_READS = (Column("key", "any"), Column("caption", "string"))
 
 
 class ParquetFiles:
@@ -86,4 +90,5 @@ def open_captioned(path: str | os.PathLike[str]) -> Dataset | ParquetFiles:
     kind = schema.field("caption").type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_null(kind)):  # null: no caption yet
         raise DatasetError(f"{ds.location}'s caption column holds {schema.field('caption').type}, not text")
+    check_shards(ds, shards, _READS, "audit")  # every shard's, as the first one's: before any work
     return ds

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from lenscap.caption.backends import backend_class, promoted
+from lenscap.caption.prompts import PRESETS
 from lenscap.core.errors import UsageError
 from lenscap.core.options import (
     Argument,
@@ -53,7 +54,12 @@ class _CaptionFlags(RowsOnly, OwnedOutput, FromDataset, Executed):
         "openai",
         "Caption backend: openai, openai-batch, batch-files, transformers, vllm, describe, or a plugin (lenscap backends lists them).",
     )
-    prompt: str = option("lens", "Preset (lens, short, alt-aware) or a prompt file ({alt_text} marks where the alt-text goes).")
+    prompt: str = option(
+        "lens",
+        "Preset (lens, short, alt-aware) or a prompt file ({alt_text} marks where the alt-text goes).",
+        path=True,
+        keywords=tuple(PRESETS),
+    )
     hints: str | None = option(
         None,
         "Grounding hints added to the prompt: ocr (text read from the image; needs the ocr extra).",
@@ -68,7 +74,9 @@ class _CaptionFlags(RowsOnly, OwnedOutput, FromDataset, Executed):
         "instead). Batch backends: the processes that build request lines and read answers.",
         show_default="1; batch backends: all cores",
     )
-    cache: str | None = option(None, "Response cache directory.", show_default="$LENSCAP_CACHE_DIR or ~/.cache/lenscap")
+    cache: str | None = option(
+        None, "Response cache directory.", show_default="$LENSCAP_CACHE_DIR or ~/.cache/lenscap", path=True
+    )
     no_cache: bool = option(
         False, "Neither read nor write the response cache.", names=("--no-cache",), switch=True, show_default=False
     )

@@ -34,7 +34,8 @@ from lenscap.core.dataset import Dataset
 from lenscap.core.errors import BudgetReached, DiskFull, MissingDependency, UsageError
 from lenscap.core.layout import shard_name
 from lenscap.core.record import Sample
-from lenscap.core.sql import check_condition, rows_where, user_expression
+from lenscap.core.schema import Column
+from lenscap.core.sql import SqlLimits, check_condition, rows_where, user_expression
 from lenscap.core.stage import Stage
 
 if TYPE_CHECKING:
@@ -59,6 +60,7 @@ OCR_TEXT = pa.field("caption_ocr_text", pa.string())  # --hints ocr only: what O
 
 class CaptionStage(Stage):
     name = "caption"
+    needs = (*Stage.needs, Column("caption", "string", optional=True))  # the alt-text a prompt may use
 
     def __init__(
         self,
@@ -79,6 +81,7 @@ class CaptionStage(Stage):
         if redo is not None and not redo.strip():
             raise UsageError("--redo is empty; give an SQL expression over the input's columns, or leave it out")
         self._redo_condition = f"coalesce(({user_expression(redo, '--redo')}), false)" if redo is not None else None
+        self._sql_limits = SqlLimits.from_env()  # read here, in the main process: the workers get the same
         # Set by begin(): what caption_run says for the rows this run asks, and for carried rows that have none.
         self._run_location: str | None = None
         self._carried_from: str | None = None
@@ -161,7 +164,7 @@ class CaptionStage(Stage):
                 f"--redo recaptions some samples of a captioned dataset, and {src.location} has no "
                 "caption_status column: caption it without --redo"
             )
-        check_condition(self.redo, "--redo", schema, src.location)
+        check_condition(self.redo, "--redo", schema, src.location, self._sql_limits)
 
     def check(self) -> None:
         self.backend.check()
@@ -319,7 +322,8 @@ class CaptionStage(Stage):
 
         assert self._redo_condition is not None
         try:
-            rows = rows_where(src.read_table(shard_id), self._redo_condition)
+            what = f"--redo on shard {shard_name(shard_id)} of {src.location}"
+            rows = rows_where(src.read_table(shard_id), self._redo_condition, what, limits=self._sql_limits)
         except duckdb.Error as e:  # a value the expression cannot take (a failed cast): about the job, not this shard
             raise UsageError(
                 f"--redo cannot run on shard {shard_name(shard_id)} of {src.location}: {str(e).splitlines()[0]}"

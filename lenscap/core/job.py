@@ -190,6 +190,7 @@ class Job:
         """A stage's run from ``in_dir`` into ``out_dir`` (``output``)."""
         src = Dataset.open(in_dir)
         shards, missing = input_shards(src, allow_incomplete)
+        stage.check_input(src, shards)
         stage.check()
         with self.output(out_dir, stage.settings(), src=src, overwrite=overwrite, input_ids=shards) as dst:
             yield _stage_run(stage, src, dst, shards, missing)
@@ -200,6 +201,7 @@ class Job:
         the command owns already: locked and recovered, not claimed; the input's incomplete shards left out."""
         src = Dataset.open(in_dir)
         shards, missing = input_shards(src, True)
+        stage.check_input(src, shards)
         stage.check()
         dst = Dataset.create(out_dir)
         with output_lock(dst):

@@ -63,6 +63,10 @@ class Flag:
     switch: bool = False  # a bool given as one flag (--overwrite) with no --no-... form
     old_names: tuple[str, ...] = ()  # hidden names kept for one release; their value moves here with a note
     local: str | None = None  # the value must be a local path: what to call it when it is a URL
+    # The value names a file or directory (as does every ``local`` one): a recipe's stays inside the
+    # recipe's directory (lenscap.run.recipe). ``keywords``: values that are names, not paths (presets).
+    path: bool = False
+    keywords: tuple[str, ...] = ()
 
     def name(self, field_name: str) -> str:
         return self.names[0] if self.names else flag_name(field_name)
@@ -147,6 +151,11 @@ class Options:
             cached = typing.get_type_hints(cls)
             cls._lenscap_types = cached  # type: ignore[attr-defined]
         return cached
+
+    @classmethod
+    def path_fields(cls) -> dict[str, Flag]:
+        """The fields whose values name files or directories (``Flag.path`` or ``Flag.local``)."""
+        return {f.name: flag for f, flag in cls.flags() if flag.path or flag.local}
 
     @classmethod
     def old_names(cls) -> dict[str, tuple[str, str, str]]:

@@ -23,8 +23,9 @@ import pyarrow as pa
 
 from lenscap.core.dataset import Dataset, ShardWriter
 from lenscap.core.errors import LenscapError
-from lenscap.core.layout import IMAGE_COLUMNS
+from lenscap.core.layout import IMAGE_COLUMNS, IMAGE_OFFSET, IMAGE_SIZE
 from lenscap.core.record import Sample
+from lenscap.core.schema import Column, check_same_types, check_shards
 
 if TYPE_CHECKING:
     from lenscap.core.executors import Executor
@@ -38,6 +39,15 @@ class Stage(ABC):
     changes_images: ClassVar[bool] = False
     # --copy-images: the output holds its images (tars), readable without the dataset they came from.
     copy_images: bool = False
+    # The input columns the stage reads (lenscap.core.schema), checked in every input shard before any work.
+    needs: ClassVar[tuple[Column, ...]] = (
+        Column("key", "string"),
+        Column(IMAGE_OFFSET, "integer", optional=True),
+        Column(IMAGE_SIZE, "integer", optional=True),
+    )
+    # True for a stage that puts every input shard's rows together (the export's index): a column must have
+    # one type in all of them.
+    same_types_across_shards: ClassVar[bool] = False
 
     @property
     def holds_images(self) -> bool:
@@ -60,6 +70,19 @@ class Stage(ABC):
     def check(self) -> None:
         """Once, in the main process, before the output directory is touched: fail fast on a job
         that cannot run (a rejected key, an unreachable server)."""
+
+    def input_columns(self) -> tuple[Column, ...]:
+        """The columns this run reads: ``needs``, and what its options add (filter's rules)."""
+        return self.needs
+
+    def check_input(self, src: Dataset, shard_ids: list[int]) -> dict[int, pa.Schema]:
+        """Once, in the main process, before the output directory is touched: every input shard has the
+        columns this stage reads, of their kinds (only the parquet footers are read); a
+        ``DatasetError`` naming the first shard and column that do not. Returns the shards' schemas."""
+        schemas = check_shards(src, shard_ids, self.input_columns(), self.name)
+        if self.same_types_across_shards:
+            check_same_types(src, schemas, self.name)
+        return schemas
 
     def begin(self, src: Dataset, dst: Dataset) -> None:
         """Once, in the main process, before any worker starts: state shared by the whole run."""

@@ -44,7 +44,9 @@ class DedupOptions(RowsOnly, OwnedOutput, FromDataset, Executed):
         None, "--phash: largest Hamming distance (bits of 64) between duplicates.", show_default=str(DEFAULT_MAX_DISTANCE)
     )
     against: list[str] | None = option(
-        None, "An earlier dataset directory (repeatable): drop input samples that duplicate it, never the reverse."
+        None,
+        "An earlier dataset directory (repeatable): drop input samples that duplicate it, never the reverse.",
+        path=True,
     )
     keep: str = option("first", "Which sample of a cluster to keep: first (input order) or largest (most pixels).")
     mark_only: bool = option(

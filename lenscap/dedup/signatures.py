@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from lenscap.core.dataset import Dataset
 from lenscap.core.record import Sample
+from lenscap.core.schema import Column
 from lenscap.core.stage import Stage
 from lenscap.dedup.phash import ALGORITHM, phash
 
@@ -55,6 +56,7 @@ def caption_digest(caption: str | None) -> bytes | None:
 
 class SignatureStage(Stage):
     name = "signatures"
+    needs = (*Stage.needs, Column("caption", "string", optional=True))  # its hash is a signature
 
     def parameters(self) -> dict[str, Any]:
         return {"phash_algorithm": ALGORITHM}

@@ -43,7 +43,7 @@ from lenscap.caption.stage import CaptionStage
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import UsageError
 from lenscap.core.layout import shard_name
-from lenscap.core.sql import check_condition, rows_where
+from lenscap.core.sql import SqlLimits, check_condition, rows_where
 from lenscap.estimate.options import BATCH_MAX_REQUESTS, BATCH_WINDOW_H, EstimateOptions, hours_span
 
 __all__ = [
@@ -106,13 +106,15 @@ def _selected(path: str, where: str) -> int:
     if not shards:
         raise UsageError(f"{path} has no complete shards to select from")
     schema = ds.read_schema(shards[0])
-    condition = check_condition(where, "--where", schema, ds.location)
+    limits = SqlLimits.from_env()
+    condition = check_condition(where, "--where", schema, ds.location, limits)
     if "status" in schema.names:  # a selected sample without an image is asked nothing by a redo: not priced
         condition = f"{condition} AND status = 'success'"
     count = 0
     for shard_id in shards:
         try:
-            count += rows_where(ds.read_table(shard_id), condition, "count(*)")[0][0]
+            what = f"--where on shard {shard_name(shard_id)} of {ds.location}"
+            count += rows_where(ds.read_table(shard_id), condition, what, "count(*)", limits)[0][0]
         except duckdb.Error as e:
             raise UsageError(f"--where cannot run on {ds.location}: {str(e).splitlines()[0]}") from None
     return int(count)

@@ -28,8 +28,8 @@ def run_filter(
 ) -> JobResult:
     stage = FilterStage.from_options(options, annotators)
     src = Dataset.open(in_dir)
-    stage.check_rules(src)  # a bad --where fails here, before any work
     if options.dry_run:
+        stage.check_input(src, src.completed_ids())  # as a run checks it (lenscap.core.job): before any work
         return _counted(src, stage)
     result = run_stage(
         stage,

@@ -49,7 +49,7 @@ class _FilterFlags(_Rules, RowsOnly, OwnedOutput, FromDataset, Executed):  # typ
         Argument("out_dir", "Output dataset directory (not written with --dry-run)."),
     )
 
-    blocklist: str | None = option(None, "File of MD5 or SHA-256 hex digests of images to drop.")
+    blocklist: str | None = option(None, "File of MD5 or SHA-256 hex digests of images to drop.", path=True)
     annotate: str | None = option(
         None, "Comma-separated annotators whose scores to add: blur, uniform, ocr, faces, nsfw, clip, or a plugin."
     )

@@ -13,9 +13,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from lenscap.core.record import SUCCESS
+from lenscap.core.schema import Column
 from lenscap.core.sql import user_expression
 
-__all__ = ["Rule", "RULES", "query"]
+__all__ = ["Rule", "RULES", "query", "columns_read"]
+
+_SIDES = (Column("width", "integer"), Column("height", "integer"))
+_CAPTION = (Column("caption", "string"),)
 
 _WORDS = "(CASE WHEN caption IS NULL OR trim(caption) = '' THEN 0 ELSE len(regexp_split_to_array(trim(caption), '\\s+')) END)"
 _RATIO = "(greatest(width, height)::DOUBLE / nullif(least(width, height), 0))"
@@ -34,7 +38,9 @@ class Rule:
     """``name``: the ``filter_reason`` of the samples it drops. ``option``: the field it reads (``type``,
     ``default``, ``help``, ``show_default``), which turns the rule ``off`` (by default: None). ``fails``
     and ``detail``: SQL over the shard's columns (and ``image_bytes``), given the value: true for a
-    sample that fails it, and why (``filter_detail``). ``refuse``: why a value is refused, or None."""
+    sample that fails it, and why (``filter_detail``). ``refuse``: why a value is refused, or None.
+    ``reads``: the columns that SQL reads, checked in every input shard before any work (``--where``'s
+    are whatever it names: it is run on no rows of each shard's schema instead)."""
 
     name: str
     option: str
@@ -46,6 +52,7 @@ class Rule:
     default: Any = None
     show_default: str | bool = "no limit"
     off: Callable[[Any], bool] = _off_when_none
+    reads: tuple[Column, ...] = ()
 
 
 def _not_negative(flag: str) -> Callable[[Any], str | None]:
@@ -71,6 +78,7 @@ RULES: tuple[Rule, ...] = (
         default=SUCCESS,
         show_default=True,
         off=lambda v: v == "any",
+        reads=(Column("status", "string"),),
     ),
     Rule(
         "min-side",
@@ -80,6 +88,7 @@ RULES: tuple[Rule, ...] = (
         fails=lambda v: f"coalesce(least(width, height), 0) < {int(v)}",
         detail=lambda v: f"printf('shorter side %s < %d', coalesce(least(width, height)::VARCHAR, 'unknown'), {int(v)})",
         refuse=_not_negative("--min-side"),
+        reads=_SIDES,
     ),
     Rule(
         "max-aspect",
@@ -91,6 +100,7 @@ RULES: tuple[Rule, ...] = (
         refuse=lambda v: (
             None if v >= 1 else f"--max-aspect is a ratio of the longer side to the shorter one, at least 1, not {v}"
         ),
+        reads=(Column("width", "number"), Column("height", "number")),
     ),
     Rule(
         "min-bytes",
@@ -111,6 +121,7 @@ RULES: tuple[Rule, ...] = (
         detail=lambda v: f"printf('%d words < %d', {_WORDS}, {int(v)})",
         refuse=_not_negative("--caption-min-words"),
         show_default=False,
+        reads=_CAPTION,
     ),
     Rule(
         "caption-max-words",
@@ -121,6 +132,7 @@ RULES: tuple[Rule, ...] = (
         detail=lambda v: f"printf('%d words > %d', {_WORDS}, {int(v)})",
         refuse=_not_negative("--caption-max-words"),
         show_default=False,
+        reads=_CAPTION,
     ),
     Rule(
         "where",
@@ -134,6 +146,11 @@ RULES: tuple[Rule, ...] = (
         show_default=False,
     ),
 )
+
+
+def columns_read(values: dict[str, Any]) -> tuple[Column, ...]:
+    """The columns the rules that are on under ``values`` read (``Rule.reads``)."""
+    return tuple(c for r in RULES if not r.off(values.get(r.option, r.default)) for c in r.reads)
 
 
 def query(values: dict[str, Any]) -> str:

@@ -24,13 +24,14 @@ from PIL import Image
 
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import UsageError
-from lenscap.core.layout import IMAGE_SIZE
+from lenscap.core.layout import IMAGE_SIZE, shard_name
 from lenscap.core.record import Sample
-from lenscap.core.sql import run_on_no_rows, sandboxed
+from lenscap.core.schema import Column
+from lenscap.core.sql import SqlLimits, run_on_no_rows, run_user_sql, sandboxed
 from lenscap.core.stage import Stage
 from lenscap.filter.annotators.base import Annotator
 from lenscap.filter.options import FilterOptions
-from lenscap.filter.rules import query
+from lenscap.filter.rules import columns_read, query
 
 __all__ = ["FilterStage", "load_blocklist", "KEPT", "DROPPED", "ERROR"]
 
@@ -62,6 +63,8 @@ class FilterStage(Stage):
     options: FilterOptions = field(default_factory=FilterOptions)
     annotators: list[Annotator] = field(default_factory=list)
     blocklist: frozenset[str] = frozenset()
+    # Read when the stage is made, in the main process: its workers (a Ray cluster's too) get the same.
+    sql_limits: SqlLimits = field(default_factory=SqlLimits.from_env)
 
     def __post_init__(self) -> None:
         self.annotators = sorted(self.annotators, key=lambda a: a.cost_rank)
@@ -93,14 +96,25 @@ class FilterStage(Stage):
             *(c for a in self.annotators for c in a.columns),
         ]
 
-    def check_rules(self, src: Dataset) -> None:
-        """Run the rules on no rows of the first shard: a bad --where or a missing column fails here,
-        before any work, naming the columns there are (bad values were refused by the options)."""
-        shards = src.completed_ids()
-        if not shards:
-            return
-        empty = src.read_schema(shards[0]).empty_table().append_column("image_bytes", pa.array([], pa.int64()))
-        run_on_no_rows(self._query(), empty, f"filter rules cannot run on {src.location}")
+    def input_columns(self) -> tuple[Column, ...]:
+        """The columns every stage reads, and those of the cheap rules that are on (each named once)."""
+        columns: dict[str, Column] = {}
+        for c in (*self.needs, *columns_read(self.options.rule_values())):
+            columns.setdefault(c.name, c)
+        return tuple(columns.values())
+
+    def check_input(self, src: Dataset, shard_ids: list[int]) -> dict[int, pa.Schema]:
+        """The columns the rules read, in every input shard; then the rules run on no rows of each schema
+        there is, so a bad --where, or a column it names that a shard lacks, fails here, before any work,
+        naming the columns there are (bad values were refused by the options)."""
+        schemas = super().check_input(src, shard_ids)
+        query = self._query()
+        distinct = {tuple((f.name, str(f.type)) for f in schema): (shard_id, schema) for shard_id, schema in schemas.items()}
+        for shard_id, schema in distinct.values():
+            empty = schema.empty_table().append_column("image_bytes", pa.array([], pa.int64()))
+            where = src.location if len(distinct) == 1 else f"shard {shard_name(shard_id)} of {src.location}"
+            run_on_no_rows(query, empty, f"filter rules cannot run on {where}", self.sql_limits)
+        return schemas
 
     def setup(self) -> None:
         for a in self.annotators:
@@ -109,7 +123,11 @@ class FilterStage(Stage):
     # -- one shard ------------------------------------------------------------------------------
 
     def cheap_verdicts(self, src: Dataset, shard_id: int) -> dict[str, tuple[str, str]]:
+        import duckdb  # DuckDB takes a quarter second to import: only where a query runs
+
         table = src.read_table(shard_id)
+        if table.num_rows == 0:
+            return {}  # no verdict to give (a shard written with no sample may have no columns either)
         if IMAGE_SIZE in table.column_names:
             sizes_column = table.column(IMAGE_SIZE)
         elif self.options.min_bytes is not None:  # type: ignore[attr-defined]  # a dataset without offsets: its tar's headers say
@@ -120,7 +138,10 @@ class FilterStage(Stage):
         con = self._duckdb()
         con.register("t", table)
         try:
-            rows = con.execute(self._query()).fetchall()
+            what = f"filter rules on shard {shard_name(shard_id)} of {src.location}"
+            rows = run_user_sql(con, self._query(), self.sql_limits, what)
+        except duckdb.Error as e:  # a value --where cannot take (a failed cast): about the job, as --redo's is
+            raise UsageError(f"{what}: {str(e).splitlines()[0]}") from None
         finally:
             con.unregister("t")
         return {str(key): (reason, detail) for key, reason, detail in rows}
@@ -132,7 +153,7 @@ class FilterStage(Stage):
         """One in-memory DuckDB connection per worker process (not pickled with the stage)."""
         con = self.__dict__.get("_con")
         if con is None:
-            con = self.__dict__["_con"] = sandboxed()  # --where is the user's SQL
+            con = self.__dict__["_con"] = sandboxed(self.sql_limits)  # --where is the user's SQL
         return con
 
     def __getstate__(self) -> dict[str, Any]:

@@ -15,10 +15,18 @@ A recipe names an input, a work directory and an ordered list of stages::
 Each stage's table is the command's options object (``lenscap.commands.OPTIONS``), checked by it as the
 command line would check its flags: an unknown option, a value of the wrong type or a value no run
 could mean is a ``UsageError`` naming the stage, before anything runs. ``lenscap.run.pipeline`` runs it.
+
+**A recipe's paths stay in its directory.** A recipe may come from someone else: every path it names
+(``input``, ``work_dir``, ``releases``, and each option that names a file or directory, ``Flag.path``:
+a prompt file, a blocklist, a report's ``out``) is taken relative to the recipe's directory and, with
+``..`` and symlinks resolved, must lie inside it (a shipped recipe's: inside the current directory);
+``releases`` inside the work directory. Paths given on the command line (``--input``, ``--work-dir``,
+``--set``) are the user's own, taken as the command line takes them, and not confined.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -28,6 +36,7 @@ from typing import Any
 from lenscap.commands import OPTIONS
 from lenscap.core.errors import UsageError
 from lenscap.core.options import Options, flag_name
+from lenscap.core.storage import is_remote
 from lenscap.run.options import RunOptions
 from lenscap.run.release import BUILTINS
 
@@ -48,10 +57,12 @@ class RecipeStage:
     name: str
     options: dict[str, Any] = field(default_factory=dict)  # the table as written (the stage record's command line)
     allow_empty: bool = False  # a stage that leaves 0 samples does not stop the run
+    overridden: set[str] = field(default_factory=set)  # options given by --set: the user's, not confined
+    paths: dict[str, Any] = field(default_factory=dict)  # the path options, from the recipe's directory
 
     def parsed(self, releases: list[Path]) -> Options:
         """The command's options object, with ``@releases`` standing for ``releases``."""
-        values = {k: [str(r) for r in releases] if v == RELEASES else v for k, v in self.options.items()}
+        values = {k: [str(r) for r in releases] if v == RELEASES else v for k, v in {**self.options, **self.paths}.items()}
         return OPTIONS[self.run].from_mapping(values)
 
 
@@ -125,10 +136,12 @@ def _override(stages: list[RecipeStage], overrides: list[str]) -> None:
         stage = next((s for s in stages if s.name == stage_name), None)
         if stage is None:
             raise UsageError(f"--set {item}: the recipe has no stage {stage_name!r} (stages: {', '.join(names)})")
+        name = option.replace("-", "_")
+        stage.overridden.add(name)
         if value == "":
-            stage.options.pop(option.replace("-", "_"), None)
+            stage.options.pop(name, None)
         else:
-            stage.options[option.replace("-", "_")] = _value(value)
+            stage.options[name] = _value(value)
 
 
 def _check(path: Path, stages: list[RecipeStage]) -> None:
@@ -146,8 +159,53 @@ def _check(path: Path, stages: list[RecipeStage]) -> None:
         if stage.run in COMMANDS:
             try:
                 stage.parsed([Path("r0")])
+                stage.paths = _stage_paths(stage, _root(path))
             except UsageError as e:
                 raise UsageError(f"recipe {path}, {stage.name}: {e}") from None
+
+
+def _root(path: Path) -> Path:
+    """The directory a recipe's paths are taken from and stay in: the recipe's own; a shipped recipe's, the
+    current directory (its own is lenscap's)."""
+    return Path.cwd() if path.parent.resolve() == SHIPPED.resolve() else path.parent.absolute()
+
+
+def confined(text: str, root: Path, what: str) -> str:
+    """``text``, a path a recipe names, taken from ``root``: a ``UsageError`` unless it lies inside ``root``
+    once ``..`` and symlinks are resolved (a remote location is not a path here: it is returned as it is)."""
+    if is_remote(text):
+        return text
+    full = root / text  # an absolute text stays itself
+    inside = Path(os.path.realpath(full))
+    if not inside.is_relative_to(os.path.realpath(root)):
+        raise UsageError(
+            f"{what} {text!r} is outside {root} (resolved: {inside}); a recipe's paths stay in its directory: "
+            "give this one on the command line (--input, --work-dir, --set STAGE.OPTION=PATH) to use it"
+        )
+    return str(full)
+
+
+def _stage_paths(stage: RecipeStage, root: Path) -> dict[str, Any]:
+    """The stage's options that name files or directories, confined to ``root`` (``confined``); those given
+    by --set, a preset's name (``Flag.keywords``), ``@releases`` and what is not text (``cache = false``:
+    --no-cache) are left as they are."""
+    out: dict[str, Any] = {}
+    for name, flag in OPTIONS[stage.run].path_fields().items():
+        value = stage.options.get(name)
+        values = value if isinstance(value, list) else [value]
+        if name in stage.overridden or value == RELEASES or not all(isinstance(v, str) for v in values):
+            continue
+        kept = [v if v in flag.keywords else confined(v, root, flag_name(name)) for v in values]
+        out[name] = kept if isinstance(value, list) else kept[0]
+    return out
+
+
+def _text(path: Path, raw: dict[str, Any], key: str) -> str | None:
+    """A top-level key's value: text, or a ``UsageError`` naming it."""
+    value = raw.get(key)
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"recipe {path}: {key} must be a string, not {value!r}")
+    return value
 
 
 def load_recipe(
@@ -155,19 +213,32 @@ def load_recipe(
 ) -> Recipe:
     """A recipe file, or a shipped one by name, with ``overrides`` (``STAGE.OPTION=VALUE``), checked whole."""
     path, raw = _read(path_or_name)
+    own = {key: _text(path, raw, key) for key in ("input", "work_dir", "releases", "description")}
     stages = _stages(path, raw)
     _override(stages, overrides or [])
     _check(path, stages)
-    source = input if input is not None else raw.get("input")
+    root = _root(path)
+    source = input if input is not None else _own_path(path, own["input"], root, "input")
     if not source:
         raise UsageError(f'recipe {path} names no input (add input = "..." or give --input)')
-    releases = raw.get("releases")
-    work_dir = work_dir if work_dir is not None else raw.get("work_dir")
-    RunOptions(work_dir=work_dir)  # its checks: a local path
-    work = Path(work_dir or path.stem)
+    RunOptions(work_dir=work_dir if work_dir is not None else own["work_dir"])  # its checks: a local path
+    if work_dir is None:
+        work_dir = _own_path(path, own["work_dir"] or path.stem, root, "work_dir")
+    work = Path(work_dir)
+    releases = _own_path(path, own["releases"], work, "releases")
     if any(s.run in BUILTINS for s in stages) and not releases:
         raise UsageError(f'recipe {path}: new-urls and release need releases = "DIR"')
-    return Recipe(path, str(source), work, stages, work / releases if releases else None, raw.get("description", ""))
+    return Recipe(path, str(source), work, stages, Path(releases) if releases else None, own["description"] or "")
+
+
+def _own_path(path: Path, text: str | None, root: Path, key: str) -> str | None:
+    """A top-level path of the recipe, confined to ``root``; ``@demo`` is not a path."""
+    if text is None or text.startswith("@demo"):
+        return text
+    try:
+        return confined(text, root, key)
+    except UsageError as e:
+        raise UsageError(f"recipe {path}: {e}") from None
 
 
 def command_line(command: str, arguments: list[str], options: dict[str, Any], releases: list[Path]) -> list[str]:

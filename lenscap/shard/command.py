@@ -213,11 +213,13 @@ def run_shard(
     # The input may be remote (its passes read shard by shard, image by image), and the output too.
     src = Dataset.open(in_dir)
     shards, _ = input_shards(src, options.allow_incomplete)
+    stage = IndexStage(options.format, options.seed if options.shuffle else None, options.caption_status)
+    stage.check_input(src, shards)  # before the output is claimed: an input the export cannot read is refused here
     job = Job("shard", executor or executor_for(options), quiet)
     settings = {"options": options.identity()}
     with job.output(out_dir, settings, src=src, overwrite=options.overwrite, input_ids=shards) as dst:
         _forget_lost(dst)
-        indexed = _index(job, src, dst, options)
+        indexed = _index(job, stage, src, dst)
         if indexed.failed_shards:
             say(f"shard: {len(indexed.failed_shards)} input shard(s) could not be indexed; nothing exported yet; rerun to resume")
             return JobResult("shard", dst.location, failed_shards=indexed.failed_shards, details=_details(options, 0, 0, {}))
@@ -263,9 +265,8 @@ def _forget_lost(dst: Dataset) -> None:
             marker.unlink()
 
 
-def _index(job: Job, src: Dataset, dst: Dataset, options: ShardOptions) -> JobResult:
+def _index(job: Job, stage: IndexStage, src: Dataset, dst: Dataset) -> JobResult:
     """Pass 1: the index (``lenscap.shard.index``), per input shard."""
-    stage = IndexStage(options.format, options.seed if options.shuffle else None, options.caption_status)
     with job.internal_output(stage, src, dst.work_dir / "index") as run:
         return job.run_shards(run, job.progress("shard: indexing"))
 

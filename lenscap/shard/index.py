@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from lenscap.core.dataset import Dataset
 from lenscap.core.layout import IMAGE_OFFSET, IMAGE_SIZE, parquet_name
 from lenscap.core.record import SUCCESS
+from lenscap.core.schema import Column
 from lenscap.core.stage import Stage
 from lenscap.shard.formats import FORMATS, metadata_json
 
@@ -84,6 +85,15 @@ def order_of(seed: int | None, shard_id: int, row: int, key: str) -> int:
 @dataclass
 class IndexStage(Stage):
     name = "index"
+    # The export puts every shard's rows into one: a column needs one type in all of them.
+    same_types_across_shards = True
+    needs = (
+        *Stage.needs,
+        *(
+            Column(c, "string", optional=True)
+            for c in ("status", "dedup_status", "filter_status", "filter_reason", "caption_status", "caption")
+        ),
+    )
     format: str = "webdataset"
     seed: int | None = None  # --shuffle --seed
     caption_status: str = "ok"  # ok: where captioning ran, only its successes; any: every sample
