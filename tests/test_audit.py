@@ -15,6 +15,7 @@ from conftest import run_cli_here
 
 from lenscap.core.dataset import Dataset
 from lenscap.core.record import Sample
+from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.pictures import jpeg_bytes, photo
 
 VOCAB = (
@@ -332,3 +333,11 @@ def test_a_recipe_stops_at_a_broken_audit_gate(tmp_path, image_server):
     summary = api.run(str(recipe))
     assert summary["exit_code"] == 0 and [s["stage"] for s in summary["stages"]] == ["download", "caption", "audit", "shard"]
     assert summary["stages"][-1]["summary"]["samples"] == 4
+
+
+def test_audit_out_of_a_dataset_with_no_duplicate_caption(tmp_path):
+    """No caption repeats another: the duplicates the scan found are none, and --out still writes every row."""
+    src = write_image_dataset(tmp_path / "in", 1, per_shard=1, size=(64, 48)).path
+    code, _, err = run_cli_here("audit", str(src), "--out", str(tmp_path / "out"), "--processes", "1")
+    assert code == 0, err
+    assert Dataset(tmp_path / "out").read_manifest()["counts"]["samples"] == 1

@@ -15,6 +15,7 @@ import pytest
 from conftest import run_cli_here
 
 from lenscap.api import ShardStage, run_stage
+from lenscap.core.checksums import digest_stream
 from lenscap.core.errors import DatasetError, UsageError
 from lenscap.core.schema import Column
 from lenscap.core.sql import SqlLimits, rows_where
@@ -25,14 +26,18 @@ ENDLESS = "(SELECT sum(range) FROM range(100000000000)) > 0"
 
 
 def reshaped(tmp_path: Path, name: str, change: Callable[[pa.Table], pa.Table]) -> Path:
-    """A two-shard dataset whose shard 1's parquet is ``change``d, its stats saying the new size (so the
-    shard is complete and undamaged: only its columns differ)."""
+    """A two-shard dataset whose shard 1's parquet is ``change``d, its stats saying the new size and
+    checksums (so the shard is complete and undamaged: only its columns differ)."""
     path = tmp_path / name
     write_image_dataset(path, 4, per_shard=2, size=(64, 48))
     parquet, stats = path / "00001.parquet", path / "00001_stats.json"
     pq.write_table(change(pq.read_table(parquet)), parquet)
     recorded = json.loads(stats.read_text())
-    recorded["files"]["00001.parquet"] = parquet.stat().st_size
+    with open(parquet, "rb") as f:
+        digest = digest_stream(f)
+    recorded["files"]["00001.parquet"] = digest.size
+    recorded["head_sha256"]["00001.parquet"] = digest.head_sha256
+    recorded["sha256"]["00001.parquet"] = digest.sha256
     stats.write_text(json.dumps(recorded))
     return path
 

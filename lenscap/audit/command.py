@@ -177,7 +177,7 @@ def _write_out(
 ) -> dict[str, Any]:
     samples = np.sort(np.fromfile(scanned.duplicates.file, np.int64))
     shards, starts = np.unique(samples >> 32, return_index=True)
-    rows = np.split(samples & 0xFFFFFFFF, starts[1:])
+    rows = np.split(samples & 0xFFFFFFFF, starts[1:]) if samples.size else []  # split([]) is one empty part
     stage = AuditStage(options.settings, {int(shard): r for shard, r in zip(shards, rows, strict=True)})
     with job.stage_output(stage, src, out, overwrite=options.overwrite) as run:
         return job.run_shards(run, progress).summary()
