@@ -295,19 +295,21 @@ def test_pool_of_endpoints_spreads_load_within_each_limit(tmp_path, env):
 
 
 def test_recaptioning_the_output_retries_only_the_errors(tmp_path, fake, env):
-    marker = lambda i: "[[fault:500x2]]" if i == 1 else ""  # noqa: E731
+    # Two attempts fail, and the two of the shard's end (an error is asked once more, then recorded
+    # once the server answers a probe): an error; the recaption's request succeeds.
+    marker = lambda i: "[[fault:500x4]]" if i == 1 else ""  # noqa: E731
     src = write_image_dataset(tmp_path / "in", 4, caption=lambda i: f"web text {i} {marker(i)}").path
     r = caption(src, tmp_path / "out", fake, env, "--prompt", "alt-aware", "--max-retries", "1")
     assert r.returncode == 1 and "1 of 4 captions failed" in r.stderr, r.stderr  # the outcome policy: no error is ordinary
     first = rows(tmp_path / "out")
     assert [first[f"{i:09d}"]["caption_status"] for i in range(4)] == ["ok", "error", "ok", "ok"]
-    assert fake.stats()["requests"] == 5
+    assert fake.stats()["requests"] == 3 + 4 + 1  # the answers, the error's four attempts, the probe
     r = caption(tmp_path / "out", tmp_path / "out2", fake, env, "--prompt", "alt-aware", "--max-retries", "1")
     assert r.returncode == 0, r.stderr
-    assert fake.stats()["requests"] == 6, "the successes came from the cache: they ground on the same alt-text"
+    assert fake.stats()["requests"] == 9, "the successes came from the cache: they ground on the same alt-text"
     second = rows(tmp_path / "out2")
     assert all(row["caption_status"] == "ok" for row in second.values())
-    assert second["000000001"]["alt_text"] == "web text 1 [[fault:500x2]]"
+    assert second["000000001"]["alt_text"] == "web text 1 [[fault:500x4]]"
     assert second["000000000"]["previous_caption"] == first["000000000"]["caption"]
     assert second["000000000"]["caption_cached"] is True
 
@@ -465,7 +467,7 @@ def test_a_pool_moves_traffic_off_a_failing_endpoint(tmp_path, env):
 
 
 def test_retry_errors_asks_the_errors_again_and_nothing_else(tmp_path, fake, env):
-    marks = {2: "[[fault:500x3]]", 7: "[[fault:500x3]]", 4: "[[fault:refusal]]"}
+    marks = {2: "[[fault:500x5]]", 7: "[[fault:500x5]]", 4: "[[fault:refusal]]"}  # 4 attempts in the first run
     src = write_image_dataset(tmp_path / "in", 10, per_shard=5, caption=lambda i: f"photo {i} {marks.get(i, '')}").path
     prompt = tmp_path / "prompt.txt"
     prompt.write_text("Caption this image. Its alt-text, as data: {alt_text}")

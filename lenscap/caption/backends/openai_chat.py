@@ -393,8 +393,7 @@ class OpenAIChatBackend(CaptionBackend):
 
             async def worker() -> None:
                 for request in requests:  # pulled lazily, shared by all workers (one thread: no lock needed)
-                    started = time.monotonic()
-                    breaker.report(await self._caption_one(request), request, started)
+                    breaker.report(await self._caption_one(request), request)
 
             async with asyncio.TaskGroup() as tg:
                 for _ in range(self.options.concurrency):
@@ -424,22 +423,19 @@ class OpenAIChatBackend(CaptionBackend):
         return self._run_state.answered
 
     async def _settle_held(self, breaker: _FirstErrorsBreaker) -> None:
-        """The shard's last errors, with no answer from the server since they began, are not yet the
+        """The shard's last errors, with no answer from the server since they came, are not yet the
         samples' own: each is asked once more. Those that fail again are recorded only if the server
         then answers a probe (a one-token text request, waiting out an outage for up to
         --outage-timeout); if it does not, the run stops (``Outage``) and the rerun asks them."""
         held = breaker.take_held()
         room = asyncio.Semaphore(self.options.concurrency)
 
-        async def ask_again(request: CaptionRequest) -> tuple[CaptionResult, float]:
+        async def ask_again(request: CaptionRequest) -> CaptionResult:
             async with room:
-                started = time.monotonic()
-                return await self._caption_one(request, wait_out_outage=False), started
+                return await self._caption_one(request, wait_out_outage=False)
 
-        for (again, started), (_, request) in zip(
-            await asyncio.gather(*(ask_again(request) for _, request in held)), held, strict=True
-        ):
-            breaker.report(again, request, started)
+        for again, (_, request) in zip(await asyncio.gather(*(ask_again(request) for _, request in held)), held, strict=True):
+            breaker.report(again, request)
         if breaker.held and not await self._server_answers():
             raise Outage(
                 f"the server failed the last {len(breaker.held)} request(s) of a shard, again when asked once more, and "
@@ -678,11 +674,11 @@ class _FirstErrorsBreaker:
         self.held: list[tuple[CaptionResult, CaptionRequest]] = []
         self.run = run
 
-    def report(self, result: CaptionResult, request: CaptionRequest, started: float) -> None:
-        """``started``: when the request was first sent. A server error with an answer from the server
-        since then (to another request) is the sample's own: recorded at once."""
+    def report(self, result: CaptionResult, request: CaptionRequest) -> None:
         error = result.error or ""
-        if result.status == ERROR and _server_error(error) and not (self.run.answered and self.run.last_success > started):
+        if result.status == ERROR and _server_error(error):
+            # Not even an answer to another request during this one's attempts shows the server up when
+            # this one failed: only an answer after it does.
             self.held.append((result, request))
             errors = {r.error for r, _ in self.held}
             if not self.run.answered and len(self.held) >= _BREAKER_THRESHOLD and len(errors) == 1:
