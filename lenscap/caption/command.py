@@ -121,14 +121,20 @@ def run_caption(
 def _error_share(out: Dataset, result: JobResult, max_share: float) -> ErrorShare | None:
     """The captions left in error after every retry, against ``--max-error-share`` (none while a batch job
     is still running). An image's own error (undecodable, refused as an image) is not counted: the
-    messages are read from the output's rows only when there are errors."""
+    messages are read from the rows of the shards whose stats count errors, and of no other."""
     if not result.complete:
         return None
     outcomes = result.counts.get("caption_status", {})
     of = sum(n for status, n in outcomes.items() if status != SKIPPED)
     messages: Counter[str] = Counter()
     if outcomes.get(ERROR):
-        for shard_id in out.completed_ids():
+        ids = out.completed_ids()
+        with_errors = [
+            shard_id
+            for shard_id, stats in zip(ids, out.read_all_stats(ids), strict=True)
+            if stats.get("stage_status", {}).get("caption_status", {}).get(ERROR)
+        ]
+        for shard_id in with_errors:
             table = out.read_table(shard_id, columns=["caption_status", "caption_error"])
             statuses, errors = table.column(0).to_pylist(), table.column(1).to_pylist()
             messages.update(e or "" for s, e in zip(statuses, errors, strict=True) if s == ERROR)
