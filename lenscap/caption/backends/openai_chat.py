@@ -449,11 +449,19 @@ class OpenAIChatBackend(CaptionBackend):
         server error counts), waiting out an outage as any request does."""
         limit_name = "max_completion_tokens" if _REASONING_RE.match(self.model) else "max_tokens"
         body = {"model": self.model, "messages": [{"role": "user", "content": "Reply with OK."}], limit_name: 1}
-        try:
-            await self._call(body, 16)
-        except _SampleError as e:
-            return not e.transient
-        return True
+        # A flaky server (four errors, then an answer) may fail one probe's attempts: probe again until it
+        # answers or has been silent for --outage-timeout, as a request waiting out an outage would.
+        while True:
+            try:
+                await self._call(body, 16)
+            except _SampleError as e:
+                if not e.transient:
+                    return True
+                if time.monotonic() - self._run_state.last_success > self.options.outage_timeout:
+                    return False
+                await asyncio.sleep(1.0)
+                continue
+            return True
 
     def _pick(self, tokens: float) -> _Endpoint:
         if len(self.endpoints) == 1:
