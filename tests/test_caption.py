@@ -212,11 +212,35 @@ def test_no_key_is_one_clear_line_before_any_work(tmp_path, env):
     assert r.returncode == 2
     assert (
         r.stderr.strip()
-        == "lenscap: error: no API key: set the environment variable OPENAI_API_KEY (or name another with --api-key-env)"
+        == "lenscap: error: no API key: set the environment variable OPENAI_API_KEY, or OPENAI_API_KEY_FILE to a file "
+        "holding it (or name another variable with --api-key-env)"
     )
     assert not (tmp_path / "out").exists()
     r = run_cli("caption", str(src), str(tmp_path / "out"), "--api-key-env", "MY_KEY", env={**env, "MY_KEY": None})
     assert "MY_KEY" in r.stderr and r.returncode == 2
+
+
+def test_the_key_can_come_from_the_file_that_KEY_FILE_names(tmp_path, fake, env):
+    """Cron reads no profile and a crontab is no place for a key: ``$OPENAI_API_KEY_FILE`` names a file
+    holding it. What is wrong with the file is one line naming it, before any work, never showing the key."""
+    src = write_image_dataset(tmp_path / "in", 3).path
+    key_file = tmp_path / "openai-key"
+    key_file.write_text(f"{KEY}\n")
+    from_file = {**env, "OPENAI_API_KEY": None, "OPENAI_API_KEY_FILE": str(key_file)}
+    assert caption(src, tmp_path / "ok", fake, from_file).returncode == 0  # the server refuses any other key
+    assert {r["caption_status"] for r in rows(tmp_path / "ok").values()} == {"ok"}
+    for content, message in (
+        (None, f"$OPENAI_API_KEY_FILE names {tmp_path / 'missing'}, which cannot be read: No such file or directory"),
+        ("", f"$OPENAI_API_KEY_FILE names {key_file}, which is empty"),
+        (f"OPENAI_API_KEY={KEY}", f"$OPENAI_API_KEY_FILE names {key_file}, which must hold the key alone"),
+    ):
+        if content is not None:
+            key_file.write_text(content)
+        named = {**from_file, "OPENAI_API_KEY_FILE": str(key_file if content is not None else tmp_path / "missing")}
+        r = caption(src, tmp_path / "bad", fake, named)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert_no_key_anywhere(r.stderr)
+        assert not (tmp_path / "bad").exists()
 
 
 def test_rejected_key_unknown_model_and_unreachable_server_fail_once(tmp_path, fake, env):

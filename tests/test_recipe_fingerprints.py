@@ -249,6 +249,7 @@ def test_shipped_recipes_say_what_they_do():
     """(f) refresh dedups against the releases before captioning, and the caption (the last dataset before
     release) holds its images; its crontab line and lens-recaption's estimate line parse with the real CLI."""
     import typer.main
+    from test_cron import documented_line
 
     from lenscap.cli import app
     from lenscap.run.recipe import SHIPPED, load_recipe
@@ -269,7 +270,8 @@ def test_shipped_recipes_say_what_they_do():
                 return sub.params
 
     cron = next(line for line in (SHIPPED / "refresh.toml").read_text().splitlines() if "17 3 * * *" in line)
-    params = parse(cron.split("&& ", 1)[1])
+    assert cron.removeprefix("#").strip() == documented_line()  # the line tests/test_cron.py runs
+    params = parse("lenscap " + cron.split("/bin/lenscap ", 1)[1])
     assert params["input"] == "urls.txt" and params["quiet"] is True
     text = (SHIPPED / "lens-recaption.toml").read_text()
     estimate = next(line for line in text.splitlines() if "lenscap estimate" in line).lstrip("# ")

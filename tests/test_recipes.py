@@ -130,6 +130,33 @@ def test_set_overrides_and_changed_options(tmp_path, image_server):
     assert r.returncode == 2 and "cannot read recipe" in r.stderr and "demo, lens-recaption, refresh" in r.stderr
 
 
+def test_a_recipe_name_means_a_file_never_a_directory(tmp_path, monkeypatch):
+    """The refresh recipe works in ./refresh/: the next night, ``lenscap run refresh`` must still find the
+    recipe. A plain name is NAME.toml here, else the shipped recipe; a path to a directory is one line."""
+    from conftest import run_cli_here
+
+    from lenscap.run.recipe import SHIPPED, load_recipe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "refresh").mkdir()
+    assert load_recipe("refresh").path == SHIPPED / "refresh.toml"
+    (tmp_path / "refresh.toml").write_text(
+        (SHIPPED / "refresh.toml").read_text().replace("description = ", "description = 'mine' # ")
+    )
+    own = load_recipe("refresh")
+    assert own.path.resolve() == tmp_path / "refresh.toml" and own.description == "mine"
+    assert own.work_dir == tmp_path / "refresh"
+    assert load_recipe(str(SHIPPED / "refresh.toml")).description != "mine"  # a path is that file
+    (tmp_path / "data").mkdir()
+    for name, message in (
+        ("refresh/", "recipe refresh/ is a directory, not a recipe file"),
+        (str(tmp_path / "data"), f"recipe {tmp_path / 'data'} is a directory, not a recipe file"),
+        ("data", "recipe data: no data.toml here and no shipped recipe of that name (./data is a directory, not a recipe;"),
+    ):
+        code, out, err = run_cli_here("run", name, "--quiet")
+        assert code == 2 and err.startswith(f"lenscap: error: {message}") and err.count("\n") == 1, err
+
+
 def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path, image_server):
     urls = write_urls(tmp_path / "urls.csv", image_server, OK_PATHS)
     clean = write_recipe(tmp_path, urls, tmp_path / "clean", "clean.toml")

@@ -41,7 +41,9 @@ def _last_line(argv: list[str], code: int, seconds: float) -> str:
     meaning = EXIT_MEANINGS.get(code)
     parts = [f"{command}: exit {code}" + (f" ({meaning})" if meaning else "")]
     where = s.get("out_dir") or s.get("path") or s.get("release") or s.get("html") or s.get("work_dir")
-    if s.get("samples") is not None and where:
+    if s.get("ended"):  # a recipe's own words: the release it wrote, or why it wrote none
+        parts.append(s["ended"])
+    elif s.get("samples") is not None and where:
         parts.append(f"{s['samples']:,} samples in {where}")
     elif where:
         parts.append(f"wrote {where}")

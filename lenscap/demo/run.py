@@ -13,6 +13,7 @@ from typing import Any
 from lenscap import api
 from lenscap.demo.options import DEMO_MAX_COST, DemoOptions
 from lenscap.inspect.summary import inspect_dataset
+from lenscap.run.recipe import SHIPPED
 from lenscap.testing.fake_openai import FakeOpenAI, FakeSettings
 
 __all__ = ["run_demo", "CAPTIONED_BY"]
@@ -40,7 +41,10 @@ def run_demo(work_dir: str, options: DemoOptions, *, quiet: bool = True) -> dict
         if captioner == "fake":
             server = stack.enter_context(FakeOpenAI(FakeSettings(rpm=1200, latency_s=0.05)))
             overrides.append(f"caption.base_url={server.base_url}")
-        summary = api.run("demo", set=overrides, work_dir=work_dir, input=f"@demo:{options.images}", quiet=quiet)
+        # The shipped recipe by its path: a ./demo.toml of the user's is for `lenscap run demo`, not the demo.
+        summary = api.run(
+            str(SHIPPED / "demo.toml"), set=overrides, work_dir=work_dir, input=f"@demo:{options.images}", quiet=quiet
+        )
     base = summary["work_dir"]
 
     def inspected(stage: str) -> dict[str, Any] | None:

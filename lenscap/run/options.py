@@ -16,7 +16,11 @@ class RunOptions(Options):
     help: ClassVar[str] = "Run a whole pipeline from a TOML recipe; rerun to resume (finished stages are skipped)."
     example: ClassVar[str] = "lenscap run lens-recaption --input urls.parquet --work-dir /data/lens --set caption.max_cost=500"
     arguments: ClassVar[tuple[Argument, ...]] = (
-        Argument("recipe", "A recipe file, or a shipped recipe by name: demo, lens-recaption, refresh."),
+        Argument(
+            "recipe",
+            "A recipe file; or a name: NAME.toml in the current directory, else the shipped recipe NAME "
+            "(demo, lens-recaption, refresh). A directory is never a recipe.",
+        ),
     )
 
     set: list[str] | None = option(

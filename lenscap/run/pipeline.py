@@ -242,7 +242,7 @@ class _Run:
             code = 0  # the command finished, with nothing in its output: the recipe decides (allow_empty)
         if code != 0:
             self.summary["stages"].append(entry)
-            self.summary.update(exit_code=code, stopped_at=stage.name)
+            self.summary.update(exit_code=code, stopped_at=stage.name, ended=f"stopped at {stage.name}: {entry['outcome']}")
             return True
         if result.get("complete") is False:  # a batch caption job with batches still running
             self.say(
@@ -251,7 +251,9 @@ class _Run:
                 always=True,
             )
             self.summary["stages"].append(entry)
-            self.summary.update(exit_code=0, pending=stage.name)
+            self.summary.update(
+                exit_code=0, pending=stage.name, ended=f"{stage.name}: batches still running; the next run goes on"
+            )
             return True
         return False
 
@@ -262,7 +264,7 @@ class _Run:
             if result["new"] == 0:  # a quiet night for cron: no release, and no error
                 self.say("no new URLs since the last release; nothing to do")
                 shutil.rmtree(self.base, ignore_errors=True)
-                self.summary.update(release=None, exit_code=0)
+                self.summary.update(release=None, exit_code=0, ended="no new URLs: nothing to release")
                 return True
             self.dataset_stage, self.upstream_fp = stage.name, _fingerprint(output)
         elif stage.run in DATASET_COMMANDS:
@@ -273,7 +275,9 @@ class _Run:
                     f"(allow_empty = true on the stage lets a run go on)",
                     always=True,
                 )
-                self.summary.update(exit_code=EXIT_EMPTY, stopped_at=stage.name)
+                self.summary.update(
+                    exit_code=EXIT_EMPTY, stopped_at=stage.name, ended=f"stopped at {stage.name}: it left 0 samples"
+                )
                 return True
             if stage.run != "shard":
                 self.live = entry["samples"]
@@ -281,6 +285,7 @@ class _Run:
                 self.upstream_fp = fingerprint(self.base / stage.name)
         elif stage.run == "release":
             self.summary["release"] = result["release"]
+            self.summary["ended"] = f"release {result['release']} written: {self.live or 0:,} new samples"
         return False
 
 

@@ -84,11 +84,33 @@ def _value(text: str) -> Any:
         return text
 
 
+def _locate(path_or_name: str) -> Path:
+    """The recipe file ``path_or_name`` means, never a directory: a path to a file is that file; a plain
+    name (no ``/``, no ``.toml``) is ``NAME.toml`` in the current directory, else the shipped recipe NAME.
+    A recipe's work directory is named after it (``refresh`` works in ``./refresh/``), so a name that is
+    also a directory here must still find its recipe: the directory is never read as one."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    plain = "/" not in path_or_name and os.sep not in path_or_name and path.suffix != ".toml"
+    if plain:
+        for candidate in (Path(f"{path_or_name}.toml"), SHIPPED / f"{path_or_name}.toml"):
+            if candidate.is_file():
+                return candidate
+    shipped = ", ".join(p.stem for p in sorted(SHIPPED.glob("*.toml")))
+    if path.is_dir() and plain:
+        raise UsageError(
+            f"recipe {path_or_name}: no {path_or_name}.toml here and no shipped recipe of that name "
+            f"(./{path_or_name} is a directory, not a recipe; shipped recipes: {shipped})"
+        )
+    if path.is_dir():
+        raise UsageError(f"recipe {path_or_name} is a directory, not a recipe file (shipped recipes: {shipped})")
+    return path
+
+
 def _read(path_or_name: str) -> tuple[Path, dict[str, Any]]:
     """A recipe file, or a shipped one by name (``demo``, ``lens-recaption``, ``refresh``), parsed."""
-    path = Path(path_or_name)
-    if not path.exists() and (SHIPPED / f"{path_or_name}.toml").exists():
-        path = SHIPPED / f"{path_or_name}.toml"
+    path = _locate(path_or_name)
     try:
         raw = tomllib.loads(path.read_text())
     except OSError as e:

@@ -18,6 +18,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlparse
 
@@ -91,7 +92,7 @@ COMMON_OPTIONS = (
         "api_key_env",
         str,
         "OPENAI_API_KEY",
-        "Name of the environment variable holding the API key (not the key).",
+        "Name of the environment variable holding the API key (not the key); NAME_FILE may name a file holding it.",
         panel=API_PANEL,
     ),
     Option("max_tokens", int, 300, "Most output tokens per caption.", panel=MODEL_PANEL),
@@ -201,13 +202,34 @@ def _is_loopback(url: str) -> bool:
 
 
 def resolve_api_key(env_name: str, base_urls: list[str]) -> str:
-    """The key from the named variable. A server on this machine (vLLM, Ollama) needs none."""
+    """The key from the named variable, else from the file that ``${env_name}_FILE`` names: cron and
+    containers keep a key in a file (mode 600) so that it is in no crontab, shell history or process
+    list. A server on this machine (vLLM, Ollama) needs none."""
     key = os.environ.get(env_name, "").strip()
     if key:
         return key
+    key_file = os.environ.get(f"{env_name}_FILE", "").strip()
+    if key_file:
+        return _key_from_file(f"{env_name}_FILE", key_file)
     if base_urls and all(_is_loopback(u) for u in base_urls):
         return "no-key"
-    raise BackendError(f"no API key: set the environment variable {env_name} (or name another with --api-key-env)")
+    raise BackendError(
+        f"no API key: set the environment variable {env_name}, or {env_name}_FILE to a file holding it "
+        "(or name another variable with --api-key-env)"
+    )
+
+
+def _key_from_file(variable: str, path: str) -> str:
+    """The key a file holds, its surrounding whitespace removed; what goes wrong names the file, never the key."""
+    try:
+        key = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise BackendError(f"${variable} names {path}, which cannot be read: {getattr(e, 'strerror', None) or e}") from None
+    if not key:
+        raise BackendError(f"${variable} names {path}, which is empty")
+    if any(c.isspace() for c in key) or key.startswith(variable.removesuffix("_FILE") + "="):
+        raise BackendError(f"${variable} names {path}, which must hold the key alone (not NAME=KEY, one line)")
+    return key
 
 
 class MalformedReply(Exception):
