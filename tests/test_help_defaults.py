@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import math
 import os
 import re
 import warnings
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -30,6 +32,7 @@ from lenscap.commands import OPTIONS
 from lenscap.core.options import Executed, all_cores
 from lenscap.core.registry import OptionRenamed
 from lenscap.dedup.options import DedupOptions
+from lenscap.download.inputs import CAPTION_COLUMN_GUESSES, URL_COLUMN_GUESSES
 from lenscap.estimate.options import EstimateOptions
 from lenscap.filter.annotators import REGISTRY as FILTERS
 from lenscap.filter.annotators import annotator_class
@@ -154,7 +157,7 @@ def _worded(command: str, field: str, shown: str, monkeypatch) -> None:
         backends = list(BACKENDS.builtins)
         for backend, text in _per_backend(shown, backends).items():
             used = CaptionOptions(backend=backend).default_processes()
-            assert text == ("all cores" if used == all_cores() and text == "all cores" else str(used)), (backend, text)
+            assert text == str(used) or (text == "all cores" and used == all_cores()), f"{backend}: {text!r}, uses {used}"
     elif (command, field) == ("caption", "cache"):
         assert shown == _cache_dir_text(monkeypatch)
     elif (command, field) == ("report", "out"):
@@ -219,19 +222,37 @@ def test_caption_backend_flags_show_each_backends_default(helps):
         assert _per_backend(shown, takers) == expected, f"caption {flag}: shown {shown!r}, the backends use {expected}"
 
 
+@pytest.fixture(scope="module")
+def listed_backends():
+    code, out, err = run_cli_here("backends", "--json")
+    assert code == 0, err
+    return {b["name"]: b for b in json.loads(out)["backends"]}
+
+
 @pytest.mark.parametrize("backend", list(BACKENDS.builtins))
-def test_a_backend_built_directly_uses_the_defaults_it_lists(backend):
-    """``lenscap backends`` lists each option's default; a backend made without the option (the library's
-    own keywords) uses the same value, not a second copy of it."""
+def test_a_backend_uses_the_defaults_lenscap_backends_lists(backend, listed_backends):
+    """``lenscap backends`` lists each option's default: the backend built from no options (as caption
+    builds it) and the backend made directly (the library's keywords) use that value, not another copy."""
     cls = backend_class(backend)
+    parsed = cls.parse_options({})
     params = inspect.signature(cls.__init__).parameters
-    for spec in cls.options:
-        param = params.get(spec.name)
+    for listed in listed_backends[backend]["options"]:
+        name, default = listed["name"], listed["default"]
+        assert parsed[name] == default, f"{backend}: {name} is {parsed[name]!r} when not given, {default!r} as listed"
+        param = params.get(name)
         if param is None or param.default is inspect.Parameter.empty:
             continue
-        assert param.default == spec.default or (param.default is None and spec.default in (None, [])), (
-            f"{backend}: {spec.name} defaults to {param.default!r} when built directly, {spec.default!r} as listed"
+        assert param.default == default or (param.default is None and default in (None, [])), (
+            f"{backend}: {name} defaults to {param.default!r} when built directly, {default!r} as listed"
         )
+
+
+def test_download_help_names_the_columns_it_looks_for(helps):
+    """--url-col and --caption-col say their default in their help: the columns the reader tries, in order."""
+    rows = _rows(helps["download"])
+    for flag, guesses in (("--url-col", URL_COLUMN_GUESSES), ("--caption-col", CAPTION_COLUMN_GUESSES)):
+        said = re.search(r"\(default: (.*?), whichever exists\)", rows[flag]).group(1)
+        assert re.split(r", | or ", said) == list(guesses), f"{flag}: {said!r}, the reader tries {guesses}"
 
 
 def test_estimate_defaults_are_captions():
@@ -282,3 +303,19 @@ def test_audit_help_shows_its_example_once(helps):
     text = " ".join(helps["audit"].split())
     example = OPTIONS["audit"].example.removeprefix("lenscap audit data/captioned --fail-on ")
     assert text.count(example) == 1, text
+
+
+def test_each_command_page_names_its_arguments_as_help_does(helps):
+    """docs/commands/X.md's "Usage: `lenscap X ...`" starts with the arguments of X's --help usage line."""
+    pages = Path(__file__).resolve().parents[1] / "docs" / "commands"
+    for name, text in helps.items():
+        page = pages / f"{name}.md"
+        if not name or " " in name or not page.exists():
+            continue
+        usage = next(line.strip() for line in text.splitlines() if "Usage:" in line)
+        arguments = usage.split("[OPTIONS]", 1)[1].strip()
+        if arguments.startswith("COMMAND"):
+            continue  # a group (batch): its page names its subcommands'
+        documented = re.search(rf"Usage: `lenscap {name}( [^`]*)?`", page.read_text())
+        assert documented, f"{page.name} has no Usage: `lenscap {name} ...`"
+        assert (documented.group(1) or "").strip().startswith(arguments), f"{page.name}: {documented.group(0)}, --help: {usage}"

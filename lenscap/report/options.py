@@ -20,7 +20,7 @@ class ReportOptions(Options):
         "Write a self-contained HTML page about a dataset: counts, outcomes, caption lengths, sampled images with their captions."
     )
     example: ClassVar[str] = "lenscap report data/captioned --out report.html --sample 24"
-    arguments: ClassVar[tuple[Argument, ...]] = (Argument("path", "Dataset directory.", local="report's dataset"),)
+    arguments: ClassVar[tuple[Argument, ...]] = (Argument("path", "Dataset directory.", metavar="DIR", local="report's dataset"),)
 
     out: str | None = option(
         None, "HTML file to write.", names=("--out",), show_default=f"DIR/{REPORT_NAME}", local="report's --out"
