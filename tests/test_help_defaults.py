@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import typer.main
+from conftest import run_cli_here
 
 from lenscap.audit.measures import PRESET_WORDS
 from lenscap.caption.backends import REGISTRY as BACKENDS
@@ -37,7 +38,6 @@ from lenscap.estimate.options import EstimateOptions
 from lenscap.filter.annotators import REGISTRY as FILTERS
 from lenscap.filter.annotators import annotator_class
 from lenscap.report.options import ReportOptions
-from tests.conftest import run_cli_here
 
 COMMON = {"as_json", "quiet", "log_file", "help", "version"}  # no default to show: flags, or nothing
 
