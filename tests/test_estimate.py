@@ -60,7 +60,7 @@ def test_batch_files_bound_by_requests_when_lines_are_small():
     assert (wall["requests_per_file"], wall["bound_by"], wall["files"]) == (50_000, "requests", 16_000)
     wall = estimate("--images", "800M", "--batch", "--max-requests-per-file", "1000")["wall_time"]
     assert (wall["requests_per_file"], wall["bound_by"], wall["files"]) == (1_000, "requests", 800_000)
-    wall = estimate("--images", "800M", "--batch", "--max-file-mb", "100")["wall_time"]
+    wall = estimate("--images", "800M", "--batch", "--max-file-mib", "100")["wall_time"]
     assert (wall["requests_per_file"], wall["bound_by"]) == (100 * MIB // 87_488, "bytes")
     r = run_cli("estimate", "--images", "800M", "--batch", "--max-side", "64")
     assert r.returncode == 0 and "16,000 of up to 50,000 requests (bound by 50,000 requests a file, not 200 MiB)" in r.stdout
@@ -246,7 +246,7 @@ def packed_by_hand(src: Path, max_file_bytes: int, max_requests: int = 50_000) -
 def test_sample_from_measures_the_lines_the_packer_builds(photos):
     src, images = photos
     out = estimate(
-        "--images", str(images), "--model", "gpt-4.1", "--batch", "--sample-from", str(src), "--max-file-mb", str(MAX_FILE_MB)
+        "--images", str(images), "--model", "gpt-4.1", "--batch", "--sample-from", str(src), "--max-file-mib", str(MAX_FILE_MB)
     )
     wall = out["wall_time"]
     files = packed_by_hand(src, int(MAX_FILE_MB * MIB))
@@ -262,7 +262,7 @@ def test_sample_from_measures_the_lines_the_packer_builds(photos):
 def test_sample_from_within_ten_percent_of_the_real_packer(photos, tmp_path):
     src, images = photos
     out = estimate(
-        "--images", str(images), "--model", "gpt-4.1", "--batch", "--sample-from", str(src), "--max-file-mb", str(MAX_FILE_MB)
+        "--images", str(images), "--model", "gpt-4.1", "--batch", "--sample-from", str(src), "--max-file-mib", str(MAX_FILE_MB)
     )
     r = run_cli(
         "caption",
@@ -272,7 +272,7 @@ def test_sample_from_within_ten_percent_of_the_real_packer(photos, tmp_path):
         "batch-files",
         "--model",
         "gpt-4.1",
-        "--max-file-mb",
+        "--max-file-mib",
         str(MAX_FILE_MB),
         "--no-cache",
         "--json",
@@ -300,13 +300,13 @@ def test_bad_flags():
         (["--images", "10x"], "--images takes a whole number such as"),
         (["--images", "1.5"], "--images takes a whole number"),
         (["--images", "1e-3"], "--images takes a whole number"),
-        (["--images", "5", "--batch", "--max-file-mb", "300"], "--max-file-mb must be more than 0 and at most 200"),
+        (["--images", "5", "--batch", "--max-file-mib", "300"], "--max-file-mib must be more than 0 and at most 200"),
         (["--images", "5", "--batch", "--max-requests-per-file", "0"], "--max-requests-per-file must be between"),
         (["--images", "5", "--batch", "--max-enqueued-tokens", "0"], "--max-enqueued-tokens must be positive"),
         (["--images", "5", "--batch", "--max-enqueued-tokens", "lots"], "--max-enqueued-tokens takes a whole number"),
         (["--images", "5", "--batch", "--batch-hours", "24-1"], "--batch-hours must be LOW-HIGH"),
         (["--images", "5", "--batch", "--batch-hours", "soon"], "--batch-hours takes LOW-HIGH or HOURS"),
-        (["--images", "5", "--batch", "--max-file-mb", "0.01"], "does not fit in --max-file-mb 0.01"),
+        (["--images", "5", "--batch", "--max-file-mib", "0.01"], "does not fit in --max-file-mib 0.01"),
     ):
         r = run_cli("estimate", *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lenscap.audit.measures import AuditSettings, check_script
+from lenscap.audit.measures import PRESET_WORDS, AuditSettings, check_script
 from lenscap.audit.summary import parse_rules
 from lenscap.core.options import Argument, Executed, OwnedOutput, check, option
 from lenscap.core.sql import check_memory_limit
@@ -13,11 +13,19 @@ from lenscap.core.sql import check_memory_limit
 __all__ = ["AuditOptions"]
 
 
+# --target-words left unset: each caption's prompt preset's length (measures.PRESET_WORDS), none for other prompts.
+TARGET_WORDS_TEXT = (
+    "the caption_prompt preset's: " + ", ".join(f"{p} {n}" for p, n in PRESET_WORDS.items()) + "; none for other prompts"
+)
+
+
 @dataclass(kw_only=True, frozen=True)
 class AuditOptions(OwnedOutput, Executed):
     command: ClassVar[str] = "audit"
-    help: ClassVar[str] = """Measure caption quality: length, refusals, templated openings, loops, truncations, near-duplicates,
-    script, OCR grounding and alt-text carry-over, overall and per model/prompt. Writes nothing into DIR."""
+    help: ClassVar[str] = (
+        "Measure caption quality: length, refusals, templated openings, loops, truncations, near-duplicates, "
+        "script, OCR grounding and alt-text carry-over, overall and per model/prompt. Writes nothing into DIR."
+    )
     example: ClassVar[str] = 'lenscap audit data/captioned --fail-on "refusal>0.01,words_p50<80,template_top1>0.3"'
     arguments: ClassVar[tuple[Argument, ...]] = (
         Argument(
@@ -31,7 +39,7 @@ class AuditOptions(OwnedOutput, Executed):
     target_words: int | None = option(
         None,
         "Caption length aimed at; off_length flags captions under half or over 1.5 times it.",
-        show_default="the prompt preset's: lens 109, short 20",
+        show_default=TARGET_WORDS_TEXT,
     )
     script: str = option(
         "Latin",
@@ -40,8 +48,9 @@ class AuditOptions(OwnedOutput, Executed):
     )
     fail_on: str | None = option(
         None,
-        'Rules such as "refusal>0.01,words_p50<80,template_top1>0.3": exit 6 when one holds (a cron gate). Measures: '
-        "every flag as a share, captions, words_mean/p5/p50/p95, template_top1, distinct_1, distinct_2, alt_carry.",
+        "Comma-separated rules MEASURE OP NUMBER (OP: >, >=, < or <=; see the example below): exit 6 when one holds (a cron gate). "
+        "Measures: every flag as a share, captions, words_mean/p5/p50/p95, template_top1, distinct_1, distinct_2, "
+        "alt_carry.",
     )
     sample: int = option(10, "How many flagged captions (comparing: differing images) to show for reading.")
     seed: int = option(0, "Which samples: the same seed shows the same ones.")

@@ -15,7 +15,11 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ResponseCache", "cache_key", "default_cache_dir"]
+__all__ = ["ResponseCache", "cache_key", "default_cache_dir", "CACHE_DIR_TEXT"]
+
+
+# What --help says default_cache_dir() is (tests/test_help_defaults.py holds them to each other).
+CACHE_DIR_TEXT = "$LENSCAP_CACHE_DIR, else $XDG_CACHE_HOME/lenscap, else ~/.cache/lenscap"
 
 
 def default_cache_dir() -> Path:

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from lenscap.caption.backends import backend_class, promoted
+from lenscap.caption.backends import REGISTRY, backend_class, promoted
+from lenscap.caption.cache import CACHE_DIR_TEXT
 from lenscap.caption.prompts import PRESETS
 from lenscap.core.errors import UsageError
 from lenscap.core.options import (
@@ -28,9 +29,37 @@ from lenscap.core.options import (
 )
 from lenscap.core.registry import Option
 
-__all__ = ["CaptionOptions", "HINTS", "BACKEND_FLAGS"]
+__all__ = ["CaptionOptions", "HINTS", "BACKEND_FLAGS", "DEFAULT_WORKERS"]
 
 HINTS = ("ocr",)  # what --hints knows: text read from the image (the ocr extra)
+
+
+def _per_backend(shown: dict[str, str | None]) -> str | bool:
+    """Backend -> its default as text, as one text: the first backend's, then ``names: text`` for each
+    other value (False: no backend has one to show)."""
+    groups: dict[str, list[str]] = {}
+    for backend, text in shown.items():
+        groups.setdefault(text or "", []).append(backend)
+    parts = [(text, names) for text, names in groups.items() if text]
+    if not parts:
+        return False
+    return "; ".join([parts[0][0], *(f"{', '.join(names)}: {text}" for text, names in parts[1:])])
+
+
+# --processes when not given, by whether the backend runs as a batch job (None: all cores): building
+# batch request lines is CPU work, online and local captioning is not.
+DEFAULT_WORKERS: dict[bool, int | None] = {False: 1, True: None}
+
+
+def _default_workers(runs_as_batch: bool) -> int:
+    workers = DEFAULT_WORKERS[runs_as_batch]
+    return all_cores() if workers is None else workers
+
+
+def _processes_text() -> str | bool:
+    """``1; openai-batch, batch-files: all cores``: --processes's default for each built-in backend."""
+    defaults = {name: DEFAULT_WORKERS[backend_class(name).runs_as_batch] for name in REGISTRY.builtins}
+    return _per_backend({name: "all cores" if n is None else str(n) for name, n in defaults.items()})
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -72,11 +101,9 @@ class _CaptionFlags(RowsOnly, OwnedOutput, FromDataset, Executed):
         None,
         "Worker processes (each gets an equal part of --rpm/--tpm; with --executor ray, the workers share them "
         "instead). Batch backends: the processes that build request lines and read answers.",
-        show_default="1; batch backends: all cores",
+        show_default=_processes_text(),
     )
-    cache: str | None = option(
-        None, "Response cache directory.", show_default="$LENSCAP_CACHE_DIR or ~/.cache/lenscap", path=True
-    )
+    cache: str | None = option(None, "Response cache directory.", show_default=CACHE_DIR_TEXT, path=True)
     no_cache: bool = option(
         False, "Neither read nor write the response cache.", names=("--no-cache",), switch=True, show_default=False
     )
@@ -139,23 +166,15 @@ class _CaptionFlags(RowsOnly, OwnedOutput, FromDataset, Executed):
         """--processes, or: building batch request lines is CPU work (all cores); online and local captioning is not (1)."""
         if self.processes is not None:
             return self.processes
-        return all_cores() if runs_as_batch else 1
+        return _default_workers(runs_as_batch)
 
     def default_processes(self) -> int:
         return self.workers_for(backend_class(self.backend).runs_as_batch)
 
 
 def _default_text(specs: dict[str, Option]) -> str | bool:
-    """``300; transformers, vllm: 256``: each built-in backend's default, the first backend's first
-    (False: none of them has one to show)."""
-    groups: dict[str, list[str]] = {}
-    for backend, spec in specs.items():
-        shown = spec.default_text if spec.default in (None, []) else str(spec.default)
-        groups.setdefault(shown or "", []).append(backend)
-    parts = [(text, names) for text, names in groups.items() if text]
-    if not parts:
-        return False
-    return "; ".join([parts[0][0], *(f"{', '.join(names)}: {text}" for text, names in parts[1:])])
+    """``300; transformers, vllm: 256``: each built-in backend's default (False: none has one to show)."""
+    return _per_backend({b: spec.default_text if spec.default in (None, []) else str(spec.default) for b, spec in specs.items()})
 
 
 def _flag_fields() -> list[tuple[str, Any, Any]]:

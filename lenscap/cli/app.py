@@ -14,11 +14,10 @@ import sys
 from typing import Annotated, Any
 
 import typer
-import typer.core
 
 from lenscap import __version__
 from lenscap.caption.backends import describe_backends
-from lenscap.cli import render
+from lenscap.cli import help_style, render
 from lenscap.cli.build import Common, command_function, common_options
 from lenscap.commands import OPTIONS
 from lenscap.core.errors import UsageError
@@ -30,21 +29,7 @@ from lenscap.filter.annotators import describe_filters, filters_lines
 __all__ = ["app", "build_app", "emit", "ALIASES", "last_summary", "money"]
 
 
-def _plain_default_text() -> None:
-    """Show a default given as words ("all cores") as [default: all cores], not click's [default: (all cores)]."""
-    original = getattr(typer.core, "_get_default_string", None)
-    if original is None or getattr(original, "lenscap", False):
-        return
-
-    def plain(obj: Any, *, ctx: Any, show_default_is_str: bool, default_value: Any) -> str:
-        text = original(obj, ctx=ctx, show_default_is_str=show_default_is_str, default_value=default_value)
-        return text[1:-1] if show_default_is_str and text.startswith("(") and text.endswith(")") else text
-
-    plain.lenscap = True  # type: ignore[attr-defined]
-    typer.core._get_default_string = plain  # type: ignore[attr-defined]
-
-
-_plain_default_text()
+help_style.apply()
 
 # Hidden old flag names of every command (their parameter) -> the parameter that replaced them, and its flag.
 ALIASES: dict[str, tuple[str, str, str]] = {old: v for cls in OPTIONS.values() for old, v in cls.old_names().items()}
@@ -245,7 +230,7 @@ def _batch_app() -> typer.Typer:
     out_dir = inspect.Parameter(
         "out_dir",
         inspect.Parameter.POSITIONAL_OR_KEYWORD,
-        annotation=Annotated[str, typer.Argument(help="The output directory of a batch caption job.")],
+        annotation=Annotated[str, typer.Argument(help="The output directory of a batch caption job.", metavar="OUT_DIR")],
     )
 
     def status(**given: Any) -> None:

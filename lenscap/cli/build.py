@@ -60,10 +60,13 @@ def _option(name: str, tp: Any, default: Any, flag: Flag) -> inspect.Parameter:
     is_bool = tp in (bool, bool | None)
     if is_bool and not flag.switch and not flag.names:
         names = [f"{names[0]}/--no-{names[0][2:]}"]
+    show_default = flag.show_default
+    if is_bool and show_default is True:  # --upscale/--no-upscale [default: off], not [default: no-upscale]
+        show_default = "on" if default else "off"
     info = typer.Option(
         *names,
         help=flag.help,
-        show_default=flag.show_default,
+        show_default=show_default,
         rich_help_panel=flag.panel,
         metavar="" if is_bool else flag.metavar,
     )
@@ -85,7 +88,7 @@ def _arguments(cls: type[Options]) -> list[inspect.Parameter]:
     out = []
     for arg in cls.arguments:
         tp: Any = list[str] if arg.many else str
-        info = typer.Argument(help=arg.help, show_default=False, metavar=arg.metavar)
+        info = typer.Argument(help=arg.help, show_default=arg.default is not ..., metavar=arg.metavar or arg.name.upper())
         default = inspect.Parameter.empty if arg.default is ... else arg.default
         out.append(
             inspect.Parameter(arg.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=Annotated[tp, info])

@@ -112,9 +112,9 @@ def estimate(s: dict[str, Any], options: Any) -> Shown:
     ]
     if "files" in wall:
         limit = (
-            f"bound by {options.max_file_mb:g} MiB a file, not {options.max_requests_per_file:,} requests"
+            f"bound by {options.max_file_mib:g} MiB a file, not {options.max_requests_per_file:,} requests"
             if wall["bound_by"] == "bytes"
-            else f"bound by {options.max_requests_per_file:,} requests a file, not {options.max_file_mb:g} MiB"
+            else f"bound by {options.max_requests_per_file:,} requests a file, not {options.max_file_mib:g} MiB"
         )
         out.append(f"  files:      {wall['files']:,} of up to {wall['requests_per_file']:,} requests ({limit})")
         out.append(f"  line size:  {wall['line_bytes']:,} B a request ({wall['line_bytes_basis']})")

@@ -13,7 +13,7 @@ their mean size and image tokens replace the assumed ones.
 Wall time: online, the requests a minute that both ``rpm`` and ``tpm`` allow; without either, those of
 the model at OpenAI's usage tier 1 (``captioning.pricing.tier_limits``; the gpt-4.1 figures for a model
 not in that table), named in the result's ``tier`` and ``note``. As batches, the files
-the packer would write (each bounded by ``max_requests_per_file`` requests and ``max_file_mb`` MiB,
+the packer would write (each bounded by ``max_requests_per_file`` requests and ``max_file_mib`` MiB,
 whichever binds first), run in waves of as many files as the account's batch queue limit
 (``max_enqueued_tokens``, input tokens) holds, each wave taking ``batch_hours``.
 """
@@ -201,7 +201,7 @@ def _batch_wall_time(req: EstimateOptions, images: int, input_per: float, line_b
     within the account's batch queue limit, each taking ``batch_hours``."""
     by_bytes = math.floor(req.max_file_bytes / line_bytes)
     if by_bytes < 1:
-        raise UsageError(f"a request line of about {line_bytes:,.0f} B does not fit in --max-file-mb {req.max_file_mb:g}")
+        raise UsageError(f"a request line of about {line_bytes:,.0f} B does not fit in --max-file-mib {req.max_file_mib:g}")
     per_file = min(req.max_requests_per_file, by_bytes)
     bound_by = "requests" if req.max_requests_per_file <= by_bytes else "bytes"
     files = math.ceil(images / per_file)
@@ -320,7 +320,7 @@ def _request(req: EstimateOptions) -> dict[str, Any]:
         "where": req.where,
         "sample_from": req.sample_from,
         "max_requests_per_file": req.max_requests_per_file,
-        "max_file_mb": req.max_file_mb,
+        "max_file_mib": req.max_file_mib,
         "max_enqueued_tokens": req.queue_tokens,
         "batch_hours": req.hours,
     }

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import ClassVar
 
-from lenscap.caption.backends.openai_batch import BatchOptions
-from lenscap.caption.backends.openai_chat import DEFAULT_MODEL
+from lenscap.caption.backends.openai_batch import BatchOptions, OpenAIBatchBackend
 from lenscap.core.errors import UsageError
 from lenscap.core.options import Options, check, option
 
 __all__ = ["EstimateOptions", "parse_count", "parse_hours", "hours_span", "BATCH_MAX_REQUESTS", "BATCH_WINDOW_H"]
 
-BATCH_MAX_REQUESTS = 50_000
+# caption's own defaults (the openai-batch backend's, which are the openai backend's too): an estimate
+# left at its defaults prices the run caption would make.
+_CAPTION = {o.name: o.default for o in OpenAIBatchBackend.options}
+BATCH_MAX_REQUESTS = _CAPTION["max_requests_per_file"]
 BATCH_WINDOW_H = 24
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 _COUNT_RE = re.compile(r"(\d+(?:\.\d*)?(?:e\d+)?)([kmb]?)", re.IGNORECASE)
@@ -56,19 +58,19 @@ class EstimateOptions(Options):
         "How many images to caption: 800000000, 800,000,000, 8e8, 800M, 1.5B, 10k (with --from and --where: counted there).",
         show_default=False,
     )
-    model: str = option(DEFAULT_MODEL, "The model (caption's default is the same).")
+    model: str = option(_CAPTION["model"], "The model (caption's default is the same).")
     batch: bool = option(
         False,
         "Price as the Batch API (half price), and count its files and wall time.",
         switch=True,
         show_default=False,
     )
-    detail: str = option("low", "Image detail: low, high or auto.")
+    detail: str = option(_CAPTION["detail"], "Image detail: low, high or auto.")
     output_words: float = option(109.0, "Caption length in words (Lens: about 109).")
     source_size: str = option(
         "1024x768", "Typical image size WIDTHxHEIGHT before downscaling to --max-side.", old_names=("--image-size",)
     )
-    max_side: int = option(512, "Longest side sent to the model (caption's -O max_side).")
+    max_side: int = option(_CAPTION["max_side"], "Longest side sent to the model (caption's --max-side).")
     prompt: str = option("lens", "Prompt preset or file, as for caption.")
     rpm: float | None = option(None, "Requests per minute you may send.")
     tpm: float | None = option(None, "Tokens per minute you may send.")
@@ -92,7 +94,11 @@ class EstimateOptions(Options):
     max_requests_per_file: int = option(
         BATCH_MAX_REQUESTS, "With --batch: requests per batch file, as for caption (the API allows 50,000)."
     )
-    max_file_mb: float = option(200.0, "With --batch: MiB per batch file, as for caption (the API allows 200).")
+    max_file_mib: float = option(
+        _CAPTION["max_file_mib"],
+        "With --batch: MiB (1,048,576 bytes) per batch file, as for caption (the API allows 200).",
+        old_names=("--max-file-mb",),
+    )
     max_enqueued_tokens: str | None = option(
         None,
         "With --batch: your account's batch queue limit in input tokens (such as 2e9 or 2B); sets how many files "
@@ -157,4 +163,4 @@ class EstimateOptions(Options):
 
     @property
     def max_file_bytes(self) -> int:
-        return int(self.max_file_mb * 1024 * 1024)  # as the batch backends convert --max-file-mb
+        return int(self.max_file_mib * 1024 * 1024)  # as the batch backends convert --max-file-mib

@@ -110,7 +110,6 @@ RULES: tuple[Rule, ...] = (
         fails=lambda v: f"coalesce(image_bytes, 0) < {int(v)}",
         detail=lambda v: f"printf('%d bytes < %d', coalesce(image_bytes, 0), {int(v)})",
         refuse=_not_negative("--min-bytes"),
-        show_default=False,
     ),
     Rule(
         "caption-min-words",
@@ -120,7 +119,6 @@ RULES: tuple[Rule, ...] = (
         fails=lambda v: f"{_WORDS} < {int(v)}",
         detail=lambda v: f"printf('%d words < %d', {_WORDS}, {int(v)})",
         refuse=_not_negative("--caption-min-words"),
-        show_default=False,
         reads=_CAPTION,
     ),
     Rule(
@@ -131,7 +129,6 @@ RULES: tuple[Rule, ...] = (
         fails=lambda v: f"{_WORDS} > {int(v)}",
         detail=lambda v: f"printf('%d words > %d', {_WORDS}, {int(v)})",
         refuse=_not_negative("--caption-max-words"),
-        show_default=False,
         reads=_CAPTION,
     ),
     Rule(

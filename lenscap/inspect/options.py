@@ -15,4 +15,6 @@ class InspectOptions(Options):
     command: ClassVar[str] = "inspect"
     help: ClassVar[str] = "Summarise a dataset directory: shards, samples, statuses, errors, caption lengths, columns, bytes."
     example: ClassVar[str] = "lenscap inspect data/captioned --json"
-    arguments: ClassVar[tuple[Argument, ...]] = (Argument("path", "A dataset directory or an export (lenscap shard's output)."),)
+    arguments: ClassVar[tuple[Argument, ...]] = (
+        Argument("path", "A dataset directory or an export (lenscap shard's output).", metavar="DIR"),
+    )

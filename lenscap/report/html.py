@@ -494,7 +494,7 @@ def run_report(path: str | os.PathLike[str], options: ReportOptions) -> dict[str
     for target in (options.out, options.png):
         if target is not None and not os.path.isdir(os.path.dirname(os.path.abspath(target))):
             raise UsageError(f"cannot write {target}: its directory does not exist")
-    for target in (options.out or os.path.join(path, "report.html"), options.png):
+    for target in (options.out_path(path), options.png):
         if target is not None and os.path.lexists(target) and not written_by_report(Path(target)):
             raise UsageError(f"{target} exists and is not a report lenscap wrote; name another file, or move it away first")
     written = write_report(path, options.out, options.sample, options.seed, options.png)
@@ -515,7 +515,7 @@ def write_report(
         found = _audit(ds, info, min(n, AUDIT_SAMPLES), seed)
     flagged = (found or {}).get("samples") or []
     images = audit_thumbnails(ds, flagged) if flagged else {}
-    target = Path(out) if out is not None else Path(ds.location) / "report.html"
+    target = Path(out) if out is not None else Path(ReportOptions(out=None).out_path(ds.location))
     _write(target, render_html(info, samples, info.get("dedup"), found, images).encode())
     written: dict[str, Any] = {"html": str(target), "samples_shown": len(samples), "audit": None}
     if found is not None:

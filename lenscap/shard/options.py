@@ -44,7 +44,7 @@ class ShardOptions(OwnedOutput, FromDataset, Executed):
     min_shards: int = option(
         MIN_SHARDS,
         "Split a small export into at least this many shards (never more than its samples), so that a loader with "
-        "that many workers has a shard for each.",
+        "that many workers has a shard for each. Not used with --samples-per-shard, whose count decides.",
     )
     shuffle: bool = option(
         False,

@@ -18,7 +18,9 @@ class VerifyOptions(Executed):
         "commit recorded; name the damaged shards (exit 1). Writes nothing unless --repair."
     )
     example: ClassVar[str] = "lenscap verify data/raw --json"
-    arguments: ClassVar[tuple[Argument, ...]] = (Argument("path", "A dataset directory (a stage's output, not an export)."),)
+    arguments: ClassVar[tuple[Argument, ...]] = (
+        Argument("path", "A dataset directory (a stage's output, not an export).", metavar="DIR"),
+    )
 
     repair: bool = option(
         False,

@@ -37,7 +37,14 @@ BATCH_OPTIONS = (
     ),
     Option("poll_interval", float, 60.0, "Seconds between polls with --wait.", panel=BATCH_PANEL),
     Option("max_requests_per_file", int, 50_000, "Requests per batch file (the API allows 50,000).", panel=BATCH_PANEL),
-    Option("max_file_mb", float, 200.0, "MiB per batch file (the API allows 200).", panel=BATCH_PANEL),
+    Option(
+        "max_file_mib",
+        float,
+        200.0,
+        "MiB (1,048,576 bytes) per batch file (the API allows 200).",
+        deprecated_names=("max_file_mb",),
+        panel=BATCH_PANEL,
+    ),
     Option(
         "max_enqueued_tokens",
         int,
@@ -77,7 +84,7 @@ class BatchOptions:
         if not 1 <= self.max_requests_per_file <= 50_000:
             raise UsageError(f"--max-requests-per-file must be between 1 and 50000, not {self.max_requests_per_file}")
         if not 1 <= self.max_file_bytes <= 200 * 1024 * 1024:
-            raise UsageError("--max-file-mb must be more than 0 and at most 200")
+            raise UsageError("--max-file-mib must be more than 0 and at most 200")
         if self.max_enqueued_tokens is not None and self.max_enqueued_tokens < 1:
             raise UsageError("--max-enqueued-tokens must be positive")
         if self.max_rounds < 0:
@@ -94,12 +101,13 @@ class _BatchBackend(OpenAIChatBackend):
     @classmethod
     def from_options(cls, values: dict[str, Any]) -> _BatchBackend:
         v = cls.parse_options(values)
-        online = {k: v[k] for k in values if k not in {o.name for o in BATCH_OPTIONS}}
+        batch_names = {name for o in BATCH_OPTIONS for name in (o.name, *o.deprecated_names)}
+        online = {k: v[k] for k in values if k not in batch_names}
         backend = super().from_options(online)
         assert isinstance(backend, _BatchBackend)
         backend.batch = BatchOptions(
             max_requests_per_file=v["max_requests_per_file"],
-            max_file_bytes=int(v["max_file_mb"] * 1024 * 1024),
+            max_file_bytes=int(v["max_file_mib"] * 1024 * 1024),
             max_enqueued_tokens=v["max_enqueued_tokens"],
             max_rounds=v["max_retries"],
             wait=v["wait"],
@@ -154,7 +162,7 @@ class ApiTransport:
 
         self.backend = backend
         self._openai = openai
-        timeout = max(backend.options.timeout, 600.0)  # a file of 200 MB takes minutes
+        timeout = max(backend.options.timeout, 600.0)  # a file of 200 MiB takes minutes
         # The SDK retries these rare calls itself (connection errors, 429, 5xx), with backoff; each call
         # is bounded in all by its attempts' time, however slowly a server sends.
         self.deadline_s = timeout * (_SDK_RETRIES + 1) + 120.0

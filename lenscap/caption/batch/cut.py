@@ -1,7 +1,7 @@
 """Packing, part two: cutting prepared lines into batch files (a byte copy, on the driver).
 
 A batch file takes lines in a fixed order until the next would break ``--max-requests-per-file`` or
-``--max-file-mb``, so where files begin and end depends only on the lines, never on timing or on which
+``--max-file-mib``, so where files begin and end depends only on the lines, never on timing or on which
 worker prepared them. Sources, in order of preference:
 
 1. a retry spool (requests of merged batches that got no answer) holding a full file's worth;

@@ -105,7 +105,7 @@ class BatchWorker:
                     if len(line) > self.max_line_bytes:
                         journal.append(
                             {
-                                **CaptionResult(sample.key, ERROR, error="request larger than --max-file-mb").to_dict(),
+                                **CaptionResult(sample.key, ERROR, error="request larger than --max-file-mib").to_dict(),
                                 "cached": False,
                             }
                         )
