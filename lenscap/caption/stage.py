@@ -32,6 +32,7 @@ from lenscap.caption.prompts import Prompt, ocr_hint
 from lenscap.caption.vision import ocr_available, read_text_from_bytes
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import BudgetReached, DiskFull, MissingDependency, UsageError
+from lenscap.core.install import install_hint
 from lenscap.core.layout import shard_name
 from lenscap.core.record import Sample
 from lenscap.core.schema import Column
@@ -75,7 +76,7 @@ class CaptionStage(Stage):
         self.prompt = prompt
         self.hints = hints
         if "ocr" in hints and not ocr_available():
-            raise MissingDependency("--hints ocr needs the ocr extra: pip install 'lenscap[ocr]'")
+            raise MissingDependency(f"--hints ocr needs the ocr extra: {install_hint('ocr')}")
         self._identity = self.answer_identity()  # fixed once built; part of every sample's cache key
         self.redo = redo
         if redo is not None and not redo.strip():
