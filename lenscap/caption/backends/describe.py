@@ -57,6 +57,7 @@ class DescribeBackend(CaptionBackend):
     """An offline description computed from the pixels (size, colours, light, text, faces); no model, no key."""
 
     name = "describe"
+    sends_prompt = False  # it reads the pixels, never the prompt
     options = (
         Option(
             "ocr",
