@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -60,6 +61,7 @@ def _describe_tells_one_story(demo: Path, report: str) -> None:
     assert (parameters["backend"], parameters["prompt"], parameters["prompt_sha"]) == ("describe", None, None)
     card = (demo / "shard" / "README.md").read_text()
     assert '`caption` {"backend": "describe"' in card and '"prompt"' not in card
+    assert "| caption model | prompt sent | captions |" in card and re.search(r"\| describe-1\S* \| none \| \d+ \|", card)
     assert "no length target" in report and ">off_length<" not in report
     assert "<span class='label'>duplicate images</span>" in report
     # describe's templated captions nearly repeat one another: the audit flags them, and says it counts captions
@@ -89,4 +91,5 @@ def test_demo_with_the_fake_api(tmp_path):
     parameters = json.loads((tmp_path / "demo" / "caption" / "lenscap.json").read_text())["parameters"]
     assert parameters["prompt"] == "lens" and len(parameters["prompt_sha"]) == 16
     assert "target 109 words" in (tmp_path / "demo" / "report.html").read_text()
+    assert "| gpt-4.1-mini | lens | " in (tmp_path / "demo" / "shard" / "README.md").read_text()
     assert not (tmp_path / "cache").exists(), "the demo leaves the user's response cache alone"
