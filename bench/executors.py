@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from extras import missing
+
 from lenscap.core.dataset import Dataset
 from lenscap.core.executors import LocalExecutor, RayExecutor, start_local_ray
 from lenscap.core.job import run_stage
@@ -51,7 +53,9 @@ def main() -> None:
     ap.add_argument("--cpus", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     a = ap.parse_args()
-    import ray
+    if missing("this benchmark (the Ray executor against the local one)", "ray", "ray"):
+        return
+    import ray  # optional (the ray extra)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -272,7 +272,7 @@ def test_transformers_bad_input(tmp_path, env):
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('torch is not installed (test)')\n")
     r = run_cli(*base, "--model", str(text_only), env={**env, "PYTHONPATH": str(blocker.parent)})
-    assert r.returncode == 2 and "needs the local extra: pip install 'lenscap[local]'" in r.stderr
+    assert r.returncode == 2 and "needs the local extra: pip install 'lenscap-datasets[local]'" in r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -174,6 +174,19 @@ def test_rerun_is_deterministic(tmp_path, deduped):
     assert (tmp_path / "again" / ".lenscap" / "dedup" / "decisions.json").stat().st_mtime_ns == decisions
 
 
+def test_captioning_after_dedup_says_which_image_a_duplicate_repeats(tmp_path, deduped):
+    base, _ = deduped
+    args = ["--backend", "describe", "--option", "ocr=off", "--option", "faces=off", "--quiet"]
+    r = run_cli("caption", str(base / "out"), str(tmp_path / "c"), *args, env={"LENSCAP_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    captioned, deduplicated = rows(tmp_path / "c"), rows(base / "out")
+    duplicates = {k: row["dup_of"] for k, row in deduplicated.items() if row["dedup_status"] == "duplicate"}
+    assert duplicates and all(captioned[k]["caption_status"] == "skipped" for k in duplicates)
+    assert {k: captioned[k]["caption_error"] for k in duplicates} == {
+        k: f"no image (dedup: duplicate of {of})" for k, of in duplicates.items()
+    }
+
+
 def test_mark_only_removes_nothing(tmp_path, deduped):
     base, _ = deduped
     r = run_cli("dedup", str(base / "in"), str(tmp_path / "marked"), "--mark-only", "--quiet")

@@ -10,6 +10,7 @@ import re
 import shlex
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,29 @@ def test_readme_is_short():
     lines = README.read_text().splitlines()
     assert len(lines) <= 300, f"README.md has {len(lines)} lines; the limit is 300 (move material into docs/)"
     text = README.read_text()
-    assert "python3 dev.py demo" in text and "python3 dev.py test" in text
+    assert "python3 dev.py demo" in text and "python3 dev.py test" in text and "python3 dev.py docs" in text
+
+
+@pytest.mark.parametrize(
+    "argv, runs",
+    [
+        (["docs"], ["-m", "mkdocs", "serve"]),
+        (["docs", "--build"], ["-m", "mkdocs", "build", "--strict"]),
+        (["docs", "--build", "-d", "out"], ["-m", "mkdocs", "build", "--strict", "-d", "out"]),
+        (["docs", "-a", "0.0.0.0:8001"], ["-m", "mkdocs", "serve", "-a", "0.0.0.0:8001"]),
+    ],
+)
+def test_dev_docs_builds_or_serves_the_site_and_runs_no_test(monkeypatch, argv, runs):
+    spec = importlib.util.spec_from_file_location("lenscap_dev_script", ROOT / "dev.py")
+    dev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(dev)
+    installed, called = [], []
+    monkeypatch.setattr(dev, "ensure_venv", installed.append)
+    monkeypatch.setattr(dev.subprocess, "call", lambda cmd, cwd: called.append(cmd) or 0)
+    assert dev.main(argv) == 0
+    assert installed == ["docs"] and called == [[str(dev.PYTHON), *runs]]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert any(r.startswith("mkdocs-material") for r in extras["docs"])  # the extra dev.py docs installs builds the site
 
 
 def _switch(param) -> bool:

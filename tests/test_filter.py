@@ -243,7 +243,7 @@ def test_clip_score_with_a_tiny_random_clip(tmp_path):
 def test_nsfw_needs_its_extra_and_scores_exposed_classes(tmp_path):
     src = write_image_dataset(tmp_path / "in", 2).path
     r = run_cli("filter", str(src), str(tmp_path / "out"), "--annotate", "nsfw")
-    assert r.returncode == 2 and "needs the nsfw extra (NudeNet, AGPL-3.0): pip install 'lenscap[nsfw]'" in r.stderr
+    assert r.returncode == 2 and "needs the nsfw extra (NudeNet, AGPL-3.0): pip install 'lenscap-datasets[nsfw]'" in r.stderr
     stub = tmp_path / "stub" / "nudenet"
     stub.mkdir(parents=True)
     (stub / "__init__.py").write_text(

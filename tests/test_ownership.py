@@ -58,7 +58,7 @@ def pipeline(tmp_path_factory):
 
 def test_stage_directories_hold_rows_only_and_the_export_equals_copy_images(pipeline, tmp_path):
     download = tree_bytes(pipeline / "download")
-    for stage in ("filter", "caption", "dedup"):
+    for stage in ("filter", "dedup", "caption"):
         assert not list((pipeline / stage).glob("*.tar")), f"{stage} wrote image tars"
         assert tree_bytes(pipeline / stage) < 0.05 * download, stage
         manifest = json.loads((pipeline / stage / "lenscap.json").read_text())
@@ -80,19 +80,20 @@ def test_stage_directories_hold_rows_only_and_the_export_equals_copy_images(pipe
         "0.95",
         "--copy-images",
     )
-    ok("caption", str(copy / "filter"), str(copy / "caption"), "--backend", "describe", "--copy-images", "--no-cache")
-    ok("dedup", str(copy / "caption"), str(copy / "dedup"), "--processes", "1", "--copy-images")
-    ok("shard", str(copy / "dedup"), str(copy / "shard"), "--format", "webdataset", "--target-size", "2MB", "--processes", "1")
-    assert json.loads((copy / "dedup" / "lenscap.json").read_text())["images"] is None
-    assert sorted(p.name for p in (copy / "dedup").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
+    # in the demo recipe's order: dedup before caption
+    ok("dedup", str(copy / "filter"), str(copy / "dedup"), "--processes", "1", "--copy-images")
+    ok("caption", str(copy / "dedup"), str(copy / "caption"), "--backend", "describe", "--copy-images", "--no-cache")
+    ok("shard", str(copy / "caption"), str(copy / "shard"), "--format", "webdataset", "--target-size", "2MB", "--processes", "1")
+    assert json.loads((copy / "caption" / "lenscap.json").read_text())["images"] is None
+    assert sorted(p.name for p in (copy / "caption").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]
     exported = sorted((pipeline / "shard").glob("*.tar"))
     assert exported and [p.name for p in exported] == sorted(p.name for p in (copy / "shard").glob("*.tar"))
     for tar in exported:
         assert tar.read_bytes() == (copy / "shard" / tar.name).read_bytes()
     kept = sum(
         1
-        for shard in Dataset.open(pipeline / "dedup").completed_ids()
-        for s in Dataset.open(pipeline / "dedup").iter_samples(shard)
+        for shard in Dataset.open(pipeline / "caption").completed_ids()
+        for s in Dataset.open(pipeline / "caption").iter_samples(shard)
         if s.has_image and s.row["caption_status"] == "ok"
     )
     assert json.loads((pipeline / "shard" / "shards.json").read_text())["samples"] == kept > 50

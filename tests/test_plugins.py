@@ -329,7 +329,7 @@ def test_describe_filters_lists_the_builtins(monkeypatch):
     )
     assert blur["columns"] == [{"name": "blur_laplacian_var", "type": "double"}] and blur["available"] and blur["extra"] is None
     assert (uniform["direction"], uniform["threshold_flag"]) == ("drop above", "--max-uniformity")
-    assert (found["ocr"]["extra"], found["ocr"]["needs"]) == ("ocr", "pip install 'lenscap[ocr]'")
+    assert (found["ocr"]["extra"], found["ocr"]["needs"]) == ("ocr", "pip install 'lenscap-datasets[ocr]'")
     assert (found["nsfw"]["extra"], found["clip"]["extra"]) == ("nsfw", "local")
     flags = {f["name"]: f["threshold_flag"] for f in found.values()}
     assert flags == {
@@ -346,7 +346,7 @@ def test_describe_filters_lists_the_builtins(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nudenet" else real(name, *a))
     nsfw = next(f for f in describe_filters() if f["name"] == "nsfw")
-    assert not nsfw["available"] and "pip install 'lenscap[nsfw]'" in nsfw["missing"]
+    assert not nsfw["available"] and "pip install 'lenscap-datasets[nsfw]'" in nsfw["missing"]
     text = "\n".join(filters_lines([nsfw, blur]))
     assert "nsfw  (lenscap (built-in); needs the nsfw extra; not available here: " in text
     assert "--min-sharpness VALUE or --threshold blur=VALUE: drop images whose Laplacian variance is below this" in text

@@ -32,6 +32,7 @@ from lenscap.caption.prompts import Prompt, ocr_hint
 from lenscap.caption.vision import ocr_available, read_text_from_bytes
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import BudgetReached, DiskFull, MissingDependency, UsageError
+from lenscap.core.install import install_hint
 from lenscap.core.layout import shard_name
 from lenscap.core.record import Sample
 from lenscap.core.schema import Column
@@ -73,9 +74,11 @@ class CaptionStage(Stage):
     ) -> None:
         self.backend = backend
         self.prompt = prompt
+        # What the rows and the manifest record: the prompt the backend was sent, or none (describe).
+        self.prompt_sent = prompt if backend.sends_prompt else None
         self.hints = hints
         if "ocr" in hints and not ocr_available():
-            raise MissingDependency("--hints ocr needs the ocr extra: pip install 'lenscap[ocr]'")
+            raise MissingDependency(f"--hints ocr needs the ocr extra: {install_hint('ocr')}")
         self._identity = self.answer_identity()  # fixed once built; part of every sample's cache key
         self.redo = redo
         if redo is not None and not redo.strip():
@@ -95,8 +98,8 @@ class CaptionStage(Stage):
     def parameters(self) -> dict[str, Any]:
         parameters = {
             **self.backend.parameters(),
-            "prompt": self.prompt.id,
-            "prompt_sha": self.prompt.sha,
+            "prompt": self.prompt_sent.id if self.prompt_sent else None,
+            "prompt_sha": self.prompt_sent.sha if self.prompt_sent else None,
             "hints": list(self.hints),
             "cache": self.cache_dir is not None,
             "max_cost": self.max_cost,
@@ -110,6 +113,8 @@ class CaptionStage(Stage):
 
     def answer_identity(self) -> dict[str, Any]:
         """What decides one sample's answer (part of its cache key); which samples a run asks does not."""
+        # The prompt's hash even where the backend reads no prompt: outputs claimed and answers cached
+        # before that was recorded still resume, and are found.
         identity = {**self.backend.identity(), "prompt_sha": self.prompt.sha}
         return identity | {"hints": list(self.hints)} if self.hints else identity
 
@@ -380,6 +385,8 @@ class CaptionStage(Stage):
             row["caption_status"] = SKIPPED
             if row.get("filter_status") in ("dropped", "error"):
                 row["caption_error"] = f"no image (filter: {row.get('filter_reason') or row.get('filter_error')})"
+            elif row.get("dedup_status") == "duplicate":
+                row["caption_error"] = f"no image (dedup: duplicate of {row.get('dup_of')})"
             else:
                 row["caption_error"] = f"no image (download status: {sample.status})"
             for f in PROVENANCE_FIELDS:
@@ -395,8 +402,8 @@ class CaptionStage(Stage):
             row["caption"] = entry["caption"]
         row["caption_backend"] = self.backend.name
         row["caption_model"] = self.backend.model
-        row["caption_prompt"] = self.prompt.id
-        row["caption_prompt_sha"] = self.prompt.sha
+        row["caption_prompt"] = self.prompt_sent.id if self.prompt_sent else None
+        row["caption_prompt_sha"] = self.prompt_sent.sha if self.prompt_sent else None
         row["caption_input_tokens"] = entry.get("input_tokens")
         row["caption_output_tokens"] = entry.get("output_tokens")
         row["caption_cost_usd"] = entry.get("cost_usd")

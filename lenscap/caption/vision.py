@@ -14,6 +14,7 @@ from PIL import Image, ImageStat
 
 from lenscap.caption.image_prep import UnreadableImage
 from lenscap.core.errors import MissingDependency
+from lenscap.core.install import install_hint
 
 __all__ = [
     "ImageFacts",
@@ -111,7 +112,7 @@ def read_text_boxes(image: Image.Image, min_score: float = 0.6) -> list[tuple[li
     try:
         from rapidocr_onnxruntime import RapidOCR  # optional (the ocr extra)
     except ImportError:
-        raise MissingDependency("reading text in images needs the ocr extra: pip install 'lenscap[ocr]'") from None
+        raise MissingDependency(f"reading text in images needs the ocr extra: {install_hint('ocr')}") from None
     with _ocr_lock:
         if _ocr_engine is None:
             _ocr_engine = RapidOCR()

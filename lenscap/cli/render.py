@@ -186,7 +186,7 @@ def demo_lines(s: dict[str, Any], captioned_by: str) -> None:
     if s["captioned"] is not None:
         inspect_table(s["captioned"])
     print(
-        f"pipeline: {base}/{{download,filter,caption,dedup}}, training shards in {base}/shard\nreport:   {s['report']}  (open it in a browser)"
+        f"pipeline: {base}/{{download,filter,dedup,caption}}, training shards in {base}/shard\nreport:   {s['report']}  (open it in a browser)"
     )
     print(captioned_by)
 

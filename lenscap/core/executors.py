@@ -27,6 +27,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from typing import Any, Protocol
 
 from lenscap.core.errors import LenscapError, MissingDependency, UsageError
+from lenscap.core.install import install_hint
 from lenscap.core.lock import held_registries, register_process
 
 __all__ = [
@@ -231,7 +232,7 @@ def import_ray() -> Any:
     try:
         import ray  # optional (the ray extra)
     except ImportError:
-        raise MissingDependency("--executor ray needs Ray: pip install 'lenscap[ray]'") from None
+        raise MissingDependency(f"--executor ray needs Ray: {install_hint('ray')}") from None
     return ray
 
 

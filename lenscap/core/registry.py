@@ -127,7 +127,8 @@ class Registry:
         out = {name: "lenscap (built-in)" for name in self.builtins}
         for ep in entry_points(group=self.group):
             dist = getattr(ep, "dist", None)
-            if dist is not None and dist.metadata["Name"] != "lenscap":
+            # A built-in is one of lenscap's own classes, whatever name lenscap was installed under.
+            if dist is not None and ep.value != self.builtins.get(ep.name):
                 out[ep.name] = f"{dist.metadata['Name']} {dist.version}"
         return out
 

@@ -17,7 +17,7 @@ DEMO_MAX_COST = 0.10  # USD: what the demo may spend on gpt-4.1-mini with a key
 class DemoOptions(Options):
     command: ClassVar[str] = "demo"
     help: ClassVar[str] = (
-        "Run the demo recipe: generated images on loopback, download -> filter -> caption -> dedup -> shard -> report."
+        "Run the demo recipe: generated images on loopback, download -> filter -> dedup -> caption -> shard -> report."
     )
     example: ClassVar[str] = "lenscap demo demo-out --images 100"
     arguments: ClassVar[tuple[Argument, ...]] = (

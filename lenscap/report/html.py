@@ -237,11 +237,15 @@ def _audit_section(audit: dict[str, Any], images: dict[str, bytes]) -> str:
     )
     if w.get("target"):
         line += f"; target {w['target']} words" + (f" ({w['band'][0]}-{w['band'][1]} is on length)" if w.get("band") else "")
+    elif w["mean"] is not None:
+        line += "; no length target (the captions name no prompt preset; audit --target-words sets one)"
     parts = [f"<p>{_e(line)}.</p>"]
     if audit.get("failed_shards"):
         parts.append(f"<p>{len(audit['failed_shards']):,} shards could not be read and are not in these numbers.</p>")
     counts = {name: audit["counts"][name] for name in FLAGS if audit["counts"].get(name)}
     parts.append("<h3>flags</h3>" + (_bars(counts, audit["shares"]) if counts else "<p>no captions flagged</p>"))
+    if counts.get("duplicate"):
+        parts.append(_CAPTION_DUPLICATES)
     if counts.keys() & {"ocr_missed", "ocr_invented", "alt_dropped"}:
         parts.append(
             "<p class='alt'>Shares are of the captions audited; those of ocr_missed, ocr_invented and alt_dropped "
@@ -354,7 +358,7 @@ def render_html(
         reasons = dedup.get("by_reason") or {}
         earlier = f", {dedup['of_earlier_releases']:,} of them of earlier releases" if dedup.get("of_earlier_releases") else ""
         body.append(
-            f"<section><h2>Dedup</h2><p>{dedup.get('duplicates') or 0:,} duplicates in {dedup.get('clusters') or 0:,} "
+            f"<section><h2>Dedup</h2><p>{dedup.get('duplicates') or 0:,} {_dedup_noun(dedup)} in {dedup.get('clusters') or 0:,} "
             f"clusters{earlier}.</p>{_bars(reasons) if reasons else ''}</section>"
         )
     body += _problems_sections(info)
@@ -370,6 +374,18 @@ def render_html(
         f"<p>{_e(info['path'])} &middot; stage {_e(info['stage'] or 'unknown')} &middot; lenscap {__version__} &middot; {when}</p>"
         f"</header><main>{''.join(body)}</main></body></html>"
     )
+
+
+# The audit's duplicate is a caption's text, dedup's an image: said where both can be on one page.
+_CAPTION_DUPLICATES = (
+    "<p class='alt'>duplicate counts captions whose text nearly repeats another caption's, whatever the images; "
+    "dedup's duplicates (the summary) are images.</p>"
+)
+
+
+def _dedup_noun(dedup: dict[str, Any]) -> str:
+    """What dedup's count counts: images (exact bytes, perceptual hash), and captions where it compared them."""
+    return "duplicates (images or captions)" if (dedup.get("by_reason") or {}).get("caption") else "duplicate images"
 
 
 def _summary_section(info: dict[str, Any], dedup: dict[str, Any] | None) -> str:
@@ -398,7 +414,9 @@ def _summary_section(info: dict[str, Any], dedup: dict[str, Any] | None) -> str:
         if cost.get("cached_answers"):
             cards.append(("cached answers", f"{cost['cached_answers']:,} (${cost.get('cached_usd', 0.0):.4f} when first asked)"))
     if dedup:
-        cards.append(("duplicates", f"{dedup.get('duplicates') or 0:,}"))
+        cards.append((_dedup_noun(dedup), f"{dedup.get('duplicates') or 0:,}"))
+    elif "dedup_status" in info["stage_status"]:  # deduplicated upstream: its rows say how many
+        cards.append(("duplicate images", f"{info['stage_status']['dedup_status'].get('duplicate', 0):,}"))
     return (
         "<section><h2>Summary</h2><div class='cards'>"
         + "".join(f"<div class='card'><span class='label'>{_e(k)}</span><b>{_e(v)}</b></div>" for k, v in cards)

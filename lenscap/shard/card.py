@@ -45,8 +45,13 @@ def _caption_stats(index: Dataset, columns: pa.Schema) -> dict[str, Any]:
         ).fetchall()
         models = []
         if "caption_model" in columns.names:
+            # The prompt each model was sent: none where the backend reads none (describe); "-" for text
+            # no caption stage wrote.
+            prompt = "caption_prompt" if "caption_prompt" in columns.names else "NULL"
             models = con.execute(
-                "SELECT coalesce(caption_model, '(original text)'), count(*) FROM read_parquet(?) GROUP BY 1 ORDER BY 2 DESC",
+                "SELECT coalesce(caption_model, '(original text)'), "
+                f"CASE WHEN caption_model IS NULL THEN '-' ELSE coalesce({prompt}, 'none') END, count(*) "
+                "FROM read_parquet(?) GROUP BY 1, 2 ORDER BY 3 DESC, 1, 2",
                 [files],
             ).fetchall()
     finally:
@@ -126,7 +131,8 @@ def _captions(stats: dict[str, Any]) -> list[str]:
     ]
     lines += [f"| {b}-{b + 9}{'+' if b == 200 else ''} | {c:,} |" for b, c in stats["histogram"]] + [""]
     if stats["models"]:
-        lines += ["| caption model | captions |", "| --- | --- |"] + [f"| {m} | {c:,} |" for m, c in stats["models"]] + [""]
+        lines += ["| caption model | prompt sent | captions |", "| --- | --- | --- |"]
+        lines += [f"| {m} | {p} | {c:,} |" for m, p, c in stats["models"]] + [""]
     return lines
 
 

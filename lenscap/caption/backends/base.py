@@ -131,7 +131,8 @@ class CaptionBackend(ABC):
     A subclass sets ``name`` (what ``--backend`` takes; the entry point's name should be the same),
     declares its ``options`` (``Option``: parsed and checked here, unknown ones refused), takes them as
     keyword arguments of ``__init__``, and implements ``caption_all``. Optional: ``needs_key``,
-    ``priced`` (captions cost money; then ``has_price`` and ``estimate_cost``), ``check`` (once, before
+    ``priced`` (captions cost money; then ``has_price`` and ``estimate_cost``), ``sends_prompt`` (False
+    for a backend that ignores the prompt), ``check`` (once, before
     any work), ``setup`` (once per worker process), ``identity`` (what changes the answers: part of
     the response cache key and the provenance).
 
@@ -144,6 +145,9 @@ class CaptionBackend(ABC):
     needs_key: ClassVar[bool] = False
     priced: ClassVar[bool] = False  # True: captions cost money, and --max-cost needs the model's price
     runs_as_batch: ClassVar[bool] = False  # True: driven as a batch job (lenscap.caption.batch), not per shard
+    # False: the backend reads no prompt (describe), so the rows and the manifest record none, and the
+    # audit holds its captions to no prompt's length target.
+    sends_prompt: ClassVar[bool] = True
     options: ClassVar[tuple[Option, ...]] = ()
 
     @property

@@ -14,6 +14,7 @@ from typing import Any
 from lenscap.caption.backends.base import ERROR, OK, CaptionBackend, CaptionRequest, CaptionResult, Option
 from lenscap.caption.vision import ImageFacts, faces_available, image_facts, ocr_available
 from lenscap.core.errors import MissingDependency
+from lenscap.core.install import install_hint
 
 __all__ = ["DescribeBackend", "describe_facts"]
 
@@ -56,6 +57,7 @@ class DescribeBackend(CaptionBackend):
     """An offline description computed from the pixels (size, colours, light, text, faces); no model, no key."""
 
     name = "describe"
+    sends_prompt = False  # it reads the pixels, never the prompt
     options = (
         Option(
             "ocr",
@@ -75,7 +77,7 @@ class DescribeBackend(CaptionBackend):
 
     def __init__(self, ocr: str = "auto", faces: str = "auto") -> None:
         if ocr == "on" and not ocr_available():
-            raise MissingDependency("--option ocr=on needs the ocr extra: pip install 'lenscap[ocr]'")
+            raise MissingDependency(f"--option ocr=on needs the ocr extra: {install_hint('ocr')}")
         if faces == "on" and not faces_available():
             raise MissingDependency("--option faces=on needs OpenCV (opencv-python-headless)")
         self.with_text = ocr == "on" or (ocr == "auto" and ocr_available())

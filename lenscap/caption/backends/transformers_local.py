@@ -29,6 +29,7 @@ from lenscap.caption.backends.base import (
     renamed_keyword,
 )
 from lenscap.core.errors import BackendError, MissingDependency, UsageError
+from lenscap.core.install import install_hint
 
 __all__ = ["TransformersBackend", "FLORENCE_TASKS"]
 
@@ -41,7 +42,7 @@ def _import_torch() -> Any:
         import torch  # optional (the local extra) and slow to import
         import transformers  # noqa: F401 - optional (the local extra) and slow to import
     except ImportError:
-        raise MissingDependency("the transformers backend needs the local extra: pip install 'lenscap[local]'") from None
+        raise MissingDependency(f"the transformers backend needs the local extra: {install_hint('local')}") from None
     return torch
 
 

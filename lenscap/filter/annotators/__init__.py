@@ -7,6 +7,7 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from lenscap.core.install import install_hint
 from lenscap.core.registry import Registry
 from lenscap.filter.annotators.base import Annotator
 
@@ -74,7 +75,7 @@ def describe_filters() -> list[dict[str, Any]]:
             f"{'below' if cls.keep_above else 'above'} it are dropped",
             "default_threshold": cls.default_threshold,
             "extra": cls.extra,
-            "needs": f"pip install 'lenscap[{cls.extra}]'" if cls.extra else None,
+            "needs": install_hint(cls.extra) if cls.extra else None,
             "cost_rank": cls.cost_rank,
             "available": missing is None,
         }

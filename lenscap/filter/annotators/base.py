@@ -71,7 +71,7 @@ class Annotator(ABC):
     threshold_type: ClassVar[type] = float  # what --threshold-flag VALUE takes (a count: int)
     # More options, given as keywords of __init__; a built-in's are flags of lenscap filter (--clip-model).
     options: ClassVar[tuple[Option, ...]] = ()
-    extra: ClassVar[str | None] = None  # the lenscap extra it needs (pip install 'lenscap[EXTRA]'), if any
+    extra: ClassVar[str | None] = None  # the lenscap extra it needs (lenscap.core.install.install_hint), if any
 
     cost_rank: ClassVar[int] = 50  # cheaper annotators run first; a drop skips the rest
 

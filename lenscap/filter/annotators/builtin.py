@@ -11,6 +11,7 @@ from PIL import Image
 
 from lenscap.caption import vision
 from lenscap.core.errors import MissingDependency
+from lenscap.core.install import install_hint
 from lenscap.core.record import Sample
 from lenscap.filter.annotators.base import Annotator
 
@@ -71,7 +72,7 @@ class TextArea(Annotator):
 
     @classmethod
     def unavailable(cls) -> str | None:
-        return None if vision.ocr_available() else "the ocr annotator needs the ocr extra: pip install 'lenscap[ocr]'"
+        return None if vision.ocr_available() else f"the ocr annotator needs the ocr extra: {install_hint('ocr')}"
 
     def setup(self) -> None:
         problem = self.unavailable()
@@ -134,14 +135,14 @@ class Nsfw(Annotator):
     def unavailable(cls) -> str | None:
         if importlib.util.find_spec("nudenet") is not None:
             return None
-        return "the nsfw annotator needs the nsfw extra (NudeNet, AGPL-3.0): pip install 'lenscap[nsfw]'"
+        return f"the nsfw annotator needs the nsfw extra (NudeNet, AGPL-3.0): {install_hint('nsfw')}"
 
     def setup(self) -> None:
         try:
             from nudenet import NudeDetector  # optional (the nsfw extra)
         except ImportError:
             raise MissingDependency(
-                "the nsfw annotator needs the nsfw extra (NudeNet, AGPL-3.0): pip install 'lenscap[nsfw]'"
+                f"the nsfw annotator needs the nsfw extra (NudeNet, AGPL-3.0): {install_hint('nsfw')}"
             ) from None
         self._detector = NudeDetector()
 

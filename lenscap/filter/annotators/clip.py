@@ -10,6 +10,7 @@ import pyarrow as pa
 from PIL import Image
 
 from lenscap.core.errors import MissingDependency, UsageError
+from lenscap.core.install import install_hint
 from lenscap.core.record import Sample
 from lenscap.core.registry import Option
 from lenscap.filter.annotators.base import Annotator
@@ -45,7 +46,7 @@ class ClipScore(Annotator):
     def unavailable(cls) -> str | None:
         if all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers")):
             return None
-        return "the clip annotator needs the local extra: pip install 'lenscap[local]'"
+        return f"the clip annotator needs the local extra: {install_hint('local')}"
 
     def __init__(self, threshold: float | None = None, model: str | None = None) -> None:
         self.model = model or DEFAULT_CLIP_MODEL
@@ -66,7 +67,7 @@ class ClipScore(Annotator):
             from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
             from transformers.utils import logging as hf_logging  # optional (the local extra) and slow to import
         except ImportError:
-            raise MissingDependency("the clip annotator needs the local extra: pip install 'lenscap[local]'") from None
+            raise MissingDependency(f"the clip annotator needs the local extra: {install_hint('local')}") from None
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
         try:
