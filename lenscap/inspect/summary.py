@@ -167,9 +167,10 @@ class _Tally:
                 captions = captions.filter(keep)
                 table = table.filter(keep)
         for caption in captions.to_pylist():
-            n = min(len(caption.split()) if caption else 0, _MAX_WORDS)
-            self.hist[n] += 1
-            self.words_total += n
+            if caption and not caption.isspace():  # a row without a caption (a .txt list's) is not a 0-word one
+                n = min(len(caption.split()), _MAX_WORDS)
+                self.hist[n] += 1
+                self.words_total += n
 
 
 class _Cost:
@@ -381,7 +382,9 @@ def _export_rows(ds: Dataset) -> tuple[list[int], int, dict[str, Any] | None, li
         cost.add(table)
         if "caption" in table.column_names:
             for caption in table.column("caption").to_pylist():
-                n = min(len(caption.split()) if caption else 0, _MAX_WORDS)
+                if not caption or caption.isspace():
+                    continue  # no caption: not a 0-word one
+                n = min(len(caption.split()), _MAX_WORDS)
                 hist[n] += 1
                 words_total += n
     return hist, words_total, cost.summary() if "caption_cost_usd" in columns else None, columns
