@@ -53,3 +53,14 @@ def test_a_headed_list_with_a_repeat_and_a_bad_line_downloads_each_url_once(tmp_
         assert shown.returncode == 0 and "no captions" in shown.stdout and "caption words mean" not in shown.stdout
         info = json.loads(run_cli("inspect", str(out), "--json").stdout)
         assert info["caption_words"]["count"] == 0 and info["status"]["duplicate"] == 2
+        assert info["skips"] == {"download: a repeated URL, fetched once for its first row": 2}
+        assert list(info["errors"]) == [NOT_UTF8_MESSAGE], "a repeat is no error"
+
+
+def test_a_recipe_s_download_line_counts_repeats_apart_from_failures():
+    from lenscap.run.outcomes import outcome
+
+    status = {"success": 5, "duplicate": 2, "failed_to_download": 1}
+    assert outcome("download", [], {"samples": 8, "status": status}) == (
+        "8 URLs, 5 downloaded, 1 failed (1 failed_to_download), 2 repeats of a URL above"
+    )

@@ -63,10 +63,10 @@ __all__ = ["run_download", "download", "retry_failed", "replayed", "sample_key"]
 
 LOST_SAMPLE_MESSAGE = "no result recorded by img2dataset for this sample (lost in its worker); retry with --retry-failed"
 NOT_UTF8_MESSAGE = "not valid UTF-8: this row of the URL list (its url shows the bytes escaped); save the list as UTF-8"
-FETCH_FILE = "fetch.json"
+FETCH_FILE = "fetch.json"  # the fetch options of the last run (``DownloadOptions.fetch_settings``), in the work directory
 # A URL that a list repeats is fetched once: the input's columns that say which rows repeat which.
 DUPLICATE_OF, DUPLICATE_URL = "lenscap_duplicate_of", "lenscap_duplicate_url"
-DUPLICATES_REMEMBERED = 2_000_000  # URLs whose repeats are found (their memory: a few hundred MB at most)  # the fetch options of the last run (``DownloadOptions.fetch_settings``), in the work directory
+DUPLICATES_REMEMBERED = 2_000_000  # URLs whose repeats are found (their memory: a few hundred MB at most)
 
 
 def sample_key(shard_id: int, index: int, samples_per_shard: int) -> str:
@@ -471,13 +471,13 @@ def _download(
             done.add(shard_id)
             if before is not None:  # adopted before this run's work starts: counted as done already
                 before[0] += int(stats.get("count", 0))
-                before[1] += int(stats.get("count", 0)) - int(stats.get("successes", 0))
+                before[1] += _failed_in(stats)
             else:
                 live.shard_done(shard_id, stats)
 
     already = _finish(job, options, total, {})  # a manifest from the start: `inspect` works mid-download
     _forget_unadoptable(job.staging, done)
-    before = [already.samples, already.samples - already.status.get("success", 0)]
+    before = [already.samples, already.samples - already.status.get("success", 0) - already.status.get("duplicate", 0)]
     adopt_finished(before)  # shards staged before a crash
     _start(progress, total, len(done), split.get("samples"), before)
     rc = 0
@@ -572,11 +572,17 @@ class _LiveSamples:
         """Shard ``shard_id`` is committed with ``stats``: its final counts (lost samples included)."""
         shown_n, shown_f = self.shown.pop(shard_id, (0, 0))
         count = int(stats.get("count", 0))
-        failed = count - int(stats.get("successes", 0))
+        failed = _failed_in(stats)
         self._advance(1, count - shown_n, failed - shown_f)
         if self.directory is not None:
             for outcome in ("ok", "failed"):
                 (self.directory / f"{shard_id}.{outcome}").unlink(missing_ok=True)
+
+
+def _failed_in(stats: dict[str, Any]) -> int:
+    """The failed samples of a shard by its stats: neither downloaded nor a repeat of a URL above (fetched once)."""
+    repeats = int((stats.get("status") or {}).get("duplicate", 0))
+    return int(stats.get("count", 0)) - int(stats.get("successes", 0)) - repeats
 
 
 def _poll_s(staging: Path | str) -> float:

@@ -44,6 +44,7 @@ _COST_COLUMNS = (*_SPEND_COLUMNS, "caption_cached", "caption_run")
 # Where the manifest's history does not say: the order the stages usually run in.
 _STAGE_ORDER = ("download", "filter", "dedup", "caption", "audit")
 _SKIPPED = "skipped"
+_REPEATED = "duplicate"  # a download row whose URL an earlier row of the list holds
 _MAX_WORDS = 2048  # caption length histogram bins; longer captions share the last bin
 
 
@@ -154,7 +155,12 @@ class _Tally:
         if "status" in table.column_names:
             self.status.update(str(s) for s in table.column("status").to_pylist())
         if "error_message" in table.column_names:
-            self.errors.update(e for e in table.column("error_message").to_pylist() if e)
+            status = table.column("status").to_pylist() if "status" in table.column_names else None
+            for i, e in enumerate(table.column("error_message").to_pylist()):
+                if e and status is not None and status[i] == _REPEATED:  # "duplicate of KEY": not an error
+                    self.skips["download: a repeated URL, fetched once for its first row"] += 1
+                elif e:
+                    self.errors[e] += 1
         if "caption" in table.column_names:
             self._add_captions(table)
 
