@@ -42,6 +42,7 @@ def test_a_refused_list_fails_naming_the_flag_and_retry_failed_alone_then_fetche
         assert as_json.returncode == 1 and summary["ok"] is False
         assert summary["errors"]["commonest"] == "refused: loopback address" and summary["errors"]["exceeded"] is True
         assert "--allow-private-network" in summary["errors"]["message"]
+        assert "other options" not in as_json.stderr, "the same options again: nothing to hint"
 
         # The flag alone finds the shards done: it says, in one line, to add --retry-failed.
         rerun = run_cli("download", str(urls), out, *FAST, "--allow-private-network")

@@ -460,6 +460,7 @@ def _download(
     total = split["shards"]
     progress = progress or make_progress("download")
     done = set(job.out.completed_ids())
+    earlier = sorted(done)  # done by earlier runs, with their fetch options
     live = _LiveSamples(job.work / "progress" if isinstance(job.staging, Path) else None, progress)
 
     def adopt_finished(before: list[int] | None = None) -> None:
@@ -506,7 +507,7 @@ def _download(
         )
     else:
         job.remove_staging("img2dataset")  # everything adopted: the staging copies are no longer needed
-    hint = rerun_hint(job.out, job.previous_fetch, options)
+    hint = rerun_hint(job.out, job.previous_fetch, options, earlier)
     if hint is not None:
         progress.note(f"download: {hint}")
     return _finish(job, options, total, {i: f"not downloaded (img2dataset exit code {rc})" for i in failed})

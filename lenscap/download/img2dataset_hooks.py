@@ -230,7 +230,8 @@ def _die_with_parent() -> None:
 def _fork_instead_of_spawn() -> None:
     """img2dataset starts its worker pool and its logger process by spawning, and each spawned process
     imports img2dataset again: seconds of CPU apiece, most of the fixed start-up of a small download.
-    Forked from this process, which has imported it once and runs no thread yet, they start at once.
+    Forked from this process, which has imported it once and runs no thread yet (not joined to Ray),
+    they start at once.
     Linux only (elsewhere fork is not safe with the system's libraries): there img2dataset's way stands."""
     if not sys.platform.startswith("linux"):
         return
@@ -277,7 +278,8 @@ def main(parent: int) -> int:
         return GuardedResizer(*args, max_pixels=max_pixels, allow_private_network=allow_private, **kwargs)
 
     _i2d_main.Resizer = resizer_factory  # the one name download() constructs its resizer by
-    _fork_instead_of_spawn()
+    if not ray_address:  # joined to Ray, this process runs Ray's threads (gRPC): no fork then
+        _fork_instead_of_spawn()
     progress_dir = config.pop("progress_dir", None)
     if progress_dir and config.get("output_format") == "webdataset":
         # Pickled to each worker (a partial of a class this module defines): counts as samples are written.

@@ -106,9 +106,9 @@ def _shown(name: str, value: Any) -> str:
     return f"{flag} {value}"
 
 
-def rerun_hint(out: Dataset, previous: dict[str, Any] | None, options: DownloadOptions) -> str | None:
+def rerun_hint(out: Dataset, previous: dict[str, Any] | None, options: DownloadOptions, earlier: list[int]) -> str | None:
     """One line for a rerun (no --retry-failed) whose fetch options differ from the last run's, where
-    failed samples would be asked again with them: the shards are done, so it fetched none of them."""
+    failed samples of the shards done ``earlier`` would be asked again with them: this run fetched none."""
     if not previous or options.retry_failed:
         return None
     changed = [
@@ -119,7 +119,7 @@ def rerun_hint(out: Dataset, previous: dict[str, Any] | None, options: DownloadO
     if not changed:
         return None
     again = 0
-    for shard_id in out.completed_ids():
+    for shard_id in earlier:
         table = out.read_table(shard_id, columns=["status", "error_message"])
         again += sum(retryable(row, options.allow_private_network) for row in table.to_pylist())
     if not again:
