@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from lenscap.audit.command import audit as _audit
@@ -108,13 +109,25 @@ def download(
     *,
     quiet: bool = True,
     img2dataset: Img2datasetProcess | None = None,
+    given: Iterable[str] | None = None,
     **fields: Any,
 ) -> JobResult:
     """Download ``source`` (a URL list) into ``out_dir``; with ``retry_failed``, then fetch the failed
-    downloads of completed shards again (``source`` None: only that). ``img2dataset``: an
+    downloads of completed shards again (``source`` None: only that, with the last run's fetch options,
+    such as ``allow_private_network`` and ``timeout``, but for the fields ``given``: by default the
+    keywords passed, or with ``options``, its fields that differ from the defaults). ``img2dataset``: an
     ``Img2datasetProcess`` started earlier, to overlap its start-up with the caller's."""
     source = os.fspath(source) if source is not None else None
-    return run_download(source, out_dir, DownloadOptions.of(options, **fields), quiet=quiet, img2dataset=img2dataset)
+    if given is None and options is None:
+        given = fields
+    return run_download(
+        source,
+        out_dir,
+        DownloadOptions.of(options, **fields),
+        quiet=quiet,
+        img2dataset=img2dataset,
+        given=None if given is None else set(given),
+    )
 
 
 def filter(  # noqa: A001 - the command's name

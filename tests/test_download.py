@@ -363,7 +363,7 @@ def test_private_addresses_are_refused_at_the_connection_unless_allowed(tmp_path
     before = {p: image_server.hits.get(p, 0) for p in [f"/ok/{i}.jpg" for i in range(5)]}
     flags = ["--samples-per-shard", "20", "--processes", "1", "--threads", "4", "--timeout", "2", "--retries", "1", "--quiet"]
     res = run_cli("download", str(urls), str(tmp_path / "out"), *flags, "--no-allow-private-network")
-    assert res.returncode == 1 and "add --allow-private-network if that is meant" in res.stderr, res.stderr  # every URL refused
+    assert res.returncode == 1 and "pass --allow-private-network if that is meant" in res.stderr, res.stderr  # every URL refused
     got = _statuses(tmp_path / "out")
     for url in loopback:
         assert got[url][0] == "failed_to_download" and "refused to connect" in got[url][1], (url, got[url])

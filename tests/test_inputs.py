@@ -400,14 +400,47 @@ def test_error_columns_with_txt_input(tmp_path, kw):
         rows(p, **kw)
 
 
-@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".txt", ".jsonl.gz"])
-def test_bytes_that_are_not_utf8_are_refused_in_every_text_format_never_replaced(tmp_path, suffix):
-    good = {".jsonl": b'{"url": "http://a/1.jpg"}\n', ".csv": b"url\nhttp://a/1.jpg\n", ".txt": b"http://a/1.jpg\n"}
-    bad = {".jsonl": b'{"url": "http://a/\xff.jpg"}\n', ".csv": b"http://a/\xff.jpg\n", ".txt": b"http://a/\xff.jpg\n"}
-    kind = suffix.removesuffix(".gz")
-    data = good[kind] + bad[kind]
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_bytes_that_are_not_utf8_in_json_lines_are_refused_never_replaced(tmp_path, suffix):
+    """A JSON line that is not UTF-8 is not JSON: the file is refused, as for any line that is not JSON."""
+    data = b'{"url": "http://a/1.jpg"}\n{"url": "http://a/\xff.jpg"}\n'
     p = tmp_path / f"urls{suffix}"
     p.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
     with pytest.raises(InputError, match="UTF-8|utf-8|Invalid UTF8|invalid UTF8|UTF8") as e:
         rows(p)
     assert "\ufffd" not in str(e.value)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".txt", ".txt.gz"])
+def test_rows_that_are_not_utf8_become_rows_that_say_so_never_replaced(tmp_path, suffix):
+    """One bad row of a txt, csv or tsv list is that row's failure (its URL can never be fetched), not
+    the whole file's: the rows around it are read as ever."""
+    from lenscap.download.inputs import NOT_UTF8
+
+    header = {".csv": b"url,caption\n", ".tsv": b"url\tcaption\n", ".txt": b""}[suffix.removesuffix(".gz")]
+    sep = {".csv": b",", ".tsv": b"\t"}.get(suffix, b"")
+    lines = [b"http://a/1.jpg", b"http://a/\xff.jpg", b"http://a/3.jpg"]
+    if sep:
+        lines = [lines[0] + sep + b"one", lines[1] + sep + b"two", lines[2] + sep + b"caf\xe9"]  # a bad caption too
+    data = header + b"".join(line + b"\n" for line in lines)
+    p = tmp_path / f"urls{suffix}"
+    p.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    got = urls(p)
+    assert got[0] == "http://a/1.jpg" and got[1] == NOT_UTF8 + "http://a/\\xff.jpg"
+    assert got[2] == (NOT_UTF8 + "http://a/3.jpg" if sep else "http://a/3.jpg")
+    assert not any("\ufffd" in u for u in got)
+
+
+@pytest.mark.parametrize("header", ["url", "URL", "image_url", "  url  "])
+def test_a_url_header_row_of_a_txt_list_is_skipped_with_a_note(tmp_path, capsys, header):
+    p = tmp_path / "urls.txt"
+    p.write_text(header + "\n" + "".join(f"http://a/{i}.jpg\n" for i in range(5)))
+    assert urls(p) == [f"http://a/{i}.jpg" for i in range(5)]
+    assert f"{p}: its first line is a header ({header.strip()}), not a URL: skipped" in capsys.readouterr().err
+
+
+def test_a_txt_list_whose_first_line_is_a_url_keeps_it(tmp_path, capsys):
+    p = tmp_path / "urls.txt"
+    p.write_text("http://a/url\nurl\n")  # a later "url" line is a row like any other (a failed sample)
+    assert urls(p) == ["http://a/url", "url"]
+    assert "header" not in capsys.readouterr().err

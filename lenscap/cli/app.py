@@ -71,8 +71,6 @@ def _show(
     """Emit the summary, show what a person reads, and exit with the summary's code. ``verdict``: why a
     run that wrote every shard still failed (too many samples failed), said even with --quiet."""
     emit(summary, common.as_json)
-    if verdict and not common.as_json:
-        log(verdict)
     if not common.as_json:
         shown = render.SHOWN[command](summary, options)
         for line in shown.stdout:
@@ -80,6 +78,8 @@ def _show(
         if not common.quiet:
             for line in [*shown.lines, *advice]:
                 print(line, file=sys.stderr)
+        for line in (verdict or "").splitlines():  # last: why the run failed, and what to do
+            log(line)
     raise typer.Exit(int(summary.get("exit_code", 0)))
 
 
@@ -103,7 +103,7 @@ def _download(args: dict[str, Any], options: Any, common: Common) -> None:
         )
     # Started before the heavy imports, so that img2dataset's own imports overlap them.
     img2dataset = Img2datasetProcess() if source is not None else None
-    result = _api().download(source, out_dir, options, quiet=common.quiet, img2dataset=img2dataset)
+    result = _api().download(source, out_dir, options, quiet=common.quiet, img2dataset=img2dataset, given=common.given)
     _show("download", result.summary(), options, common, verdict=result.verdict)
 
 

@@ -26,11 +26,14 @@ JSON_HELP = 'Print one JSON object on stdout, on failure too ({"ok": false, "exi
 
 @dataclass(frozen=True)
 class Common:
-    """What every command takes the same way: ``--json``, ``--quiet``, ``--log-file``."""
+    """What every command takes the same way: ``--json``, ``--quiet``, ``--log-file``; and ``given``, the
+    options' fields this command line set (a flag typed, even with its default value), for the commands
+    that replay an earlier run's options for the others (``download --retry-failed``)."""
 
     as_json: bool = False
     quiet: bool = False
     log_file: str | None = None
+    given: frozenset[str] = frozenset()
 
 
 def common_options() -> list[inspect.Parameter]:
@@ -104,12 +107,15 @@ def command_function(cls: type[Options], run: Callable[[dict[str, Any], Any, Com
     for f, flag in cls.flags():
         default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
         params.append(_option(f.name, types[f.name], default, flag))
-    params += _old_names(cls) + common_options()
+    params += _old_names(cls) + common_options() + [_param("lenscap_context", typer.Context)]
     arguments = {a.name for a in cls.arguments}
     old = cls.old_names()
 
     def callback(**given: Any) -> None:
-        common = Common(given.pop("as_json"), given.pop("quiet"), given.pop("log_file"))
+        context = given.pop("lenscap_context")
+        typed = {name for name in given if context.get_parameter_source(name).name == "COMMANDLINE"}
+        typed = frozenset(old[name][0] if name in old else name for name in typed)
+        common = Common(given.pop("as_json"), given.pop("quiet"), given.pop("log_file"), typed)
         if common.log_file is not None:
             set_log_file(common.log_file)  # first: what goes wrong from here on is in the log
         args = {name: given.pop(name) for name in arguments}

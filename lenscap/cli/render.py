@@ -229,6 +229,8 @@ def _inspect_rows(info: dict[str, Any]) -> list[tuple[str, str]]:
     cw = info["caption_words"]
     if cw["count"]:
         rows.append(("caption words", f"mean {cw['mean']}, p50 {cw['p50']}, p95 {cw['p95']} ({cw['count']} captions)"))
+    elif info["samples"]:
+        rows.append(("caption words", "no captions"))
     rows.append(("columns", ", ".join(info["columns"])))
     rows.append(("bytes on disk", f"{info['bytes']['shards']:,} in shards, {info['bytes']['total']:,} in all"))
     images = info["images"]

@@ -47,6 +47,9 @@ class ErrorShare:
     max_share: float  # the most that still counts as the world's ordinary failures (0: none)
     commonest: str = ""  # the commonest reason, as the samples' rows say it
     fix: str = ""  # what to do, for the message
+    # How many samples failed for the commonest reason: when known (a download's), the message ends
+    # with a line of its own that names the reason, counted, and its fix: the line a person acts on.
+    commonest_count: int = 0
 
     @property
     def exceeded(self) -> bool:
@@ -54,6 +57,11 @@ class ErrorShare:
 
     def message(self, what: str) -> str:
         share = f"{self.failed / self.of:.0%}" if self.of else "all"
+        if self.commonest_count:
+            return (
+                f"{self.failed} of {self.of} {what} failed ({share}), more than --max-error-share {self.max_share:g} allows\n"
+                f"{self.commonest_count} of {self.of} {self.commonest}" + (f"; {self.fix}" if self.fix else "")
+            )
         reason = f" (commonest: {self.commonest})" if self.commonest else ""
         return (
             f"{self.failed} of {self.of} {what} failed ({share}){reason}, more than --max-error-share "
@@ -67,7 +75,7 @@ class ErrorShare:
             "max_share": self.max_share,
             "commonest": self.commonest or None,
             "exceeded": self.exceeded,
-            **({"message": self.message(what)} if self.exceeded else {}),
+            **({"message": self.message(what).replace("\n", ": ")} if self.exceeded else {}),
         }
 
 

@@ -31,7 +31,6 @@ import posixpath
 import shutil
 import sys
 import tarfile
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -51,20 +50,23 @@ from lenscap.core.job import Job
 from lenscap.core.layout import IMAGE_OFFSET, IMAGE_SIZE, WORK_DIR_NAME, parquet_name, shard_name, stats_name, tar_name
 from lenscap.core.manifest import shard_stats
 from lenscap.core.progress import Progress, accepts, make_progress, start_progress
-from lenscap.core.result import ErrorShare, JobResult
+from lenscap.core.result import JobResult
 from lenscap.core.storage import redact_url
 from lenscap.core.tario import TarOut, archive_end
 from lenscap.download.card import write_download_card
 from lenscap.download.img2dataset_process import Img2datasetProcess
-from lenscap.download.inputs import InputSpec, read_url_tables, resolve_input_files, rows_to_table
-from lenscap.download.netguard import REFUSED
+from lenscap.download.inputs import NOT_UTF8, InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.download.options import DownloadOptions
+from lenscap.download.outcome import error_share, rerun_hint, retryable
 
-__all__ = ["run_download", "download", "retry_failed", "sample_key"]
+__all__ = ["run_download", "download", "retry_failed", "replayed", "sample_key"]
 
 LOST_SAMPLE_MESSAGE = "no result recorded by img2dataset for this sample (lost in its worker); retry with --retry-failed"
-# Failures that a second attempt cannot fix: the server said no, or the URL is not fetchable.
-_PERMANENT_ERRORS = ("disallowed by X-Robots-Tag", "unsupported URL scheme", "empty URL")
+NOT_UTF8_MESSAGE = "not valid UTF-8: this row of the URL list (its url shows the bytes escaped); save the list as UTF-8"
+FETCH_FILE = "fetch.json"  # the fetch options of the last run (``DownloadOptions.fetch_settings``), in the work directory
+# A URL that a list repeats is fetched once: the input's columns that say which rows repeat which.
+DUPLICATE_OF, DUPLICATE_URL = "lenscap_duplicate_of", "lenscap_duplicate_url"
+DUPLICATES_REMEMBERED = 2_000_000  # URLs whose repeats are found (their memory: a few hundred MB at most)
 
 
 def sample_key(shard_id: int, index: int, samples_per_shard: int) -> str:
@@ -78,6 +80,7 @@ class _Job:
 
     def __init__(self, out: Dataset, processes: int = 1, cluster: str | None = None) -> None:
         self.out = out
+        self.previous_fetch: dict[str, Any] | None = None  # the fetch options of the run before this one
         self.processes = processes  # img2dataset's worker processes
         self.cluster = cluster  # a Ray cluster's GCS address: img2dataset runs one Ray task per shard there
         self.work = out.work_dir
@@ -106,13 +109,33 @@ class _Job:
         return json.loads(marker.read_text()) if marker.exists() else None
 
 
+def _recorded_fetch(out: Dataset) -> dict[str, Any] | None:
+    """The fetch options of the last run into ``out`` (``FETCH_FILE``); None before any, or unreadable."""
+    try:
+        recorded = json.loads((out.work_dir / FETCH_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def replayed(out_dir: str | os.PathLike[str], options: DownloadOptions, given: set[str] | None = None) -> DownloadOptions:
+    """The options of ``--retry-failed`` alone on ``out_dir``: the last run's fetch options (the network
+    rule, --timeout, --max-retries, ...) but for those ``given`` (None: those that differ from the defaults)."""
+    recorded = _recorded_fetch(Dataset(out_dir))
+    return options if recorded is None else options.with_recorded_fetch(recorded, given)
+
+
 @contextmanager
 def _owned_download(
-    out_dir: str | os.PathLike[str], source: str | None, options: DownloadOptions, cluster: str | None
+    out_dir: str | os.PathLike[str],
+    source: str | None,
+    options: DownloadOptions,
+    cluster: str | None,
+    given: set[str] | None = None,
 ) -> Iterator[tuple[_Job, DownloadOptions]]:
     """The download directory ``out_dir``, owned (``Job.output``: checked, locked, recovered,
     claimed for this URL list and these options), and the options that shape it: with no ``source``
-    (resuming, --retry-failed) the recorded ones."""
+    (resuming, --retry-failed) the recorded ones, and the last run's fetch options but those ``given``."""
     overwrite = options.overwrite and source is not None
     out = Dataset(out_dir)
     recorded = _recorded_claim(out)
@@ -126,17 +149,34 @@ def _owned_download(
         if source is None:
             raise DatasetError(f"{out.location} holds no download to resume; give the URL list too")
         resolve_input_files(source)  # a missing input fails before anything is created
+    previous = _recorded_fetch(out)
     if source is None:
         assert recorded is not None
         options = options.with_recorded(recorded["settings"])
+        if previous is not None:
+            options = options.with_recorded_fetch(previous, given)
     label = None if source is None else "-" if source == "-" else redact_url(source)
     owner = Job("download", LocalExecutor(1))  # img2dataset runs the work itself
     with owner.output(out, options.output_shaping(), source_label=label, overwrite=overwrite) as out:
         job = _Job(out, options.workers, cluster)
+        job.previous_fetch = None if overwrite else previous
         if recorded is None or overwrite:
             for name in ("img2dataset", "retry"):
                 job.remove_staging(name)  # a Ray run's staging, left by an earlier output of this name
-        yield job, options
+        # This run's fetch options are recorded for the next once it has read its URL list: an output
+        # whose list could not be read holds nothing, and the corrected command takes it over.
+        try:
+            yield job, options
+        except BaseException:
+            if job.input_ready() is not None:
+                _record_fetch(job, options)
+            raise
+        _record_fetch(job, options)
+
+
+def _record_fetch(job: _Job, options: DownloadOptions) -> None:
+    """This run's fetch options, for the next run (``FETCH_FILE``)."""
+    atomic_write_json(job.work / FETCH_FILE, options.fetch_settings())
 
 
 def _written_here(out_dir: str | os.PathLike[str]) -> Path:
@@ -193,6 +233,12 @@ def _split_input(job: _Job, spec: InputSpec, samples_per_shard: int) -> dict[str
     job.input_dir.mkdir(parents=True)
     pending: list[pa.Table] = []
     pending_rows = shards = samples = 0
+    seen: dict[str, str] = {}  # URL -> the key of its first row
+
+    def write(table: pa.Table, shard_id: int) -> None:
+        table = _duplicates_pointed(table, shard_id, samples_per_shard, seen)
+        pq.write_table(table, job.input_dir / f"{shard_name(shard_id)}.parquet")
+
     for table in read_url_tables(spec):
         pending.append(table)
         pending_rows += table.num_rows
@@ -200,16 +246,50 @@ def _split_input(job: _Job, spec: InputSpec, samples_per_shard: int) -> dict[str
         if pending_rows >= samples_per_shard:
             merged = _concat(pending)
             while merged.num_rows >= samples_per_shard:
-                pq.write_table(merged.slice(0, samples_per_shard), job.input_dir / f"{shard_name(shards)}.parquet")
+                write(merged.slice(0, samples_per_shard), shards)
                 shards += 1
                 merged = merged.slice(samples_per_shard)
             pending, pending_rows = [merged], merged.num_rows
     if pending_rows:
-        pq.write_table(_concat(pending), job.input_dir / f"{shard_name(shards)}.parquet")
+        write(_concat(pending), shards)
         shards += 1
     ready = {"shards": shards, "samples": samples}
     atomic_write_json(job.input_dir / "_done.json", ready)
     return ready
+
+
+def _duplicates_pointed(table: pa.Table, shard_id: int, samples_per_shard: int, seen: dict[str, str]) -> pa.Table:
+    """Shard ``shard_id``'s rows, each URL seen before (``seen``: URL -> the key of its first row) fetched
+    no more: its URL is emptied for img2dataset, and kept, with the first row's key, for ``_adopt``, which
+    makes the row ``duplicate``. ``seen`` remembers up to ``DUPLICATES_REMEMBERED`` URLs."""
+    first_of: list[str | None] = []
+    for index, url in enumerate(table.column("url").to_pylist()):
+        key = seen.get(url) if url else None
+        if key is None and url and len(seen) < DUPLICATES_REMEMBERED:
+            seen[url] = sample_key(shard_id, index, samples_per_shard)
+        first_of.append(key)
+    if not any(first_of):
+        return table
+    duplicate = pa.array([k is not None for k in first_of])
+    url = table.column("url")
+    table = table.set_column(table.column_names.index("url"), "url", pc.if_else(duplicate, "", url))
+    return table.append_column(DUPLICATE_OF, pa.array(first_of, pa.string())).append_column(
+        DUPLICATE_URL, pc.if_else(duplicate, url, pa.scalar(None, pa.string()))
+    )
+
+
+def _point_duplicates(table: pa.Table, input_parquet: Path, shard_id: int, samples_per_shard: int) -> pa.Table:
+    """The staged rows of a shard with its duplicate URLs (``_duplicates_pointed``) given back, status
+    ``duplicate`` and the message ``duplicate of KEY``: the row that holds the sample."""
+    if DUPLICATE_OF not in pq.read_schema(input_parquet).names:
+        return table
+    source = pq.read_table(input_parquet, columns=[DUPLICATE_OF, DUPLICATE_URL]).to_pylist()
+    pointed = {sample_key(shard_id, i, samples_per_shard): row for i, row in enumerate(source) if row[DUPLICATE_OF] is not None}
+    rows = table.to_pylist()
+    for row in rows:
+        if (first := pointed.get(row["key"])) is not None:
+            row.update(url=first[DUPLICATE_URL], status="duplicate", error_message=f"duplicate of {first[DUPLICATE_OF]}")
+    return pa.Table.from_pylist(rows, schema=table.schema)
 
 
 def _concat(tables: list[pa.Table]) -> pa.Table:
@@ -236,16 +316,19 @@ def _adopt(job: _Job, shard_id: int, samples_per_shard: int) -> dict[str, Any]:
             if (key := sample_key(shard_id, index, samples_per_shard)) not in present
         ]
         table = pa.concat_tables([table, pa.Table.from_pylist(missing, schema=table.schema)])
+    table = _point_duplicates(table, input_parquet, shard_id, samples_per_shard)
     url = table.column("url")
     # Written without Python scalars: converting one imports pandas, 0.3 s of CPU for nothing.
     url_empty = pc.or_kleene(pc.is_null(url), pc.invert(pc.cast(pc.utf8_length(pc.utf8_trim_whitespace(url)), pa.bool_())))
+    not_utf8 = pc.fill_null(pc.starts_with(url, NOT_UTF8), False)
     # urllib's Request() rejects an empty URL itself, with "unknown url type: ''", before lenscap's
-    # opener can name it; rare, so fixed here row by row.
-    if pc.any(url_empty).as_py():
+    # opener can name it; a row of the list that was not UTF-8 was refused for its scheme. Rare, so
+    # fixed here row by row.
+    if pc.any(pc.or_(url_empty, not_utf8)).as_py():
         rows = table.to_pylist()
-        for row, empty in zip(rows, url_empty.to_pylist()):
-            if empty and row["status"] != "success":
-                row["error_message"] = "empty URL"
+        for row, empty, bad in zip(rows, url_empty.to_pylist(), not_utf8.to_pylist()):
+            if row["status"] != "success" and (empty or bad):
+                row["error_message"] = "empty URL" if empty else NOT_UTF8_MESSAGE
         table = pa.Table.from_pylist(rows, schema=table.schema)
     # Keys share one width: text order is numeric order. Where each image lies in the tar, for every later reader.
     table = staged.with_image_locations(shard_id, table.sort_by("key"))
@@ -316,17 +399,21 @@ def run_download(
     *,
     quiet: bool = True,
     img2dataset: Img2datasetProcess | None = None,
+    given: set[str] | None = None,
 ) -> JobResult:
     """Download ``source`` (a URL list) into ``out_dir``; with ``--retry-failed``, then fetch the failed
-    downloads of completed shards again (``source`` None: only that). ``img2dataset``: a process started
-    earlier, so that its imports overlap the caller's (the CLI starts one before its own imports)."""
+    downloads of completed shards again (``source`` None: only that, with the last run's fetch options
+    but for the fields ``given``; None: those that differ from the defaults). ``img2dataset``: a process
+    started earlier, so that its imports overlap the caller's (the CLI starts one before its own imports)."""
     try:
+        if source is None:
+            options = replayed(out_dir, options, given)  # before the executor is chosen: it is one of them
         cluster = _cluster(options)
         result = None
         if source is not None:
             result = download(source, out_dir, options, make_progress("download", quiet), img2dataset, cluster=cluster)
         if options.retry_failed and (result is None or result.exit_code == 0):
-            result = retry_failed(out_dir, options, make_progress("retry-failed", quiet), cluster=cluster)
+            result = retry_failed(out_dir, options, make_progress("retry-failed", quiet), cluster=cluster, given=given)
     finally:
         if img2dataset is not None:
             img2dataset.stop()
@@ -373,6 +460,7 @@ def _download(
     total = split["shards"]
     progress = progress or make_progress("download")
     done = set(job.out.completed_ids())
+    earlier = sorted(done)  # done by earlier runs, with their fetch options
     live = _LiveSamples(job.work / "progress" if isinstance(job.staging, Path) else None, progress)
 
     def adopt_finished(before: list[int] | None = None) -> None:
@@ -384,13 +472,13 @@ def _download(
             done.add(shard_id)
             if before is not None:  # adopted before this run's work starts: counted as done already
                 before[0] += int(stats.get("count", 0))
-                before[1] += int(stats.get("count", 0)) - int(stats.get("successes", 0))
+                before[1] += _failed_in(stats)
             else:
                 live.shard_done(shard_id, stats)
 
     already = _finish(job, options, total, {})  # a manifest from the start: `inspect` works mid-download
     _forget_unadoptable(job.staging, done)
-    before = [already.samples, already.samples - already.status.get("success", 0)]
+    before = [already.samples, already.samples - already.status.get("success", 0) - already.status.get("duplicate", 0)]
     adopt_finished(before)  # shards staged before a crash
     _start(progress, total, len(done), split.get("samples"), before)
     rc = 0
@@ -419,6 +507,9 @@ def _download(
         )
     else:
         job.remove_staging("img2dataset")  # everything adopted: the staging copies are no longer needed
+    hint = rerun_hint(job.out, job.previous_fetch, options, earlier)
+    if hint is not None:
+        progress.note(f"download: {hint}")
     return _finish(job, options, total, {i: f"not downloaded (img2dataset exit code {rc})" for i in failed})
 
 
@@ -482,11 +573,17 @@ class _LiveSamples:
         """Shard ``shard_id`` is committed with ``stats``: its final counts (lost samples included)."""
         shown_n, shown_f = self.shown.pop(shard_id, (0, 0))
         count = int(stats.get("count", 0))
-        failed = count - int(stats.get("successes", 0))
+        failed = _failed_in(stats)
         self._advance(1, count - shown_n, failed - shown_f)
         if self.directory is not None:
             for outcome in ("ok", "failed"):
                 (self.directory / f"{shard_id}.{outcome}").unlink(missing_ok=True)
+
+
+def _failed_in(stats: dict[str, Any]) -> int:
+    """The failed samples of a shard by its stats: neither downloaded nor a repeat of a URL above (fetched once)."""
+    repeats = int((stats.get("status") or {}).get("duplicate", 0))
+    return int(stats.get("count", 0)) - int(stats.get("successes", 0)) - repeats
 
 
 def _poll_s(staging: Path | str) -> float:
@@ -506,55 +603,22 @@ def _finish(job: _Job, options: DownloadOptions, total: int, failed: dict[int, s
     }
     manifest = job.out.write_manifest("download", params, (claim.get("input") or {}).get("location"), expected_shards=total)
     result = JobResult.from_manifest("download", job.out.location, manifest, failed)
-    result.errors = _error_share(job.out, result, options.max_error_share)
+    result.errors = error_share(job.out, result, options)
     return result
 
 
-# The commonest reason a download failed, by a part of its message, and what to do about it.
-_FIXES = (
-    (REFUSED, "the URLs point into your own network: add --allow-private-network if that is meant"),
-    ("timed out", "the servers are slow or unreachable: raise --timeout, or check this machine's network"),
-    ("timeout", "the servers are slow or unreachable: raise --timeout, or check this machine's network"),
-    ("Name or service not known", "the host names do not resolve: check this machine's DNS and network"),
-    ("Temporary failure in name resolution", "the host names do not resolve: check this machine's DNS and network"),
-    ("Connection refused", "nothing listens at those addresses: check the URL list"),
-    ("404", "the URL list is stale (the images are gone)"),
-    ("403", "the servers refuse this client: check --user-agent-token, lower --threads"),
-    ("429", "the servers rate-limit this client: lower --threads and --processes"),
-)
-
-
-def _error_share(out: Dataset, result: JobResult, max_share: float) -> ErrorShare:
-    """The URLs that failed against ``--max-error-share``, with the commonest reason and its fix."""
-    failed = result.samples - result.status.get("success", 0)
-    share = ErrorShare(failed, result.samples, max_share)
-    if not share.exceeded:
-        return share
-    reasons: Counter[str] = Counter()
-    for stats in out.read_all_stats(out.completed_ids()):
-        reasons.update(stats.get("errors") or {})
-    commonest = reasons.most_common(1)[0][0] if reasons else ""
-    fix = next((f for part, f in _FIXES if part in commonest), "see the rows' error_message (lenscap inspect)")
-    return dataclasses.replace(share, commonest=commonest[:200], fix=f"{fix}; --retry-failed fetches them again")
-
-
-def _retryable(row: dict[str, Any], allow_private_network: bool) -> bool:
-    """A failed download worth asking again: not one the server or the URL rules out, nor an address the
-    network rule refused (unless this run allows it)."""
-    if row.get("status") != "failed_to_download":
-        return False
-    message = row.get("error_message") or ""
-    if REFUSED in message and not allow_private_network:
-        return False
-    return not any(p in message for p in _PERMANENT_ERRORS)
-
-
 def retry_failed(
-    out_dir: str | os.PathLike[str], options: DownloadOptions, progress: Progress | None = None, *, cluster: str | None = None
+    out_dir: str | os.PathLike[str],
+    options: DownloadOptions,
+    progress: Progress | None = None,
+    *,
+    cluster: str | None = None,
+    given: set[str] | None = None,
 ) -> JobResult:
-    """Fetch again the failed downloads of completed shards; merge the successes into those shards."""
+    """Fetch again the failed downloads of completed shards, with the last run's fetch options but for
+    those ``given`` (None: those that differ from the defaults); merge the successes into those shards."""
     try:
-        with _owned_download(out_dir, None, options, cluster) as (job, options):
+        with _owned_download(out_dir, None, options, cluster, given) as (job, options):
             return _retry_failed(job, options, progress)
     except OSError as e:
         raise disk_full(e, within=_written_here(out_dir)) or e from None
@@ -581,7 +645,7 @@ def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None
                     "lenscap_key": row["key"],
                 }
                 for row in out.read_table(shard_id).to_pylist()
-                if _retryable(row, options.allow_private_network)
+                if retryable(row, options.allow_private_network)
             ]
             if rows:
                 pq.write_table(rows_to_table(rows), url_dir / f"{shard_name(len(origin))}.parquet")

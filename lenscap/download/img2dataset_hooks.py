@@ -28,6 +28,7 @@ import functools
 import importlib
 import io
 import json
+import multiprocessing
 import os
 import signal
 import socket
@@ -46,6 +47,7 @@ from lenscap.download import netguard
 
 # The package re-exports a function named ``main`` over its module of that name: fetch the module.
 _i2d_main = importlib.import_module("img2dataset.main")
+_i2d_distributor = importlib.import_module("img2dataset.distributor")
 
 DEFAULT_MAX_PIXELS = 178_956_970  # Pillow's DecompressionBombError threshold
 
@@ -225,6 +227,27 @@ def _die_with_parent() -> None:
             pass
 
 
+def _fork_instead_of_spawn() -> None:
+    """img2dataset starts its worker pool and its logger process by spawning, and each spawned process
+    imports img2dataset again: seconds of CPU apiece, most of the fixed start-up of a small download.
+    Forked from this process, which has imported it once and runs no thread yet (not joined to Ray),
+    they start at once.
+    Linux only (elsewhere fork is not safe with the system's libraries): there img2dataset's way stands."""
+    if not sys.platform.startswith("linux"):
+        return
+    fork = multiprocessing.get_context("fork")
+    _i2d_distributor.get_context = lambda method=None: fork  # the pool's one look-up of its start method
+
+    class ForkedLogger(_i2d_main.LoggerProcess):  # a SpawnProcess subclass: its start method is its class's
+        _start_method = "fork"
+
+        @staticmethod
+        def _Popen(process_obj: Any) -> Any:  # noqa: N802 - multiprocessing's hook name
+            return fork.Process._Popen(process_obj)
+
+    _i2d_main.LoggerProcess = ForkedLogger
+
+
 def main(parent: int) -> int:
     _die_with_parent()
     # We lead our own process group (start_new_session): take img2dataset's workers down with us.
@@ -255,6 +278,8 @@ def main(parent: int) -> int:
         return GuardedResizer(*args, max_pixels=max_pixels, allow_private_network=allow_private, **kwargs)
 
     _i2d_main.Resizer = resizer_factory  # the one name download() constructs its resizer by
+    if not ray_address:  # joined to Ray, this process runs Ray's threads (gRPC): no fork then
+        _fork_instead_of_spawn()
     progress_dir = config.pop("progress_dir", None)
     if progress_dir and config.get("output_format") == "webdataset":
         # Pickled to each worker (a partial of a class this module defines): counts as samples are written.

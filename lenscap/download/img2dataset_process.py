@@ -20,7 +20,14 @@ from typing import Any
 
 __all__ = ["Img2datasetProcess"]
 
-_ENTRY = "import sys; from lenscap.download.img2dataset_hooks import main; sys.exit(main(int(sys.argv[1])))"
+# Before img2dataset is imported, two of its imports that a download never uses are kept out: torch,
+# which webdataset imports only for its PyTorch classes (it does without them), and wandb, which
+# img2dataset imports whatever --enable-wandb says (lenscap keeps it off). They were 2.5 s of a small
+# download's start-up. Only in this process (and the workers it forks): a Ray worker is left alone.
+_ENTRY = (
+    "import sys, types; sys.modules.setdefault('torch', None); sys.modules.setdefault('wandb', types.ModuleType('wandb')); "
+    "from lenscap.download.img2dataset_hooks import main; sys.exit(main(int(sys.argv[1])))"
+)
 
 
 class Img2datasetProcess:

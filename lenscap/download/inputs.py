@@ -29,9 +29,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from lenscap.core.errors import InputError
+from lenscap.core.progress import say
 from lenscap.core.storage import is_remote, redact_url, url_to_fs
 
-__all__ = ["InputSpec", "resolve_input_files", "read_url_tables", "rows_to_table", "SUPPORTED_SUFFIXES"]
+__all__ = ["InputSpec", "resolve_input_files", "read_url_tables", "rows_to_table", "SUPPORTED_SUFFIXES", "NOT_UTF8"]
 
 SUPPORTED_SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 URL_COLUMN_GUESSES = ("url", "URL", "image_url", "img_url")
@@ -60,6 +61,13 @@ _JSONL_SCHEMA_RECORDS = 1000
 _NO_DELIMITER = "\x1f"
 # Whitespace, plus the byte-order mark some editors put at the start of a file.
 _TRIM = " \t\r\n\ufeff"
+# A txt, csv or tsv row with bytes that are not UTF-8 is a failed sample, like any other bad row: its
+# URL becomes this scheme (never fetched: only http and https are) and its bytes, escaped, never
+# replaced (a URL with a replacement character would be another URL). The download names it.
+NOT_UTF8 = "not-utf8:"
+_NOT_UTF8_COLUMN = "__lenscap_not_utf8"
+# A first line of a txt list that is one of these is a header row, not a URL.
+_TXT_HEADERS = ("url", "urls", "image_url", "img_url")
 
 
 @dataclass(frozen=True)
@@ -211,30 +219,68 @@ def _csv_batches(path: str, reader_source: Any, **options: Any) -> Iterator[pa.R
             reader_source.close()  # a remote file opened for this read
 
 
+def _decoded(column: pa.Array | pa.ChunkedArray) -> tuple[pa.Array | pa.ChunkedArray, pa.Array | None]:
+    """A binary column as text, and which of its values were not UTF-8 (None: all were); those keep their
+    bytes, escaped. Only a batch that fails the cast is looked at value by value."""
+    try:
+        return column.cast(pa.string()), None
+    except pa.ArrowInvalid:
+        values, bad = [], []
+        for value in column.to_pylist():
+            try:
+                values.append(None if value is None else value.decode("utf-8"))
+                bad.append(False)
+            except UnicodeDecodeError:
+                values.append(value.decode("utf-8", "backslashreplace"))
+                bad.append(True)
+        return pa.array(values, pa.string()), pa.array(bad)
+
+
+def _mark_not_utf8(url: pa.Array | pa.ChunkedArray, bad: pa.Array | None) -> pa.Array | pa.ChunkedArray:
+    return url if bad is None else pc.if_else(bad, pc.binary_join_element_wise(NOT_UTF8, url, ""), url)
+
+
 def _txt(file: _File) -> tuple[list[str], Iterator[pa.Table]]:
     path = file.name
 
     def tables() -> Iterator[pa.Table]:
+        first = True
         for batch in _csv_batches(
             path,
             file.binary(),
             read_options=pacsv.ReadOptions(column_names=["url"]),
             parse_options=pacsv.ParseOptions(delimiter=_NO_DELIMITER, quote_char=False, double_quote=False),
-            convert_options=pacsv.ConvertOptions(column_types={"url": pa.string()}, strings_can_be_null=False),
+            convert_options=pacsv.ConvertOptions(column_types={"url": pa.binary()}, strings_can_be_null=False),
         ):
-            url = pc.utf8_trim(batch.column(0), characters=_TRIM)
+            text, bad = _decoded(batch.column(0))
+            url = _mark_not_utf8(pc.utf8_trim(text, characters=_TRIM), bad)
             # Without Python scalars (converting one imports pandas): non-empty, not a comment.
             keep = pc.and_(pc.cast(pc.utf8_length(url), pa.bool_()), pc.invert(pc.starts_with(url, "#")))
-            yield pa.table({"url": url}).filter(keep)
+            table = pa.table({"url": url}).filter(keep)
+            if first and table.num_rows:
+                first = False
+                head = pc.utf8_lower(table.column(0).slice(0, 1))
+                if pc.any(pc.is_in(head, value_set=pa.array(_TXT_HEADERS))).as_py():
+                    say(f"note: {path}: its first line is a header ({table.column(0)[0]}), not a URL: skipped")
+                    table = table.slice(1)
+            yield table
 
     return ["url"], tables()
 
 
 def _delimited(file: _File, delimiter: str) -> tuple[list[str], Iterator[pa.Table]]:
     path = file.name
-    with file.text() as f:
+    binary = file.binary()
+    with (
+        gzip.open(binary)
+        if isinstance(binary, str) and binary.endswith(".gz")
+        else (open(binary, "rb") if isinstance(binary, str) else binary) as f
+    ):
+        # Decoded a line at a time, so that only the header must be UTF-8 here: a later row that is not
+        # is that row's failure (``_decoded``).
+        lines = (line.decode("utf-8-sig" if i == 0 else "utf-8") for i, line in enumerate(f))
         try:
-            header = next(csv.reader(f, delimiter=delimiter), None)
+            header = next(csv.reader(lines, delimiter=delimiter), None)
         except UnicodeDecodeError:
             raise InputError(f"{path}: the header row is not valid UTF-8; save the file as UTF-8") from None
     if not header:
@@ -246,9 +292,16 @@ def _delimited(file: _File, delimiter: str) -> tuple[list[str], Iterator[pa.Tabl
             path,
             file.binary(),
             parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True),
-            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header}),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.binary() for c in header}),
         ):
-            yield pa.Table.from_batches([batch])
+            columns, any_bad = {}, None
+            for name, column in zip(batch.schema.names, batch.columns):
+                columns[name], bad = _decoded(column)
+                if bad is not None:
+                    any_bad = bad if any_bad is None else pc.or_(any_bad, bad)
+            if any_bad is not None:  # a row with a cell that is not UTF-8: its URL says so (_normalise)
+                columns[_NOT_UTF8_COLUMN] = any_bad
+            yield pa.table(columns)
 
     return header, tables()
 
@@ -360,8 +413,11 @@ def _normalise(table: pa.Table, url_col: str, caption_col: str | None, extras: l
             return pa.nulls(table.num_rows, pa.string())
         return table.column(name)
 
+    url = pc.utf8_trim(_as_text(column(url_col), url_col, path), characters=_TRIM)
+    if _NOT_UTF8_COLUMN in table.column_names:
+        url = _mark_not_utf8(url, table.column(_NOT_UTF8_COLUMN))
     columns = {
-        "url": pc.utf8_trim(_as_text(column(url_col), url_col, path), characters=_TRIM),
+        "url": url,
         "caption": _as_text(column(caption_col), str(caption_col), path),
     }
     for extra in extras:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from lenscap.core.options import Argument, Executed, OwnedOutput, check, option
 
-__all__ = ["DownloadOptions", "RESIZE_MODES"]
+__all__ = ["DownloadOptions", "RESIZE_MODES", "FETCH_FIELDS"]
 
 # lenscap's name -> img2dataset's. "keep_ratio" bounds the LONGEST side (img2dataset's
 # keep_ratio_largest): text-to-image data keeps whole images; img2dataset's keep_ratio bounds the shortest.
@@ -128,6 +128,21 @@ class DownloadOptions(OwnedOutput, Executed):
                 recorded[name] = absent
         return dataclasses.replace(self, **recorded)
 
+    def fetch_settings(self) -> dict[str, Any]:
+        """How this run fetches (``FETCH_FIELDS``): recorded in the work directory by every run, so that
+        ``--retry-failed`` alone replays them."""
+        return {name: getattr(self, name) for name in FETCH_FIELDS}
+
+    def with_recorded_fetch(self, recorded: dict[str, Any], given: set[str] | None = None) -> DownloadOptions:
+        """These options with the fetch settings an earlier run recorded (``fetch_settings``), but for the
+        fields the caller ``given`` (None: those that differ from the defaults): a retry is asked as the
+        download it retries was, unless told otherwise."""
+        if given is None:
+            given = {f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default}
+        if given & {"executor", "ray_address"}:  # a pair: another executor does not take the recorded cluster
+            given = set(given) | {"executor", "ray_address"}
+        return dataclasses.replace(self, **{n: recorded[n] for n in FETCH_FIELDS if n in recorded and n not in given})
+
     def img2dataset_kwargs(self, url_dir: str, staging: str, processes: int, ray: bool) -> dict[str, Any]:
         return {
             "url_list": url_dir,
@@ -157,6 +172,21 @@ class DownloadOptions(OwnedOutput, Executed):
             "oom_shard_count": 5,
             "distributor": "ray" if ray else "multiprocessing",
         }
+
+
+# The fields that decide how URLs are fetched rather than what a shard holds (those are ``_SHAPING``):
+# a rerun may change them, and ``--retry-failed`` without them replays the last run's. What is left
+# (retry_failed, overwrite) says what this one invocation does.
+FETCH_FIELDS = (
+    "allow_private_network",
+    "timeout",
+    "max_retries",
+    "threads",
+    "processes",
+    "max_error_share",
+    "executor",
+    "ray_address",
+)
 
 
 def _same(value: Any) -> Any:

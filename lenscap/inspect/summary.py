@@ -44,6 +44,7 @@ _COST_COLUMNS = (*_SPEND_COLUMNS, "caption_cached", "caption_run")
 # Where the manifest's history does not say: the order the stages usually run in.
 _STAGE_ORDER = ("download", "filter", "dedup", "caption", "audit")
 _SKIPPED = "skipped"
+_REPEATED = "duplicate"  # a download row whose URL an earlier row of the list holds
 _MAX_WORDS = 2048  # caption length histogram bins; longer captions share the last bin
 
 
@@ -154,7 +155,12 @@ class _Tally:
         if "status" in table.column_names:
             self.status.update(str(s) for s in table.column("status").to_pylist())
         if "error_message" in table.column_names:
-            self.errors.update(e for e in table.column("error_message").to_pylist() if e)
+            status = table.column("status").to_pylist() if "status" in table.column_names else None
+            for i, e in enumerate(table.column("error_message").to_pylist()):
+                if e and status is not None and status[i] == _REPEATED:  # "duplicate of KEY": not an error
+                    self.skips["download: a repeated URL, fetched once for its first row"] += 1
+                elif e:
+                    self.errors[e] += 1
         if "caption" in table.column_names:
             self._add_captions(table)
 
@@ -167,9 +173,10 @@ class _Tally:
                 captions = captions.filter(keep)
                 table = table.filter(keep)
         for caption in captions.to_pylist():
-            n = min(len(caption.split()) if caption else 0, _MAX_WORDS)
-            self.hist[n] += 1
-            self.words_total += n
+            if caption and not caption.isspace():  # a row without a caption (a .txt list's) is not a 0-word one
+                n = min(len(caption.split()), _MAX_WORDS)
+                self.hist[n] += 1
+                self.words_total += n
 
 
 class _Cost:
@@ -381,7 +388,9 @@ def _export_rows(ds: Dataset) -> tuple[list[int], int, dict[str, Any] | None, li
         cost.add(table)
         if "caption" in table.column_names:
             for caption in table.column("caption").to_pylist():
-                n = min(len(caption.split()) if caption else 0, _MAX_WORDS)
+                if not caption or caption.isspace():
+                    continue  # no caption: not a 0-word one
+                n = min(len(caption.split()), _MAX_WORDS)
                 hist[n] += 1
                 words_total += n
     return hist, words_total, cost.summary() if "caption_cost_usd" in columns else None, columns

@@ -34,10 +34,12 @@ def outcome(run: str, argv: list[str], result: dict[str, Any]) -> str:
     """A stage's outcome in one line, from its command's summary."""
     if run == "download":
         status = result.get("status") or {}
-        ok = status.get("success", 0)
-        failed = _counted(status, ("success",))
-        return f"{result.get('samples', 0)} URLs, {ok} downloaded, {sum(status.values()) - ok} failed" + (
-            f" ({failed})" if failed else ""
+        ok, repeats = status.get("success", 0), status.get("duplicate", 0)  # a repeated URL: fetched once, not failed
+        failed = _counted(status, ("success", "duplicate"))
+        return (
+            f"{result.get('samples', 0)} URLs, {ok} downloaded, {sum(status.values()) - ok - repeats} failed"
+            + (f" ({failed})" if failed else "")
+            + (f", {repeats} repeats of a URL above" if repeats else "")
         )
     if run == "filter":
         reasons = dict(result.get("reasons") or {})
