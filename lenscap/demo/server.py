@@ -1,4 +1,9 @@
-"""A threaded HTTP server on loopback that serves images and the web's failure modes."""
+"""A threaded HTTP server on loopback that serves images and the web's failure modes.
+
+``ImageServer(hosts=True)`` listens on 0.0.0.0, so that every 127.0.0.X is a host of its own (a list
+on eight hosts needs one server, ``url(path, host="127.0.0.3")``), and logs which address each request
+came to and when (``requests``): what download politeness is measured by.
+"""
 
 from __future__ import annotations
 
@@ -21,12 +26,25 @@ class Route:
     drip_s: float = 0.0  # send the body one byte every this many seconds (each read quick, the whole slow)
 
 
+@dataclass(frozen=True)
+class Request:
+    """One request as the server saw it: the address it came to (the host), the path, when (monotonic),
+    and the User-Agent it was sent with."""
+
+    host: str
+    path: str
+    at: float
+    user_agent: str
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's hook name
         with self.server.lock:
             hits = self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
+            host = self.connection.getsockname()[0]
+            self.server.requests.append(Request(host, self.path, time.monotonic(), self.headers.get("User-Agent", "")))
         route = self.server.routes.get(self.path)
         if route is None:
             route = Route(b"not found", "text/plain", 404)
@@ -62,16 +80,18 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024
     routes: dict[str, Route]
     hits: dict[str, int]
+    requests: list[Request]
     lock: threading.Lock
 
 
 class ImageServer:
     """``with ImageServer(routes) as s: s.url("/a.jpg")``; routes can be added while it runs."""
 
-    def __init__(self, routes: dict[str, Route] | None = None) -> None:
-        self._server = _Server(("127.0.0.1", 0), _Handler)
+    def __init__(self, routes: dict[str, Route] | None = None, hosts: bool = False) -> None:
+        self._server = _Server(("0.0.0.0" if hosts else "127.0.0.1", 0), _Handler)
         self._server.routes = dict(routes or {})
         self._server.hits = {}
+        self._server.requests = []
         self._server.lock = threading.Lock()
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -83,9 +103,16 @@ class ImageServer:
     def hits(self) -> dict[str, int]:
         return self._server.hits
 
-    def url(self, path: str) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}{path}"
+    @property
+    def requests(self) -> list[Request]:
+        """Every request so far, in arrival order (a copy)."""
+        with self._server.lock:
+            return list(self._server.requests)
+
+    def url(self, path: str, host: str | None = None) -> str:
+        """``path``'s URL at ``host`` (a 127.0.0.X address; with ``hosts=True`` any of them answers)."""
+        bound, port = self._server.server_address[:2]
+        return f"http://{host or ('127.0.0.1' if bound == '0.0.0.0' else bound)}:{port}{path}"
 
     def start(self) -> ImageServer:
         self._thread.start()
