@@ -50,6 +50,9 @@ def test_paths_robots_txt_disallows_are_never_requested(tmp_path):
         urls = [server.url(p, RULED) for p in routes if not p.startswith("//")]
         urls += [server.url(f"/private/{i}.jpg", NO_ROBOTS) for i in range(3)]  # its robots.txt: 404, all allowed
         urls += [server.url(f"/ok/{i}.jpg", ROBOTS_DOWN) for i in range(2)]
+        # A redirect is asked of its target's robots.txt.
+        server.routes["/to-private"] = Route(b"", "text/plain", 302, {"Location": server.url("/private/0.jpg", RULED)})
+        urls.append(server.url("/to-private", NO_ROBOTS))
         (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
         out = tmp_path / "out"
         common = ("--processes", "2", "--threads", "4", "--max-error-share", "1", "--json")
@@ -68,6 +71,9 @@ def test_paths_robots_txt_disallows_are_never_requested(tmp_path):
             row = rows[server.url(f"/private/{i}.jpg", RULED)]
             assert row["status"] == "failed_to_download"
             assert row["error_message"].startswith("disallowed by robots.txt (http://127.0.0.2:"), row["error_message"]
+        assert rows[server.url("/to-private", NO_ROBOTS)]["error_message"].startswith(
+            "disallowed by robots.txt (http://127.0.0.2:"
+        )
         assert all(rows[server.url(f"/ok/{i}.jpg", RULED)]["status"] == "success" for i in range(4))
         assert all(rows[server.url(f"/private/{i}.jpg", NO_ROBOTS)]["status"] == "success" for i in range(3))
         for i in range(2):
@@ -88,9 +94,11 @@ def test_paths_robots_txt_disallows_are_never_requested(tmp_path):
         assert code == 0, err
         again = _asked(server, before)
         assert sorted(again) == sorted(
-            [(RULED, f"/private/{i}.jpg") for i in range(20)] + [(ROBOTS_DOWN, f"/ok/{i}.jpg") for i in range(2)]
+            [(RULED, f"/private/{i}.jpg") for i in range(20)]
+            + [(ROBOTS_DOWN, f"/ok/{i}.jpg") for i in range(2)]
+            + [(NO_ROBOTS, "/to-private"), (RULED, "/private/0.jpg")]
         )
-        assert json.loads(stdout)["status"] == {"success": 29}
+        assert json.loads(stdout)["status"] == {"success": 30}
         assert Dataset.open(out).read_manifest()["parameters"]["ignore_robots"] is True
         assert json.loads((out / ".lenscap" / "fetch.json").read_text())["ignore_robots"] is True
 

@@ -205,8 +205,9 @@ class DownloadOptions(OwnedOutput, Executed):
             "timeout": self.timeout,
             "retries": self.max_retries,
             "user_agent_token": self.user_agent_token or None,
-            # lenscap's opener reads X-Robots-Tag before the body (img2dataset would after the connection's
-            # first buffer, and would ask again on each retry): img2dataset's own check stays off.
+            # lenscap's opener reads X-Robots-Tag before the body, knows noml, and remembers an opt-out so
+            # that img2dataset's retries do not ask for it again (img2dataset's check would, each time):
+            # img2dataset's own check stays off.
             "disallowed_header_directives": [],
             "encode_quality": self.encode_quality,
             "enable_wandb": False,
