@@ -86,6 +86,9 @@ ORIGINAL = DownloadOptions(
     user_agent_token="me",
     respect_opt_out=False,
     encode_quality=80,
+    ignore_robots=True,
+    contact="mailto:me@example.org",
+    user_agent="ExampleBot/2",
 )
 PER_RUN = {"retry_failed", "overwrite"}  # what one invocation does, not how its URLs are fetched
 KEPT = [f.name for f in dataclasses.fields(DownloadOptions) if f.name not in PER_RUN]

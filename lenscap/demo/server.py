@@ -2,7 +2,9 @@
 
 ``ImageServer(hosts=True)`` listens on 0.0.0.0, so that every 127.0.0.X is a host of its own (a list
 on eight hosts needs one server, ``url(path, host="127.0.0.3")``), and logs which address each request
-came to and when (``requests``): what download politeness is measured by.
+came to and when (``requests``): what download politeness is measured by. ``cut_off`` counts, per
+path, the responses whose client closed the connection before the body was sent in full. A route
+keyed ``//127.0.0.3/robots.txt`` answers that path at that address only, before one keyed by its path.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class _Handler(BaseHTTPRequestHandler):
             hits = self.server.hits[self.path] = self.server.hits.get(self.path, 0) + 1
             host = self.connection.getsockname()[0]
             self.server.requests.append(Request(host, self.path, time.monotonic(), self.headers.get("User-Agent", "")))
-        route = self.server.routes.get(self.path)
+        route = self.server.routes.get(f"//{host}{self.path}") or self.server.routes.get(self.path)
         if route is None:
             route = Route(b"not found", "text/plain", 404)
         if route.delay_s:
@@ -67,7 +69,9 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self.wfile.write(route.body)
         except (BrokenPipeError, ConnectionResetError):
-            pass  # the client gave up (a timeout test): nothing to do
+            # The client gave up (a timeout test), or would not read the body (an opt-out in the headers).
+            with self.server.lock:
+                self.server.cut_off[self.path] = self.server.cut_off.get(self.path, 0) + 1
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002
         pass
@@ -80,6 +84,7 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 1024
     routes: dict[str, Route]
     hits: dict[str, int]
+    cut_off: dict[str, int]
     requests: list[Request]
     lock: threading.Lock
 
@@ -91,6 +96,7 @@ class ImageServer:
         self._server = _Server(("0.0.0.0" if hosts else "127.0.0.1", 0), _Handler)
         self._server.routes = dict(routes or {})
         self._server.hits = {}
+        self._server.cut_off = {}
         self._server.requests = []
         self._server.lock = threading.Lock()
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -102,6 +108,12 @@ class ImageServer:
     @property
     def hits(self) -> dict[str, int]:
         return self._server.hits
+
+    @property
+    def cut_off(self) -> dict[str, int]:
+        """Per path: the responses whose body the client did not take in full (it closed the connection)."""
+        with self._server.lock:
+            return dict(self._server.cut_off)
 
     @property
     def requests(self) -> list[Request]:

@@ -388,6 +388,9 @@ def _img2dataset_config(
         "max_pixels": options.max_pixels,
         "ray_address": job.cluster,
         "allow_private_network": options.allow_private_network,
+        # robots.txt is kept in the work directory, for the job's processes and its reruns; img2dataset's
+        # tasks on a Ray cluster share no disk with it, and each keeps its own.
+        "politeness": options.politeness(None if job.cluster is not None else str(job.work / "robots")),
         "progress_dir": None if progress_dir is None else str(progress_dir),
     }
 
@@ -600,6 +603,8 @@ def _finish(job: _Job, options: DownloadOptions, total: int, failed: dict[int, s
         "threads": options.threads,
         "timeout": options.timeout,
         "retries": options.max_retries,
+        "ignore_robots": options.ignore_robots,
+        "user_agent": options.user_agent_header,
     }
     manifest = job.out.write_manifest("download", params, (claim.get("input") or {}).get("location"), expected_shards=total)
     result = JobResult.from_manifest("download", job.out.location, manifest, failed)
@@ -645,7 +650,7 @@ def _retry_failed(job: _Job, options: DownloadOptions, progress: Progress | None
                     "lenscap_key": row["key"],
                 }
                 for row in out.read_table(shard_id).to_pylist()
-                if retryable(row, options.allow_private_network)
+                if retryable(row, options.allow_private_network, options.ignore_robots)
             ]
             if rows:
                 pq.write_table(rows_to_table(rows), url_dir / f"{shard_name(len(origin))}.parquet")

@@ -8,6 +8,10 @@ makes every worker import this module, which:
   ``file://`` and ``data:`` URLs, a local-file leak for untrusted URL lists), and connects only to
   globally routable addresses unless ``--allow-private-network`` (``lenscap.download.netguard``: checked on
   the resolved address, on every redirect hop);
+- is polite (``_PoliteHandler``, set up from the ``politeness`` settings): every request carries lenscap's
+  User-Agent, a URL that its origin's robots.txt disallows is never requested
+  (``lenscap.download.robots``), and a response whose ``X-Robots-Tag`` opts out
+  (``lenscap.download.optout``) is dropped after its headers, before its body is read;
 - checks each downloaded body before OpenCV decodes it, so HTML served as a JPEG, truncated files
   and decompression bombs get a status naming the problem instead of OpenCV's generic one or an
   out-of-memory kill.
@@ -33,9 +37,11 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from typing import Any
 
 from img2dataset.resizer import Resizer
@@ -43,7 +49,7 @@ from img2dataset.writer import WebDatasetSampleWriter
 from PIL import Image
 
 from lenscap.core.executors import connect_ray
-from lenscap.download import netguard
+from lenscap.download import netguard, optout, robots
 
 # The package re-exports a function named ``main`` over its module of that name: fetch the module.
 _i2d_main = importlib.import_module("img2dataset.main")
@@ -109,21 +115,109 @@ class _WithinDeadline:
         return b"".join(pieces)
 
 
-def build_http_only_opener() -> urllib.request.OpenerDirector:
+class Refused(OSError):
+    """A request lenscap will not send, or a response it will not read; its text is the row's message."""
+
+
+class _OptedOut:
+    """The URLs whose responses opted out, so that img2dataset's retries of them are not sent (bounded)."""
+
+    def __init__(self, size: int = 65_536) -> None:
+        self._urls: OrderedDict[str, str] = OrderedDict()
+        self._size, self._lock = size, threading.Lock()
+
+    def get(self, url: str) -> str | None:
+        with self._lock:
+            return self._urls.get(url)
+
+    def add(self, url: str, message: str) -> None:
+        with self._lock:
+            self._urls[url] = message
+            while len(self._urls) > self._size:
+                self._urls.popitem(last=False)
+
+
+class _PoliteHandler(urllib.request.BaseHandler):
+    """Every request: lenscap's User-Agent (img2dataset's Firefox-like one is replaced), and robots.txt
+    asked first (``robots``, None: not read). Every answer: its ``X-Robots-Tag`` read before the body
+    (``opt_out_token``, None: not read); an opt-out closes the connection and fails the request."""
+
+    handler_order = 400  # before the error processor (1000), which would raise on a 4xx first
+
+    def __init__(self, user_agent: str, robots_rules: robots.Robots | None = None, opt_out_token: str | None = None) -> None:
+        self.user_agent, self.robots, self.opt_out_token = user_agent, robots_rules, opt_out_token
+        self.opted_out = _OptedOut()
+
+    def http_request(self, req: urllib.request.Request) -> urllib.request.Request:
+        req.add_header("User-Agent", self.user_agent)  # the one header key urllib keeps: replaces img2dataset's
+        if self.opt_out_token is not None and (said := self.opted_out.get(req.full_url)):
+            raise Refused(said)
+        if self.robots is not None and (why := self.robots.refusal(req.full_url)):
+            raise Refused(why)
+        return req
+
+    def http_response(self, req: urllib.request.Request, response: Any) -> Any:
+        if self.opt_out_token is None or not 200 <= response.status < 300:
+            return response
+        directive = optout.opted_out(response.headers.get_all("X-Robots-Tag") or [], self.opt_out_token)
+        if directive is None:
+            return response
+        response.close()  # the body stays unread: the server sees the connection go
+        message = f"{optout.DISALLOWED}: {directive}"
+        self.opted_out.add(req.full_url, message)
+        raise Refused(message)
+
+    https_request = http_request
+    https_response = http_response
+
+
+def build_http_only_opener(
+    polite: _PoliteHandler | None = None, max_redirections: int = urllib.request.HTTPRedirectHandler.max_redirections
+) -> urllib.request.OpenerDirector:
     opener = _WholeRequestOpener()
+    redirects = urllib.request.HTTPRedirectHandler()  # refuses redirects to non-http schemes itself
+    redirects.max_redirections = max_redirections
     for handler in (
-        _OnlyHttpHandler,
-        urllib.request.ProxyHandler,  # honours http_proxy / https_proxy / no_proxy, as urllib's default does
-        netguard.GuardedHTTPHandler,
-        netguard.GuardedHTTPSHandler,
-        urllib.request.HTTPDefaultErrorHandler,
-        urllib.request.HTTPRedirectHandler,  # refuses redirects to non-http schemes itself
-        urllib.request.HTTPErrorProcessor,
+        _OnlyHttpHandler(),
+        urllib.request.ProxyHandler(),  # honours http_proxy / https_proxy / no_proxy, as urllib's default does
+        netguard.GuardedHTTPHandler(),
+        netguard.GuardedHTTPSHandler(),
+        urllib.request.HTTPDefaultErrorHandler(),
+        redirects,
+        urllib.request.HTTPErrorProcessor(),
+        *([polite] if polite is not None else []),
     ):
-        opener.add_handler(handler())
+        opener.add_handler(handler)
+    if polite is not None:
+        opener.addheaders = [("User-agent", polite.user_agent)]
     return opener
 
 
+def robots_opener(user_agent: str) -> urllib.request.OpenerDirector:
+    """How robots.txt is fetched: the downloads' guard, their User-Agent, and at most
+    ``robots.MAX_REDIRECTS`` redirects (RFC 9309 2.3.1.2)."""
+    return build_http_only_opener(_PoliteHandler(user_agent), max_redirections=robots.MAX_REDIRECTS)
+
+
+def install_politeness(settings: dict[str, Any] | None) -> None:
+    """This process's opener, polite as ``settings`` say (``DownloadOptions.politeness``): the User-Agent,
+    robots.txt (read through an opener of its own, with the same guard and User-Agent) and the opt-outs.
+    The same settings again (img2dataset unpickles its resizer for every shard) keep what is read."""
+    global _politeness
+    if not settings or settings == _politeness:
+        return
+    polite = _PoliteHandler(settings["user_agent"], opt_out_token=settings["token"] if settings["respect_opt_out"] else None)
+    if settings["ignore_robots"]:
+        robots.configure(None)
+    else:
+        fetcher = robots_opener(settings["user_agent"])
+        polite.robots = robots.Robots(fetcher, settings["token"], settings["robots_dir"], settings["timeout"])
+        robots.configure(polite.robots)
+    urllib.request.install_opener(build_http_only_opener(polite))
+    _politeness = dict(settings)
+
+
+_politeness: dict[str, Any] | None = None
 urllib.request.install_opener(build_http_only_opener())
 # check_image_bytes applies --max-pixels itself (above or below Pillow's own limit), with a clearer message.
 Image.MAX_IMAGE_PIXELS = None
@@ -157,16 +251,25 @@ def check_image_bytes(data: bytes, max_pixels: int) -> str | None:
 class GuardedResizer(Resizer):
     """img2dataset's resizer, after a header-level check of the downloaded bytes."""
 
-    def __init__(self, *args, max_pixels: int = DEFAULT_MAX_PIXELS, allow_private_network: bool = False, **kwargs) -> None:
+    def __init__(
+        self,
+        *args,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        allow_private_network: bool = False,
+        politeness: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_pixels = max_pixels
         self.allow_private_network = allow_private_network
+        self.politeness = politeness
 
     def __setstate__(self, state: dict) -> None:
         # img2dataset's workers receive the resizer by pickle before they fetch anything (a spawned
-        # process, a Ray task on another node): the network rule travels with it.
+        # process, a Ray task on another node): the network rule and the politeness travel with it.
         self.__dict__.update(state)
         netguard.allow_private_network(self.__dict__.get("allow_private_network", False))
+        install_politeness(self.__dict__.get("politeness"))
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         # A Ray worker (img2dataset's ray distributor) never ran main() below: the same second line here.
@@ -267,6 +370,8 @@ def main(parent: int) -> int:
     max_pixels = int(config.pop("max_pixels"))
     allow_private = bool(config.pop("allow_private_network", False))
     netguard.allow_private_network(allow_private)
+    politeness = config.pop("politeness", None)
+    install_politeness(politeness)
     ray_address = config.pop("ray_address", None)
     if ray_address:  # img2dataset's ray distributor runs its tasks on the cluster we join here
         # Joined as lenscap joins any cluster: a Ray that lenscap started on loopback is joined there.
@@ -275,7 +380,7 @@ def main(parent: int) -> int:
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
 
     def resizer_factory(*args, **kwargs):
-        return GuardedResizer(*args, max_pixels=max_pixels, allow_private_network=allow_private, **kwargs)
+        return GuardedResizer(*args, max_pixels=max_pixels, allow_private_network=allow_private, politeness=politeness, **kwargs)
 
     _i2d_main.Resizer = resizer_factory  # the one name download() constructs its resizer by
     if not ray_address:  # joined to Ray, this process runs Ray's threads (gRPC): no fork then

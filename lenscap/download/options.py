@@ -7,9 +7,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from lenscap import __version__
 from lenscap.core.options import Argument, Executed, OwnedOutput, check, option
 
-__all__ = ["DownloadOptions", "RESIZE_MODES", "FETCH_FIELDS"]
+__all__ = ["DownloadOptions", "RESIZE_MODES", "FETCH_FIELDS", "PROJECT_URL"]
+
+PROJECT_URL = "https://pypi.org/project/lenscap-datasets/"  # the default contact in the User-Agent: the project's page
 
 # lenscap's name -> img2dataset's. "keep_ratio" bounds the LONGEST side (img2dataset's
 # keep_ratio_largest): text-to-image data keeps whole images; img2dataset's keep_ratio bounds the shortest.
@@ -71,9 +74,25 @@ class DownloadOptions(OwnedOutput, Executed):
         "The share of URLs that may fail to download with the run still a success (exit 0); more, or all of "
         "them, is exit 1, naming the commonest reason.",
     )
-    user_agent_token: str = option("lenscap", "Token added to the User-Agent and matched against X-Robots-Tag directives.")
+    user_agent_token: str = option(
+        "lenscap", "The token robots.txt groups and X-Robots-Tag directives are matched against (this crawler's name)."
+    )
     respect_opt_out: bool = option(
-        True, "Skip images whose server sends X-Robots-Tag noai/noimageai/noindex/noimageindex.", show_default="on"
+        True,
+        "Skip images whose response headers say X-Robots-Tag noai, noimageai, noml, noindex or noimageindex (read "
+        "before the body, which is then not downloaded).",
+        show_default="on",
+    )
+    ignore_robots: bool = option(
+        False,
+        "Do not read robots.txt: fetch paths that hosts disallow (only for a list you have the rights to; recorded "
+        "in the manifest).",
+        show_default="off",
+    )
+    contact: str = option(PROJECT_URL, "A URL or email address where site operators can reach you, sent in the User-Agent.")
+    user_agent: str | None = option(
+        None,
+        "The whole User-Agent header, sent with every request, robots.txt included (default: lenscap/VERSION (+CONTACT)).",
     )
     retry_failed: bool = option(
         False,
@@ -104,6 +123,15 @@ class DownloadOptions(OwnedOutput, Executed):
         check(self.max_retries >= 0, f"--max-retries must not be negative, not {self.max_retries}")
         check(0 <= self.max_error_share <= 1, f"--max-error-share must be between 0 and 1, not {self.max_error_share}")
         check(0 <= self.encode_quality <= 100, f"--encode-quality must be between 0 and 100, not {self.encode_quality}")
+        for name, value in (("--contact", self.contact), ("--user-agent", self.user_agent or "")):
+            check(value.isprintable(), f"{name} must be one line of printable text, not {value!r}")
+
+    @property
+    def user_agent_header(self) -> str:
+        """The User-Agent of every request: ``--user-agent``, else lenscap, its version and ``--contact``."""
+        if self.user_agent:
+            return self.user_agent
+        return f"lenscap/{__version__}" + (f" (+{self.contact})" if self.contact else "")
 
     @property
     def extra_columns(self) -> list[str]:
@@ -143,6 +171,19 @@ class DownloadOptions(OwnedOutput, Executed):
             given = set(given) | {"executor", "ray_address"}
         return dataclasses.replace(self, **{n: recorded[n] for n in FETCH_FIELDS if n in recorded and n not in given})
 
+    def politeness(self, robots_dir: str | None) -> dict[str, Any]:
+        """What lenscap's opener in img2dataset's workers is told (``img2dataset_hooks.install_politeness``):
+        the User-Agent, the token, whether robots.txt and X-Robots-Tag are read, where the job keeps robots.txt
+        (``robots_dir``; None: each process keeps its own), and how long its fetch may take."""
+        return {
+            "user_agent": self.user_agent_header,
+            "token": self.user_agent_token,
+            "respect_opt_out": self.respect_opt_out,
+            "ignore_robots": self.ignore_robots,
+            "robots_dir": robots_dir,
+            "timeout": self.timeout,
+        }
+
     def img2dataset_kwargs(self, url_dir: str, staging: str, processes: int, ray: bool) -> dict[str, Any]:
         return {
             "url_list": url_dir,
@@ -164,7 +205,10 @@ class DownloadOptions(OwnedOutput, Executed):
             "timeout": self.timeout,
             "retries": self.max_retries,
             "user_agent_token": self.user_agent_token or None,
-            "disallowed_header_directives": None if self.respect_opt_out else [],
+            # lenscap's opener reads X-Robots-Tag before the body, knows noml, and remembers an opt-out so
+            # that img2dataset's retries do not ask for it again (img2dataset's check would, each time):
+            # img2dataset's own check stays off.
+            "disallowed_header_directives": [],
             "encode_quality": self.encode_quality,
             "enable_wandb": False,
             "incremental_mode": "incremental",
@@ -179,6 +223,9 @@ class DownloadOptions(OwnedOutput, Executed):
 # (retry_failed, overwrite) says what this one invocation does.
 FETCH_FIELDS = (
     "allow_private_network",
+    "ignore_robots",
+    "contact",
+    "user_agent",
     "timeout",
     "max_retries",
     "threads",

@@ -18,13 +18,15 @@ from typing import Any
 
 from lenscap.core.dataset import Dataset
 from lenscap.core.result import ErrorShare, JobResult
+from lenscap.download import optout, robots
 from lenscap.download.netguard import REFUSED
 from lenscap.download.options import DownloadOptions
 
 __all__ = ["error_share", "reason_of", "retryable", "rerun_hint", "PERMANENT_ERRORS"]
 
-# Failures that a second attempt cannot fix: the server said no, or the URL is not fetchable.
-PERMANENT_ERRORS = ("disallowed by X-Robots-Tag", "unsupported URL scheme", "empty URL", "not valid UTF-8")
+# Failures that a second attempt cannot fix: the server said no, or the URL is not fetchable. A path
+# robots.txt disallows is asked again only by a retry with --ignore-robots.
+PERMANENT_ERRORS = (optout.DISALLOWED, robots.DISALLOWED, "unsupported URL scheme", "empty URL", "not valid UTF-8")
 
 _REFUSAL = re.compile(re.escape(REFUSED) + r" .*?: an? (.+?) address")
 _HTTP = re.compile(r"HTTP Error (\d{3})(?::\s*([^>;]+))?")
@@ -33,6 +35,8 @@ _NO_DNS = "the host names do not resolve: check this machine's DNS and network"
 # The commonest reason, by a part of it, and what to do about it.
 _FIXES = (
     ("refused: ", "pass --allow-private-network if that is meant"),
+    (robots.DISALLOWED, "the hosts' robots.txt disallow these paths; --ignore-robots only for a list you have the rights to"),
+    (robots.UNREADABLE, "the hosts' robots.txt did not answer, so their paths were not fetched"),
     ("timed out", _SLOW),
     ("timeout", _SLOW),
     ("Name or service not known", _NO_DNS),
@@ -43,7 +47,7 @@ _FIXES = (
     ("429", "the servers rate-limit this client: lower --threads and --processes"),
 )
 # The fetch options a rerun may change that decide whether a failed URL would succeed now.
-_TELLING = ("allow_private_network", "timeout", "max_retries")
+_TELLING = ("allow_private_network", "ignore_robots", "timeout", "max_retries")
 
 
 def reason_of(message: str | None, status: str) -> str:
@@ -54,19 +58,24 @@ def reason_of(message: str | None, status: str) -> str:
         return f"refused: {refusal.group(1)} address"
     if "timed out" in message or "took more than --timeout" in message:
         return "timed out"
+    for said in (robots.DISALLOWED, robots.UNREADABLE, optout.DISALLOWED):  # without the host, or the directive
+        if message.startswith(said):
+            return said
     if http := _HTTP.search(message):
         return f"HTTP Error {http.group(1)}" + (f": {http.group(2).strip()}" if http.group(2) else "")
     return message.removeprefix("<urlopen error ").removesuffix(">").strip()[:200]
 
 
-def retryable(row: dict[str, Any], allow_private_network: bool) -> bool:
+def retryable(row: dict[str, Any], allow_private_network: bool, ignore_robots: bool = False) -> bool:
     """A failed download worth asking again: not one the server or the URL rules out, nor an address the
-    network rule refused (unless this run allows it)."""
+    network rule refused, nor a path robots.txt disallows (unless this run allows it, or ignores robots.txt)."""
     if row.get("status") != "failed_to_download":
         return False
     message = row.get("error_message") or ""
     if REFUSED in message and not allow_private_network:
         return False
+    if message.startswith(robots.DISALLOWED):
+        return ignore_robots
     return not any(p in message for p in PERMANENT_ERRORS)
 
 
@@ -121,7 +130,7 @@ def rerun_hint(out: Dataset, previous: dict[str, Any] | None, options: DownloadO
     again = 0
     for shard_id in earlier:
         table = out.read_table(shard_id, columns=["status", "error_message"])
-        again += sum(retryable(row, options.allow_private_network) for row in table.to_pylist())
+        again += sum(retryable(row, options.allow_private_network, options.ignore_robots) for row in table.to_pylist())
     if not again:
         return None
     return (
