@@ -13,8 +13,12 @@ the number of hosts a list holds. Each run starts with a new directory (``reset`
 tried again by the next run.
 
 **The rate** is a reservation: a request takes the host's next turn, ``next = max(now, next) + 1/rps``,
-and sleeps until its turn, so turns are first come, first served across processes without polling.
-A host's ``Crawl-delay`` (``min_interval``) is a lower bound of the interval.
+and sleeps until its turn, so turns are first come, first served across processes without polling;
+a turn also waits ``1/rps`` after the request that went last (one taken late, on a busy CPU, does not
+go together with the next). The turn is taken once the connection is made, just before the request is
+sent (``netguard.on_connected``), so that a connection's set-up does not move it.
+A lower bound of a host's interval, such as its robots.txt's ``Crawl-delay``, comes from the function
+given to ``set_min_interval`` (the URL in, seconds out), asked before each turn.
 
 **Connections** are N one-byte locks per host in ``hosts.busy`` (locks beyond a file's end need no
 bytes): a request holds one from before it connects until its response is closed.
@@ -33,9 +37,9 @@ An answer (any status below 500, 429 apart) ends the run of failures.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import email.utils
 import fcntl
+import functools
 import hashlib
 import os
 import struct
@@ -47,6 +51,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lenscap.download import netguard
 from lenscap.download.host_policy import GIVEN_UP, MAX_CONCURRENCY, STATE_FILES, HostPolicy
 from lenscap.download.hosts import UNKNOWN_HOST, host_of
 from lenscap.download.netguard import REFUSED
@@ -55,6 +60,7 @@ __all__ = [
     "HostLimiter",
     "HostGivenUp",
     "install",
+    "set_min_interval",
     "installed",
     "hop",
     "Turn",
@@ -65,6 +71,7 @@ __all__ = [
 _RECORD = struct.Struct("<Q6d2I")
 _SLOTS = 1 << 20  # records in the table (64 MiB of sparse file at most)
 _PROBE = 16  # records a host may be found in, from its hash
+_KEYS = struct.Struct("<" + f"Q{_RECORD.size - 8}x" * _PROBE)  # the keys of a window's records
 _GIVEN_UP_FAILING, _GIVEN_UP_WAIT = 1, 2
 
 
@@ -102,15 +109,15 @@ def _verdict(error: BaseException | None) -> tuple[str, float | None]:
             if wait is not None:
                 return _FAILED, wait
         return (_FAILED if error.code == 429 or error.code >= 500 else _ANSWERED), None
-    if isinstance(error, HostGivenUp) or REFUSED in str(error):
-        return _NOTHING, None
     reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, HostGivenUp) or REFUSED in str(error):
+        return _NOTHING, None
     if isinstance(reason, str) and "timed out" in reason:
         return _FAILED, None
     return (_FAILED if isinstance(reason, OSError) else _NOTHING), None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
     key: int
     next_turn: float = 0.0  # the turn the next request to reserve one gets
@@ -122,10 +129,28 @@ class _Record:
     failures: int = 0
     given_up: int = 0
 
+    def fields(self) -> tuple[Any, ...]:
+        return (
+            self.key,
+            self.next_turn,
+            self.last_sent,
+            self.paused_until,
+            self.last_counted,
+            self.first_failure,
+            self.pause_s,
+            self.failures,
+            self.given_up,
+        )
+
     def idle(self, now: float) -> bool:
         return self.given_up == 0 and self.failures == 0 and self.next_turn < now and self.paused_until < now
 
 
+def _unpack(window: bytes, index: int) -> _Record:
+    return _Record(*_RECORD.unpack_from(window, index * _RECORD.size))
+
+
+@functools.lru_cache(maxsize=65_536)
 def _key(host: str) -> int:
     return int.from_bytes(hashlib.blake2b(host.encode(), digest_size=8).digest(), "little") or 1
 
@@ -133,11 +158,8 @@ def _key(host: str) -> int:
 class HostLimiter:
     """The shared table of one run on one machine (see the module's docstring)."""
 
-    def __init__(self, policy: HostPolicy, min_interval: Callable[[str], float] | None = None) -> None:
+    def __init__(self, policy: HostPolicy) -> None:
         self.policy = policy
-        # The lower bound of a host's interval that its robots.txt asks for (Crawl-delay): wired in by
-        # whoever reads robots.txt; None: none.
-        self.min_interval = min_interval
         self._lock = threading.Lock()
         self._pid = -1
         self._table = self._busy = -1
@@ -165,29 +187,36 @@ class HostLimiter:
             fcntl.lockf(fd, fcntl.LOCK_EX, _PROBE * size, start * size)
             try:
                 window = os.pread(fd, _PROBE * size, start * size).ljust(_PROBE * size, b"\0")
-                records = [_Record(*_RECORD.unpack_from(window, i * size)) for i in range(_PROBE)]
+                keys = _KEYS.unpack(window)
                 now = time.monotonic()
-                index = next((i for i, r in enumerate(records) if r.key == key), None)
-                if index is None:  # a new host: an empty record, else one with nothing to remember
-                    index = next((i for i, r in enumerate(records) if r.key == 0 or r.idle(now)), 0)
-                    if records[index].key == 0 or records[index].idle(now):
-                        records[index] = _Record(key)
+                if key in keys:
+                    index = keys.index(key)
+                    record = _Record(*_RECORD.unpack_from(window, index * size))
+                else:  # a new host: an empty record, else one with nothing to remember
+                    index = next((i for i, k in enumerate(keys) if k == 0 or _unpack(window, i).idle(now)), 0)
+                    record = _unpack(window, index)
+                    if record.key == 0 or record.idle(now):
+                        record = _Record(key)
                     # else every record of the window is busy: the host shares the first (the politer error)
-                record = records[index]
-                before = dataclasses.astuple(record)
+                before = record.fields()
                 yield record
-                if dataclasses.astuple(record) != before:
-                    os.pwrite(fd, _RECORD.pack(*dataclasses.astuple(record)), (start + index) * size)
+                if record.fields() != before:
+                    os.pwrite(fd, _RECORD.pack(*record.fields()), (start + index) * size)
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN, _PROBE * size, start * size)
 
     # -- a request's turn -----------------------------------------------------------------------
 
-    def wait_turn(self, host: str) -> float:
+    def wait_turn(self, host: str, url: str | None = None) -> float:
         """Sleep until ``host``'s next turn (outside any pause); returns when it was taken. Raises
         ``HostGivenUp`` for a host given up for this run."""
+        return self.take_turn(host, url)[0]
+
+    def take_turn(self, host: str, url: str | None = None) -> tuple[float, bool]:
+        """``wait_turn``, and whether the host had no failure to its name then (an answer need not say so)."""
         rps, _ = self.policy.limits(host)
-        interval = max(1.0 / rps if rps > 0 else 0.0, self.min_interval(host) if self.min_interval else 0.0)
+        floor = _min_interval(url) if _min_interval is not None and url else 0.0
+        interval = max(1.0 / rps if rps > 0 else 0.0, floor or 0.0)
         mine: float | None = None
         while True:
             with self._record(host) as record:
@@ -204,7 +233,7 @@ class HostLimiter:
                 if go_at <= now:
                     if interval:
                         record.last_sent = now
-                    return now
+                    return now, record.failures == 0
             time.sleep(go_at - now)
 
     def connection(self, host: str) -> int | None:
@@ -278,6 +307,14 @@ class HostLimiter:
 # -- the limiter of this process (img2dataset's workers) ----------------------------------------
 
 _limiter: HostLimiter | None = None
+_min_interval: Callable[[str], float | None] | None = None
+
+
+def set_min_interval(seconds_for: Callable[[str], float | None] | None) -> None:
+    """Make ``seconds_for(url)`` (such as the host's robots.txt ``Crawl-delay``; None or 0: none) a
+    lower bound of the interval between requests to ``url``'s host, in this process."""
+    global _min_interval
+    _min_interval = seconds_for
 
 
 def install(policy: dict[str, Any] | None) -> None:
@@ -287,6 +324,7 @@ def install(policy: dict[str, Any] | None) -> None:
         _limiter = None
     elif _limiter is None or _limiter.policy != HostPolicy.from_dict(policy):
         _limiter = HostLimiter(HostPolicy.from_dict(policy))
+    netguard.on_connected(None if _limiter is None else connected)
 
 
 def installed() -> HostLimiter | None:
@@ -294,14 +332,17 @@ def installed() -> HostLimiter | None:
 
 
 class Turn:
-    """One request's hold on its host: taken before it connects, given back when it is closed."""
+    """One request's hold on its host: a connection (if limited) before it connects, its turn once
+    connected, just before the request is sent (``connected``), the connection given back when the
+    response is closed."""
 
     def __init__(self, limiter: HostLimiter | None, url: Any, first_hop: bool) -> None:
         self.limiter, self.host, self.connection = limiter, UNKNOWN_HOST, None
-        self.sent_at = time.monotonic()
+        self.sent_at, self.clean, self.taken, self.waited = time.monotonic(), False, False, 0.0
+        self.url = url if isinstance(url, str) else getattr(url, "full_url", None)
         if limiter is None:
             return
-        self.host = host_of(url if isinstance(url, str) else getattr(url, "full_url", None))
+        self.host = host_of(self.url)
         if self.host == UNKNOWN_HOST:
             return
         # A redirect's hop takes its host's turn; the connection count stays with the first host (the
@@ -309,15 +350,28 @@ class Turn:
         # host's connection while holding one could wait for ever).
         if first_hop:
             self.connection = limiter.connection(self.host)
-        try:
-            self.sent_at = limiter.wait_turn(self.host)
-        except BaseException:
-            self.release()
-            raise
+        _hops.pending = self
+
+    def take(self) -> None:
+        """Wait for the host's turn (once); ``HostGivenUp`` for a host given up."""
+        if self.taken or self.limiter is None or self.host == UNKNOWN_HOST:
+            return
+        self.taken = True
+        started = time.monotonic()
+        self.sent_at, self.clean = self.limiter.take_turn(self.host, self.url)
+        self.waited = self.sent_at - started
+
+    def settled(self) -> None:
+        """The request's ``open`` is over: a turn not taken at a connection (none was made) is not owed."""
+        if getattr(_hops, "pending", None) is self:
+            _hops.pending = None
 
     def observe(self, error: BaseException | None) -> None:
         if self.limiter is None or self.host == UNKNOWN_HOST:
             return
+        if error is None and self.clean:
+            return  # an answer from a host with no failure to reset: nothing to write
+        self.clean = False
         if error is not None:
             if getattr(error, "_lenscap_host_observed", False):
                 return  # a redirect hop's failure, counted against its own host
@@ -332,6 +386,14 @@ class Turn:
 
 
 _hops = threading.local()
+
+
+def connected() -> None:
+    """A connection is made, its request about to be sent: the pending request's turn is waited for."""
+    turn = getattr(_hops, "pending", None)
+    if turn is not None:
+        _hops.pending = None
+        turn.take()
 
 
 @contextlib.contextmanager

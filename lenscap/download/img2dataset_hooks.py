@@ -65,8 +65,8 @@ class _OnlyHttpHandler(urllib.request.BaseHandler):
 class _WholeRequestOpener(urllib.request.OpenerDirector):
     """img2dataset's ``timeout`` bounds each socket operation; this opener makes it bound the whole
     request, so that a server sending a byte at a time cannot hold a download (and its worker) for ever.
-    Each request first waits for its host's turn (``host_limits``: rate, connections, backoff), which
-    the timeout does not count, and tells the host's limiter what came back."""
+    Each request waits for its host's connection and turn (``host_limits``: rate, connections, backoff),
+    which the timeout does not count, and tells the host's limiter what came back."""
 
     def open(self, fullurl: Any, data: Any = None, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT) -> Any:  # type: ignore[attr-defined]
         with host_limits.hop() as first_hop:
@@ -75,15 +75,23 @@ class _WholeRequestOpener(urllib.request.OpenerDirector):
             try:
                 response = super().open(fullurl, data, timeout)
             except Exception as e:
+                turn.settled()
                 turn.observe(e)
                 turn.release()
+                given_up = getattr(e, "reason", None)  # urllib wraps what the connection raised
+                if isinstance(given_up, host_limits.HostGivenUp):
+                    raise given_up from None  # the sample's message is the reason, as it is
                 raise
             except BaseException:
+                turn.settled()
                 turn.release()
                 raise
+            turn.settled()
         turn.observe(None)
         limited = isinstance(timeout, (int, float))
-        return _WithinDeadline(response, started + timeout if limited else math.inf, timeout, turn)
+        # The wait for the host's turn is not the download's: the deadline starts after it.
+        deadline = started + turn.waited + timeout if limited else math.inf
+        return _WithinDeadline(response, deadline, timeout, turn)
 
 
 class _WithinDeadline:
