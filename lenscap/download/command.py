@@ -615,6 +615,8 @@ def _finish(job: _Job, options: DownloadOptions, total: int, failed: dict[int, s
         "threads": options.threads,
         "timeout": options.timeout,
         "retries": options.max_retries,
+        "per_host_rps": options.per_host_rps,  # None: the defaults (host_policy), none for a private address
+        "per_host_concurrency": options.per_host_concurrency,
     }
     manifest = job.out.write_manifest("download", params, (claim.get("input") or {}).get("location"), expected_shards=total)
     result = JobResult.from_manifest("download", job.out.location, manifest, failed)
