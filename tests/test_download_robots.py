@@ -256,3 +256,20 @@ def test_the_user_agent_names_lenscap_its_version_and_the_contact():
     assert DownloadOptions(contact="x", user_agent="Mine/1").user_agent_header == "Mine/1"
     code, _, err = run_cli_here("download", "urls.txt", "out", "--contact", "me\nX-Injected: 1")
     assert code == 2 and "--contact must be one line" in err
+
+
+def test_crawl_delay_is_the_least_interval_between_requests_to_its_host(tmp_path):
+    """With a per-host limiter on, robots.txt's Crawl-delay spaces a host's requests even where
+    --per-host-rps would allow more; robots.txt's own request goes through the same limiter."""
+    routes = {f"/{i}.jpg": _image(i) for i in range(4)}
+    routes[f"//{RULED}/robots.txt"] = Route(b"User-agent: *\nCrawl-delay: 1\n", "text/plain")
+    with ImageServer(routes, hosts=True) as server:
+        (tmp_path / "urls.txt").write_text("\n".join(server.url(f"/{i}.jpg", RULED) for i in range(4)) + "\n")
+        code, _, err = run_cli_here(
+            "download", str(tmp_path / "urls.txt"), str(tmp_path / "out"), "--per-host-rps", "50", "--threads", "4", "--quiet"
+        )
+        assert code == 0, err
+        images = [r.at for r in server.requests if r.host == RULED and r.path != "/robots.txt"]
+    assert len(images) == 4
+    gaps = [b - a for a, b in zip(images, images[1:])]
+    assert min(gaps) > 0.9, gaps

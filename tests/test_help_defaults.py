@@ -33,7 +33,9 @@ from lenscap.commands import OPTIONS
 from lenscap.core.options import Executed, all_cores
 from lenscap.core.registry import OptionRenamed
 from lenscap.dedup.options import DedupOptions
+from lenscap.download.host_policy import HostPolicy
 from lenscap.download.inputs import CAPTION_COLUMN_GUESSES, URL_COLUMN_GUESSES
+from lenscap.download.options import DownloadOptions
 from lenscap.estimate.options import EstimateOptions
 from lenscap.filter.annotators import REGISTRY as FILTERS
 from lenscap.filter.annotators import annotator_class
@@ -164,6 +166,11 @@ def _worded(command: str, field: str, shown: str, monkeypatch) -> None:
         assert ReportOptions().out_path("DIR") == shown
     elif (command, field) == ("audit", "target_words"):
         _target_words(shown)
+    elif (command, field) in (("download", "per_host_rps"), ("download", "per_host_concurrency")):
+        public, private = DownloadOptions().host_policy("").limits("example.com"), HostPolicy("").limits("127.0.0.1")
+        used = public[0] if field == "per_host_rps" else public[1]
+        assert default is None and private == (0, 0), f"{command} {field}"
+        assert shown == f"{used:g}, none for a private address", f"download --{field}: shown {shown!r}, uses {used!r}"
     elif (command, field) == ("dedup", "max_distance"):
         assert str(DedupOptions().distance) == shown
     elif command == "filter" and field.split("_", 1)[0] in FILTERS.builtins:

@@ -86,7 +86,17 @@ def test_stage_directories_hold_rows_only_and_the_export_equals_copy_images(pipe
     )
     # in the demo recipe's order: dedup before caption
     ok("dedup", str(copy / "filter"), str(copy / "dedup"), "--processes", "1", "--copy-images")
-    ok("caption", str(copy / "dedup"), str(copy / "caption"), "--backend", "describe", "-O", "ocr=off", "--copy-images", "--no-cache")
+    ok(
+        "caption",
+        str(copy / "dedup"),
+        str(copy / "caption"),
+        "--backend",
+        "describe",
+        "-O",
+        "ocr=off",
+        "--copy-images",
+        "--no-cache",
+    )
     ok("shard", str(copy / "caption"), str(copy / "shard"), "--format", "webdataset", "--target-size", "2MB", "--processes", "1")
     assert json.loads((copy / "caption" / "lenscap.json").read_text())["images"] is None
     assert sorted(p.name for p in (copy / "caption").glob("*.tar")) == ["00000.tar", "00001.tar", "00002.tar"]

@@ -25,6 +25,8 @@ class Route:
     headers: dict[str, str] = field(default_factory=dict)
     delay_s: float = 0.0
     fail_first: int = 0  # answer the first N requests with a 503, as an overloaded server does
+    fail_status: int = 503  # what those N answers are: 503, or 429 (too many requests)
+    fail_headers: dict[str, str] = field(default_factory=dict)  # and their headers: {"Retry-After": "2"}
     drip_s: float = 0.0  # send the body one byte every this many seconds (each read quick, the whole slow)
 
 
@@ -53,7 +55,7 @@ class _Handler(BaseHTTPRequestHandler):
         if route.delay_s:
             time.sleep(route.delay_s)
         if hits <= route.fail_first:
-            route = Route(b"busy", "text/plain", 503)
+            route = Route(b"busy", "text/plain", route.fail_status, dict(route.fail_headers))
         try:
             self.send_response(route.status)
             self.send_header("Content-Type", route.content_type)

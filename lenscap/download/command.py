@@ -31,6 +31,8 @@ import posixpath
 import shutil
 import sys
 import tarfile
+import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +56,7 @@ from lenscap.core.result import JobResult
 from lenscap.core.storage import redact_url
 from lenscap.core.tario import TarOut, archive_end
 from lenscap.download.card import write_download_card
+from lenscap.download.host_policy import reset_state
 from lenscap.download.img2dataset_process import Img2datasetProcess
 from lenscap.download.inputs import NOT_UTF8, InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.download.options import DownloadOptions
@@ -387,12 +390,24 @@ def _img2dataset_config(
     return options.img2dataset_kwargs(str(url_dir), str(staging), job.processes, job.cluster is not None) | {
         "max_pixels": options.max_pixels,
         "ray_address": job.cluster,
+        "host_limits": options.host_policy(_host_state_dir(job)).to_dict(),
         "allow_private_network": options.allow_private_network,
         # robots.txt is kept in the work directory, for the job's processes and its reruns; img2dataset's
         # tasks on a Ray cluster share no disk with it, and each keeps its own.
         "politeness": options.politeness(None if job.cluster is not None else str(job.work / "robots")),
         "progress_dir": None if progress_dir is None else str(progress_dir),
     }
+
+
+def _host_state_dir(job: _Job) -> str:
+    """Where this run's per-host limiter keeps its state (``lenscap.download.host_limits``), new for each run: the work
+    directory, or on Ray a directory of each node's own (every node its own table, with its share of the
+    limits), named for this run."""
+    if job.cluster is not None:
+        return os.path.join(tempfile.gettempdir(), "lenscap-hosts", uuid.uuid4().hex)
+    directory = job.work / "hosts"
+    reset_state(directory)
+    return str(directory)
 
 
 def run_download(
@@ -605,6 +620,8 @@ def _finish(job: _Job, options: DownloadOptions, total: int, failed: dict[int, s
         "retries": options.max_retries,
         "ignore_robots": options.ignore_robots,
         "user_agent": options.user_agent_header,
+        "per_host_rps": options.per_host_rps,  # None: the defaults (host_policy), none for a private address
+        "per_host_concurrency": options.per_host_concurrency,
     }
     manifest = job.out.write_manifest("download", params, (claim.get("input") or {}).get("location"), expected_shards=total)
     result = JobResult.from_manifest("download", job.out.location, manifest, failed)

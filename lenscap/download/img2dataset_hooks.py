@@ -32,6 +32,7 @@ import functools
 import importlib
 import io
 import json
+import math
 import multiprocessing
 import os
 import signal
@@ -49,7 +50,7 @@ from img2dataset.writer import WebDatasetSampleWriter
 from PIL import Image
 
 from lenscap.core.executors import connect_ray
-from lenscap.download import netguard, optout, robots
+from lenscap.download import host_limits, netguard, optout, robots
 
 # The package re-exports a function named ``main`` over its module of that name: fetch the module.
 _i2d_main = importlib.import_module("img2dataset.main")
@@ -69,21 +70,42 @@ class _OnlyHttpHandler(urllib.request.BaseHandler):
 
 class _WholeRequestOpener(urllib.request.OpenerDirector):
     """img2dataset's ``timeout`` bounds each socket operation; this opener makes it bound the whole
-    request, so that a server sending a byte at a time cannot hold a download (and its worker) for ever."""
+    request, so that a server sending a byte at a time cannot hold a download (and its worker) for ever.
+    Each request waits for its host's connection and turn (``host_limits``: rate, connections, backoff),
+    which the timeout does not count, and tells the host's limiter what came back."""
 
     def open(self, fullurl: Any, data: Any = None, timeout: Any = socket._GLOBAL_DEFAULT_TIMEOUT) -> Any:  # type: ignore[attr-defined]
-        started = time.monotonic()
-        response = super().open(fullurl, data, timeout)
-        if isinstance(timeout, (int, float)):
-            return _WithinDeadline(response, started + timeout, timeout)
-        return response
+        with host_limits.hop() as first_hop:
+            turn = host_limits.Turn(host_limits.installed(), fullurl, first_hop)
+            started = time.monotonic()
+            try:
+                response = super().open(fullurl, data, timeout)
+            except Exception as e:
+                turn.settled()
+                turn.observe(e)
+                turn.release()
+                given_up = getattr(e, "reason", None)  # urllib wraps what the connection raised
+                if isinstance(given_up, host_limits.HostGivenUp):
+                    raise given_up from None  # the sample's message is the reason, as it is
+                raise
+            except BaseException:
+                turn.settled()
+                turn.release()
+                raise
+            turn.settled()
+        turn.observe(None)
+        limited = isinstance(timeout, (int, float))
+        # The wait for the host's turn is not the download's: the deadline starts after it.
+        deadline = started + turn.waited + timeout if limited else math.inf
+        return _WithinDeadline(response, deadline, timeout, turn)
 
 
 class _WithinDeadline:
-    """A response whose body must have arrived by ``deadline``: read in pieces, each given the time left."""
+    """A response whose body must have arrived by ``deadline``: read in pieces, each given the time left.
+    Closing it gives its host's connection back (``turn``)."""
 
-    def __init__(self, response: Any, deadline: float, timeout: float) -> None:
-        self._response, self._deadline, self._timeout = response, deadline, timeout
+    def __init__(self, response: Any, deadline: float, timeout: Any, turn: host_limits.Turn) -> None:
+        self._response, self._deadline, self._timeout, self._turn = response, deadline, timeout, turn
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._response, name)
@@ -92,9 +114,22 @@ class _WithinDeadline:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._response.close()
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self._response.close()
+        finally:
+            self._turn.release()
 
     def read(self, amount: int | None = None) -> bytes:
+        try:
+            return self._read(amount)
+        except OSError as e:  # a timeout or a reset mid-body: the host failed this request
+            self._turn.observe(e)
+            raise
+
+    def _read(self, amount: int | None) -> bytes:
         pieces: list[bytes] = []
         got = 0
         while amount is None or got < amount:
@@ -102,7 +137,8 @@ class _WithinDeadline:
             if left <= 0:
                 raise TimeoutError(f"the whole download took more than --timeout {self._timeout:g}s")
             with contextlib.suppress(AttributeError, OSError):  # the socket under http.client's buffer
-                self._response.fp.raw._sock.settimeout(left)
+                if left != math.inf:
+                    self._response.fp.raw._sock.settimeout(left)
             try:
                 # read1: one read of the socket at most (read(n) would wait for all n bytes, however slowly).
                 piece = self._response.read1(65536 if amount is None else min(65536, amount - got))
@@ -115,7 +151,7 @@ class _WithinDeadline:
         return b"".join(pieces)
 
 
-class Refused(OSError):
+class Refused(host_limits.NotSent):
     """A request lenscap will not send, or a response it will not read; its text is the row's message."""
 
 
@@ -209,10 +245,12 @@ def install_politeness(settings: dict[str, Any] | None) -> None:
     polite = _PoliteHandler(settings["user_agent"], opt_out_token=settings["token"] if settings["respect_opt_out"] else None)
     if settings["ignore_robots"]:
         robots.configure(None)
+        host_limits.set_min_interval(None)
     else:
         fetcher = robots_opener(settings["user_agent"])
         polite.robots = robots.Robots(fetcher, settings["token"], settings["robots_dir"], settings["timeout"])
         robots.configure(polite.robots)
+        host_limits.set_min_interval(robots.known_crawl_delay)  # Crawl-delay: the least interval per host
     urllib.request.install_opener(build_http_only_opener(polite))
     _politeness = dict(settings)
 
@@ -257,19 +295,23 @@ class GuardedResizer(Resizer):
         max_pixels: int = DEFAULT_MAX_PIXELS,
         allow_private_network: bool = False,
         politeness: dict[str, Any] | None = None,
+        host_limits: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.max_pixels = max_pixels
         self.allow_private_network = allow_private_network
         self.politeness = politeness
+        self.host_limits = host_limits
 
     def __setstate__(self, state: dict) -> None:
         # img2dataset's workers receive the resizer by pickle before they fetch anything (a spawned
-        # process, a Ray task on another node): the network rule and the politeness travel with it.
+        # process, a Ray task on another node): the network rule, the politeness and the per-host
+        # limits travel with it.
         self.__dict__.update(state)
         netguard.allow_private_network(self.__dict__.get("allow_private_network", False))
         install_politeness(self.__dict__.get("politeness"))
+        host_limits.install(self.__dict__.get("host_limits"))
 
     def __call__(self, img_stream, blurring_bbox_list=None):
         # A Ray worker (img2dataset's ray distributor) never ran main() below: the same second line here.
@@ -373,14 +415,26 @@ def main(parent: int) -> int:
     politeness = config.pop("politeness", None)
     install_politeness(politeness)
     ray_address = config.pop("ray_address", None)
+    limits = config.pop("host_limits", None)
     if ray_address:  # img2dataset's ray distributor runs its tasks on the cluster we join here
         # Joined as lenscap joins any cluster: a Ray that lenscap started on loopback is joined there.
-        connect_ray(ray_address)
+        ray = connect_ray(ray_address)
+        if limits is not None:  # each node keeps its own table, with its share of every host's limits
+            nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+            limits = host_limits.HostPolicy.from_dict(limits).divided(nodes).to_dict()
+    host_limits.install(limits)
     # OpenCV refuses to allocate for images beyond this, a second line behind check_image_bytes.
     os.environ["OPENCV_IO_MAX_IMAGE_PIXELS"] = str(max_pixels)
 
     def resizer_factory(*args, **kwargs):
-        return GuardedResizer(*args, max_pixels=max_pixels, allow_private_network=allow_private, politeness=politeness, **kwargs)
+        return GuardedResizer(
+            *args,
+            max_pixels=max_pixels,
+            allow_private_network=allow_private,
+            politeness=politeness,
+            host_limits=limits,
+            **kwargs,
+        )
 
     _i2d_main.Resizer = resizer_factory  # the one name download() constructs its resizer by
     if not ray_address:  # joined to Ray, this process runs Ray's threads (gRPC): no fork then

@@ -25,9 +25,10 @@ import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["allow_private_network", "refusal", "GuardedHTTPHandler", "GuardedHTTPSHandler", "REFUSED"]
+__all__ = ["allow_private_network", "on_connected", "refusal", "GuardedHTTPHandler", "GuardedHTTPSHandler", "REFUSED"]
 
 REFUSED = "refused to connect"  # how every refusal starts, for the per-sample message and --retry-failed
 _allowed = False
@@ -101,13 +102,39 @@ def _connect(
     raise error or OSError(f"{host} resolves to no address")
 
 
-class _GuardedHTTPConnection(http.client.HTTPConnection):
+_connected: Callable[[], None] | None = None
+
+
+def on_connected(hook: Callable[[], None] | None) -> None:
+    """Call ``hook()`` once each connection is made (TLS included), just before its request is sent:
+    where the per-host limiter (``host_limits``) waits for the host's turn, so that a request goes at
+    its turn rather than a connection's set-up later."""
+    global _connected
+    _connected = hook
+
+
+class _TurnOnConnect:
+    def connect(self) -> None:
+        super().connect()  # type: ignore[misc]
+        if _connected is not None:
+            _connected()
+
+
+class _ProxiedHTTPConnection(_TurnOnConnect, http.client.HTTPConnection):
+    pass
+
+
+class _ProxiedHTTPSConnection(_TurnOnConnect, http.client.HTTPSConnection):
+    pass
+
+
+class _GuardedHTTPConnection(_TurnOnConnect, http.client.HTTPConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._create_connection = _connect
 
 
-class _GuardedHTTPSConnection(http.client.HTTPSConnection):
+class _GuardedHTTPSConnection(_TurnOnConnect, http.client.HTTPSConnection):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._create_connection = _connect  # the TLS layer still checks the certificate against the name
@@ -124,7 +151,7 @@ def _through_proxy(req: urllib.request.Request) -> bool:
 
 class GuardedHTTPHandler(urllib.request.HTTPHandler):
     def http_open(self, req: urllib.request.Request) -> Any:
-        return self.do_open(http.client.HTTPConnection if _through_proxy(req) else _GuardedHTTPConnection, req)
+        return self.do_open(_ProxiedHTTPConnection if _through_proxy(req) else _GuardedHTTPConnection, req)
 
 
 class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
@@ -132,4 +159,4 @@ class GuardedHTTPSHandler(urllib.request.HTTPSHandler):
         kwargs: dict[str, Any] = {"context": self._context}  # type: ignore[attr-defined]
         if hasattr(self, "_check_hostname"):  # Python < 3.12
             kwargs["check_hostname"] = self._check_hostname
-        return self.do_open(http.client.HTTPSConnection if _through_proxy(req) else _GuardedHTTPSConnection, req, **kwargs)
+        return self.do_open(_ProxiedHTTPSConnection if _through_proxy(req) else _GuardedHTTPSConnection, req, **kwargs)

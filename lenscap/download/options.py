@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 
 from lenscap import __version__
 from lenscap.core.options import Argument, Executed, OwnedOutput, check, option
+from lenscap.download.host_policy import BACKOFF, DEFAULT_CONCURRENCY, DEFAULT_RPS, MAX_CONCURRENCY, HostPolicy
 
 __all__ = ["DownloadOptions", "RESIZE_MODES", "FETCH_FIELDS", "PROJECT_URL"]
 
@@ -74,6 +75,18 @@ class DownloadOptions(OwnedOutput, Executed):
         "The share of URLs that may fail to download with the run still a success (exit 0); more, or all of "
         "them, is exit 1, naming the commonest reason.",
     )
+    per_host_rps: float | None = option(
+        None,
+        "Requests per second to one host (its registrable domain, else its address), across every process of "
+        "the job; 0: no limit. Unset, a private address (fetched with --allow-private-network) has none.",
+        show_default=f"{DEFAULT_RPS:g}, none for a private address",
+    )
+    per_host_concurrency: int | None = option(
+        None,
+        "Open connections to one host at a time, across every process of the job; 0: no limit. Unset, a "
+        "private address has none.",
+        show_default=f"{DEFAULT_CONCURRENCY}, none for a private address",
+    )
     user_agent_token: str = option(
         "lenscap", "The token robots.txt groups and X-Robots-Tag directives are matched against (this crawler's name)."
     )
@@ -122,6 +135,14 @@ class DownloadOptions(OwnedOutput, Executed):
         check(self.timeout >= 1, f"--timeout must be at least 1 second, not {self.timeout}")
         check(self.max_retries >= 0, f"--max-retries must not be negative, not {self.max_retries}")
         check(0 <= self.max_error_share <= 1, f"--max-error-share must be between 0 and 1, not {self.max_error_share}")
+        check(
+            self.per_host_rps is None or (self.per_host_rps >= 0 and math.isfinite(self.per_host_rps)),
+            f"--per-host-rps must be a number of requests per second, 0 for no limit, not {self.per_host_rps}",
+        )
+        check(
+            self.per_host_concurrency is None or 0 <= self.per_host_concurrency <= MAX_CONCURRENCY,
+            f"--per-host-concurrency must be between 0 (no limit) and {MAX_CONCURRENCY}, not {self.per_host_concurrency}",
+        )
         check(0 <= self.encode_quality <= 100, f"--encode-quality must be between 0 and 100, not {self.encode_quality}")
         for name, value in (("--contact", self.contact), ("--user-agent", self.user_agent or "")):
             check(value.isprintable(), f"{name} must be one line of printable text, not {value!r}")
@@ -184,6 +205,10 @@ class DownloadOptions(OwnedOutput, Executed):
             "timeout": self.timeout,
         }
 
+    def host_policy(self, directory: str) -> HostPolicy:
+        """The per-host limits of this run, their shared state in ``directory``."""
+        return HostPolicy(directory, rps=self.per_host_rps, concurrency=self.per_host_concurrency, **BACKOFF)
+
     def img2dataset_kwargs(self, url_dir: str, staging: str, processes: int, ray: bool) -> dict[str, Any]:
         return {
             "url_list": url_dir,
@@ -231,6 +256,8 @@ FETCH_FIELDS = (
     "threads",
     "processes",
     "max_error_share",
+    "per_host_rps",
+    "per_host_concurrency",
     "executor",
     "ray_address",
 )

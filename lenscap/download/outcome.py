@@ -19,6 +19,7 @@ from typing import Any
 from lenscap.core.dataset import Dataset
 from lenscap.core.result import ErrorShare, JobResult
 from lenscap.download import optout, robots
+from lenscap.download.host_policy import GIVEN_UP
 from lenscap.download.netguard import REFUSED
 from lenscap.download.options import DownloadOptions
 
@@ -37,6 +38,7 @@ _FIXES = (
     ("refused: ", "pass --allow-private-network if that is meant"),
     (robots.DISALLOWED, "the hosts' robots.txt disallow these paths; --ignore-robots only for a list you have the rights to"),
     (robots.UNREADABLE, "the hosts' robots.txt did not answer, so their paths were not fetched"),
+    (GIVEN_UP, "their hosts kept failing or asked for a long pause (the rows' error_message says which)"),
     ("timed out", _SLOW),
     ("timeout", _SLOW),
     ("Name or service not known", _NO_DNS),
@@ -44,7 +46,7 @@ _FIXES = (
     ("Connection refused", "nothing listens at those addresses: check the URL list"),
     ("404", "the URL list is stale (the images are gone)"),
     ("403", "the servers refuse this client: check --user-agent-token, lower --threads"),
-    ("429", "the servers rate-limit this client: lower --threads and --processes"),
+    ("429", "the servers rate-limit this client: lower --per-host-rps and --per-host-concurrency"),
 )
 # The fetch options a rerun may change that decide whether a failed URL would succeed now.
 _TELLING = ("allow_private_network", "ignore_robots", "timeout", "max_retries")
@@ -54,6 +56,8 @@ def reason_of(message: str | None, status: str) -> str:
     """Why a sample failed, without the host or address that differs from URL to URL."""
     if not message:
         return status.replace("_", " ")
+    if message.startswith(GIVEN_UP):
+        return GIVEN_UP  # its host and why differ from host to host
     if refusal := _REFUSAL.search(message):
         return f"refused: {refusal.group(1)} address"
     if "timed out" in message or "took more than --timeout" in message:

@@ -54,6 +54,8 @@ __all__ = [
     "configure",
     "refusal",
     "crawl_delay",
+    "known_crawl_delay",
+    "MAX_CRAWL_DELAY",
     "DISALLOWED",
     "UNREADABLE",
     "MAX_BYTES",
@@ -108,9 +110,16 @@ class Robots:
             return None
         return f"{DISALLOWED} ({rules.robots_url}, user-agent {self._token})"
 
-    def crawl_delay(self, url: str) -> float | None:
-        """The seconds ``url``'s origin asks between two requests from our token (``Crawl-delay``), or None."""
-        _, parser = self._rules(url)
+    def crawl_delay(self, url: str, fetch: bool = True) -> float | None:
+        """The seconds ``url``'s origin asks between two requests from our token (``Crawl-delay``), or None.
+        ``fetch=False``: only from robots.txt already read by this process (never waits or fetches: the
+        per-host limiter asks it for robots.txt's own request, made while its origin is being read)."""
+        if fetch:
+            _, parser = self._rules(url)
+        else:
+            with self._lock:
+                held = self._memo.get(_origin(url))
+            parser = None if held is None else held[1]
         delay = None if parser is None else parser.crawl_delay(self._token)
         return None if delay is None else float(delay)
 
@@ -224,6 +233,12 @@ def _write(path: str, rules: RobotsRules) -> None:
 _current: Robots | None = None
 
 
+# A Crawl-delay above this is taken as this: a day between two requests would hold the job's threads
+# on one host (img2dataset's threads wait for its turns); a minute is already one request an hour per
+# 60 URLs of that host.
+MAX_CRAWL_DELAY = 60.0
+
+
 def configure(robots: Robots | None) -> None:
     """The rules this process obeys (None: robots.txt is not read, ``--ignore-robots``)."""
     global _current
@@ -239,3 +254,10 @@ def crawl_delay(url: str) -> float | None:
     """The ``Crawl-delay`` (seconds) that ``url``'s origin asks of this process's token, or None: none
     asked, or robots.txt ignored. Fetches the origin's robots.txt if this process has not read it yet."""
     return None if _current is None else _current.crawl_delay(url)
+
+
+def known_crawl_delay(url: str) -> float | None:
+    """``crawl_delay`` from robots.txt this process has already read, capped at ``MAX_CRAWL_DELAY``: what
+    the per-host limiter takes as the least interval between two requests to a host. Never fetches."""
+    delay = None if _current is None else _current.crawl_delay(url, fetch=False)
+    return None if delay is None else min(delay, MAX_CRAWL_DELAY)
