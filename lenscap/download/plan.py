@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -90,18 +91,19 @@ def spill(tables: Iterable[pa.Table], directory: Path, concat: Callable[[list[pa
 
     def flush() -> None:
         nonlocal pending, pending_rows
+        table = concat(pending)
+        hosts = url_hosts(table.column("url"))  # per file, not per batch: fewer, larger Arrow calls
+        rows = pa.array(np.arange(out.rows - table.num_rows, out.rows, dtype=np.int64))
         path = directory / f"{len(out.files):05d}.parquet"
-        pq.write_table(concat(pending), path)
+        pq.write_table(table.append_column(ROW, rows).append_column(HOST, hosts), path)
         out.files.append(path)
+        _count(out, hosts)
         pending, pending_rows = [], 0
 
     for table in tables:
-        hosts = url_hosts(table.column("url"))
-        rows = pa.array(range(out.rows, out.rows + table.num_rows), pa.int64())
-        pending.append(table.append_column(ROW, rows).append_column(HOST, hosts))
+        pending.append(table)
         pending_rows += table.num_rows
         out.rows += table.num_rows
-        _count(out, hosts)
         if pending_rows >= _SPILL_ROWS:
             flush()
     if pending:
