@@ -315,7 +315,7 @@ def test_adopt_accounts_for_rows_img2dataset_lost(tmp_path):
     assert not (job.staging / "00001.parquet").exists() and out.tar_path(1).exists()
 
 
-def test_input_is_cut_into_shards_across_files_in_order(tmp_path):
+def test_input_is_cut_into_shards_across_files_in_planned_order(tmp_path):
     from lenscap.download.command import _Job, _split_input
     from lenscap.download.inputs import InputSpec
 
@@ -327,10 +327,12 @@ def test_input_is_cut_into_shards_across_files_in_order(tmp_path):
     assert _split_input(job, InputSpec(str(d)), samples_per_shard=4) == {"shards": 3, "samples": 9}
     shards = [pq.read_table(job.input_dir / f"0000{i}.parquet").to_pylist() for i in range(3)]
     assert [len(s) for s in shards] == [4, 4, 1]
-    assert [r["url"] for s in shards for r in s] == [f"http://a/{i}.jpg" for i in range(3)] + [
-        f"http://b/{i}.jpg" for i in range(6)
-    ]
-    assert shards[0][2]["caption"] is None and shards[0][3]["caption"] == "cap 0"
+    # Hosts a (3 URLs) and b (6) interleave in the plan (download.plan); each row keeps its row of the list.
+    rows = [r for s in shards for r in s]
+    assert [r["lenscap_row"] for r in rows] == [0, 3, 4, 1, 5, 6, 2, 7, 8]
+    listed = sorted(rows, key=lambda r: r["lenscap_row"])
+    assert [r["url"] for r in listed] == [f"http://a/{i}.jpg" for i in range(3)] + [f"http://b/{i}.jpg" for i in range(6)]
+    assert listed[2]["caption"] is None and listed[3]["caption"] == "cap 0"
 
 
 def _statuses(out: Path) -> dict[str, tuple[str, str | None]]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections import Counter
 from pathlib import Path
 
 from lenscap.core.dataset import Dataset
@@ -157,3 +158,53 @@ def test_ctrl_c_exits_130_ends_img2dataset_and_a_rerun_finishes(tmp_path):
             time.sleep(0.05)
         assert _session_members(session) == []
         _rerun_finishes(cmd, out)
+
+
+def test_sigkill_mid_lopsided_multi_host_job_then_rerun_fetches_each_image_once(tmp_path):
+    """A list grouped by host (60 URLs on one, 10 on each of 4 others, one missing), planned so that
+    hosts interleave: after a SIGKILL the rerun keeps the plan, asks nothing of the shards complete at
+    the kill, and the output holds every image exactly once."""
+    hosts = ["127.0.0.2"] * 60 + [f"127.0.0.{3 + h}" for h in range(4) for _ in range(10)]
+    routes = {f"/h{h}/{i}.jpg": Route(jpeg_bytes(scene(i, (48, 40))), delay_s=0.03) for i, h in enumerate(hosts)}
+    with ImageServer(routes, hosts=True) as server:
+        urls = [server.url(p, host=h) for p, h in zip(routes, hosts)] + [server.url("/missing.jpg", host="127.0.0.3")]
+        (tmp_path / "urls.txt").write_text("\n".join(urls) + "\n")
+        out = tmp_path / "out"
+        cmd = [sys.executable, "-m", "lenscap.cli", "download", str(tmp_path / "urls.txt"), str(out), *ARGS]
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(list(out.glob("*_stats.json"))) < 3:
+            time.sleep(0.02)
+        session = _img2dataset_session(proc.pid)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 5
+        while session is not None and _session_members(session) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done_at_kill = Dataset(out).completed_ids()
+        assert 3 <= len(done_at_kill) < 11, "killed mid-way"
+        # The plan spread the big host: every shard complete at the kill holds it and another host.
+        for shard_id in done_at_kill:
+            shard_hosts = {u.split("/")[2].split(":")[0] for u in Dataset(out).read_table(shard_id).column("url").to_pylist()}
+            assert "127.0.0.2" in shard_hosts and len(shard_hosts) >= 2, shard_hosts
+        fetched = {r["url"] for i in done_at_kill for r in Dataset(out).read_table(i).to_pylist()}
+        asked_before = len(server.requests)
+
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert rerun.returncode == 0, rerun.stderr
+        asked_again = {server.url(r.path, host=r.host) for r in server.requests[asked_before:]}
+
+    assert not asked_again & fetched, "no URL of a shard complete at the kill is requested again"
+    ds = Dataset(out)
+    rows = [r for i in ds.completed_ids() for r in ds.read_table(i).to_pylist()]
+    assert sorted(r["url"] for r in rows) == sorted(urls), "every URL of the list once"
+    images: Counter[str] = Counter()
+    for shard_id in ds.completed_ids():
+        with tarfile.open(ds.tar_path(shard_id)) as tar:
+            images.update(m.name for m in tar if m.name.endswith(".jpg"))
+    successes = {r["url"] for r in rows if r["status"] == "success"}
+    assert successes == set(urls[:-1]), "every image downloaded; the missing one failed"
+    url_of = {r["key"]: r["url"] for r in rows}
+    assert set(images.values()) == {1} and sorted(url_of[name[:-4]] for name in images) == sorted(successes), (
+        "every image exactly once"
+    )

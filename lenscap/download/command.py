@@ -5,7 +5,9 @@ How a download runs (all state under ``OUT/.lenscap/``, so a rerun of the same c
 1. The output is owned like every command's (``Job.output``): one lock, interrupted commits
    finished, and ``claim.json`` recording the URL list and the options that shape the output; a
    rerun with others is refused, naming what differs, unless ``--overwrite``.
-2. The URL list is streamed into one small parquet file per shard (``input/``), written once.
+2. The URL list is planned so that hosts interleave (``download.plan``: every host spread evenly over
+   the job) and cut into one small parquet file per shard (``input/``), written once: a rerun resumes
+   the same plan. Keys follow the plan; each input row keeps its row of the list (``lenscap_row``).
 3. img2dataset downloads into ``img2dataset/`` (a staging directory), in a subprocess whose output
    goes to ``img2dataset.log``. Its own per-shard ``_stats.json`` lets it skip finished shards.
 4. As each staged shard finishes, lenscap *adopts* it: every input row is accounted for (img2dataset
@@ -61,6 +63,7 @@ from lenscap.download.img2dataset_process import Img2datasetProcess
 from lenscap.download.inputs import NOT_UTF8, InputSpec, read_url_tables, resolve_input_files, rows_to_table
 from lenscap.download.options import DownloadOptions
 from lenscap.download.outcome import error_share, rerun_hint, retryable
+from lenscap.download.plan import planned, spill
 
 __all__ = ["run_download", "download", "retry_failed", "replayed", "sample_key"]
 
@@ -229,23 +232,37 @@ def _split_once(job: _Job, source: str | None, options: DownloadOptions) -> dict
 
 
 def _split_input(job: _Job, spec: InputSpec, samples_per_shard: int) -> dict[str, Any]:
-    """Stream the URL list into one parquet file per shard; the marker is written last."""
+    """Stream the URL list into spill files, plan its order (``download.plan``: every host spread over
+    the whole job) and cut the plan into one parquet file per shard; the marker is written last."""
     if spec.source == "-" and sys.stdin.isatty():
         raise UsageError("'-' reads URLs from standard input, but standard input is a terminal")
     shutil.rmtree(job.input_dir, ignore_errors=True)
     job.input_dir.mkdir(parents=True)
+    plan_dir = job.work / "plan"
+    shutil.rmtree(plan_dir, ignore_errors=True)
+    try:
+        spilled = spill(read_url_tables(spec), plan_dir / "list", _concat)
+        shards = _write_shards(job, planned(spilled, plan_dir), samples_per_shard)
+    finally:
+        shutil.rmtree(plan_dir, ignore_errors=True)
+    ready = {"shards": shards, "samples": spilled.rows}
+    atomic_write_json(job.input_dir / "_done.json", ready)
+    return ready
+
+
+def _write_shards(job: _Job, tables: Iterator[pa.Table], samples_per_shard: int) -> int:
+    """Cut ``tables`` (the planned list) into input shards of ``samples_per_shard`` rows; their count."""
     pending: list[pa.Table] = []
-    pending_rows = shards = samples = 0
+    pending_rows = shards = 0
     seen: dict[str, str] = {}  # URL -> the key of its first row
 
     def write(table: pa.Table, shard_id: int) -> None:
         table = _duplicates_pointed(table, shard_id, samples_per_shard, seen)
         pq.write_table(table, job.input_dir / f"{shard_name(shard_id)}.parquet")
 
-    for table in read_url_tables(spec):
+    for table in tables:
         pending.append(table)
         pending_rows += table.num_rows
-        samples += table.num_rows
         if pending_rows >= samples_per_shard:
             merged = _concat(pending)
             while merged.num_rows >= samples_per_shard:
@@ -256,9 +273,7 @@ def _split_input(job: _Job, spec: InputSpec, samples_per_shard: int) -> dict[str
     if pending_rows:
         write(_concat(pending), shards)
         shards += 1
-    ready = {"shards": shards, "samples": samples}
-    atomic_write_json(job.input_dir / "_done.json", ready)
-    return ready
+    return shards
 
 
 def _duplicates_pointed(table: pa.Table, shard_id: int, samples_per_shard: int, seen: dict[str, str]) -> pa.Table:
