@@ -2,7 +2,8 @@
 
 img2dataset (pinned to the version these hooks were written against) spawns its workers and
 sends them its resizer by pickle. Handing it ``GuardedResizer`` instead of its own ``Resizer``
-makes every worker import this module, which:
+makes every worker import this module and, as it unpickles the resizer (``install_guards``, and
+``main`` in img2dataset's own process):
 
 - installs a URL opener that speaks only http and https (img2dataset's urllib would also read
   ``file://`` and ``data:`` URLs, a local-file leak for untrusted URL lists), and connects only to
@@ -256,9 +257,20 @@ def install_politeness(settings: dict[str, Any] | None) -> None:
 
 
 _politeness: dict[str, Any] | None = None
-urllib.request.install_opener(build_http_only_opener())
-# check_image_bytes applies --max-pixels itself (above or below Pillow's own limit), with a clearer message.
-Image.MAX_IMAGE_PIXELS = None
+_guarded = False
+
+
+def install_guards() -> None:
+    """In a process that downloads (img2dataset's, its workers, a Ray task), once: urllib speaks only
+    http and https through the network guard, and Pillow's own pixel limit is off (``check_image_bytes``
+    applies --max-pixels itself, above or below it, with a clearer message). Not at import: a process
+    that imports this module for its helpers (a test) keeps its own urllib and Pillow."""
+    global _guarded
+    if _guarded:
+        return
+    urllib.request.install_opener(build_http_only_opener())
+    Image.MAX_IMAGE_PIXELS = None
+    _guarded = True
 
 
 def check_image_bytes(data: bytes, max_pixels: int) -> str | None:
@@ -309,6 +321,7 @@ class GuardedResizer(Resizer):
         # process, a Ray task on another node): the network rule, the politeness and the per-host
         # limits travel with it.
         self.__dict__.update(state)
+        install_guards()
         netguard.allow_private_network(self.__dict__.get("allow_private_network", False))
         install_politeness(self.__dict__.get("politeness"))
         host_limits.install(self.__dict__.get("host_limits"))
@@ -395,6 +408,7 @@ def _fork_instead_of_spawn() -> None:
 
 def main(parent: int) -> int:
     _die_with_parent()
+    install_guards()
     # We lead our own process group (start_new_session): take img2dataset's workers down with us.
     signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
     if os.getppid() != parent:  # lenscap died before PR_SET_PDEATHSIG took effect
