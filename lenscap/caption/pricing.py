@@ -1,9 +1,10 @@
-"""What a caption costs: token estimates (images included) and a price table per model.
+"""What a caption costs: token estimates (images included) and a price table per model, per provider.
 
-Figures from OpenAI's published pricing and vision documentation (see ``shared/NOTES.md``):
-GPT-4.1 / GPT-4o count 512-px tiles, the mini and nano models count 32-px patches. The estimates
-feed the rate limiter and the budget; the cost of a finished request uses the usage the server
-reported, never the estimate.
+Figures from each provider's published pricing and vision documentation (``PRICES_TAKEN`` says when
+they were read; docs/providers.md cites the pages): GPT-4.1 / GPT-4o count 512-px tiles, the OpenAI
+mini and nano models count 32-px patches, Claude counts width x height / 750 after its resizing, and
+Gemini counts 258 tokens per 768-px tile. The estimates feed the rate limiter and the budget; the cost
+of a finished request uses the usage the server reported, never the estimate.
 """
 
 from __future__ import annotations
@@ -23,12 +24,31 @@ __all__ = [
     "image_tokens",
     "text_tokens",
     "tier_limits",
+    "provider_of",
     "BATCH_DISCOUNT",
     "DEFAULT_TIER",
     "PRICE_FILE_FORMAT",
+    "PRICES_TAKEN",
+    "PROVIDERS",
 ]
 
+# Every provider's batch API bills half its online price (OpenAI Batch, Anthropic Message Batches,
+# Gemini batch mode).
 BATCH_DISCOUNT = 0.5
+
+PROVIDERS = ("openai", "anthropic", "gemini")
+# When each provider's prices and tier-1 limits below were read from its pricing and rate-limit pages.
+PRICES_TAKEN = {"openai": "2025-04-14", "anthropic": "2025-11-24", "gemini": "2025-11-18"}
+
+
+def provider_of(model: str) -> str:
+    """Whose model this is, by name: claude-* is Anthropic's, gemini-* Google's, anything else is priced
+    and counted as OpenAI's (which is also what an OpenAI-compatible server imitates)."""
+    if model.startswith("claude-"):
+        return "anthropic"
+    if model.startswith("gemini-"):
+        return "gemini"
+    return "openai"
 
 
 @dataclass(frozen=True)
@@ -45,6 +65,14 @@ DEFAULT_PRICES: dict[str, Price] = {
     "gpt-4.1-nano": Price(0.10, 0.40),
     "gpt-4o": Price(2.50, 10.00),
     "gpt-4o-mini": Price(0.15, 0.60),
+    "claude-opus-4-5": Price(5.00, 25.00),
+    "claude-opus-4-1": Price(15.00, 75.00),
+    "claude-sonnet-4-5": Price(3.00, 15.00),
+    "claude-haiku-4-5": Price(1.00, 5.00),
+    # Gemini 2.5 Pro's price for prompts up to 200k tokens (a caption request is a few thousand).
+    "gemini-2.5-pro": Price(1.25, 10.00),
+    "gemini-2.5-flash": Price(0.30, 2.50),
+    "gemini-2.5-flash-lite": Price(0.10, 0.40),
 }
 
 PRICE_FILE_FORMAT = '{"MODEL": {"input": USD, "output": USD}} per 1M tokens (JSON, or the same as TOML tables)'
@@ -52,23 +80,33 @@ PRICE_FILE_FORMAT = '{"MODEL": {"input": USD, "output": USD}} per 1M tokens (JSO
 
 @dataclass(frozen=True)
 class RateLimits:
-    """An account's limits for one model at one of OpenAI's usage tiers."""
+    """An account's limits for one model at one of its provider's usage tiers."""
 
     tier: str
     model: str  # the model the figures are for
     rpm: float
-    tpm: float
+    tpm: float  # input and output tokens together; Anthropic's input tokens alone
+    output_tpm: float | None = None  # Anthropic limits output tokens apart
 
 
-# OpenAI's published limits at usage tier 1 (an account that has paid $5), per model: what a new
-# account gets, so the honest default for a wall time when the user gives no --rpm/--tpm.
+# Each provider's published limits at its usage tier 1 (an account that has paid a first $5 at
+# OpenAI or Anthropic, or enabled billing at Google), per model: what a new paying account gets, so
+# the honest default for a wall time when the user gives no --rpm/--tpm. Anthropic's third figure is
+# its separate output-token limit.
 DEFAULT_TIER = "tier 1"
-_TIER_1 = {
+_TIER_1: dict[str, tuple[float, ...]] = {
     "gpt-4.1": (500, 30_000),
     "gpt-4.1-mini": (500, 200_000),
     "gpt-4.1-nano": (500, 200_000),
     "gpt-4o": (500, 30_000),
     "gpt-4o-mini": (500, 200_000),
+    "claude-opus-4-5": (50, 30_000, 8_000),
+    "claude-opus-4-1": (50, 30_000, 8_000),
+    "claude-sonnet-4-5": (50, 30_000, 8_000),
+    "claude-haiku-4-5": (50, 50_000, 10_000),
+    "gemini-2.5-pro": (150, 2_000_000),
+    "gemini-2.5-flash": (1_000, 1_000_000),
+    "gemini-2.5-flash-lite": (4_000, 4_000_000),
 }
 
 
@@ -77,8 +115,8 @@ def tier_limits(model: str) -> RateLimits | None:
     name = _match(model, _TIER_1)
     if name is None:
         return None
-    rpm, tpm = _TIER_1[name]
-    return RateLimits(DEFAULT_TIER, name, rpm, tpm)
+    rpm, tpm, *output = _TIER_1[name]
+    return RateLimits(DEFAULT_TIER, name, rpm, tpm, output[0] if output else None)
 
 
 # Models that count 32-px patches, with their token multiplier; every other model counts tiles.
@@ -98,7 +136,44 @@ def _match(model: str, names: list[str] | dict[str, object]) -> str | None:
 
 
 def image_tokens(model: str, width: int, height: int, detail: str = "low") -> int:
-    """Input tokens one image costs on ``model`` at ``detail`` (low, high, auto: auto counts as high)."""
+    """Input tokens one image costs on ``model`` at ``detail`` (low, high, auto: auto counts as high;
+    only OpenAI's models have a detail setting)."""
+    provider = provider_of(model)
+    if provider == "anthropic":
+        return _claude_image_tokens(width, height)
+    if provider == "gemini":
+        return _gemini_image_tokens(width, height)
+    return _openai_image_tokens(model, width, height, detail)
+
+
+# Claude scales an image down until its long edge is at most 1568 px and it costs at most about 1,600
+# tokens (1.15 megapixels), then bills width x height / 750.
+_CLAUDE_LONG_EDGE = 1568
+_CLAUDE_MAX_TOKENS = 1600
+
+
+def _claude_image_tokens(width: int, height: int) -> int:
+    w, h = float(width), float(height)
+    if max(w, h) > _CLAUDE_LONG_EDGE:
+        s = _CLAUDE_LONG_EDGE / max(w, h)
+        w, h = w * s, h * s
+    return max(1, min(_CLAUDE_MAX_TOKENS, math.ceil(w * h / 750)))
+
+
+# Gemini 2.x bills an image with both sides at most 384 px as 258 tokens, and a larger one as 258
+# tokens per 768 x 768 tile.
+_GEMINI_SMALL = 384
+_GEMINI_TILE = 768
+_GEMINI_TILE_TOKENS = 258
+
+
+def _gemini_image_tokens(width: int, height: int) -> int:
+    if width <= _GEMINI_SMALL and height <= _GEMINI_SMALL:
+        return _GEMINI_TILE_TOKENS
+    return _GEMINI_TILE_TOKENS * math.ceil(width / _GEMINI_TILE) * math.ceil(height / _GEMINI_TILE)
+
+
+def _openai_image_tokens(model: str, width: int, height: int, detail: str) -> int:
     patch = _match(model, _PATCH_MULTIPLIER)
     if patch is not None:
         w, h = float(width), float(height)
