@@ -76,7 +76,8 @@ def test_batch_wall_time_in_waves_under_the_queue_limit():
     waves = math.ceil(333_751 / at_once)
     assert (wall["tokens_per_file"], wall["files_at_once"], wall["waves"]) == (per_file, at_once, waves)
     assert wall["hours"] == [waves * 1.0, waves * 24.0] and "note" not in wall
-    assert wall["human"] == f"{waves / 24:,.1f} days to {waves:,.1f} days"
+    # past two years a duration reads in years
+    assert wall["human"] == f"{waves / 24 / 365:,.0f} years to {waves / 365:,.0f} years"
     r = run_cli(
         "estimate",
         "--images",
@@ -314,3 +315,56 @@ def test_bad_flags():
             assert json.loads(r.stdout)["exit_code"] == 2 and message in json.loads(r.stdout)["error"], (args, r.stdout)
         else:
             assert r.stdout == "", (args, r.stdout)
+
+
+def test_compare_names_every_provider_with_cost_and_time_for_each():
+    out = estimate("--images", "800M", "--compare")
+    rows = out["compare"]
+    assert {r["provider"] for r in rows} == {"openai", "anthropic", "gemini"}
+    assert all(r["cost_usd"] > 0 and r["wall_time"]["human"] for r in rows)
+    by = {(r["model"], r["mode"]): r for r in rows}
+    assert set(out["prices_taken"]) == {"openai", "anthropic", "gemini"} and out["tier"] == "tier 1"
+    # by hand, for 1024x768 images sent at 512x384 (caption's --max-side 512): Claude bills w*h/750 tokens,
+    # Gemini 258 for an image within 384x384 and 258 a 768-px tile above, GPT-4.1 85 at detail low
+    assert by["claude-sonnet-4-5", "online"]["image_tokens"] == math.ceil(512 * 384 / 750) == 263
+    assert by["gemini-2.5-flash", "online"]["image_tokens"] == 258
+    assert by["gpt-4.1", "online"]["image_tokens"] == 85
+    claude = by["claude-sonnet-4-5", "online"]
+    tokens_in, tokens_out = claude["input_tokens_per_image"], claude["output_tokens_per_image"]
+    assert tokens_in == 263 + lens_prompt_tokens() and tokens_out == 146
+    usd = (tokens_in * 800e6 * 3.00 + tokens_out * 800e6 * 15.00) / 1e6
+    assert abs(claude["cost_usd"] - usd) < 0.01
+    assert abs(by["claude-sonnet-4-5", "batch"]["cost_usd"] - usd / 2) < 0.01
+    # Anthropic's tier 1: 50 requests, 30,000 input and 8,000 output tokens a minute: the requests bind
+    assert claude["wall_time"]["requests_per_minute"] == min(50, 30_000 / tokens_in, 8_000 / tokens_out) == 50
+    # a Message Batch holds at most 100,000 requests or 256 MB: 87,488 B lines bind by bytes
+    assert by["claude-sonnet-4-5", "batch"]["wall_time"]["requests_per_batch"] == 256_000_000 // 87_488
+
+
+def test_compare_takes_chosen_models_and_prints_one_table(tmp_path):
+    out = estimate("--images", "10k", "--compare", "--compare-model", "claude-haiku-4-5", "--compare-model", "gpt-4.1-nano")
+    assert [(r["model"], r["mode"]) for r in out["compare"]] == [
+        ("claude-haiku-4-5", "online"),
+        ("claude-haiku-4-5", "batch"),
+        ("gpt-4.1-nano", "online"),
+        ("gpt-4.1-nano", "batch"),
+    ]
+    r = run_cli("estimate", "--images", "10k", "--compare")
+    assert r.returncode == 0, r.stderr
+    table = r.stdout.splitlines()
+    assert table[1].split()[:3] == ["provider", "model", "mode"]
+    assert sum(1 for line in table if line.startswith(("openai", "anthropic", "gemini"))) == 16
+    assert "2025-11" in table[-1] and "docs/providers.md" in table[-1]
+    for bad, says in (
+        (("--compare", "--compare-model", "claude-9"), "no price known for claude-9"),
+        (("--compare-model", "gpt-4.1"), "give --compare"),
+    ):
+        r = run_cli("estimate", "--images", "10", *bad)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_claude_estimate_counts_its_output_token_limit_apart():
+    wall = estimate("--images", "1000", "--model", "claude-sonnet-4-5", "--output-words", "600")["wall_time"]
+    # 600 words are 800 output tokens: 8,000 output tokens a minute allow 10 requests, fewer than the 50 RPM
+    assert wall["tier"]["output_tpm"] == 8_000 and wall["limited_by"] == "output tpm"
+    assert wall["requests_per_minute"] == 10.0

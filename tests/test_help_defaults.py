@@ -171,6 +171,9 @@ def _worded(command: str, field: str, shown: str, monkeypatch) -> None:
         used = public[0] if field == "per_host_rps" else public[1]
         assert default is None and private == (0, 0), f"{command} {field}"
         assert shown == f"{used:g}, none for a private address", f"download --{field}: shown {shown!r}, uses {used!r}"
+    elif (command, field) == ("estimate", "compare_model"):
+        out = json.loads(run_cli_here("estimate", "--images", "10", "--compare", "--json")[1])
+        assert ", ".join(dict.fromkeys(r["model"] for r in out["compare"])) == shown
     elif (command, field) == ("dedup", "max_distance"):
         assert str(DedupOptions().distance) == shown
     elif command == "filter" and field.split("_", 1)[0] in FILTERS.builtins:

@@ -13,6 +13,7 @@ from rich.table import Table
 from lenscap.audit.render import audit_lines
 from lenscap.caption.options import BACKEND_FLAGS
 from lenscap.core.result import EXIT_EMPTY
+from lenscap.estimate.compare import compare_lines
 from lenscap.estimate.options import hours_span
 
 __all__ = ["Shown", "SHOWN", "inspect_table", "backends_lines", "batch_status_lines", "demo_lines"]
@@ -100,6 +101,8 @@ def audit(s: dict[str, Any], options: Any) -> Shown:
 
 
 def estimate(s: dict[str, Any], options: Any) -> Shown:
+    if "compare" in s:
+        return Shown(stdout=compare_lines(s))
     per, total, wall = s["per_image"], s["total"], s["wall_time"]
     out = []
     if "selected" in s:

@@ -44,7 +44,8 @@ from lenscap.core.dataset import Dataset
 from lenscap.core.errors import UsageError
 from lenscap.core.layout import shard_name
 from lenscap.core.sql import SqlLimits, check_condition, rows_where
-from lenscap.estimate.options import BATCH_MAX_REQUESTS, BATCH_WINDOW_H, EstimateOptions, hours_span
+from lenscap.estimate.compare import COMPARED_MODELS, compare
+from lenscap.estimate.options import BATCH_MAX_REQUESTS, BATCH_WINDOW_H, EstimateOptions, hours_span, human_hours
 
 __all__ = [
     "estimate",
@@ -188,14 +189,6 @@ def _assumed_line_bytes(req: EstimateOptions) -> tuple[float, str]:
     )
 
 
-def _duration(hours: float) -> str:
-    if hours < 1:
-        return f"{hours * 60:.0f} min"
-    if hours < 48:
-        return f"{hours:.1f} h"
-    return f"{hours / 24:,.1f} days"
-
-
 def _batch_wall_time(req: EstimateOptions, images: int, input_per: float, line_bytes: float, line_basis: str) -> dict[str, Any]:
     """Files as the packer cuts them (requests or bytes, whichever binds first), and waves of files
     within the account's batch queue limit, each taking ``batch_hours``."""
@@ -230,7 +223,7 @@ def _batch_wall_time(req: EstimateOptions, images: int, input_per: float, line_b
         "files_at_once": at_once,
         "waves": waves,
         "hours": [waves * low, waves * high],
-        "human": _duration(waves * low) if low == high else f"{_duration(waves * low)} to {_duration(waves * high)}",
+        "human": human_hours(waves * low) if low == high else f"{human_hours(waves * low)} to {human_hours(waves * high)}",
     }
     if tokens_per_file > req.queue_tokens:
         wall["note"] = (
@@ -241,6 +234,11 @@ def _batch_wall_time(req: EstimateOptions, images: int, input_per: float, line_b
 
 
 def estimate(req: EstimateOptions) -> dict[str, Any]:
+    if req.compare:
+        lines = _sampled_lines(req) if req.sample_from else None
+        line_bytes = lines.line_bytes if lines is not None else _assumed_line_bytes(req)[0]
+        models = tuple(req.compare_model or COMPARED_MODELS)
+        return {"request": _request(req), **compare(req, models, line_bytes, TOKENS_PER_WORD)}
     table = PriceTable.load(req.prices)
     if table.price(req.model) is None:
         raise UsageError(
@@ -293,9 +291,9 @@ def estimate(req: EstimateOptions) -> dict[str, Any]:
             line_bytes, line_basis = _assumed_line_bytes(req)
         out["wall_time"] = _batch_wall_time(req, images, input_per, line_bytes, line_basis)
     elif req.rpm or req.tpm:
-        out["wall_time"] = _online_wall_time(images, input_per + output_per, req.rpm, req.tpm)
+        out["wall_time"] = _online_wall_time(images, (input_per, output_per), req.rpm, req.tpm)
     else:
-        out["wall_time"] = _online_wall_time(images, input_per + output_per, *_assumed_limits(req.model))
+        out["wall_time"] = _online_wall_time(images, (input_per, output_per), *_assumed_limits(req.model))
     return out
 
 
@@ -323,6 +321,8 @@ def _request(req: EstimateOptions) -> dict[str, Any]:
         "max_file_mib": req.max_file_mib,
         "max_enqueued_tokens": req.queue_tokens,
         "batch_hours": req.hours,
+        "compare": req.compare or None,
+        "compare_models": req.compare_model,
     }
     return {k: v for k, v in values.items() if v is not None}
 
@@ -334,29 +334,41 @@ def _assumed_limits(model: str) -> tuple[float, float, RateLimits, str]:
     if limits is None:
         limits = tier_limits(FALLBACK_LIMITS_MODEL)
         assert limits is not None
-    note = f"at {limits.tier} limits ({limits.rpm:,.0f} RPM, {limits.tpm:,.0f} TPM for {limits.model}"
+    tokens = (
+        f"{limits.tpm:,.0f} TPM"
+        if limits.output_tpm is None
+        else (f"{limits.tpm:,.0f} input and {limits.output_tpm:,.0f} output TPM")
+    )
+    note = f"at {limits.tier} limits ({limits.rpm:,.0f} RPM, {tokens} for {limits.model}"
     note += ")" if known else f"; {model}'s are not known)"
     return limits.rpm, limits.tpm, limits, note + "; give --rpm/--tpm for yours"
 
 
 def _online_wall_time(
     images: int,
-    tokens_per_request: float,
+    tokens: tuple[float, float],
     rpm: float | None,
     tpm: float | None,
     limits: RateLimits | None = None,
     note: str | None = None,
 ) -> dict[str, Any]:
-    """The requests a minute that both limits allow (a limit not given does not bind), and the hours they take."""
-    per_minute = min(rpm or math.inf, (tpm / tokens_per_request) if tpm else math.inf)
+    """The requests a minute that every limit allows (a limit not given does not bind), and the hours they
+    take. ``tokens``: (input, output) a request; a tier that limits output tokens apart (Anthropic's)
+    counts input tokens alone against ``tpm``."""
+    apart = limits is not None and limits.output_tpm is not None
+    per_tokens = (tpm / (tokens[0] if apart else sum(tokens))) if tpm else math.inf
+    per_output = limits.output_tpm / tokens[1] if apart and limits and limits.output_tpm and tokens[1] else math.inf
+    per_minute = min(rpm or math.inf, per_tokens, per_output)
     hours = images / per_minute / 60
     wall: dict[str, Any] = {
         "requests_per_minute": round(per_minute, 1),
         "hours": round(hours, 2),
-        "human": _duration(hours),
-        "limited_by": "rpm" if rpm and per_minute == rpm else "tpm",
+        "human": human_hours(hours),
+        "limited_by": "rpm" if rpm and per_minute == rpm else ("output tpm" if per_minute == per_output else "tpm"),
     }
     if limits is not None:
         wall["tier"] = {"name": limits.tier, "model": limits.model, "rpm": limits.rpm, "tpm": limits.tpm}
+        if limits.output_tpm is not None:
+            wall["tier"]["output_tpm"] = limits.output_tpm
         wall["note"] = note
     return wall

@@ -11,13 +11,34 @@ from lenscap.caption.backends.openai_batch import BatchOptions, OpenAIBatchBacke
 from lenscap.core.errors import UsageError
 from lenscap.core.options import Options, check, option
 
-__all__ = ["EstimateOptions", "parse_count", "parse_hours", "hours_span", "BATCH_MAX_REQUESTS", "BATCH_WINDOW_H"]
+__all__ = [
+    "EstimateOptions",
+    "parse_count",
+    "parse_hours",
+    "hours_span",
+    "human_hours",
+    "COMPARED_MODELS",
+    "BATCH_MAX_REQUESTS",
+    "BATCH_WINDOW_H",
+]
 
 # caption's own defaults (the openai-batch backend's, which are the openai backend's too): an estimate
 # left at its defaults prices the run caption would make.
 _CAPTION = {o.name: o.default for o in OpenAIBatchBackend.options}
 BATCH_MAX_REQUESTS = _CAPTION["max_requests_per_file"]
 BATCH_WINDOW_H = 24
+# What --compare prices when no --compare-model is given: each provider's flagship vision model and its
+# cheaper ones.
+COMPARED_MODELS = (
+    "gpt-4.1",
+    "gpt-4.1-mini",
+    "gpt-4.1-nano",
+    "claude-sonnet-4-5",
+    "claude-haiku-4-5",
+    "gemini-2.5-pro",
+    "gemini-2.5-flash",
+    "gemini-2.5-flash-lite",
+)
 _SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
 _COUNT_RE = re.compile(r"(\d+(?:\.\d*)?(?:e\d+)?)([kmb]?)", re.IGNORECASE)
 
@@ -40,6 +61,17 @@ def parse_hours(text: str) -> tuple[float, float]:
     except ValueError:
         raise UsageError(f"--batch-hours takes LOW-HIGH or HOURS, such as 1-24, not {text!r}") from None
     return hours
+
+
+def human_hours(hours: float) -> str:
+    """A duration as a person reads it: minutes, hours, days, or years past two of them."""
+    if hours < 1:
+        return f"{hours * 60:.0f} min"
+    if hours < 48:
+        return f"{hours:.1f} h"
+    if hours < 24 * 730:
+        return f"{hours / 24:,.1f} days"
+    return f"{hours / 24 / 365:,.0f} years"
 
 
 def hours_span(low: float, high: float) -> str:
@@ -105,7 +137,19 @@ class EstimateOptions(Options):
         "run at once, for a wall time.",
         show_default=False,
     )
-    batch_hours: str = option("1-24", "With --batch: hours one batch takes to complete, LOW-HIGH or one number.")
+    batch_hours: str = option("1-24", "With --batch or --compare: hours one batch takes to complete, LOW-HIGH or one number.")
+    compare: bool = option(
+        False,
+        "Price and time the job on every provider's models, online and as batches, in one table (--model and --batch "
+        "are then not used).",
+        switch=True,
+        show_default=False,
+    )
+    compare_model: list[str] | None = option(
+        None,
+        "With --compare: a model to compare (repeatable; any model the price table or --prices knows).",
+        show_default=", ".join(COMPARED_MODELS),
+    )
 
     def validate(self) -> None:
         super().validate()
@@ -120,6 +164,11 @@ class EstimateOptions(Options):
         check(
             self.images is not None or self.where is not None,
             "--images is needed: how many images to caption (or --from DIR --where EXPR to count them)",
+        )
+        check(not self.compare_model or self.compare, "--compare-model chooses what --compare compares: give --compare")
+        check(
+            not self.compare or (self.from_dir is None and self.images is not None),
+            "--compare prices --images on every provider's own token counts: it does not take --from",
         )
         count = self.count
         check(count is None or count >= 1, f"--images must be at least 1, not {count}")
