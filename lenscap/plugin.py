@@ -65,6 +65,7 @@ from lenscap.caption.backends.base import (
 )
 from lenscap.core.errors import BackendError, MissingDependency, UsageError
 from lenscap.core.record import Sample
+from lenscap.embed.model import ClipEmbedder
 from lenscap.filter.annotators.base import Annotator
 
 __all__ = [
@@ -83,6 +84,7 @@ __all__ = [
     # filter annotators (entry-point group lenscap.filters)
     "Annotator",
     "Sample",
+    "ClipEmbedder",  # an annotator's CLIP image (and text) embeddings, where none are kept
     # errors a plugin raises
     "BackendError",
     "MissingDependency",

@@ -285,7 +285,7 @@ def test_bad_input(tmp_path):
     r = run_cli("filter", str(src), str(tmp_path / "o1"), "--annotate", "sparkle")
     assert (
         r.returncode == 2
-        and "unknown annotator 'sparkle'; installed annotators: blur, clip, faces, nsfw, ocr, uniform" in r.stderr
+        and "unknown annotator 'sparkle'; installed annotators: aesthetic, blur, clip, faces, nsfw, ocr, uniform" in r.stderr
     )
     r = run_cli("filter", str(src), str(tmp_path / "o2"), "--annotate", "blur", "--json", "--quiet")
     assert r.returncode == 0, r.stderr

@@ -25,7 +25,7 @@ from lenscap.demo.pictures import jpeg_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
-BUILTIN_FILTERS = ["blur", "clip", "faces", "nsfw", "ocr", "uniform"]
+BUILTIN_FILTERS = ["aesthetic", "blur", "clip", "faces", "nsfw", "ocr", "uniform"]
 
 
 def plugin_dist(
@@ -339,6 +339,7 @@ def test_describe_filters_lists_the_builtins(monkeypatch):
         "faces": "--max-faces",
         "nsfw": "--max-nsfw",
         "clip": "--min-clip-score",
+        "aesthetic": "--min-aesthetic",
     }
     # an extra that is not installed: listed, not available, and why
     import importlib.util

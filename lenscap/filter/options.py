@@ -51,7 +51,7 @@ class _FilterFlags(_Rules, RowsOnly, OwnedOutput, FromDataset, Executed):  # typ
 
     blocklist: str | None = option(None, "File of MD5 or SHA-256 hex digests of images to drop.", path=True)
     annotate: str | None = option(
-        None, "Comma-separated annotators whose scores to add: blur, uniform, ocr, faces, nsfw, clip, or a plugin."
+        None, "Comma-separated annotators whose scores to add: blur, uniform, ocr, faces, nsfw, clip, aesthetic, or a plugin."
     )
     threshold: list[str] | None = option(None, "NAME=VALUE: the drop threshold of any annotator (plugins too).")
     dry_run: bool = option(False, "Count what would be dropped, per reason; write nothing.", switch=True, show_default=False)

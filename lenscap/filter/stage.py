@@ -6,6 +6,10 @@ Only samples that pass them are read and decoded, once, for the blocklist and th
 cheapest first; the first drop stops the rest. Every row stays in the parquet with
 ``filter_status`` (kept, dropped, error), ``filter_reason`` (the rule) and ``filter_detail`` (the
 values); a dropped sample loses its image (its offsets become null), so later stages skip it.
+
+Annotators that score a CLIP embedding (``Annotator.embedding_model``) are offered, per shard, the
+embeddings of their model kept with the input dataset or one of its inputs (``lenscap.embed.store``),
+so an image embedded once (by ``dedup --semantic``) is not embedded again.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from lenscap.core.record import Sample
 from lenscap.core.schema import Column
 from lenscap.core.sql import SqlLimits, run_on_no_rows, run_user_sql, sandboxed
 from lenscap.core.stage import Stage
+from lenscap.embed.store import KeptEmbeddings
 from lenscap.filter.annotators.base import Annotator
 from lenscap.filter.options import FilterOptions
 from lenscap.filter.rules import columns_read, query
@@ -157,7 +162,23 @@ class FilterStage(Stage):
         return con
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "_con"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_con", "_kept")}
+
+    def offer_kept_embeddings(self, src: Dataset, shard_id: int) -> None:
+        """Offer each annotator that reads an embedding model the shard's kept embeddings of it (each
+        model's sidecar read once), or nothing where there are none."""
+        found = self.__dict__.setdefault("_kept", {})  # per worker process: model -> KeptEmbeddings or None
+        shard: dict[str, dict[str, Any]] = {}
+        for a in self.annotators:
+            model = a.embedding_model()
+            if model is None:
+                continue
+            if model not in found:
+                found[model] = KeptEmbeddings.find(src, model)
+            if model not in shard:
+                kept = found[model]
+                shard[model] = kept.shard(shard_id) if kept is not None else {}
+            a.offer_embeddings(shard[model])
 
     def judge(self, sample: Sample, cheap: tuple[str, str] | None) -> None:
         """Set the sample's filter columns; a dropped sample loses its image (it leaves the tar)."""
@@ -206,6 +227,7 @@ class FilterStage(Stage):
     def judged(self, src: Dataset, shard_id: int, reasons: Counter[str]) -> Iterator[Sample]:
         """The shard's samples with their verdicts, counted into ``reasons`` (a rule, or kept/error)."""
         verdicts = self.cheap_verdicts(src, shard_id)
+        self.offer_kept_embeddings(src, shard_id)
         for sample in src.iter_samples(shard_id):
             self.judge(sample, verdicts.get(sample.key))
             reasons[sample.row["filter_reason"] or sample.row["filter_status"]] += 1

@@ -24,6 +24,7 @@ REGISTRY = Registry(
         "faces": "lenscap.filter.annotators.builtin:Faces",
         "nsfw": "lenscap.filter.annotators.builtin:Nsfw",
         "clip": "lenscap.filter.annotators.clip:ClipScore",
+        "aesthetic": "lenscap.filter.annotators.aesthetic:Aesthetic",
     },
 )
 

@@ -6,8 +6,10 @@ Plugin authors import ``Annotator`` (and ``Sample``) from ``lenscap.plugin`` (se
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import pyarrow as pa
 from PIL import Image
 
@@ -52,6 +54,13 @@ class Annotator(ABC):
     - ``unavailable()`` (class method, cheap, loads nothing): why it cannot run on this machine (a
       missing extra), or None; ``lenscap filters`` shows it, and ``check()`` (run by ``__init__``)
       raises it as a ``MissingDependency`` before any work. ``extra``: the lenscap extra it needs.
+    - ``embedding_model()``: an annotator that scores an image embedding (CLIP's) names the model here
+      (a hub id or a directory, as given). Before each shard the stage offers it that model's *kept*
+      embeddings of the shard's samples (``lenscap.embed``: the sidecars a pass such as ``dedup
+      --semantic`` keeps, in the input dataset or one of its inputs, under the same model name);
+      ``kept_embedding(sample)`` in ``annotate`` is the sample's vector (float32, unit length; rounded
+      to float16 when kept), or None: then the annotator embeds the image itself. The default, None,
+      offers nothing.
 
     Per sample, the filter stage records ``filter_status`` (kept, dropped, error), ``filter_reason``
     (the rule or annotator that dropped it), ``filter_detail`` (the verdict) and ``filter_error``
@@ -114,6 +123,19 @@ class Annotator(ABC):
 
     def setup(self) -> None:
         """Once per worker process: load models."""
+
+    def embedding_model(self) -> str | None:
+        """The embedding model whose kept image embeddings this annotator reads, or None (none)."""
+        return None
+
+    def offer_embeddings(self, vectors: Mapping[str, np.ndarray]) -> None:
+        """Called by the filter stage before each shard, when ``embedding_model()`` is set: that model's
+        kept embeddings of the shard's samples, by key (empty where none are kept)."""
+        self._kept_embeddings = vectors
+
+    def kept_embedding(self, sample: Sample) -> np.ndarray | None:
+        """The sample's kept image embedding (float32, unit length), or None: embed the image."""
+        return getattr(self, "_kept_embeddings", {}).get(sample.key)
 
     @abstractmethod
     def annotate(self, image: Image.Image, sample: Sample) -> dict[str, Any]:
