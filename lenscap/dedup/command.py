@@ -17,10 +17,12 @@ from lenscap.core.job import Job, StageRun
 from lenscap.core.progress import say
 from lenscap.core.result import JobResult
 from lenscap.core.storage import redact_url
+from lenscap.dedup.embedding import EmbeddingPlan
 from lenscap.dedup.options import DedupOptions
 from lenscap.dedup.search import Source, find_duplicates
 from lenscap.dedup.signatures import SignatureStage
 from lenscap.dedup.stage import REPORT_FILES, DedupStage, report_dir, work_dir
+from lenscap.embed.store import KeptEmbeddings
 
 __all__ = ["run_dedup"]
 
@@ -74,6 +76,9 @@ def _passes(job: Job, run: StageRun, inputs: list[Dataset], in_label: str) -> Jo
         hashing_failed = {label: {str(i): m for i, m in shards.items()} for label, shards in failed.items()}
         failed_shards = {i: m for shards in failed.values() for i, m in shards.items()}
         return JobResult("dedup", dst.location, failed_shards=failed_shards, details=_details(dst, None, hashing_failed))
+    if stage.options.semantic:
+        kept = KeptEmbeddings.find(sources[0].signatures, stage.options.model)
+        stage.embedding_dim = kept.dim if kept is not None else None
     report = _decisions(job, run, sources)
     result = job.run_shards(run, job.progress("dedup: writing"))
     result.details = _details(dst, report, {})
@@ -89,12 +94,19 @@ def _signatures(job: Job, run: StageRun, inputs: list[Dataset], in_label: str) -
     targets = [(src, work_dir(dst) / "signatures")] + [(d, _against_dir(dst, d.resolved)) for d in inputs]
     for index, (dataset, target) in enumerate(targets):
         label = in_label if index == 0 else redact_url(stage.against[index - 1])
-        with job.internal_output(SignatureStage(), dataset, target) as signing:
+        with job.internal_output(SignatureStage(_embedding(stage.options, dataset)), dataset, target) as signing:
             result = job.run_shards(signing, job.progress(f"dedup: hashing {label}"))
         if result.failed_shards:
             failed[label] = result.failed_shards
         sources.append(Source(index, label, Dataset(target)))
     return sources, failed
+
+
+def _embedding(options: DedupOptions, dataset: Dataset) -> EmbeddingPlan | None:
+    """--semantic: pass 1 embeds with the model, reusing what ``dataset`` (or its inputs) keeps of it."""
+    if not options.semantic:
+        return None
+    return EmbeddingPlan(options.model, KeptEmbeddings.find(dataset, options.model))
 
 
 def _decisions(job: Job, run: StageRun, sources: list[Source]) -> dict[str, Any]:
@@ -135,6 +147,7 @@ def _details(dst: Dataset, report: dict[str, Any] | None, hashing_failed: dict[s
     return {
         "duplicates": report.get("duplicates"),
         "duplicates_by_reason": report.get("duplicates_by_reason"),
+        "semantic": report.get("semantic"),
         "clusters": report.get("clusters"),
         "report": f"{dst.location}/dedup/report.json" if report else None,
         "hashing_failed": hashing_failed,
