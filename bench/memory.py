@@ -25,6 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).parent))
+from extras import missing  # noqa: E402
+
 from lenscap.core.dataset import Dataset
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.pictures import jpeg_bytes, photo
@@ -68,6 +71,8 @@ def main() -> None:
     parser.add_argument("--stages", default=",".join(STAGES), help=f"some of {','.join(STAGES)}")
     args = parser.parse_args()
     chosen = args.stages.split(",")
+    if "semantic" in chosen and missing("the semantic stage", "semantic", "faiss"):
+        chosen.remove("semantic")
     with tempfile.TemporaryDirectory() as tmp, FakeOpenAIProcess("--no-decode") as api:
         work = Path(tmp)
         results: dict[str, dict[int, tuple[float, float]]] = {}

@@ -249,3 +249,50 @@ def test_sigkill_then_rerun_decides_the_same(planted_src, tmp_path):
     assert code == 0, err
     assert rows(tmp_path / "out") == expected
     assert Dataset(tmp_path / "out").read_manifest()["embeddings"]["model"] == MODEL
+
+
+def _components(n: int, pairs) -> list[int]:
+    parent = list(range(n))
+
+    def find(x: int) -> int:
+        while parent[x] != x:
+            x = parent[x]
+        return x
+
+    for a, b in pairs:
+        ra, rb = find(a), find(b)
+        parent[max(ra, rb)] = min(ra, rb)
+    return [find(i) for i in range(n)]
+
+
+@pytest.mark.parametrize("against", [False, True])
+def test_a_clusters_edges_join_what_all_its_pairs_join(against):
+    """600 vectors around 40 centres (so 2.3 blocks of rows, with chains across blocks): the few edges a
+    task writes join exactly the components every pair above the threshold joins, and each sample's
+    cosine is its closest match's; with --against no pair of two old samples counts."""
+    from lenscap.dedup.semantic_pairs import SOURCE_SHIFT, cluster_edges
+
+    rng = np.random.default_rng(5)
+    n = 600
+    centres = rng.standard_normal((40, 32))
+    v = centres[rng.integers(0, 40, n)] + 0.35 * rng.standard_normal((n, 32))
+    v = (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
+    old = rng.random(n) < 0.5 if against else np.zeros(n, dtype=bool)
+    ids = np.arange(n, dtype=np.int64) | (old.astype(np.int64) << SOURCE_SHIFT)
+    sims = v @ v.T
+    allowed = ~(old[:, None] & old[None, :])
+    np.fill_diagonal(allowed, False)
+    pairs = [(i, j) for i, j in zip(*np.nonzero((sims >= 0.9) & allowed)) if i < j]
+    a, b, cos = cluster_edges(ids, v, 0.9, against)
+    index = {int(x): i for i, x in enumerate(ids)}
+    edges = [(index[int(x)], index[int(y)]) for x, y in zip(a, b)]
+    assert 50 < len(pairs) and len(edges) <= 2 * n
+    assert _components(n, edges) == _components(n, pairs)
+    best = np.where(allowed, sims, -np.inf).max(axis=1)
+    got = {}
+    for x, c in zip(a, cos):
+        if not np.isnan(c):
+            got[index[int(x)]] = c
+    joined = {i for p in pairs for i in p}
+    assert set(got) == joined
+    assert all(got[i] == pytest.approx(min(best[i], 1.0), abs=1e-5) for i in joined)
