@@ -72,7 +72,8 @@ def test_a_tiny_clip_directory_runs_end_to_end_and_its_embeddings_are_kept(tiny_
     semantic = [r for r in got.values() if r["dedup_status"] == "duplicate" and r["dup_tier"] != "exact"]
     assert semantic and {r["dup_tier"] for r in semantic} == {"semantic"} == {r["dup_reason"] for r in semantic}
     assert all(0.95 <= r["dup_cosine"] <= 1.0 and r["dup_distance"] is None for r in semantic)
-    assert summary["semantic"]["embeddings"] == len(embedded)
+    assert summary["semantic"]["embeddings"] == summary["semantic"]["embedded"] == len(embedded)
+    assert summary["semantic"]["reused"] == 0
 
 
 # -- planted embeddings --------------------------------------------------------------------------
@@ -160,6 +161,7 @@ def planted_src(tmp_path_factory):
 def test_planted_threshold_clusters_and_keeper(planted_src, tmp_path, no_model):
     summary, got = dedup(planted_src, tmp_path / "out")
     assert no_model == []  # every embedding was kept already: the model is never loaded
+    assert (summary["semantic"]["embedded"], summary["semantic"]["reused"]) == (0, N)
     by = {name: got[key(name)] for _, (name, _) in PLANTED.items()}
     # above the threshold: joined, with the cosine of the closest match
     assert by["a0"]["dedup_status"] == "kept"

@@ -80,9 +80,16 @@ def _passes(job: Job, run: StageRun, inputs: list[Dataset], in_label: str) -> Jo
         kept = KeptEmbeddings.find(sources[0].signatures, stage.options.model)
         stage.embedding_dim = kept.dim if kept is not None else None
     report = _decisions(job, run, sources)
+    if stage.options.semantic:  # how many of the input's embeddings pass 1 computed, and how many it reused
+        report = report | {"semantic": (report.get("semantic") or {}) | _embedding_counts(sources[0].signatures)}
     result = job.run_shards(run, job.progress("dedup: writing"))
     result.details = _details(dst, report, {})
     return result
+
+
+def _embedding_counts(signatures: Dataset) -> dict[str, int]:
+    stats = [s.get("embeddings") or {} for s in signatures.read_all_stats(signatures.completed_ids())]
+    return {"embedded": sum(s.get("computed", 0) for s in stats), "reused": sum(s.get("reused", 0) for s in stats)}
 
 
 def _signatures(job: Job, run: StageRun, inputs: list[Dataset], in_label: str) -> tuple[list[Source], dict[str, dict[int, str]]]:
