@@ -298,3 +298,27 @@ def test_a_clusters_edges_join_what_all_its_pairs_join(against):
     joined = {i for p in pairs for i in p}
     assert set(got) == joined
     assert all(got[i] == pytest.approx(min(best[i], 1.0), abs=1e-5) for i in joined)
+
+
+def test_into_a_remote_output_the_sidecars_are_uploaded_with_their_shards(planted_src, tmp_path, monkeypatch):
+    """memory:// (a store, in this process): the same rows as a local output, each shard's embeddings
+    beside it, vouched for by its stats, so a rerun finds nothing damaged and rewrites nothing."""
+    import uuid
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    monkeypatch.setenv("LENSCAP_WORK_DIR", str(tmp_path / "work"))
+    remote = f"memory://sem{uuid.uuid4().hex[:8]}/out"
+    _, local = dedup(planted_src, tmp_path / "local")
+    summary, _ = dedup(planted_src, remote)
+    out = Dataset.open(remote)
+    got = {r["key"]: r for shard in out.completed_ids() for r in out.read_table(shard).to_pylist()}
+    assert got == local and summary["duplicates"] == 4
+    kept = KeptEmbeddings.find(out, MODEL)
+    assert kept is not None and kept.dataset.resolved == out.resolved
+    assert {k for shard in out.completed_ids() for k in kept.shard(shard)} == set(local)
+    assert not out.damaged_shards()
+    before = {s: out.read_stats(s) for s in out.completed_ids()}
+    dedup(planted_src, remote)
+    assert {s: out.read_stats(s) for s in out.completed_ids()} == before  # nothing written again
+    MemoryFileSystem().rm(remote.removeprefix("memory:/"), recursive=True)

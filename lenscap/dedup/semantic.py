@@ -157,11 +157,19 @@ def _partition(shards: list[_Shard], signatures: dict[int, Dataset], centroids: 
     return buckets
 
 
-def _prepare(shards: list[_Shard], signatures: dict[int, Dataset], clusters: int | None, folder: Path) -> dict[str, Any]:
-    """Steps 1 and 2, unless ``prepared.json`` says they were done from these same embeddings."""
+def _prepare(
+    shards: list[_Shard], signatures: dict[int, Dataset], clusters: int | None, threshold: float, folder: Path
+) -> dict[str, Any]:
+    """Steps 1 and 2, unless ``prepared.json`` says they were done from these same embeddings (and for
+    this threshold: the buckets' done markers are its)."""
     total = sum(s.rows for s in shards)
     k = cluster_count(total, clusters)
-    ident = {"shards": [[s.source, s.shard, s.rows] for s in shards], "clusters": k, "dim": shards[0].kept.dim}
+    ident = {
+        "shards": [[s.source, s.shard, s.rows] for s in shards],
+        "clusters": k,
+        "dim": shards[0].kept.dim,
+        "threshold": threshold,
+    }
     marker = folder / "prepared.json"
     if marker.exists():
         done = json.loads(marker.read_text())
@@ -170,7 +178,7 @@ def _prepare(shards: list[_Shard], signatures: dict[int, Dataset], clusters: int
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     sample = _sample(shards, total, min(total, SAMPLE_PER_CLUSTER * k, SAMPLE_CAP))
-    k = min(k, len(sample))
+    k = max(1, min(k, len(sample)))
     centroids = _train(sample, k)
     del sample
     np.save(folder / "centroids.npy", centroids)
@@ -197,7 +205,7 @@ def semantic_pairs(
         return [], {"embeddings": 0, "clusters": 0}
     folder = work_dir / "semantic"
     status("semantic duplicates: k-means and assignment")
-    prepared = _prepare(shards, dict(signatures), clusters, folder)
+    prepared = _prepare(shards, dict(signatures), clusters, threshold, folder)
     task = ClusterJob(str(folder), prepared["ident"]["dim"], threshold, len(signatures) > 1)
     numbers = [b for b in range(prepared["buckets"]) if task.bucket(b).exists()]
     todo = [b for b in numbers if not task.marker(b).exists()]
