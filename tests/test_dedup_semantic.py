@@ -322,3 +322,13 @@ def test_into_a_remote_output_the_sidecars_are_uploaded_with_their_shards(plante
     dedup(planted_src, remote)
     assert {s: out.read_stats(s) for s in out.completed_ids()} == before  # nothing written again
     MemoryFileSystem().rm(remote.removeprefix("memory:/"), recursive=True)
+
+
+def test_overwrite_without_semantic_takes_the_kept_embeddings_away(planted_src, tmp_path):
+    dedup(planted_src, tmp_path / "out")
+    assert (tmp_path / "out" / "embeddings").is_dir()
+    code, _, err = run_cli_here("dedup", str(planted_src), str(tmp_path / "out"), "--overwrite", "--quiet", "--processes", "1")
+    assert code == 0, err
+    out = Dataset(tmp_path / "out")
+    assert not (out.path / "embeddings").exists() and "embeddings" not in out.read_manifest()
+    assert KeptEmbeddings.find(out, MODEL).dataset.path == planted_src  # the input's, through the manifest

@@ -67,9 +67,7 @@ class ShardEmbeddings:
             self.reused += 1
             return
         try:
-            assert sample.image is not None
-            image = Image.open(io.BytesIO(sample.image))
-            image = image.convert("RGB")
+            image = Image.open(io.BytesIO(sample.image or b"")).convert("RGB")
         except Exception:  # noqa: BLE001 - an image that cannot be decoded has no embedding; its hashes say so
             return
         self.pending.append((sample.key, image))
