@@ -14,7 +14,19 @@ from lenscap.core.install import install_hint
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 # Packages of lenscap's extras that a benchmark may use (the core's are always there).
-OPTIONAL = {"ray", "imagehash", "moto", "s3fs", "gcsfs", "torch", "transformers", "rapidocr_onnxruntime", "nudenet", "datasets"}
+OPTIONAL = {
+    "ray",
+    "imagehash",
+    "moto",
+    "s3fs",
+    "gcsfs",
+    "torch",
+    "transformers",
+    "rapidocr_onnxruntime",
+    "nudenet",
+    "datasets",
+    "faiss",
+}
 
 
 def _imports(tree: ast.AST) -> set[str]:

@@ -178,3 +178,27 @@ def test_split_keeps_the_against_restriction(tmp_path):
     near_pairs(con, "t", plan, 10**6, restrict)
     assert split == con.execute("SELECT a, b, d FROM near ORDER BY a, b").fetchall()
     assert 0 < len(split) < len(brute_force(h, 4)) and all(has_new[a] or has_new[b] for a, b, _ in split)
+
+
+def test_the_semantic_buckets_as_ray_tasks_decide_what_local_processes_decide(tmp_path, ray_here):
+    pytest.importorskip("faiss")
+    from test_dedup_semantic import MODEL, plant, vectors
+
+    from lenscap.dedup.semantic_pairs import ClusterJob
+
+    src = plant(tmp_path / "in", vectors())
+    options = DedupOptions(semantic=True, embed_model=MODEL, semantic_threshold=0.9, clusters=2, processes=2)
+    assert run_dedup(src, tmp_path / "local", options, quiet=True, executor=LocalExecutor(2)).exit_code == 0
+
+    class Recording(RayExecutor):
+        buckets: list[int] = []
+
+        def run(self, job, items, on_done, failed, **kwargs):
+            if isinstance(job, ClusterJob):
+                Recording.buckets = list(items)
+            return super().run(job, items, on_done, failed, **kwargs)
+
+    result = run_dedup(src, tmp_path / "ray", options, quiet=True, executor=Recording())
+    assert result.exit_code == 0 and Recording.buckets == [0, 1]
+    assert rows(tmp_path / "ray") == rows(tmp_path / "local")
+    assert sum(r["dedup_status"] == "duplicate" for r in rows(tmp_path / "ray").values()) == 4

@@ -33,6 +33,7 @@ from lenscap.commands import OPTIONS
 from lenscap.core.options import Executed, all_cores
 from lenscap.core.registry import OptionRenamed
 from lenscap.dedup.options import DedupOptions
+from lenscap.dedup.semantic import cluster_count
 from lenscap.download.host_policy import HostPolicy
 from lenscap.download.inputs import CAPTION_COLUMN_GUESSES, URL_COLUMN_GUESSES
 from lenscap.download.options import DownloadOptions
@@ -176,6 +177,13 @@ def _worded(command: str, field: str, shown: str, monkeypatch) -> None:
         assert ", ".join(dict.fromkeys(r["model"] for r in out["compare"])) == shown
     elif (command, field) == ("dedup", "max_distance"):
         assert str(DedupOptions().distance) == shown
+    elif (command, field) == ("dedup", "embed_model"):
+        assert DedupOptions(semantic=True).model == shown
+    elif (command, field) == ("dedup", "semantic_threshold"):
+        assert str(DedupOptions(semantic=True).threshold) == shown
+    elif (command, field) == ("dedup", "clusters"):
+        per = int(shown.removeprefix("one per ").removesuffix(" images").replace(",", ""))
+        assert [cluster_count(n, None) for n in (1, per, per + 1, 10 * per)] == [1, 1, 2, 10], shown
     elif command == "filter" and field.split("_", 1)[0] in FILTERS.builtins:
         annotator, option = field.split("_", 1)
         used = getattr(annotator_class(annotator)(None), option)  # built as filter builds it: the option left out

@@ -72,13 +72,17 @@ def dedup(s: dict[str, Any], options: Any) -> Shown:
     if s["hashing_failed"]:
         return Shown()  # said by the command
     reasons = ", ".join(f"{n} {r}" for r, n in (s.get("duplicates_by_reason") or {}).items()) or "none"
-    return Shown(
-        [
-            f"{s['out_dir']}: {s['samples']} samples, {s['duplicates']} duplicates "
-            f"{'marked' if options.mark_only else 'removed'} ({reasons}) in {s['clusters']} clusters; "
-            f"report: {s['report']}"
-        ]
-    )
+    lines = [
+        f"{s['out_dir']}: {s['samples']} samples, {s['duplicates']} duplicates "
+        f"{'marked' if options.mark_only else 'removed'} ({reasons}) in {s['clusters']} clusters; "
+        f"report: {s['report']}"
+    ]
+    if semantic := s.get("semantic"):
+        lines.append(
+            f"embeddings ({semantic['model']}): {semantic.get('embedded', 0)} computed, {semantic.get('reused', 0)} reused "
+            f"from the input's; kept in {s['out_dir']}/embeddings; {semantic['clusters']} k-means clusters"
+        )
+    return Shown(lines)
 
 
 def shard(s: dict[str, Any], options: Any) -> Shown:

@@ -121,6 +121,7 @@ class StageRun:
             history=self.history,
             images=self.images,
             input_incomplete=self.missing,
+            extra=self.stage.manifest_entries(),
         )
 
 

@@ -2,7 +2,8 @@
 
 The manifest records the stage and its parameters (secrets never), the input, the lenscap version,
 the schema, counts summed from the shards' stats, the history of the stages before, where the images
-live (``images``) and the input shards left out (``--allow-incomplete``). Its ``id`` is made at the
+live (``images``), the input shards left out (``--allow-incomplete``), and a stage's own fields (dedup
+--semantic's ``embeddings``: the model, dimension, type and folder of the embeddings kept per shard). Its ``id`` is made at the
 first manifest and kept after, so a dataset referring to this one's images can tell it from another
 written in its place.
 """
@@ -72,6 +73,7 @@ def build_manifest(
     history: list[dict[str, Any]] | None,
     images: dict[str, Any] | None,
     input_incomplete: list[int] | None,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The manifest of a dataset whose ``completed`` shards have ``stats`` and ``schema``; ``previous``
     its manifest before (for its ``id``); ``history`` the input's history."""
@@ -105,6 +107,7 @@ def build_manifest(
         "schema": [{"name": f.name, "type": str(f.type)} for f in schema] if schema is not None else [],
         "images": images,
         "input_incomplete_shards": [shard_name(i) for i in input_incomplete or []],
+        **(extra or {}),
         "history": [*(history or []), entry],
     }
 

@@ -58,6 +58,11 @@ class Stage(ABC):
         """What the manifest records about this run (never secrets)."""
         return {}
 
+    def manifest_entries(self) -> dict[str, Any]:
+        """Fields of the output's manifest beside the common ones: what the output holds besides its
+        rows (dedup --semantic's kept embeddings)."""
+        return {}
+
     def identity(self) -> dict[str, Any]:
         """The settings that decide the output's content (not, say, a spending cap): a rerun into
         the same output must have the same, or it would mix two jobs' results."""

@@ -17,10 +17,12 @@ from lenscap.core.job import Job, StageRun
 from lenscap.core.progress import say
 from lenscap.core.result import JobResult
 from lenscap.core.storage import redact_url
+from lenscap.dedup.embedding import EmbeddingPlan
 from lenscap.dedup.options import DedupOptions
 from lenscap.dedup.search import Source, find_duplicates
 from lenscap.dedup.signatures import SignatureStage
 from lenscap.dedup.stage import REPORT_FILES, DedupStage, report_dir, work_dir
+from lenscap.embed.store import KeptEmbeddings
 
 __all__ = ["run_dedup"]
 
@@ -74,10 +76,20 @@ def _passes(job: Job, run: StageRun, inputs: list[Dataset], in_label: str) -> Jo
         hashing_failed = {label: {str(i): m for i, m in shards.items()} for label, shards in failed.items()}
         failed_shards = {i: m for shards in failed.values() for i, m in shards.items()}
         return JobResult("dedup", dst.location, failed_shards=failed_shards, details=_details(dst, None, hashing_failed))
+    if stage.options.semantic:
+        kept = KeptEmbeddings.find(sources[0].signatures, stage.options.model)
+        stage.embedding_dim = kept.dim if kept is not None else None
     report = _decisions(job, run, sources)
+    if stage.options.semantic:  # how many of the input's embeddings pass 1 computed, and how many it reused
+        report = report | {"semantic": (report.get("semantic") or {}) | _embedding_counts(sources[0].signatures)}
     result = job.run_shards(run, job.progress("dedup: writing"))
     result.details = _details(dst, report, {})
     return result
+
+
+def _embedding_counts(signatures: Dataset) -> dict[str, int]:
+    stats = [s.get("embeddings") or {} for s in signatures.read_all_stats(signatures.completed_ids())]
+    return {"embedded": sum(s.get("computed", 0) for s in stats), "reused": sum(s.get("reused", 0) for s in stats)}
 
 
 def _signatures(job: Job, run: StageRun, inputs: list[Dataset], in_label: str) -> tuple[list[Source], dict[str, dict[int, str]]]:
@@ -89,12 +101,19 @@ def _signatures(job: Job, run: StageRun, inputs: list[Dataset], in_label: str) -
     targets = [(src, work_dir(dst) / "signatures")] + [(d, _against_dir(dst, d.resolved)) for d in inputs]
     for index, (dataset, target) in enumerate(targets):
         label = in_label if index == 0 else redact_url(stage.against[index - 1])
-        with job.internal_output(SignatureStage(), dataset, target) as signing:
+        with job.internal_output(SignatureStage(_embedding(stage.options, dataset)), dataset, target) as signing:
             result = job.run_shards(signing, job.progress(f"dedup: hashing {label}"))
         if result.failed_shards:
             failed[label] = result.failed_shards
         sources.append(Source(index, label, Dataset(target)))
     return sources, failed
+
+
+def _embedding(options: DedupOptions, dataset: Dataset) -> EmbeddingPlan | None:
+    """--semantic: pass 1 embeds with the model, reusing what ``dataset`` (or its inputs) keeps of it."""
+    if not options.semantic:
+        return None
+    return EmbeddingPlan(options.model, KeptEmbeddings.find(dataset, options.model))
 
 
 def _decisions(job: Job, run: StageRun, sources: list[Source]) -> dict[str, Any]:
@@ -135,6 +154,7 @@ def _details(dst: Dataset, report: dict[str, Any] | None, hashing_failed: dict[s
     return {
         "duplicates": report.get("duplicates"),
         "duplicates_by_reason": report.get("duplicates_by_reason"),
+        "semantic": report.get("semantic"),
         "clusters": report.get("clusters"),
         "report": f"{dst.location}/dedup/report.json" if report else None,
         "hashing_failed": hashing_failed,

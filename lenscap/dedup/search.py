@@ -6,7 +6,8 @@ so the number of samples is bounded by disk, not memory:
 1. the signatures of the input (source 0) and of each ``--against`` dataset become one table;
 2. edges: samples with equal SHA-256 (exact), equal perceptual hash, perceptual hashes within the
    distance (``pigeonhole.near_pairs`` over the distinct hashes), equal normalised captions; with
-   ``--against``, only edges that touch an input sample;
+   ``--against``, only edges that touch an input sample; with ``--semantic``, pairs of embeddings
+   within the cosine threshold inside a k-means cluster (``dedup.semantic``);
 3. clusters: union-find over the edges (``unionfind.UnionFind``, memory per duplicated sample only);
 4. a keeper per cluster: a sample of an earlier release if the cluster has one (new samples never
    replace released ones), else the first in input order or, with ``--keep largest``, the most
@@ -36,12 +37,16 @@ from lenscap.core.sql import literal, out_of_core
 from lenscap.dedup.options import DedupOptions
 from lenscap.dedup.phash import ALGORITHM
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
+from lenscap.dedup.semantic import semantic_pairs
 from lenscap.dedup.tables import split_near_pairs
 from lenscap.dedup.unionfind import UnionFind
 
-__all__ = ["Source", "find_duplicates", "REASONS"]
+__all__ = ["Source", "find_duplicates", "REASONS", "TIERS"]
 
-REASONS = ("exact", "phash", "caption")
+# An edge's ``why``: its index in REASONS (``dup_reason``) and TIERS (``dup_tier``). A sample joined by
+# several tiers is reported by the first: an exact copy is ``exact`` even where it is semantic too.
+REASONS = ("exact", "phash", "caption", "semantic")
+TIERS = ("exact", "near", "caption", "semantic")
 _EDGE_BATCH = 1_000_000
 
 
@@ -118,6 +123,7 @@ def find_duplicates(
         *(["equal perceptual hashes"] if options.phash else []),
         *(["near duplicates"] if options.phash and options.max_distance > 0 else []),
         *(["caption duplicates"] if options.captions else []),
+        *(["semantic duplicates"] if options.semantic else []),
         "clusters",
         "decisions and report",
     ]
@@ -133,6 +139,7 @@ def find_duplicates(
         _load(con, sources)
         against = len(sources) > 1
         con.execute("CREATE TEMP TABLE edges (a BIGINT, b BIGINT, why UTINYINT, d UTINYINT)")
+        con.execute("CREATE TEMP TABLE sem (a BIGINT, b BIGINT, cos FLOAT)")  # the semantic edges' cosines
         plan = None
         if options.exact:
             step("exact duplicates")
@@ -146,12 +153,17 @@ def find_duplicates(
         if options.captions:
             step("caption duplicates")
             _group_edges(con, "caption_hash", 2, "true", against)
+        semantic = _semantic_edges(con, sources, options, work_dir, job, step) if options.semantic else None
         step("clusters")
         _cluster(con)
         _decide(con, options)
         step("decisions and report")
         summary = _write(con, sources, options, plan, work_dir, report_dir, started)
+        if semantic is not None:
+            summary["semantic"] = semantic
         shutil.rmtree(work_dir / "search", ignore_errors=True)  # kept until now for a rerun after a failure
+        for bucket in (work_dir / "semantic").glob("bucket-*.bin"):  # a copy of every embedding; the rest is small
+            bucket.unlink()
         return summary
     finally:
         con.close()
@@ -184,6 +196,18 @@ def _near_edges(
     return plan
 
 
+def _semantic_edges(
+    con: Any, sources: list[Source], options: DedupOptions, work_dir: Path, job: Job | None, step: Callable[[str], None]
+) -> dict[str, Any]:
+    """Add the semantic tier's edges (``dedup.semantic``) to ``edges``, their cosines to ``sem``."""
+    signatures = [(s.index, s.signatures) for s in sources]
+    files, figures = semantic_pairs(signatures, options.model, options.threshold, options.clusters, work_dir, job, step)
+    if files:
+        con.execute(f"INSERT INTO sem SELECT a, b, cos FROM read_parquet([{', '.join(literal(f) for f in files)}])")
+    con.execute("INSERT INTO edges SELECT a, b, 3, 0 FROM sem")
+    return figures | {"model": options.model, "threshold": options.threshold}
+
+
 def _cluster(con: Any) -> None:
     nodes = con.execute(
         "SELECT DISTINCT x FROM (SELECT a AS x FROM edges UNION ALL SELECT b FROM edges) ORDER BY x"
@@ -202,11 +226,12 @@ def _decide(con: Any, options: DedupOptions) -> None:
     size_order = "s.pixels DESC NULLS LAST, " if options.keep == "largest" else ""
     con.execute(f"""CREATE TEMP TABLE ranked AS
         WITH best AS (SELECT x, min(why::INTEGER * 256 + d) AS code FROM
-                        (SELECT a AS x, why, d FROM edges UNION ALL SELECT b, why, d FROM edges) GROUP BY x)
-        SELECT m.cluster, s.id, s.src, s.shard, s.key, s.pixels, best.code // 256 AS why, best.code % 256 AS d,
+                        (SELECT a AS x, why, d FROM edges UNION ALL SELECT b, why, d FROM edges) GROUP BY x),
+             closest AS (SELECT x, max(cos) AS cos FROM (SELECT a AS x, cos FROM sem UNION ALL SELECT b, cos FROM sem) GROUP BY x)
+        SELECT m.cluster, s.id, s.src, s.shard, s.key, s.pixels, best.code // 256 AS why, best.code % 256 AS d, closest.cos,
                count(*) OVER (PARTITION BY m.cluster) AS size,
                row_number() OVER (PARTITION BY m.cluster ORDER BY (s.src <> 0) DESC, {size_order}s.id) AS rank
-        FROM members m JOIN sig s USING (id) JOIN best ON best.x = m.id""")
+        FROM members m JOIN sig s USING (id) JOIN best ON best.x = m.id LEFT JOIN closest ON closest.x = m.id""")
     con.execute("""CREATE TEMP TABLE keepers AS SELECT cluster, src AS keeper_src, key AS keeper_key,
                    pixels AS keeper_pixels FROM ranked WHERE rank = 1""")
 
@@ -226,20 +251,24 @@ def _write(
 ) -> dict[str, Any]:
     labels = _sql_list([s.label for s in sources])
     reasons = _sql_list(list(REASONS))
+    tiers = _sql_list(list(TIERS))
     keep_why = "'largest (' || k.keeper_pixels || ' pixels)'" if options.keep == "largest" else "'first in input order'"
     con.execute(f"""CREATE TEMP TABLE decided AS
         SELECT r.cluster, r.id, r.src, {labels}[r.src + 1] AS source, r.shard, r.key, r.size, r.rank = 1 AS kept,
                CASE WHEN r.rank = 1 THEN NULL ELSE k.keeper_key END AS dup_of,
                CASE WHEN r.rank = 1 OR k.keeper_src = 0 THEN NULL ELSE {labels}[k.keeper_src + 1] END AS dup_in,
                CASE WHEN r.rank = 1 THEN NULL ELSE {reasons}[r.why + 1] END AS dup_reason,
+               CASE WHEN r.rank = 1 THEN NULL ELSE {tiers}[r.why + 1] END AS dup_tier,
                CASE WHEN r.rank = 1 OR r.why <> 1 THEN NULL ELSE r.d END::INTEGER AS dup_distance,
-               CASE WHEN r.rank > 1 THEN CASE r.why WHEN 0 THEN 'exact copy' WHEN 1 THEN 'pHash distance ' || r.d ELSE 'same caption' END
+               CASE WHEN r.rank = 1 OR r.why <> 3 THEN NULL ELSE r.cos END::FLOAT AS dup_cosine,
+               CASE WHEN r.rank > 1 THEN CASE r.why WHEN 0 THEN 'exact copy' WHEN 1 THEN 'pHash distance ' || r.d
+                                                    WHEN 2 THEN 'same caption' ELSE 'cosine ' || round(r.cos, 4) END
                     WHEN r.src <> 0 THEN 'in an earlier release' ELSE {keep_why} END AS why
         FROM ranked r JOIN keepers k USING (cluster)""")
     decisions = work_dir / "decisions.parquet"
     tmp = work_dir / ".decisions.parquet.tmp"
     con.execute(f"""COPY (SELECT shard, key, CASE WHEN kept THEN 'kept' ELSE 'duplicate' END AS status, dup_of, dup_in,
-                    dup_reason, dup_distance, cluster AS dup_cluster FROM decided WHERE src = 0 ORDER BY shard, key)
+                    dup_reason, dup_tier, dup_distance, dup_cosine, cluster AS dup_cluster FROM decided WHERE src = 0 ORDER BY shard, key)
                     TO {literal(tmp)} (FORMAT parquet)""")
     report_dir.mkdir(parents=True, exist_ok=True)
     clusters_tmp = report_dir / ".clusters.parquet.tmp"

@@ -5,7 +5,8 @@ the done marker), so the job driver's processes, progress and resume apply uncha
 per sample that has an image: where the sample is (shard, row), its SHA-256, its perceptual hash
 and the name of the algorithm that made it, its normalised-caption hash, and its pixel size for ``--keep
 largest``. A sample whose image cannot be decoded keeps its SHA-256 and gets ``error`` instead of a
-perceptual hash.
+perceptual hash. With ``dedup --semantic`` the same read of the shard gives each image its embedding
+(``dedup.embedding``), committed with the shard as its ``embeddings/NNNNN.parquet`` sidecar.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from lenscap.core.dataset import Dataset
 from lenscap.core.record import Sample
 from lenscap.core.schema import Column
 from lenscap.core.stage import Stage
+from lenscap.dedup.embedding import EmbeddingPlan
 from lenscap.dedup.phash import ALGORITHM, phash
 
 __all__ = ["SignatureStage", "SIGNATURE_SCHEMA", "caption_digest"]
@@ -58,6 +60,9 @@ class SignatureStage(Stage):
     name = "signatures"
     needs = (*Stage.needs, Column("caption", "string", optional=True))  # its hash is a signature
 
+    def __init__(self, embedding: EmbeddingPlan | None = None) -> None:
+        self.embedding = embedding  # --semantic: what to embed with, and what is kept already
+
     def parameters(self) -> dict[str, Any]:
         return {"phash_algorithm": ALGORITHM}
 
@@ -87,12 +92,16 @@ class SignatureStage(Stage):
 
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
         writer = dst.writer(shard_id, SIGNATURE_SCHEMA, copy_images=False)
+        embeddings = self.embedding.start(shard_id) if self.embedding is not None else None
         try:
             for row, sample in enumerate(src.iter_samples(shard_id)):
                 if sample.has_image:
                     writer.write(Sample(sample.key, self.signature(sample, shard_id, row)))
+                    if embeddings is not None:
+                        embeddings.add(sample)
                 self.tick()
+            sidecars, stats = embeddings.finish(dst, shard_id) if embeddings is not None else ({}, {})
         except BaseException:
             writer.abort()
             raise
-        return writer.commit({"stage": self.name})
+        return writer.commit({"stage": self.name, **stats}, sidecars)

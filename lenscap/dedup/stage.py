@@ -17,11 +17,14 @@ of a cluster), ``duplicate``, ``skipped`` (no image to compare: a failed downloa
 earlier stage dropped), or ``error`` (the image could not be decoded for a perceptual hash; it was
 still compared by its bytes and caption, and is kept). A duplicate loses its image unless
 ``--mark-only`` (its offsets become null, so the export leaves it out); ``dup_of`` names its cluster's keeper (``dup_in`` the earlier release holding it),
-``dup_reason`` / ``dup_distance`` the closest match that put it in the cluster.
+``dup_reason`` / ``dup_tier`` / ``dup_distance`` (pHash bits) / ``dup_cosine`` (semantic) the closest
+match that put it in the cluster. With ``--semantic`` each output shard is committed with its
+embeddings (``embeddings/NNNNN.parquet``, pass 1's sidecar of that shard), named in the manifest.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +35,7 @@ from lenscap.core.dataset import Dataset, read_parquet
 from lenscap.core.stage import Stage
 from lenscap.core.storage import redact_url
 from lenscap.dedup.options import DedupOptions
+from lenscap.embed.store import EMBEDDINGS_DIR, embeddings_name
 
 __all__ = ["DedupStage", "work_dir", "report_dir", "REPORT_FILES"]
 
@@ -40,7 +44,9 @@ _DUP_COLUMNS = (
     pa.field("dup_of", pa.string()),
     pa.field("dup_in", pa.string()),
     pa.field("dup_reason", pa.string()),
+    pa.field("dup_tier", pa.string()),  # exact, near, caption or semantic: the tier that joined it
     pa.field("dup_distance", pa.int32()),
+    pa.field("dup_cosine", pa.float32()),  # semantic: the cosine similarity of its closest match
     pa.field("dup_cluster", pa.int64()),
 )
 
@@ -64,6 +70,7 @@ class DedupStage(Stage):
 
     name = "dedup"
     options: DedupOptions = field(default_factory=DedupOptions)
+    embedding_dim: int | None = None  # --semantic: known once pass 1 has embedded
 
     def __post_init__(self) -> None:
         self.copy_images = self.options.copy_images
@@ -74,6 +81,20 @@ class DedupStage(Stage):
 
     def parameters(self) -> dict[str, Any]:
         return self.options.identity() | {"against": [redact_url(a) for a in self.against]}
+
+    def manifest_entries(self) -> dict[str, Any]:
+        if not self.options.semantic or self.embedding_dim is None:
+            return {}
+        return {"embeddings": {"model": self.options.model, "dim": self.embedding_dim, "dtype": "float16", "dir": EMBEDDINGS_DIR}}
+
+    def _sidecars(self, dst: Dataset, shard_id: int) -> dict[str, Path]:
+        """Pass 1's embeddings of the shard, staged (a copy: pass 1's stay for a rewrite of the shard)."""
+        kept = work_dir(dst) / "signatures" / embeddings_name(shard_id)
+        if not self.options.semantic or not kept.exists():
+            return {}
+        staged = dst.staging_file(embeddings_name(shard_id))
+        shutil.copyfile(kept, staged)
+        return {embeddings_name(shard_id): staged}
 
     def columns(self, input_schema: pa.Schema) -> list[pa.Field]:
         return list(_DUP_COLUMNS)
@@ -113,7 +134,9 @@ class DedupStage(Stage):
                         dup_of=decision["dup_of"],
                         dup_in=decision["dup_in"],
                         dup_reason=decision["dup_reason"],
+                        dup_tier=decision["dup_tier"],
                         dup_distance=decision["dup_distance"],
+                        dup_cosine=decision["dup_cosine"],
                         dup_cluster=decision["dup_cluster"],
                     )
                     if decision["status"] == DUPLICATE:
@@ -125,7 +148,8 @@ class DedupStage(Stage):
                 row["dedup_error"] = errors.get(sample.key)  # a keeper or duplicate may have no pHash too
                 writer.write(sample)
                 self.tick()
+            sidecars = self._sidecars(dst, shard_id)
         except BaseException:
             writer.abort()
             raise
-        return writer.commit({"stage": self.name, "duplicates": duplicates})
+        return writer.commit({"stage": self.name, "duplicates": duplicates}, sidecars)

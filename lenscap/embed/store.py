@@ -90,16 +90,21 @@ class KeptEmbeddings:
 
     def shard(self, shard_id: int) -> dict[str, np.ndarray]:
         """``{key: float32 vector}`` for one shard (empty when that shard has no sidecar)."""
+        keys, vectors = self.arrays(shard_id)
+        return dict(zip(keys, vectors, strict=True))
+
+    def arrays(self, shard_id: int) -> tuple[list[str], np.ndarray]:
+        """One shard's keys and its float32 vectors, one row per key, in the sidecar's order (none
+        when that shard has no sidecar)."""
         name = self.dataset.file(embeddings_name(shard_id))
         try:
             with self.dataset.fs.open(name, "rb") as f:
                 table = pq.read_table(f)
         except FileNotFoundError:
-            return {}
+            return [], np.zeros((0, self.dim), dtype=np.float32)
         keys = table.column("key").to_pylist()
         flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        vectors = flat.astype(np.float32).reshape(len(keys), self.dim)
-        return dict(zip(keys, vectors, strict=True))
+        return keys, flat.astype(np.float32).reshape(len(keys), self.dim)
 
 
 def _input_of(dataset: Dataset) -> Dataset | None:
