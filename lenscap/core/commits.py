@@ -57,7 +57,8 @@ def commit(ds: Dataset, shard_id: int, files: dict[str, Source], stats: dict[str
     journal.parent.mkdir(parents=True, exist_ok=True)
     # Each file's size and checksums (``lenscap.core.checksums``): a resume compares sizes and heads, so
     # a shard truncated, emptied or replaced since is not trusted; ``lenscap verify`` compares every byte.
-    digests = {Path(name).name: ds.source_digest(source) for name, source in files.items()}
+    # By the name relative to the dataset: a sidecar (``embeddings/00000.parquet``) is not the shard's rows.
+    digests = {name: ds.source_digest(source) for name, source in files.items()}
     stats = {
         **stats,
         "files": {**stats.get("files", {}), **{name: d.size for name, d in digests.items()}},

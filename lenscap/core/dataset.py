@@ -35,6 +35,7 @@ from lenscap.core.layout import (
     LOCK_NAME,
     MANIFEST_NAME,
     OWN_FOLDERS,
+    SIDECAR_FOLDERS,
     WORK_DIR_NAME,
     adopt_old_work_dir,
     completed_in,
@@ -267,13 +268,22 @@ class Dataset:
         return [self._parse_stats(i, blob) for i, blob in zip(ids, self._stats_blobs(ids), strict=True)]
 
     def file_sizes(self) -> dict[str, int]:
-        """The size of each file in the dataset directory (not below it), by name: one listing."""
+        """The size of each file in the dataset directory, and in its folders of shard sidecars
+        (``SIDECAR_FOLDERS``: ``embeddings/00000.parquet``), by name: one listing, and one a folder."""
         self.fs.invalidate_cache(self.root)
         try:
             entries = self.fs.ls(self.root, detail=True)
         except FileNotFoundError:
             return {}
-        return {_basename(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
+        sizes = {_basename(e["name"]): int(e.get("size") or 0) for e in entries if e.get("type") != "directory"}
+        for e in entries:
+            folder = _basename(e["name"])
+            if e.get("type") == "directory" and folder in SIDECAR_FOLDERS:
+                inside = self.fs.ls(e["name"], detail=True)
+                sizes |= {
+                    f"{folder}/{_basename(f['name'])}": int(f.get("size") or 0) for f in inside if f.get("type") != "directory"
+                }
+        return sizes
 
     def tree_sizes(self) -> dict[str, int]:
         """Every file under the dataset directory, by name relative to it (``data/x.parquet``), with its size."""

@@ -6,7 +6,8 @@ out/
   00000_stats.json   written last: its presence means the shard is complete
   lenscap.json       the manifest (``lenscap.core.manifest``)
   README.md          a card (where it is lenscap's: lenscap.core.card); an export adds shards.json,
-                     sizes.json, data/train-*.parquet, and dedup its dedup/ report
+                     sizes.json, data/train-*.parquet, dedup its dedup/ report, and
+                     dedup --semantic its embeddings/NNNNN.parquet (a sidecar of each shard)
   .lenscap/          private working state of the command that writes this directory: its lock,
                      claim, commit journals (``lenscap.core.commits``), journals of paid requests
 """
@@ -37,6 +38,7 @@ __all__ = [
     "completed_in",
     "written_by_lenscap",
     "OWN_FOLDERS",
+    "SIDECAR_FOLDERS",
     "shards_in",
     "adopt_old_work_dir",
 ]
@@ -61,8 +63,11 @@ _OWN_FILES = frozenset({MANIFEST_NAME, "shards.json", "sizes.json"})
 _OWN_IN_FOLDERS = {
     "data": re.compile(r"^train-\d+-of-\d+\.parquet$"),
     "dedup": re.compile(r"^(clusters\.parquet|report\.json)$"),
+    "embeddings": re.compile(r"^\d+\.parquet$"),  # kept embeddings, a sidecar per shard (lenscap.embed.store)
 }
 OWN_FOLDERS = tuple(_OWN_IN_FOLDERS)
+# Folders holding files of a shard beside its rows, committed with it (``embeddings/00000.parquet``).
+SIDECAR_FOLDERS = ("embeddings",)
 _TEMP_RE = re.compile(r"^\.(.+)\.tmp$")  # an atomic write cut short (lenscap.core.commits)
 
 

@@ -65,11 +65,12 @@ class ShardWriter:
             raise RuntimeError(f"sample {sample.key} has an image but no offset; a stage that makes images writes a copy")
         self.rows.append(row)
 
-    def commit(self, extra_stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    def commit(self, extra_stats: dict[str, Any] | None = None, sidecars: dict[str, Source] | None = None) -> dict[str, Any]:
+        """Commit the shard; ``sidecars``: more files of it (name -> staged file), committed in the same step."""
         table = _rows_to_table(self.rows, self.schema)
         pq.write_table(table, self._parquet_tmp)
         stats = shard_stats(self.shard_id, table) | (extra_stats or {})
-        files: dict[str, Source] = {}
+        files: dict[str, Source] = dict(sidecars or {})
         if self._tar is not None:
             self._tar.close()
             files[tar_name(self.shard_id)] = self._tar_tmp
