@@ -1,5 +1,6 @@
 """One embedding pass, many users: the CLIP-score and aesthetic annotators read the image embeddings
-kept with a dataset (or one of its inputs) by the same model, and never run the image tower for them.
+kept with a dataset (or one of its inputs) by the same model, and never run the image tower for them;
+and the filter keeps the embeddings they used in its own output, for dedup --semantic or a later filter.
 
 A tiny random CLIP (projection_dim 8) and a tiny aesthetic predictor of matching input size, saved as
 the published one is (a state dict with ``layers.N`` keys), so the real loading paths run."""
@@ -99,6 +100,8 @@ class KeptFirst(Annotator):
 
     def annotate(self, image, sample):
         vector = self.kept_embedding(sample)
+        if vector is not None:
+            self.record_embedding(sample, vector)
         return {self.score: None if vector is None else float(vector[0])}
 
 
@@ -227,5 +230,110 @@ def test_a_plugin_annotator_is_offered_the_kept_embeddings_of_the_model_it_names
     assert len(planted) == N
     api.filter(other.path, base / "plugin", annotators=[KeptFirst(model="someone/else-clip")], processes=1)
     assert {k: r["kept_first"] for k, r in rows(base / "plugin").items()} == planted
+    # The vectors it recorded, reused from upstream, are kept in the output too: the nearest dataset
+    # with that model's sidecars holds every row's.
+    nearest = KeptEmbeddings.find(Dataset(base / "plugin"), "someone/else-clip")
+    assert nearest.dataset.path == base / "plugin"
+    assert {k: float(v[0]) for i in other.completed_ids() for k, v in nearest.shard(i).items()} == planted
     api.filter(other.path, base / "plugin-none", annotators=[KeptFirst(model="nobody/kept-this")], processes=1)
     assert {r["kept_first"] for r in rows(base / "plugin-none").values()} == {None}
+
+
+def sidecars(path) -> dict[str, pa.Table]:
+    """Each shard's kept embeddings in a dataset directory, by file name."""
+    import pyarrow.parquet as pq
+
+    return {p.name: pq.read_table(p) for p in sorted((path / "embeddings").glob("*.parquet"))}
+
+
+def test_filter_keeps_the_embeddings_it_computed_with_each_shard(world):
+    """The plain filter (nothing kept upstream) wrote each shard's sidecar, committed with the shard:
+    its model named, one float16 row per embedded sample, the tiny CLIP's vectors."""
+    base, model, ds = world["base"], world["model"], world["plain"]
+    out = Dataset(base / "plain-out")
+    kept = sidecars(out.path)
+    assert sorted(kept) == [embeddings_name(i).split("/")[1] for i in ds.completed_ids()]
+    for table in kept.values():
+        assert table.schema.metadata[b"lenscap.embedding_model"] == model.encode()
+        assert table.schema.field("embedding").type == pa.list_(pa.float16(), 8)
+    found = KeptEmbeddings.find(out, model)
+    assert found is not None and found.dataset.path == out.path
+    for shard_id in ds.completed_ids():
+        samples = list(ds.iter_samples(shard_id))
+        vectors = found.shard(shard_id)
+        assert sorted(vectors) == sorted(s.key for s in samples)
+        computed = world["embedder"].embed_images([decoded(s) for s in samples])
+        got = np.stack([vectors[s.key] for s in samples])
+        np.testing.assert_allclose(got, computed, atol=1e-3)  # float16 keeps about three digits
+        stats = out.read_stats(shard_id)
+        assert embeddings_name(shard_id) in stats["files"], "the sidecar is committed, and vouched for, with the shard"
+    assert out.damaged_shards() == {}
+    assert json.loads((out.path / "lenscap.json").read_text())["parameters"]["keep_embeddings"] == model
+
+
+def test_a_filter_after_a_filter_reuses_the_embeddings_the_first_one_kept(world):
+    """What dedup --semantic after filter does: the first filter's output keeps the embeddings, so the
+    next pass over it runs no image tower; scores as the first computed them (float16 rounding)."""
+    base = world["base"]
+    with image_tower_calls() as calls:
+        code, out, err = run_cli_here("filter", str(base / "plain-out"), str(base / "again"), *world["flags"])
+    assert code == 0, err
+    assert len(calls) == 0
+    nearest = KeptEmbeddings.find(Dataset(base / "again"), world["model"])
+    assert nearest.dataset.path == base / "again", "the vectors it reused are kept in its output too"
+    again, plain = scores(base / "again"), world["plain_scores"]
+    assert again.keys() == plain.keys()
+    for key, (clip, aesthetic) in again.items():
+        assert clip == pytest.approx(plain[key][0], abs=0.05)
+        assert aesthetic == pytest.approx(plain[key][1], abs=1e-3)
+
+
+def test_the_first_annotator_by_cost_decides_the_kept_model_and_no_keep_embeddings_keeps_none(world):
+    base, model, other = world["base"], world["model"], world["other"]
+    both = [KeptFirst(model="someone/else-clip")]  # cost rank 50: after clip's 4
+    api.filter(other.path, base / "two-models", annotators=both, annotate="clip", clip_model=model, processes=1)
+    assert {t.schema.metadata[b"lenscap.embedding_model"] for t in sidecars(base / "two-models").values()} == {model.encode()}
+    assert KeptEmbeddings.find(Dataset(base / "two-models"), model).dataset.path == base / "two-models"
+    code, _, err = run_cli_here("filter", str(world["plain"].path), str(base / "unkept"), *world["flags"], "--no-keep-embeddings")
+    assert code == 0, err
+    assert sidecars(base / "unkept") == {}
+    assert rows(base / "unkept").keys() == world["plain_scores"].keys()
+
+
+def test_a_shard_whose_sidecar_is_gone_is_done_again_and_overwrite_clears_sidecars(world):
+    base = world["base"]
+    code, _, err = run_cli_here("filter", str(world["plain"].path), str(base / "resumed"), *world["flags"])
+    assert code == 0, err
+    out = Dataset(base / "resumed")
+    (out.path / embeddings_name(1)).unlink()
+    assert list(out.damaged_shards()) == [1]
+    code, _, err = run_cli_here("filter", str(world["plain"].path), str(base / "resumed"), *world["flags"])
+    assert code == 0, err
+    assert (out.path / embeddings_name(1)).exists() and out.damaged_shards() == {}
+    code, _, err = run_cli_here("filter", str(world["plain"].path), str(base / "resumed"), "--overwrite", "--quiet")
+    assert code == 0, err
+    assert sidecars(base / "resumed") == {}, "--overwrite clears what the other job kept"
+
+
+def test_a_remote_output_keeps_its_embeddings_too(world, monkeypatch, tmp_path):
+    """memory:// (an object store's code path): the sidecar is staged in the work directory and
+    uploaded with the shard, vouched for by its stats, and the next filter reads it."""
+    import uuid
+
+    import fsspec
+
+    monkeypatch.setenv("LENSCAP_WORK_DIR", str(tmp_path / "work"))
+    root = f"keep{uuid.uuid4().hex[:8]}"
+    remote = f"memory://{root}"
+    try:
+        code, _, err = run_cli_here("filter", str(world["plain"].path), remote, *world["flags"])
+        assert code == 0, err
+        out = Dataset.open(remote)
+        assert out.damaged_shards() == {}
+        assert all(embeddings_name(i) in out.read_stats(i)["files"] for i in out.completed_ids())
+        with image_tower_calls() as calls:
+            code, _, err = run_cli_here("filter", remote, str(tmp_path / "after-remote"), *world["flags"])
+        assert code == 0, err
+        assert len(calls) == 0
+    finally:
+        fsspec.filesystem("memory").rm(f"/{root}", recursive=True)

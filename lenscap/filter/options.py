@@ -55,6 +55,14 @@ class _FilterFlags(_Rules, RowsOnly, OwnedOutput, FromDataset, Executed):  # typ
     )
     threshold: list[str] | None = option(None, "NAME=VALUE: the drop threshold of any annotator (plugins too).")
     dry_run: bool = option(False, "Count what would be dropped, per reason; write nothing.", switch=True, show_default=False)
+    no_keep_embeddings: bool = option(
+        False,
+        "Do not keep the image embeddings the clip or aesthetic annotator computes in the output "
+        "(embeddings/NNNNN.parquet, float16), which dedup --semantic and later filters reuse.",
+        names=("--no-keep-embeddings",),
+        switch=True,
+        show_default=False,
+    )
 
     def validate(self) -> None:
         super().validate()

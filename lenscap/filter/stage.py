@@ -9,7 +9,10 @@ values); a dropped sample loses its image (its offsets become null), so later st
 
 Annotators that score a CLIP embedding (``Annotator.embedding_model``) are offered, per shard, the
 embeddings of their model kept with the input dataset or one of its inputs (``lenscap.embed.store``),
-so an image embedded once (by ``dedup --semantic``) is not embedded again.
+so an image embedded once (by ``dedup --semantic``) is not embedded again. The filter keeps the
+image embeddings its annotators used in its own output in turn (``lenscap.filter.keep``: those of the
+first such annotator's model, by cost order), so ``dedup --semantic`` or a later filter after it does
+not embed them again (off with ``--no-keep-embeddings``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from lenscap.core.sql import SqlLimits, run_on_no_rows, run_user_sql, sandboxed
 from lenscap.core.stage import Stage
 from lenscap.embed.store import KeptEmbeddings
 from lenscap.filter.annotators.base import Annotator
+from lenscap.filter.keep import ShardEmbeddingKeeper
 from lenscap.filter.options import FilterOptions
 from lenscap.filter.rules import columns_read, query
 
@@ -92,7 +96,19 @@ class FilterStage(Stage):
             "rules": {k: v for k, v in self.options.rule_values().items() if v is not None},
             "annotators": {a.name: a.parameters() for a in self.annotators},
             "blocklist_size": len(self.blocklist),
+            "keep_embeddings": self.kept_model(),
         }
+
+    def identity(self) -> dict[str, Any]:
+        # The kept embeddings are a cache beside the rows, not their content: a resume may switch them.
+        return {k: v for k, v in self.parameters().items() if k != "keep_embeddings"}
+
+    def kept_model(self) -> str | None:
+        """The model whose image embeddings the output keeps: the first annotator's (by cost order) that
+        names one, as one dataset keeps one model's; None with --no-keep-embeddings or none named."""
+        if self.options.no_keep_embeddings:
+            return None
+        return next((m for a in self.annotators if (m := a.embedding_model()) is not None), None)
 
     def columns(self, input_schema: pa.Schema) -> list[pa.Field]:
         return [
@@ -180,8 +196,9 @@ class FilterStage(Stage):
                 shard[model] = kept.shard(shard_id) if kept is not None else {}
             a.offer_embeddings(shard[model])
 
-    def judge(self, sample: Sample, cheap: tuple[str, str] | None) -> None:
-        """Set the sample's filter columns; a dropped sample loses its image (it leaves the tar)."""
+    def judge(self, sample: Sample, cheap: tuple[str, str] | None, keeper: ShardEmbeddingKeeper | None = None) -> None:
+        """Set the sample's filter columns; a dropped sample loses its image (it leaves the tar). The
+        image embedding of ``keeper``'s model an annotator used goes to ``keeper``."""
         row = sample.row
         row.update(filter_status=KEPT, filter_error=None, filter_reason=None, filter_detail=None)
         for a in self.annotators:
@@ -218,32 +235,42 @@ class FilterStage(Stage):
         for a in self.annotators:
             scores = a.annotate(image, sample)
             row.update(scores)
+            if keeper is not None and a.embedding_model() == keeper.model:
+                used = a.used_embedding(sample)
+                if used is not None:
+                    keeper.add(sample.key, used)
             why = a.verdict(scores)
             if why is not None:
                 row.update(filter_status=DROPPED, filter_reason=a.name, filter_detail=why)
                 sample.image = None
                 return
 
-    def judged(self, src: Dataset, shard_id: int, reasons: Counter[str]) -> Iterator[Sample]:
+    def judged(
+        self, src: Dataset, shard_id: int, reasons: Counter[str], keeper: ShardEmbeddingKeeper | None = None
+    ) -> Iterator[Sample]:
         """The shard's samples with their verdicts, counted into ``reasons`` (a rule, or kept/error)."""
         verdicts = self.cheap_verdicts(src, shard_id)
         self.offer_kept_embeddings(src, shard_id)
         for sample in src.iter_samples(shard_id):
-            self.judge(sample, verdicts.get(sample.key))
+            self.judge(sample, verdicts.get(sample.key), keeper)
             reasons[sample.row["filter_reason"] or sample.row["filter_status"]] += 1
             yield sample
 
     def run_shard(self, src: Dataset, dst: Dataset, shard_id: int) -> dict[str, Any]:
         writer = self.writer(src, dst, shard_id)
         reasons: Counter[str] = Counter()
+        model = self.kept_model()
+        keeper = ShardEmbeddingKeeper(model) if model is not None else None
         try:
-            for sample in self.judged(src, shard_id, reasons):
+            for sample in self.judged(src, shard_id, reasons, keeper):
                 writer.write(sample)
                 self.tick()
+            sidecars = keeper.stage(dst, shard_id) if keeper is not None else {}
         except BaseException:
             writer.abort()
             raise
-        return writer.commit({"stage": self.name, "filter_reasons": dict(sorted(reasons.items()))})
+        # The sidecar is committed with the rows, in one crash-safe step: never one without the other.
+        return writer.commit({"stage": self.name, "filter_reasons": dict(sorted(reasons.items()))}, sidecars)
 
     def count_shard(self, src: Dataset, shard_id: int) -> Counter[str]:
         """--dry-run: what ``run_shard`` would decide, counted, nothing written."""

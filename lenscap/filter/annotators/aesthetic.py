@@ -120,6 +120,7 @@ class Aesthetic(Annotator):
         if vector is None:
             vector = self._embed(image)
         self._check_dim(len(vector))
+        self.record_embedding(sample, vector)
         unit = vector / max(float(np.linalg.norm(vector)), 1e-12)  # trained on unit-length embeddings
         with self._torch.inference_mode():
             score = self._mlp(self._torch.from_numpy(np.asarray(unit, dtype=np.float32)[None]))[0, 0]

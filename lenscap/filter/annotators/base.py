@@ -61,6 +61,12 @@ class Annotator(ABC):
       ``kept_embedding(sample)`` in ``annotate`` is the sample's vector (float32, unit length; rounded
       to float16 when kept), or None: then the annotator embeds the image itself. The default, None,
       offers nothing.
+    - ``record_embedding(sample, vector)``: such an annotator says, in ``annotate``, which image
+      embedding it used for the sample (kept or computed); the stage asks ``used_embedding(sample)``
+      after ``annotate`` and keeps the vectors with the output (``embeddings/NNNNN.parquet``), so a
+      later stage (``dedup --semantic``, another filter) reads them instead of embedding again. Of
+      the annotators that name a model, the first by ``cost_rank`` decides which model's are kept
+      (one model a dataset). An annotator that records nothing keeps nothing.
 
     Per sample, the filter stage records ``filter_status`` (kept, dropped, error), ``filter_reason``
     (the rule or annotator that dropped it), ``filter_detail`` (the verdict) and ``filter_error``
@@ -136,6 +142,16 @@ class Annotator(ABC):
     def kept_embedding(self, sample: Sample) -> np.ndarray | None:
         """The sample's kept image embedding (float32, unit length), or None: embed the image."""
         return getattr(self, "_kept_embeddings", {}).get(sample.key)
+
+    def record_embedding(self, sample: Sample, vector: np.ndarray) -> None:
+        """Say, in ``annotate``, which image embedding of ``embedding_model()`` scored ``sample`` (kept
+        or computed): the filter keeps it with its output. Only the last sample's is held."""
+        self._used_embedding = (sample.key, vector)
+
+    def used_embedding(self, sample: Sample) -> np.ndarray | None:
+        """The image embedding ``annotate`` recorded for ``sample`` (its last call), or None."""
+        used = getattr(self, "_used_embedding", None)
+        return used[1] if used is not None and used[0] == sample.key else None
 
     @abstractmethod
     def annotate(self, image: Image.Image, sample: Sample) -> dict[str, Any]:

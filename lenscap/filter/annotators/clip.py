@@ -76,5 +76,6 @@ class ClipScore(Annotator):
             picture = self._embedder.embed_images([image])[0]
         else:  # kept as float16: back to unit length, as the computed one is
             picture = picture / max(float(np.linalg.norm(picture)), 1e-12)
+        self.record_embedding(sample, picture)
         text = self._embedder.embed_texts([sample.caption or ""])[0]
         return {self.score: round(100.0 * float(np.dot(picture, text)), 4)}
