@@ -337,3 +337,18 @@ def test_a_remote_output_keeps_its_embeddings_too(world, monkeypatch, tmp_path):
         assert len(calls) == 0
     finally:
         fsspec.filesystem("memory").rm(f"/{root}", recursive=True)
+
+
+def test_dedup_semantic_after_filter_embeds_nothing_again(world):
+    """The demo's order, download -> filter -> dedup: the filter's kept vectors feed dedup --semantic,
+    which runs no image tower and keeps them in its own output under the same model."""
+    base, model = world["base"], world["model"]
+    with image_tower_calls() as calls:
+        code, out, err = run_cli_here(
+            "dedup", str(base / "plain-out"), str(base / "deduped"), "--semantic", "--embed-model", model, "--json"
+        )
+    assert code == 0, err
+    assert len(calls) == 0
+    kept = KeptEmbeddings.find(Dataset(base / "deduped"), model)
+    assert kept is not None and kept.dataset.path == base / "deduped"
+    assert json.loads((base / "deduped" / "lenscap.json").read_text())["embeddings"]["model"] == model
