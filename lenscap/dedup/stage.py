@@ -17,7 +17,8 @@ of a cluster), ``duplicate``, ``skipped`` (no image to compare: a failed downloa
 earlier stage dropped), or ``error`` (the image could not be decoded for a perceptual hash; it was
 still compared by its bytes and caption, and is kept). A duplicate loses its image unless
 ``--mark-only`` (its offsets become null, so the export leaves it out); ``dup_of`` names its cluster's keeper (``dup_in`` the earlier release holding it),
-``dup_reason`` / ``dup_distance`` the closest match that put it in the cluster.
+``dup_tier`` which tier merged it (``exact``, ``near``, ``caption``; ``semantic`` is kept for an
+embedding tier), ``dup_reason`` / ``dup_distance`` the closest match that put it in the cluster.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ _DUP_COLUMNS = (
     pa.field("dup_of", pa.string()),
     pa.field("dup_in", pa.string()),
     pa.field("dup_reason", pa.string()),
+    pa.field("dup_tier", pa.string()),
     pa.field("dup_distance", pa.int32()),
     pa.field("dup_cluster", pa.int64()),
 )
@@ -113,6 +115,7 @@ class DedupStage(Stage):
                         dup_of=decision["dup_of"],
                         dup_in=decision["dup_in"],
                         dup_reason=decision["dup_reason"],
+                        dup_tier=decision["dup_tier"],
                         dup_distance=decision["dup_distance"],
                         dup_cluster=decision["dup_cluster"],
                     )
