@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -16,6 +17,7 @@ from test_dedup import rows
 
 from lenscap.core.dataset import Dataset
 from lenscap.dedup.phash import ALGORITHM, LOW_QUALITY, phash
+from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.signatures import signature_algorithm
 from lenscap.dedup.thumbnails import MAX_THUMBNAIL_DIFFERENCE, thumbnail_differences
 from lenscap.demo.datasets import write_image_dataset
@@ -78,7 +80,7 @@ def test_flipped_and_rotated_copies_are_found_and_no_distinct_image_is_merged(ti
     assert [key(i) for i in range(DISTINCT) if got[key(i)]["dedup_status"] == "duplicate"] == []
     assert summary["duplicates"] == 21 and summary["duplicates_by_reason"] == {"exact": 1, "phash": 20}
     report = json.loads((base / "out" / "dedup" / "report.json").read_text())
-    assert report["duplicates_by_tier"] == {"exact": 1, "near": 20, "caption": 0}
+    assert report["duplicates_by_tier"] == summary["duplicates_by_tier"] == {"exact": 1, "near": 20, "caption": 0}
     # the colour pairs hash alike: the thumbnails, not the hashes, kept them apart
     assert report["pairs_rejected_by_thumbnail"] >= PAIRS
     assert report["low_quality_images"] + report["degenerate_images"] == GRAPHICS + 2 * PAIRS
@@ -138,8 +140,11 @@ def test_dihedral_variants_are_the_hashes_of_the_flipped_and_rotated_images():
     img = photo(4)
     h = phash(png_bytes(img))
     assert h.variants[0] == h.phash and h.quality > LOW_QUALITY and h.thumbnail is None
-    turned = {phash(png_bytes(img.transpose(t))).phash for t in Image.Transpose}
-    assert turned | {h.phash} == set(h.variants)  # one DCT gives all 8, bit for bit
+    turned = [phash(png_bytes(img.transpose(t))) for t in Image.Transpose]
+    assert {t.phash for t in turned} | {h.phash} == set(h.variants)  # one DCT gives all 8, bit for bit
+    # every flip and rotation indexes the same canonical key besides its hash as it is
+    canonical = set(h.keys[1:]) or {h.phash}
+    assert all(canonical & set(t.keys) for t in turned)
     flat = phash(png_bytes(graphic(1)))
     assert flat.quality < LOW_QUALITY and len(flat.thumbnail) == 16 * 16 * 3
 
@@ -153,13 +158,35 @@ def test_thumbnails_tell_colour_pairs_apart_and_match_turned_copies():
     assert np.array_equal(thumbnail_differences([], []), np.zeros(0))
 
 
-def test_signatures_of_the_old_algorithm_are_recognised(tmp_path):
-    old = Dataset.create(tmp_path / "sig")
-    schema = pa.schema([("key", pa.string()), ("phash", pa.uint64()), ("phash_algorithm", pa.string())])
-    writer = old.writer(0, schema, copy_images=False)
-    from lenscap.core.record import Sample
+def test_signatures_left_by_the_previous_algorithm_are_made_again(tmp_path):
+    """A job killed before its search, then resumed by an upgraded lenscap: its v1 signatures (one hash,
+    no keys) would miss the turned copy; they are recognised and made again."""
+    src = write_image_dataset(tmp_path / "in", 3, image=lambda i: world([0, 60, 25][i])).path
+    run("dedup", str(src), str(tmp_path / "out"))
+    out = Dataset(tmp_path / "out")
+    for shard in out.completed_ids():  # as if killed before its search: no output shard, no decisions
+        out.parquet_path(shard).unlink()
+        (tmp_path / "out" / f"{shard:05d}_stats.json").unlink()
+    (out.work_dir / "dedup" / "decisions.json").unlink()
+    signatures = out.work_dir / "dedup" / "signatures"
+    path = Dataset(signatures).parquet_path(0)
+    table = pq.read_table(path).drop_columns(["phash_keys", "phash_quality", "thumbnail"])
+    pq.write_table(
+        table.set_column(table.schema.get_field_index("phash_algorithm"), "phash_algorithm", pa.array(["lenscap-phash-v1"] * 3)),
+        path,
+    )
+    assert signature_algorithm(signatures) == "lenscap-phash-v1" and signature_algorithm(tmp_path / "none") is None
+    code, out_text, err = run_cli_here("dedup", str(src), str(tmp_path / "out"), "--json", "--processes", "1")
+    assert code == 0, err
+    assert f"were made with lenscap-phash-v1; hashing again with {ALGORITHM}" in err
+    assert signature_algorithm(signatures) == ALGORITHM
+    assert rows(tmp_path / "out")[key(1)]["dup_of"] == key(0)  # the flipped copy, found on the new keys
 
-    writer.write(Sample("a", {"phash": 1, "phash_algorithm": "lenscap-phash-v1"}))
-    writer.commit()
-    assert signature_algorithm(tmp_path / "sig") == "lenscap-phash-v1"
-    assert signature_algorithm(tmp_path / "none") is None
+
+def test_pigeonhole_at_distance_0_pairs_equal_hashes_of_different_rows():
+    # an image's canonical key may equal another's exactly: --max-distance 0 still searches
+    con = duckdb.connect()
+    h = np.array([5, 5, 2**63 + 7, 2**63 + 7, 9], dtype=np.uint64)
+    con.register("t", pa.table({"uid": np.arange(5, dtype=np.int64), "h": h}))
+    near_pairs(con, "t", PigeonholePlan.for_size(5, 0), bucket_cap=100)
+    assert con.execute("SELECT * FROM near ORDER BY a").fetchall() == [(0, 1, 0), (2, 3, 0)]

@@ -154,6 +154,7 @@ def _details(dst: Dataset, report: dict[str, Any] | None, hashing_failed: dict[s
     return {
         "duplicates": report.get("duplicates"),
         "duplicates_by_reason": report.get("duplicates_by_reason"),
+        "duplicates_by_tier": report.get("duplicates_by_tier"),
         "clusters": report.get("clusters"),
         "report": f"{dst.location}/dedup/report.json" if report else None,
         "hashing_failed": hashing_failed,

@@ -13,14 +13,6 @@ its first block, from a copy of the hashes sorted on those bits, so one GROUP BY
 that stays in cache and DuckDB reads only that slice; the copies are ordinary DuckDB tables, which
 spill to disk under the memory limit.
 
-With ``variants`` (8: an image's flips and rotations), every image has up to 8 rows ``(uid, h, v)``,
-``v = 0`` its hash as it is. A table then joins the ``v = 0`` rows with all rows of later images: an
-image is compared with every flip and rotation of every other, and only once, since a pair's
-distance in one orientation is its distance in the inverse one. One image pair may come out of
-several orientations and tables; the caller keeps its least distance. Compared with indexing one
-hash per image this scans 8 times the rows and meets 8 times the chance candidates, not 64 (a self
-join of all variants).
-
 A key shared by more than ``bucket_cap`` hashes (templates, near-blank images that escaped the
 degenerate check) is not expanded, since its pairs grow with the square of its size; such buckets
 are returned so the report can name them.
@@ -46,41 +38,35 @@ class PigeonholePlan:
     blocks: tuple[tuple[int, int], ...]  # (first bit counted from the most significant, width)
     tables: tuple[tuple[int, ...], ...]  # block combinations, each a join key
     partition_bits: int
-    variants: int = 1  # rows per image: 1, or 8 (``v`` 0-7, an image's dihedral variants)
 
     @classmethod
-    def for_size(cls, n: int, max_distance: int, rows_per_partition: int = 1_000_000, variants: int = 1) -> PigeonholePlan:
-        """The plan with the least estimated work for ``n`` images (uniformly distributed hashes)."""
+    def for_size(cls, n: int, max_distance: int, rows_per_partition: int = 1_000_000) -> PigeonholePlan:
+        """The plan with the least estimated work for ``n`` hashes (uniformly distributed)."""
         r = max_distance
         if not 0 <= r <= 16:
             raise ValueError(f"max distance must be between 0 and 16, not {r}")
         best: tuple[float, PigeonholePlan] | None = None
         for m in range(r + 1, min(64, 2 * r + 3) + 1):
-            plan = cls.with_blocks(n, r, m, rows_per_partition, variants)
+            plan = cls.with_blocks(n, r, m, rows_per_partition)
             if best is None or plan.estimated_work(n) < best[0]:
                 best = (plan.estimated_work(n), plan)
         assert best is not None
         return best[1]
 
     @classmethod
-    def with_blocks(cls, n: int, r: int, m: int, rows_per_partition: int = 1_000_000, variants: int = 1) -> PigeonholePlan:
+    def with_blocks(cls, n: int, r: int, m: int, rows_per_partition: int = 1_000_000) -> PigeonholePlan:
         widths = [64 // m + (1 if i < 64 % m else 0) for i in range(m)]
         blocks = tuple((sum(widths[:i]), widths[i]) for i in range(m))
         tables = tuple(itertools.combinations(range(m), m - r))
-        rows = n * variants
-        wanted = math.ceil(math.log2(rows / rows_per_partition)) if rows > rows_per_partition else 0
-        return cls(r, blocks, tables, max(0, min(wanted, min(w for _, w in blocks), 12)), variants)
+        wanted = math.ceil(math.log2(n / rows_per_partition)) if n > rows_per_partition else 0
+        return cls(r, blocks, tables, max(0, min(wanted, min(w for _, w in blocks), 12)))
 
     def key_bits(self, table: tuple[int, ...]) -> int:
         return sum(self.blocks[i][1] for i in table)
 
     def estimated_work(self, n: int) -> float:
-        chance_pairs = sum(n * n * self.variants / 2 / 2 ** self.key_bits(t) for t in self.tables)
-        return len(self.tables) * n * self.variants + _CANDIDATE_COST * chance_pairs
-
-    def columns(self, has_new: bool) -> str:
-        """The columns a table reads from its source."""
-        return "uid, h" + (", v" if self.variants > 1 else "") + (", has_new" if has_new else "")
+        chance_pairs = sum(n * n / 2 / 2 ** self.key_bits(t) for t in self.tables)
+        return len(self.tables) * n + _CANDIDATE_COST * chance_pairs
 
     # -- SQL --------------------------------------------------------------------------------------
 
@@ -102,7 +88,8 @@ class PigeonholePlan:
     def sorted_sql(self, block: int, source: str, has_new: bool) -> str:
         """The hashes of ``source`` with their partition ``p`` on ``block``, sorted on it: a table whose
         first block is ``block`` then reads one partition's slice, not every hash, per GROUP BY."""
-        return f"SELECT {self.columns(has_new)}, {self.partition_sql(block)} AS p FROM {source} ORDER BY p"
+        cols = "uid, h" + (", has_new" if has_new else "")
+        return f"SELECT {cols}, {self.partition_sql(block)} AS p FROM {source} ORDER BY p"
 
     def first_table_sql(self, table: tuple[int, ...], xor: str) -> str:
         """True when ``table`` is the first table on which a pair with this XOR agrees: every block
@@ -123,11 +110,12 @@ def near_pairs(
     distance (``a < b``), and ``capped(tbl, k, n)`` with the buckets too large to expand.
 
     ``restrict`` is an SQL condition over the pair ``a``/``b`` (e.g. at least one is new). ``source``
-    must hold distinct hashes (with variants: distinct ``(uid, h)``); equal hashes are grouped before this.
+    must hold distinct ``uid``; equal hashes are grouped before this, except that dedup gives each
+    image several rows (its hash and its canonical orientations' keys, ``search._near_edges``), keeps
+    pairs of one image's rows out with ``restrict``, and reduces the row pairs to image pairs. At
+    distance 0 the one table pairs equal hashes.
     """
     create_outputs(con)
-    if plan.max_distance == 0 and plan.variants == 1:
-        return
     partitions = 1 << plan.partition_bits
     firsts = sorted({t[0] for t in plan.tables})
     sorted_copies = {}
@@ -160,8 +148,6 @@ def table_pairs(con: Any, plan: PigeonholePlan, number: int, rows: str, bucket_c
     key = plan.key_sql(table)
     partitions = 1 << plan.partition_bits
     pair_filter = f" AND ({restrict})" if restrict else ""
-    # With variants, one side is an image as it is, the other any flip or rotation of a later one.
-    pair_filter += " AND a.v = 0" if plan.variants > 1 else ""
     for p in range(partitions):
         where = f"WHERE p = {p}" if partitions > 1 else ""
         con.execute(f"CREATE OR REPLACE TEMP TABLE ph_slice AS SELECT *, ({key}) AS k FROM {rows} {where}")

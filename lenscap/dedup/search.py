@@ -5,9 +5,9 @@ so the number of samples is bounded by disk, not memory:
 
 1. the signatures of the input (source 0) and of each ``--against`` dataset become one table;
 2. edges: samples with equal SHA-256 (exact), equal perceptual hash, perceptual hashes within the
-   distance in any of the 8 flips and rotations (``pigeonhole.near_pairs`` over the distinct hashes
-   and their variants), equal normalised captions; with ``--against``, only edges that touch an input
-   sample. A hash match of a low-information image is an edge only once the pair's colour thumbnails
+   distance as they are or in their canonical orientations (``pigeonhole.near_pairs`` over every
+   image's keys, ``phash.ImageHash.keys``), equal normalised captions; with ``--against``, only edges
+   that touch an input sample. A hash match of a low-information image is an edge only once the pair's colour thumbnails
    agree (``thumbnails``): equal thumbnails group like equal hashes, and every candidate pair of the
    search with a low-quality side is checked before it becomes an edge;
 3. clusters: union-find over the edges (``unionfind.UnionFind``, memory per duplicated sample only);
@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lenscap.core.commits import atomic_write_json
 from lenscap.core.dataset import Dataset
@@ -37,7 +38,7 @@ from lenscap.core.errors import UsageError
 from lenscap.core.job import Job
 from lenscap.core.sql import literal, out_of_core
 from lenscap.dedup.options import DedupOptions
-from lenscap.dedup.phash import ALGORITHM, LOW_QUALITY, VARIANTS
+from lenscap.dedup.phash import ALGORITHM, LOW_QUALITY
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.tables import split_near_pairs
 from lenscap.dedup.thumbnails import MAX_THUMBNAIL_DIFFERENCE, thumbnail_differences
@@ -53,6 +54,7 @@ TIERS = {"exact": "exact", "phash": "near", "caption": "caption"}
 _EXACT, _PHASH, _THUMBNAIL, _CAPTION = range(4)
 _EDGE_BATCH = 1_000_000
 _VERIFY_BATCH = 50_000
+_KEY_ROWS = 16  # room for an image's keys: its hash and at most 8 orientations
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ def _load(con: Any, sources: list[Source]) -> None:
                 f"not {ALGORITHM}; delete that directory to hash again"
             )
         parts.append(f"""SELECT ({s.index}::BIGINT << 48) | (shard::BIGINT << 24) | "row" AS id, {s.index} AS src, shard, key,
-            sha256, phash AS h, phash_degenerate AS degenerate, coalesce(phash_variants, [phash]) AS hv,
+            sha256, phash AS h, phash_degenerate AS degenerate, coalesce(phash_keys, [phash]) AS hv,
             coalesce(phash_quality < {LOW_QUALITY}, false) AS low, thumbnail AS thumb, caption_hash, pixels, error
             FROM {listing}""")
     if not parts:
@@ -180,21 +182,23 @@ _USABLE_HASH = "h IS NOT NULL AND NOT degenerate"
 def _near_edges(
     con: Any, options: DedupOptions, against: bool, work_dir: Path, job: Job | None, step: Callable[[str], None]
 ) -> PigeonholePlan:
-    """Add the pairs of images within ``--max-distance`` in some flip or rotation to ``edges``: found in
+    """Add the pairs of images within ``--max-distance``, as they are or turned, to ``edges``: found in
     this process, or one task per pigeonhole table on a distributed executor (the pairs are the same),
     then those with a low-quality side verified by their thumbnails."""
     # One row per distinct hash, except that a low-quality image is one with its equal thumbnails only.
-    # The variants and thumbnails are joined on afterwards: a GROUP BY carrying them does not fit a
+    # The keys and thumbnails are joined on afterwards: a GROUP BY carrying them does not fit a
     # small memory limit.
     con.execute(f"""CREATE TEMP TABLE uh AS
         WITH g AS (SELECT min(id) AS uid, bool_or(src = 0) AS has_new, bool_or(low) AS low FROM sig WHERE {_USABLE_HASH}
                    GROUP BY CASE WHEN low THEN NULL ELSE h END, CASE WHEN low THEN thumb END)
         SELECT g.*, s.hv, s.thumb FROM g JOIN sig s ON s.id = g.uid""")
-    con.execute("""CREATE TEMP TABLE uv AS SELECT uid, h, min(v) AS v, any_value(has_new) AS has_new
-        FROM (SELECT uid, has_new, unnest(hv) AS h, unnest(range(len(hv))) AS v FROM uh) GROUP BY uid, h""")
-    n = con.execute("SELECT count(*) FROM uh").fetchall()[0][0]
-    plan = PigeonholePlan.for_size(max(n, 1), options.max_distance, variants=VARIANTS)
-    restrict = "a.has_new OR b.has_new" if against else None
+    # Each image's keys, one row each (its hash as it is, then its canonical orientations), numbered
+    # image * 16 + key: the search emits each pair of rows once, never a pair of one image's rows.
+    con.execute(f"""CREATE TEMP TABLE uv AS SELECT uid * {_KEY_ROWS} + k AS uid, h, has_new
+        FROM (SELECT uid, has_new, unnest(hv) AS h, unnest(range(len(hv))) AS k FROM uh)""")
+    n = con.execute("SELECT count(*) FROM uv").fetchall()[0][0]
+    plan = PigeonholePlan.for_size(max(n, 1), options.max_distance)
+    restrict = f"a.uid // {_KEY_ROWS} <> b.uid // {_KEY_ROWS}" + (" AND (a.has_new OR b.has_new)" if against else "")
     on_table = lambda done, total: step(f"near duplicates: table {done}/{total}")  # noqa: E731
     if job is not None and job.executor.distributed:
         split_near_pairs(
@@ -202,35 +206,36 @@ def _near_edges(
         )
     else:
         near_pairs(con, "uv", plan, options.bucket_cap, restrict, on_table)
-    # A pair may match in several orientations: its distance is the least.
-    con.execute("CREATE TEMP TABLE pairs AS SELECT a, b, min(d) AS d FROM near GROUP BY a, b")
-    _verify_low_quality(con)
+    # A pair of images may match on several of their keys: its distance is the least.
+    con.execute(f"""CREATE TEMP TABLE pairs AS SELECT a // {_KEY_ROWS} AS a, b // {_KEY_ROWS} AS b, min(d) AS d
+        FROM near GROUP BY ALL""")
+    _verify_low_quality(con, work_dir)
     con.execute(f"""INSERT INTO edges SELECT p.a, p.b, CASE WHEN x.low OR y.low THEN {_THUMBNAIL} ELSE {_PHASH} END, p.d
         FROM pairs p JOIN uh x ON x.uid = p.a JOIN uh y ON y.uid = p.b""")
     return plan
 
 
-def _verify_low_quality(con: Any) -> None:
+def _verify_low_quality(con: Any, work_dir: Path) -> None:
     """Drop from ``pairs`` every pair with a low-quality side whose thumbnails disagree (or where one
-    side has none: its quality is far from the other's), in batches: memory per batch only."""
-    con.execute("CREATE TEMP TABLE rejected (a BIGINT, b BIGINT)")
+    side has none: its quality is far from the other's), in batches; the rejected pairs go to a file
+    as they are found, so memory holds one batch."""
+    path = work_dir / "rejected.parquet"
     reader = con.sql("""SELECT p.a, p.b, x.thumb AS ta, y.thumb AS tb FROM pairs p JOIN uh x ON x.uid = p.a
         JOIN uh y ON y.uid = p.b WHERE x.low OR y.low""").to_arrow_reader(_VERIFY_BATCH)
-    rejected = []  # the reader streams from the connection: nothing else runs on it until it is read
-    for batch in reader:
-        ta, tb = batch.column("ta").to_pylist(), batch.column("tb").to_pylist()
-        both = np.array([x is not None and y is not None for x, y in zip(ta, tb)], dtype=bool)
-        agree = np.zeros(len(ta), dtype=bool)
-        if both.any():
-            pick = np.flatnonzero(both)
-            diff = thumbnail_differences([ta[i] for i in pick], [tb[i] for i in pick])
-            agree[pick] = diff <= MAX_THUMBNAIL_DIFFERENCE
-        if not agree.all():
-            rejected.append(pa.table({"a": batch.column("a"), "b": batch.column("b")}).filter(pa.array(~agree)))
-    for table in rejected:
-        con.register("rejected_arrow", table)
-        con.execute("INSERT INTO rejected SELECT * FROM rejected_arrow")
-        con.unregister("rejected_arrow")
+    # The reader streams from the connection: nothing else runs on it until it is read.
+    with pq.ParquetWriter(path, pa.schema([("a", pa.int64()), ("b", pa.int64())])) as rejected:
+        for batch in reader:
+            ta, tb = batch.column("ta").to_pylist(), batch.column("tb").to_pylist()
+            both = np.array([x is not None and y is not None for x, y in zip(ta, tb)], dtype=bool)
+            agree = np.zeros(len(ta), dtype=bool)
+            if both.any():
+                pick = np.flatnonzero(both)
+                diff = thumbnail_differences([ta[i] for i in pick], [tb[i] for i in pick])
+                agree[pick] = diff <= MAX_THUMBNAIL_DIFFERENCE
+            if not agree.all():
+                rejected.write_table(pa.table({"a": batch.column("a"), "b": batch.column("b")}).filter(pa.array(~agree)))
+    con.execute(f"CREATE TEMP TABLE rejected AS SELECT * FROM read_parquet({literal(path)})")
+    path.unlink()
     con.execute("DELETE FROM pairs USING rejected r WHERE pairs.a = r.a AND pairs.b = r.b")
 
 

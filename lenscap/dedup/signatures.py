@@ -3,7 +3,7 @@
 A signatures directory is itself a dataset directory (parquet rows, empty tars, ``_stats.json`` as
 the done marker), so the job driver's processes, progress and resume apply unchanged. It holds one row
 per sample that has an image: where the sample is (shard, row), its SHA-256, its perceptual hash with
-its 8 flips and rotations, its quality, a colour thumbnail when the quality is low, and the name of
+those of its canonical orientation(s), its quality, a colour thumbnail when the quality is low, and the name of
 the algorithm that made them, its normalised-caption hash, and its pixel size for ``--keep largest``.
 A sample whose image cannot be decoded keeps its SHA-256 and gets ``error`` instead of a perceptual
 hash.
@@ -37,7 +37,7 @@ SIGNATURE_SCHEMA = pa.schema(
         pa.field("phash", pa.uint64()),
         pa.field("phash_algorithm", pa.string()),  # hashes of different algorithms are never compared
         pa.field("phash_degenerate", pa.bool_()),
-        pa.field("phash_variants", pa.list_(pa.uint64())),  # the 8 dihedral variants, phash first
+        pa.field("phash_keys", pa.list_(pa.uint64())),  # phash, then its canonical orientation(s)
         pa.field("phash_quality", pa.float32()),
         pa.field("thumbnail", pa.binary()),  # 16x16 RGB, low-quality images only
         pa.field("caption_hash", pa.binary(16)),
@@ -60,7 +60,7 @@ def signature_algorithm(directory: Path) -> str | None:
     if not ids:
         return None
     path = Dataset(directory).parquet_path(ids[0])
-    if "phash_variants" not in pq.ParquetFile(path).schema_arrow.names:
+    if "phash_keys" not in pq.ParquetFile(path).schema_arrow.names:
         return "lenscap-phash-v1"
     found = [a for a in read_parquet(path, columns=["phash_algorithm"]).column(0).to_pylist() if a is not None]
     return found[0] if found else None
@@ -96,7 +96,7 @@ class SignatureStage(Stage):
             "phash": None,
             "phash_algorithm": None,
             "phash_degenerate": None,
-            "phash_variants": None,
+            "phash_keys": None,
             "phash_quality": None,
             "thumbnail": None,
             "pixels": None,
@@ -108,7 +108,7 @@ class SignatureStage(Stage):
                 phash=h.phash,
                 phash_algorithm=ALGORITHM,
                 phash_degenerate=h.degenerate,
-                phash_variants=list(h.variants),
+                phash_keys=list(h.keys),
                 phash_quality=h.quality,
                 thumbnail=h.thumbnail,
                 pixels=h.width * h.height,

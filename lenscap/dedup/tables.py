@@ -123,7 +123,7 @@ def _task_threads(executor: Executor, threads: int | None, at_once: int) -> int:
 
 def _prepare(con: Any, source: str, job: TableJob) -> None:
     """Write the hashes for the tasks, unless ``plan.json`` says the directory already holds them."""
-    cols = job.plan.columns(job.restrict is not None)
+    cols = "uid, h" + (", has_new" if job.restrict else "")
     rows, checksum = con.execute(f"SELECT count(*), bit_xor(hash({cols})) FROM {source}").fetchall()[0]
     ident = json.loads(
         json.dumps(
