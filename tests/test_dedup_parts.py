@@ -13,7 +13,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from lenscap.dedup.phash import phash
+from lenscap.dedup.phash import ALGORITHM, phash
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.signatures import caption_digest
 from lenscap.dedup.unionfind import UnionFind
@@ -122,7 +122,7 @@ def test_union_find_matches_a_plain_implementation():
         assert uf.components().tolist() == [find(int(i)) for i in ids]
 
 
-def synthetic_signatures(path, n: int, algorithm: str = "lenscap-phash-v1"):
+def synthetic_signatures(path, n: int, algorithm: str = ALGORITHM):
     """A signatures directory of ``n`` samples; every tenth hash has a copy 2 bits away, further on."""
     from lenscap.core.dataset import Dataset
     from lenscap.core.record import Sample
@@ -184,5 +184,5 @@ def test_hashes_of_another_algorithm_are_refused(tmp_path):
     from lenscap.dedup.search import Source, find_duplicates
 
     sig = synthetic_signatures(tmp_path / "sig", 100, algorithm="imagehash-phash-4.3")
-    with pytest.raises(UsageError, match="made with imagehash-phash-4.3, not lenscap-phash-v1"):
+    with pytest.raises(UsageError, match=f"made with imagehash-phash-4.3, not {ALGORITHM}"):
         find_duplicates([Source(0, "in", sig)], DedupOptions().resolved(), tmp_path / "work", tmp_path / "report")

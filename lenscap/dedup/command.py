@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -18,9 +19,11 @@ from lenscap.core.progress import say
 from lenscap.core.result import JobResult
 from lenscap.core.storage import redact_url
 from lenscap.dedup.embedding import EmbeddingPlan
+from lenscap.dedup.folder import ImageFolder, hash_folder, open_against
 from lenscap.dedup.options import DedupOptions
+from lenscap.dedup.phash import ALGORITHM
 from lenscap.dedup.search import Source, find_duplicates
-from lenscap.dedup.signatures import SignatureStage
+from lenscap.dedup.signatures import SignatureStage, signature_algorithm
 from lenscap.dedup.stage import REPORT_FILES, DedupStage, report_dir, work_dir
 from lenscap.embed.store import KeptEmbeddings
 
@@ -51,7 +54,7 @@ def run_dedup(
     # Any of them may be remote; the search runs on local files (the output's work directory).
     stage = DedupStage(options)
     src = Dataset.open(in_dir)
-    inputs = [Dataset.open(p) for p in stage.against]
+    inputs = [open_against(p) for p in stage.against]
     out_resolved = Dataset(out_dir).resolved
     for label, ds in zip(stage.against, inputs):
         if ds.resolved in (src.resolved, out_resolved):
@@ -63,7 +66,7 @@ def run_dedup(
         return _passes(job, run, inputs, redact_url(os.fspath(in_dir)))
 
 
-def _passes(job: Job, run: StageRun, inputs: list[Dataset], in_label: str) -> JobResult:
+def _passes(job: Job, run: StageRun, inputs: list[Dataset | ImageFolder], in_label: str) -> JobResult:
     stage, dst = run.stage, run.dst
     assert isinstance(stage, DedupStage)
     # A remote output holding nothing forgets its work directory at every recover (pass 3's included),
@@ -92,8 +95,11 @@ def _embedding_counts(signatures: Dataset) -> dict[str, int]:
     return {"embedded": sum(s.get("computed", 0) for s in stats), "reused": sum(s.get("reused", 0) for s in stats)}
 
 
-def _signatures(job: Job, run: StageRun, inputs: list[Dataset], in_label: str) -> tuple[list[Source], dict[str, dict[int, str]]]:
-    """Pass 1: the signatures of the input and of each --against dataset; the shards that failed, by input."""
+def _signatures(
+    job: Job, run: StageRun, inputs: list[Dataset | ImageFolder], in_label: str
+) -> tuple[list[Source], dict[str, dict[int, str]]]:
+    """Pass 1: the signatures of the input and of each --against dataset or image folder; the shards
+    (or groups of files) that failed, by input."""
     stage, src, dst = run.stage, run.src, run.dst
     assert isinstance(stage, DedupStage)
     failed: dict[str, dict[int, str]] = {}
@@ -101,10 +107,14 @@ def _signatures(job: Job, run: StageRun, inputs: list[Dataset], in_label: str) -
     targets = [(src, work_dir(dst) / "signatures")] + [(d, _against_dir(dst, d.resolved)) for d in inputs]
     for index, (dataset, target) in enumerate(targets):
         label = in_label if index == 0 else redact_url(stage.against[index - 1])
-        with job.internal_output(SignatureStage(_embedding(stage.options, dataset)), dataset, target) as signing:
-            result = job.run_shards(signing, job.progress(f"dedup: hashing {label}"))
-        if result.failed_shards:
-            failed[label] = result.failed_shards
+        _forget_other_algorithm(target, label)
+        if isinstance(dataset, ImageFolder):
+            failed_shards = hash_folder(job, dataset, target, label)
+        else:
+            with job.internal_output(SignatureStage(_embedding(stage.options, dataset)), dataset, target) as signing:
+                failed_shards = job.run_shards(signing, job.progress(f"dedup: hashing {label}")).failed_shards
+        if failed_shards:
+            failed[label] = failed_shards
         sources.append(Source(index, label, Dataset(target)))
     return sources, failed
 
@@ -114,6 +124,15 @@ def _embedding(options: DedupOptions, dataset: Dataset) -> EmbeddingPlan | None:
     if not options.semantic:
         return None
     return EmbeddingPlan(options.model, KeptEmbeddings.find(dataset, options.model))
+
+
+def _forget_other_algorithm(target: Path, label: str) -> None:
+    """Signatures left by a lenscap whose hash differs (a job resumed after an upgrade) are made again:
+    hashes of two algorithms are never compared."""
+    found = signature_algorithm(target)
+    if found is not None and found != ALGORITHM:
+        say(f"dedup: the signatures of {label} were made with {found}; hashing again with {ALGORITHM}")
+        shutil.rmtree(target)
 
 
 def _decisions(job: Job, run: StageRun, sources: list[Source]) -> dict[str, Any]:
@@ -155,6 +174,7 @@ def _details(dst: Dataset, report: dict[str, Any] | None, hashing_failed: dict[s
         "duplicates": report.get("duplicates"),
         "duplicates_by_reason": report.get("duplicates_by_reason"),
         "semantic": report.get("semantic"),
+        "duplicates_by_tier": report.get("duplicates_by_tier"),
         "clusters": report.get("clusters"),
         "report": f"{dst.location}/dedup/report.json" if report else None,
         "hashing_failed": hashing_failed,

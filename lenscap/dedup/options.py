@@ -35,7 +35,8 @@ class DedupOptions(RowsOnly, OwnedOutput, FromDataset, Executed):
     exact: bool = option(False, "Find byte-identical images (SHA-256).", switch=True, show_default=False)
     phash: bool = option(
         False,
-        "Find perceptual duplicates (resized, recompressed): 64-bit pHash within --max-distance bits.",
+        "Find perceptual duplicates (resized, recompressed, flipped, rotated): 64-bit pHash within --max-distance bits "
+        "in one of 8 orientations; a flat graphic's match must also have matching colours.",
         switch=True,
         show_default=False,
     )
@@ -72,7 +73,8 @@ class DedupOptions(RowsOnly, OwnedOutput, FromDataset, Executed):
     )
     against: list[str] | None = option(
         None,
-        "An earlier dataset directory (repeatable): drop input samples that duplicate it, never the reverse.",
+        "An earlier dataset directory or a folder of image files, e.g. an eval set (repeatable): drop input samples "
+        "that duplicate it, never the reverse.",
         path=True,
     )
     keep: str = option("first", "Which sample of a cluster to keep: first (input order) or largest (most pixels).")

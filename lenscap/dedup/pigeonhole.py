@@ -110,11 +110,12 @@ def near_pairs(
     distance (``a < b``), and ``capped(tbl, k, n)`` with the buckets too large to expand.
 
     ``restrict`` is an SQL condition over the pair ``a``/``b`` (e.g. at least one is new). ``source``
-    must hold distinct hashes; equal hashes are grouped before this.
+    must hold distinct ``uid``; equal hashes are grouped before this, except that dedup gives each
+    image several rows (its hash and its canonical orientations' keys, ``search._near_edges``), keeps
+    pairs of one image's rows out with ``restrict``, and reduces the row pairs to image pairs. At
+    distance 0 the one table pairs equal hashes.
     """
     create_outputs(con)
-    if plan.max_distance == 0:
-        return
     partitions = 1 << plan.partition_bits
     firsts = sorted({t[0] for t in plan.tables})
     sorted_copies = {}

@@ -5,9 +5,12 @@ so the number of samples is bounded by disk, not memory:
 
 1. the signatures of the input (source 0) and of each ``--against`` dataset become one table;
 2. edges: samples with equal SHA-256 (exact), equal perceptual hash, perceptual hashes within the
-   distance (``pigeonhole.near_pairs`` over the distinct hashes), equal normalised captions; with
-   ``--against``, only edges that touch an input sample; with ``--semantic``, pairs of embeddings
-   within the cosine threshold inside a k-means cluster (``dedup.semantic``);
+   distance as they are or in their canonical orientations (``pigeonhole.near_pairs`` over every
+   image's keys, ``phash.ImageHash.keys``), equal normalised captions; with ``--against``, only edges
+   that touch an input sample. A hash match of a low-information image is an edge only once the pair's colour thumbnails
+   agree (``thumbnails``): equal thumbnails group like equal hashes, and every candidate pair of the
+   search with a low-quality side is checked before it becomes an edge; with ``--semantic``, pairs of
+   embeddings within the cosine threshold inside a k-means cluster (``dedup.semantic``);
 3. clusters: union-find over the edges (``unionfind.UnionFind``, memory per duplicated sample only);
 4. a keeper per cluster: a sample of an earlier release if the cluster has one (new samples never
    replace released ones), else the first in input order or, with ``--keep largest``, the most
@@ -28,6 +31,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from lenscap.core.commits import atomic_write_json
 from lenscap.core.dataset import Dataset
@@ -35,19 +39,25 @@ from lenscap.core.errors import UsageError
 from lenscap.core.job import Job
 from lenscap.core.sql import literal, out_of_core
 from lenscap.dedup.options import DedupOptions
-from lenscap.dedup.phash import ALGORITHM
+from lenscap.dedup.phash import ALGORITHM, LOW_QUALITY
 from lenscap.dedup.pigeonhole import PigeonholePlan, near_pairs
 from lenscap.dedup.semantic import semantic_pairs
 from lenscap.dedup.tables import split_near_pairs
+from lenscap.dedup.thumbnails import MAX_THUMBNAIL_DIFFERENCE, thumbnail_differences
 from lenscap.dedup.unionfind import UnionFind
 
 __all__ = ["Source", "find_duplicates", "REASONS", "TIERS"]
 
-# An edge's ``why``: its index in REASONS (``dup_reason``) and TIERS (``dup_tier``). A sample joined by
-# several tiers is reported by the first: an exact copy is ``exact`` even where it is semantic too.
-REASONS = ("exact", "phash", "caption", "semantic")
-TIERS = ("exact", "near", "caption", "semantic")
+# What matched (``dup_reason``), by edge code: a hash match of low-information images confirmed by
+# their thumbnails is a ``phash`` match too (clusters.parquet's ``why`` says so); and the tier each
+# reason belongs to (``dup_tier``). A sample joined by several tiers is reported by the first: an exact
+# copy is ``exact`` even where it is semantic too.
+REASONS = ("exact", "phash", "phash", "caption", "semantic")
+TIERS = {"exact": "exact", "phash": "near", "caption": "caption", "semantic": "semantic"}
+_EXACT, _PHASH, _THUMBNAIL, _CAPTION, _SEMANTIC = range(5)
 _EDGE_BATCH = 1_000_000
+_VERIFY_BATCH = 50_000
+_KEY_ROWS = 16  # room for an image's keys: its hash and at most 8 orientations
 
 
 @dataclass(frozen=True)
@@ -82,22 +92,26 @@ def _load(con: Any, sources: list[Source]) -> None:
                 f"not {ALGORITHM}; delete that directory to hash again"
             )
         parts.append(f"""SELECT ({s.index}::BIGINT << 48) | (shard::BIGINT << 24) | "row" AS id, {s.index} AS src, shard, key,
-            sha256, phash AS h, phash_degenerate AS degenerate, caption_hash, pixels, error FROM {listing}""")
+            sha256, phash AS h, phash_degenerate AS degenerate, coalesce(phash_keys, [phash]) AS hv,
+            coalesce(phash_quality < {LOW_QUALITY}, false) AS low, thumbnail AS thumb, caption_hash, pixels, error
+            FROM {listing}""")
     if not parts:
         parts.append(
             "SELECT NULL::BIGINT id, 0 src, 0 shard, ''::VARCHAR key, NULL::BLOB sha256, NULL::UBIGINT h, "
-            "NULL::BOOLEAN degenerate, NULL::BLOB caption_hash, NULL::BIGINT pixels, NULL::VARCHAR error WHERE false"
+            "NULL::BOOLEAN degenerate, NULL::UBIGINT[] hv, false low, NULL::BLOB thumb, NULL::BLOB caption_hash, "
+            "NULL::BIGINT pixels, NULL::VARCHAR error WHERE false"
         )
     con.execute("CREATE TEMP TABLE sig AS " + " UNION ALL ".join(parts))
 
 
-def _group_edges(con: Any, column: str, why: int, where: str, against: bool) -> None:
-    """Edges from each member of a group of equal ``column`` values to the group's first sample."""
+def _group_edges(con: Any, column: str, why: int, where: str, against: bool, distance: str = "0") -> None:
+    """Edges from each member of a group of equal ``column`` values to the group's first sample;
+    ``distance`` over the member ``s`` and the group ``g`` (its first sample's hash is ``g.rep_h``)."""
     new_only = " AND bool_or(src = 0)" if against else ""
     con.execute(f"""INSERT INTO edges
-        WITH g AS (SELECT {column} AS v, min(id) AS rep FROM sig WHERE {column} IS NOT NULL AND {where}
-                   GROUP BY {column} HAVING count(*) > 1{new_only})
-        SELECT s.id, g.rep, {why}, 0 FROM sig s JOIN g ON s.{column} = g.v WHERE s.id <> g.rep AND {where}""")
+        WITH g AS (SELECT {column} AS v, min(id) AS rep, arg_min(h, id) AS rep_h FROM sig
+                   WHERE {column} IS NOT NULL AND {where} GROUP BY {column} HAVING count(*) > 1{new_only})
+        SELECT s.id, g.rep, {why}, {distance} FROM sig s JOIN g ON s.{column} = g.v WHERE s.id <> g.rep AND {where}""")
 
 
 def find_duplicates(
@@ -121,7 +135,7 @@ def find_duplicates(
         "loading signatures",
         *(["exact duplicates"] if options.exact else []),
         *(["equal perceptual hashes"] if options.phash else []),
-        *(["near duplicates"] if options.phash and options.max_distance > 0 else []),
+        *(["near duplicates"] if options.phash else []),
         *(["caption duplicates"] if options.captions else []),
         *(["semantic duplicates"] if options.semantic else []),
         "clusters",
@@ -143,16 +157,17 @@ def find_duplicates(
         plan = None
         if options.exact:
             step("exact duplicates")
-            _group_edges(con, "sha256", 0, "true", against)
+            _group_edges(con, "sha256", _EXACT, "true", against)
         if options.phash:
             step("equal perceptual hashes")
-            _group_edges(con, "h", 1, _USABLE_HASH, against)
-            if options.max_distance > 0:
-                step("near duplicates")
-                plan = _near_edges(con, options, against, work_dir, job, step)
+            _group_edges(con, "h", _PHASH, f"{_USABLE_HASH} AND NOT low", against)
+            # A low-information image's hash says little: equal thumbnails, not equal hashes, group it.
+            _group_edges(con, "thumb", _THUMBNAIL, f"{_USABLE_HASH} AND low", against, "bit_count(xor(s.h, g.rep_h))")
+            step("near duplicates")
+            plan = _near_edges(con, options, against, work_dir, job, step)
         if options.captions:
             step("caption duplicates")
-            _group_edges(con, "caption_hash", 2, "true", against)
+            _group_edges(con, "caption_hash", _CAPTION, "true", against)
         semantic = _semantic_edges(con, sources, options, work_dir, job, step) if options.semantic else None
         step("clusters")
         _cluster(con)
@@ -177,22 +192,36 @@ _USABLE_HASH = "h IS NOT NULL AND NOT degenerate"
 def _near_edges(
     con: Any, options: DedupOptions, against: bool, work_dir: Path, job: Job | None, step: Callable[[str], None]
 ) -> PigeonholePlan:
-    """Add the pairs of distinct hashes within ``--max-distance`` to ``edges``: in this process, or one
-    task per pigeonhole table on a distributed executor; the pairs are the same."""
-    con.execute(
-        f"CREATE TEMP TABLE uh AS SELECT min(id) AS uid, h, bool_or(src = 0) AS has_new FROM sig WHERE {_USABLE_HASH} GROUP BY h"
-    )
-    n = con.execute("SELECT count(*) FROM uh").fetchall()[0][0]
+    """Add the pairs of images within ``--max-distance``, as they are or turned, to ``edges``: found in
+    this process, or one task per pigeonhole table on a distributed executor (the pairs are the same),
+    then those with a low-quality side verified by their thumbnails."""
+    # One row per distinct hash, except that a low-quality image is one with its equal thumbnails only.
+    # The keys and thumbnails are joined on afterwards: a GROUP BY carrying them does not fit a
+    # small memory limit.
+    con.execute(f"""CREATE TEMP TABLE uh AS
+        WITH g AS (SELECT min(id) AS uid, bool_or(src = 0) AS has_new, bool_or(low) AS low FROM sig WHERE {_USABLE_HASH}
+                   GROUP BY CASE WHEN low THEN NULL ELSE h END, CASE WHEN low THEN thumb END)
+        SELECT g.*, s.hv, s.thumb FROM g JOIN sig s ON s.id = g.uid""")
+    # Each image's keys, one row each (its hash as it is, then its canonical orientations), numbered
+    # image * 16 + key: the search emits each pair of rows once, never a pair of one image's rows.
+    con.execute(f"""CREATE TEMP TABLE uv AS SELECT uid * {_KEY_ROWS} + k AS uid, h, has_new
+        FROM (SELECT uid, has_new, unnest(hv) AS h, unnest(range(len(hv))) AS k FROM uh)""")
+    n = con.execute("SELECT count(*) FROM uv").fetchall()[0][0]
     plan = PigeonholePlan.for_size(max(n, 1), options.max_distance)
-    restrict = "a.has_new OR b.has_new" if against else None
+    restrict = f"a.uid // {_KEY_ROWS} <> b.uid // {_KEY_ROWS}" + (" AND (a.has_new OR b.has_new)" if against else "")
     on_table = lambda done, total: step(f"near duplicates: table {done}/{total}")  # noqa: E731
     if job is not None and job.executor.distributed:
         split_near_pairs(
-            con, "uh", plan, options.bucket_cap, job, work_dir, options.memory_limit, options.workers, restrict, on_table
+            con, "uv", plan, options.bucket_cap, job, work_dir, options.memory_limit, options.workers, restrict, on_table
         )
     else:
-        near_pairs(con, "uh", plan, options.bucket_cap, restrict, on_table)
-    con.execute("INSERT INTO edges SELECT a, b, 1, d FROM near")
+        near_pairs(con, "uv", plan, options.bucket_cap, restrict, on_table)
+    # A pair of images may match on several of their keys: its distance is the least.
+    con.execute(f"""CREATE TEMP TABLE pairs AS SELECT a // {_KEY_ROWS} AS a, b // {_KEY_ROWS} AS b, min(d) AS d
+        FROM near GROUP BY ALL""")
+    _verify_low_quality(con, work_dir)
+    con.execute(f"""INSERT INTO edges SELECT p.a, p.b, CASE WHEN x.low OR y.low THEN {_THUMBNAIL} ELSE {_PHASH} END, p.d
+        FROM pairs p JOIN uh x ON x.uid = p.a JOIN uh y ON y.uid = p.b""")
     return plan
 
 
@@ -204,8 +233,32 @@ def _semantic_edges(
     files, figures = semantic_pairs(signatures, options.model, options.threshold, options.clusters, work_dir, job, step)
     if files:
         con.execute(f"INSERT INTO sem SELECT a, b, cos FROM read_parquet([{', '.join(literal(f) for f in files)}])")
-    con.execute("INSERT INTO edges SELECT a, b, 3, 0 FROM sem")
+    con.execute(f"INSERT INTO edges SELECT a, b, {_SEMANTIC}, 0 FROM sem")
     return figures | {"model": options.model, "threshold": options.threshold}
+
+
+def _verify_low_quality(con: Any, work_dir: Path) -> None:
+    """Drop from ``pairs`` every pair with a low-quality side whose thumbnails disagree (or where one
+    side has none: its quality is far from the other's), in batches; the rejected pairs go to a file
+    as they are found, so memory holds one batch."""
+    path = work_dir / "rejected.parquet"
+    reader = con.sql("""SELECT p.a, p.b, x.thumb AS ta, y.thumb AS tb FROM pairs p JOIN uh x ON x.uid = p.a
+        JOIN uh y ON y.uid = p.b WHERE x.low OR y.low""").to_arrow_reader(_VERIFY_BATCH)
+    # The reader streams from the connection: nothing else runs on it until it is read.
+    with pq.ParquetWriter(path, pa.schema([("a", pa.int64()), ("b", pa.int64())])) as rejected:
+        for batch in reader:
+            ta, tb = batch.column("ta").to_pylist(), batch.column("tb").to_pylist()
+            both = np.array([x is not None and y is not None for x, y in zip(ta, tb)], dtype=bool)
+            agree = np.zeros(len(ta), dtype=bool)
+            if both.any():
+                pick = np.flatnonzero(both)
+                diff = thumbnail_differences([ta[i] for i in pick], [tb[i] for i in pick])
+                agree[pick] = diff <= MAX_THUMBNAIL_DIFFERENCE
+            if not agree.all():
+                rejected.write_table(pa.table({"a": batch.column("a"), "b": batch.column("b")}).filter(pa.array(~agree)))
+    con.execute(f"CREATE TEMP TABLE rejected AS SELECT * FROM read_parquet({literal(path)})")
+    path.unlink()
+    con.execute("DELETE FROM pairs USING rejected r WHERE pairs.a = r.a AND pairs.b = r.b")
 
 
 def _cluster(con: Any) -> None:
@@ -251,7 +304,7 @@ def _write(
 ) -> dict[str, Any]:
     labels = _sql_list([s.label for s in sources])
     reasons = _sql_list(list(REASONS))
-    tiers = _sql_list(list(TIERS))
+    tiers = _sql_list([TIERS[r] for r in REASONS])  # one entry per edge code, as reasons
     keep_why = "'largest (' || k.keeper_pixels || ' pixels)'" if options.keep == "largest" else "'first in input order'"
     con.execute(f"""CREATE TEMP TABLE decided AS
         SELECT r.cluster, r.id, r.src, {labels}[r.src + 1] AS source, r.shard, r.key, r.size, r.rank = 1 AS kept,
@@ -259,10 +312,11 @@ def _write(
                CASE WHEN r.rank = 1 OR k.keeper_src = 0 THEN NULL ELSE {labels}[k.keeper_src + 1] END AS dup_in,
                CASE WHEN r.rank = 1 THEN NULL ELSE {reasons}[r.why + 1] END AS dup_reason,
                CASE WHEN r.rank = 1 THEN NULL ELSE {tiers}[r.why + 1] END AS dup_tier,
-               CASE WHEN r.rank = 1 OR r.why <> 1 THEN NULL ELSE r.d END::INTEGER AS dup_distance,
-               CASE WHEN r.rank = 1 OR r.why <> 3 THEN NULL ELSE r.cos END::FLOAT AS dup_cosine,
-               CASE WHEN r.rank > 1 THEN CASE r.why WHEN 0 THEN 'exact copy' WHEN 1 THEN 'pHash distance ' || r.d
-                                                    WHEN 2 THEN 'same caption' ELSE 'cosine ' || round(r.cos, 4) END
+               CASE WHEN r.rank = 1 OR r.why NOT IN ({_PHASH}, {_THUMBNAIL}) THEN NULL ELSE r.d END::INTEGER AS dup_distance,
+               CASE WHEN r.rank = 1 OR r.why <> {_SEMANTIC} THEN NULL ELSE r.cos END::FLOAT AS dup_cosine,
+               CASE WHEN r.rank > 1 THEN CASE r.why WHEN {_EXACT} THEN 'exact copy' WHEN {_PHASH} THEN 'pHash distance ' || r.d
+                                                    WHEN {_THUMBNAIL} THEN 'pHash distance ' || r.d || ', thumbnails agree'
+                                                    WHEN {_CAPTION} THEN 'same caption' ELSE 'cosine ' || round(r.cos, 4) END
                     WHEN r.src <> 0 THEN 'in an earlier release' ELSE {keep_why} END AS why
         FROM ranked r JOIN keepers k USING (cluster)""")
     decisions = work_dir / "decisions.parquet"
@@ -279,12 +333,9 @@ def _write(
         return con.execute(sql).fetchall()[0][0]
 
     per_source = dict(con.execute("SELECT src, count(*) FROM sig GROUP BY src").fetchall())
-    by_reason = {
-        REASONS[w]: n
-        for w, n in con.execute(
-            "SELECT why, count(*) FROM ranked WHERE src = 0 AND rank > 1 GROUP BY why ORDER BY why"
-        ).fetchall()
-    }
+    by_reason: dict[str, int] = {}
+    for w, n in con.execute("SELECT why, count(*) FROM ranked WHERE src = 0 AND rank > 1 GROUP BY why ORDER BY why").fetchall():
+        by_reason[REASONS[w]] = by_reason.get(REASONS[w], 0) + n
     sizes = con.execute("""SELECT CASE WHEN size = 2 THEN '2' WHEN size <= 5 THEN '3-5' WHEN size <= 10 THEN '6-10'
                            WHEN size <= 100 THEN '11-100' ELSE '>100' END AS bucket, count(*)
                            FROM (SELECT DISTINCT cluster, size FROM ranked) GROUP BY bucket""").fetchall()
@@ -303,11 +354,14 @@ def _write(
         "duplicates": one("SELECT count(*) FROM decided WHERE src = 0 AND NOT kept"),
         "duplicates_of_earlier_releases": one("SELECT count(*) FROM decided WHERE src = 0 AND NOT kept AND dup_in IS NOT NULL"),
         "duplicates_by_reason": by_reason,
+        "duplicates_by_tier": {t: sum(n for r, n in by_reason.items() if TIERS[r] == t) for t in dict.fromkeys(TIERS.values())},
         "clusters": one("SELECT count(*) FROM keepers"),
         "cluster_sizes": {b: n for b, n in sorted(sizes, key=lambda x: ["2", "3-5", "6-10", "11-100", ">100"].index(x[0]))},
         "largest_clusters": [{"kept": {"dataset": src, "key": key}, "size": size} for src, key, size in largest],
         "degenerate_images": one("SELECT count(*) FROM sig WHERE src = 0 AND degenerate"),
         "unhashable_images": one("SELECT count(*) FROM sig WHERE src = 0 AND error IS NOT NULL"),
+        "low_quality_images": one("SELECT count(*) FROM sig WHERE src = 0 AND low AND NOT degenerate"),
+        "pairs_rejected_by_thumbnail": one("SELECT count(*) FROM rejected") if plan is not None else 0,
         "capped_buckets": {"count": capped[0], "largest": capped[1], "cap": options.bucket_cap},
         "plan": None
         if plan is None

@@ -2,10 +2,11 @@
 
 A signatures directory is itself a dataset directory (parquet rows, empty tars, ``_stats.json`` as
 the done marker), so the job driver's processes, progress and resume apply unchanged. It holds one row
-per sample that has an image: where the sample is (shard, row), its SHA-256, its perceptual hash
-and the name of the algorithm that made it, its normalised-caption hash, and its pixel size for ``--keep
-largest``. A sample whose image cannot be decoded keeps its SHA-256 and gets ``error`` instead of a
-perceptual hash. With ``dedup --semantic`` the same read of the shard gives each image its embedding
+per sample that has an image: where the sample is (shard, row), its SHA-256, its perceptual hash with
+those of its canonical orientation(s), its quality, a colour thumbnail when the quality is low, and the name of
+the algorithm that made them, its normalised-caption hash, and its pixel size for ``--keep largest``.
+A sample whose image cannot be decoded keeps its SHA-256 and gets ``error`` instead of a perceptual
+hash. With ``dedup --semantic`` the same read of the shard gives each image its embedding
 (``dedup.embedding``), committed with the shard as its ``embeddings/NNNNN.parquet`` sidecar.
 """
 
@@ -14,18 +15,20 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from lenscap.core.dataset import Dataset
+from lenscap.core.dataset import Dataset, read_parquet
 from lenscap.core.record import Sample
 from lenscap.core.schema import Column
 from lenscap.core.stage import Stage
 from lenscap.dedup.embedding import EmbeddingPlan
 from lenscap.dedup.phash import ALGORITHM, phash
 
-__all__ = ["SignatureStage", "SIGNATURE_SCHEMA", "caption_digest"]
+__all__ = ["SignatureStage", "SIGNATURE_SCHEMA", "caption_digest", "signature_algorithm"]
 
 SIGNATURE_SCHEMA = pa.schema(
     [
@@ -36,6 +39,9 @@ SIGNATURE_SCHEMA = pa.schema(
         pa.field("phash", pa.uint64()),
         pa.field("phash_algorithm", pa.string()),  # hashes of different algorithms are never compared
         pa.field("phash_degenerate", pa.bool_()),
+        pa.field("phash_keys", pa.list_(pa.uint64())),  # phash, then its canonical orientation(s)
+        pa.field("phash_quality", pa.float32()),
+        pa.field("thumbnail", pa.binary()),  # 16x16 RGB, low-quality images only
         pa.field("caption_hash", pa.binary(16)),
         pa.field("pixels", pa.int64()),
         pa.field("image_bytes", pa.int64()),
@@ -45,6 +51,21 @@ SIGNATURE_SCHEMA = pa.schema(
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _NOT_WORD = re.compile(r"[\W_]+", re.UNICODE)
+
+
+def signature_algorithm(directory: Path) -> str | None:
+    """The hash algorithm of a signatures directory's first complete shard (None: none yet, or no
+    perceptual hash in it). A shard without the dihedral columns is lenscap-phash-v1's."""
+    if not directory.exists():
+        return None
+    ids = Dataset(directory).completed_ids()
+    if not ids:
+        return None
+    path = Dataset(directory).parquet_path(ids[0])
+    if "phash_keys" not in pq.ParquetFile(path).schema_arrow.names:
+        return "lenscap-phash-v1"
+    found = [a for a in read_parquet(path, columns=["phash_algorithm"]).column(0).to_pylist() if a is not None]
+    return found[0] if found else None
 
 
 def caption_digest(caption: str | None) -> bytes | None:
@@ -80,12 +101,23 @@ class SignatureStage(Stage):
             "phash": None,
             "phash_algorithm": None,
             "phash_degenerate": None,
+            "phash_keys": None,
+            "phash_quality": None,
+            "thumbnail": None,
             "pixels": None,
             "error": None,
         }
         try:
             h = phash(sample.image)
-            out.update(phash=h.phash, phash_algorithm=ALGORITHM, phash_degenerate=h.degenerate, pixels=h.width * h.height)
+            out.update(
+                phash=h.phash,
+                phash_algorithm=ALGORITHM,
+                phash_degenerate=h.degenerate,
+                phash_keys=list(h.keys),
+                phash_quality=h.quality,
+                thumbnail=h.thumbnail,
+                pixels=h.width * h.height,
+            )
         except Exception as e:  # noqa: BLE001 - an undecodable image is still compared by its bytes
             out["error"] = f"cannot compute a perceptual hash: {type(e).__name__}: {e}"
         return out

@@ -17,9 +17,10 @@ of a cluster), ``duplicate``, ``skipped`` (no image to compare: a failed downloa
 earlier stage dropped), or ``error`` (the image could not be decoded for a perceptual hash; it was
 still compared by its bytes and caption, and is kept). A duplicate loses its image unless
 ``--mark-only`` (its offsets become null, so the export leaves it out); ``dup_of`` names its cluster's keeper (``dup_in`` the earlier release holding it),
-``dup_reason`` / ``dup_tier`` / ``dup_distance`` (pHash bits) / ``dup_cosine`` (semantic) the closest
-match that put it in the cluster. With ``--semantic`` each output shard is committed with its
-embeddings (``embeddings/NNNNN.parquet``, pass 1's sidecar of that shard), named in the manifest.
+``dup_tier`` which tier merged it (``exact``, ``near``, ``caption`` or ``semantic``), ``dup_reason`` /
+``dup_distance`` (pHash bits) / ``dup_cosine`` (semantic) the closest match that put it in the
+cluster. With ``--semantic`` each output shard is committed with its embeddings
+(``embeddings/NNNNN.parquet``, pass 1's sidecar of that shard), named in the manifest.
 """
 
 from __future__ import annotations

@@ -7,7 +7,18 @@ import random
 
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["scene", "photo", "scene_caption", "jpeg_bytes", "png_bytes", "truncated_jpeg", "html_page", "bomb_png"]
+__all__ = [
+    "scene",
+    "photo",
+    "graphic",
+    "colour_pair",
+    "scene_caption",
+    "jpeg_bytes",
+    "png_bytes",
+    "truncated_jpeg",
+    "html_page",
+    "bomb_png",
+]
 
 _COLOURS = {
     "red": (200, 40, 40),
@@ -49,6 +60,50 @@ def scene(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:
         else:
             draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=_COLOURS[colour])
     return img.filter(ImageFilter.SMOOTH)
+
+
+def graphic(seed: int, size: tuple[int, int] = (400, 300)) -> Image.Image:
+    """A flat graphic: one to three plain shapes on a plain background, no gradient, no texture (an
+    icon, a chart, a logo): little for a perceptual hash to go on."""
+    rng = random.Random(seed * 31337 + 3)
+    colours = [tuple(rng.randrange(256) for _ in range(3)) for _ in range(3)]
+    img = Image.new("RGB", size, colours[0])
+    draw = ImageDraw.Draw(img)
+    w, h = size
+    for k in range(rng.randint(1, 3)):
+        side = rng.randint(min(w, h) // 10, min(w, h) * 2 // 5)
+        x, y = rng.randrange(w - side), rng.randrange(h - side)
+        (draw.rectangle if k % 2 == 0 else draw.ellipse)((x, y, x + side, y + side), fill=colours[1 + k % 2])
+    return img
+
+
+# Dark background, light shapes: pHash sees the same light/dark layout in every one of these.
+_DARK_LIGHT = (
+    ((0, 0, 0), (0, 200, 0)),
+    ((0, 160, 0), (255, 150, 200)),
+    ((20, 20, 120), (250, 220, 40)),
+    ((120, 20, 20), (200, 240, 255)),
+    ((60, 60, 60), (255, 255, 255)),
+)
+
+
+def colour_pair(seed: int, size: tuple[int, int] = (300, 300)) -> tuple[Image.Image, Image.Image]:
+    """Two distinct flat graphics with one layout and the same light/dark order in different colours (a
+    black image with a green square, a green image with a pink square): they hash within a few bits."""
+    rng = random.Random(seed * 7 + 5)
+    w, h = size
+    boxes = []
+    for _ in range(rng.randint(1, 2)):
+        side = rng.randint(min(w, h) // 5, min(w, h) // 2)
+        x, y = rng.randrange(w - side), rng.randrange(h - side)
+        boxes.append((x, y, x + side, y + side))
+    out = []
+    for dark, light in (_DARK_LIGHT[seed % 5], _DARK_LIGHT[(seed + 1) % 5]):
+        img = Image.new("RGB", size, dark)
+        for box in boxes:
+            ImageDraw.Draw(img).rectangle(box, fill=light)
+        out.append(img)
+    return out[0], out[1]
 
 
 def photo(seed: int, size: tuple[int, int] = (640, 480)) -> Image.Image:

@@ -45,6 +45,7 @@ _NOT_EXPORTED = {
     "dup_of",
     "dup_in",
     "dup_reason",
+    "dup_tier",
     "dup_distance",
     "dup_cluster",
 }
