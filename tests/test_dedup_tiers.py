@@ -80,7 +80,7 @@ def test_flipped_and_rotated_copies_are_found_and_no_distinct_image_is_merged(ti
     assert [key(i) for i in range(DISTINCT) if got[key(i)]["dedup_status"] == "duplicate"] == []
     assert summary["duplicates"] == 21 and summary["duplicates_by_reason"] == {"exact": 1, "phash": 20}
     report = json.loads((base / "out" / "dedup" / "report.json").read_text())
-    assert report["duplicates_by_tier"] == summary["duplicates_by_tier"] == {"exact": 1, "near": 20, "caption": 0}
+    assert report["duplicates_by_tier"] == summary["duplicates_by_tier"] == {"exact": 1, "near": 20, "caption": 0, "semantic": 0}
     # the colour pairs hash alike: the thumbnails, not the hashes, kept them apart
     assert report["pairs_rejected_by_thumbnail"] >= PAIRS
     assert report["low_quality_images"] + report["degenerate_images"] == GRAPHICS + 2 * PAIRS
