@@ -21,10 +21,12 @@ from test_caption import rows
 from test_caption_batch import records
 
 from lenscap.caption.backends import backend_class
+from lenscap.caption.backends.base import CaptionRequest
 from lenscap.caption.pricing import DEFAULT_PRICES
 from lenscap.core.dataset import Dataset
 from lenscap.core.errors import BackendError
 from lenscap.demo.datasets import write_image_dataset
+from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.testing.fake_gemini import FakeGemini
 from lenscap.testing.fake_openai import fake_caption
 
@@ -67,7 +69,7 @@ def assert_no_key(*places) -> None:
 def test_sixty_images_captioned_from_their_pixels_priced_per_row_and_a_rerun_sends_nothing(tmp_path, env):
     src = write_image_dataset(tmp_path / "in", 60, per_shard=20).path
     with FakeGemini(api_key=KEY) as server:
-        first = gemini(src, tmp_path / "out", server, env, "--json")
+        first = gemini(src, tmp_path / "out", server, env, "-O", "thinking_budget=24", "--json")
         assert first.returncode == 0, first.stderr
         assert json.loads(first.stdout)["caption_status"] == {"ok": 60}
         stats = server.stats()
@@ -77,13 +79,13 @@ def test_sixty_images_captioned_from_their_pixels_priced_per_row_and_a_rerun_sen
         for r in got.values():
             assert (r["caption_backend"], r["caption_model"], r["caption_status"]) == ("gemini", MODEL, "ok")
             # 320x240 is one Gemini image (258 tokens) plus the prompt; thinking tokens are billed as output.
-            assert r["caption_input_tokens"] > 258 and r["caption_output_tokens"] > 7
+            assert r["caption_input_tokens"] > 258 and r["caption_output_tokens"] > 24
             exact = (r["caption_input_tokens"] * price.input + r["caption_output_tokens"] * price.output) / 1e6
             assert r["caption_cost_usd"] == pytest.approx(exact, rel=1e-12)
         assert sum(r["caption_input_tokens"] for r in got.values()) == stats["input_tokens"]
         assert sum(r["caption_output_tokens"] for r in got.values()) == stats["output_tokens"]
         assert sorted(stats["image_successes"].values()) == [1] * 60
-        again = gemini(src, tmp_path / "out", server, env, "--json")
+        again = gemini(src, tmp_path / "out", server, env, "-O", "thinking_budget=24", "--json")
         assert again.returncode == 0, again.stderr
         assert server.stats()["requests"] == stats["requests"] == 60, "a rerun sends nothing"
         assert server.seen_keys_in_urls == 0, "the key travels in a header, never in a URL"
@@ -144,6 +146,29 @@ def test_a_rejected_key_is_one_line_without_the_key_and_google_api_key_is_the_fa
         with pytest.raises(BackendError, match="model 'gemini-9': models/gemini-9 is not found"):
             backend_class("gemini").from_options({"base_url": [server.base_url], "model": "gemini-9"}).check()
     assert backend.parameters()["rpm"] == 1000, "no rate-limit headers: the model's tier-1 limits"
+
+
+def test_flash_is_asked_not_to_think_by_default_and_pro_thinks_its_own_way():
+    """A caption needs no thinking, and thinking is billed as output from the same --max-tokens: 2.5 Flash
+    and Flash-Lite are sent a thinking budget of 0 unless told otherwise; Pro, which must think, is not."""
+    request = CaptionRequest("k", jpeg_bytes(scene(0, (64, 48))), None, "Caption it.")
+    budgets = {}
+    for model, given in (
+        ("gemini-2.5-flash", {}),
+        ("gemini-2.5-flash-lite", {}),
+        ("gemini-2.5-pro", {}),
+        ("gemini-2.5-pro", {"thinking_budget": "128"}),
+    ):
+        backend = backend_class("gemini").from_options({"model": model, "base_url": ["http://127.0.0.1:9"], **given})
+        body, _ = backend.build_body(request)
+        budgets[(model, bool(given))] = (body["generationConfig"].get("thinkingConfig") or {}).get("thinkingBudget")
+        assert backend.identity()["thinking_budget"] == budgets[(model, bool(given))], "the budget is in the cache key"
+    assert budgets == {
+        ("gemini-2.5-flash", False): 0,
+        ("gemini-2.5-flash-lite", False): 0,
+        ("gemini-2.5-pro", False): None,
+        ("gemini-2.5-pro", True): 128,
+    }
 
 
 # -- gemini-batch --------------------------------------------------------------------------------------

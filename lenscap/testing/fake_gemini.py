@@ -86,7 +86,7 @@ class FakeGemini(GeminiBatchEndpoints, FakeOpenAI):
         with self._lock:
             self.requests += 1
         try:
-            texts, images, max_tokens = read_request(json.loads(body))
+            texts, images, max_tokens, thinking = read_request(json.loads(body))
         except BadGeminiRequest as e:
             return self._count(google_error(e.code, str(e)))
         except ValueError:
@@ -114,7 +114,7 @@ class FakeGemini(GeminiBatchEndpoints, FakeOpenAI):
             return self._count((200, {}, b'{"candidates": [{"content": {"parts": [{"te'))
         if fault == "badimage":
             return self._count(google_error(400, "Unable to process input image. Please retry or report in the forum."))
-        return self._count((200, {}, json.dumps(self.answer(model, images, sha, est, max_tokens, fault)).encode()))
+        return self._count((200, {}, json.dumps(self.answer(model, images, sha, est, max_tokens, fault, thinking)).encode()))
 
     @staticmethod
     def prompt_tokens(model: str, texts: list[str], images: list[Any]) -> int:
@@ -126,7 +126,9 @@ class FakeGemini(GeminiBatchEndpoints, FakeOpenAI):
         details = [{"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait:.3f}s"}] if with_delay else None
         return google_error(429, "You exceeded your current quota, please check your plan and billing details.", details)
 
-    def answer(self, model: str, images: list[Any], sha: str, est: int, max_tokens: int, fault: str | None) -> dict[str, Any]:
+    def answer(
+        self, model: str, images: list[Any], sha: str, est: int, max_tokens: int, fault: str | None, thinking: int | None = None
+    ) -> dict[str, Any]:
         """A billed GenerateContentResponse: a caption, one stopped by SAFETY or RECITATION or MAX_TOKENS,
         or a prompt blocked outright (no candidate; the prompt's tokens are still reported)."""
         usage: dict[str, Any] = {"promptTokenCount": est, "totalTokenCount": est}
@@ -137,7 +139,9 @@ class FakeGemini(GeminiBatchEndpoints, FakeOpenAI):
         )
         words = caption.split()
         finish, text = "STOP", caption
-        thoughts = 0 if model.endswith("lite") else 7  # 2.5 Flash and Pro think first: billed as output
+        # 2.5 Flash and Pro think first unless told not to (a budget of 0): billed as output, within maxOutputTokens.
+        budget = thinking if thinking is not None and thinking >= 0 else (0 if model.endswith("lite") else 7)
+        thoughts = min(budget, 24, max_tokens - 1)
         if fault in ("safety", "recitation"):
             finish, text = fault.upper(), ""
         elif fault == "length" or len(words) * 4 // 3 + thoughts > max_tokens:

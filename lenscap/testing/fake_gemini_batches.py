@@ -233,7 +233,7 @@ class GeminiBatchEndpoints:
         except (ValueError, KeyError, TypeError):
             return {"error": {"code": 400, "message": "malformed batch line", "status": "INVALID_ARGUMENT"}}
         try:
-            texts, images, max_tokens = read_request(request)
+            texts, images, max_tokens, thinking = read_request(request)
         except BadGeminiRequest as e:
             return {"key": key, "error": {"code": e.code, "message": str(e), "status": "INVALID_ARGUMENT"}}
         sha = hashlib.sha256(b"".join(r for r, _, _ in images)).hexdigest()
@@ -244,7 +244,7 @@ class GeminiBatchEndpoints:
         if fault in ("500", "503"):
             return {"key": key, "error": {"code": int(fault), "message": "An internal error has occurred.", "status": "INTERNAL"}}
         est = self.prompt_tokens(model, texts, images)  # type: ignore[attr-defined]
-        return {"key": key, "response": self.answer(model, images, sha, est, max_tokens, fault)}  # type: ignore[attr-defined]
+        return {"key": key, "response": self.answer(model, images, sha, est, max_tokens, fault, thinking)}  # type: ignore[attr-defined]
 
 
 def _public(resource: dict[str, Any]) -> dict[str, Any]:

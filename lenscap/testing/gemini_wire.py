@@ -33,8 +33,9 @@ class BadGeminiRequest(Exception):
         self.code = code
 
 
-def read_request(req: Any) -> tuple[list[str], list[tuple[bytes, Image.Image, tuple[int, int]]], int]:
-    """A GenerateContentRequest's texts (system instruction included), decoded images and maxOutputTokens,
+def read_request(req: Any) -> tuple[list[str], list[tuple[bytes, Image.Image, tuple[int, int]]], int, int | None]:
+    """A GenerateContentRequest's texts (system instruction included), decoded images, maxOutputTokens and
+    thinking budget (None: the model's own),
     checked as the API checks them. Shared by generateContent and each line of a batch file."""
     if not isinstance(req, dict) or not isinstance(req.get("contents"), list) or not req["contents"]:
         raise BadGeminiRequest(400, "* GenerateContentRequest.contents: contents is not specified")
@@ -53,7 +54,8 @@ def read_request(req: Any) -> tuple[list[str], list[tuple[bytes, Image.Image, tu
     max_tokens = config.get("maxOutputTokens", config.get("max_output_tokens", 8192))
     if not isinstance(max_tokens, int) or max_tokens < 1:
         raise BadGeminiRequest(400, "max_output_tokens must be positive")
-    return texts, images, max_tokens
+    thinking = (config.get("thinkingConfig") or config.get("thinking_config") or {}).get("thinkingBudget")
+    return texts, images, max_tokens, thinking
 
 
 def _decode(blob: dict[str, Any]) -> tuple[bytes, Image.Image, tuple[int, int]]:

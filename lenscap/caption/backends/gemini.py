@@ -27,7 +27,7 @@ from lenscap.caption.backends.api_guards import (
     check_redirect_sync,
     redirect_message,
 )
-from lenscap.caption.backends.base import ERROR, OK, REFUSED, TRUNCATED, CaptionRequest, CaptionResult
+from lenscap.caption.backends.base import ERROR, OK, REFUSED, TRUNCATED, CaptionRequest, CaptionResult, Option
 from lenscap.caption.backends.openai_chat import (
     COMMON_OPTIONS,
     ONLINE_OPTIONS,
@@ -43,7 +43,7 @@ from lenscap.caption.backends.openai_chat import (
 )
 from lenscap.caption.image_prep import prepare_image
 from lenscap.caption.pricing import image_tokens, text_tokens, tier_limits
-from lenscap.core.errors import BackendError, MissingDependency
+from lenscap.core.errors import BackendError, MissingDependency, UsageError
 from lenscap.core.install import install_hint
 
 __all__ = ["GeminiBackend", "GEMINI_OPTIONS", "DEFAULT_GEMINI_MODEL", "gemini_sdk", "answer_of", "api_name", "error_message"]
@@ -74,6 +74,19 @@ GEMINI_COMMON_OPTIONS = (
     ),
     *(o for o in COMMON_OPTIONS if o.name in ("max_tokens", "temperature", "max_side", "timeout", "prices")),
 )
+# 2.5 Flash and Flash-Lite may answer without thinking (Pro may not): a caption needs none, and thinking
+# tokens are billed as output and spent from maxOutputTokens, so a dense caption would come back cut.
+NO_THINKING_BY_DEFAULT = ("gemini-2.5-flash",)
+GEMINI_COMMON_OPTIONS += (
+    Option(
+        "thinking_budget",
+        int,
+        None,
+        "Tokens a Gemini 2.5 model may think before it captions (thinkingBudget; billed as output, spent from "
+        "--max-tokens); -1: the model decides.",
+        default_text="0 for 2.5 Flash and Flash-Lite, the model's own for others",
+    ),
+)
 GEMINI_OPTIONS = GEMINI_COMMON_OPTIONS + (
     _gemini("rpm", default_text=_TIER_TEXT),
     _gemini("tpm", default_text=_TIER_TEXT),
@@ -97,11 +110,26 @@ class GeminiBackend(OpenAIChatBackend):
     name = "gemini"
     options = GEMINI_OPTIONS
 
-    def __init__(self, options: OpenAIOptions) -> None:
+    def __init__(self, options: OpenAIOptions, thinking_budget: int | None = None) -> None:
         limits = tier_limits(options.model)
         if limits is not None and options.rpm is None and options.tpm is None:
             options = dataclasses.replace(options, rpm=limits.rpm, tpm=limits.tpm)
         super().__init__(options)
+        self.set_thinking_budget(thinking_budget)
+
+    @classmethod
+    def from_options(cls, values: dict[str, Any]) -> OpenAIChatBackend:
+        backend = super().from_options(values)
+        assert isinstance(backend, GeminiBackend)
+        backend.set_thinking_budget(cls.parse_options(values)["thinking_budget"])
+        return backend
+
+    def set_thinking_budget(self, budget: int | None) -> None:
+        if budget is None and self.model.startswith(NO_THINKING_BY_DEFAULT):
+            budget = 0
+        if budget is not None and budget < -1:
+            raise UsageError(f"thinking_budget must be -1 (the model decides), 0 or more, not {budget}")
+        self.thinking_budget = budget
 
     def default_base_url(self) -> str:
         return os.environ.get("GOOGLE_GEMINI_BASE_URL") or DEFAULT_BASE_URL
@@ -122,6 +150,7 @@ class GeminiBackend(OpenAIChatBackend):
             "max_tokens": o.max_tokens,
             "temperature": o.temperature,
             "max_side": o.max_side,
+            "thinking_budget": self.thinking_budget,
         }
 
     def _input_estimate(self, width: int, height: int, request: CaptionRequest) -> int:
@@ -202,6 +231,8 @@ class GeminiBackend(OpenAIChatBackend):
         config: dict[str, Any] = {"maxOutputTokens": self.options.max_tokens}
         if self.options.temperature is not None:
             config["temperature"] = self.options.temperature
+        if self.thinking_budget is not None:
+            config["thinkingConfig"] = {"thinkingBudget": self.thinking_budget}
         body: dict[str, Any] = {"contents": [{"role": "user", "parts": parts}], "generationConfig": config}
         if request.system:
             body["systemInstruction"] = {"parts": [{"text": request.system}]}
