@@ -24,7 +24,7 @@ from lenscap.caption.backends import backend_class
 from lenscap.caption.backends.base import CaptionRequest
 from lenscap.caption.pricing import DEFAULT_PRICES
 from lenscap.core.dataset import Dataset
-from lenscap.core.errors import BackendError
+from lenscap.core.errors import BackendError, MissingDependency
 from lenscap.demo.datasets import write_image_dataset
 from lenscap.demo.pictures import jpeg_bytes, scene
 from lenscap.testing.fake_gemini import FakeGemini
@@ -174,10 +174,11 @@ def test_flash_is_asked_not_to_think_by_default_and_pro_thinks_its_own_way():
 # -- gemini-batch --------------------------------------------------------------------------------------
 
 
-def batch_args(src, out, server, *extra: str) -> list[str]:
+def batch_args(src, out, server, *extra: str, wait: bool = True) -> list[str]:
     return [
         *("caption", str(src), str(out), "--backend", "gemini-batch", "--model", MODEL, "--base-url", server.base_url),
-        *("--no-cache", "--quiet", "--max-requests-per-file", "3", "--wait", "--poll-interval", "0.1", *extra),
+        *("--no-cache", "--quiet", "--max-requests-per-file", "3", *(("--wait", "--poll-interval", "0.1") if wait else ())),
+        *extra,
     ]
 
 
@@ -242,3 +243,29 @@ def test_gemini_batch_killed_at_each_step_pays_each_request_once(tmp_path, env, 
         assert server.seen_keys_in_urls == 0
     assert rows(tmp_path / "out") == clean_batch_rows
     assert_no_key(tmp_path / "out", r.stdout, r.stderr)
+
+
+def test_gemini_batch_status_and_cancel_then_a_rerun_asks_the_cancelled_requests_again(tmp_path, env):
+    src = write_image_dataset(tmp_path / "in", 6, per_shard=6).path
+    with FakeGemini(api_key=KEY, batch_delay_s=3600) as server:
+        assert run_cli(*batch_args(src, tmp_path / "out", server, wait=False), env=env).returncode == 0
+        status = run_cli("batch", "status", str(tmp_path / "out"), "--json", env=env)
+        assert status.returncode == 0, status.stderr
+        assert json.loads(status.stdout)["files"] == {"submitted": 2} and json.loads(status.stdout)["backend"] == "gemini-batch"
+        r = run_cli("batch", "cancel", str(tmp_path / "out"), env=env)
+        assert r.returncode == 0 and "cancelled 2 batch(es)" in r.stderr, r.stderr
+        assert {b["metadata"]["state"] for b in server.gbatches.values()} == {"BATCH_STATE_CANCELLED"}
+        server.configure(batch_delay_s=0.05)
+        r = run_cli(*batch_args(src, tmp_path / "out", server, "--json"), env=env)
+        assert r.returncode == 0 and json.loads(r.stdout)["caption_status"] == {"ok": 6}, r.stderr
+        states = [b["metadata"]["state"] for b in server.gbatches.values()]
+        assert states == ["BATCH_STATE_CANCELLED"] * 2 + ["BATCH_STATE_SUCCEEDED"] * 2
+        assert sorted(server.image_successes.values()) == [1] * 6
+
+
+def test_without_the_sdk_gemini_says_which_extra_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "google.genai", None)  # an import of it now fails, as when it is absent
+    backend = backend_class("gemini").from_options({"base_url": ["http://127.0.0.1:9"]})
+    with pytest.raises(MissingDependency) as missing:
+        backend.check()
+    assert str(missing.value) == "--backend gemini needs the google-genai SDK: pip install 'lenscap-datasets[gemini]'"

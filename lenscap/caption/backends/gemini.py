@@ -176,6 +176,8 @@ class GeminiBackend(OpenAIChatBackend):
         return client
 
     async def close_client(self, client: Any) -> None:
+        client.close()  # the synchronous client the SDK made for itself, unused here
+        await client.aio.aclose()
         await client._lenscap_http.aclose()
 
     def sync_client(self, url: str, timeout_s: float) -> Any:
@@ -184,7 +186,14 @@ class GeminiBackend(OpenAIChatBackend):
 
         genai, _, _ = gemini_sdk()
         http = httpx.Client(event_hooks={"response": [check_redirect_sync]}, timeout=timeout_s)
-        return genai.Client(api_key=self._api_key, http_options=self.http_options(url, http, timeout_s))
+        client = genai.Client(api_key=self._api_key, http_options=self.http_options(url, http, timeout_s))
+        client._lenscap_http = http  # closed with it (close_sync_client)
+        return client
+
+    @staticmethod
+    def close_sync_client(client: Any) -> None:
+        client.close()
+        client._lenscap_http.close()
 
     # -- checks -----------------------------------------------------------------------------------
 
@@ -214,6 +223,8 @@ class GeminiBackend(OpenAIChatBackend):
                 raise BackendError(
                     f"{url} did not answer as the Gemini API does ({type(e).__name__}): is --base-url right?"
                 ) from None
+            finally:
+                self.close_sync_client(client)
 
     def key_problem(self, url: str, e: Any) -> str:
         if e.code == 403 and "key" not in error_message(e).lower():
