@@ -127,6 +127,20 @@ def test_faults_and_stop_reasons_map_to_statuses_and_a_429_storm_backs_off(tmp_p
     assert got["000000007"]["caption_output_tokens"] <= 300
 
 
+def test_a_503_storm_before_any_answer_stops_the_run_with_googles_words_and_the_rerun_captions_all(tmp_path, env):
+    src = write_image_dataset(tmp_path / "in", 8, per_shard=8).path
+    with FakeGemini(api_key=KEY, fail_next=["503"] * 40) as server:
+        r = gemini(src, tmp_path / "out", server, env, "--concurrency", "1", "--max-retries", "1")
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        said = "the server failed the first 5 requests with: HTTP 503 UNAVAILABLE: An internal error has occurred. Please retry."
+        assert said in r.stderr
+        assert server.stats()["requests"] == 10  # 5 samples, 2 attempts each: then it stopped
+        assert not Dataset(tmp_path / "out").completed_ids(), "nothing recorded for the storm"
+        server.configure(fail_next=[])
+        r = gemini(src, tmp_path / "out", server, env, "--json")
+        assert r.returncode == 0 and json.loads(r.stdout)["caption_status"] == {"ok": 8}, r.stderr
+
+
 def test_a_rejected_key_is_one_line_without_the_key_and_google_api_key_is_the_fallback(monkeypatch, tmp_path):
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
     monkeypatch.delenv("GEMINI_API_KEY_FILE", raising=False)

@@ -112,8 +112,9 @@ class GeminiBackend(OpenAIChatBackend):
 
     def __init__(self, options: OpenAIOptions, thinking_budget: int | None = None) -> None:
         limits = tier_limits(options.model)
-        if limits is not None and options.rpm is None and options.tpm is None:
-            options = dataclasses.replace(options, rpm=limits.rpm, tpm=limits.tpm)
+        if limits is not None:  # each limit not given is the model's tier-1 one: Gemini's answers carry none
+            rpm = limits.rpm if options.rpm is None else options.rpm
+            options = dataclasses.replace(options, rpm=rpm, tpm=limits.tpm if options.tpm is None else options.tpm)
         super().__init__(options)
         self.set_thinking_budget(thinking_budget)
 
@@ -164,7 +165,8 @@ class GeminiBackend(OpenAIChatBackend):
         and no aiohttp, whose session the SDK retries on its own), the timeout in milliseconds, no SDK retries."""
         _, types, _ = gemini_sdk()
         key = "httpx_async_client" if hasattr(client, "aclose") else "httpx_client"
-        return types.HttpOptions(base_url=url + "/", api_version="v1beta", timeout=int(timeout_s * 1000), **{key: client})
+        root = url.removesuffix("/v1beta") + "/"  # the SDK adds the API version itself
+        return types.HttpOptions(base_url=root, api_version="v1beta", timeout=int(timeout_s * 1000), **{key: client})
 
     def open_client(self, url: str) -> Any:
         import httpx  # the SDK's own HTTP client
@@ -345,7 +347,7 @@ def answer_of(backend: GeminiBackend, key: str, reply: Any, estimate: int) -> Ca
     else:
         out_tok = text_tokens(text) if text else 0
     max_tokens = backend.options.max_tokens
-    impossible = _impossible_usage(in_tok, out_tok, estimate or in_tok, max_tokens)
+    impossible = _impossible_usage(in_tok, out_tok, estimate, max_tokens)
     if impossible:
         return CaptionResult(key, ERROR, error=f"impossible reply: {impossible}", cost_usd=backend.price(estimate, max_tokens))
     result = CaptionResult(key, OK, input_tokens=in_tok, output_tokens=out_tok, cost_usd=backend.price(in_tok, out_tok))
