@@ -144,6 +144,10 @@ def test_a_503_storm_before_any_answer_stops_the_run_with_googles_words_and_the_
 def test_a_rejected_key_is_one_line_without_the_key_and_google_api_key_is_the_fallback(monkeypatch, tmp_path):
     monkeypatch.delenv("GEMINI_API_KEY", raising=False)
     monkeypatch.delenv("GEMINI_API_KEY_FILE", raising=False)
+    monkeypatch.delenv("GOOGLE_API_KEY", raising=False)
+    monkeypatch.delenv("GOOGLE_API_KEY_FILE", raising=False)
+    with pytest.raises(BackendError, match=r"^no API key: set the environment variable GEMINI_API_KEY or GOOGLE_API_KEY,"):
+        backend_class("gemini").from_options({})
     key_file = tmp_path / "key"
     key_file.write_text(KEY + "\n")
     monkeypatch.setenv("GOOGLE_API_KEY_FILE", str(key_file))

@@ -138,9 +138,19 @@ class GeminiBackend(OpenAIChatBackend):
     def resolve_key(self) -> str:
         """``--api-key-env``'s variable; left at GEMINI_API_KEY, GOOGLE_API_KEY when that one is unset."""
         variable = self.options.api_key_env
-        if variable == KEY_VARIABLES[0] and not _key_given(variable) and _key_given(KEY_VARIABLES[1]):
-            variable = KEY_VARIABLES[1]
-        return resolve_api_key(variable, self.base_urls)
+        if variable != KEY_VARIABLES[0]:
+            return resolve_api_key(variable, self.base_urls)
+        if not _key_given(variable) and _key_given(KEY_VARIABLES[1]):
+            return resolve_api_key(KEY_VARIABLES[1], self.base_urls)
+        try:
+            return resolve_api_key(variable, self.base_urls)
+        except BackendError as e:
+            if _key_given(variable):
+                raise  # a key file that cannot be read, or holds more than the key
+            raise BackendError(
+                "no API key: set the environment variable GEMINI_API_KEY or GOOGLE_API_KEY, or GEMINI_API_KEY_FILE "
+                "to a file holding it (or name another variable with --api-key-env)"
+            ) from e
 
     def identity(self) -> dict[str, Any]:
         o = self.options
