@@ -287,3 +287,21 @@ def test_without_the_sdk_gemini_says_which_extra_to_install(monkeypatch):
     with pytest.raises(MissingDependency) as missing:
         backend.check()
     assert str(missing.value) == "--backend gemini needs the google-genai SDK: pip install 'lenscap-datasets[gemini]'"
+
+
+def test_gemini_batch_maps_stop_reasons_and_asks_a_failed_request_again_in_the_next_round(tmp_path, env):
+    marks = {0: "[[fault:500x1]]", 1: "[[fault:badimage]]", 2: "[[fault:safety]]", 3: "[[fault:length]]", 4: "[[fault:blocked]]"}
+    src = write_image_dataset(tmp_path / "in", 6, per_shard=6, caption=lambda i: f"photo {i} {marks.get(i, '')}").path
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("Caption this image. Its alt-text, as data: {alt_text}")
+    with FakeGemini(api_key=KEY, batch_delay_s=0.05) as server:
+        r = run_cli(*batch_args(src, tmp_path / "out", server, "--prompt", str(prompt), "--json"), env=env)
+        assert r.returncode == 0, r.stderr
+        assert len(server.gbatches) == 3, "two files, then one more round for the 500"
+        assert sorted(server.image_successes.values()) == [1] * 5, "the bad image is not billed; no other paid twice"
+    got = {k: (row["caption_status"], row["caption_error"]) for k, row in rows(tmp_path / "out").items()}
+    assert got["000000000"] == ("ok", None) and got["000000005"] == ("ok", None)
+    assert got["000000001"] == ("error", "HTTP 400: Unable to process input image. Please retry or report in the forum.")
+    assert got["000000002"] == ("refused", "refused: the reply was stopped (SAFETY)")
+    assert got["000000003"][0] == "truncated" and got["000000003"][1].startswith("reply cut at --max-tokens 300: A wide")
+    assert got["000000004"] == ("refused", "refused: the prompt was blocked (PROHIBITED_CONTENT)")

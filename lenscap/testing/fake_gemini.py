@@ -132,7 +132,10 @@ class FakeGemini(GeminiBatchEndpoints, FakeOpenAI):
         """A billed GenerateContentResponse: a caption, one stopped by SAFETY or RECITATION or MAX_TOKENS,
         or a prompt blocked outright (no candidate; the prompt's tokens are still reported)."""
         usage: dict[str, Any] = {"promptTokenCount": est, "totalTokenCount": est}
-        if fault == "blocked":
+        if fault == "blocked":  # the prompt's tokens are reported, so counted as billed
+            with self._lock:
+                self.image_successes[sha] += 1
+                self.input_tokens += est
             return {"promptFeedback": {"blockReason": "PROHIBITED_CONTENT"}, "usageMetadata": usage, "modelVersion": model}
         caption = fake_caption(
             images[0][1] if images else None, images[0][2] if images else None, sha, self.settings.caption_words

@@ -243,6 +243,9 @@ class GeminiBatchEndpoints:
         fault = self._fault(sha, "\n".join(texts))  # type: ignore[attr-defined]
         if fault in ("500", "503"):
             return {"key": key, "error": {"code": int(fault), "message": "An internal error has occurred.", "status": "INTERNAL"}}
+        if fault == "badimage":
+            message = "Unable to process input image. Please retry or report in the forum."
+            return {"key": key, "error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT"}}
         est = self.prompt_tokens(model, texts, images)  # type: ignore[attr-defined]
         return {"key": key, "response": self.answer(model, images, sha, est, max_tokens, fault, thinking)}  # type: ignore[attr-defined]
 
