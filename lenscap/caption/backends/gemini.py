@@ -225,8 +225,9 @@ class GeminiBackend(OpenAIChatBackend):
             except errors.APIError as e:
                 if e.code == 404:
                     raise BackendError(f"model {self.model!r}: {self.scrub(error_message(e))}") from None
-                if e.code in (400, 401, 403):
+                if e.code in (401, 403) or (e.code == 400 and "api key" in error_message(e).lower()):
                     raise BackendError(self.key_problem(url, e)) from None
+                # Other answers (a gateway without the models endpoint) still caption, as for --backend openai.
             except OffHostRedirect as e:
                 raise BackendError(redirect_message(url, e)) from None
             except httpx.TransportError as e:
