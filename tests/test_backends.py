@@ -20,7 +20,7 @@ from lenscap.demo.pictures import cartoon_face, jpeg_bytes, png_bytes, scene
 from lenscap.testing.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILTINS = ["batch-files", "describe", "openai", "openai-batch", "transformers", "vllm"]
+BUILTINS = ["batch-files", "describe", "gemini", "gemini-batch", "openai", "openai-batch", "transformers", "vllm"]
 
 
 @pytest.fixture
@@ -44,6 +44,7 @@ def test_backends_lists_builtins_with_their_options(env):
     assert sorted(found) == BUILTINS
     assert all(b["source"] == "lenscap (built-in)" for b in found.values())
     assert found["openai"]["needs_key"] and not found["describe"]["needs_key"]
+    assert found["gemini"]["needs_key"] and found["gemini"]["priced"] and found["gemini-batch"]["batch"]
     assert {"model", "device", "dtype", "batch_size", "max_tokens"} <= {o["name"] for o in found["transformers"]["options"]}
     tokens = next(o for o in found["vllm"]["options"] if o["name"] == "max_tokens")
     assert tokens["deprecated_names"] == ["max_new_tokens"], "the local backends' old name is still accepted"

@@ -174,6 +174,7 @@ def test_imports_inside_functions_are_of_heavy_or_optional_packages_only():
         "faiss",
     }
     heavy |= {"huggingface_hub"}  # transformers' hub client (the local extra): the aesthetic weights by id
+    heavy |= {"google", "httpx"}  # google-genai (the gemini backends) and the HTTP client they hand it
     wrong = []
     for module in modules().values():
         parents = _parents(module.tree)

@@ -23,6 +23,8 @@ REGISTRY = Registry(
         "openai": "lenscap.caption.backends.openai_chat:OpenAIChatBackend",
         "openai-batch": "lenscap.caption.backends.openai_batch:OpenAIBatchBackend",
         "batch-files": "lenscap.caption.backends.openai_batch:BatchFilesBackend",
+        "gemini": "lenscap.caption.backends.gemini:GeminiBackend",
+        "gemini-batch": "lenscap.caption.backends.gemini_batch:GeminiBatchBackend",
         "describe": "lenscap.caption.backends.describe:DescribeBackend",
         "transformers": "lenscap.caption.backends.transformers_local:TransformersBackend",
         "vllm": "lenscap.caption.backends.vllm_local:VllmBackend",

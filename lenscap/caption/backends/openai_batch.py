@@ -120,6 +120,15 @@ class _BatchBackend(OpenAIChatBackend):
     def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
         raise UsageError(f"the {self.name} backend runs as a batch job, not request by request")
 
+    @staticmethod
+    def batch_line(custom_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        """One request as a line of this API's batch input file (another provider's backend has its own)."""
+        return {"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body}
+
+    # A provider whose batch output lines are not OpenAI's reads them itself: (custom id, journal entry or
+    # None, message or None) from a parsed line, None for a line that names no request (merge.read_answers).
+    read_batch_line: Callable[[dict[str, Any]], tuple[str, dict[str, Any] | None, str | None] | None] | None = None
+
     @abstractmethod
     def transport(self, work_dir: Path) -> Any:
         """How this backend moves one batch file (upload, create, poll, fetch, cancel)."""

@@ -298,11 +298,41 @@ class OpenAIChatBackend(CaptionBackend):
         options.validate()
         self.options = options
         self.model = options.model
-        urls = options.base_urls or [os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL]
+        urls = options.base_urls or [self.default_base_url()]
         self.base_urls = [u.rstrip("/") for u in urls]
-        self._api_key = resolve_api_key(options.api_key_env, self.base_urls) if self.needs_key else "no-key"
+        self._api_key = self.resolve_key() if self.needs_key else "no-key"
         self.endpoints = [_Endpoint(u, EndpointLimiter(options.rpm, options.tpm, options.process_share)) for u in self.base_urls]
         self._new_run()
+
+    # -- what another provider's backend replaces (gemini.py) ----------------------------------
+
+    def default_base_url(self) -> str:
+        """The API's address when no --base-url is given."""
+        return os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+
+    def resolve_key(self) -> str:
+        """The API key, from the variable --api-key-env names (or the file its ``_FILE`` twin names)."""
+        return resolve_api_key(self.options.api_key_env, self.base_urls)
+
+    def open_client(self, url: str) -> Any:
+        """The asynchronous SDK client of one endpoint, opened per shard in the worker."""
+        import openai  # the SDK takes about a second to import: only where a request is made
+
+        return openai.AsyncOpenAI(
+            base_url=url,
+            api_key=self._api_key,
+            max_retries=0,
+            timeout=self.options.timeout,
+            http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [check_redirect]}),
+        )
+
+    async def close_client(self, client: Any) -> None:
+        await client.close()
+
+    def probe_body(self) -> dict[str, Any]:
+        """The cheapest request the server can answer: a one-token text request (``_server_answers``)."""
+        limit_name = "max_completion_tokens" if _REASONING_RE.match(self.model) else "max_tokens"
+        return {"model": self.model, "messages": [{"role": "user", "content": "Reply with OK."}], limit_name: 1}
 
     # -- description ----------------------------------------------------------------------------
 
@@ -399,16 +429,8 @@ class OpenAIChatBackend(CaptionBackend):
             raise next(iter(_leaves(group))) from None
 
     async def _run(self, requests: Iterator[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
-        import openai  # the SDK takes about a second to import: only where a request is made
-
         for ep in self.endpoints:
-            ep.client = openai.AsyncOpenAI(
-                base_url=ep.url,
-                api_key=self._api_key,
-                max_retries=0,
-                timeout=self.options.timeout,
-                http_client=openai.DefaultAsyncHttpxClient(event_hooks={"response": [check_redirect]}),
-            )
+            ep.client = self.open_client(ep.url)
         self._probe = asyncio.Lock()
         breaker = _FirstErrorsBreaker(on_result, self._run_state)
         try:
@@ -424,7 +446,7 @@ class OpenAIChatBackend(CaptionBackend):
                 await self._settle_held(breaker)
         finally:
             for ep in self.endpoints:
-                await ep.client.close()
+                await self.close_client(ep.client)
 
     def setup(self) -> None:
         self._new_run()
@@ -469,8 +491,7 @@ class OpenAIChatBackend(CaptionBackend):
     async def _server_answers(self) -> bool:
         """Whether the server answers a chat request now: a one-token text request (any HTTP answer but a
         server error counts), waiting out an outage as any request does."""
-        limit_name = "max_completion_tokens" if _REASONING_RE.match(self.model) else "max_tokens"
-        body = {"model": self.model, "messages": [{"role": "user", "content": "Reply with OK."}], limit_name: 1}
+        body = self.probe_body()
         # A flaky server (four errors, then an answer) may fail one probe's attempts: probe again until it
         # answers or has been silent for --outage-timeout, as a request waiting out an outage would.
         while True:

@@ -30,6 +30,12 @@ def read_answers(backend: Any, paths: list[Path]) -> Iterator[tuple[str, dict[st
 
 
 def _read_line(backend: Any, raw: bytes) -> tuple[str, dict[str, Any] | None, str | None] | None:
+    own_reader = getattr(backend, "read_batch_line", None)
+    if own_reader is not None:  # another provider's output format (gemini-batch)
+        try:
+            return own_reader(json.loads(raw))
+        except ValueError:
+            return None
     try:
         line = json.loads(raw)
         custom_id = str(line["custom_id"])

@@ -98,10 +98,7 @@ class BatchWorker:
                         journal.append({**CaptionResult(sample.key, ERROR, error=str(e)).to_dict(), "cached": False})
                         continue
                     cid = custom_id(shard_id, sample.key)
-                    line = (
-                        json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}).encode()
-                        + b"\n"
-                    )
+                    line = json.dumps(backend.batch_line(cid, body)).encode() + b"\n"
                     if len(line) > self.max_line_bytes:
                         journal.append(
                             {
