@@ -76,6 +76,20 @@ def test_a_tiny_clip_directory_runs_end_to_end_and_its_embeddings_are_kept(tiny_
     assert summary["semantic"]["reused"] == 0
 
 
+def test_against_a_folder_of_images_is_embedded_and_searched_at_the_semantic_tier(tiny_run, tmp_path):
+    """Decontamination at every tier: an eval set given as a plain folder is embedded with the same
+    model, and input images semantically near it go to it (--semantic alone: no hash can match)."""
+    base, clip, _ = tiny_run
+    folder = tmp_path / "eval"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(jpeg_bytes(photo(0, (160, 120))))
+    args = ("dedup", str(base / "in"), str(tmp_path / "out"), "--semantic", "--embed-model", str(clip))
+    code, out, err = run_cli_here(*args, "--against", str(folder), "--json", "--quiet", "--processes", "1")
+    assert code == 0, err
+    to_folder = [r for r in rows(tmp_path / "out").values() if r["dup_in"] == str(folder)]
+    assert to_folder and {r["dup_tier"] for r in to_folder} == {"semantic"} and {r["dup_of"] for r in to_folder} == {"a.jpg"}
+
+
 # -- planted embeddings --------------------------------------------------------------------------
 
 DIM, MODEL, THRESHOLD = 16, "planted/clip", 0.9

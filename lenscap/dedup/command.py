@@ -109,7 +109,7 @@ def _signatures(
         label = in_label if index == 0 else redact_url(stage.against[index - 1])
         _forget_other_algorithm(target, label)
         if isinstance(dataset, ImageFolder):
-            failed_shards = hash_folder(job, dataset, target, label)
+            failed_shards = hash_folder(job, dataset, target, label, stage.options.model if stage.options.semantic else None)
         else:
             with job.internal_output(SignatureStage(_embedding(stage.options, dataset)), dataset, target) as signing:
                 failed_shards = job.run_shards(signing, job.progress(f"dedup: hashing {label}")).failed_shards

@@ -1,5 +1,6 @@
 """``dedup --against`` a plain folder of image files (an evaluation set): its signatures, made the way
-pass 1 makes a dataset's, so the search compares them with the input's at every tier.
+pass 1 makes a dataset's, so the search compares them with the input's at every tier (with
+``--semantic``, each image is embedded in the same read, as a dataset's are).
 
 The folder (local, or on any store a dataset can be on) is read recursively, hidden directories left
 out; every file with an image suffix is one sample, keyed by its path relative to the folder. The files are hashed in fixed groups of
@@ -22,6 +23,7 @@ from lenscap.core.dataset import Dataset
 from lenscap.core.errors import DatasetError, InputError
 from lenscap.core.job import Job
 from lenscap.core.record import Sample
+from lenscap.dedup.embedding import EmbeddingPlan
 from lenscap.dedup.signatures import SIGNATURE_SCHEMA, SignatureStage
 
 __all__ = ["ImageFolder", "IMAGE_SUFFIXES", "FILES_PER_SHARD", "open_against", "hash_folder"]
@@ -86,6 +88,7 @@ class FolderSignatures:
 
     folder: ImageFolder
     target: str
+    embedding: EmbeddingPlan | None = None  # --semantic: each image embedded too, a sidecar a group
 
     def setup(self) -> None:
         pass
@@ -97,20 +100,27 @@ class FolderSignatures:
         names = self.folder.files[shard_id * FILES_PER_SHARD : (shard_id + 1) * FILES_PER_SHARD]
         stage = SignatureStage()
         writer = dst.writer(shard_id, SIGNATURE_SCHEMA, copy_images=False)
+        embeddings = self.embedding.start(shard_id) if self.embedding is not None else None
         try:
             for row, name in enumerate(names):
                 image = Sample(name, {}, image=self.folder.read(name))
                 writer.write(Sample(name, stage.signature(image, shard_id, row)))
+                if embeddings is not None:
+                    embeddings.add(image)
+            sidecars, stats = embeddings.finish(dst, shard_id) if embeddings is not None else ({}, {})
         except BaseException:
             writer.abort()
             raise
-        return writer.commit({"stage": "signatures"})
+        return writer.commit({"stage": "signatures", **stats}, sidecars)
 
 
-def hash_folder(job: Job, folder: ImageFolder, target: Path, label: str) -> dict[int, str]:
-    """Pass 1 for an image folder, into ``target``; the groups that failed (group: why)."""
+def hash_folder(job: Job, folder: ImageFolder, target: Path, label: str, embed_model: str | None = None) -> dict[int, str]:
+    """Pass 1 for an image folder, into ``target``, each image embedded with ``embed_model`` too when
+    given (--semantic); the groups that failed (group: why)."""
     marker = target / "folder.json"
     listing = {"folder": folder.resolved, "files": len(folder.files), "digest": folder.listing_digest()}
+    if embed_model is not None:  # signatures made without embeddings (or with another model) are made again
+        listing["embed_model"] = embed_model
     if target.exists() and (not marker.exists() or json.loads(marker.read_text()) != listing):
         shutil.rmtree(target)
     dst = Dataset.create(target)
@@ -121,6 +131,7 @@ def hash_folder(job: Job, folder: ImageFolder, target: Path, label: str) -> dict
     progress = job.progress(f"dedup: hashing {label}")
     progress.start(len(groups), len(groups) - len(todo))
     try:
-        return job.map(FolderSignatures(folder, str(target)), todo, lambda item, result: progress.advance(shards=1))
+        plan = EmbeddingPlan(embed_model) if embed_model is not None else None
+        return job.map(FolderSignatures(folder, str(target), plan), todo, lambda item, result: progress.advance(shards=1))
     finally:
         progress.finish()
