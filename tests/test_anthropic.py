@@ -159,8 +159,10 @@ def test_the_limiter_learns_anthropics_headers_input_and_output_apart(monkeypatc
     assert limiter.on_rate_limited(limit_headers(headers, now), 1.0) == 7.0
 
 
-def test_an_online_run_reads_the_servers_limits(monkeypatch):
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+def test_an_online_run_reads_the_servers_limits_with_the_key_from_a_file(monkeypatch, tmp_path):
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    (tmp_path / "key").write_text(KEY + "\n")
+    monkeypatch.setenv("ANTHROPIC_API_KEY_FILE", str(tmp_path / "key"))  # the server refuses any other key
     with FakeAnthropic(api_key=KEY, rpm=600, tpm=90_000) as fake:
         backend = AnthropicBackend.from_options({"model": MODEL, "base_url": [fake.base_url]})
         done = []
@@ -201,6 +203,20 @@ def test_batch_flow_rounds_half_price_and_status(tmp_path, env):
         assert status["backend"] == "anthropic-batch" and status["files"] == {"merged": 3} and status["requests"] == 18
         assert all(len(r["custom_id"]) <= 64 for b in fake.batches.values() for r in b["_requests"])
     no_key_in(tmp_path, r.stderr)
+
+
+def test_cancel_then_rerun_asks_the_cancelled_requests_again(tmp_path, env):
+    src = write_image_dataset(tmp_path / "in", 4, per_shard=4).path
+    with FakeAnthropic(api_key=KEY, batch_delay_s=3600) as fake:
+        submit = caption_args(src, tmp_path / "out", fake, "anthropic-batch", "--no-cache")
+        assert run_cli(*submit, env=env).returncode == 0
+        r = run_cli("batch", "cancel", str(tmp_path / "out"), env=env)
+        assert r.returncode == 0 and "cancelled 1 batch(es)" in r.stderr, r.stderr
+        fake.configure(batch_delay_s=0.05)
+        r = run_cli(*batch_args(src, tmp_path / "out", fake, "--json"), env=env)
+        assert r.returncode == 0 and json.loads(r.stdout)["caption_status"] == {"ok": 4}, r.stderr
+        ended = sorted(fake.batches.values(), key=lambda b: b["id"])
+        assert [b["request_counts"]["canceled"] for b in ended] == [4, 0] and sorted(fake.image_successes.values()) == [1] * 4
 
 
 @pytest.fixture(scope="module")

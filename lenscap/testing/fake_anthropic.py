@@ -146,7 +146,7 @@ class FakeAnthropic(FakeOpenAI):
         status, reply, broken = await self._answer(req, online=True)
         if status == 0:
             return None  # a hang
-        if status in (429,):
+        if status == 429:
             return self._count(self._anthropic_rate_limited())
         if broken:
             return self._count((200, self._anthropic_limits(), b'{"id": "msg_broken", "type": "message", "conte'))
@@ -196,7 +196,7 @@ class FakeAnthropic(FakeOpenAI):
         for bucket, kind in ((self._rpm, "requests"), (self._tpm, "input-tokens")):
             if bucket is None:
                 continue
-            openai_names = bucket.headers("x")
+            openai_names = bucket.headers("x")  # the bucket's figures, under OpenAI's names for a kind "x"
             for field in ("limit", "remaining"):
                 headers[f"anthropic-ratelimit-{kind}-{field}"] = openai_names[f"x-ratelimit-{field}-x"]
             reset = float(openai_names["x-ratelimit-reset-x"].rstrip("s"))
