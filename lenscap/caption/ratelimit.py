@@ -1,4 +1,5 @@
-"""Client-side rate limiting: a requests bucket and a tokens bucket per endpoint.
+"""Client-side rate limiting: a requests bucket and a tokens bucket per endpoint (and an output-tokens
+bucket where the provider limits output tokens apart, as Anthropic does; not shared on Ray).
 
 Why these numbers. Servers may enforce a per-minute limit over shorter windows (OpenAI: "60,000 RPM
 may be enforced as 1,000 requests per second"), so a client that bursts a minute's worth gets 429s
