@@ -25,7 +25,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
 # What the whole test suite needs, so nothing is skipped in CI.
-TEST_EXTRAS = "test,local,semantic,ocr,ray,gemini"
+TEST_EXTRAS = "test,local,semantic,ocr,ray,gemini,anthropic"
 DOCS_EXTRAS = "docs"
 
 

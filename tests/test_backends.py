@@ -20,7 +20,18 @@ from lenscap.demo.pictures import cartoon_face, jpeg_bytes, png_bytes, scene
 from lenscap.testing.fake_openai import FakeOpenAI
 
 ROOT = Path(__file__).resolve().parent.parent
-BUILTINS = ["batch-files", "describe", "gemini", "gemini-batch", "openai", "openai-batch", "transformers", "vllm"]
+BUILTINS = [
+    "anthropic",
+    "anthropic-batch",
+    "batch-files",
+    "describe",
+    "gemini",
+    "gemini-batch",
+    "openai",
+    "openai-batch",
+    "transformers",
+    "vllm",
+]
 
 
 @pytest.fixture

@@ -165,6 +165,7 @@ def test_imports_inside_functions_are_of_heavy_or_optional_packages_only():
         "torch",
         "transformers",
         "openai",
+        "anthropic",
         "ray",
         "vllm",
         "cv2",

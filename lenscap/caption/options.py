@@ -70,7 +70,8 @@ class _CaptionFlags(RowsOnly, OwnedOutput, FromDataset, Executed):
     ] = """Recaption a dataset with a vision-language model. Rerun to resume: nothing already paid is asked again.
 
     openai: any chat-completions server. openai-batch: OpenAI's Batch API at half price (rerun, or --wait,
-    to collect). batch-files: files for vllm run-batch (rerun to merge). transformers, vllm: local models.
+    to collect). anthropic, anthropic-batch: Claude, online or through Message Batches at half price.
+    batch-files: files for vllm run-batch (rerun to merge). transformers, vllm: local models.
     describe: an offline description computed from the pixels (no model).
     """
     example: ClassVar[str] = "lenscap caption data/filtered data/captioned --backend openai --model gpt-4.1-mini --max-cost 5"
@@ -81,7 +82,7 @@ class _CaptionFlags(RowsOnly, OwnedOutput, FromDataset, Executed):
 
     backend: str = option(
         "openai",
-        "Caption backend: openai, openai-batch, batch-files, transformers, vllm, describe, or a plugin (lenscap backends lists them).",
+        "Caption backend: openai, openai-batch, anthropic, anthropic-batch, batch-files, transformers, vllm, describe, or a plugin (lenscap backends lists them).",
     )
     prompt: str = option(
         "lens",

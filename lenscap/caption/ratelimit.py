@@ -1,4 +1,5 @@
-"""Client-side rate limiting: a requests bucket and a tokens bucket per endpoint.
+"""Client-side rate limiting: a requests bucket and a tokens bucket per endpoint (and an output-tokens
+bucket where the provider limits output tokens apart, as Anthropic does; not shared on Ray).
 
 Why these numbers. Servers may enforce a per-minute limit over shorter windows (OpenAI: "60,000 RPM
 may be enforced as 1,000 requests per second"), so a client that bursts a minute's worth gets 429s
@@ -116,10 +117,16 @@ class EndpointLimiter:
     on what the server says, so all workers obey one account.
     """
 
-    def __init__(self, rpm: float | None = None, tpm: float | None = None, share: float = 1.0) -> None:
+    def __init__(
+        self, rpm: float | None = None, tpm: float | None = None, share: float = 1.0, output_tpm: float | None = None
+    ) -> None:
         self.requests = TokenBucket(rpm, share)
         self.tokens = TokenBucket(tpm, share)
-        self.flag_rpm, self.flag_tpm = rpm, tpm
+        # Output tokens, where the provider limits them apart from input tokens (Anthropic): ``tokens`` then
+        # counts input tokens alone. Learned from ``x-ratelimit-*-output-tokens`` (a provider's own
+        # headers translated to these names by its backend).
+        self.output = TokenBucket(output_tpm, share)
+        self.flag_rpm, self.flag_tpm, self.flag_output = rpm, tpm, output_tpm
         self.paused_until = 0.0
         self.waiting = 0
         self.known = rpm is not None or tpm is not None  # limits known: no probe needed
@@ -155,13 +162,30 @@ class EndpointLimiter:
         if self._known_event is not None:
             self._known_event.set()
 
-    def expected_wait(self, tokens: float) -> float:
+    def buckets(self) -> tuple[TokenBucket, TokenBucket, TokenBucket]:
+        return self.requests, self.tokens, self.output
+
+    def _wait(self, tokens: float, output: float, now: float) -> float:
+        return max(
+            self.paused_until - now,
+            self.requests.wait_time(1, now),
+            self.tokens.wait_time(tokens, now),
+            self.output.wait_time(output, now),
+        )
+
+    def _take(self, tokens: float, output: float, now: float) -> None:
+        self.requests.take(1, now)
+        self.tokens.take(tokens, now)
+        self.output.take(output, now)
+
+    def expected_wait(self, tokens: float, output: float = 0.0) -> float:
         now = time.monotonic()
-        wait = max(self.paused_until - now, self.requests.wait_time(1, now), self.tokens.wait_time(tokens, now))
+        wait = self._wait(tokens, output, now)
         return wait + self.waiting / max(self.requests.rate, 1e-9) if self.requests.per_minute else wait
 
-    async def acquire(self, tokens: float) -> None:
-        """Wait until one request of ``tokens`` may be sent; first come, first served."""
+    async def acquire(self, tokens: float, output: float = 0.0) -> None:
+        """Wait until one request of ``tokens`` (and ``output`` output tokens, where they are limited
+        apart) may be sent; first come, first served."""
         self.waiting += 1
         try:
             lock = self._get_lock()
@@ -177,10 +201,9 @@ class EndpointLimiter:
             async with lock:
                 while True:
                     now = time.monotonic()
-                    wait = max(self.paused_until - now, self.requests.wait_time(1, now), self.tokens.wait_time(tokens, now))
+                    wait = self._wait(tokens, output, now)
                     if wait <= 0:
-                        self.requests.take(1, now)
-                        self.tokens.take(tokens, now)
+                        self._take(tokens, output, now)
                         return
                     await asyncio.sleep(wait)
         finally:
@@ -218,8 +241,8 @@ class EndpointLimiter:
             if self.account is not None:
                 self.account.pause.remote(self.key, seconds)  # every worker's next turn comes after it
                 return
-            self.requests.lower_to(0.0)
-            self.tokens.lower_to(0.0)
+            for bucket in self.buckets():
+                bucket.lower_to(0.0)
 
     def observe(self, headers: Mapping[str, str], age_s: float = 0.0) -> None:
         """Learn from a response's rate-limit headers. ``age_s``: seconds since the request was sent;
@@ -229,7 +252,11 @@ class EndpointLimiter:
             limits = {k.lower(): v for k, v in headers.items() if k.lower().startswith("x-ratelimit-")}
             if limits:  # the newest goes to the actor with this process's next reservation: no extra call
                 self._seen = (limits, age_s, time.monotonic())
-        for bucket, flag, kind in ((self.requests, self.flag_rpm, "requests"), (self.tokens, self.flag_tpm, "tokens")):
+        for bucket, flag, kind in (
+            (self.requests, self.flag_rpm, "requests"),
+            (self.tokens, self.flag_tpm, "tokens"),
+            (self.output, self.flag_output, "output-tokens"),
+        ):
             limit = _header_float(headers, f"x-ratelimit-limit-{kind}")
             if limit and (flag is None or limit < flag) and limit != bucket.per_minute:
                 bucket.set_limit(limit)
@@ -255,7 +282,7 @@ class EndpointLimiter:
         if delay is None:
             delay = parse_duration(headers.get("retry-after"))
         if delay is None:
-            resets = [parse_duration(headers.get(f"x-ratelimit-reset-{k}")) for k in ("requests", "tokens")]
+            resets = [parse_duration(headers.get(f"x-ratelimit-reset-{k}")) for k in ("requests", "tokens", "output-tokens")]
             delay = max((r for r in resets if r), default=None)
         delay = fallback_s if delay is None else min(delay, 600.0)
         self.pause(delay)

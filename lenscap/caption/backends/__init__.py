@@ -23,6 +23,8 @@ REGISTRY = Registry(
         "openai": "lenscap.caption.backends.openai_chat:OpenAIChatBackend",
         "openai-batch": "lenscap.caption.backends.openai_batch:OpenAIBatchBackend",
         "batch-files": "lenscap.caption.backends.openai_batch:BatchFilesBackend",
+        "anthropic": "lenscap.caption.backends.anthropic_messages:AnthropicBackend",
+        "anthropic-batch": "lenscap.caption.backends.anthropic_batch:AnthropicBatchBackend",
         "gemini": "lenscap.caption.backends.gemini:GeminiBackend",
         "gemini-batch": "lenscap.caption.backends.gemini_batch:GeminiBatchBackend",
         "describe": "lenscap.caption.backends.describe:DescribeBackend",

@@ -11,15 +11,21 @@ a 429 ``RESOURCE_EXHAUSTED`` pauses the endpoint for the ``retryDelay`` of its `
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import dataclasses
 import os
-import time
+from collections.abc import Mapping
 from typing import Any
 
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
-
+from lenscap.caption.backends.api_chat import (
+    ApiChatBackend,
+    ApiError,
+    ApiOptions,
+    Reply,
+    _describe,
+    impossible_usage,
+    resolve_api_key,
+)
 from lenscap.caption.backends.api_guards import (
     OffHostRedirect,
     bounded_call,
@@ -28,21 +34,9 @@ from lenscap.caption.backends.api_guards import (
     redirect_message,
 )
 from lenscap.caption.backends.base import ERROR, OK, REFUSED, TRUNCATED, CaptionRequest, CaptionResult, Option
-from lenscap.caption.backends.openai_chat import (
-    COMMON_OPTIONS,
-    ONLINE_OPTIONS,
-    MalformedReply,
-    OpenAIChatBackend,
-    OpenAIOptions,
-    _describe,
-    _Endpoint,
-    _impossible_usage,
-    _SampleError,
-    _TookTooLong,
-    resolve_api_key,
-)
+from lenscap.caption.backends.openai_chat import COMMON_OPTIONS, ONLINE_OPTIONS
 from lenscap.caption.image_prep import prepare_image
-from lenscap.caption.pricing import image_tokens, text_tokens, tier_limits
+from lenscap.caption.pricing import text_tokens, tier_limits
 from lenscap.core.errors import BackendError, MissingDependency, UsageError
 from lenscap.core.install import install_hint
 
@@ -104,13 +98,15 @@ def gemini_sdk() -> tuple[Any, Any, Any]:
     return genai, types, errors
 
 
-class GeminiBackend(OpenAIChatBackend):
+class GeminiBackend(ApiChatBackend):
     """Google's Gemini API (generateContent) through the google-genai SDK, request by request."""
 
     name = "gemini"
     options = GEMINI_OPTIONS
+    default_base_url = DEFAULT_BASE_URL
+    base_url_variable = "GOOGLE_GEMINI_BASE_URL"
 
-    def __init__(self, options: OpenAIOptions, thinking_budget: int | None = None) -> None:
+    def __init__(self, options: ApiOptions, thinking_budget: int | None = None) -> None:
         limits = tier_limits(options.model)
         if limits is not None:  # each limit not given is the model's tier-1 one: Gemini's answers carry none
             rpm = limits.rpm if options.rpm is None else options.rpm
@@ -119,7 +115,7 @@ class GeminiBackend(OpenAIChatBackend):
         self.set_thinking_budget(thinking_budget)
 
     @classmethod
-    def from_options(cls, values: dict[str, Any]) -> OpenAIChatBackend:
+    def from_options(cls, values: dict[str, Any]) -> ApiChatBackend:
         backend = super().from_options(values)
         assert isinstance(backend, GeminiBackend)
         backend.set_thinking_budget(cls.parse_options(values)["thinking_budget"])
@@ -131,9 +127,6 @@ class GeminiBackend(OpenAIChatBackend):
         if budget is not None and budget < -1:
             raise UsageError(f"thinking_budget must be -1 (the model decides), 0 or more, not {budget}")
         self.thinking_budget = budget
-
-    def default_base_url(self) -> str:
-        return os.environ.get("GOOGLE_GEMINI_BASE_URL") or DEFAULT_BASE_URL
 
     def resolve_key(self) -> str:
         """``--api-key-env``'s variable; left at GEMINI_API_KEY, GOOGLE_API_KEY when that one is unset."""
@@ -153,20 +146,10 @@ class GeminiBackend(OpenAIChatBackend):
             ) from e
 
     def identity(self) -> dict[str, Any]:
-        o = self.options
-        return {
-            "backend": self.name,
-            "provider": "gemini",
-            "model": o.model,
-            "max_tokens": o.max_tokens,
-            "temperature": o.temperature,
-            "max_side": o.max_side,
-            "thinking_budget": self.thinking_budget,
-        }
+        return {**super().identity(), "provider": "gemini", "thinking_budget": self.thinking_budget}
 
-    def _input_estimate(self, width: int, height: int, request: CaptionRequest) -> int:
-        text = text_tokens(request.instruction) + (text_tokens(request.system) if request.system else 0)
-        return text + image_tokens(self.model, *self._fit(width, height))
+    def limit_headers(self, headers: Mapping[str, str]) -> Mapping[str, str]:
+        return headers  # none but the retry-after that ``send`` reads from a 429's RetryInfo
 
     # -- the SDK ----------------------------------------------------------------------------------
 
@@ -185,6 +168,7 @@ class GeminiBackend(OpenAIChatBackend):
         http = httpx.AsyncClient(event_hooks={"response": [check_redirect]}, timeout=self.options.timeout)
         client = genai.Client(api_key=self._api_key, http_options=self.http_options(url, http, self.options.timeout))
         client._lenscap_http = http  # closed with it
+        client._lenscap_url = url
         return client
 
     async def close_client(self, client: Any) -> None:
@@ -225,7 +209,7 @@ class GeminiBackend(OpenAIChatBackend):
             except errors.APIError as e:
                 if e.code == 404:
                     raise BackendError(f"model {self.model!r}: {self.scrub(error_message(e))}") from None
-                if e.code in (401, 403) or (e.code == 400 and "api key" in error_message(e).lower()):
+                if _key_refused(e):
                     raise BackendError(self.key_problem(url, e)) from None
                 # Other answers (a gateway without the models endpoint) still caption, as for --backend openai.
             except OffHostRedirect as e:
@@ -265,80 +249,35 @@ class GeminiBackend(OpenAIChatBackend):
     def probe_body(self) -> dict[str, Any]:
         return {"contents": [{"role": "user", "parts": [{"text": "Reply with OK."}]}], "generationConfig": {"maxOutputTokens": 1}}
 
-    async def _send(self, ep: _Endpoint, body: dict[str, Any]) -> Any:
-        _, types, _ = gemini_sdk()
+    async def send(self, client: Any, body: dict[str, Any]) -> Reply:
+        """One generateContent; Google's errors as ``ApiError`` (a 429's RetryInfo delay as its retry-after,
+        a refused key as a 401 whatever status Google gave it)."""
+        import httpx  # the SDK's own HTTP client
+
+        _, types, errors = gemini_sdk()
         config = dict(body.get("generationConfig") or {})
         if "systemInstruction" in body:
             config["systemInstruction"] = body["systemInstruction"]
         contents = [types.Content.model_validate(c) for c in body["contents"]]
         try:
-            async with asyncio.timeout(self.options.timeout + 0.25):  # a reply that keeps arriving, slowly
-                return await ep.client.aio.models.generate_content(
-                    model=self.model, contents=contents, config=types.GenerateContentConfig.model_validate(config)
-                )
-        except TimeoutError:
-            raise _TookTooLong() from None
-        except OffHostRedirect as e:
-            raise BackendError(redirect_message(ep.url, e)) from None
-        except ValueError as e:  # the SDK could not read the 200 (not JSON, not its shape)
-            raise MalformedReply(f"malformed reply: {type(e).__name__}") from None
-
-    async def _attempts(self, body: dict[str, Any], tokens: float) -> Any:
-        import httpx  # the SDK's own HTTP client
-
-        _, _, errors = gemini_sdk()
-        backoff = wait_exponential_jitter(initial=0.5, max=30.0)
-
-        def wait(state: Any) -> float:
-            exc = state.outcome.exception() if state.outcome else None  # after a 429 the limiter holds requests
-            return 0.0 if isinstance(exc, errors.APIError) and exc.code == 429 else backoff(state)
-
-        attempts = self.options.max_retries + 1
-        try:
-            async for attempt in AsyncRetrying(
-                stop=stop_after_attempt(attempts), retry=retry_if_exception(_retryable), wait=wait, reraise=True
-            ):
-                with attempt:
-                    ep = self._pick(tokens)
-                    await ep.limiter.acquire(tokens)
-                    sent = time.monotonic()
-                    try:
-                        reply = await self._send(ep, body)
-                    except errors.APIError as e:
-                        if e.code == 429:
-                            ep.limiter.on_rate_limited(retry_headers(e), backoff(attempt.retry_state), time.monotonic() - sent)
-                        ep.failures += e.code == 429 or e.code >= 500
-                        raise
-                    except (httpx.TransportError, _TookTooLong, MalformedReply):
-                        ep.failures += 1
-                        raise
-                    finally:
-                        ep.limiter.learned()
-                    if not reply.candidates and not (reply.prompt_feedback and reply.prompt_feedback.block_reason):
-                        ep.failures += 1
-                        raise MalformedReply("malformed reply: no candidates")
-                    ep.failures = 0
-                    self._run_state.last_success = time.monotonic()
-                    self._run_state.answered = True
-                    return reply
+            reply = await client.aio.models.generate_content(
+                model=self.model, contents=contents, config=types.GenerateContentConfig.model_validate(config)
+            )
         except errors.APIError as e:
-            message = self.scrub(error_message(e))
-            if e.code in (401, 403) or (e.code == 400 and "api key" in message.lower()):
-                raise BackendError(self.key_problem(self.base_urls[0], e)) from None
-            if e.code == 404:
-                raise BackendError(f"model {self.model!r}: {message}") from None
-            raise _SampleError(
-                f"HTTP {e.code} {e.status or ''}: {message}".replace(" :", ":"),
-                bad_request=e.code == 400,
-                transient=e.code >= 500 or e.code == 429,
-            ) from None
-        except (httpx.TimeoutException, _TookTooLong):
-            raise _SampleError(f"timed out after {self.options.timeout:g}s ({attempts} attempts)", transient=True) from None
+            status = 401 if _key_refused(e) and e.code != 403 else e.code
+            said = f"{e.status}: {error_message(e)}" if e.status else error_message(e)
+            raise ApiError(said, status, retry_headers(e)) from None
+        except httpx.TimeoutException:
+            raise ApiError("timed out", kind="timeout") from None
+        except OffHostRedirect as e:
+            raise BackendError(redirect_message(client._lenscap_url, e)) from None
         except httpx.TransportError as e:
-            raise _SampleError(f"connection failed ({attempts} attempts): {self.scrub(_describe(e))}", transient=True) from None
-        except MalformedReply as e:
-            raise _SampleError(f"{e} ({attempts} attempts)") from None
-        raise AssertionError("unreachable")
+            raise ApiError(_describe(e), kind="connection") from None
+        except ValueError as e:  # the SDK could not read the 200 (not JSON, not its shape)
+            raise ApiError(f"malformed reply: {type(e).__name__}", kind="malformed") from None
+        if not reply.candidates and not (reply.prompt_feedback and reply.prompt_feedback.block_reason):
+            raise ApiError("malformed reply: no candidates", kind="malformed")
+        return Reply({}, reply)
 
     def interpret(self, key: str, reply: Any, estimate: int) -> CaptionResult:
         """A GenerateContentResponse (the SDK's object) as a caption outcome, priced as Google bills it:
@@ -358,7 +297,7 @@ def answer_of(backend: GeminiBackend, key: str, reply: Any, estimate: int) -> Ca
     else:
         out_tok = text_tokens(text) if text else 0
     max_tokens = backend.options.max_tokens
-    impossible = _impossible_usage(in_tok, out_tok, estimate, max_tokens)
+    impossible = impossible_usage(in_tok, out_tok, estimate, max_tokens)
     if impossible:
         return CaptionResult(key, ERROR, error=f"impossible reply: {impossible}", cost_usd=backend.price(estimate, max_tokens))
     result = CaptionResult(key, OK, input_tokens=in_tok, output_tokens=out_tok, cost_usd=backend.price(in_tok, out_tok))
@@ -402,10 +341,6 @@ def retry_headers(e: Any) -> dict[str, str]:
     return {}
 
 
-def _retryable(e: BaseException) -> bool:
-    import httpx  # the SDK's own HTTP client
-
-    _, _, errors = gemini_sdk()
-    if isinstance(e, errors.APIError):
-        return e.code in (408, 429) or e.code >= 500
-    return isinstance(e, (httpx.TransportError, MalformedReply, _TookTooLong))
+def _key_refused(e: Any) -> bool:
+    """Google refuses a bad key with a 400 INVALID_ARGUMENT that says so, or a 401/403."""
+    return e.code in (401, 403) or (e.code == 400 and "api key" in error_message(e).lower())

@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from lenscap.caption.backends.api_guards import OffHostRedirect, bounded_call, redirect_message
 from lenscap.caption.backends.base import ERROR, CaptionResult
 from lenscap.caption.backends.gemini import GEMINI_COMMON_OPTIONS, GeminiBackend, api_name, error_message, gemini_sdk
-from lenscap.caption.backends.openai_batch import BATCH_OPTIONS, _BatchBackend
+from lenscap.caption.backends.openai_batch import BATCH_OPTIONS, BatchBackend
 from lenscap.caption.batch.ids import parse_custom_id
 from lenscap.caption.batch.merge import FINAL_HTTP
 from lenscap.core.errors import BackendError
@@ -47,7 +47,7 @@ STATES = {
 }
 
 
-class GeminiBatchBackend(_BatchBackend, GeminiBackend):
+class GeminiBatchBackend(BatchBackend, GeminiBackend):
     """Gemini's batch mode (a JSONL file per batch): half price, results within 24 hours; rerun (or --wait) to collect."""
 
     name = "gemini-batch"
@@ -142,8 +142,9 @@ class GeminiTransport:
         config = {"display_name": filename, "mime_type": "application/jsonl"}
         return str(self._ask(f"uploading {filename}", lambda: self.client.files.upload(file=str(path), config=config).name))
 
-    def find_batch(self, metadata: dict[str, str], since: float = 0.0) -> str | None:
-        """A batch created by an earlier run that died before recording it, found by its display name."""
+    def find_batch(self, metadata: dict[str, str], since: float = 0.0, taken: set[str] | None = None) -> str | None:
+        """A batch created by an earlier run that died before recording it, found by its display name (which
+        holds the try: ``taken``, the batches the job recorded, need not be looked at)."""
         wanted = self.batch_name(metadata)
 
         def search() -> str | None:

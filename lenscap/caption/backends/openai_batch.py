@@ -14,14 +14,23 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from lenscap.caption.backends.api_guards import OffHostRedirect, bounded_call, check_redirect_sync, redirect_message
 from lenscap.caption.backends.base import API_PANEL, BATCH_PANEL, CaptionRequest, CaptionResult, Option
 from lenscap.caption.backends.openai_chat import COMMON_OPTIONS, OpenAIChatBackend
 from lenscap.core.errors import BackendError, UsageError
 
-__all__ = ["OpenAIBatchBackend", "BatchFilesBackend", "BatchOptions", "ApiTransport", "FilesTransport", "TERMINAL"]
+__all__ = [
+    "BatchBackend",
+    "BATCH_OPTIONS",
+    "OpenAIBatchBackend",
+    "BatchFilesBackend",
+    "BatchOptions",
+    "ApiTransport",
+    "FilesTransport",
+    "TERMINAL",
+]
 
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 _SDK_RETRIES = 5
@@ -80,11 +89,12 @@ class BatchOptions:
     poll_interval_s: float = 60.0
     keep_outputs: bool = False
 
-    def validate(self) -> None:
-        if not 1 <= self.max_requests_per_file <= 50_000:
-            raise UsageError(f"--max-requests-per-file must be between 1 and 50000, not {self.max_requests_per_file}")
-        if not 1 <= self.max_file_bytes <= 200 * 1024 * 1024:
-            raise UsageError("--max-file-mib must be more than 0 and at most 200")
+    def validate(self, most_requests: int = 50_000, most_mib: int = 200) -> None:
+        """Within the provider's batch limits (OpenAI's: 50,000 requests and 200 MiB a file)."""
+        if not 1 <= self.max_requests_per_file <= most_requests:
+            raise UsageError(f"--max-requests-per-file must be between 1 and {most_requests}, not {self.max_requests_per_file}")
+        if not 1 <= self.max_file_bytes <= most_mib * 1024 * 1024:
+            raise UsageError(f"--max-file-mib must be more than 0 and at most {most_mib}")
         if self.max_enqueued_tokens is not None and self.max_enqueued_tokens < 1:
             raise UsageError("--max-enqueued-tokens must be positive")
         if self.max_rounds < 0:
@@ -93,28 +103,34 @@ class BatchOptions:
             raise UsageError("--poll-interval must be positive")
 
 
-class _BatchBackend(OpenAIChatBackend):
+class BatchBackend:
+    """What makes an API backend a batch one (a mixin before it: ``class X(BatchBackend, ItsOnlineBackend)``):
+    its batch options, read into ``batch``, and a ``transport`` that moves one batch file. A provider's
+    results that are not OpenAI's batch output lines come back from its transport as
+    ``{"custom_id", "result"}`` lines, which its backend reads with ``batch_result(key, result)``."""
+
     runs_as_batch = True
-    options = COMMON_OPTIONS + BATCH_OPTIONS
     batch: BatchOptions
+    # The provider's limits on one batch: requests, and MiB of its file.
+    most_requests: ClassVar[int] = 50_000
+    most_mib: ClassVar[int] = 200
 
     @classmethod
-    def from_options(cls, values: dict[str, Any]) -> _BatchBackend:
-        v = cls.parse_options(values)
+    def from_options(cls, values: dict[str, Any]) -> Any:
+        v = cls.parse_options(values)  # type: ignore[attr-defined]
         batch_names = {name for o in BATCH_OPTIONS for name in (o.name, *o.deprecated_names)}
         online = {k: v[k] for k in values if k not in batch_names}
-        backend = super().from_options(online)
-        assert isinstance(backend, _BatchBackend)
+        backend = super().from_options(online)  # type: ignore[misc]
         backend.batch = BatchOptions(
             max_requests_per_file=v["max_requests_per_file"],
             max_file_bytes=int(v["max_file_mib"] * 1024 * 1024),
-            max_enqueued_tokens=v["max_enqueued_tokens"],
+            max_enqueued_tokens=v.get("max_enqueued_tokens"),
             max_rounds=v["max_retries"],
             wait=v["wait"],
             poll_interval_s=v["poll_interval"],
             keep_outputs=v["keep_outputs"],
         )
-        backend.batch.validate()
+        backend.batch.validate(cls.most_requests, cls.most_mib)
         return backend
 
     def caption_all(self, requests: Iterable[CaptionRequest], on_result: Callable[[CaptionResult], None]) -> None:
@@ -132,6 +148,10 @@ class _BatchBackend(OpenAIChatBackend):
     @abstractmethod
     def transport(self, work_dir: Path) -> Any:
         """How this backend moves one batch file (upload, create, poll, fetch, cancel)."""
+
+
+class _BatchBackend(BatchBackend, OpenAIChatBackend):
+    options = COMMON_OPTIONS + BATCH_OPTIONS
 
 
 class OpenAIBatchBackend(_BatchBackend):
@@ -235,9 +255,10 @@ class ApiTransport:
         except self._openai.APIError as e:
             raise self._fail(f"uploading {filename} failed", e) from None
 
-    def find_batch(self, metadata: dict[str, str], since: float = 0.0) -> str | None:
+    def find_batch(self, metadata: dict[str, str], since: float = 0.0, taken: set[str] | None = None) -> str | None:
         """A batch created by an earlier run that died before recording it, found by its metadata (newest
-        first, down to batches made well before the create began)."""
+        first, down to batches made well before the create began). ``taken``: the job's batches recorded
+        for other files (the metadata tells them apart here)."""
 
         def search() -> str | None:
             for b in self.client.batches.list(limit=100):
@@ -320,7 +341,7 @@ class FilesTransport:
         tmp.replace(self.root / "input" / filename)
         return filename
 
-    def find_batch(self, metadata: dict[str, str], since: float = 0.0) -> str | None:
+    def find_batch(self, metadata: dict[str, str], since: float = 0.0, taken: set[str] | None = None) -> str | None:
         return None
 
     def create(self, file_id: str, metadata: dict[str, str]) -> str:

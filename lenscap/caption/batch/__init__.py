@@ -1,4 +1,4 @@
-"""Captioning as a batch job (``--backend openai-batch`` or ``batch-files``), from 100 requests to 800M.
+"""Captioning as a batch job (``--backend openai-batch``, ``anthropic-batch`` or ``batch-files``), from 100 requests to 800M.
 
 Everything lives under ``OUT/.lenscap/batch/``:
 

@@ -191,7 +191,11 @@ class BatchJob:
             self._save(record)
         # The try number tells a batch refused for the queue limit from the one created to replace it.
         metadata = {"lenscap_job": self.job_id, "lenscap_file": record["name"], "lenscap_try": str(record["tries"])}
-        batch_id = self.transport.find_batch(metadata, record["step_at"]) if record["state"] == "creating" else None
+        batch_id = None
+        if record["state"] == "creating":
+            # The job's batches are not this file's (a provider without metadata matches by its size).
+            taken = {r["batch_id"] for r in self.state.files(*IN_QUEUE, "done") if r.get("batch_id")}
+            batch_id = self.transport.find_batch(metadata, record["step_at"], taken)
         if batch_id is None:
             record.update(state="creating", step_at=time.time())
             self._save(record)  # before: a run that dies before recording the batch finds it by metadata

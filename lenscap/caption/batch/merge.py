@@ -42,6 +42,9 @@ def _read_line(backend: Any, raw: bytes) -> tuple[str, dict[str, Any] | None, st
         _, key = parse_custom_id(custom_id)
     except (ValueError, KeyError, TypeError):
         return None
+    if "result" in line:  # a provider's own result (Anthropic's Message Batches), read by its backend
+        entry, message = backend.batch_result(key, line["result"])
+        return custom_id, entry, message
     response = line.get("response") or {}
     error = line.get("error")
     code = response.get("status_code")
