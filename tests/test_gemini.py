@@ -102,8 +102,8 @@ FAULTS = {
     5: ("[[fault:recitation]]", "refused", "refused: the reply was stopped (RECITATION)"),
     6: ("[[fault:blocked]]", "refused", "refused: the prompt was blocked (PROHIBITED_CONTENT)"),
     7: ("[[fault:length]]", "truncated", "reply cut at --max-tokens 300: A wide"),
-    8: ("[[fault:badimage]]", "error", "HTTP 400 INVALID_ARGUMENT: Unable to process input image."),
-    9: ("[[fault:500]]", "error", "HTTP 500 INTERNAL: An internal error has occurred. Please retry."),
+    8: ("[[fault:badimage]]", "error", "HTTP 400: INVALID_ARGUMENT: Unable to process input image."),
+    9: ("[[fault:500]]", "error", "HTTP 500: INTERNAL: An internal error has occurred. Please retry."),
 }
 
 
@@ -132,7 +132,7 @@ def test_a_503_storm_before_any_answer_stops_the_run_with_googles_words_and_the_
     with FakeGemini(api_key=KEY, fail_next=["503"] * 40) as server:
         r = gemini(src, tmp_path / "out", server, env, "--concurrency", "1", "--max-retries", "1")
         assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        said = "the server failed the first 5 requests with: HTTP 503 UNAVAILABLE: An internal error has occurred. Please retry."
+        said = "the server failed the first 5 requests with: HTTP 503: UNAVAILABLE: An internal error has occurred. Please retry."
         assert said in r.stderr
         assert server.stats()["requests"] == 10  # 5 samples, 2 attempts each: then it stopped
         assert not Dataset(tmp_path / "out").completed_ids(), "nothing recorded for the storm"
