@@ -272,7 +272,7 @@ def test_rejected_key_unknown_model_and_unreachable_server_fail_once(tmp_path, f
         (["--prompt", "nonexistent-preset"], "is neither a preset (lens, short, alt-aware) nor a file"),
         (
             ["--backend", "nope"],
-            "unknown backend 'nope'; installed backends: batch-files, describe, openai, openai-batch, transformers, vllm",
+            "unknown backend 'nope'; installed backends: anthropic, anthropic-batch, batch-files, describe, gemini, gemini-batch, openai, openai-batch, transformers, vllm",
         ),
         (["--max-cost", "1", "--model", "my-local-model"], "--max-cost needs a price for model 'my-local-model'"),
         (["--device", "cuda"], "backend 'openai' has no option 'device' (its options: model, base-url"),
