@@ -226,7 +226,9 @@ def _with_common(callback: Any, params: list[Any], help: str) -> Any:
 
 
 def _batch_app() -> typer.Typer:
-    batch = typer.Typer(help="Look after a caption batch job (openai-batch, anthropic-batch, batch-files).", no_args_is_help=True)
+    batch = typer.Typer(
+        help="Look after a caption batch job (openai-batch, anthropic-batch, gemini-batch, batch-files).", no_args_is_help=True
+    )
     out_dir = inspect.Parameter(
         "out_dir",
         inspect.Parameter.POSITIONAL_OR_KEYWORD,

@@ -58,8 +58,8 @@ def image_own_error(message: str) -> bool:
 
 # The --help panels of the backend options that are flags of ``lenscap caption`` (``Option.panel``).
 MODEL_PANEL = "Model options (every backend; lenscap backends lists each one's defaults)"
-API_PANEL = "API options (openai, anthropic and their batch backends)"
-BATCH_PANEL = "Batch options (openai-batch, anthropic-batch, batch-files)"
+API_PANEL = "API options (openai, anthropic, gemini and their batch backends)"
+BATCH_PANEL = "Batch options (openai-batch, anthropic-batch, gemini-batch, batch-files)"
 LOCAL_PANEL = "Local model options (transformers, vllm)"
 
 
