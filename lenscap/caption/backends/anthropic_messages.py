@@ -17,20 +17,19 @@ import time
 from collections.abc import Mapping
 from dataclasses import replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 
-from lenscap.caption.backends.api_chat import REFUSAL_RE, ApiChatBackend, ApiError, Reply, _message, sdk_error
+from lenscap.caption.backends.api_chat import REFUSAL_RE, ApiChatBackend, ApiError, Reply, check_endpoint, sdk_error
 from lenscap.caption.backends.api_guards import (
-    OffHostRedirect,
     bounded_call,
     check_redirect,
     check_redirect_sync,
-    redirect_message,
 )
 from lenscap.caption.backends.base import API_PANEL, ERROR, REFUSED, TRUNCATED, CaptionRequest, CaptionResult, Option
 from lenscap.caption.backends.openai_chat import COMMON_OPTIONS, ONLINE_OPTIONS
 from lenscap.caption.image_prep import prepare_image
-from lenscap.core.errors import BackendError, MissingDependency
+from lenscap.core.errors import MissingDependency
 from lenscap.core.install import install_hint
 
 __all__ = ["AnthropicBackend", "ANTHROPIC_OPTIONS", "DEFAULT_MODEL", "anthropic_sdk", "limit_headers"]
@@ -93,6 +92,10 @@ def limit_headers(headers: Mapping[str, str], now: float | None = None) -> dict[
     return out
 
 
+def _list_models(client: Any, url: str, timeout: float) -> Any:
+    return bounded_call(lambda: client.models.list(limit=1), timeout + 1.0, f"{url} did not answer within {timeout:g}s")
+
+
 def _seconds_until(stamp: str | None, now: float) -> float | None:
     if not stamp:
         return None
@@ -135,22 +138,7 @@ class AnthropicBackend(ApiChatBackend):
         for url in self.base_urls:
             client = self.sync_client(url, timeout, 1)
             try:
-                bounded_call(lambda c=client: c.models.list(limit=1), timeout + 1.0, f"{url} did not answer within {timeout:g}s")
-            except sdk.AuthenticationError as e:
-                raise BackendError(
-                    f"{url} rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}"
-                ) from None
-            except sdk.PermissionDeniedError as e:
-                raise BackendError(f"{url} denied access: {self.scrub(_message(e))}") from None
-            except sdk.APIConnectionError as e:
-                cause = e.__cause__ or e
-                if isinstance(cause, OffHostRedirect):
-                    raise BackendError(redirect_message(url, cause)) from None
-                raise BackendError(f"cannot reach {url}: {self.scrub(str(cause) or type(cause).__name__)}") from None
-            except OffHostRedirect as e:
-                raise BackendError(redirect_message(url, e)) from None
-            except (sdk.APIStatusError, sdk.APIResponseValidationError):
-                pass  # a proxy without /v1/models still captions
+                check_endpoint(sdk, url, partial(_list_models, client, url, timeout), self, "/v1/models")
             finally:
                 client.close()
 

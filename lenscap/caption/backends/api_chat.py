@@ -44,7 +44,17 @@ from lenscap.core.executors import RayExecutor
 if TYPE_CHECKING:
     from lenscap.core.executors import Executor
 
-__all__ = ["REFUSAL_RE", "ApiChatBackend", "ApiError", "ApiOptions", "Reply", "resolve_api_key", "sdk_error", "impossible_usage"]
+__all__ = [
+    "REFUSAL_RE",
+    "ApiChatBackend",
+    "check_endpoint",
+    "ApiError",
+    "ApiOptions",
+    "Reply",
+    "resolve_api_key",
+    "sdk_error",
+    "impossible_usage",
+]
 
 # The same server error this many times before any success means the job is wrong (an unsupported
 # parameter, an unknown model, a server failing every request), not the images: stop instead of
@@ -667,6 +677,29 @@ def _leaves(group: BaseExceptionGroup) -> Iterator[BaseException]:
             yield from _leaves(e)
         else:
             yield e
+
+
+def check_endpoint(sdk: Any, url: str, ask: Callable[[], Any], backend: ApiChatBackend, what: str) -> None:
+    """``ask`` (the first request to ``url``, through a Stainless-made SDK: ``openai``, ``anthropic``),
+    its failures said in one line: a key refused or access denied, no answer, a redirect off the host
+    stop the job; another HTTP error (a proxy without ``what``) does not: such servers still caption."""
+    try:
+        ask()
+    except sdk.AuthenticationError as e:
+        raise BackendError(
+            f"{url} rejected the API key in ${backend.options.api_key_env}: {backend.scrub(_message(e))}"
+        ) from None
+    except sdk.PermissionDeniedError as e:
+        raise BackendError(f"{url} denied access: {backend.scrub(_message(e))}") from None
+    except sdk.APIConnectionError as e:
+        cause = e.__cause__ or e
+        if isinstance(cause, OffHostRedirect):
+            raise BackendError(redirect_message(url, cause)) from None
+        raise BackendError(f"cannot reach {url}: {backend.scrub(str(cause) or type(cause).__name__)}") from None
+    except OffHostRedirect as e:
+        raise BackendError(redirect_message(url, e)) from None
+    except (sdk.APIStatusError, sdk.APIResponseValidationError):
+        pass  # a server (or proxy) without {what} still captions
 
 
 def sdk_error(sdk: Any, e: Exception, url: str) -> Exception:

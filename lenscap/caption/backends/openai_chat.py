@@ -9,6 +9,7 @@ reply's choices and usage, its finish reasons, the ``/models`` check.
 from __future__ import annotations
 
 import re
+from functools import partial
 from typing import Any
 
 from lenscap.caption.backends.api_chat import (
@@ -19,15 +20,14 @@ from lenscap.caption.backends.api_chat import (
     Reply,
     _describe,
     _message,
+    check_endpoint,
     resolve_api_key,
     sdk_error,
 )
 from lenscap.caption.backends.api_guards import (
-    OffHostRedirect,
     check_models,
     check_redirect,
     check_redirect_sync,
-    redirect_message,
 )
 from lenscap.caption.backends.base import (
     API_PANEL,
@@ -40,7 +40,6 @@ from lenscap.caption.backends.base import (
     Option,
 )
 from lenscap.caption.image_prep import prepare_image
-from lenscap.core.errors import BackendError
 
 __all__ = ["OpenAIChatBackend", "OpenAIOptions", "COMMON_OPTIONS", "DEFAULT_MODEL", "resolve_api_key", "_message", "_describe"]
 
@@ -150,22 +149,7 @@ class OpenAIChatBackend(ApiChatBackend):
                 http_client=openai.DefaultHttpxClient(event_hooks={"response": [check_redirect_sync]}),
             )
             try:
-                check_models(client, url, min(self.options.timeout, 20.0))
-            except openai.AuthenticationError as e:
-                raise BackendError(
-                    f"{url} rejected the API key in ${self.options.api_key_env}: {self.scrub(_message(e))}"
-                ) from None
-            except openai.PermissionDeniedError as e:
-                raise BackendError(f"{url} denied access: {self.scrub(_message(e))}") from None
-            except openai.APIConnectionError as e:
-                cause = e.__cause__ or e
-                if isinstance(cause, OffHostRedirect):
-                    raise BackendError(redirect_message(url, cause)) from None
-                raise BackendError(f"cannot reach {url}: {self.scrub(str(cause) or type(cause).__name__)}") from None
-            except OffHostRedirect as e:
-                raise BackendError(redirect_message(url, e)) from None
-            except openai.APIStatusError:
-                pass  # servers without /models (or a proxy in front) still caption
+                check_endpoint(openai, url, partial(check_models, client, url, min(self.options.timeout, 20.0)), self, "/models")
             finally:
                 client.close()
 
