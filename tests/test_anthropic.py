@@ -5,9 +5,6 @@ rate limits learned from Anthropic's headers, the key nowhere, and SIGKILL at ev
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -15,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import run_cli, solid_jpeg
 from test_caption import rows
-from test_caption_batch import records
+from test_caption_batch import kill_batch_job_at, records
 
 from lenscap.caption.backends.anthropic_batch import AnthropicBatchBackend
 from lenscap.caption.backends.anthropic_messages import AnthropicBackend, limit_headers
@@ -237,26 +234,7 @@ def test_sigkill_at_each_step_then_rerun_pays_each_request_once(tmp_path, env, b
     n, per_file = 12, 3
     with FakeAnthropic(batch_delay_s=0.3, create_delay_s=2.0 if moment == "create" else 0.0) as fake:
         args = batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", str(per_file))
-        cmd = [sys.executable, "-m", "lenscap.cli", *args]
-        proc = subprocess.Popen(cmd, env={**os.environ, **{k: v for k, v in env.items() if v}}, start_new_session=True)
-        want = {
-            "packing": lambda rs: len(rs) >= 2,
-            "create": lambda rs: any(r["state"] == "creating" for r in rs),
-            "polling": lambda rs: len(rs) == n // per_file and all(r["state"] == "submitted" for r in rs),
-            "merging": lambda rs: any(r["state"] == "merged" for r in rs),
-        }[moment]
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if want(records(tmp_path / "out")):
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.01)
-        if moment == "create":
-            time.sleep(0.5)  # the server has made the batch; its answer is still 1.5 s away
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_batch_job_at(moment, args, env, tmp_path / "out", n // per_file)
         fake.configure(create_delay_s=0.0)
         r = run_cli(*batch_args(src, tmp_path / "out", fake, "--max-requests-per-file", str(per_file), "--json"), env=env)
         assert r.returncode == 0, r.stderr

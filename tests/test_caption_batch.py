@@ -253,39 +253,46 @@ def test_cancel_then_rerun_merges_and_resubmits(tmp_path, env):
         assert [b["status"] for b in sorted(fake.batches.values(), key=lambda b: b["id"])] == ["cancelled", "completed"]
 
 
+# The moments of a batch job a test kills it at, read from its state records (``records``).
+BATCH_MOMENTS = {
+    "packing": lambda rs, files: len(rs) >= 2,
+    "upload": lambda rs, files: any(r["state"] == "uploading" for r in rs),
+    "create": lambda rs, files: any(r["state"] == "creating" for r in rs),
+    "polling": lambda rs, files: len(rs) == files and all(r["state"] == "submitted" for r in rs),
+    "merging": lambda rs, files: any(r["state"] == "merged" for r in rs),
+}
+
+
+def kill_batch_job_at(moment: str, cli_args: list[str], env: dict, out: Path, files: int) -> None:
+    """``lenscap CLI_ARGS`` in a process group of its own, SIGKILLed at ``moment`` of its batch job into
+    ``out`` (``files`` batch files in all). At upload and create the fake server has acted by then and
+    answers late (its ``upload_delay_s``/``create_delay_s``): the kill lands between the two."""
+    cmd = [sys.executable, "-m", "lenscap.cli", *cli_args]
+    proc = subprocess.Popen(cmd, env={**os.environ, **{k: v for k, v in env.items() if v}}, start_new_session=True)
+    deadline = time.monotonic() + 60
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            if BATCH_MOMENTS[moment](records(out), files):
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.01)
+    if moment in ("upload", "create"):
+        time.sleep(0.5)  # the server has acted; its answer is still 1.5 s away
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 @pytest.mark.parametrize("moment", ["packing", "upload", "create", "polling"])
 def test_sigkill_at_each_step_never_duplicates_a_batch(tmp_path, env, moment):
     n, per_file = 30, 3
     src = write_image_dataset(tmp_path / "in", n, per_shard=10).path
     delays = {"upload": {"upload_delay_s": 2.0}, "create": {"create_delay_s": 2.0}}.get(moment, {})
     with FakeOpenAI(batch_delay_s=0.3, **delays) as fake:
-        args = [
-            sys.executable,
-            "-m",
-            "lenscap.cli",
-            *batch_args(
-                src, tmp_path / "out", fake, "--max-requests-per-file", str(per_file), "--wait", "--poll-interval", "0.2"
-            ),
-        ]
-        proc = subprocess.Popen(args, env={**os.environ, **{k: v for k, v in env.items() if v}}, start_new_session=True)
-        want = {
-            "packing": lambda rs: len(rs) >= 2,
-            "upload": lambda rs: any(r["state"] == "uploading" for r in rs),
-            "create": lambda rs: any(r["state"] == "creating" for r in rs),
-            "polling": lambda rs: len(rs) == n // per_file and all(r["state"] == "submitted" for r in rs),
-        }[moment]
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if want(records(tmp_path / "out")):
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.01)
-        if moment in ("upload", "create"):
-            time.sleep(0.5)  # the server has acted; its answer is still 1.5 s away
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        args = batch_args(
+            src, tmp_path / "out", fake, "--max-requests-per-file", str(per_file), "--wait", "--poll-interval", "0.2"
+        )
+        kill_batch_job_at(moment, args, env, tmp_path / "out", n // per_file)
         fake.configure(upload_delay_s=0.0, create_delay_s=0.0)
         r = run_cli(
             *batch_args(

@@ -7,18 +7,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
 from PIL import Image
 from test_caption import rows
-from test_caption_batch import records
+from test_caption_batch import kill_batch_job_at, records
 
 from lenscap.caption.backends import backend_class
 from lenscap.caption.backends.base import CaptionRequest
@@ -227,26 +223,8 @@ def test_gemini_batch_killed_at_each_step_pays_each_request_once(tmp_path, env, 
     n, per_file = 12, 3
     delays = {"upload": {"upload_delay_s": 2.0}, "create": {"create_delay_s": 2.0}}.get(moment, {})
     with FakeGemini(api_key=KEY, batch_delay_s=0.3, **delays) as server:
-        args = [sys.executable, "-m", "lenscap.cli", *batch_args(batch_input, tmp_path / "out", server, "--poll-interval", "0.2")]
-        proc = subprocess.Popen(args, env={**os.environ, **{k: v for k, v in env.items() if v}}, start_new_session=True)
-        want = {
-            "packing": lambda rs: len(rs) >= 2,
-            "upload": lambda rs: any(r["state"] == "uploading" for r in rs),
-            "create": lambda rs: any(r["state"] == "creating" for r in rs),
-            "polling": lambda rs: len(rs) == n // per_file and all(r["state"] == "submitted" for r in rs),
-        }[moment]
-        deadline = time.monotonic() + 60
-        while proc.poll() is None and time.monotonic() < deadline:
-            try:
-                if want(records(tmp_path / "out")):
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.01)
-        if moment in ("upload", "create"):
-            time.sleep(0.5)  # the server has acted; its answer is still 1.5 s away
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        args = batch_args(batch_input, tmp_path / "out", server, "--poll-interval", "0.2")
+        kill_batch_job_at(moment, args, env, tmp_path / "out", n // per_file)
         server.configure(upload_delay_s=0.0, create_delay_s=0.0)
         r = run_cli(*batch_args(batch_input, tmp_path / "out", server, "--json"), env=env)
         assert r.returncode == 0, r.stderr
