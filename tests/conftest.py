@@ -21,6 +21,15 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``dev.py test`` runs the suite on several workers, ``--dist loadgroup``): a
+    module's tests run on one worker, so its module fixtures are made once; and every test that joins
+    the session's Ray cluster runs on one worker, so there is one cluster, not one per worker."""
+    for item in items:
+        group = "ray" if "ray_cluster" in getattr(item, "fixturenames", ()) else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_shared_lenscap_dirs(tmp_path_factory):
     """Nothing in the session reads or writes the user's ``~/.cache/lenscap``: the response cache and
