@@ -126,15 +126,7 @@ class OpenAIChatBackend(ApiChatBackend):
     base_url_variable = "OPENAI_BASE_URL"
 
     def identity(self) -> dict[str, Any]:
-        o = self.options
-        return {
-            "backend": self.name,
-            "model": o.model,
-            "max_tokens": o.max_tokens,
-            "temperature": o.temperature,
-            "detail": o.detail,
-            "max_side": o.max_side,
-        }
+        return {**super().identity(), "detail": self.options.detail}  # only OpenAI's models take a detail
 
     def check(self) -> None:
         """Reach every endpoint once (``GET /models``): a wrong URL or key fails here, not per sample."""
