@@ -7,7 +7,7 @@ out/
   lenscap.json       the manifest (``lenscap.core.manifest``)
   README.md          a card (where it is lenscap's: lenscap.core.card); an export adds shards.json,
                      sizes.json, data/train-*.parquet, dedup its dedup/ report, and
-                     dedup --semantic its embeddings/NNNNN.parquet (a sidecar of each shard)
+                     dedup --semantic and filter their embeddings/NNNNN.parquet (a sidecar of each shard)
   .lenscap/          private working state of the command that writes this directory: its lock,
                      claim, commit journals (``lenscap.core.commits``), journals of paid requests
 """
